@@ -1,0 +1,64 @@
+//! The configuration model both binaries share: blackbox-style modules, jobs and their
+//! targets, Prometheus-style durations and sizes, and strict YAML loading whose errors
+//! name the file, line and column.
+
+mod job;
+pub mod module;
+mod units;
+mod yaml;
+
+pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
+pub use module::{Module, Prober};
+pub use units::{ByteSize, PromDuration};
+pub use yaml::{ConfigError, Located, from_yaml_str, load_yaml_file};
+
+use std::collections::BTreeMap;
+
+/// A label set, sorted by name (the order Prometheus wants on the wire).
+pub type Labels = BTreeMap<String, String>;
+
+/// True when `name` is a valid Prometheus label name (`[a-zA-Z_][a-zA-Z0-9_]*`).
+pub fn is_valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// True when `name` is a valid Prometheus metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+pub fn is_valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Checks every name of a label set, for config sections that carry labels.
+pub fn validate_labels(labels: &Labels, what: &str) -> Result<(), String> {
+    for name in labels.keys() {
+        if !is_valid_label_name(name) {
+            return Err(format!(
+                "{what}: {name:?} is not a valid label name (letters, digits and '_', not starting with a digit)"
+            ));
+        }
+        if name.starts_with("__") {
+            return Err(format!(
+                "{what}: label names starting with \"__\" are reserved for internal use, rename {name:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_names() {
+        assert!(is_valid_label_name("region"));
+        assert!(is_valid_label_name("_x1"));
+        assert!(!is_valid_label_name("1x"));
+        assert!(!is_valid_label_name("a-b"));
+        assert!(!is_valid_label_name(""));
+        assert!(is_valid_metric_name("sonde:up"));
+    }
+}

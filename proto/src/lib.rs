@@ -1,0 +1,18 @@
+//! Types both sonde binaries share: the `sonde.v1` fleet protocol, the remote-write
+//! messages, and the configuration model (modules, jobs, durations, label sets).
+
+pub mod pb {
+    //! Generated from `proto/sonde/v1/fleet.proto`.
+    tonic::include_proto!("sonde.v1");
+}
+
+pub mod prompb {
+    //! Generated from `proto/prometheus/remote.proto` (remote write 1.0).
+    tonic::include_proto!("prometheus");
+}
+
+/// Revision of the fleet protocol this build speaks (in `Hello.protocol_version`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub mod config;
+pub mod exposition;
