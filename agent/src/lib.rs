@@ -1,4 +1,21 @@
 //! sonde's agent: runs the checks it is assigned (and its own local jobs), and streams
 //! every result to its aggregators.
+//!
+//! - [`probe`]: the http, tcp and dns probers behind one interface;
+//! - [`schedule`]: runs each check on its interval;
+//! - [`outbox`] and [`buffer`]: number results and keep them until acked;
+//! - [`uplink`]: the gRPC stream to each aggregator;
+//! - [`web`]: `/metrics`, `/probe` and the health endpoints.
 
+pub mod buffer;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod outbox;
 pub mod probe;
+pub mod record;
+pub mod runtime;
+pub mod schedule;
+pub mod signals;
+pub mod uplink;
+pub mod web;

@@ -1,1 +1,109 @@
-fn main() {}
+//! `sonde-agent`: probes targets and streams the results to sonde aggregators.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sonde_agent::config::AgentConfig;
+use sonde_agent::logging::{self, LogFormat, LogLevel};
+use sonde_agent::runtime::AgentRuntime;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "sonde-agent", version, about = "Probes targets over HTTP, DNS and TCP and streams the results to sonde aggregators")]
+struct Cli {
+    #[arg(long = "config.file", default_value = "sonde-agent.yml")]
+    config_file: PathBuf,
+    #[arg(long = "web.listen-address", default_value = "127.0.0.1:9452")]
+    web_listen_address: SocketAddr,
+    #[arg(long = "storage.path", default_value = "data/agent")]
+    storage_path: PathBuf,
+    #[arg(long = "log.level", value_enum, default_value = "info")]
+    log_level: LogLevel,
+    #[arg(long = "log.format", value_enum, default_value = "logfmt")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config file; print each problem with file:line:column.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match AgentConfig::load(file) {
+            Ok(c) => {
+                println!(
+                    "{}: OK (agent {}, {} aggregators, {} local jobs)",
+                    file.display(),
+                    c.id,
+                    c.aggregators.len(),
+                    c.jobs.len()
+                );
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    logging::init(cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = AgentConfig::load(&cli.config_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(&cli.storage_path).with_context(|| {
+        format!("cannot create --storage.path {}", cli.storage_path.display())
+    })?;
+    let agent = AgentRuntime::start(config).map_err(|e| anyhow::anyhow!(e))?;
+    let listener = tokio::net::TcpListener::bind(cli.web_listen_address)
+        .await
+        .with_context(|| format!("cannot listen on --web.listen-address {}", cli.web_listen_address))?;
+    tracing::info!(address = %cli.web_listen_address, "serving /metrics and /probe");
+    let (stop_web, web_stopped) = tokio::sync::oneshot::channel::<()>();
+    let web = tokio::spawn(
+        axum::serve(listener, sonde_agent::web::router(agent.clone()))
+            .with_graceful_shutdown(async {
+                let _ = web_stopped.await;
+            })
+            .into_future(),
+    );
+    let mut hangups = sonde_agent::signals::hangups();
+    let terminate = sonde_agent::signals::terminate();
+    tokio::pin!(terminate);
+    loop {
+        tokio::select! {
+            _ = &mut terminate => break,
+            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                match AgentConfig::load(&cli.config_file).map_err(|e| e.to_string()).and_then(|c| agent.reload(c)) {
+                    Ok(()) => tracing::info!(file = %cli.config_file.display(), "config reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                }
+            }
+        }
+    }
+    agent.shutdown(Duration::from_secs(5)).await;
+    let _ = stop_web.send(());
+    let _ = web.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! Checks a list of jobs against the modules they name and fills in their defaults, for
+//! both the aggregator's jobs and an agent's local jobs.
+
+use super::{ConfigError, JobConfig, Located, Module, PromDuration, Quorum};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+/// A job whose module exists and whose interval and timeout are settled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedJob {
+    pub name: String,
+    pub module_name: String,
+    pub module: Module,
+    pub interval: Duration,
+    /// The probe deadline: the job's (or global) timeout, lowered to the module's own
+    /// timeout when that is shorter, as blackbox_exporter does.
+    pub timeout: Duration,
+    pub quorum: Quorum,
+    pub retries: u32,
+    pub config: JobConfig,
+}
+
+/// Defaults that apply to every job that does not set its own.
+#[derive(Clone, Copy, Debug)]
+pub struct JobDefaults {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for JobDefaults {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Checks `modules` and `jobs` (read from `file`) and resolves each job.
+pub fn resolve_jobs(
+    file: &Path,
+    modules: &BTreeMap<String, Module>,
+    jobs: &[Located<JobConfig>],
+    defaults: JobDefaults,
+) -> Result<Vec<ResolvedJob>, ConfigError> {
+    let mut names = BTreeSet::new();
+    let mut resolved = Vec::with_capacity(jobs.len());
+    for located in jobs {
+        let job = &located.value;
+        let err = |msg: String| ConfigError::at(file, located.referenced, msg);
+        if job.job_name.is_empty() {
+            return Err(err("job_name must not be empty".into()));
+        }
+        if !names.insert(job.job_name.as_str()) {
+            return Err(err(format!(
+                "job_name {:?} is used twice; every job needs a unique name",
+                job.job_name
+            )));
+        }
+        let module = modules.get(&job.module).ok_or_else(|| {
+            let known: Vec<_> = modules.keys().map(String::as_str).collect();
+            err(format!(
+                "job {:?} uses module {:?}, which is not defined (defined: {})",
+                job.job_name,
+                job.module,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })?;
+        let interval = job.interval.map_or(defaults.interval, PromDuration::as_duration);
+        if interval.is_zero() {
+            return Err(err(format!("job {:?}: interval must be greater than 0", job.job_name)));
+        }
+        let job_timeout = match job.timeout {
+            Some(t) => t.as_duration(),
+            None => defaults.timeout.min(interval),
+        };
+        if job_timeout.is_zero() {
+            return Err(err(format!("job {:?}: timeout must be greater than 0", job.job_name)));
+        }
+        if job_timeout > interval {
+            return Err(err(format!(
+                "job {:?}: timeout {} is longer than the interval {}; lower the timeout or raise the interval",
+                job.job_name,
+                PromDuration(job_timeout),
+                PromDuration(interval)
+            )));
+        }
+        let timeout = if module.timeout.0.is_zero() {
+            job_timeout
+        } else {
+            module.timeout.0.min(job_timeout)
+        };
+        if let Quorum::AtLeast(0) = job.quorum {
+            return Err(err(format!("job {:?}: quorum must be at least 1", job.job_name)));
+        }
+        super::validate_labels(&job.agents, &format!("job {:?}: agents", job.job_name))
+            .map_err(err)?;
+        for group in &job.static_configs {
+            super::validate_labels(&group.labels, &format!("job {:?}: static_configs labels", job.job_name))
+                .map_err(err)?;
+            for target in &group.targets {
+                check_target(module, target)
+                    .map_err(|m| err(format!("job {:?}: target {target:?}: {m}", job.job_name)))?;
+            }
+        }
+        for sd in &job.file_sd_configs {
+            if sd.files.is_empty() {
+                return Err(err(format!(
+                    "job {:?}: file_sd_configs entry needs at least one file",
+                    job.job_name
+                )));
+            }
+        }
+        resolved.push(ResolvedJob {
+            name: job.job_name.clone(),
+            module_name: job.module.clone(),
+            module: module.clone(),
+            interval,
+            timeout,
+            quorum: job.quorum,
+            retries: job.retries,
+            config: job.clone(),
+        });
+    }
+    Ok(resolved)
+}
+
+/// Checks that `target` is something `module`'s prober can probe, so typos surface at
+/// load time rather than as a failing probe.
+pub fn check_target(module: &Module, target: &str) -> Result<(), String> {
+    use super::Prober;
+    if target.is_empty() || target.chars().any(char::is_whitespace) {
+        return Err("a target must be a non-empty string without spaces".into());
+    }
+    match module.prober {
+        Prober::Http => Ok(()),
+        Prober::Tcp => {
+            if split_port(target).is_none() {
+                return Err("the tcp prober needs host:port (for example 127.0.0.1:443)".into());
+            }
+            Ok(())
+        }
+        Prober::Dns => Ok(()),
+    }
+}
+
+/// Splits `host:port` (with `[v6]:port`), or `None` when there is no valid port.
+pub fn split_port(target: &str) -> Option<(&str, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() { None } else { Some((host, port)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::from_yaml_str;
+
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        modules: BTreeMap<String, Module>,
+        jobs: Vec<Located<JobConfig>>,
+    }
+
+    fn resolve(text: &str) -> Result<Vec<ResolvedJob>, ConfigError> {
+        let doc: Doc = from_yaml_str(Path::new("c.yml"), text)?;
+        resolve_jobs(Path::new("c.yml"), &doc.modules, &doc.jobs, JobDefaults::default())
+    }
+
+    #[test]
+    fn defaults_and_module_timeout() {
+        let jobs = resolve(
+            "modules:\n  m: {prober: tcp, timeout: 3s}\njobs:\n  - job_name: a\n    module: m\n    static_configs: [{targets: ['127.0.0.1:1']}]\n",
+        )
+        .unwrap();
+        assert_eq!(jobs[0].interval, Duration::from_secs(15));
+        assert_eq!(jobs[0].timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn errors_point_at_the_job() {
+        let e = resolve("modules: {}\njobs:\n  - job_name: a\n    module: nope\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("nope"), "{e}");
+        let e = resolve(
+            "modules:\n  m: {prober: http}\njobs:\n  - job_name: a\n    module: m\n  - job_name: b\n    module: m\n    interval: 5s\n    timeout: 10s\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("longer than the interval"), "{e}");
+        let e = resolve(
+            "modules:\n  m: {prober: tcp}\njobs:\n  - job_name: a\n    module: m\n    static_configs: [{targets: [example.com]}]\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("host:port"), "{e}");
+        let e = resolve(
+            "modules:\n  m: {prober: tcp}\njobs:\n  - {job_name: a, module: m}\n  - {job_name: a, module: m}\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(split_port("a:80"), Some(("a", 80)));
+        assert_eq!(split_port("[::1]:53"), Some(("::1", 53)));
+        assert_eq!(split_port("a"), None);
+        assert_eq!(split_port(":80"), None);
+    }
+}
