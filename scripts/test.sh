@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs every test of sonde: formatting, lints, the build, and `cargo test` for the whole
+# workspace, including the end-to-end tests against real Prometheus, nginx and dnsmasq.
+# Works on a fresh Debian machine: installs the Debian packages the tests need when they
+# are missing (as root, or through sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- Debian packages the tests run against -------------------------------------------
+# program -> package
+declare -A packages=(
+  [prometheus]=prometheus   # prometheus and promtool
+  [promtool]=prometheus
+  [nginx]=nginx-light       # the HTTP target
+  [dnsmasq]=dnsmasq-base    # the DNS target
+)
+missing=()
+for program in "${!packages[@]}"; do
+  if ! PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" command -v "$program" >/dev/null 2>&1; then
+    package="${packages[$program]}"
+    [[ " ${missing[*]-} " == *" $package "* ]] || missing+=("$package")
+  fi
+done
+if ((${#missing[@]})); then
+  sudo=()
+  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo); fi
+  echo "==> installing Debian packages: ${missing[*]}"
+  # Keep the packages' services (nginx on :80, prometheus on :9090) from being started
+  # by their install scripts: the tests start their own instances on free ports.
+  policy_rc_d=/usr/sbin/policy-rc.d
+  added_policy=false
+  if [[ ! -e "$policy_rc_d" ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy_rc_d" >/dev/null
+    "${sudo[@]}" chmod 755 "$policy_rc_d"
+    added_policy=true
+  fi
+  status=0
+  "${sudo[@]}" apt-get update -q || status=$?
+  if ((status == 0)); then
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends "${missing[@]}" || status=$?
+  fi
+  if $added_policy; then "${sudo[@]}" rm -f "$policy_rc_d"; fi
+  if ((status != 0)); then
+    echo "error: could not install ${missing[*]} (apt-get exited $status)" >&2
+    exit "$status"
+  fi
+fi
+
+# --- Rust --------------------------------------------------------------------------------
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "==> cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "==> cargo build --workspace --bins"
+cargo build --workspace --bins
+
+echo "==> cargo test --workspace"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+# --no-fail-fast: run every test binary, so one failure does not hide the others.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+
+echo
+echo "==> summary"
+grep -E '^test result:|^     Running |^   Doc-tests ' "$log" || true
+awk '
+  /^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i + 1) ~ /^passed;?$/) passed += $i
+      if ($(i + 1) ~ /^failed;?$/) failed += $i
+      if ($(i + 1) ~ /^ignored;?$/) ignored += $i
+    }
+  }
+  END { printf "total: %d passed, %d failed, %d skipped\n", passed, failed, ignored }
+' "$log"
+if ((status != 0)); then
+  echo "cargo test failed (exit $status)" >&2
+fi
+exit "$status"
