@@ -190,8 +190,9 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// The path of one of sonde's binaries (`sonde-agent`, `sonde-aggregator`), built once per
-/// test process with the same profile and target directory as the running test, so it is
-/// never stale.
+/// test process (`cargo build --workspace --bins`) with the same profile and target
+/// directory as the running test, so it is never stale. A failed build fails the test with
+/// the compiler's output.
 pub fn sonde_bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = match BUILT.get_or_init(build_sonde_binaries) {
@@ -201,7 +202,7 @@ pub fn sonde_bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         is_executable(&path),
-        "{} was not built by `cargo build -p sonde-agent -p sonde-aggregator`",
+        "{} was not built by `cargo build --workspace --bins`",
         path.display()
     );
     path
@@ -230,14 +231,9 @@ fn build_sonde_binaries() -> Result<PathBuf, String> {
     fs::create_dir_all(&log_dir).map_err(|e| format!("create {}: {e}", log_dir.display()))?;
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args([
-            "build",
-            "-p",
-            "sonde-agent",
-            "-p",
-            "sonde-aggregator",
-            "--profile",
-        ])
+        // The same command as scripts/test.sh, so that after it this is a no-op (building
+        // only the two packages would unify dependency features differently and rebuild).
+        .args(["build", "--workspace", "--bins", "--profile"])
         .arg(&profile)
         .arg("--target-dir")
         .arg(target_dir);
@@ -245,7 +241,7 @@ fn build_sonde_binaries() -> Result<PathBuf, String> {
     let _ = fs::remove_dir_all(&log_dir);
     if !out.status.success() {
         return Err(format!(
-            "`cargo build -p sonde-agent -p sonde-aggregator` failed ({}):\n{}",
+            "`cargo build --workspace --bins` failed ({}):\n{}",
             out.status,
             tail(&out.combined(), 60)
         ));
