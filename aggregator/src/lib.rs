@@ -1,1 +1,20 @@
+//! sonde's aggregator: the fleet server agents stream to, the merge of their views into
+//! `up`, missing-job detection, remote write, and the HTTP API and status page.
+//!
+//! - [`config`]: the config file, its defaults and checks;
+//! - [`targets`]: static and file_sd targets;
+//! - [`fleet`]: the gRPC service (authentication, decoding, acks);
+//! - [`hub`]: the state fed by the fleet and the series it produces;
+//! - [`merge`]: the `up` / missing rules, pure code;
+//! - [`remote_write`]: encoder, client and queue per endpoint;
+//! - [`web`]: status page, JSON API, `/metrics`, reload.
 
+pub mod app;
+pub mod config;
+pub mod fleet;
+pub mod hub;
+pub mod merge;
+pub mod remote_write;
+pub mod server;
+pub mod targets;
+pub mod web;

@@ -1,1 +1,134 @@
-fn main() {}
+//! `sonde-aggregator`: merges the agents' results into `up`, flags missing jobs, and
+//! writes everything to Prometheus remote-write receivers.
+//!
+//! With no flags at all it starts the all-in-one default: the aggregator plus an
+//! embedded agent probing the aggregator's own endpoints.
+
+use clap::{Parser, Subcommand};
+use sonde_agent::config::{AgentConfig, AggregatorEndpoint};
+use sonde_agent::logging::{self, LogFormat, LogLevel};
+use sonde_aggregator::app::App;
+use sonde_aggregator::config::AggregatorConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sonde-aggregator",
+    version,
+    about = "Merges sonde agents' probe results into up, flags missing jobs, and remote-writes everything",
+    after_help = "With no flags at all, starts an all-in-one default: the aggregator plus an embedded agent probing its own endpoints (status page at http://127.0.0.1:9450/)."
+)]
+struct Cli {
+    #[arg(long = "config.file", default_value = "sonde-aggregator.yml")]
+    config_file: PathBuf,
+    #[arg(long = "web.listen-address", default_value = "127.0.0.1:9450")]
+    web_listen_address: SocketAddr,
+    #[arg(long = "grpc.listen-address", default_value = "127.0.0.1:9451")]
+    grpc_listen_address: SocketAddr,
+    #[arg(long = "storage.path", default_value = "data/aggregator")]
+    storage_path: PathBuf,
+    #[arg(long = "log.level", value_enum, default_value = "info")]
+    log_level: LogLevel,
+    #[arg(long = "log.format", value_enum, default_value = "logfmt")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config file; print each problem with file:line:column.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let all_in_one = std::env::args_os().len() == 1;
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match AggregatorConfig::load(file) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} modules, {} jobs, {} remote_write endpoints)",
+                    file.display(),
+                    c.modules.len(),
+                    c.jobs.len(),
+                    c.remote_write.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    logging::init(cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, all_in_one)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
+    let (config, config_file) = if all_in_one && !cli.config_file.exists() {
+        tracing::info!("no flags and no sonde-aggregator.yml: starting the all-in-one default");
+        let config = AggregatorConfig::all_in_one(cli.web_listen_address, cli.grpc_listen_address)
+            .map_err(|e| e.to_string())?;
+        (config, None)
+    } else {
+        let config = AggregatorConfig::load(&cli.config_file).map_err(|e| e.to_string())?;
+        (config, Some(cli.config_file.clone()))
+    };
+    std::fs::create_dir_all(&cli.storage_path)
+        .map_err(|e| format!("cannot create --storage.path {}: {e}", cli.storage_path.display()))?;
+    let app = App::start(config, config_file)?;
+    let running = sonde_aggregator::server::start(app.clone(), cli.web_listen_address, cli.grpc_listen_address).await?;
+
+    let embedded = if all_in_one {
+        let mut agent = AgentConfig::minimal("all-in-one".into());
+        agent.labels.insert("mode".into(), "all-in-one".into());
+        agent.aggregators.push(AggregatorEndpoint {
+            address: format!("http://{}", running.grpc_address),
+            token_file: None,
+            tls_config: None,
+        });
+        let agent = sonde_agent::runtime::AgentRuntime::start(agent)?;
+        tracing::info!(url = %format!("http://{}/", running.web_address), "all-in-one: status page");
+        Some(agent)
+    } else {
+        None
+    };
+
+    let mut hangups = sonde_agent::signals::hangups();
+    let terminate = sonde_agent::signals::terminate();
+    tokio::pin!(terminate);
+    loop {
+        tokio::select! {
+            _ = &mut terminate => break,
+            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                if let Err(e) = app.reload().await {
+                    tracing::error!(error = %e, "reload failed; keeping the running config");
+                }
+            }
+        }
+    }
+    if let Some(agent) = embedded {
+        agent.shutdown(Duration::from_secs(2)).await;
+    }
+    running.shutdown(Duration::from_secs(10)).await;
+    tracing::info!("stopped");
+    Ok(())
+}

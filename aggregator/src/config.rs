@@ -1,0 +1,441 @@
+//! The aggregator's configuration file (`sonde-aggregator.yml`): schema, defaults and
+//! every check `check-config` runs.
+
+use crate::remote_write::config::RemoteWriteConfig;
+use serde::Deserialize;
+use sonde_proto::config::{
+    ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration, ResolvedJob,
+    load_yaml_file, resolve_jobs, validate_labels,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorFile {
+    #[serde(default)]
+    pub global: GlobalConfig,
+    /// An existing blackbox.yml whose `modules:` are merged in.
+    pub modules_file: Option<Located<PathBuf>>,
+    #[serde(default)]
+    pub modules: BTreeMap<String, Module>,
+    #[serde(default)]
+    pub jobs: Vec<Located<JobConfig>>,
+    #[serde(default)]
+    pub remote_write: Vec<Located<RemoteWriteConfig>>,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfig {
+    #[serde(default = "default_interval")]
+    pub scrape_interval: PromDuration,
+    #[serde(default = "default_timeout")]
+    pub scrape_timeout: PromDuration,
+    #[serde(default)]
+    pub external_labels: Labels,
+    /// This aggregator owns the jobs whose `hash(job_name) mod total == index`.
+    pub shard: Option<Shard>,
+}
+
+fn default_interval() -> PromDuration {
+    PromDuration::from_secs(15)
+}
+
+fn default_timeout() -> PromDuration {
+    PromDuration::from_secs(10)
+}
+
+impl Default for GlobalConfig {
+    fn default() -> Self {
+        Self {
+            scrape_interval: default_interval(),
+            scrape_timeout: default_timeout(),
+            external_labels: Labels::new(),
+            shard: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub index: u32,
+    pub total: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    pub auth: Option<AuthConfig>,
+    pub tls: Option<Located<ServerTlsConfig>>,
+    /// Grace before a disconnected agent or a silent job is flagged missing.
+    #[serde(default = "default_missing_after")]
+    pub missing_after: PromDuration,
+    /// How long a vanished agent stays listed (and flagged) before it is forgotten.
+    #[serde(default = "default_forget_after")]
+    pub forget_after: PromDuration,
+}
+
+fn default_missing_after() -> PromDuration {
+    PromDuration::from_secs(120)
+}
+
+fn default_forget_after() -> PromDuration {
+    PromDuration::from_secs(24 * 3600)
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            auth: None,
+            tls: None,
+            missing_after: default_missing_after(),
+            forget_after: default_forget_after(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub tokens: Vec<Located<TokenEntry>>,
+}
+
+/// A token binds one agent id: an agent presenting it may only say it is that agent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    pub agent: String,
+    pub token_file: Option<PathBuf>,
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// When set, agents must present a client certificate signed by this CA (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// A blackbox_exporter config file, for `modules_file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlackboxFile {
+    #[serde(default)]
+    modules: BTreeMap<String, Module>,
+}
+
+/// The aggregator's configuration, checked, with defaults and referenced files resolved.
+#[derive(Clone, Debug)]
+pub struct AggregatorConfig {
+    pub file: PathBuf,
+    pub scrape_interval: Duration,
+    pub external_labels: Labels,
+    pub shard: Option<Shard>,
+    pub modules: BTreeMap<String, Module>,
+    /// The jobs this aggregator owns (all of them, unless sharded).
+    pub jobs: Vec<ResolvedJob>,
+    pub remote_write: Vec<RemoteWriteConfig>,
+    /// token → agent id; empty when agents need no token.
+    pub tokens: HashMap<String, String>,
+    pub tls: Option<ServerTlsConfig>,
+    pub missing_after: Duration,
+    pub forget_after: Duration,
+}
+
+impl AggregatorConfig {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let raw: AggregatorFile = load_yaml_file(file)?;
+        Self::from_file(file, raw)
+    }
+
+    pub fn from_file(file: &Path, raw: AggregatorFile) -> Result<Self, ConfigError> {
+        let whole = |msg: String| ConfigError::whole_file(file, msg);
+        let base = file.parent().unwrap_or(Path::new("."));
+        let global = raw.global;
+        if global.scrape_interval.0.is_zero() {
+            return Err(whole("global.scrape_interval must be greater than 0".into()));
+        }
+        if global.scrape_timeout.0 > global.scrape_interval.0 {
+            return Err(whole(format!(
+                "global.scrape_timeout {} is longer than global.scrape_interval {}; lower the timeout",
+                global.scrape_timeout, global.scrape_interval
+            )));
+        }
+        validate_labels(&global.external_labels, "global.external_labels").map_err(whole)?;
+        if let Some(shard) = global.shard {
+            if shard.total == 0 || shard.index >= shard.total {
+                return Err(whole(format!(
+                    "global.shard: index {} must be below total {} (and total at least 1)",
+                    shard.index, shard.total
+                )));
+            }
+        }
+
+        let mut modules = BTreeMap::new();
+        if let Some(located) = &raw.modules_file {
+            let path = base.join(&located.value);
+            let blackbox: BlackboxFile = load_yaml_file(&path)?;
+            modules.extend(blackbox.modules);
+        }
+        for (name, module) in raw.modules {
+            if modules.contains_key(&name) {
+                return Err(whole(format!(
+                    "module {name:?} is defined both in modules_file and in modules; rename one"
+                )));
+            }
+            modules.insert(name, module);
+        }
+        for (name, module) in &modules {
+            module
+                .validate()
+                .map_err(|m| whole(format!("modules.{name}: {m}")))?;
+        }
+
+        let defaults = JobDefaults {
+            interval: global.scrape_interval.0,
+            timeout: global.scrape_timeout.0,
+        };
+        let mut jobs = resolve_jobs(file, &modules, &raw.jobs, defaults)?;
+        for job in &mut jobs {
+            for sd in &mut job.config.file_sd_configs {
+                for pattern in &mut sd.files {
+                    *pattern = base.join(&*pattern).to_string_lossy().into_owned();
+                }
+            }
+        }
+        if let Some(shard) = global.shard {
+            jobs.retain(|j| owns_job(shard, &j.name));
+        }
+
+        let mut remote_write = Vec::new();
+        for located in raw.remote_write {
+            let mut rw = located.value;
+            resolve_paths(&mut rw, base);
+            rw.validate()
+                .map_err(|m| ConfigError::at(file, located.referenced, format!("remote_write: {m}")))?;
+            remote_write.push(rw);
+        }
+        crate::remote_write::config::validate_all(&remote_write).map_err(whole)?;
+
+        let mut tokens = HashMap::new();
+        if let Some(auth) = &raw.fleet.auth {
+            for located in &auth.tokens {
+                let at = |m: String| ConfigError::at(file, located.referenced, m);
+                let entry = &located.value;
+                let token = match (&entry.token, &entry.token_file) {
+                    (Some(t), None) => t.trim().to_string(),
+                    (None, Some(path)) => {
+                        let path = base.join(path);
+                        std::fs::read_to_string(&path)
+                            .map_err(|e| at(format!("fleet.auth.tokens: cannot read token_file {}: {e}", path.display())))?
+                            .trim()
+                            .to_string()
+                    }
+                    _ => {
+                        return Err(at(format!(
+                            "fleet.auth.tokens: agent {:?} needs exactly one of token_file or token",
+                            entry.agent
+                        )));
+                    }
+                };
+                if token.is_empty() {
+                    return Err(at(format!("fleet.auth.tokens: the token of agent {:?} is empty", entry.agent)));
+                }
+                if let Some(other) = tokens.insert(token, entry.agent.clone()) {
+                    return Err(at(format!(
+                        "fleet.auth.tokens: agents {other:?} and {:?} share a token; each agent needs its own",
+                        entry.agent
+                    )));
+                }
+            }
+        }
+        let tls = match raw.fleet.tls {
+            Some(located) => {
+                let mut tls = located.value;
+                for path in [&mut tls.cert_file, &mut tls.key_file]
+                    .into_iter()
+                    .chain(tls.client_ca_file.as_mut())
+                {
+                    *path = base.join(&*path);
+                    std::fs::metadata(&*path).map_err(|e| {
+                        ConfigError::at(file, located.referenced, format!("fleet.tls: cannot read {}: {e}", path.display()))
+                    })?;
+                }
+                Some(tls)
+            }
+            None => None,
+        };
+        Ok(Self {
+            file: file.to_path_buf(),
+            scrape_interval: global.scrape_interval.0,
+            external_labels: global.external_labels,
+            shard: global.shard,
+            modules,
+            jobs,
+            remote_write,
+            tokens,
+            tls,
+            missing_after: raw.fleet.missing_after.0,
+            forget_after: raw.fleet.forget_after.0,
+        })
+    }
+
+    /// The all-in-one default: probe this aggregator's own endpoints, so that a newcomer
+    /// sees live results without writing any config.
+    pub fn all_in_one(web: std::net::SocketAddr, grpc: std::net::SocketAddr) -> Result<Self, ConfigError> {
+        let text = format!(
+            r#"
+global:
+  scrape_interval: 5s
+  scrape_timeout: 3s
+modules:
+  http_2xx:
+    prober: http
+    http:
+      preferred_ip_protocol: ip4
+  tcp_connect:
+    prober: tcp
+    tcp:
+      preferred_ip_protocol: ip4
+jobs:
+  - job_name: sonde_web
+    module: http_2xx
+    static_configs:
+      - targets: ["http://{web}/-/healthy", "http://{web}/metrics"]
+  - job_name: sonde_grpc
+    module: tcp_connect
+    static_configs:
+      - targets: ["{grpc}"]
+fleet:
+  missing_after: 30s
+"#
+        );
+        let path = Path::new("<built-in all-in-one config>");
+        sonde_proto::config::from_yaml_str(path, &text).and_then(|raw| Self::from_file(path, raw))
+    }
+}
+
+fn resolve_paths(rw: &mut RemoteWriteConfig, base: &Path) {
+    let fix = |p: &mut PathBuf| *p = base.join(&*p);
+    if let Some(p) = rw.bearer_token_file.as_mut() {
+        fix(p);
+    }
+    if let Some(b) = rw.basic_auth.as_mut() {
+        b.password_file.as_mut().map(fix);
+        b.username_file.as_mut().map(fix);
+    }
+    if let Some(a) = rw.authorization.as_mut() {
+        a.credentials_file.as_mut().map(fix);
+    }
+    if let Some(t) = rw.tls_config.as_mut() {
+        t.ca_file.as_mut().map(fix);
+        t.cert_file.as_mut().map(fix);
+        t.key_file.as_mut().map(fix);
+    }
+}
+
+/// FNV-1a: stable across versions and platforms, so every shard agrees on ownership.
+pub fn owns_job(shard: Shard, job_name: &str) -> bool {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in job_name.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash % u64::from(shard.total) == u64::from(shard.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sonde_proto::config::from_yaml_str;
+
+    fn parse(text: &str) -> Result<AggregatorConfig, ConfigError> {
+        let file = Path::new("agg.yml");
+        AggregatorConfig::from_file(file, from_yaml_str(file, text)?)
+    }
+
+    const GOOD: &str = r#"
+global:
+  scrape_interval: 15s
+  scrape_timeout: 10s
+  external_labels: {cluster: eu1}
+modules:
+  http_2xx: {prober: http, timeout: 5s}
+  tcp_connect: {prober: tcp}
+  dns_a:
+    prober: dns
+    dns: {query_name: example.com, query_type: A}
+jobs:
+  - job_name: web
+    module: http_2xx
+    interval: 15s
+    timeout: 5s
+    quorum: majority
+    retries: 1
+    agents: {region: eu}
+    static_configs:
+      - targets: ["http://127.0.0.1:8080/"]
+        labels: {team: shop}
+    file_sd_configs:
+      - files: ["targets/*.yml"]
+remote_write:
+  - url: http://127.0.0.1:9090/api/v1/write
+    name: local
+    remote_timeout: 30s
+    headers: {X-Scope-OrgID: tenant-1}
+    queue_config: {max_samples_per_send: 2000, batch_send_deadline: 5s, min_backoff: 30ms, max_backoff: 5s}
+fleet:
+  missing_after: 2m
+  forget_after: 24h
+"#;
+
+    #[test]
+    fn design_example_loads() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.jobs.len(), 1);
+        assert_eq!(c.jobs[0].timeout, Duration::from_secs(5));
+        assert_eq!(c.external_labels["cluster"], "eu1");
+        assert_eq!(c.remote_write.len(), 1);
+        assert_eq!(c.missing_after, Duration::from_secs(120));
+        assert!(c.jobs[0].config.file_sd_configs[0].files[0].ends_with("targets/*.yml"));
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = GOOD.replace("  forget_after: 24h", "  forget_afterr: 24h");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.line, 32, "{e}");
+        assert!(e.to_string().starts_with("agg.yml:32:3:"), "{e}");
+    }
+
+    #[test]
+    fn bad_timeout_is_an_error() {
+        let e = parse("global: {scrape_interval: 5s, scrape_timeout: 10s}\n").unwrap_err();
+        assert!(e.message.contains("scrape_timeout"), "{e}");
+    }
+
+    #[test]
+    fn all_in_one_builds() {
+        let c = AggregatorConfig::all_in_one(
+            "127.0.0.1:9450".parse().unwrap(),
+            "127.0.0.1:9451".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.jobs.len(), 2);
+    }
+
+    #[test]
+    fn shards_split_jobs() {
+        let names: Vec<String> = (0..100).map(|i| format!("job{i}")).collect();
+        let owned = |index| names.iter().filter(|n| owns_job(Shard { index, total: 3 }, n)).count();
+        assert_eq!(owned(0) + owned(1) + owned(2), 100);
+        assert!(owned(0) > 10 && owned(1) > 10 && owned(2) > 10);
+    }
+}

@@ -1,0 +1,669 @@
+//! The aggregator's state: which agents are connected, what each last reported for each
+//! target, which jobs are expected, and the series all of that turns into.
+//!
+//! The fleet service feeds it (hello, results, heartbeats, disconnects), a ticker asks it
+//! to re-evaluate freshness, and it hands every series it produces to the outputs
+//! (remote-write queues and the `/metrics` view). The rules themselves live in
+//! [`crate::merge`]; this module only keeps state and timestamps in order.
+
+use crate::config::AggregatorConfig;
+use crate::merge::{self, AgentView, Merged, TargetState};
+use crate::remote_write::encode::{STALE_NAN_BITS, SeriesSample};
+use crate::targets::{FileSd, Target, TargetSet};
+use sonde_proto::config::{Labels, Quorum, ResolvedJob};
+use sonde_proto::pb::{self, AggregatorMessage, Check, aggregator_message};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Where the stream to one connected agent can be written.
+pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
+
+/// A merged series must be rewritten at least this often while its target is fresh, so
+/// that it never falls out of Prometheus's 5-minute lookback, whatever the interval.
+const MAX_REWRITE_PERIOD_MS: i64 = 60_000;
+
+/// One probe result as the fleet service decoded it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IncomingResult {
+    pub seq: u64,
+    pub job: String,
+    pub instance: String,
+    pub timestamp_ms: i64,
+    pub success: bool,
+    pub duration_seconds: f64,
+    pub failure: String,
+    /// (metric name, labels, value).
+    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+/// What an agent last reported for one target.
+#[derive(Clone, Debug)]
+pub struct LastResult {
+    pub timestamp_ms: i64,
+    pub success: bool,
+    pub duration_seconds: f64,
+    pub failure: String,
+    /// Time between this result and the one before it from the same agent, for local
+    /// jobs whose interval the aggregator does not know.
+    pub spacing_ms: Option<i64>,
+    /// The result's samples, for `/metrics` scrapes: (name, labels, value).
+    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+#[derive(Default)]
+pub struct TargetEntry {
+    pub views: BTreeMap<String, LastResult>,
+    pub merged: Option<Merged>,
+    last_written_ms: i64,
+    /// True while an `up` sample is live in the receivers (so a staleness marker is owed
+    /// when the target goes missing).
+    up_live: bool,
+}
+
+pub struct AgentEntry {
+    pub labels: Labels,
+    pub version: String,
+    pub local_jobs: Vec<String>,
+    pub connection: Option<u64>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub committed_seq: u64,
+    pub generation: u64,
+    pub checks: usize,
+    sender: Option<AgentSender>,
+    last_assignment: Vec<Check>,
+}
+
+pub struct JobEntry {
+    pub expected_since_ms: i64,
+    /// `None` for a job that only exists as an agent's local job.
+    pub config: Option<ResolvedJob>,
+    pub missing: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct HubCounters {
+    pub results_received: AtomicU64,
+    pub results_deduplicated: AtomicU64,
+    pub results_unexpected: AtomicU64,
+    pub samples_invalid: AtomicU64,
+    pub agent_connects: AtomicU64,
+    pub agents_refused: AtomicU64,
+}
+
+pub struct State {
+    pub config: Arc<AggregatorConfig>,
+    pub targets: TargetSet,
+    pub entries: BTreeMap<(String, String), TargetEntry>,
+    pub agents: BTreeMap<String, AgentEntry>,
+    pub jobs: BTreeMap<String, JobEntry>,
+    file_sd: FileSd,
+    generation: u64,
+    next_connection: u64,
+    /// Last timestamp written per merged series key, so each write is strictly later.
+    last_meta_ms: i64,
+}
+
+/// What happens to the series the hub produces.
+pub trait Output: Send + Sync {
+    fn write(&self, samples: Vec<SeriesSample>);
+}
+
+pub struct Hub {
+    state: std::sync::Mutex<State>,
+    output: Arc<dyn Output>,
+    pub counters: HubCounters,
+}
+
+fn stale_nan() -> f64 {
+    f64::from_bits(STALE_NAN_BITS)
+}
+
+impl Hub {
+    pub fn new(config: Arc<AggregatorConfig>, output: Arc<dyn Output>, now_ms: i64) -> Self {
+        let mut state = State {
+            config: config.clone(),
+            targets: TargetSet::new(),
+            entries: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            file_sd: FileSd::default(),
+            generation: 0,
+            next_connection: 1,
+            last_meta_ms: 0,
+        };
+        state.apply_config(config, now_ms);
+        Self {
+            state: std::sync::Mutex::new(state),
+            output,
+            counters: HubCounters::default(),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config(&self) -> Arc<AggregatorConfig> {
+        self.lock().config.clone()
+    }
+
+    /// An agent said hello: register it, send its assignment, and return its connection
+    /// id (a newer connection of the same agent replaces the older one).
+    pub fn connect(&self, hello: &pb::Hello, sender: AgentSender, now_ms: i64) -> u64 {
+        self.counters.agent_connects.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::new();
+        let mut state = self.lock();
+        let connection = state.next_connection;
+        state.next_connection += 1;
+        let labels: Labels = hello.labels.clone().into_iter().collect();
+        let info_changed;
+        {
+            let entry = state.agents.entry(hello.agent_id.clone()).or_insert_with(|| AgentEntry {
+                labels: labels.clone(),
+                version: String::new(),
+                local_jobs: Vec::new(),
+                connection: None,
+                first_seen_ms: now_ms,
+                last_seen_ms: now_ms,
+                committed_seq: 0,
+                generation: 0,
+                checks: 0,
+                sender: None,
+                last_assignment: Vec::new(),
+            });
+            if entry.connection.is_some() {
+                tracing::warn!(agent = %hello.agent_id, "agent connected again; the newer stream replaces the older one");
+            }
+            info_changed = entry.labels != labels;
+            entry.labels = labels;
+            entry.version = hello.version.clone();
+            entry.local_jobs = hello.local_jobs.clone();
+            entry.connection = Some(connection);
+            entry.last_seen_ms = now_ms;
+            entry.sender = Some(sender);
+            // A fresh stream must receive its assignment even if it equals the last one.
+            entry.last_assignment.clear();
+        }
+        for job in &hello.local_jobs {
+            state.jobs.entry(job.clone()).or_insert(JobEntry {
+                expected_since_ms: now_ms,
+                config: None,
+                missing: false,
+            });
+        }
+        state.send_assignments(Some(&hello.agent_id));
+        if info_changed {
+            state.write_meta(now_ms, &mut out);
+        }
+        drop(state);
+        self.flush(out);
+        connection
+    }
+
+    /// The stream of `connection` ended.
+    pub fn disconnect(&self, agent: &str, connection: u64, now_ms: i64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.agents.get_mut(agent) {
+            if entry.connection == Some(connection) {
+                entry.connection = None;
+                entry.sender = None;
+                entry.last_seen_ms = now_ms;
+            }
+        }
+    }
+
+    pub fn heartbeat(&self, agent: &str, now_ms: i64) {
+        if let Some(entry) = self.lock().agents.get_mut(agent) {
+            entry.last_seen_ms = now_ms;
+        }
+    }
+
+    /// Takes a batch of results from `agent` and returns the sequence number to ack.
+    /// Results at or below what was already committed are replays and are dropped.
+    pub fn results(&self, agent: &str, batch: Vec<IncomingResult>, now_ms: i64) -> Option<u64> {
+        let mut out = Vec::new();
+        let mut state = self.lock();
+        let external_ok = state.agents.contains_key(agent);
+        if !external_ok {
+            return None;
+        }
+        let mut ack = None;
+        for result in batch {
+            self.counters.results_received.fetch_add(1, Ordering::Relaxed);
+            let committed = state.agents.get(agent).map_or(0, |a| a.committed_seq);
+            if result.seq <= committed {
+                self.counters.results_deduplicated.fetch_add(1, Ordering::Relaxed);
+                ack = Some(committed);
+                continue;
+            }
+            if !state.accept(agent, &result, now_ms, &mut out) {
+                self.counters.results_unexpected.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(a) = state.agents.get_mut(agent) {
+                a.committed_seq = result.seq;
+                a.last_seen_ms = now_ms;
+            }
+            ack = Some(result.seq);
+        }
+        drop(state);
+        self.flush(out);
+        ack
+    }
+
+    /// Re-evaluates freshness and missing jobs and agents; call about once a second.
+    pub fn tick(&self, now_ms: i64) {
+        let mut out = Vec::new();
+        let mut state = self.lock();
+        let targets_changed = state.rediscover();
+        if targets_changed {
+            state.send_assignments(None);
+        }
+        state.evaluate_all(now_ms, &mut out);
+        let meta_every = state.config.scrape_interval.as_millis() as i64;
+        if now_ms - state.last_meta_ms >= meta_every {
+            state.write_meta(now_ms, &mut out);
+        }
+        drop(state);
+        self.flush(out);
+    }
+
+    /// Applies a new config: new jobs and targets, new assignments; what disappeared
+    /// gets staleness markers so `absent()` fires at once.
+    pub fn reload(&self, config: Arc<AggregatorConfig>, now_ms: i64) {
+        let mut out = Vec::new();
+        let mut state = self.lock();
+        let removed = state.apply_config(config, now_ms);
+        for key in removed {
+            if let Some(entry) = state.entries.remove(&key) {
+                if entry.up_live {
+                    let target = Target {
+                        job: key.0.clone(),
+                        instance: key.1.clone(),
+                        labels: Labels::new(),
+                    };
+                    state.write_merged(&target, None, now_ms, entry.last_written_ms, &mut out);
+                }
+            }
+        }
+        state.send_assignments(None);
+        state.write_meta(now_ms, &mut out);
+        drop(state);
+        self.flush(out);
+    }
+
+    fn flush(&self, out: Vec<SeriesSample>) {
+        if !out.is_empty() {
+            self.output.write(out);
+        }
+    }
+}
+
+impl State {
+    /// Installs `config`; returns the targets that no longer exist.
+    fn apply_config(&mut self, config: Arc<AggregatorConfig>, now_ms: i64) -> Vec<(String, String)> {
+        self.config = config;
+        let configured: BTreeSet<String> = self.config.jobs.iter().map(|j| j.name.clone()).collect();
+        let local: BTreeSet<String> = self
+            .agents
+            .values()
+            .flat_map(|a| a.local_jobs.iter().cloned())
+            .collect();
+        self.jobs
+            .retain(|name, _| configured.contains(name) || local.contains(name));
+        for job in &self.config.jobs {
+            let entry = self.jobs.entry(job.name.clone()).or_insert(JobEntry {
+                expected_since_ms: now_ms,
+                config: None,
+                missing: false,
+            });
+            entry.config = Some(job.clone());
+        }
+        for (name, entry) in self.jobs.iter_mut() {
+            if !configured.contains(name) {
+                entry.config = None;
+            }
+        }
+        self.rediscover();
+        let removed: Vec<_> = self
+            .entries
+            .keys()
+            .filter(|k| !self.targets.contains_key(*k) && !self.is_local_job(&k.0))
+            .cloned()
+            .collect();
+        removed
+    }
+
+    fn is_local_job(&self, job: &str) -> bool {
+        self.jobs.get(job).is_some_and(|j| j.config.is_none())
+    }
+
+    /// Re-reads file_sd files; true when the target set changed.
+    fn rediscover(&mut self) -> bool {
+        let config = self.config.clone();
+        let targets = self.file_sd.targets(&config.jobs);
+        if targets != self.targets {
+            self.targets = targets;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sends each connected agent (or just `only`) its assignment when it changed.
+    fn send_assignments(&mut self, only: Option<&str>) {
+        let jobs: BTreeMap<&str, &ResolvedJob> =
+            self.config.jobs.iter().map(|j| (j.name.as_str(), j)).collect();
+        let mut module_json: BTreeMap<&str, String> = BTreeMap::new();
+        for job in jobs.values() {
+            module_json
+                .entry(job.name.as_str())
+                .or_insert_with(|| serde_json::to_string(&job.module).unwrap_or_default());
+        }
+        let mut generation = self.generation;
+        for (id, agent) in self.agents.iter_mut() {
+            if only.is_some_and(|o| o != id) || agent.sender.is_none() {
+                continue;
+            }
+            let checks: Vec<Check> = self
+                .targets
+                .values()
+                .filter_map(|t| {
+                    let job = jobs.get(t.job.as_str())?;
+                    job.config.selects(&agent.labels).then(|| Check {
+                        job: t.job.clone(),
+                        instance: t.instance.clone(),
+                        module_name: job.module_name.clone(),
+                        module_json: module_json.get(t.job.as_str()).cloned().unwrap_or_default(),
+                        interval_ms: job.interval.as_millis() as u64,
+                        timeout_ms: job.timeout.as_millis() as u64,
+                        retries: job.retries,
+                    })
+                })
+                .collect();
+            if checks == agent.last_assignment {
+                continue;
+            }
+            generation += 1;
+            agent.generation = generation;
+            agent.checks = checks.len();
+            agent.last_assignment = checks.clone();
+            let message = AggregatorMessage {
+                msg: Some(aggregator_message::Msg::Assignment(pb::Assignment { generation, checks })),
+            };
+            if let Some(sender) = &agent.sender {
+                if sender.try_send(Ok(message)).is_err() {
+                    // The stream is gone or hopelessly behind: drop it; the agent
+                    // reconnects and gets a fresh assignment with its hello.
+                    tracing::warn!(agent = %id, "cannot send the assignment; closing the stream");
+                    agent.sender = None;
+                    agent.connection = None;
+                }
+            }
+        }
+        self.generation = generation;
+    }
+
+    /// Records one result; false when it belongs to no known target.
+    fn accept(&mut self, agent: &str, r: &IncomingResult, now_ms: i64, out: &mut Vec<SeriesSample>) -> bool {
+        let key = (r.job.clone(), r.instance.clone());
+        let target = match self.targets.get(&key) {
+            Some(t) => t.clone(),
+            None if self.is_local_job(&r.job) => Target {
+                job: r.job.clone(),
+                instance: r.instance.clone(),
+                labels: Labels::new(),
+            },
+            None => return false,
+        };
+        let entry = self.entries.entry(key.clone()).or_default();
+        let previous = entry.views.get(agent).map(|v| v.timestamp_ms);
+        if previous.is_some_and(|p| r.timestamp_ms <= p) {
+            // Older than what this agent already reported: it cannot change the present.
+            return true;
+        }
+        entry.views.insert(
+            agent.to_string(),
+            LastResult {
+                timestamp_ms: r.timestamp_ms,
+                success: r.success,
+                duration_seconds: r.duration_seconds,
+                failure: r.failure.clone(),
+                spacing_ms: previous.map(|p| r.timestamp_ms - p),
+                samples: r.samples.clone(),
+            },
+        );
+        for (name, labels, value) in &r.samples {
+            let mut series = target_labels(&target);
+            series.retain(|(k, _)| k != "agent");
+            series.push(("agent".into(), agent.to_string()));
+            for (k, v) in labels {
+                if !matches!(k.as_str(), "job" | "instance" | "agent") {
+                    series.retain(|(x, _)| x != k);
+                    series.push((k.clone(), v.clone()));
+                }
+            }
+            series.push(("__name__".into(), name.clone()));
+            out.push(SeriesSample {
+                labels: series,
+                timestamp_ms: r.timestamp_ms,
+                value: *value,
+            });
+        }
+        self.evaluate(&key, now_ms, true, out);
+        true
+    }
+
+    fn evaluate_all(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>) {
+        let keys: Vec<_> = self.entries.keys().cloned().collect();
+        for key in keys {
+            self.evaluate(&key, now_ms, false, out);
+        }
+    }
+
+    /// The quorum and freshness window that apply to a target's job.
+    fn rules(&self, job: &str, entry: &TargetEntry) -> (Quorum, Duration) {
+        match self.jobs.get(job).and_then(|j| j.config.as_ref()) {
+            Some(c) => (c.quorum, merge::freshness_window(c.interval, c.timeout)),
+            None => {
+                // A local job: the aggregator knows its rhythm only from the results.
+                let spacing = entry
+                    .views
+                    .values()
+                    .filter_map(|v| v.spacing_ms)
+                    .max()
+                    .map_or(self.config.scrape_interval, |ms| Duration::from_millis(ms.max(1) as u64));
+                (Quorum::AtLeast(1), spacing * 2 + spacing / 2)
+            }
+        }
+    }
+
+    /// Merges one target and writes its merged series when they changed, when a new
+    /// result arrived, or when they were last written too long ago.
+    fn evaluate(&mut self, key: &(String, String), now_ms: i64, new_result: bool, out: &mut Vec<SeriesSample>) {
+        let Some(entry) = self.entries.get(key) else {
+            return;
+        };
+        let (quorum, window) = self.rules(&key.0, entry);
+        let merged = merge::merge(
+            entry.views.values().map(|v| AgentView {
+                timestamp_ms: v.timestamp_ms,
+                success: v.success,
+            }).collect::<Vec<_>>().iter(),
+            quorum,
+            now_ms,
+            window,
+        );
+        let changed = entry.merged.map(|m| m.state) != Some(merged.state)
+            || entry.merged.map(|m| (m.agents, m.succeeding)) != Some((merged.agents, merged.succeeding));
+        let period = window.as_millis().min(MAX_REWRITE_PERIOD_MS as u128) as i64 / 2;
+        let due = merged.state != TargetState::Missing && now_ms - entry.last_written_ms >= period.max(1);
+        let must_write = new_result || changed || due;
+        let up_live = entry.up_live;
+        let last = entry.last_written_ms;
+        if !must_write || (merged.state == TargetState::Missing && !up_live && !changed) {
+            if let Some(e) = self.entries.get_mut(key) {
+                e.merged = Some(merged);
+            }
+            return;
+        }
+        let target = self.targets.get(key).cloned().unwrap_or_else(|| Target {
+            job: key.0.clone(),
+            instance: key.1.clone(),
+            labels: Labels::new(),
+        });
+        let written_at = self.write_merged(&target, Some(merged), now_ms, last, out);
+        if let Some(e) = self.entries.get_mut(key) {
+            e.merged = Some(merged);
+            e.last_written_ms = written_at;
+            e.up_live = merged.state != TargetState::Missing;
+        }
+    }
+
+    /// Writes `up`, `sonde_target_agents` and `sonde_target_agents_succeeding` for a
+    /// target; `None` (target removed) or a missing state writes staleness markers for
+    /// `up`. Returns the timestamp used, always after `last_ms`.
+    fn write_merged(
+        &self,
+        target: &Target,
+        merged: Option<Merged>,
+        now_ms: i64,
+        last_ms: i64,
+        out: &mut Vec<SeriesSample>,
+    ) -> i64 {
+        let ts = now_ms.max(last_ms + 1);
+        let labels = target_labels(target);
+        let with_name = |name: &str| {
+            let mut l = labels.clone();
+            l.push(("__name__".into(), name.to_string()));
+            l
+        };
+        let (up, agents, succeeding) = match merged {
+            Some(m) => (
+                m.state.up_value().unwrap_or_else(stale_nan),
+                f64::from(m.agents),
+                f64::from(m.succeeding),
+            ),
+            None => (stale_nan(), stale_nan(), stale_nan()),
+        };
+        out.push(SeriesSample { labels: with_name("up"), timestamp_ms: ts, value: up });
+        out.push(SeriesSample { labels: with_name("sonde_target_agents"), timestamp_ms: ts, value: agents });
+        out.push(SeriesSample {
+            labels: with_name("sonde_target_agents_succeeding"),
+            timestamp_ms: ts,
+            value: succeeding,
+        });
+        ts
+    }
+
+    /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
+    fn write_meta(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>) {
+        let ts = now_ms.max(self.last_meta_ms + 1);
+        self.last_meta_ms = ts;
+        let grace = self.config.missing_after;
+        let forget = self.config.forget_after;
+        // Agents gone for longer than forget_after are dropped, their series staled.
+        let forgotten: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.connection.is_none() && now_ms - a.last_seen_ms >= forget.as_millis() as i64)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in forgotten {
+            if let Some(agent) = self.agents.remove(&id) {
+                tracing::info!(agent = %id, "agent forgotten after forget_after");
+                for name in ["sonde_agent_up", "sonde_agent_last_seen_timestamp_seconds"] {
+                    out.push(sample(name, &[("agent", &id)], ts, stale_nan()));
+                }
+                out.push(SeriesSample {
+                    labels: info_labels(&id, &agent.labels),
+                    timestamp_ms: ts,
+                    value: stale_nan(),
+                });
+            }
+        }
+        let local: BTreeSet<String> = self
+            .agents
+            .values()
+            .flat_map(|a| a.local_jobs.iter().cloned())
+            .collect();
+        self.jobs
+            .retain(|name, j| j.config.is_some() || local.contains(name));
+        let job_names: Vec<String> = self.jobs.keys().cloned().collect();
+        for name in job_names {
+            let states: Vec<TargetState> = self
+                .entries
+                .range((name.clone(), String::new())..)
+                .take_while(|(k, _)| k.0 == name)
+                .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
+                .collect();
+            let configured_targets = self.targets.keys().filter(|k| k.0 == name).count();
+            let target_count = configured_targets.max(states.len());
+            let Some(job) = self.jobs.get_mut(&name) else { continue };
+            // Configured targets with no entry yet have no fresh result either.
+            let missing = merge::job_missing(
+                states.iter().copied().chain(
+                    std::iter::repeat_n(TargetState::Missing, configured_targets.saturating_sub(states.len())),
+                ),
+                job.expected_since_ms,
+                now_ms,
+                grace,
+            );
+            if missing != job.missing {
+                tracing::warn!(job = %name, missing, "job missing state changed");
+            }
+            job.missing = missing;
+            out.push(sample("sonde_job_missing", &[("job", &name)], ts, f64::from(u8::from(missing))));
+            out.push(sample("sonde_job_targets", &[("job", &name)], ts, target_count as f64));
+        }
+        for (id, agent) in &self.agents {
+            let up = merge::agent_up(agent.connection.is_some(), agent.last_seen_ms, now_ms, grace);
+            out.push(sample("sonde_agent_up", &[("agent", id)], ts, f64::from(u8::from(up))));
+            out.push(sample(
+                "sonde_agent_last_seen_timestamp_seconds",
+                &[("agent", id)],
+                ts,
+                if agent.connection.is_some() { now_ms } else { agent.last_seen_ms } as f64 / 1000.0,
+            ));
+            out.push(SeriesSample {
+                labels: info_labels(id, &agent.labels),
+                timestamp_ms: ts,
+                value: 1.0,
+            });
+        }
+    }
+}
+
+fn sample(name: &str, labels: &[(&str, &str)], ts: i64, value: f64) -> SeriesSample {
+    let mut l: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    l.push(("__name__".into(), name.to_string()));
+    SeriesSample { labels: l, timestamp_ms: ts, value }
+}
+
+fn info_labels(agent: &str, labels: &Labels) -> Vec<(String, String)> {
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != "agent")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    l.push(("agent".into(), agent.to_string()));
+    l.push(("__name__".into(), "sonde_agent_info".into()));
+    l
+}
+
+/// A target's labels: its group labels, then `job` and `instance`, which win.
+fn target_labels(target: &Target) -> Vec<(String, String)> {
+    let mut l: Vec<(String, String)> = target
+        .labels
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    l.push(("job".into(), target.job.clone()));
+    l.push(("instance".into(), target.instance.clone()));
+    l
+}

@@ -1,0 +1,109 @@
+//! Starting and stopping the aggregator's listeners and background tasks as one unit,
+//! for the binary and for tests.
+
+use crate::app::App;
+use crate::fleet::{FleetService, now_ms};
+use sonde_proto::pb::fleet_server::FleetServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub struct Running {
+    pub app: Arc<App>,
+    pub web_address: SocketAddr,
+    pub grpc_address: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds both listeners (so a port clash fails start-up with a clear message), then
+/// serves until [`Running::shutdown`].
+pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<Running, String> {
+    let web_listener = tokio::net::TcpListener::bind(web)
+        .await
+        .map_err(|e| format!("cannot listen on --web.listen-address {web}: {e}"))?;
+    let grpc_listener = tokio::net::TcpListener::bind(grpc)
+        .await
+        .map_err(|e| format!("cannot listen on --grpc.listen-address {grpc}: {e}"))?;
+    let web_address = web_listener.local_addr().map_err(|e| e.to_string())?;
+    let grpc_address = grpc_listener.local_addr().map_err(|e| e.to_string())?;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let router = crate::web::router(app.clone());
+    let rx = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(web_listener, router)
+            .with_graceful_shutdown(wait(rx))
+            .await
+        {
+            tracing::error!(error = %e, "web server failed");
+        }
+    }));
+
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = &app.hub.config().tls {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("fleet.tls: cannot read {}: {e}", p.display()));
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+        let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &tls.client_ca_file {
+            server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        builder = builder
+            .tls_config(server_tls)
+            .map_err(|e| format!("fleet.tls: {e}"))?;
+    }
+    let service = FleetServer::new(FleetService { hub: app.hub.clone() });
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let rx = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = builder
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, wait(rx))
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let hub = app.hub.clone();
+    let mut rx = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => hub.tick(now_ms()),
+                _ = rx.wait_for(|s| *s) => return,
+            }
+        }
+    }));
+    tracing::info!(web = %web_address, grpc = %grpc_address, "aggregator listening");
+    Ok(Running {
+        app,
+        web_address,
+        grpc_address,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops the listeners and the ticker, then flushes remote write for up to `grace`.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            // Agent streams are long-lived; do not let one hold the exit forever.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        self.app.shutdown(grace).await;
+    }
+}

@@ -1,0 +1,210 @@
+//! Target discovery: each job's `static_configs`, plus its `file_sd_configs` files in
+//! Prometheus's file_sd format (YAML or JSON), re-read when they change.
+//!
+//! A file that cannot be read or parsed keeps the targets it had, as in Prometheus,
+//! so a half-written file never empties a job.
+
+use sonde_proto::config::{Labels, ResolvedJob, TargetGroup, check_target, from_yaml_str};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// A target of a job, with the labels of the group it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub job: String,
+    pub instance: String,
+    pub labels: Labels,
+}
+
+/// `(job, instance)` → target.
+pub type TargetSet = BTreeMap<(String, String), Target>;
+
+#[derive(Default)]
+pub struct FileSd {
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+struct CachedFile {
+    modified: Option<SystemTime>,
+    len: u64,
+    groups: Vec<TargetGroup>,
+}
+
+impl FileSd {
+    /// Re-reads the files that changed and returns every job's targets.
+    pub fn targets(&mut self, jobs: &[ResolvedJob]) -> TargetSet {
+        let mut set = TargetSet::new();
+        let mut seen_files = Vec::new();
+        for job in jobs {
+            for group in &job.config.static_configs {
+                add_group(&mut set, job, group);
+            }
+            for sd in &job.config.file_sd_configs {
+                for pattern in &sd.files {
+                    for path in expand(pattern) {
+                        self.refresh(&path);
+                        if let Some(cached) = self.files.get(&path) {
+                            for group in &cached.groups {
+                                add_group(&mut set, job, group);
+                            }
+                        }
+                        seen_files.push(path);
+                    }
+                }
+            }
+        }
+        self.files.retain(|p, _| seen_files.contains(p));
+        set
+    }
+
+    fn refresh(&mut self, path: &Path) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let modified = meta.modified().ok();
+        if let Some(c) = self.files.get(path) {
+            if c.modified == modified && c.len == meta.len() {
+                return;
+            }
+        }
+        match read_groups(path) {
+            Ok(groups) => {
+                tracing::info!(file = %path.display(), groups = groups.len(), "file_sd file read");
+                self.files.insert(
+                    path.to_path_buf(),
+                    CachedFile {
+                        modified,
+                        len: meta.len(),
+                        groups,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "file_sd file ignored; its previous targets are kept");
+                // Remember the attempt so the same broken file is not re-parsed every tick.
+                if let Some(c) = self.files.get_mut(path) {
+                    c.modified = modified;
+                    c.len = meta.len();
+                } else {
+                    self.files.insert(
+                        path.to_path_buf(),
+                        CachedFile {
+                            modified,
+                            len: meta.len(),
+                            groups: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn add_group(set: &mut TargetSet, job: &ResolvedJob, group: &TargetGroup) {
+    for target in &group.targets {
+        if let Err(e) = check_target(&job.module, target) {
+            tracing::warn!(job = %job.name, target = %target, error = %e, "target skipped");
+            continue;
+        }
+        set.entry((job.name.clone(), target.clone()))
+            .or_insert_with(|| Target {
+                job: job.name.clone(),
+                instance: target.clone(),
+                labels: group.labels.clone(),
+            });
+    }
+}
+
+/// Reads one file_sd file: JSON when it ends in `.json`, YAML otherwise.
+pub fn read_groups(path: &Path) -> Result<Vec<TargetGroup>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let groups: Vec<TargetGroup> = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| {
+            format!("{}:{}:{}: {e}", path.display(), e.line(), e.column())
+        })?
+    } else if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        from_yaml_str(path, &text).map_err(|e| e.to_string())?
+    };
+    for g in &groups {
+        sonde_proto::config::validate_labels(&g.labels, &format!("{}: labels", path.display()))?;
+    }
+    Ok(groups)
+}
+
+/// Expands a path whose last element may hold a glob (`targets/*.yml`), sorted.
+fn expand(pattern: &str) -> Vec<PathBuf> {
+    let path = Path::new(pattern);
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    if !name.contains(['*', '?', '[']) {
+        return vec![path.to_path_buf()];
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(glob) = globset::Glob::new(name).map(|g| g.compile_matcher()) else {
+        tracing::error!(pattern, "invalid glob in file_sd_configs");
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| glob.is_match(e.file_name()))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sonde_proto::config::{JobDefaults, Located, Module, JobConfig, resolve_jobs};
+
+    fn jobs(dir: &Path) -> Vec<ResolvedJob> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            modules: BTreeMap<String, Module>,
+            jobs: Vec<Located<JobConfig>>,
+        }
+        let text = format!(
+            "modules: {{m: {{prober: tcp}}}}\njobs:\n  - job_name: j\n    module: m\n    static_configs: [{{targets: ['127.0.0.1:1'], labels: {{a: b}}}}]\n    file_sd_configs: [{{files: ['{}/*.yml', '{}/*.json']}}]\n",
+            dir.display(),
+            dir.display()
+        );
+        let doc: Doc = from_yaml_str(Path::new("x.yml"), &text).unwrap();
+        resolve_jobs(Path::new("x.yml"), &doc.modules, &doc.jobs, JobDefaults::default()).unwrap()
+    }
+
+    #[test]
+    fn static_and_file_sd_with_changes_and_broken_files() {
+        let dir = std::env::temp_dir().join(format!("sonde-filesd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let jobs = jobs(&dir);
+        let mut sd = FileSd::default();
+        assert_eq!(sd.targets(&jobs).len(), 1);
+
+        std::fs::write(dir.join("a.yml"), "- targets: ['127.0.0.1:2']\n  labels: {team: x}\n").unwrap();
+        std::fs::write(dir.join("b.json"), r#"[{"targets": ["127.0.0.1:3"]}]"#).unwrap();
+        let set = sd.targets(&jobs);
+        assert_eq!(set.len(), 3);
+        assert_eq!(set[&("j".to_string(), "127.0.0.1:2".to_string())].labels["team"], "x");
+
+        // A broken rewrite keeps the previous targets.
+        std::fs::write(dir.join("a.yml"), "- targets: [unclosed\n").unwrap();
+        assert_eq!(sd.targets(&jobs).len(), 3);
+
+        std::fs::write(dir.join("a.yml"), "- targets: ['127.0.0.1:4', '127.0.0.1:5']\n").unwrap();
+        let set = sd.targets(&jobs);
+        assert_eq!(set.len(), 4, "{set:?}");
+
+        std::fs::remove_file(dir.join("b.json")).unwrap();
+        assert_eq!(sd.targets(&jobs).len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
