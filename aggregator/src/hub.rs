@@ -667,3 +667,216 @@ fn target_labels(target: &Target) -> Vec<(String, String)> {
     l.push(("instance".into(), target.instance.clone()));
     l
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sonde_proto::config::from_yaml_str;
+    use std::path::Path;
+
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<SeriesSample>>);
+
+    impl Output for Recorder {
+        fn write(&self, samples: Vec<SeriesSample>) {
+            self.0.lock().unwrap().extend(samples);
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<SeriesSample> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    fn value_of(samples: &[SeriesSample], name: &str, pairs: &[(&str, &str)]) -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|s| {
+                s.labels.iter().any(|(k, v)| k == "__name__" && v == name)
+                    && pairs.iter().all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|s| s.value)
+            .collect()
+    }
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn config(text: &str) -> Arc<AggregatorConfig> {
+        let path = Path::new("t.yml");
+        Arc::new(AggregatorConfig::from_file(path, from_yaml_str(path, text).unwrap()).unwrap())
+    }
+
+    const CONFIG: &str = r#"
+global: {scrape_interval: 10s, scrape_timeout: 5s}
+modules:
+  tcp: {prober: tcp}
+jobs:
+  - job_name: web
+    module: tcp
+    static_configs: [{targets: ["127.0.0.1:80"], labels: {team: shop}}]
+  - job_name: slow
+    module: tcp
+    interval: 5m
+    static_configs: [{targets: ["127.0.0.1:81"]}]
+  - job_name: alertmanager
+    module: tcp
+    agents: {region: mars}
+    static_configs: [{targets: ["127.0.0.1:9093"]}]
+fleet: {missing_after: 30s}
+"#;
+
+    fn hello(id: &str, region: &str) -> pb::Hello {
+        pb::Hello {
+            protocol_version: 1,
+            agent_id: id.into(),
+            labels: [("region".to_string(), region.to_string())].into_iter().collect(),
+            version: "test".into(),
+            local_jobs: vec![],
+            last_acked_seq: 0,
+        }
+    }
+
+    fn result(seq: u64, job: &str, instance: &str, ts: i64, success: bool) -> IncomingResult {
+        IncomingResult {
+            seq,
+            job: job.into(),
+            instance: instance.into(),
+            timestamp_ms: ts,
+            success,
+            duration_seconds: 0.01,
+            failure: String::new(),
+            samples: vec![("probe_success".into(), vec![], f64::from(u8::from(success)))],
+        }
+    }
+
+    fn setup() -> (Hub, Arc<Recorder>, mpsc::Receiver<Result<AggregatorMessage, tonic::Status>>) {
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(CONFIG), rec.clone(), T0);
+        let (tx, rx) = mpsc::channel(16);
+        hub.connect(&hello("eu-1", "eu"), tx, T0);
+        (hub, rec, rx)
+    }
+
+    #[test]
+    fn assignment_follows_the_selector() {
+        let (_hub, _rec, mut rx) = setup();
+        let Ok(AggregatorMessage { msg: Some(aggregator_message::Msg::Assignment(a)) }) = rx.try_recv().unwrap() else {
+            panic!("expected an assignment first");
+        };
+        let jobs: Vec<_> = a.checks.iter().map(|c| c.job.as_str()).collect();
+        assert_eq!(jobs, ["slow", "web"], "alertmanager selects region=mars only");
+        let module: sonde_proto::config::Module = serde_json::from_str(&a.checks[0].module_json).unwrap();
+        assert_eq!(module.prober, sonde_proto::config::Prober::Tcp);
+        assert_eq!(a.checks[0].interval_ms, 300_000);
+    }
+
+    #[test]
+    fn results_become_per_agent_series_and_up() {
+        let (hub, rec, _rx) = setup();
+        assert_eq!(hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0 + 5), Some(1));
+        let out = rec.take();
+        assert_eq!(value_of(&out, "probe_success", &[("agent", "eu-1"), ("team", "shop"), ("job", "web")]), [1.0]);
+        assert_eq!(value_of(&out, "up", &[("job", "web"), ("instance", "127.0.0.1:80"), ("team", "shop")]), [1.0]);
+        assert!(value_of(&out, "up", &[("agent", "eu-1")]).is_empty(), "up carries no agent label");
+        assert_eq!(value_of(&out, "sonde_target_agents", &[("job", "web")]), [1.0]);
+
+        // A replay of what is committed is acked again but writes nothing.
+        assert_eq!(hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0 + 6), Some(1));
+        assert!(rec.take().is_empty());
+        assert_eq!(hub.counters.results_deduplicated.load(Ordering::Relaxed), 1);
+
+        // A result for a target nobody assigned is acked and dropped.
+        assert_eq!(hub.results("eu-1", vec![result(2, "nope", "x", T0, true)], T0 + 7), Some(2));
+        assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
+    }
+
+    #[test]
+    fn stale_target_gets_one_staleness_marker() {
+        let (hub, rec, _rx) = setup();
+        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, false)], T0);
+        assert_eq!(value_of(&rec.take(), "up", &[("job", "web")]), [0.0]);
+        // Window: 2 × 10s + 5s = 25s.
+        hub.tick(T0 + 24_000);
+        assert!(value_of(&rec.take(), "up", &[("job", "web")]).iter().all(|v| *v == 0.0));
+        hub.tick(T0 + 25_000);
+        let up = value_of(&rec.take(), "up", &[("job", "web")]);
+        assert_eq!(up.len(), 1);
+        assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
+        hub.tick(T0 + 26_000);
+        assert!(value_of(&rec.take(), "up", &[("job", "web")]).is_empty(), "the marker is written once");
+    }
+
+    #[test]
+    fn up_is_rewritten_within_a_minute_for_slow_jobs() {
+        let (hub, rec, _rx) = setup();
+        hub.results("eu-1", vec![result(1, "slow", "127.0.0.1:81", T0, true)], T0);
+        rec.take();
+        let mut writes = Vec::new();
+        for s in 1..=180 {
+            hub.tick(T0 + s * 1000);
+            if !value_of(&rec.take(), "up", &[("job", "slow")]).is_empty() {
+                writes.push(s);
+            }
+        }
+        assert!(!writes.is_empty());
+        let mut last = 0;
+        for w in writes {
+            assert!(w - last <= 60, "gap of {}s between up samples", w - last);
+            last = w;
+        }
+        assert!(180 - last <= 60);
+    }
+
+    #[test]
+    fn job_without_agents_is_missing_after_grace() {
+        let (hub, rec, _rx) = setup();
+        hub.tick(T0 + 10_000);
+        assert_eq!(value_of(&rec.take(), "sonde_job_missing", &[("job", "alertmanager")]), [0.0]);
+        hub.tick(T0 + 31_000);
+        let out = rec.take();
+        assert_eq!(value_of(&out, "sonde_job_missing", &[("job", "alertmanager")]), [1.0]);
+        assert!(value_of(&out, "up", &[("job", "alertmanager")]).is_empty());
+    }
+
+    #[test]
+    fn disconnected_agent_is_down_after_grace() {
+        let (hub, rec, _rx) = setup();
+        hub.disconnect("eu-1", 1, T0 + 1_000);
+        hub.tick(T0 + 20_000);
+        assert_eq!(value_of(&rec.take(), "sonde_agent_up", &[("agent", "eu-1")]), [1.0]);
+        hub.tick(T0 + 31_000);
+        let out = rec.take();
+        assert_eq!(value_of(&out, "sonde_agent_up", &[("agent", "eu-1")]), [0.0]);
+        assert_eq!(value_of(&out, "sonde_agent_info", &[("agent", "eu-1"), ("region", "eu")]), [1.0]);
+    }
+
+    #[test]
+    fn removed_job_gets_staleness_markers_on_reload() {
+        let (hub, rec, _rx) = setup();
+        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0);
+        rec.take();
+        let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
+        hub.reload(config(&without_web), T0 + 1000);
+        let up = value_of(&rec.take(), "up", &[("job", "web")]);
+        assert_eq!(up.len(), 1);
+        assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
+    }
+
+    #[test]
+    fn merged_timestamps_strictly_increase() {
+        let (hub, rec, _rx) = setup();
+        let (tx, _rx2) = mpsc::channel(16);
+        hub.connect(&hello("eu-2", "eu"), tx, T0);
+        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0);
+        hub.results("eu-2", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0);
+        let ts: Vec<i64> = rec
+            .take()
+            .into_iter()
+            .filter(|s| s.labels.iter().any(|(k, v)| k == "__name__" && v == "up"))
+            .map(|s| s.timestamp_ms)
+            .collect();
+        assert_eq!(ts.len(), 2);
+        assert!(ts[1] > ts[0]);
+    }
+}
