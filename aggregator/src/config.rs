@@ -411,8 +411,8 @@ fleet:
     fn unknown_key_is_located() {
         let text = GOOD.replace("  forget_after: 24h", "  forget_afterr: 24h");
         let e = parse(&text).unwrap_err();
-        assert_eq!(e.line, 32, "{e}");
-        assert!(e.to_string().starts_with("agg.yml:32:3:"), "{e}");
+        assert_eq!(e.line, 33, "{e}");
+        assert!(e.to_string().starts_with("agg.yml:33:3:"), "{e}");
     }
 
     #[test]
