@@ -7,7 +7,11 @@ pub mod dns;
 pub mod http;
 pub mod tcp;
 
+use sonde_proto::config::module::IpProtocol;
 use sonde_proto::config::{Module, Prober};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One sample a probe produced, before interning for the wire.
@@ -42,6 +46,23 @@ impl Samples {
         });
     }
 
+    /// Adds `delta` to the sample with exactly these labels, or adds the sample: phase
+    /// durations are summed over redirects, as blackbox_exporter does.
+    pub fn add_with(&mut self, name: &'static str, labels: &[(&'static str, &str)], delta: f64) {
+        let existing = self.items.iter_mut().find(|s| {
+            s.name == name
+                && s.labels.len() == labels.len()
+                && s.labels
+                    .iter()
+                    .zip(labels)
+                    .all(|((k, v), (lk, lv))| k == lk && v == lv)
+        });
+        match existing {
+            Some(s) => s.value += delta,
+            None => self.gauge_with(name, labels, delta),
+        }
+    }
+
     /// Replaces the value of an existing unlabelled sample, or adds it.
     pub fn set(&mut self, name: &'static str, value: f64) {
         match self
@@ -59,17 +80,63 @@ impl Samples {
 /// once per process rather than once per probe.
 pub struct ProbeContext {
     pub resolver: hickory_resolver::TokioResolver,
+    /// The TLS primitives (ring), shared by every TLS client config a probe builds.
+    pub(crate) crypto: Arc<rustls::crypto::CryptoProvider>,
+    /// webpki-roots' Mozilla trust anchors, the default when a module has no `ca_file`.
+    pub(crate) web_roots: Arc<rustls::RootCertStore>,
+    /// Compiled body regexes by pattern, so that a probe does not recompile them.
+    regexes: Mutex<HashMap<String, Arc<regex::bytes::Regex>>>,
 }
 
 impl ProbeContext {
     /// Uses the system's resolver configuration (`/etc/resolv.conf`).
+    ///
+    /// The resolver's cache is off: like blackbox_exporter, every probe asks the
+    /// configured resolver, so `probe_dns_lookup_time_seconds` measures it and an
+    /// address change shows in `probe_ip_addr_hash` at the next probe.
     pub fn from_system() -> Result<Self, String> {
         let resolver = hickory_resolver::TokioResolver::builder_tokio()
-            .and_then(|b| b.build())
+            .and_then(|mut b| {
+                b.options_mut().cache_size = 0;
+                b.build()
+            })
             .map_err(|e| {
                 format!("cannot set up DNS resolution from the system configuration (/etc/resolv.conf): {e}")
             })?;
-        Ok(Self { resolver })
+        Ok(Self::with_resolver(resolver))
+    }
+
+    /// Uses the given resolver for target names (tests, or a resolver set in config).
+    pub fn with_resolver(resolver: hickory_resolver::TokioResolver) -> Self {
+        let web_roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        Self {
+            resolver,
+            crypto: Arc::new(rustls::crypto::ring::default_provider()),
+            web_roots: Arc::new(web_roots),
+            regexes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The compiled form of a body regex. Module validation has already compiled each
+    /// pattern once, so an error here names a module that skipped validation.
+    pub(crate) fn regex(&self, pattern: &str) -> Result<Arc<regex::bytes::Regex>, String> {
+        // Bounded so that a config churning through patterns cannot grow it forever.
+        const MAX_CACHED: usize = 1024;
+        let mut cache = self.regexes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(re) = cache.get(pattern) {
+            return Ok(re.clone());
+        }
+        let re = Arc::new(
+            regex::bytes::Regex::new(pattern)
+                .map_err(|e| format!("invalid regular expression {pattern:?}: {e}"))?,
+        );
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(pattern.to_string(), re.clone());
+        Ok(re)
     }
 }
 
@@ -85,7 +152,12 @@ pub struct ProbeOutcome {
 }
 
 /// Runs one probe of `target` with `module`, bounded by `timeout`.
-pub async fn run(ctx: &ProbeContext, target: &str, module: &Module, timeout: Duration) -> ProbeOutcome {
+pub async fn run(
+    ctx: &ProbeContext,
+    target: &str,
+    module: &Module,
+    timeout: Duration,
+) -> ProbeOutcome {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut samples = Samples::default();
@@ -99,7 +171,10 @@ pub async fn run(ctx: &ProbeContext, target: &str, module: &Module, timeout: Dur
         };
         match tokio::time::timeout_at(deadline, probe).await {
             Ok(r) => r,
-            Err(_) => Err(format!("timed out after {}", sonde_proto::config::PromDuration(timeout))),
+            Err(_) => Err(format!(
+                "timed out after {}",
+                sonde_proto::config::PromDuration(timeout)
+            )),
         }
     };
     let duration = started.elapsed();
@@ -111,5 +186,299 @@ pub async fn run(ctx: &ProbeContext, target: &str, module: &Module, timeout: Dur
         duration,
         samples: samples.items,
         failure: result.err(),
+    }
+}
+
+/// Resolves a target host the way blackbox_exporter's `chooseProtocol` does and records
+/// `probe_dns_lookup_time_seconds`, `probe_ip_protocol` and `probe_ip_addr_hash`.
+///
+/// The samples are written before the lookup starts, so that a probe that times out
+/// while resolving still reports them (the lookup time is then left at 0).
+pub(crate) async fn resolve_target(
+    ctx: &ProbeContext,
+    host: &str,
+    preferred: IpProtocol,
+    fallback: bool,
+    out: &mut Samples,
+) -> Result<(IpAddr, Duration), String> {
+    out.set("probe_ip_protocol", 0.0);
+    out.set("probe_ip_addr_hash", 0.0);
+    out.set("probe_dns_lookup_time_seconds", 0.0);
+    let started = Instant::now();
+    let chosen = choose_ip(ctx, host, preferred, fallback).await;
+    let lookup = started.elapsed();
+    out.set("probe_dns_lookup_time_seconds", lookup.as_secs_f64());
+    let ip = chosen?;
+    out.set("probe_ip_protocol", f64::from(ip_version(ip)));
+    out.set("probe_ip_addr_hash", f64::from(ip_hash(ip)));
+    Ok((ip, lookup))
+}
+
+/// Picks one address of `host`: the first of the preferred family, else (when
+/// `fallback`) the first of the other. An IP literal is used as it is, without a lookup.
+pub(crate) async fn choose_ip(
+    ctx: &ProbeContext,
+    host: &str,
+    preferred: IpProtocol,
+    fallback: bool,
+) -> Result<IpAddr, String> {
+    let want = match preferred {
+        IpProtocol::Ip4 => 4,
+        IpProtocol::Ip6 => 6,
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err("resolve: empty host name".to_string());
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        if fallback || ip_version(ip) == want {
+            return Ok(ip);
+        }
+        return Err(format!("resolve {host}: not an ip{want} address"));
+    }
+    if !fallback {
+        return lookup_family(ctx, host, want)
+            .await?
+            .ok_or_else(|| format!("resolve {host}: no ip{want} address"));
+    }
+    // Both families at once, as Go's LookupIPAddr does, so the fallback costs no extra
+    // round trip.
+    let other = if want == 4 { 6 } else { 4 };
+    let (first, second) = tokio::join!(
+        lookup_family(ctx, host, want),
+        lookup_family(ctx, host, other)
+    );
+    match (first, second) {
+        (Ok(Some(ip)), _) | (_, Ok(Some(ip))) => Ok(ip),
+        (Err(e), _) => Err(e),
+        (_, Err(e)) => Err(e),
+        (Ok(None), Ok(None)) => Err(format!("resolve {host}: no address")),
+    }
+}
+
+/// The first address of one family, `None` when the name has no such records.
+async fn lookup_family(
+    ctx: &ProbeContext,
+    host: &str,
+    family: u8,
+) -> Result<Option<IpAddr>, String> {
+    use hickory_resolver::proto::rr::{RData, RecordType};
+    let record_type = if family == 4 {
+        RecordType::A
+    } else {
+        RecordType::AAAA
+    };
+    match ctx.resolver.lookup(host, record_type).await {
+        Ok(lookup) => Ok(lookup.answers().iter().find_map(|r| match &r.data {
+            RData::A(a) if family == 4 => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) if family == 6 => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })),
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(None),
+        Err(e) => Err(format!("resolve {host}: {e}")),
+    }
+}
+
+/// 4 or 6; an IPv4-mapped IPv6 address counts as IPv4, as Go's `To4()` has it.
+pub(crate) fn ip_version(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => 4,
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => 4,
+        IpAddr::V6(_) => 6,
+    }
+}
+
+/// blackbox_exporter's `probe_ip_addr_hash`: FNV-1a (32 bit) over the address bytes,
+/// 4 of them for IPv4 (mapped addresses included) and 16 for IPv6.
+pub(crate) fn ip_hash(ip: IpAddr) -> u32 {
+    let v4;
+    let v6;
+    let bytes: &[u8] = match ip {
+        IpAddr::V4(a) => {
+            v4 = a.octets();
+            &v4
+        }
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => {
+                v4 = m.octets();
+                &v4
+            }
+            None => {
+                v6 = a.octets();
+                &v6
+            }
+        },
+    };
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Seconds since the Unix epoch of a UTC calendar time; `None` when out of range.
+pub(crate) fn unix_time(
+    year: i64,
+    month: i64,
+    day: i64,
+    hour: i64,
+    min: i64,
+    sec: i64,
+) -> Option<i64> {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + min * 60 + sec)
+}
+
+/// An I/O error in a few words ("connection refused"), for failure reasons.
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".to_string(),
+        ConnectionReset => "connection reset by peer".to_string(),
+        ConnectionAborted => "connection aborted".to_string(),
+        TimedOut => "timed out".to_string(),
+        UnexpectedEof => "connection closed by peer".to_string(),
+        AddrNotAvailable => "address not available".to_string(),
+        HostUnreachable => "host unreachable".to_string(),
+        NetworkUnreachable => "network unreachable".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// Splits `host:port` as Go's `net.SplitHostPort` does: `[v6]:port` for IPv6.
+pub(crate) fn split_host_port(target: &str) -> Result<(&str, &str), String> {
+    let bad = |why: &str| format!("target {target:?}: {why}, expected host:port");
+    if let Some(rest) = target.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
+        let port = after.strip_prefix(':').ok_or_else(|| bad("missing port"))?;
+        return Ok((host, port));
+    }
+    let (host, port) = target.rsplit_once(':').ok_or_else(|| bad("missing port"))?;
+    if host.contains(':') {
+        return Err(bad(
+            "too many colons (write an IPv6 address as [addr]:port)",
+        ));
+    }
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn test_ctx() -> ProbeContext {
+        ProbeContext::from_system().unwrap()
+    }
+
+    #[test]
+    fn ip_hash_is_fnv32a_over_address_bytes() {
+        // Reference values: Go's fnv.New32a() over ip.To4() / ip.To16().
+        assert_eq!(
+            ip_hash(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
+            fnv(&[127, 0, 0, 1])
+        );
+        assert_eq!(fnv(&[]), 0x811c9dc5);
+        assert_eq!(fnv(b"a"), 0xe40c292c);
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        assert_eq!(ip_hash(mapped), fnv(&[192, 0, 2, 1]));
+        assert_eq!(ip_version(mapped), 4);
+        assert_eq!(
+            ip_hash(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            fnv(&Ipv6Addr::LOCALHOST.octets())
+        );
+    }
+
+    fn fnv(bytes: &[u8]) -> u32 {
+        let mut h: u32 = 2166136261;
+        for b in bytes {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(16777619);
+        }
+        h
+    }
+
+    #[test]
+    fn host_port_split_like_go() {
+        assert_eq!(split_host_port("a.example:80"), Ok(("a.example", "80")));
+        assert_eq!(split_host_port("[::1]:53"), Ok(("::1", "53")));
+        assert!(split_host_port("::1:53").is_err());
+        assert!(split_host_port("a.example").is_err());
+        assert!(split_host_port("[::1]").is_err());
+    }
+
+    #[tokio::test]
+    async fn ip_literals_honour_the_protocol_preference() {
+        let ctx = test_ctx();
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            choose_ip(&ctx, "127.0.0.1", IpProtocol::Ip6, true).await,
+            Ok(v4)
+        );
+        assert!(
+            choose_ip(&ctx, "127.0.0.1", IpProtocol::Ip6, false)
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            choose_ip(&ctx, "[::1]", IpProtocol::Ip6, false).await,
+            Ok("::1".parse().unwrap())
+        );
+        let mut out = Samples::default();
+        let (ip, _) = resolve_target(&ctx, "127.0.0.1", IpProtocol::Ip4, false, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(ip, v4);
+        assert_eq!(value(&out, "probe_ip_protocol"), Some(4.0));
+        assert_eq!(
+            value(&out, "probe_ip_addr_hash"),
+            Some(f64::from(ip_hash(v4)))
+        );
+        assert!(value(&out, "probe_dns_lookup_time_seconds").unwrap() < 0.01);
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_without_the_network() {
+        let ctx = test_ctx();
+        let ip = choose_ip(&ctx, "localhost", IpProtocol::Ip4, false)
+            .await
+            .unwrap();
+        assert!(ip.is_loopback() && ip.is_ipv4(), "{ip}");
+    }
+
+    #[test]
+    fn unix_time_matches_known_dates() {
+        assert_eq!(unix_time(1970, 1, 1, 0, 0, 0), Some(0));
+        assert_eq!(unix_time(1994, 11, 6, 8, 49, 37), Some(784_111_777));
+        assert_eq!(unix_time(2030, 6, 1, 0, 0, 0), Some(1_906_502_400));
+        assert_eq!(unix_time(2000, 2, 29, 12, 0, 0), Some(951_825_600));
+        assert_eq!(unix_time(2000, 13, 1, 0, 0, 0), None);
+    }
+
+    #[tokio::test]
+    async fn probes_are_send() {
+        fn send<T: Send>(_: &T) {}
+        let ctx = test_ctx();
+        let m: Module = serde_json::from_str(r#"{"prober":"http"}"#).unwrap();
+        let f = run(&ctx, "x", &m, Duration::from_secs(1));
+        send(&f);
+    }
+
+    pub(crate) fn value(out: &Samples, name: &str) -> Option<f64> {
+        out.items
+            .iter()
+            .find(|s| s.name == name && s.labels.is_empty())
+            .map(|s| s.value)
     }
 }

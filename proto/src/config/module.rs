@@ -1,7 +1,7 @@
 //! A probe module, in blackbox_exporter's `modules:` syntax, accepted verbatim so that an
 //! existing `blackbox.yml` carries over. Defaults are blackbox_exporter's.
 
-use super::PromDuration;
+use super::{ByteSize, PromDuration};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -105,6 +105,17 @@ pub struct HttpProbe {
     pub fail_if_body_not_matches_regexp: Vec<String>,
     #[serde(default)]
     pub tls_config: TlsConfig,
+    /// Offer HTTP/2 over TLS (ALPN), as blackbox_exporter does by default.
+    #[serde(default = "yes")]
+    pub enable_http2: bool,
+    /// Fail when the (final) response body is larger than this; 0 means no limit, though
+    /// only the first [`HttpProbe::MAX_MATCHED_BODY`] bytes are kept for the regexes.
+    #[serde(default, skip_serializing_if = "is_zero_size")]
+    pub body_size_limit: ByteSize,
+}
+
+fn is_zero_size(s: &ByteSize) -> bool {
+    s.0 == 0
 }
 
 fn default_method() -> String {
@@ -128,11 +139,17 @@ impl Default for HttpProbe {
             fail_if_body_matches_regexp: Vec::new(),
             fail_if_body_not_matches_regexp: Vec::new(),
             tls_config: TlsConfig::default(),
+            enable_http2: true,
+            body_size_limit: ByteSize(0),
         }
     }
 }
 
 impl HttpProbe {
+    /// How much of a body the agent keeps in memory to run the body regexes on, so that a
+    /// hostile target cannot exhaust the agent's memory; the rest is counted and dropped.
+    pub const MAX_MATCHED_BODY: usize = 10 << 20;
+
     /// blackbox_exporter honours the deprecated `no_follow_redirects` over `follow_redirects`.
     pub fn follows_redirects(&self) -> bool {
         match self.no_follow_redirects {
@@ -225,6 +242,114 @@ impl Default for DnsProbe {
     }
 }
 
+impl DnsProbe {
+    /// The query type's number; an empty `query_type` is ANY, as in blackbox_exporter.
+    pub fn query_type_code(&self) -> Option<u16> {
+        if self.query_type.is_empty() {
+            return Some(255);
+        }
+        lookup(DNS_TYPES, &self.query_type)
+    }
+
+    /// The query class's number; an empty `query_class` is IN.
+    pub fn query_class_code(&self) -> Option<u16> {
+        if self.query_class.is_empty() {
+            return Some(1);
+        }
+        lookup(DNS_CLASSES, &self.query_class)
+    }
+
+    /// The rcodes that count as success; NOERROR alone when `valid_rcodes` is empty.
+    /// Names are blackbox_exporter's (miekg/dns), so `NXDOMAIN`, `SERVFAIL`, ...
+    pub fn valid_rcode_codes(&self) -> Result<Vec<u16>, String> {
+        if self.valid_rcodes.is_empty() {
+            return Ok(vec![0]);
+        }
+        self.valid_rcodes
+            .iter()
+            .map(|name| {
+                lookup(DNS_RCODES, name).ok_or_else(|| {
+                    format!(
+                        "dns.valid_rcodes: {name:?} is not an rcode (NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, ...)"
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// The name of a DNS rcode as blackbox_exporter spells it, for failure messages.
+pub fn dns_rcode_name(code: u16) -> Option<&'static str> {
+    DNS_RCODES.iter().find(|(_, c)| *c == code).map(|(n, _)| *n)
+}
+
+fn lookup(table: &[(&str, u16)], name: &str) -> Option<u16> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+}
+
+/// miekg/dns's `StringToType`, which is what blackbox_exporter accepts as `query_type`.
+#[rustfmt::skip]
+const DNS_TYPES: &[(&str, u16)] = &[
+    ("A", 1), ("NS", 2), ("MD", 3), ("MF", 4), ("CNAME", 5), ("SOA", 6), ("MB", 7),
+    ("MG", 8), ("MR", 9), ("NULL", 10), ("PTR", 12), ("HINFO", 13), ("MINFO", 14),
+    ("MX", 15), ("TXT", 16), ("RP", 17), ("AFSDB", 18), ("X25", 19), ("ISDN", 20),
+    ("RT", 21), ("NSAP-PTR", 23), ("SIG", 24), ("KEY", 25), ("PX", 26), ("GPOS", 27),
+    ("AAAA", 28), ("LOC", 29), ("NXT", 30), ("EID", 31), ("NIMLOC", 32), ("SRV", 33),
+    ("ATMA", 34), ("NAPTR", 35), ("KX", 36), ("CERT", 37), ("DNAME", 39), ("OPT", 41),
+    ("APL", 42), ("DS", 43), ("SSHFP", 44), ("IPSECKEY", 45), ("RRSIG", 46),
+    ("NSEC", 47), ("DNSKEY", 48), ("DHCID", 49), ("NSEC3", 50), ("NSEC3PARAM", 51),
+    ("TLSA", 52), ("SMIMEA", 53), ("HIP", 55), ("NINFO", 56), ("RKEY", 57),
+    ("TALINK", 58), ("CDS", 59), ("CDNSKEY", 60), ("OPENPGPKEY", 61), ("CSYNC", 62),
+    ("ZONEMD", 63), ("SVCB", 64), ("HTTPS", 65), ("SPF", 99), ("UINFO", 100),
+    ("UID", 101), ("GID", 102), ("UNSPEC", 103), ("NID", 104), ("L32", 105),
+    ("L64", 106), ("LP", 107), ("EUI48", 108), ("EUI64", 109), ("NXNAME", 128),
+    ("TKEY", 249), ("TSIG", 250), ("IXFR", 251), ("AXFR", 252), ("MAILB", 253),
+    ("MAILA", 254), ("ANY", 255), ("URI", 256), ("CAA", 257), ("AVC", 258),
+    ("AMTRELAY", 260), ("RESINFO", 261), ("TA", 32768), ("DLV", 32769),
+];
+
+/// miekg/dns's `StringToClass`.
+#[rustfmt::skip]
+const DNS_CLASSES: &[(&str, u16)] = &[
+    ("IN", 1), ("CS", 2), ("CH", 3), ("HS", 4), ("NONE", 254), ("ANY", 255),
+];
+
+/// miekg/dns's `StringToRcode` (16 is both BADSIG and BADVERS there).
+#[rustfmt::skip]
+const DNS_RCODES: &[(&str, u16)] = &[
+    ("NOERROR", 0), ("FORMERR", 1), ("SERVFAIL", 2), ("NXDOMAIN", 3), ("NOTIMP", 4),
+    ("NOTIMPL", 4), ("REFUSED", 5), ("YXDOMAIN", 6), ("YXRRSET", 7), ("NXRRSET", 8),
+    ("NOTAUTH", 9), ("NOTZONE", 10), ("BADSIG", 16), ("BADVERS", 16), ("BADKEY", 17),
+    ("BADTIME", 18), ("BADMODE", 19), ("BADNAME", 20), ("BADALG", 21),
+    ("BADTRUNC", 22), ("BADCOOKIE", 23),
+];
+
+/// True for a header name HTTP accepts (RFC 9110 token characters).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_source_ip(what: &str, ip: &Option<String>) -> Result<(), String> {
+    match ip {
+        Some(ip) if ip.parse::<std::net::IpAddr>().is_err() => Err(format!(
+            "{what}.source_ip_address: {ip:?} is not an IP address (like 192.0.2.10 or 2001:db8::10)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_tls(what: &str, tls: &TlsConfig) -> Result<(), String> {
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err(format!(
+            "{what}.tls_config: cert_file and key_file go together, set both or neither"
+        ));
+    }
+    Ok(())
+}
+
 impl Module {
     /// Checks what serde cannot: regexes compile, values are in range, the prober's
     /// required options are present. The message names the option and the fix.
@@ -255,12 +380,53 @@ impl Module {
                         self.http.method
                     ));
                 }
+                for (name, value) in &self.http.headers {
+                    if !is_header_name(name) {
+                        return Err(format!("http.headers: {name:?} is not a valid header name"));
+                    }
+                    if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                        return Err(format!(
+                            "http.headers: the value of {name:?} contains a line break or NUL byte"
+                        ));
+                    }
+                }
+                for v in &self.http.valid_http_versions {
+                    if !["HTTP/1.0", "HTTP/1.1", "HTTP/2.0"].contains(&v.as_str()) {
+                        return Err(format!(
+                            "http.valid_http_versions: {v:?} is not one of HTTP/1.0, HTTP/1.1, HTTP/2.0"
+                        ));
+                    }
+                }
+                if self.http.fail_if_ssl && self.http.fail_if_not_ssl {
+                    return Err(
+                        "http: fail_if_ssl and fail_if_not_ssl together fail every probe, keep one"
+                            .to_string(),
+                    );
+                }
+                check_tls("http", &self.http.tls_config)?;
             }
-            Prober::Tcp => {}
+            Prober::Tcp => {
+                check_source_ip("tcp", &self.tcp.source_ip_address)?;
+                check_tls("tcp", &self.tcp.tls_config)?;
+            }
             Prober::Dns => {
                 if self.dns.query_name.is_empty() {
                     return Err("dns.query_name is required for the dns prober".to_string());
                 }
+                if self.dns.query_type_code().is_none() {
+                    return Err(format!(
+                        "dns.query_type: {:?} is not a DNS record type (A, AAAA, MX, SOA, TXT, ...)",
+                        self.dns.query_type
+                    ));
+                }
+                if self.dns.query_class_code().is_none() {
+                    return Err(format!(
+                        "dns.query_class: {:?} is not a DNS class (IN, CH, HS, NONE, ANY)",
+                        self.dns.query_class
+                    ));
+                }
+                self.dns.valid_rcode_codes()?;
+                check_source_ip("dns", &self.dns.source_ip_address)?;
             }
         }
         Ok(())
@@ -279,6 +445,42 @@ mod tests {
         assert_eq!(m.http.preferred_ip_protocol, IpProtocol::Ip6);
         assert_eq!(m.http.method, "GET");
         assert_eq!(m.dns.query_type, "ANY");
+    }
+
+    #[test]
+    fn dns_names_follow_blackbox() {
+        let mut m: Module =
+            serde_json::from_str(r#"{"prober":"dns","dns":{"query_name":"example.com"}}"#).unwrap();
+        assert_eq!(m.dns.query_type_code(), Some(255));
+        assert_eq!(m.dns.query_class_code(), Some(1));
+        assert_eq!(m.dns.valid_rcode_codes(), Ok(vec![0]));
+        m.dns.query_type = "SOA".into();
+        m.dns.valid_rcodes = vec!["NOERROR".into(), "NXDOMAIN".into()];
+        assert_eq!(m.dns.query_type_code(), Some(6));
+        assert_eq!(m.dns.valid_rcode_codes(), Ok(vec![0, 3]));
+        m.validate().unwrap();
+        m.dns.query_type = "a".into();
+        assert!(m.validate().unwrap_err().contains("dns.query_type"));
+        m.dns.query_type = "A".into();
+        m.dns.valid_rcodes = vec!["NOPE".into()];
+        assert!(m.validate().unwrap_err().contains("dns.valid_rcodes"));
+        assert_eq!(dns_rcode_name(3), Some("NXDOMAIN"));
+    }
+
+    #[test]
+    fn http_checks() {
+        let mut m: Module = serde_json::from_str(
+            r#"{"prober":"http","http":{"body_size_limit":"1MiB","enable_http2":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.http.body_size_limit, ByteSize(1 << 20));
+        assert!(!m.http.enable_http2);
+        m.validate().unwrap();
+        m.http.headers.insert("X-Bad\nName".into(), "v".into());
+        assert!(m.validate().unwrap_err().contains("http.headers"));
+        m.http.headers.clear();
+        m.http.valid_http_versions = vec!["HTTP/3".into()];
+        assert!(m.validate().unwrap_err().contains("valid_http_versions"));
     }
 
     #[test]
