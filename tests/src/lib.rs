@@ -904,7 +904,7 @@ pub fn start_nginx(scene: &mut Scene, name: &str) -> u16 {
 master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
-error_log stderr info;
+error_log stderr notice;
 events {{ worker_connections 64; }}
 http {{
     access_log off;
