@@ -1,13 +1,558 @@
-//! The dns prober (being written).
+//! The dns prober: one query to the DNS server named by the target (`host[:port]`,
+//! port 53 by default), over UDP or TCP, as blackbox_exporter's `dns` module without
+//! the answer/authority/additional regex validators.
+//!
+//! The query is built and the reply parsed with hickory-proto on our own sockets, so
+//! that the phases (`resolve` of the server's name, `connect`, `request`) are timed.
+//! The reply comes from the network and is hostile: anything malformed is a failure
+//! with a reason, never a panic; on UDP a datagram that is not the reply to our query
+//! (wrong id) is ignored, as a spoofed or stale answer would be.
 
-use super::{ProbeContext, Samples};
+use super::tcp::{connect, parse_port, parse_source_ip};
+use super::{ProbeContext, Samples, io_reason, resolve_target, split_host_port};
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use sonde_proto::config::Module;
+use sonde_proto::config::module::{DnsTransport, dns_rcode_name};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+
+const DURATION: &str = "probe_dns_duration_seconds";
+const SOA: u16 = 6;
 
 pub async fn probe(
-    _ctx: &ProbeContext,
-    _target: &str,
-    _module: &Module,
-    _out: &mut Samples,
+    ctx: &ProbeContext,
+    target: &str,
+    module: &Module,
+    out: &mut Samples,
 ) -> Result<(), String> {
-    Err("the dns prober is not built yet".to_string())
+    let cfg = &module.dns;
+    for phase in ["resolve", "connect", "request"] {
+        out.add_with(DURATION, &[("phase", phase)], 0.0);
+    }
+    for name in [
+        "probe_dns_answer_rrs",
+        "probe_dns_authority_rrs",
+        "probe_dns_additional_rrs",
+        "probe_dns_query_succeeded",
+    ] {
+        out.set(name, 0.0);
+    }
+
+    let qtype = cfg
+        .query_type_code()
+        .ok_or_else(|| format!("dns.query_type {:?} is not a record type", cfg.query_type))?;
+    let qclass = cfg
+        .query_class_code()
+        .ok_or_else(|| format!("dns.query_class {:?} is not a class", cfg.query_class))?;
+    let valid_rcodes = cfg.valid_rcode_codes()?;
+    let source = parse_source_ip(cfg.source_ip_address.as_deref())?;
+    let query = build_query(&cfg.query_name, qtype, qclass, cfg.recursion_desired)?;
+
+    let (host, port) = server_target(target)?;
+    let (ip, lookup) = resolve_target(
+        ctx,
+        host,
+        cfg.preferred_ip_protocol,
+        cfg.ip_protocol_fallback,
+        out,
+    )
+    .await?;
+    out.add_with(DURATION, &[("phase", "resolve")], lookup.as_secs_f64());
+
+    let server = SocketAddr::new(ip, port);
+    let reply = match cfg.transport_protocol {
+        DnsTransport::Udp => exchange_udp(server, source, &query, out).await?,
+        DnsTransport::Tcp => exchange_tcp(server, source, &query, out).await?,
+    };
+    let message = Message::from_vec(&reply).map_err(|e| format!("dns: malformed reply: {e}"))?;
+
+    // The header's counts are the sections as sent, which is what miekg/dns reports
+    // (hickory moves an OPT record out of the additional section).
+    let count = |at: usize| f64::from(u16::from_be_bytes([reply[at], reply[at + 1]]));
+    out.set("probe_dns_answer_rrs", count(6));
+    out.set("probe_dns_authority_rrs", count(8));
+    out.set("probe_dns_additional_rrs", count(10));
+    out.set("probe_dns_query_succeeded", 1.0);
+    if qtype == SOA {
+        // Registered for every SOA query; the last SOA answer's serial, else 0.
+        let serial = message
+            .answers
+            .iter()
+            .rev()
+            .find_map(|r| match &r.data {
+                RData::SOA(soa) => Some(soa.serial),
+                _ => None,
+            })
+            .unwrap_or(0);
+        out.set("probe_dns_serial", f64::from(serial));
+    }
+
+    let rcode = u16::from(message.metadata.response_code);
+    if !valid_rcodes.contains(&rcode) {
+        let name = dns_rcode_name(rcode)
+            .map(str::to_string)
+            .unwrap_or_else(|| rcode.to_string());
+        return Err(if cfg.valid_rcodes.is_empty() {
+            format!("dns: rcode {name} is not NOERROR")
+        } else {
+            format!("dns: rcode {name} not in valid_rcodes")
+        });
+    }
+    Ok(())
+}
+
+/// The server's host and port. Where Go's SplitHostPort fails (a bare host, a bare
+/// IPv6 address) the whole target is the host and the port is DNS's, as in
+/// blackbox_exporter.
+fn server_target(target: &str) -> Result<(&str, u16), String> {
+    match split_host_port(target) {
+        Ok((host, port)) => Ok((host, parse_port(port, target)?)),
+        Err(_) => Ok((target, 53)),
+    }
+}
+
+/// A query with a random id, no EDNS (as blackbox_exporter sends it).
+fn build_query(name: &str, qtype: u16, qclass: u16, recursion: bool) -> Result<Vec<u8>, String> {
+    let mut name = Name::from_ascii(name).map_err(|e| format!("dns.query_name {name:?}: {e}"))?;
+    name.set_fqdn(true);
+    let mut query = Query::query(name, RecordType::from(qtype));
+    query.set_query_class(DNSClass::from(qclass));
+    let mut message = Message::query();
+    message.metadata.recursion_desired = recursion;
+    message.add_query(query);
+    message
+        .to_vec()
+        .map_err(|e| format!("dns: cannot encode the query: {e}"))
+}
+
+async fn exchange_udp(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    query: &[u8],
+    out: &mut Samples,
+) -> Result<Vec<u8>, String> {
+    let started = Instant::now();
+    let local = source.unwrap_or(if server.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    });
+    let socket = UdpSocket::bind(SocketAddr::new(local, 0))
+        .await
+        .map_err(|e| format!("bind {local}: {}", io_reason(&e)))?;
+    // Connected, so the kernel drops datagrams from anyone but the server.
+    socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+    out.add_with(
+        DURATION,
+        &[("phase", "connect")],
+        started.elapsed().as_secs_f64(),
+    );
+
+    let started = Instant::now();
+    socket
+        .send(query)
+        .await
+        .map_err(|e| format!("dns: send: {}", io_reason(&e)))?;
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let n = socket
+            .recv(&mut buf)
+            .await
+            .map_err(|e| format!("dns: {}", io_reason(&e)))?;
+        if n >= 2 && buf[..2] == query[..2] {
+            out.add_with(
+                DURATION,
+                &[("phase", "request")],
+                started.elapsed().as_secs_f64(),
+            );
+            buf.truncate(n);
+            return check_header(buf);
+        }
+    }
+}
+
+async fn exchange_tcp(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    query: &[u8],
+    out: &mut Samples,
+) -> Result<Vec<u8>, String> {
+    let started = Instant::now();
+    let mut stream = connect(server, source).await?;
+    out.add_with(
+        DURATION,
+        &[("phase", "connect")],
+        started.elapsed().as_secs_f64(),
+    );
+
+    let started = Instant::now();
+    let len = u16::try_from(query.len()).map_err(|_| "dns: query too long".to_string())?;
+    let mut framed = Vec::with_capacity(query.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(query);
+    stream
+        .write_all(&framed)
+        .await
+        .map_err(|e| format!("dns: send: {}", io_reason(&e)))?;
+    let mut len = [0u8; 2];
+    stream
+        .read_exact(&mut len)
+        .await
+        .map_err(|e| format!("dns: {}", io_reason(&e)))?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream
+        .read_exact(&mut reply)
+        .await
+        .map_err(|e| format!("dns: {}", io_reason(&e)))?;
+    out.add_with(
+        DURATION,
+        &[("phase", "request")],
+        started.elapsed().as_secs_f64(),
+    );
+    if reply.len() < 2 || reply[..2] != query[..2] {
+        return Err("dns: the reply's id does not match the query's".to_string());
+    }
+    check_header(reply)
+}
+
+/// Every reply used past here has a full 12-byte header.
+fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, String> {
+    if reply.len() < 12 {
+        return Err(format!(
+            "dns: malformed reply: {} bytes, shorter than a DNS header",
+            reply.len()
+        ));
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::run;
+    use crate::probe::tcp::tests::{ctx, labelled, sample};
+    use hickory_proto::op::{MessageType, OpCode, ResponseCode};
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::{A, SOA as SoaData};
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// The test zone: what the server answers for each name.
+    fn answer(query: &[u8]) -> Option<Vec<u8>> {
+        let request = Message::from_vec(query).ok()?;
+        let q = request.queries.first()?.clone();
+        let name = q.name().to_ascii();
+        let mut reply = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+        reply.metadata.recursion_desired = request.metadata.recursion_desired;
+        reply.add_query(q.clone());
+        let soa = || {
+            Record::from_rdata(
+                Name::from_ascii("test.").unwrap(),
+                300,
+                RData::SOA(SoaData::new(
+                    Name::from_ascii("ns.test.").unwrap(),
+                    Name::from_ascii("admin.test.").unwrap(),
+                    2024010101,
+                    3600,
+                    600,
+                    86400,
+                    300,
+                )),
+            )
+        };
+        match name.as_str() {
+            "a.test." => {
+                for last in [1, 2] {
+                    reply.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::A(A::new(192, 0, 2, last)),
+                    ));
+                }
+                reply.add_additional(Record::from_rdata(
+                    Name::from_ascii("extra.test.").unwrap(),
+                    60,
+                    RData::A(A::new(192, 0, 2, 9)),
+                ));
+            }
+            "test." => {
+                reply.add_answer(soa());
+            }
+            "rd.test." if !request.metadata.recursion_desired => {
+                reply.metadata.response_code = ResponseCode::Refused;
+            }
+            "rd.test." => {}
+            "nx.test." => {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+                reply.add_authority(soa());
+            }
+            "garbage.test." => {
+                // Our id, then nonsense.
+                let mut bytes = query[..2].to_vec();
+                bytes.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 5, 0, 0, 0, 0, 0xde, 0xad]);
+                return Some(bytes);
+            }
+            "short.test." => return Some(query[..2].to_vec()),
+            "silent.test." => return None,
+            _ => {
+                reply.metadata.response_code = ResponseCode::ServFail;
+            }
+        }
+        reply.to_vec().ok()
+    }
+
+    async fn udp_server() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let query = buf[..n].to_vec();
+                let name = Message::from_vec(&query)
+                    .ok()
+                    .and_then(|m| m.queries.first().map(|q| q.name().to_ascii()));
+                if name.as_deref() == Some("wrongid.test.") {
+                    // A stray datagram first (another id, then garbage), then the answer.
+                    let mut stray = query.clone();
+                    stray[0] ^= 0xff;
+                    let _ = socket.send_to(&stray, peer).await;
+                    let _ = socket.send_to(&[0x42], peer).await;
+                    let mut fixed = query.clone();
+                    fixed[2] |= 0x80;
+                    let _ = socket.send_to(&fixed, peer).await;
+                    continue;
+                }
+                if let Some(reply) = answer(&query) {
+                    let _ = socket.send_to(&reply, peer).await;
+                }
+            }
+        });
+        addr
+    }
+
+    async fn tcp_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut len = [0u8; 2];
+                    if stream.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if stream.read_exact(&mut query).await.is_err() {
+                        return;
+                    }
+                    if let Some(reply) = answer(&query) {
+                        let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                        framed.extend(reply);
+                        let _ = stream.write_all(&framed).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn dns_module(json: serde_json::Value) -> Module {
+        serde_json::from_value(serde_json::json!({ "prober": "dns", "dns": json })).unwrap()
+    }
+
+    fn phase(o: &crate::probe::ProbeOutcome, name: &str) -> f64 {
+        labelled(o, DURATION)
+            .into_iter()
+            .find(|(l, _)| l == &vec![("phase", name.to_string())])
+            .map(|(_, v)| v)
+            .expect("phase sample")
+    }
+
+    #[tokio::test]
+    async fn probe_dns_udp_a_records() {
+        let addr = udp_server().await;
+        let m = dns_module(serde_json::json!({"query_name": "a.test", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_dns_answer_rrs"), Some(2.0));
+        assert_eq!(sample(&o, "probe_dns_authority_rrs"), Some(0.0));
+        assert_eq!(sample(&o, "probe_dns_additional_rrs"), Some(1.0));
+        assert_eq!(sample(&o, "probe_dns_query_succeeded"), Some(1.0));
+        assert_eq!(sample(&o, "probe_ip_protocol"), Some(4.0));
+        assert!(sample(&o, "probe_dns_serial").is_none());
+        assert!(phase(&o, "connect") > 0.0);
+        assert!(phase(&o, "request") > 0.0);
+        assert!(phase(&o, "resolve") < 0.01);
+    }
+
+    #[tokio::test]
+    async fn probe_dns_tcp_a_records() {
+        let addr = tcp_server().await;
+        let m = dns_module(serde_json::json!({
+            "query_name": "a.test", "query_type": "A", "transport_protocol": "tcp"
+        }));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_dns_answer_rrs"), Some(2.0));
+        assert_eq!(sample(&o, "probe_dns_additional_rrs"), Some(1.0));
+        assert!(phase(&o, "connect") > 0.0);
+        assert!(phase(&o, "request") > 0.0);
+    }
+
+    #[tokio::test]
+    async fn probe_dns_nxdomain_and_valid_rcodes() {
+        let addr = udp_server().await;
+        let m = dns_module(serde_json::json!({"query_name": "nx.test", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(!o.success);
+        assert_eq!(
+            o.failure.as_deref(),
+            Some("dns: rcode NXDOMAIN is not NOERROR")
+        );
+        // The query itself went through.
+        assert_eq!(sample(&o, "probe_dns_query_succeeded"), Some(1.0));
+        assert_eq!(sample(&o, "probe_dns_authority_rrs"), Some(1.0));
+
+        let m = dns_module(serde_json::json!({
+            "query_name": "nx.test", "query_type": "A", "valid_rcodes": ["NOERROR", "NXDOMAIN"]
+        }));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+
+        let m = dns_module(serde_json::json!({
+            "query_name": "other.test", "query_type": "A", "valid_rcodes": ["NXDOMAIN"]
+        }));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert_eq!(
+            o.failure.as_deref(),
+            Some("dns: rcode SERVFAIL not in valid_rcodes")
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_dns_soa_serial() {
+        let addr = udp_server().await;
+        let m = dns_module(serde_json::json!({"query_name": "test", "query_type": "SOA"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_dns_serial"), Some(2024010101.0));
+        // Registered for SOA queries even without an SOA answer.
+        let m = dns_module(serde_json::json!({"query_name": "a.test", "query_type": "SOA"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert_eq!(sample(&o, "probe_dns_serial"), Some(0.0));
+    }
+
+    #[tokio::test]
+    async fn probe_dns_recursion_desired_is_sent() {
+        let addr = udp_server().await;
+        let on = dns_module(serde_json::json!({"query_name": "rd.test", "query_type": "A"}));
+        assert!(run(&ctx(), &addr.to_string(), &on, TIMEOUT).await.success);
+        let off = dns_module(serde_json::json!({
+            "query_name": "rd.test", "query_type": "A", "recursion_desired": false
+        }));
+        let o = run(&ctx(), &addr.to_string(), &off, TIMEOUT).await;
+        assert_eq!(
+            o.failure.as_deref(),
+            Some("dns: rcode REFUSED is not NOERROR")
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_dns_garbage_replies_fail_cleanly() {
+        let udp = udp_server().await;
+        let tcp = tcp_server().await;
+        for (name, transport, addr) in [
+            ("garbage.test", "udp", udp),
+            ("garbage.test", "tcp", tcp),
+            ("short.test", "udp", udp),
+            ("short.test", "tcp", tcp),
+        ] {
+            let m = dns_module(serde_json::json!({
+                "query_name": name, "query_type": "A", "transport_protocol": transport
+            }));
+            let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+            assert!(!o.success, "{name} over {transport}");
+            let reason = o.failure.clone().unwrap();
+            assert!(reason.starts_with("dns: malformed reply"), "{reason}");
+            assert_eq!(sample(&o, "probe_dns_query_succeeded"), Some(0.0));
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_dns_udp_ignores_datagrams_with_another_id() {
+        let addr = udp_server().await;
+        let m = dns_module(serde_json::json!({"query_name": "wrongid.test", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_dns_query_succeeded"), Some(1.0));
+    }
+
+    #[tokio::test]
+    async fn probe_dns_silent_server_times_out_with_connect_phase() {
+        let addr = udp_server().await;
+        let m = dns_module(serde_json::json!({"query_name": "silent.test", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &m, Duration::from_millis(200)).await;
+        assert_eq!(o.failure.as_deref(), Some("timed out after 200ms"));
+        assert!(phase(&o, "connect") > 0.0);
+        assert_eq!(phase(&o, "request"), 0.0);
+        assert_eq!(sample(&o, "probe_dns_query_succeeded"), Some(0.0));
+    }
+
+    #[tokio::test]
+    async fn probe_dns_closed_tcp_port() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let m = dns_module(serde_json::json!({
+            "query_name": "a.test", "transport_protocol": "tcp"
+        }));
+        let o = run(&ctx(), &format!("127.0.0.1:{port}"), &m, TIMEOUT).await;
+        assert_eq!(o.failure.as_deref(), Some("connect: connection refused"));
+    }
+
+    #[test]
+    fn server_targets_like_blackbox() {
+        assert_eq!(server_target("192.0.2.53"), Ok(("192.0.2.53", 53)));
+        assert_eq!(server_target("ns.example:5353"), Ok(("ns.example", 5353)));
+        assert_eq!(server_target("[2001:db8::53]:53"), Ok(("2001:db8::53", 53)));
+        assert_eq!(server_target("2001:db8::53"), Ok(("2001:db8::53", 53)));
+        assert!(server_target("ns.example:dns").is_err());
+    }
+
+    #[tokio::test]
+    async fn probe_dns_bad_options_fail_before_querying() {
+        let addr = udp_server().await;
+        let bad = dns_module(serde_json::json!({"query_name": "a..b", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &bad, TIMEOUT).await;
+        assert!(o.failure.clone().unwrap().starts_with("dns.query_name"));
+        let bad = dns_module(serde_json::json!({"query_name": "a.test", "query_type": "NOPE"}));
+        let o = run(&ctx(), &addr.to_string(), &bad, TIMEOUT).await;
+        assert!(o.failure.clone().unwrap().starts_with("dns.query_type"));
+        assert!(sample(&o, "probe_ip_protocol").is_none());
+    }
+
+    #[test]
+    fn parse_never_panics_on_mutated_replies() {
+        let query = build_query("a.test", 1, 1, true).unwrap();
+        let reply = answer(&query).unwrap();
+        for i in 0..reply.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut r = reply.clone();
+                r[i] ^= flip;
+                let _ = Message::from_vec(&r);
+            }
+            let _ = Message::from_vec(&reply[..i]);
+        }
+    }
 }
