@@ -47,6 +47,9 @@ struct Entry {
     timestamp_ms: i64,
     value: f64,
     bytes: u64,
+    /// When it was queued, in ms since `Shared::epoch`: a sample waits at most
+    /// batch_send_deadline for a full batch, counted from its own arrival.
+    queued_ms: u64,
 }
 
 struct SeriesState {
@@ -89,8 +92,6 @@ struct State {
     /// Samples of the request in flight that the bound dropped from the queue meanwhile.
     /// They count as sent if the request lands, as dropped if it has to be redone.
     in_flight_evicted: u64,
-    /// When the samples now waiting started waiting for a batch, for batch_send_deadline.
-    batch_started: Option<Instant>,
     series: HashMap<LabelSet, SeriesState>,
     counters: Counters,
     failing: bool,
@@ -107,6 +108,7 @@ pub(crate) struct Shared {
     external_labels: Vec<(String, String)>,
     max_samples_per_send: usize,
     max_queue_bytes: u64,
+    epoch: Instant,
     state: Mutex<State>,
     /// Wakes the task when a batch may have become ready.
     wake: Notify,
@@ -135,13 +137,13 @@ impl Shared {
             external_labels,
             max_samples_per_send: queue.max_samples_per_send,
             max_queue_bytes: queue.max_queue_bytes.0,
+            epoch: Instant::now(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queue_bytes: 0,
                 front_seq: 0,
                 in_flight_end: None,
                 in_flight_evicted: 0,
-                batch_started: None,
                 series: HashMap::new(),
                 counters: Counters::default(),
                 failing: false,
@@ -172,6 +174,7 @@ impl Shared {
             })
             .collect();
         let now = Instant::now();
+        let queued_ms = now.duration_since(self.epoch).as_millis() as u64;
         let mut st = self.lock();
         let was_empty = st.queue.is_empty();
         for (labels, timestamp_ms, value) in prepared {
@@ -225,6 +228,7 @@ impl Shared {
                 timestamp_ms,
                 value,
                 bytes,
+                queued_ms,
             });
         }
         while st.queue_bytes > self.max_queue_bytes {
@@ -239,16 +243,17 @@ impl Shared {
             }
             st.front_seq += 1;
         }
-        if st.queue.is_empty() {
-            st.batch_started = None;
-        } else if was_empty {
-            st.batch_started = Some(now);
-        }
         let wake = was_empty || st.queue.len() >= self.max_samples_per_send;
         drop(st);
         if wake {
             self.wake.notify_one();
         }
+    }
+
+    fn forget_quiet_series(&self, now: Instant) {
+        self.lock()
+            .series
+            .retain(|_, s| now.saturating_duration_since(s.touched) < SERIES_TTL);
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -420,23 +425,21 @@ pub(crate) async fn run(
         shared: shared.clone(),
         queue,
         rejections_logged: HashSet::new(),
+        next_prune: Instant::now() + PRUNE_EVERY,
     };
-    let mut next_prune = Instant::now() + PRUNE_EVERY;
     loop {
+        sender.maybe_prune();
         let now = Instant::now();
-        if now >= next_prune {
-            next_prune = now + PRUNE_EVERY;
-            let mut st = shared.lock();
-            st.series
-                .retain(|_, s| now.duration_since(s.touched) < SERIES_TTL);
-        }
+        let next_prune = sender.next_prune;
         let stopping = stop.borrow_and_update().is_some();
         let wait_until = {
             let st = shared.lock();
             let len = st.queue.len();
-            let due = st
-                .batch_started
-                .map(|t| t + sender.queue.batch_send_deadline.0);
+            let due = st.queue.front().map(|e| {
+                shared.epoch
+                    + Duration::from_millis(e.queued_ms)
+                    + sender.queue.batch_send_deadline.0
+            });
             if len >= shared.max_samples_per_send
                 || (len > 0 && (stopping || due.is_none_or(|d| now >= d)))
             {
@@ -478,9 +481,21 @@ struct Sender {
     shared: Arc<Shared>,
     queue: QueueConfig,
     rejections_logged: HashSet<String>,
+    next_prune: Instant,
 }
 
 impl Sender {
+    /// Forgets series that have been quiet for [`SERIES_TTL`]; also called between
+    /// retries, since an outage can keep the task retrying for hours.
+    fn maybe_prune(&mut self) {
+        let now = Instant::now();
+        if now < self.next_prune {
+            return;
+        }
+        self.next_prune = now + PRUNE_EVERY;
+        self.shared.forget_quiet_series(now);
+    }
+
     /// Sends the oldest `max_samples_per_send` samples until they land, are refused, or
     /// are all pushed out of the queue by its bound. False when the shutdown deadline
     /// interrupted it.
@@ -542,6 +557,7 @@ impl Sender {
                 Settled::Done => return true,
                 Settled::Stopped => return false,
                 Settled::Retry(retry_after) => {
+                    self.maybe_prune();
                     attempt = attempt.saturating_add(1);
                     let pause = backoff(
                         self.queue.min_backoff.0,
@@ -581,7 +597,6 @@ impl Sender {
                 st.counters.sent += n;
                 st.counters.bytes_sent += body_len as u64;
                 st.last_success = Some(SystemTime::now());
-                st.batch_started = (!st.queue.is_empty()).then(Instant::now);
                 if st.failing {
                     st.failing = false;
                     tracing::info!(
@@ -599,7 +614,6 @@ impl Sender {
                 st.counters.requests_failed += 1;
                 let error = format!("HTTP {status}: {message}");
                 st.last_error = Some((error.clone(), SystemTime::now()));
-                st.batch_started = (!st.queue.is_empty()).then(Instant::now);
                 drop(st);
                 if self.rejections_logged.len() >= REJECTIONS_REMEMBERED {
                     self.rejections_logged.clear();
@@ -791,5 +805,25 @@ mod tests {
         let left: Vec<i64> = st.queue.iter().map(|e| e.timestamp_ms).collect();
         assert_eq!(left, [13, 14, 15]);
         assert_eq!(st.front_seq, 3);
+    }
+
+    #[test]
+    fn quiet_series_are_forgotten() {
+        let shared = Shared::new(
+            "t".into(),
+            "http://x/".into(),
+            Vec::new(),
+            &QueueConfig::default(),
+        );
+        shared.push(vec![sample("old", 10), sample("new", 10)]);
+        shared.forget_quiet_series(Instant::now() + SERIES_TTL / 2);
+        assert_eq!(shared.lock().series.len(), 2);
+        shared.push(vec![sample("new", 11)]);
+        shared.forget_quiet_series(Instant::now() + SERIES_TTL + Duration::from_secs(1));
+        // Both are quiet by then; the map is empty and a restarted series is accepted.
+        assert!(shared.lock().series.is_empty());
+        shared.push(vec![sample("old", 5)]);
+        assert_eq!(shared.snapshot().counters.dropped_out_of_order, 0);
+        assert_eq!(shared.snapshot().queued_samples, 4);
     }
 }
