@@ -72,22 +72,30 @@ async fn probe_handler(
     }
     let module_name = params.get("module").map_or("http_2xx", String::as_str);
     let Some(module) = config.modules.get(module_name) else {
-        return (StatusCode::BAD_REQUEST, format!("Unknown module {module_name:?}\n")).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("Unknown module {module_name:?}\n"),
+        )
+            .into_response();
     };
-    if let Some(allowed) = &settings.allowed_modules {
-        if !allowed.iter().any(|m| m == module_name) {
-            return (
-                StatusCode::FORBIDDEN,
-                format!("module {module_name:?} is not in probe_endpoint.allowed_modules\n"),
-            )
-                .into_response();
-        }
+    if let Some(allowed) = &settings.allowed_modules
+        && !allowed.iter().any(|m| m == module_name)
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            format!("module {module_name:?} is not in probe_endpoint.allowed_modules\n"),
+        )
+            .into_response();
     }
     let Some(target) = params.get("target").filter(|t| !t.is_empty()) else {
         return (StatusCode::BAD_REQUEST, "Target parameter is missing\n").into_response();
     };
     if let Err(reason) = allowed_target(&settings.allowed_targets, module, target) {
-        return (StatusCode::FORBIDDEN, format!("target {target:?} refused: {reason}\n")).into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            format!("target {target:?} refused: {reason}\n"),
+        )
+            .into_response();
     }
     let timeout = probe_timeout(&headers, module);
     let outcome = probe::run(&agent.probe_context, target, module, timeout).await;
@@ -101,9 +109,8 @@ async fn probe_handler(
             .collect();
         match families.iter_mut().find(|f| f.name == sample.name) {
             Some(f) => f.samples.push((labels, sample.value)),
-            None => families.push(
-                Family::gauge(sample.name, help(sample.name)).with(labels, sample.value),
-            ),
+            None => families
+                .push(Family::gauge(sample.name, help(sample.name)).with(labels, sample.value)),
         }
     }
     let body = render(&families, Format::PrometheusText);
@@ -112,10 +119,16 @@ async fn probe_handler(
             Some(f) => format!("Probe failed: {f}\n"),
             None => "Probe succeeded\n".to_string(),
         };
-        return format!("Logs for the probe:\n{log}\n\nMetrics that would have been returned:\n{body}")
-            .into_response();
+        return format!(
+            "Logs for the probe:\n{log}\n\nMetrics that would have been returned:\n{body}"
+        )
+        .into_response();
     }
-    ([(header::CONTENT_TYPE, Format::PrometheusText.content_type())], body).into_response()
+    (
+        [(header::CONTENT_TYPE, Format::PrometheusText.content_type())],
+        body,
+    )
+        .into_response()
 }
 
 /// HELP texts for the probe metrics, worded as blackbox_exporter words them.
@@ -125,9 +138,13 @@ fn help(name: &str) -> &'static str {
         "probe_duration_seconds" => "Returns how long the probe took to complete in seconds",
         "probe_dns_lookup_time_seconds" => "Returns the time taken for probe dns lookup in seconds",
         "probe_ip_protocol" => "Specifies whether probe ip protocol is IP4 or IP6",
-        "probe_ip_addr_hash" => "Specifies the hash of IP address. It's useful to detect if the IP address changes.",
+        "probe_ip_addr_hash" => {
+            "Specifies the hash of IP address. It's useful to detect if the IP address changes."
+        }
         "probe_http_status_code" => "Response HTTP status code",
-        "probe_http_duration_seconds" => "Duration of http request by phase, summed over all redirects",
+        "probe_http_duration_seconds" => {
+            "Duration of http request by phase, summed over all redirects"
+        }
         "probe_http_content_length" => "Length of http content response",
         "probe_http_uncompressed_body_length" => "Length of uncompressed response body",
         "probe_http_redirects" => "The number of redirects",
@@ -137,9 +154,15 @@ fn help(name: &str) -> &'static str {
         "probe_ssl_earliest_cert_expiry" => "Returns last SSL chain expiry in unixtime",
         "probe_dns_duration_seconds" => "Duration of DNS request by phase",
         "probe_dns_answer_rrs" => "Returns number of entries in the answer resource record list",
-        "probe_dns_authority_rrs" => "Returns number of entries in the authority resource record list",
-        "probe_dns_additional_rrs" => "Returns number of entries in the additional resource record list",
-        "probe_dns_query_succeeded" => "Displays whether or not the query was executed successfully",
+        "probe_dns_authority_rrs" => {
+            "Returns number of entries in the authority resource record list"
+        }
+        "probe_dns_additional_rrs" => {
+            "Returns number of entries in the additional resource record list"
+        }
+        "probe_dns_query_succeeded" => {
+            "Displays whether or not the query was executed successfully"
+        }
         "probe_retries" => "Retries used before this result (sonde)",
         _ => "Probe metric",
     }
@@ -163,35 +186,47 @@ fn probe_timeout(headers: &HeaderMap, module: &Module) -> Duration {
 /// configured glob patterns, and link-local addresses (cloud metadata services) are
 /// refused unless a pattern names them without wildcards.
 pub fn allowed_target(patterns: &[String], module: &Module, target: &str) -> Result<(), String> {
-    let (host, port) = host_port(module.prober, target)
-        .ok_or_else(|| format!("cannot tell the host and port of {target:?} for the {} prober", module.prober.as_str()))?;
+    let (host, port) = host_port(module.prober, target).ok_or_else(|| {
+        format!(
+            "cannot tell the host and port of {target:?} for the {} prober",
+            module.prober.as_str()
+        )
+    })?;
     let host_port = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let explicitly = patterns.iter().any(|p| *p == host_port);
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        if is_metadata_address(ip) && !explicitly {
-            return Err(format!(
-                "{ip} is a link-local or cloud metadata address; list it in probe_endpoint.allowed_targets explicitly to allow it"
-            ));
-        }
+    let explicitly = patterns.contains(&host_port);
+    if let Ok(ip) = host.parse::<IpAddr>()
+        && is_metadata_address(ip)
+        && !explicitly
+    {
+        return Err(format!(
+            "{ip} is a link-local or cloud metadata address; list it in probe_endpoint.allowed_targets explicitly to allow it"
+        ));
     }
     for pattern in patterns {
-        match globset::GlobBuilder::new(pattern).literal_separator(false).build() {
+        match globset::GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .build()
+        {
             Ok(glob) if glob.compile_matcher().is_match(&host_port) => return Ok(()),
             _ => {}
         }
     }
-    Err(format!("{host_port} matches no pattern of probe_endpoint.allowed_targets"))
+    Err(format!(
+        "{host_port} matches no pattern of probe_endpoint.allowed_targets"
+    ))
 }
 
 fn is_metadata_address(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => {
-            v6 == "fd00:ec2::254".parse::<std::net::Ipv6Addr>().unwrap_or(std::net::Ipv6Addr::UNSPECIFIED)
+            v6 == "fd00:ec2::254"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED)
                 || (v6.segments()[0] & 0xffc0) == 0xfe80
         }
     }
@@ -207,7 +242,11 @@ fn host_port(prober: Prober, target: &str) -> Option<(String, u16)> {
                 format!("http://{target}")
             };
             let uri: http::Uri = with_scheme.parse().ok()?;
-            let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
+            let host = uri
+                .host()?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
             let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
                 Some("https") => 443,
                 _ => 80,
@@ -217,7 +256,13 @@ fn host_port(prober: Prober, target: &str) -> Option<(String, u16)> {
         Prober::Tcp => split_port(target).map(|(h, p)| (h.to_string(), p)),
         Prober::Dns => match split_port(target) {
             Some((h, p)) => Some((h.to_string(), p)),
-            None => Some((target.trim_start_matches('[').trim_end_matches(']').to_string(), 53)),
+            None => Some((
+                target
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                53,
+            )),
         },
     }
 }
@@ -239,7 +284,8 @@ mod tests {
         assert!(allowed_target(&patterns, &http, "http://127.0.0.1:8080/x").is_ok());
         assert!(allowed_target(&patterns, &module("tcp"), "10.0.0.1:22").is_err());
         let wide = vec!["*".to_string()];
-        let err = allowed_target(&wide, &http, "http://169.254.169.254/latest/meta-data").unwrap_err();
+        let err =
+            allowed_target(&wide, &http, "http://169.254.169.254/latest/meta-data").unwrap_err();
         assert!(err.contains("metadata"), "{err}");
         let explicit = vec!["169.254.169.254:80".to_string()];
         assert!(allowed_target(&explicit, &http, "http://169.254.169.254/").is_ok());

@@ -31,7 +31,10 @@ impl Output for Outputs {
 
 impl Outputs {
     pub fn writers(&self) -> Vec<Arc<RemoteWriter>> {
-        self.writers.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.writers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -44,7 +47,10 @@ pub struct App {
 }
 
 impl App {
-    pub fn start(config: AggregatorConfig, config_file: Option<std::path::PathBuf>) -> Result<Arc<Self>, String> {
+    pub fn start(
+        config: AggregatorConfig,
+        config_file: Option<std::path::PathBuf>,
+    ) -> Result<Arc<Self>, String> {
         let config = Arc::new(config);
         let outputs = Arc::new(Outputs::default());
         *outputs.writers.write().unwrap_or_else(|e| e.into_inner()) = start_writers(&config)?;
@@ -60,22 +66,32 @@ impl App {
     /// Re-reads the config file; on any problem the running config stays.
     pub async fn reload(&self) -> Result<(), String> {
         let Some(file) = &self.config_file else {
-            return Err("the built-in all-in-one config cannot be reloaded; start with --config.file".into());
+            return Err(
+                "the built-in all-in-one config cannot be reloaded; start with --config.file"
+                    .into(),
+            );
         };
         let config = AggregatorConfig::load(file).map_err(|e: ConfigError| e.to_string())?;
         let old = self.hub.config();
         let config = Arc::new(config);
-        if old.remote_write != config.remote_write || old.external_labels != config.external_labels {
+        if old.remote_write != config.remote_write || old.external_labels != config.external_labels
+        {
             let new_writers = start_writers(&config)?;
             let old_writers = std::mem::replace(
-                &mut *self.outputs.writers.write().unwrap_or_else(|e| e.into_inner()),
+                &mut *self
+                    .outputs
+                    .writers
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()),
                 new_writers,
             );
-            for w in old_writers {
-                if let Ok(w) = Arc::try_unwrap(w) {
-                    w.shutdown(Duration::from_secs(10)).await;
-                }
-            }
+            // The replaced endpoints get a short while to flush what they hold.
+            futures::future::join_all(
+                old_writers
+                    .iter()
+                    .map(|w| w.shutdown(Duration::from_secs(10))),
+            )
+            .await;
         }
         self.hub.reload(config, now_ms());
         tracing::info!(file = %file.display(), "config reloaded");
@@ -84,13 +100,14 @@ impl App {
 
     /// Flushes the remote-write queues for up to `grace`.
     pub async fn shutdown(&self, grace: Duration) {
-        let writers = std::mem::take(&mut *self.outputs.writers.write().unwrap_or_else(|e| e.into_inner()));
-        for w in writers {
-            match Arc::try_unwrap(w) {
-                Ok(w) => w.shutdown(grace).await,
-                Err(_) => tracing::warn!("a remote-write queue is still in use at shutdown"),
-            }
-        }
+        let writers = std::mem::take(
+            &mut *self
+                .outputs
+                .writers
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        futures::future::join_all(writers.iter().map(|w| w.shutdown(grace))).await;
     }
 }
 

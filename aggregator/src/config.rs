@@ -160,7 +160,9 @@ impl AggregatorConfig {
         let base = file.parent().unwrap_or(Path::new("."));
         let global = raw.global;
         if global.scrape_interval.0.is_zero() {
-            return Err(whole("global.scrape_interval must be greater than 0".into()));
+            return Err(whole(
+                "global.scrape_interval must be greater than 0".into(),
+            ));
         }
         if global.scrape_timeout.0 > global.scrape_interval.0 {
             return Err(whole(format!(
@@ -169,13 +171,13 @@ impl AggregatorConfig {
             )));
         }
         validate_labels(&global.external_labels, "global.external_labels").map_err(whole)?;
-        if let Some(shard) = global.shard {
-            if shard.total == 0 || shard.index >= shard.total {
-                return Err(whole(format!(
-                    "global.shard: index {} must be below total {} (and total at least 1)",
-                    shard.index, shard.total
-                )));
-            }
+        if let Some(shard) = global.shard
+            && (shard.total == 0 || shard.index >= shard.total)
+        {
+            return Err(whole(format!(
+                "global.shard: index {} must be below total {} (and total at least 1)",
+                shard.index, shard.total
+            )));
         }
 
         let mut modules = BTreeMap::new();
@@ -219,7 +221,7 @@ impl AggregatorConfig {
             let mut rw = located.value;
             resolve_paths(&mut rw, base);
             rw.validate()
-                .map_err(|m| ConfigError::at(file, located.referenced, format!("remote_write: {m}")))?;
+                .map_err(|m| ConfigError::at(file, located.referenced, m))?;
             remote_write.push(rw);
         }
         crate::remote_write::config::validate_all(&remote_write).map_err(whole)?;
@@ -234,7 +236,12 @@ impl AggregatorConfig {
                     (None, Some(path)) => {
                         let path = base.join(path);
                         std::fs::read_to_string(&path)
-                            .map_err(|e| at(format!("fleet.auth.tokens: cannot read token_file {}: {e}", path.display())))?
+                            .map_err(|e| {
+                                at(format!(
+                                    "fleet.auth.tokens: cannot read token_file {}: {e}",
+                                    path.display()
+                                ))
+                            })?
                             .trim()
                             .to_string()
                     }
@@ -246,7 +253,10 @@ impl AggregatorConfig {
                     }
                 };
                 if token.is_empty() {
-                    return Err(at(format!("fleet.auth.tokens: the token of agent {:?} is empty", entry.agent)));
+                    return Err(at(format!(
+                        "fleet.auth.tokens: the token of agent {:?} is empty",
+                        entry.agent
+                    )));
                 }
                 if let Some(other) = tokens.insert(token, entry.agent.clone()) {
                     return Err(at(format!(
@@ -265,7 +275,11 @@ impl AggregatorConfig {
                 {
                     *path = base.join(&*path);
                     std::fs::metadata(&*path).map_err(|e| {
-                        ConfigError::at(file, located.referenced, format!("fleet.tls: cannot read {}: {e}", path.display()))
+                        ConfigError::at(
+                            file,
+                            located.referenced,
+                            format!("fleet.tls: cannot read {}: {e}", path.display()),
+                        )
                     })?;
                 }
                 Some(tls)
@@ -289,7 +303,10 @@ impl AggregatorConfig {
 
     /// The all-in-one default: probe this aggregator's own endpoints, so that a newcomer
     /// sees live results without writing any config.
-    pub fn all_in_one(web: std::net::SocketAddr, grpc: std::net::SocketAddr) -> Result<Self, ConfigError> {
+    pub fn all_in_one(
+        web: std::net::SocketAddr,
+        grpc: std::net::SocketAddr,
+    ) -> Result<Self, ConfigError> {
         let text = format!(
             r#"
 global:
@@ -434,7 +451,12 @@ fleet:
     #[test]
     fn shards_split_jobs() {
         let names: Vec<String> = (0..100).map(|i| format!("job{i}")).collect();
-        let owned = |index| names.iter().filter(|n| owns_job(Shard { index, total: 3 }, n)).count();
+        let owned = |index| {
+            names
+                .iter()
+                .filter(|n| owns_job(Shard { index, total: 3 }, n))
+                .count()
+        };
         assert_eq!(owned(0) + owned(1) + owned(2), 100);
         assert!(owned(0) > 10 && owned(1) > 10 && owned(2) > 10);
     }

@@ -5,8 +5,7 @@
 use crate::hub::{Hub, IncomingResult};
 use sonde_proto::config::{is_valid_label_name, is_valid_metric_name};
 use sonde_proto::pb::{
-    self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
-    fleet_server::Fleet,
+    self, AgentMessage, AggregatorMessage, agent_message, aggregator_message, fleet_server::Fleet,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -52,13 +51,22 @@ impl Fleet for FleetService {
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-            Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) }))) => h,
-            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message of a stream must be Hello")),
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a stream must be Hello",
+                ));
+            }
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
         };
         if let Err(status) = self.admit(&hello, token.as_deref()) {
-            self.hub.counters.agents_refused.fetch_add(1, Ordering::Relaxed);
+            self.hub
+                .counters
+                .agents_refused
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(agent = %hello.agent_id, peer = %peer, reason = %status.message(), "agent refused");
             return Err(status);
         }
@@ -86,11 +94,15 @@ impl FleetService {
             )));
         }
         if hello.agent_id.is_empty() || hello.agent_id.len() > 256 {
-            return Err(Status::invalid_argument("agent_id must be 1 to 256 characters"));
+            return Err(Status::invalid_argument(
+                "agent_id must be 1 to 256 characters",
+            ));
         }
         for name in hello.labels.keys() {
             if !is_valid_label_name(name) || name.starts_with("__") {
-                return Err(Status::invalid_argument(format!("agent label {name:?} is not a valid label name")));
+                return Err(Status::invalid_argument(format!(
+                    "agent label {name:?} is not a valid label name"
+                )));
             }
         }
         let config = self.hub.config();
@@ -131,7 +143,8 @@ async fn serve_stream(
         match message.msg {
             Some(agent_message::Msg::Heartbeat(_)) => hub.heartbeat(agent, now_ms()),
             Some(agent_message::Msg::Results(batch)) => {
-                let results = match decode_batch(&mut symbols, batch, &hub.counters.samples_invalid) {
+                let results = match decode_batch(&mut symbols, batch, &hub.counters.samples_invalid)
+                {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(Status::invalid_argument(e.clone()))).await;
@@ -148,7 +161,9 @@ async fn serve_stream(
                 }
             }
             Some(agent_message::Msg::Hello(_)) => {
-                let _ = tx.send(Err(Status::invalid_argument("Hello sent twice"))).await;
+                let _ = tx
+                    .send(Err(Status::invalid_argument("Hello sent twice")))
+                    .await;
                 return "Hello sent twice".into();
             }
             None => {}
@@ -176,7 +191,10 @@ pub fn decode_batch(
     let mut last_seq = 0;
     for r in batch.results {
         if r.seq <= last_seq {
-            return Err(format!("sequence numbers must increase within a batch ({} after {last_seq})", r.seq));
+            return Err(format!(
+                "sequence numbers must increase within a batch ({} after {last_seq})",
+                r.seq
+            ));
         }
         last_seq = r.seq;
         let mut samples = Vec::with_capacity(r.samples.len());
@@ -191,7 +209,9 @@ pub fn decode_batch(
             }
             let valid = name.starts_with("probe_")
                 && is_valid_metric_name(&name)
-                && labels.iter().all(|(k, _)| is_valid_label_name(k) && !k.starts_with("__"));
+                && labels
+                    .iter()
+                    .all(|(k, _)| is_valid_label_name(k) && !k.starts_with("__"));
             if valid {
                 samples.push((name, labels, s.value));
             } else {
@@ -237,16 +257,33 @@ mod tests {
         let invalid = AtomicU64::new(0);
         let first = pb::ResultBatch {
             new_symbols: vec!["probe_success".into(), "phase".into(), "connect".into()],
-            results: vec![result(1, vec![pb::Sample { name: 0, labels: vec![], value: 1.0 }])],
+            results: vec![result(
+                1,
+                vec![pb::Sample {
+                    name: 0,
+                    labels: vec![],
+                    value: 1.0,
+                }],
+            )],
         };
         decode_batch(&mut symbols, first, &invalid).unwrap();
         let second = pb::ResultBatch {
             new_symbols: vec!["probe_http_duration_seconds".into()],
-            results: vec![result(2, vec![pb::Sample { name: 3, labels: vec![1, 2], value: 0.5 }])],
+            results: vec![result(
+                2,
+                vec![pb::Sample {
+                    name: 3,
+                    labels: vec![1, 2],
+                    value: 0.5,
+                }],
+            )],
         };
         let r = decode_batch(&mut symbols, second, &invalid).unwrap();
         assert_eq!(r[0].samples[0].0, "probe_http_duration_seconds");
-        assert_eq!(r[0].samples[0].1, [("phase".to_string(), "connect".to_string())]);
+        assert_eq!(
+            r[0].samples[0].1,
+            [("phase".to_string(), "connect".to_string())]
+        );
     }
 
     #[test]
@@ -254,12 +291,26 @@ mod tests {
         let invalid = AtomicU64::new(0);
         let bad_ref = pb::ResultBatch {
             new_symbols: vec![],
-            results: vec![result(1, vec![pb::Sample { name: 7, labels: vec![], value: 1.0 }])],
+            results: vec![result(
+                1,
+                vec![pb::Sample {
+                    name: 7,
+                    labels: vec![],
+                    value: 1.0,
+                }],
+            )],
         };
         assert!(decode_batch(&mut Vec::new(), bad_ref, &invalid).is_err());
         let odd = pb::ResultBatch {
             new_symbols: vec!["probe_x".into()],
-            results: vec![result(1, vec![pb::Sample { name: 0, labels: vec![0], value: 1.0 }])],
+            results: vec![result(
+                1,
+                vec![pb::Sample {
+                    name: 0,
+                    labels: vec![0],
+                    value: 1.0,
+                }],
+            )],
         };
         assert!(decode_batch(&mut Vec::new(), odd, &invalid).is_err());
         let order = pb::ResultBatch {
@@ -270,7 +321,14 @@ mod tests {
         // A name that is not a probe metric (it could overwrite `up`) is dropped alone.
         let sneaky = pb::ResultBatch {
             new_symbols: vec!["up".into()],
-            results: vec![result(1, vec![pb::Sample { name: 0, labels: vec![], value: 1.0 }])],
+            results: vec![result(
+                1,
+                vec![pb::Sample {
+                    name: 0,
+                    labels: vec![],
+                    value: 1.0,
+                }],
+            )],
         };
         let r = decode_batch(&mut Vec::new(), sneaky, &invalid).unwrap();
         assert!(r[0].samples.is_empty());

@@ -25,6 +25,9 @@ pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
 /// that it never falls out of Prometheus's 5-minute lookback, whatever the interval.
 const MAX_REWRITE_PERIOD_MS: i64 = 60_000;
 
+/// A probe sample: metric name, labels, value.
+pub type ProbeSample = (String, Vec<(String, String)>, f64);
+
 /// One probe result as the fleet service decoded it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IncomingResult {
@@ -35,8 +38,7 @@ pub struct IncomingResult {
     pub success: bool,
     pub duration_seconds: f64,
     pub failure: String,
-    /// (metric name, labels, value).
-    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+    pub samples: Vec<ProbeSample>,
 }
 
 /// What an agent last reported for one target.
@@ -49,8 +51,8 @@ pub struct LastResult {
     /// Time between this result and the one before it from the same agent, for local
     /// jobs whose interval the aggregator does not know.
     pub spacing_ms: Option<i64>,
-    /// The result's samples, for `/metrics` scrapes: (name, labels, value).
-    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+    /// The result's samples, for `/metrics` scrapes.
+    pub samples: Vec<ProbeSample>,
 }
 
 #[derive(Default)]
@@ -61,6 +63,8 @@ pub struct TargetEntry {
     /// True while an `up` sample is live in the receivers (so a staleness marker is owed
     /// when the target goes missing).
     up_live: bool,
+    /// The target labels the merged series were last written with.
+    written_labels: Labels,
 }
 
 pub struct AgentEntry {
@@ -163,19 +167,22 @@ impl Hub {
         let labels: Labels = hello.labels.clone().into_iter().collect();
         let info_changed;
         {
-            let entry = state.agents.entry(hello.agent_id.clone()).or_insert_with(|| AgentEntry {
-                labels: labels.clone(),
-                version: String::new(),
-                local_jobs: Vec::new(),
-                connection: None,
-                first_seen_ms: now_ms,
-                last_seen_ms: now_ms,
-                committed_seq: 0,
-                generation: 0,
-                checks: 0,
-                sender: None,
-                last_assignment: Vec::new(),
-            });
+            let entry = state
+                .agents
+                .entry(hello.agent_id.clone())
+                .or_insert_with(|| AgentEntry {
+                    labels: labels.clone(),
+                    version: String::new(),
+                    local_jobs: Vec::new(),
+                    connection: None,
+                    first_seen_ms: now_ms,
+                    last_seen_ms: now_ms,
+                    committed_seq: 0,
+                    generation: 0,
+                    checks: 0,
+                    sender: None,
+                    last_assignment: Vec::new(),
+                });
             if entry.connection.is_some() {
                 tracing::warn!(agent = %hello.agent_id, "agent connected again; the newer stream replaces the older one");
             }
@@ -208,12 +215,12 @@ impl Hub {
     /// The stream of `connection` ended.
     pub fn disconnect(&self, agent: &str, connection: u64, now_ms: i64) {
         let mut state = self.lock();
-        if let Some(entry) = state.agents.get_mut(agent) {
-            if entry.connection == Some(connection) {
-                entry.connection = None;
-                entry.sender = None;
-                entry.last_seen_ms = now_ms;
-            }
+        if let Some(entry) = state.agents.get_mut(agent)
+            && entry.connection == Some(connection)
+        {
+            entry.connection = None;
+            entry.sender = None;
+            entry.last_seen_ms = now_ms;
         }
     }
 
@@ -234,15 +241,21 @@ impl Hub {
         }
         let mut ack = None;
         for result in batch {
-            self.counters.results_received.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .results_received
+                .fetch_add(1, Ordering::Relaxed);
             let committed = state.agents.get(agent).map_or(0, |a| a.committed_seq);
             if result.seq <= committed {
-                self.counters.results_deduplicated.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .results_deduplicated
+                    .fetch_add(1, Ordering::Relaxed);
                 ack = Some(committed);
                 continue;
             }
             if !state.accept(agent, &result, now_ms, &mut out) {
-                self.counters.results_unexpected.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .results_unexpected
+                    .fetch_add(1, Ordering::Relaxed);
             }
             if let Some(a) = state.agents.get_mut(agent) {
                 a.committed_seq = result.seq;
@@ -279,15 +292,16 @@ impl Hub {
         let mut state = self.lock();
         let removed = state.apply_config(config, now_ms);
         for key in removed {
-            if let Some(entry) = state.entries.remove(&key) {
-                if entry.up_live {
-                    let target = Target {
-                        job: key.0.clone(),
-                        instance: key.1.clone(),
-                        labels: Labels::new(),
-                    };
-                    state.write_merged(&target, None, now_ms, entry.last_written_ms, &mut out);
-                }
+            if let Some(entry) = state.entries.remove(&key)
+                && entry.up_live
+            {
+                // The markers must carry exactly the labels the series were written with.
+                let target = Target {
+                    job: key.0.clone(),
+                    instance: key.1.clone(),
+                    labels: entry.written_labels.clone(),
+                };
+                state.write_merged(&target, None, now_ms, entry.last_written_ms, &mut out);
             }
         }
         state.send_assignments(None);
@@ -305,9 +319,14 @@ impl Hub {
 
 impl State {
     /// Installs `config`; returns the targets that no longer exist.
-    fn apply_config(&mut self, config: Arc<AggregatorConfig>, now_ms: i64) -> Vec<(String, String)> {
+    fn apply_config(
+        &mut self,
+        config: Arc<AggregatorConfig>,
+        now_ms: i64,
+    ) -> Vec<(String, String)> {
         self.config = config;
-        let configured: BTreeSet<String> = self.config.jobs.iter().map(|j| j.name.clone()).collect();
+        let configured: BTreeSet<String> =
+            self.config.jobs.iter().map(|j| j.name.clone()).collect();
         let local: BTreeSet<String> = self
             .agents
             .values()
@@ -356,8 +375,12 @@ impl State {
 
     /// Sends each connected agent (or just `only`) its assignment when it changed.
     fn send_assignments(&mut self, only: Option<&str>) {
-        let jobs: BTreeMap<&str, &ResolvedJob> =
-            self.config.jobs.iter().map(|j| (j.name.as_str(), j)).collect();
+        let jobs: BTreeMap<&str, &ResolvedJob> = self
+            .config
+            .jobs
+            .iter()
+            .map(|j| (j.name.as_str(), j))
+            .collect();
         let mut module_json: BTreeMap<&str, String> = BTreeMap::new();
         for job in jobs.values() {
             module_json
@@ -393,23 +416,32 @@ impl State {
             agent.checks = checks.len();
             agent.last_assignment = checks.clone();
             let message = AggregatorMessage {
-                msg: Some(aggregator_message::Msg::Assignment(pb::Assignment { generation, checks })),
+                msg: Some(aggregator_message::Msg::Assignment(pb::Assignment {
+                    generation,
+                    checks,
+                })),
             };
-            if let Some(sender) = &agent.sender {
-                if sender.try_send(Ok(message)).is_err() {
-                    // The stream is gone or hopelessly behind: drop it; the agent
-                    // reconnects and gets a fresh assignment with its hello.
-                    tracing::warn!(agent = %id, "cannot send the assignment; closing the stream");
-                    agent.sender = None;
-                    agent.connection = None;
-                }
+            if let Some(sender) = &agent.sender
+                && sender.try_send(Ok(message)).is_err()
+            {
+                // The stream is gone or hopelessly behind: drop it; the agent
+                // reconnects and gets a fresh assignment with its hello.
+                tracing::warn!(agent = %id, "cannot send the assignment; closing the stream");
+                agent.sender = None;
+                agent.connection = None;
             }
         }
         self.generation = generation;
     }
 
     /// Records one result; false when it belongs to no known target.
-    fn accept(&mut self, agent: &str, r: &IncomingResult, now_ms: i64, out: &mut Vec<SeriesSample>) -> bool {
+    fn accept(
+        &mut self,
+        agent: &str,
+        r: &IncomingResult,
+        now_ms: i64,
+        out: &mut Vec<SeriesSample>,
+    ) -> bool {
         let key = (r.job.clone(), r.instance.clone());
         let target = match self.targets.get(&key) {
             Some(t) => t.clone(),
@@ -476,7 +508,9 @@ impl State {
                     .values()
                     .filter_map(|v| v.spacing_ms)
                     .max()
-                    .map_or(self.config.scrape_interval, |ms| Duration::from_millis(ms.max(1) as u64));
+                    .map_or(self.config.scrape_interval, |ms| {
+                        Duration::from_millis(ms.max(1) as u64)
+                    });
                 (Quorum::AtLeast(1), spacing * 2 + spacing / 2)
             }
         }
@@ -484,24 +518,37 @@ impl State {
 
     /// Merges one target and writes its merged series when they changed, when a new
     /// result arrived, or when they were last written too long ago.
-    fn evaluate(&mut self, key: &(String, String), now_ms: i64, new_result: bool, out: &mut Vec<SeriesSample>) {
+    fn evaluate(
+        &mut self,
+        key: &(String, String),
+        now_ms: i64,
+        new_result: bool,
+        out: &mut Vec<SeriesSample>,
+    ) {
         let Some(entry) = self.entries.get(key) else {
             return;
         };
         let (quorum, window) = self.rules(&key.0, entry);
         let merged = merge::merge(
-            entry.views.values().map(|v| AgentView {
-                timestamp_ms: v.timestamp_ms,
-                success: v.success,
-            }).collect::<Vec<_>>().iter(),
+            entry
+                .views
+                .values()
+                .map(|v| AgentView {
+                    timestamp_ms: v.timestamp_ms,
+                    success: v.success,
+                })
+                .collect::<Vec<_>>()
+                .iter(),
             quorum,
             now_ms,
             window,
         );
         let changed = entry.merged.map(|m| m.state) != Some(merged.state)
-            || entry.merged.map(|m| (m.agents, m.succeeding)) != Some((merged.agents, merged.succeeding));
+            || entry.merged.map(|m| (m.agents, m.succeeding))
+                != Some((merged.agents, merged.succeeding));
         let period = window.as_millis().min(MAX_REWRITE_PERIOD_MS as u128) as i64 / 2;
-        let due = merged.state != TargetState::Missing && now_ms - entry.last_written_ms >= period.max(1);
+        let due =
+            merged.state != TargetState::Missing && now_ms - entry.last_written_ms >= period.max(1);
         let must_write = new_result || changed || due;
         let up_live = entry.up_live;
         let last = entry.last_written_ms;
@@ -521,6 +568,7 @@ impl State {
             e.merged = Some(merged);
             e.last_written_ms = written_at;
             e.up_live = merged.state != TargetState::Missing;
+            e.written_labels = target.labels.clone();
         }
     }
 
@@ -550,8 +598,16 @@ impl State {
             ),
             None => (stale_nan(), stale_nan(), stale_nan()),
         };
-        out.push(SeriesSample { labels: with_name("up"), timestamp_ms: ts, value: up });
-        out.push(SeriesSample { labels: with_name("sonde_target_agents"), timestamp_ms: ts, value: agents });
+        out.push(SeriesSample {
+            labels: with_name("up"),
+            timestamp_ms: ts,
+            value: up,
+        });
+        out.push(SeriesSample {
+            labels: with_name("sonde_target_agents"),
+            timestamp_ms: ts,
+            value: agents,
+        });
         out.push(SeriesSample {
             labels: with_name("sonde_target_agents_succeeding"),
             timestamp_ms: ts,
@@ -570,7 +626,9 @@ impl State {
         let forgotten: Vec<String> = self
             .agents
             .iter()
-            .filter(|(_, a)| a.connection.is_none() && now_ms - a.last_seen_ms >= forget.as_millis() as i64)
+            .filter(|(_, a)| {
+                a.connection.is_none() && now_ms - a.last_seen_ms >= forget.as_millis() as i64
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in forgotten {
@@ -603,12 +661,15 @@ impl State {
                 .collect();
             let configured_targets = self.targets.keys().filter(|k| k.0 == name).count();
             let target_count = configured_targets.max(states.len());
-            let Some(job) = self.jobs.get_mut(&name) else { continue };
+            let Some(job) = self.jobs.get_mut(&name) else {
+                continue;
+            };
             // Configured targets with no entry yet have no fresh result either.
             let missing = merge::job_missing(
-                states.iter().copied().chain(
-                    std::iter::repeat_n(TargetState::Missing, configured_targets.saturating_sub(states.len())),
-                ),
+                states.iter().copied().chain(std::iter::repeat_n(
+                    TargetState::Missing,
+                    configured_targets.saturating_sub(states.len()),
+                )),
                 job.expected_since_ms,
                 now_ms,
                 grace,
@@ -617,17 +678,42 @@ impl State {
                 tracing::warn!(job = %name, missing, "job missing state changed");
             }
             job.missing = missing;
-            out.push(sample("sonde_job_missing", &[("job", &name)], ts, f64::from(u8::from(missing))));
-            out.push(sample("sonde_job_targets", &[("job", &name)], ts, target_count as f64));
+            out.push(sample(
+                "sonde_job_missing",
+                &[("job", &name)],
+                ts,
+                f64::from(u8::from(missing)),
+            ));
+            out.push(sample(
+                "sonde_job_targets",
+                &[("job", &name)],
+                ts,
+                target_count as f64,
+            ));
         }
         for (id, agent) in &self.agents {
-            let up = merge::agent_up(agent.connection.is_some(), agent.last_seen_ms, now_ms, grace);
-            out.push(sample("sonde_agent_up", &[("agent", id)], ts, f64::from(u8::from(up))));
+            let up = merge::agent_up(
+                agent.connection.is_some(),
+                agent.last_seen_ms,
+                now_ms,
+                grace,
+            );
+            out.push(sample(
+                "sonde_agent_up",
+                &[("agent", id)],
+                ts,
+                f64::from(u8::from(up)),
+            ));
             out.push(sample(
                 "sonde_agent_last_seen_timestamp_seconds",
                 &[("agent", id)],
                 ts,
-                if agent.connection.is_some() { now_ms } else { agent.last_seen_ms } as f64 / 1000.0,
+                if agent.connection.is_some() {
+                    now_ms
+                } else {
+                    agent.last_seen_ms
+                } as f64
+                    / 1000.0,
             ));
             out.push(SeriesSample {
                 labels: info_labels(id, &agent.labels),
@@ -639,9 +725,16 @@ impl State {
 }
 
 fn sample(name: &str, labels: &[(&str, &str)], ts: i64, value: f64) -> SeriesSample {
-    let mut l: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     l.push(("__name__".into(), name.to_string()));
-    SeriesSample { labels: l, timestamp_ms: ts, value }
+    SeriesSample {
+        labels: l,
+        timestamp_ms: ts,
+        value,
+    }
 }
 
 fn info_labels(agent: &str, labels: &Labels) -> Vec<(String, String)> {
@@ -694,7 +787,9 @@ mod tests {
             .iter()
             .filter(|s| {
                 s.labels.iter().any(|(k, v)| k == "__name__" && v == name)
-                    && pairs.iter().all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+                    && pairs
+                        .iter()
+                        .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
             })
             .map(|s| s.value)
             .collect()
@@ -730,7 +825,9 @@ fleet: {missing_after: 30s}
         pb::Hello {
             protocol_version: 1,
             agent_id: id.into(),
-            labels: [("region".to_string(), region.to_string())].into_iter().collect(),
+            labels: [("region".to_string(), region.to_string())]
+                .into_iter()
+                .collect(),
             version: "test".into(),
             local_jobs: vec![],
             last_acked_seq: 0,
@@ -750,7 +847,11 @@ fleet: {missing_after: 30s}
         }
     }
 
-    fn setup() -> (Hub, Arc<Recorder>, mpsc::Receiver<Result<AggregatorMessage, tonic::Status>>) {
+    fn setup() -> (
+        Hub,
+        Arc<Recorder>,
+        mpsc::Receiver<Result<AggregatorMessage, tonic::Status>>,
+    ) {
         let rec = Arc::new(Recorder::default());
         let hub = Hub::new(config(CONFIG), rec.clone(), T0);
         let (tx, rx) = mpsc::channel(16);
@@ -761,12 +862,20 @@ fleet: {missing_after: 30s}
     #[test]
     fn assignment_follows_the_selector() {
         let (_hub, _rec, mut rx) = setup();
-        let Ok(AggregatorMessage { msg: Some(aggregator_message::Msg::Assignment(a)) }) = rx.try_recv().unwrap() else {
+        let Ok(AggregatorMessage {
+            msg: Some(aggregator_message::Msg::Assignment(a)),
+        }) = rx.try_recv().unwrap()
+        else {
             panic!("expected an assignment first");
         };
         let jobs: Vec<_> = a.checks.iter().map(|c| c.job.as_str()).collect();
-        assert_eq!(jobs, ["slow", "web"], "alertmanager selects region=mars only");
-        let module: sonde_proto::config::Module = serde_json::from_str(&a.checks[0].module_json).unwrap();
+        assert_eq!(
+            jobs,
+            ["slow", "web"],
+            "alertmanager selects region=mars only"
+        );
+        let module: sonde_proto::config::Module =
+            serde_json::from_str(&a.checks[0].module_json).unwrap();
         assert_eq!(module.prober, sonde_proto::config::Prober::Tcp);
         assert_eq!(a.checks[0].interval_ms, 300_000);
     }
@@ -774,43 +883,99 @@ fleet: {missing_after: 30s}
     #[test]
     fn results_become_per_agent_series_and_up() {
         let (hub, rec, _rx) = setup();
-        assert_eq!(hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0 + 5), Some(1));
+        assert_eq!(
+            hub.results(
+                "eu-1",
+                vec![result(1, "web", "127.0.0.1:80", T0, true)],
+                T0 + 5
+            ),
+            Some(1)
+        );
         let out = rec.take();
-        assert_eq!(value_of(&out, "probe_success", &[("agent", "eu-1"), ("team", "shop"), ("job", "web")]), [1.0]);
-        assert_eq!(value_of(&out, "up", &[("job", "web"), ("instance", "127.0.0.1:80"), ("team", "shop")]), [1.0]);
-        assert!(value_of(&out, "up", &[("agent", "eu-1")]).is_empty(), "up carries no agent label");
-        assert_eq!(value_of(&out, "sonde_target_agents", &[("job", "web")]), [1.0]);
+        assert_eq!(
+            value_of(
+                &out,
+                "probe_success",
+                &[("agent", "eu-1"), ("team", "shop"), ("job", "web")]
+            ),
+            [1.0]
+        );
+        assert_eq!(
+            value_of(
+                &out,
+                "up",
+                &[
+                    ("job", "web"),
+                    ("instance", "127.0.0.1:80"),
+                    ("team", "shop")
+                ]
+            ),
+            [1.0]
+        );
+        assert!(
+            value_of(&out, "up", &[("agent", "eu-1")]).is_empty(),
+            "up carries no agent label"
+        );
+        assert_eq!(
+            value_of(&out, "sonde_target_agents", &[("job", "web")]),
+            [1.0]
+        );
 
         // A replay of what is committed is acked again but writes nothing.
-        assert_eq!(hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0 + 6), Some(1));
+        assert_eq!(
+            hub.results(
+                "eu-1",
+                vec![result(1, "web", "127.0.0.1:80", T0, true)],
+                T0 + 6
+            ),
+            Some(1)
+        );
         assert!(rec.take().is_empty());
         assert_eq!(hub.counters.results_deduplicated.load(Ordering::Relaxed), 1);
 
         // A result for a target nobody assigned is acked and dropped.
-        assert_eq!(hub.results("eu-1", vec![result(2, "nope", "x", T0, true)], T0 + 7), Some(2));
+        assert_eq!(
+            hub.results("eu-1", vec![result(2, "nope", "x", T0, true)], T0 + 7),
+            Some(2)
+        );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
     }
 
     #[test]
     fn stale_target_gets_one_staleness_marker() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, false)], T0);
+        hub.results(
+            "eu-1",
+            vec![result(1, "web", "127.0.0.1:80", T0, false)],
+            T0,
+        );
         assert_eq!(value_of(&rec.take(), "up", &[("job", "web")]), [0.0]);
         // Window: 2 × 10s + 5s = 25s.
         hub.tick(T0 + 24_000);
-        assert!(value_of(&rec.take(), "up", &[("job", "web")]).iter().all(|v| *v == 0.0));
+        assert!(
+            value_of(&rec.take(), "up", &[("job", "web")])
+                .iter()
+                .all(|v| *v == 0.0)
+        );
         hub.tick(T0 + 25_000);
         let up = value_of(&rec.take(), "up", &[("job", "web")]);
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
         hub.tick(T0 + 26_000);
-        assert!(value_of(&rec.take(), "up", &[("job", "web")]).is_empty(), "the marker is written once");
+        assert!(
+            value_of(&rec.take(), "up", &[("job", "web")]).is_empty(),
+            "the marker is written once"
+        );
     }
 
     #[test]
     fn up_is_rewritten_within_a_minute_for_slow_jobs() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", vec![result(1, "slow", "127.0.0.1:81", T0, true)], T0);
+        hub.results(
+            "eu-1",
+            vec![result(1, "slow", "127.0.0.1:81", T0, true)],
+            T0,
+        );
         rec.take();
         let mut writes = Vec::new();
         for s in 1..=180 {
@@ -832,10 +997,16 @@ fleet: {missing_after: 30s}
     fn job_without_agents_is_missing_after_grace() {
         let (hub, rec, _rx) = setup();
         hub.tick(T0 + 10_000);
-        assert_eq!(value_of(&rec.take(), "sonde_job_missing", &[("job", "alertmanager")]), [0.0]);
+        assert_eq!(
+            value_of(&rec.take(), "sonde_job_missing", &[("job", "alertmanager")]),
+            [0.0]
+        );
         hub.tick(T0 + 31_000);
         let out = rec.take();
-        assert_eq!(value_of(&out, "sonde_job_missing", &[("job", "alertmanager")]), [1.0]);
+        assert_eq!(
+            value_of(&out, "sonde_job_missing", &[("job", "alertmanager")]),
+            [1.0]
+        );
         assert!(value_of(&out, "up", &[("job", "alertmanager")]).is_empty());
     }
 
@@ -844,11 +1015,24 @@ fleet: {missing_after: 30s}
         let (hub, rec, _rx) = setup();
         hub.disconnect("eu-1", 1, T0 + 1_000);
         hub.tick(T0 + 20_000);
-        assert_eq!(value_of(&rec.take(), "sonde_agent_up", &[("agent", "eu-1")]), [1.0]);
+        assert_eq!(
+            value_of(&rec.take(), "sonde_agent_up", &[("agent", "eu-1")]),
+            [1.0]
+        );
         hub.tick(T0 + 31_000);
         let out = rec.take();
-        assert_eq!(value_of(&out, "sonde_agent_up", &[("agent", "eu-1")]), [0.0]);
-        assert_eq!(value_of(&out, "sonde_agent_info", &[("agent", "eu-1"), ("region", "eu")]), [1.0]);
+        assert_eq!(
+            value_of(&out, "sonde_agent_up", &[("agent", "eu-1")]),
+            [0.0]
+        );
+        assert_eq!(
+            value_of(
+                &out,
+                "sonde_agent_info",
+                &[("agent", "eu-1"), ("region", "eu")]
+            ),
+            [1.0]
+        );
     }
 
     #[test]
@@ -858,7 +1042,7 @@ fleet: {missing_after: 30s}
         rec.take();
         let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
         hub.reload(config(&without_web), T0 + 1000);
-        let up = value_of(&rec.take(), "up", &[("job", "web")]);
+        let up = value_of(&rec.take(), "up", &[("job", "web"), ("team", "shop")]);
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
     }

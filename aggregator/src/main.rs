@@ -92,10 +92,19 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         let config = AggregatorConfig::load(&cli.config_file).map_err(|e| e.to_string())?;
         (config, Some(cli.config_file.clone()))
     };
-    std::fs::create_dir_all(&cli.storage_path)
-        .map_err(|e| format!("cannot create --storage.path {}: {e}", cli.storage_path.display()))?;
+    std::fs::create_dir_all(&cli.storage_path).map_err(|e| {
+        format!(
+            "cannot create --storage.path {}: {e}",
+            cli.storage_path.display()
+        )
+    })?;
     let app = App::start(config, config_file)?;
-    let running = sonde_aggregator::server::start(app.clone(), cli.web_listen_address, cli.grpc_listen_address).await?;
+    let running = sonde_aggregator::server::start(
+        app.clone(),
+        cli.web_listen_address,
+        cli.grpc_listen_address,
+    )
+    .await?;
 
     let embedded = if all_in_one {
         let mut agent = AgentConfig::minimal("all-in-one".into());

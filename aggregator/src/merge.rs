@@ -99,10 +99,7 @@ pub fn job_missing(
     grace: Duration,
 ) -> bool {
     let past_grace = now_ms.saturating_sub(expected_since_ms) >= grace.as_millis() as i64;
-    past_grace
-        && target_states
-            .into_iter()
-            .all(|s| s == TargetState::Missing)
+    past_grace && target_states.into_iter().all(|s| s == TargetState::Missing)
 }
 
 /// `sonde_agent_up`: an agent counts as up while it is connected, and for `grace` after
@@ -142,7 +139,10 @@ mod tests {
     fn any_needs_one_success() {
         let q = Quorum::AtLeast(1);
         assert_eq!(state(&[view(0, true), view(0, false)], q), TargetState::Up);
-        assert_eq!(state(&[view(0, false), view(0, false)], q), TargetState::Down);
+        assert_eq!(
+            state(&[view(0, false), view(0, false)], q),
+            TargetState::Down
+        );
         assert_eq!(state(&[], q), TargetState::Missing);
     }
 
@@ -161,7 +161,10 @@ mod tests {
     fn all_needs_every_fresh_agent() {
         let q = Quorum::All;
         assert_eq!(state(&[view(0, true), view(0, true)], q), TargetState::Up);
-        assert_eq!(state(&[view(0, true), view(0, false)], q), TargetState::Down);
+        assert_eq!(
+            state(&[view(0, true), view(0, false)], q),
+            TargetState::Down
+        );
         // A stale failure no longer vetoes.
         assert_eq!(
             state(&[view(0, true), view(WINDOW.as_millis() as i64, false)], q),
@@ -187,7 +190,10 @@ mod tests {
         );
         assert_eq!((m.agents, m.succeeding, m.state), (1, 1, TargetState::Up));
         assert_eq!(
-            state(&[view(at_edge, true), view(at_edge + 5_000, false)], Quorum::All),
+            state(
+                &[view(at_edge, true), view(at_edge + 5_000, false)],
+                Quorum::All
+            ),
             TargetState::Missing
         );
     }
@@ -197,7 +203,10 @@ mod tests {
         // Two agents; one disappears: its last (successful) view ages out and the
         // target's fate rests with the remaining agent.
         let gone = view(WINDOW.as_millis() as i64 + 1, true);
-        assert_eq!(state(&[gone, view(0, false)], Quorum::AtLeast(1)), TargetState::Down);
+        assert_eq!(
+            state(&[gone, view(0, false)], Quorum::AtLeast(1)),
+            TargetState::Down
+        );
         assert_eq!(state(&[gone, view(0, true)], Quorum::All), TargetState::Up);
     }
 
@@ -208,7 +217,10 @@ mod tests {
         assert!(!job_missing([TargetState::Missing], since, NOW, grace));
         let since = NOW - 120_000;
         assert!(job_missing([TargetState::Missing], since, NOW, grace));
-        assert!(job_missing([], since, NOW, grace), "a job with no targets is missing");
+        assert!(
+            job_missing([], since, NOW, grace),
+            "a job with no targets is missing"
+        );
         assert!(!job_missing(
             [TargetState::Missing, TargetState::Down],
             since,

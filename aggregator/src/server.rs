@@ -51,17 +51,23 @@ pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<R
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls) = &app.hub.config().tls {
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("fleet.tls: cannot read {}: {e}", p.display()));
-        let identity = tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("fleet.tls: cannot read {}: {e}", p.display()))
+        };
+        let identity =
+            tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
         let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(identity);
         if let Some(ca) = &tls.client_ca_file {
-            server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+            server_tls =
+                server_tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
         builder = builder
             .tls_config(server_tls)
             .map_err(|e| format!("fleet.tls: {e}"))?;
     }
-    let service = FleetServer::new(FleetService { hub: app.hub.clone() });
+    let service = FleetServer::new(FleetService {
+        hub: app.hub.clone(),
+    });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let rx = stopped.clone();
     tasks.push(tokio::spawn(async move {

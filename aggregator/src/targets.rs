@@ -63,10 +63,11 @@ impl FileSd {
             return;
         };
         let modified = meta.modified().ok();
-        if let Some(c) = self.files.get(path) {
-            if c.modified == modified && c.len == meta.len() {
-                return;
-            }
+        if let Some(c) = self.files.get(path)
+            && c.modified == modified
+            && c.len == meta.len()
+        {
+            return;
         }
         match read_groups(path) {
             Ok(groups) => {
@@ -121,9 +122,8 @@ pub fn read_groups(path: &Path) -> Result<Vec<TargetGroup>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let groups: Vec<TargetGroup> = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).map_err(|e| {
-            format!("{}:{}:{}: {e}", path.display(), e.line(), e.column())
-        })?
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?
     } else if text.trim().is_empty() {
         Vec::new()
     } else {
@@ -144,7 +144,10 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
     if !name.contains(['*', '?', '[']) {
         return vec![path.to_path_buf()];
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let Ok(glob) = globset::Glob::new(name).map(|g| g.compile_matcher()) else {
         tracing::error!(pattern, "invalid glob in file_sd_configs");
         return Vec::new();
@@ -163,7 +166,7 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sonde_proto::config::{JobDefaults, Located, Module, JobConfig, resolve_jobs};
+    use sonde_proto::config::{JobConfig, JobDefaults, Located, Module, resolve_jobs};
 
     fn jobs(dir: &Path) -> Vec<ResolvedJob> {
         #[derive(serde::Deserialize)]
@@ -177,7 +180,13 @@ mod tests {
             dir.display()
         );
         let doc: Doc = from_yaml_str(Path::new("x.yml"), &text).unwrap();
-        resolve_jobs(Path::new("x.yml"), &doc.modules, &doc.jobs, JobDefaults::default()).unwrap()
+        resolve_jobs(
+            Path::new("x.yml"),
+            &doc.modules,
+            &doc.jobs,
+            JobDefaults::default(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -189,17 +198,28 @@ mod tests {
         let mut sd = FileSd::default();
         assert_eq!(sd.targets(&jobs).len(), 1);
 
-        std::fs::write(dir.join("a.yml"), "- targets: ['127.0.0.1:2']\n  labels: {team: x}\n").unwrap();
+        std::fs::write(
+            dir.join("a.yml"),
+            "- targets: ['127.0.0.1:2']\n  labels: {team: x}\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("b.json"), r#"[{"targets": ["127.0.0.1:3"]}]"#).unwrap();
         let set = sd.targets(&jobs);
         assert_eq!(set.len(), 3);
-        assert_eq!(set[&("j".to_string(), "127.0.0.1:2".to_string())].labels["team"], "x");
+        assert_eq!(
+            set[&("j".to_string(), "127.0.0.1:2".to_string())].labels["team"],
+            "x"
+        );
 
         // A broken rewrite keeps the previous targets.
         std::fs::write(dir.join("a.yml"), "- targets: [unclosed\n").unwrap();
         assert_eq!(sd.targets(&jobs).len(), 3);
 
-        std::fs::write(dir.join("a.yml"), "- targets: ['127.0.0.1:4', '127.0.0.1:5']\n").unwrap();
+        std::fs::write(
+            dir.join("a.yml"),
+            "- targets: ['127.0.0.1:4', '127.0.0.1:5']\n",
+        )
+        .unwrap();
         let set = sd.targets(&jobs);
         assert_eq!(set.len(), 4, "{set:?}");
 

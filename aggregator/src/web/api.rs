@@ -32,9 +32,12 @@ pub fn jobs_json(app: &App) -> Value {
         .jobs
         .iter()
         .map(|(name, job)| {
-            let targets = state.targets.keys().filter(|k| &k.0 == name).count().max(
-                state.entries.keys().filter(|k| &k.0 == name).count(),
-            );
+            let targets = state
+                .targets
+                .keys()
+                .filter(|k| &k.0 == name)
+                .count()
+                .max(state.entries.keys().filter(|k| &k.0 == name).count());
             match &job.config {
                 Some(c) => json!({
                     "job": name,
@@ -74,7 +77,11 @@ pub fn targets_json(app: &App) -> Value {
     let targets: Vec<Value> = keys
         .iter()
         .map(|key| {
-            let labels = state.targets.get(key).map(|t| t.labels.clone()).unwrap_or_default();
+            let labels = state
+                .targets
+                .get(key)
+                .map(|t| t.labels.clone())
+                .unwrap_or_default();
             let entry = state.entries.get(key);
             let merged = entry.and_then(|e| e.merged);
             let window = state

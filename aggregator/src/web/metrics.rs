@@ -16,11 +16,18 @@ use std::sync::atomic::Ordering;
 pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let families = families(&app);
-    ([(header::CONTENT_TYPE, format.content_type())], render(&families, format)).into_response()
+    (
+        [(header::CONTENT_TYPE, format.content_type())],
+        render(&families, format),
+    )
+        .into_response()
 }
 
 fn labels_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 pub fn families(app: &App) -> Vec<Family> {
@@ -40,15 +47,30 @@ pub fn families(app: &App) -> Vec<Family> {
         }
         l
     };
-    let mut up = Family::gauge("up", "1 if enough agents with a fresh result succeed (quorum), 0 if not; absent when no agent has a fresh result.");
-    let mut agents = Family::gauge("sonde_target_agents", "Agents with a fresh result for the target.");
-    let mut succeeding = Family::gauge("sonde_target_agents_succeeding", "Agents whose fresh result for the target succeeded.");
+    let mut up = Family::gauge(
+        "up",
+        "1 if enough agents with a fresh result succeed (quorum), 0 if not; absent when no agent has a fresh result.",
+    );
+    let mut agents = Family::gauge(
+        "sonde_target_agents",
+        "Agents with a fresh result for the target.",
+    );
+    let mut succeeding = Family::gauge(
+        "sonde_target_agents_succeeding",
+        "Agents whose fresh result for the target succeeded.",
+    );
     let mut probe: BTreeMap<String, Family> = BTreeMap::new();
     for (key, entry) in &state.entries {
         let mut base: Vec<(String, String)> = state
             .targets
             .get(key)
-            .map(|t| t.labels.iter().filter(|(k, _)| !matches!(k.as_str(), "job" | "instance")).map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|t| {
+                t.labels
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         base.push(("job".into(), key.0.clone()));
         base.push(("instance".into(), key.1.clone()));
@@ -56,8 +78,12 @@ pub fn families(app: &App) -> Vec<Family> {
             if let Some(v) = m.state.up_value() {
                 up.samples.push((with_external(base.clone()), v));
             }
-            agents.samples.push((with_external(base.clone()), f64::from(m.agents)));
-            succeeding.samples.push((with_external(base.clone()), f64::from(m.succeeding)));
+            agents
+                .samples
+                .push((with_external(base.clone()), f64::from(m.agents)));
+            succeeding
+                .samples
+                .push((with_external(base.clone()), f64::from(m.succeeding)));
         }
         for (agent, view) in &entry.views {
             for (name, labels, value) in &view.samples {
@@ -66,28 +92,66 @@ pub fn families(app: &App) -> Vec<Family> {
                 l.extend(labels.iter().cloned());
                 probe
                     .entry(name.clone())
-                    .or_insert_with(|| Family::gauge(name.clone(), "Probe metric, as blackbox_exporter defines it, per agent."))
+                    .or_insert_with(|| {
+                        Family::gauge(
+                            name.clone(),
+                            "Probe metric, as blackbox_exporter defines it, per agent.",
+                        )
+                    })
                     .samples
                     .push((with_external(l), *value));
             }
         }
     }
-    let mut job_missing = Family::gauge("sonde_job_missing", "1 while the job is expected but no agent has a fresh result for any of its targets.");
+    let mut job_missing = Family::gauge(
+        "sonde_job_missing",
+        "1 while the job is expected but no agent has a fresh result for any of its targets.",
+    );
     let mut job_targets = Family::gauge("sonde_job_targets", "Targets of the job.");
     for (name, job) in &state.jobs {
         let n = state.targets.keys().filter(|k| &k.0 == name).count();
-        job_missing.samples.push((with_external(labels_of(&[("job", name)])), f64::from(u8::from(job.missing))));
-        job_targets.samples.push((with_external(labels_of(&[("job", name)])), n as f64));
+        job_missing.samples.push((
+            with_external(labels_of(&[("job", name)])),
+            f64::from(u8::from(job.missing)),
+        ));
+        job_targets
+            .samples
+            .push((with_external(labels_of(&[("job", name)])), n as f64));
     }
-    let mut agent_up = Family::gauge("sonde_agent_up", "1 while the agent is connected (or within fleet.missing_after of its last contact).");
-    let mut last_seen = Family::gauge("sonde_agent_last_seen_timestamp_seconds", "When the agent was last heard from.");
-    let mut info = Family::gauge("sonde_agent_info", "The agent's labels, for joins in PromQL.");
+    let mut agent_up = Family::gauge(
+        "sonde_agent_up",
+        "1 while the agent is connected (or within fleet.missing_after of its last contact).",
+    );
+    let mut last_seen = Family::gauge(
+        "sonde_agent_last_seen_timestamp_seconds",
+        "When the agent was last heard from.",
+    );
+    let mut info = Family::gauge(
+        "sonde_agent_info",
+        "The agent's labels, for joins in PromQL.",
+    );
     for (id, a) in &state.agents {
         let l = with_external(labels_of(&[("agent", id)]));
         let connected = a.connection.is_some();
-        agent_up.samples.push((l.clone(), f64::from(u8::from(merge::agent_up(connected, a.last_seen_ms, now, state.config.missing_after)))));
-        last_seen.samples.push((l, if connected { now } else { a.last_seen_ms } as f64 / 1000.0));
-        let mut il: Vec<(String, String)> = a.labels.iter().filter(|(k, _)| k.as_str() != "agent").map(|(k, v)| (k.clone(), v.clone())).collect();
+        agent_up.samples.push((
+            l.clone(),
+            f64::from(u8::from(merge::agent_up(
+                connected,
+                a.last_seen_ms,
+                now,
+                state.config.missing_after,
+            ))),
+        ));
+        last_seen.samples.push((
+            l,
+            if connected { now } else { a.last_seen_ms } as f64 / 1000.0,
+        ));
+        let mut il: Vec<(String, String)> = a
+            .labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != "agent")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         il.push(("agent".into(), id.clone()));
         info.samples.push((with_external(il), 1.0));
     }
@@ -100,12 +164,36 @@ pub fn families(app: &App) -> Vec<Family> {
     let mut out = vec![up, agents, succeeding];
     out.extend(probe.into_values());
     out.extend([job_missing, job_targets, agent_up, last_seen, info]);
-    out.push(counter("sonde_results_received_total", "Probe results received from agents (replays included).", &c.results_received));
-    out.push(counter("sonde_results_deduplicated_total", "Replayed results dropped because they were already committed.", &c.results_deduplicated));
-    out.push(counter("sonde_results_unexpected_total", "Results for targets this aggregator does not expect (removed jobs or targets).", &c.results_unexpected));
-    out.push(counter("sonde_samples_invalid_total", "Samples dropped for an invalid metric or label name.", &c.samples_invalid));
-    out.push(counter("sonde_agent_connects_total", "Agent streams opened.", &c.agent_connects));
-    out.push(counter("sonde_agents_refused_total", "Agent streams refused (authentication, protocol version).", &c.agents_refused));
+    out.push(counter(
+        "sonde_results_received_total",
+        "Probe results received from agents (replays included).",
+        &c.results_received,
+    ));
+    out.push(counter(
+        "sonde_results_deduplicated_total",
+        "Replayed results dropped because they were already committed.",
+        &c.results_deduplicated,
+    ));
+    out.push(counter(
+        "sonde_results_unexpected_total",
+        "Results for targets this aggregator does not expect (removed jobs or targets).",
+        &c.results_unexpected,
+    ));
+    out.push(counter(
+        "sonde_samples_invalid_total",
+        "Samples dropped for an invalid metric or label name.",
+        &c.samples_invalid,
+    ));
+    out.push(counter(
+        "sonde_agent_connects_total",
+        "Agent streams opened.",
+        &c.agent_connects,
+    ));
+    out.push(counter(
+        "sonde_agents_refused_total",
+        "Agent streams refused (authentication, protocol version).",
+        &c.agents_refused,
+    ));
     for family in app.outputs.writers().iter().flat_map(|w| w.families()) {
         // Every endpoint reports the same families; each family may appear only once.
         match out.iter_mut().find(|f| f.name == family.name) {

@@ -79,7 +79,9 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
         esc(&app
             .config_file
             .as_ref()
-            .map_or("built-in all-in-one".to_string(), |p| p.display().to_string())),
+            .map_or("built-in all-in-one".to_string(), |p| p
+                .display()
+                .to_string())),
     );
 
     let missing: Vec<String> = jobs
@@ -102,16 +104,27 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
 
     h.push_str("<h2>Jobs</h2><table><tr><th>job</th><th>module</th><th>interval</th><th>timeout</th><th>quorum</th><th>agents</th><th>targets</th><th>state</th></tr>");
     for j in jobs.as_array().into_iter().flatten() {
-        let state = if j["missing"] == Value::Bool(true) { "<span class=\"badge down\">MISSING</span>" } else { "<span class=\"badge up\">OK</span>" };
+        let state = if j["missing"] == Value::Bool(true) {
+            "<span class=\"badge down\">MISSING</span>"
+        } else {
+            "<span class=\"badge up\">OK</span>"
+        };
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{state}</td></tr>",
             esc(&text(&j["job"])),
-            esc(&if j["local"] == Value::Bool(true) { "(agent-local job)".to_string() } else { text(&j["module"]) }),
+            esc(&if j["local"] == Value::Bool(true) {
+                "(agent-local job)".to_string()
+            } else {
+                text(&j["module"])
+            }),
             esc(&text(&j["interval"])),
             esc(&text(&j["timeout"])),
             esc(&text(&j["quorum"])),
-            esc(&{ let l = labels(&j["agents"]); if l.is_empty() { "all".into() } else { l } }),
+            esc(&{
+                let l = labels(&j["agents"]);
+                if l.is_empty() { "all".into() } else { l }
+            }),
             esc(&text(&j["targets"])),
         );
     }
@@ -126,12 +139,22 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
             let _ = write!(
                 per_agent,
                 "<div>{} <b>{}</b> <span class=\"muted\">{:.1}s ago, took {:.3}s{}</span>{}</div>",
-                if !fresh { "<span class=\"badge missing\">STALE</span>" } else if ok { "<span class=\"badge up\">OK</span>" } else { "<span class=\"badge down\">FAIL</span>" },
+                if !fresh {
+                    "<span class=\"badge missing\">STALE</span>"
+                } else if ok {
+                    "<span class=\"badge up\">OK</span>"
+                } else {
+                    "<span class=\"badge down\">FAIL</span>"
+                },
                 esc(&text(&v["agent"])),
                 v["age_seconds"].as_f64().unwrap_or(0.0),
                 v["duration_seconds"].as_f64().unwrap_or(0.0),
                 if fresh { "" } else { ", stale" },
-                match v["failure"].as_str() { Some(f) if !f.is_empty() => format!(" <span class=\"muted\">— {}</span>", esc(f)), _ => String::new() },
+                match v["failure"].as_str() {
+                    Some(f) if !f.is_empty() =>
+                        format!(" <span class=\"muted\">— {}</span>", esc(f)),
+                    _ => String::new(),
+                },
             );
         }
         if per_agent.is_empty() {

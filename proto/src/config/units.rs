@@ -41,7 +41,9 @@ impl std::str::FromStr for PromDuration {
             ("ms", 1),
         ];
         let bad = || {
-            format!("invalid duration {s:?}: expected a number with a unit (ms, s, m, h, d, w, y), like \"15s\" or \"1m30s\"")
+            format!(
+                "invalid duration {s:?}: expected a number with a unit (ms, s, m, h, d, w, y), like \"15s\" or \"1m30s\""
+            )
         };
         if s == "0" {
             return Ok(Self(Duration::ZERO));
@@ -124,7 +126,11 @@ impl std::str::FromStr for ByteSize {
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
         let digits = t.bytes().take_while(u8::is_ascii_digit).count();
-        let bad = || format!("invalid size {s:?}: expected a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB), like \"256MiB\"");
+        let bad = || {
+            format!(
+                "invalid size {s:?}: expected a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB), like \"256MiB\""
+            )
+        };
         if digits == 0 {
             return Err(bad());
         }
@@ -132,9 +138,9 @@ impl std::str::FromStr for ByteSize {
         let mult: u64 = match t[digits..].trim() {
             "" | "B" => 1,
             "KB" | "kB" => 1000,
-            "MB" => 1000_000,
-            "GB" => 1000_000_000,
-            "TB" => 1000_000_000_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
@@ -150,8 +156,13 @@ impl std::str::FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, size) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= size && self.0 % size == 0 {
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }
