@@ -121,7 +121,9 @@ impl AgentConfig {
         let whole = |msg: String| ConfigError::whole_file(file, msg);
         let id = match raw.agent.id {
             Some(id) if id.trim().is_empty() => {
-                return Err(whole("agent.id must not be empty; remove it to use the host name".into()));
+                return Err(whole(
+                    "agent.id must not be empty; remove it to use the host name".into(),
+                ));
             }
             Some(id) => id,
             None => host_name(),
@@ -137,7 +139,9 @@ impl AgentConfig {
         for located in raw.aggregators {
             let at = |msg: String| ConfigError::at(file, located.referenced, msg);
             let mut endpoint = located.value;
-            if !(endpoint.address.starts_with("http://") || endpoint.address.starts_with("https://")) {
+            if !(endpoint.address.starts_with("http://")
+                || endpoint.address.starts_with("https://"))
+            {
                 return Err(at(format!(
                     "aggregator address {:?} must start with http:// (or https:// for TLS), like http://127.0.0.1:9451",
                     endpoint.address
@@ -156,7 +160,9 @@ impl AgentConfig {
                     check_readable(path).map_err(&at)?;
                 }
                 if tls.cert_file.is_some() != tls.key_file.is_some() {
-                    return Err(at("tls_config needs both cert_file and key_file, or neither".into()));
+                    return Err(at(
+                        "tls_config needs both cert_file and key_file, or neither".into(),
+                    ));
                 }
             }
             aggregators.push(endpoint);
@@ -248,7 +254,8 @@ mod tests {
         let e = parse("aggregators:\n  - address: 127.0.0.1:9451\n").unwrap_err();
         assert_eq!(e.line, 2, "{e}");
         assert!(e.message.contains("http://"), "{e}");
-        let e = parse("aggregators:\n  - address: http://x\n    token_file: /nonexistent/t\n").unwrap_err();
+        let e = parse("aggregators:\n  - address: http://x\n    token_file: /nonexistent/t\n")
+            .unwrap_err();
         assert!(e.message.contains("/nonexistent/t"), "{e}");
     }
 }

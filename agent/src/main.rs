@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "sonde-agent", version, about = "Probes targets over HTTP, DNS and TCP and streams the results to sonde aggregators")]
+#[command(
+    name = "sonde-agent",
+    version,
+    about = "Probes targets over HTTP, DNS and TCP and streams the results to sonde aggregators"
+)]
 struct Cli {
     #[arg(long = "config.file", default_value = "sonde-agent.yml")]
     config_file: PathBuf,
@@ -72,12 +76,20 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = AgentConfig::load(&cli.config_file).map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::create_dir_all(&cli.storage_path).with_context(|| {
-        format!("cannot create --storage.path {}", cli.storage_path.display())
+        format!(
+            "cannot create --storage.path {}",
+            cli.storage_path.display()
+        )
     })?;
     let agent = AgentRuntime::start(config).map_err(|e| anyhow::anyhow!(e))?;
     let listener = tokio::net::TcpListener::bind(cli.web_listen_address)
         .await
-        .with_context(|| format!("cannot listen on --web.listen-address {}", cli.web_listen_address))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on --web.listen-address {}",
+                cli.web_listen_address
+            )
+        })?;
     tracing::info!(address = %cli.web_listen_address, "serving /metrics and /probe");
     let (stop_web, web_stopped) = tokio::sync::oneshot::channel::<()>();
     let web = tokio::spawn(

@@ -48,7 +48,11 @@ impl AgentMetrics {
     }
 
     /// Every family, with the buffer figures passed in by the owner of the buffers.
-    pub fn families(&self, buffers: &[(String, crate::buffer::BufferStats)], checks: usize) -> Vec<Family> {
+    pub fn families(
+        &self,
+        buffers: &[(String, crate::buffer::BufferStats)],
+        checks: usize,
+    ) -> Vec<Family> {
         let mut probes_total = Family::counter(
             "sonde_agent_probes_total",
             "Probes this agent has run, per job and target.",
@@ -85,7 +89,12 @@ impl AgentMetrics {
             "sonde_agent_assignment_generation",
             "Generation of the last assignment received from this aggregator.",
         );
-        for (address, u) in self.uplinks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (address, u) in self
+            .uplinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let l = [("aggregator", address.as_str())];
             connected.push(l, f64::from(u8::from(u.connected)));
             reconnects.push(l, u.connects.saturating_sub(1) as f64);

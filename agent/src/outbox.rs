@@ -19,7 +19,11 @@ pub struct Outbox {
 impl Outbox {
     /// `first_seq` must be above every sequence number this agent ever used, so that an
     /// aggregator never takes a new result for a replay.
-    pub fn new(first_seq: u64, buffers: Vec<(String, Arc<Buffer>)>, metrics: Arc<AgentMetrics>) -> Self {
+    pub fn new(
+        first_seq: u64,
+        buffers: Vec<(String, Arc<Buffer>)>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
         Self {
             next_seq: AtomicU64::new(first_seq.max(1)),
             buffers,

@@ -33,7 +33,12 @@ impl AgentRuntime {
         let buffers: Vec<(String, Arc<Buffer>)> = config
             .aggregators
             .iter()
-            .map(|a| (a.address.clone(), Arc::new(Buffer::new(config.buffer.max_bytes.0))))
+            .map(|a| {
+                (
+                    a.address.clone(),
+                    Arc::new(Buffer::new(config.buffer.max_bytes.0)),
+                )
+            })
             .collect();
         // Results are not kept across restarts yet, so sequence numbers start from the
         // clock (µs): above any number an earlier run of this agent can have used.
@@ -81,7 +86,10 @@ impl AgentRuntime {
     }
 
     pub fn config(&self) -> Arc<AgentConfig> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Applies a new config's local jobs, modules and /probe settings. Identity and
@@ -94,7 +102,8 @@ impl AgentRuntime {
                     .into(),
             );
         }
-        self.scheduler.set_checks(Source::Local, local_checks(&new.jobs));
+        self.scheduler
+            .set_checks(Source::Local, local_checks(&new.jobs));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(())
     }
@@ -106,7 +115,8 @@ impl AgentRuntime {
             .iter()
             .map(|(a, b)| (a.clone(), b.stats()))
             .collect();
-        self.metrics.families(&buffers, self.scheduler.check_count())
+        self.metrics
+            .families(&buffers, self.scheduler.check_count())
     }
 
     /// Stops probing, gives each uplink up to `grace` to send what is buffered, and
@@ -115,13 +125,23 @@ impl AgentRuntime {
         self.scheduler.stop();
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline
-            && self.outbox.buffers.iter().any(|(_, b)| b.stats().results > 0)
-            && self.metrics.uplinks.lock().map(|u| u.values().any(|c| c.connected)).unwrap_or(false)
+            && self
+                .outbox
+                .buffers
+                .iter()
+                .any(|(_, b)| b.stats().results > 0)
+            && self
+                .metrics
+                .uplinks
+                .lock()
+                .map(|u| u.values().any(|c| c.connected))
+                .unwrap_or(false)
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = self.shutdown.send(true);
-        let handles: Vec<_> = std::mem::take(&mut *self.uplinks.lock().unwrap_or_else(|e| e.into_inner()));
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.uplinks.lock().unwrap_or_else(|e| e.into_inner()));
         for handle in handles {
             let _ = handle.await;
         }

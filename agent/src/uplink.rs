@@ -85,14 +85,19 @@ impl Uplink {
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };
         let (tx, rx) = mpsc::channel::<AgentMessage>(8);
-        tx.send(hello(self)).await.map_err(|_| "stream closed".to_string())?;
+        tx.send(hello(self))
+            .await
+            .map_err(|_| "stream closed".to_string())?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Some(path) = &self.endpoint.token_file {
             let token = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read token_file {}: {e}", path.display()))?;
-            let value = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| format!("token_file {} holds characters not allowed in a header", path.display()))?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                format!(
+                    "token_file {} holds characters not allowed in a header",
+                    path.display()
+                )
+            })?;
             request.metadata_mut().insert("authorization", value);
         }
         let mut client = FleetClient::new(channel);
@@ -131,7 +136,8 @@ impl Uplink {
                     _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                 }
                 sent_up_to = last;
-                self.metrics.uplink(address, |u| u.results_sent += pending.len() as u64);
+                self.metrics
+                    .uplink(address, |u| u.results_sent += pending.len() as u64);
                 continue;
             }
             tokio::select! {
@@ -160,8 +166,9 @@ impl Uplink {
         match message.msg {
             Some(aggregator_message::Msg::Ack(ack)) => {
                 let removed = self.buffer.ack(ack.acked_seq);
-                self.metrics
-                    .uplink(&self.endpoint.address, |u| u.results_acked += removed as u64);
+                self.metrics.uplink(&self.endpoint.address, |u| {
+                    u.results_acked += removed as u64
+                });
             }
             Some(aggregator_message::Msg::Assignment(assignment)) => {
                 let generation = assignment.generation;
@@ -174,7 +181,8 @@ impl Uplink {
                 );
                 self.metrics
                     .uplink(&self.endpoint.address, |u| u.generation = generation);
-                self.scheduler.set_checks(Source::Aggregator(self.index), checks);
+                self.scheduler
+                    .set_checks(Source::Aggregator(self.index), checks);
             }
             None => {}
         }
@@ -186,24 +194,26 @@ impl Uplink {
         for check in assignment.checks {
             let module = match modules.get(&check.module_json) {
                 Some(m) => m.clone(),
-                None => match serde_json::from_str::<sonde_proto::config::Module>(&check.module_json) {
-                    Ok(m) => {
-                        let m = Arc::new(m);
-                        modules.insert(check.module_json.clone(), m.clone());
-                        m
+                None => {
+                    match serde_json::from_str::<sonde_proto::config::Module>(&check.module_json) {
+                        Ok(m) => {
+                            let m = Arc::new(m);
+                            modules.insert(check.module_json.clone(), m.clone());
+                            m
+                        }
+                        Err(e) => {
+                            // A newer aggregator may send options this agent does not know.
+                            tracing::error!(
+                                job = %check.job, module = %check.module_name, error = %e,
+                                "cannot read the module of an assigned check; upgrade this agent to the aggregator's version"
+                            );
+                            self.metrics
+                                .assignment_errors
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        // A newer aggregator may send options this agent does not know.
-                        tracing::error!(
-                            job = %check.job, module = %check.module_name, error = %e,
-                            "cannot read the module of an assigned check; upgrade this agent to the aggregator's version"
-                        );
-                        self.metrics
-                            .assignment_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        continue;
-                    }
-                },
+                }
             };
             checks.push(CheckSpec {
                 job: check.job,
@@ -252,12 +262,15 @@ async fn connect(endpoint: &AggregatorEndpoint) -> Result<Channel, String> {
         let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
         if let Some(cfg) = &endpoint.tls_config {
             if let Some(ca) = &cfg.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
                 tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
             }
             if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
-                let cert = std::fs::read(cert).map_err(|e| format!("cannot read cert_file {}: {e}", cert.display()))?;
-                let key = std::fs::read(key).map_err(|e| format!("cannot read key_file {}: {e}", key.display()))?;
+                let cert = std::fs::read(cert)
+                    .map_err(|e| format!("cannot read cert_file {}: {e}", cert.display()))?;
+                let key = std::fs::read(key)
+                    .map_err(|e| format!("cannot read key_file {}: {e}", key.display()))?;
                 tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
             }
             if let Some(name) = &cfg.server_name {
@@ -332,7 +345,9 @@ impl Symbols {
                         labels: s
                             .labels
                             .iter()
-                            .flat_map(|(k, v)| [intern(k, &mut self.index), intern(v, &mut self.index)])
+                            .flat_map(|(k, v)| {
+                                [intern(k, &mut self.index), intern(v, &mut self.index)]
+                            })
                             .collect(),
                         value: s.value,
                     })
@@ -362,7 +377,11 @@ mod tests {
                 success: true,
                 duration_seconds: 0.1,
                 samples: vec![
-                    Sample { name: "probe_success", labels: vec![], value: 1.0 },
+                    Sample {
+                        name: "probe_success",
+                        labels: vec![],
+                        value: 1.0,
+                    },
                     Sample {
                         name: "probe_http_duration_seconds",
                         labels: vec![("phase", "connect".into())],
@@ -377,7 +396,12 @@ mod tests {
         let first = symbols.batch(&[record(1)]);
         assert_eq!(
             first.new_symbols,
-            ["probe_success", "probe_http_duration_seconds", "phase", "connect"]
+            [
+                "probe_success",
+                "probe_http_duration_seconds",
+                "phase",
+                "connect"
+            ]
         );
         assert_eq!(first.results[0].samples[1].labels, [2, 3]);
         let second = symbols.batch(&[record(2)]);

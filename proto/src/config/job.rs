@@ -165,10 +165,9 @@ mod tests {
 
     #[test]
     fn selector() {
-        let job: JobConfig = serde_json::from_str(
-            r#"{"job_name":"w","module":"m","agents":{"region":"eu"}}"#,
-        )
-        .unwrap();
+        let job: JobConfig =
+            serde_json::from_str(r#"{"job_name":"w","module":"m","agents":{"region":"eu"}}"#)
+                .unwrap();
         let mut labels = Labels::new();
         assert!(!job.selects(&labels));
         labels.insert("region".into(), "eu".into());

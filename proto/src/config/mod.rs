@@ -3,14 +3,14 @@
 //! name the file, line and column.
 
 mod job;
-mod resolve;
 pub mod module;
+mod resolve;
 mod units;
 mod yaml;
 
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
-pub use resolve::{JobDefaults, ResolvedJob, check_target, resolve_jobs, split_port};
 pub use module::{Module, Prober};
+pub use resolve::{JobDefaults, ResolvedJob, check_target, resolve_jobs, split_port};
 pub use units::{ByteSize, PromDuration};
 pub use yaml::{ConfigError, Located, from_yaml_str, load_yaml_file};
 

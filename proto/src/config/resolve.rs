@@ -64,19 +64,31 @@ pub fn resolve_jobs(
                 "job {:?} uses module {:?}, which is not defined (defined: {})",
                 job.job_name,
                 job.module,
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             ))
         })?;
-        let interval = job.interval.map_or(defaults.interval, PromDuration::as_duration);
+        let interval = job
+            .interval
+            .map_or(defaults.interval, PromDuration::as_duration);
         if interval.is_zero() {
-            return Err(err(format!("job {:?}: interval must be greater than 0", job.job_name)));
+            return Err(err(format!(
+                "job {:?}: interval must be greater than 0",
+                job.job_name
+            )));
         }
         let job_timeout = match job.timeout {
             Some(t) => t.as_duration(),
             None => defaults.timeout.min(interval),
         };
         if job_timeout.is_zero() {
-            return Err(err(format!("job {:?}: timeout must be greater than 0", job.job_name)));
+            return Err(err(format!(
+                "job {:?}: timeout must be greater than 0",
+                job.job_name
+            )));
         }
         if job_timeout > interval {
             return Err(err(format!(
@@ -92,13 +104,19 @@ pub fn resolve_jobs(
             module.timeout.0.min(job_timeout)
         };
         if let Quorum::AtLeast(0) = job.quorum {
-            return Err(err(format!("job {:?}: quorum must be at least 1", job.job_name)));
+            return Err(err(format!(
+                "job {:?}: quorum must be at least 1",
+                job.job_name
+            )));
         }
         super::validate_labels(&job.agents, &format!("job {:?}: agents", job.job_name))
             .map_err(err)?;
         for group in &job.static_configs {
-            super::validate_labels(&group.labels, &format!("job {:?}: static_configs labels", job.job_name))
-                .map_err(err)?;
+            super::validate_labels(
+                &group.labels,
+                &format!("job {:?}: static_configs labels", job.job_name),
+            )
+            .map_err(err)?;
             for target in &group.targets {
                 check_target(module, target)
                     .map_err(|m| err(format!("job {:?}: target {target:?}: {m}", job.job_name)))?;
@@ -149,8 +167,15 @@ pub fn check_target(module: &Module, target: &str) -> Result<(), String> {
 pub fn split_port(target: &str) -> Option<(&str, u16)> {
     let (host, port) = target.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    if host.is_empty() { None } else { Some((host, port)) }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        None
+    } else {
+        Some((host, port))
+    }
 }
 
 #[cfg(test)]
@@ -167,7 +192,12 @@ mod tests {
 
     fn resolve(text: &str) -> Result<Vec<ResolvedJob>, ConfigError> {
         let doc: Doc = from_yaml_str(Path::new("c.yml"), text)?;
-        resolve_jobs(Path::new("c.yml"), &doc.modules, &doc.jobs, JobDefaults::default())
+        resolve_jobs(
+            Path::new("c.yml"),
+            &doc.modules,
+            &doc.jobs,
+            JobDefaults::default(),
+        )
     }
 
     #[test]

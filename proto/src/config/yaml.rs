@@ -73,9 +73,8 @@ pub fn from_yaml_str<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, 
 
 /// Reads and strictly parses the YAML file at `file`.
 pub fn load_yaml_file<T: DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        ConfigError::whole_file(file, format!("cannot read the file: {e}"))
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::whole_file(file, format!("cannot read the file: {e}")))?;
     from_yaml_str(file, &text)
 }
 
