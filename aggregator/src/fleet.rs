@@ -22,6 +22,10 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 
 pub struct FleetService {
     pub hub: Arc<Hub>,
+    /// Turns true when the aggregator stops: every agent stream then ends, so agents
+    /// reconnect elsewhere (or to the restarted process) instead of talking to a
+    /// server that is going away.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn now_ms() -> i64 {
@@ -75,8 +79,12 @@ impl Fleet for FleetService {
         let connection = self.hub.connect(&hello, tx.clone(), now_ms());
         tracing::info!(agent = %agent, peer = %peer, version = %hello.version, "agent connected");
         let hub = self.hub.clone();
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let reason = serve_stream(&hub, &agent, inbound, &tx).await;
+            let reason = tokio::select! {
+                reason = serve_stream(&hub, &agent, inbound, &tx) => reason,
+                _ = shutdown.wait_for(|s| *s) => "aggregator shutting down".to_string(),
+            };
             hub.disconnect(&agent, connection, now_ms());
             tracing::info!(agent = %agent, reason = %reason, "agent disconnected");
         });

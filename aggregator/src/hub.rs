@@ -224,6 +224,16 @@ impl Hub {
         }
     }
 
+    /// Forgets every stream (at shutdown).
+    pub fn disconnect_all(&self, now_ms: i64) {
+        for entry in self.lock().agents.values_mut() {
+            if entry.connection.take().is_some() {
+                entry.sender = None;
+                entry.last_seen_ms = now_ms;
+            }
+        }
+    }
+
     pub fn heartbeat(&self, agent: &str, now_ms: i64) {
         if let Some(entry) = self.lock().agents.get_mut(agent) {
             entry.last_seen_ms = now_ms;

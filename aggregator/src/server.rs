@@ -67,6 +67,7 @@ pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<R
     }
     let service = FleetServer::new(FleetService {
         hub: app.hub.clone(),
+        shutdown: stopped.clone(),
     });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let rx = stopped.clone();
@@ -106,9 +107,17 @@ impl Running {
     /// Stops the listeners and the ticker, then flushes remote write for up to `grace`.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            // Agent streams are long-lived; do not let one hold the exit forever.
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        // Agent streams end on the stop signal; drop the hub's handles on them too so
+        // the servers' graceful shutdown has nothing left to wait for.
+        self.app.hub.disconnect_all(now_ms());
+        for mut task in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a server task did not stop within 5s; aborting it");
+                task.abort();
+            }
         }
         self.app.shutdown(grace).await;
     }
