@@ -1,9 +1,14 @@
 //! Agent CPU per probe: runs probes one after another through `probe::run` on a
 //! current-thread runtime and divides the probing thread's CPU time by their number.
 //!
-//! The targets (a TCP listener, a small HTTP/1.1 server, the same behind TLS) run on
-//! another thread with their own runtime, so their CPU is not counted: the number is
-//! what the agent spends, the kernel's work for the probing thread's syscalls included.
+//! The targets (a TCP listener, a small HTTP/1.1 server, the same behind TLS, a DNS
+//! server that answers every query with an empty NOERROR) run on another thread with
+//! their own runtime, so their CPU is not counted: the number is what the agent spends,
+//! the kernel's work for the probing thread's syscalls included.
+//!
+//! Wall time is the median: on loopback, a fast connect/close cycle now and then
+//! reuses a port the server side has not released yet and that SYN waits for the 1 s
+//! retransmit, which would swamp a mean.
 //!
 //! Run: `cargo bench -p sonde-agent --bench probe_cpu` (optionally `-- 5000` probes).
 
@@ -12,7 +17,7 @@ use sonde_proto::config::Module;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
@@ -33,11 +38,13 @@ fn main() {
             let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
             let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
             let https = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
-            tx.send((
+            let dns = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
+            tx.send([
                 tcp.local_addr().unwrap(),
                 http.local_addr().unwrap(),
                 https.local_addr().unwrap(),
-            ))
+                dns.local_addr().unwrap(),
+            ])
             .expect("report addresses");
             let acceptor = tls_acceptor();
             tokio::join!(
@@ -49,6 +56,16 @@ fn main() {
                 async {
                     while let Ok((s, _)) = http.accept().await {
                         tokio::spawn(serve_http(s));
+                    }
+                },
+                async {
+                    let mut buf = [0u8; 512];
+                    while let Ok((n, peer)) = dns.recv_from(&mut buf).await {
+                        // The query itself with QR set: a NOERROR reply with no records.
+                        if n >= 12 {
+                            buf[2] |= 0x80;
+                            let _ = dns.send_to(&buf[..n], peer).await;
+                        }
                     }
                 },
                 async {
@@ -64,7 +81,7 @@ fn main() {
             );
         });
     });
-    let (tcp, http, https) = rx.recv().expect("server addresses");
+    let [tcp, http, https, dns] = rx.recv().expect("server addresses");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,9 +90,19 @@ fn main() {
     rt.block_on(async {
         let ctx = ProbeContext::from_system().expect("probe context");
         println!("probes per kind: {probes} (sequential, current-thread runtime, probing thread CPU only)");
-        println!("{:<28} {:>14} {:>14}", "probe", "CPU µs/probe", "wall µs/probe");
+        println!("{:<34} {:>14} {:>16}", "probe", "CPU µs/probe", "wall µs (median)");
         let cases = [
             ("tcp connect", module(r#"{"prober":"tcp"}"#), tcp.to_string()),
+            (
+                "tcp connect, target localhost",
+                module(r#"{"prober":"tcp","tcp":{"preferred_ip_protocol":"ip4","ip_protocol_fallback":false}}"#),
+                format!("localhost:{}", tcp.port()),
+            ),
+            (
+                "dns A query over udp",
+                module(r#"{"prober":"dns","dns":{"query_name":"example.com","query_type":"A"}}"#),
+                dns.to_string(),
+            ),
             ("http GET (HTTP/1.1)", module(r#"{"prober":"http"}"#), format!("http://{http}/")),
             (
                 "https GET (TLS 1.3, no verify)",
@@ -85,7 +112,7 @@ fn main() {
         ];
         for (name, module, target) in cases {
             let (cpu, wall) = measure(&ctx, &module, &target, probes).await;
-            println!("{name:<28} {cpu:>14.1} {wall:>14.1}");
+            println!("{name:<34} {cpu:>14.1} {wall:>16.1}");
         }
     });
 }
@@ -94,22 +121,27 @@ fn module(json: &str) -> Module {
     serde_json::from_str(json).expect("module")
 }
 
-/// Per-probe CPU and wall time in µs, after a warm-up.
+/// Mean CPU time and median wall time per probe in µs, after a warm-up.
 async fn measure(ctx: &ProbeContext, module: &Module, target: &str, probes: u32) -> (f64, f64) {
     for _ in 0..probes / 10 + 1 {
         let o = run(ctx, target, module, Duration::from_secs(5)).await;
         assert!(o.success, "{target}: {:?}", o.failure);
     }
+    let mut walls = Vec::with_capacity(probes as usize);
     let cpu0 = thread_cpu();
-    let wall0 = Instant::now();
     for _ in 0..probes {
+        let started = Instant::now();
         let o = run(ctx, target, module, Duration::from_secs(5)).await;
+        walls.push(started.elapsed());
         assert!(o.success, "{target}: {:?}", o.failure);
     }
-    let wall = wall0.elapsed();
     let cpu = thread_cpu() - cpu0;
-    let n = f64::from(probes);
-    (cpu.as_secs_f64() * 1e6 / n, wall.as_secs_f64() * 1e6 / n)
+    walls.sort();
+    let median = walls[walls.len() / 2];
+    (
+        cpu.as_secs_f64() * 1e6 / f64::from(probes),
+        median.as_secs_f64() * 1e6,
+    )
 }
 
 /// CPU time of the calling thread, user and system: the first field of
