@@ -16,5 +16,6 @@ pub mod hub;
 pub mod merge;
 pub mod remote_write;
 pub mod server;
+pub mod store;
 pub mod targets;
 pub mod web;

@@ -1,0 +1,254 @@
+//! The aggregator's durable state: one SQLite database (WAL) under `--storage.path`.
+//!
+//! It holds what must survive a restart or a SIGKILL: each agent's last committed
+//! sequence number (so replays are recognised), the agents and jobs seen (so
+//! missing-job detection goes on after a restart), and each remote-write endpoint's
+//! queue (see `remote_write::queue`). A batch of results is committed in one
+//! transaction together with the samples it adds to every queue, and acked only after.
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use sonde_proto::config::Labels;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    pub path: Option<PathBuf>,
+}
+
+/// An agent as remembered across restarts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredAgent {
+    pub id: String,
+    pub labels: Labels,
+    pub local_jobs: Vec<String>,
+    pub committed_seq: u64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// Schema revisions, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,
+        local_jobs TEXT NOT NULL,
+        committed_seq INTEGER NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL
+    );
+    CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        expected_since_ms INTEGER NOT NULL
+    );",
+];
+
+impl Store {
+    /// Opens (or creates) `dir/aggregator.db`.
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create --storage.path {}: {e}", dir.display()))?;
+        let path = dir.join("aggregator.db");
+        let conn = Connection::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Self::init(conn, Some(path))
+    }
+
+    /// A throwaway store, for tests and benchmarks.
+    pub fn in_memory() -> Result<Self, String> {
+        let conn = Connection::open_in_memory().map_err(|e| e.to_string())?;
+        Self::init(conn, None)
+    }
+
+    fn init(conn: Connection, path: Option<PathBuf>) -> Result<Self, String> {
+        let where_ = path
+            .as_ref()
+            .map_or("in-memory store".to_string(), |p| p.display().to_string());
+        let fail = |e: rusqlite::Error| format!("{where_}: {e}");
+        // WAL with synchronous=NORMAL: a commit survives the process being killed;
+        // only a power loss can take the last transactions back.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(fail)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(fail)?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(format!(
+                "{where_} was written by a newer sonde (schema {version}, this one knows {}); upgrade sonde or move the file away",
+                MIGRATIONS.len()
+            ));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            conn.execute_batch(sql).map_err(fail)?;
+            conn.pragma_update(None, "user_version", (i + 1) as i64).map_err(fail)?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// The connection, for modules that keep their own tables here (remote write).
+    pub fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` in one transaction and commits it; nothing of it stays on error.
+    pub fn with_tx<R>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R>,
+    ) -> Result<R, String> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| e.to_string())?;
+        let r = f(&tx).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+
+    pub fn load_agents(&self) -> Result<Vec<StoredAgent>, String> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, labels, local_jobs, committed_seq, first_seen_ms, last_seen_ms FROM agents")
+            .map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(StoredAgent {
+                    id: r.get(0)?,
+                    labels: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                    local_jobs: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+                    committed_seq: r.get::<_, i64>(3)? as u64,
+                    first_seen_ms: r.get(4)?,
+                    last_seen_ms: r.get(5)?,
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+    }
+
+    pub fn load_jobs(&self) -> Result<Vec<(String, i64)>, String> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, expected_since_ms FROM jobs")
+            .map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+    }
+}
+
+/// Records an agent (on hello, and as its committed sequence advances).
+pub fn save_agent(tx: &Transaction<'_>, agent: &StoredAgent) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO agents (id, labels, local_jobs, committed_seq, first_seen_ms, last_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(id) DO UPDATE SET labels = ?2, local_jobs = ?3, committed_seq = ?4, last_seen_ms = ?6",
+        params![
+            agent.id,
+            serde_json::to_string(&agent.labels).unwrap_or_default(),
+            serde_json::to_string(&agent.local_jobs).unwrap_or_default(),
+            agent.committed_seq as i64,
+            agent.first_seen_ms,
+            agent.last_seen_ms
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn commit_seq(tx: &Transaction<'_>, agent: &str, seq: u64, last_seen_ms: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE agents SET committed_seq = MAX(committed_seq, ?2), last_seen_ms = ?3 WHERE id = ?1",
+        params![agent, seq as i64, last_seen_ms],
+    )?;
+    Ok(())
+}
+
+pub fn forget_agent(tx: &Transaction<'_>, agent: &str) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM agents WHERE id = ?1", params![agent])?;
+    Ok(())
+}
+
+/// Replaces the set of expected jobs, keeping the first time each was expected.
+pub fn save_jobs(tx: &Transaction<'_>, jobs: &[(String, i64)]) -> rusqlite::Result<()> {
+    let existing: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT name FROM jobs")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for name in existing {
+        if !jobs.iter().any(|(n, _)| *n == name) {
+            tx.execute("DELETE FROM jobs WHERE name = ?1", params![name])?;
+        }
+    }
+    for (name, since) in jobs {
+        tx.execute(
+            "INSERT INTO jobs (name, expected_since_ms) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            params![name, since],
+        )?;
+    }
+    Ok(())
+}
+
+/// The committed sequence of one agent, for checks.
+pub fn committed_seq(conn: &Connection, agent: &str) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT committed_seq FROM agents WHERE id = ?1",
+        params![agent],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.map(|s| s as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_and_jobs_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("sonde-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let store = Store::open(&dir).unwrap();
+            store
+                .with_tx(|tx| {
+                    save_agent(
+                        tx,
+                        &StoredAgent {
+                            id: "a".into(),
+                            labels: [("region".to_string(), "eu".to_string())].into_iter().collect(),
+                            local_jobs: vec!["l".into()],
+                            committed_seq: 5,
+                            first_seen_ms: 1,
+                            last_seen_ms: 2,
+                        },
+                    )?;
+                    commit_seq(tx, "a", 9, 3)?;
+                    commit_seq(tx, "a", 7, 4)?;
+                    save_jobs(tx, &[("web".into(), 10), ("dns".into(), 11)])
+                })
+                .unwrap();
+            store.with_tx(|tx| save_jobs(tx, &[("web".into(), 99)])).unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        let agents = store.load_agents().unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].committed_seq, 9, "the committed sequence never goes back");
+        assert_eq!(agents[0].labels["region"], "eu");
+        assert_eq!(store.load_jobs().unwrap(), [("web".to_string(), 10)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_transaction_leaves_nothing() {
+        let store = Store::in_memory().unwrap();
+        let r = store.with_tx(|tx| {
+            save_jobs(tx, &[("web".into(), 1)])?;
+            tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
+            Ok(())
+        });
+        assert!(r.is_err());
+        assert!(store.load_jobs().unwrap().is_empty());
+    }
+}
