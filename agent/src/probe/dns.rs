@@ -1,6 +1,6 @@
 //! The dns prober: one query to the DNS server named by the target (`host[:port]`,
 //! port 53 by default), over UDP or TCP, as blackbox_exporter's `dns` module without
-//! the answer/authority/additional regex validators.
+//! DNS over TLS.
 //!
 //! The query is built and the reply parsed with hickory-proto on our own sockets, so
 //! that the phases (`resolve` of the server's name, `connect`, `request`) are timed.
@@ -11,9 +11,9 @@
 use super::tcp::{connect, parse_port, parse_source_ip};
 use super::{ProbeContext, Samples, io_reason, resolve_target, split_host_port};
 use hickory_proto::op::{Message, Query};
-use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use sonde_proto::config::Module;
-use sonde_proto::config::module::{DnsTransport, dns_rcode_name};
+use sonde_proto::config::module::{DnsRrValidator, DnsTransport, dns_rcode_name};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,7 +101,115 @@ pub async fn probe(
             format!("dns: rcode {name} not in valid_rcodes")
         });
     }
+    for (section, records, validator) in [
+        ("answer", &message.answers, &cfg.validate_answer_rrs),
+        (
+            "authority",
+            &message.authorities,
+            &cfg.validate_authority_rrs,
+        ),
+        (
+            "additional",
+            &message.additionals,
+            &cfg.validate_additional_rrs,
+        ),
+    ] {
+        if !validator.is_empty() {
+            let lines: Vec<String> = records.iter().map(rr_string).collect();
+            check_records(ctx, section, &lines, validator)?;
+        }
+    }
     Ok(())
+}
+
+/// blackbox_exporter's `validRRs`, in its order. `fail_if_all_match_regexp` fails
+/// unless every record matches, which is what its code does.
+fn check_records(
+    ctx: &ProbeContext,
+    section: &str,
+    records: &[String],
+    v: &DnsRrValidator,
+) -> Result<(), String> {
+    if records.is_empty() {
+        if let Some(re) = v.fail_if_not_matches_regexp.first() {
+            return Err(format!(
+                "dns: no {section} records to match {re:?} (fail_if_not_matches_regexp)"
+            ));
+        }
+        if let Some(re) = v.fail_if_none_matches_regexp.first() {
+            return Err(format!(
+                "dns: no {section} records to match {re:?} (fail_if_none_matches_regexp)"
+            ));
+        }
+    }
+    let mut all_match = true;
+    let mut any_match = false;
+    for record in records {
+        let text = record.as_bytes();
+        for re in &v.fail_if_matches_regexp {
+            if ctx.regex(re)?.is_match(text) {
+                return Err(format!("dns: {section} record matched {re:?}"));
+            }
+        }
+        for re in &v.fail_if_all_match_regexp {
+            all_match &= ctx.regex(re)?.is_match(text);
+        }
+        for re in &v.fail_if_not_matches_regexp {
+            if !ctx.regex(re)?.is_match(text) {
+                return Err(format!("dns: {section} record did not match {re:?}"));
+            }
+        }
+        for re in &v.fail_if_none_matches_regexp {
+            any_match |= ctx.regex(re)?.is_match(text);
+        }
+    }
+    if !v.fail_if_all_match_regexp.is_empty() && !all_match {
+        return Err(format!(
+            "dns: not every {section} record matched fail_if_all_match_regexp"
+        ));
+    }
+    if !v.fail_if_none_matches_regexp.is_empty() && !any_match {
+        return Err(format!(
+            "dns: no {section} record matched fail_if_none_matches_regexp"
+        ));
+    }
+    Ok(())
+}
+
+/// A record as miekg/dns's `RR.String()` writes it, which is what users' regexes in
+/// blackbox.yml are written against: tab-separated header, TXT strings quoted.
+fn rr_string(record: &Record) -> String {
+    let data = match &record.data {
+        RData::TXT(txt) => txt
+            .txt_data
+            .iter()
+            .map(|s| {
+                let mut quoted = String::from("\"");
+                for &b in s.iter() {
+                    match b {
+                        b'"' | b'\\' => {
+                            quoted.push('\\');
+                            quoted.push(char::from(b));
+                        }
+                        0x20..=0x7e => quoted.push(char::from(b)),
+                        _ => quoted.push_str(&format!("\\{b:03}")),
+                    }
+                }
+                quoted.push('"');
+                quoted
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    };
+    format!(
+        "{}\t{}\t{}\t{}\t{}",
+        record.name,
+        record.ttl,
+        record.dns_class,
+        record.record_type(),
+        data
+    )
 }
 
 /// The server's host and port. Where Go's SplitHostPort fails (a bare host, a bare
@@ -238,7 +346,6 @@ mod tests {
     use crate::probe::run;
     use crate::probe::tcp::tests::{ctx, labelled, sample};
     use hickory_proto::op::{MessageType, OpCode, ResponseCode};
-    use hickory_proto::rr::Record;
     use hickory_proto::rr::rdata::{A, SOA as SoaData};
     use std::time::Duration;
     use tokio::net::TcpListener;
@@ -519,6 +626,71 @@ mod tests {
         }));
         let o = run(&ctx(), &format!("127.0.0.1:{port}"), &m, TIMEOUT).await;
         assert_eq!(o.failure.as_deref(), Some("connect: connection refused"));
+    }
+
+    #[tokio::test]
+    async fn probe_dns_validates_records_like_blackbox() {
+        let addr = udp_server().await;
+        let probe = |v: serde_json::Value| {
+            let mut dns = serde_json::json!({"query_name": "a.test", "query_type": "A"});
+            dns.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+            let m = dns_module(dns);
+            async move { run(&ctx(), &addr.to_string(), &m, TIMEOUT).await.failure }
+        };
+        let ok = probe(serde_json::json!({
+            "validate_answer_rrs": {
+                "fail_if_not_matches_regexp": ["^a\\.test\\.\t60\tIN\tA\t192\\.0\\.2\\.[12]$"],
+                "fail_if_none_matches_regexp": ["192.0.2.2"],
+                "fail_if_all_match_regexp": ["\tA\t"],
+            },
+            "validate_additional_rrs": {"fail_if_not_matches_regexp": ["extra"]},
+        }))
+        .await;
+        assert_eq!(ok, None);
+        let cases = [
+            (
+                serde_json::json!({"validate_answer_rrs": {"fail_if_matches_regexp": [".*192.0.2.2"]}}),
+                "dns: answer record matched \".*192.0.2.2\"",
+            ),
+            (
+                serde_json::json!({"validate_answer_rrs": {"fail_if_none_matches_regexp": ["192.0.2.3"]}}),
+                "dns: no answer record matched fail_if_none_matches_regexp",
+            ),
+            (
+                serde_json::json!({"validate_answer_rrs": {"fail_if_all_match_regexp": ["192.0.2.1$"]}}),
+                "dns: not every answer record matched fail_if_all_match_regexp",
+            ),
+            (
+                serde_json::json!({"validate_additional_rrs": {"fail_if_matches_regexp": ["extra"]}}),
+                "dns: additional record matched \"extra\"",
+            ),
+            (
+                serde_json::json!({"validate_authority_rrs": {"fail_if_not_matches_regexp": ["ns"]}}),
+                "dns: no authority records to match \"ns\" (fail_if_not_matches_regexp)",
+            ),
+        ];
+        for (v, reason) in cases {
+            assert_eq!(probe(v).await.as_deref(), Some(reason));
+        }
+    }
+
+    #[test]
+    fn records_are_written_like_miekg() {
+        use hickory_proto::rr::rdata::TXT;
+        let name = Name::from_ascii("www.example.").unwrap();
+        let a = Record::from_rdata(name.clone(), 300, RData::A(A::new(127, 0, 0, 1)));
+        assert_eq!(rr_string(&a), "www.example.\t300\tIN\tA\t127.0.0.1");
+        let txt = Record::from_rdata(
+            name,
+            60,
+            RData::TXT(TXT::new(vec!["v=spf1 -all".into(), "say \"hi\"".into()])),
+        );
+        assert_eq!(
+            rr_string(&txt),
+            "www.example.\t60\tIN\tTXT\t\"v=spf1 -all\" \"say \\\"hi\\\"\""
+        );
     }
 
     #[test]

@@ -216,6 +216,46 @@ pub struct DnsProbe {
     /// Empty means NOERROR.
     #[serde(default)]
     pub valid_rcodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "DnsRrValidator::is_empty")]
+    pub validate_answer_rrs: DnsRrValidator,
+    #[serde(default, skip_serializing_if = "DnsRrValidator::is_empty")]
+    pub validate_authority_rrs: DnsRrValidator,
+    #[serde(default, skip_serializing_if = "DnsRrValidator::is_empty")]
+    pub validate_additional_rrs: DnsRrValidator,
+}
+
+/// Regexes over the records of one section of a DNS reply, each record written as
+/// miekg/dns writes it (`name<TAB>ttl<TAB>class<TAB>type<TAB>data`).
+/// The semantics are blackbox_exporter's code, names notwithstanding:
+/// `fail_if_all_match_regexp` fails unless every record matches each regex.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRrValidator {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_if_matches_regexp: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_if_all_match_regexp: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_if_not_matches_regexp: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_if_none_matches_regexp: Vec<String>,
+}
+
+impl DnsRrValidator {
+    pub fn is_empty(&self) -> bool {
+        self.fail_if_matches_regexp.is_empty()
+            && self.fail_if_all_match_regexp.is_empty()
+            && self.fail_if_not_matches_regexp.is_empty()
+            && self.fail_if_none_matches_regexp.is_empty()
+    }
+
+    fn regexes(&self) -> impl Iterator<Item = &String> {
+        self.fail_if_matches_regexp
+            .iter()
+            .chain(&self.fail_if_all_match_regexp)
+            .chain(&self.fail_if_not_matches_regexp)
+            .chain(&self.fail_if_none_matches_regexp)
+    }
 }
 
 fn default_query_type() -> String {
@@ -238,6 +278,9 @@ impl Default for DnsProbe {
             query_class: default_query_class(),
             recursion_desired: true,
             valid_rcodes: Vec::new(),
+            validate_answer_rrs: DnsRrValidator::default(),
+            validate_authority_rrs: DnsRrValidator::default(),
+            validate_additional_rrs: DnsRrValidator::default(),
         }
     }
 }
@@ -426,6 +469,17 @@ impl Module {
                     ));
                 }
                 self.dns.valid_rcode_codes()?;
+                for (section, v) in [
+                    ("validate_answer_rrs", &self.dns.validate_answer_rrs),
+                    ("validate_authority_rrs", &self.dns.validate_authority_rrs),
+                    ("validate_additional_rrs", &self.dns.validate_additional_rrs),
+                ] {
+                    for re in v.regexes() {
+                        regex::Regex::new(re).map_err(|e| {
+                            format!("dns.{section}: invalid regular expression {re:?}: {e}")
+                        })?;
+                    }
+                }
                 check_source_ip("dns", &self.dns.source_ip_address)?;
             }
         }
@@ -465,6 +519,13 @@ mod tests {
         m.dns.valid_rcodes = vec!["NOPE".into()];
         assert!(m.validate().unwrap_err().contains("dns.valid_rcodes"));
         assert_eq!(dns_rcode_name(3), Some("NXDOMAIN"));
+        m.dns.valid_rcodes.clear();
+        m.dns.validate_answer_rrs.fail_if_none_matches_regexp = vec!["(".into()];
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .contains("dns.validate_answer_rrs")
+        );
     }
 
     #[test]
