@@ -90,6 +90,7 @@ pub async fn probe(
     let mut session = Session {
         ctx,
         cfg,
+        authorization: authorization(cfg)?,
         tls: None,
         first_host: host,
         cookies: Vec::new(),
@@ -202,6 +203,8 @@ struct FinalResponse {
     status: StatusCode,
     version: Version,
     tls: bool,
+    /// Kept only when header regexes need them.
+    headers: Option<HeaderMap>,
     /// Set when the body was not read (a redirect that was not followed).
     body: Option<BodyRead>,
     /// Why the body could not be read to its end.
@@ -218,6 +221,8 @@ struct BodyRead {
 struct Session<'a> {
     ctx: &'a ProbeContext,
     cfg: &'a HttpProbe,
+    /// From basic_auth or the bearer token, for every request of the probe.
+    authorization: Option<HeaderValue>,
     /// Built on the first https hop, so a plain-http probe never pays for it.
     tls: Option<TlsClient>,
     first_host: String,
@@ -327,6 +332,11 @@ impl Session<'_> {
             let value = HeaderValue::from_str(value)
                 .map_err(|_| format!("http.headers: the value of {name} is not a header value"))?;
             headers.insert(name, value);
+        }
+        if let Some(auth) = &self.authorization
+            && !headers.contains_key(header::AUTHORIZATION)
+        {
+            headers.insert(header::AUTHORIZATION, auth.clone());
         }
         if !headers.contains_key(header::USER_AGENT) {
             headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
@@ -442,10 +452,13 @@ impl Session<'_> {
         }
 
         let version = resp.version();
+        let matches_headers = !(self.cfg.fail_if_header_matches.is_empty()
+            && self.cfg.fail_if_header_not_matches.is_empty());
         let mut last = FinalResponse {
             status,
             version,
             tls: tls.is_some(),
+            headers: matches_headers.then(|| resp.headers().clone()),
             body: None,
             body_error: None,
         };
@@ -501,6 +514,16 @@ impl FinalResponse {
             });
         }
         if failure.is_none()
+            && let Some(headers) = &self.headers
+        {
+            let why = header_regex_failure(ctx, cfg, headers)?;
+            out.set(
+                "probe_failed_due_to_regex",
+                f64::from(u8::from(why.is_some())),
+            );
+            failure = why;
+        }
+        if failure.is_none()
             && let Some(body) = &self.body
             && let Some(why) = body_regex_failure(ctx, cfg, body)?
         {
@@ -535,6 +558,102 @@ fn status_ok(cfg: &HttpProbe, status: StatusCode) -> bool {
     } else {
         cfg.valid_status_codes.contains(&status.as_u16())
     }
+}
+
+/// blackbox_exporter's header checks: a missing header fails unless `allow_missing`;
+/// otherwise any value matching (`fail_if_header_matches`) or none matching
+/// (`fail_if_header_not_matches`) fails.
+fn header_regex_failure(
+    ctx: &ProbeContext,
+    cfg: &HttpProbe,
+    headers: &HeaderMap,
+) -> Result<Option<String>, String> {
+    for (spec, fail_on_match) in cfg
+        .fail_if_header_matches
+        .iter()
+        .map(|m| (m, true))
+        .chain(cfg.fail_if_header_not_matches.iter().map(|m| (m, false)))
+    {
+        let values: Vec<&[u8]> = headers
+            .get_all(spec.header.as_str())
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if values.is_empty() {
+            if spec.allow_missing {
+                continue;
+            }
+            return Ok(Some(format!("header {} is missing", spec.header)));
+        }
+        let re = ctx.regex(&spec.regexp)?;
+        let any = values.iter().any(|v| re.is_match(v));
+        if fail_on_match && any {
+            return Ok(Some(format!(
+                "header {} matched {:?}",
+                spec.header, spec.regexp
+            )));
+        }
+        if !fail_on_match && !any {
+            return Ok(Some(format!(
+                "header {} did not match {:?}",
+                spec.header, spec.regexp
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The Authorization value from basic_auth or the bearer token; files are read at each
+/// probe so that rotated secrets are picked up.
+fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, String> {
+    let read = |path: &str, what: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("http.{what} {path}: {e}"))
+    };
+    let value = if let Some(auth) = &cfg.basic_auth {
+        let password = match (&auth.password, &auth.password_file) {
+            (_, Some(path)) => read(path, "basic_auth.password_file")?,
+            (Some(p), None) => p.clone(),
+            (None, None) => String::new(),
+        };
+        format!(
+            "Basic {}",
+            base64(format!("{}:{password}", auth.username).as_bytes())
+        )
+    } else if let Some(token) = &cfg.bearer_token {
+        format!("Bearer {token}")
+    } else if let Some(path) = &cfg.bearer_token_file {
+        format!("Bearer {}", read(path, "bearer_token_file")?)
+    } else {
+        return Ok(None);
+    };
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| "http: the credentials are not a valid header value".to_string())?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
+
+/// Standard base64 with padding, for the Basic scheme.
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn body_regex_failure(
@@ -850,6 +969,28 @@ mod tests {
                 text(200, "late")
             }
             "/big" => text(200, &"x".repeat(64 * 1024)),
+            "/headers" => {
+                let mut resp = text(200, "{}");
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                h.append(header::VARY, HeaderValue::from_static("Accept"));
+                h.append(header::VARY, HeaderValue::from_static("Origin"));
+                resp
+            }
+            "/private" => {
+                let auth = req.headers().get(header::AUTHORIZATION);
+                if auth.and_then(|v| v.to_str().ok()) == Some("Basic dXNlcjpzM2NyM3Q=")
+                    || auth.and_then(|v| v.to_str().ok()) == Some("Bearer tok3n")
+                {
+                    text(200, "welcome")
+                } else {
+                    text(401, "who are you")
+                }
+            }
+            "/private-redirect" => redirect(302, "/private"),
             "/echo" => {
                 let h = |name: header::HeaderName| {
                     req.headers()
@@ -1421,6 +1562,91 @@ mod tests {
             o.failure.as_deref(),
             Some("final response was not over TLS (fail_if_not_ssl)")
         );
+    }
+
+    #[tokio::test]
+    async fn probe_http_header_regexes() {
+        let addr = http_server().await;
+        let target = format!("http://{addr}/headers");
+        let cases = [
+            (
+                serde_json::json!({"fail_if_header_matches": [{"header": "content-type", "regexp": "json"}]}),
+                Some("header content-type matched \"json\""),
+            ),
+            (
+                serde_json::json!({"fail_if_header_matches": [{"header": "Vary", "regexp": "^Origin$"}]}),
+                Some("header Vary matched \"^Origin$\""),
+            ),
+            (
+                serde_json::json!({"fail_if_header_not_matches": [{"header": "Content-Type", "regexp": "^application/json$"}]}),
+                None,
+            ),
+            (
+                serde_json::json!({"fail_if_header_not_matches": [{"header": "Content-Type", "regexp": "html"}]}),
+                Some("header Content-Type did not match \"html\""),
+            ),
+            (
+                serde_json::json!({"fail_if_header_not_matches": [{"header": "X-Missing", "regexp": "."}]}),
+                Some("header X-Missing is missing"),
+            ),
+            (
+                serde_json::json!({"fail_if_header_matches": [{"header": "X-Missing", "regexp": ".", "allow_missing": true}]}),
+                None,
+            ),
+        ];
+        for (json, want) in cases {
+            let o = run(&ctx(), &target, &http_module(json.clone()), TIMEOUT).await;
+            assert_eq!(o.failure.as_deref(), want, "{json}");
+            let regex_failed = if want.is_some() { 1.0 } else { 0.0 };
+            assert_eq!(
+                sample(&o, "probe_failed_due_to_regex"),
+                Some(regex_failed),
+                "{json}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_http_credentials_on_every_hop() {
+        let addr = http_server().await;
+        let target = format!("http://{addr}/private-redirect");
+        let o = run(&ctx(), &target, &module(Prober::Http), TIMEOUT).await;
+        assert_eq!(sample(&o, "probe_http_status_code"), Some(401.0));
+        let m = http_module(
+            serde_json::json!({"basic_auth": {"username": "user", "password": "s3cr3t"}}),
+        );
+        let o = run(&ctx(), &target, &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        let token = std::env::temp_dir().join(format!("sonde-token-{}", rand::random::<u64>()));
+        std::fs::write(&token, "tok3n\n").unwrap();
+        let m = http_module(serde_json::json!({"bearer_token_file": token}));
+        let o = run(&ctx(), &target, &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        let _ = std::fs::remove_file(&token);
+        let m = http_module(serde_json::json!({"bearer_token_file": "/nonexistent/token"}));
+        let o = run(&ctx(), &target, &m, TIMEOUT).await;
+        assert!(
+            o.failure
+                .clone()
+                .unwrap()
+                .starts_with("http.bearer_token_file /nonexistent/token")
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+            ("user:s3cr3t", "dXNlcjpzM2NyM3Q="),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), encoded);
+        }
     }
 
     #[test]

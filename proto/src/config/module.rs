@@ -108,10 +108,45 @@ pub struct HttpProbe {
     /// Offer HTTP/2 over TLS (ALPN), as blackbox_exporter does by default.
     #[serde(default = "yes")]
     pub enable_http2: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_if_header_matches: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_if_header_not_matches: Vec<HeaderMatch>,
+    /// Sent on every request of the probe, redirects included, as Prometheus's HTTP
+    /// client config does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<String>,
+    /// Read at every probe, so a rotated token is picked up without a reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<String>,
     /// Fail when the (final) response body is larger than this; 0 means no limit, though
     /// only the first [`HttpProbe::MAX_MATCHED_BODY`] bytes are kept for the regexes.
     #[serde(default, skip_serializing_if = "is_zero_size")]
     pub body_size_limit: ByteSize,
+}
+
+/// A regex over the values of one response header (blackbox_exporter's `HeaderMatch`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub header: String,
+    pub regexp: String,
+    /// Without it, a missing header fails the probe.
+    #[serde(default)]
+    pub allow_missing: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Read at every probe; surrounding whitespace is trimmed, as Prometheus does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
 }
 
 fn is_zero_size(s: &ByteSize) -> bool {
@@ -141,6 +176,11 @@ impl Default for HttpProbe {
             tls_config: TlsConfig::default(),
             enable_http2: true,
             body_size_limit: ByteSize(0),
+            fail_if_header_matches: Vec::new(),
+            fail_if_header_not_matches: Vec::new(),
+            basic_auth: None,
+            bearer_token: None,
+            bearer_token_file: None,
         }
     }
 }
@@ -447,6 +487,40 @@ impl Module {
                     );
                 }
                 check_tls("http", &self.http.tls_config)?;
+                for m in self
+                    .http
+                    .fail_if_header_matches
+                    .iter()
+                    .chain(&self.http.fail_if_header_not_matches)
+                {
+                    if !is_header_name(&m.header) {
+                        return Err(format!(
+                            "http.fail_if_header_matches: {:?} is not a header name",
+                            m.header
+                        ));
+                    }
+                    regex::Regex::new(&m.regexp).map_err(|e| {
+                        format!("http: invalid regular expression {:?}: {e}", m.regexp)
+                    })?;
+                }
+                let http = &self.http;
+                if let Some(auth) = &http.basic_auth
+                    && auth.password.is_some()
+                    && auth.password_file.is_some()
+                {
+                    return Err(
+                        "http.basic_auth: set password or password_file, not both".to_string()
+                    );
+                }
+                let schemes = usize::from(http.basic_auth.is_some())
+                    + usize::from(http.bearer_token.is_some())
+                    + usize::from(http.bearer_token_file.is_some());
+                if schemes > 1 {
+                    return Err(
+                        "http: set at most one of basic_auth, bearer_token and bearer_token_file"
+                            .to_string(),
+                    );
+                }
             }
             Prober::Tcp => {
                 check_source_ip("tcp", &self.tcp.source_ip_address)?;
@@ -540,6 +614,22 @@ mod tests {
         m.http.headers.insert("X-Bad\nName".into(), "v".into());
         assert!(m.validate().unwrap_err().contains("http.headers"));
         m.http.headers.clear();
+        m.http.bearer_token = Some("t".into());
+        m.http.basic_auth = Some(BasicAuth {
+            username: "u".into(),
+            password: None,
+            password_file: None,
+        });
+        assert!(m.validate().unwrap_err().contains("at most one"));
+        m.http.bearer_token = None;
+        m.validate().unwrap();
+        m.http.fail_if_header_matches = vec![HeaderMatch {
+            header: "Content-Type".into(),
+            regexp: "(".into(),
+            allow_missing: false,
+        }];
+        assert!(m.validate().unwrap_err().contains("regular expression"));
+        m.http.fail_if_header_matches.clear();
         m.http.valid_http_versions = vec!["HTTP/3".into()];
         assert!(m.validate().unwrap_err().contains("valid_http_versions"));
     }
