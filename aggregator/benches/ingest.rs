@@ -55,7 +55,7 @@ async fn run() {
     let path = Path::new("bench.yml");
     let config = AggregatorConfig::from_file(path, from_yaml_str(path, &text).expect("yaml"))
         .expect("config");
-    let app = App::start(config, None).expect("app");
+    let app = App::start(config, None, None).expect("app");
     let running = sonde_aggregator::server::start(
         app,
         "127.0.0.1:0".parse().unwrap(),

@@ -1,31 +1,32 @@
-//! The running aggregator: the hub, its outputs (one remote-write queue per endpoint),
-//! and reloading. The binary and the tests build it the same way.
+//! The running aggregator: the store, the hub, its outputs (one remote-write queue per
+//! endpoint), and reloading. The binary and the tests build it the same way.
 
 use crate::config::AggregatorConfig;
 use crate::fleet::now_ms;
-use crate::hub::{Hub, Output};
+use crate::hub::{Hub, Output, StateChange};
 use crate::remote_write::RemoteWriter;
 use crate::remote_write::encode::SeriesSample;
+use crate::store::Store;
 use sonde_proto::config::ConfigError;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-/// Hands the hub's series to every remote-write endpoint; endpoints are swapped whole
-/// on reload.
-#[derive(Default)]
+/// Commits the hub's series and state changes, and hands the series to every
+/// remote-write endpoint; endpoints are swapped whole on reload.
 pub struct Outputs {
+    store: Arc<Store>,
     writers: RwLock<Vec<Arc<RemoteWriter>>>,
 }
 
 impl Output for Outputs {
-    fn write(&self, samples: Vec<SeriesSample>) {
+    fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
-        if let Some((last, rest)) = writers.split_last() {
-            for w in rest {
-                w.push(samples.clone());
-            }
-            last.push(samples);
+        self.store.with_tx(|tx| change(tx))?;
+        for w in writers.iter() {
+            w.push(samples.to_vec());
         }
+        Ok(())
     }
 }
 
@@ -42,19 +43,29 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub outputs: Arc<Outputs>,
     /// Where the config comes from; `None` for the built-in all-in-one config.
-    pub config_file: Option<std::path::PathBuf>,
+    pub config_file: Option<PathBuf>,
     pub started_ms: i64,
 }
 
 impl App {
+    /// Opens the store under `storage` (`None`: in memory, nothing survives a restart),
+    /// restores what it remembers, and starts one remote-write queue per endpoint.
     pub fn start(
         config: AggregatorConfig,
-        config_file: Option<std::path::PathBuf>,
+        config_file: Option<PathBuf>,
+        storage: Option<&Path>,
     ) -> Result<Arc<Self>, String> {
+        let store = Arc::new(match storage {
+            Some(dir) => Store::open(dir)?,
+            None => Store::in_memory()?,
+        });
         let config = Arc::new(config);
-        let outputs = Arc::new(Outputs::default());
-        *outputs.writers.write().unwrap_or_else(|e| e.into_inner()) = start_writers(&config)?;
+        let outputs = Arc::new(Outputs {
+            writers: RwLock::new(start_writers(&config, &store)?),
+            store: store.clone(),
+        });
         let hub = Arc::new(Hub::new(config, outputs.clone(), now_ms()));
+        hub.restore(store.load_agents()?, store.load_jobs()?);
         Ok(Arc::new(Self {
             hub,
             outputs,
@@ -76,7 +87,7 @@ impl App {
         let config = Arc::new(config);
         if old.remote_write != config.remote_write || old.external_labels != config.external_labels
         {
-            let new_writers = start_writers(&config)?;
+            let new_writers = start_writers(&config, &self.outputs.store)?;
             let old_writers = std::mem::replace(
                 &mut *self
                     .outputs
@@ -111,7 +122,10 @@ impl App {
     }
 }
 
-fn start_writers(config: &AggregatorConfig) -> Result<Vec<Arc<RemoteWriter>>, String> {
+fn start_writers(
+    config: &AggregatorConfig,
+    _store: &Arc<Store>,
+) -> Result<Vec<Arc<RemoteWriter>>, String> {
     config
         .remote_write
         .iter()

@@ -159,12 +159,26 @@ async fn serve_stream(
                         return format!("malformed batch: {e}");
                     }
                 };
-                if let Some(seq) = hub.results(agent, results, now_ms()) {
-                    let ack = AggregatorMessage {
-                        msg: Some(aggregator_message::Msg::Ack(pb::Ack { acked_seq: seq })),
-                    };
-                    if tx.send(Ok(ack)).await.is_err() {
-                        return "stream closed".into();
+                match hub.results(agent, results, now_ms()) {
+                    Ok(Some(seq)) => {
+                        let ack = AggregatorMessage {
+                            msg: Some(aggregator_message::Msg::Ack(pb::Ack { acked_seq: seq })),
+                        };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return "stream closed".into();
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        // Nothing was committed, so nothing is acked: the agent keeps the
+                        // batch and sends it again on its next stream.
+                        tracing::error!(agent = %agent, error = %e, "cannot commit results; closing the stream");
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "aggregator storage error: {e}"
+                            ))))
+                            .await;
+                        return format!("commit failed: {e}");
                     }
                 }
             }

@@ -57,6 +57,8 @@ pub struct LastResult {
 
 #[derive(Default)]
 pub struct TargetEntry {
+    /// (job, instance).
+    pub key: (String, String),
     pub views: BTreeMap<String, LastResult>,
     pub merged: Option<Merged>,
     last_written_ms: i64,
@@ -77,6 +79,8 @@ pub struct AgentEntry {
     pub committed_seq: u64,
     pub generation: u64,
     pub checks: usize,
+    /// True once the agent's series got staleness markers for being gone.
+    series_staled: bool,
     sender: Option<AgentSender>,
     last_assignment: Vec<Check>,
 }
@@ -112,9 +116,17 @@ pub struct State {
     last_meta_ms: i64,
 }
 
-/// What happens to the series the hub produces.
+/// Changes to the durable state that must commit together with a batch of samples.
+pub type StateChange<'a> = &'a dyn Fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>;
+
+/// Where the series the hub produces go. `commit` stores `samples` in every output
+/// queue and applies `change` in one transaction: all of it, or none of it.
 pub trait Output: Send + Sync {
-    fn write(&self, samples: Vec<SeriesSample>);
+    fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String>;
+}
+
+fn no_change(_: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    Ok(())
 }
 
 pub struct Hub {
@@ -145,6 +157,44 @@ impl Hub {
             state: std::sync::Mutex::new(state),
             output,
             counters: HubCounters::default(),
+        }
+    }
+
+    /// Takes back what the store remembers from before a restart: agents (disconnected
+    /// until they say hello again, with their committed sequence numbers) and when each
+    /// job started being expected.
+    pub fn restore(&self, agents: Vec<crate::store::StoredAgent>, jobs: Vec<(String, i64)>) {
+        let mut state = self.lock();
+        for a in agents {
+            for job in &a.local_jobs {
+                state.jobs.entry(job.clone()).or_insert(JobEntry {
+                    expected_since_ms: a.first_seen_ms,
+                    config: None,
+                    missing: false,
+                });
+            }
+            state.agents.insert(
+                a.id.clone(),
+                AgentEntry {
+                    labels: a.labels,
+                    version: String::new(),
+                    local_jobs: a.local_jobs,
+                    connection: None,
+                    first_seen_ms: a.first_seen_ms,
+                    last_seen_ms: a.last_seen_ms,
+                    committed_seq: a.committed_seq,
+                    generation: 0,
+                    checks: 0,
+                    series_staled: false,
+                    sender: None,
+                    last_assignment: Vec::new(),
+                },
+            );
+        }
+        for (name, since) in jobs {
+            if let Some(job) = state.jobs.get_mut(&name) {
+                job.expected_since_ms = job.expected_since_ms.min(since);
+            }
         }
     }
 
@@ -180,6 +230,7 @@ impl Hub {
                     committed_seq: 0,
                     generation: 0,
                     checks: 0,
+                    series_staled: false,
                     sender: None,
                     last_assignment: Vec::new(),
                 });
@@ -191,6 +242,7 @@ impl Hub {
             entry.version = hello.version.clone();
             entry.local_jobs = hello.local_jobs.clone();
             entry.connection = Some(connection);
+            entry.series_staled = false;
             entry.last_seen_ms = now_ms;
             entry.sender = Some(sender);
             // A fresh stream must receive its assignment even if it equals the last one.
@@ -207,8 +259,12 @@ impl Hub {
         if info_changed {
             state.write_meta(now_ms, &mut out);
         }
-        drop(state);
-        self.flush(out);
+        let stored = state.stored_agent(&hello.agent_id);
+        let save = |tx: &rusqlite::Transaction<'_>| match &stored {
+            Some(a) => crate::store::save_agent(tx, a),
+            None => Ok(()),
+        };
+        self.commit(&out, &save);
         connection
     }
 
@@ -242,24 +298,32 @@ impl Hub {
 
     /// Takes a batch of results from `agent` and returns the sequence number to ack.
     /// Results at or below what was already committed are replays and are dropped.
-    pub fn results(&self, agent: &str, batch: Vec<IncomingResult>, now_ms: i64) -> Option<u64> {
+    ///
+    /// The samples the batch produces and the agent's new committed sequence number are
+    /// committed in one transaction before the ack is returned; `Err` means nothing was
+    /// committed and nothing may be acked (the agent will send the batch again).
+    pub fn results(
+        &self,
+        agent: &str,
+        batch: Vec<IncomingResult>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, String> {
         let mut out = Vec::new();
         let mut state = self.lock();
-        let external_ok = state.agents.contains_key(agent);
-        if !external_ok {
-            return None;
-        }
+        let Some(committed) = state.agents.get(agent).map(|a| a.committed_seq) else {
+            return Ok(None);
+        };
+        let mut last = committed;
         let mut ack = None;
         for result in batch {
             self.counters
                 .results_received
                 .fetch_add(1, Ordering::Relaxed);
-            let committed = state.agents.get(agent).map_or(0, |a| a.committed_seq);
-            if result.seq <= committed {
+            if result.seq <= last {
                 self.counters
                     .results_deduplicated
                     .fetch_add(1, Ordering::Relaxed);
-                ack = Some(committed);
+                ack = Some(ack.unwrap_or(last).max(committed));
                 continue;
             }
             if !state.accept(agent, &result, now_ms, &mut out) {
@@ -267,15 +331,20 @@ impl Hub {
                     .results_unexpected
                     .fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(a) = state.agents.get_mut(agent) {
-                a.committed_seq = result.seq;
-                a.last_seen_ms = now_ms;
-            }
+            last = result.seq;
             ack = Some(result.seq);
         }
-        drop(state);
-        self.flush(out);
-        ack
+        if last > committed {
+            let id = agent.to_string();
+            let change =
+                |tx: &rusqlite::Transaction<'_>| crate::store::commit_seq(tx, &id, last, now_ms);
+            self.output.commit(&out, &change)?;
+            if let Some(a) = state.agents.get_mut(agent) {
+                a.committed_seq = last;
+                a.last_seen_ms = now_ms;
+            }
+        }
+        Ok(ack)
     }
 
     /// Re-evaluates freshness and missing jobs and agents; call about once a second.
@@ -288,11 +357,26 @@ impl Hub {
         }
         state.evaluate_all(now_ms, &mut out);
         let meta_every = state.config.scrape_interval.as_millis() as i64;
+        let mut forgotten = Vec::new();
+        let mut jobs = Vec::new();
         if now_ms - state.last_meta_ms >= meta_every {
-            state.write_meta(now_ms, &mut out);
+            forgotten = state.write_meta(now_ms, &mut out);
+            jobs = state
+                .jobs
+                .iter()
+                .map(|(n, j)| (n.clone(), j.expected_since_ms))
+                .collect();
         }
-        drop(state);
-        self.flush(out);
+        let change = |tx: &rusqlite::Transaction<'_>| {
+            for id in &forgotten {
+                crate::store::forget_agent(tx, id)?;
+            }
+            if !jobs.is_empty() {
+                crate::store::save_jobs(tx, &jobs)?;
+            }
+            Ok(())
+        };
+        self.commit(&out, &change);
     }
 
     /// Applies a new config: new jobs and targets, new assignments; what disappeared
@@ -302,9 +386,13 @@ impl Hub {
         let mut state = self.lock();
         let removed = state.apply_config(config, now_ms);
         for key in removed {
-            if let Some(entry) = state.entries.remove(&key)
-                && entry.up_live
-            {
+            let Some(entry) = state.entries.remove(&key) else {
+                continue;
+            };
+            for (agent, view) in &entry.views {
+                stale_agent_series(&entry, agent, view, now_ms, &mut out);
+            }
+            if entry.up_live {
                 // The markers must carry exactly the labels the series were written with.
                 let target = Target {
                     job: key.0.clone(),
@@ -316,18 +404,30 @@ impl Hub {
         }
         state.send_assignments(None);
         state.write_meta(now_ms, &mut out);
-        drop(state);
-        self.flush(out);
+        self.commit(&out, &no_change);
     }
 
-    fn flush(&self, out: Vec<SeriesSample>) {
-        if !out.is_empty() {
-            self.output.write(out);
+    /// Commits series that no agent waits an ack for (merged series, staleness markers,
+    /// job and agent series). A failure is logged; the next tick writes fresh values.
+    fn commit(&self, out: &[SeriesSample], change: StateChange<'_>) {
+        if let Err(e) = self.output.commit(out, change) {
+            tracing::error!(error = %e, samples = out.len(), "cannot commit series to the store");
         }
     }
 }
 
 impl State {
+    fn stored_agent(&self, id: &str) -> Option<crate::store::StoredAgent> {
+        self.agents.get(id).map(|a| crate::store::StoredAgent {
+            id: id.to_string(),
+            labels: a.labels.clone(),
+            local_jobs: a.local_jobs.clone(),
+            committed_seq: a.committed_seq,
+            first_seen_ms: a.first_seen_ms,
+            last_seen_ms: a.last_seen_ms,
+        })
+    }
+
     /// Installs `config`; returns the targets that no longer exist.
     fn apply_config(
         &mut self,
@@ -462,7 +562,14 @@ impl State {
             },
             None => return false,
         };
-        let entry = self.entries.entry(key.clone()).or_default();
+        let entry = self
+            .entries
+            .entry(key.clone())
+            .or_insert_with(|| TargetEntry {
+                key: key.clone(),
+                written_labels: target.labels.clone(),
+                ..TargetEntry::default()
+            });
         let previous = entry.views.get(agent).map(|v| v.timestamp_ms);
         if previous.is_some_and(|p| r.timestamp_ms <= p) {
             // Older than what this agent already reported: it cannot change the present.
@@ -480,18 +587,15 @@ impl State {
             },
         );
         for (name, labels, value) in &r.samples {
-            let mut series = target_labels(&target);
-            series.retain(|(k, _)| k != "agent");
-            series.push(("agent".into(), agent.to_string()));
-            for (k, v) in labels {
-                if !matches!(k.as_str(), "job" | "instance" | "agent") {
-                    series.retain(|(x, _)| x != k);
-                    series.push((k.clone(), v.clone()));
-                }
-            }
-            series.push(("__name__".into(), name.clone()));
             out.push(SeriesSample {
-                labels: series,
+                labels: agent_series_labels(
+                    &target.labels,
+                    &target.job,
+                    &target.instance,
+                    agent,
+                    name,
+                    labels,
+                ),
                 timestamp_ms: r.timestamp_ms,
                 value: *value,
             });
@@ -627,7 +731,8 @@ impl State {
     }
 
     /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
-    fn write_meta(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>) {
+    /// Returns the agents forgotten (gone for longer than `forget_after`).
+    fn write_meta(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>) -> Vec<String> {
         let ts = now_ms.max(self.last_meta_ms + 1);
         self.last_meta_ms = ts;
         let grace = self.config.missing_after;
@@ -641,14 +746,14 @@ impl State {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        for id in forgotten {
-            if let Some(agent) = self.agents.remove(&id) {
+        for id in &forgotten {
+            if let Some(agent) = self.agents.remove(id) {
                 tracing::info!(agent = %id, "agent forgotten after forget_after");
                 for name in ["sonde_agent_up", "sonde_agent_last_seen_timestamp_seconds"] {
-                    out.push(sample(name, &[("agent", &id)], ts, stale_nan()));
+                    out.push(sample(name, &[("agent", id)], ts, stale_nan()));
                 }
                 out.push(SeriesSample {
-                    labels: info_labels(&id, &agent.labels),
+                    labels: info_labels(id, &agent.labels),
                     timestamp_ms: ts,
                     value: stale_nan(),
                 });
@@ -731,7 +836,80 @@ impl State {
                 value: 1.0,
             });
         }
+        // An agent gone past missing_after: its per-target series end now, so that
+        // dashboards and absent() see it at once rather than after 5 minutes.
+        let gone: Vec<String> = self
+            .agents
+            .iter_mut()
+            .filter_map(|(id, a)| {
+                let up = merge::agent_up(a.connection.is_some(), a.last_seen_ms, now_ms, grace);
+                let newly_gone = !up && !a.series_staled;
+                a.series_staled = !up;
+                newly_gone.then(|| id.clone())
+            })
+            .collect();
+        for id in &gone {
+            for entry in self.entries.values() {
+                if let Some(view) = entry.views.get(id) {
+                    stale_agent_series(entry, id, view, now_ms, out);
+                }
+            }
+        }
+        forgotten
     }
+}
+
+/// Staleness markers for every series one agent wrote for one target.
+fn stale_agent_series(
+    entry: &TargetEntry,
+    agent: &str,
+    view: &LastResult,
+    now_ms: i64,
+    out: &mut Vec<SeriesSample>,
+) {
+    let ts = now_ms.max(view.timestamp_ms + 1);
+    for (name, labels, _) in &view.samples {
+        out.push(SeriesSample {
+            labels: agent_series_labels(
+                &entry.written_labels,
+                &entry.key.0,
+                &entry.key.1,
+                agent,
+                name,
+                labels,
+            ),
+            timestamp_ms: ts,
+            value: stale_nan(),
+        });
+    }
+}
+
+/// The labels of a per-agent probe series: target labels, `job`, `instance`, `agent`,
+/// the sample's own labels (which cannot override those three), and `__name__`.
+fn agent_series_labels(
+    target_labels: &Labels,
+    job: &str,
+    instance: &str,
+    agent: &str,
+    name: &str,
+    sample_labels: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut series: Vec<(String, String)> = target_labels
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance" | "agent"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    series.push(("job".into(), job.to_string()));
+    series.push(("instance".into(), instance.to_string()));
+    series.push(("agent".into(), agent.to_string()));
+    for (k, v) in sample_labels {
+        if !matches!(k.as_str(), "job" | "instance" | "agent") {
+            series.retain(|(x, _)| x != k);
+            series.push((k.clone(), v.clone()));
+        }
+    }
+    series.push(("__name__".into(), name.to_string()));
+    series
 }
 
 fn sample(name: &str, labels: &[(&str, &str)], ts: i64, value: f64) -> SeriesSample {
@@ -777,12 +955,22 @@ mod tests {
     use sonde_proto::config::from_yaml_str;
     use std::path::Path;
 
-    #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<SeriesSample>>);
+    struct Recorder(std::sync::Mutex<Vec<SeriesSample>>, crate::store::Store);
+
+    impl Default for Recorder {
+        fn default() -> Self {
+            Self(
+                Default::default(),
+                crate::store::Store::in_memory().unwrap(),
+            )
+        }
+    }
 
     impl Output for Recorder {
-        fn write(&self, samples: Vec<SeriesSample>) {
-            self.0.lock().unwrap().extend(samples);
+        fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
+            self.1.with_tx(|tx| change(tx))?;
+            self.0.lock().unwrap().extend_from_slice(samples);
+            Ok(())
         }
     }
 
@@ -899,7 +1087,7 @@ fleet: {missing_after: 30s}
                 vec![result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 5
             ),
-            Some(1)
+            Ok(Some(1))
         );
         let out = rec.take();
         assert_eq!(
@@ -938,7 +1126,7 @@ fleet: {missing_after: 30s}
                 vec![result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 6
             ),
-            Some(1)
+            Ok(Some(1))
         );
         assert!(rec.take().is_empty());
         assert_eq!(hub.counters.results_deduplicated.load(Ordering::Relaxed), 1);
@@ -946,7 +1134,7 @@ fleet: {missing_after: 30s}
         // A result for a target nobody assigned is acked and dropped.
         assert_eq!(
             hub.results("eu-1", vec![result(2, "nope", "x", T0, true)], T0 + 7),
-            Some(2)
+            Ok(Some(2))
         );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
     }
@@ -958,7 +1146,8 @@ fleet: {missing_after: 30s}
             "eu-1",
             vec![result(1, "web", "127.0.0.1:80", T0, false)],
             T0,
-        );
+        )
+        .unwrap();
         assert_eq!(value_of(&rec.take(), "up", &[("job", "web")]), [0.0]);
         // Window: 2 × 10s + 5s = 25s.
         hub.tick(T0 + 24_000);
@@ -985,7 +1174,8 @@ fleet: {missing_after: 30s}
             "eu-1",
             vec![result(1, "slow", "127.0.0.1:81", T0, true)],
             T0,
-        );
+        )
+        .unwrap();
         rec.take();
         let mut writes = Vec::new();
         for s in 1..=180 {
@@ -1048,7 +1238,8 @@ fleet: {missing_after: 30s}
     #[test]
     fn removed_job_gets_staleness_markers_on_reload() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0);
+        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+            .unwrap();
         rec.take();
         let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
         hub.reload(config(&without_web), T0 + 1000);
@@ -1062,8 +1253,10 @@ fleet: {missing_after: 30s}
         let (hub, rec, _rx) = setup();
         let (tx, _rx2) = mpsc::channel(16);
         hub.connect(&hello("eu-2", "eu"), tx, T0);
-        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0);
-        hub.results("eu-2", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0);
+        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+            .unwrap();
+        hub.results("eu-2", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+            .unwrap();
         let ts: Vec<i64> = rec
             .take()
             .into_iter()
@@ -1072,5 +1265,73 @@ fleet: {missing_after: 30s}
             .collect();
         assert_eq!(ts.len(), 2);
         assert!(ts[1] > ts[0]);
+    }
+
+    #[test]
+    fn gone_agent_series_get_staleness_markers_once() {
+        let (hub, rec, _rx) = setup();
+        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+            .unwrap();
+        hub.disconnect("eu-1", 1, T0 + 1_000);
+        rec.take();
+        hub.tick(T0 + 20_000);
+        assert!(value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]).is_empty());
+        hub.tick(T0 + 31_000);
+        let marks = value_of(
+            &rec.take(),
+            "probe_success",
+            &[("agent", "eu-1"), ("team", "shop")],
+        );
+        assert_eq!(marks.len(), 1);
+        assert_eq!(marks[0].to_bits(), STALE_NAN_BITS);
+        hub.tick(T0 + 45_000);
+        assert!(value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]).is_empty());
+    }
+
+    #[test]
+    fn restored_agents_keep_their_committed_sequence() {
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(CONFIG), rec.clone(), T0);
+        hub.restore(
+            vec![crate::store::StoredAgent {
+                id: "eu-1".into(),
+                labels: [("region".to_string(), "eu".to_string())]
+                    .into_iter()
+                    .collect(),
+                local_jobs: vec![],
+                committed_seq: 10,
+                first_seen_ms: T0 - 1000,
+                last_seen_ms: T0 - 500,
+            }],
+            vec![],
+        );
+        let (tx, _rx) = mpsc::channel(16);
+        hub.connect(&hello("eu-1", "eu"), tx, T0);
+        rec.take();
+        let ack = hub
+            .results(
+                "eu-1",
+                vec![result(10, "web", "127.0.0.1:80", T0, true)],
+                T0,
+            )
+            .unwrap();
+        assert_eq!(
+            ack,
+            Some(10),
+            "a replay of a committed result is acked again"
+        );
+        assert!(rec.take().is_empty(), "and writes nothing");
+        let ack = hub
+            .results(
+                "eu-1",
+                vec![result(11, "web", "127.0.0.1:80", T0, true)],
+                T0,
+            )
+            .unwrap();
+        assert_eq!(ack, Some(11));
+        assert_eq!(
+            value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]),
+            [1.0]
+        );
     }
 }

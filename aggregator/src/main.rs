@@ -92,13 +92,7 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         let config = AggregatorConfig::load(&cli.config_file).map_err(|e| e.to_string())?;
         (config, Some(cli.config_file.clone()))
     };
-    std::fs::create_dir_all(&cli.storage_path).map_err(|e| {
-        format!(
-            "cannot create --storage.path {}: {e}",
-            cli.storage_path.display()
-        )
-    })?;
-    let app = App::start(config, config_file)?;
+    let app = App::start(config, config_file, Some(&cli.storage_path))?;
     let running = sonde_aggregator::server::start(
         app.clone(),
         cli.web_listen_address,

@@ -28,8 +28,7 @@ pub struct StoredAgent {
 }
 
 /// Schema revisions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE agents (
+const MIGRATIONS: &[&str] = &["CREATE TABLE agents (
         id TEXT PRIMARY KEY,
         labels TEXT NOT NULL,
         local_jobs TEXT NOT NULL,
@@ -40,8 +39,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE jobs (
         name TEXT PRIMARY KEY,
         expected_since_ms INTEGER NOT NULL
-    );",
-];
+    );"];
 
 impl Store {
     /// Opens (or creates) `dir/aggregator.db`.
@@ -49,8 +47,8 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create --storage.path {}: {e}", dir.display()))?;
         let path = dir.join("aggregator.db");
-        let conn = Connection::open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let conn =
+            Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         Self::init(conn, Some(path))
     }
 
@@ -67,9 +65,12 @@ impl Store {
         let fail = |e: rusqlite::Error| format!("{where_}: {e}");
         // WAL with synchronous=NORMAL: a commit survives the process being killed;
         // only a power loss can take the last transactions back.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(fail)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(fail)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(fail)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(fail)?;
@@ -81,7 +82,8 @@ impl Store {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             conn.execute_batch(sql).map_err(fail)?;
-            conn.pragma_update(None, "user_version", (i + 1) as i64).map_err(fail)?;
+            conn.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(fail)?;
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -156,7 +158,12 @@ pub fn save_agent(tx: &Transaction<'_>, agent: &StoredAgent) -> rusqlite::Result
     Ok(())
 }
 
-pub fn commit_seq(tx: &Transaction<'_>, agent: &str, seq: u64, last_seen_ms: i64) -> rusqlite::Result<()> {
+pub fn commit_seq(
+    tx: &Transaction<'_>,
+    agent: &str,
+    seq: u64,
+    last_seen_ms: i64,
+) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE agents SET committed_seq = MAX(committed_seq, ?2), last_seen_ms = ?3 WHERE id = ?1",
         params![agent, seq as i64, last_seen_ms],
@@ -217,7 +224,9 @@ mod tests {
                         tx,
                         &StoredAgent {
                             id: "a".into(),
-                            labels: [("region".to_string(), "eu".to_string())].into_iter().collect(),
+                            labels: [("region".to_string(), "eu".to_string())]
+                                .into_iter()
+                                .collect(),
                             local_jobs: vec!["l".into()],
                             committed_seq: 5,
                             first_seen_ms: 1,
@@ -229,12 +238,17 @@ mod tests {
                     save_jobs(tx, &[("web".into(), 10), ("dns".into(), 11)])
                 })
                 .unwrap();
-            store.with_tx(|tx| save_jobs(tx, &[("web".into(), 99)])).unwrap();
+            store
+                .with_tx(|tx| save_jobs(tx, &[("web".into(), 99)]))
+                .unwrap();
         }
         let store = Store::open(&dir).unwrap();
         let agents = store.load_agents().unwrap();
         assert_eq!(agents.len(), 1);
-        assert_eq!(agents[0].committed_seq, 9, "the committed sequence never goes back");
+        assert_eq!(
+            agents[0].committed_seq, 9,
+            "the committed sequence never goes back"
+        );
         assert_eq!(agents[0].labels["region"], "eu");
         assert_eq!(store.load_jobs().unwrap(), [("web".to_string(), 10)]);
         let _ = std::fs::remove_dir_all(&dir);

@@ -84,7 +84,7 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
         }
     });
 
-    let app = App::start(aggregator_config(&dir, target_addr), None).unwrap();
+    let app = App::start(aggregator_config(&dir, target_addr), None, None).unwrap();
     let running = sonde_aggregator::server::start(
         app.clone(),
         "127.0.0.1:0".parse().unwrap(),
@@ -122,7 +122,7 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
     // Restart the aggregator on the same port: the agent reconnects by itself, the new
     // aggregator assigns the check again, and results flow.
     running.shutdown(Duration::from_secs(1)).await;
-    let app2 = App::start(aggregator_config(&dir, target_addr), None).unwrap();
+    let app2 = App::start(aggregator_config(&dir, target_addr), None, None).unwrap();
     let mut running2 = None;
     for _ in 0..50 {
         match sonde_aggregator::server::start(app2.clone(), "127.0.0.1:0".parse().unwrap(), grpc)
