@@ -1,0 +1,423 @@
+//! Issue 4's delivery guarantee, with real processes and real SIGKILLs: every probe a
+//! sonde agent runs reaches Prometheus exactly once, with its original timestamp, through
+//! aggregator crashes and partitions; a removed job's `up` disappears at once.
+//!
+//! The check is the one a user can make: each agent's own `sonde_agent_probes_total` for a
+//! target equals the number of `probe_success` samples Prometheus stored for that agent
+//! and target.
+
+use sonde_tests::{
+    Scene, find_samples, free_port, http_get_ok, http_post, parse_metrics, prometheus_query,
+    prometheus_single, sonde_bin, start_prometheus,
+};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A TCP port that accepts and closes connections, for the probes to succeed against.
+fn tcp_target() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the TCP target");
+    let port = listener.local_addr().expect("target address").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    port
+}
+
+struct AggregatorSetup {
+    config: PathBuf,
+    data: PathBuf,
+    web_port: u16,
+    grpc_port: u16,
+}
+
+impl AggregatorSetup {
+    fn new(scene: &Scene, config: &str) -> Self {
+        Self {
+            config: scene.dir().write("aggregator.yml", config),
+            data: scene.dir().join("aggregator-data"),
+            web_port: free_port(),
+            grpc_port: free_port(),
+        }
+    }
+
+    fn web(&self) -> String {
+        format!("http://127.0.0.1:{}", self.web_port)
+    }
+
+    fn grpc(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Starts the aggregator as process `name`, always on the same ports and storage.
+    fn start(&self, scene: &mut Scene, name: &str) {
+        let mut cmd = Command::new(sonde_bin("sonde-aggregator"));
+        cmd.arg(format!("--config.file={}", self.config.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", self.web_port))
+            .arg(format!(
+                "--grpc.listen-address=127.0.0.1:{}",
+                self.grpc_port
+            ))
+            .arg(format!("--storage.path={}", self.data.display()))
+            .arg("--log.level=debug");
+        scene.spawn(name, cmd);
+        let web = self.web();
+        scene.wait_until(&format!("{name} /-/ready"), WAIT, || {
+            http_get_ok(&format!("{web}/-/ready")).map(drop)
+        });
+    }
+}
+
+fn agent_config(id: &str, grpc: &str, target: u16, local_job: bool, max_bytes: &str) -> String {
+    let jobs = if local_job {
+        format!(
+            "jobs:\n  - job_name: tcp\n    module: tcp\n    interval: 1s\n    timeout: 500ms\n    static_configs: [{{targets: [\"127.0.0.1:{target}\"]}}]\n"
+        )
+    } else {
+        "jobs: []\n".to_string()
+    };
+    format!(
+        "agent: {{id: {id}, labels: {{region: {id}}}}}\naggregators: [{{address: \"{grpc}\"}}]\nbuffer: {{max_bytes: {max_bytes}}}\nmodules:\n  tcp: {{prober: tcp, tcp: {{preferred_ip_protocol: ip4}}}}\n{jobs}"
+    )
+}
+
+/// Starts an agent whose local job probes `target` every second.
+fn start_agent(
+    scene: &mut Scene,
+    id: &str,
+    grpc: &str,
+    target: u16,
+    max_bytes: &str,
+) -> (String, PathBuf) {
+    let config = scene.dir().write(
+        &format!("{id}.yml"),
+        &agent_config(id, grpc, target, true, max_bytes),
+    );
+    let port = free_port();
+    let mut cmd = Command::new(sonde_bin("sonde-agent"));
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg(format!(
+            "--storage.path={}",
+            scene.dir().join(&format!("{id}-data")).display()
+        ))
+        .arg("--log.level=debug");
+    scene.spawn(id, cmd);
+    let web = format!("http://127.0.0.1:{port}");
+    scene.wait_until(&format!("{id} /-/healthy"), WAIT, || {
+        http_get_ok(&format!("{web}/-/healthy")).map(drop)
+    });
+    (web, config)
+}
+
+fn signal(scene: &mut Scene, name: &str, sig: &str) {
+    let pid = scene.process(name).pid();
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {name} ({pid}) failed");
+}
+
+/// A metric of a `/metrics` page, summed over the series matching `labels`.
+fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+    let text = http_get_ok(&format!("{base}/metrics"))?;
+    let samples = parse_metrics(&text);
+    let found = find_samples(&samples, name, labels);
+    if found.is_empty() {
+        return Err(format!("{name}{labels:?} not on {base}/metrics"));
+    }
+    Ok(found.iter().map(|s| s.value).sum())
+}
+
+/// Stops the agent's local probing (reload with no jobs) and waits until everything it
+/// recorded has been acked, the aggregator's queue is empty and Prometheus has it all;
+/// returns the agent's final probe count for the target.
+fn drain(
+    scene: &mut Scene,
+    id: &str,
+    web: &str,
+    config: &PathBuf,
+    grpc: &str,
+    target: u16,
+    agg_web: &str,
+    prom: &str,
+) -> f64 {
+    std::fs::write(config, agent_config(id, grpc, target, false, "256MiB"))
+        .expect("rewrite the agent config");
+    signal(scene, id, "HUP");
+    let instance = format!("127.0.0.1:{target}");
+    let probes = scene.wait_until(&format!("{id} to stop probing"), WAIT, || {
+        let a = metric(
+            web,
+            "sonde_agent_probes_total",
+            &[("job", "tcp"), ("instance", &instance)],
+        )?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let b = metric(
+            web,
+            "sonde_agent_probes_total",
+            &[("job", "tcp"), ("instance", &instance)],
+        )?;
+        if a == b {
+            Ok(b)
+        } else {
+            Err(format!("still probing: {a} then {b}"))
+        }
+    });
+    scene.wait_until(
+        &format!("{id}'s buffer to be acked"),
+        WAIT,
+        || match metric(web, "sonde_agent_buffer_results", &[])? {
+            0.0 => Ok(()),
+            n => Err(format!("{n} results unacked")),
+        },
+    );
+    scene.wait_until("the aggregator's queue to drain", WAIT, || {
+        match metric(agg_web, "sonde_remote_write_queue_samples", &[])? {
+            0.0 => Ok(()),
+            n => Err(format!("{n} samples queued")),
+        }
+    });
+    let query = format!(
+        "count_over_time(probe_success{{job=\"tcp\",instance=\"{instance}\",agent=\"{id}\"}}[1h])"
+    );
+    scene.wait_until(
+        &format!("Prometheus to hold {probes} samples of {id}"),
+        WAIT,
+        || {
+            let stored = prometheus_single(prom, &query)?;
+            if stored == probes {
+                Ok(())
+            } else {
+                Err(format!("{query} = {stored}, the agent ran {probes}"))
+            }
+        },
+    );
+    probes
+}
+
+/// The timestamps (ms) Prometheus stored for a series, in order.
+fn stored_timestamps(prom: &str, selector: &str) -> Vec<i64> {
+    let url = format!("{prom}/api/v1/query");
+    let text = sonde_tests::http_get_ok(&format!(
+        "{url}?query={}",
+        urlencode(&format!("{selector}[1h]"))
+    ))
+    .expect("range selector query");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    json["data"]["result"][0]["values"]
+        .as_array()
+        .map(|values| {
+            values
+                .iter()
+                .map(|v| (v[0].as_f64().unwrap_or(0.0) * 1000.0).round() as i64)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn aggregator_config(prom: &str, extra_jobs: &str) -> String {
+    format!(
+        r#"global: {{scrape_interval: 1s, scrape_timeout: 500ms}}
+modules:
+  tcp: {{prober: tcp, tcp: {{preferred_ip_protocol: ip4}}}}
+jobs:
+{extra_jobs}
+remote_write:
+  - url: {prom}/api/v1/write
+    queue_config: {{batch_send_deadline: 500ms, min_backoff: 50ms, max_backoff: 1s}}
+fleet: {{missing_after: 10m}}
+"#
+    )
+}
+
+fn assert_no_rejections(scene: &mut Scene, prometheus: &str) {
+    let log = scene.process(prometheus).log();
+    for bad in ["out of order", "out of bounds", "duplicate sample"] {
+        assert!(
+            !log.to_lowercase().contains(bad),
+            "Prometheus logged {bad:?}:\n{}",
+            sonde_tests::tail(&log, 40)
+        );
+    }
+}
+
+#[test]
+fn aggregator_killed_five_times_loses_and_doubles_nothing() {
+    let mut scene = Scene::new("delivery-agg-kill");
+    let prom = start_prometheus(&mut scene, "prometheus", &[]);
+    let target = tcp_target();
+    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
+    agg.start(&mut scene, "aggregator-0");
+    let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
+    let (web_b, config_b) = start_agent(&mut scene, "edge-b", &agg.grpc(), target, "256MiB");
+
+    // About two minutes of probing every second, with five SIGKILLs of the aggregator.
+    let started = Instant::now();
+    for round in 1..=5 {
+        std::thread::sleep(Duration::from_secs(20));
+        scene.kill(&format!("aggregator-{}", round - 1));
+        std::thread::sleep(Duration::from_secs(2));
+        agg.start(&mut scene, &format!("aggregator-{round}"));
+    }
+    std::thread::sleep(Duration::from_secs(
+        120u64.saturating_sub(started.elapsed().as_secs()).min(20),
+    ));
+
+    let grpc = agg.grpc();
+    let web = agg.web();
+    for (id, agent_web, config) in [("edge-a", &web_a, &config_a), ("edge-b", &web_b, &config_b)] {
+        let probes = drain(
+            &mut scene, id, agent_web, config, &grpc, target, &web, &prom,
+        );
+        assert!(
+            probes >= 100.0,
+            "{id} ran only {probes} probes in ~2 minutes"
+        );
+        let ts = stored_timestamps(
+            &prom,
+            &format!("probe_success{{job=\"tcp\",agent=\"{id}\"}}"),
+        );
+        assert_eq!(ts.len() as f64, probes);
+        assert!(
+            ts.windows(2).all(|w| w[0] < w[1]),
+            "{id}: timestamps not strictly increasing"
+        );
+    }
+    assert_no_rejections(&mut scene, "prometheus");
+}
+
+#[test]
+fn partition_is_buffered_and_replayed_with_original_timestamps() {
+    let mut scene = Scene::new("delivery-partition");
+    let prom = start_prometheus(&mut scene, "prometheus", &[]);
+    let target = tcp_target();
+    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
+    agg.start(&mut scene, "aggregator-0");
+    let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
+    std::thread::sleep(Duration::from_secs(10));
+
+    // The link is cut: the aggregator goes away (SIGKILL) for two minutes.
+    scene.kill("aggregator-0");
+    let cut_at = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_secs(120));
+    let buffered = metric(&web_a, "sonde_agent_buffer_results", &[]).expect("buffer gauge");
+    assert!(
+        buffered >= 100.0,
+        "the agent buffered only {buffered} results during a 2-minute partition"
+    );
+    agg.start(&mut scene, "aggregator-1");
+
+    let probes = drain(
+        &mut scene,
+        "edge-a",
+        &web_a,
+        &config_a,
+        &agg.grpc(),
+        target,
+        &agg.web(),
+        &prom,
+    );
+    // Samples from inside the partition arrived with the time they were taken.
+    let cut_ms = cut_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ts = stored_timestamps(&prom, "probe_success{job=\"tcp\",agent=\"edge-a\"}");
+    assert_eq!(ts.len() as f64, probes);
+    let inside = ts
+        .iter()
+        .filter(|t| **t > cut_ms + 5_000 && **t < cut_ms + 115_000)
+        .count();
+    assert!(
+        inside >= 100,
+        "only {inside} samples carry a timestamp from inside the partition"
+    );
+    assert!(ts.windows(2).all(|w| w[0] < w[1]));
+    assert_no_rejections(&mut scene, "prometheus");
+}
+
+#[test]
+fn removed_job_disappears_at_once() {
+    let mut scene = Scene::new("delivery-stale");
+    let prom = start_prometheus(&mut scene, "prometheus", &[]);
+    let target = tcp_target();
+    let job = format!(
+        "  - job_name: doomed\n    module: tcp\n    interval: 1s\n    timeout: 500ms\n    static_configs: [{{targets: [\"127.0.0.1:{target}\"]}}]\n"
+    );
+    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, &job));
+    agg.start(&mut scene, "aggregator");
+    let grpc = agg.grpc();
+    let config = scene.dir().write(
+        "edge-a.yml",
+        &format!("agent: {{id: edge-a}}\naggregators: [{{address: \"{grpc}\"}}]\n"),
+    );
+    let port = free_port();
+    let mut cmd = Command::new(sonde_bin("sonde-agent"));
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg(format!(
+            "--storage.path={}",
+            scene.dir().join("edge-a-data").display()
+        ));
+    scene.spawn("edge-a", cmd);
+
+    scene.wait_until(
+        "up{job=doomed} = 1 in Prometheus",
+        WAIT,
+        || match prometheus_single(&prom, "up{job=\"doomed\"}")? {
+            1.0 => Ok(()),
+            v => Err(format!("up = {v}")),
+        },
+    );
+    std::fs::write(&agg.config, aggregator_config(&prom, "  []")).expect("rewrite the config");
+    let (status, body) = http_post(&format!("{}/-/reload", agg.web())).expect("POST /-/reload");
+    assert_eq!(status, 200, "reload: {body}");
+    let reloaded = Instant::now();
+    // Prometheus evaluates `absent()` on what it stored: with the staleness marker the
+    // series ends now, not after the 5-minute lookback.
+    scene.wait_until(
+        "absent(up{job=doomed}) in Prometheus",
+        Duration::from_secs(10),
+        || match prometheus_query(&prom, "absent(up{job=\"doomed\"})")?.as_slice() {
+            [(_, v)] if *v == 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(
+        reloaded.elapsed() < Duration::from_secs(5),
+        "absent() took {:?} to turn true",
+        reloaded.elapsed()
+    );
+    // And the per-agent series of the removed target end too.
+    scene.wait_until(
+        "probe_success{job=doomed} gone",
+        Duration::from_secs(10),
+        || {
+            let r = prometheus_query(&prom, "probe_success{job=\"doomed\"}")?;
+            if r.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+}
