@@ -22,9 +22,15 @@ pub struct Outputs {
 impl Output for Outputs {
     fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
-        self.store.with_tx(|tx| change(tx))?;
+        self.store.with_tx(|tx| {
+            change(tx)?;
+            for w in writers.iter() {
+                w.enqueue(tx, samples)?;
+            }
+            Ok(())
+        })?;
         for w in writers.iter() {
-            w.push(samples.to_vec());
+            w.wake();
         }
         Ok(())
     }
@@ -124,11 +130,13 @@ impl App {
 
 fn start_writers(
     config: &AggregatorConfig,
-    _store: &Arc<Store>,
+    store: &Arc<Store>,
 ) -> Result<Vec<Arc<RemoteWriter>>, String> {
     config
         .remote_write
         .iter()
-        .map(|rw| RemoteWriter::start(rw.clone(), &config.external_labels).map(Arc::new))
+        .map(|rw| {
+            RemoteWriter::start(rw.clone(), &config.external_labels, store.clone()).map(Arc::new)
+        })
         .collect()
 }

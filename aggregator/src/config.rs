@@ -5,7 +5,7 @@ use crate::remote_write::config::RemoteWriteConfig;
 use serde::Deserialize;
 use sonde_proto::config::{
     ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration, ResolvedJob,
-    load_yaml_file, resolve_jobs, validate_labels,
+    load_yaml_file, resolve_jobs,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -170,7 +170,14 @@ impl AggregatorConfig {
                 global.scrape_timeout, global.scrape_interval
             )));
         }
-        validate_labels(&global.external_labels, "global.external_labels").map_err(whole)?;
+        for name in global.external_labels.keys() {
+            // `__replica__` and the like are allowed here: HA trackers (Mimir, Cortex) key on them.
+            if !sonde_proto::config::is_valid_label_name(name) || name == "__name__" {
+                return Err(whole(format!(
+                    "global.external_labels: {name:?} is not a valid label name"
+                )));
+            }
+        }
         if let Some(shard) = global.shard
             && (shard.total == 0 || shard.index >= shard.total)
         {
@@ -430,6 +437,13 @@ fleet:
         let e = parse(&text).unwrap_err();
         assert_eq!(e.line, 33, "{e}");
         assert!(e.to_string().starts_with("agg.yml:33:3:"), "{e}");
+    }
+
+    #[test]
+    fn ha_replica_label_is_allowed() {
+        let c = parse("global: {external_labels: {cluster: eu1, __replica__: A}}\n").unwrap();
+        assert_eq!(c.external_labels["__replica__"], "A");
+        assert!(parse("global: {external_labels: {__name__: x}}\n").is_err());
     }
 
     #[test]
