@@ -185,18 +185,23 @@ fn drain(
             n => Err(format!("{n} samples queued")),
         }
     });
+    // Results dropped from a full buffer never reach anyone; they are counted instead.
+    let dropped = metric(web, "sonde_agent_buffer_dropped_total", &[]).unwrap_or(0.0);
+    let expected = probes - dropped;
     let query = format!(
         "count_over_time(probe_success{{job=\"tcp\",instance=\"{instance}\",agent=\"{id}\"}}[1h])"
     );
     scene.wait_until(
-        &format!("Prometheus to hold {probes} samples of {id}"),
+        &format!("Prometheus to hold {expected} samples of {id}"),
         WAIT,
         || {
             let stored = prometheus_single(prom, &query)?;
-            if stored == probes {
+            if stored == expected {
                 Ok(())
             } else {
-                Err(format!("{query} = {stored}, the agent ran {probes}"))
+                Err(format!(
+                    "{query} = {stored}, the agent ran {probes} and dropped {dropped}"
+                ))
             }
         },
     );
@@ -419,5 +424,130 @@ fn removed_job_disappears_at_once() {
                 Err(format!("{r:?}"))
             }
         },
+    );
+}
+
+#[test]
+fn agent_killed_mid_batch_loses_and_doubles_nothing() {
+    let mut scene = Scene::new("delivery-agent-kill");
+    let prom = start_prometheus(&mut scene, "prometheus", &[]);
+    let target = tcp_target();
+    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
+    agg.start(&mut scene, "aggregator");
+    let grpc = agg.grpc();
+    let (_, _) = start_agent(&mut scene, "edge-a", &grpc, target, "256MiB");
+    // Three SIGKILLs, each restarting the agent on the same storage: what it had recorded
+    // but not yet had acked is replayed, what was acked is not sent again.
+    let mut agent = None;
+    for round in 1..=3 {
+        std::thread::sleep(Duration::from_secs(10));
+        let name = if round == 1 {
+            "edge-a".to_string()
+        } else {
+            format!("edge-a-{}", round - 1)
+        };
+        scene.kill(&name);
+        agent = Some(restart_agent(
+            &mut scene,
+            &format!("edge-a-{round}"),
+            "edge-a",
+            &grpc,
+            target,
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let (web, config) = agent.expect("restarted agent");
+    let probes = drain(
+        &mut scene,
+        "edge-a",
+        &web,
+        &config,
+        &grpc,
+        target,
+        &agg.web(),
+        &prom,
+    );
+    assert!(probes >= 30.0, "only {probes} probes");
+    let ts = stored_timestamps(&prom, "probe_success{job=\"tcp\",agent=\"edge-a\"}");
+    assert_eq!(ts.len() as f64, probes);
+    assert!(ts.windows(2).all(|w| w[0] < w[1]));
+    assert_no_rejections(&mut scene, "prometheus");
+}
+
+/// Starts agent `id` again as process `name`, on the storage of its first run.
+fn restart_agent(
+    scene: &mut Scene,
+    name: &str,
+    id: &str,
+    grpc: &str,
+    target: u16,
+) -> (String, PathBuf) {
+    let config = scene.dir().write(
+        &format!("{id}.yml"),
+        &agent_config(id, grpc, target, true, "256MiB"),
+    );
+    let port = free_port();
+    let mut cmd = Command::new(sonde_bin("sonde-agent"));
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg(format!(
+            "--storage.path={}",
+            scene.dir().join(&format!("{id}-data")).display()
+        ))
+        .arg("--log.level=debug");
+    scene.spawn(name, cmd);
+    let web = format!("http://127.0.0.1:{port}");
+    scene.wait_until(&format!("{name} /-/healthy"), WAIT, || {
+        http_get_ok(&format!("{web}/-/healthy")).map(drop)
+    });
+    (web, config)
+}
+
+#[test]
+fn full_buffer_drops_the_oldest_and_keeps_probing() {
+    let mut scene = Scene::new("delivery-buffer-full");
+    let prom = start_prometheus(&mut scene, "prometheus", &[]);
+    let target = tcp_target();
+    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
+    // The aggregator is away while the agent probes with a tiny buffer.
+    let (web, config) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "16KiB");
+    std::thread::sleep(Duration::from_secs(30));
+    let dropped = metric(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
+    let bytes = metric(&web, "sonde_agent_buffer_bytes", &[]).expect("bytes gauge");
+    assert!(dropped > 0.0, "nothing dropped from a 16KiB buffer in 30s");
+    assert!(
+        bytes <= 16.0 * 1024.0,
+        "buffer holds {bytes} bytes, over its 16KiB bound"
+    );
+    http_get_ok(&format!("{web}/-/healthy")).expect("the agent stays up");
+    let pid = scene.process("edge-a").pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    assert!(rss_kib < 100.0 * 1024.0, "agent RSS {rss_kib} KiB");
+
+    // The aggregator comes: what the buffer kept (the newest) arrives; the dropped never do.
+    agg.start(&mut scene, "aggregator");
+    let grpc = agg.grpc();
+    let probes = drain(
+        &mut scene,
+        "edge-a",
+        &web,
+        &config,
+        &grpc,
+        target,
+        &agg.web(),
+        &prom,
+    );
+    let dropped = metric(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
+    let query = format!("count_over_time(probe_success{{job=\"tcp\",agent=\"edge-a\"}}[1h])");
+    let stored = prometheus_single(&prom, &query).expect("stored count");
+    assert_eq!(
+        stored,
+        probes - dropped,
+        "stored + dropped must equal probes run"
     );
 }
