@@ -90,7 +90,17 @@ async fn probe_handler(
     let Some(target) = params.get("target").filter(|t| !t.is_empty()) else {
         return (StatusCode::BAD_REQUEST, "Target parameter is missing\n").into_response();
     };
-    if let Err(reason) = allowed_target(&settings.allowed_targets, module, target) {
+    let allowlist = match Allowlist::parse(&settings.allowed_targets) {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("probe_endpoint.allowed_targets: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    if let Err(reason) = allowlist.allows_target(module, target) {
         return (
             StatusCode::FORBIDDEN,
             format!("target {target:?} refused: {reason}\n"),
@@ -98,7 +108,26 @@ async fn probe_handler(
             .into_response();
     }
     let timeout = probe_timeout(&headers, module);
-    let outcome = probe::run(&agent.probe_context, target, module, timeout).await;
+    let outcome = probe::run_with_policy(
+        &agent.probe_context,
+        Some(&allowlist),
+        target,
+        module,
+        timeout,
+    )
+    .await;
+    if outcome.failure_reason == Some(probe::Reason::RefusedByPolicy) {
+        // A redirect or a DNS answer led the probe to an address the allowlist refuses;
+        // nothing was sent there.
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "target {target:?} refused: {}\n",
+                outcome.failure.as_deref().unwrap_or("refused")
+            ),
+        )
+            .into_response();
+    }
     let debug = params.get("debug").is_some_and(|d| d == "true");
     let mut families: Vec<Family> = Vec::new();
     for sample in &outcome.samples {
@@ -164,6 +193,19 @@ fn help(name: &str) -> &'static str {
             "Displays whether or not the query was executed successfully"
         }
         "probe_retries" => "Retries used before this result (sonde)",
+        "probe_failure_info" => "Why the probe failed, one bounded reason (sonde)",
+        "probe_failed_due_to_bytes" => "Indicates if probe failed due to bytes",
+        "probe_expect_info" => "Explicit content matched",
+        "probe_dns_serial" => "Returns the serial number of the zone",
+        "probe_http_last_modified_timestamp_seconds" => {
+            "Returns the Last-Modified HTTP response header in unixtime"
+        }
+        "probe_ssl_last_chain_expiry_timestamp_seconds" => {
+            "Returns last SSL chain expiry in timestamp"
+        }
+        "probe_ssl_last_chain_info" => "Contains SSL leaf certificate information",
+        "probe_tls_version_info" => "Returns the TLS version used or NaN when unknown",
+        "probe_tls_cipher_info" => "Returns the TLS cipher negotiated during handshake",
         _ => "Probe metric",
     }
 }
@@ -182,54 +224,220 @@ fn probe_timeout(headers: &HeaderMap, module: &Module) -> Duration {
     timeout.max(Duration::from_millis(100))
 }
 
-/// `/probe` is never an open proxy: the target's `host:port` must match one of the
-/// configured glob patterns, and link-local addresses (cloud metadata services) are
-/// refused unless a pattern names them without wildcards.
-pub fn allowed_target(patterns: &[String], module: &Module, target: &str) -> Result<(), String> {
-    let (host, port) = host_port(module.prober, target).ok_or_else(|| {
-        format!(
-            "cannot tell the host and port of {target:?} for the {} prober",
-            module.prober.as_str()
-        )
-    })?;
-    let host_port = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let explicitly = patterns.contains(&host_port);
-    if let Ok(ip) = host.parse::<IpAddr>()
-        && is_metadata_address(ip)
-        && !explicitly
-    {
-        return Err(format!(
-            "{ip} is a link-local or cloud metadata address; list it in probe_endpoint.allowed_targets explicitly to allow it"
-        ));
+/// `probe_endpoint.allowed_targets`, parsed: what `/probe` may reach. `/probe` is never an
+/// open proxy.
+///
+/// Each pattern is `HOST:PORT`:
+/// - `HOST` is a glob over the host name or IP literal as the target writes it
+///   (`*.internal`, `shop-?.example`, `127.0.0.1`), or a CIDR network that matches IP
+///   literals inside it (`10.0.0.0/8`, `[fd00::/8]` for IPv6, in brackets);
+/// - `PORT` is a glob over the port number (`443`, `*`, `80*`); a pattern without
+///   `:PORT` (`*`, `*.internal`) matches any port.
+///
+/// Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254,
+/// and their IPv4-mapped forms) are refused unless a pattern names them explicitly: an
+/// IP or CIDR lying wholly inside those ranges (`169.254.169.254:80`,
+/// `169.254.0.0/16:*`). A glob or a wider CIDR (`*`, `0.0.0.0/0:*`) never admits them.
+///
+/// The same checks run at connect time on every address a probe is about to connect to
+/// (each redirect hop, each resolved name), through [`probe::ConnectPolicy`].
+pub struct Allowlist {
+    patterns: Vec<Pattern>,
+}
+
+struct Pattern {
+    host: HostPattern,
+    port: Option<globset::GlobMatcher>,
+}
+
+enum HostPattern {
+    Glob(globset::GlobMatcher),
+    Net(IpAddr, u8),
+}
+
+impl Allowlist {
+    pub fn parse(patterns: &[String]) -> Result<Self, String> {
+        patterns
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|patterns| Self { patterns })
     }
-    for pattern in patterns {
-        match globset::GlobBuilder::new(pattern)
-            .literal_separator(false)
-            .build()
-        {
-            Ok(glob) if glob.compile_matcher().is_match(&host_port) => return Ok(()),
-            _ => {}
+
+    /// The up-front check of a `/probe` request: the target's own host and port.
+    pub fn allows_target(&self, module: &Module, target: &str) -> Result<(), String> {
+        let (host, port) = host_port(module.prober, target).ok_or_else(|| {
+            format!(
+                "cannot tell the host and port of {target:?} for the {} prober",
+                module.prober.as_str()
+            )
+        })?;
+        self.host_allowed(&host, port)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            self.addr_allowed(ip, port)?;
+        }
+        Ok(())
+    }
+
+    fn host_allowed(&self, host: &str, port: u16) -> Result<(), String> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let lower = host.to_ascii_lowercase();
+        let ip = host.parse::<IpAddr>().ok().map(canonical);
+        let port_text = port.to_string();
+        let found = self.patterns.iter().any(|p| {
+            let host_ok = match &p.host {
+                HostPattern::Glob(g) => g.is_match(&lower),
+                HostPattern::Net(net, prefix) => ip.is_some_and(|ip| in_net(ip, *net, *prefix)),
+            };
+            host_ok && p.port.as_ref().is_none_or(|g| g.is_match(&port_text))
+        });
+        if found {
+            Ok(())
+        } else {
+            let shown = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            Err(format!(
+                "{shown} matches no pattern of probe_endpoint.allowed_targets"
+            ))
         }
     }
-    Err(format!(
-        "{host_port} matches no pattern of probe_endpoint.allowed_targets"
-    ))
+
+    fn addr_allowed(&self, ip: IpAddr, port: u16) -> Result<(), String> {
+        let ip = canonical(ip);
+        if !is_metadata_address(ip) {
+            return Ok(());
+        }
+        let port_text = port.to_string();
+        let explicit = self.patterns.iter().any(|p| match &p.host {
+            HostPattern::Net(net, prefix) => {
+                in_net(ip, *net, *prefix)
+                    && net_is_special(*net, *prefix)
+                    && p.port.as_ref().is_none_or(|g| g.is_match(&port_text))
+            }
+            HostPattern::Glob(_) => false,
+        });
+        if explicit {
+            Ok(())
+        } else {
+            Err(format!(
+                "{ip} is a link-local or cloud metadata address; list it in probe_endpoint.allowed_targets explicitly (like {ip}:{port}) to allow it"
+            ))
+        }
+    }
+}
+
+impl probe::ConnectPolicy for Allowlist {
+    fn check_host(&self, host: &str, port: u16) -> Result<(), String> {
+        self.host_allowed(host, port)
+    }
+
+    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), String> {
+        self.addr_allowed(addr.ip(), addr.port())
+    }
+}
+
+impl Pattern {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "pattern {raw:?}: {why} (expected HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53)"
+            )
+        };
+        let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or_else(|| bad("text after ']'"))?,
+                    ),
+                ),
+            }
+        } else {
+            match raw.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                Some(_) => return Err(bad("write an IPv6 address in brackets")),
+                None => (raw, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        let glob = |text: &str| {
+            globset::GlobBuilder::new(text)
+                .literal_separator(false)
+                .build()
+                .map(|g| g.compile_matcher())
+                .map_err(|e| bad(&e.to_string()))
+        };
+        let host = if let Some((addr, prefix)) = host.split_once('/') {
+            let addr: IpAddr = addr.parse().map_err(|_| bad("not a CIDR network"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix: u8 = prefix
+                .parse()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| bad("bad CIDR prefix length"))?;
+            HostPattern::Net(addr, prefix)
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            HostPattern::Net(ip, max)
+        } else {
+            HostPattern::Glob(glob(&host.to_ascii_lowercase())?)
+        };
+        let port = match port {
+            None | Some("*") => None,
+            Some("") => return Err(bad("empty port")),
+            Some(p) => Some(glob(p)?),
+        };
+        Ok(Self { host, port })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as the IPv4 address they are.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+        let full = usize::from(bits / 8);
+        let rest = bits % 8;
+        a[..full] == b[..full] && (rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0)
+    }
+    match (canonical(ip), canonical(net)) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => prefix_eq(&a.octets(), &n.octets(), prefix.min(32)),
+        (IpAddr::V6(a), IpAddr::V6(n)) => prefix_eq(&a.octets(), &n.octets(), prefix.min(128)),
+        _ => false,
+    }
+}
+
+/// The ranges refused unless listed explicitly.
+const SPECIAL_NETS: [(&str, u8); 3] = [("169.254.0.0", 16), ("fe80::", 10), ("fd00:ec2::254", 128)];
+
+fn special_nets() -> impl Iterator<Item = (IpAddr, u8)> {
+    SPECIAL_NETS
+        .iter()
+        .filter_map(|(a, p)| a.parse::<IpAddr>().ok().map(|a| (a, *p)))
 }
 
 fn is_metadata_address(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => {
-            v6 == "fd00:ec2::254"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED)
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-        }
-    }
+    let ip = canonical(ip);
+    special_nets().any(|(net, prefix)| in_net(ip, net, prefix))
+}
+
+/// True when the network `net/prefix` lies wholly inside one of the special ranges.
+fn net_is_special(net: IpAddr, prefix: u8) -> bool {
+    special_nets().any(|(special, sp)| prefix >= sp && in_net(net, special, sp))
 }
 
 /// The host and port a target reaches, the way each prober reads its target.
@@ -275,20 +483,74 @@ mod tests {
         serde_json::from_str(&format!(r#"{{"prober":"{prober}"}}"#)).unwrap()
     }
 
+    fn allowed_target(patterns: &[&str], module: &Module, target: &str) -> Result<(), String> {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        Allowlist::parse(&patterns)?.allows_target(module, target)
+    }
+
     #[test]
-    fn allowlist() {
-        let patterns = vec!["*.internal:443".to_string(), "127.0.0.1:*".to_string()];
+    fn allowlist_globs() {
+        let patterns = ["*.internal:443", "127.0.0.1:*"];
         let http = module("http");
         assert!(allowed_target(&patterns, &http, "https://shop.internal/").is_ok());
+        assert!(allowed_target(&patterns, &http, "https://SHOP.Internal/").is_ok());
         assert!(allowed_target(&patterns, &http, "http://shop.internal/").is_err());
         assert!(allowed_target(&patterns, &http, "http://127.0.0.1:8080/x").is_ok());
         assert!(allowed_target(&patterns, &module("tcp"), "10.0.0.1:22").is_err());
-        let wide = vec!["*".to_string()];
+        let wide = ["*"];
         let err =
             allowed_target(&wide, &http, "http://169.254.169.254/latest/meta-data").unwrap_err();
         assert!(err.contains("metadata"), "{err}");
-        let explicit = vec!["169.254.169.254:80".to_string()];
+        let explicit = ["169.254.169.254:80"];
         assert!(allowed_target(&explicit, &http, "http://169.254.169.254/").is_ok());
+        assert!(allowed_target(&explicit, &http, "http://169.254.169.254:8080/").is_err());
         assert!(allowed_target(&wide, &http, "http://[fd00:ec2::254]/").is_err());
+        assert!(allowed_target(&wide, &http, "http://[fe80::1]/").is_err());
+        assert!(allowed_target(&wide, &http, "http://[::ffff:169.254.169.254]/").is_err());
+        let err = allowed_target(&["*.internal:8?"], &module("dns"), "ns.internal").unwrap_err();
+        assert!(err.contains("ns.internal:53"), "{err}");
+        assert!(allowed_target(&["*.internal:5?"], &module("dns"), "ns.internal").is_ok());
+    }
+
+    #[test]
+    fn allowlist_cidrs() {
+        let tcp = module("tcp");
+        let patterns = ["10.0.0.0/8:*", "127.0.0.0/8:443", "[fd00::/8]:53"];
+        assert!(allowed_target(&patterns, &tcp, "10.1.2.3:22").is_ok());
+        assert!(allowed_target(&patterns, &tcp, "11.1.2.3:22").is_err());
+        assert!(allowed_target(&patterns, &tcp, "127.0.0.9:443").is_ok());
+        assert!(allowed_target(&patterns, &tcp, "127.0.0.9:444").is_err());
+        assert!(allowed_target(&patterns, &tcp, "[fd12::1]:53").is_ok());
+        assert!(allowed_target(&patterns, &tcp, "[fe12::1]:53").is_err());
+        // CIDRs match IP literals, not names.
+        assert!(allowed_target(&patterns, &tcp, "ten.internal:22").is_err());
+        // A wide network never admits the metadata range; a network inside it does.
+        let wide = ["0.0.0.0/0:*"];
+        assert!(allowed_target(&wide, &tcp, "169.254.169.254:80").is_err());
+        assert!(allowed_target(&wide, &tcp, "192.0.2.1:80").is_ok());
+        assert!(allowed_target(&["169.254.0.0/16:*"], &tcp, "169.254.169.254:80").is_ok());
+        assert!(allowed_target(&["[fd00:ec2::254]:80"], &tcp, "[fd00:ec2::254]:80").is_ok());
+        for bad in [
+            "10.0.0.0/33:*",
+            "10.0.0.0/x:1",
+            ":80",
+            "[::1:80",
+            "fd00::1:53",
+            "a:",
+        ] {
+            let patterns = vec![bad.to_string()];
+            assert!(Allowlist::parse(&patterns).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_policy_checks_resolved_addresses() {
+        use probe::ConnectPolicy;
+        let list = Allowlist::parse(&["*.test:*".to_string()]).unwrap();
+        assert!(list.check_host("meta.test", 80).is_ok());
+        let meta: std::net::SocketAddr = "169.254.169.254:80".parse().unwrap();
+        assert!(list.check_addr(meta).unwrap_err().contains("metadata"));
+        assert!(list.check_addr("127.0.0.1:80".parse().unwrap()).is_ok());
+        assert!(list.check_host("elsewhere.example", 80).is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! The dns prober: one query to the DNS server named by the target (`host[:port]`,
-//! port 53 by default), over UDP or TCP, as blackbox_exporter's `dns` module without
-//! DNS over TLS.
+//! port 53 by default, 853 for DNS over TLS), over UDP, TCP or TLS, as
+//! blackbox_exporter's `dns` module.
 //!
 //! The query is built and the reply parsed with hickory-proto on our own sockets, so
 //! that the phases (`resolve` of the server's name, `connect`, `request`) are timed.
@@ -8,26 +8,29 @@
 //! with a reason, never a panic; on UDP a datagram that is not the reply to our query
 //! (wrong id) is ignored, as a spoofed or stale answer would be.
 
-use super::tcp::{connect, parse_port, parse_source_ip};
-use super::{ProbeContext, Samples, io_reason, resolve_target, split_host_port};
+use super::tcp::{TlsClient, TlsFacts, connect, parse_port, parse_source_ip};
+use super::{
+    Because, Env, Failure, ProbeContext, Reason, Samples, Stage, io_reason, resolve_target,
+    split_host_port,
+};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use sonde_proto::config::Module;
 use sonde_proto::config::module::{DnsRrValidator, DnsTransport, dns_rcode_name};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 const DURATION: &str = "probe_dns_duration_seconds";
 const SOA: u16 = 6;
 
 pub async fn probe(
-    ctx: &ProbeContext,
+    ctx: &Env<'_>,
     target: &str,
     module: &Module,
     out: &mut Samples,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let cfg = &module.dns;
     for phase in ["resolve", "connect", "request"] {
         out.add_with(DURATION, &[("phase", phase)], 0.0);
@@ -43,15 +46,30 @@ pub async fn probe(
 
     let qtype = cfg
         .query_type_code()
-        .ok_or_else(|| format!("dns.query_type {:?} is not a record type", cfg.query_type))?;
+        .ok_or_else(|| format!("dns.query_type {:?} is not a record type", cfg.query_type))
+        .because(Reason::Config)?;
     let qclass = cfg
         .query_class_code()
-        .ok_or_else(|| format!("dns.query_class {:?} is not a class", cfg.query_class))?;
-    let valid_rcodes = cfg.valid_rcode_codes()?;
-    let source = parse_source_ip(cfg.source_ip_address.as_deref())?;
-    let query = build_query(&cfg.query_name, qtype, qclass, cfg.recursion_desired)?;
+        .ok_or_else(|| format!("dns.query_class {:?} is not a class", cfg.query_class))
+        .because(Reason::Config)?;
+    let valid_rcodes = cfg.valid_rcode_codes().because(Reason::Config)?;
+    let source = parse_source_ip(cfg.source_ip_address.as_deref()).because(Reason::Config)?;
+    let query = build_query(&cfg.query_name, qtype, qclass, cfg.recursion_desired)
+        .because(Reason::Config)?;
+    if cfg.dns_over_tls && cfg.transport_protocol != DnsTransport::Tcp {
+        return Err(Failure::new(
+            Reason::Config,
+            "dns.dns_over_tls needs transport_protocol: tcp",
+        ));
+    }
+    let tls = if cfg.dns_over_tls {
+        Some(TlsClient::new(ctx, &cfg.tls_config, &[]).because(Reason::Config)?)
+    } else {
+        None
+    };
 
-    let (host, port) = server_target(target)?;
+    let default_port = if cfg.dns_over_tls { 853 } else { 53 };
+    let (host, port) = server_target(target, default_port).because(Reason::Config)?;
     let (ip, lookup) = resolve_target(
         ctx,
         host,
@@ -63,11 +81,43 @@ pub async fn probe(
     out.add_with(DURATION, &[("phase", "resolve")], lookup.as_secs_f64());
 
     let server = SocketAddr::new(ip, port);
-    let reply = match cfg.transport_protocol {
-        DnsTransport::Udp => exchange_udp(server, source, &query, out).await?,
-        DnsTransport::Tcp => exchange_tcp(server, source, &query, out).await?,
+    ctx.allow(host, server)?;
+    let reply = match (cfg.transport_protocol, &tls) {
+        (DnsTransport::Udp, _) => exchange_udp(server, source, &query, out).await?,
+        (DnsTransport::Tcp, None) => {
+            let started = Instant::now();
+            out.stage = Stage::Connect;
+            let stream = connect(server, source).await?;
+            out.add_with(
+                DURATION,
+                &[("phase", "connect")],
+                started.elapsed().as_secs_f64(),
+            );
+            out.stage = Stage::Exchange;
+            exchange_stream(stream, &query, out).await?
+        }
+        (DnsTransport::Tcp, Some(client)) => {
+            // As miekg/dns times it, the connect phase includes the TLS handshake.
+            let started = Instant::now();
+            out.stage = Stage::Connect;
+            let stream = connect(server, source).await?;
+            out.stage = Stage::Exchange;
+            let name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
+            let stream = client.handshake(ctx, name, stream, out).await;
+            out.add_with(
+                DURATION,
+                &[("phase", "connect")],
+                started.elapsed().as_secs_f64(),
+            );
+            let stream = stream?;
+            // Not reported by blackbox_exporter for DNS over TLS; the server's
+            // certificate expiry is worth alerting on all the same.
+            TlsFacts::read(ctx, stream.get_ref().1, client).record(out, false);
+            exchange_stream(stream, &query, out).await?
+        }
     };
-    let message = Message::from_vec(&reply).map_err(|e| format!("dns: malformed reply: {e}"))?;
+    let message = Message::from_vec(&reply)
+        .map_err(|e| Failure::new(Reason::Protocol, format!("dns: malformed reply: {e}")))?;
 
     // The header's counts are the sections as sent, which is what miekg/dns reports
     // (hickory moves an OPT record out of the additional section).
@@ -95,11 +145,14 @@ pub async fn probe(
         let name = dns_rcode_name(rcode)
             .map(str::to_string)
             .unwrap_or_else(|| rcode.to_string());
-        return Err(if cfg.valid_rcodes.is_empty() {
-            format!("dns: rcode {name} is not NOERROR")
-        } else {
-            format!("dns: rcode {name} not in valid_rcodes")
-        });
+        return Err(Failure::new(
+            Reason::DnsRcode,
+            if cfg.valid_rcodes.is_empty() {
+                format!("dns: rcode {name} is not NOERROR")
+            } else {
+                format!("dns: rcode {name} not in valid_rcodes")
+            },
+        ));
     }
     for (section, records, validator) in [
         ("answer", &message.answers, &cfg.validate_answer_rrs),
@@ -116,7 +169,7 @@ pub async fn probe(
     ] {
         if !validator.is_empty() {
             let lines: Vec<String> = records.iter().map(rr_string).collect();
-            check_records(ctx, section, &lines, validator)?;
+            check_records(ctx, section, &lines, validator).because(Reason::Regex)?;
         }
     }
     Ok(())
@@ -215,10 +268,10 @@ fn rr_string(record: &Record) -> String {
 /// The server's host and port. Where Go's SplitHostPort fails (a bare host, a bare
 /// IPv6 address) the whole target is the host and the port is DNS's, as in
 /// blackbox_exporter.
-fn server_target(target: &str) -> Result<(&str, u16), String> {
+fn server_target(target: &str, default_port: u16) -> Result<(&str, u16), String> {
     match split_host_port(target) {
         Ok((host, port)) => Ok((host, parse_port(port, target)?)),
-        Err(_) => Ok((target, 53)),
+        Err(_) => Ok((target, default_port)),
     }
 }
 
@@ -241,8 +294,9 @@ async fn exchange_udp(
     source: Option<IpAddr>,
     query: &[u8],
     out: &mut Samples,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, Failure> {
     let started = Instant::now();
+    out.stage = Stage::Connect;
     let local = source.unwrap_or(if server.is_ipv4() {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     } else {
@@ -250,12 +304,18 @@ async fn exchange_udp(
     });
     let socket = UdpSocket::bind(SocketAddr::new(local, 0))
         .await
-        .map_err(|e| format!("bind {local}: {}", io_reason(&e)))?;
+        .map_err(|e| {
+            Failure::new(
+                Reason::ConnectError,
+                format!("bind {local}: {}", io_reason(&e)),
+            )
+        })?;
     // Connected, so the kernel drops datagrams from anyone but the server.
     socket
         .connect(server)
         .await
-        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+        .map_err(|e| super::tcp::connect_failure(&e))?;
+    out.stage = Stage::Exchange;
     out.add_with(
         DURATION,
         &[("phase", "connect")],
@@ -269,10 +329,14 @@ async fn exchange_udp(
         .map_err(|e| format!("dns: send: {}", io_reason(&e)))?;
     let mut buf = vec![0u8; 65_535];
     loop {
-        let n = socket
-            .recv(&mut buf)
-            .await
-            .map_err(|e| format!("dns: {}", io_reason(&e)))?;
+        let n = socket.recv(&mut buf).await.map_err(|e| {
+            // An ICMP port unreachable comes back as a refused receive.
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                Failure::new(Reason::ConnectRefused, format!("dns: {}", io_reason(&e)))
+            } else {
+                Failure::new(Reason::Protocol, format!("dns: {}", io_reason(&e)))
+            }
+        })?;
         if n >= 2 && buf[..2] == query[..2] {
             out.add_with(
                 DURATION,
@@ -280,53 +344,41 @@ async fn exchange_udp(
                 started.elapsed().as_secs_f64(),
             );
             buf.truncate(n);
-            return check_header(buf);
+            return check_header(buf).because(Reason::Protocol);
         }
     }
 }
 
-async fn exchange_tcp(
-    server: SocketAddr,
-    source: Option<IpAddr>,
+/// One length-prefixed query and reply over a connected TCP (or TLS) stream.
+async fn exchange_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     query: &[u8],
     out: &mut Samples,
-) -> Result<Vec<u8>, String> {
-    let started = Instant::now();
-    let mut stream = connect(server, source).await?;
-    out.add_with(
-        DURATION,
-        &[("phase", "connect")],
-        started.elapsed().as_secs_f64(),
-    );
-
+) -> Result<Vec<u8>, Failure> {
+    let io = |e: std::io::Error| Failure::new(Reason::Protocol, format!("dns: {}", io_reason(&e)));
     let started = Instant::now();
     let len = u16::try_from(query.len()).map_err(|_| "dns: query too long".to_string())?;
     let mut framed = Vec::with_capacity(query.len() + 2);
     framed.extend_from_slice(&len.to_be_bytes());
     framed.extend_from_slice(query);
-    stream
-        .write_all(&framed)
-        .await
-        .map_err(|e| format!("dns: send: {}", io_reason(&e)))?;
+    stream.write_all(&framed).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
     let mut len = [0u8; 2];
-    stream
-        .read_exact(&mut len)
-        .await
-        .map_err(|e| format!("dns: {}", io_reason(&e)))?;
+    stream.read_exact(&mut len).await.map_err(io)?;
     let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream
-        .read_exact(&mut reply)
-        .await
-        .map_err(|e| format!("dns: {}", io_reason(&e)))?;
+    stream.read_exact(&mut reply).await.map_err(io)?;
     out.add_with(
         DURATION,
         &[("phase", "request")],
         started.elapsed().as_secs_f64(),
     );
     if reply.len() < 2 || reply[..2] != query[..2] {
-        return Err("dns: the reply's id does not match the query's".to_string());
+        return Err(Failure::new(
+            Reason::Protocol,
+            "dns: the reply's id does not match the query's",
+        ));
     }
-    check_header(reply)
+    check_header(reply).because(Reason::Protocol)
 }
 
 /// Every reply used past here has a full 12-byte header.
@@ -695,11 +747,18 @@ mod tests {
 
     #[test]
     fn server_targets_like_blackbox() {
-        assert_eq!(server_target("192.0.2.53"), Ok(("192.0.2.53", 53)));
-        assert_eq!(server_target("ns.example:5353"), Ok(("ns.example", 5353)));
-        assert_eq!(server_target("[2001:db8::53]:53"), Ok(("2001:db8::53", 53)));
-        assert_eq!(server_target("2001:db8::53"), Ok(("2001:db8::53", 53)));
-        assert!(server_target("ns.example:dns").is_err());
+        assert_eq!(server_target("192.0.2.53", 53), Ok(("192.0.2.53", 53)));
+        assert_eq!(server_target("192.0.2.53", 853), Ok(("192.0.2.53", 853)));
+        assert_eq!(
+            server_target("ns.example:5353", 53),
+            Ok(("ns.example", 5353))
+        );
+        assert_eq!(
+            server_target("[2001:db8::53]:53", 53),
+            Ok(("2001:db8::53", 53))
+        );
+        assert_eq!(server_target("2001:db8::53", 53), Ok(("2001:db8::53", 53)));
+        assert!(server_target("ns.example:dns", 53).is_err());
     }
 
     #[tokio::test]

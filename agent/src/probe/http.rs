@@ -7,8 +7,9 @@
 //! as soon as it is known, so a probe cut short by its deadline still reports the
 //! phases it got through.
 
-use super::tcp::{TlsClient, TlsFacts, connect};
-use super::{ProbeContext, Samples, choose_ip, resolve_target};
+use super::decode::{Algorithm, Body, BodyError};
+use super::tcp::{Io, TlsClient, TlsFacts, connect};
+use super::{Because, Env, Failure, Reason, Samples, Stage, choose_ip, resolve_target};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -21,7 +22,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use url::Url;
 
 /// Go's http.Client gives up after 10 redirects; blackbox_exporter inherits that.
@@ -30,11 +31,11 @@ const DURATION: &str = "probe_http_duration_seconds";
 const USER_AGENT: &str = concat!("sonde/", env!("CARGO_PKG_VERSION"));
 
 pub async fn probe(
-    ctx: &ProbeContext,
+    ctx: &Env<'_>,
     target: &str,
     module: &Module,
     out: &mut Samples,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let cfg = &module.http;
     for phase in ["resolve", "connect", "tls", "processing", "transfer"] {
         out.add_with(DURATION, &[("phase", phase)], 0.0);
@@ -51,8 +52,24 @@ pub async fn probe(
         out.set(name, 0.0);
     }
 
-    let url = target_url(target)?;
-    let host = url_host(&url)?;
+    let url = target_url(target).because(Reason::Config)?;
+    let host = url_host(&url).because(Reason::Config)?;
+    // Everything that can fail on the module alone fails before any network work.
+    let algorithm = Algorithm::from_config(&cfg.compression).because(Reason::Config)?;
+    let proxy = cfg
+        .proxy_url
+        .as_deref()
+        .map(Proxy::parse)
+        .transpose()
+        .because(Reason::Config)?;
+    let body = match (&cfg.body, &cfg.body_file) {
+        (_, Some(path)) => Some(Bytes::from(std::fs::read(path).map_err(|e| {
+            Failure::new(Reason::Config, format!("http.body_file {path}: {e}"))
+        })?)),
+        (Some(body), None) => Some(Bytes::from(body.clone())),
+        (None, None) => None,
+    };
+    let authorization = authorization(cfg).because(Reason::Config)?;
     let (ip, lookup) = resolve_target(
         ctx,
         &host,
@@ -77,20 +94,23 @@ pub async fn probe(
         .or_else(|| host_override.clone())
         .unwrap_or_else(|| host.clone());
     let method = Method::from_bytes(cfg.method.as_bytes())
-        .map_err(|_| format!("http.method {:?} is not an HTTP method", cfg.method))?;
+        .map_err(|_| format!("http.method {:?} is not an HTTP method", cfg.method))
+        .because(Reason::Config)?;
     let mut hop = Hop {
         host_header: host_override.unwrap_or_else(|| authority(&url)),
         url,
         ip: Some(ip),
         sni,
         method,
-        body: cfg.body.clone().map(Bytes::from),
+        body,
         same_site: true,
     };
     let mut session = Session {
         ctx,
         cfg,
-        authorization: authorization(cfg)?,
+        authorization,
+        algorithm,
+        proxy,
         tls: None,
         first_host: host,
         cookies: Vec::new(),
@@ -208,7 +228,7 @@ struct FinalResponse {
     /// Set when the body was not read (a redirect that was not followed).
     body: Option<BodyRead>,
     /// Why the body could not be read to its end.
-    body_error: Option<String>,
+    body_error: Option<Failure>,
 }
 
 struct BodyRead {
@@ -217,12 +237,64 @@ struct BodyRead {
     truncated: bool,
 }
 
+/// An HTTP proxy from `proxy_url`.
+struct Proxy {
+    host: String,
+    port: u16,
+    /// `Basic ...` from the URL's user info.
+    authorization: Option<HeaderValue>,
+}
+
+impl Proxy {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let url = Url::parse(raw).map_err(|e| format!("http.proxy_url {raw:?}: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "http.proxy_url {raw:?}: only http:// proxies are supported"
+            ));
+        }
+        let host = url_host(&url)?;
+        let port = url.port_or_known_default().unwrap_or(80);
+        let authorization = if url.username().is_empty() {
+            None
+        } else {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(s.as_bytes())
+                    .map(|(k, v)| {
+                        if v.is_empty() {
+                            k
+                        } else {
+                            format!("{k}={v}").into()
+                        }
+                    })
+                    .collect::<String>()
+            };
+            let user = decode(url.username());
+            let pass = decode(url.password().unwrap_or_default());
+            let mut v = HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64(format!("{user}:{pass}").as_bytes())
+            ))
+            .map_err(|_| "http.proxy_url: the credentials are not a header value".to_string())?;
+            v.set_sensitive(true);
+            Some(v)
+        };
+        Ok(Self {
+            host,
+            port,
+            authorization,
+        })
+    }
+}
+
 /// State shared by the hops of one probe.
 struct Session<'a> {
-    ctx: &'a ProbeContext,
+    ctx: &'a Env<'a>,
     cfg: &'a HttpProbe,
-    /// From basic_auth or the bearer token, for every request of the probe.
+    /// From basic_auth, authorization or the bearer token, for every request.
     authorization: Option<HeaderValue>,
+    algorithm: Option<Algorithm>,
+    proxy: Option<Proxy>,
     /// Built on the first https hop, so a plain-http probe never pays for it.
     tls: Option<TlsClient>,
     first_host: String,
@@ -237,11 +309,16 @@ impl Session<'_> {
         hop: &Hop,
         redirects: u32,
         out: &mut Samples,
-    ) -> Result<HopEnd, String> {
+    ) -> Result<HopEnd, Failure> {
         let https = match hop.url.scheme() {
             "http" => false,
             "https" => true,
-            other => return Err(format!("unsupported URL scheme {other:?} in {}", hop.url)),
+            other => {
+                return Err(Failure::new(
+                    Reason::Config,
+                    format!("unsupported URL scheme {other:?} in {}", hop.url),
+                ));
+            }
         };
         // Built before any network work, so a bad ca_file or header fails the probe
         // without touching the target.
@@ -251,21 +328,29 @@ impl Session<'_> {
             } else {
                 &[b"http/1.1"]
             };
-            self.tls = Some(TlsClient::new(self.ctx, &self.cfg.tls_config, alpn)?);
+            self.tls =
+                Some(TlsClient::new(self.ctx, &self.cfg.tls_config, alpn).because(Reason::Config)?);
         }
-        let request = self.request(hop)?;
+        let request = self.request(hop).because(Reason::Config)?;
         let port = hop
             .url
             .port_or_known_default()
-            .ok_or_else(|| format!("URL {} has no port", hop.url))?;
-        let ip = match hop.ip {
+            .ok_or_else(|| Failure::new(Reason::Config, format!("URL {} has no port", hop.url)))?;
+        let host = url_host(&hop.url).because(Reason::Config)?;
+        // Where the TCP connection goes: the proxy when there is one, else this hop's
+        // host (resolved now for a redirect to another host).
+        let (connect_host, connect_port, known_ip) = match &self.proxy {
+            Some(p) => (p.host.clone(), p.port, None),
+            None => (host.clone(), port, hop.ip),
+        };
+        let ip = match known_ip {
             Some(ip) => ip,
             None => {
-                let host = url_host(&hop.url)?;
+                out.stage = Stage::Resolve;
                 let started = Instant::now();
                 let ip = choose_ip(
                     self.ctx,
-                    &host,
+                    &connect_host,
                     self.cfg.preferred_ip_protocol,
                     self.cfg.ip_protocol_fallback,
                 )
@@ -275,21 +360,34 @@ impl Session<'_> {
                     &[("phase", "resolve")],
                     started.elapsed().as_secs_f64(),
                 );
-                ip?
+                ip.because(Reason::Dns)?
             }
         };
+        let addr = SocketAddr::new(ip, connect_port);
+        // Every hop, the first and each redirect, passes the connect policy on the
+        // address it resolved to, before any packet is sent there.
+        if self.proxy.is_some() {
+            self.ctx.allow_via_proxy(&host, port, addr)?;
+        } else {
+            self.ctx.allow(&connect_host, addr)?;
+        }
 
+        out.stage = Stage::Connect;
         let started = Instant::now();
-        let tcp = connect(SocketAddr::new(ip, port), None).await?;
+        let mut tcp: Io = Box::new(connect(addr, None).await?);
         out.add_with(
             DURATION,
             &[("phase", "connect")],
             started.elapsed().as_secs_f64(),
         );
+        out.stage = Stage::Exchange;
+        if https && let Some(proxy) = &self.proxy {
+            tunnel(&mut tcp, proxy, &hop.url, port).await?;
+        }
 
         if let (true, Some(client)) = (https, &self.tls) {
             let started = Instant::now();
-            let stream = client.handshake(&hop.sni, tcp).await;
+            let stream = client.handshake(self.ctx, &hop.sni, tcp, out).await;
             // Timed even when it fails: how long a broken handshake took is part of the
             // diagnosis (blackbox_exporter drops the phases of a failed connection).
             out.add_with(
@@ -366,7 +464,7 @@ impl Session<'_> {
         tls: Option<TlsFacts>,
         redirects: u32,
         out: &mut Samples,
-    ) -> Result<HopEnd, String>
+    ) -> Result<HopEnd, Failure>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -374,17 +472,30 @@ impl Session<'_> {
             Some(q) => format!("{}?{q}", hop.url.path()),
             None => hop.url.path().to_string(),
         };
+        let via_proxy = self.proxy.is_some() && hop.url.scheme() == "http";
         let uri = if h2 {
             format!("{}://{}{path}", hop.url.scheme(), hop.host_header)
+        } else if via_proxy {
+            // A plain-http request through a proxy names the whole URL (absolute form).
+            let host = HeaderValue::from_str(&hop.host_header)
+                .map_err(|_| format!("Host {:?} is not a header value", hop.host_header))
+                .because(Reason::Config)?;
+            req.headers_mut().insert(header::HOST, host);
+            if let Some(auth) = self.proxy.as_ref().and_then(|p| p.authorization.clone()) {
+                req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
+            }
+            format!("http://{}{path}", authority(&hop.url))
         } else {
             let host = HeaderValue::from_str(&hop.host_header)
-                .map_err(|_| format!("Host {:?} is not a header value", hop.host_header))?;
+                .map_err(|_| format!("Host {:?} is not a header value", hop.host_header))
+                .because(Reason::Config)?;
             req.headers_mut().insert(header::HOST, host);
             path
         };
         *req.uri_mut() = uri
             .parse::<Uri>()
-            .map_err(|e| format!("request URI {uri:?}: {e}"))?;
+            .map_err(|e| format!("request URI {uri:?}: {e}"))
+            .because(Reason::Config)?;
         if h2 {
             *req.version_mut() = Version::HTTP_2;
         }
@@ -418,7 +529,7 @@ impl Session<'_> {
         redirects: u32,
         first_byte: Instant,
         out: &mut Samples,
-    ) -> Result<HopEnd, String> {
+    ) -> Result<HopEnd, Failure> {
         let status = resp.status();
         let mut stopped_redirect = false;
         if let Some(next) = redirect_location(&resp, &hop.url) {
@@ -466,7 +577,8 @@ impl Session<'_> {
             let keep = status_ok(self.cfg, status)
                 && !(self.cfg.fail_if_body_matches_regexp.is_empty()
                     && self.cfg.fail_if_body_not_matches_regexp.is_empty());
-            let (body, error) = read_body(resp.into_body(), self.cfg, keep, out).await;
+            let (body, error) =
+                read_body(resp.into_body(), self.cfg, self.algorithm, keep, out).await;
             last.body = Some(body);
             last.body_error = error;
         }
@@ -501,34 +613,37 @@ impl Session<'_> {
 
 impl FinalResponse {
     /// blackbox_exporter's checks, in its order; the first failure is the reason.
-    fn check(self, ctx: &ProbeContext, cfg: &HttpProbe, out: &mut Samples) -> Result<(), String> {
-        let mut failure: Option<String> = None;
+    fn check(self, ctx: &Env<'_>, cfg: &HttpProbe, out: &mut Samples) -> Result<(), Failure> {
+        let mut failure: Option<Failure> = None;
         if !status_ok(cfg, self.status) {
-            failure = Some(if cfg.valid_status_codes.is_empty() {
-                format!("http status {} is not 2xx", self.status.as_u16())
-            } else {
-                format!(
-                    "http status {} not in valid_status_codes",
-                    self.status.as_u16()
-                )
-            });
+            failure = Some(Failure::new(
+                Reason::HttpStatus,
+                if cfg.valid_status_codes.is_empty() {
+                    format!("http status {} is not 2xx", self.status.as_u16())
+                } else {
+                    format!(
+                        "http status {} not in valid_status_codes",
+                        self.status.as_u16()
+                    )
+                },
+            ));
         }
         if failure.is_none()
             && let Some(headers) = &self.headers
         {
-            let why = header_regex_failure(ctx, cfg, headers)?;
+            let why = header_regex_failure(ctx, cfg, headers).because(Reason::Config)?;
             out.set(
                 "probe_failed_due_to_regex",
                 f64::from(u8::from(why.is_some())),
             );
-            failure = why;
+            failure = why.map(|m| Failure::new(Reason::Regex, m));
         }
         if failure.is_none()
             && let Some(body) = &self.body
-            && let Some(why) = body_regex_failure(ctx, cfg, body)?
+            && let Some(why) = body_regex_failure(ctx, cfg, body).because(Reason::Config)?
         {
             out.set("probe_failed_due_to_regex", 1.0);
-            failure = Some(why);
+            failure = Some(Failure::new(Reason::Regex, why));
         }
         if let Some(e) = self.body_error {
             failure.get_or_insert(e);
@@ -536,20 +651,78 @@ impl FinalResponse {
         if !cfg.valid_http_versions.is_empty() {
             let name = version_name(self.version);
             if !cfg.valid_http_versions.iter().any(|v| v == name) {
-                failure.get_or_insert(format!("{name} not in valid_http_versions"));
+                failure.get_or_insert(Failure::new(
+                    Reason::HttpVersion,
+                    format!("{name} not in valid_http_versions"),
+                ));
             }
         }
         if self.tls && cfg.fail_if_ssl {
-            failure.get_or_insert("final response was over TLS (fail_if_ssl)".to_string());
+            failure.get_or_insert(Failure::new(
+                Reason::Tls,
+                "final response was over TLS (fail_if_ssl)",
+            ));
         }
         if !self.tls && cfg.fail_if_not_ssl {
-            failure.get_or_insert("final response was not over TLS (fail_if_not_ssl)".to_string());
+            failure.get_or_insert(Failure::new(
+                Reason::Tls,
+                "final response was not over TLS (fail_if_not_ssl)",
+            ));
         }
         match failure {
             Some(why) => Err(why),
             None => Ok(()),
         }
     }
+}
+
+/// Opens a CONNECT tunnel through the proxy to the hop's host and port (by name: the
+/// proxy resolves it). The proxy's answer is read byte by byte up to its blank line, so
+/// nothing of the tunnelled stream is consumed, and at most 16 KiB of it.
+async fn tunnel(io: &mut Io, proxy: &Proxy, url: &Url, port: u16) -> Result<(), Failure> {
+    const MAX_HEAD: usize = 16 * 1024;
+    let host = url.host_str().unwrap_or_default();
+    let target = format!("{host}:{port}");
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(auth) = proxy.authorization.as_ref().and_then(|v| v.to_str().ok()) {
+        request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    request.push_str("\r\n");
+    let io_err = |e: std::io::Error| {
+        Failure::new(
+            Reason::Protocol,
+            format!("proxy CONNECT: {}", super::io_reason(&e)),
+        )
+    };
+    io.write_all(request.as_bytes()).await.map_err(io_err)?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            return Err(Failure::new(
+                Reason::Protocol,
+                "proxy CONNECT: answer head longer than 16 KiB",
+            ));
+        }
+        let mut byte = [0u8; 1];
+        let n = io.read(&mut byte).await.map_err(io_err)?;
+        if n == 0 {
+            return Err(Failure::new(
+                Reason::Protocol,
+                "proxy CONNECT: the proxy closed the connection",
+            ));
+        }
+        head.push(byte[0]);
+    }
+    let status_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let status = String::from_utf8_lossy(status_line);
+    let code = status.split_whitespace().nth(1).unwrap_or_default();
+    if !code.starts_with('2') {
+        return Err(Failure::new(
+            Reason::Protocol,
+            format!("proxy CONNECT {target}: {}", status.trim()),
+        ));
+    }
+    Ok(())
 }
 
 fn status_ok(cfg: &HttpProbe, status: StatusCode) -> bool {
@@ -564,7 +737,7 @@ fn status_ok(cfg: &HttpProbe, status: StatusCode) -> bool {
 /// otherwise any value matching (`fail_if_header_matches`) or none matching
 /// (`fail_if_header_not_matches`) fails.
 fn header_regex_failure(
-    ctx: &ProbeContext,
+    ctx: &Env<'_>,
     cfg: &HttpProbe,
     headers: &HeaderMap,
 ) -> Result<Option<String>, String> {
@@ -603,8 +776,8 @@ fn header_regex_failure(
     Ok(None)
 }
 
-/// The Authorization value from basic_auth or the bearer token; files are read at each
-/// probe so that rotated secrets are picked up.
+/// The Authorization value from basic_auth, authorization or the bearer token; files are
+/// read at each probe so that rotated secrets are picked up.
 fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, String> {
     let read = |path: &str, what: &str| {
         std::fs::read_to_string(path)
@@ -621,6 +794,13 @@ fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, String> {
             "Basic {}",
             base64(format!("{}:{password}", auth.username).as_bytes())
         )
+    } else if let Some(auth) = &cfg.authorization {
+        let credentials = match (&auth.credentials, &auth.credentials_file) {
+            (_, Some(path)) => read(path, "authorization.credentials_file")?,
+            (Some(c), None) => c.clone(),
+            (None, None) => String::new(),
+        };
+        format!("{} {credentials}", auth.kind)
     } else if let Some(token) = &cfg.bearer_token {
         format!("Bearer {token}")
     } else if let Some(path) = &cfg.bearer_token_file {
@@ -657,7 +837,7 @@ fn base64(input: &[u8]) -> String {
 }
 
 fn body_regex_failure(
-    ctx: &ProbeContext,
+    ctx: &Env<'_>,
     cfg: &HttpProbe,
     body: &BodyRead,
 ) -> Result<Option<String>, String> {
@@ -717,54 +897,78 @@ fn content_length(resp: &Response<Incoming>, method: &Method) -> f64 {
     }
 }
 
-/// Reads the body to its end, counting it and keeping at most
-/// [`HttpProbe::MAX_MATCHED_BODY`] bytes when `keep`. Exceeding `body_size_limit`
-/// stops the read with an error.
+/// Reads the body to its end (decompressing it with `algorithm`), counting it and
+/// keeping at most [`HttpProbe::MAX_MATCHED_BODY`] bytes when `keep`. Exceeding
+/// `body_size_limit` (after decompression, as blackbox_exporter applies it) stops the
+/// read with an error. Memory stays bounded whatever the peer sends.
 async fn read_body(
-    mut body: Incoming,
+    mut incoming: Incoming,
     cfg: &HttpProbe,
+    algorithm: Option<Algorithm>,
     keep: bool,
     out: &mut Samples,
-) -> (BodyRead, Option<String>) {
-    let limit = cfg.body_size_limit.0;
-    let mut read = BodyRead {
-        kept: Vec::new(),
-        truncated: false,
-    };
-    let mut total: u64 = 0;
+) -> (BodyRead, Option<Failure>) {
+    /// Decompression runs in slices this large, yielding between them, so that a
+    /// compressed frame that inflates enormously cannot hold the thread past the deadline.
+    const SLICE: usize = 16 * 1024;
+    let keep_bytes = if keep { HttpProbe::MAX_MATCHED_BODY } else { 0 };
+    let mut body = Body::new(algorithm, keep_bytes, cfg.body_size_limit.0);
     let mut error = None;
-    while let Some(frame) = body.frame().await {
+    'frames: while let Some(frame) = incoming.frame().await {
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                error = Some(format!("reading body: {}", hyper_reason(&e)));
+                error = Some(Failure::new(
+                    Reason::Protocol,
+                    format!("reading body: {}", hyper_reason(&e)),
+                ));
                 break;
             }
         };
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        let mut chunk: &[u8] = &data;
-        if limit > 0 && total + chunk.len() as u64 > limit {
-            chunk = &chunk[..(limit - total) as usize];
-            error = Some(format!(
-                "body is larger than body_size_limit ({limit} bytes)"
-            ));
-        }
-        total += chunk.len() as u64;
-        out.set("probe_http_uncompressed_body_length", total as f64);
-        if keep {
-            let room = HttpProbe::MAX_MATCHED_BODY - read.kept.len();
-            if chunk.len() > room {
-                read.truncated = true;
+        for slice in data.chunks(SLICE) {
+            let result = body.write(slice);
+            out.set(
+                "probe_http_uncompressed_body_length",
+                body.sink().total as f64,
+            );
+            if let Err(e) = result {
+                error = Some(body_failure(e, cfg));
+                break 'frames;
             }
-            read.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-        if error.is_some() {
-            break;
+            if algorithm.is_some() {
+                tokio::task::yield_now().await;
+            }
         }
     }
+    let (sink, finish_error) = body.finish();
+    out.set("probe_http_uncompressed_body_length", sink.total as f64);
+    if error.is_none() {
+        error = finish_error.map(|e| body_failure(e, cfg));
+    }
+    let read = BodyRead {
+        truncated: sink.truncated,
+        kept: sink.kept,
+    };
     (read, error)
+}
+
+fn body_failure(e: BodyError, cfg: &HttpProbe) -> Failure {
+    match e {
+        BodyError::TooLarge => Failure::new(
+            Reason::BodySize,
+            format!(
+                "body is larger than body_size_limit ({} bytes)",
+                cfg.body_size_limit.0
+            ),
+        ),
+        BodyError::Corrupt(why) => Failure::new(
+            Reason::Protocol,
+            format!("body does not decompress as {}: {why}", cfg.compression),
+        ),
+    }
 }
 
 fn version_number(v: Version) -> f64 {

@@ -3,6 +3,7 @@
 //!
 //! Adding a prober is adding one file here and one arm in [`run`].
 
+mod decode;
 pub mod dns;
 pub mod http;
 pub mod tcp;
@@ -27,6 +28,188 @@ pub struct Sample {
 #[derive(Debug, Default)]
 pub struct Samples {
     pub items: Vec<Sample>,
+    /// What the prober is doing now, so that a deadline that cuts it short can say
+    /// whether it was resolving, connecting or later (`probe_failure_info`).
+    pub(crate) stage: Stage,
+}
+
+/// The step a probe is in, for classifying a timeout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Stage {
+    #[default]
+    Start,
+    Resolve,
+    Connect,
+    Exchange,
+}
+
+/// Why a probe failed: the bounded label values of `probe_failure_info{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The target's (or a redirect's) name did not resolve.
+    Dns,
+    ConnectRefused,
+    ConnectTimeout,
+    /// Any other connect error (unreachable network, no route, bind failure).
+    ConnectError,
+    /// The TLS handshake failed (untrusted or expired certificate, wrong name, no common
+    /// version), or `fail_if_ssl` / `fail_if_not_ssl`.
+    Tls,
+    HttpStatus,
+    HttpVersion,
+    /// A body, header, `expect` or DNS record regex.
+    Regex,
+    /// `expect_bytes` did not match.
+    Bytes,
+    BodySize,
+    /// The DNS server answered with an rcode not in `valid_rcodes`.
+    DnsRcode,
+    /// The probe's deadline passed after connecting.
+    Timeout,
+    /// The peer broke the protocol: garbage, a reset, a closed connection, a body that
+    /// does not decompress.
+    Protocol,
+    /// The module or target cannot work as configured (bad target, unreadable file).
+    Config,
+    /// `/probe`'s allowlist refused an address the probe was about to connect to.
+    RefusedByPolicy,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 15] = [
+        Reason::Dns,
+        Reason::ConnectRefused,
+        Reason::ConnectTimeout,
+        Reason::ConnectError,
+        Reason::Tls,
+        Reason::HttpStatus,
+        Reason::HttpVersion,
+        Reason::Regex,
+        Reason::Bytes,
+        Reason::BodySize,
+        Reason::DnsRcode,
+        Reason::Timeout,
+        Reason::Protocol,
+        Reason::Config,
+        Reason::RefusedByPolicy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Dns => "dns",
+            Reason::ConnectRefused => "connect_refused",
+            Reason::ConnectTimeout => "connect_timeout",
+            Reason::ConnectError => "connect_error",
+            Reason::Tls => "tls",
+            Reason::HttpStatus => "http_status",
+            Reason::HttpVersion => "http_version",
+            Reason::Regex => "regex",
+            Reason::Bytes => "bytes",
+            Reason::BodySize => "body_size",
+            Reason::DnsRcode => "dns_rcode",
+            Reason::Timeout => "timeout",
+            Reason::Protocol => "protocol",
+            Reason::Config => "config",
+            Reason::RefusedByPolicy => "refused_by_policy",
+        }
+    }
+}
+
+/// A failed probe: the reason class and the message for logs and `debug=true`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A bare message is the peer breaking the protocol unless the site says otherwise.
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::new(Reason::Protocol, message)
+    }
+}
+
+/// Tags a `Result<_, String>` with the reason its error stands for.
+pub(crate) trait Because<T> {
+    fn because(self, reason: Reason) -> Result<T, Failure>;
+}
+
+impl<T> Because<T> for Result<T, String> {
+    fn because(self, reason: Reason) -> Result<T, Failure> {
+        self.map_err(|m| Failure::new(reason, m))
+    }
+}
+
+/// Decides whether a probe may connect somewhere. `/probe` installs one (its allowlist);
+/// scheduled checks have none. It is asked right before every connection (every
+/// redirect hop, the DNS server, a proxy) with the name the probe was about to reach and
+/// the address that name resolved to, so that neither a redirect nor a DNS answer can
+/// lead a probe where the allowlist refuses.
+pub trait ConnectPolicy: Send + Sync {
+    /// `host` is the name or IP literal as the target or a redirect wrote it.
+    fn check_host(&self, host: &str, port: u16) -> Result<(), String>;
+    /// The address a connection is about to be opened to.
+    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), String>;
+}
+
+/// What a prober runs with: the shared context and, for `/probe`, the connect policy.
+/// Dereferences to the [`ProbeContext`].
+pub struct Env<'a> {
+    pub ctx: &'a ProbeContext,
+    pub policy: Option<&'a dyn ConnectPolicy>,
+}
+
+impl std::ops::Deref for Env<'_> {
+    type Target = ProbeContext;
+    fn deref(&self) -> &ProbeContext {
+        self.ctx
+    }
+}
+
+impl Env<'_> {
+    /// Asks the policy, if any, before connecting to `addr` for `host`.
+    pub(crate) fn allow(&self, host: &str, addr: std::net::SocketAddr) -> Result<(), Failure> {
+        let Some(policy) = self.policy else {
+            return Ok(());
+        };
+        policy
+            .check_host(host, addr.port())
+            .and_then(|()| policy.check_addr(addr))
+            .map_err(refused)
+    }
+
+    /// Asks the policy before connecting to a module's proxy at `proxy` to reach
+    /// `host:port`: the host by name (the proxy resolves it), the proxy by address.
+    pub(crate) fn allow_via_proxy(
+        &self,
+        host: &str,
+        port: u16,
+        proxy: std::net::SocketAddr,
+    ) -> Result<(), Failure> {
+        let Some(policy) = self.policy else {
+            return Ok(());
+        };
+        policy.check_host(host, port).map_err(refused)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            policy
+                .check_addr(std::net::SocketAddr::new(ip, port))
+                .map_err(refused)?;
+        }
+        policy.check_addr(proxy).map_err(refused)
+    }
+}
+
+fn refused(why: String) -> Failure {
+    Failure::new(Reason::RefusedByPolicy, why)
 }
 
 impl Samples {
@@ -86,6 +269,9 @@ pub struct ProbeContext {
     pub(crate) web_roots: Arc<rustls::RootCertStore>,
     /// Compiled body regexes by pattern, so that a probe does not recompile them.
     regexes: Mutex<HashMap<String, Arc<regex::bytes::Regex>>>,
+    /// Label names from module configs (`query_response` labels), stored once for the
+    /// process so samples can carry them as `&'static str`.
+    label_names: Mutex<std::collections::HashSet<&'static str>>,
 }
 
 impl ProbeContext {
@@ -116,7 +302,25 @@ impl ProbeContext {
             crypto: Arc::new(rustls::crypto::ring::default_provider()),
             web_roots: Arc::new(web_roots),
             regexes: Mutex::new(HashMap::new()),
+            label_names: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// A label name from a module's config as a `&'static str`. Each distinct name is
+    /// stored once for the life of the process; names come from the config only (never
+    /// from a target's answer), and at most [`MAX_LABEL_NAMES`] are kept.
+    pub(crate) fn label_name(&self, name: &str) -> Option<&'static str> {
+        const MAX_LABEL_NAMES: usize = 4096;
+        let mut names = self.label_names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = names.get(name) {
+            return Some(n);
+        }
+        if names.len() >= MAX_LABEL_NAMES {
+            return None;
+        }
+        let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+        names.insert(leaked);
+        Some(leaked)
     }
 
     /// The compiled form of a body regex. Module validation has already compiled each
@@ -149,6 +353,8 @@ pub struct ProbeOutcome {
     pub samples: Vec<Sample>,
     /// Why the probe failed, in a few words, when it did.
     pub failure: Option<String>,
+    /// The class of that failure, also reported as `probe_failure_info{reason}`.
+    pub failure_reason: Option<Reason>,
 }
 
 /// Runs one probe of `target` with `module`, bounded by `timeout`.
@@ -158,34 +364,64 @@ pub async fn run(
     module: &Module,
     timeout: Duration,
 ) -> ProbeOutcome {
+    run_with_policy(ctx, None, target, module, timeout).await
+}
+
+/// [`run`], asking `policy` before every connection the probe makes.
+pub async fn run_with_policy(
+    ctx: &ProbeContext,
+    policy: Option<&dyn ConnectPolicy>,
+    target: &str,
+    module: &Module,
+    timeout: Duration,
+) -> ProbeOutcome {
+    let env = Env { ctx, policy };
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut samples = Samples::default();
     let result = {
         let probe = async {
             match module.prober {
-                Prober::Http => http::probe(ctx, target, module, &mut samples).await,
-                Prober::Tcp => tcp::probe(ctx, target, module, &mut samples).await,
-                Prober::Dns => dns::probe(ctx, target, module, &mut samples).await,
+                Prober::Http => http::probe(&env, target, module, &mut samples).await,
+                Prober::Tcp => tcp::probe(&env, target, module, &mut samples).await,
+                Prober::Dns => dns::probe(&env, target, module, &mut samples).await,
             }
         };
         match tokio::time::timeout_at(deadline, probe).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "timed out after {}",
-                sonde_proto::config::PromDuration(timeout)
-            )),
+            Err(_) => {
+                let reason = match samples.stage {
+                    Stage::Resolve => Reason::Dns,
+                    Stage::Connect => Reason::ConnectTimeout,
+                    Stage::Start | Stage::Exchange => Reason::Timeout,
+                };
+                Err(Failure::new(
+                    reason,
+                    format!(
+                        "timed out after {}",
+                        sonde_proto::config::PromDuration(timeout)
+                    ),
+                ))
+            }
         }
     };
     let duration = started.elapsed();
     let success = result.is_ok();
     samples.set("probe_success", if success { 1.0 } else { 0.0 });
     samples.set("probe_duration_seconds", duration.as_secs_f64());
+    let (failure, failure_reason) = match result {
+        Ok(()) => (None, None),
+        Err(f) => {
+            samples.gauge_with("probe_failure_info", &[("reason", f.reason.as_str())], 1.0);
+            (Some(f.message), Some(f.reason))
+        }
+    };
     ProbeOutcome {
         success,
         duration,
         samples: samples.items,
-        failure: result.err(),
+        failure,
+        failure_reason,
     }
 }
 
@@ -200,15 +436,17 @@ pub(crate) async fn resolve_target(
     preferred: IpProtocol,
     fallback: bool,
     out: &mut Samples,
-) -> Result<(IpAddr, Duration), String> {
+) -> Result<(IpAddr, Duration), Failure> {
     out.set("probe_ip_protocol", 0.0);
     out.set("probe_ip_addr_hash", 0.0);
     out.set("probe_dns_lookup_time_seconds", 0.0);
+    out.stage = Stage::Resolve;
     let started = Instant::now();
     let chosen = choose_ip(ctx, host, preferred, fallback).await;
     let lookup = started.elapsed();
     out.set("probe_dns_lookup_time_seconds", lookup.as_secs_f64());
-    let ip = chosen?;
+    out.stage = Stage::Start;
+    let ip = chosen.because(Reason::Dns)?;
     out.set("probe_ip_protocol", f64::from(ip_version(ip)));
     out.set("probe_ip_addr_hash", f64::from(ip_hash(ip)));
     Ok((ip, lookup))

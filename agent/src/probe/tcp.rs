@@ -1,36 +1,50 @@
-//! The tcp prober: connect to `host:port`, optionally complete a TLS handshake, as
-//! blackbox_exporter's `tcp` module without `query_response`.
+//! The tcp prober: connect to `host:port`, optionally complete a TLS handshake, then
+//! run the `query_response` dialogue (expect a line or bytes, send a line, upgrade with
+//! STARTTLS), as blackbox_exporter's `tcp` module.
 //!
-//! This file also owns the two pieces the http prober shares: the TCP connect and the
-//! TLS client (trust roots, `insecure_skip_verify`, client certificates) with the
-//! `probe_ssl_*` / `probe_tls_*` samples it reads from a finished handshake.
+//! This file also owns the two pieces the other probers share: the TCP connect and the
+//! TLS client (trust roots, `insecure_skip_verify`, client certificates, version bounds)
+//! with the `probe_ssl_*` / `probe_tls_*` samples it reads from a handshake.
 
-use super::{ProbeContext, Samples, io_reason, resolve_target, split_host_port};
+use super::{
+    Because, Env, Failure, ProbeContext, Reason, Samples, Stage, io_reason, resolve_target,
+    split_host_port,
+};
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 use sonde_proto::config::Module;
-use sonde_proto::config::module::TlsConfig;
+use sonde_proto::config::module::{QueryResponse, TlsConfig, tls_version_number};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
+/// Go's `bufio.Scanner` gives up on lines longer than this (`MaxScanTokenSize`), and so
+/// does the `query_response` reader: a peer cannot make the agent buffer more.
+const MAX_LINE: usize = 64 * 1024;
+
 pub async fn probe(
-    ctx: &ProbeContext,
+    ctx: &Env<'_>,
     target: &str,
     module: &Module,
     out: &mut Samples,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let cfg = &module.tcp;
-    let (host, port) = split_host_port(target)?;
-    let port = parse_port(port, target)?;
-    let source = parse_source_ip(cfg.source_ip_address.as_deref())?;
+    // Registered before dialing, as blackbox_exporter 0.23 does; stays 0 unless an
+    // `expect` or `expect_bytes` step fails on the content.
+    out.set("probe_failed_due_to_regex", 0.0);
+    out.set("probe_failed_due_to_bytes", 0.0);
+    let (host, port) = split_host_port(target).because(Reason::Config)?;
+    let port = parse_port(port, target).because(Reason::Config)?;
+    let source = parse_source_ip(cfg.source_ip_address.as_deref()).because(Reason::Config)?;
     // Built before dialing so that a bad ca_file fails the probe without touching the
     // target, as blackbox_exporter does.
-    let tls = if cfg.tls {
-        Some(TlsClient::new(ctx, &cfg.tls_config, &[])?)
+    let needs_tls = cfg.tls || cfg.query_response.iter().any(|qr| qr.starttls);
+    let tls = if needs_tls {
+        Some(TlsClient::new(ctx, &cfg.tls_config, &[]).because(Reason::Config)?)
     } else {
         None
     };
@@ -42,17 +56,178 @@ pub async fn probe(
         out,
     )
     .await?;
-    let stream = connect(SocketAddr::new(ip, port), source).await?;
-    if let Some(tls) = tls {
-        let name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
-        let stream = tls.handshake(name, stream).await?;
-        TlsFacts::read(ctx, stream.get_ref().1, &tls).record(out, false);
+    let addr = SocketAddr::new(ip, port);
+    ctx.allow(host, addr)?;
+    out.stage = Stage::Connect;
+    let stream = connect(addr, source).await?;
+    out.stage = Stage::Exchange;
+    let server_name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
+    let io: Io = match (&tls, cfg.tls) {
+        (Some(client), true) => {
+            let stream = client.handshake(ctx, server_name, stream, out).await?;
+            TlsFacts::read(ctx, stream.get_ref().1, client).record(out, false);
+            Box::new(stream)
+        }
+        _ => Box::new(stream),
+    };
+    query_responses(ctx, io, &cfg.query_response, tls.as_ref(), server_name, out).await
+}
+
+/// A connection the dialogue runs over, plain or TLS, before or after STARTTLS.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub(crate) type Io = Box<dyn Stream>;
+
+/// blackbox_exporter's query_response loop, step by step.
+async fn query_responses(
+    ctx: &Env<'_>,
+    io: Io,
+    steps: &[QueryResponse],
+    tls: Option<&TlsClient>,
+    server_name: &str,
+    out: &mut Samples,
+) -> Result<(), Failure> {
+    let mut conn = BufReader::with_capacity(8 * 1024, io);
+    for (i, step) in steps.iter().enumerate() {
+        let mut send = step.send.clone().unwrap_or_default().into_bytes();
+        if let Some(pattern) = &step.expect {
+            let re = ctx.regex(pattern).because(Reason::Config)?;
+            // Lines are read until one matches; the connection ending first is a failed
+            // expectation, as Go's Scanner reports it.
+            let line = loop {
+                match read_line(&mut conn).await? {
+                    None => {
+                        out.set("probe_failed_due_to_regex", 1.0);
+                        return Err(Failure::new(
+                            Reason::Regex,
+                            format!(
+                                "query_response[{i}]: connection closed before a line matched {pattern:?}"
+                            ),
+                        ));
+                    }
+                    Some(line) if re.is_match(&line) => break line,
+                    Some(_) => {}
+                }
+            };
+            out.set("probe_failed_due_to_regex", 0.0);
+            let caps = re
+                .captures(&line)
+                .ok_or_else(|| Failure::new(Reason::Regex, "regex matched then did not"))?;
+            let mut expanded = Vec::new();
+            caps.expand(&send, &mut expanded);
+            send = expanded;
+            if !step.labels.is_empty() {
+                let mut labels: Vec<(&'static str, String)> = Vec::new();
+                for label in &step.labels {
+                    let Some(name) = ctx.label_name(&label.name) else {
+                        continue;
+                    };
+                    let mut value = Vec::new();
+                    caps.expand(label.value.as_bytes(), &mut value);
+                    labels.push((name, String::from_utf8_lossy(&value).into_owned()));
+                }
+                out.items.push(super::Sample {
+                    name: "probe_expect_info",
+                    labels,
+                    value: 1.0,
+                });
+            }
+        }
+        if let Some(want) = &step.expect_bytes {
+            let mut got = vec![0u8; want.len()];
+            conn.read_exact(&mut got).await.map_err(|e| {
+                Failure::new(
+                    Reason::Protocol,
+                    format!(
+                        "query_response[{i}]: reading {} expected bytes: {}",
+                        want.len(),
+                        io_reason(&e)
+                    ),
+                )
+            })?;
+            if got != want.as_bytes() {
+                out.set("probe_failed_due_to_bytes", 1.0);
+                return Err(Failure::new(
+                    Reason::Bytes,
+                    format!(
+                        "query_response[{i}]: read {:?}, expected {want:?}",
+                        String::from_utf8_lossy(&got)
+                    ),
+                ));
+            }
+            out.set("probe_failed_due_to_bytes", 0.0);
+        }
+        if !send.is_empty() {
+            send.push(b'\n');
+            conn.write_all(&send).await.map_err(|e| {
+                Failure::new(
+                    Reason::Protocol,
+                    format!("query_response[{i}]: send: {}", io_reason(&e)),
+                )
+            })?;
+            conn.flush().await.map_err(|e| {
+                Failure::new(
+                    Reason::Protocol,
+                    format!("query_response[{i}]: send: {}", io_reason(&e)),
+                )
+            })?;
+        }
+        if step.starttls {
+            let client = tls.ok_or_else(|| {
+                Failure::new(
+                    Reason::Config,
+                    "starttls without a TLS client configuration",
+                )
+            })?;
+            // Whatever the peer sent after its "go ahead" line and before the handshake
+            // is dropped, as Go's tls.Client over the raw connection does.
+            let raw = conn.into_inner();
+            let stream = client.handshake(ctx, server_name, raw, out).await?;
+            TlsFacts::read(ctx, stream.get_ref().1, client).record(out, false);
+            conn = BufReader::with_capacity(8 * 1024, Box::new(stream) as Io);
+        }
     }
-    // blackbox_exporter registers these for every connected tcp probe; without
-    // query_response they stay 0.
-    out.set("probe_failed_due_to_regex", 0.0);
-    out.set("probe_failed_due_to_bytes", 0.0);
     Ok(())
+}
+
+/// One line without its `\n` (and `\r`), as Go's `bufio.ScanLines`; `None` at the end of
+/// the stream. A line longer than [`MAX_LINE`] fails the probe.
+async fn read_line<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, Failure> {
+    let mut line = Vec::new();
+    loop {
+        let buf = r.fill_buf().await.map_err(|e| {
+            Failure::new(
+                Reason::Protocol,
+                format!("query_response: reading: {}", io_reason(&e)),
+            )
+        })?;
+        if buf.is_empty() {
+            return Ok((!line.is_empty()).then(|| strip_cr(line)));
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_LINE + 1 {
+            return Err(Failure::new(
+                Reason::Protocol,
+                format!("query_response: a line longer than {MAX_LINE} bytes"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if done {
+            line.pop();
+            return Ok(Some(strip_cr(line)));
+        }
+    }
+}
+
+fn strip_cr(mut line: Vec<u8>) -> Vec<u8> {
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    line
 }
 
 pub(crate) fn parse_port(port: &str, target: &str) -> Result<u16, String> {
@@ -69,23 +244,39 @@ pub(crate) fn parse_source_ip(source: Option<&str>) -> Result<Option<IpAddr>, St
         .transpose()
 }
 
+/// The failure reason of a connect error.
+pub(crate) fn connect_failure(e: &std::io::Error) -> Failure {
+    let reason = match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => Reason::ConnectRefused,
+        std::io::ErrorKind::TimedOut => Reason::ConnectTimeout,
+        _ => Reason::ConnectError,
+    };
+    Failure::new(reason, format!("connect: {}", io_reason(e)))
+}
+
 /// Opens a TCP connection, from `source` when given. Nagle is off, as in Go's dialer.
-pub(crate) async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, String> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, Failure> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
     }
-    .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+    .map_err(|e| connect_failure(&e))?;
     if let Some(src) = source {
-        socket
-            .bind(SocketAddr::new(src, 0))
-            .map_err(|e| format!("bind {src}: {}", io_reason(&e)))?;
+        socket.bind(SocketAddr::new(src, 0)).map_err(|e| {
+            Failure::new(
+                Reason::ConnectError,
+                format!("bind {src}: {}", io_reason(&e)),
+            )
+        })?;
     }
     let stream = socket
         .connect(addr)
         .await
-        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
+        .map_err(|e| connect_failure(&e))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
@@ -98,20 +289,45 @@ pub(crate) struct TlsClient {
     verified: bool,
     /// The `ca_file` roots, kept whole so that their expiry counts in the chain's.
     ca_certs: Vec<CertificateDer<'static>>,
+    /// The certificates the server showed in the last handshake, kept by the verifier
+    /// so that a handshake that fails verification still reports their expiry.
+    presented: Arc<Mutex<Vec<CertificateDer<'static>>>>,
 }
 
 impl TlsClient {
     /// `alpn` is offered in order (`h2`, `http/1.1` for the http prober).
     pub(crate) fn new(ctx: &ProbeContext, cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<Self, String> {
+        let min = cfg
+            .min_version
+            .as_deref()
+            .and_then(tls_version_number)
+            .unwrap_or(12);
+        let max = cfg
+            .max_version
+            .as_deref()
+            .and_then(tls_version_number)
+            .unwrap_or(13);
+        let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+            [(12, &rustls::version::TLS12), (13, &rustls::version::TLS13)]
+                .into_iter()
+                .filter(|(v, _)| (min..=max).contains(v))
+                .map(|(_, p)| p)
+                .collect();
+        if versions.is_empty() {
+            return Err(format!(
+                "tls_config: no TLS version between min_version {} and max_version {} that the agent speaks (TLS12, TLS13)",
+                cfg.min_version.as_deref().unwrap_or("TLS12"),
+                cfg.max_version.as_deref().unwrap_or("TLS13")
+            ));
+        }
         let builder = ClientConfig::builder_with_provider(ctx.crypto.clone())
-            .with_protocol_versions(rustls::ALL_VERSIONS)
+            .with_protocol_versions(&versions)
             .map_err(|e| format!("tls: {e}"))?;
         let mut ca_certs = Vec::new();
         let verified = !cfg.insecure_skip_verify;
-        let builder = if cfg.insecure_skip_verify {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(SkipVerify(ctx.crypto.clone())))
+        let presented = Arc::new(Mutex::new(Vec::new()));
+        let roots = if cfg.insecure_skip_verify {
+            None
         } else if let Some(path) = &cfg.ca_file {
             ca_certs = read_certs(path, "ca_file")?;
             let mut roots = rustls::RootCertStore::empty();
@@ -120,10 +336,25 @@ impl TlsClient {
                     .add(cert.clone())
                     .map_err(|e| format!("tls_config.ca_file {path}: {e}"))?;
             }
-            builder.with_root_certificates(roots)
+            Some(Arc::new(roots))
         } else {
-            builder.with_root_certificates(ctx.web_roots.clone())
+            Some(ctx.web_roots.clone())
         };
+        let verifier: Arc<dyn ServerCertVerifier> = match roots {
+            None => Arc::new(SkipVerify(ctx.crypto.clone(), presented.clone())),
+            Some(roots) => {
+                let inner = WebPkiServerVerifier::builder_with_provider(roots, ctx.crypto.clone())
+                    .build()
+                    .map_err(|e| format!("tls_config: {e}"))?;
+                Arc::new(Capturing {
+                    inner,
+                    presented: presented.clone(),
+                })
+            }
+        };
+        let builder = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
         let mut config = match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "cert_file")?;
@@ -143,14 +374,21 @@ impl TlsClient {
             config: Arc::new(config),
             verified,
             ca_certs,
+            presented,
         })
     }
 
+    /// Completes a handshake over `stream`. When it fails after the server showed its
+    /// certificates (an expired or untrusted one), their expiry and the leaf's details
+    /// are still reported: `probe_ssl_earliest_cert_expiry` and
+    /// `probe_ssl_last_chain_info` (blackbox_exporter reports nothing then, #1119).
     pub(crate) async fn handshake<S>(
         &self,
+        ctx: &ProbeContext,
         server_name: &str,
         stream: S,
-    ) -> Result<tokio_rustls::client::TlsStream<S>, String>
+        out: &mut Samples,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, Failure>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -158,17 +396,97 @@ impl TlsClient {
             .strip_prefix('[')
             .and_then(|n| n.strip_suffix(']'))
             .unwrap_or(server_name);
-        let name = ServerName::try_from(bare.to_string())
-            .map_err(|_| format!("tls: {server_name:?} is not a valid server name"))?;
-        tokio_rustls::TlsConnector::from(self.config.clone())
-            .connect(name, stream)
-            .await
-            .map_err(
-                |e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                    Some(tls) => format!("tls: {tls}"),
-                    None => format!("tls: {}", io_reason(&e)),
-                },
+        let name = ServerName::try_from(bare.to_string()).map_err(|_| {
+            Failure::new(
+                Reason::Config,
+                format!("tls: {server_name:?} is not a valid server name"),
             )
+        })?;
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let result = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, stream)
+            .await;
+        result.map_err(|e| {
+            let presented = self
+                .presented
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if !presented.is_empty() {
+                TlsFacts::from_certs(ctx, &presented).record_unverified(out);
+            }
+            let message = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(tls) => format!("tls: {tls}"),
+                None => format!("tls: {}", io_reason(&e)),
+            };
+            Failure::new(Reason::Tls, message)
+        })
+    }
+}
+
+/// The platform verifier (webpki against the configured roots), noting what the server
+/// presented before judging it.
+#[derive(Debug)]
+struct Capturing {
+    inner: Arc<WebPkiServerVerifier>,
+    presented: Arc<Mutex<Vec<CertificateDer<'static>>>>,
+}
+
+fn note_presented(
+    into: &Mutex<Vec<CertificateDer<'static>>>,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) {
+    // Bounded: a hostile server cannot make the agent keep a long chain.
+    const MAX_CERTS: usize = 16;
+    let mut seen = into.lock().unwrap_or_else(|e| e.into_inner());
+    seen.clear();
+    seen.push(end_entity.clone().into_owned());
+    seen.extend(
+        intermediates
+            .iter()
+            .take(MAX_CERTS - 1)
+            .map(|c| c.clone().into_owned()),
+    );
+}
+
+impl ServerCertVerifier for Capturing {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        note_presented(&self.presented, end_entity, intermediates);
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -188,17 +506,21 @@ fn read_certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, St
 /// The handshake signatures are still checked, so the peer must hold the key of the
 /// certificate it shows.
 #[derive(Debug)]
-struct SkipVerify(Arc<rustls::crypto::CryptoProvider>);
+struct SkipVerify(
+    Arc<rustls::crypto::CryptoProvider>,
+    Arc<Mutex<Vec<CertificateDer<'static>>>>,
+);
 
 impl ServerCertVerifier for SkipVerify {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        note_presented(&self.1, end_entity, intermediates);
         Ok(ServerCertVerified::assertion())
     }
 
@@ -300,13 +622,7 @@ impl TlsFacts {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .zip(presented.first())
-            .map(|(der, cert)| LeafInfo {
-                fingerprint_sha256: sha256_hex(ctx, der),
-                subject: x509::name_string(cert.subject),
-                issuer: x509::name_string(cert.issuer),
-                subject_alternative: cert.dns_names.join(","),
-                serial: cert.serial_hex(),
-            });
+            .map(|(der, cert)| LeafInfo::of(ctx, der, cert));
         Self {
             earliest_expiry,
             last_chain_expiry,
@@ -316,18 +632,38 @@ impl TlsFacts {
         }
     }
 
-    /// The http prober also reports the cipher, the tcp prober does not (as blackbox).
-    pub(crate) fn record(&self, out: &mut Samples, with_cipher: bool) {
-        out.set("probe_ssl_earliest_cert_expiry", self.earliest_expiry);
-        out.set(
-            "probe_ssl_last_chain_expiry_timestamp_seconds",
-            self.last_chain_expiry,
-        );
-        out.gauge_with("probe_tls_version_info", &[("version", self.version)], 1.0);
-        if with_cipher {
-            out.gauge_with("probe_tls_cipher_info", &[("cipher", &self.cipher)], 1.0);
+    /// What the certificates of a handshake that failed verification tell: their
+    /// earliest expiry and the leaf, nothing about the (unestablished) session.
+    pub(crate) fn from_certs(ctx: &ProbeContext, certs: &[CertificateDer<'static>]) -> Self {
+        let parsed: Vec<x509::Cert<'_>> =
+            certs.iter().filter_map(|c| x509::Cert::parse(c)).collect();
+        let earliest_expiry = parsed
+            .iter()
+            .map(|c| c.not_after)
+            .min()
+            .map_or(GO_ZERO_TIME, |t| t as f64);
+        let leaf = certs
+            .first()
+            .zip(parsed.first())
+            .map(|(der, cert)| LeafInfo::of(ctx, der, cert));
+        Self {
+            earliest_expiry,
+            last_chain_expiry: GO_ZERO_TIME,
+            version: "unknown",
+            cipher: String::new(),
+            leaf,
         }
+    }
+
+    /// The samples of a failed handshake: no version, cipher or verified chain.
+    pub(crate) fn record_unverified(&self, out: &mut Samples) {
+        out.set("probe_ssl_earliest_cert_expiry", self.earliest_expiry);
+        self.record_leaf(out);
+    }
+
+    fn record_leaf(&self, out: &mut Samples) {
         if let Some(leaf) = &self.leaf {
+            out.items.retain(|s| s.name != "probe_ssl_last_chain_info");
             out.gauge_with(
                 "probe_ssl_last_chain_info",
                 &[
@@ -339,6 +675,35 @@ impl TlsFacts {
                 ],
                 1.0,
             );
+        }
+    }
+
+    /// The http prober also reports the cipher, the tcp prober does not (as blackbox).
+    pub(crate) fn record(&self, out: &mut Samples, with_cipher: bool) {
+        out.set("probe_ssl_earliest_cert_expiry", self.earliest_expiry);
+        out.set(
+            "probe_ssl_last_chain_expiry_timestamp_seconds",
+            self.last_chain_expiry,
+        );
+        // One of each: a STARTTLS upgrade or a later hop replaces the earlier values.
+        out.items
+            .retain(|s| s.name != "probe_tls_version_info" && s.name != "probe_tls_cipher_info");
+        out.gauge_with("probe_tls_version_info", &[("version", self.version)], 1.0);
+        if with_cipher {
+            out.gauge_with("probe_tls_cipher_info", &[("cipher", &self.cipher)], 1.0);
+        }
+        self.record_leaf(out);
+    }
+}
+
+impl LeafInfo {
+    fn of(ctx: &ProbeContext, der: &[u8], cert: &x509::Cert<'_>) -> Self {
+        LeafInfo {
+            fingerprint_sha256: sha256_hex(ctx, der),
+            subject: x509::name_string(cert.subject),
+            issuer: x509::name_string(cert.issuer),
+            subject_alternative: cert.dns_names.join(","),
+            serial: cert.serial_hex(),
         }
     }
 }
@@ -701,7 +1066,7 @@ pub(crate) mod x509 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::probe::{ProbeOutcome, run};
+    use crate::probe::{ProbeOutcome, Reason, run};
     use sonde_proto::config::Prober;
     use std::time::Duration;
     use tokio::net::TcpListener;
@@ -774,6 +1139,35 @@ pub(crate) mod tests {
         }
     }
 
+    /// A TLS acceptor with the test PKI's leaf (and CA) offering `alpn`, TLS 1.3 only
+    /// when `tls13_only`.
+    pub(crate) fn acceptor(
+        pki: &TestPki,
+        alpn: &[&[u8]],
+        tls13_only: bool,
+    ) -> tokio_rustls::TlsAcceptor {
+        let chain = vec![
+            CertificateDer::from(pki.leaf_der.clone()),
+            CertificateDer::from(pki.ca_der.clone()),
+        ];
+        let key = PrivateKeyDer::Pkcs8(pki.leaf_key_der.clone().into());
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+            &[&rustls::version::TLS13]
+        } else {
+            rustls::DEFAULT_VERSIONS
+        };
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
     /// A TLS server on 127.0.0.1 that completes handshakes (offering `alpn`) and then
     /// hands each connection to `serve`.
     pub(crate) async fn tls_server<F, Fut>(pki: &TestPki, alpn: &[&[u8]], serve: F) -> SocketAddr
@@ -781,21 +1175,7 @@ pub(crate) mod tests {
         F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let chain = vec![
-            CertificateDer::from(pki.leaf_der.clone()),
-            CertificateDer::from(pki.ca_der.clone()),
-        ];
-        let key = PrivateKeyDer::Pkcs8(pki.leaf_key_der.clone().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = acceptor(pki, alpn, false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serve = Arc::new(serve);
@@ -879,7 +1259,13 @@ pub(crate) mod tests {
         assert_eq!(sample(&o, "probe_success"), Some(0.0));
         // Resolution happened before the failure and is still reported.
         assert_eq!(sample(&o, "probe_ip_protocol"), Some(4.0));
-        assert!(sample(&o, "probe_failed_due_to_regex").is_none());
+        // Registered before dialing, as blackbox_exporter 0.23 does.
+        assert_eq!(sample(&o, "probe_failed_due_to_regex"), Some(0.0));
+        assert_eq!(o.failure_reason, Some(crate::probe::Reason::ConnectRefused));
+        assert_eq!(
+            labelled(&o, "probe_failure_info"),
+            vec![(vec![("reason", "connect_refused".to_string())], 1.0)]
+        );
     }
 
     #[tokio::test]
@@ -928,7 +1314,15 @@ pub(crate) mod tests {
             reason.starts_with("tls: invalid peer certificate"),
             "{reason}"
         );
-        assert!(sample(&o, "probe_ssl_earliest_cert_expiry").is_none());
+        assert_eq!(o.failure_reason, Some(crate::probe::Reason::Tls));
+        // Beyond blackbox_exporter: the untrusted certificate's expiry is still reported.
+        assert_eq!(
+            sample(&o, "probe_ssl_earliest_cert_expiry"),
+            Some(LEAF_NOT_AFTER)
+        );
+        let info = labelled(&o, "probe_ssl_last_chain_info");
+        assert_eq!(info.len(), 1);
+        assert!(labelled(&o, "probe_tls_version_info").is_empty());
     }
 
     #[tokio::test]
@@ -1026,6 +1420,235 @@ pub(crate) mod tests {
                 .contains("ca_file /nonexistent/ca.pem")
         );
         assert!(sample(&o, "probe_ip_protocol").is_none());
+    }
+
+    /// A line server: greets, answers `PING <x>` with `PONG <x>`, `STARTTLS` with
+    /// `GO` and a TLS handshake, `BIN` with raw bytes, and `QUIT` by closing.
+    async fn line_server(pki: &TestPki) -> SocketAddr {
+        let acceptor = acceptor(pki, &[], false);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut io: Io = Box::new(stream);
+                    let _ = io
+                        .write_all(b"noise before the greeting\r\n* OK line-7 ready\r\n")
+                        .await;
+                    let mut reader = BufReader::new(io);
+                    loop {
+                        let Ok(Some(line)) = read_line(&mut reader).await else {
+                            return;
+                        };
+                        let line = String::from_utf8_lossy(&line).into_owned();
+                        let reply: Vec<u8> = if let Some(x) = line.strip_prefix("PING ") {
+                            format!("PONG {x}\r\n").into_bytes()
+                        } else if line == "BIN" {
+                            b"\x00\x01SONDE".to_vec()
+                        } else if line == "LONG" {
+                            vec![b'x'; MAX_LINE + 10]
+                        } else if line == "STARTTLS" {
+                            let _ = reader.write_all(b"GO\r\n").await;
+                            let raw = reader.into_inner();
+                            let Ok(tls) = acceptor.accept(raw).await else {
+                                return;
+                            };
+                            reader = BufReader::new(Box::new(tls) as Io);
+                            let _ = reader.write_all(b"* OK secure\r\n").await;
+                            let _ = reader.flush().await;
+                            continue;
+                        } else {
+                            return;
+                        };
+                        let _ = reader.write_all(&reply).await;
+                        let _ = reader.flush().await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn qr_module(json: serde_json::Value) -> Module {
+        serde_json::from_value(serde_json::json!({"prober": "tcp", "tcp": json})).unwrap()
+    }
+
+    #[tokio::test]
+    async fn probe_tcp_query_response_substitutes_captures_and_labels() {
+        let pki = test_pki();
+        let addr = line_server(&pki).await;
+        let m = qr_module(serde_json::json!({"query_response": [
+            {"expect": "^\\* OK (?P<name>[a-z]+)-(\\d+) ready$",
+             "send": "PING ${name}${2}",
+             "labels": [{"name": "server", "value": "${name}"}, {"name": "build", "value": "v$2"}]},
+            {"expect": "^PONG line7$"},
+            {"send": "BIN"},
+            {"expect_bytes": "\u{0}\u{1}SONDE", "send": "QUIT"},
+        ]}));
+        m.validate().unwrap();
+        let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_failed_due_to_regex"), Some(0.0));
+        assert_eq!(sample(&o, "probe_failed_due_to_bytes"), Some(0.0));
+        assert_eq!(
+            labelled(&o, "probe_expect_info"),
+            vec![(
+                vec![("server", "line".to_string()), ("build", "v7".to_string())],
+                1.0
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_tcp_query_response_failures() {
+        let pki = test_pki();
+        let addr = line_server(&pki).await;
+        let cases = [
+            (
+                // No line matches and the server stays open: the deadline ends it, and
+                // like blackbox_exporter that is not counted as a regex failure.
+                serde_json::json!([{"expect": "^\\* OK", "send": "PING a"}, {"expect": "^PONG b$"}]),
+                Reason::Timeout,
+                ("probe_failed_due_to_regex", 0.0),
+            ),
+            (
+                serde_json::json!([{"send": "BIN"}, {"expect_bytes": "\u{0}\u{1}OTHER"}]),
+                Reason::Bytes,
+                ("probe_failed_due_to_bytes", 1.0),
+            ),
+            (
+                serde_json::json!([{"send": "LONG"}, {"expect": "never"}]),
+                Reason::Protocol,
+                ("probe_failed_due_to_regex", 0.0),
+            ),
+        ];
+        for (steps, reason, (metric, value)) in cases {
+            let m = qr_module(serde_json::json!({ "query_response": steps }));
+            let o = run(&ctx(), &addr.to_string(), &m, Duration::from_millis(500)).await;
+            assert!(!o.success, "{steps}");
+            assert_eq!(o.failure_reason, Some(reason), "{steps}: {:?}", o.failure);
+            assert_eq!(sample(&o, metric), Some(value), "{steps}");
+        }
+        // The server closes on QUIT: a later expect fails as a regex failure, as Go's
+        // Scanner ends without a match.
+        let m =
+            qr_module(serde_json::json!({"query_response": [{"send": "QUIT"}, {"expect": "bye"}]}));
+        let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
+        assert_eq!(o.failure_reason, Some(Reason::Regex));
+        assert_eq!(sample(&o, "probe_failed_due_to_regex"), Some(1.0));
+    }
+
+    #[tokio::test]
+    async fn probe_tcp_starttls_upgrades_and_reports_the_certificate() {
+        let pki = test_pki();
+        let addr = line_server(&pki).await;
+        let steps = serde_json::json!([
+            {"expect": "ready$", "send": "STARTTLS"},
+            {"expect": "^GO$", "starttls": true},
+            {"expect": "^\\* OK secure$", "send": "PING tls"},
+            {"expect": "^PONG tls$", "send": "QUIT"},
+        ]);
+        let m = qr_module(serde_json::json!({
+            "query_response": steps,
+            "tls_config": {"ca_file": ca_file(&pki), "server_name": "localhost"},
+        }));
+        let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(
+            sample(&o, "probe_ssl_earliest_cert_expiry"),
+            Some(LEAF_NOT_AFTER)
+        );
+        assert_eq!(labelled(&o, "probe_tls_version_info").len(), 1);
+        // Without the CA the upgrade fails as a TLS failure, with the expiry reported.
+        let m = qr_module(serde_json::json!({ "query_response": steps }));
+        let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
+        assert_eq!(o.failure_reason, Some(Reason::Tls), "{:?}", o.failure);
+        assert_eq!(
+            sample(&o, "probe_ssl_earliest_cert_expiry"),
+            Some(LEAF_NOT_AFTER)
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_tcp_tls_version_bounds() {
+        let pki = test_pki();
+        let acceptor = acceptor(&pki, &[], true);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(s).await;
+                });
+            }
+        });
+        let tls = |cfg: serde_json::Value| {
+            let mut c = serde_json::json!({"insecure_skip_verify": true});
+            c.as_object_mut()
+                .unwrap()
+                .extend(cfg.as_object().unwrap().clone());
+            qr_module(serde_json::json!({"tls": true, "tls_config": c}))
+        };
+        let o = run(
+            &ctx(),
+            &addr.to_string(),
+            &tls(serde_json::json!({"min_version": "TLS13"})),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(o.success, "{:?}", o.failure);
+        let o = run(
+            &ctx(),
+            &addr.to_string(),
+            &tls(serde_json::json!({"min_version": "TLS10"})),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(o.success, "{:?}", o.failure);
+        let m = tls(serde_json::json!({"max_version": "TLS12"}));
+        m.validate().unwrap();
+        let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
+        assert_eq!(o.failure_reason, Some(Reason::Tls), "{:?}", o.failure);
+        assert!(
+            tls(serde_json::json!({"max_version": "TLS11"}))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            tls(serde_json::json!({"min_version": "SSL3"}))
+                .validate()
+                .is_err()
+        );
+    }
+
+    struct RefuseAll;
+    impl crate::probe::ConnectPolicy for RefuseAll {
+        fn check_host(&self, _: &str, _: u16) -> Result<(), String> {
+            Ok(())
+        }
+        fn check_addr(&self, addr: SocketAddr) -> Result<(), String> {
+            Err(format!("{addr} is not allowed"))
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_tcp_policy_refuses_before_connecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let o = crate::probe::run_with_policy(
+            &ctx(),
+            Some(&RefuseAll),
+            &addr.to_string(),
+            &module(Prober::Tcp),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(o.failure_reason, Some(Reason::RefusedByPolicy));
+        // Nothing connected: the listener has no pending connection.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "the probe connected despite the policy");
     }
 
     #[test]

@@ -70,6 +70,24 @@ pub struct TlsConfig {
     pub server_name: Option<String>,
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// `TLS10`..`TLS13`, as Prometheus's `tls_config` spells them. The agent speaks
+    /// TLS 1.2 and 1.3 only: a lower minimum is accepted and means TLS 1.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_version: Option<String>,
+}
+
+/// A TLS protocol version as Prometheus's `tls_config` names it (`TLS12`), as a number
+/// (`12`), `None` when the name is unknown.
+pub fn tls_version_number(name: &str) -> Option<u8> {
+    match name {
+        "TLS10" => Some(10),
+        "TLS11" => Some(11),
+        "TLS12" => Some(12),
+        "TLS13" => Some(13),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,6 +117,20 @@ pub struct HttpProbe {
     pub headers: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// The request body read from this file at every probe (exclusive with `body`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_file: Option<String>,
+    /// Decompress the response body with this algorithm (`gzip`, `deflate`, `br`,
+    /// `identity`) whatever its Content-Encoding says, as blackbox_exporter does.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub compression: String,
+    /// An HTTP proxy (`http://[user:pass@]host:port`) every request goes through; https
+    /// targets are tunnelled with CONNECT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_url: Option<String>,
+    /// Sent on every request of the probe: `<type> <credentials>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
     #[serde(default)]
     pub fail_if_body_matches_regexp: Vec<String>,
     #[serde(default)]
@@ -149,6 +181,24 @@ pub struct BasicAuth {
     pub password_file: Option<String>,
 }
 
+/// Prometheus's `authorization` block of an HTTP client config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    /// The scheme, `Bearer` when unset.
+    #[serde(default = "default_auth_type", rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
+    /// Read at every probe; surrounding whitespace is trimmed, as Prometheus does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
+}
+
+fn default_auth_type() -> String {
+    "Bearer".to_string()
+}
+
 fn is_zero_size(s: &ByteSize) -> bool {
     s.0 == 0
 }
@@ -171,6 +221,10 @@ impl Default for HttpProbe {
             method: default_method(),
             headers: BTreeMap::new(),
             body: None,
+            body_file: None,
+            compression: String::new(),
+            proxy_url: None,
+            authorization: None,
             fail_if_body_matches_regexp: Vec::new(),
             fail_if_body_not_matches_regexp: Vec::new(),
             tls_config: TlsConfig::default(),
@@ -208,10 +262,41 @@ pub struct TcpProbe {
     pub ip_protocol_fallback: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ip_address: Option<String>,
+    /// Lines to expect and send, in order, after connecting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_response: Vec<QueryResponse>,
     #[serde(default)]
     pub tls: bool,
     #[serde(default)]
     pub tls_config: TlsConfig,
+}
+
+/// One step of a tcp `query_response` dialogue (blackbox_exporter's `QueryResponse`):
+/// wait for a line matching `expect` (or exactly the bytes `expect_bytes`), then send
+/// `send` plus a newline, then upgrade to TLS when `starttls`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryResponse {
+    /// A regex; its capture groups (`${1}`, `${name}`) can be used in `send` and `labels`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_bytes: Option<String>,
+    /// Reported as `probe_expect_info{<name>="<value>"} 1` once `expect` matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<ExpectLabel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    #[serde(default)]
+    pub starttls: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectLabel {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 impl Default for TcpProbe {
@@ -220,6 +305,7 @@ impl Default for TcpProbe {
             preferred_ip_protocol: IpProtocol::Ip6,
             ip_protocol_fallback: true,
             source_ip_address: None,
+            query_response: Vec::new(),
             tls: false,
             tls_config: TlsConfig::default(),
         }
@@ -245,6 +331,11 @@ pub struct DnsProbe {
     pub source_ip_address: Option<String>,
     #[serde(default)]
     pub transport_protocol: DnsTransport,
+    /// DNS over TLS (RFC 7858); needs `transport_protocol: tcp`, port 853 by default.
+    #[serde(default)]
+    pub dns_over_tls: bool,
+    #[serde(default)]
+    pub tls_config: TlsConfig,
     #[serde(default)]
     pub query_name: String,
     #[serde(default = "default_query_type")]
@@ -313,6 +404,8 @@ impl Default for DnsProbe {
             ip_protocol_fallback: true,
             source_ip_address: None,
             transport_protocol: DnsTransport::Udp,
+            dns_over_tls: false,
+            tls_config: TlsConfig::default(),
             query_name: String::new(),
             query_type: default_query_type(),
             query_class: default_query_class(),
@@ -430,7 +523,59 @@ fn check_tls(what: &str, tls: &TlsConfig) -> Result<(), String> {
             "{what}.tls_config: cert_file and key_file go together, set both or neither"
         ));
     }
+    let version = |field: &str, v: &Option<String>| -> Result<Option<u8>, String> {
+        v.as_deref()
+            .map(|name| {
+                tls_version_number(name).ok_or_else(|| {
+                    format!("{what}.tls_config.{field}: {name:?} is not one of TLS10, TLS11, TLS12, TLS13")
+                })
+            })
+            .transpose()
+    };
+    let min = version("min_version", &tls.min_version)?;
+    let max = version("max_version", &tls.max_version)?;
+    if let Some(max) = max
+        && max < 12
+    {
+        return Err(format!(
+            "{what}.tls_config.max_version: TLS 1.0 and 1.1 are not supported (the agent speaks TLS 1.2 and 1.3), use TLS12 or TLS13"
+        ));
+    }
+    if let (Some(min), Some(max)) = (min, max)
+        && min > max
+    {
+        return Err(format!(
+            "{what}.tls_config: min_version is above max_version"
+        ));
+    }
     Ok(())
+}
+
+/// The compression algorithms blackbox_exporter decompresses a body with.
+const COMPRESSIONS: [&str; 4] = ["gzip", "deflate", "br", "identity"];
+
+/// blackbox_exporter's check that an `Accept-Encoding` header admits the configured
+/// `compression` (listed with a non-zero quality, or `*`).
+fn accept_encoding_admits(compression: &str, accept: &str) -> bool {
+    if compression.is_empty() || accept.is_empty() {
+        return true;
+    }
+    let mut encodings: Vec<(String, f32)> = accept
+        .split(',')
+        .map(|part| match part.rsplit_once(';') {
+            None => (part.trim().to_string(), 1.0),
+            Some((name, q)) => {
+                let q = q.trim();
+                let q = q.strip_prefix("q=").unwrap_or(q);
+                (name.trim().to_string(), q.parse::<f32>().unwrap_or(0.0))
+            }
+        })
+        .collect();
+    encodings.sort_by(|a, b| b.1.total_cmp(&a.1));
+    encodings
+        .iter()
+        .find(|(name, _)| name == compression || name == "*")
+        .is_some_and(|(_, q)| *q > 0.0)
 }
 
 impl Module {
@@ -514,17 +659,94 @@ impl Module {
                 }
                 let schemes = usize::from(http.basic_auth.is_some())
                     + usize::from(http.bearer_token.is_some())
-                    + usize::from(http.bearer_token_file.is_some());
+                    + usize::from(http.bearer_token_file.is_some())
+                    + usize::from(http.authorization.is_some());
                 if schemes > 1 {
                     return Err(
-                        "http: set at most one of basic_auth, bearer_token and bearer_token_file"
+                        "http: set at most one of basic_auth, authorization, bearer_token and bearer_token_file"
                             .to_string(),
                     );
+                }
+                if let Some(auth) = &http.authorization {
+                    if auth.credentials.is_some() && auth.credentials_file.is_some() {
+                        return Err(
+                            "http.authorization: set credentials or credentials_file, not both"
+                                .to_string(),
+                        );
+                    }
+                    if auth.kind.eq_ignore_ascii_case("basic") {
+                        return Err(
+                            "http.authorization: type Basic is set with basic_auth, not authorization"
+                                .to_string(),
+                        );
+                    }
+                    if auth.kind.is_empty() || !is_header_name(&auth.kind) {
+                        return Err(format!(
+                            "http.authorization.type: {:?} is not an authorization scheme (Bearer, ...)",
+                            auth.kind
+                        ));
+                    }
+                }
+                if http.body.is_some() && http.body_file.is_some() {
+                    return Err("http: set body or body_file, not both".to_string());
+                }
+                let compression = http.compression.to_ascii_lowercase();
+                if !compression.is_empty() && !COMPRESSIONS.contains(&compression.as_str()) {
+                    return Err(format!(
+                        "http.compression: {:?} is not one of gzip, deflate, br, identity",
+                        http.compression
+                    ));
+                }
+                for (name, value) in &http.headers {
+                    if name.eq_ignore_ascii_case("accept-encoding")
+                        && !accept_encoding_admits(&compression, value)
+                    {
+                        return Err(format!(
+                            "http.headers: Accept-Encoding {value:?} does not admit compression {:?}; list it in the header or drop the header",
+                            http.compression
+                        ));
+                    }
+                }
+                if let Some(proxy) = &http.proxy_url {
+                    let ok = proxy
+                        .strip_prefix("http://")
+                        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+                    if !ok {
+                        return Err(format!(
+                            "http.proxy_url: {proxy:?} is not an http:// proxy URL (like http://proxy.internal:3128)"
+                        ));
+                    }
                 }
             }
             Prober::Tcp => {
                 check_source_ip("tcp", &self.tcp.source_ip_address)?;
                 check_tls("tcp", &self.tcp.tls_config)?;
+                for (i, qr) in self.tcp.query_response.iter().enumerate() {
+                    let what = format!("tcp.query_response[{i}]");
+                    if qr.expect.is_some() && qr.expect_bytes.is_some() {
+                        return Err(format!(
+                            "{what}: expect and expect_bytes are mutually exclusive, keep one"
+                        ));
+                    }
+                    if let Some(re) = &qr.expect {
+                        regex::Regex::new(re).map_err(|e| {
+                            format!("{what}.expect: invalid regular expression {re:?}: {e}")
+                        })?;
+                    }
+                    if !qr.labels.is_empty() && qr.expect.is_none() {
+                        return Err(format!(
+                            "{what}.labels: labels take their values from expect's match, set expect"
+                        ));
+                    }
+                    for label in &qr.labels {
+                        if !super::is_valid_label_name(&label.name) {
+                            return Err(format!(
+                                "{what}.labels: {:?} is not a valid label name",
+                                label.name
+                            ));
+                        }
+                    }
+                }
             }
             Prober::Dns => {
                 if self.dns.query_name.is_empty() {
@@ -555,6 +777,13 @@ impl Module {
                     }
                 }
                 check_source_ip("dns", &self.dns.source_ip_address)?;
+                if self.dns.dns_over_tls && self.dns.transport_protocol != DnsTransport::Tcp {
+                    return Err(
+                        "dns.dns_over_tls needs transport_protocol: tcp (DNS over TLS runs over TCP)"
+                            .to_string(),
+                    );
+                }
+                check_tls("dns", &self.dns.tls_config)?;
             }
         }
         Ok(())
