@@ -728,6 +728,83 @@ mod tests {
         }
     }
 
+    /// A DNS-over-TLS server with the test PKI, answering from the test zone.
+    async fn dot_server(pki: &crate::probe::tcp::tests::TestPki) -> SocketAddr {
+        crate::probe::tcp::tests::tls_server(pki, &[], |mut tls| async move {
+            let mut len = [0u8; 2];
+            if tls.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if tls.read_exact(&mut query).await.is_err() {
+                return;
+            }
+            if let Some(reply) = answer(&query) {
+                let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                framed.extend(reply);
+                let _ = tls.write_all(&framed).await;
+                let _ = tls.flush().await;
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn probe_dns_over_tls() {
+        use crate::probe::tcp::tests::{LEAF_NOT_AFTER, ca_file, test_pki};
+        let pki = test_pki();
+        let addr = dot_server(&pki).await;
+        let m = dns_module(serde_json::json!({
+            "query_name": "a.test", "query_type": "A", "transport_protocol": "tcp",
+            "dns_over_tls": true,
+            "tls_config": {"ca_file": ca_file(&pki), "server_name": "localhost"},
+        }));
+        m.validate().unwrap();
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_dns_answer_rrs"), Some(2.0));
+        assert!(phase(&o, "connect") > 0.0);
+        assert_eq!(
+            sample(&o, "probe_ssl_earliest_cert_expiry"),
+            Some(LEAF_NOT_AFTER)
+        );
+        // Untrusted: a TLS failure, the query never sent.
+        let m = dns_module(serde_json::json!({
+            "query_name": "a.test", "transport_protocol": "tcp", "dns_over_tls": true,
+        }));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(crate::probe::Reason::Tls));
+        assert_eq!(sample(&o, "probe_dns_query_succeeded"), Some(0.0));
+        // DoT over UDP is refused by validation.
+        let m = dns_module(serde_json::json!({"query_name": "a.test", "dns_over_tls": true}));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .contains("transport_protocol: tcp")
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_dns_query_class_and_reasons() {
+        let addr = udp_server().await;
+        // The class goes on the wire: the test server echoes the question.
+        let m = dns_module(
+            serde_json::json!({"query_name": "a.test", "query_type": "A", "query_class": "CH"}),
+        );
+        m.validate().unwrap();
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        let query = build_query("a.test", 1, 3, true).unwrap();
+        let q = Message::from_vec(&query).unwrap();
+        assert_eq!(q.queries[0].query_class(), DNSClass::CH);
+        let m = dns_module(serde_json::json!({"query_name": "nx.test", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(crate::probe::Reason::DnsRcode));
+        let m = dns_module(serde_json::json!({"query_name": "garbage.test", "query_type": "A"}));
+        let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(crate::probe::Reason::Protocol));
+    }
+
     #[test]
     fn records_are_written_like_miekg() {
         use hickory_proto::rr::rdata::TXT;

@@ -1113,18 +1113,21 @@ fn parse_http_date(s: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::run;
     use crate::probe::tcp::GO_ZERO_TIME;
     use crate::probe::tcp::tests::{
         LEAF_NOT_AFTER, ca_file, ctx, labelled, module, sample, test_pki, tls_server,
     };
+    use crate::probe::{Reason, run};
     use hyper::service::service_fn;
     use sonde_proto::config::Prober;
     use sonde_proto::config::module::IpProtocol;
     use std::convert::Infallible;
+    use std::sync::Arc;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
+    use tokio::net::TcpStream;
 
     const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -1173,6 +1176,18 @@ mod tests {
                 text(200, "late")
             }
             "/big" => text(200, &"x".repeat(64 * 1024)),
+            "/gzip" => {
+                use std::io::Write as _;
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all("hello compressed sonde ".repeat(100).as_bytes())
+                    .unwrap();
+                let mut resp = Response::new(Full::new(Bytes::from(e.finish().unwrap())));
+                resp.headers_mut()
+                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                resp
+            }
+            "/meta-redirect" => redirect(302, "http://169.254.169.254/latest/meta-data"),
             "/headers" => {
                 let mut resp = text(200, "{}");
                 let h = resp.headers_mut();
@@ -1211,12 +1226,15 @@ mod tests {
                 text(
                     200,
                     &format!(
-                        "method={} host={} ua={} x-probe={} cookie={} body={}",
+                        "method={} host={} ua={} x-probe={} cookie={} auth={} proxy-auth={} uri={} body={}",
                         req.method(),
                         host,
                         h(header::USER_AGENT),
                         h(HeaderName::from_static("x-probe")),
                         h(header::COOKIE),
+                        h(header::AUTHORIZATION),
+                        h(header::PROXY_AUTHORIZATION),
+                        req.uri(),
                         String::from_utf8_lossy(req.body()),
                     ),
                 )
@@ -1835,6 +1853,266 @@ mod tests {
                 .unwrap()
                 .starts_with("http.bearer_token_file /nonexistent/token")
         );
+    }
+
+    #[tokio::test]
+    async fn probe_http_compression_decodes_the_body() {
+        let addr = http_server().await;
+        let target = format!("http://{addr}/gzip");
+        let m = http_module(serde_json::json!({
+            "compression": "gzip",
+            "headers": {"Accept-Encoding": "gzip"},
+            "fail_if_body_not_matches_regexp": ["^(hello compressed sonde )+$"],
+        }));
+        m.validate().unwrap();
+        let o = run(&ctx(), &target, &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(
+            sample(&o, "probe_http_uncompressed_body_length"),
+            Some(2300.0)
+        );
+        // The limit applies to the decompressed body.
+        let m = http_module(serde_json::json!({"compression": "gzip", "body_size_limit": "1KiB"}));
+        let o = run(&ctx(), &target, &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(Reason::BodySize), "{:?}", o.failure);
+        // A body that is not what the module says fails as a protocol error.
+        let m = http_module(serde_json::json!({"compression": "br"}));
+        let o = run(&ctx(), &format!("http://{addr}/ok"), &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(Reason::Protocol), "{:?}", o.failure);
+        let m = http_module(serde_json::json!({"compression": "gzip"}));
+        let o = run(&ctx(), &format!("http://{addr}/ok"), &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(Reason::Protocol), "{:?}", o.failure);
+        // identity leaves the body as it came.
+        let m = http_module(serde_json::json!({"compression": "identity"}));
+        let o = run(&ctx(), &target, &m, TIMEOUT).await;
+        assert!(o.success);
+        assert!(sample(&o, "probe_http_uncompressed_body_length").unwrap() < 2300.0);
+        // An Accept-Encoding that excludes the algorithm is a config error, as in
+        // blackbox_exporter.
+        let m = http_module(serde_json::json!({
+            "compression": "gzip", "headers": {"Accept-Encoding": "br, gzip;q=0"}
+        }));
+        assert!(m.validate().unwrap_err().contains("Accept-Encoding"));
+    }
+
+    #[tokio::test]
+    async fn probe_http_body_file_and_authorization() {
+        let addr = http_server().await;
+        let dir = std::env::temp_dir().join(format!("sonde-http-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let body = dir.join("body.json");
+        std::fs::write(&body, "{\"from\":\"file\"}").unwrap();
+        let creds = dir.join("creds");
+        std::fs::write(&creds, " s3cr3t \n").unwrap();
+        let m = http_module(serde_json::json!({
+            "method": "POST",
+            "body_file": body,
+            "authorization": {"type": "Token", "credentials_file": creds},
+            "fail_if_body_not_matches_regexp": ["auth=Token s3cr3t ", "body=\\{\"from\":\"file\"\\}$"],
+        }));
+        m.validate().unwrap();
+        let o = run(&ctx(), &format!("http://{addr}/echo"), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        let m = http_module(serde_json::json!({
+            "authorization": {"credentials": "tok3n"},
+        }));
+        let o = run(&ctx(), &format!("http://{addr}/private"), &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        let m = http_module(serde_json::json!({"body_file": dir.join("missing")}));
+        let o = run(&ctx(), &format!("http://{addr}/echo"), &m, TIMEOUT).await;
+        assert_eq!(o.failure_reason, Some(Reason::Config));
+        assert_eq!(phase(&o, "connect"), 0.0);
+        let both = http_module(serde_json::json!({"body": "x", "body_file": body}));
+        assert!(both.validate().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A forward proxy: CONNECT tunnels, and plain-http requests in absolute form
+    /// forwarded to the test site. Counts the requests it saw.
+    async fn proxy_server(site: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let seen = Arc::new(AtomicUsize::new(0));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let Ok(mut upstream) = TcpStream::connect(site).await else {
+                        return;
+                    };
+                    if text.starts_with("CONNECT ") {
+                        let _ = client
+                            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                            .await;
+                    } else {
+                        let _ = upstream.write_all(&head).await;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn probe_http_through_a_proxy() {
+        use std::sync::atomic::Ordering;
+        let site = http_server().await;
+        let (proxy, seen) = proxy_server(site).await;
+        // 127.0.0.2:1 refuses direct connections: success proves the proxy carried it.
+        let m = http_module(serde_json::json!({
+            "proxy_url": format!("http://user:pa%20ss@{proxy}"),
+            "fail_if_body_not_matches_regexp": [
+                "uri=http://127.0.0.2:1/echo ", "proxy-auth=Basic dXNlcjpwYSBzcw== "
+            ],
+        }));
+        m.validate().unwrap();
+        let o = run(&ctx(), "http://127.0.0.2:1/echo", &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+
+        let pki = test_pki();
+        let tls_site = https_server_with(&pki, &[b"http/1.1"]).await;
+        let (proxy, seen) = proxy_server(tls_site).await;
+        let m = http_module(serde_json::json!({
+            "proxy_url": format!("http://{proxy}"),
+            "tls_config": {"ca_file": ca_file(&pki)},
+        }));
+        let o = run(&ctx(), "https://localhost:1/ok", &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_http_ssl"), Some(1.0));
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        assert!(
+            http_module(serde_json::json!({"proxy_url": "socks5://x:1"}))
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_https_untrusted_still_reports_expiry_and_reason() {
+        let addr = https_server(&[b"http/1.1"]).await;
+        let o = run(
+            &ctx(),
+            &format!("https://{addr}/ok"),
+            &module(Prober::Http),
+            TIMEOUT,
+        )
+        .await;
+        assert_eq!(o.failure_reason, Some(Reason::Tls));
+        assert_eq!(
+            sample(&o, "probe_ssl_earliest_cert_expiry"),
+            Some(LEAF_NOT_AFTER)
+        );
+        assert_eq!(
+            labelled(&o, "probe_failure_info"),
+            vec![(vec![("reason", "tls".to_string())], 1.0)]
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_http_failure_reasons() {
+        let addr = http_server().await;
+        let cases = [
+            ("/404", serde_json::json!({}), Reason::HttpStatus),
+            (
+                "/ok",
+                serde_json::json!({"valid_http_versions": ["HTTP/2.0"]}),
+                Reason::HttpVersion,
+            ),
+            (
+                "/ok",
+                serde_json::json!({"fail_if_body_matches_regexp": ["hello"]}),
+                Reason::Regex,
+            ),
+            (
+                "/ok",
+                serde_json::json!({"fail_if_not_ssl": true}),
+                Reason::Tls,
+            ),
+            (
+                "/big",
+                serde_json::json!({"body_size_limit": "1KiB"}),
+                Reason::BodySize,
+            ),
+        ];
+        for (path, json, reason) in cases {
+            let o = run(
+                &ctx(),
+                &format!("http://{addr}{path}"),
+                &http_module(json.clone()),
+                TIMEOUT,
+            )
+            .await;
+            assert_eq!(o.failure_reason, Some(reason), "{path} {json}");
+            let info = labelled(&o, "probe_failure_info");
+            assert_eq!(
+                info,
+                vec![(vec![("reason", reason.as_str().to_string())], 1.0)]
+            );
+        }
+        let o = run(
+            &ctx(),
+            &format!("http://{addr}/ok"),
+            &module(Prober::Http),
+            TIMEOUT,
+        )
+        .await;
+        assert!(labelled(&o, "probe_failure_info").is_empty());
+        let o = run(
+            &ctx(),
+            "http://name.invalid/",
+            &module(Prober::Http),
+            TIMEOUT,
+        )
+        .await;
+        assert_eq!(o.failure_reason, Some(Reason::Dns));
+    }
+
+    /// Admits everything but link-local addresses, like `/probe`'s allowlist.
+    struct NoLinkLocal;
+    impl crate::probe::ConnectPolicy for NoLinkLocal {
+        fn check_host(&self, _: &str, _: u16) -> Result<(), String> {
+            Ok(())
+        }
+        fn check_addr(&self, addr: SocketAddr) -> Result<(), String> {
+            match addr.ip() {
+                IpAddr::V4(v4) if v4.is_link_local() => Err(format!("{addr} is link-local")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_http_policy_applies_to_redirect_hops() {
+        let addr = http_server().await;
+        let o = crate::probe::run_with_policy(
+            &ctx(),
+            Some(&NoLinkLocal),
+            &format!("http://{addr}/meta-redirect"),
+            &module(Prober::Http),
+            TIMEOUT,
+        )
+        .await;
+        assert_eq!(
+            o.failure_reason,
+            Some(Reason::RefusedByPolicy),
+            "{:?}",
+            o.failure
+        );
+        assert!(o.failure.clone().unwrap().contains("169.254.169.254"));
+        assert_eq!(sample(&o, "probe_http_redirects"), Some(1.0));
     }
 
     #[test]

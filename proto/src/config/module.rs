@@ -864,6 +864,57 @@ mod tests {
     }
 
     #[test]
+    fn issue3_options_parse_and_validate() {
+        let m: Module = serde_json::from_value(serde_json::json!({
+            "prober": "tcp",
+            "tcp": {
+                "query_response": [
+                    {"expect": "^220 (.+)$", "send": "EHLO ${1}\r",
+                     "labels": [{"name": "banner", "value": "${1}"}]},
+                    {"expect_bytes": "OK", "starttls": true},
+                ],
+                "tls_config": {"min_version": "TLS12", "max_version": "TLS13"},
+            }
+        }))
+        .unwrap();
+        m.validate().unwrap();
+        assert_eq!(m.tcp.query_response.len(), 2);
+        assert!(m.tcp.query_response[1].starttls);
+        let mut bad = m.clone();
+        bad.tcp.query_response[0].expect_bytes = Some("x".into());
+        assert!(bad.validate().unwrap_err().contains("mutually exclusive"));
+        let mut bad = m.clone();
+        bad.tcp.query_response[0].labels[0].name = "bad-name".into();
+        assert!(bad.validate().unwrap_err().contains("label name"));
+        let mut bad = m.clone();
+        bad.tcp.query_response[0].expect = Some("(".into());
+        assert!(bad.validate().unwrap_err().contains("expect"));
+
+        let h: Module = serde_json::from_value(serde_json::json!({
+            "prober": "http",
+            "http": {"authorization": {"credentials": "t"}, "compression": "br",
+                     "proxy_url": "http://proxy:3128", "body_file": "/tmp/b"}
+        }))
+        .unwrap();
+        h.validate().unwrap();
+        assert_eq!(h.http.authorization.as_ref().unwrap().kind, "Bearer");
+        let mut bad = h.clone();
+        bad.http.bearer_token = Some("t".into());
+        assert!(bad.validate().unwrap_err().contains("at most one"));
+        let mut bad = h.clone();
+        bad.http.compression = "zstd".into();
+        assert!(bad.validate().unwrap_err().contains("http.compression"));
+        assert!(accept_encoding_admits("gzip", "br;q=1.0, gzip;q=0.9"));
+        assert!(accept_encoding_admits("gzip", "*"));
+        assert!(!accept_encoding_admits("gzip", "br, gzip;q=0"));
+        assert!(!accept_encoding_admits("gzip", "br"));
+        let unknown = serde_json::from_value::<Module>(serde_json::json!({
+            "prober": "tcp", "tcp": {"query_response": [{"expekt": "x"}]}
+        }));
+        assert!(unknown.is_err());
+    }
+
+    #[test]
     fn json_round_trip() {
         let m: Module = serde_json::from_str(
             r#"{"prober":"dns","timeout":"5s","dns":{"query_name":"example.com","query_type":"A"}}"#,
