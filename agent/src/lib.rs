@@ -17,5 +17,6 @@ pub mod record;
 pub mod runtime;
 pub mod schedule;
 pub mod signals;
+pub mod store;
 pub mod uplink;
 pub mod web;

@@ -81,7 +81,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli.storage_path.display()
         )
     })?;
-    let agent = AgentRuntime::start(config).map_err(|e| anyhow::anyhow!(e))?;
+    let agent =
+        AgentRuntime::start(config, Some(&cli.storage_path)).map_err(|e| anyhow::anyhow!(e))?;
     let listener = tokio::net::TcpListener::bind(cli.web_listen_address)
         .await
         .with_context(|| {

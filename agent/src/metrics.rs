@@ -51,6 +51,7 @@ impl AgentMetrics {
     pub fn families(
         &self,
         buffers: &[(String, crate::buffer::BufferStats)],
+        buffer_write_errors: u64,
         checks: usize,
     ) -> Vec<Family> {
         let mut probes_total = Family::counter(
@@ -108,11 +109,11 @@ impl AgentMetrics {
         );
         let mut buffered_bytes = Family::gauge(
             "sonde_agent_buffer_bytes",
-            "Approximate bytes of the results waiting for this aggregator's ack.",
+            "Bytes the results waiting for this aggregator's ack take in the on-disk buffer (approximate).",
         );
         let mut dropped = Family::counter(
             "sonde_agent_buffer_dropped_total",
-            "Results dropped unsent because the buffer was full (oldest first).",
+            "Results dropped unsent because the buffer was full (oldest first) or could not be written.",
         );
         for (address, s) in buffers {
             let l = [("aggregator", address.as_str())];
@@ -120,6 +121,11 @@ impl AgentMetrics {
             buffered_bytes.push(l, s.bytes as f64);
             dropped.push(l, s.dropped as f64);
         }
+        let mut write_errors = Family::counter(
+            "sonde_agent_buffer_write_errors_total",
+            "Buffer transactions that failed (disk full, I/O error); their results are counted as dropped.",
+        );
+        write_errors.push(Vec::<(String, String)>::new(), buffer_write_errors as f64);
         let mut assignment_errors = Family::counter(
             "sonde_agent_assignment_errors_total",
             "Checks of an assignment this agent could not run (a module it cannot read).",
@@ -140,6 +146,7 @@ impl AgentMetrics {
             buffered,
             buffered_bytes,
             dropped,
+            write_errors,
             assignment_errors,
         ]
     }

@@ -1,15 +1,16 @@
 //! One running agent: its scheduler, buffers and uplinks, started and stopped as a unit
 //! so the aggregator's all-in-one mode can embed it.
 
-use crate::buffer::Buffer;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
 use crate::probe::ProbeContext;
 use crate::schedule::{CheckSpec, Scheduler, Source};
+use crate::store::Store;
 use crate::uplink::Uplink;
 use sonde_proto::config::ResolvedJob;
 use sonde_proto::exposition::Family;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -27,25 +28,29 @@ pub struct AgentRuntime {
 
 impl AgentRuntime {
     /// Starts probing the local jobs and streaming to every configured aggregator.
-    pub fn start(config: AgentConfig) -> Result<Arc<Self>, String> {
+    ///
+    /// Results wait for their acks in `<storage_dir>/agent.db`, or in memory (lost when
+    /// the process ends) for `None`.
+    pub fn start(config: AgentConfig, storage_dir: Option<&Path>) -> Result<Arc<Self>, String> {
         let probe_context = Arc::new(ProbeContext::from_system()?);
         let metrics = Arc::new(AgentMetrics::default());
-        let buffers: Vec<(String, Arc<Buffer>)> = config
+        let addresses: Vec<String> = config
             .aggregators
             .iter()
-            .map(|a| {
-                (
-                    a.address.clone(),
-                    Arc::new(Buffer::new(config.buffer.max_bytes.0)),
-                )
-            })
+            .map(|a| a.address.clone())
             .collect();
-        // Results are not kept across restarts yet, so sequence numbers start from the
-        // clock (µs): above any number an earlier run of this agent can have used.
-        let first_seq = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
-        let outbox = Arc::new(Outbox::new(first_seq, buffers, metrics.clone()));
+        let store = Store::open(storage_dir, &addresses, config.buffer.max_bytes.0)
+            .map_err(|e| e.to_string())?;
+        // The stored high-water mark keeps numbers rising across restarts. The clock
+        // (µs) covers what it cannot: an agent whose storage was wiped or that ran
+        // without one (as before the store existed), whose old numbers an aggregator
+        // may still hold as committed and would take new results for replays of.
+        store.raise_next_seq(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
+        );
+        let outbox = Arc::new(Outbox::new(store, metrics.clone()));
         let scheduler = Arc::new(Scheduler::new(
             config.id.clone(),
             probe_context.clone(),
@@ -115,14 +120,20 @@ impl AgentRuntime {
             .iter()
             .map(|(a, b)| (a.clone(), b.stats()))
             .collect();
-        self.metrics
-            .families(&buffers, self.scheduler.check_count())
+        self.metrics.families(
+            &buffers,
+            self.outbox.store().write_errors(),
+            self.scheduler.check_count(),
+        )
     }
 
     /// Stops probing, gives each uplink up to `grace` to send what is buffered, and
     /// waits for every task to end.
     pub async fn shutdown(&self, grace: Duration) {
         self.scheduler.stop();
+        // The last results must be committed before they can be counted and sent.
+        let store = self.outbox.store().clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline
             && self
@@ -145,6 +156,9 @@ impl AgentRuntime {
         for handle in handles {
             let _ = handle.await;
         }
+        // Commits what the last probes produced and releases the storage directory.
+        let store = self.outbox.store().clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 }
 
@@ -168,4 +182,62 @@ fn local_checks(jobs: &[ResolvedJob]) -> Vec<CheckSpec> {
         }
     }
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AggregatorEndpoint;
+
+    fn config() -> AgentConfig {
+        let mut config = AgentConfig::minimal("edge-1".into());
+        // Nothing listens there: results stay buffered.
+        config.aggregators.push(AggregatorEndpoint {
+            address: "http://127.0.0.1:9".into(),
+            token_file: None,
+            tls_config: None,
+        });
+        config
+    }
+
+    #[tokio::test]
+    async fn a_storage_path_that_cannot_be_used_is_named() {
+        let file = std::env::temp_dir().join(format!("sonde-runtime-file-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        let err = AgentRuntime::start(config(), Some(&file)).err().unwrap();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains("check --storage.path"), "{err}");
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restarted_agent_numbers_above_its_buffered_results() {
+        let dir = std::env::temp_dir().join(format!("sonde-runtime-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let agent = AgentRuntime::start(config(), Some(&dir)).unwrap();
+        let store = agent.outbox.store().clone();
+        let seq = store
+            .append(crate::store::Route::All, |seq| crate::record::ProbeRecord {
+                seq,
+                job: "j".into(),
+                instance: "i".into(),
+                timestamp_ms: 1,
+                success: true,
+                duration_seconds: 0.1,
+                samples: Vec::new(),
+                generation: 0,
+                failure: None,
+            })
+            .unwrap();
+        agent.shutdown(Duration::ZERO).await;
+        // Shutdown releases the directory even while the old runtime is still around.
+        let again = AgentRuntime::start(config(), Some(&dir)).unwrap();
+        let buffer = &again.outbox.buffers[0].1;
+        assert_eq!(buffer.stats().results, 1);
+        assert_eq!(buffer.pending_after(0, 10)[0].seq, seq);
+        assert!(again.outbox.store().next_seq() > seq);
+        again.shutdown(Duration::ZERO).await;
+        drop((agent, again));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

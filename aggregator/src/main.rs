@@ -108,7 +108,10 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
             token_file: None,
             tls_config: None,
         });
-        let agent = sonde_agent::runtime::AgentRuntime::start(agent)?;
+        let agent = sonde_agent::runtime::AgentRuntime::start(
+            agent,
+            Some(&cli.storage_path.join("embedded-agent")),
+        )?;
         tracing::info!(url = %format!("http://{}/", running.web_address), "all-in-one: status page");
         Some(agent)
     } else {

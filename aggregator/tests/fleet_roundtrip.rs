@@ -96,11 +96,17 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
 
     // A wrong token is refused and the agent is never registered.
     std::fs::write(dir.join("wrong.token"), "nope").unwrap();
-    let intruder =
-        AgentRuntime::start(agent_config("edge-1", grpc, dir.join("wrong.token"))).unwrap();
+    let intruder = AgentRuntime::start(
+        agent_config("edge-1", grpc, dir.join("wrong.token")),
+        Some(&dir.join("intruder")),
+    )
+    .unwrap();
     // The right token bound to another agent id is refused too.
-    let impostor =
-        AgentRuntime::start(agent_config("edge-2", grpc, dir.join("edge.token"))).unwrap();
+    let impostor = AgentRuntime::start(
+        agent_config("edge-2", grpc, dir.join("edge.token")),
+        Some(&dir.join("impostor")),
+    )
+    .unwrap();
     wait_for("two refusals", || {
         app.hub.counters.agents_refused.load(Ordering::Relaxed) >= 2
     })
@@ -109,7 +115,11 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
     intruder.shutdown(Duration::ZERO).await;
     impostor.shutdown(Duration::ZERO).await;
 
-    let agent = AgentRuntime::start(agent_config("edge-1", grpc, dir.join("edge.token"))).unwrap();
+    let agent = AgentRuntime::start(
+        agent_config("edge-1", grpc, dir.join("edge.token")),
+        Some(&dir.join("edge-1")),
+    )
+    .unwrap();
     wait_for("the target to be up", || {
         target_state(&app, "tcp") == Some(TargetState::Up)
     })
