@@ -13,6 +13,8 @@ declare -A packages=(
   [promtool]=prometheus
   [nginx]=nginx-light       # the HTTP target
   [dnsmasq]=dnsmasq-base    # the DNS target
+  [victoria-metrics]=victoria-metrics   # a second remote write receiver
+  [python3]=python3         # runs the remote write 2.0 interop decoder (tests/rw2)
 )
 missing=()
 for program in "${!packages[@]}"; do
@@ -45,6 +47,26 @@ if ((${#missing[@]})); then
     echo "error: could not install ${missing[*]} (apt-get exited $status)" >&2
     exit "$status"
   fi
+fi
+
+# --- Python packages of the remote write 2.0 interop decoder (tests/rw2/decode.py) -------
+# The spec's .proto compiled by grpcio-tools' protoc, parsed by `protobuf`, snappy by
+# `cramjam`: an implementation independent of sonde's encoder. Installed from PyPI only
+# when missing.
+py_packages=(grpcio-tools protobuf cramjam)
+if ! python3 -c 'import grpc_tools, google.protobuf, cramjam' >/dev/null 2>&1; then
+  echo "==> installing Python packages: ${py_packages[*]}"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    sudo=()
+    if [[ "$(id -u)" != 0 ]]; then sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends python3-pip
+  fi
+  # Debian's own Python refuses pip installs outside a venv (PEP 668) unless told.
+  python3 -m pip install --quiet "${py_packages[@]}" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "${py_packages[@]}" \
+    || { echo "error: could not install the Python packages ${py_packages[*]}" >&2; exit 1; }
 fi
 
 # --- Rust --------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 //! per-request `remote_timeout`, and the sorting of a response into sent, retry later, or
 //! rejected for good.
 
-use super::config::{RemoteWriteConfig, Secret, TlsConfig};
+use super::config::{ProtobufMessage, RemoteWriteConfig, Secret, TlsConfig};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode};
@@ -24,6 +24,37 @@ use tokio::task::JoinHandle;
 const MESSAGE_BYTES: usize = 256;
 /// A success body larger than this is not drained; the connection is dropped instead.
 const DRAIN_BYTES: usize = 64 << 10;
+
+/// What a 2xx response said about what it stored: remote write 2.0's
+/// `X-Prometheus-Remote-Write-{Samples,Histograms,Exemplars}-Written` headers. A 2.0
+/// receiver always sends them; a 1.0 receiver never does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    pub samples: Option<u64>,
+    pub histograms: Option<u64>,
+    pub exemplars: Option<u64>,
+}
+
+impl Written {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let get = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Self {
+            samples: get("x-prometheus-remote-write-samples-written"),
+            histograms: get("x-prometheus-remote-write-histograms-written"),
+            exemplars: get("x-prometheus-remote-write-exemplars-written"),
+        }
+    }
+
+    /// True when the response carried any of the 2.0 headers.
+    pub fn any(&self) -> bool {
+        self.samples.is_some() || self.histograms.is_some() || self.exemplars.is_some()
+    }
+}
 
 /// Why a request did not land.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -268,17 +299,13 @@ impl Client {
             headers.insert(name, value);
         }
         // Set after the configured ones so that they always win (validation refuses
-        // these names in `headers` anyway).
+        // these names in `headers` anyway). Content-Type and the protocol version are
+        // set per request, since an endpoint may fall back from 2.0 to 1.0.
         let fixed = [
             (header::CONTENT_ENCODING, "snappy"),
-            (header::CONTENT_TYPE, "application/x-protobuf"),
             (
                 header::USER_AGENT,
                 concat!("sonde/", env!("CARGO_PKG_VERSION")),
-            ),
-            (
-                HeaderName::from_static("x-prometheus-remote-write-version"),
-                "0.1.0",
             ),
         ];
         for (name, value) in fixed {
@@ -299,11 +326,15 @@ impl Client {
         })
     }
 
-    /// Sends one request body, within `remote_timeout` from connecting to reading the
-    /// response.
-    pub(crate) async fn send(&mut self, body: Bytes) -> Result<(), SendError> {
+    /// Sends one request body encoded as `message`, within `remote_timeout` from
+    /// connecting to reading the response.
+    pub(crate) async fn send(
+        &mut self,
+        body: Bytes,
+        message: ProtobufMessage,
+    ) -> Result<Written, SendError> {
         let timeout = self.timeout;
-        match tokio::time::timeout(timeout, self.send_inner(body)).await {
+        match tokio::time::timeout(timeout, self.send_inner(body, message)).await {
             Ok(result) => result,
             Err(_) => {
                 // The connection may still carry the abandoned request's response.
@@ -319,8 +350,19 @@ impl Client {
         }
     }
 
-    async fn send_inner(&mut self, body: Bytes) -> Result<(), SendError> {
+    async fn send_inner(
+        &mut self,
+        body: Bytes,
+        message: ProtobufMessage,
+    ) -> Result<Written, SendError> {
         let auth = self.auth.header()?;
+        let (content_type, version) = match message {
+            ProtobufMessage::WriteRequestV1 => ("application/x-protobuf", "0.1.0"),
+            ProtobufMessage::RequestV2 => (
+                super::encode_v2::CONTENT_TYPE_V2,
+                super::encode_v2::VERSION_V2,
+            ),
+        };
         let mut reused = self.conn.is_some();
         loop {
             let mut conn = match self.conn.take() {
@@ -339,6 +381,13 @@ impl Client {
                     retry_after: None,
                 })?;
             *request.headers_mut() = self.headers.clone();
+            request
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            request.headers_mut().insert(
+                HeaderName::from_static("x-prometheus-remote-write-version"),
+                HeaderValue::from_static(version),
+            );
             if let Some(auth) = &auth {
                 request
                     .headers_mut()
@@ -375,6 +424,7 @@ impl Client {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
+            let written = Written::from_headers(response.headers());
             let limit = if status.is_success() {
                 DRAIN_BYTES
             } else {
@@ -384,7 +434,7 @@ impl Client {
             if complete {
                 self.conn = Some(conn);
             }
-            return classify(status, retry_after, location, &prefix);
+            return classify(status, retry_after, location, &prefix).map(|()| written);
         }
     }
 

@@ -1,5 +1,5 @@
 //! One `remote_write` entry of the aggregator's config: Prometheus's block, the parts that
-//! apply to a sender without a WAL (no `write_relabel_configs`, no remote write 2.0 yet).
+//! apply to sonde's sender (no `write_relabel_configs`; remote write 1.0 and 2.0).
 //! Defaults and checks live here, next to the options, so `check-config` and the running
 //! sender agree on what a config means.
 
@@ -102,11 +102,30 @@ pub struct QueueConfig {
     pub min_backoff: PromDuration,
     #[serde(default = "default_max_backoff")]
     pub max_backoff: PromDuration,
-    /// Bound of the queue, counted as the samples' uncompressed size with their labels.
-    /// Past it the oldest samples are dropped (and counted), so a dead receiver costs
-    /// bounded memory.
+    /// Bound of the durable queue, counted as the samples' uncompressed size with their
+    /// labels. Past it the oldest samples are dropped (and counted), so a dead receiver
+    /// costs bounded disk.
     #[serde(default = "default_max_queue_bytes")]
     pub max_queue_bytes: ByteSize,
+    /// Requests in flight at once. A series always goes through the same shard, so its
+    /// samples stay in order. Fixed (Prometheus resizes between min_shards and max_shards;
+    /// sonde's load is small enough for a fixed number).
+    // Not serialized at their defaults, so that the generated endpoint name (a hash of the
+    // serialized config) stays what it was before these options existed.
+    #[serde(
+        default = "default_max_shards",
+        skip_serializing_if = "is_default_max_shards"
+    )]
+    pub max_shards: usize,
+    /// Samples older than this when their turn to be sent comes are dropped and counted
+    /// (reason `too_old`) instead of sent; 0 (the default) sends everything. As in
+    /// Prometheus: set it to about 1h for a Prometheus receiver, which refuses a whole
+    /// request (HTTP 400 "out of bounds") when one sample in it is older than its head block.
+    #[serde(
+        default = "default_sample_age_limit",
+        skip_serializing_if = "is_zero_duration"
+    )]
+    pub sample_age_limit: PromDuration,
 }
 
 impl Default for QueueConfig {
@@ -117,6 +136,8 @@ impl Default for QueueConfig {
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),
             max_queue_bytes: default_max_queue_bytes(),
+            max_shards: default_max_shards(),
+            sample_age_limit: default_sample_age_limit(),
         }
     }
 }
@@ -139,23 +160,48 @@ fn default_max_backoff() -> PromDuration {
 fn default_max_queue_bytes() -> ByteSize {
     ByteSize(1 << 30)
 }
+fn default_max_shards() -> usize {
+    4
+}
+fn default_sample_age_limit() -> PromDuration {
+    PromDuration::from_secs(0)
+}
+fn is_default_max_shards(n: &usize) -> bool {
+    *n == default_max_shards()
+}
+fn is_zero_duration(d: &PromDuration) -> bool {
+    d.0.is_zero()
+}
 
-/// The message the endpoint receives. Only remote write 1.0 exists in this version; the
-/// option is parsed so that configs copied from Prometheus either work or say why not.
+/// More shards than this would only multiply connections to one receiver.
+pub const MAX_SHARDS_LIMIT: usize = 64;
+
+/// The message the endpoint receives: remote write 1.0's `prometheus.WriteRequest` (the
+/// default, which every receiver speaks) or 2.0's `io.prometheus.write.v2.Request`. An
+/// endpoint configured for 2.0 falls back to 1.0 by itself when the receiver shows that it
+/// does not speak 2.0 (HTTP 415, or a 2xx without the 2.0 response headers).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ProtobufMessage {
     #[default]
     WriteRequestV1,
+    RequestV2,
 }
 
-const PROTOBUF_V1: &str = "prometheus.WriteRequest";
-const PROTOBUF_V2: &str = "io.prometheus.write.v2.Request";
+pub const PROTOBUF_V1: &str = "prometheus.WriteRequest";
+pub const PROTOBUF_V2: &str = "io.prometheus.write.v2.Request";
+
+impl ProtobufMessage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtobufMessage::WriteRequestV1 => PROTOBUF_V1,
+            ProtobufMessage::RequestV2 => PROTOBUF_V2,
+        }
+    }
+}
 
 impl Serialize for ProtobufMessage {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            ProtobufMessage::WriteRequestV1 => s.serialize_str(PROTOBUF_V1),
-        }
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -164,13 +210,10 @@ impl<'de> Deserialize<'de> for ProtobufMessage {
         let s = String::deserialize(d)?;
         match s.as_str() {
             PROTOBUF_V1 => Ok(ProtobufMessage::WriteRequestV1),
-            PROTOBUF_V2 => Err(serde::de::Error::custom(format!(
-                "protobuf_message: {PROTOBUF_V2} (remote write 2.0) is not supported by this \
-                 version of sonde, only remote write 1.0 is; set protobuf_message to \
-                 {PROTOBUF_V1} or remove the option"
-            ))),
+            PROTOBUF_V2 => Ok(ProtobufMessage::RequestV2),
             other => Err(serde::de::Error::custom(format!(
-                "protobuf_message: unknown message {other:?}; expected {PROTOBUF_V1}"
+                "protobuf_message: unknown message {other:?}; expected {PROTOBUF_V1} \
+                 (remote write 1.0) or {PROTOBUF_V2} (remote write 2.0)"
             ))),
         }
     }
@@ -372,6 +415,11 @@ impl RemoteWriteConfig {
         if q.max_queue_bytes.0 == 0 {
             return Err("queue_config.max_queue_bytes: must be more than 0, like \"1GiB\"".into());
         }
+        if q.max_shards == 0 || q.max_shards > MAX_SHARDS_LIMIT {
+            return Err(format!(
+                "queue_config.max_shards: must be between 1 and {MAX_SHARDS_LIMIT}, like 4"
+            ));
+        }
         Ok(())
     }
 }
@@ -409,7 +457,7 @@ fn check_readable(option: &str, path: &Path) -> Result<(), String> {
 
 /// FNV-1a: a hash whose output is fixed by its definition, unlike std's `DefaultHasher`,
 /// so generated endpoint names do not change when the toolchain does.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);
@@ -438,6 +486,8 @@ mod tests {
         assert_eq!(c.queue_config.max_backoff.0, Duration::from_secs(5));
         assert_eq!(c.queue_config.max_queue_bytes, ByteSize(1 << 30));
         assert_eq!(c.protobuf_message, ProtobufMessage::WriteRequestV1);
+        assert_eq!(c.queue_config.max_shards, 4);
+        assert!(c.queue_config.sample_age_limit.0.is_zero());
         assert_eq!(
             c,
             RemoteWriteConfig::new("http://127.0.0.1:9090/api/v1/write")
@@ -471,12 +521,14 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_keys_and_v2() {
+    fn rejects_unknown_keys_accepts_v2() {
         let e = parse("url: http://a/\nwrite_relabel_configs: []\n").unwrap_err();
         assert!(e.contains("write_relabel_configs"), "{e}");
-        let e = parse("url: http://a/\nprotobuf_message: io.prometheus.write.v2.Request\n")
-            .unwrap_err();
-        assert!(e.contains("only remote write 1.0"), "{e}");
+        let c =
+            parse("url: http://a/\nprotobuf_message: io.prometheus.write.v2.Request\n").unwrap();
+        assert_eq!(c.protobuf_message, ProtobufMessage::RequestV2);
+        let e = parse("url: http://a/\nprotobuf_message: v3\n").unwrap_err();
+        assert!(e.contains("io.prometheus.write.v2.Request"), "{e}");
         let e = parse("url: http://a/\nqueue_config: {capacity: 10}\n").unwrap_err();
         assert!(e.contains("capacity"), "{e}");
     }
@@ -525,6 +577,10 @@ mod tests {
         check(
             "url: http://a/\nqueue_config: {max_samples_per_send: 0}\n",
             "max_samples_per_send",
+        );
+        check(
+            "url: http://a/\nqueue_config: {max_shards: 0}\n",
+            "queue_config.max_shards",
         );
         let e = parse("url: http://a/\nname: x\nbearer_token_file: /nonexistent/t\n")
             .unwrap()

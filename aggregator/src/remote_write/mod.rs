@@ -1,23 +1,33 @@
-//! Prometheus remote write 1.0 sender.
+//! Prometheus remote write sender (1.0 and 2.0) with a durable queue per endpoint.
 //!
 //! - `config`: the `remote_write` block, its defaults and validation;
-//! - `encode`: series to snappy-compressed `WriteRequest` and back (pure);
+//! - `encode`: series to snappy-compressed 1.0 `WriteRequest` and back (pure);
+//! - `encode_v2`: the same for 2.0's `io.prometheus.write.v2.Request` (pure);
 //! - `client`: the HTTP exchange and the sorting of responses;
-//! - `queue`: one bounded queue and one sending task per endpoint.
+//! - `queue`: the endpoint's queue in the aggregator's SQLite database and its shard tasks.
 //!
 //! [`RemoteWriter`] is one endpoint; [`RemoteWriters`] fans the same samples out to every
-//! configured endpoint. Endpoints are independent: each has its own queue and task, so a
+//! configured endpoint. Endpoints are independent: each has its own rows and tasks, so a
 //! slow or dead one delays neither the producers nor the others.
+//!
+//! The delivery guarantee: a sample handed to [`RemoteWriter::enqueue`] inside a
+//! transaction that commits is on disk; it leaves the queue only when the receiver
+//! stored it (2xx), refused it for good (4xx other than 429), or the queue's byte bound
+//! pushed it out — each of the last two counted in
+//! `sonde_remote_write_samples_dropped_total`. Per series, samples are sent in order and
+//! never at or before a timestamp already queued or sent, across restarts.
 
 pub mod client;
 pub mod config;
 pub mod encode;
+pub mod encode_v2;
 mod queue;
 
 pub use client::SendError;
-pub use config::{RemoteWriteConfig, validate_all};
+pub use config::{ProtobufMessage, RemoteWriteConfig, validate_all};
 pub use encode::{STALE_NAN_BITS, Series, SeriesSample, decode, encode};
 
+use crate::store::Store;
 use sonde_proto::config::Labels;
 use sonde_proto::exposition::Family;
 use std::sync::{Arc, Mutex};
@@ -42,28 +52,38 @@ pub struct QueueStatus {
     pub last_error: Option<String>,
     pub last_error_time: Option<SystemTime>,
     pub last_success: Option<SystemTime>,
+    /// The message sent now: `protobuf_message`, or 1.0 after a fallback from 2.0.
+    pub protobuf_message: &'static str,
+    pub shards: usize,
 }
 
-/// The sender for one remote write endpoint: a bounded in-memory queue and the task
-/// that drains it.
+/// The sender for one remote write endpoint: its durable queue in the aggregator's
+/// database and the shard tasks that drain it.
 pub struct RemoteWriter {
     shared: Arc<queue::Shared>,
-    max_queue_bytes: u64,
     stop: watch::Sender<Option<Instant>>,
-    /// Taken by `shutdown`; aborted on drop, so the task never outlives its writer.
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Taken by `shutdown`; aborted on drop, so no task outlives its writer.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl RemoteWriter {
-    /// Validates `cfg` and starts the endpoint's sending task (so it must be called
-    /// inside a Tokio runtime). `external_labels` go on every series that does not carry
-    /// the label itself.
-    pub fn start(cfg: RemoteWriteConfig, external_labels: &Labels) -> Result<Self, String> {
+    /// Validates `cfg`, opens the endpoint's queue in `store` (what an earlier run left
+    /// there is sent first) and starts its shard tasks (so it must be called inside a
+    /// Tokio runtime). `external_labels` go on every series that does not carry the label
+    /// itself.
+    pub fn start(
+        cfg: RemoteWriteConfig,
+        external_labels: &Labels,
+        store: Arc<Store>,
+    ) -> Result<Self, String> {
         cfg.validate()?;
         let name = cfg.name();
-        let client =
-            client::Client::new(&cfg).map_err(|e| format!("remote_write {name:?}: {e}"))?;
-        let shared = Arc::new(queue::Shared::new(
+        let shards = cfg.queue_config.max_shards;
+        let clients = (0..shards)
+            .map(|_| client::Client::new(&cfg))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("remote_write {name:?}: {e}"))?;
+        let shared = Arc::new(queue::Shared::open(
             name,
             cfg.url.clone(),
             external_labels
@@ -72,19 +92,26 @@ impl RemoteWriter {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             &cfg.queue_config,
-        ));
+            cfg.protobuf_message,
+            store,
+        )?);
         let (stop, stop_rx) = watch::channel(None);
-        let task = tokio::spawn(queue::run(
-            shared.clone(),
-            client,
-            cfg.queue_config.clone(),
-            stop_rx,
-        ));
+        let tasks = clients
+            .into_iter()
+            .enumerate()
+            .map(|(shard, client)| {
+                tokio::spawn(queue::run_shard(
+                    shared.clone(),
+                    shard,
+                    client,
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
         Ok(Self {
             shared,
-            max_queue_bytes: cfg.queue_config.max_queue_bytes.0,
             stop,
-            task: Mutex::new(Some(task)),
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -96,29 +123,64 @@ impl RemoteWriter {
         &self.shared.url
     }
 
-    /// Queues samples for sending. Never waits on the network. Samples that are not newer
-    /// than the last queued sample of their series, or whose labels no receiver accepts,
-    /// are dropped and counted; when the queue is over `max_queue_bytes`, the oldest are.
+    /// Inside the caller's transaction: applies the external labels, drops (and counts)
+    /// samples at or before the last timestamp queued for their series (kept in the same
+    /// database, so across restarts), appends the rest to this endpoint's queue, and
+    /// enforces `max_queue_bytes` (oldest dropped, counted). Never waits on the network.
+    /// Call [`RemoteWriter::wake`] after the commit.
+    pub fn enqueue(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        samples: &[SeriesSample],
+    ) -> rusqlite::Result<()> {
+        self.shared.enqueue(tx, samples)
+    }
+
+    /// After the caller's commit: lets the shard tasks send what was queued.
+    pub fn wake(&self) {
+        self.shared.wake();
+    }
+
+    /// [`RemoteWriter::enqueue`] in a transaction of its own, then [`RemoteWriter::wake`];
+    /// for producers outside a batch, and tests. A database error is logged (the samples
+    /// are then lost).
     pub fn push(&self, samples: Vec<SeriesSample>) {
-        self.shared.push(samples);
+        match self.shared.store_with_tx(|tx| self.enqueue(tx, &samples)) {
+            Ok(()) => self.wake(),
+            Err(e) => tracing::error!(
+                remote_name = %self.shared.name,
+                samples = samples.len(),
+                error = %e,
+                "cannot queue samples for remote write"
+            ),
+        }
     }
 
     /// Sends what is queued, without waiting for full batches, until the queue is empty
-    /// or `deadline` has passed; then stops the task. Samples still queued are lost (and
-    /// logged): the queue lives in memory. Takes `&self` so that a writer shared behind
-    /// an `Arc` can be flushed too; samples pushed afterwards are never sent.
+    /// or `deadline` has passed; then stops the tasks. What is not sent stays on disk for
+    /// the next start. Takes `&self` so that a writer shared behind an `Arc` can be
+    /// flushed too; samples queued afterwards are sent by the next start.
     pub async fn shutdown(&self, deadline: Duration) {
         let until = Instant::now() + deadline;
         self.stop.send_replace(Some(until));
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(mut task) = task {
-            // The task stops by itself at the deadline; the margin only guards against
-            // one stuck where nothing can interrupt it.
-            let margin = until + Duration::from_secs(1);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        // The tasks stop by themselves at the deadline; the margin only guards against
+        // one stuck where nothing can interrupt it.
+        let margin = until + Duration::from_secs(1);
+        for mut task in tasks {
             if tokio::time::timeout_at(margin, &mut task).await.is_err() {
                 task.abort();
                 let _ = task.await;
             }
+        }
+        let left = self.shared.snapshot().queued_samples;
+        if left > 0 {
+            tracing::info!(
+                remote_name = %self.shared.name,
+                url = %self.shared.url,
+                samples = left,
+                "remote write stopped with samples still queued; they stay on disk and are sent after the next start"
+            );
         }
     }
 
@@ -132,47 +194,67 @@ impl RemoteWriter {
         QueueStatus {
             name: self.shared.name.clone(),
             url: self.shared.url.clone(),
-            queued_samples: snap.queued_samples,
+            queued_samples: snap.queued_samples as usize,
             queued_bytes: snap.queued_bytes,
-            max_queue_bytes: self.max_queue_bytes,
+            max_queue_bytes: self.shared.max_queue_bytes(),
             sent_samples: snap.counters.sent,
             dropped_samples: snap.counters.dropped(),
             failing: snap.failing,
             last_error: snap.last_error.as_ref().map(|(e, _)| e.clone()),
             last_error_time: snap.last_error.as_ref().map(|(_, t)| *t),
             last_success: snap.last_success,
+            protobuf_message: snap.message.as_str(),
+            shards: self.shared.shard_count(),
         }
+    }
+
+    /// The configured `protobuf_message` (before any fallback).
+    pub fn configured_message(&self) -> ProtobufMessage {
+        self.shared.configured_message()
     }
 }
 
 impl Drop for RemoteWriter {
     fn drop(&mut self) {
-        let task = self
-            .task
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
             task.abort();
         }
     }
 }
 
+/// Logs, once, every endpoint with samples queued on disk that `configs` no longer has.
+/// Their rows are kept, unsent and outside every bound, until an endpoint with the same
+/// name is configured again. [`RemoteWriters::start`] calls it.
+pub fn report_unconfigured_queues(
+    store: &Store,
+    configs: &[RemoteWriteConfig],
+) -> Result<(), String> {
+    let names: Vec<String> = configs.iter().map(RemoteWriteConfig::name).collect();
+    queue::report_unconfigured(store, &names)
+}
+
 /// Every configured endpoint, each fed the same samples.
 pub struct RemoteWriters {
     writers: Vec<RemoteWriter>,
+    store: Arc<Store>,
 }
 
 impl RemoteWriters {
-    /// Validates all `configs` (including that their names differ) and starts one
-    /// writer per endpoint.
-    pub fn start(configs: &[RemoteWriteConfig], external_labels: &Labels) -> Result<Self, String> {
+    /// Validates all `configs` (including that their names differ), reports queues left
+    /// by endpoints no longer configured, and starts one writer per endpoint.
+    pub fn start(
+        configs: &[RemoteWriteConfig],
+        external_labels: &Labels,
+        store: Arc<Store>,
+    ) -> Result<Self, String> {
         validate_all(configs)?;
+        report_unconfigured_queues(&store, configs)?;
         let writers = configs
             .iter()
-            .map(|cfg| RemoteWriter::start(cfg.clone(), external_labels))
+            .map(|cfg| RemoteWriter::start(cfg.clone(), external_labels, store.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { writers })
+        Ok(Self { writers, store })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -183,13 +265,34 @@ impl RemoteWriters {
         &self.writers
     }
 
-    /// Queues `samples` on every endpoint; never waits on the network.
+    /// Queues `samples` on every endpoint inside the caller's transaction.
+    pub fn enqueue(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        samples: &[SeriesSample],
+    ) -> rusqlite::Result<()> {
+        for writer in &self.writers {
+            writer.enqueue(tx, samples)?;
+        }
+        Ok(())
+    }
+
+    /// After the caller's commit: wakes every endpoint.
+    pub fn wake(&self) {
+        for writer in &self.writers {
+            writer.wake();
+        }
+    }
+
+    /// Queues `samples` on every endpoint in one transaction; never waits on the network.
     pub fn push(&self, samples: Vec<SeriesSample>) {
-        if let Some((last, rest)) = self.writers.split_last() {
-            for writer in rest {
-                writer.push(samples.clone());
-            }
-            last.push(samples);
+        match self.store.with_tx(|tx| self.enqueue(tx, &samples)) {
+            Ok(()) => self.wake(),
+            Err(e) => tracing::error!(
+                samples = samples.len(),
+                error = %e,
+                "cannot queue samples for remote write"
+            ),
         }
     }
 
@@ -225,7 +328,7 @@ mod tests {
     use axum::response::{IntoResponse, Response};
     use bytes::Bytes;
     use sonde_proto::config::{ByteSize, PromDuration};
-    use sonde_proto::prompb::WriteRequest;
+    use sonde_proto::prompb::{Label, Sample, TimeSeries, WriteRequest};
     use std::collections::VecDeque;
     use std::net::SocketAddr;
 
@@ -249,22 +352,44 @@ mod tests {
         }
     }
 
+    /// Which remote write messages the test receiver understands.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Speaks {
+        /// Reads every body as 1.0, whatever its Content-Type, and never sends the 2.0
+        /// headers: Prometheus 2.42 and VictoriaMetrics 1.79 (a 2.0 body is then an
+        /// empty request: 204, nothing stored).
+        V1Lenient,
+        /// 1.0 only, and says so: 415 for the 2.0 Content-Type.
+        V1Strict,
+        /// Both, by Content-Type, with the 2.0 `-Written` headers on 2.0 requests.
+        Both,
+    }
+
     struct Attempt {
         at: std::time::Instant,
         headers: HeaderMap,
+        /// The request as 1.0 (2.0 requests converted), empty when nothing was read.
         request: WriteRequest,
+        /// "1.0" or "2.0": how the receiver read the body.
+        read_as: &'static str,
         status: u16,
     }
 
-    #[derive(Default)]
     struct Log {
+        speaks: Speaks,
         /// Replies for the next requests, in order; then `fallback`, then 204.
         script: VecDeque<Reply>,
         fallback: Option<Reply>,
+        /// Refuses (400) every request holding a series with this metric name.
+        refuse_name: Option<String>,
+        /// Pause before answering every request, to keep several in flight.
+        delay: Duration,
         attempts: Vec<Attempt>,
+        in_flight: usize,
+        max_in_flight: usize,
     }
 
-    /// A remote write receiver on 127.0.0.1 that decodes with [`decode`] and records
+    /// A remote write receiver on 127.0.0.1 that decodes with our decoders and records
     /// every request and the status it gave.
     struct Receiver {
         addr: SocketAddr,
@@ -282,16 +407,37 @@ mod tests {
 
     impl Receiver {
         async fn start() -> Self {
-            Self::start_with(None).await
+            Self::start_with(None, Speaks::V1Lenient).await
+        }
+
+        async fn speaking(speaks: Speaks) -> Self {
+            Self::start_with(None, speaks).await
         }
 
         /// Serves HTTPS with `tls` when given.
-        async fn start_with(tls: Option<rustls::ServerConfig>) -> Self {
-            let log = Arc::new(Mutex::new(Log::default()));
+        async fn start_with(tls: Option<rustls::ServerConfig>, speaks: Speaks) -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Self::serve(listener, tls, speaks)
+        }
+
+        fn serve(
+            listener: tokio::net::TcpListener,
+            tls: Option<rustls::ServerConfig>,
+            speaks: Speaks,
+        ) -> Self {
+            let log = Arc::new(Mutex::new(Log {
+                speaks,
+                script: VecDeque::new(),
+                fallback: None,
+                refuse_name: None,
+                delay: Duration::ZERO,
+                attempts: Vec::new(),
+                in_flight: 0,
+                max_in_flight: 0,
+            }));
             let app = axum::Router::new()
                 .route("/api/v1/write", axum::routing::post(receive))
                 .with_state(log.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let server = match tls {
                 None => tokio::spawn(async move {
@@ -333,6 +479,17 @@ mod tests {
             self.log.lock().unwrap().attempts.len()
         }
 
+        /// (how the body was read, status) of every request so far.
+        fn outcomes(&self) -> Vec<(&'static str, u16)> {
+            self.log
+                .lock()
+                .unwrap()
+                .attempts
+                .iter()
+                .map(|a| (a.read_as, a.status))
+                .collect()
+        }
+
         /// The requests answered with 2xx.
         fn accepted(&self) -> Vec<WriteRequest> {
             self.log
@@ -368,28 +525,104 @@ mod tests {
         out
     }
 
+    /// A 2.0 request in 1.0's shape, for the same assertions.
+    fn as_v1(series: Vec<Series>) -> WriteRequest {
+        WriteRequest {
+            timeseries: series
+                .into_iter()
+                .map(|s| TimeSeries {
+                    labels: s
+                        .labels
+                        .into_iter()
+                        .map(|(name, value)| Label { name, value })
+                        .collect(),
+                    samples: s
+                        .samples
+                        .into_iter()
+                        .map(|(timestamp, value)| Sample { value, timestamp })
+                        .collect(),
+                })
+                .collect(),
+            metadata: Vec::new(),
+        }
+    }
+
     async fn receive(
         State(log): State<Arc<Mutex<Log>>>,
         headers: HeaderMap,
         body: Bytes,
     ) -> Response {
-        let request = match decode(&body) {
-            Ok(r) => r,
-            Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        let is_v2 = headers.get("content-type").is_some_and(|v| {
+            v.to_str()
+                .unwrap_or_default()
+                .contains("io.prometheus.write.v2")
+        });
+        let (speaks, refuse_name, delay) = {
+            let mut log = log.lock().unwrap();
+            log.in_flight += 1;
+            log.max_in_flight = log.max_in_flight.max(log.in_flight);
+            (log.speaks, log.refuse_name.clone(), log.delay)
         };
+        tokio::time::sleep(delay).await;
+        let (request, read_as) = if is_v2 && speaks == Speaks::Both {
+            match encode_v2::decode(&body)
+                .map_err(|e| e.to_string())
+                .and_then(|r| encode_v2::resolve(&r))
+            {
+                Ok(series) => (as_v1(series), "2.0"),
+                Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+            }
+        } else {
+            match decode(&body) {
+                Ok(r) => (r, "1.0"),
+                Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+            }
+        };
+        let refused = refuse_name.is_some_and(|name| {
+            request.timeseries.iter().any(|ts| {
+                ts.labels
+                    .iter()
+                    .any(|l| l.name == "__name__" && l.value == name)
+            })
+        });
+        let samples: usize = request.timeseries.iter().map(|t| t.samples.len()).sum();
         let reply = {
             let mut log = log.lock().unwrap();
-            let reply = log
-                .script
-                .pop_front()
-                .or_else(|| log.fallback.clone())
-                .unwrap_or_else(|| Reply::status(204));
+            log.in_flight -= 1;
+            let reply = if is_v2 && speaks == Speaks::V1Strict {
+                Reply::status(415)
+            } else if refused {
+                let mut r = Reply::status(400);
+                r.body = "out of order sample".into();
+                r
+            } else {
+                log.script
+                    .pop_front()
+                    .or_else(|| log.fallback.clone())
+                    .unwrap_or_else(|| Reply::status(204))
+            };
+            let stored = (200..300).contains(&reply.status);
             log.attempts.push(Attempt {
                 at: std::time::Instant::now(),
                 headers,
                 request,
+                read_as,
                 status: reply.status,
             });
+            let mut reply = reply;
+            if read_as == "2.0" {
+                let written = if stored { samples } else { 0 };
+                reply.headers.push((
+                    "x-prometheus-remote-write-samples-written",
+                    written.to_string(),
+                ));
+                reply
+                    .headers
+                    .push(("x-prometheus-remote-write-histograms-written", "0".into()));
+                reply
+                    .headers
+                    .push(("x-prometheus-remote-write-exemplars-written", "0".into()));
+            }
             reply
         };
         tokio::time::sleep(reply.delay).await;
@@ -419,6 +652,15 @@ mod tests {
         cfg.queue_config.min_backoff = PromDuration::from_millis(10);
         cfg.queue_config.max_backoff = PromDuration::from_millis(40);
         cfg
+    }
+
+    fn memory() -> Arc<Store> {
+        Arc::new(Store::in_memory().unwrap())
+    }
+
+    /// A writer on a throwaway in-memory store, without external labels.
+    fn start(cfg: RemoteWriteConfig) -> RemoteWriter {
+        RemoteWriter::start(cfg, &no_labels(), memory()).unwrap()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -470,7 +712,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let writer = RemoteWriter::start(cfg, &external).unwrap();
+        let writer = RemoteWriter::start(cfg, &external, memory()).unwrap();
         writer.push(vec![sample("up", 1000)]);
         eventually("the sample", || writer.status().sent_samples == 1).await;
 
@@ -519,7 +761,7 @@ mod tests {
         let mut cfg = config(&rx.url());
         cfg.queue_config.max_samples_per_send = 10;
         cfg.queue_config.batch_send_deadline = PromDuration::from_secs(3600);
-        let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+        let writer = start(cfg);
         writer.push((1..=25).map(|t| sample("m", t)).collect());
         eventually("two full batches", || rx.accepted().len() == 2).await;
         // The last 5 wait for a full batch or the (hour-long) deadline.
@@ -548,7 +790,9 @@ mod tests {
         let rx = Receiver::start().await;
         let mut cfg = config(&rx.url());
         cfg.queue_config.batch_send_deadline = PromDuration::from_millis(300);
-        let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+        // One shard: both series in the same request.
+        cfg.queue_config.max_shards = 1;
+        let writer = start(cfg);
         let pushed = std::time::Instant::now();
         writer.push(vec![sample("a", 1), sample("b", 1)]);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -576,7 +820,9 @@ mod tests {
     async fn retries_500_and_429_without_losing_or_doubling() {
         let rx = Receiver::start().await;
         rx.script([Reply::status(500), Reply::status(429), Reply::status(503)]);
-        let writer = RemoteWriter::start(config(&rx.url()), &no_labels()).unwrap();
+        let mut cfg = config(&rx.url());
+        cfg.queue_config.max_shards = 1;
+        let writer = start(cfg);
         let mut want = Vec::new();
         let mut batch = Vec::new();
         for t in 1..=10 {
@@ -622,7 +868,7 @@ mod tests {
         rx.script([retry_after.clone()]);
         let mut cfg = config(&rx.url());
         cfg.queue_config.max_backoff = PromDuration::from_secs(5);
-        let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+        let writer = start(cfg);
         writer.push(vec![sample("a", 1)]);
         eventually("the retry", || rx.accepted().len() == 1).await;
         let gap = {
@@ -636,7 +882,7 @@ mod tests {
         let rx = Receiver::start().await;
         retry_after.headers = vec![("retry-after", "3600".into())];
         rx.script([retry_after]);
-        let writer = RemoteWriter::start(config(&rx.url()), &no_labels()).unwrap();
+        let writer = start(config(&rx.url()));
         writer.push(vec![sample("a", 1)]);
         eventually("the capped retry", || rx.accepted().len() == 1).await;
         let gap = {
@@ -653,7 +899,7 @@ mod tests {
         let mut refused = Reply::status(400);
         refused.body = "out of bounds\n".into();
         rx.script([refused]);
-        let writer = RemoteWriter::start(config(&rx.url()), &no_labels()).unwrap();
+        let writer = start(config(&rx.url()));
         writer.push((1..=3).map(|t| sample("a", t)).collect());
         eventually("the refused request", || rx.attempts() == 1).await;
         eventually("the drop", || writer.status().dropped_samples == 3).await;
@@ -684,7 +930,9 @@ mod tests {
     #[tokio::test]
     async fn drops_samples_not_newer_than_their_series() {
         let rx = Receiver::start().await;
-        let writer = RemoteWriter::start(config(&rx.url()), &no_labels()).unwrap();
+        let mut cfg = config(&rx.url());
+        cfg.queue_config.max_shards = 1;
+        let writer = start(cfg);
         writer.push(vec![
             sample("a", 1000),
             sample("a", 2000),
@@ -721,7 +969,7 @@ mod tests {
     #[tokio::test]
     async fn drops_samples_with_invalid_labels() {
         let rx = Receiver::start().await;
-        let writer = RemoteWriter::start(config(&rx.url()), &no_labels()).unwrap();
+        let writer = start(config(&rx.url()));
         writer.push(vec![
             SeriesSample {
                 labels: labels(&[("job", "no-name")]),
@@ -751,7 +999,7 @@ mod tests {
         let mut cfg = config(&rx.url());
         cfg.queue_config.max_samples_per_send = 10;
         cfg.queue_config.max_queue_bytes = ByteSize(50 * one);
-        let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+        let writer = start(cfg);
         writer.push((1..=50).map(|t| sample("m", t)).collect());
         // The first batch (1..=10) is now being retried.
         eventually("a few failed attempts", || rx.attempts() >= 3).await;
@@ -791,7 +1039,7 @@ mod tests {
         let mut cfg = config(&rx.url());
         cfg.queue_config.max_samples_per_send = 10;
         cfg.queue_config.max_queue_bytes = ByteSize(50 * one);
-        let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+        let writer = start(cfg);
         writer.push((1..=10).map(|t| sample("m", t)).collect());
         eventually("the slow request", || rx.attempts() == 1).await;
         // Pushes 1..=10, which are in flight, out of the queue.
@@ -811,7 +1059,7 @@ mod tests {
     async fn shutdown_gives_up_at_the_deadline() {
         let rx = Receiver::start().await;
         rx.set_fallback(Some(Reply::status(503)));
-        let writer = RemoteWriter::start(config(&rx.url()), &no_labels()).unwrap();
+        let writer = start(config(&rx.url()));
         writer.push(vec![sample("a", 1)]);
         eventually("a failed attempt", || rx.attempts() >= 1).await;
         let started = std::time::Instant::now();
@@ -837,7 +1085,7 @@ mod tests {
         let mut dead = config(&format!("http://{dead_addr}/api/v1/write"));
         dead.name = Some("dead".into());
         let live = config(&rx.url());
-        let writers = RemoteWriters::start(&[dead, live], &no_labels()).unwrap();
+        let writers = RemoteWriters::start(&[dead, live], &no_labels(), memory()).unwrap();
 
         let started = std::time::Instant::now();
         for chunk in 0..10 {
@@ -890,10 +1138,478 @@ mod tests {
 
     #[tokio::test]
     async fn start_refuses_invalid_config() {
-        let err = RemoteWriter::start(RemoteWriteConfig::new("ftp://x/"), &no_labels())
+        let err = RemoteWriter::start(RemoteWriteConfig::new("ftp://x/"), &no_labels(), memory())
             .err()
             .unwrap();
         assert!(err.contains("http:// or https://"), "{err}");
+    }
+
+    /// Series `m0..m{n}` at timestamp `t`.
+    fn wave(series: usize, t: i64) -> Vec<SeriesSample> {
+        (0..series).map(|i| sample(&format!("m{i}"), t)).collect()
+    }
+
+    /// Accepted timestamps per metric name, in arrival order.
+    fn per_series(rx: &Receiver) -> std::collections::BTreeMap<String, Vec<i64>> {
+        let mut out: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+        for (labels, ts, _) in rx.accepted_samples() {
+            let name = labels
+                .iter()
+                .find(|(k, _)| k == "__name__")
+                .unwrap()
+                .1
+                .clone();
+            out.entry(name).or_default().push(ts);
+        }
+        out
+    }
+
+    fn temp_dir(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sonde-rw-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[tokio::test]
+    async fn queue_survives_a_restart_and_delivers_exactly_once_in_order() {
+        let dir = temp_dir("restart");
+        // Nothing listens here yet: the receiver is down.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cfg = config(&format!("http://{addr}/api/v1/write"));
+        {
+            let store = Arc::new(Store::open(&dir).unwrap());
+            let writer = RemoteWriter::start(cfg.clone(), &no_labels(), store.clone()).unwrap();
+            for t in 1..=100 {
+                writer.push(wave(5, t));
+            }
+            eventually("a failed attempt", || writer.status().failing).await;
+            assert_eq!(writer.status().queued_samples, 500);
+            // Gone without a shutdown, like a SIGKILL: nothing flushed, nothing sent.
+            drop(writer);
+        }
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let rx = Receiver::serve(listener, None, Speaks::V1Lenient);
+        let store = Arc::new(Store::open(&dir).unwrap());
+        let writer = RemoteWriter::start(cfg, &no_labels(), store).unwrap();
+        assert_eq!(writer.status().queued_samples, 500);
+        // The last queued timestamp of each series survived: an older sample is refused.
+        writer.push(vec![sample("m0", 50), sample("m0", 101)]);
+        eventually("everything", || writer.status().sent_samples == 501).await;
+        let got = per_series(&rx);
+        assert_eq!(got.len(), 5);
+        for (name, ts) in &got {
+            let mut want: Vec<i64> = (1..=100).collect();
+            if name == "m0" {
+                want.push(101);
+            }
+            assert_eq!(ts, &want, "{name}: exactly once, in order");
+        }
+        assert_eq!(
+            counter(
+                &writer,
+                "sonde_remote_write_samples_dropped_total",
+                Some("out_of_order")
+            ),
+            1.0
+        );
+        assert_eq!(writer.status().queued_samples, 0);
+        assert_eq!(writer.status().queued_bytes, 0);
+        writer.shutdown(Duration::from_secs(1)).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn shutdown_leaves_what_it_could_not_send_for_the_next_start() {
+        let dir = temp_dir("shutdown");
+        let rx = Receiver::start().await;
+        rx.set_fallback(Some(Reply::status(503)));
+        let cfg = config(&rx.url());
+        {
+            let store = Arc::new(Store::open(&dir).unwrap());
+            let writer = RemoteWriter::start(cfg.clone(), &no_labels(), store).unwrap();
+            writer.push((1..=10).map(|t| sample("a", t)).collect());
+            eventually("a failed attempt", || rx.attempts() >= 1).await;
+            writer.shutdown(Duration::from_millis(100)).await;
+        }
+        rx.set_fallback(None);
+        let store = Arc::new(Store::open(&dir).unwrap());
+        let writer = RemoteWriter::start(cfg, &no_labels(), store).unwrap();
+        eventually("the rest", || writer.status().sent_samples == 10).await;
+        let want: Vec<Flat> = (1..=10).map(|t| flat("a", t)).collect();
+        assert_eq!(rx.accepted_samples(), want);
+        writer.shutdown(Duration::from_secs(1)).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn shards_send_in_parallel_and_keep_each_series_in_order() {
+        let rx = Receiver::start().await;
+        rx.log.lock().unwrap().delay = Duration::from_millis(20);
+        let mut cfg = config(&rx.url());
+        cfg.queue_config.max_samples_per_send = 7;
+        cfg.queue_config.max_shards = 4;
+        cfg.queue_config.batch_send_deadline = PromDuration::from_millis(5);
+        let writer = start(cfg);
+        for t in 1..=30 {
+            writer.push(wave(40, t));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eventually("every sample", || writer.status().sent_samples == 1200).await;
+        let got = per_series(&rx);
+        assert_eq!(got.len(), 40);
+        let want: Vec<i64> = (1..=30).collect();
+        for (name, ts) in got {
+            assert_eq!(ts, want, "{name}");
+        }
+        let concurrent = rx.log.lock().unwrap().max_in_flight;
+        assert!(concurrent > 1, "at most {concurrent} request(s) in flight");
+        assert!(
+            concurrent <= 4,
+            "{concurrent} requests in flight with 4 shards"
+        );
+        assert_eq!(writer.status().shards, 4);
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn enqueue_commits_and_rolls_back_with_the_callers_transaction() {
+        let rx = Receiver::start().await;
+        let store = memory();
+        let writer = RemoteWriter::start(config(&rx.url()), &no_labels(), store.clone()).unwrap();
+        let failed = store.with_tx(|tx| {
+            writer.enqueue(tx, &[sample("a", 1), sample("a", 2)])?;
+            tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
+            Ok(())
+        });
+        assert!(failed.is_err());
+        writer.wake();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rx.attempts(), 0, "a rolled-back sample was sent");
+        // The caller replays the batch (the agent was never acked): accepted.
+        store
+            .with_tx(|tx| writer.enqueue(tx, &[sample("a", 1), sample("a", 2)]))
+            .unwrap();
+        writer.wake();
+        eventually("the replayed batch", || writer.status().sent_samples == 2).await;
+        assert_eq!(rx.accepted_samples(), vec![flat("a", 1), flat("a", 2)]);
+        assert_eq!(writer.status().dropped_samples, 0);
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_series_does_not_take_its_batch_down() {
+        let rx = Receiver::start().await;
+        rx.log.lock().unwrap().refuse_name = Some("bad".into());
+        let mut cfg = config(&rx.url());
+        cfg.queue_config.max_shards = 1;
+        cfg.queue_config.batch_send_deadline = PromDuration::from_millis(200);
+        let writer = start(cfg);
+        let mut batch = wave(20, 1);
+        batch.push(sample("bad", 1));
+        batch.extend(wave(20, 2));
+        batch.push(sample("bad", 2));
+        writer.push(batch);
+        eventually("the batch settled", || writer.status().queued_samples == 0).await;
+        let got = per_series(&rx);
+        assert_eq!(got.len(), 20, "{got:?}");
+        assert!(got.values().all(|ts| ts == &[1, 2]));
+        assert_eq!(
+            counter(
+                &writer,
+                "sonde_remote_write_samples_dropped_total",
+                Some("http_4xx")
+            ),
+            2.0
+        );
+        // Isolating one series among 21 takes a few requests, not 21.
+        assert!(rx.attempts() <= 12, "{} requests", rx.attempts());
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn samples_older_than_sample_age_limit_are_dropped() {
+        let rx = Receiver::start().await;
+        let mut cfg = config(&rx.url());
+        cfg.queue_config.sample_age_limit = PromDuration::from_secs(3600);
+        let writer = start(cfg);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        writer.push(vec![sample("a", now - 2 * 3_600_000), sample("a", now)]);
+        eventually("the recent sample", || writer.status().sent_samples == 1).await;
+        assert_eq!(rx.accepted_samples(), vec![flat("a", now)]);
+        assert_eq!(
+            counter(
+                &writer,
+                "sonde_remote_write_samples_dropped_total",
+                Some("too_old")
+            ),
+            1.0
+        );
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    fn v2_config(url: &str) -> RemoteWriteConfig {
+        let mut cfg = config(url);
+        cfg.protobuf_message = ProtobufMessage::RequestV2;
+        cfg
+    }
+
+    #[tokio::test]
+    async fn sends_remote_write_2_to_a_receiver_that_speaks_it() {
+        let rx = Receiver::speaking(Speaks::Both).await;
+        let writer = start(v2_config(&rx.url()));
+        writer.push(vec![sample("up", 1000), sample("probe_success", 1000)]);
+        eventually("the samples", || writer.status().sent_samples == 2).await;
+        let (_, h, _) = rx.attempt(0);
+        assert_eq!(
+            h["content-type"],
+            "application/x-protobuf;proto=io.prometheus.write.v2.Request"
+        );
+        assert_eq!(h["x-prometheus-remote-write-version"], "2.0.0");
+        assert_eq!(h["content-encoding"], "snappy");
+        assert!(
+            rx.outcomes().iter().all(|o| *o == ("2.0", 204)),
+            "{:?}",
+            rx.outcomes()
+        );
+        let mut got = rx.accepted_samples();
+        got.sort();
+        assert_eq!(got, vec![flat("probe_success", 1000), flat("up", 1000)]);
+        let status = writer.status();
+        assert_eq!(status.protobuf_message, "io.prometheus.write.v2.Request");
+        assert_eq!(
+            counter(&writer, "sonde_remote_write_protocol_fallbacks_total", None),
+            0.0
+        );
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// Everything the receiver stored, sorted, and that it was stored once.
+    fn assert_stored_once(rx: &Receiver, want: &[Flat]) {
+        let mut got = rx.accepted_samples();
+        got.sort();
+        let mut want = want.to_vec();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_1_0_on_415() {
+        let rx = Receiver::speaking(Speaks::V1Strict).await;
+        let writer = start(v2_config(&rx.url()));
+        let mut want = Vec::new();
+        for t in 1..=3 {
+            writer.push(wave(8, t));
+            want.extend((0..8).map(|i| flat(&format!("m{i}"), t)));
+        }
+        eventually("the samples", || writer.status().sent_samples == 24).await;
+        assert_stored_once(&rx, &want);
+        let outcomes = rx.outcomes();
+        let first_ok = outcomes.iter().position(|o| o.1 == 204).unwrap();
+        assert!(first_ok >= 1, "{outcomes:?}");
+        assert!(
+            outcomes[..first_ok].iter().all(|o| o.1 == 415),
+            "{outcomes:?}"
+        );
+        assert!(
+            outcomes[first_ok..].iter().all(|o| o.1 == 204),
+            "{outcomes:?}"
+        );
+        // Every request after the fallback is 1.0.
+        for i in first_ok..rx.attempts() {
+            let (_, h, _) = rx.attempt(i);
+            assert_eq!(h["content-type"], "application/x-protobuf");
+            assert_eq!(h["x-prometheus-remote-write-version"], "0.1.0");
+        }
+        assert_eq!(writer.status().protobuf_message, "prometheus.WriteRequest");
+        assert_eq!(
+            counter(&writer, "sonde_remote_write_protocol_fallbacks_total", None),
+            1.0
+        );
+        assert_eq!(writer.status().dropped_samples, 0);
+        assert_eq!(writer.configured_message(), ProtobufMessage::RequestV2);
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_1_0_on_2xx_without_the_written_headers() {
+        // Like Prometheus 2.42: reads the 2.0 body as 1.0, finds nothing, answers 204.
+        let rx = Receiver::speaking(Speaks::V1Lenient).await;
+        let writer = start(v2_config(&rx.url()));
+        let mut want = Vec::new();
+        for t in 1..=3 {
+            writer.push(wave(8, t));
+            want.extend((0..8).map(|i| flat(&format!("m{i}"), t)));
+        }
+        eventually("the samples", || writer.status().sent_samples == 24).await;
+        assert_stored_once(&rx, &want);
+        let empty = rx
+            .accepted()
+            .iter()
+            .filter(|r| r.timeseries.is_empty())
+            .count();
+        assert!(empty >= 1, "no 2.0 request reached the receiver");
+        assert_eq!(writer.status().protobuf_message, "prometheus.WriteRequest");
+        assert_eq!(
+            counter(&writer, "sonde_remote_write_protocol_fallbacks_total", None),
+            1.0
+        );
+        writer.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// The 2.0 body read by another implementation: the spec's types.proto compiled by
+    /// grpcio-tools' protoc, parsed by the `protobuf` package, snappy by `cramjam`
+    /// (`tests/rw2/decode.py`). Fails, never skips, when they are missing.
+    #[test]
+    fn remote_write_2_body_decodes_with_an_independent_implementation() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let script = root.join("tests/rw2/decode.py");
+        let stale = f64::from_bits(STALE_NAN_BITS);
+        let series = vec![
+            Series {
+                labels: labels(&[
+                    ("__name__", "probe_success"),
+                    ("job", "web"),
+                    ("instance", "http://127.0.0.1:8080/"),
+                    ("agent", "edge-1"),
+                    ("cluster", "eu1"),
+                ]),
+                samples: vec![
+                    (1_700_000_000_000, 1.0),
+                    (1_700_000_001_000, 0.0),
+                    (1_700_000_002_000, stale),
+                ],
+            },
+            Series {
+                labels: labels(&[
+                    ("__name__", "probe_http_duration_seconds"),
+                    ("job", "web"),
+                    ("phase", "connect"),
+                    ("empty", ""),
+                ]),
+                samples: vec![(1_700_000_000_000, 0.000_25)],
+            },
+            Series {
+                labels: labels(&[("__name__", "up"), ("job", "web")]),
+                samples: vec![(1_700_000_000_000, 1.0)],
+            },
+            Series {
+                labels: labels(&[("__name__", "sonde_job_missing"), ("job", "dns")]),
+                samples: vec![(-5, 0.0)],
+            },
+        ];
+        let body = encode_v2::encode(&series).unwrap();
+        let dir = temp_dir("rw2");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("request.bin");
+        std::fs::write(&file, &body).unwrap();
+        let output = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&file)
+            .output();
+        let install = "install them with `python3 -m pip install grpcio-tools protobuf cramjam` \
+                       (bash scripts/test.sh does it)";
+        let output = match output {
+            Ok(o) => o,
+            Err(e) => panic!(
+                "cannot run python3 ({e}): the remote write 2.0 interop test needs python3 with \
+                 the PyPI packages grpcio-tools, protobuf and cramjam; {install}"
+            ),
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{} failed ({}): {stderr}\nIf a package is missing, {install}.",
+            script.display(),
+            output.status
+        );
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "decode.py printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        });
+        assert_eq!(
+            json["symbols"][0], "",
+            "symbols[0] must be the empty string"
+        );
+        let got = json["timeseries"].as_array().unwrap();
+        assert_eq!(got.len(), series.len());
+        for (got, want) in got.iter().zip(&series) {
+            let mut want_labels = want.labels.clone();
+            encode::normalize_labels(&mut want_labels);
+            let got_labels: Vec<(String, String)> =
+                serde_json::from_value(got["labels"].clone()).unwrap();
+            assert_eq!(got_labels, want_labels);
+            let got_samples: Vec<(i64, u64)> =
+                serde_json::from_value(got["samples"].clone()).unwrap();
+            let want_samples: Vec<(i64, u64)> = want
+                .samples
+                .iter()
+                .map(|&(t, v)| (t, v.to_bits()))
+                .collect();
+            assert_eq!(got_samples, want_samples);
+            let name = &want_labels.iter().find(|(k, _)| k == "__name__").unwrap().1;
+            let (_, help) = encode_v2::metric_metadata(name).unwrap();
+            assert_eq!(got["metadata"]["type"], "METRIC_TYPE_GAUGE", "{name}");
+            assert_eq!(got["metadata"]["help"], help, "{name}");
+            assert_eq!(got["metadata"]["unit"], "", "{name}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Not a pass/fail bound, a figure for the report: samples queued per second through
+    /// `enqueue` (one transaction per 100 samples, as a busy hub would commit).
+    #[test]
+    fn enqueue_throughput() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let dir = temp_dir("throughput");
+        let store = Arc::new(Store::open(&dir).unwrap());
+        // Nothing listens: the samples stay queued.
+        let writer = RemoteWriter::start(
+            config("http://127.0.0.1:9/api/v1/write"),
+            &no_labels(),
+            store.clone(),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        for t in 1..=100 {
+            let batch: Vec<SeriesSample> = (0..100)
+                .map(|i| SeriesSample {
+                    labels: labels(&[
+                        ("__name__", "probe_success"),
+                        ("job", "web"),
+                        ("instance", &format!("http://target-{i}.example:8080/")),
+                        ("agent", "edge-1"),
+                    ]),
+                    timestamp_ms: t,
+                    value: 1.0,
+                })
+                .collect();
+            n += batch.len();
+            store.with_tx(|tx| writer.enqueue(tx, &batch)).unwrap();
+        }
+        let took = started.elapsed();
+        eprintln!(
+            "enqueue: {n} samples in {took:?} = {:.0} samples/s (this build's profile)",
+            n as f64 / took.as_secs_f64()
+        );
+        assert_eq!(writer.status().queued_samples, n);
+        drop(writer);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// HTTPS against a receiver whose certificate (for `receiver.test` only) and client
@@ -1053,7 +1769,7 @@ mod tests {
         }
 
         async fn delivers(cfg: RemoteWriteConfig, rx: &Receiver) {
-            let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+            let writer = start(cfg);
             writer.push(vec![sample("up", 1)]);
             eventually("the sample over TLS", || writer.status().sent_samples == 1).await;
             assert_eq!(rx.accepted_samples(), vec![flat("up", 1)]);
@@ -1062,7 +1778,7 @@ mod tests {
 
         /// Starts a writer and returns its first error once a request has failed.
         async fn first_error(cfg: RemoteWriteConfig) -> String {
-            let writer = RemoteWriter::start(cfg, &no_labels()).unwrap();
+            let writer = start(cfg);
             writer.push(vec![sample("up", 1)]);
             eventually("a failed request", || writer.status().failing).await;
             let error = writer.status().last_error.unwrap();
@@ -1073,7 +1789,7 @@ mod tests {
         #[tokio::test]
         async fn https_with_ca_file_and_server_name() {
             let files = Files::new("ca");
-            let rx = Receiver::start_with(Some(server_config(false))).await;
+            let rx = Receiver::start_with(Some(server_config(false)), Speaks::V1Lenient).await;
             let tls = config::TlsConfig {
                 ca_file: files.path("ca.pem"),
                 server_name: Some("receiver.test".into()),
@@ -1085,7 +1801,7 @@ mod tests {
         #[tokio::test]
         async fn https_refuses_unverified_certificates() {
             let files = Files::new("refuse");
-            let rx = Receiver::start_with(Some(server_config(false))).await;
+            let rx = Receiver::start_with(Some(server_config(false)), Speaks::V1Lenient).await;
             // The public roots do not know the test CA.
             let error = first_error(https_config(&rx, config::TlsConfig::default())).await;
             assert!(error.contains("TLS handshake failed"), "{error}");
@@ -1101,7 +1817,7 @@ mod tests {
 
         #[tokio::test]
         async fn https_insecure_skip_verify() {
-            let rx = Receiver::start_with(Some(server_config(false))).await;
+            let rx = Receiver::start_with(Some(server_config(false)), Speaks::V1Lenient).await;
             let tls = config::TlsConfig {
                 insecure_skip_verify: true,
                 ..Default::default()
@@ -1112,7 +1828,7 @@ mod tests {
         #[tokio::test]
         async fn https_client_certificate() {
             let files = Files::new("mtls");
-            let rx = Receiver::start_with(Some(server_config(true))).await;
+            let rx = Receiver::start_with(Some(server_config(true)), Speaks::V1Lenient).await;
             let tls = config::TlsConfig {
                 ca_file: files.path("ca.pem"),
                 cert_file: files.path("client.pem"),
