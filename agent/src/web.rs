@@ -272,11 +272,11 @@ impl Allowlist {
                 module.prober.as_str()
             )
         })?;
-        self.host_allowed(&host, port)?;
+        // The metadata check first: its reason is the one worth reading.
         if let Ok(ip) = host.parse::<IpAddr>() {
             self.addr_allowed(ip, port)?;
         }
-        Ok(())
+        self.host_allowed(&host, port)
     }
 
     fn host_allowed(&self, host: &str, port: u16) -> Result<(), String> {
@@ -540,6 +540,91 @@ mod tests {
         ] {
             let patterns = vec![bad.to_string()];
             assert!(Allowlist::parse(&patterns).is_err(), "{bad}");
+        }
+    }
+
+    /// A DNS server answering every A query with 169.254.169.254.
+    async fn metadata_dns() -> std::net::SocketAddr {
+        use hickory_proto::op::{Message, MessageType, OpCode};
+        use hickory_proto::rr::{RData, Record, rdata::A};
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut reply = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                reply.metadata.recursion_desired = q.metadata.recursion_desired;
+                reply.metadata.recursion_available = true;
+                if let Some(question) = q.queries.first() {
+                    reply.add_query(question.clone());
+                    if question.query_type() == hickory_proto::rr::RecordType::A {
+                        reply.add_answer(Record::from_rdata(
+                            question.name().clone(),
+                            60,
+                            RData::A(A::new(169, 254, 169, 254)),
+                        ));
+                    }
+                }
+                if let Ok(bytes) = reply.to_vec() {
+                    let _ = socket.send_to(&bytes, peer).await;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_dns_answer_pointing_at_the_metadata_service_is_refused() {
+        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+        use hickory_resolver::net::runtime::TokioRuntimeProvider;
+        let dns = metadata_dns().await;
+        let mut conn = ConnectionConfig::udp();
+        conn.port = dns.port();
+        let config = ResolverConfig::from_name_servers(vec![NameServerConfig::new(
+            dns.ip(),
+            true,
+            vec![conn],
+        )]);
+        let resolver = hickory_resolver::TokioResolver::builder_with_config(
+            config,
+            TokioRuntimeProvider::default(),
+        )
+        .build()
+        .unwrap();
+        let ctx = probe::ProbeContext::with_resolver(resolver);
+        let list = Allowlist::parse(&["*.test:*".to_string()]).unwrap();
+        let mut m = module("http");
+        m.http.preferred_ip_protocol = sonde_proto::config::module::IpProtocol::Ip4;
+        // The name passes the up-front check; its address does not.
+        assert!(list.allows_target(&m, "http://meta.test/latest").is_ok());
+        for prober_target in [
+            ("http", "http://meta.test/latest/meta-data"),
+            ("tcp", "meta.test:80"),
+            ("dns", "meta.test:53"),
+        ] {
+            let mut m = module(prober_target.0);
+            m.http.preferred_ip_protocol = sonde_proto::config::module::IpProtocol::Ip4;
+            m.tcp.preferred_ip_protocol = sonde_proto::config::module::IpProtocol::Ip4;
+            m.dns.preferred_ip_protocol = sonde_proto::config::module::IpProtocol::Ip4;
+            m.dns.query_name = "example.test".to_string();
+            let o = probe::run_with_policy(
+                &ctx,
+                Some(&list),
+                prober_target.1,
+                &m,
+                Duration::from_secs(2),
+            )
+            .await;
+            assert_eq!(
+                o.failure_reason,
+                Some(probe::Reason::RefusedByPolicy),
+                "{prober_target:?}: {:?}",
+                o.failure
+            );
+            assert!(o.failure.unwrap().contains("169.254.169.254"));
         }
     }
 

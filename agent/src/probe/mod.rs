@@ -182,8 +182,8 @@ impl Env<'_> {
             return Ok(());
         };
         policy
-            .check_host(host, addr.port())
-            .and_then(|()| policy.check_addr(addr))
+            .check_addr(addr)
+            .and_then(|()| policy.check_host(host, addr.port()))
             .map_err(refused)
     }
 

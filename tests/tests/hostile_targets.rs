@@ -1,0 +1,488 @@
+//! sonde-agent against hostile targets, through its `/probe` endpoint: a 10 GB body with
+//! and without `body_size_limit` (streamed, never held), a server that sends one byte per
+//! second, a redirect loop, a gzip bomb, DNS servers that answer garbage. Each probe must
+//! fail cleanly (an answer with `probe_success 0` and a failure reason) within its
+//! timeout, and the agent's peak memory must stay bounded.
+//!
+//! Also `/probe`'s allowlist: a target it does not allow, and a redirect to a refused
+//! address, get 403 with the reason, and the refused server sees no connection at all.
+//!
+//! Every server here is a few lines of std Rust on 127.0.0.1 (and 127.0.0.2, also
+//! loopback on Linux, for an address the allowlist refuses).
+
+use sonde_tests::{Scene, http_get, parse_metrics, start_agent};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The agent's peak resident memory must stay under this, whatever the targets send.
+const MAX_PEAK_RSS_KB: u64 = 128 * 1024;
+
+const MODULES: &str = r#"modules:
+  http_limited:
+    prober: http
+    timeout: 5s
+    http:
+      body_size_limit: 1MiB
+  http_unlimited:
+    prober: http
+    timeout: 3s
+  http_gzip_limited:
+    prober: http
+    timeout: 5s
+    http:
+      compression: gzip
+      body_size_limit: 10MiB
+  http_gzip_unlimited:
+    prober: http
+    timeout: 3s
+    http:
+      compression: gzip
+      fail_if_body_matches_regexp: ["never there"]
+  dns_udp:
+    prober: dns
+    timeout: 3s
+    dns:
+      query_name: hostile.test
+      query_type: A
+  dns_tcp:
+    prober: dns
+    timeout: 3s
+    dns:
+      query_name: hostile.test
+      query_type: A
+      transport_protocol: tcp
+"#;
+
+/// One `/probe` answer: status, metrics text, and how long it took.
+struct Probe {
+    status: u16,
+    body: String,
+    took: Duration,
+}
+
+impl Probe {
+    fn value(&self, name: &str) -> Option<f64> {
+        parse_metrics(&self.body)
+            .into_iter()
+            .find(|s| s.name == name && s.labels.is_empty())
+            .map(|s| s.value)
+    }
+
+    fn reason(&self) -> Option<String> {
+        parse_metrics(&self.body)
+            .into_iter()
+            .find(|s| s.name == "probe_failure_info")
+            .and_then(|s| s.labels.get("reason").cloned())
+    }
+}
+
+fn probe(agent: &str, module: &str, target: &str) -> Probe {
+    let started = Instant::now();
+    let (status, body) = http_get(&format!("{agent}/probe?module={module}&target={target}"))
+        .unwrap_or_else(|e| panic!("/probe {module} {target}: {e}"));
+    Probe {
+        status,
+        body,
+        took: started.elapsed(),
+    }
+}
+
+/// Peak and current resident memory of a process, in KiB (from /proc/<pid>/status).
+fn rss_kb(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[test]
+fn hostile_targets_fail_cleanly_with_bounded_memory() {
+    let started = Instant::now();
+    let mut scene = Scene::new("hostile");
+    let config = format!(
+        "agent:\n  id: hostile\naggregators: []\n{MODULES}probe_endpoint:\n  enabled: true\n  allowed_targets: [\"127.0.0.1:*\"]\n"
+    );
+    let agent = start_agent(&mut scene, "sonde-agent", &config);
+    let pid = scene.process("sonde-agent").pid();
+    let (baseline, _) = rss_kb(pid);
+
+    let huge = HttpServer::start(Reply::HugeBody);
+    let slow = HttpServer::start(Reply::OneBytePerSecond);
+    let looping = HttpServer::start(Reply::RedirectLoop);
+    let bomb = HttpServer::start(Reply::GzipBomb);
+    let dns_udp = garbage_dns_udp();
+    let dns_tcp = garbage_dns_tcp();
+
+    // A 10 GB body with a 1 MiB limit: stops at the limit, at once.
+    let p = probe(&agent, "http_limited", &huge.url("/"));
+    assert_fails(&p, "body_size", Duration::from_secs(5));
+    assert_eq!(
+        p.value("probe_http_uncompressed_body_length"),
+        Some(1048576.0)
+    );
+    assert_eq!(p.value("probe_http_content_length"), Some(10737418240.0));
+
+    // Without a limit: read and dropped as it comes. Over loopback 10 GB may well fit in
+    // the 3 s deadline (then the probe succeeds, as blackbox_exporter's would); if not,
+    // the deadline ends it. Either way in time and in bounded memory.
+    let p = probe(&agent, "http_unlimited", &huge.url("/"));
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(p.took < Duration::from_millis(4500), "took {:?}", p.took);
+    let read = p.value("probe_http_uncompressed_body_length").unwrap();
+    match p.value("probe_success") {
+        Some(1.0) => assert_eq!(read, 10737418240.0),
+        _ => {
+            assert_eq!(p.reason().as_deref(), Some("timeout"), "{}", p.body);
+            assert!(read < 10737418240.0, "{read}");
+        }
+    }
+    assert!(
+        huge.sent.load(Ordering::SeqCst) > 1 << 30,
+        "the body was streamed"
+    );
+
+    // One byte per second: the deadline ends it.
+    let p = probe(&agent, "http_unlimited", &slow.url("/"));
+    assert_fails(&p, "timeout", Duration::from_secs(3));
+
+    // A redirect loop: stopped after 10 redirects, as Go's client does.
+    let p = probe(&agent, "http_unlimited", &looping.url("/loop"));
+    assert_fails(&p, "http_status", Duration::from_secs(3));
+    assert_eq!(p.value("probe_http_redirects"), Some(11.0));
+    assert_eq!(p.value("probe_http_status_code"), Some(302.0));
+    assert!(p.took < Duration::from_secs(2), "{:?}", p.took);
+
+    // A gzip bomb: with a limit it stops at 10 MiB of output; without one it inflates
+    // until the deadline, in bounded memory.
+    let p = probe(&agent, "http_gzip_limited", &bomb.url("/"));
+    assert_fails(&p, "body_size", Duration::from_secs(5));
+    assert_eq!(
+        p.value("probe_http_uncompressed_body_length"),
+        Some(10.0 * 1048576.0)
+    );
+    let p = probe(&agent, "http_gzip_unlimited", &bomb.url("/"));
+    assert_fails(&p, "timeout", Duration::from_secs(3));
+    assert!(p.value("probe_http_uncompressed_body_length").unwrap() > 10.0 * 1048576.0);
+
+    // DNS servers answering garbage, over UDP and TCP.
+    let p = probe(&agent, "dns_udp", &format!("127.0.0.1:{dns_udp}"));
+    assert_fails(&p, "protocol", Duration::from_secs(3));
+    assert_eq!(p.value("probe_dns_query_succeeded"), Some(0.0));
+    let p = probe(&agent, "dns_tcp", &format!("127.0.0.1:{dns_tcp}"));
+    assert_fails(&p, "protocol", Duration::from_secs(3));
+
+    let (peak, now) = rss_kb(pid);
+    eprintln!(
+        "agent memory: baseline peak {baseline} KiB, peak after the hostile targets {peak} KiB, now {now} KiB; took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        peak < MAX_PEAK_RSS_KB,
+        "the agent's peak RSS reached {peak} KiB (baseline {baseline} KiB), over {MAX_PEAK_RSS_KB} KiB"
+    );
+    scene.check_running().unwrap();
+}
+
+fn assert_fails(p: &Probe, reason: &str, timeout: Duration) {
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(p.value("probe_success"), Some(0.0), "{}", p.body);
+    assert_eq!(p.reason().as_deref(), Some(reason), "{}", p.body);
+    // Within its timeout, plus the time to answer.
+    assert!(
+        p.took < timeout + Duration::from_millis(1500),
+        "took {:?}, timeout {timeout:?}",
+        p.took
+    );
+}
+
+#[test]
+fn probe_refuses_what_the_allowlist_does_not_allow() {
+    let mut scene = Scene::new("refusals");
+    // A server on 127.0.0.2, which the allowlist does not admit, counting connections.
+    let refused = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).unwrap();
+    refused.set_nonblocking(true).unwrap();
+    let refused_port = refused.local_addr().unwrap().port();
+    // An allowed server that redirects there, and one that redirects to the metadata
+    // service.
+    let to_refused = HttpServer::start(Reply::RedirectTo(format!(
+        "http://127.0.0.2:{refused_port}/"
+    )));
+    let to_metadata = HttpServer::start(Reply::RedirectTo(
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+    ));
+    let config = format!(
+        "agent:\n  id: refusals\naggregators: []\nmodules:\n  http_2xx:\n    prober: http\n    timeout: 3s\n  tcp_connect:\n    prober: tcp\n    timeout: 3s\n  secret:\n    prober: tcp\nprobe_endpoint:\n  enabled: true\n  allowed_targets: [\"127.0.0.1:{}\", \"127.0.0.1:{}\", \"10.0.0.0/8:*\"]\n  allowed_modules: [http_2xx, tcp_connect]\n",
+        to_refused.port, to_metadata.port
+    );
+    let agent = start_agent(&mut scene, "sonde-agent", &config);
+
+    let forbidden = |module: &str, target: &str, why: &str| {
+        let (status, body) =
+            http_get(&format!("{agent}/probe?module={module}&target={target}")).unwrap();
+        assert_eq!(status, 403, "{module} {target}: {body}");
+        assert!(body.contains(why), "{module} {target}: {body}");
+    };
+    forbidden(
+        "tcp_connect",
+        &format!("127.0.0.2:{refused_port}"),
+        "matches no pattern of probe_endpoint.allowed_targets",
+    );
+    forbidden(
+        "http_2xx",
+        &format!("http://127.0.0.2:{refused_port}/"),
+        "matches no pattern",
+    );
+    forbidden(
+        "http_2xx",
+        "http://169.254.169.254/latest/meta-data/",
+        "metadata",
+    );
+    forbidden(
+        "secret",
+        &format!("127.0.0.1:{}", to_refused.port),
+        "allowed_modules",
+    );
+    // A redirect from an allowed target to a refused one: refused at the hop, before
+    // connecting there.
+    forbidden(
+        "http_2xx",
+        &format!("http://127.0.0.1:{}/", to_refused.port),
+        "matches no pattern",
+    );
+    forbidden(
+        "http_2xx",
+        &format!("http://127.0.0.1:{}/", to_metadata.port),
+        "169.254.169.254",
+    );
+    assert_eq!(to_refused.requests.load(Ordering::SeqCst), 1);
+    // The refused server never saw a connection.
+    match refused.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the refused server was connected to: {other:?}"),
+    }
+    // An allowed target is still probed.
+    let (status, body) = http_get(&format!(
+        "{agent}/probe?module=tcp_connect&target=127.0.0.1:{}",
+        to_refused.port
+    ))
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("probe_success 1"), "{body}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile servers
+
+enum Reply {
+    /// `Content-Length: 10737418240`, then zeros for as long as the client reads.
+    HugeBody,
+    /// A valid response, one byte per second.
+    OneBytePerSecond,
+    /// `302 Location: /loop` forever.
+    RedirectLoop,
+    /// `Content-Encoding: gzip` and an endless deflate stream of zeros (158:1).
+    GzipBomb,
+    RedirectTo(String),
+}
+
+struct HttpServer {
+    port: u16,
+    sent: Arc<AtomicU64>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl HttpServer {
+    fn start(reply: Reply) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let reply = Arc::new(reply);
+        let (s, r) = (sent.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (reply, sent, requests) = (reply.clone(), s.clone(), r.clone());
+                std::thread::spawn(move || {
+                    if read_head(&stream) {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        serve(stream, &reply, &sent);
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            sent,
+            requests,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Reads a request head (bounded), true when one arrived.
+fn read_head(mut stream: &TcpStream) -> bool {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn serve(mut stream: TcpStream, reply: &Reply, sent: &AtomicU64) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    match reply {
+        Reply::HugeBody => {
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 10737418240\r\n\r\n",
+            );
+            let chunk = vec![0u8; 64 * 1024];
+            let mut left: u64 = 10 << 30;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                if stream.write_all(&chunk[..n]).is_err() {
+                    return;
+                }
+                left -= n as u64;
+                sent.fetch_add(n as u64, Ordering::SeqCst);
+            }
+        }
+        Reply::OneBytePerSecond => {
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" {
+                if stream.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Reply::RedirectLoop => {
+            let _ = stream.write_all(
+                b"HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+        Reply::RedirectTo(location) => {
+            let _ = stream.write_all(
+                format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        Reply::GzipBomb => {
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+            );
+            let (head, period) = deflate_zeros();
+            let mut gzip = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+            gzip.extend_from_slice(&head);
+            if stream.write_all(&gzip).is_err() {
+                return;
+            }
+            let block = period.repeat(5000);
+            loop {
+                if stream.write_all(&block).is_err() {
+                    return;
+                }
+                sent.fetch_add(block.len() as u64, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// An endless DEFLATE stream of zeros: one fixed-Huffman block holding a literal 0 and
+/// then copies of 258 bytes at distance 1, forever (13 bits per 258 bytes). Eight copies
+/// are 104 bits, a whole number of bytes, so past its first two bytes the stream repeats
+/// every 13 bytes: returns (the first two bytes, the 13-byte period).
+fn deflate_zeros() -> (Vec<u8>, Vec<u8>) {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u32,
+        n: u32,
+    }
+    impl Bits {
+        fn put(&mut self, value: u32, count: u32) {
+            for i in 0..count {
+                self.acc |= ((value >> i) & 1) << self.n;
+                self.n += 1;
+                if self.n == 8 {
+                    self.out.push(self.acc as u8);
+                    self.acc = 0;
+                    self.n = 0;
+                }
+            }
+        }
+        /// Huffman codes go most significant bit first.
+        fn code(&mut self, code: u32, len: u32) {
+            for i in (0..len).rev() {
+                self.put((code >> i) & 1, 1);
+            }
+        }
+    }
+    let mut bits = Bits {
+        out: Vec::new(),
+        acc: 0,
+        n: 0,
+    };
+    bits.put(1, 1); // BFINAL
+    bits.put(1, 2); // BTYPE = 01, fixed Huffman
+    bits.code(0b0011_0000, 8); // literal 0
+    for _ in 0..8 * 3 {
+        bits.code(0b1100_0101, 8); // length 258 (code 285)
+        bits.code(0, 5); // distance 1
+    }
+    let bytes = bits.out;
+    assert_eq!(bytes[2..15], bytes[15..28], "the stream is periodic");
+    (bytes[..2].to_vec(), bytes[2..15].to_vec())
+}
+
+/// UDP: answers with our id and then nonsense (a header claiming records that are not
+/// there, and junk).
+fn garbage_dns_udp() -> u16 {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            if n < 2 {
+                continue;
+            }
+            let mut reply = buf[..2].to_vec();
+            reply.extend_from_slice(&[0x81, 0x80, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+            reply.extend((0..400u32).map(|i| (i * 37 % 251) as u8));
+            let _ = socket.send_to(&reply, peer);
+        }
+    });
+    port
+}
+
+/// TCP: a length prefix promising 65535 bytes, a few bytes of junk, then the connection
+/// closes.
+fn garbage_dns_tcp() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut query = [0u8; 512];
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = stream.read(&mut query);
+            let _ = stream.write_all(&[0xff, 0xff, query[2], query[3], 0xde, 0xad, 0xbe, 0xef]);
+        }
+    });
+    port
+}
