@@ -15,11 +15,25 @@ declare -A packages=(
   [dnsmasq]=dnsmasq-base    # the DNS target
   [victoria-metrics]=victoria-metrics   # a second remote write receiver
   [python3]=python3         # runs the remote write 2.0 interop decoder (tests/rw2)
+  [prometheus-blackbox-exporter]=prometheus-blackbox-exporter  # the side-by-side peer
+  [openssl]=openssl         # certificates of the side-by-side test
+)
+# file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS
+# front) and mail module (SMTP with STARTTLS) of the side-by-side test
+declare -A package_files=(
+  [/usr/lib/nginx/modules/ngx_stream_module.so]=libnginx-mod-stream
+  [/usr/lib/nginx/modules/ngx_mail_module.so]=libnginx-mod-mail
 )
 missing=()
 for program in "${!packages[@]}"; do
   if ! PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" command -v "$program" >/dev/null 2>&1; then
     package="${packages[$program]}"
+    [[ " ${missing[*]-} " == *" $package "* ]] || missing+=("$package")
+  fi
+done
+for file in "${!package_files[@]}"; do
+  if [[ ! -e "$file" ]]; then
+    package="${package_files[$file]}"
     [[ " ${missing[*]-} " == *" $package "* ]] || missing+=("$package")
   fi
 done
