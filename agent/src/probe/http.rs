@@ -70,15 +70,22 @@ pub async fn probe(
         (None, None) => None,
     };
     let authorization = authorization(cfg).because(Reason::Config)?;
-    let (ip, lookup) = resolve_target(
-        ctx,
-        &host,
-        cfg.preferred_ip_protocol,
-        cfg.ip_protocol_fallback,
-        out,
-    )
-    .await?;
-    out.add_with(DURATION, &[("phase", "resolve")], lookup.as_secs_f64());
+    // The target's name is resolved even through a proxy (for probe_ip_* and the
+    // resolve phase), unless skip_resolve_phase_with_proxy says the agent cannot.
+    let ip = if proxy.is_some() && cfg.skip_resolve_phase_with_proxy {
+        None
+    } else {
+        let (ip, lookup) = resolve_target(
+            ctx,
+            &host,
+            cfg.preferred_ip_protocol,
+            cfg.ip_protocol_fallback,
+            out,
+        )
+        .await?;
+        out.add_with(DURATION, &[("phase", "resolve")], lookup.as_secs_f64());
+        Some(ip)
+    };
 
     let host_override = cfg
         .headers
@@ -99,7 +106,7 @@ pub async fn probe(
     let mut hop = Hop {
         host_header: host_override.unwrap_or_else(|| authority(&url)),
         url,
-        ip: Some(ip),
+        ip,
         sni,
         method,
         body,
@@ -1981,6 +1988,14 @@ mod tests {
         let o = run(&ctx(), "http://127.0.0.2:1/echo", &m, TIMEOUT).await;
         assert!(o.success, "{:?}", o.failure);
         assert_eq!(seen.load(Ordering::SeqCst), 1);
+        // With skip_resolve_phase_with_proxy the name need not resolve here at all.
+        let m = http_module(serde_json::json!({
+            "proxy_url": format!("http://{proxy}"),
+            "skip_resolve_phase_with_proxy": true,
+        }));
+        let o = run(&ctx(), "http://unresolvable.invalid/ok", &m, TIMEOUT).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
 
         let pki = test_pki();
         let tls_site = https_server_with(&pki, &[b"http/1.1"]).await;

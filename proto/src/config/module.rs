@@ -128,6 +128,10 @@ pub struct HttpProbe {
     /// targets are tunnelled with CONNECT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_url: Option<String>,
+    /// With `proxy_url`: do not resolve the target's name (the proxy does), so a name
+    /// only the proxy can resolve still works; the resolve phase and `probe_ip_*` stay 0.
+    #[serde(default)]
+    pub skip_resolve_phase_with_proxy: bool,
     /// Sent on every request of the probe: `<type> <credentials>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
@@ -224,6 +228,7 @@ impl Default for HttpProbe {
             body_file: None,
             compression: String::new(),
             proxy_url: None,
+            skip_resolve_phase_with_proxy: false,
             authorization: None,
             fail_if_body_matches_regexp: Vec::new(),
             fail_if_body_not_matches_regexp: Vec::new(),
