@@ -1158,3 +1158,30 @@ fn the_expired_certificate_is_what_the_cases_assume() {
     );
     assert_eq!(EXPIRED_NOT_AFTER, 1_609_459_200.0);
 }
+
+#[test]
+fn the_modules_section_is_loaded_strictly() {
+    let dir = sonde_tests::TestDir::new("parity-strict");
+    let agent = sonde_tests::sonde_bin("sonde-agent");
+    let bad = "modules:\n  smtp:\n    prober: tcp\n    tcp:\n      query_response:\n        - expect: \"^220\"\n          expekt: \"typo\"\n";
+    let path = dir.write("agent.yml", bad);
+    let mut cmd = Command::new(&agent);
+    cmd.arg("check-config").arg(&path);
+    let out = run(cmd, dir.path(), Duration::from_secs(60));
+    assert!(!out.status.success(), "{}", out.combined());
+    let text = out.combined();
+    assert!(
+        text.contains(&format!("{}:7:", path.display())) && text.contains("expekt"),
+        "the error names the file, line and key: {text}"
+    );
+    // The same file, fixed, passes.
+    let good = bad.replace(
+        "          expekt: \"typo\"\n",
+        "          send: \"QUIT\\r\"\n",
+    );
+    let path = dir.write("agent-good.yml", &good);
+    let mut cmd = Command::new(&agent);
+    cmd.arg("check-config").arg(&path);
+    let out = run(cmd, dir.path(), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", out.combined());
+}
