@@ -33,6 +33,17 @@ pub struct UplinkCounts {
 }
 
 impl AgentMetrics {
+    /// Continues the counts a previous run of this agent stored, so that
+    /// `sonde_agent_probes_total` counts every result kept, across restarts.
+    pub fn restore_probe_counts(&self, counts: Vec<((String, String), (u64, u64))>) {
+        let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, (total, failed)) in counts {
+            let c = probes.entry(key).or_default();
+            c.total += total;
+            c.failed += failed;
+        }
+    }
+
     pub fn probe_ran(&self, job: &str, instance: &str, success: bool) {
         let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
         let counts = probes

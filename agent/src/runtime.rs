@@ -50,6 +50,7 @@ impl AgentRuntime {
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| d.as_micros() as u64),
         );
+        metrics.restore_probe_counts(store.probe_counts());
         let outbox = Arc::new(Outbox::new(store, metrics.clone()));
         let scheduler = Arc::new(Scheduler::new(
             config.id.clone(),

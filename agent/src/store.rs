@@ -57,7 +57,7 @@ pub const DB_FILE: &str = "agent.db";
 /// one buffer and ack each other's results.
 const LOCK_FILE: &str = "agent.lock";
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
 CREATE TABLE aggregators (
     id INTEGER PRIMARY KEY,
@@ -74,6 +74,18 @@ CREATE TABLE queue (
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+";
+
+/// Schema 2: probes recorded per target, counted in the transaction that stores each
+/// result, so `sonde_agent_probes_total` survives restarts and equals what was kept.
+const SCHEMA_2: &str = "
+CREATE TABLE probe_counts (
+    job TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    PRIMARY KEY (job, instance)
 );
 ";
 
@@ -401,6 +413,25 @@ impl Store {
     }
 
     /// Waits until everything queued so far is committed and visible. Blocks.
+    /// Probes recorded per (job, instance) over the life of this storage: (total, failed).
+    pub fn probe_counts(&self) -> Vec<((String, String), (u64, u64))> {
+        let conn = lock(&self.reader);
+        let read = || -> rusqlite::Result<Vec<((String, String), (u64, u64))>> {
+            let mut stmt = conn.prepare("SELECT job, instance, total, failed FROM probe_counts")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    (r.get(0)?, r.get(1)?),
+                    (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64),
+                ))
+            })?;
+            rows.collect()
+        };
+        read().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the probe counts; sonde_agent_probes_total starts from 0");
+            Vec::new()
+        })
+    }
+
     pub fn flush(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
         if self.send(Op::Flush(tx)) {
@@ -699,6 +730,11 @@ fn load(
     let tx = conn.transaction().map_err(sql)?;
     if version == 0 {
         tx.execute_batch(SCHEMA).map_err(sql)?;
+    }
+    if version < 2 {
+        tx.execute_batch(SCHEMA_2).map_err(sql)?;
+    }
+    if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql)?;
     }
@@ -820,12 +856,17 @@ fn write_batch(
         let mut insert = tx.prepare_cached(
             "INSERT INTO queue (aggregator, seq, bytes, body) VALUES (?1, ?2, ?3, ?4)",
         )?;
+        let mut count = tx.prepare_cached(
+            "INSERT INTO probe_counts (job, instance, total, failed) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT(job, instance) DO UPDATE SET total = total + 1, failed = failed + excluded.failed",
+        )?;
         let mut last_seq = None;
         for a in appends {
             let bytes = i64::from(row_bytes(&a.body));
             for slot in a.route.slots(ids.len()) {
                 insert.execute((ids[slot], a.record.seq as i64, bytes, &a.body[..]))?;
             }
+            count.execute((&a.record.job, &a.record.instance, i64::from(!a.record.success)))?;
             last_seq = Some(a.record.seq);
         }
         if let Some(seq) = last_seq {
@@ -1013,6 +1054,25 @@ mod tests {
 
     const A: &str = "http://a:9451";
     const B: &str = "http://b:9451";
+
+    #[test]
+    fn probe_counts_survive_a_restart() {
+        let dir = temp_dir("counts");
+        {
+            let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+            for _ in 0..3 {
+                append(&store, Route::All, "web");
+            }
+            store.flush();
+        }
+        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let counts = store.probe_counts();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(counts[0].0.0, "web");
+        assert_eq!(counts[0].1.0, 3);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn results_survive_a_restart_in_order_and_numbering_continues() {

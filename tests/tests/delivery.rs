@@ -141,6 +141,7 @@ fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String
 /// returns the agent's final probe count for the target.
 fn drain(
     scene: &mut Scene,
+    process: &str,
     id: &str,
     web: &str,
     config: &PathBuf,
@@ -151,7 +152,7 @@ fn drain(
 ) -> f64 {
     std::fs::write(config, agent_config(id, grpc, target, false, "256MiB"))
         .expect("rewrite the agent config");
-    signal(scene, id, "HUP");
+    signal(scene, process, "HUP");
     let instance = format!("127.0.0.1:{target}");
     let probes = scene.wait_until(&format!("{id} to stop probing"), WAIT, || {
         let a = metric(
@@ -291,7 +292,7 @@ fn aggregator_killed_five_times_loses_and_doubles_nothing() {
     let web = agg.web();
     for (id, agent_web, config) in [("edge-a", &web_a, &config_a), ("edge-b", &web_b, &config_b)] {
         let probes = drain(
-            &mut scene, id, agent_web, config, &grpc, target, &web, &prom,
+            &mut scene, id, id, agent_web, config, &grpc, target, &web, &prom,
         );
         assert!(
             probes >= 100.0,
@@ -333,6 +334,7 @@ fn partition_is_buffered_and_replayed_with_original_timestamps() {
 
     let probes = drain(
         &mut scene,
+        "edge-a",
         "edge-a",
         &web_a,
         &config_a,
@@ -459,6 +461,7 @@ fn agent_killed_mid_batch_loses_and_doubles_nothing() {
     let (web, config) = agent.expect("restarted agent");
     let probes = drain(
         &mut scene,
+        "edge-a-3",
         "edge-a",
         &web,
         &config,
@@ -510,14 +513,14 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
     let target = tcp_target();
     let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
     // The aggregator is away while the agent probes with a tiny buffer.
-    let (web, config) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "16KiB");
+    let (web, config) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "8KiB");
     std::thread::sleep(Duration::from_secs(30));
     let dropped = metric(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
     let bytes = metric(&web, "sonde_agent_buffer_bytes", &[]).expect("bytes gauge");
-    assert!(dropped > 0.0, "nothing dropped from a 16KiB buffer in 30s");
+    assert!(dropped > 0.0, "nothing dropped from a 8KiB buffer in 30s");
     assert!(
-        bytes <= 16.0 * 1024.0,
-        "buffer holds {bytes} bytes, over its 16KiB bound"
+        bytes <= 8.0 * 1024.0,
+        "buffer holds {bytes} bytes, over its 8KiB bound"
     );
     http_get_ok(&format!("{web}/-/healthy")).expect("the agent stays up");
     let pid = scene.process("edge-a").pid();
@@ -534,6 +537,7 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
     let grpc = agg.grpc();
     let probes = drain(
         &mut scene,
+        "edge-a",
         "edge-a",
         &web,
         &config,
