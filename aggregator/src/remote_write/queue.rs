@@ -1053,13 +1053,17 @@ pub(crate) async fn run_shard(
             }
             continue;
         }
+        let read_at = Instant::now();
         match sender.send_batch(&mut client, &mut stop).await {
             BatchEnd::Done => {}
             BatchEnd::Empty => {
                 if stopping {
                     return;
                 }
-                lock(&shared.shards[shard].hint).arrivals.clear();
+                // Samples queued since the read keep their hint: they are not read yet.
+                lock(&shared.shards[shard].hint)
+                    .arrivals
+                    .retain(|(_, at)| *at > read_at);
             }
             BatchEnd::Stopped => return,
         }
