@@ -35,7 +35,7 @@ pub struct UplinkCounts {
 impl AgentMetrics {
     /// Continues the counts a previous run of this agent stored, so that
     /// `sonde_agent_probes_total` counts every result kept, across restarts.
-    pub fn restore_probe_counts(&self, counts: Vec<((String, String), (u64, u64))>) {
+    pub fn restore_probe_counts(&self, counts: Vec<crate::store::ProbeCount>) {
         let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
         for (key, (total, failed)) in counts {
             let c = probes.entry(key).or_default();

@@ -105,6 +105,9 @@ const MAX_BATCH: usize = 8_192;
 /// A repeated write error is logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Probes recorded for one target: ((job, instance), (total, failed)).
+pub type ProbeCount = ((String, String), (u64, u64));
+
 /// Which aggregators a result is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -414,9 +417,9 @@ impl Store {
 
     /// Waits until everything queued so far is committed and visible. Blocks.
     /// Probes recorded per (job, instance) over the life of this storage: (total, failed).
-    pub fn probe_counts(&self) -> Vec<((String, String), (u64, u64))> {
+    pub fn probe_counts(&self) -> Vec<ProbeCount> {
         let conn = lock(&self.reader);
-        let read = || -> rusqlite::Result<Vec<((String, String), (u64, u64))>> {
+        let read = || -> rusqlite::Result<Vec<ProbeCount>> {
             let mut stmt = conn.prepare("SELECT job, instance, total, failed FROM probe_counts")?;
             let rows = stmt.query_map([], |r| {
                 Ok((
@@ -866,7 +869,11 @@ fn write_batch(
             for slot in a.route.slots(ids.len()) {
                 insert.execute((ids[slot], a.record.seq as i64, bytes, &a.body[..]))?;
             }
-            count.execute((&a.record.job, &a.record.instance, i64::from(!a.record.success)))?;
+            count.execute((
+                &a.record.job,
+                &a.record.instance,
+                i64::from(!a.record.success),
+            ))?;
             last_seq = Some(a.record.seq);
         }
         if let Some(seq) = last_seq {

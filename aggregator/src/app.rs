@@ -132,6 +132,8 @@ fn start_writers(
     config: &AggregatorConfig,
     store: &Arc<Store>,
 ) -> Result<Vec<Arc<RemoteWriter>>, String> {
+    // Queues of endpoints no longer configured keep their samples; say so once.
+    crate::remote_write::report_unconfigured_queues(store, &config.remote_write)?;
     config
         .remote_write
         .iter()

@@ -9,7 +9,7 @@ use sonde_aggregator::app::App;
 use sonde_aggregator::config::AggregatorConfig;
 use sonde_aggregator::merge::TargetState;
 use sonde_proto::config::from_yaml_str;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 fn write_pki(dir: &Path) {
@@ -40,7 +40,7 @@ fn write_pki(dir: &Path) {
 
 fn agent(grpc: std::net::SocketAddr, dir: &Path, with_client_cert: bool) -> AgentConfig {
     let mut agent = AgentConfig::minimal("edge-1".into());
-    let file = |n: &str| Some(PathBuf::from(dir.join(n)));
+    let file = |n: &str| Some(dir.join(n));
     agent.aggregators.push(AggregatorEndpoint {
         address: format!("https://localhost:{}", grpc.port()),
         token_file: None,

