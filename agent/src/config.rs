@@ -185,6 +185,8 @@ impl AgentConfig {
                 }
             }
         }
+        crate::web::Allowlist::parse(&raw.probe_endpoint.allowed_targets)
+            .map_err(|e| whole(format!("probe_endpoint.allowed_targets: {e}")))?;
         if raw.probe_endpoint.enabled && raw.probe_endpoint.allowed_targets.is_empty() {
             return Err(whole(
                 "probe_endpoint is enabled but allowed_targets is empty: list the host:port patterns /probe may reach (it is never an open proxy)".into(),
@@ -245,6 +247,13 @@ mod tests {
         let c = parse("{}").unwrap();
         assert!(!c.id.is_empty());
         assert!(c.aggregators.is_empty());
+    }
+
+    #[test]
+    fn bad_allowlist_pattern_is_a_config_error() {
+        let e = parse("probe_endpoint:\n  enabled: true\n  allowed_targets: ['10.0.0.0/33:*']\n")
+            .unwrap_err();
+        assert!(e.message.contains("allowed_targets"), "{e}");
     }
 
     #[test]
