@@ -167,3 +167,34 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
     let _ = std::fs::remove_dir_all(&dir);
     let _: Arc<App> = app;
 }
+
+#[tokio::test]
+async fn a_bad_reload_keeps_the_running_config() {
+    let dir = temp_dir("reload");
+    let path = dir.join("aggregator.yml");
+    let good = "modules: {tcp: {prober: tcp}}\njobs:\n  - {job_name: a, module: tcp, static_configs: [{targets: ['127.0.0.1:1']}]}\n";
+    std::fs::write(&path, good).unwrap();
+    let config = AggregatorConfig::load(&path).unwrap();
+    let app = App::start(config, Some(path.clone()), None).unwrap();
+
+    std::fs::write(
+        &path,
+        "modules: {tcp: {prober: tcp}}\njobs:\n  - {job_name: b, module: nope}\n",
+    )
+    .unwrap();
+    let err = app.reload().await.unwrap_err();
+    assert!(
+        err.contains("aggregator.yml:3:"),
+        "the error names file and line: {err}"
+    );
+    assert_eq!(
+        app.hub.config().jobs[0].name,
+        "a",
+        "the running config stays"
+    );
+
+    std::fs::write(&path, good.replace("job_name: a", "job_name: c")).unwrap();
+    app.reload().await.unwrap();
+    assert_eq!(app.hub.config().jobs[0].name, "c");
+    let _ = std::fs::remove_dir_all(&dir);
+}
