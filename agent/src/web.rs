@@ -162,52 +162,7 @@ async fn probe_handler(
 
 /// HELP texts for the probe metrics, worded as blackbox_exporter words them.
 fn help(name: &str) -> &'static str {
-    match name {
-        "probe_success" => "Displays whether or not the probe was a success",
-        "probe_duration_seconds" => "Returns how long the probe took to complete in seconds",
-        "probe_dns_lookup_time_seconds" => "Returns the time taken for probe dns lookup in seconds",
-        "probe_ip_protocol" => "Specifies whether probe ip protocol is IP4 or IP6",
-        "probe_ip_addr_hash" => {
-            "Specifies the hash of IP address. It's useful to detect if the IP address changes."
-        }
-        "probe_http_status_code" => "Response HTTP status code",
-        "probe_http_duration_seconds" => {
-            "Duration of http request by phase, summed over all redirects"
-        }
-        "probe_http_content_length" => "Length of http content response",
-        "probe_http_uncompressed_body_length" => "Length of uncompressed response body",
-        "probe_http_redirects" => "The number of redirects",
-        "probe_http_ssl" => "Indicates if SSL was used for the final redirect",
-        "probe_http_version" => "Returns the version of HTTP of the probe response",
-        "probe_failed_due_to_regex" => "Indicates if probe failed due to regex",
-        "probe_ssl_earliest_cert_expiry" => "Returns last SSL chain expiry in unixtime",
-        "probe_dns_duration_seconds" => "Duration of DNS request by phase",
-        "probe_dns_answer_rrs" => "Returns number of entries in the answer resource record list",
-        "probe_dns_authority_rrs" => {
-            "Returns number of entries in the authority resource record list"
-        }
-        "probe_dns_additional_rrs" => {
-            "Returns number of entries in the additional resource record list"
-        }
-        "probe_dns_query_succeeded" => {
-            "Displays whether or not the query was executed successfully"
-        }
-        "probe_retries" => "Retries used before this result (sonde)",
-        "probe_failure_info" => "Why the probe failed, one bounded reason (sonde)",
-        "probe_failed_due_to_bytes" => "Indicates if probe failed due to bytes",
-        "probe_expect_info" => "Explicit content matched",
-        "probe_dns_serial" => "Returns the serial number of the zone",
-        "probe_http_last_modified_timestamp_seconds" => {
-            "Returns the Last-Modified HTTP response header in unixtime"
-        }
-        "probe_ssl_last_chain_expiry_timestamp_seconds" => {
-            "Returns last SSL chain expiry in timestamp"
-        }
-        "probe_ssl_last_chain_info" => "Contains SSL leaf certificate information",
-        "probe_tls_version_info" => "Returns the TLS version used or NaN when unknown",
-        "probe_tls_cipher_info" => "Returns the TLS cipher negotiated during handshake",
-        _ => "Probe metric",
-    }
+    sonde_proto::help::series_help(name).unwrap_or("Probe metric")
 }
 
 fn probe_timeout(headers: &HeaderMap, module: &Module) -> Duration {

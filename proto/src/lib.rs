@@ -16,3 +16,4 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 pub mod config;
 pub mod exposition;
+pub mod help;

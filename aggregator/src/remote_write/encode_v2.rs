@@ -71,70 +71,10 @@ pub enum MetricType {
 }
 
 /// Type and help of the series sonde writes: every one is a gauge (`up` and the probe
-/// series as blackbox_exporter exposes them, and sonde's own merged series). Help texts
-/// are worded as blackbox_exporter words them. `None` for a name sonde does not write.
+/// series as blackbox_exporter exposes them, and sonde's own merged series). `None` for
+/// a name sonde does not write.
 pub fn metric_metadata(name: &str) -> Option<(MetricType, &'static str)> {
-    let help = match name {
-        "up" => {
-            "1 if enough agents with a fresh result succeed (quorum), 0 if not; absent when no agent has a fresh result."
-        }
-        "probe_success" => "Displays whether or not the probe was a success",
-        "probe_duration_seconds" => "Returns how long the probe took to complete in seconds",
-        "probe_dns_lookup_time_seconds" => "Returns the time taken for probe dns lookup in seconds",
-        "probe_ip_protocol" => "Specifies whether probe ip protocol is IP4 or IP6",
-        "probe_ip_addr_hash" => {
-            "Specifies the hash of IP address. It's useful to detect if the IP address changes."
-        }
-        "probe_http_status_code" => "Response HTTP status code",
-        "probe_http_duration_seconds" => {
-            "Duration of http request by phase, summed over all redirects"
-        }
-        "probe_http_content_length" => "Length of http content response",
-        "probe_http_uncompressed_body_length" => "Length of uncompressed response body",
-        "probe_http_redirects" => "The number of redirects",
-        "probe_http_ssl" => "Indicates if SSL was used for the final redirect",
-        "probe_http_version" => "Returns the version of HTTP of the probe response",
-        "probe_http_last_modified_timestamp_seconds" => {
-            "Returns the Last-Modified HTTP response header in unixtime"
-        }
-        "probe_failed_due_to_regex" => "Indicates if probe failed due to regex",
-        "probe_ssl_earliest_cert_expiry" => "Returns last SSL chain expiry in unixtime",
-        "probe_ssl_last_chain_expiry_timestamp_seconds" => {
-            "Returns last SSL chain expiry in timestamp"
-        }
-        "probe_ssl_last_chain_info" => "Contains SSL leaf certificate information",
-        "probe_tls_version_info" => "Returns the TLS version used or NaN when unknown",
-        "probe_dns_duration_seconds" => "Duration of DNS request by phase",
-        "probe_dns_answer_rrs" => "Returns number of entries in the answer resource record list",
-        "probe_dns_authority_rrs" => {
-            "Returns number of entries in the authority resource record list"
-        }
-        "probe_dns_additional_rrs" => {
-            "Returns number of entries in the additional resource record list"
-        }
-        "probe_dns_query_succeeded" => {
-            "Displays whether or not the query was executed successfully"
-        }
-        "probe_dns_serial" => "Returns the serial number of the zone",
-        "probe_retries" => "Retries used before this result (sonde)",
-        "sonde_target_agents" => "Agents with a fresh result for the target.",
-        "sonde_target_agents_succeeding" => "Agents whose fresh result for the target succeeded.",
-        "sonde_job_missing" => {
-            "1 while the job is expected but no agent has a fresh result for any of its targets."
-        }
-        "sonde_job_targets" => "Targets of the job.",
-        "sonde_agent_up" => {
-            "1 while the agent is connected (or within fleet.missing_after of its last contact)."
-        }
-        "sonde_agent_last_seen_timestamp_seconds" => "When the agent was last heard from.",
-        "sonde_agent_info" => "The agent's labels, for joins in PromQL.",
-        other if other.starts_with("probe_") => {
-            "Probe metric, as blackbox_exporter defines it, per agent."
-        }
-        other if other.starts_with("sonde_") => "sonde series.",
-        _ => return None,
-    };
-    Some((MetricType::Gauge, help))
+    sonde_proto::help::series_help(name).map(|help| (MetricType::Gauge, help))
 }
 
 /// Interns strings: `symbols[0]` is always `""`, as the spec requires.

@@ -30,6 +30,14 @@ fn labels_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A gauge family with the HELP text every output of sonde uses for it.
+fn series_gauge(name: &str) -> Family {
+    Family::gauge(
+        name,
+        sonde_proto::help::series_help(name).unwrap_or("sonde series."),
+    )
+}
+
 pub fn families(app: &App) -> Vec<Family> {
     let now = now_ms();
     let state = app.hub.lock();
@@ -47,18 +55,9 @@ pub fn families(app: &App) -> Vec<Family> {
         }
         l
     };
-    let mut up = Family::gauge(
-        "up",
-        "1 if enough agents with a fresh result succeed (quorum), 0 if not; absent when no agent has a fresh result.",
-    );
-    let mut agents = Family::gauge(
-        "sonde_target_agents",
-        "Agents with a fresh result for the target.",
-    );
-    let mut succeeding = Family::gauge(
-        "sonde_target_agents_succeeding",
-        "Agents whose fresh result for the target succeeded.",
-    );
+    let mut up = series_gauge("up");
+    let mut agents = series_gauge("sonde_target_agents");
+    let mut succeeding = series_gauge("sonde_target_agents_succeeding");
     let mut probe: BTreeMap<String, Family> = BTreeMap::new();
     for (key, entry) in &state.entries {
         let mut base: Vec<(String, String)> = state
@@ -92,22 +91,14 @@ pub fn families(app: &App) -> Vec<Family> {
                 l.extend(labels.iter().cloned());
                 probe
                     .entry(name.clone())
-                    .or_insert_with(|| {
-                        Family::gauge(
-                            name.clone(),
-                            "Probe metric, as blackbox_exporter defines it, per agent.",
-                        )
-                    })
+                    .or_insert_with(|| series_gauge(name))
                     .samples
                     .push((with_external(l), *value));
             }
         }
     }
-    let mut job_missing = Family::gauge(
-        "sonde_job_missing",
-        "1 while the job is expected but no agent has a fresh result for any of its targets.",
-    );
-    let mut job_targets = Family::gauge("sonde_job_targets", "Targets of the job.");
+    let mut job_missing = series_gauge("sonde_job_missing");
+    let mut job_targets = series_gauge("sonde_job_targets");
     for (name, job) in &state.jobs {
         let n = state.targets.keys().filter(|k| &k.0 == name).count();
         job_missing.samples.push((
@@ -118,18 +109,9 @@ pub fn families(app: &App) -> Vec<Family> {
             .samples
             .push((with_external(labels_of(&[("job", name)])), n as f64));
     }
-    let mut agent_up = Family::gauge(
-        "sonde_agent_up",
-        "1 while the agent is connected (or within fleet.missing_after of its last contact).",
-    );
-    let mut last_seen = Family::gauge(
-        "sonde_agent_last_seen_timestamp_seconds",
-        "When the agent was last heard from.",
-    );
-    let mut info = Family::gauge(
-        "sonde_agent_info",
-        "The agent's labels, for joins in PromQL.",
-    );
+    let mut agent_up = series_gauge("sonde_agent_up");
+    let mut last_seen = series_gauge("sonde_agent_last_seen_timestamp_seconds");
+    let mut info = series_gauge("sonde_agent_info");
     for (id, a) in &state.agents {
         let l = with_external(labels_of(&[("agent", id)]));
         let connected = a.connection.is_some();
