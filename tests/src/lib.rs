@@ -450,6 +450,31 @@ impl Drop for Process {
     }
 }
 
+/// A loopback TCP port that accepts and closes connections, for TCP probes to succeed
+/// against. Served by a thread for the rest of the test process.
+pub fn accepting_tcp_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the TCP target");
+    let port = listener.local_addr().expect("target address").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    port
+}
+
+/// A metric of the `/metrics` page at `base`, summed over the series matching `labels`;
+/// Err (for polling) when no series matches.
+pub fn metric_sum(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+    let text = http_get_ok(&format!("{base}/metrics"))?;
+    let samples = parse_metrics(&text);
+    let found = find_samples(&samples, name, labels);
+    if found.is_empty() {
+        return Err(format!("{name}{labels:?} not on {base}/metrics"));
+    }
+    Ok(found.iter().map(|s| s.value).sum())
+}
+
 // ---------------------------------------------------------------------------------------
 // Bounded waiting
 

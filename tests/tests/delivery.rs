@@ -7,27 +7,14 @@
 //! and target.
 
 use sonde_tests::{
-    Scene, find_samples, free_port, http_get_ok, http_post, parse_metrics, prometheus_query,
+    Scene, accepting_tcp_port, free_port, http_get_ok, http_post, metric_sum, prometheus_query,
     prometheus_single, sonde_bin, start_prometheus,
 };
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// A TCP port that accepts and closes connections, for the probes to succeed against.
-fn tcp_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the TCP target");
-    let port = listener.local_addr().expect("target address").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    port
-}
 
 struct AggregatorSetup {
     config: PathBuf,
@@ -125,17 +112,6 @@ fn signal(scene: &mut Scene, name: &str, sig: &str) {
     assert!(status.success(), "kill -{sig} {name} ({pid}) failed");
 }
 
-/// A metric of a `/metrics` page, summed over the series matching `labels`.
-fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
-    let text = http_get_ok(&format!("{base}/metrics"))?;
-    let samples = parse_metrics(&text);
-    let found = find_samples(&samples, name, labels);
-    if found.is_empty() {
-        return Err(format!("{name}{labels:?} not on {base}/metrics"));
-    }
-    Ok(found.iter().map(|s| s.value).sum())
-}
-
 #[allow(clippy::too_many_arguments)] // one call per test, each a different world
 /// Stops the agent's local probing (reload with no jobs) and waits until everything it
 /// recorded has been acked, the aggregator's queue is empty and Prometheus has it all;
@@ -156,13 +132,13 @@ fn drain(
     signal(scene, process, "HUP");
     let instance = format!("127.0.0.1:{target}");
     let probes = scene.wait_until(&format!("{id} to stop probing"), WAIT, || {
-        let a = metric(
+        let a = metric_sum(
             web,
             "sonde_agent_probes_total",
             &[("job", "tcp"), ("instance", &instance)],
         )?;
         std::thread::sleep(Duration::from_millis(1500));
-        let b = metric(
+        let b = metric_sum(
             web,
             "sonde_agent_probes_total",
             &[("job", "tcp"), ("instance", &instance)],
@@ -176,19 +152,21 @@ fn drain(
     scene.wait_until(
         &format!("{id}'s buffer to be acked"),
         WAIT,
-        || match metric(web, "sonde_agent_buffer_results", &[])? {
+        || match metric_sum(web, "sonde_agent_buffer_results", &[])? {
             0.0 => Ok(()),
             n => Err(format!("{n} results unacked")),
         },
     );
-    scene.wait_until("the aggregator's queue to drain", WAIT, || {
-        match metric(agg_web, "sonde_remote_write_queue_samples", &[])? {
+    scene.wait_until(
+        "the aggregator's queue to drain",
+        WAIT,
+        || match metric_sum(agg_web, "sonde_remote_write_queue_samples", &[])? {
             0.0 => Ok(()),
             n => Err(format!("{n} samples queued")),
-        }
-    });
+        },
+    );
     // Results dropped from a full buffer never reach anyone; they are counted instead.
-    let dropped = metric(web, "sonde_agent_buffer_dropped_total", &[]).unwrap_or(0.0);
+    let dropped = metric_sum(web, "sonde_agent_buffer_dropped_total", &[]).unwrap_or(0.0);
     let expected = probes - dropped;
     let query = format!(
         "count_over_time(probe_success{{job=\"tcp\",instance=\"{instance}\",agent=\"{id}\"}}[1h])"
@@ -271,7 +249,7 @@ fn assert_no_rejections(scene: &mut Scene, prometheus: &str) {
 fn aggregator_killed_five_times_loses_and_doubles_nothing() {
     let mut scene = Scene::new("delivery-agg-kill");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
-    let target = tcp_target();
+    let target = accepting_tcp_port();
     let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
     agg.start(&mut scene, "aggregator-0");
     let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
@@ -319,7 +297,7 @@ fn aggregator_killed_five_times_loses_and_doubles_nothing() {
 fn partition_is_buffered_and_replayed_with_original_timestamps() {
     let mut scene = Scene::new("delivery-partition");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
-    let target = tcp_target();
+    let target = accepting_tcp_port();
     let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
     agg.start(&mut scene, "aggregator-0");
     let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
@@ -331,7 +309,7 @@ fn partition_is_buffered_and_replayed_with_original_timestamps() {
         .terminate(Duration::from_secs(30));
     let cut_at = std::time::SystemTime::now();
     std::thread::sleep(Duration::from_secs(120));
-    let buffered = metric(&web_a, "sonde_agent_buffer_results", &[]).expect("buffer gauge");
+    let buffered = metric_sum(&web_a, "sonde_agent_buffer_results", &[]).expect("buffer gauge");
     assert!(
         buffered >= 100.0,
         "the agent buffered only {buffered} results during a 2-minute partition"
@@ -372,7 +350,7 @@ fn partition_is_buffered_and_replayed_with_original_timestamps() {
 fn removed_job_disappears_at_once() {
     let mut scene = Scene::new("delivery-stale");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
-    let target = tcp_target();
+    let target = accepting_tcp_port();
     let job = format!(
         "  - job_name: doomed\n    module: tcp\n    interval: 1s\n    timeout: 500ms\n    static_configs: [{{targets: [\"127.0.0.1:{target}\"]}}]\n"
     );
@@ -439,7 +417,7 @@ fn removed_job_disappears_at_once() {
 fn agent_killed_mid_batch_loses_and_doubles_nothing() {
     let mut scene = Scene::new("delivery-agent-kill");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
-    let target = tcp_target();
+    let target = accepting_tcp_port();
     let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
     agg.start(&mut scene, "aggregator");
     let grpc = agg.grpc();
@@ -516,13 +494,14 @@ fn restart_agent(
 fn full_buffer_drops_the_oldest_and_keeps_probing() {
     let mut scene = Scene::new("delivery-buffer-full");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
-    let target = tcp_target();
+    let target = accepting_tcp_port();
     let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
     // The aggregator is away while the agent probes with a tiny buffer.
     let (web, config) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "8KiB");
     std::thread::sleep(Duration::from_secs(30));
-    let dropped = metric(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
-    let bytes = metric(&web, "sonde_agent_buffer_bytes", &[]).expect("bytes gauge");
+    let dropped =
+        metric_sum(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
+    let bytes = metric_sum(&web, "sonde_agent_buffer_bytes", &[]).expect("bytes gauge");
     assert!(dropped > 0.0, "nothing dropped from a 8KiB buffer in 30s");
     assert!(
         bytes <= 8.0 * 1024.0,
@@ -552,7 +531,8 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
         &agg.web(),
         &prom,
     );
-    let dropped = metric(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
+    let dropped =
+        metric_sum(&web, "sonde_agent_buffer_dropped_total", &[]).expect("dropped counter");
     let query = "count_over_time(probe_success{job=\"tcp\",agent=\"edge-a\"}[1h])";
     let stored = prometheus_single(&prom, query).expect("stored count");
     assert_eq!(

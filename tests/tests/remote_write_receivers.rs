@@ -13,10 +13,9 @@
 //! in each receiver, with no out-of-order or out-of-bounds rejection in Prometheus's log.
 
 use sonde_tests::{
-    Scene, find_samples, free_port, http_get_ok, parse_metrics, prometheus_query,
+    Scene, accepting_tcp_port, free_port, http_get_ok, metric_sum, prometheus_query,
     prometheus_single, require_tool, sonde_bin,
 };
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -24,29 +23,6 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(90);
 /// How long Prometheus stays down (issue 4: two minutes).
 const OUTAGE: Duration = Duration::from_secs(120);
-
-/// A TCP port that accepts and closes connections, for the probes to succeed against.
-fn tcp_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the TCP target");
-    let port = listener.local_addr().expect("target address").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    port
-}
-
-/// A metric of a `/metrics` page, summed over the series matching `labels`.
-fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
-    let text = http_get_ok(&format!("{base}/metrics"))?;
-    let samples = parse_metrics(&text);
-    let found = find_samples(&samples, name, labels);
-    if found.is_empty() {
-        return Err(format!("{name}{labels:?} not on {base}/metrics"));
-    }
-    Ok(found.iter().map(|s| s.value).sum())
-}
 
 /// Starts Prometheus as process `name` on `port` with its TSDB in `data` (so that a
 /// restart finds its data again) and waits until it is ready.
@@ -137,7 +113,7 @@ fn agent_config(grpc: &str, target: u16, probing: bool) -> String {
 #[test]
 fn prometheus_with_2_0_fallback_and_outage_and_victoria_metrics() {
     let mut scene = Scene::new("rw-receivers");
-    let target = tcp_target();
+    let target = accepting_tcp_port();
     let instance = format!("127.0.0.1:{target}");
     let series = format!("probe_success{{job=\"tcp\",instance=\"{instance}\",agent=\"edge-a\"}}");
     let count = format!("count_over_time({series}[1h])");
@@ -209,14 +185,14 @@ fleet: {{missing_after: 10m}}
             v => Err(format!("{series} = {v}")),
         },
     );
-    let fallbacks = metric(
+    let fallbacks = metric_sum(
         &agg_web,
         "sonde_remote_write_protocol_fallbacks_total",
         &[("remote_name", "prometheus")],
     )
     .expect("fallback counter");
     assert_eq!(fallbacks, 1.0, "the endpoint fell back {fallbacks} times");
-    metric(
+    metric_sum(
         &agg_web,
         "sonde_remote_write_protocol_info",
         &[
@@ -242,7 +218,7 @@ fleet: {{missing_after: 10m}}
         },
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &agg_web,
             "sonde_remote_write_protocol_fallbacks_total",
             &[("remote_name", "victoriametrics")],
@@ -269,7 +245,7 @@ fleet: {{missing_after: 10m}}
         },
     );
     std::thread::sleep(OUTAGE.saturating_sub(down.elapsed()));
-    let queued = metric(
+    let queued = metric_sum(
         &agg_web,
         "sonde_remote_write_queue_samples",
         &[("remote_name", "prometheus")],
@@ -293,9 +269,9 @@ fleet: {{missing_after: 10m}}
     assert!(status.success(), "kill -HUP edge-a failed");
     let probes = scene.wait_until("the agent to stop probing", WAIT, || {
         let labels = [("job", "tcp"), ("instance", instance.as_str())];
-        let a = metric(&agent_web, "sonde_agent_probes_total", &labels)?;
+        let a = metric_sum(&agent_web, "sonde_agent_probes_total", &labels)?;
         std::thread::sleep(Duration::from_millis(1500));
-        let b = metric(&agent_web, "sonde_agent_probes_total", &labels)?;
+        let b = metric_sum(&agent_web, "sonde_agent_probes_total", &labels)?;
         if a == b {
             Ok(b)
         } else {
@@ -306,19 +282,23 @@ fleet: {{missing_after: 10m}}
         probes >= 100.0,
         "the agent ran only {probes} probes in the run"
     );
-    scene.wait_until("the agent's buffer to be acked", WAIT, || {
-        match metric(&agent_web, "sonde_agent_buffer_results", &[])? {
-            0.0 => Ok(()),
-            n => Err(format!("{n} results unacked")),
-        }
+    scene.wait_until("the agent's buffer to be acked", WAIT, || match metric_sum(
+        &agent_web,
+        "sonde_agent_buffer_results",
+        &[],
+    )? {
+        0.0 => Ok(()),
+        n => Err(format!("{n} results unacked")),
     });
-    scene.wait_until("the aggregator's queues to drain", WAIT, || {
-        match metric(&agg_web, "sonde_remote_write_queue_samples", &[])? {
+    scene.wait_until(
+        "the aggregator's queues to drain",
+        WAIT,
+        || match metric_sum(&agg_web, "sonde_remote_write_queue_samples", &[])? {
             0.0 => Ok(()),
             n => Err(format!("{n} samples queued")),
-        }
-    });
-    let dropped = metric(&agent_web, "sonde_agent_buffer_dropped_total", &[]).unwrap_or(0.0);
+        },
+    );
+    let dropped = metric_sum(&agent_web, "sonde_agent_buffer_dropped_total", &[]).unwrap_or(0.0);
     assert_eq!(dropped, 0.0, "the agent dropped results from its buffer");
     for (receiver, base) in [("Prometheus", &prom), ("VictoriaMetrics", &vm)] {
         scene.wait_until(
@@ -335,7 +315,7 @@ fleet: {{missing_after: 10m}}
         );
     }
     for reason in ["http_4xx", "queue_full", "too_old"] {
-        let dropped = metric(
+        let dropped = metric_sum(
             &agg_web,
             "sonde_remote_write_samples_dropped_total",
             &[("reason", reason)],
