@@ -41,21 +41,59 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(run());
+    rt.block_on(run(false));
+    rt.block_on(run(true));
 }
 
-async fn run() {
+/// A remote-write receiver on loopback that decodes every request and answers 204,
+/// counting the samples it received.
+async fn receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/write",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counter = counter.clone();
+            async move {
+                if let Ok(req) = sonde_aggregator::remote_write::decode(&body) {
+                    let n: usize = req.timeseries.iter().map(|t| t.samples.len()).sum();
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/api/v1/write"), received)
+}
+
+async fn run(with_remote_write: bool) {
     let targets: Vec<String> = (0..TARGETS)
         .map(|i| format!("'127.0.0.1:{}'", 10_000 + i))
         .collect();
-    let text = format!(
+    let mut text = format!(
         "global: {{scrape_interval: 15s, scrape_timeout: 10s}}\nmodules:\n  tcp: {{prober: tcp}}\njobs:\n  - job_name: bench\n    module: tcp\n    static_configs: [{{targets: [{}]}}]\n",
         targets.join(", ")
     );
+    let mut received = None;
+    if with_remote_write {
+        let (url, counter) = receiver().await;
+        text.push_str(&format!(
+            "remote_write:\n  - url: {url}\n    queue_config: {{batch_send_deadline: 100ms}}\n"
+        ));
+        received = Some(counter);
+    }
+    let store_dir = std::env::temp_dir().join(format!("sonde-ingest-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store_dir);
     let path = Path::new("bench.yml");
     let config = AggregatorConfig::from_file(path, from_yaml_str(path, &text).expect("yaml"))
         .expect("config");
-    let app = App::start(config, None, None).expect("app");
+    let app = App::start(config, None, Some(&store_dir)).expect("app");
     let running = sonde_aggregator::server::start(
         app,
         "127.0.0.1:0".parse().unwrap(),
@@ -167,12 +205,35 @@ async fn run() {
     let elapsed = started.elapsed();
     let cpu = cpu_seconds() - cpu0;
     let _tx = sender.await;
+    let mode = if with_remote_write {
+        "with one remote-write endpoint (durable queue)"
+    } else {
+        "no remote write"
+    };
     println!(
-        "ingest: {total} results ({BATCHES} batches of {BATCH}, 5 samples each, {TARGETS} targets) in {:.2}s = {:.0} results/s; process CPU {:.2}s = {:.1} µs/result (client included)",
+        "ingest, {mode}: {total} results ({BATCHES} batches of {BATCH}, 5 samples each, {TARGETS} targets) acked in {:.2}s = {:.0} results/s; process CPU {:.2}s = {:.1} µs/result (client and receiver included)",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         cpu,
         cpu * 1e6 / total as f64
     );
+    if let Some(received) = received {
+        // Every result makes 5 per-agent samples plus the target's 3 merged ones.
+        let want = total * 8;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while received.load(std::sync::atomic::Ordering::Relaxed) < want
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let delivered = started.elapsed();
+        let got = received.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "  delivered {got} samples (want {want} from the results, plus job and agent series) to the receiver {:.2}s after the first batch = {:.0} samples/s end to end",
+            delivered.as_secs_f64(),
+            got as f64 / delivered.as_secs_f64()
+        );
+    }
     running.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&store_dir);
 }
