@@ -554,6 +554,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn probe_dns_source_ip_address_over_udp_and_tcp() {
+        // A server that answers and reports which address each query came from.
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let udp_seen = seen_tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let _ = udp_seen.send(peer.ip());
+                if let Some(reply) = answer(&buf[..n]) {
+                    let _ = socket.send_to(&reply, peer).await;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut stream, peer)) = listener.accept().await {
+                let _ = seen_tx.send(peer.ip());
+                let mut len = [0u8; 2];
+                if stream.read_exact(&mut len).await.is_err() {
+                    continue;
+                }
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if stream.read_exact(&mut query).await.is_err() {
+                    continue;
+                }
+                if let Some(reply) = answer(&query) {
+                    let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                    framed.extend(reply);
+                    let _ = stream.write_all(&framed).await;
+                }
+            }
+        });
+        for transport in ["udp", "tcp"] {
+            let m = dns_module(serde_json::json!({
+                "query_name": "a.test", "query_type": "A",
+                "transport_protocol": transport, "source_ip_address": "127.0.0.2"
+            }));
+            let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
+            assert!(o.success, "{transport}: {:?}", o.failure);
+            assert_eq!(
+                seen.recv().await,
+                Some("127.0.0.2".parse().unwrap()),
+                "{transport}: the query must leave from source_ip_address"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn probe_dns_tcp_a_records() {
         let addr = tcp_server().await;
         let m = dns_module(serde_json::json!({
