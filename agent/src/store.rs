@@ -22,7 +22,7 @@
 //! One writer thread owns the write connection and commits whatever has queued up in
 //! one transaction (group commit): probing tasks only hand their result to a channel,
 //! and the tokio workers never wait for SQLite. A result becomes visible to the uplink
-//! ([`Store::pending_after`]) only once its transaction has committed, so anything the
+//! (`Store::pending_after`) only once its transaction has committed, so anything the
 //! aggregator has seen is on disk. With WAL and `synchronous=NORMAL` a commit is in the
 //! WAL file when it returns: a SIGKILL loses nothing committed; only a power cut can
 //! lose the last transactions before a checkpoint (no fsync per commit, which would
