@@ -614,7 +614,7 @@ impl State {
     /// The quorum and freshness window that apply to a target's job.
     fn rules(&self, job: &str, entry: &TargetEntry) -> (Quorum, Duration) {
         match self.jobs.get(job).and_then(|j| j.config.as_ref()) {
-            Some(c) => (c.quorum, merge::freshness_window(c.interval, c.timeout)),
+            Some(c) => (c.quorum, c.freshness),
             None => {
                 // A local job: the aggregator knows its rhythm only from the results.
                 let spacing = entry

@@ -3,7 +3,7 @@
 //! rule is unit- and property-tested.
 //!
 //! A result is *fresh* while it is younger than the job's freshness window
-//! (`2 × interval + timeout`). Only fresh results vote; an agent that disappears simply
+//! (`2 × interval + timeout`, or the job's `freshness`). Only fresh results vote; an agent that disappears simply
 //! stops voting once its last result ages out, so an agent problem never turns a target
 //! DOWN on its own.
 
@@ -51,7 +51,8 @@ pub struct Merged {
     pub succeeding: u32,
 }
 
-/// How long a result stays fresh for a job: `2 × interval + timeout`.
+/// How long a result stays fresh for a job that does not set `freshness`:
+/// `2 × interval + timeout` (the rule `sonde_proto::config::resolve_jobs` applies).
 pub fn freshness_window(interval: Duration, timeout: Duration) -> Duration {
     interval * 2 + timeout
 }

@@ -88,7 +88,7 @@ pub fn targets_json(app: &App) -> Value {
                 .jobs
                 .get(&key.0)
                 .and_then(|j| j.config.as_ref())
-                .map(|c| merge::freshness_window(c.interval, c.timeout));
+                .map(|c| c.freshness);
             let views: Vec<Value> = entry
                 .map(|e| {
                     e.views

@@ -21,6 +21,9 @@ pub struct JobConfig {
     /// Re-probe a failure this many times before it counts.
     #[serde(default)]
     pub retries: u32,
+    /// How long a result counts toward `up`; default `2 × interval + timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<PromDuration>,
     /// Label selector over agent labels; empty selects every agent.
     #[serde(default)]
     pub agents: Labels,

@@ -18,6 +18,8 @@ pub struct ResolvedJob {
     pub timeout: Duration,
     pub quorum: Quorum,
     pub retries: u32,
+    /// How long a result stays fresh (counts toward `up`).
+    pub freshness: Duration,
     pub config: JobConfig,
 }
 
@@ -130,6 +132,17 @@ pub fn resolve_jobs(
                 )));
             }
         }
+        let freshness = match job.freshness {
+            Some(f) if f.0 < interval => {
+                return Err(err(format!(
+                    "job {:?}: freshness {f} is shorter than the interval {}; every target would go missing between two probes",
+                    job.job_name,
+                    PromDuration(interval)
+                )));
+            }
+            Some(f) => f.0,
+            None => interval * 2 + job_timeout,
+        };
         resolved.push(ResolvedJob {
             name: job.job_name.clone(),
             module_name: job.module.clone(),
@@ -138,6 +151,7 @@ pub fn resolve_jobs(
             timeout,
             quorum: job.quorum,
             retries: job.retries,
+            freshness,
             config: job.clone(),
         });
     }
@@ -231,6 +245,19 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn freshness_defaults_to_two_intervals_plus_timeout() {
+        let jobs = resolve(
+            "modules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: m, interval: 10s, timeout: 2s}\n  - {job_name: b, module: m, interval: 10s, freshness: 5m}\n",
+        )
+        .unwrap();
+        assert_eq!(jobs[0].freshness, Duration::from_secs(22));
+        assert_eq!(jobs[1].freshness, Duration::from_secs(300));
+        let e = resolve("modules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: m, interval: 10s, freshness: 5s}\n")
+            .unwrap_err();
+        assert!(e.message.contains("freshness"), "{e}");
     }
 
     #[test]
