@@ -16,6 +16,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--log.level` and `--log.format`, the same for both binaries.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct LogFlags {
+    #[arg(long = "log.level", value_enum, default_value = "info")]
+    pub level: LogLevel,
+    #[arg(long = "log.format", value_enum, default_value = "logfmt")]
+    pub format: LogFormat,
+}
+
+impl LogFlags {
+    pub fn init(self) {
+        init(self.level, self.format);
+    }
+}
+
+/// `check-config FILE`, the same for both binaries.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Validate a config file; print each problem with file:line:column.
+    CheckConfig { file: std::path::PathBuf },
+}
+
 /// Installs the global subscriber; logs go to stderr.
 pub fn init(level: LogLevel, format: LogFormat) {
     let level = match level {

@@ -1,9 +1,9 @@
 //! `sonde-agent`: probes targets and streams the results to sonde aggregators.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use sonde_agent::config::AgentConfig;
-use sonde_agent::logging::{self, LogFormat, LogLevel};
+use sonde_agent::logging::{Command, LogFlags};
 use sonde_agent::runtime::AgentRuntime;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,18 +22,10 @@ struct Cli {
     web_listen_address: SocketAddr,
     #[arg(long = "storage.path", default_value = "data/agent")]
     storage_path: PathBuf,
-    #[arg(long = "log.level", value_enum, default_value = "info")]
-    log_level: LogLevel,
-    #[arg(long = "log.format", value_enum, default_value = "logfmt")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogFlags,
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Validate a config file; print each problem with file:line:column.
-    CheckConfig { file: PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,7 +48,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    logging::init(cli.log_level, cli.log_format);
+    cli.log.init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -4,9 +4,9 @@
 //! With no flags at all it starts the all-in-one default: the aggregator plus an
 //! embedded agent probing the aggregator's own endpoints.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use sonde_agent::config::{AgentConfig, AggregatorEndpoint};
-use sonde_agent::logging::{self, LogFormat, LogLevel};
+use sonde_agent::logging::{Command, LogFlags};
 use sonde_aggregator::app::App;
 use sonde_aggregator::config::AggregatorConfig;
 use std::net::SocketAddr;
@@ -30,18 +30,10 @@ struct Cli {
     grpc_listen_address: SocketAddr,
     #[arg(long = "storage.path", default_value = "data/aggregator")]
     storage_path: PathBuf,
-    #[arg(long = "log.level", value_enum, default_value = "info")]
-    log_level: LogLevel,
-    #[arg(long = "log.format", value_enum, default_value = "logfmt")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogFlags,
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Validate a config file; print each problem with file:line:column.
-    CheckConfig { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -65,7 +57,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    logging::init(cli.log_level, cli.log_format);
+    cli.log.init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
