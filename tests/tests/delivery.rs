@@ -81,6 +81,19 @@ fn start_agent(
     target: u16,
     max_bytes: &str,
 ) -> (String, PathBuf) {
+    spawn_agent(scene, id, id, grpc, target, max_bytes)
+}
+
+/// Starts agent `id` as process `name`; its storage is always `<id>-data`, so starting
+/// it again under another name is a restart on the same buffer.
+fn spawn_agent(
+    scene: &mut Scene,
+    name: &str,
+    id: &str,
+    grpc: &str,
+    target: u16,
+    max_bytes: &str,
+) -> (String, PathBuf) {
     let config = scene.dir().write(
         &format!("{id}.yml"),
         &agent_config(id, grpc, target, true, max_bytes),
@@ -94,9 +107,9 @@ fn start_agent(
             scene.dir().join(&format!("{id}-data")).display()
         ))
         .arg("--log.level=debug");
-    scene.spawn(id, cmd);
+    scene.spawn(name, cmd);
     let web = format!("http://127.0.0.1:{port}");
-    scene.wait_until(&format!("{id} /-/healthy"), WAIT, || {
+    scene.wait_until(&format!("{name} /-/healthy"), WAIT, || {
         http_get_ok(&format!("{web}/-/healthy")).map(drop)
     });
     (web, config)
@@ -433,12 +446,13 @@ fn agent_killed_mid_batch_loses_and_doubles_nothing() {
             format!("edge-a-{}", round - 1)
         };
         scene.kill(&name);
-        agent = Some(restart_agent(
+        agent = Some(spawn_agent(
             &mut scene,
             &format!("edge-a-{round}"),
             "edge-a",
             &grpc,
             target,
+            "256MiB",
         ));
     }
     std::thread::sleep(Duration::from_secs(10));
@@ -459,35 +473,6 @@ fn agent_killed_mid_batch_loses_and_doubles_nothing() {
     assert_eq!(ts.len() as f64, probes);
     assert!(ts.windows(2).all(|w| w[0] < w[1]));
     assert_no_rejections(&mut scene, "prometheus");
-}
-
-/// Starts agent `id` again as process `name`, on the storage of its first run.
-fn restart_agent(
-    scene: &mut Scene,
-    name: &str,
-    id: &str,
-    grpc: &str,
-    target: u16,
-) -> (String, PathBuf) {
-    let config = scene.dir().write(
-        &format!("{id}.yml"),
-        &agent_config(id, grpc, target, true, "256MiB"),
-    );
-    let port = free_port();
-    let mut cmd = Command::new(sonde_bin("sonde-agent"));
-    cmd.arg(format!("--config.file={}", config.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg(format!(
-            "--storage.path={}",
-            scene.dir().join(&format!("{id}-data")).display()
-        ))
-        .arg("--log.level=debug");
-    scene.spawn(name, cmd);
-    let web = format!("http://127.0.0.1:{port}");
-    scene.wait_until(&format!("{name} /-/healthy"), WAIT, || {
-        http_get_ok(&format!("{web}/-/healthy")).map(drop)
-    });
-    (web, config)
 }
 
 #[test]
