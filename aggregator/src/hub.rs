@@ -85,6 +85,22 @@ pub struct AgentEntry {
     last_assignment: Vec<Check>,
 }
 
+impl AgentEntry {
+    /// `sonde_agent_up`: connected, or heard from within `grace`.
+    pub fn is_up(&self, now_ms: i64, grace: Duration) -> bool {
+        merge::agent_up(self.connection.is_some(), self.last_seen_ms, now_ms, grace)
+    }
+
+    /// `sonde_agent_last_seen_timestamp_seconds`, in ms: now while connected.
+    pub fn last_seen_at(&self, now_ms: i64) -> i64 {
+        if self.connection.is_some() {
+            now_ms
+        } else {
+            self.last_seen_ms
+        }
+    }
+}
+
 pub struct JobEntry {
     pub expected_since_ms: i64,
     /// `None` for a job that only exists as an agent's local job.
@@ -417,6 +433,25 @@ impl Hub {
 }
 
 impl State {
+    /// Targets the config (static and file_sd) gives `job`.
+    fn configured_targets(&self, job: &str) -> usize {
+        self.targets
+            .range((job.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == job)
+            .count()
+    }
+
+    /// `sonde_job_targets`: the configured targets, or for an agent-local job the
+    /// targets its results name.
+    pub fn job_target_count(&self, job: &str) -> usize {
+        let seen = self
+            .entries
+            .range((job.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == job)
+            .count();
+        self.configured_targets(job).max(seen)
+    }
+
     fn stored_agent(&self, id: &str) -> Option<crate::store::StoredAgent> {
         self.agents.get(id).map(|a| crate::store::StoredAgent {
             id: id.to_string(),
@@ -774,7 +809,7 @@ impl State {
                 .take_while(|(k, _)| k.0 == name)
                 .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
                 .collect();
-            let configured_targets = self.targets.keys().filter(|k| k.0 == name).count();
+            let configured_targets = self.configured_targets(&name);
             let target_count = configured_targets.max(states.len());
             let Some(job) = self.jobs.get_mut(&name) else {
                 continue;
@@ -807,12 +842,7 @@ impl State {
             ));
         }
         for (id, agent) in &self.agents {
-            let up = merge::agent_up(
-                agent.connection.is_some(),
-                agent.last_seen_ms,
-                now_ms,
-                grace,
-            );
+            let up = agent.is_up(now_ms, grace);
             out.push(sample(
                 "sonde_agent_up",
                 &[("agent", id)],
@@ -823,12 +853,7 @@ impl State {
                 "sonde_agent_last_seen_timestamp_seconds",
                 &[("agent", id)],
                 ts,
-                if agent.connection.is_some() {
-                    now_ms
-                } else {
-                    agent.last_seen_ms
-                } as f64
-                    / 1000.0,
+                agent.last_seen_at(now_ms) as f64 / 1000.0,
             ));
             out.push(SeriesSample {
                 labels: info_labels(id, &agent.labels),
@@ -842,7 +867,7 @@ impl State {
             .agents
             .iter_mut()
             .filter_map(|(id, a)| {
-                let up = merge::agent_up(a.connection.is_some(), a.last_seen_ms, now_ms, grace);
+                let up = a.is_up(now_ms, grace);
                 let newly_gone = !up && !a.series_staled;
                 a.series_staled = !up;
                 newly_gone.then(|| id.clone())
@@ -926,13 +951,19 @@ fn sample(name: &str, labels: &[(&str, &str)], ts: i64, value: f64) -> SeriesSam
 }
 
 fn info_labels(agent: &str, labels: &Labels) -> Vec<(String, String)> {
+    let mut l = agent_info_labels(agent, labels);
+    l.push(("__name__".into(), "sonde_agent_info".into()));
+    l
+}
+
+/// The labels of `sonde_agent_info`: the agent's own labels, then `agent`, which wins.
+pub fn agent_info_labels(agent: &str, labels: &Labels) -> Vec<(String, String)> {
     let mut l: Vec<(String, String)> = labels
         .iter()
         .filter(|(k, _)| k.as_str() != "agent")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     l.push(("agent".into(), agent.to_string()));
-    l.push(("__name__".into(), "sonde_agent_info".into()));
     l
 }
 

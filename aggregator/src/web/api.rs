@@ -32,12 +32,7 @@ pub fn jobs_json(app: &App) -> Value {
         .jobs
         .iter()
         .map(|(name, job)| {
-            let targets = state
-                .targets
-                .keys()
-                .filter(|k| &k.0 == name)
-                .count()
-                .max(state.entries.keys().filter(|k| &k.0 == name).count());
+            let targets = state.job_target_count(name);
             match &job.config {
                 Some(c) => json!({
                     "job": name,
@@ -134,7 +129,7 @@ pub fn agents_json(app: &App) -> Value {
                 "labels": a.labels,
                 "version": a.version,
                 "connected": a.connection.is_some(),
-                "up": merge::agent_up(a.connection.is_some(), a.last_seen_ms, now, grace),
+                "up": a.is_up(now, grace),
                 "last_seen_ms": a.last_seen_ms,
                 "first_seen_ms": a.first_seen_ms,
                 "assignment_generation": a.generation,

@@ -4,7 +4,6 @@
 
 use crate::app::App;
 use crate::fleet::now_ms;
-use crate::merge;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -100,7 +99,7 @@ pub fn families(app: &App) -> Vec<Family> {
     let mut job_missing = series_gauge("sonde_job_missing");
     let mut job_targets = series_gauge("sonde_job_targets");
     for (name, job) in &state.jobs {
-        let n = state.targets.keys().filter(|k| &k.0 == name).count();
+        let n = state.job_target_count(name);
         job_missing.samples.push((
             with_external(labels_of(&[("job", name)])),
             f64::from(u8::from(job.missing)),
@@ -114,28 +113,15 @@ pub fn families(app: &App) -> Vec<Family> {
     let mut info = series_gauge("sonde_agent_info");
     for (id, a) in &state.agents {
         let l = with_external(labels_of(&[("agent", id)]));
-        let connected = a.connection.is_some();
-        agent_up.samples.push((
-            l.clone(),
-            f64::from(u8::from(merge::agent_up(
-                connected,
-                a.last_seen_ms,
-                now,
-                state.config.missing_after,
-            ))),
+        let up = a.is_up(now, state.config.missing_after);
+        agent_up.samples.push((l.clone(), f64::from(u8::from(up))));
+        last_seen
+            .samples
+            .push((l, a.last_seen_at(now) as f64 / 1000.0));
+        info.samples.push((
+            with_external(crate::hub::agent_info_labels(id, &a.labels)),
+            1.0,
         ));
-        last_seen.samples.push((
-            l,
-            if connected { now } else { a.last_seen_ms } as f64 / 1000.0,
-        ));
-        let mut il: Vec<(String, String)> = a
-            .labels
-            .iter()
-            .filter(|(k, _)| k.as_str() != "agent")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        il.push(("agent".into(), id.clone()));
-        info.samples.push((with_external(il), 1.0));
     }
     drop(state);
 
