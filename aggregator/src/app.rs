@@ -80,6 +80,17 @@ impl App {
         }))
     }
 
+    /// `/-/ready`: the config is loaded and the queues restored once the App exists, so
+    /// what remains is whether the store takes commits.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.hub.storage.failing() {
+            Some(e) => Err(format!(
+                "the store refuses commits ({e}); results are not acked until it recovers"
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Re-reads the config file; on any problem the running config stays.
     pub async fn reload(&self) -> Result<(), String> {
         let Some(file) = &self.config_file else {

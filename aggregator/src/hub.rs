@@ -149,6 +149,7 @@ pub struct Hub {
     state: std::sync::Mutex<State>,
     output: Arc<dyn Output>,
     pub counters: HubCounters,
+    pub storage: crate::health::StorageHealth,
 }
 
 fn stale_nan() -> f64 {
@@ -173,6 +174,7 @@ impl Hub {
             state: std::sync::Mutex::new(state),
             output,
             counters: HubCounters::default(),
+            storage: crate::health::StorageHealth::default(),
         }
     }
 
@@ -354,7 +356,7 @@ impl Hub {
             let id = agent.to_string();
             let change =
                 |tx: &rusqlite::Transaction<'_>| crate::store::commit_seq(tx, &id, last, now_ms);
-            self.output.commit(&out, &change)?;
+            self.try_commit(&out, &change)?;
             if let Some(a) = state.agents.get_mut(agent) {
                 a.committed_seq = last;
                 a.last_seen_ms = now_ms;
@@ -426,8 +428,22 @@ impl Hub {
     /// Commits series that no agent waits an ack for (merged series, staleness markers,
     /// job and agent series). A failure is logged; the next tick writes fresh values.
     fn commit(&self, out: &[SeriesSample], change: StateChange<'_>) {
-        if let Err(e) = self.output.commit(out, change) {
+        if let Err(e) = self.try_commit(out, change) {
             tracing::error!(error = %e, samples = out.len(), "cannot commit series to the store");
+        }
+    }
+
+    /// Commits through the output and keeps [`Hub::storage`] up to date.
+    fn try_commit(&self, out: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
+        match self.output.commit(out, change) {
+            Ok(()) => {
+                self.storage.succeeded();
+                Ok(())
+            }
+            Err(e) => {
+                self.storage.failed(&e);
+                Err(e)
+            }
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod app;
 pub mod config;
 pub mod fleet;
+pub mod health;
 pub mod hub;
 pub mod merge;
 pub mod remote_write;
