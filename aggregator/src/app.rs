@@ -51,6 +51,10 @@ pub struct App {
     /// Where the config comes from; `None` for the built-in all-in-one config.
     pub config_file: Option<PathBuf>,
     pub started_ms: i64,
+    /// The gRPC port's TLS, swapped on reload.
+    pub fleet_tls: Arc<crate::fleet::listener::FleetTls>,
+    /// Where agents connect, once the server is listening.
+    pub grpc_address: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl App {
@@ -77,6 +81,8 @@ impl App {
             outputs,
             config_file,
             started_ms: now_ms(),
+            fleet_tls: Default::default(),
+            grpc_address: std::sync::OnceLock::new(),
         }))
     }
 
@@ -100,6 +106,12 @@ impl App {
             );
         };
         let config = AggregatorConfig::load(file).map_err(|e: ConfigError| e.to_string())?;
+        if let Some(grpc) = self.grpc_address.get() {
+            config.check_listen_address(*grpc)?;
+            // Certificates are re-read on every reload (renewed files take effect);
+            // a problem with them fails the reload before anything changes.
+            self.fleet_tls.load(config.tls.as_ref())?;
+        }
         let old = self.hub.config();
         let config = Arc::new(config);
         if old.remote_write != config.remote_write || old.external_labels != config.external_labels

@@ -4,8 +4,8 @@
 use crate::remote_write::config::RemoteWriteConfig;
 use serde::Deserialize;
 use sonde_proto::config::{
-    ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration, ResolvedJob,
-    load_yaml_file, resolve_jobs,
+    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration,
+    ResolvedJob, load_yaml_file, resolve_jobs,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -70,6 +70,9 @@ pub struct Shard {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
+    /// Lets agents connect without a token on a non-loopback gRPC address.
+    #[serde(default)]
+    pub allow_anonymous: bool,
     pub auth: Option<AuthConfig>,
     pub tls: Option<Located<ServerTlsConfig>>,
     /// Grace before a disconnected agent or a silent job is flagged missing.
@@ -78,6 +81,11 @@ pub struct FleetConfig {
     /// How long a vanished agent stays listed (and flagged) before it is forgotten.
     #[serde(default = "default_forget_after")]
     pub forget_after: PromDuration,
+    /// Results stamped later than now + this are refused.
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew: PromDuration,
+    #[serde(default)]
+    pub limits: FleetLimits,
 }
 
 fn default_missing_after() -> PromDuration {
@@ -88,13 +96,70 @@ fn default_forget_after() -> PromDuration {
     PromDuration::from_secs(24 * 3600)
 }
 
+fn default_max_clock_skew() -> PromDuration {
+    PromDuration::from_secs(60)
+}
+
 impl Default for FleetConfig {
     fn default() -> Self {
         Self {
+            allow_anonymous: false,
             auth: None,
             tls: None,
             missing_after: default_missing_after(),
             forget_after: default_forget_after(),
+            max_clock_skew: default_max_clock_skew(),
+            limits: FleetLimits::default(),
+        }
+    }
+}
+
+/// What one agent, one stream and one connection may cost the aggregator. The
+/// defaults fit an honest agent with 50,000 targets; the README gives the worst case
+/// they allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetLimits {
+    /// One gRPC message from an agent (decoded size).
+    pub max_message_bytes: ByteSize,
+    /// Open connections on the gRPC port; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
+    pub tls_handshake_timeout: PromDuration,
+    /// Time an authenticated stream has to send its Hello.
+    pub hello_timeout: PromDuration,
+    /// One interned string (metric name, label name or value).
+    pub max_symbol_bytes: ByteSize,
+    /// All the strings one stream interns.
+    pub max_symbol_table_bytes: ByteSize,
+    pub max_results_per_batch: usize,
+    pub max_samples_per_result: usize,
+    pub max_labels_per_sample: usize,
+    /// Jobs an agent may declare as its own.
+    pub max_local_jobs: usize,
+    /// Distinct targets across one agent's local jobs.
+    pub max_local_targets: usize,
+    /// Series one agent may hold live at once (the samples of its latest results).
+    pub max_series: usize,
+}
+
+impl Default for FleetLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: ByteSize(4 << 20),
+            max_connections: 4096,
+            max_streams_per_connection: 16,
+            tls_handshake_timeout: PromDuration::from_secs(10),
+            hello_timeout: PromDuration::from_secs(10),
+            max_symbol_bytes: ByteSize(16 << 10),
+            max_symbol_table_bytes: ByteSize(16 << 20),
+            max_results_per_batch: 2000,
+            max_samples_per_result: 512,
+            max_labels_per_sample: 32,
+            max_local_jobs: 64,
+            max_local_targets: 10_000,
+            max_series: 1_000_000,
         }
     }
 }
@@ -112,6 +177,15 @@ pub struct TokenEntry {
     pub agent: String,
     pub token_file: Option<PathBuf>,
     pub token: Option<String>,
+    /// When given, these are the agent's labels: a Hello that contradicts one is refused.
+    pub labels: Option<Labels>,
+}
+
+/// What a token grants: the one agent id it may use, and the labels bound to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub agent: String,
+    pub labels: Option<Labels>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -142,11 +216,16 @@ pub struct AggregatorConfig {
     /// The jobs this aggregator owns (all of them, unless sharded).
     pub jobs: Vec<ResolvedJob>,
     pub remote_write: Vec<RemoteWriteConfig>,
-    /// token → agent id; empty when agents need no token.
-    pub tokens: HashMap<String, String>,
+    /// token → what it grants; empty when agents need no token.
+    pub tokens: HashMap<String, TokenGrant>,
+    /// True when `fleet.auth` is configured (even with an empty token list).
+    pub auth_required: bool,
+    pub allow_anonymous: bool,
     pub tls: Option<ServerTlsConfig>,
     pub missing_after: Duration,
     pub forget_after: Duration,
+    pub max_clock_skew: Duration,
+    pub limits: FleetLimits,
 }
 
 impl AggregatorConfig {
@@ -265,10 +344,29 @@ impl AggregatorConfig {
                         entry.agent
                     )));
                 }
-                if let Some(other) = tokens.insert(token, entry.agent.clone()) {
+                if entry.agent.is_empty() || entry.agent.len() > MAX_AGENT_ID_BYTES {
                     return Err(at(format!(
-                        "fleet.auth.tokens: agents {other:?} and {:?} share a token; each agent needs its own",
-                        entry.agent
+                        "fleet.auth.tokens: agent ids are 1 to {MAX_AGENT_ID_BYTES} bytes long"
+                    )));
+                }
+                if let Some(labels) = &entry.labels {
+                    sonde_proto::config::validate_labels(
+                        labels,
+                        &format!("fleet.auth.tokens: labels of agent {:?}", entry.agent),
+                    )
+                    .map_err(at)?;
+                }
+                if let Some(path) = &entry.token_file {
+                    warn_if_readable_by_others(&base.join(path));
+                }
+                let grant = TokenGrant {
+                    agent: entry.agent.clone(),
+                    labels: entry.labels.clone(),
+                };
+                if let Some(other) = tokens.insert(token, grant) {
+                    return Err(at(format!(
+                        "fleet.auth.tokens: agents {:?} and {:?} share a token; each agent needs its own",
+                        other.agent, entry.agent
                     )));
                 }
             }
@@ -302,9 +400,13 @@ impl AggregatorConfig {
             jobs,
             remote_write,
             tokens,
+            auth_required: raw.fleet.auth.is_some(),
+            allow_anonymous: raw.fleet.allow_anonymous,
             tls,
             missing_after: raw.fleet.missing_after.0,
             forget_after: raw.fleet.forget_after.0,
+            max_clock_skew: raw.fleet.max_clock_skew.0,
+            limits: raw.fleet.limits,
         })
     }
 
@@ -362,6 +464,45 @@ fn resolve_paths(rw: &mut RemoteWriteConfig, base: &Path) {
         t.ca_file.as_mut().map(fix);
         t.cert_file.as_mut().map(fix);
         t.key_file.as_mut().map(fix);
+    }
+}
+
+/// Agent ids are at most this long (in bytes), in tokens and in Hellos.
+pub const MAX_AGENT_ID_BYTES: usize = 256;
+
+/// A token file others can read is a token others can use: say so (the file is the
+/// operator's to fix, so this does not refuse to start).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "token_file is readable by group or others; chmod 600 it"
+        );
+    }
+}
+
+impl AggregatorConfig {
+    /// Secure by default: agents on a non-loopback address must authenticate, unless
+    /// the operator said `fleet.allow_anonymous: true` (then a warning, every start).
+    pub fn check_listen_address(&self, grpc: std::net::SocketAddr) -> Result<(), String> {
+        if self.auth_required || grpc.ip().is_loopback() {
+            return Ok(());
+        }
+        if self.allow_anonymous {
+            tracing::warn!(
+                grpc = %grpc,
+                "fleet.allow_anonymous is true: anyone who can reach {grpc} can join the fleet, read every job's modules and report results; configure fleet.auth.tokens"
+            );
+            return Ok(());
+        }
+        Err(format!(
+            "{}: --grpc.listen-address {grpc} is not a loopback address and fleet.auth is not configured, so anyone who can reach it could join the fleet; add fleet.auth.tokens (see the README's Security model), listen on 127.0.0.1, or set fleet.allow_anonymous: true to accept that",
+            self.file.display()
+        ))
     }
 }
 

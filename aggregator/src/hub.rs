@@ -7,12 +7,14 @@
 //! [`crate::merge`]; this module only keeps state and timestamps in order.
 
 use crate::config::AggregatorConfig;
+use crate::fleet::decode::Symbol;
 use crate::merge::{self, AgentView, Merged, TargetState};
+use crate::refusals::{Reason, Refusals};
 use crate::remote_write::encode::{STALE_NAN_BITS, SeriesSample};
 use crate::targets::{FileSd, Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
 use sonde_proto::pb::{self, AggregatorMessage, Check, aggregator_message};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,8 +27,8 @@ pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
 /// that it never falls out of Prometheus's 5-minute lookback, whatever the interval.
 const MAX_REWRITE_PERIOD_MS: i64 = 60_000;
 
-/// A probe sample: metric name, labels, value.
-pub type ProbeSample = (String, Vec<(String, String)>, f64);
+/// A probe sample: metric name, labels, value; the strings are the stream's symbols.
+pub type ProbeSample = (Symbol, Vec<(Symbol, Symbol)>, f64);
 
 /// One probe result as the fleet service decoded it.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +41,9 @@ pub struct IncomingResult {
     pub duration_seconds: f64,
     pub failure: String,
     pub samples: Vec<ProbeSample>,
+    /// Set when the result was refused while decoding: its sequence number is
+    /// acknowledged, nothing else of it is kept.
+    pub refused: Option<Reason>,
 }
 
 /// What an agent last reported for one target.
@@ -55,7 +60,7 @@ pub struct LastResult {
     pub samples: Vec<ProbeSample>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct TargetEntry {
     /// (job, instance).
     pub key: (String, String),
@@ -69,11 +74,66 @@ pub struct TargetEntry {
     written_labels: Labels,
 }
 
+/// What [`TargetEntry`] records about its last write, saved before a write so that a
+/// failed commit can put it back.
+#[derive(Clone)]
+struct Written {
+    merged: Option<Merged>,
+    last_written_ms: i64,
+    up_live: bool,
+    labels: Labels,
+}
+
+/// How to put the state back as it was before a batch or a tick whose commit failed:
+/// the in-memory state may only show what the store holds.
+#[derive(Default)]
+struct Undo {
+    /// (target, agent, the view before), in the order they were replaced.
+    views: Vec<((String, String), String, Option<LastResult>)>,
+    /// Entries the batch created.
+    created: Vec<(String, String)>,
+    written: Vec<((String, String), Written)>,
+    /// (agent, series held before).
+    series: Vec<(String, usize)>,
+    /// Local targets first seen in the batch.
+    local_targets: Vec<(String, (String, String))>,
+    last_meta_ms: Option<i64>,
+    /// (agent, `series_staled` before).
+    staled: Vec<(String, bool)>,
+    forgotten: Vec<(String, AgentEntry)>,
+    retired: Vec<((String, String), TargetEntry)>,
+}
+
+/// Why [`Hub::results`] did not take a batch.
+#[derive(Debug, PartialEq)]
+pub enum ResultsError {
+    /// The store refused the commit; nothing of the batch was kept. Retry later.
+    Storage(String),
+}
+
+impl std::fmt::Display for ResultsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResultsError::Storage(e) => write!(f, "the store refused the commit: {e}"),
+        }
+    }
+}
+
 pub struct AgentEntry {
     pub labels: Labels,
     pub version: String,
     pub local_jobs: Vec<String>,
     pub connection: Option<u64>,
+    /// The token the current stream authenticated with (`None`: anonymous).
+    credential: Option<String>,
+    /// Ends the current stream (a revoked token, a replaced stream).
+    kick: Option<Arc<Kick>>,
+    /// Agent clock minus ours, from the last heartbeat.
+    pub clock_skew_ms: Option<i64>,
+    /// Samples held in this agent's latest results (`fleet.limits.max_series`).
+    pub series: usize,
+    /// Distinct targets of this agent's local jobs (`fleet.limits.max_local_targets`).
+    local_targets: HashSet<(String, String)>,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub committed_seq: u64,
@@ -109,12 +169,34 @@ pub struct JobEntry {
 }
 
 /// Counters for `/metrics`.
+/// Tells one stream to end, and why.
+#[derive(Default)]
+pub struct Kick {
+    notify: tokio::sync::Notify,
+    reason: std::sync::Mutex<String>,
+}
+
+impl Kick {
+    fn kick(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.notify.notify_one();
+    }
+
+    /// Waits until the stream is told to end; returns why.
+    pub async fn kicked(&self) -> String {
+        self.notify.notified().await;
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 #[derive(Default)]
 pub struct HubCounters {
     pub results_received: AtomicU64,
     pub results_deduplicated: AtomicU64,
     pub results_unexpected: AtomicU64,
-    pub samples_invalid: AtomicU64,
     pub agent_connects: AtomicU64,
     pub agents_refused: AtomicU64,
 }
@@ -130,6 +212,13 @@ pub struct State {
     next_connection: u64,
     /// Last timestamp written per merged series key, so each write is strictly later.
     last_meta_ms: i64,
+    /// Samples refused inside [`State::accept`], reported once the lock is released.
+    pending_refusals: Vec<(Reason, u64, String)>,
+    /// Each job's agent selector before the last reload: results for checks assigned
+    /// under it may still be in flight.
+    previous_selectors: BTreeMap<String, Labels>,
+    /// Targets removed by a reload whose staleness markers are not committed yet.
+    retired: BTreeMap<(String, String), TargetEntry>,
 }
 
 /// Changes to the durable state that must commit together with a batch of samples.
@@ -150,6 +239,7 @@ pub struct Hub {
     output: Arc<dyn Output>,
     pub counters: HubCounters,
     pub storage: crate::health::StorageHealth,
+    pub refusals: Arc<Refusals>,
 }
 
 fn stale_nan() -> f64 {
@@ -168,6 +258,9 @@ impl Hub {
             generation: 0,
             next_connection: 1,
             last_meta_ms: 0,
+            pending_refusals: Vec::new(),
+            previous_selectors: BTreeMap::new(),
+            retired: BTreeMap::new(),
         };
         state.apply_config(config, now_ms);
         Self {
@@ -175,6 +268,7 @@ impl Hub {
             output,
             counters: HubCounters::default(),
             storage: crate::health::StorageHealth::default(),
+            refusals: Arc::new(Refusals::default()),
         }
     }
 
@@ -198,6 +292,11 @@ impl Hub {
                     version: String::new(),
                     local_jobs: a.local_jobs,
                     connection: None,
+                    credential: None,
+                    kick: None,
+                    clock_skew_ms: None,
+                    series: 0,
+                    local_targets: HashSet::new(),
                     first_seen_ms: a.first_seen_ms,
                     last_seen_ms: a.last_seen_ms,
                     committed_seq: a.committed_seq,
@@ -224,15 +323,35 @@ impl Hub {
         self.lock().config.clone()
     }
 
-    /// An agent said hello: register it, send its assignment, and return its connection
-    /// id (a newer connection of the same agent replaces the older one).
-    pub fn connect(&self, hello: &pb::Hello, sender: AgentSender, now_ms: i64) -> u64 {
+    /// An agent said hello (already authenticated, with `labels` the ones it may have):
+    /// register it, send its assignment, and return its connection id and the handle
+    /// that ends its stream. A newer connection of the same agent replaces the older one.
+    pub fn connect(
+        &self,
+        hello: &pb::Hello,
+        labels: Labels,
+        credential: Option<String>,
+        sender: AgentSender,
+        now_ms: i64,
+    ) -> (u64, Arc<Kick>) {
         self.counters.agent_connects.fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::new();
         let mut state = self.lock();
         let connection = state.next_connection;
         state.next_connection += 1;
-        let labels: Labels = hello.labels.clone().into_iter().collect();
+        let kick = Arc::new(Kick::default());
+        let configured: BTreeSet<&str> =
+            state.config.jobs.iter().map(|j| j.name.as_str()).collect();
+        // A local job cannot take over a configured one: its results would count for
+        // targets the agent was never assigned.
+        let mut local_jobs: Vec<String> = hello
+            .local_jobs
+            .iter()
+            .filter(|j| !configured.contains(j.as_str()))
+            .cloned()
+            .collect();
+        local_jobs.sort();
+        local_jobs.dedup();
         let info_changed;
         {
             let entry = state
@@ -243,6 +362,11 @@ impl Hub {
                     version: String::new(),
                     local_jobs: Vec::new(),
                     connection: None,
+                    credential: None,
+                    kick: None,
+                    clock_skew_ms: None,
+                    series: 0,
+                    local_targets: HashSet::new(),
                     first_seen_ms: now_ms,
                     last_seen_ms: now_ms,
                     committed_seq: 0,
@@ -253,20 +377,25 @@ impl Hub {
                     last_assignment: Vec::new(),
                 });
             if entry.connection.is_some() {
-                tracing::warn!(agent = %hello.agent_id, "agent connected again; the newer stream replaces the older one");
+                tracing::warn!(agent = %crate::refusals::loggable(&hello.agent_id), "agent connected again; the newer stream replaces the older one");
+            }
+            if let Some(old) = entry.kick.take() {
+                old.kick("replaced by a newer stream of the same agent".into());
             }
             info_changed = entry.labels != labels;
             entry.labels = labels;
-            entry.version = hello.version.clone();
-            entry.local_jobs = hello.local_jobs.clone();
+            entry.version = hello.version.chars().take(64).collect();
+            entry.local_jobs = local_jobs.clone();
             entry.connection = Some(connection);
+            entry.credential = credential;
+            entry.kick = Some(kick.clone());
             entry.series_staled = false;
             entry.last_seen_ms = now_ms;
             entry.sender = Some(sender);
             // A fresh stream must receive its assignment even if it equals the last one.
             entry.last_assignment.clear();
         }
-        for job in &hello.local_jobs {
+        for job in &local_jobs {
             state.jobs.entry(job.clone()).or_insert(JobEntry {
                 expected_since_ms: now_ms,
                 config: None,
@@ -275,7 +404,7 @@ impl Hub {
         }
         state.send_assignments(Some(&hello.agent_id));
         if info_changed {
-            state.write_meta(now_ms, &mut out);
+            state.write_meta(now_ms, &mut out, &mut Undo::default());
         }
         let stored = state.stored_agent(&hello.agent_id);
         let save = |tx: &rusqlite::Transaction<'_>| match &stored {
@@ -283,7 +412,7 @@ impl Hub {
             None => Ok(()),
         };
         self.commit(&out, &save);
-        connection
+        (connection, kick)
     }
 
     /// The stream of `connection` ended.
@@ -294,6 +423,8 @@ impl Hub {
         {
             entry.connection = None;
             entry.sender = None;
+            entry.kick = None;
+            entry.credential = None;
             entry.last_seen_ms = now_ms;
         }
     }
@@ -303,34 +434,43 @@ impl Hub {
         for entry in self.lock().agents.values_mut() {
             if entry.connection.take().is_some() {
                 entry.sender = None;
+                entry.kick = None;
                 entry.last_seen_ms = now_ms;
             }
         }
     }
 
-    pub fn heartbeat(&self, agent: &str, now_ms: i64) {
+    /// A heartbeat stamped `agent_time_ms` by the agent's clock.
+    pub fn heartbeat(&self, agent: &str, agent_time_ms: i64, now_ms: i64) {
         if let Some(entry) = self.lock().agents.get_mut(agent) {
             entry.last_seen_ms = now_ms;
+            entry.clock_skew_ms = Some(agent_time_ms.saturating_sub(now_ms));
         }
     }
 
     /// Takes a batch of results from `agent` and returns the sequence number to ack.
-    /// Results at or below what was already committed are replays and are dropped.
+    /// Results at or below what was already committed are replays and are dropped;
+    /// results the agent may not send (see DESIGN's trust model) are refused, counted,
+    /// and acked, since sending them again cannot make them acceptable.
     ///
     /// The samples the batch produces and the agent's new committed sequence number are
-    /// committed in one transaction before the ack is returned; `Err` means nothing was
-    /// committed and nothing may be acked (the agent will send the batch again).
+    /// committed in one transaction before the ack is returned, and the in-memory state
+    /// changes only if that commit succeeds: on `Err` nothing of the batch was kept, and
+    /// the same batch may be offered again.
     pub fn results(
         &self,
         agent: &str,
-        batch: Vec<IncomingResult>,
+        batch: &[IncomingResult],
         now_ms: i64,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<Option<u64>, ResultsError> {
         let mut out = Vec::new();
+        let mut undo = Undo::default();
+        let mut refused: BTreeMap<Reason, (u64, String)> = BTreeMap::new();
         let mut state = self.lock();
         let Some(committed) = state.agents.get(agent).map(|a| a.committed_seq) else {
             return Ok(None);
         };
+        let skew = state.config.max_clock_skew.as_millis() as i64;
         let mut last = committed;
         let mut ack = None;
         for result in batch {
@@ -344,23 +484,59 @@ impl Hub {
                 ack = Some(ack.unwrap_or(last).max(committed));
                 continue;
             }
-            if !state.accept(agent, &result, now_ms, &mut out) {
-                self.counters
-                    .results_unexpected
-                    .fetch_add(1, Ordering::Relaxed);
-            }
             last = result.seq;
             ack = Some(result.seq);
+            let verdict = match result.refused {
+                Some(reason) => Err((reason, format!("result for {}", describe(result)))),
+                None if result.timestamp_ms < 0
+                    || result.timestamp_ms > now_ms.saturating_add(skew) =>
+                {
+                    Err((
+                        Reason::FutureTimestamp,
+                        format!(
+                            "result for {} stamped {} ms, now is {now_ms} ms (fleet.max_clock_skew {skew} ms)",
+                            describe(result),
+                            result.timestamp_ms
+                        ),
+                    ))
+                }
+                None => state.accept(agent, result, now_ms, &mut out, &mut undo),
+            };
+            if let Err((reason, detail)) = verdict {
+                let e = refused.entry(reason).or_insert((0, detail));
+                e.0 += 1;
+            }
         }
         if last > committed {
-            let id = agent.to_string();
-            let change =
-                |tx: &rusqlite::Transaction<'_>| crate::store::commit_seq(tx, &id, last, now_ms);
-            self.try_commit(&out, &change)?;
+            let stored = state.stored_agent(agent).map(|mut a| {
+                a.committed_seq = last;
+                a.last_seen_ms = now_ms;
+                a
+            });
+            let change = |tx: &rusqlite::Transaction<'_>| match &stored {
+                Some(a) => crate::store::save_agent(tx, a),
+                None => Ok(()),
+            };
+            if let Err(e) = self.try_commit(&out, &change) {
+                state.rollback(undo);
+                return Err(ResultsError::Storage(e));
+            }
             if let Some(a) = state.agents.get_mut(agent) {
                 a.committed_seq = last;
                 a.last_seen_ms = now_ms;
             }
+        }
+        for (reason, n, detail) in std::mem::take(&mut state.pending_refusals) {
+            let e = refused.entry(reason).or_insert((0, detail));
+            e.0 += n;
+        }
+        drop(state);
+        for (reason, (n, detail)) in refused {
+            self.counters.results_unexpected.fetch_add(
+                u64::from(reason == Reason::Unassigned) * n,
+                Ordering::Relaxed,
+            );
+            self.refusals.refuse(agent, reason, n, || detail);
         }
         Ok(ack)
     }
@@ -368,17 +544,19 @@ impl Hub {
     /// Re-evaluates freshness and missing jobs and agents; call about once a second.
     pub fn tick(&self, now_ms: i64) {
         let mut out = Vec::new();
+        let mut undo = Undo::default();
         let mut state = self.lock();
         let targets_changed = state.rediscover();
         if targets_changed {
             state.send_assignments(None);
         }
-        state.evaluate_all(now_ms, &mut out);
+        state.write_retired(now_ms, &mut out, &mut undo);
+        state.evaluate_all(now_ms, &mut out, &mut undo);
         let meta_every = state.config.scrape_interval.as_millis() as i64;
         let mut forgotten = Vec::new();
         let mut jobs = Vec::new();
         if now_ms - state.last_meta_ms >= meta_every {
-            forgotten = state.write_meta(now_ms, &mut out);
+            forgotten = state.write_meta(now_ms, &mut out, &mut undo);
             jobs = state
                 .jobs
                 .iter()
@@ -394,35 +572,46 @@ impl Hub {
             }
             Ok(())
         };
-        self.commit(&out, &change);
+        if let Err(e) = self.try_commit(&out, &change) {
+            tracing::error!(error = %e, samples = out.len(), "cannot commit series to the store; they are written again once it recovers");
+            state.rollback(undo);
+        } else {
+            for id in &forgotten {
+                self.refusals.forget(id);
+            }
+        }
     }
 
     /// Applies a new config: new jobs and targets, new assignments; what disappeared
-    /// gets staleness markers so `absent()` fires at once.
+    /// gets staleness markers so `absent()` fires at once. Streams whose token the new
+    /// config no longer accepts (removed, or bound to other labels) are ended.
     pub fn reload(&self, config: Arc<AggregatorConfig>, now_ms: i64) {
         let mut out = Vec::new();
+        let mut undo = Undo::default();
         let mut state = self.lock();
         let removed = state.apply_config(config, now_ms);
         for key in removed {
-            let Some(entry) = state.entries.remove(&key) else {
-                continue;
-            };
-            for (agent, view) in &entry.views {
-                stale_agent_series(&entry, agent, view, now_ms, &mut out);
-            }
-            if entry.up_live {
-                // The markers must carry exactly the labels the series were written with.
-                let target = Target {
-                    job: key.0.clone(),
-                    instance: key.1.clone(),
-                    labels: entry.written_labels.clone(),
-                };
-                state.write_merged(&target, None, now_ms, entry.last_written_ms, &mut out);
+            if let Some(entry) = state.entries.remove(&key) {
+                state.retired.insert(key, entry);
             }
         }
+        state.write_retired(now_ms, &mut out, &mut undo);
+        state.revoke_credentials();
         state.send_assignments(None);
-        state.write_meta(now_ms, &mut out);
-        self.commit(&out, &no_change);
+        state.write_meta(now_ms, &mut out, &mut undo);
+        if let Err(e) = self.try_commit(&out, &no_change) {
+            tracing::error!(error = %e, "cannot commit the reload's series; they are written once the store recovers");
+            state.rollback(undo);
+        }
+    }
+
+    /// The agents' connections, for `/metrics`: (agent, clock skew in seconds).
+    pub fn clock_skews(&self) -> Vec<(String, f64)> {
+        self.lock()
+            .agents
+            .iter()
+            .filter_map(|(id, a)| Some((id.clone(), a.clock_skew_ms? as f64 / 1000.0)))
+            .collect()
     }
 
     /// Commits series that no agent waits an ack for (merged series, staleness markers,
@@ -485,6 +674,12 @@ impl State {
         config: Arc<AggregatorConfig>,
         now_ms: i64,
     ) -> Vec<(String, String)> {
+        self.previous_selectors = self
+            .config
+            .jobs
+            .iter()
+            .map(|j| (j.name.clone(), j.config.agents.clone()))
+            .collect();
         self.config = config;
         let configured: BTreeSet<String> =
             self.config.jobs.iter().map(|j| j.name.clone()).collect();
@@ -595,24 +790,122 @@ impl State {
         self.generation = generation;
     }
 
-    /// Records one result; false when it belongs to no known target.
+    /// The target a result of `agent` may report on: one of its current (or, until the
+    /// next reload, previous) assigned checks, or a target of one of its own local jobs.
+    fn admissible(&self, agent: &str, job: &str, instance: &str) -> Result<Target, Reason> {
+        let key = (job.to_string(), instance.to_string());
+        let Some(a) = self.agents.get(agent) else {
+            return Err(Reason::Unassigned);
+        };
+        if let Some(target) = self.targets.get(&key) {
+            let selected = self
+                .jobs
+                .get(job)
+                .and_then(|j| j.config.as_ref())
+                .is_some_and(|j| j.config.selects(&a.labels))
+                || self
+                    .previous_selectors
+                    .get(job)
+                    .is_some_and(|selector| selects(selector, &a.labels));
+            return if selected {
+                Ok(target.clone())
+            } else {
+                Err(Reason::Unassigned)
+            };
+        }
+        if a.local_jobs.iter().any(|j| j == job) && self.is_local_job(job) {
+            if !a.local_targets.contains(&key)
+                && a.local_targets.len() >= self.config.limits.max_local_targets
+            {
+                return Err(Reason::LocalLimit);
+            }
+            return Ok(Target {
+                job: key.0,
+                instance: key.1,
+                labels: Labels::new(),
+            });
+        }
+        Err(Reason::Unassigned)
+    }
+
+    /// Records one result, or says why it is refused. Every change is noted in `undo`.
     fn accept(
         &mut self,
         agent: &str,
         r: &IncomingResult,
         now_ms: i64,
         out: &mut Vec<SeriesSample>,
-    ) -> bool {
-        let key = (r.job.clone(), r.instance.clone());
-        let target = match self.targets.get(&key) {
-            Some(t) => t.clone(),
-            None if self.is_local_job(&r.job) => Target {
-                job: r.job.clone(),
-                instance: r.instance.clone(),
-                labels: Labels::new(),
-            },
-            None => return false,
+        undo: &mut Undo,
+    ) -> Result<(), (Reason, String)> {
+        let target = self.admissible(agent, &r.job, &r.instance).map_err(|reason| {
+            let why = match reason {
+                Reason::LocalLimit => format!(
+                    "result for {}: the agent's local jobs already have fleet.limits.max_local_targets ({}) targets",
+                    describe(r),
+                    self.config.limits.max_local_targets
+                ),
+                _ => format!(
+                    "result for {}, which is not assigned to this agent nor one of its local jobs",
+                    describe(r)
+                ),
+            };
+            (reason, why)
+        })?;
+        // Labels the aggregator sets on the series: a sample may not bring its own.
+        let taken = |name: &str| {
+            target.labels.contains_key(name) || self.config.external_labels.contains_key(name)
         };
+        let samples: Vec<ProbeSample> = r
+            .samples
+            .iter()
+            .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
+            .cloned()
+            .collect();
+        if samples.len() < r.samples.len() {
+            // Counted as refused samples; the result itself stands.
+            let n = (r.samples.len() - samples.len()) as u64;
+            self.pending_refusals.push((
+                Reason::ReservedLabel,
+                n,
+                format!(
+                    "{n} samples of {} carry a label named like a target or external label",
+                    describe(r)
+                ),
+            ));
+        }
+        let key = (r.job.clone(), r.instance.clone());
+        let previous = self.entries.get(&key).and_then(|e| e.views.get(agent));
+        if previous.is_some_and(|p| r.timestamp_ms <= p.timestamp_ms) {
+            // Older than what this agent already reported: it cannot change the present.
+            return Ok(());
+        }
+        let previous_ts = previous.map(|p| p.timestamp_ms);
+        let held_before = previous.map_or(0, |p| p.samples.len());
+        let limit = self.config.limits.max_series;
+        let Some(a) = self.agents.get_mut(agent) else {
+            return Err((Reason::Unassigned, "result from an unknown agent".into()));
+        };
+        let series = a.series - held_before.min(a.series) + samples.len();
+        if series > limit {
+            return Err((
+                Reason::SeriesLimit,
+                format!(
+                    "result for {} would make the agent hold {series} series; fleet.limits.max_series is {limit}",
+                    describe(r)
+                ),
+            ));
+        }
+        undo.series.push((agent.to_string(), a.series));
+        a.series = series;
+        if target.labels.is_empty()
+            && !self.targets.contains_key(&key)
+            && a.local_targets.insert(key.clone())
+        {
+            undo.local_targets.push((agent.to_string(), key.clone()));
+        }
+        if !self.entries.contains_key(&key) {
+            undo.created.push(key.clone());
+        }
         let entry = self
             .entries
             .entry(key.clone())
@@ -621,23 +914,7 @@ impl State {
                 written_labels: target.labels.clone(),
                 ..TargetEntry::default()
             });
-        let previous = entry.views.get(agent).map(|v| v.timestamp_ms);
-        if previous.is_some_and(|p| r.timestamp_ms <= p) {
-            // Older than what this agent already reported: it cannot change the present.
-            return true;
-        }
-        entry.views.insert(
-            agent.to_string(),
-            LastResult {
-                timestamp_ms: r.timestamp_ms,
-                success: r.success,
-                duration_seconds: r.duration_seconds,
-                failure: r.failure.clone(),
-                spacing_ms: previous.map(|p| r.timestamp_ms - p),
-                samples: r.samples.clone(),
-            },
-        );
-        for (name, labels, value) in &r.samples {
+        for (name, labels, value) in &samples {
             out.push(SeriesSample {
                 labels: agent_series_labels(
                     &target.labels,
@@ -651,14 +928,126 @@ impl State {
                 value: *value,
             });
         }
-        self.evaluate(&key, now_ms, true, out);
-        true
+        let before = entry.views.insert(
+            agent.to_string(),
+            LastResult {
+                timestamp_ms: r.timestamp_ms,
+                success: r.success,
+                duration_seconds: r.duration_seconds,
+                failure: r.failure.chars().take(MAX_FAILURE_CHARS).collect(),
+                spacing_ms: previous_ts.map(|p| r.timestamp_ms - p),
+                samples,
+            },
+        );
+        undo.views.push((key.clone(), agent.to_string(), before));
+        self.evaluate(&key, now_ms, true, out, undo);
+        Ok(())
     }
 
-    fn evaluate_all(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>) {
+    /// Puts back what `undo` recorded, newest change first.
+    fn rollback(&mut self, undo: Undo) {
+        for (key, agent, before) in undo.views.into_iter().rev() {
+            if let Some(entry) = self.entries.get_mut(&key) {
+                match before {
+                    Some(view) => {
+                        entry.views.insert(agent, view);
+                    }
+                    None => {
+                        entry.views.remove(&agent);
+                    }
+                }
+            }
+        }
+        for (key, written) in undo.written.into_iter().rev() {
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.merged = written.merged;
+                e.last_written_ms = written.last_written_ms;
+                e.up_live = written.up_live;
+                e.written_labels = written.labels;
+            }
+        }
+        for key in undo.created {
+            self.entries.remove(&key);
+        }
+        for (agent, series) in undo.series.into_iter().rev() {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.series = series;
+            }
+        }
+        for (agent, key) in undo.local_targets {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.local_targets.remove(&key);
+            }
+        }
+        if let Some(ms) = undo.last_meta_ms {
+            self.last_meta_ms = ms;
+        }
+        for (agent, staled) in undo.staled {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.series_staled = staled;
+            }
+        }
+        for (id, agent) in undo.forgotten {
+            self.agents.insert(id, agent);
+        }
+        self.retired.extend(undo.retired);
+        self.pending_refusals.clear();
+    }
+
+    /// Staleness markers for targets a reload removed; on success they are gone.
+    fn write_retired(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>, undo: &mut Undo) {
+        let retired = std::mem::take(&mut self.retired);
+        for (key, entry) in retired {
+            for (agent, view) in &entry.views {
+                stale_agent_series(&entry, agent, view, now_ms, out);
+            }
+            if entry.up_live {
+                // The markers must carry exactly the labels the series were written with.
+                let target = Target {
+                    job: key.0.clone(),
+                    instance: key.1.clone(),
+                    labels: entry.written_labels.clone(),
+                };
+                self.write_merged(&target, None, now_ms, entry.last_written_ms, out);
+            }
+            for (agent, view) in &entry.views {
+                if let Some(a) = self.agents.get_mut(agent) {
+                    undo.series.push((agent.clone(), a.series));
+                    a.series = a.series.saturating_sub(view.samples.len());
+                }
+            }
+            undo.retired.push((key, entry));
+        }
+    }
+
+    /// Ends the streams whose token the config no longer accepts as it was.
+    fn revoke_credentials(&mut self) {
+        let config = self.config.clone();
+        for (id, agent) in self.agents.iter_mut() {
+            let Some(kick) = &agent.kick else { continue };
+            let still = match &agent.credential {
+                None => !config.auth_required,
+                Some(token) => config.tokens.get(token).is_some_and(|grant| {
+                    grant.agent == *id && grant.labels.as_ref().is_none_or(|l| *l == agent.labels)
+                }),
+            };
+            if !still {
+                tracing::warn!(agent = %crate::refusals::loggable(id), "the reloaded config no longer accepts this agent's token as it was; ending its stream");
+                kick.kick(
+                    "the aggregator's fleet.auth no longer accepts this agent's token".into(),
+                );
+                agent.kick = None;
+                agent.sender = None;
+                agent.connection = None;
+                agent.credential = None;
+            }
+        }
+    }
+
+    fn evaluate_all(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>, undo: &mut Undo) {
         let keys: Vec<_> = self.entries.keys().cloned().collect();
         for key in keys {
-            self.evaluate(&key, now_ms, false, out);
+            self.evaluate(&key, now_ms, false, out, undo);
         }
     }
 
@@ -689,6 +1078,7 @@ impl State {
         now_ms: i64,
         new_result: bool,
         out: &mut Vec<SeriesSample>,
+        undo: &mut Undo,
     ) {
         let Some(entry) = self.entries.get(key) else {
             return;
@@ -730,6 +1120,15 @@ impl State {
         });
         let written_at = self.write_merged(&target, Some(merged), now_ms, last, out);
         if let Some(e) = self.entries.get_mut(key) {
+            undo.written.push((
+                key.clone(),
+                Written {
+                    merged: e.merged,
+                    last_written_ms: e.last_written_ms,
+                    up_live: e.up_live,
+                    labels: e.written_labels.clone(),
+                },
+            ));
             e.merged = Some(merged);
             e.last_written_ms = written_at;
             e.up_live = merged.state != TargetState::Missing;
@@ -783,8 +1182,14 @@ impl State {
 
     /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
     /// Returns the agents forgotten (gone for longer than `forget_after`).
-    fn write_meta(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>) -> Vec<String> {
+    fn write_meta(
+        &mut self,
+        now_ms: i64,
+        out: &mut Vec<SeriesSample>,
+        undo: &mut Undo,
+    ) -> Vec<String> {
         let ts = now_ms.max(self.last_meta_ms + 1);
+        undo.last_meta_ms.get_or_insert(self.last_meta_ms);
         self.last_meta_ms = ts;
         let grace = self.config.missing_after;
         let forget = self.config.forget_after;
@@ -808,6 +1213,7 @@ impl State {
                     timestamp_ms: ts,
                     value: stale_nan(),
                 });
+                undo.forgotten.push((id.clone(), agent));
             }
         }
         let local: BTreeSet<String> = self
@@ -885,6 +1291,9 @@ impl State {
             .filter_map(|(id, a)| {
                 let up = a.is_up(now_ms, grace);
                 let newly_gone = !up && !a.series_staled;
+                if a.series_staled == up {
+                    undo.staled.push((id.clone(), a.series_staled));
+                }
                 a.series_staled = !up;
                 newly_gone.then(|| id.clone())
             })
@@ -927,13 +1336,13 @@ fn stale_agent_series(
 
 /// The labels of a per-agent probe series: target labels, `job`, `instance`, `agent`,
 /// the sample's own labels (which cannot override those three), and `__name__`.
-fn agent_series_labels(
+pub fn agent_series_labels(
     target_labels: &Labels,
     job: &str,
     instance: &str,
     agent: &str,
     name: &str,
-    sample_labels: &[(String, String)],
+    sample_labels: &[(Symbol, Symbol)],
 ) -> Vec<(String, String)> {
     let mut series: Vec<(String, String)> = target_labels
         .iter()
@@ -943,15 +1352,33 @@ fn agent_series_labels(
     series.push(("job".into(), job.to_string()));
     series.push(("instance".into(), instance.to_string()));
     series.push(("agent".into(), agent.to_string()));
+    // The fleet service refuses samples whose labels would collide with these; the
+    // check stays so that no path can ever write one name twice.
     for (k, v) in sample_labels {
-        if !matches!(k.as_str(), "job" | "instance" | "agent") {
-            series.retain(|(x, _)| x != k);
-            series.push((k.clone(), v.clone()));
+        if !series.iter().any(|(x, _)| x == &**k) {
+            series.push((k.to_string(), v.to_string()));
         }
     }
     series.push(("__name__".into(), name.to_string()));
     series
 }
+
+/// True when an agent with `labels` matches the job selector `selector`.
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A result's target, made safe to log.
+fn describe(r: &IncomingResult) -> String {
+    format!(
+        "job {:?} instance {:?}",
+        crate::refusals::loggable(&r.job),
+        crate::refusals::loggable(&r.instance)
+    )
+}
+
+/// A failure reason is kept for the status page; longer ones are cut.
+const MAX_FAILURE_CHARS: usize = 512;
 
 fn sample(name: &str, labels: &[(&str, &str)], ts: i64, value: f64) -> SeriesSample {
     let mut l: Vec<(String, String)> = labels
@@ -1002,19 +1429,27 @@ mod tests {
     use sonde_proto::config::from_yaml_str;
     use std::path::Path;
 
-    struct Recorder(std::sync::Mutex<Vec<SeriesSample>>, crate::store::Store);
+    struct Recorder(
+        std::sync::Mutex<Vec<SeriesSample>>,
+        crate::store::Store,
+        std::sync::atomic::AtomicBool,
+    );
 
     impl Default for Recorder {
         fn default() -> Self {
             Self(
                 Default::default(),
                 crate::store::Store::in_memory().unwrap(),
+                Default::default(),
             )
         }
     }
 
     impl Output for Recorder {
         fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
+            if self.2.load(Ordering::Relaxed) {
+                return Err("injected: database or disk is full".into());
+            }
             self.1.with_tx(|tx| change(tx))?;
             self.0.lock().unwrap().extend_from_slice(samples);
             Ok(())
@@ -1089,6 +1524,7 @@ fleet: {missing_after: 30s}
             duration_seconds: 0.01,
             failure: String::new(),
             samples: vec![("probe_success".into(), vec![], f64::from(u8::from(success)))],
+            refused: None,
         }
     }
 
@@ -1100,7 +1536,13 @@ fleet: {missing_after: 30s}
         let rec = Arc::new(Recorder::default());
         let hub = Hub::new(config(CONFIG), rec.clone(), T0);
         let (tx, rx) = mpsc::channel(16);
-        hub.connect(&hello("eu-1", "eu"), tx, T0);
+        hub.connect(
+            &hello("eu-1", "eu"),
+            hello("eu-1", "eu").labels.into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
         (hub, rec, rx)
     }
 
@@ -1131,7 +1573,7 @@ fleet: {missing_after: 30s}
         assert_eq!(
             hub.results(
                 "eu-1",
-                vec![result(1, "web", "127.0.0.1:80", T0, true)],
+                &[result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 5
             ),
             Ok(Some(1))
@@ -1170,7 +1612,7 @@ fleet: {missing_after: 30s}
         assert_eq!(
             hub.results(
                 "eu-1",
-                vec![result(1, "web", "127.0.0.1:80", T0, true)],
+                &[result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 6
             ),
             Ok(Some(1))
@@ -1180,7 +1622,7 @@ fleet: {missing_after: 30s}
 
         // A result for a target nobody assigned is acked and dropped.
         assert_eq!(
-            hub.results("eu-1", vec![result(2, "nope", "x", T0, true)], T0 + 7),
+            hub.results("eu-1", &[result(2, "nope", "x", T0, true)], T0 + 7),
             Ok(Some(2))
         );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
@@ -1189,12 +1631,8 @@ fleet: {missing_after: 30s}
     #[test]
     fn stale_target_gets_one_staleness_marker() {
         let (hub, rec, _rx) = setup();
-        hub.results(
-            "eu-1",
-            vec![result(1, "web", "127.0.0.1:80", T0, false)],
-            T0,
-        )
-        .unwrap();
+        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, false)], T0)
+            .unwrap();
         assert_eq!(value_of(&rec.take(), "up", &[("job", "web")]), [0.0]);
         // Window: 2 × 10s + 5s = 25s.
         hub.tick(T0 + 24_000);
@@ -1217,12 +1655,8 @@ fleet: {missing_after: 30s}
     #[test]
     fn up_is_rewritten_within_a_minute_for_slow_jobs() {
         let (hub, rec, _rx) = setup();
-        hub.results(
-            "eu-1",
-            vec![result(1, "slow", "127.0.0.1:81", T0, true)],
-            T0,
-        )
-        .unwrap();
+        hub.results("eu-1", &[result(1, "slow", "127.0.0.1:81", T0, true)], T0)
+            .unwrap();
         rec.take();
         let mut writes = Vec::new();
         for s in 1..=180 {
@@ -1285,7 +1719,7 @@ fleet: {missing_after: 30s}
     #[test]
     fn removed_job_gets_staleness_markers_on_reload() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
             .unwrap();
         rec.take();
         let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
@@ -1299,10 +1733,16 @@ fleet: {missing_after: 30s}
     fn merged_timestamps_strictly_increase() {
         let (hub, rec, _rx) = setup();
         let (tx, _rx2) = mpsc::channel(16);
-        hub.connect(&hello("eu-2", "eu"), tx, T0);
-        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+        hub.connect(
+            &hello("eu-2", "eu"),
+            hello("eu-2", "eu").labels.into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
+        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
             .unwrap();
-        hub.results("eu-2", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+        hub.results("eu-2", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
             .unwrap();
         let ts: Vec<i64> = rec
             .take()
@@ -1317,7 +1757,7 @@ fleet: {missing_after: 30s}
     #[test]
     fn gone_agent_series_get_staleness_markers_once() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", vec![result(1, "web", "127.0.0.1:80", T0, true)], T0)
+        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
             .unwrap();
         hub.disconnect("eu-1", 1, T0 + 1_000);
         rec.take();
@@ -1353,14 +1793,16 @@ fleet: {missing_after: 30s}
             vec![],
         );
         let (tx, _rx) = mpsc::channel(16);
-        hub.connect(&hello("eu-1", "eu"), tx, T0);
+        hub.connect(
+            &hello("eu-1", "eu"),
+            hello("eu-1", "eu").labels.into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
         rec.take();
         let ack = hub
-            .results(
-                "eu-1",
-                vec![result(10, "web", "127.0.0.1:80", T0, true)],
-                T0,
-            )
+            .results("eu-1", &[result(10, "web", "127.0.0.1:80", T0, true)], T0)
             .unwrap();
         assert_eq!(
             ack,
@@ -1369,16 +1811,229 @@ fleet: {missing_after: 30s}
         );
         assert!(rec.take().is_empty(), "and writes nothing");
         let ack = hub
-            .results(
-                "eu-1",
-                vec![result(11, "web", "127.0.0.1:80", T0, true)],
-                T0,
-            )
+            .results("eu-1", &[result(11, "web", "127.0.0.1:80", T0, true)], T0)
             .unwrap();
         assert_eq!(ack, Some(11));
         assert_eq!(
             value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]),
             [1.0]
         );
+    }
+
+    fn refused(hub: &Hub, reason: &str) -> u64 {
+        hub.refusals
+            .counts()
+            .iter()
+            .filter(|(_, r, _)| *r == reason)
+            .map(|(.., n)| n)
+            .sum()
+    }
+
+    #[test]
+    fn results_for_targets_not_assigned_are_refused_and_acked() {
+        let (hub, rec, _rx) = setup();
+        // alertmanager selects region=mars; eu-1 is in eu.
+        let ack = hub
+            .results(
+                "eu-1",
+                &[
+                    result(1, "alertmanager", "127.0.0.1:9093", T0, true),
+                    result(2, "web", "127.0.0.1:1", T0, true),
+                ],
+                T0,
+            )
+            .unwrap();
+        assert_eq!(
+            ack,
+            Some(2),
+            "refused results are acked: resending cannot help"
+        );
+        assert!(rec.take().iter().all(|s| {
+            !s.labels
+                .iter()
+                .any(|(k, v)| k == "job" && v == "alertmanager")
+        }));
+        assert_eq!(refused(&hub, "unassigned"), 2);
+        // A local job of another agent is not this agent's either.
+        let mut other = hello("eu-2", "eu");
+        other.local_jobs = vec!["mine".into()];
+        let (tx, _rx2) = mpsc::channel(16);
+        hub.connect(
+            &other,
+            other.labels.clone().into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
+        hub.results("eu-1", &[result(3, "mine", "x", T0, true)], T0)
+            .unwrap();
+        assert_eq!(refused(&hub, "unassigned"), 3);
+        hub.results("eu-2", &[result(1, "mine", "x", T0, true)], T0)
+            .unwrap();
+        assert_eq!(refused(&hub, "unassigned"), 3, "its own local job is fine");
+    }
+
+    #[test]
+    fn results_from_the_future_are_refused() {
+        let (hub, rec, _rx) = setup();
+        let day = 86_400_000;
+        hub.results(
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", T0 + day, true)],
+            T0,
+        )
+        .unwrap();
+        assert!(value_of(&rec.take(), "up", &[("job", "web")]).is_empty());
+        assert_eq!(refused(&hub, "future_timestamp"), 1);
+        // Within fleet.max_clock_skew (1m by default) is fine.
+        hub.results(
+            "eu-1",
+            &[result(2, "web", "127.0.0.1:80", T0 + 30_000, true)],
+            T0,
+        )
+        .unwrap();
+        assert_eq!(value_of(&rec.take(), "up", &[("job", "web")]), [1.0]);
+    }
+
+    #[test]
+    fn a_sample_cannot_take_a_target_label() {
+        let (hub, rec, _rx) = setup();
+        let mut r = result(1, "web", "127.0.0.1:80", T0, true);
+        r.samples.push((
+            "probe_http_status_code".into(),
+            vec![("team".into(), "evil".into())],
+            200.0,
+        ));
+        hub.results("eu-1", &[r], T0).unwrap();
+        let out = rec.take();
+        assert_eq!(value_of(&out, "probe_success", &[("team", "shop")]), [1.0]);
+        assert!(value_of(&out, "probe_http_status_code", &[]).is_empty());
+        assert_eq!(refused(&hub, "reserved_label"), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing_and_the_replay_writes_everything() {
+        let (hub, rec, _rx) = setup();
+        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
+            .unwrap();
+        rec.take();
+        rec.2.store(true, Ordering::Relaxed);
+        let batch = [
+            result(2, "web", "127.0.0.1:80", T0 + 10_000, false),
+            result(3, "slow", "127.0.0.1:81", T0 + 10_000, true),
+        ];
+        assert!(hub.results("eu-1", &batch, T0 + 10_000).is_err());
+        assert!(hub.storage.failing().is_some());
+        assert_eq!(hub.storage.errors(), 1);
+        {
+            let state = hub.lock();
+            assert_eq!(state.agents["eu-1"].committed_seq, 1);
+            let web = &state.entries[&("web".to_string(), "127.0.0.1:80".to_string())];
+            assert!(web.views["eu-1"].success, "the view is the committed one");
+            assert_eq!(web.merged.unwrap().state, TargetState::Up);
+            assert!(
+                !state
+                    .entries
+                    .contains_key(&("slow".to_string(), "127.0.0.1:81".to_string()))
+            );
+        }
+        // A failing tick keeps nothing either: the staleness marker stays owed.
+        hub.tick(T0 + 40_000);
+        rec.2.store(false, Ordering::Relaxed);
+        assert_eq!(
+            hub.results("eu-1", &batch, T0 + 10_500).unwrap(),
+            Some(3),
+            "the same batch, offered again, is taken whole"
+        );
+        assert!(hub.storage.failing().is_none());
+        let out = rec.take();
+        assert_eq!(value_of(&out, "up", &[("job", "web")]), [0.0]);
+        assert_eq!(value_of(&out, "probe_success", &[("job", "slow")]), [1.0]);
+        hub.tick(T0 + 40_000);
+        let up = value_of(&rec.take(), "up", &[("job", "web")]);
+        assert_eq!(up.len(), 1);
+        assert_eq!(
+            up[0].to_bits(),
+            STALE_NAN_BITS,
+            "the marker comes once it can"
+        );
+    }
+
+    #[test]
+    fn the_series_an_agent_holds_are_bounded() {
+        let text = CONFIG.replace(
+            "fleet: {missing_after: 30s}",
+            "fleet: {missing_after: 30s, limits: {max_series: 3}}",
+        );
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(&text), rec.clone(), T0);
+        let (tx, _rx) = mpsc::channel(16);
+        let h = hello("eu-1", "eu");
+        hub.connect(&h, h.labels.clone().into_iter().collect(), None, tx, T0);
+        let mut big = result(1, "web", "127.0.0.1:80", T0, true);
+        big.samples
+            .push(("probe_duration_seconds".into(), vec![], 0.1));
+        big.samples
+            .push(("probe_http_status_code".into(), vec![], 200.0));
+        hub.results("eu-1", &[big.clone()], T0).unwrap();
+        let mut more = result(2, "slow", "127.0.0.1:81", T0, true);
+        more.samples
+            .push(("probe_duration_seconds".into(), vec![], 0.1));
+        hub.results("eu-1", &[more], T0).unwrap();
+        assert_eq!(refused(&hub, "series_limit"), 1);
+        // Replacing a target's result frees what the old one held.
+        big.seq = 3;
+        big.timestamp_ms = T0 + 1;
+        hub.results("eu-1", &[big], T0 + 1).unwrap();
+        assert_eq!(refused(&hub, "series_limit"), 1);
+        assert_eq!(hub.lock().agents["eu-1"].series, 3);
+    }
+
+    #[test]
+    fn a_revoked_token_ends_the_stream_on_reload() {
+        let with_tokens = |tokens: &str| {
+            config(&CONFIG.replace(
+                "fleet: {missing_after: 30s}",
+                &format!("fleet: {{missing_after: 30s, auth: {{tokens: [{tokens}]}}}}"),
+            ))
+        };
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(
+            with_tokens("{agent: eu-1, token: a}, {agent: eu-2, token: b}"),
+            rec,
+            T0,
+        );
+        let connect = |id: &str, token: &str| {
+            let (tx, rx) = mpsc::channel(16);
+            let h = hello(id, "eu");
+            let (_, kick) = hub.connect(
+                &h,
+                h.labels.clone().into_iter().collect(),
+                Some(token.into()),
+                tx,
+                T0,
+            );
+            (kick, rx)
+        };
+        let (kick_1, _rx1) = connect("eu-1", "a");
+        let (kick_2, _rx2) = connect("eu-2", "b");
+        hub.reload(with_tokens("{agent: eu-2, token: b}"), T0 + 1000);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let why = tokio::time::timeout(Duration::from_secs(1), kick_1.kicked())
+                .await
+                .expect("eu-1's stream is told to end");
+            assert!(why.contains("token"), "{why}");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), kick_2.kicked())
+                    .await
+                    .is_err(),
+                "eu-2's token still stands"
+            );
+        });
+        assert!(hub.lock().agents["eu-1"].connection.is_none());
     }
 }

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod health;
 pub mod hub;
 pub mod merge;
+pub mod refusals;
 pub mod remote_write;
 pub mod server;
 pub mod store;

@@ -21,6 +21,8 @@ pub struct Running {
 /// Binds both listeners (so a port clash fails start-up with a clear message), then
 /// serves until [`Running::shutdown`].
 pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<Running, String> {
+    // Before binding: a port that would be open to anyone is never opened.
+    app.hub.config().check_listen_address(grpc)?;
     let web_listener = tokio::net::TcpListener::bind(web)
         .await
         .map_err(|e| format!("cannot listen on --web.listen-address {web}: {e}"))?;
@@ -47,30 +49,34 @@ pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<R
         }
     }));
 
-    let mut builder = tonic::transport::Server::builder()
+    let config = app.hub.config();
+    let limits = config.limits;
+    app.fleet_tls.load(config.tls.as_ref())?;
+    let _ = app.grpc_address.set(grpc_address);
+    let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some(tls) = &app.hub.config().tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| format!("fleet.tls: cannot read {}: {e}", p.display()))
-        };
-        let identity =
-            tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
-        let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &tls.client_ca_file {
-            server_tls =
-                server_tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
-        }
-        builder = builder
-            .tls_config(server_tls)
-            .map_err(|e| format!("fleet.tls: {e}"))?;
-    }
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_max_header_list_size(16 << 10)
+        .http2_max_pending_accept_reset_streams(Some(32))
+        .max_frame_size(16 << 10);
+    let max_message = limits.max_message_bytes.0 as usize;
     let service = FleetServer::new(FleetService {
         hub: app.hub.clone(),
         shutdown: stopped.clone(),
-    });
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    })
+    .max_decoding_message_size(max_message)
+    // Assignments grow with the targets an agent is given; agents accept up to 64 MiB.
+    .max_encoding_message_size(64 << 20);
+    let incoming = crate::fleet::listener::incoming(
+        grpc_listener,
+        app.fleet_tls.clone(),
+        limits.max_connections,
+        limits.tls_handshake_timeout.0,
+        app.hub.refusals.clone(),
+    );
     let rx = stopped.clone();
+    let mut builder = builder;
     tasks.push(tokio::spawn(async move {
         if let Err(e) = builder
             .add_service(service)

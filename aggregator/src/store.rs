@@ -47,6 +47,7 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create --storage.path {}: {e}", dir.display()))?;
         let path = dir.join("aggregator.db");
+        private_file(&path)?;
         let conn =
             Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         Self::init(conn, Some(path))
@@ -138,6 +139,31 @@ impl Store {
             .map_err(|e| e.to_string())?;
         rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
     }
+}
+
+/// Creates `path` readable by its owner only, or tightens it if it exists: the store
+/// holds the fleet's state and queued samples. SQLite gives its -wal and -shm files the
+/// database's mode.
+fn private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+        .map_err(|e| format!("cannot create {} (mode 0600): {e}", path.display()))?;
+    for side in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(side);
+        if let Ok(meta) = std::fs::metadata(&p)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot make {} private: {e}", Path::new(&p).display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Records an agent (on hello, and as its committed sequence advances).
@@ -251,6 +277,30 @@ mod tests {
         );
         assert_eq!(agents[0].labels["region"], "eu");
         assert_eq!(store.load_jobs().unwrap(), [("web".to_string(), 10)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_database_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sonde-store-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("aggregator.db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&dir).unwrap();
+        store
+            .with_tx(|tx| save_jobs(tx, &[("web".into(), 1)]))
+            .unwrap();
+        for name in ["aggregator.db", "aggregator.db-wal", "aggregator.db-shm"] {
+            let mode = std::fs::metadata(dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

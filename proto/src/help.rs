@@ -2,6 +2,45 @@
 //! `/probe`, remote write 2.0 metadata). Probe series are worded as blackbox_exporter
 //! words them, so dashboards and tooltips read the same.
 
+/// Every metric the probers produce. An aggregator accepts no other name from an agent,
+/// so a hostile agent cannot write `up`, `sonde_*` or series of its own invention.
+pub const PROBE_METRICS: &[&str] = &[
+    "probe_dns_additional_rrs",
+    "probe_dns_answer_rrs",
+    "probe_dns_authority_rrs",
+    "probe_dns_duration_seconds",
+    "probe_dns_lookup_time_seconds",
+    "probe_dns_query_succeeded",
+    "probe_dns_serial",
+    "probe_duration_seconds",
+    "probe_expect_info",
+    "probe_failed_due_to_bytes",
+    "probe_failed_due_to_regex",
+    "probe_failure_info",
+    "probe_http_content_length",
+    "probe_http_duration_seconds",
+    "probe_http_last_modified_timestamp_seconds",
+    "probe_http_redirects",
+    "probe_http_ssl",
+    "probe_http_status_code",
+    "probe_http_uncompressed_body_length",
+    "probe_http_version",
+    "probe_ip_addr_hash",
+    "probe_ip_protocol",
+    "probe_retries",
+    "probe_ssl_earliest_cert_expiry",
+    "probe_ssl_last_chain_expiry_timestamp_seconds",
+    "probe_ssl_last_chain_info",
+    "probe_success",
+    "probe_tls_cipher_info",
+    "probe_tls_version_info",
+];
+
+/// True for a metric name the probers can produce ([`PROBE_METRICS`]).
+pub fn is_probe_metric(name: &str) -> bool {
+    PROBE_METRICS.binary_search(&name).is_ok()
+}
+
 /// The HELP text of a series sonde writes; `None` for a name it does not write.
 pub fn series_help(name: &str) -> Option<&'static str> {
     Some(match name {
@@ -82,5 +121,20 @@ mod tests {
         );
         assert!(series_help("probe_something_new").is_some());
         assert_eq!(series_help("node_load1"), None);
+    }
+
+    #[test]
+    fn probe_metrics_are_sorted_and_have_help() {
+        assert!(PROBE_METRICS.windows(2).all(|w| w[0] < w[1]));
+        for name in PROBE_METRICS {
+            assert!(is_probe_metric(name));
+            assert_ne!(
+                series_help(name),
+                series_help("probe_something_new"),
+                "{name} has its own HELP text"
+            );
+        }
+        assert!(!is_probe_metric("up"));
+        assert!(!is_probe_metric("probe_something_new"));
     }
 }

@@ -59,17 +59,16 @@ pub fn families(app: &App) -> Vec<Family> {
     let mut succeeding = series_gauge("sonde_target_agents_succeeding");
     let mut probe: BTreeMap<String, Family> = BTreeMap::new();
     for (key, entry) in &state.entries {
-        let mut base: Vec<(String, String)> = state
+        let target_labels = state
             .targets
             .get(key)
-            .map(|t| {
-                t.labels
-                    .iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
+            .map(|t| t.labels.clone())
             .unwrap_or_default();
+        let mut base: Vec<(String, String)> = target_labels
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         base.push(("job".into(), key.0.clone()));
         base.push(("instance".into(), key.1.clone()));
         if let Some(m) = entry.merged {
@@ -85,11 +84,17 @@ pub fn families(app: &App) -> Vec<Family> {
         }
         for (agent, view) in &entry.views {
             for (name, labels, value) in &view.samples {
-                let mut l = base.clone();
-                l.push(("agent".into(), agent.clone()));
-                l.extend(labels.iter().cloned());
+                let mut l = crate::hub::agent_series_labels(
+                    &target_labels,
+                    &key.0,
+                    &key.1,
+                    agent,
+                    name,
+                    labels,
+                );
+                l.pop(); // __name__: the family carries it
                 probe
-                    .entry(name.clone())
+                    .entry(name.to_string())
                     .or_insert_with(|| series_gauge(name))
                     .samples
                     .push((with_external(l), *value));
@@ -111,6 +116,10 @@ pub fn families(app: &App) -> Vec<Family> {
     let mut agent_up = series_gauge("sonde_agent_up");
     let mut last_seen = series_gauge("sonde_agent_last_seen_timestamp_seconds");
     let mut info = series_gauge("sonde_agent_info");
+    let mut skew = Family::gauge(
+        "sonde_agent_clock_skew_seconds",
+        "The agent's clock minus the aggregator's, from its last heartbeat (network delay included).",
+    );
     for (id, a) in &state.agents {
         let l = with_external(labels_of(&[("agent", id)]));
         let up = a.is_up(now, state.config.missing_after);
@@ -122,6 +131,12 @@ pub fn families(app: &App) -> Vec<Family> {
             with_external(crate::hub::agent_info_labels(id, &a.labels)),
             1.0,
         ));
+        if let Some(ms) = a.clock_skew_ms {
+            skew.samples.push((
+                with_external(labels_of(&[("agent", id)])),
+                ms as f64 / 1000.0,
+            ));
+        }
     }
     drop(state);
 
@@ -131,7 +146,7 @@ pub fn families(app: &App) -> Vec<Family> {
     };
     let mut out = vec![up, agents, succeeding];
     out.extend(probe.into_values());
-    out.extend([job_missing, job_targets, agent_up, last_seen, info]);
+    out.extend([job_missing, job_targets, agent_up, last_seen, info, skew]);
     out.push(counter(
         "sonde_results_received_total",
         "Probe results received from agents (replays included).",
@@ -147,11 +162,24 @@ pub fn families(app: &App) -> Vec<Family> {
         "Results for targets this aggregator does not expect (removed jobs or targets).",
         &c.results_unexpected,
     ));
-    out.push(counter(
-        "sonde_samples_invalid_total",
-        "Samples dropped for an invalid metric or label name.",
-        &c.samples_invalid,
-    ));
+    let mut refused = Family::counter(
+        "sonde_results_refused_total",
+        "Results and samples refused from an agent, by reason (see the README's Security model).",
+    );
+    for (agent, reason, n) in app.hub.refusals.counts() {
+        refused.samples.push((
+            labels_of(&[("agent", &agent), ("reason", reason)]),
+            n as f64,
+        ));
+    }
+    out.push(refused);
+    out.push(
+        Family::counter(
+            "sonde_storage_errors_total",
+            "Commits the store refused (a full disk, I/O errors); acks wait until one succeeds.",
+        )
+        .with(Vec::new(), app.hub.storage.errors() as f64),
+    );
     out.push(counter(
         "sonde_agent_connects_total",
         "Agent streams opened.",

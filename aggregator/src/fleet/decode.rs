@@ -1,0 +1,377 @@
+//! An agent's `ResultBatch` turned into results: the stream's symbol table, and every
+//! check that needs nothing but the batch itself (sizes, names, labels). What needs the
+//! aggregator's state (assignment, committed sequence, clock, target labels) is checked
+//! by the hub.
+//!
+//! Two kinds of bad input: a batch that breaks the protocol (a symbol that was never
+//! defined, sequence numbers out of order, too many results) ends the stream, since
+//! nothing after it can be trusted to mean what it says; a result or sample that breaks
+//! a rule is refused alone and counted, and the rest of the batch goes on (an honest
+//! agent must never be stuck replaying a batch it cannot change).
+
+use crate::config::FleetLimits;
+use crate::hub::IncomingResult;
+use crate::refusals::Reason;
+use sonde_proto::config::is_valid_label_name;
+use sonde_proto::pb;
+use std::sync::Arc;
+
+/// An interned string, shared by every sample that refers to it.
+pub type Symbol = Arc<str>;
+
+/// Sequence numbers are stored as SQLite integers (i64): 2^63 and above cannot be.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// Bytes a symbol costs beyond its text: the `Arc` header and its slot in the table.
+const SYMBOL_OVERHEAD: usize = 40;
+
+/// One stream's strings, in the order the agent defined them.
+#[derive(Default)]
+pub struct SymbolTable {
+    /// `None`: the agent sent a string over `max_symbol_bytes`; samples that refer to
+    /// it are refused.
+    symbols: Vec<Option<Symbol>>,
+    bytes: usize,
+}
+
+impl SymbolTable {
+    /// What the table holds, overhead included (bounded by `max_symbol_table_bytes`).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn extend(&mut self, new: Vec<String>, limits: &FleetLimits) -> Result<(), String> {
+        let table_limit = limits.max_symbol_table_bytes.0 as usize;
+        let symbol_limit = limits.max_symbol_bytes.0 as usize;
+        for s in new {
+            let kept = s.len() <= symbol_limit;
+            let cost = SYMBOL_OVERHEAD + if kept { s.len() } else { 0 };
+            if self.bytes + cost > table_limit {
+                return Err(format!(
+                    "the stream's symbol table is full ({} bytes, fleet.limits.max_symbol_table_bytes {table_limit}); open a new stream to start a new table",
+                    self.bytes
+                ));
+            }
+            self.bytes += cost;
+            self.symbols.push(kept.then(|| Symbol::from(s)));
+        }
+        Ok(())
+    }
+
+    fn get(&self, i: u32) -> Result<Option<&Symbol>, String> {
+        match self.symbols.get(i as usize) {
+            Some(s) => Ok(s.as_ref()),
+            None => Err(format!(
+                "symbol {i} is not defined (the table has {})",
+                self.symbols.len()
+            )),
+        }
+    }
+}
+
+/// A decoded batch: its results (refused ones included, so that their sequence
+/// numbers are acked), and the samples refused on the way, by reason.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub results: Vec<IncomingResult>,
+    /// (reason, how many, one example).
+    pub refused_samples: Vec<(Reason, u64, String)>,
+}
+
+impl Decoded {
+    fn refuse(&mut self, reason: Reason, example: impl FnOnce() -> String) {
+        match self.refused_samples.iter_mut().find(|(r, ..)| *r == reason) {
+            Some((_, n, _)) => *n += 1,
+            None => self.refused_samples.push((reason, 1, example())),
+        }
+    }
+}
+
+/// Label names a sample may not carry whatever the target: the aggregator sets them.
+pub fn is_reserved_label(name: &str) -> bool {
+    matches!(name, "job" | "instance" | "agent") || name.starts_with("__")
+}
+
+/// Decodes `batch` against the stream's `symbols`. `Err` is a protocol error: the
+/// stream must end.
+pub fn decode_batch(
+    symbols: &mut SymbolTable,
+    batch: pb::ResultBatch,
+    limits: &FleetLimits,
+) -> Result<Decoded, String> {
+    if batch.results.len() > limits.max_results_per_batch {
+        return Err(format!(
+            "{} results in one batch; fleet.limits.max_results_per_batch is {}",
+            batch.results.len(),
+            limits.max_results_per_batch
+        ));
+    }
+    symbols.extend(batch.new_symbols, limits)?;
+    let mut decoded = Decoded {
+        results: Vec::with_capacity(batch.results.len()),
+        refused_samples: Vec::new(),
+    };
+    let mut last_seq = 0;
+    for r in batch.results {
+        if r.seq <= last_seq {
+            return Err(format!(
+                "sequence numbers must increase within a batch ({} after {last_seq})",
+                r.seq
+            ));
+        }
+        if r.seq > MAX_SEQ {
+            return Err(format!(
+                "sequence number {} is past 2^63-1, the largest the aggregator stores",
+                r.seq
+            ));
+        }
+        last_seq = r.seq;
+        let mut refused = None;
+        let mut samples = Vec::new();
+        if r.samples.len() > limits.max_samples_per_result {
+            refused = Some(Reason::TooManySamples);
+        } else {
+            samples.reserve(r.samples.len());
+            for s in r.samples {
+                if let Some(sample) = decode_sample(symbols, s, limits, &mut decoded)? {
+                    samples.push(sample);
+                }
+            }
+        }
+        decoded.results.push(IncomingResult {
+            seq: r.seq,
+            job: r.job,
+            instance: r.instance,
+            timestamp_ms: r.timestamp_ms,
+            success: r.success,
+            duration_seconds: r.duration_seconds,
+            failure: r.failure,
+            samples,
+            refused,
+        });
+    }
+    Ok(decoded)
+}
+
+/// One sample; `Ok(None)` when it is refused (and counted in `decoded`).
+fn decode_sample(
+    symbols: &SymbolTable,
+    s: pb::Sample,
+    limits: &FleetLimits,
+    decoded: &mut Decoded,
+) -> Result<Option<crate::hub::ProbeSample>, String> {
+    // References are resolved first: one past the table is a protocol error even on a
+    // sample that would be refused anyway.
+    let name = symbols.get(s.name)?;
+    if !s.labels.len().is_multiple_of(2) {
+        return Err("sample labels must come in name/value pairs".into());
+    }
+    let mut labels = Vec::with_capacity(s.labels.len() / 2);
+    let mut too_long = name.is_none();
+    for pair in s.labels.chunks_exact(2) {
+        match (symbols.get(pair[0])?, symbols.get(pair[1])?) {
+            (Some(k), Some(v)) => labels.push((k.clone(), v.clone())),
+            _ => too_long = true,
+        }
+    }
+    if too_long {
+        decoded.refuse(Reason::SymbolTooLong, || {
+            format!(
+                "a string longer than fleet.limits.max_symbol_bytes ({})",
+                limits.max_symbol_bytes
+            )
+        });
+        return Ok(None);
+    }
+    let Some(name) = name else { return Ok(None) };
+    if !sonde_proto::help::is_probe_metric(name) {
+        decoded.refuse(Reason::UnknownMetric, || {
+            format!(
+                "metric {:?} is not one the probers produce",
+                crate::refusals::loggable(name)
+            )
+        });
+        return Ok(None);
+    }
+    if labels.len() > limits.max_labels_per_sample {
+        decoded.refuse(Reason::TooManyLabels, || {
+            format!(
+                "{name} with {} labels; fleet.limits.max_labels_per_sample is {}",
+                labels.len(),
+                limits.max_labels_per_sample
+            )
+        });
+        return Ok(None);
+    }
+    for (i, (k, _)) in labels.iter().enumerate() {
+        if !is_valid_label_name(k) || is_reserved_label(k) {
+            decoded.refuse(Reason::ReservedLabel, || {
+                format!(
+                    "{name} with label {:?}, which the aggregator sets itself or is not a label name",
+                    crate::refusals::loggable(k)
+                )
+            });
+            return Ok(None);
+        }
+        if labels[..i].iter().any(|(other, _)| other == k) {
+            decoded.refuse(Reason::DuplicateLabel, || {
+                format!("{name} with label {k:?} twice")
+            });
+            return Ok(None);
+        }
+    }
+    Ok(Some((name.clone(), labels, s.value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sonde_proto::config::ByteSize;
+
+    fn result(seq: u64, samples: Vec<pb::Sample>) -> pb::ProbeResult {
+        pb::ProbeResult {
+            seq,
+            job: "j".into(),
+            instance: "i".into(),
+            timestamp_ms: 1,
+            success: true,
+            duration_seconds: 0.1,
+            samples,
+            generation: 1,
+            failure: String::new(),
+        }
+    }
+
+    fn sample(name: u32, labels: Vec<u32>) -> pb::Sample {
+        pb::Sample {
+            name,
+            labels,
+            value: 1.0,
+        }
+    }
+
+    fn batch(symbols: &[&str], results: Vec<pb::ProbeResult>) -> pb::ResultBatch {
+        pb::ResultBatch {
+            new_symbols: symbols.iter().map(|s| s.to_string()).collect(),
+            results,
+        }
+    }
+
+    #[test]
+    fn symbols_resolve_across_batches_and_are_shared() {
+        let limits = FleetLimits::default();
+        let mut table = SymbolTable::default();
+        let first = batch(
+            &["probe_success", "phase", "connect"],
+            vec![result(1, vec![sample(0, vec![])])],
+        );
+        decode_batch(&mut table, first, &limits).unwrap();
+        let second = batch(
+            &["probe_http_duration_seconds"],
+            vec![result(
+                2,
+                vec![sample(3, vec![1, 2]), sample(3, vec![1, 2])],
+            )],
+        );
+        let d = decode_batch(&mut table, second, &limits).unwrap();
+        let samples = &d.results[0].samples;
+        assert_eq!(&*samples[0].0, "probe_http_duration_seconds");
+        assert_eq!(&*samples[0].1[0].0, "phase");
+        assert!(
+            Arc::ptr_eq(&samples[0].1[0].1, &samples[1].1[0].1),
+            "a reference shares the table's string, never copies it"
+        );
+    }
+
+    #[test]
+    fn protocol_errors_end_the_stream() {
+        let limits = FleetLimits::default();
+        let bad_ref = batch(&[], vec![result(1, vec![sample(7, vec![])])]);
+        assert!(decode_batch(&mut SymbolTable::default(), bad_ref, &limits).is_err());
+        let odd = batch(
+            &["probe_success"],
+            vec![result(1, vec![sample(0, vec![0])])],
+        );
+        assert!(decode_batch(&mut SymbolTable::default(), odd, &limits).is_err());
+        let order = batch(&[], vec![result(5, vec![]), result(5, vec![])]);
+        assert!(decode_batch(&mut SymbolTable::default(), order, &limits).is_err());
+        let huge_seq = batch(&[], vec![result(1 << 63, vec![])]);
+        assert!(decode_batch(&mut SymbolTable::default(), huge_seq, &limits).is_err());
+        let many = batch(
+            &[],
+            (1..=limits.max_results_per_batch as u64 + 1)
+                .map(|s| result(s, vec![]))
+                .collect(),
+        );
+        assert!(decode_batch(&mut SymbolTable::default(), many, &limits).is_err());
+    }
+
+    #[test]
+    fn the_symbol_table_is_bounded_in_bytes() {
+        let limits = FleetLimits {
+            max_symbol_bytes: ByteSize(1 << 20),
+            max_symbol_table_bytes: ByteSize(3 << 20),
+            ..FleetLimits::default()
+        };
+        let mut table = SymbolTable::default();
+        let mb = "x".repeat(1 << 20);
+        decode_batch(&mut table, batch(&[&mb, &mb], vec![]), &limits).unwrap();
+        assert!(table.bytes() < 3 << 20);
+        let e = decode_batch(&mut table, batch(&[&mb], vec![]), &limits).unwrap_err();
+        assert!(e.contains("symbol table is full"), "{e}");
+    }
+
+    #[test]
+    fn bad_samples_are_refused_alone() {
+        let limits = FleetLimits {
+            max_symbol_bytes: ByteSize(100),
+            max_labels_per_sample: 2,
+            max_samples_per_result: 8,
+            ..FleetLimits::default()
+        };
+        let long = "v".repeat(101);
+        let symbols = [
+            "probe_success", // 0
+            "up",            // 1
+            "job",           // 2
+            "x",             // 3
+            "phase",         // 4
+            "__name__",      // 5
+            &long,           // 6
+            "a",             // 7
+            "b",             // 8
+            "bad-name",      // 9
+        ];
+        let samples = vec![
+            sample(0, vec![4, 3]),             // kept
+            sample(1, vec![]),                 // unknown metric
+            sample(0, vec![2, 3]),             // job is reserved
+            sample(0, vec![5, 3]),             // __name__ is reserved
+            sample(0, vec![4, 3, 4, 7]),       // duplicate
+            sample(0, vec![4, 6]),             // too long
+            sample(0, vec![4, 3, 7, 3, 8, 3]), // too many labels
+            sample(0, vec![9, 3]),             // not a label name
+        ];
+        let too_many = (0..9).map(|_| sample(0, vec![])).collect();
+        let d = decode_batch(
+            &mut SymbolTable::default(),
+            batch(&symbols, vec![result(1, samples), result(2, too_many)]),
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(d.results[0].samples.len(), 1);
+        assert_eq!(d.results[0].refused, None);
+        assert_eq!(d.results[1].refused, Some(Reason::TooManySamples));
+        let count = |reason| {
+            d.refused_samples
+                .iter()
+                .find(|(r, ..)| *r == reason)
+                .map_or(0, |(_, n, _)| *n)
+        };
+        assert_eq!(count(Reason::UnknownMetric), 1);
+        assert_eq!(count(Reason::ReservedLabel), 3);
+        assert_eq!(count(Reason::DuplicateLabel), 1);
+        assert_eq!(count(Reason::SymbolTooLong), 1);
+        assert_eq!(count(Reason::TooManyLabels), 1);
+    }
+}

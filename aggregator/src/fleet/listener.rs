@@ -1,0 +1,267 @@
+//! The gRPC port's connections, before gRPC sees them: at most
+//! `fleet.limits.max_connections` open at once (the rest wait in the kernel's backlog),
+//! TLS handshakes bounded by `fleet.limits.tls_handshake_timeout`, and a TLS
+//! configuration that a reload swaps (certificates are re-read on every reload; a
+//! connection keeps the configuration it was accepted with).
+
+use crate::config::ServerTlsConfig;
+use crate::refusals::Refusals;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// The TLS configuration new connections get; `None` serves plain HTTP/2.
+#[derive(Default)]
+pub struct FleetTls {
+    current: RwLock<Option<Arc<rustls::ServerConfig>>>,
+}
+
+impl FleetTls {
+    /// Reads the certificate, key and client CA of `config` (all of them, or nothing
+    /// changes) and makes them the ones new connections get.
+    pub fn load(&self, config: Option<&ServerTlsConfig>) -> Result<(), String> {
+        let next = config.map(server_config).transpose()?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    fn current(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A rustls server configuration from `fleet.tls`, speaking HTTP/2 only.
+pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| {
+            format!(
+                "fleet.tls: cannot read certificates from cert_file {}: {e}",
+                tls.cert_file.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "fleet.tls: cert_file {} holds no PEM certificate",
+            tls.cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
+        format!(
+            "fleet.tls: cannot read a private key from key_file {}: {e}",
+            tls.key_file.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("fleet.tls: {e}"))?;
+    let builder = match &tls.client_ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| {
+                format!(
+                    "fleet.tls: cannot read client_ca_file {}: {e}",
+                    ca.display()
+                )
+            })? {
+                let cert = cert.map_err(|e| {
+                    format!(
+                        "fleet.tls: cannot read client_ca_file {}: {e}",
+                        ca.display()
+                    )
+                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("fleet.tls: client_ca_file {}: {e}", ca.display()))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| format!("fleet.tls: client_ca_file {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        format!(
+            "fleet.tls: cert_file {} and key_file {} do not make a usable pair: {e}",
+            tls.cert_file.display(),
+            tls.key_file.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An accepted connection, plain or TLS, holding its slot until it closes.
+pub struct Connection {
+    io: Io,
+    info: TcpConnectInfo,
+    _slot: OwnedSemaphorePermit,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connected for Connection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accepts connections until the returned stream is dropped: each waits for a free slot
+/// before it is accepted, then gets its TLS handshake (if configured) within
+/// `handshake_timeout`. Handshakes run side by side, so a slow one delays nobody.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<FleetTls>,
+    max_connections: usize,
+    handshake_timeout: Duration,
+    refusals: Arc<Refusals>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Connection>> {
+    let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "gRPC port: cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let info = TcpConnectInfo {
+                local_addr: tcp.local_addr().ok(),
+                remote_addr: Some(peer),
+            };
+            let config = tls.current();
+            let tx = tx.clone();
+            let refusals = refusals.clone();
+            tokio::spawn(async move {
+                let io = match config {
+                    None => Io::Plain(tcp),
+                    Some(config) => match handshake(tcp, config, handshake_timeout, peer).await {
+                        Ok(s) => Io::Tls(Box::new(s)),
+                        Err(why) => {
+                            refusals.refuse_connection(Some(peer.ip()), None, &why);
+                            return;
+                        }
+                    },
+                };
+                let _ = tx
+                    .send(Ok(Connection {
+                        io,
+                        info,
+                        _slot: slot,
+                    }))
+                    .await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+    peer: SocketAddr,
+) -> Result<TlsStream<TcpStream>, String> {
+    match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("TLS handshake with {peer} failed: {e}")),
+        Err(_) => Err(format!(
+            "TLS handshake with {peer} took longer than fleet.limits.tls_handshake_timeout ({timeout:?})"
+        )),
+    }
+}
