@@ -134,8 +134,13 @@ pub struct FleetLimits {
     /// All the strings one stream interns.
     pub max_symbol_table_bytes: ByteSize,
     pub max_results_per_batch: usize,
+    /// Samples in one batch, over all its results: what one batch may make the
+    /// aggregator build at once.
+    pub max_samples_per_batch: usize,
     pub max_samples_per_result: usize,
     pub max_labels_per_sample: usize,
+    /// The bytes of one sample's label names and values together.
+    pub max_sample_label_bytes: ByteSize,
     /// Jobs an agent may declare as its own.
     pub max_local_jobs: usize,
     /// Distinct targets across one agent's local jobs.
@@ -154,12 +159,14 @@ impl Default for FleetLimits {
             hello_timeout: PromDuration::from_secs(10),
             max_symbol_bytes: ByteSize(16 << 10),
             max_symbol_table_bytes: ByteSize(16 << 20),
-            max_results_per_batch: 2000,
-            max_samples_per_result: 512,
-            max_labels_per_sample: 32,
+            max_results_per_batch: 1000,
+            max_samples_per_batch: 20_000,
+            max_samples_per_result: 256,
+            max_labels_per_sample: 16,
+            max_sample_label_bytes: ByteSize(4 << 10),
             max_local_jobs: 64,
             max_local_targets: 10_000,
-            max_series: 1_000_000,
+            max_series: 250_000,
         }
     }
 }

@@ -130,6 +130,9 @@ pub struct AgentEntry {
     kick: Option<Arc<Kick>>,
     /// Agent clock minus ours, from the last heartbeat.
     pub clock_skew_ms: Option<i64>,
+    /// The `last_acked_seq` of the current stream's Hello: by the agent's own account
+    /// everything up to it was acked, so it cannot send it again as new.
+    hello_acked_seq: u64,
     /// Samples held in this agent's latest results (`fleet.limits.max_series`).
     pub series: usize,
     /// Distinct targets of this agent's local jobs (`fleet.limits.max_local_targets`).
@@ -295,6 +298,7 @@ impl Hub {
                     credential: None,
                     kick: None,
                     clock_skew_ms: None,
+                    hello_acked_seq: 0,
                     series: 0,
                     local_targets: HashSet::new(),
                     first_seen_ms: a.first_seen_ms,
@@ -365,6 +369,7 @@ impl Hub {
                     credential: None,
                     kick: None,
                     clock_skew_ms: None,
+                    hello_acked_seq: 0,
                     series: 0,
                     local_targets: HashSet::new(),
                     first_seen_ms: now_ms,
@@ -389,6 +394,15 @@ impl Hub {
             entry.connection = Some(connection);
             entry.credential = credential;
             entry.kick = Some(kick.clone());
+            entry.hello_acked_seq = hello.last_acked_seq;
+            if hello.last_acked_seq > entry.committed_seq && entry.committed_seq > 0 {
+                tracing::warn!(
+                    agent = %crate::refusals::loggable(&hello.agent_id),
+                    agent_says = hello.last_acked_seq,
+                    committed = entry.committed_seq,
+                    "the agent says more was acked than this aggregator committed (was its store replaced?)"
+                );
+            }
             entry.series_staled = false;
             entry.last_seen_ms = now_ms;
             entry.sender = Some(sender);
@@ -467,7 +481,11 @@ impl Hub {
         let mut undo = Undo::default();
         let mut refused: BTreeMap<Reason, (u64, String)> = BTreeMap::new();
         let mut state = self.lock();
-        let Some(committed) = state.agents.get(agent).map(|a| a.committed_seq) else {
+        let Some((committed, hello_acked)) = state
+            .agents
+            .get(agent)
+            .map(|a| (a.committed_seq, a.hello_acked_seq))
+        else {
             return Ok(None);
         };
         let skew = state.config.max_clock_skew.as_millis() as i64;
@@ -488,6 +506,14 @@ impl Hub {
             ack = Some(result.seq);
             let verdict = match result.refused {
                 Some(reason) => Err((reason, format!("result for {}", describe(result)))),
+                None if result.seq <= hello_acked => Err((
+                    Reason::BadSequence,
+                    format!(
+                        "result {} for {}, at or below the last_acked_seq {hello_acked} of the agent's Hello",
+                        result.seq,
+                        describe(result)
+                    ),
+                )),
                 None if result.timestamp_ms < 0
                     || result.timestamp_ms > now_ms.saturating_add(skew) =>
                 {

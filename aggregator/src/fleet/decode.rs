@@ -106,6 +106,13 @@ pub fn decode_batch(
             limits.max_results_per_batch
         ));
     }
+    let samples: usize = batch.results.iter().map(|r| r.samples.len()).sum();
+    if samples > limits.max_samples_per_batch {
+        return Err(format!(
+            "{samples} samples in one batch; fleet.limits.max_samples_per_batch is {}",
+            limits.max_samples_per_batch
+        ));
+    }
     symbols.extend(batch.new_symbols, limits)?;
     let mut decoded = Decoded {
         results: Vec::with_capacity(batch.results.len()),
@@ -193,12 +200,16 @@ fn decode_sample(
         });
         return Ok(None);
     }
-    if labels.len() > limits.max_labels_per_sample {
+    let label_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if labels.len() > limits.max_labels_per_sample
+        || label_bytes > limits.max_sample_label_bytes.0 as usize
+    {
         decoded.refuse(Reason::TooManyLabels, || {
             format!(
-                "{name} with {} labels; fleet.limits.max_labels_per_sample is {}",
+                "{name} with {} labels of {label_bytes} bytes; fleet.limits.max_labels_per_sample is {}, max_sample_label_bytes {}",
                 labels.len(),
-                limits.max_labels_per_sample
+                limits.max_labels_per_sample,
+                limits.max_sample_label_bytes
             )
         });
         return Ok(None);
@@ -304,6 +315,16 @@ mod tests {
                 .collect(),
         );
         assert!(decode_batch(&mut SymbolTable::default(), many, &limits).is_err());
+        let per_result = limits.max_samples_per_result;
+        let results = limits.max_samples_per_batch / per_result + 1;
+        let heavy = batch(
+            &["probe_success"],
+            (1..=results as u64)
+                .map(|s| result(s, (0..per_result).map(|_| sample(0, vec![])).collect()))
+                .collect(),
+        );
+        let e = decode_batch(&mut SymbolTable::default(), heavy, &limits).unwrap_err();
+        assert!(e.contains("max_samples_per_batch"), "{e}");
     }
 
     #[test]
@@ -326,10 +347,12 @@ mod tests {
         let limits = FleetLimits {
             max_symbol_bytes: ByteSize(100),
             max_labels_per_sample: 2,
-            max_samples_per_result: 8,
+            max_sample_label_bytes: ByteSize(150),
+            max_samples_per_result: 16,
             ..FleetLimits::default()
         };
         let long = "v".repeat(101);
+        let wide = "w".repeat(90);
         let symbols = [
             "probe_success", // 0
             "up",            // 1
@@ -341,6 +364,7 @@ mod tests {
             "a",             // 7
             "b",             // 8
             "bad-name",      // 9
+            &wide,           // 10
         ];
         let samples = vec![
             sample(0, vec![4, 3]),             // kept
@@ -351,8 +375,9 @@ mod tests {
             sample(0, vec![4, 6]),             // too long
             sample(0, vec![4, 3, 7, 3, 8, 3]), // too many labels
             sample(0, vec![9, 3]),             // not a label name
+            sample(0, vec![4, 10, 7, 10]),     // over max_sample_label_bytes
         ];
-        let too_many = (0..9).map(|_| sample(0, vec![])).collect();
+        let too_many = (0..17).map(|_| sample(0, vec![])).collect();
         let d = decode_batch(
             &mut SymbolTable::default(),
             batch(&symbols, vec![result(1, samples), result(2, too_many)]),
@@ -372,6 +397,6 @@ mod tests {
         assert_eq!(count(Reason::ReservedLabel), 3);
         assert_eq!(count(Reason::DuplicateLabel), 1);
         assert_eq!(count(Reason::SymbolTooLong), 1);
-        assert_eq!(count(Reason::TooManyLabels), 1);
+        assert_eq!(count(Reason::TooManyLabels), 2);
     }
 }
