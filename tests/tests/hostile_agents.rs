@@ -1,0 +1,593 @@
+//! The aggregator against a hostile agent, an anonymous client and a stolen token, as an
+//! attacker would try it: a raw `sonde.v1` client (not the agent) performs every attack
+//! of DESIGN's trust model against the real `sonde-aggregator` binary, while an honest
+//! real `sonde-agent` probes a target that is down. The aggregator must live, its memory
+//! and log stay within the bounds the README states, the honest agent's target keep its
+//! true `up`, and the counters show every refusal.
+
+use sonde_proto::pb::{
+    self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
+    fleet_client::FleetClient,
+};
+use sonde_tests::*;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tonic::{Code, Status, Streaming};
+
+const MIB: u64 = 1 << 20;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Starts the aggregator at `--log.level=info` (what an operator runs), with the
+/// lifecycle API on. Returns (web, grpc, pid).
+fn start_aggregator_info(scene: &mut Scene, config: &str) -> (String, String, u32) {
+    let web_port = free_port();
+    let grpc_port = free_port();
+    let config_path = scene.dir().write("aggregator.yml", config);
+    let mut cmd = Command::new(sonde_bin("sonde-aggregator"));
+    cmd.arg(format!("--config.file={}", config_path.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+        .arg(format!("--grpc.listen-address=127.0.0.1:{grpc_port}"))
+        .arg(format!(
+            "--storage.path={}",
+            scene.dir().join("aggregator-data").display()
+        ))
+        .arg("--log.level=info");
+    scene.spawn("aggregator", cmd);
+    let web = format!("http://127.0.0.1:{web_port}");
+    scene.wait_until("aggregator /-/healthy", Duration::from_secs(60), || {
+        http_get_ok(&format!("{web}/-/healthy")).map(drop)
+    });
+    let pid = scene.process("aggregator").pid();
+    (web, format!("http://127.0.0.1:{grpc_port}"), pid)
+}
+
+/// (VmRSS, VmHWM) of a process, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("{name} not in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A raw stream, as an attacker holds it.
+struct RawStream {
+    tx: mpsc::Sender<AgentMessage>,
+    inbound: Streaming<AggregatorMessage>,
+}
+
+fn hello(id: &str, labels: &[(&str, &str)]) -> pb::Hello {
+    pb::Hello {
+        protocol_version: sonde_proto::PROTOCOL_VERSION,
+        agent_id: id.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        version: "mallory".into(),
+        local_jobs: vec![],
+        last_acked_seq: 0,
+    }
+}
+
+async fn open(grpc: &str, token: Option<&str>, hello: pb::Hello) -> Result<RawStream, Status> {
+    let mut client = FleetClient::connect(grpc.to_string())
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(AgentMessage {
+        msg: Some(agent_message::Msg::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let inbound = client.session(request).await?.into_inner();
+    Ok(RawStream { tx, inbound })
+}
+
+impl RawStream {
+    async fn send(&self, batch: pb::ResultBatch) {
+        let _ = self
+            .tx
+            .send(AgentMessage {
+                msg: Some(agent_message::Msg::Results(batch)),
+            })
+            .await;
+    }
+
+    /// The next message, skipping nothing; Err(status) once the aggregator ends the stream.
+    async fn next(&mut self) -> Result<Option<AggregatorMessage>, Status> {
+        match tokio::time::timeout(Duration::from_secs(30), self.inbound.message()).await {
+            Ok(r) => r,
+            Err(_) => panic!("no message from the aggregator within 30s"),
+        }
+    }
+
+    async fn assignment(&mut self) -> pb::Assignment {
+        loop {
+            match self.next().await {
+                Ok(Some(AggregatorMessage {
+                    msg: Some(aggregator_message::Msg::Assignment(a)),
+                })) => return a,
+                Ok(Some(_)) => continue,
+                other => panic!("expected an assignment, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for an ack of at least `seq`.
+    async fn acked(&mut self, seq: u64) {
+        loop {
+            match self.next().await {
+                Ok(Some(AggregatorMessage {
+                    msg: Some(aggregator_message::Msg::Ack(a)),
+                })) if a.acked_seq >= seq => return,
+                Ok(Some(_)) => continue,
+                other => panic!("expected an ack of {seq}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the aggregator to end the stream; returns its status.
+    async fn ended(&mut self) -> Status {
+        loop {
+            match self.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Status::ok("closed"),
+                Err(status) => return status,
+            }
+        }
+    }
+}
+
+fn result(
+    seq: u64,
+    job: &str,
+    instance: &str,
+    ts: i64,
+    samples: Vec<pb::Sample>,
+) -> pb::ProbeResult {
+    pb::ProbeResult {
+        seq,
+        job: job.into(),
+        instance: instance.into(),
+        timestamp_ms: ts,
+        success: true,
+        duration_seconds: 0.001,
+        samples,
+        generation: 1,
+        failure: String::new(),
+    }
+}
+
+fn sample(name: u32, labels: Vec<u32>) -> pb::Sample {
+    pb::Sample {
+        name,
+        labels,
+        value: 1.0,
+    }
+}
+
+/// Refusals counted on the aggregator's `/metrics` for `agent` and `reason`.
+fn refused(web: &str, agent: &str, reason: &str) -> f64 {
+    metric_sum(
+        web,
+        "sonde_results_refused_total",
+        &[("agent", agent), ("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Every sample line of an exposition whose labels name one label twice.
+fn lines_with_repeated_labels(text: &str) -> Vec<String> {
+    let mut bad = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(open) = line.find('{') else { continue };
+        let mut names = Vec::new();
+        let mut in_value = false;
+        let mut escaped = false;
+        let mut name = String::new();
+        for c in line[open + 1..].chars() {
+            if in_value {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => in_value = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '=' => names.push(std::mem::take(&mut name)),
+                '"' => in_value = true,
+                ',' => {}
+                '}' => break,
+                c => name.push(c),
+            }
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != names.len() {
+            bad.push(line.to_string());
+        }
+    }
+    bad
+}
+
+fn config(closed: u16, open_port: u16, tokens: &str, extra_fleet: &str) -> String {
+    format!(
+        r#"
+global: {{scrape_interval: 2s, scrape_timeout: 1s}}
+modules:
+  tcp: {{prober: tcp}}
+jobs:
+  - job_name: eu_web
+    module: tcp
+    agents: {{region: eu}}
+    static_configs: [{{targets: ["127.0.0.1:{closed}"], labels: {{team: shop}}}}]
+  - job_name: us_web
+    module: tcp
+    agents: {{region: us}}
+    static_configs: [{{targets: ["127.0.0.1:{open_port}"]}}]
+fleet:
+  missing_after: 10s
+  auth:
+    tokens:
+{tokens}
+{extra_fleet}
+"#
+    )
+}
+
+#[test]
+fn a_hostile_agent_cannot_move_another_target_nor_exhaust_the_aggregator() {
+    let mut scene = Scene::new("hostile-agents");
+    let closed = free_port();
+    let open_port = accepting_tcp_port();
+    let honest_token = scene.dir().write("honest.token", "honest-secret\n");
+    let mallory_token = scene.dir().write("mallory.token", "mallory-secret\n");
+    let tokens = format!(
+        "      - {{agent: honest, token_file: {}, labels: {{region: eu}}}}\n      - {{agent: mallory, token_file: {}, labels: {{region: us}}}}",
+        honest_token.display(),
+        mallory_token.display()
+    );
+    let aggregator_config = config(closed, open_port, &tokens, "");
+    let (web, grpc, pid) = start_aggregator_info(&mut scene, &aggregator_config);
+    start_agent(
+        &mut scene,
+        "honest",
+        &format!(
+            "agent: {{id: honest, labels: {{region: eu}}}}\naggregators: [{{address: \"{grpc}\", token_file: {}}}]\n",
+            honest_token.display()
+        ),
+    );
+    // The honest agent sees the truth: the eu target is down.
+    scene.wait_until(
+        "up{job=eu_web} == 0",
+        Duration::from_secs(60),
+        || match metric_sum(&web, "up", &[("job", "eu_web")])? {
+            v if v == 0.0 => Ok(()),
+            v => Err(format!("up is {v}")),
+        },
+    );
+    let (rss_before, _) = memory(pid);
+    let log_before = scene.process("aggregator").log().len();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // 1. Anonymous and wrong-token clients, each with a 3.5 MB Hello: refused from the
+    // headers alone, the Hello never read, the refusals logged at a bounded rate.
+    let huge_id = "A".repeat(3_500_000);
+    rt.block_on(async {
+        for i in 0..100 {
+            let token = (i % 2 == 0).then_some("not-a-token");
+            let e = open(&grpc, token, hello(&huge_id, &[]))
+                .await
+                .err()
+                .expect("refused");
+            assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        }
+    });
+    let refused_connections = metric_sum(&web, "sonde_agents_refused_total", &[]).unwrap();
+    assert!(refused_connections >= 100.0, "{refused_connections}");
+    let log = scene.process("aggregator").log();
+    let log_growth = log.len() - log_before;
+    let per_connection = log_growth as f64 / 100.0;
+    println!(
+        "log bytes for 100 refused 3.5 MB Hellos: {log_growth} ({per_connection:.1} per connection)"
+    );
+    assert!(
+        log_growth < 4096,
+        "100 refused connections wrote {log_growth} bytes of log"
+    );
+    assert!(
+        log.lines().all(|l| l.len() < 2048),
+        "a log line is too long"
+    );
+
+    // 2. A stolen token: the Hello cannot claim another id, nor another region.
+    rt.block_on(async {
+        let e = open(
+            &grpc,
+            Some("mallory-secret"),
+            hello("honest", &[("region", "eu")]),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = open(
+            &grpc,
+            Some("mallory-secret"),
+            hello("mallory", &[("region", "eu")]),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    });
+
+    // 3. Mallory as the token allows: it receives only its own region's checks.
+    rt.block_on(async {
+        let mut s = open(&grpc, Some("mallory-secret"), hello("mallory", &[]))
+            .await
+            .expect("mallory connects with its own id");
+        let a = s.assignment().await;
+        let jobs: Vec<&str> = a.checks.iter().map(|c| c.job.as_str()).collect();
+        assert_eq!(jobs, ["us_web"], "a us token gets the us jobs only");
+
+        let eu = format!("127.0.0.1:{closed}");
+        let us = format!("127.0.0.1:{open_port}");
+        let mb = "M".repeat(1 << 20);
+        let symbols = vec![
+            "probe_success".to_string(), // 0
+            "up".into(),                 // 1
+            "job".into(),                // 2
+            "x".into(),                  // 3
+            "instance".into(),           // 4
+            "team".into(),               // 5
+            mb,                          // 6: a 1 MB string
+            "phase".into(),              // 7
+        ];
+        let day = 86_400_000;
+        let batch = pb::ResultBatch {
+            new_symbols: symbols,
+            results: vec![
+                // Success for a target assigned to someone else.
+                result(1, "eu_web", &eu, now_ms(), vec![sample(0, vec![])]),
+                // Its own target, stamped a day ahead to stay fresh forever.
+                result(2, "us_web", &us, now_ms() + day, vec![sample(0, vec![])]),
+                // A metric the probers never produce, and reserved labels.
+                result(
+                    3,
+                    "us_web",
+                    &us,
+                    now_ms(),
+                    vec![
+                        sample(1, vec![]),
+                        sample(0, vec![2, 3, 4, 3]),
+                        sample(0, vec![5, 3]),
+                    ],
+                ),
+                // One 1 MB string referred to 2,000 times.
+                result(
+                    4,
+                    "us_web",
+                    &us,
+                    now_ms() + 1,
+                    (0..200).map(|_| sample(0, vec![7, 6])).collect(),
+                ),
+            ],
+        };
+        s.send(batch).await;
+        s.acked(4).await;
+        for seq in 5..=14 {
+            let r = result(
+                seq,
+                "us_web",
+                &us,
+                now_ms() + seq as i64,
+                (0..200).map(|_| sample(0, vec![7, 6])).collect(),
+            );
+            s.send(pb::ResultBatch {
+                new_symbols: vec![],
+                results: vec![r],
+            })
+            .await;
+        }
+        s.acked(14).await;
+
+        // A sequence number the store cannot hold ends the stream.
+        s.send(pb::ResultBatch {
+            new_symbols: vec![],
+            results: vec![result(1 << 63, "us_web", &us, now_ms(), vec![])],
+        })
+        .await;
+        let e = s.ended().await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+        // Filling the symbol table: the stream ends at its byte bound.
+        let mut s = open(&grpc, Some("mallory-secret"), hello("mallory", &[]))
+            .await
+            .unwrap();
+        s.assignment().await;
+        let big = "S".repeat(16 << 10);
+        let mut status = None;
+        for round in 0..100 {
+            let chunk: Vec<String> = (0..200)
+                .map(|i| format!("{round}-{i}-{big}")[..16 << 10].to_string())
+                .collect();
+            s.send(pb::ResultBatch {
+                new_symbols: chunk,
+                results: vec![],
+            })
+            .await;
+            match tokio::time::timeout(Duration::from_millis(300), s.inbound.message()).await {
+                Ok(Err(e)) => {
+                    status = Some(e);
+                    break;
+                }
+                Ok(Ok(None)) => panic!("the stream closed without a status"),
+                Ok(Ok(Some(_))) | Err(_) => {}
+            }
+        }
+        let status = status.expect("the stream ends before 100 × 3.2 MB of symbols");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("symbol table is full"),
+            "{status:?}"
+        );
+    });
+
+    // The honest view stands; the attacks are counted.
+    scene.hold_for(
+        "up{job=eu_web} stays 0",
+        Duration::from_secs(5),
+        || match metric_sum(&web, "up", &[("job", "eu_web")])? {
+            v if v == 0.0 => Ok(()),
+            v => Err(format!("up is {v}")),
+        },
+    );
+    for reason in [
+        "unassigned",
+        "future_timestamp",
+        "unknown_metric",
+        "reserved_label",
+        "symbol_too_long",
+        "malformed",
+    ] {
+        assert!(
+            refused(&web, "mallory", reason) >= 1.0,
+            "sonde_results_refused_total{{agent=mallory,reason={reason}}}"
+        );
+    }
+    assert!(refused(&web, "mallory", "symbol_too_long") >= 2000.0);
+    let metrics = http_get_ok(&format!("{web}/metrics")).unwrap();
+    let repeated = lines_with_repeated_labels(&metrics);
+    assert!(
+        repeated.is_empty(),
+        "/metrics repeats a label: {repeated:?}"
+    );
+    assert!(
+        !metrics.contains("MMMMMMMM"),
+        "the 1 MB string reached /metrics"
+    );
+    // The future-stamped result does not keep us_web fresh: with its honest results
+    // gone stale (2 × 2s + 1s), us_web is missing, not up.
+    scene.wait_until(
+        "us_web is not up",
+        Duration::from_secs(30),
+        || match metric_sum(&web, "up", &[("job", "us_web")]) {
+            Err(_) => Ok(()),
+            Ok(v) => Err(format!("up is {v}")),
+        },
+    );
+
+    let (rss_after, hwm) = memory(pid);
+    println!(
+        "aggregator RSS before the attacks {} MiB, after {} MiB, peak {} MiB",
+        rss_before / MIB,
+        rss_after / MIB,
+        hwm / MIB
+    );
+    assert!(
+        hwm < rss_before + 96 * MIB,
+        "the attacks raised the aggregator's peak memory from {} to {} MiB",
+        rss_before / MIB,
+        hwm / MIB
+    );
+
+    // 4. The token is revoked: mallory's stream ends within seconds of the reload.
+    rt.block_on(async {
+        let mut s = open(&grpc, Some("mallory-secret"), hello("mallory", &[]))
+            .await
+            .unwrap();
+        s.assignment().await;
+        let honest_only = format!(
+            "      - {{agent: honest, token_file: {}, labels: {{region: eu}}}}",
+            honest_token.display()
+        );
+        scene.dir().write(
+            "aggregator.yml",
+            &config(closed, open_port, &honest_only, ""),
+        );
+        let kill = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let start = std::time::Instant::now();
+        let status = s.ended().await;
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        let e = open(&grpc, Some("mallory-secret"), hello("mallory", &[]))
+            .await
+            .err()
+            .expect("the revoked token is refused");
+        assert_eq!(e.code(), Code::Unauthenticated);
+    });
+
+    // The aggregator lives and the honest agent is still connected and right.
+    scene.check_running().unwrap();
+    assert_eq!(
+        metric_sum(&web, "sonde_agent_up", &[("agent", "honest")]).unwrap(),
+        1.0
+    );
+    assert_eq!(metric_sum(&web, "up", &[("job", "eu_web")]).unwrap(), 0.0);
+    let skew = metric_sum(
+        &web,
+        "sonde_agent_clock_skew_seconds",
+        &[("agent", "honest")],
+    )
+    .unwrap();
+    assert!(skew.abs() < 5.0, "the honest agent's clock skew is {skew}s");
+}
+
+#[test]
+fn an_anonymous_aggregator_on_a_public_address_refuses_to_start() {
+    let scene = Scene::new("hostile-anonymous");
+    let config = scene.dir().write("aggregator.yml", "jobs: []\n");
+    let mut cmd = Command::new(sonde_bin("sonde-aggregator"));
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{}", free_port()))
+        // Never bound: the check runs before the listeners open.
+        .arg("--grpc.listen-address=0.0.0.0:1")
+        .arg(format!(
+            "--storage.path={}",
+            scene.dir().join("data").display()
+        ));
+    let out = run(cmd, scene.dir().path(), Duration::from_secs(30));
+    assert!(!out.status.success());
+    let text = out.combined();
+    assert!(text.contains("fleet.auth"), "{text}");
+    assert!(text.contains("allow_anonymous"), "{text}");
+}
