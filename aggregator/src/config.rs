@@ -147,6 +147,9 @@ pub struct FleetLimits {
     pub max_local_targets: usize,
     /// Series one agent may hold live at once (the samples of its latest results).
     pub max_series: usize,
+    /// The bytes of those series' metric names, label names and values together: what
+    /// the agent's series weigh in `/metrics` and in every remote-write request.
+    pub max_series_bytes: ByteSize,
 }
 
 impl Default for FleetLimits {
@@ -160,13 +163,14 @@ impl Default for FleetLimits {
             max_symbol_bytes: ByteSize(16 << 10),
             max_symbol_table_bytes: ByteSize(16 << 20),
             max_results_per_batch: 1000,
-            max_samples_per_batch: 20_000,
+            max_samples_per_batch: 10_000,
             max_samples_per_result: 256,
-            max_labels_per_sample: 16,
+            max_labels_per_sample: 8,
             max_sample_label_bytes: ByteSize(4 << 10),
             max_local_jobs: 64,
             max_local_targets: 10_000,
             max_series: 250_000,
+            max_series_bytes: ByteSize(32 << 20),
         }
     }
 }

@@ -93,8 +93,8 @@ struct Undo {
     /// Entries the batch created.
     created: Vec<(String, String)>,
     written: Vec<((String, String), Written)>,
-    /// (agent, series held before).
-    series: Vec<(String, usize)>,
+    /// (agent, series and their bytes held before).
+    series: Vec<(String, usize, usize)>,
     /// Local targets first seen in the batch.
     local_targets: Vec<(String, (String, String))>,
     last_meta_ms: Option<i64>,
@@ -135,6 +135,8 @@ pub struct AgentEntry {
     hello_acked_seq: u64,
     /// Samples held in this agent's latest results (`fleet.limits.max_series`).
     pub series: usize,
+    /// What their names and labels weigh (`fleet.limits.max_series_bytes`).
+    pub series_bytes: usize,
     /// Distinct targets of this agent's local jobs (`fleet.limits.max_local_targets`).
     local_targets: HashSet<(String, String)>,
     pub first_seen_ms: i64,
@@ -300,6 +302,7 @@ impl Hub {
                     clock_skew_ms: None,
                     hello_acked_seq: 0,
                     series: 0,
+                    series_bytes: 0,
                     local_targets: HashSet::new(),
                     first_seen_ms: a.first_seen_ms,
                     last_seen_ms: a.last_seen_ms,
@@ -371,6 +374,7 @@ impl Hub {
                     clock_skew_ms: None,
                     hello_acked_seq: 0,
                     series: 0,
+                    series_bytes: 0,
                     local_targets: HashSet::new(),
                     first_seen_ms: now_ms,
                     last_seen_ms: now_ms,
@@ -907,22 +911,28 @@ impl State {
         }
         let previous_ts = previous.map(|p| p.timestamp_ms);
         let held_before = previous.map_or(0, |p| p.samples.len());
-        let limit = self.config.limits.max_series;
+        let bytes_before = previous.map_or(0, |p| samples_bytes(&p.samples));
+        let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
         };
         let series = a.series - held_before.min(a.series) + samples.len();
-        if series > limit {
+        let bytes = a.series_bytes - bytes_before.min(a.series_bytes) + samples_bytes(&samples);
+        if series > limits.max_series || bytes as u64 > limits.max_series_bytes.0 {
             return Err((
                 Reason::SeriesLimit,
                 format!(
-                    "result for {} would make the agent hold {series} series; fleet.limits.max_series is {limit}",
-                    describe(r)
+                    "result for {} would make the agent hold {series} series of {bytes} bytes; fleet.limits.max_series is {}, max_series_bytes {}",
+                    describe(r),
+                    limits.max_series,
+                    limits.max_series_bytes
                 ),
             ));
         }
-        undo.series.push((agent.to_string(), a.series));
+        undo.series
+            .push((agent.to_string(), a.series, a.series_bytes));
         a.series = series;
+        a.series_bytes = bytes;
         if target.labels.is_empty()
             && !self.targets.contains_key(&key)
             && a.local_targets.insert(key.clone())
@@ -995,9 +1005,10 @@ impl State {
         for key in undo.created {
             self.entries.remove(&key);
         }
-        for (agent, series) in undo.series.into_iter().rev() {
+        for (agent, series, bytes) in undo.series.into_iter().rev() {
             if let Some(a) = self.agents.get_mut(&agent) {
                 a.series = series;
+                a.series_bytes = bytes;
             }
         }
         for (agent, key) in undo.local_targets {
@@ -1038,8 +1049,9 @@ impl State {
             }
             for (agent, view) in &entry.views {
                 if let Some(a) = self.agents.get_mut(agent) {
-                    undo.series.push((agent.clone(), a.series));
+                    undo.series.push((agent.clone(), a.series, a.series_bytes));
                     a.series = a.series.saturating_sub(view.samples.len());
+                    a.series_bytes = a.series_bytes.saturating_sub(samples_bytes(&view.samples));
                 }
             }
             undo.retired.push((key, entry));
@@ -1401,6 +1413,16 @@ fn describe(r: &IncomingResult) -> String {
         crate::refusals::loggable(&r.job),
         crate::refusals::loggable(&r.instance)
     )
+}
+
+/// What samples weigh in names and labels (`fleet.limits.max_series_bytes`).
+fn samples_bytes(samples: &[ProbeSample]) -> usize {
+    samples
+        .iter()
+        .map(|(name, labels, _)| {
+            name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        })
+        .sum()
 }
 
 /// A failure reason is kept for the status page; longer ones are cut.

@@ -86,41 +86,69 @@ impl Format {
 /// Renders `families` in `format`. Families with no samples still get their HELP and TYPE.
 pub fn render(families: &[Family], format: Format) -> String {
     let mut out = String::new();
+    render_into(&mut out, families, format);
+    finish(&mut out, format);
+    out
+}
+
+/// [`render`] into `out`, without the end marker: for output written in parts.
+pub fn render_into(out: &mut String, families: &[Family], format: Format) {
     for family in families {
-        let (type_name, meta_name) = match (family.kind, format) {
-            (MetricType::Gauge, _) => ("gauge", family.name.as_str()),
-            (MetricType::Counter, Format::PrometheusText) => ("counter", family.name.as_str()),
-            (MetricType::Counter, Format::OpenMetrics) => (
-                "counter",
-                family
-                    .name
-                    .strip_suffix("_total")
-                    .unwrap_or(family.name.as_str()),
-            ),
-        };
-        let _ = writeln!(out, "# HELP {meta_name} {}", escape_help(&family.help));
-        let _ = writeln!(out, "# TYPE {meta_name} {type_name}");
+        write_header(out, &family.name, &family.help, family.kind, format);
         for (labels, value) in &family.samples {
-            out.push_str(&family.name);
-            if !labels.is_empty() {
-                out.push('{');
-                for (i, (k, v)) in labels.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    let _ = write!(out, "{k}=\"{}\"", escape_label_value(v));
-                }
-                out.push('}');
-            }
-            out.push(' ');
-            out.push_str(&format_value(*value));
-            out.push('\n');
+            write_sample(
+                out,
+                &family.name,
+                labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                *value,
+            );
         }
     }
+}
+
+/// A family's HELP and TYPE lines.
+pub fn write_header(out: &mut String, name: &str, help: &str, kind: MetricType, format: Format) {
+    let (type_name, meta_name) = match (kind, format) {
+        (MetricType::Gauge, _) => ("gauge", name),
+        (MetricType::Counter, Format::PrometheusText) => ("counter", name),
+        (MetricType::Counter, Format::OpenMetrics) => {
+            ("counter", name.strip_suffix("_total").unwrap_or(name))
+        }
+    };
+    let _ = writeln!(out, "# HELP {meta_name} {}", escape_help(help));
+    let _ = writeln!(out, "# TYPE {meta_name} {type_name}");
+}
+
+/// One sample line, its labels written straight from borrowed strings.
+pub fn write_sample<'a>(
+    out: &mut String,
+    name: &str,
+    labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+    value: f64,
+) {
+    out.push_str(name);
+    let mut first = true;
+    for (k, v) in labels {
+        out.push(if first { '{' } else { ',' });
+        first = false;
+        out.push_str(k);
+        out.push_str("=\"");
+        push_escaped_label_value(out, v);
+        out.push('"');
+    }
+    if !first {
+        out.push('}');
+    }
+    out.push(' ');
+    out.push_str(&format_value(value));
+    out.push('\n');
+}
+
+/// The end of an exposition (`# EOF` in OpenMetrics).
+pub fn finish(out: &mut String, format: Format) {
     if format == Format::OpenMetrics {
         out.push_str("# EOF\n");
     }
-    out
 }
 
 /// A sample value as both formats write it (`NaN`, `+Inf`, `-Inf`, shortest decimal).
@@ -136,17 +164,15 @@ pub fn format_value(v: f64) -> String {
     }
 }
 
-fn escape_label_value(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
+fn push_escaped_label_value(out: &mut String, v: &str) {
     for c in v.chars() {
         match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
         }
     }
-    s
 }
 
 fn escape_help(v: &str) -> String {

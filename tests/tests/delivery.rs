@@ -526,3 +526,120 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
         "stored + dropped must equal probes run"
     );
 }
+
+/// A tmpfs of `size` mounted on `dir` for the life of the guard: a filesystem the test
+/// can fill. Needs root (CI runs as root); without it the test fails, never skips.
+struct SmallFilesystem {
+    dir: PathBuf,
+}
+
+impl SmallFilesystem {
+    fn mount(dir: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&dir).expect("create the mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs on {} (this test needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut file = std::fs::File::create(&path).expect("create the filler");
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn a_full_disk_holds_the_acks_and_loses_nothing() {
+    let mut scene = Scene::new("delivery-full-disk");
+    let prometheus = start_prometheus(&mut scene, "prometheus", &[]);
+    let target = accepting_tcp_port();
+    let setup = AggregatorSetup::new(&scene, &aggregator_config(&prometheus, ""));
+    let disk = SmallFilesystem::mount(setup.data.clone(), "8m");
+    setup.start(&mut scene, "aggregator");
+    let agg = setup.web();
+    let (web, config) = start_agent(&mut scene, "edge-a", &setup.grpc(), target, "256MiB");
+    let instance = format!("127.0.0.1:{target}");
+    let query =
+        format!("count_over_time(probe_success{{agent=\"edge-a\",instance=\"{instance}\"}}[1h])");
+    scene.wait_until(
+        "first samples in Prometheus",
+        WAIT,
+        || match prometheus_single(&prometheus, &query)? {
+            n if n >= 3.0 => Ok(()),
+            n => Err(format!("{n} samples")),
+        },
+    );
+
+    let filler = disk.fill();
+    scene.wait_until(
+        "the aggregator to see its store fail",
+        WAIT,
+        || match metric_sum(&agg, "sonde_storage_errors_total", &[])? {
+            n if n >= 1.0 => Ok(()),
+            _ => Err("no storage error yet".into()),
+        },
+    );
+    scene.wait_until(
+        "/-/ready to say not ready",
+        WAIT,
+        || match sonde_tests::http_get(&format!("{agg}/-/ready"))? {
+            (503, _) => Ok(()),
+            (status, body) => Err(format!("{status} {body}")),
+        },
+    );
+    // While the disk is full the agent keeps probing into its own buffer, on the same
+    // stream: no reconnect loop.
+    let reconnects = metric_sum(&web, "sonde_agent_stream_reconnects_total", &[]).unwrap_or(0.0);
+    let buffered_before = metric_sum(&web, "sonde_agent_buffer_results", &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let buffered_after = metric_sum(&web, "sonde_agent_buffer_results", &[]).unwrap();
+    assert!(
+        buffered_after > buffered_before,
+        "unacked results pile up in the agent ({buffered_before} then {buffered_after})"
+    );
+    assert_eq!(
+        metric_sum(&web, "sonde_agent_stream_reconnects_total", &[]).unwrap_or(0.0),
+        reconnects,
+        "the agent did not reconnect while the aggregator's disk was full"
+    );
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    scene.wait_until("/-/ready to recover", WAIT, || {
+        http_get_ok(&format!("{agg}/-/ready")).map(drop)
+    });
+    let probes = drain(
+        &mut scene,
+        "edge-a",
+        "edge-a",
+        &web,
+        &config,
+        &setup.grpc(),
+        target,
+        &agg,
+        &prometheus,
+    );
+    assert!(probes >= 15.0, "{probes}");
+    drop(scene);
+    drop(disk);
+}

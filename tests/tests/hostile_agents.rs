@@ -198,6 +198,21 @@ fn refused(web: &str, agent: &str, reason: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// `/metrics`, however large (the harness's HTTP client stops at 10 MB).
+fn curl_metrics(web: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "300"])
+        .arg(format!("{web}/metrics"))
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 exposition")
+}
+
 /// Every sample line of an exposition whose labels name one label twice.
 fn lines_with_repeated_labels(text: &str) -> Vec<String> {
     let mut bad = Vec::new();
@@ -590,4 +605,119 @@ fn an_anonymous_aggregator_on_a_public_address_refuses_to_start() {
     let text = out.combined();
     assert!(text.contains("fleet.auth"), "{text}");
     assert!(text.contains("allow_anonymous"), "{text}");
+}
+
+/// The most one agent can make the aggregator hold with the default `fleet.limits`:
+/// `max_series` live series with `max_labels_per_sample` labels each (tiny ones, so that
+/// `max_series_bytes` does not stop them first), sent in batches of
+/// `max_samples_per_batch`; then the same with label values that fill
+/// `max_sample_label_bytes` (stopped by `max_series_bytes`); on a stream whose symbol
+/// table is full; with `/metrics` scraped meanwhile. The README's figure comes from
+/// this test's output.
+#[test]
+fn one_agent_at_the_default_limits_costs_bounded_memory() {
+    let mut scene = Scene::new("hostile-worst-case");
+    let token = scene.dir().write("mallory.token", "mallory-secret\n");
+    let targets: Vec<String> = (0..1000)
+        .map(|i| format!("\"127.0.0.1:{}\"", 20000 + i))
+        .collect();
+    let config = format!(
+        "global: {{scrape_interval: 60s, scrape_timeout: 10s}}\nmodules: {{tcp: {{prober: tcp}}}}\njobs:\n  - job_name: big\n    module: tcp\n    static_configs: [{{targets: [{}]}}]\nfleet:\n  auth: {{tokens: [{{agent: mallory, token_file: {}}}]}}\n",
+        targets.join(", "),
+        token.display()
+    );
+    let (web, grpc, pid) = start_aggregator_info(&mut scene, &config);
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_before, _) = memory(pid);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let labels_per_sample = 8u32;
+    let samples_per_result = 256usize;
+    let results_per_batch = 10_000 / samples_per_result;
+    rt.block_on(async {
+        let mut s = open(&grpc, Some("mallory-secret"), hello("mallory", &[]))
+            .await
+            .unwrap();
+        let assignment = s.assignment().await;
+        assert_eq!(assignment.checks.len(), 1000);
+        // Symbols: the metric; 8 one-letter label names; one one-letter value; 8
+        // values of 500 bytes (4 KiB of labels a sample).
+        let n = labels_per_sample;
+        let mut symbols = vec!["probe_http_duration_seconds".to_string()];
+        symbols.extend((0..n).map(|i| char::from(b'a' + i as u8).to_string()));
+        symbols.push("x".into());
+        symbols.extend((0..n).map(|i| format!("{i:0>500}")));
+        let tiny: Vec<u32> = (0..n).flat_map(|i| [1 + i, 1 + n]).collect();
+        let heavy: Vec<u32> = (0..n).flat_map(|i| [1 + i, 2 + n + i]).collect();
+        let mut first = Some(symbols);
+        let mut seq = 0;
+        for labels in [tiny, heavy] {
+            let now = now_ms();
+            for chunk in assignment.checks.chunks(results_per_batch) {
+                let results = chunk
+                    .iter()
+                    .map(|c| {
+                        seq += 1;
+                        let samples = (0..samples_per_result)
+                            .map(|_| sample(0, labels.clone()))
+                            .collect();
+                        result(seq, &c.job, &c.instance, now, samples)
+                    })
+                    .collect();
+                s.send(pb::ResultBatch {
+                    new_symbols: first.take().unwrap_or_default(),
+                    results,
+                })
+                .await;
+            }
+            s.acked(seq).await;
+            // A scrape of /metrics, as Prometheus would make one, timed.
+            let started = std::time::Instant::now();
+            let size = curl_metrics(&web).len() as u64;
+            println!("/metrics: {} MiB in {:?}", size / MIB, started.elapsed());
+        }
+        // And a full symbol table on top, held for as long as the stream lives.
+        let big = "S".repeat(16 << 10);
+        for round in 0..10 {
+            let chunk: Vec<String> = (0..100)
+                .map(|i| format!("{round}-{i}-{big}")[..16 << 10].to_string())
+                .collect();
+            s.send(pb::ResultBatch {
+                new_symbols: chunk,
+                results: vec![],
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let metrics = curl_metrics(&web);
+        let series_refused: f64 = find_samples(
+            &parse_metrics(&metrics),
+            "sonde_results_refused_total",
+            &[("agent", "mallory"), ("reason", "series_limit")],
+        )
+        .iter()
+        .map(|s| s.value)
+        .sum();
+        let (rss, hwm) = memory(pid);
+        println!(
+            "one agent at the default limits: RSS {} MiB → {} MiB (+{} MiB held), peak {} MiB (+{} MiB); {} results refused at max_series",
+            rss_before / MIB,
+            rss / MIB,
+            rss.saturating_sub(rss_before) / MIB,
+            hwm / MIB,
+            hwm.saturating_sub(rss_before) / MIB,
+            series_refused
+        );
+        assert!(series_refused >= 1.0, "max_series was reached");
+        assert!(
+            hwm.saturating_sub(rss_before) < 256 * MIB,
+            "one agent raised the peak by {} MiB",
+            hwm.saturating_sub(rss_before) / MIB
+        );
+        drop(s);
+    });
+    scene.check_running().unwrap();
 }

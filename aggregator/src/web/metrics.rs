@@ -7,19 +7,114 @@ use crate::fleet::now_ms;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use sonde_proto::exposition::{Family, Format, render};
+use sonde_proto::exposition::{
+    Family, Format, MetricType, finish, render_into, write_header, write_sample,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let families = families(&app);
-    (
-        [(header::CONTENT_TYPE, format.content_type())],
-        render(&families, format),
-    )
-        .into_response()
+    let chunks = render(&app, format).into_chunks();
+    let body = axum::body::Body::from_stream(futures::stream::iter(
+        chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
+    ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
+}
+
+/// Text written in chunks of about 1 MiB, so that a large page is never copied into an
+/// ever-doubling buffer.
+#[derive(Default)]
+pub struct Chunked {
+    done: Vec<String>,
+    current: String,
+}
+
+impl Chunked {
+    const CHUNK: usize = 1 << 20;
+
+    /// The buffer to write the next line into.
+    fn buffer(&mut self) -> &mut String {
+        if self.current.len() >= Self::CHUNK {
+            let next = String::with_capacity(Self::CHUNK + (64 << 10));
+            self.done.push(std::mem::replace(&mut self.current, next));
+        }
+        &mut self.current
+    }
+
+    pub fn into_chunks(mut self) -> Vec<String> {
+        self.done.push(self.current);
+        self.done
+    }
+}
+
+/// The whole `/metrics` page. The per-agent probe series, the bulk of it, are written
+/// straight from the hub's state: no label set is copied to build them.
+pub fn render(app: &App, format: Format) -> Chunked {
+    let mut page = Chunked::default();
+    let rest = families(app, |state, external, merged| {
+        render_into(page.buffer(), &merged, format);
+        write_probe_series(&mut page, state, external, format);
+    });
+    render_into(page.buffer(), &rest, format);
+    finish(page.buffer(), format);
+    page
+}
+
+/// Every agent's latest probe series, grouped by metric name as the formats require.
+fn write_probe_series(
+    out: &mut Chunked,
+    state: &crate::hub::State,
+    external: &[(String, String)],
+    format: Format,
+) {
+    type Line<'a> = (&'a (String, String), &'a str, &'a crate::hub::ProbeSample);
+    let mut by_name: BTreeMap<&str, Vec<Line<'_>>> = BTreeMap::new();
+    for (key, entry) in &state.entries {
+        for (agent, view) in &entry.views {
+            for sample in &view.samples {
+                by_name
+                    .entry(&sample.0)
+                    .or_default()
+                    .push((key, agent.as_str(), sample));
+            }
+        }
+    }
+    let no_labels = sonde_proto::config::Labels::new();
+    for (name, lines) in by_name {
+        write_header(
+            out.buffer(),
+            name,
+            sonde_proto::help::series_help(name).unwrap_or("sonde series."),
+            MetricType::Gauge,
+            format,
+        );
+        for (key, agent, (_, labels, value)) in lines {
+            let target = state.targets.get(key).map_or(&no_labels, |t| &t.labels);
+            let own = target
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance" | "agent"))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain([
+                    ("job", key.0.as_str()),
+                    ("instance", key.1.as_str()),
+                    ("agent", agent),
+                ])
+                .chain(labels.iter().map(|(k, v)| (&**k, &**v)));
+            // External labels last, unless the series already has the name (the fleet
+            // service refuses samples that would collide, so only target labels can).
+            let external = external
+                .iter()
+                .filter(|(k, _)| {
+                    !target.contains_key(k)
+                        && !matches!(k.as_str(), "job" | "instance" | "agent")
+                        && !labels.iter().any(|(l, _)| &**l == k)
+                })
+                .map(|(k, v)| (k.as_str(), v.as_str()));
+            write_sample(out.buffer(), name, own.chain(external), *value);
+        }
+    }
 }
 
 fn labels_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -37,7 +132,12 @@ fn series_gauge(name: &str) -> Family {
     )
 }
 
-pub fn families(app: &App) -> Vec<Family> {
+/// The families before and after the probe series, which `probe` writes meanwhile,
+/// under the same look at the hub's state.
+fn families(
+    app: &App,
+    probe: impl FnOnce(&crate::hub::State, &[(String, String)], Vec<Family>),
+) -> Vec<Family> {
     let now = now_ms();
     let state = app.hub.lock();
     let external: Vec<(String, String)> = state
@@ -57,7 +157,6 @@ pub fn families(app: &App) -> Vec<Family> {
     let mut up = series_gauge("up");
     let mut agents = series_gauge("sonde_target_agents");
     let mut succeeding = series_gauge("sonde_target_agents_succeeding");
-    let mut probe: BTreeMap<String, Family> = BTreeMap::new();
     for (key, entry) in &state.entries {
         let target_labels = state
             .targets
@@ -82,25 +181,8 @@ pub fn families(app: &App) -> Vec<Family> {
                 .samples
                 .push((with_external(base.clone()), f64::from(m.succeeding)));
         }
-        for (agent, view) in &entry.views {
-            for (name, labels, value) in &view.samples {
-                let mut l = crate::hub::agent_series_labels(
-                    &target_labels,
-                    &key.0,
-                    &key.1,
-                    agent,
-                    name,
-                    labels,
-                );
-                l.pop(); // __name__: the family carries it
-                probe
-                    .entry(name.to_string())
-                    .or_insert_with(|| series_gauge(name))
-                    .samples
-                    .push((with_external(l), *value));
-            }
-        }
     }
+    probe(&state, &external, vec![up, agents, succeeding]);
     let mut job_missing = series_gauge("sonde_job_missing");
     let mut job_targets = series_gauge("sonde_job_targets");
     for (name, job) in &state.jobs {
@@ -144,9 +226,7 @@ pub fn families(app: &App) -> Vec<Family> {
     let counter = |name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {
         Family::counter(name, help).with(Vec::new(), v.load(Ordering::Relaxed) as f64)
     };
-    let mut out = vec![up, agents, succeeding];
-    out.extend(probe.into_values());
-    out.extend([job_missing, job_targets, agent_up, last_seen, info, skew]);
+    let mut out = vec![job_missing, job_targets, agent_up, last_seen, info, skew];
     out.push(counter(
         "sonde_results_received_total",
         "Probe results received from agents (replays included).",
