@@ -302,7 +302,7 @@ fn a_hostile_agent_cannot_move_another_target_nor_exhaust_the_aggregator() {
         "up{job=eu_web} == 0",
         Duration::from_secs(60),
         || match metric_sum(&web, "up", &[("job", "eu_web")])? {
-            v if v == 0.0 => Ok(()),
+            0.0 => Ok(()),
             v => Err(format!("up is {v}")),
         },
     );
@@ -484,7 +484,7 @@ fn a_hostile_agent_cannot_move_another_target_nor_exhaust_the_aggregator() {
         "up{job=eu_web} stays 0",
         Duration::from_secs(5),
         || match metric_sum(&web, "up", &[("job", "eu_web")])? {
-            v if v == 0.0 => Ok(()),
+            0.0 => Ok(()),
             v => Err(format!("up is {v}")),
         },
     );
