@@ -5,10 +5,11 @@
 //! - [`schedule`]: runs each check on its interval;
 //! - [`outbox`] and [`buffer`]: number results and keep them until acked;
 //! - [`uplink`]: the gRPC stream to each aggregator;
-//! - [`web`]: `/metrics`, `/probe` and the health endpoints.
+//! - [`web`]: `/metrics`, `/probe` and the health endpoints, served by [`http_server`].
 
 pub mod buffer;
 pub mod config;
+pub mod http_server;
 pub mod logging;
 pub mod metrics;
 pub mod outbox;
