@@ -26,6 +26,10 @@ struct Cli {
     config_file: PathBuf,
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9450")]
     web_listen_address: SocketAddr,
+    /// Serve POST /-/reload (as Prometheus's flag of the same name). SIGHUP reloads
+    /// regardless.
+    #[arg(long = "web.enable-lifecycle")]
+    web_enable_lifecycle: bool,
     #[arg(long = "grpc.listen-address", default_value = "127.0.0.1:9451")]
     grpc_listen_address: SocketAddr,
     #[arg(long = "storage.path", default_value = "data/aggregator")]
@@ -85,11 +89,11 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         (config, Some(cli.config_file.clone()))
     };
     let app = App::start(config, config_file, Some(&cli.storage_path))?;
-    let running = sonde_aggregator::server::start(
-        app.clone(),
-        cli.web_listen_address,
-        cli.grpc_listen_address,
-    )
+    let web = sonde_aggregator::web::Options {
+        enable_lifecycle: cli.web_enable_lifecycle,
+        ..cli.web_listen_address.into()
+    };
+    let running = sonde_aggregator::server::start(app.clone(), web, cli.grpc_listen_address)
     .await?;
 
     let embedded = if all_in_one {

@@ -20,10 +20,20 @@ pub struct Running {
 
 /// Binds both listeners (so a port clash fails start-up with a clear message), then
 /// serves until [`Running::shutdown`].
-pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<Running, String> {
-    let web_listener = tokio::net::TcpListener::bind(web)
+pub async fn start(
+    app: Arc<App>,
+    web: impl Into<crate::web::Options>,
+    grpc: SocketAddr,
+) -> Result<Running, String> {
+    let web: crate::web::Options = web.into();
+    let web_listener = tokio::net::TcpListener::bind(web.listen_address)
         .await
-        .map_err(|e| format!("cannot listen on --web.listen-address {web}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on --web.listen-address {}: {e}",
+                web.listen_address
+            )
+        })?;
     let grpc_listener = tokio::net::TcpListener::bind(grpc)
         .await
         .map_err(|e| format!("cannot listen on --grpc.listen-address {grpc}: {e}"))?;
@@ -36,16 +46,14 @@ pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<R
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let router = crate::web::router(app.clone());
+    let router = crate::web::router(app.clone(), web.enable_lifecycle);
     let rx = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(web_listener, router)
-            .with_graceful_shutdown(wait(rx))
-            .await
-        {
-            tracing::error!(error = %e, "web server failed");
-        }
-    }));
+    tasks.push(tokio::spawn(sonde_agent::http_server::serve(
+        web_listener,
+        router,
+        web.limits,
+        wait(rx),
+    )));
 
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
