@@ -183,7 +183,9 @@ mod tests {
         })
         .await;
         let mut slow = TcpStream::connect(addr).await.unwrap();
-        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         let took = closed_after(slow).await;
         assert!(took < Duration::from_secs(3), "{took:?}");
 

@@ -7,6 +7,7 @@
 //! - [`uplink`]: the gRPC stream to each aggregator;
 //! - [`web`]: `/metrics`, `/probe` and the health endpoints, served by [`http_server`].
 
+pub mod assigned;
 pub mod buffer;
 pub mod config;
 pub mod http_server;

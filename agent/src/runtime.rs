@@ -193,11 +193,9 @@ mod tests {
     fn config() -> AgentConfig {
         let mut config = AgentConfig::minimal("edge-1".into());
         // Nothing listens there: results stay buffered.
-        config.aggregators.push(AggregatorEndpoint {
-            address: "http://127.0.0.1:9".into(),
-            token_file: None,
-            tls_config: None,
-        });
+        config
+            .aggregators
+            .push(AggregatorEndpoint::new("http://127.0.0.1:9"));
         config
     }
 

@@ -93,17 +93,16 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         enable_lifecycle: cli.web_enable_lifecycle,
         ..cli.web_listen_address.into()
     };
-    let running = sonde_aggregator::server::start(app.clone(), web, cli.grpc_listen_address)
-    .await?;
+    let running =
+        sonde_aggregator::server::start(app.clone(), web, cli.grpc_listen_address).await?;
 
     let embedded = if all_in_one {
         let mut agent = AgentConfig::minimal("all-in-one".into());
         agent.labels.insert("mode".into(), "all-in-one".into());
-        agent.aggregators.push(AggregatorEndpoint {
-            address: format!("http://{}", running.grpc_address),
-            token_file: None,
-            tls_config: None,
-        });
+        agent.aggregators.push(AggregatorEndpoint::new(format!(
+            "http://{}",
+            running.grpc_address
+        )));
         let agent = sonde_agent::runtime::AgentRuntime::start(
             agent,
             Some(&cli.storage_path.join("embedded-agent")),
