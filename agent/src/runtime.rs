@@ -1,6 +1,7 @@
 //! One running agent: its scheduler, buffers and uplinks, started and stopped as a unit
 //! so the aggregator's all-in-one mode can embed it.
 
+use crate::assigned::FilePolicy;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
@@ -11,6 +12,7 @@ use crate::uplink::Uplink;
 use sonde_proto::config::ResolvedJob;
 use sonde_proto::exposition::Family;
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -22,6 +24,10 @@ pub struct AgentRuntime {
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<AgentMetrics>,
     pub probe_context: Arc<ProbeContext>,
+    /// `assigned_modules` of the current config, shared with the uplinks.
+    file_policy: Arc<RwLock<FilePolicy>>,
+    /// `/probe` requests being served, against `probe_endpoint.max_concurrent_probes`.
+    pub probes_in_flight: AtomicUsize,
     shutdown: watch::Sender<bool>,
     uplinks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -58,6 +64,12 @@ impl AgentRuntime {
             outbox.clone(),
         ));
         scheduler.set_checks(Source::Local, local_checks(&config.jobs));
+        let file_policy = Arc::new(RwLock::new(FilePolicy::new(&config.assigned_modules)?));
+        for endpoint in &config.aggregators {
+            if endpoint.allow_plaintext_token && endpoint.address.starts_with("http://") {
+                tracing::warn!(aggregator = %endpoint.address, "allow_plaintext_token is set: this agent's token travels in clear text to this aggregator");
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let local_jobs: Vec<String> = config.jobs.iter().map(|j| j.name.clone()).collect();
         let mut uplinks = Vec::new();
@@ -71,6 +83,8 @@ impl AgentRuntime {
                 buffer: outbox.buffers[index].1.clone(),
                 scheduler: scheduler.clone(),
                 metrics: metrics.clone(),
+                file_policy: file_policy.clone(),
+                logged_refusals: Default::default(),
             };
             uplinks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
         }
@@ -86,6 +100,8 @@ impl AgentRuntime {
             outbox,
             metrics,
             probe_context,
+            file_policy,
+            probes_in_flight: AtomicUsize::new(0),
             shutdown,
             uplinks: std::sync::Mutex::new(uplinks),
         }))
@@ -108,10 +124,28 @@ impl AgentRuntime {
                     .into(),
             );
         }
+        let policy = FilePolicy::new(&new.assigned_modules)?;
+        if new.assigned_modules != old.assigned_modules {
+            tracing::info!(
+                "assigned_modules changed: it applies to the next assignment each aggregator sends"
+            );
+        }
+        *self.file_policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
         self.scheduler
             .set_checks(Source::Local, local_checks(&new.jobs));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(())
+    }
+
+    /// `/-/ready`: `Ok` while the agent can do its job: its config is loaded (it is, once
+    /// the runtime exists), it is not shutting down, and its buffer is open and takes
+    /// writes. An aggregator that cannot be reached does not make the agent unready: it
+    /// keeps probing and buffers the results.
+    pub fn readiness(&self) -> Result<(), String> {
+        if *self.shutdown.borrow() {
+            return Err("the agent is shutting down".into());
+        }
+        self.outbox.store().health()
     }
 
     pub fn families(&self) -> Vec<Family> {

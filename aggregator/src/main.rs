@@ -94,7 +94,7 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         ..cli.web_listen_address.into()
     };
     let running =
-        sonde_aggregator::server::start(app.clone(), web, cli.grpc_listen_address).await?;
+        sonde_aggregator::server::start_with(app.clone(), web, cli.grpc_listen_address).await?;
 
     let embedded = if all_in_one {
         let mut agent = AgentConfig::minimal("all-in-one".into());

@@ -19,13 +19,18 @@ pub struct Running {
 }
 
 /// Binds both listeners (so a port clash fails start-up with a clear message), then
-/// serves until [`Running::shutdown`].
-pub async fn start(
+/// serves until [`Running::shutdown`]. The web server gets the default
+/// [`crate::web::Options`] (no lifecycle API); see [`start_with`].
+pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<Running, String> {
+    start_with(app, web.into(), grpc).await
+}
+
+/// [`start`], with the web server's options (`--web.*` flags).
+pub async fn start_with(
     app: Arc<App>,
-    web: impl Into<crate::web::Options>,
+    web: crate::web::Options,
     grpc: SocketAddr,
 ) -> Result<Running, String> {
-    let web: crate::web::Options = web.into();
     let web_listener = tokio::net::TcpListener::bind(web.listen_address)
         .await
         .map_err(|e| {
