@@ -472,7 +472,7 @@ fn special_nets() -> impl Iterator<Item = (IpAddr, u8)> {
 
 /// The IPv4 addresses an IPv6 address may stand for, so that an IPv4 metadata address
 /// cannot be reached through one of its IPv6 spellings: IPv4-mapped (`::ffff:a.b.c.d`,
-/// also handled by [`canonical`]), IPv4-compatible (`::a.b.c.d`), NAT64 through the
+/// also turned into IPv4 before any check), IPv4-compatible (`::a.b.c.d`), NAT64 through the
 /// well-known prefix (`64:ff9b::/96`) and the local-use prefix (`64:ff9b:1::/48`, at
 /// each RFC 6052 position a sub-prefix of it may use), 6to4 (`2002:AABB:CCDD::/48`),
 /// and Teredo (`2001:0::/32`: the server address, and the client's, inverted).
