@@ -53,6 +53,25 @@ impl Default for Limits {
     }
 }
 
+/// The `--web.*` flags both binaries share, as Prometheus spells them.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct WebFlags {
+    /// Maximum number of simultaneous HTTP connections; past it, new connections wait
+    /// until one closes.
+    #[arg(long = "web.max-connections", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+}
+
+impl WebFlags {
+    /// The limits these flags ask for, the others at their defaults.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections.max(1),
+            ..Limits::default()
+        }
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown` completes, then shuts
 /// down gracefully (see the module documentation).
 ///

@@ -20,6 +20,8 @@ struct Cli {
     config_file: PathBuf,
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9452")]
     web_listen_address: SocketAddr,
+    #[command(flatten)]
+    web: sonde_agent::http_server::WebFlags,
     #[arg(long = "storage.path", default_value = "data/agent")]
     storage_path: PathBuf,
     #[command(flatten)]
@@ -88,7 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let web = tokio::spawn(sonde_agent::http_server::serve(
         listener,
         sonde_agent::web::router(agent.clone()),
-        sonde_agent::http_server::Limits::default(),
+        cli.web.limits(),
         async {
             let _ = web_stopped.await;
         },

@@ -30,6 +30,8 @@ struct Cli {
     /// regardless.
     #[arg(long = "web.enable-lifecycle")]
     web_enable_lifecycle: bool,
+    #[command(flatten)]
+    web: sonde_agent::http_server::WebFlags,
     #[arg(long = "grpc.listen-address", default_value = "127.0.0.1:9451")]
     grpc_listen_address: SocketAddr,
     #[arg(long = "storage.path", default_value = "data/aggregator")]
@@ -90,8 +92,9 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
     };
     let app = App::start(config, config_file, Some(&cli.storage_path))?;
     let web = sonde_aggregator::web::Options {
+        listen_address: cli.web_listen_address,
         enable_lifecycle: cli.web_enable_lifecycle,
-        ..cli.web_listen_address.into()
+        limits: cli.web.limits(),
     };
     let running =
         sonde_aggregator::server::start_with(app.clone(), web, cli.grpc_listen_address).await?;
