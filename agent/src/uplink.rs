@@ -1013,4 +1013,229 @@ mod tests {
         assert_eq!(checks.len(), 1);
         assert_eq!(refused[0].reason, Refusal::FileNotAllowed);
     }
+
+    /// A stand-in aggregator: refuses, fails, or takes and acks every batch.
+    mod fake {
+        use super::*;
+        use sonde_proto::pb::fleet_server::{Fleet, FleetServer};
+        use std::pin::Pin;
+        use std::sync::atomic::AtomicUsize;
+        use tonic::{Request, Response, Status, Streaming};
+
+        #[derive(Clone, Copy)]
+        pub enum Mode {
+            /// Every stream refused: an unknown token.
+            Refuse,
+            /// Every stream refused as unavailable, before it is established.
+            Unavailable,
+            /// Every stream established, then ended at once with `Unavailable`.
+            AcceptThenEnd,
+            /// Every batch recorded and acked.
+            AckAll,
+        }
+
+        #[derive(Clone)]
+        pub struct Aggregator {
+            mode: Mode,
+            pub sessions: Arc<AtomicUsize>,
+            /// (session number, batch), in arrival order.
+            pub batches: Arc<Mutex<Vec<(usize, pb::ResultBatch)>>>,
+        }
+
+        type Stream =
+            Pin<Box<dyn futures::Stream<Item = Result<AggregatorMessage, Status>> + Send>>;
+
+        #[tonic::async_trait]
+        impl Fleet for Aggregator {
+            type SessionStream = Stream;
+
+            async fn session(
+                &self,
+                request: Request<Streaming<AgentMessage>>,
+            ) -> Result<Response<Stream>, Status> {
+                let session = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+                match self.mode {
+                    Mode::Refuse => return Err(Status::unauthenticated("unknown token")),
+                    Mode::Unavailable => return Err(Status::unavailable("overloaded")),
+                    Mode::AcceptThenEnd => {
+                        let end = futures::stream::iter([Err(Status::unavailable(
+                            "the store refuses commits",
+                        ))]);
+                        return Ok(Response::new(Box::pin(end)));
+                    }
+                    Mode::AckAll => {}
+                }
+                let mut inbound = request.into_inner();
+                let (tx, rx) = mpsc::channel(16);
+                let batches = self.batches.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(agent_message::Msg::Results(batch)) = message.msg {
+                            let acked_seq = batch.results.iter().map(|r| r.seq).max();
+                            batches.lock().unwrap().push((session, batch));
+                            if let Some(acked_seq) = acked_seq {
+                                let ack = AggregatorMessage {
+                                    msg: Some(aggregator_message::Msg::Ack(pb::Ack { acked_seq })),
+                                };
+                                if tx.send(Ok(ack)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                Ok(Response::new(Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                )))
+            }
+        }
+
+        /// Serves on a free loopback port (with tonic's default 4 MiB decode limit, the
+        /// aggregator's default); returns its `http://` address.
+        pub async fn start(mode: Mode) -> (String, Aggregator) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = format!("http://{}", listener.local_addr().unwrap());
+            let fake = Aggregator {
+                mode,
+                sessions: Arc::new(AtomicUsize::new(0)),
+                batches: Arc::default(),
+            };
+            let service = FleetServer::new(fake.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (address, fake)
+        }
+    }
+
+    /// An uplink to `address` over an in-memory buffer.
+    fn uplink_to(address: &str) -> (Uplink, Arc<crate::store::Store>) {
+        let store = crate::store::Store::open(None, &[address.to_string()], 1 << 30).unwrap();
+        let metrics = Arc::new(AgentMetrics::default());
+        let outbox = Arc::new(crate::outbox::Outbox::new(store.clone(), metrics.clone()));
+        let context = Arc::new(crate::probe::ProbeContext::from_system().unwrap());
+        let uplink = Uplink {
+            index: 0,
+            endpoint: AggregatorEndpoint::new(address),
+            agent_id: "edge-test".into(),
+            labels: Labels::new(),
+            local_jobs: Vec::new(),
+            buffer: outbox.buffers[0].1.clone(),
+            scheduler: Arc::new(Scheduler::new("edge-test".into(), context, outbox)),
+            metrics,
+            file_policy: Arc::new(RwLock::new(FilePolicy::new(&Default::default()).unwrap())),
+            logged_refusals: Mutex::default(),
+        };
+        (uplink, store)
+    }
+
+    /// Runs the uplink to a fake aggregator in `mode` for `duration`; the fake and the
+    /// uplink's last error.
+    async fn run_against(mode: fake::Mode, duration: Duration) -> (fake::Aggregator, String) {
+        let (address, fake) = fake::start(mode).await;
+        let (uplink, _store) = uplink_to(&address);
+        let metrics = uplink.metrics.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(uplink.run(stopped));
+        tokio::time::sleep(duration).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let last_error = metrics
+            .uplink(&address, |u| u.last_error.clone())
+            .unwrap_or_default();
+        (fake, last_error)
+    }
+
+    #[tokio::test]
+    async fn a_refused_agent_says_so_and_waits_before_trying_again() {
+        let (fake, last_error) = run_against(fake::Mode::Refuse, Duration::from_secs(2)).await;
+        assert!(last_error.starts_with("refused"), "{last_error}");
+        assert!(last_error.contains("unknown token"), "{last_error}");
+        // The next attempt is at least 30 s away.
+        assert_eq!(fake.sessions.load(Ordering::SeqCst), 1);
+        // A network-class failure is retried within the same time.
+        let (fake, last_error) = run_against(fake::Mode::Unavailable, Duration::from_secs(2)).await;
+        assert!(!last_error.contains("refused"), "{last_error}");
+        assert!(fake.sessions.load(Ordering::SeqCst) >= 3);
+    }
+
+    #[tokio::test]
+    async fn streams_that_end_at_once_do_not_make_a_tight_loop() {
+        let (fake, last_error) =
+            run_against(fake::Mode::AcceptThenEnd, Duration::from_secs(4)).await;
+        assert!(
+            last_error.contains("the store refuses commits"),
+            "{last_error}"
+        );
+        // Backing off 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6, 1.6-3.2 s: at most 6 streams
+        // in 4 s (resetting the backoff each time would make 20 or more).
+        let sessions = fake.sessions.load(Ordering::SeqCst);
+        assert!((2..=6).contains(&sessions), "{sessions} streams in 4s");
+    }
+
+    #[tokio::test]
+    async fn a_full_symbol_table_moves_the_rest_to_a_new_stream() {
+        let (address, fake) = fake::start(fake::Mode::AckAll).await;
+        let (uplink, store) = uplink_to(&address);
+        // 60 results of 10 distinct 16 KiB label values each: 9.6 MiB of symbols, past
+        // the 8 MiB one stream's table may hold, in batches the 4 MiB limit would refuse
+        // if they were not split.
+        let mut seqs = Vec::new();
+        for n in 0..60 {
+            let r = big_record(n, 10, MAX_SYMBOL_BYTES - 10);
+            seqs.push(
+                store
+                    .append(crate::store::Route::All, |seq| ProbeRecord {
+                        seq,
+                        ..(*r).clone()
+                    })
+                    .unwrap(),
+            );
+        }
+        store.flush();
+        let metrics = uplink.metrics.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(uplink.run(stopped));
+        let started = tokio::time::Instant::now();
+        let all_acked = loop {
+            let received: HashSet<u64> = fake
+                .batches
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|(_, b)| b.results.iter().map(|r| r.seq))
+                .collect();
+            if seqs.iter().all(|s| received.contains(s)) {
+                break true;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let last_error = metrics.uplink(&address, |u| u.last_error.clone());
+        assert!(
+            all_acked,
+            "not every result arrived; last error {last_error:?}"
+        );
+        let batches = fake.batches.lock().unwrap();
+        let mut table_bytes: HashMap<usize, usize> = HashMap::new();
+        for (session, batch) in batches.iter() {
+            assert!(encoded(batch) <= MAX_ENCODE_BYTES);
+            *table_bytes.entry(*session).or_default() +=
+                batch.new_symbols.iter().map(String::len).sum::<usize>();
+        }
+        assert!(table_bytes.len() >= 2, "{table_bytes:?}");
+        assert!(
+            table_bytes.values().all(|b| *b <= MAX_TABLE_BYTES),
+            "{table_bytes:?}"
+        );
+        // Ending the stream on purpose is not an error and costs no backoff.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(last_error, None);
+    }
 }
