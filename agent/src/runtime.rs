@@ -126,15 +126,44 @@ impl AgentRuntime {
         }
         let policy = FilePolicy::new(&new.assigned_modules)?;
         if new.assigned_modules != old.assigned_modules {
-            tracing::info!(
-                "assigned_modules changed: it applies to the next assignment each aggregator sends"
-            );
+            self.drop_assigned_checks_refused_by(&policy);
         }
         *self.file_policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
         self.scheduler
             .set_checks(Source::Local, local_checks(&new.jobs));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(())
+    }
+
+    /// Applies a narrower `assigned_modules` to the assigned checks already running: those
+    /// whose module names a file the new policy refuses stop now. (Checks refused under
+    /// the old policy start with the next assignment each aggregator sends.)
+    fn drop_assigned_checks_refused_by(&self, policy: &FilePolicy) {
+        let mut by_source: std::collections::BTreeMap<Source, Vec<CheckSpec>> =
+            std::collections::BTreeMap::new();
+        let mut stopped = 0;
+        for (source, check) in self.scheduler.checks() {
+            if source == Source::Local {
+                continue;
+            }
+            let kept = by_source.entry(source).or_default();
+            match policy.check_module(&check.module) {
+                Ok(()) => kept.push(check),
+                Err(e) => {
+                    stopped += 1;
+                    tracing::warn!(job = %check.job, instance = %check.instance, module = %check.module_name, error = %e, "assigned check stopped: assigned_modules no longer allows its files");
+                }
+            }
+        }
+        if stopped > 0 {
+            for (source, kept) in by_source {
+                self.scheduler.set_checks(source, kept);
+            }
+        }
+        tracing::info!(
+            stopped,
+            "assigned_modules changed: it applies to running assigned checks now, and to each aggregator's next assignment"
+        );
     }
 
     /// `/-/ready`: `Ok` while the agent can do its job: its config is loaded (it is, once
@@ -272,5 +301,48 @@ mod tests {
         again.shutdown(Duration::ZERO).await;
         drop((agent, again));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_narrower_assigned_modules_stops_running_checks_at_reload() {
+        let mut first = config();
+        first.assigned_modules.allowed_file_paths = Some(vec!["/etc/sonde/certs/*".into()]);
+        let agent = AgentRuntime::start(first.clone(), None).unwrap();
+        let module = |json: &str| Arc::new(serde_json::from_str(json).unwrap());
+        let check = |job: &str, module| CheckSpec {
+            job: job.into(),
+            instance: "127.0.0.1:9".into(),
+            module_name: "m".into(),
+            module,
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            generation: 1,
+        };
+        agent.scheduler.set_checks(
+            Source::Aggregator(0),
+            vec![
+                check(
+                    "with-ca",
+                    module(r#"{"prober":"tcp","tcp":{"tls":true,"tls_config":{"ca_file":"/etc/sonde/certs/ca.pem"}}}"#),
+                ),
+                check("plain", module(r#"{"prober":"tcp"}"#)),
+            ],
+        );
+        assert_eq!(agent.scheduler.check_count(), 2);
+        // Same policy: nothing stops.
+        agent.reload(first.clone()).unwrap();
+        assert_eq!(agent.scheduler.check_count(), 2);
+        let mut narrower = first;
+        narrower.assigned_modules.allowed_file_paths = None;
+        agent.reload(narrower).unwrap();
+        let jobs: Vec<_> = agent
+            .scheduler
+            .checks()
+            .into_iter()
+            .map(|(_, c)| c.job)
+            .collect();
+        assert_eq!(jobs, ["plain"]);
+        agent.shutdown(Duration::ZERO).await;
     }
 }
