@@ -11,7 +11,10 @@
 //! - **a connection limit**: at most [`Limits::max_connections`] connections are served
 //!   at once. Past it the server stops accepting; new connections wait in the kernel's
 //!   listen backlog (and are refused by the kernel once that is full) until a slot frees,
-//!   so the connections already open stay served.
+//!   so the connections already open stay served;
+//! - **a write stall timeout**: a client that stops reading its response (so that the
+//!   server's writes make no progress) for [`Limits::write_stall_timeout`] is
+//!   disconnected, so "slow read" clients cannot hold slots either.
 //!
 //! Shutdown is graceful: the server stops accepting, lets each connection finish the
 //! request it is serving (an idle one closes at once), and gives up on those still busy
@@ -21,8 +24,12 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -42,6 +49,9 @@ pub struct Limits {
     /// servers and browsers keep open, while bounding the file descriptors and memory
     /// that callers of the HTTP endpoints can hold.
     pub max_connections: usize,
+    /// How long a write to a client may make no progress before the connection is
+    /// dropped. Default 30 s: a client that reads at all never comes near it.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +59,7 @@ impl Default for Limits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -124,7 +135,8 @@ pub async fn serve(
         let mut stopping = stopping.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let io = WriteStall::new(stream, limits.write_stall_timeout);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {
@@ -154,6 +166,98 @@ pub async fn serve(
     }
 }
 
+/// A stream whose writes fail once one has made no progress for `timeout`.
+struct WriteStall<T> {
+    io: T,
+    timeout: Duration,
+    /// Armed while a write (or flush, or shutdown) is pending.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteStall<T> {
+    fn new(io: T, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// What a pending write becomes: still pending, or an error once the stall has
+    /// lasted `timeout`.
+    fn on_pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {timeout:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn guard<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.on_pending(cx),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteStall<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.guard(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.guard(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.guard(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.guard(cx, polled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,7 +268,9 @@ mod tests {
     async fn start(limits: Limits) -> (std::net::SocketAddr, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = Router::new().route("/", get(|| async { "ok" }));
+        let router = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route("/big", get(|| async { "x".repeat(64 << 20) }));
         let (tx, mut rx) = watch::channel(false);
         tokio::spawn(serve(listener, router, limits, async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -199,6 +305,7 @@ mod tests {
         let (addr, _stop) = start(Limits {
             header_read_timeout: Duration::from_millis(300),
             max_connections: 8,
+            ..Limits::default()
         })
         .await;
         let mut slow = TcpStream::connect(addr).await.unwrap();
@@ -224,6 +331,7 @@ mod tests {
         let (addr, _stop) = start(Limits {
             header_read_timeout: Duration::from_millis(500),
             max_connections: 2,
+            ..Limits::default()
         })
         .await;
         let a = TcpStream::connect(addr).await.unwrap();
@@ -240,6 +348,29 @@ mod tests {
             .unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         drop((a, b));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
+        let (addr, _stop) = start(Limits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 1,
+            write_stall_timeout: Duration::from_millis(500),
+        })
+        .await;
+        let mut greedy = TcpStream::connect(addr).await.unwrap();
+        greedy
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // It never reads; the one slot is its until the stall timeout drops it.
+        let started = tokio::time::Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(5), get_root(addr))
+            .await
+            .expect("served once the stalled client was dropped");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        drop(greedy);
     }
 
     #[tokio::test]
