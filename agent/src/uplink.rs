@@ -59,6 +59,8 @@ const BATCH_BUDGET: usize = MAX_ENCODE_BYTES - (64 << 10);
 pub const MAX_SYMBOL_BYTES: usize = 16 << 10;
 /// The aggregator's default bound on the bytes of one stream's symbol table.
 pub const MAX_TABLE_BYTES: usize = 8 << 20;
+/// The aggregator's bound on the number of symbols of one stream.
+pub const MAX_TABLE_SYMBOLS: usize = 1 << 20;
 /// How long a stream whose symbol table is full waits for the acks of what it sent
 /// before it ends anyway (what is unacked is replayed on the next stream).
 const ROTATE_WAIT: Duration = Duration::from_secs(30);
@@ -592,8 +594,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// The stream's symbol table: each metric or label name and value is sent once per
 /// stream, then referred to by its index.
 ///
-/// Symbols are cut to [`MAX_SYMBOL_BYTES`]; the table's bytes are counted so that it
-/// never exceeds [`MAX_TABLE_BYTES`] (see [`Built::table_full`]).
+/// Symbols are cut to [`MAX_SYMBOL_BYTES`]; the table's bytes and symbols are counted
+/// so that it never exceeds [`MAX_TABLE_BYTES`] or [`MAX_TABLE_SYMBOLS`] (see
+/// [`Built::table_full`]).
 #[derive(Default)]
 struct Symbols {
     index: HashMap<String, u32>,
@@ -607,8 +610,8 @@ struct Built {
     /// The last result handled (sent in `batch`, or dropped as oversized): the stream's
     /// new `sent_up_to`. `None` when nothing was.
     last_seq: Option<u64>,
-    /// The next result would take the symbol table past [`MAX_TABLE_BYTES`]: end this
-    /// stream and send it on a new one.
+    /// The next result would take the symbol table past [`MAX_TABLE_BYTES`] or
+    /// [`MAX_TABLE_SYMBOLS`]: end this stream and send it on a new one.
     table_full: bool,
     /// Results that alone exceed what one message or one symbol table may hold; dropped.
     oversized: u64,
@@ -635,6 +638,7 @@ impl Symbols {
         let mut size = 0;
         for record in records {
             let (symbols_before, bytes_before) = (built.batch.new_symbols.len(), self.bytes);
+            let table_was_empty = self.index.is_empty();
             let mut truncated = 0;
             let result = self.result(record, &mut built.batch.new_symbols, &mut truncated);
             let added: usize = built.batch.new_symbols[symbols_before..]
@@ -642,7 +646,7 @@ impl Symbols {
                 .map(|s| field_len(s.len()))
                 .sum();
             let cost = field_len(result.encoded_len()) + added;
-            let table_over = self.bytes > MAX_TABLE_BYTES;
+            let table_over = self.bytes > MAX_TABLE_BYTES || self.index.len() > MAX_TABLE_SYMBOLS;
             if cost <= budget.saturating_sub(size) && !table_over {
                 size += cost;
                 built.truncated += truncated;
@@ -655,7 +659,7 @@ impl Symbols {
                 self.index.remove(&symbol);
             }
             self.bytes = bytes_before;
-            if cost > budget || (table_over && bytes_before == 0) {
+            if cost > budget || (table_over && table_was_empty) {
                 // No message or table could ever hold it.
                 built.oversized += 1;
                 built.last_seq = Some(record.seq);
@@ -868,6 +872,18 @@ mod tests {
         let built = fresh.batch(rest, BATCH_BUDGET);
         assert!(!built.table_full);
         assert_eq!(built.last_seq, Some(100));
+    }
+
+    #[test]
+    fn the_symbol_count_is_bounded_too() {
+        let mut symbols = Symbols::default();
+        // Short symbols: the count, not the bytes, fills the table.
+        for i in 0..MAX_TABLE_SYMBOLS - 1 {
+            symbols.index.insert(i.to_string(), i as u32);
+        }
+        let built = symbols.batch(&[big_record(1, 1, 1), big_record(2, 5, 1)], BATCH_BUDGET);
+        assert!(built.table_full);
+        assert!(symbols.index.len() <= MAX_TABLE_SYMBOLS);
     }
 
     #[test]
