@@ -2,11 +2,12 @@
 
 use serde::Deserialize;
 use sonde_proto::config::{
-    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, ResolvedJob,
-    load_yaml_file, resolve_jobs, validate_labels,
+    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration,
+    ResolvedJob, load_yaml_file, resolve_jobs, validate_labels,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +25,8 @@ pub struct AgentFile {
     pub jobs: Vec<Located<JobConfig>>,
     #[serde(default)]
     pub probe_endpoint: ProbeEndpointConfig,
+    #[serde(default)]
+    pub assigned_modules: AssignedModulesConfig,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -42,6 +45,23 @@ pub struct AggregatorEndpoint {
     pub address: String,
     pub token_file: Option<PathBuf>,
     pub tls_config: Option<ClientTlsConfig>,
+    /// Send `token_file`'s token over plain `http://` to an aggregator that is not on
+    /// loopback. Off by default: the agent then refuses such an entry at load time, as
+    /// anyone on the path could read the token and join the fleet as this agent.
+    #[serde(default)]
+    pub allow_plaintext_token: bool,
+}
+
+impl AggregatorEndpoint {
+    /// An entry for `address` with no token and no TLS settings.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            token_file: None,
+            tls_config: None,
+            allow_plaintext_token: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -74,7 +94,7 @@ impl Default for BufferConfig {
 }
 
 /// blackbox_exporter-compatible `/probe`, off by default and never an open proxy.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeEndpointConfig {
     #[serde(default)]
@@ -84,6 +104,48 @@ pub struct ProbeEndpointConfig {
     pub allowed_targets: Vec<String>,
     /// Absent: every configured module.
     pub allowed_modules: Option<Vec<String>>,
+    /// Probes `/probe` runs at once; past it a request is answered 503 at once.
+    /// Default 64.
+    #[serde(default = "default_max_concurrent_probes")]
+    pub max_concurrent_probes: usize,
+    /// The longest probe a scraper can ask for with `X-Prometheus-Scrape-Timeout-Seconds`
+    /// (and what a request without that header gets, when the module sets no timeout).
+    /// Default 60s.
+    #[serde(default = "default_max_timeout")]
+    pub max_timeout: PromDuration,
+}
+
+fn default_max_concurrent_probes() -> usize {
+    64
+}
+
+fn default_max_timeout() -> PromDuration {
+    PromDuration::from_secs(60)
+}
+
+impl Default for ProbeEndpointConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            allowed_targets: Vec::new(),
+            allowed_modules: None,
+            max_concurrent_probes: default_max_concurrent_probes(),
+            max_timeout: default_max_timeout(),
+        }
+    }
+}
+
+/// What the agent accepts in the modules its aggregators assign (DESIGN, "Trust model"):
+/// modules from the agent's own config are trusted, assigned ones are not.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignedModulesConfig {
+    /// Globs over absolute paths (`/etc/sonde/certs/*`; `*` stays within one directory,
+    /// `**` crosses directories) under which an assigned module may name a file
+    /// (`body_file`, `ca_file`, `bearer_token_file`, ...). Absent or empty: no assigned
+    /// module may name a file.
+    #[serde(default)]
+    pub allowed_file_paths: Option<Vec<String>>,
 }
 
 /// The agent's configuration, checked and with its defaults filled in.
@@ -96,6 +158,7 @@ pub struct AgentConfig {
     pub modules: BTreeMap<String, Module>,
     pub jobs: Vec<ResolvedJob>,
     pub probe_endpoint: ProbeEndpointConfig,
+    pub assigned_modules: AssignedModulesConfig,
 }
 
 impl AgentConfig {
@@ -114,6 +177,7 @@ impl AgentConfig {
             modules: BTreeMap::new(),
             jobs: Vec::new(),
             probe_endpoint: ProbeEndpointConfig::default(),
+            assigned_modules: AssignedModulesConfig::default(),
         }
     }
 
@@ -165,6 +229,15 @@ impl AgentConfig {
                     ));
                 }
             }
+            if endpoint.token_file.is_some()
+                && !endpoint.allow_plaintext_token
+                && let Some(host) = plaintext_remote_host(&endpoint.address)
+            {
+                return Err(at(format!(
+                    "aggregator {:?} would receive token_file's token in clear text: {host} is not a loopback address and the address is http://. Use https:// with tls_config (ca_file naming the aggregator's CA) for this aggregator, or set allow_plaintext_token: true on this entry if the network to it is trusted",
+                    endpoint.address
+                )));
+            }
             aggregators.push(endpoint);
         }
         let jobs = resolve_jobs(file, &raw.modules, &raw.jobs, JobDefaults::default())?;
@@ -185,6 +258,18 @@ impl AgentConfig {
                 }
             }
         }
+        if raw.probe_endpoint.max_concurrent_probes == 0 {
+            return Err(whole(
+                "probe_endpoint.max_concurrent_probes must be at least 1 (default 64)".into(),
+            ));
+        }
+        if raw.probe_endpoint.max_timeout.0 < Duration::from_millis(100) {
+            return Err(whole(
+                "probe_endpoint.max_timeout must be at least 100ms (default 60s)".into(),
+            ));
+        }
+        crate::assigned::FilePolicy::new(&raw.assigned_modules)
+            .map_err(|e| whole(format!("assigned_modules.allowed_file_paths: {e}")))?;
         crate::web::Allowlist::parse(&raw.probe_endpoint.allowed_targets)
             .map_err(|e| whole(format!("probe_endpoint.allowed_targets: {e}")))?;
         if raw.probe_endpoint.enabled && raw.probe_endpoint.allowed_targets.is_empty() {
@@ -200,8 +285,30 @@ impl AgentConfig {
             modules: raw.modules,
             jobs,
             probe_endpoint: raw.probe_endpoint,
+            assigned_modules: raw.assigned_modules,
         })
     }
+}
+
+/// The host of an `http://` aggregator address that is not loopback (127.0.0.0/8, ::1,
+/// `localhost`): where a token would travel in clear text over a network. `None` for
+/// `https://` and for loopback.
+fn plaintext_remote_host(address: &str) -> Option<String> {
+    let url = url::Url::parse(address).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    let loopback = match url.host()? {
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.');
+            name.eq_ignore_ascii_case("localhost")
+        }
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    };
+    (!loopback).then(|| url.host_str().unwrap_or_default().to_string())
 }
 
 fn check_readable(path: &Path) -> Result<(), String> {
@@ -266,5 +373,81 @@ mod tests {
         let e = parse("aggregators:\n  - address: http://x\n    token_file: /nonexistent/t\n")
             .unwrap_err();
         assert!(e.message.contains("/nonexistent/t"), "{e}");
+    }
+
+    fn token_file() -> PathBuf {
+        let path = std::env::temp_dir().join(format!("sonde-config-token-{}", std::process::id()));
+        std::fs::write(&path, "secret\n").unwrap();
+        path
+    }
+
+    #[test]
+    fn a_token_is_never_sent_in_clear_text_off_loopback_unless_allowed() {
+        let token = token_file();
+        let entry = |address: &str, extra: &str| {
+            parse(&format!(
+                "aggregators:\n  - address: {address}\n    token_file: {}\n{extra}",
+                token.display()
+            ))
+        };
+        for address in [
+            "http://aggregator.example:9451",
+            "http://10.0.0.1:9451",
+            "http://[2001:db8::1]:9451",
+            "http://0.0.0.0:9451",
+            "http://localhost.example:9451",
+        ] {
+            let e = entry(address, "").unwrap_err();
+            assert_eq!(e.line, 2, "{address}: {e}");
+            assert!(e.message.contains("clear text"), "{e}");
+            assert!(e.message.contains("https://"), "{e}");
+            assert!(e.message.contains("allow_plaintext_token: true"), "{e}");
+            let ok = entry(address, "    allow_plaintext_token: true\n").unwrap();
+            assert!(ok.aggregators[0].allow_plaintext_token);
+        }
+        for address in [
+            "http://127.0.0.1:9451",
+            "http://127.9.8.7:9451",
+            "http://[::1]:9451",
+            "http://localhost:9451",
+            "http://LOCALHOST.:9451",
+            "https://aggregator.example:9451",
+        ] {
+            assert!(entry(address, "").is_ok(), "{address}");
+        }
+        // Without a token there is nothing to protect.
+        assert!(parse("aggregators:\n  - address: http://aggregator.example:9451\n").is_ok());
+        std::fs::remove_file(token).unwrap();
+    }
+
+    #[test]
+    fn probe_endpoint_limits_have_defaults_and_are_checked() {
+        let c = parse("{}").unwrap();
+        assert_eq!(c.probe_endpoint.max_concurrent_probes, 64);
+        assert_eq!(c.probe_endpoint.max_timeout.0, Duration::from_secs(60));
+        let c = parse("probe_endpoint:\n  max_concurrent_probes: 3\n  max_timeout: 5s\n").unwrap();
+        assert_eq!(c.probe_endpoint.max_concurrent_probes, 3);
+        assert_eq!(c.probe_endpoint.max_timeout.0, Duration::from_secs(5));
+        let e = parse("probe_endpoint:\n  max_concurrent_probes: 0\n").unwrap_err();
+        assert!(e.message.contains("max_concurrent_probes"), "{e}");
+        let e = parse("probe_endpoint:\n  max_timeout: 0s\n").unwrap_err();
+        assert!(e.message.contains("max_timeout"), "{e}");
+    }
+
+    #[test]
+    fn assigned_modules_allowed_file_paths() {
+        let c = parse("assigned_modules:\n  allowed_file_paths: ['/etc/sonde/certs/*']\n").unwrap();
+        assert_eq!(
+            c.assigned_modules.allowed_file_paths,
+            Some(vec!["/etc/sonde/certs/*".to_string()])
+        );
+        assert_eq!(
+            parse("{}").unwrap().assigned_modules.allowed_file_paths,
+            None
+        );
+        let e = parse("assigned_modules:\n  allowed_file_paths: ['certs/*']\n").unwrap_err();
+        assert!(e.message.contains("absolute"), "{e}");
+        let e = parse("assigned_modules:\n  allowed_files: []\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
     }
 }

@@ -4,11 +4,15 @@
 //! - [`probe`]: the http, tcp and dns probers behind one interface;
 //! - [`schedule`]: runs each check on its interval;
 //! - [`outbox`] and [`buffer`]: number results and keep them until acked;
-//! - [`uplink`]: the gRPC stream to each aggregator;
-//! - [`web`]: `/metrics`, `/probe` and the health endpoints.
+//! - [`uplink`]: the gRPC stream to each aggregator, and [`assigned`]: what it accepts
+//!   of an assignment;
+//! - [`web`]: `/metrics`, `/probe` and the health endpoints, served by [`http_server`]
+//!   (also the aggregator's HTTP server).
 
+pub mod assigned;
 pub mod buffer;
 pub mod config;
+pub mod http_server;
 pub mod logging;
 pub mod metrics;
 pub mod outbox;

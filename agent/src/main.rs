@@ -20,6 +20,8 @@ struct Cli {
     config_file: PathBuf,
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9452")]
     web_listen_address: SocketAddr,
+    #[command(flatten)]
+    web: sonde_agent::http_server::WebFlags,
     #[arg(long = "storage.path", default_value = "data/agent")]
     storage_path: PathBuf,
     #[command(flatten)]
@@ -85,13 +87,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })?;
     tracing::info!(address = %cli.web_listen_address, "serving /metrics and /probe");
     let (stop_web, web_stopped) = tokio::sync::oneshot::channel::<()>();
-    let web = tokio::spawn(
-        axum::serve(listener, sonde_agent::web::router(agent.clone()))
-            .with_graceful_shutdown(async {
-                let _ = web_stopped.await;
-            })
-            .into_future(),
-    );
+    let web = tokio::spawn(sonde_agent::http_server::serve(
+        listener,
+        sonde_agent::web::router(agent.clone()),
+        cli.web.limits(),
+        async {
+            let _ = web_stopped.await;
+        },
+    ));
     let mut hangups = sonde_agent::signals::hangups();
     let terminate = sonde_agent::signals::terminate();
     tokio::pin!(terminate);

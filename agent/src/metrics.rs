@@ -11,7 +11,12 @@ pub struct AgentMetrics {
     /// receiver to check that every result arrived.
     probes: Mutex<BTreeMap<(String, String), ProbeCounts>>,
     pub uplinks: Mutex<BTreeMap<String, UplinkCounts>>,
-    pub assignment_errors: AtomicU64,
+    /// Assigned checks refused, by reason ([`crate::assigned::Refusal`]).
+    assignment_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Label values (and other symbols) cut to the aggregator's symbol size limit.
+    pub symbols_truncated: AtomicU64,
+    /// Results too large for any message the aggregator accepts, dropped unsent.
+    pub results_oversized: AtomicU64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -51,6 +56,15 @@ impl AgentMetrics {
             .or_default();
         counts.total += 1;
         counts.failed += u64::from(!success);
+    }
+
+    pub fn assignment_refused(&self, reason: crate::assigned::Refusal, checks: u64) {
+        *self
+            .assignment_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason.as_str())
+            .or_default() += checks;
     }
 
     pub fn uplink<R>(&self, address: &str, f: impl FnOnce(&mut UplinkCounts) -> R) -> R {
@@ -139,11 +153,37 @@ impl AgentMetrics {
         write_errors.push(Vec::<(String, String)>::new(), buffer_write_errors as f64);
         let mut assignment_errors = Family::counter(
             "sonde_agent_assignment_errors_total",
-            "Checks of an assignment this agent could not run (a module it cannot read).",
+            "Checks of an assignment this agent refused, by reason: bad_module (a module it cannot read), file_not_allowed (a file outside assigned_modules.allowed_file_paths), bad_timing (interval, timeout or retries out of range).",
         );
-        assignment_errors.push(
+        {
+            let errors = self
+                .assignment_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for reason in [
+                crate::assigned::Refusal::BadModule,
+                crate::assigned::Refusal::FileNotAllowed,
+                crate::assigned::Refusal::BadTiming,
+            ] {
+                let n = errors.get(reason.as_str()).copied().unwrap_or(0);
+                assignment_errors.push([("reason", reason.as_str())], n as f64);
+            }
+        }
+        let mut truncated = Family::counter(
+            "sonde_agent_symbols_truncated_total",
+            "Label values cut to the 16 KiB an aggregator accepts in one symbol.",
+        );
+        truncated.push(
             Vec::<(String, String)>::new(),
-            self.assignment_errors.load(Ordering::Relaxed) as f64,
+            self.symbols_truncated.load(Ordering::Relaxed) as f64,
+        );
+        let mut oversized = Family::counter(
+            "sonde_agent_results_oversized_total",
+            "Results dropped unsent because they alone exceed the message or symbol-table size an aggregator accepts.",
+        );
+        oversized.push(
+            Vec::<(String, String)>::new(),
+            self.results_oversized.load(Ordering::Relaxed) as f64,
         );
         vec![
             probes_total,
@@ -159,6 +199,8 @@ impl AgentMetrics {
             dropped,
             write_errors,
             assignment_errors,
+            truncated,
+            oversized,
         ]
     }
 }

@@ -1,6 +1,7 @@
 //! One running agent: its scheduler, buffers and uplinks, started and stopped as a unit
 //! so the aggregator's all-in-one mode can embed it.
 
+use crate::assigned::FilePolicy;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
@@ -11,6 +12,7 @@ use crate::uplink::Uplink;
 use sonde_proto::config::ResolvedJob;
 use sonde_proto::exposition::Family;
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -22,6 +24,10 @@ pub struct AgentRuntime {
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<AgentMetrics>,
     pub probe_context: Arc<ProbeContext>,
+    /// `assigned_modules` of the current config, shared with the uplinks.
+    file_policy: Arc<RwLock<FilePolicy>>,
+    /// `/probe` requests being served, against `probe_endpoint.max_concurrent_probes`.
+    pub probes_in_flight: AtomicUsize,
     shutdown: watch::Sender<bool>,
     uplinks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -58,6 +64,12 @@ impl AgentRuntime {
             outbox.clone(),
         ));
         scheduler.set_checks(Source::Local, local_checks(&config.jobs));
+        let file_policy = Arc::new(RwLock::new(FilePolicy::new(&config.assigned_modules)?));
+        for endpoint in &config.aggregators {
+            if endpoint.allow_plaintext_token && endpoint.address.starts_with("http://") {
+                tracing::warn!(aggregator = %endpoint.address, "allow_plaintext_token is set: this agent's token travels in clear text to this aggregator");
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let local_jobs: Vec<String> = config.jobs.iter().map(|j| j.name.clone()).collect();
         let mut uplinks = Vec::new();
@@ -71,6 +83,8 @@ impl AgentRuntime {
                 buffer: outbox.buffers[index].1.clone(),
                 scheduler: scheduler.clone(),
                 metrics: metrics.clone(),
+                file_policy: file_policy.clone(),
+                logged_refusals: Default::default(),
             };
             uplinks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
         }
@@ -86,6 +100,8 @@ impl AgentRuntime {
             outbox,
             metrics,
             probe_context,
+            file_policy,
+            probes_in_flight: AtomicUsize::new(0),
             shutdown,
             uplinks: std::sync::Mutex::new(uplinks),
         }))
@@ -108,10 +124,57 @@ impl AgentRuntime {
                     .into(),
             );
         }
+        let policy = FilePolicy::new(&new.assigned_modules)?;
+        if new.assigned_modules != old.assigned_modules {
+            self.drop_assigned_checks_refused_by(&policy);
+        }
+        *self.file_policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
         self.scheduler
             .set_checks(Source::Local, local_checks(&new.jobs));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(())
+    }
+
+    /// Applies a narrower `assigned_modules` to the assigned checks already running: those
+    /// whose module names a file the new policy refuses stop now. (Checks refused under
+    /// the old policy start with the next assignment each aggregator sends.)
+    fn drop_assigned_checks_refused_by(&self, policy: &FilePolicy) {
+        let mut by_source: std::collections::BTreeMap<Source, Vec<CheckSpec>> =
+            std::collections::BTreeMap::new();
+        let mut stopped = 0;
+        for (source, check) in self.scheduler.checks() {
+            if source == Source::Local {
+                continue;
+            }
+            let kept = by_source.entry(source).or_default();
+            match policy.check_module(&check.module) {
+                Ok(()) => kept.push(check),
+                Err(e) => {
+                    stopped += 1;
+                    tracing::warn!(job = %check.job, instance = %check.instance, module = %check.module_name, error = %e, "assigned check stopped: assigned_modules no longer allows its files");
+                }
+            }
+        }
+        if stopped > 0 {
+            for (source, kept) in by_source {
+                self.scheduler.set_checks(source, kept);
+            }
+        }
+        tracing::info!(
+            stopped,
+            "assigned_modules changed: it applies to running assigned checks now, and to each aggregator's next assignment"
+        );
+    }
+
+    /// `/-/ready`: `Ok` while the agent can do its job: its config is loaded (it is, once
+    /// the runtime exists), it is not shutting down, and its buffer is open and takes
+    /// writes. An aggregator that cannot be reached does not make the agent unready: it
+    /// keeps probing and buffers the results.
+    pub fn readiness(&self) -> Result<(), String> {
+        if *self.shutdown.borrow() {
+            return Err("the agent is shutting down".into());
+        }
+        self.outbox.store().health()
     }
 
     pub fn families(&self) -> Vec<Family> {
@@ -193,11 +256,9 @@ mod tests {
     fn config() -> AgentConfig {
         let mut config = AgentConfig::minimal("edge-1".into());
         // Nothing listens there: results stay buffered.
-        config.aggregators.push(AggregatorEndpoint {
-            address: "http://127.0.0.1:9".into(),
-            token_file: None,
-            tls_config: None,
-        });
+        config
+            .aggregators
+            .push(AggregatorEndpoint::new("http://127.0.0.1:9"));
         config
     }
 
@@ -240,5 +301,48 @@ mod tests {
         again.shutdown(Duration::ZERO).await;
         drop((agent, again));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_narrower_assigned_modules_stops_running_checks_at_reload() {
+        let mut first = config();
+        first.assigned_modules.allowed_file_paths = Some(vec!["/etc/sonde/certs/*".into()]);
+        let agent = AgentRuntime::start(first.clone(), None).unwrap();
+        let module = |json: &str| Arc::new(serde_json::from_str(json).unwrap());
+        let check = |job: &str, module| CheckSpec {
+            job: job.into(),
+            instance: "127.0.0.1:9".into(),
+            module_name: "m".into(),
+            module,
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            generation: 1,
+        };
+        agent.scheduler.set_checks(
+            Source::Aggregator(0),
+            vec![
+                check(
+                    "with-ca",
+                    module(r#"{"prober":"tcp","tcp":{"tls":true,"tls_config":{"ca_file":"/etc/sonde/certs/ca.pem"}}}"#),
+                ),
+                check("plain", module(r#"{"prober":"tcp"}"#)),
+            ],
+        );
+        assert_eq!(agent.scheduler.check_count(), 2);
+        // Same policy: nothing stops.
+        agent.reload(first.clone()).unwrap();
+        assert_eq!(agent.scheduler.check_count(), 2);
+        let mut narrower = first;
+        narrower.assigned_modules.allowed_file_paths = None;
+        agent.reload(narrower).unwrap();
+        let jobs: Vec<_> = agent
+            .scheduler
+            .checks()
+            .into_iter()
+            .map(|(_, c)| c.job)
+            .collect();
+        assert_eq!(jobs, ["plain"]);
+        agent.shutdown(Duration::ZERO).await;
     }
 }

@@ -186,6 +186,9 @@ struct State {
     /// Every aggregator's rows together: what `max_bytes` bounds.
     bytes: u64,
     write_errors: u64,
+    /// The error of the last transaction, while the last one that wrote anything
+    /// failed: what `/-/ready` reports.
+    failing: Option<String>,
 }
 
 /// One aggregator's committed, unacked results.
@@ -262,6 +265,10 @@ impl Store {
                     source,
                 };
                 let path = dir.join(DB_FILE);
+                make_private(dir).map_err(|source| StoreError::Io {
+                    path: location.clone(),
+                    source,
+                })?;
                 let writer = Connection::open(&path).map_err(sql)?;
                 configure(&writer, true).map_err(sql)?;
                 let reader = Connection::open(&path).map_err(sql)?;
@@ -288,6 +295,7 @@ impl Store {
             bytes: loaded.slots.iter().map(|s| s.bytes).sum(),
             slots: loaded.slots,
             write_errors: 0,
+            failing: None,
         };
         // A smaller max_bytes than last time applies to what is already buffered.
         let newest = state
@@ -452,6 +460,22 @@ impl Store {
             tracing::error!(buffer = %self.location, "the buffer's writer thread panicked");
         }
         drop(lock(&self.lock_file).take());
+    }
+
+    /// `Err` with the reason while the buffer cannot take results: it is closed (the
+    /// agent is stopping), or its last write failed (disk full, I/O error) and no write
+    /// has succeeded since.
+    pub fn health(&self) -> Result<(), String> {
+        if lock(&self.input).tx.is_none() {
+            return Err(format!("the buffer {} is closed", self.location));
+        }
+        match &self.shared.lock().failing {
+            Some(e) => Err(format!(
+                "the buffer {} cannot be written ({e}); results are dropped until it can, check free space and permissions under --storage.path",
+                self.location
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Where the buffer lives, for messages.
@@ -669,18 +693,57 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The database and its `-wal` and `-shm` files: what [`make_private`] keeps 0600.
+const DB_FILES: [&str; 3] = [DB_FILE, "agent.db-wal", "agent.db-shm"];
+
+/// Creates the database file readable and writable by its owner only (0600), and
+/// narrows an existing one (and its `-wal` and `-shm` files) that is wider: results
+/// carry target names, labels and failure messages that are nobody else's business.
+/// SQLite creates the `-wal` and `-shm` files with the database file's permissions, so
+/// those follow.
+fn make_private(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(DB_FILE))
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        for name in DB_FILES {
+            let path = dir.join(name);
+            let mode = match std::fs::metadata(&path) {
+                Ok(m) => m.permissions().mode(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if mode & 0o077 != 0 {
+                tracing::info!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "narrowing the buffer file's permissions to 0600");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let io = |source| StoreError::Io {
         path: path.display().to_string(),
         source,
     };
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
+    let mut options = File::options();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
@@ -940,6 +1003,9 @@ fn run_writer(
             Ok(()) => {
                 let cuts = {
                     let mut state = shared.lock();
+                    if !appends.is_empty() || !deletes.is_empty() {
+                        state.failing = None;
+                    }
                     let mut newest = 0;
                     for a in &appends {
                         let bytes = row_bytes(&a.body);
@@ -964,6 +1030,7 @@ fn run_writer(
                 let lost = {
                     let mut state = shared.lock();
                     state.write_errors += 1;
+                    state.failing = Some(e.to_string());
                     let mut lost = 0;
                     for a in &appends {
                         for slot in a.route.slots(n) {
@@ -1380,6 +1447,60 @@ mod tests {
             }
             out.flush().unwrap();
         }
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_files_are_private() {
+        let dir = temp_dir("private");
+        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        append(&store, Route::All, "web");
+        store.flush();
+        for name in DB_FILES.iter().chain([&LOCK_FILE]) {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        store.close();
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn wider_database_files_are_narrowed_to_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("narrowed");
+        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        append(&store, Route::All, "web");
+        store.flush();
+        // As an older agent (or a umask of 0) left them, the -wal and -shm still there.
+        for name in DB_FILES {
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        drop(store);
+        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        append(&store, Route::All, "web");
+        store.flush();
+        for name in DB_FILES {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        assert_eq!(store.buffers()[0].1.stats().results, 2);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_closed_buffer_is_not_healthy() {
+        let store = Store::open(None, &[A.into()], 1 << 20).unwrap();
+        assert!(store.health().is_ok());
+        store.close();
+        assert!(store.health().unwrap_err().contains("closed"));
     }
 
     #[test]

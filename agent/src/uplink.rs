@@ -3,20 +3,36 @@
 //!
 //! Delivery is at-least-once: after a reconnect, everything the buffer still holds is
 //! sent again in sequence order, and the aggregator drops what it already committed.
+//!
+//! What the uplink keeps within the aggregator's default limits (`fleet.limits`), so that
+//! an honest agent is never refused: each message under [`MAX_ENCODE_BYTES`], each
+//! symbol under [`MAX_SYMBOL_BYTES`] (longer label values are cut), and each stream's
+//! symbol table under [`MAX_TABLE_BYTES`] (past it the stream ends cleanly and a new one,
+//! with a new table, starts).
+//!
+//! Reconnecting: a network error backs off from 200 ms to 15 s; a refusal
+//! (`Unauthenticated`, `PermissionDenied`: a token the aggregator does not accept) from
+//! 30 s to 5 min, since retrying sooner changes nothing until someone fixes the token. A
+//! stream that ends within [`STABLE_AFTER`] of being established does not reset the
+//! backoff, so an aggregator that accepts streams and then ends them at once
+//! (overloaded, storage failing) is not hammered in a tight loop.
 
+use crate::assigned::{FilePolicy, Refusal, check_timing};
 use crate::buffer::Buffer;
 use crate::config::AggregatorEndpoint;
 use crate::metrics::AgentMetrics;
 use crate::record::ProbeRecord;
 use crate::schedule::{CheckSpec, Scheduler, Source};
+use prost::Message;
 use rand::Rng;
-use sonde_proto::config::Labels;
+use sonde_proto::config::{Labels, Module};
 use sonde_proto::pb::{
     self, AgentMessage, AggregatorMessage, Assignment, agent_message, aggregator_message,
     fleet_client::FleetClient,
 };
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
@@ -28,6 +44,26 @@ const IN_FLIGHT_MAX: usize = 20_000;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const REFUSED_BACKOFF_MIN: Duration = Duration::from_secs(30);
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A stream that lived this long resets the backoff when it ends.
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// The largest message the agent sends: the aggregator's default
+/// `fleet.limits.max_message_bytes`.
+pub const MAX_ENCODE_BYTES: usize = 4 << 20;
+/// The largest message the agent accepts: an assignment of tens of thousands of checks.
+pub const MAX_DECODE_BYTES: usize = 64 << 20;
+/// What one `ResultBatch` may take, leaving room for the message's own framing.
+const BATCH_BUDGET: usize = MAX_ENCODE_BYTES - (64 << 10);
+/// The longest symbol (label value, metric or label name) the aggregator accepts.
+pub const MAX_SYMBOL_BYTES: usize = 16 << 10;
+/// The aggregator's default bound on the bytes of one stream's symbol table.
+pub const MAX_TABLE_BYTES: usize = 8 << 20;
+/// The aggregator's bound on the number of symbols of one stream.
+pub const MAX_TABLE_SYMBOLS: usize = 1 << 20;
+/// How long a stream whose symbol table is full waits for the acks of what it sent
+/// before it ends anyway (what is unacked is replayed on the next stream).
+const ROTATE_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything one uplink needs.
 pub struct Uplink {
@@ -39,71 +75,101 @@ pub struct Uplink {
     pub buffer: Arc<Buffer>,
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<AgentMetrics>,
+    /// `assigned_modules` of the agent's config, as of the last (re)load.
+    pub file_policy: Arc<RwLock<FilePolicy>>,
+    /// Refusals already logged (module and reason), so each is logged once.
+    pub logged_refusals: Mutex<HashSet<String>>,
 }
 
 impl Uplink {
     /// Runs until `shutdown` turns true, reconnecting whenever the stream breaks.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let address = self.endpoint.address.clone();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let opened = self.session(&mut shutdown).await;
             self.metrics.uplink(&address, |u| u.connected = false);
-            match opened {
+            let delay = match opened {
                 Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::Established(err)) => {
-                    // The stream worked for a while: start the backoff afresh.
-                    backoff = BACKOFF_MIN;
-                    tracing::warn!(aggregator = %address, error = %err, "stream to the aggregator ended; reconnecting");
+                Ok(SessionEnd::Rotate) => {
+                    // Deliberate, and the stream worked: reconnect at once.
+                    backoff.reset();
+                    self.metrics.uplink(&address, |u| u.disconnects += 1);
+                    continue;
+                }
+                Ok(SessionEnd::Established { end, lived }) => {
+                    if lived >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next(end.refused, &mut rand::rng());
+                    if end.refused {
+                        tracing::warn!(aggregator = %address, reason = %end.message, retry_in = ?delay, "the aggregator refused this agent and ended its stream");
+                    } else {
+                        tracing::warn!(aggregator = %address, error = %end.message, lived = ?lived, retry_in = ?delay, "stream to the aggregator ended; reconnecting");
+                    }
                     self.metrics.uplink(&address, |u| {
                         u.disconnects += 1;
-                        u.last_error = Some(err);
+                        u.last_error = Some(end.message);
                     });
+                    delay
                 }
-                Err(err) => {
-                    tracing::warn!(aggregator = %address, error = %err, retry_in = ?backoff, "cannot reach the aggregator");
-                    self.metrics.uplink(&address, |u| u.last_error = Some(err));
+                Err(end) => {
+                    let delay = backoff.next(end.refused, &mut rand::rng());
+                    if end.refused {
+                        tracing::warn!(aggregator = %address, reason = %end.message, retry_in = ?delay, "the aggregator refused this agent");
+                    } else {
+                        tracing::warn!(aggregator = %address, error = %end.message, retry_in = ?delay, "cannot reach the aggregator");
+                    }
+                    self.metrics
+                        .uplink(&address, |u| u.last_error = Some(end.message));
+                    delay
                 }
-            }
-            let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+            };
             tokio::select! {
-                _ = tokio::time::sleep(jittered) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
     /// One stream, from connect to its end. `Err` means it never got going.
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, String> {
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, Ended> {
         let address = &self.endpoint.address;
         let channel = tokio::select! {
-            c = connect(&self.endpoint) => c?,
+            c = connect(&self.endpoint) => c.map_err(Ended::network)?,
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };
         let (tx, rx) = mpsc::channel::<AgentMessage>(8);
         tx.send(hello(self))
             .await
-            .map_err(|_| "stream closed".to_string())?;
+            .map_err(|_| Ended::network("stream closed".to_string()))?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Some(path) = &self.endpoint.token_file {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read token_file {}: {e}", path.display()))?;
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                Ended::network(format!("cannot read token_file {}: {e}", path.display()))
+            })?;
             let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                format!(
+                Ended::network(format!(
                     "token_file {} holds characters not allowed in a header",
                     path.display()
-                )
+                ))
             })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let mut client = FleetClient::new(channel);
+        let mut client = FleetClient::new(channel)
+            .max_decoding_message_size(MAX_DECODE_BYTES)
+            .max_encoding_message_size(MAX_ENCODE_BYTES);
         let mut inbound = tokio::select! {
-            r = client.session(request) => r.map_err(|s| describe_status(&s))?.into_inner(),
+            r = client.session(request) => r.map_err(|s| Ended::status(&s))?.into_inner(),
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+        };
+        let established = tokio::time::Instant::now();
+        let ended = |end: Ended| SessionEnd::Established {
+            end,
+            lived: established.elapsed(),
         };
         tracing::info!(aggregator = %address, "connected to the aggregator");
         self.metrics.uplink(address, |u| {
@@ -115,30 +181,57 @@ impl Uplink {
         let mut symbols = Symbols::default();
         let mut sent_up_to = self.buffer.stats().acked_seq;
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        // Set once the symbol table is full: send nothing more, end the stream once
+        // what was sent is acked (or at this deadline).
+        let mut rotating: Option<tokio::time::Instant> = None;
         loop {
             // Registered before looking at the buffer so that no push goes unnoticed.
             let added = self.buffer.added.notified();
             let in_flight = self.buffer.count_up_to(sent_up_to);
-            let pending = if in_flight >= IN_FLIGHT_MAX {
-                // Wait for acks before sending more: the aggregator may be slow to commit.
-                Vec::new()
-            } else {
-                self.buffer.pending_after(sent_up_to, BATCH_MAX)
-            };
-            if let Some(last) = pending.last().map(|r| r.seq) {
-                let msg = AgentMessage {
-                    msg: Some(agent_message::Msg::Results(symbols.batch(&pending))),
-                };
-                tokio::select! {
-                    sent = tx.send(msg) => if sent.is_err() {
-                        return Ok(SessionEnd::Established("stream closed while sending".into()));
-                    },
-                    _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+            if let Some(deadline) = rotating {
+                if in_flight == 0 || tokio::time::Instant::now() >= deadline {
+                    return Ok(SessionEnd::Rotate);
                 }
-                sent_up_to = last;
-                self.metrics
-                    .uplink(address, |u| u.results_sent += pending.len() as u64);
-                continue;
+            } else {
+                let pending = if in_flight >= IN_FLIGHT_MAX {
+                    // Wait for acks before sending more: the aggregator may be slow to commit.
+                    Vec::new()
+                } else {
+                    self.buffer.pending_after(sent_up_to, BATCH_MAX)
+                };
+                if !pending.is_empty() {
+                    let built = symbols.batch(&pending, BATCH_BUDGET);
+                    self.count_batch(&built);
+                    if built.table_full {
+                        tracing::info!(
+                            aggregator = %address,
+                            symbol_bytes = symbols.bytes,
+                            "the stream's symbol table reached {} MiB; ending the stream once what was sent is acked, to start a new one",
+                            MAX_TABLE_BYTES >> 20
+                        );
+                        rotating = Some(tokio::time::Instant::now() + ROTATE_WAIT);
+                    }
+                    let sent = built.batch.results.len();
+                    if sent > 0 || !built.batch.new_symbols.is_empty() {
+                        let msg = AgentMessage {
+                            msg: Some(agent_message::Msg::Results(built.batch)),
+                        };
+                        tokio::select! {
+                            sent = tx.send(msg) => if sent.is_err() {
+                                return Ok(ended(Ended::network("stream closed while sending".into())));
+                            },
+                            _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+                        }
+                    }
+                    if let Some(last) = built.last_seq {
+                        sent_up_to = last;
+                    }
+                    self.metrics
+                        .uplink(address, |u| u.results_sent += sent as u64);
+                    if built.last_seq.is_some() {
+                        continue;
+                    }
+                }
             }
             tokio::select! {
                 _ = added => {}
@@ -149,16 +242,34 @@ impl Uplink {
                         })),
                     };
                     if tx.send(beat).await.is_err() {
-                        return Ok(SessionEnd::Established("stream closed".into()));
+                        return Ok(ended(Ended::network("stream closed".into())));
                     }
                 }
                 message = inbound.message() => match message {
                     Ok(Some(m)) => self.handle(m),
-                    Ok(None) => return Ok(SessionEnd::Established("the aggregator closed the stream".into())),
-                    Err(status) => return Ok(SessionEnd::Established(describe_status(&status))),
+                    Ok(None) => return Ok(ended(Ended::network("the aggregator closed the stream".into()))),
+                    Err(status) => return Ok(ended(Ended::status(&status))),
                 },
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
+        }
+    }
+
+    fn count_batch(&self, built: &Built) {
+        if built.truncated > 0 {
+            self.metrics
+                .symbols_truncated
+                .fetch_add(built.truncated, Ordering::Relaxed);
+        }
+        if built.oversized > 0 {
+            self.metrics
+                .results_oversized
+                .fetch_add(built.oversized, Ordering::Relaxed);
+            tracing::warn!(
+                aggregator = %self.endpoint.address,
+                results = built.oversized,
+                "results too large for any message the aggregator accepts were dropped unsent (sonde_agent_results_oversized_total)"
+            );
         }
     }
 
@@ -188,52 +299,225 @@ impl Uplink {
         }
     }
 
+    /// The checks of an assignment this agent accepts (see [`accept`]); each refused
+    /// check is counted, and logged once per module and reason (timing problems once
+    /// per assignment, with the first example).
     fn checks_of(&self, assignment: Assignment) -> Vec<CheckSpec> {
-        let mut modules: HashMap<String, Arc<sonde_proto::config::Module>> = HashMap::new();
-        let mut checks = Vec::with_capacity(assignment.checks.len());
-        for check in assignment.checks {
-            let module = match modules.get(&check.module_json) {
-                Some(m) => m.clone(),
-                None => {
-                    match serde_json::from_str::<sonde_proto::config::Module>(&check.module_json) {
-                        Ok(m) => {
-                            let m = Arc::new(m);
-                            modules.insert(check.module_json.clone(), m.clone());
-                            m
-                        }
-                        Err(e) => {
-                            // A newer aggregator may send options this agent does not know.
-                            tracing::error!(
-                                job = %check.job, module = %check.module_name, error = %e,
-                                "cannot read the module of an assigned check; upgrade this agent to the aggregator's version"
-                            );
-                            self.metrics
-                                .assignment_errors
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            continue;
-                        }
-                    }
+        let policy = self
+            .file_policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (checks, refused) = accept(assignment, &policy);
+        let mut counts: BTreeMap<Refusal, u64> = BTreeMap::new();
+        let mut first_bad_timing = None;
+        for r in &refused {
+            *counts.entry(r.reason).or_default() += 1;
+            match r.reason {
+                Refusal::BadTiming => {
+                    first_bad_timing.get_or_insert(r);
                 }
-            };
-            checks.push(CheckSpec {
-                job: check.job,
-                instance: check.instance,
-                module_name: check.module_name,
-                module,
-                interval: Duration::from_millis(check.interval_ms.max(1)),
-                timeout: Duration::from_millis(check.timeout_ms.max(1)),
-                retries: check.retries,
-                generation: assignment.generation,
-            });
+                reason => self.log_refusal(&r.module_name, reason, &r.message),
+            }
+        }
+        for (reason, n) in &counts {
+            self.metrics.assignment_refused(*reason, *n);
+        }
+        if let Some(r) = first_bad_timing {
+            tracing::error!(
+                aggregator = %self.endpoint.address,
+                checks = counts.get(&Refusal::BadTiming).copied().unwrap_or(0),
+                first = %r.message,
+                "refused assigned checks whose interval, timeout or retries are out of range (interval 1ms..24h, timeout 1ms..interval, retries <= 100); fix the job in the aggregator's config"
+            );
         }
         checks
+    }
+
+    fn log_refusal(&self, module_name: &str, reason: Refusal, message: &str) {
+        let module_name = truncate(module_name, 200);
+        let mut logged = self
+            .logged_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Bounded: a hostile aggregator could name endless modules.
+        if logged.len() >= 1000 {
+            logged.clear();
+        }
+        if logged.insert(format!("{module_name}\0{message}")) {
+            tracing::error!(
+                aggregator = %self.endpoint.address,
+                module = %module_name,
+                reason = reason.as_str(),
+                "refused the assigned checks of this module: {}",
+                truncate(message, 1000)
+            );
+        }
+    }
+}
+
+/// A check of an assignment that this agent refused.
+#[derive(Debug)]
+struct RefusedCheck {
+    reason: Refusal,
+    module_name: String,
+    message: String,
+}
+
+/// Splits an assignment into the checks this agent runs and those it refuses: a module
+/// it cannot read, a module naming a file outside `policy`, or an interval, timeout or
+/// retries out of range ([`check_timing`]). Each distinct module is read and judged once.
+fn accept(assignment: Assignment, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<RefusedCheck>) {
+    let mut modules: HashMap<String, Result<Arc<Module>, (Refusal, String)>> = HashMap::new();
+    let mut checks = Vec::with_capacity(assignment.checks.len());
+    let mut refused = Vec::new();
+    for check in assignment.checks {
+        let module = modules
+            .entry(check.module_json)
+            .or_insert_with_key(|json| {
+                // A newer aggregator may send options this agent does not know.
+                let module = serde_json::from_str::<Module>(json).map_err(|e| {
+                    (
+                        Refusal::BadModule,
+                        format!("cannot read the module ({e}); upgrade this agent to the aggregator's version"),
+                    )
+                })?;
+                policy
+                    .check_module(&module)
+                    .map_err(|e| (Refusal::FileNotAllowed, e))?;
+                Ok(Arc::new(module))
+            })
+            .clone();
+        let module = match module {
+            Ok(m) => m,
+            Err((reason, message)) => {
+                refused.push(RefusedCheck {
+                    reason,
+                    module_name: check.module_name,
+                    message,
+                });
+                continue;
+            }
+        };
+        let (interval, timeout) =
+            match check_timing(check.interval_ms, check.timeout_ms, check.retries) {
+                Ok(t) => t,
+                Err(e) => {
+                    refused.push(RefusedCheck {
+                        reason: Refusal::BadTiming,
+                        module_name: check.module_name,
+                        message: format!(
+                            "job {:?} target {:?}: {e}",
+                            truncate(&check.job, 200),
+                            truncate(&check.instance, 200)
+                        ),
+                    });
+                    continue;
+                }
+            };
+        checks.push(CheckSpec {
+            job: check.job,
+            instance: check.instance,
+            module_name: check.module_name,
+            module,
+            interval,
+            timeout,
+            retries: check.retries,
+            generation: assignment.generation,
+        });
+    }
+    (checks, refused)
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Why a stream ended or never started.
+#[derive(Debug)]
+struct Ended {
+    message: String,
+    /// The aggregator refused this agent (`Unauthenticated`, `PermissionDenied`).
+    refused: bool,
+}
+
+impl Ended {
+    fn network(message: String) -> Self {
+        Self {
+            message,
+            refused: false,
+        }
+    }
+
+    fn status(status: &tonic::Status) -> Self {
+        Self {
+            message: describe_status(status),
+            refused: is_refusal(status.code()),
+        }
+    }
+}
+
+fn is_refusal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
+}
+
+/// The two reconnect backoffs (see the module documentation).
+#[derive(Debug)]
+struct Backoff {
+    network: Duration,
+    refused: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            network: BACKOFF_MIN,
+            refused: REFUSED_BACKOFF_MIN,
+        }
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The wait before the next attempt, and the backoff doubled for the one after.
+    /// A network error waits 50–100 % of its step (spreading a fleet's reconnects); a
+    /// refusal 100–150 % of its step, so never less than [`REFUSED_BACKOFF_MIN`].
+    fn next(&mut self, refused: bool, rng: &mut impl Rng) -> Duration {
+        if refused {
+            let step = self.refused;
+            self.refused = (step * 2).min(REFUSED_BACKOFF_MAX);
+            step.mul_f64(rng.random_range(1.0..1.5))
+        } else {
+            let step = self.network;
+            self.network = (step * 2).min(BACKOFF_MAX);
+            step.mul_f64(rng.random_range(0.5..1.0))
+        }
     }
 }
 
 enum SessionEnd {
     Shutdown,
-    /// The stream was up and then broke, for this reason.
-    Established(String),
+    /// The stream was up for `lived` and then ended.
+    Established {
+        end: Ended,
+        lived: Duration,
+    },
+    /// The symbol table is full: the stream was ended on purpose, to start a new one.
+    Rotate,
 }
 
 fn hello(up: &Uplink) -> AgentMessage {
@@ -287,12 +571,12 @@ async fn connect(endpoint: &AggregatorEndpoint) -> Result<Channel, String> {
 }
 
 fn describe_status(status: &tonic::Status) -> String {
+    let message = truncate(status.message(), 1000);
     match status.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!(
-            "the aggregator refused this agent: {} (check token_file and the aggregator's fleet.auth.tokens)",
-            status.message()
+        code if is_refusal(code) => format!(
+            "refused ({code:?}): {message} (check token_file and the aggregator's fleet.auth.tokens)"
         ),
-        code => format!("{code:?}: {}", status.message()),
+        code => format!("{code:?}: {message}"),
     }
 }
 
@@ -309,54 +593,130 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The stream's symbol table: each metric or label name and value is sent once per
 /// stream, then referred to by its index.
+///
+/// Symbols are cut to [`MAX_SYMBOL_BYTES`]; the table's bytes and symbols are counted
+/// so that it never exceeds [`MAX_TABLE_BYTES`] or [`MAX_TABLE_SYMBOLS`] (see
+/// [`Built::table_full`]).
 #[derive(Default)]
 struct Symbols {
     index: HashMap<String, u32>,
+    /// The bytes of every symbol in `index`.
+    bytes: usize,
+}
+
+/// One batch, as [`Symbols::batch`] built it from a prefix of the pending results.
+struct Built {
+    batch: pb::ResultBatch,
+    /// The last result handled (sent in `batch`, or dropped as oversized): the stream's
+    /// new `sent_up_to`. `None` when nothing was.
+    last_seq: Option<u64>,
+    /// The next result would take the symbol table past [`MAX_TABLE_BYTES`] or
+    /// [`MAX_TABLE_SYMBOLS`]: end this stream and send it on a new one.
+    table_full: bool,
+    /// Results that alone exceed what one message or one symbol table may hold; dropped.
+    oversized: u64,
+    /// Symbols cut to [`MAX_SYMBOL_BYTES`].
+    truncated: u64,
+}
+
+/// Bytes of one length-delimited protobuf field holding `len` bytes.
+fn field_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
 }
 
 impl Symbols {
-    fn batch(&mut self, records: &[Arc<ProbeRecord>]) -> pb::ResultBatch {
-        let mut new_symbols = Vec::new();
-        let mut intern = |s: &str, index: &mut HashMap<String, u32>| -> u32 {
-            if let Some(&i) = index.get(s) {
+    /// A batch of the longest prefix of `records` that fits in `budget` bytes and in the
+    /// symbol table.
+    fn batch(&mut self, records: &[Arc<ProbeRecord>], budget: usize) -> Built {
+        let mut built = Built {
+            batch: pb::ResultBatch::default(),
+            last_seq: None,
+            table_full: false,
+            oversized: 0,
+            truncated: 0,
+        };
+        let mut size = 0;
+        for record in records {
+            let (symbols_before, bytes_before) = (built.batch.new_symbols.len(), self.bytes);
+            let table_was_empty = self.index.is_empty();
+            let mut truncated = 0;
+            let result = self.result(record, &mut built.batch.new_symbols, &mut truncated);
+            let added: usize = built.batch.new_symbols[symbols_before..]
+                .iter()
+                .map(|s| field_len(s.len()))
+                .sum();
+            let cost = field_len(result.encoded_len()) + added;
+            let table_over = self.bytes > MAX_TABLE_BYTES || self.index.len() > MAX_TABLE_SYMBOLS;
+            if cost <= budget.saturating_sub(size) && !table_over {
+                size += cost;
+                built.truncated += truncated;
+                built.last_seq = Some(record.seq);
+                built.batch.results.push(result);
+                continue;
+            }
+            // Take back what this result interned: it is not sent here.
+            for symbol in built.batch.new_symbols.drain(symbols_before..) {
+                self.index.remove(&symbol);
+            }
+            self.bytes = bytes_before;
+            if cost > budget || (table_over && table_was_empty) {
+                // No message or table could ever hold it.
+                built.oversized += 1;
+                built.last_seq = Some(record.seq);
+                continue;
+            }
+            built.table_full = table_over;
+            break;
+        }
+        built
+    }
+
+    fn result(
+        &mut self,
+        r: &ProbeRecord,
+        new_symbols: &mut Vec<String>,
+        truncated: &mut u64,
+    ) -> pb::ProbeResult {
+        let mut intern = |s: &str| -> u32 {
+            let cut = truncate(s, MAX_SYMBOL_BYTES);
+            if cut.len() < s.len() {
+                *truncated += 1;
+            }
+            if let Some(&i) = self.index.get(cut) {
                 return i;
             }
-            let i = index.len() as u32;
-            index.insert(s.to_string(), i);
-            new_symbols.push(s.to_string());
+            let i = (self.index.len()) as u32;
+            self.index.insert(cut.to_string(), i);
+            self.bytes += cut.len();
+            new_symbols.push(cut.to_string());
             i
         };
-        let results = records
-            .iter()
-            .map(|r| pb::ProbeResult {
-                seq: r.seq,
-                job: r.job.clone(),
-                instance: r.instance.clone(),
-                timestamp_ms: r.timestamp_ms,
-                success: r.success,
-                duration_seconds: r.duration_seconds,
-                generation: r.generation,
-                failure: r.failure.clone().unwrap_or_default(),
-                samples: r
-                    .samples
-                    .iter()
-                    .map(|s| pb::Sample {
-                        name: intern(s.name, &mut self.index),
-                        labels: s
-                            .labels
-                            .iter()
-                            .flat_map(|(k, v)| {
-                                [intern(k, &mut self.index), intern(v, &mut self.index)]
-                            })
-                            .collect(),
-                        value: s.value,
-                    })
-                    .collect(),
-            })
-            .collect();
-        pb::ResultBatch {
-            new_symbols,
-            results,
+        pb::ProbeResult {
+            seq: r.seq,
+            job: r.job.clone(),
+            instance: r.instance.clone(),
+            timestamp_ms: r.timestamp_ms,
+            success: r.success,
+            duration_seconds: r.duration_seconds,
+            generation: r.generation,
+            failure: r
+                .failure
+                .as_deref()
+                .map(|f| truncate(f, MAX_SYMBOL_BYTES).to_string())
+                .unwrap_or_default(),
+            samples: r
+                .samples
+                .iter()
+                .map(|s| pb::Sample {
+                    name: intern(s.name),
+                    labels: s
+                        .labels
+                        .iter()
+                        .flat_map(|(k, v)| [intern(k), intern(v)])
+                        .collect(),
+                    value: s.value,
+                })
+                .collect(),
         }
     }
 }
@@ -366,17 +726,47 @@ mod tests {
     use super::*;
     use crate::probe::Sample;
 
+    fn record_with(seq: u64, samples: Vec<Sample>) -> Arc<ProbeRecord> {
+        Arc::new(ProbeRecord {
+            seq,
+            job: "j".into(),
+            instance: "i".into(),
+            timestamp_ms: 1,
+            success: true,
+            duration_seconds: 0.1,
+            samples,
+            generation: 1,
+            failure: None,
+        })
+    }
+
+    /// A record with `n` samples, each with a label value of `len` bytes unique to it.
+    fn big_record(seq: u64, n: usize, len: usize) -> Arc<ProbeRecord> {
+        record_with(
+            seq,
+            (0..n)
+                .map(|i| Sample {
+                    name: "probe_ssl_last_chain_info",
+                    labels: vec![("subject", format!("{seq}-{i}-{}", "x".repeat(len)))],
+                    value: 1.0,
+                })
+                .collect(),
+        )
+    }
+
+    fn encoded(batch: &pb::ResultBatch) -> usize {
+        AgentMessage {
+            msg: Some(agent_message::Msg::Results(batch.clone())),
+        }
+        .encoded_len()
+    }
+
     #[test]
     fn symbols_are_sent_once_per_stream() {
         let record = |seq| {
-            Arc::new(ProbeRecord {
+            record_with(
                 seq,
-                job: "j".into(),
-                instance: "i".into(),
-                timestamp_ms: 1,
-                success: true,
-                duration_seconds: 0.1,
-                samples: vec![
+                vec![
                     Sample {
                         name: "probe_success",
                         labels: vec![],
@@ -388,14 +778,12 @@ mod tests {
                         value: 0.01,
                     },
                 ],
-                generation: 1,
-                failure: None,
-            })
+            )
         };
         let mut symbols = Symbols::default();
-        let first = symbols.batch(&[record(1)]);
+        let first = symbols.batch(&[record(1)], BATCH_BUDGET);
         assert_eq!(
-            first.new_symbols,
+            first.batch.new_symbols,
             [
                 "probe_success",
                 "probe_http_duration_seconds",
@@ -403,9 +791,467 @@ mod tests {
                 "connect"
             ]
         );
-        assert_eq!(first.results[0].samples[1].labels, [2, 3]);
-        let second = symbols.batch(&[record(2)]);
-        assert!(second.new_symbols.is_empty());
-        assert_eq!(second.results[0].samples[1].name, 1);
+        assert_eq!(first.batch.results[0].samples[1].labels, [2, 3]);
+        assert_eq!(first.last_seq, Some(1));
+        let second = symbols.batch(&[record(2)], BATCH_BUDGET);
+        assert!(second.batch.new_symbols.is_empty());
+        assert_eq!(second.batch.results[0].samples[1].name, 1);
+    }
+
+    #[test]
+    fn long_label_values_are_cut_to_the_symbol_limit() {
+        let long = format!("{}é", "a".repeat(MAX_SYMBOL_BYTES - 1)); // é straddles the cut
+        let r = record_with(
+            1,
+            vec![Sample {
+                name: "probe_expect_info",
+                labels: vec![("banner", long.clone())],
+                value: 1.0,
+            }],
+        );
+        let mut symbols = Symbols::default();
+        let built = symbols.batch(&[r], BATCH_BUDGET);
+        assert_eq!(built.truncated, 1);
+        assert!(
+            built
+                .batch
+                .new_symbols
+                .iter()
+                .all(|s| s.len() <= MAX_SYMBOL_BYTES)
+        );
+        assert_eq!(built.batch.new_symbols[2], "a".repeat(MAX_SYMBOL_BYTES - 1));
+        assert_eq!(built.batch.results.len(), 1);
+    }
+
+    #[test]
+    fn batches_stay_under_the_message_limit() {
+        // 200 results of 20 distinct 10 KiB values each: ~40 MiB in all.
+        let records: Vec<_> = (1..=200).map(|seq| big_record(seq, 20, 10 << 10)).collect();
+        let mut symbols = Symbols::default();
+        let mut rest = &records[..];
+        let mut batches = 0;
+        while !rest.is_empty() {
+            let built = symbols.batch(rest, BATCH_BUDGET);
+            assert!(
+                encoded(&built.batch) <= MAX_ENCODE_BYTES,
+                "{}",
+                encoded(&built.batch)
+            );
+            assert!(!built.batch.results.is_empty());
+            assert_eq!(built.oversized, 0);
+            let last = built.last_seq.unwrap();
+            rest = &rest[rest.iter().position(|r| r.seq == last).unwrap() + 1..];
+            batches += 1;
+            if built.table_full {
+                symbols = Symbols::default();
+            }
+        }
+        assert!(batches >= 10, "{batches}");
+    }
+
+    #[test]
+    fn a_full_symbol_table_ends_the_batch_and_a_new_table_takes_the_rest() {
+        let mut symbols = Symbols::default();
+        // Each record adds 100 KiB of new symbols; the table holds 8 MiB.
+        let records: Vec<_> = (1..=100).map(|seq| big_record(seq, 10, 10 << 10)).collect();
+        let mut sent = 0;
+        let mut rest = &records[..];
+        loop {
+            let built = symbols.batch(rest, BATCH_BUDGET);
+            assert!(symbols.bytes <= MAX_TABLE_BYTES);
+            sent += built.batch.results.len();
+            let last = built.last_seq.unwrap();
+            rest = &rest[rest.iter().position(|r| r.seq == last).unwrap() + 1..];
+            if built.table_full {
+                break;
+            }
+        }
+        assert!((70..=84).contains(&sent), "{sent}");
+        // The stream ends; the next one starts a new table and takes the rest.
+        let mut fresh = Symbols::default();
+        let built = fresh.batch(rest, BATCH_BUDGET);
+        assert!(!built.table_full);
+        assert_eq!(built.last_seq, Some(100));
+    }
+
+    #[test]
+    fn the_symbol_count_is_bounded_too() {
+        let mut symbols = Symbols::default();
+        // Short symbols: the count, not the bytes, fills the table.
+        for i in 0..MAX_TABLE_SYMBOLS - 1 {
+            symbols.index.insert(i.to_string(), i as u32);
+        }
+        let built = symbols.batch(&[big_record(1, 1, 1), big_record(2, 5, 1)], BATCH_BUDGET);
+        assert!(built.table_full);
+        assert!(symbols.index.len() <= MAX_TABLE_SYMBOLS);
+    }
+
+    #[test]
+    fn a_result_no_message_could_hold_is_dropped_and_counted() {
+        // 300 distinct 16 KiB values: ~4.8 MiB in one result.
+        let records = [
+            big_record(1, 1, 10),
+            big_record(2, 300, MAX_SYMBOL_BYTES),
+            big_record(3, 1, 10),
+        ];
+        let mut symbols = Symbols::default();
+        let built = symbols.batch(&records, BATCH_BUDGET);
+        assert_eq!(built.oversized, 1);
+        assert_eq!(built.last_seq, Some(3));
+        let seqs: Vec<_> = built.batch.results.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 3]);
+        // What it interned was taken back: every symbol sent is referred to.
+        assert_eq!(symbols.index.len(), built.batch.new_symbols.len());
+        assert!(encoded(&built.batch) <= MAX_ENCODE_BYTES);
+    }
+
+    #[test]
+    fn a_refusal_backs_off_longer_than_a_network_error() {
+        let mut rng = rand::rng();
+        let mut b = Backoff::default();
+        let first = b.next(true, &mut rng);
+        assert!(first >= REFUSED_BACKOFF_MIN && first < REFUSED_BACKOFF_MIN.mul_f64(1.5));
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.next(true, &mut rng);
+        }
+        assert!(last >= REFUSED_BACKOFF_MAX && last <= REFUSED_BACKOFF_MAX.mul_f64(1.5));
+        let mut b = Backoff::default();
+        let first = b.next(false, &mut rng);
+        assert!(first <= BACKOFF_MIN);
+        for _ in 0..20 {
+            last = b.next(false, &mut rng);
+        }
+        assert!(last <= BACKOFF_MAX);
+        // Without a reset (a stream that ended soon after it was established), the
+        // backoff keeps growing; a reset starts it again.
+        assert!(b.network == BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.network, BACKOFF_MIN);
+        assert_eq!(b.refused, REFUSED_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_network_errors() {
+        for code in [tonic::Code::Unauthenticated, tonic::Code::PermissionDenied] {
+            let e = Ended::status(&tonic::Status::new(code, "unknown token"));
+            assert!(e.refused);
+            assert!(e.message.starts_with("refused"), "{}", e.message);
+            assert!(e.message.contains("unknown token"), "{}", e.message);
+        }
+        for code in [tonic::Code::Unavailable, tonic::Code::ResourceExhausted] {
+            assert!(!Ended::status(&tonic::Status::new(code, "busy")).refused);
+        }
+        let long = "x".repeat(100_000);
+        let e = Ended::status(&tonic::Status::new(tonic::Code::Unauthenticated, long));
+        assert!(e.message.len() < 2000);
+    }
+
+    fn check(module_json: &str, interval_ms: u64, timeout_ms: u64) -> pb::Check {
+        pb::Check {
+            job: "web".into(),
+            instance: "http://127.0.0.1/".into(),
+            module_name: "m".into(),
+            module_json: module_json.into(),
+            interval_ms,
+            timeout_ms,
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn an_assignment_keeps_the_checks_it_can_trust() {
+        let policy = FilePolicy::new(&crate::config::AssignedModulesConfig {
+            allowed_file_paths: Some(vec!["/etc/sonde/certs/*".into()]),
+        })
+        .unwrap();
+        let plain = r#"{"prober":"http"}"#;
+        let allowed =
+            r#"{"prober":"http","http":{"tls_config":{"ca_file":"/etc/sonde/certs/ca.pem"}}}"#;
+        let shadow = r#"{"prober":"http","http":{"body_file":"/etc/shadow"}}"#;
+        let escape = r#"{"prober":"http","http":{"body_file":"/etc/sonde/certs/../../shadow"}}"#;
+        let relative = r#"{"prober":"tcp","tcp":{"tls_config":{"key_file":"key.pem"}}}"#;
+        let assignment = Assignment {
+            generation: 7,
+            checks: vec![
+                check(plain, 15_000, 5_000),
+                check(allowed, 15_000, 5_000),
+                check(shadow, 15_000, 5_000),
+                check(escape, 15_000, 5_000),
+                check(relative, 15_000, 5_000),
+                check("{not json", 15_000, 5_000),
+                check(plain, 0, 0),
+                check(plain, u64::MAX, u64::MAX),
+                check(plain, 1_000, 5_000),
+                check(plain, 15_000, 0),
+            ],
+        };
+        let (checks, refused) = accept(assignment, &policy);
+        assert_eq!(checks.len(), 2);
+        assert!(checks.iter().all(|c| c.generation == 7));
+        let reasons: Vec<_> = refused.iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                Refusal::FileNotAllowed,
+                Refusal::FileNotAllowed,
+                Refusal::FileNotAllowed,
+                Refusal::BadModule,
+                Refusal::BadTiming,
+                Refusal::BadTiming,
+                Refusal::BadTiming,
+                Refusal::BadTiming,
+            ]
+        );
+        assert!(
+            refused[0].message.contains("/etc/shadow"),
+            "{}",
+            refused[0].message
+        );
+        assert!(
+            refused[0].message.contains("http.body_file"),
+            "{}",
+            refused[0].message
+        );
+        assert!(
+            refused[2].message.contains("not an absolute path"),
+            "{}",
+            refused[2].message
+        );
+        // Without allowed_file_paths, even the certificate is refused.
+        let (checks, refused) = accept(
+            Assignment {
+                generation: 1,
+                checks: vec![check(allowed, 15_000, 5_000), check(plain, 15_000, 5_000)],
+            },
+            &FilePolicy::new(&Default::default()).unwrap(),
+        );
+        assert_eq!(checks.len(), 1);
+        assert_eq!(refused[0].reason, Refusal::FileNotAllowed);
+    }
+
+    /// A stand-in aggregator: refuses, fails, or takes and acks every batch.
+    mod fake {
+        use super::*;
+        use sonde_proto::pb::fleet_server::{Fleet, FleetServer};
+        use std::pin::Pin;
+        use std::sync::atomic::AtomicUsize;
+        use tonic::{Request, Response, Status, Streaming};
+
+        #[derive(Clone, Copy)]
+        pub enum Mode {
+            /// Every stream refused: an unknown token.
+            Refuse,
+            /// Every stream refused as unavailable, before it is established.
+            Unavailable,
+            /// Every stream established, then ended at once with `Unavailable`.
+            AcceptThenEnd,
+            /// Every batch recorded and acked.
+            AckAll,
+        }
+
+        #[derive(Clone)]
+        pub struct Aggregator {
+            mode: Mode,
+            pub sessions: Arc<AtomicUsize>,
+            /// (session number, batch), in arrival order.
+            pub batches: Arc<Mutex<Vec<(usize, pb::ResultBatch)>>>,
+        }
+
+        type Stream =
+            Pin<Box<dyn futures::Stream<Item = Result<AggregatorMessage, Status>> + Send>>;
+
+        #[tonic::async_trait]
+        impl Fleet for Aggregator {
+            type SessionStream = Stream;
+
+            async fn session(
+                &self,
+                request: Request<Streaming<AgentMessage>>,
+            ) -> Result<Response<Stream>, Status> {
+                let session = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+                match self.mode {
+                    Mode::Refuse => return Err(Status::unauthenticated("unknown token")),
+                    Mode::Unavailable => return Err(Status::unavailable("overloaded")),
+                    Mode::AcceptThenEnd => {
+                        let end = futures::stream::iter([Err(Status::unavailable(
+                            "the store refuses commits",
+                        ))]);
+                        return Ok(Response::new(Box::pin(end)));
+                    }
+                    Mode::AckAll => {}
+                }
+                let mut inbound = request.into_inner();
+                let (tx, rx) = mpsc::channel(16);
+                let batches = self.batches.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(agent_message::Msg::Results(batch)) = message.msg {
+                            let acked_seq = batch.results.iter().map(|r| r.seq).max();
+                            batches.lock().unwrap().push((session, batch));
+                            if let Some(acked_seq) = acked_seq {
+                                let ack = AggregatorMessage {
+                                    msg: Some(aggregator_message::Msg::Ack(pb::Ack { acked_seq })),
+                                };
+                                if tx.send(Ok(ack)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                Ok(Response::new(Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                )))
+            }
+        }
+
+        /// Serves on a free loopback port (with tonic's default 4 MiB decode limit, the
+        /// aggregator's default); returns its `http://` address.
+        pub async fn start(mode: Mode) -> (String, Aggregator) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = format!("http://{}", listener.local_addr().unwrap());
+            let fake = Aggregator {
+                mode,
+                sessions: Arc::new(AtomicUsize::new(0)),
+                batches: Arc::default(),
+            };
+            let service = FleetServer::new(fake.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (address, fake)
+        }
+    }
+
+    /// An uplink to `address` over an in-memory buffer.
+    fn uplink_to(address: &str) -> (Uplink, Arc<crate::store::Store>) {
+        let store = crate::store::Store::open(None, &[address.to_string()], 1 << 30).unwrap();
+        let metrics = Arc::new(AgentMetrics::default());
+        let outbox = Arc::new(crate::outbox::Outbox::new(store.clone(), metrics.clone()));
+        let context = Arc::new(crate::probe::ProbeContext::from_system().unwrap());
+        let uplink = Uplink {
+            index: 0,
+            endpoint: AggregatorEndpoint::new(address),
+            agent_id: "edge-test".into(),
+            labels: Labels::new(),
+            local_jobs: Vec::new(),
+            buffer: outbox.buffers[0].1.clone(),
+            scheduler: Arc::new(Scheduler::new("edge-test".into(), context, outbox)),
+            metrics,
+            file_policy: Arc::new(RwLock::new(FilePolicy::new(&Default::default()).unwrap())),
+            logged_refusals: Mutex::default(),
+        };
+        (uplink, store)
+    }
+
+    /// Runs the uplink to a fake aggregator in `mode` for `duration`; the fake and the
+    /// uplink's last error.
+    async fn run_against(mode: fake::Mode, duration: Duration) -> (fake::Aggregator, String) {
+        let (address, fake) = fake::start(mode).await;
+        let (uplink, _store) = uplink_to(&address);
+        let metrics = uplink.metrics.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(uplink.run(stopped));
+        tokio::time::sleep(duration).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let last_error = metrics
+            .uplink(&address, |u| u.last_error.clone())
+            .unwrap_or_default();
+        (fake, last_error)
+    }
+
+    #[tokio::test]
+    async fn a_refused_agent_says_so_and_waits_before_trying_again() {
+        let (fake, last_error) = run_against(fake::Mode::Refuse, Duration::from_secs(2)).await;
+        assert!(last_error.starts_with("refused"), "{last_error}");
+        assert!(last_error.contains("unknown token"), "{last_error}");
+        // The next attempt is at least 30 s away.
+        assert_eq!(fake.sessions.load(Ordering::SeqCst), 1);
+        // A network-class failure is retried within the same time.
+        let (fake, last_error) = run_against(fake::Mode::Unavailable, Duration::from_secs(2)).await;
+        assert!(!last_error.contains("refused"), "{last_error}");
+        assert!(fake.sessions.load(Ordering::SeqCst) >= 3);
+    }
+
+    #[tokio::test]
+    async fn streams_that_end_at_once_do_not_make_a_tight_loop() {
+        let (fake, last_error) =
+            run_against(fake::Mode::AcceptThenEnd, Duration::from_secs(4)).await;
+        assert!(
+            last_error.contains("the store refuses commits"),
+            "{last_error}"
+        );
+        // Backing off 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6, 1.6-3.2 s: at most 6 streams
+        // in 4 s (resetting the backoff each time would make 20 or more).
+        let sessions = fake.sessions.load(Ordering::SeqCst);
+        assert!((2..=6).contains(&sessions), "{sessions} streams in 4s");
+    }
+
+    #[tokio::test]
+    async fn a_full_symbol_table_moves_the_rest_to_a_new_stream() {
+        let (address, fake) = fake::start(fake::Mode::AckAll).await;
+        let (uplink, store) = uplink_to(&address);
+        // 60 results of 10 distinct 16 KiB label values each: 9.6 MiB of symbols, past
+        // the 8 MiB one stream's table may hold, in batches the 4 MiB limit would refuse
+        // if they were not split.
+        let mut seqs = Vec::new();
+        for n in 0..60 {
+            let r = big_record(n, 10, MAX_SYMBOL_BYTES - 10);
+            seqs.push(
+                store
+                    .append(crate::store::Route::All, |seq| ProbeRecord {
+                        seq,
+                        ..(*r).clone()
+                    })
+                    .unwrap(),
+            );
+        }
+        store.flush();
+        let metrics = uplink.metrics.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(uplink.run(stopped));
+        let started = tokio::time::Instant::now();
+        let all_acked = loop {
+            let received: HashSet<u64> = fake
+                .batches
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|(_, b)| b.results.iter().map(|r| r.seq))
+                .collect();
+            if seqs.iter().all(|s| received.contains(s)) {
+                break true;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let last_error = metrics.uplink(&address, |u| u.last_error.clone());
+        assert!(
+            all_acked,
+            "not every result arrived; last error {last_error:?}"
+        );
+        let batches = fake.batches.lock().unwrap();
+        let mut table_bytes: HashMap<usize, usize> = HashMap::new();
+        for (session, batch) in batches.iter() {
+            assert!(encoded(batch) <= MAX_ENCODE_BYTES);
+            *table_bytes.entry(*session).or_default() +=
+                batch.new_symbols.iter().map(String::len).sum::<usize>();
+        }
+        assert!(table_bytes.len() >= 2, "{table_bytes:?}");
+        assert!(
+            table_bytes.values().all(|b| *b <= MAX_TABLE_BYTES),
+            "{table_bytes:?}"
+        );
+        // Ending the stream on purpose is not an error and costs no backoff.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(last_error, None);
     }
 }

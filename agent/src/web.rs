@@ -5,14 +5,16 @@ use crate::probe;
 use crate::runtime::AgentRuntime;
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sonde_proto::config::{Module, Prober, split_port};
 use sonde_proto::exposition::{Family, Format, render};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub fn router(agent: Arc<AgentRuntime>) -> Router {
@@ -20,7 +22,7 @@ pub fn router(agent: Arc<AgentRuntime>) -> Router {
         .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/-/healthy", get(|| async { "Healthy.\n" }))
-        .route("/-/ready", get(|| async { "Ready.\n" }))
+        .route("/-/ready", get(ready))
         .route("/probe", get(probe_handler))
         .with_state(agent)
 }
@@ -42,6 +44,18 @@ async fn index(State(agent): State<Arc<AgentRuntime>>) -> impl IntoResponse {
     text
 }
 
+/// 200 "Ready." while [`AgentRuntime::readiness`] says so, else 503 with the reason.
+async fn ready(State(agent): State<Arc<AgentRuntime>>) -> Response {
+    match agent.readiness() {
+        Ok(()) => "Ready.\n".into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
 async fn metrics(State(agent): State<Arc<AgentRuntime>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     (
@@ -53,8 +67,35 @@ async fn metrics(State(agent): State<Arc<AgentRuntime>>, headers: HeaderMap) -> 
 
 /// blackbox_exporter subtracts this from the scrape timeout so the answer arrives in time.
 const SCRAPE_TIMEOUT_OFFSET: Duration = Duration::from_millis(500);
-/// What blackbox_exporter uses when the scraper sends no timeout header.
+/// What blackbox_exporter uses when the scraper sends no timeout header (then capped at
+/// `probe_endpoint.max_timeout`).
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The shortest probe `/probe` runs, whatever it is asked for.
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// The header Prometheus sends with its scrape timeout, in seconds.
+const SCRAPE_TIMEOUT_HEADER: &str = "X-Prometheus-Scrape-Timeout-Seconds";
+
+/// A `/probe` request being served, counted in `AgentRuntime::probes_in_flight` until
+/// dropped.
+struct ProbeSlot<'a>(&'a AtomicUsize);
+
+impl<'a> ProbeSlot<'a> {
+    /// A slot when fewer than `max` probes run, else `None`.
+    fn take(in_flight: &'a AtomicUsize, max: usize) -> Option<Self> {
+        in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(in_flight))
+    }
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 async fn probe_handler(
     State(agent): State<Arc<AgentRuntime>>,
@@ -107,7 +148,22 @@ async fn probe_handler(
         )
             .into_response();
     }
-    let timeout = probe_timeout(&headers, module);
+    let Some(_slot) = ProbeSlot::take(&agent.probes_in_flight, settings.max_concurrent_probes)
+    else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many probes running: /probe runs at most {} at once (probe_endpoint.max_concurrent_probes); try again later\n",
+                settings.max_concurrent_probes
+            ),
+        )
+            .into_response();
+    };
+    let timeout = probe_timeout(
+        headers.get(SCRAPE_TIMEOUT_HEADER),
+        module,
+        settings.max_timeout.0,
+    );
     let outcome = probe::run_with_policy(
         &agent.probe_context,
         Some(&allowlist),
@@ -165,18 +221,28 @@ fn help(name: &str) -> &'static str {
     sonde_proto::help::series_help(name).unwrap_or("Probe metric")
 }
 
-fn probe_timeout(headers: &HeaderMap, module: &Module) -> Duration {
-    let scrape = headers
-        .get("X-Prometheus-Scrape-Timeout-Seconds")
+/// How long a `/probe` may take: the scraper's timeout (`header`, in seconds) less
+/// [`SCRAPE_TIMEOUT_OFFSET`], or [`DEFAULT_PROBE_TIMEOUT`] without a usable header; no
+/// longer than the module's own timeout (when set) and `max`, no shorter than
+/// [`MIN_PROBE_TIMEOUT`].
+///
+/// The header is the caller's: a value that is not UTF-8, not a number, not finite,
+/// not positive or beyond any `Duration` counts as absent or as `max`, never as a panic.
+fn probe_timeout(header: Option<&HeaderValue>, module: &Module, max: Duration) -> Duration {
+    let scrape = header
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
-        .map(|s| Duration::from_secs_f64(s).saturating_sub(SCRAPE_TIMEOUT_OFFSET));
-    let mut timeout = scrape.unwrap_or(DEFAULT_PROBE_TIMEOUT);
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .unwrap_or(Duration::MAX)
+                .saturating_sub(SCRAPE_TIMEOUT_OFFSET)
+        });
+    let mut timeout = scrape.unwrap_or(DEFAULT_PROBE_TIMEOUT).min(max);
     if !module.timeout.0.is_zero() {
         timeout = timeout.min(module.timeout.0);
     }
-    timeout.max(Duration::from_millis(100))
+    timeout.max(MIN_PROBE_TIMEOUT)
 }
 
 /// `probe_endpoint.allowed_targets`, parsed: what `/probe` may reach. `/probe` is never an
@@ -189,10 +255,11 @@ fn probe_timeout(headers: &HeaderMap, module: &Module) -> Duration {
 /// - `PORT` is a glob over the port number (`443`, `*`, `80*`); a pattern without
 ///   `:PORT` (`*`, `*.internal`) matches any port.
 ///
-/// Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254,
-/// and their IPv4-mapped forms) are refused unless a pattern names them explicitly: an
-/// IP or CIDR lying wholly inside those ranges (`169.254.169.254:80`,
-/// `169.254.0.0/16:*`). A glob or a wider CIDR (`*`, `0.0.0.0/0:*`) never admits them.
+/// Link-local and cloud metadata addresses ([`SPECIAL_NETS`], and every IPv6 form
+/// that embeds one of the IPv4 ones: see [`embedded_ipv4`]) are refused unless a
+/// pattern names them explicitly: an IP or CIDR lying wholly inside those ranges
+/// (`169.254.169.254:80`, `169.254.0.0/16:*`, `[64:ff9b::a9fe:a9fe]:80`). A glob or a
+/// wider CIDR (`*`, `0.0.0.0/0:*`) never admits them.
 ///
 /// The same checks run at connect time on every address a probe is about to connect to
 /// (each redirect hop, each resolved name), through [`probe::ConnectPolicy`].
@@ -376,8 +443,26 @@ fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     }
 }
 
-/// The ranges refused unless listed explicitly.
-const SPECIAL_NETS: [(&str, u8); 3] = [("169.254.0.0", 16), ("fe80::", 10), ("fd00:ec2::254", 128)];
+/// The ranges refused unless listed explicitly: link-local, and the cloud metadata
+/// and platform services that sit outside it.
+pub const SPECIAL_NETS: [(&str, u8); 7] = [
+    // IPv4 link-local: the metadata service of AWS, GCP, Azure, OpenStack,
+    // DigitalOcean, Hetzner, Oracle, IBM (169.254.169.254), AWS ECS task metadata
+    // (169.254.170.2), Tencent Cloud (169.254.0.23), ...
+    ("169.254.0.0", 16),
+    // Alibaba Cloud's metadata service.
+    ("100.100.100.200", 32),
+    // Oracle Cloud's older metadata address.
+    ("192.0.0.192", 32),
+    // Azure's platform address (WireServer, the host's DNS and health probes).
+    ("168.63.129.16", 32),
+    // IPv6 link-local, OpenStack's metadata service (fe80::a9fe:a9fe) among them.
+    ("fe80::", 10),
+    // AWS's metadata service over IPv6.
+    ("fd00:ec2::254", 128),
+    // Google Cloud's metadata service over IPv6.
+    ("fd20:ce::254", 128),
+];
 
 fn special_nets() -> impl Iterator<Item = (IpAddr, u8)> {
     SPECIAL_NETS
@@ -385,14 +470,62 @@ fn special_nets() -> impl Iterator<Item = (IpAddr, u8)> {
         .filter_map(|(a, p)| a.parse::<IpAddr>().ok().map(|a| (a, *p)))
 }
 
-fn is_metadata_address(ip: IpAddr) -> bool {
-    let ip = canonical(ip);
-    special_nets().any(|(net, prefix)| in_net(ip, net, prefix))
+/// The IPv4 addresses an IPv6 address may stand for, so that an IPv4 metadata address
+/// cannot be reached through one of its IPv6 spellings: IPv4-mapped (`::ffff:a.b.c.d`,
+/// also turned into IPv4 before any check), IPv4-compatible (`::a.b.c.d`), NAT64 through the
+/// well-known prefix (`64:ff9b::/96`) and the local-use prefix (`64:ff9b:1::/48`, at
+/// each RFC 6052 position a sub-prefix of it may use), 6to4 (`2002:AABB:CCDD::/48`),
+/// and Teredo (`2001:0::/32`: the server address, and the client's, inverted).
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let o = ip.octets();
+    let v4 = |a: usize, b: usize, c: usize, d: usize| Ipv4Addr::new(o[a], o[b], o[c], o[d]);
+    let seg = ip.segments();
+    let mut out = Vec::new();
+    if seg[..5] == [0; 5] && (seg[5] == 0 || seg[5] == 0xffff) {
+        // IPv4-compatible and IPv4-mapped. `::` and `::1` are not IPv4 addresses but
+        // embed 0.0.0.0 and 0.0.0.1, which no special range holds.
+        out.push(v4(12, 13, 14, 15));
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        out.push(v4(12, 13, 14, 15));
+    }
+    if seg[..3] == [0x64, 0xff9b, 1] {
+        out.push(v4(6, 7, 9, 10)); // /48
+        out.push(v4(7, 9, 10, 11)); // /56
+        out.push(v4(9, 10, 11, 12)); // /64
+        out.push(v4(12, 13, 14, 15)); // /96
+    }
+    if seg[0] == 0x2002 {
+        out.push(v4(2, 3, 4, 5));
+    }
+    if seg[..2] == [0x2001, 0] {
+        out.push(v4(4, 5, 6, 7));
+        out.push(Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]));
+    }
+    out
 }
 
-/// True when the network `net/prefix` lies wholly inside one of the special ranges.
+/// True for the addresses [`Allowlist`] refuses unless listed explicitly: inside one
+/// of [`SPECIAL_NETS`], directly or through an IPv6 form that embeds one.
+pub fn is_metadata_address(ip: IpAddr) -> bool {
+    let in_special = |ip: IpAddr| special_nets().any(|(net, prefix)| in_net(ip, net, prefix));
+    match canonical(ip) {
+        IpAddr::V4(v4) => in_special(IpAddr::V4(v4)),
+        IpAddr::V6(v6) => {
+            in_special(IpAddr::V6(v6))
+                || embedded_ipv4(v6)
+                    .into_iter()
+                    .any(|v4| in_special(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// True when the network `net/prefix` lies wholly inside one of the special ranges, or
+/// is a single address that is special (an embedded form listed explicitly).
 fn net_is_special(net: IpAddr, prefix: u8) -> bool {
+    let single = prefix == if net.is_ipv4() { 32 } else { 128 };
     special_nets().any(|(special, sp)| prefix >= sp && in_net(net, special, sp))
+        || (single && is_metadata_address(net))
 }
 
 /// The host and port a target reaches, the way each prober reads its target.
@@ -592,5 +725,183 @@ mod tests {
         assert!(list.check_addr(meta).unwrap_err().contains("metadata"));
         assert!(list.check_addr("127.0.0.1:80".parse().unwrap()).is_ok());
         assert!(list.check_host("elsewhere.example", 80).is_err());
+    }
+
+    fn timeout_for(header: Option<HeaderValue>, module: &Module) -> Duration {
+        probe_timeout(header.as_ref(), module, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn the_scrape_timeout_header_never_panics_and_is_capped() {
+        let m = module("http");
+        let h = |v: &str| Some(HeaderValue::from_str(v).unwrap());
+        // The ordinary case: the scrape timeout less the offset.
+        assert_eq!(timeout_for(h("10"), &m), Duration::from_millis(9500));
+        assert_eq!(timeout_for(h(" 2.5 "), &m), Duration::from_secs(2));
+        // Absent: blackbox's 120 s, capped at max_timeout.
+        assert_eq!(timeout_for(None, &m), Duration::from_secs(60));
+        // Capped.
+        assert_eq!(timeout_for(h("3600"), &m), Duration::from_secs(60));
+        for hostile in [
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "Infinity",
+            "-1",
+            "-0",
+            "0",
+            "1e309",
+            "1e300",
+            "18446744073709551616",
+            "1e-400",
+            "",
+            "ten",
+            "0x10",
+            "5s",
+        ] {
+            let t = timeout_for(h(hostile), &m);
+            assert!(
+                t >= MIN_PROBE_TIMEOUT && t <= Duration::from_secs(60),
+                "{hostile:?}: {t:?}"
+            );
+        }
+        // Not UTF-8.
+        let bytes = HeaderValue::from_bytes(b"\xff\xfe10").unwrap();
+        assert_eq!(timeout_for(Some(bytes), &m), Duration::from_secs(60));
+        // Smaller than the offset: the floor.
+        assert_eq!(timeout_for(h("0.2"), &m), MIN_PROBE_TIMEOUT);
+        // The module's own timeout wins when shorter.
+        let mut short = module("http");
+        short.timeout = sonde_proto::config::PromDuration::from_secs(3);
+        assert_eq!(timeout_for(h("10"), &short), Duration::from_secs(3));
+        // A max_timeout at the extreme of Duration does not overflow either.
+        assert_eq!(
+            probe_timeout(h("1e300").as_ref(), &m, Duration::MAX),
+            Duration::MAX - SCRAPE_TIMEOUT_OFFSET
+        );
+    }
+
+    #[test]
+    fn probe_slots_are_bounded_and_released() {
+        let in_flight = AtomicUsize::new(0);
+        let a = ProbeSlot::take(&in_flight, 2).unwrap();
+        let b = ProbeSlot::take(&in_flight, 2).unwrap();
+        assert!(ProbeSlot::take(&in_flight, 2).is_none());
+        drop(a);
+        let c = ProbeSlot::take(&in_flight, 2).unwrap();
+        drop((b, c));
+        assert_eq!(in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    fn is_meta(s: &str) -> bool {
+        is_metadata_address(s.parse().unwrap())
+    }
+
+    #[test]
+    fn every_cloud_metadata_address_is_special() {
+        for meta in [
+            "169.254.169.254", // AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle, ...
+            "169.254.170.2",   // AWS ECS task metadata
+            "169.254.0.23",    // Tencent Cloud
+            "100.100.100.200", // Alibaba
+            "192.0.0.192",     // Oracle (older)
+            "168.63.129.16",   // Azure WireServer
+            "fe80::a9fe:a9fe", // OpenStack over IPv6
+            "fe80::1",
+            "fd00:ec2::254", // AWS over IPv6
+            "fd20:ce::254",  // Google Cloud over IPv6
+        ] {
+            assert!(is_meta(meta), "{meta}");
+        }
+        for ordinary in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "100.100.100.201",
+            "192.0.0.193",
+            "168.63.129.17",
+            "8.8.8.8",
+            "::1",
+            "::",
+            "fd00:ec2::253",
+            "2001:db8::1",
+        ] {
+            assert!(!is_meta(ordinary), "{ordinary}");
+        }
+    }
+
+    #[test]
+    fn ipv4_metadata_addresses_are_special_in_every_ipv6_spelling() {
+        for v4 in [
+            "169.254.169.254",
+            "169.254.1.2",
+            "100.100.100.200",
+            "192.0.0.192",
+            "168.63.129.16",
+        ] {
+            let a: Ipv4Addr = v4.parse().unwrap();
+            let [b0, b1, b2, b3] = a.octets();
+            let hi = u16::from_be_bytes([b0, b1]);
+            let lo = u16::from_be_bytes([b2, b3]);
+            for form in [
+                format!("::ffff:{v4}"),                                    // IPv4-mapped
+                format!("::{v4}"),                                         // IPv4-compatible
+                format!("64:ff9b::{v4}"),         // NAT64, well-known prefix
+                format!("64:ff9b:1::{v4}"),       // NAT64, local-use prefix, /96
+                format!("2002:{hi:x}:{lo:x}::1"), // 6to4
+                format!("2001:0:{hi:x}:{lo:x}::1"), // Teredo server
+                format!("2001:0:4136:e378:8000:63bf:{:x}:{:x}", !hi, !lo), // Teredo client
+            ] {
+                assert!(is_meta(&form), "{form} ({v4})");
+            }
+            // The RFC 6052 positions of the local-use prefix, built byte by byte.
+            for (positions, name) in [
+                ([6, 7, 9, 10], "/48"),
+                ([7, 9, 10, 11], "/56"),
+                ([9, 10, 11, 12], "/64"),
+                ([12, 13, 14, 15], "/96"),
+            ] {
+                let mut o = [0u8; 16];
+                o[..6].copy_from_slice(&[0, 0x64, 0xff, 0x9b, 0, 1]);
+                for (p, b) in positions.into_iter().zip(a.octets()) {
+                    o[p] = b;
+                }
+                let ip = Ipv6Addr::from(o);
+                assert!(is_meta(&ip.to_string()), "{ip} ({v4} at {name})");
+            }
+        }
+        // The same spellings of an ordinary address are not special.
+        for ordinary in [
+            "::ffff:10.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "2002:a00:1::1",
+            "::10.0.0.1",
+        ] {
+            assert!(!is_meta(ordinary), "{ordinary}");
+        }
+    }
+
+    #[test]
+    fn embedded_forms_are_refused_by_the_allowlist_unless_explicit() {
+        let http = module("http");
+        for target in [
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[2002:a9fe:a9fe::1]/",
+            "http://[::169.254.169.254]/",
+            "http://100.100.100.200/",
+            "http://[fd20:ce::254]/",
+        ] {
+            let err = allowed_target(&["*", "[::/0]:*"], &http, target).unwrap_err();
+            assert!(err.contains("metadata"), "{target}: {err}");
+        }
+        assert!(
+            allowed_target(
+                &["[64:ff9b::a9fe:a9fe]:80"],
+                &http,
+                "http://[64:ff9b::a9fe:a9fe]/"
+            )
+            .is_ok()
+        );
+        assert!(allowed_target(&["100.100.100.200:80"], &http, "http://100.100.100.200/").is_ok());
     }
 }

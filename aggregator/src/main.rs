@@ -26,6 +26,12 @@ struct Cli {
     config_file: PathBuf,
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9450")]
     web_listen_address: SocketAddr,
+    /// Serve POST /-/reload (as Prometheus's flag of the same name). SIGHUP reloads
+    /// regardless.
+    #[arg(long = "web.enable-lifecycle")]
+    web_enable_lifecycle: bool,
+    #[command(flatten)]
+    web: sonde_agent::http_server::WebFlags,
     #[arg(long = "grpc.listen-address", default_value = "127.0.0.1:9451")]
     grpc_listen_address: SocketAddr,
     #[arg(long = "storage.path", default_value = "data/aggregator")]
@@ -85,21 +91,21 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         (config, Some(cli.config_file.clone()))
     };
     let app = App::start(config, config_file, Some(&cli.storage_path))?;
-    let running = sonde_aggregator::server::start(
-        app.clone(),
-        cli.web_listen_address,
-        cli.grpc_listen_address,
-    )
-    .await?;
+    let web = sonde_aggregator::web::Options {
+        listen_address: cli.web_listen_address,
+        enable_lifecycle: cli.web_enable_lifecycle,
+        limits: cli.web.limits(),
+    };
+    let running =
+        sonde_aggregator::server::start_with(app.clone(), web, cli.grpc_listen_address).await?;
 
     let embedded = if all_in_one {
         let mut agent = AgentConfig::minimal("all-in-one".into());
         agent.labels.insert("mode".into(), "all-in-one".into());
-        agent.aggregators.push(AggregatorEndpoint {
-            address: format!("http://{}", running.grpc_address),
-            token_file: None,
-            tls_config: None,
-        });
+        agent.aggregators.push(AggregatorEndpoint::new(format!(
+            "http://{}",
+            running.grpc_address
+        )));
         let agent = sonde_agent::runtime::AgentRuntime::start(
             agent,
             Some(&cli.storage_path.join("embedded-agent")),

@@ -19,13 +19,28 @@ pub struct Running {
 }
 
 /// Binds both listeners (so a port clash fails start-up with a clear message), then
-/// serves until [`Running::shutdown`].
+/// serves until [`Running::shutdown`]. The web server gets the default
+/// [`crate::web::Options`] (no lifecycle API); see [`start_with`].
 pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<Running, String> {
+    start_with(app, web.into(), grpc).await
+}
+
+/// [`start`], with the web server's options (`--web.*` flags).
+pub async fn start_with(
+    app: Arc<App>,
+    web: crate::web::Options,
+    grpc: SocketAddr,
+) -> Result<Running, String> {
     // Before binding: a port that would be open to anyone is never opened.
     app.hub.config().check_listen_address(grpc)?;
-    let web_listener = tokio::net::TcpListener::bind(web)
+    let web_listener = tokio::net::TcpListener::bind(web.listen_address)
         .await
-        .map_err(|e| format!("cannot listen on --web.listen-address {web}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on --web.listen-address {}: {e}",
+                web.listen_address
+            )
+        })?;
     let grpc_listener = tokio::net::TcpListener::bind(grpc)
         .await
         .map_err(|e| format!("cannot listen on --grpc.listen-address {grpc}: {e}"))?;
@@ -38,16 +53,14 @@ pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<R
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let router = crate::web::router(app.clone());
+    let router = crate::web::router(app.clone(), web.enable_lifecycle);
     let rx = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(web_listener, router)
-            .with_graceful_shutdown(wait(rx))
-            .await
-        {
-            tracing::error!(error = %e, "web server failed");
-        }
-    }));
+    tasks.push(tokio::spawn(sonde_agent::http_server::serve(
+        web_listener,
+        router,
+        web.limits,
+        wait(rx),
+    )));
 
     let config = app.hub.config();
     let limits = config.limits;

@@ -48,6 +48,7 @@ fn agent_config(id: &str, grpc: SocketAddr, token_file: PathBuf) -> AgentConfig 
         address: format!("http://{grpc}"),
         token_file: Some(token_file),
         tls_config: None,
+        allow_plaintext_token: false,
     });
     agent
 }

@@ -58,6 +58,7 @@ fn agent(grpc: std::net::SocketAddr, dir: &Path, with_client_cert: bool) -> Agen
             },
             server_name: None,
         }),
+        allow_plaintext_token: false,
     });
     agent
 }

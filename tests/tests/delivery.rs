@@ -51,6 +51,8 @@ impl AggregatorSetup {
                 self.grpc_port
             ))
             .arg(format!("--storage.path={}", self.data.display()))
+            // One test reloads with POST /-/reload.
+            .arg("--web.enable-lifecycle")
             .arg("--log.level=debug");
         scene.spawn(name, cmd);
         let web = self.web();

@@ -10,9 +10,43 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use sonde_agent::http_server::Limits;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub fn router(app: Arc<App>) -> Router {
+/// How the web server listens, from the `--web.*` flags.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// `--web.listen-address`.
+    pub listen_address: SocketAddr,
+    /// `--web.enable-lifecycle`: serve `POST /-/reload` (off by default, as in
+    /// Prometheus: any caller of the HTTP endpoints could otherwise make the aggregator
+    /// re-read its config).
+    pub enable_lifecycle: bool,
+    /// Header read timeout and connection limit.
+    pub limits: Limits,
+}
+
+impl From<SocketAddr> for Options {
+    /// The defaults: lifecycle API off, default limits.
+    fn from(listen_address: SocketAddr) -> Self {
+        Self {
+            listen_address,
+            enable_lifecycle: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What `POST /-/reload` answers without `--web.enable-lifecycle`, as Prometheus does.
+pub const LIFECYCLE_DISABLED: &str = "Lifecycle API is not enabled.";
+
+pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
+    let reload_route = if enable_lifecycle {
+        post(reload)
+    } else {
+        post(|| async { (StatusCode::FORBIDDEN, format!("{LIFECYCLE_DISABLED}\n")) })
+    };
     Router::new()
         .route("/", get(status::page))
         .route("/metrics", get(metrics::handler))
@@ -20,9 +54,21 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/targets", get(api::targets))
         .route("/api/v1/agents", get(api::agents))
         .route("/-/healthy", get(|| async { "Healthy.\n" }))
-        .route("/-/ready", get(|| async { "Ready.\n" }))
-        .route("/-/reload", post(reload))
+        .route("/-/ready", get(ready))
+        .route("/-/reload", reload_route)
         .with_state(app)
+}
+
+/// 200 "Ready." once the config is loaded and the queues restored (both done before the
+/// server starts) while the store takes commits; 503 with the reason otherwise.
+async fn ready(State(app): State<Arc<App>>) -> impl IntoResponse {
+    match app.readiness() {
+        Ok(()) => (StatusCode::OK, "Ready.\n".to_string()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Not ready: {reason}\n"),
+        ),
+    }
 }
 
 async fn reload(State(app): State<Arc<App>>) -> impl IntoResponse {
