@@ -62,6 +62,8 @@ if [ ! -e "$DIR/aggregator.key" ]; then
         -addext "extendedKeyUsage=serverAuth" \
         -out "$DIR/aggregator.pem"
 fi
+openssl verify -CAfile "$DIR/ca.pem" -purpose sslserver "$DIR/aggregator.pem"
+openssl x509 -in "$DIR/aggregator.pem" -noout -ext subjectAltName
 
 # 3. One client certificate per agent (for mTLS: fleet.tls.client_ca_file), valid 825 days.
 for AGENT in "$@"; do
@@ -75,9 +77,5 @@ for AGENT in "$@"; do
             -addext "extendedKeyUsage=clientAuth" \
             -out "$DIR/$AGENT.pem"
     fi
-done
-
-openssl verify -CAfile "$DIR/ca.pem" -purpose sslserver "$DIR/aggregator.pem"
-for AGENT in "$@"; do
     openssl verify -CAfile "$DIR/ca.pem" -purpose sslclient "$DIR/$AGENT.pem"
 done
