@@ -7,8 +7,9 @@
 //!
 //! Then every way in that the deployment must close is tried: no token, a wrong token, a
 //! token with labels it was not issued for, no client certificate (mTLS), plain HTTP/2 on
-//! the TLS port; and an aggregator without `fleet.auth` on a non-loopback address, and an
-//! agent asked to send its token in clear text to a non-loopback address.
+//! the TLS port, a token revoked by a reload; and an aggregator without `fleet.auth` on a
+//! non-loopback address, and an agent asked to send its token in clear text to a
+//! non-loopback address.
 
 use serde_json::Value;
 use sonde_tests::{
@@ -309,6 +310,44 @@ fn tls_and_token_deployment_as_the_readme_says() {
         "edge-eu-1 lost its stream during the attempts"
     );
     target_is_up().expect("the target is still UP, seen by edge-eu-1 alone");
+
+    // ---- revoking: edge-us-1's entry removed from fleet.auth, then a reload (SIGHUP, as
+    // `systemctl reload` sends): its stream ends within seconds, and it stays out.
+    let config_file = scene.dir().join("aggregator.yml");
+    let config = std::fs::read_to_string(&config_file).expect("read the aggregator config");
+    let entry = format!(
+        "      - agent: edge-us-1\n        token_file: {}/edge-us-1.token\n        labels:\n          region: us\n",
+        pki.display()
+    );
+    std::fs::write(&config_file, replace_once(&config, &entry, "")).expect("write the config");
+    let before = refused(&web);
+    let pid = scene.process("aggregator").pid().to_string();
+    let status = Command::new("kill").args(["-HUP", &pid]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -HUP {pid}");
+    scene.wait_until(
+        "edge-us-1's stream to end after its token was removed",
+        Duration::from_secs(30),
+        || match is_connected(&web, "edge-us-1")? {
+            false => Ok(()),
+            true => Err("edge-us-1 is still connected".into()),
+        },
+    );
+    scene.wait_until(
+        "edge-us-1's reconnection to be refused",
+        WAIT,
+        || match refused(&web) {
+            now if now > before => Ok(()),
+            now => Err(format!("sonde_agents_refused_total = {now}")),
+        },
+    );
+    assert!(
+        !is_connected(&web, "edge-us-1").expect("/api/v1/agents"),
+        "edge-us-1 got back in without a token"
+    );
+    assert!(
+        is_connected(&web, "edge-eu-1").expect("/api/v1/agents"),
+        "edge-eu-1 lost its stream in the reload"
+    );
 }
 
 /// Sends the HTTP/2 client preface and an empty SETTINGS frame in clear text to `address`
