@@ -1084,6 +1084,94 @@ pub fn start_agent(scene: &mut Scene, name: &str, config: &str) -> String {
     web
 }
 
+// ---------------------------------------------------------------------------------------
+// TLS + token deployments (README, "Security model")
+
+/// The README's command that makes one agent's token file, 0600: 32 random bytes in
+/// base64. Run by `sh` with `DIR` and `AGENT` in the environment.
+pub const MAKE_TOKEN_COMMAND: &str =
+    r#"(umask 077 && head -c 32 /dev/urandom | base64 > "$DIR/$AGENT.token")"#;
+
+/// Follows the README's first two steps into `<scratch>/pki`:
+/// `deploy/examples/tls/make-certs.sh` makes a CA, the aggregator's certificate for `san`
+/// (openssl's subjectAltName syntax) and a client certificate per agent, then
+/// [`MAKE_TOKEN_COMMAND`] makes each agent's token file. A missing openssl fails the test
+/// with the package to install. Returns the directory (`ca.pem`, `aggregator.pem`,
+/// `aggregator.key`, `<agent>.pem`, `<agent>.key`, `<agent>.token`).
+pub fn make_pki(scratch: &TestDir, san: &str, agents: &[&str]) -> PathBuf {
+    // make-certs.sh runs openssl from PATH: fail here, naming the package, when it is missing.
+    let openssl = require_tool("openssl", "openssl");
+    let dir = scratch.join("pki");
+    let mut path =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect::<Vec<_>>();
+    if let Some(openssl_dir) = openssl.parent() {
+        path.insert(0, openssl_dir.to_path_buf());
+    }
+    let path = std::env::join_paths(path).expect("PATH");
+    let mut cmd = Command::new("sh");
+    cmd.arg(repo_path("deploy/examples/tls/make-certs.sh"))
+        .arg(&dir)
+        .arg(san)
+        .args(agents)
+        .env("PATH", &path);
+    let out = run(cmd, scratch.path(), Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "deploy/examples/tls/make-certs.sh failed ({}):\n{}",
+        out.status,
+        out.combined()
+    );
+    for agent in agents {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", MAKE_TOKEN_COMMAND])
+            .env("DIR", &dir)
+            .env("AGENT", agent);
+        let out = run(cmd, scratch.path(), Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "the README's token command failed for {agent} ({}):\n{}",
+            out.status,
+            out.combined()
+        );
+    }
+    dir
+}
+
+/// The permission bits of `path` (`0o600` for a file only its owner may read or write).
+pub fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `text` with its one occurrence of `from` replaced by `to`; fails the test when `from`
+/// occurs more than once or not at all (so that a rewritten example config fails loudly
+/// when the example changes, instead of silently keeping the original).
+pub fn replace_once(text: &str, from: &str, to: &str) -> String {
+    let found = text.matches(from).count();
+    assert_eq!(
+        found, 1,
+        "expected exactly one {from:?} in the text to rewrite, found {found}:\n{text}"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// A `deploy/` example config as installed under `/etc/sonde`, moved into `dir`: its text
+/// with every `/etc/sonde/` path made `<dir>/` (for instance the directory of
+/// [`make_pki`], whose files have the names the examples use).
+pub fn example_installed_in(relative: &str, dir: &Path) -> String {
+    let text = fs::read_to_string(repo_path(relative))
+        .unwrap_or_else(|e| panic!("cannot read {relative}: {e}"));
+    assert!(
+        text.contains("/etc/sonde/"),
+        "{relative} names no file under /etc/sonde/"
+    );
+    text.replace("/etc/sonde/", &format!("{}/", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

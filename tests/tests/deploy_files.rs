@@ -1,9 +1,13 @@
 //! The files under deploy/ are what users copy: the alert rules must load and pass their
 //! promtool tests, and the example configs must pass `check-config`. A broken config must
-//! be reported with FILE:LINE:COLUMN.
+//! be reported with FILE:LINE:COLUMN. What is shipped is secure: the configs authenticate
+//! agents over TLS, the units are hardened, and the README's TLS + token steps are the
+//! ones `deploy/examples/tls/make-certs.sh` runs.
 
-use sonde_tests::{TestDir, repo_path, require_tool, run, sonde_bin};
-use std::path::Path;
+use sonde_tests::{
+    TestDir, example_installed_in, make_pki, repo_path, require_tool, run, sonde_bin,
+};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -83,10 +87,35 @@ fn every_alert_is_tested_firing_and_quiet() {
     }
 }
 
+/// The example `relative` (under deploy/examples/) as installed: written into `scratch`
+/// with its `/etc/sonde/` files there too (the certificates of make-certs.sh and the
+/// token files of the README's command), next to a copy of the example file_sd targets.
+fn installed_example(relative: &str, scratch: &TestDir) -> PathBuf {
+    let pki = if scratch.join("pki").exists() {
+        scratch.join("pki")
+    } else {
+        make_pki(
+            scratch,
+            "DNS:aggregator.example.com",
+            &["edge-eu-1", "edge-us-1"],
+        )
+    };
+    scratch.write(
+        "targets/web.yml",
+        &std::fs::read_to_string(repo_path("deploy/examples/targets/web.yml"))
+            .expect("read the example targets"),
+    );
+    let name = Path::new(relative)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a file name");
+    scratch.write(name, &example_installed_in(relative, &pki))
+}
+
 #[test]
 fn example_aggregator_config_is_valid() {
     let scratch = TestDir::new("check-aggregator-example");
-    let file = repo_path("deploy/examples/aggregator.yml");
+    let file = installed_example("deploy/examples/aggregator.yml", &scratch);
     let out = check_config("sonde-aggregator", &file, &scratch);
     assert!(
         out.status.success(),
@@ -100,7 +129,7 @@ fn example_aggregator_config_is_valid() {
 #[test]
 fn example_agent_config_is_valid() {
     let scratch = TestDir::new("check-agent-example");
-    let file = repo_path("deploy/examples/agent.yml");
+    let file = installed_example("deploy/examples/agent.yml", &scratch);
     let out = check_config("sonde-agent", &file, &scratch);
     assert!(
         out.status.success(),
@@ -201,4 +230,414 @@ fn broken_agent_config_names_file_line_column() {
         out.combined()
     );
     assert_located(&out.combined(), &file, line, "max_byte");
+}
+
+#[test]
+fn tls_example_configs_are_valid() {
+    let scratch = TestDir::new("check-tls-examples");
+    for (bin, example) in [
+        ("sonde-aggregator", "deploy/examples/tls/aggregator.yml"),
+        ("sonde-agent", "deploy/examples/tls/agent.yml"),
+    ] {
+        let file = installed_example(example, &scratch);
+        let out = check_config(bin, &file, &scratch);
+        assert!(
+            out.status.success(),
+            "{bin} check-config {example} (installed in {}) failed ({}):\n{}",
+            scratch.path().display(),
+            out.status,
+            out.combined()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What is shipped authenticates agents
+
+/// The lines of a YAML file that carry something: comments (from a `#` at the start of
+/// the line or after a space; the shipped files quote no `#`) and blank lines removed.
+fn yaml_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(|line| {
+            let cut = if line.trim_start().starts_with('#') {
+                0
+            } else {
+                line.find(" #").unwrap_or(line.len())
+            };
+            line[..cut].trim_end()
+        })
+        .filter(|line| !line.is_empty())
+        .collect()
+}
+
+/// The lines of the top-level block `key:` (those indented under it).
+fn top_level_block<'a>(lines: &[&'a str], key: &str) -> Vec<&'a str> {
+    let head = format!("{key}:");
+    lines
+        .iter()
+        .skip_while(|l| **l != head)
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .copied()
+        .collect()
+}
+
+/// Ok when an aggregator config's `fleet:` requires per-agent tokens, each bound to
+/// labels, over TLS, and does not allow anonymous agents.
+fn fleet_requires_tokens_over_tls(text: &str) -> Result<(), String> {
+    let lines = yaml_lines(text);
+    let fleet = top_level_block(&lines, "fleet");
+    let has = |line: &str| fleet.contains(&line);
+    let count = |needle: &str| fleet.iter().filter(|l| l.contains(needle)).count();
+    if !has("  auth:") || count("tokens:") != 1 {
+        return Err("fleet.auth.tokens is absent: anyone could join the fleet".into());
+    }
+    let agents = count("- agent:");
+    if agents == 0 || count("token_file:") != agents {
+        return Err(format!(
+            "fleet.auth.tokens should list agents, each with a token_file: {agents} agents, {} token files",
+            count("token_file:")
+        ));
+    }
+    if count("labels:") < agents {
+        return Err(
+            "every fleet.auth.tokens entry should bind the agent's labels (labels:)".into(),
+        );
+    }
+    if !has("  tls:") || count("cert_file:") != 1 || count("key_file:") != 1 {
+        return Err("fleet.tls (cert_file, key_file) is absent: tokens would cross the network in clear text".into());
+    }
+    if count("allow_anonymous: true") > 0 {
+        return Err("fleet.allow_anonymous is true".into());
+    }
+    Ok(())
+}
+
+/// Ok when every entry of an agent config's `aggregators:` sends a token over TLS.
+fn aggregators_get_tokens_over_tls(text: &str) -> Result<(), String> {
+    let lines = yaml_lines(text);
+    let block = top_level_block(&lines, "aggregators");
+    let mut entries: Vec<Vec<&str>> = Vec::new();
+    for line in block {
+        if line.trim_start().starts_with("- ") {
+            entries.push(Vec::new());
+        }
+        match entries.last_mut() {
+            Some(entry) => entry.push(line.trim_start().trim_start_matches("- ")),
+            None => return Err(format!("unexpected line in aggregators: {line:?}")),
+        }
+    }
+    if entries.is_empty() {
+        return Err("no aggregators: entry".into());
+    }
+    for entry in entries {
+        let address = entry
+            .iter()
+            .find_map(|l| l.strip_prefix("address: "))
+            .ok_or_else(|| format!("an aggregators: entry without address: {entry:?}"))?;
+        if !address.starts_with("https://") {
+            return Err(format!("aggregator {address} is not https://"));
+        }
+        if !entry.iter().any(|l| l.starts_with("token_file: ")) {
+            return Err(format!("aggregator {address} has no token_file"));
+        }
+        if entry.contains(&"allow_plaintext_token: true") {
+            return Err(format!("aggregator {address} allows a plaintext token"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn shipped_aggregator_configs_require_tokens_over_tls() {
+    for example in [
+        "deploy/examples/aggregator.yml",
+        "deploy/examples/tls/aggregator.yml",
+    ] {
+        let text = std::fs::read_to_string(repo_path(example)).expect("read the example");
+        if let Err(e) = fleet_requires_tokens_over_tls(&text) {
+            panic!("{example}: {e}");
+        }
+    }
+}
+
+#[test]
+fn shipped_agent_configs_send_their_token_over_tls() {
+    for example in ["deploy/examples/agent.yml", "deploy/examples/tls/agent.yml"] {
+        let text = std::fs::read_to_string(repo_path(example)).expect("read the example");
+        if let Err(e) = aggregators_get_tokens_over_tls(&text) {
+            panic!("{example}: {e}");
+        }
+    }
+}
+
+/// The shape checks above catch what they are meant to catch.
+#[test]
+fn config_shape_checks_refuse_configs_without_auth() {
+    let aggregator =
+        std::fs::read_to_string(repo_path("deploy/examples/aggregator.yml")).expect("read");
+    let commented: String = aggregator
+        .lines()
+        .map(|l| match l {
+            "  auth:" | "    tokens:" => format!("  # {l}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(fleet_requires_tokens_over_tls(&commented).is_err());
+    let no_tls = aggregator.replace("  tls:", "  # tls:");
+    assert!(fleet_requires_tokens_over_tls(&no_tls).is_err());
+    let anonymous = aggregator.replace("fleet:\n", "fleet:\n  allow_anonymous: true\n");
+    assert!(fleet_requires_tokens_over_tls(&anonymous).is_err());
+
+    let agent = std::fs::read_to_string(repo_path("deploy/examples/agent.yml")).expect("read");
+    let plain = agent.replace("https://", "http://");
+    assert!(aggregators_get_tokens_over_tls(&plain).is_err());
+    let tokenless: String = agent
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("token_file:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(aggregators_get_tokens_over_tls(&tokenless).is_err());
+}
+
+/// The value of `--flag=` on a unit's ExecStart.
+fn unit_flag<'a>(unit: &'a str, flag: &str) -> Option<&'a str> {
+    let prefix = format!("{flag}=");
+    unit.split_whitespace()
+        .find_map(|word| word.strip_prefix(prefix.as_str()))
+}
+
+#[test]
+fn systemd_units_are_hardened() {
+    for name in ["sonde-aggregator.service", "sonde-agent.service"] {
+        let text = std::fs::read_to_string(repo_path(&format!("deploy/systemd/{name}")))
+            .expect("read the unit");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for want in [
+            "User=sonde",
+            "Group=sonde",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "PrivateDevices=yes",
+            "ProtectKernelTunables=yes",
+            "ProtectKernelModules=yes",
+            "ProtectControlGroups=yes",
+            "RestrictSUIDSGID=yes",
+            "RestrictNamespaces=yes",
+            "LockPersonality=yes",
+            "MemoryDenyWriteExecute=yes",
+            "CapabilityBoundingSet=",
+            "SystemCallArchitectures=native",
+            "SystemCallFilter=@system-service",
+            "StateDirectory=sonde",
+            "StateDirectoryMode=0700",
+            "UMask=0077",
+        ] {
+            assert!(lines.contains(&want), "{name} should have {want}");
+        }
+        for prefix in ["RestrictAddressFamilies=", "LimitNOFILE="] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(prefix)),
+                "{name} should set {prefix}"
+            );
+        }
+        for never in ["AmbientCapabilities=", "User=root", "PermissionsStartOnly="] {
+            assert!(
+                !lines.iter().any(|l| l.starts_with(never)),
+                "{name} must not have {never}"
+            );
+        }
+        // ProtectSystem=strict: the storage must be in the StateDirectory (or listed in
+        // ReadWritePaths=), or the service cannot write its database.
+        let storage = unit_flag(&text, "--storage.path").expect("--storage.path");
+        let writable = storage.starts_with("/var/lib/sonde/")
+            || lines.iter().any(|l| {
+                l.strip_prefix("ReadWritePaths=")
+                    .is_some_and(|p| p.split_whitespace().any(|d| storage.starts_with(d)))
+            });
+        assert!(writable, "{name}: --storage.path={storage} is not writable");
+        // The HTTP endpoints (status page, API, /probe) are for local callers.
+        let web = unit_flag(&text, "--web.listen-address").expect("--web.listen-address");
+        assert!(
+            web.starts_with("127.0.0.1:"),
+            "{name}: --web.listen-address={web} is not loopback"
+        );
+    }
+}
+
+/// The aggregator's unit listens for agents beyond loopback, so the config it runs (the
+/// shipped example, installed as /etc/sonde/aggregator.yml) requires tokens over TLS.
+#[test]
+fn aggregator_unit_listening_beyond_loopback_runs_a_config_with_auth() {
+    let unit = std::fs::read_to_string(repo_path("deploy/systemd/sonde-aggregator.service"))
+        .expect("read the unit");
+    let grpc = unit_flag(&unit, "--grpc.listen-address").expect("--grpc.listen-address");
+    let config = unit_flag(&unit, "--config.file").expect("--config.file");
+    assert_eq!(config, "/etc/sonde/aggregator.yml");
+    let loopback = grpc.starts_with("127.") || grpc.starts_with("[::1]:");
+    if !loopback {
+        let text = std::fs::read_to_string(repo_path("deploy/examples/aggregator.yml"))
+            .expect("read the example");
+        if let Err(e) = fleet_requires_tokens_over_tls(&text) {
+            panic!("the unit listens on {grpc}, but deploy/examples/aggregator.yml: {e}");
+        }
+    }
+    let agent = std::fs::read_to_string(repo_path("deploy/systemd/sonde-agent.service"))
+        .expect("read the unit");
+    assert_eq!(
+        unit_flag(&agent, "--config.file"),
+        Some("/etc/sonde/agent.yml")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The README's security model matches the files
+
+fn readme() -> String {
+    std::fs::read_to_string(repo_path("README.md")).expect("read README.md")
+}
+
+/// The body of the first fenced block of `lang` after the first occurrence of `marker`.
+fn fenced_block_after<'a>(text: &'a str, marker: &str, lang: &str) -> &'a str {
+    let at = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker:?}"));
+    let open = format!("```{lang}\n");
+    let start = text[at..]
+        .find(&open)
+        .map(|i| at + i + open.len())
+        .unwrap_or_else(|| panic!("no ```{lang} block after {marker:?}"));
+    let end = text[start..]
+        .find("\n```")
+        .map(|i| start + i + 1)
+        .expect("an unterminated fenced block");
+    &text[start..end]
+}
+
+/// The `openssl` commands of a shell script, each on one line (continuations joined,
+/// indentation and trailing comments removed).
+fn openssl_commands(script: &str) -> Vec<String> {
+    let mut commands = Vec::new();
+    let mut current = String::new();
+    for line in script.lines() {
+        let line = line.trim();
+        let line = line.split("   #").next().unwrap_or(line).trim_end();
+        match line.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part.trim_end());
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                if current.starts_with("openssl ") {
+                    commands.push(current.clone());
+                }
+                current.clear();
+            }
+        }
+    }
+    commands.sort();
+    commands.dedup();
+    commands
+}
+
+/// Step 1 of the README's "Step by step: TLS and tokens" runs as written (on OpenSSL 3),
+/// and make-certs.sh runs the same openssl commands.
+#[test]
+fn readme_certificate_steps_run_and_match_make_certs() {
+    let readme = readme();
+    let steps = fenced_block_after(&readme, "**1. A CA and the certificates**", "sh");
+    let script = std::fs::read_to_string(repo_path("deploy/examples/tls/make-certs.sh"))
+        .expect("read make-certs.sh");
+    let in_readme = openssl_commands(steps);
+    assert!(in_readme.len() >= 8, "{in_readme:#?}");
+    assert_eq!(
+        in_readme,
+        openssl_commands(&script),
+        "README.md's step 1 and deploy/examples/tls/make-certs.sh should run the same openssl commands"
+    );
+
+    // Run the README's block as it is, its $HOME in a scratch directory.
+    require_tool("openssl", "openssl");
+    let scratch = TestDir::new("readme-certificates");
+    let mut cmd = Command::new("sh");
+    cmd.args(["-e", "-c", steps]).env("HOME", scratch.path());
+    let out = run(cmd, scratch.path(), TIMEOUT);
+    assert!(
+        out.status.success(),
+        "the README's certificate steps failed ({}):\n{}",
+        out.status,
+        out.combined()
+    );
+    let made = scratch.join("sonde-pki");
+    for file in ["ca.pem", "aggregator.pem", "edge-eu-1.pem", "edge-us-1.pem"] {
+        assert!(made.join(file).exists(), "no {file}:\n{}", out.combined());
+    }
+    assert!(
+        out.combined().contains("DNS:aggregator.example.com"),
+        "the certificate should name aggregator.example.com:\n{}",
+        out.combined()
+    );
+    assert_eq!(
+        out.combined().matches(": OK").count(),
+        3,
+        "openssl verify should pass for the aggregator and both agents:\n{}",
+        out.combined()
+    );
+}
+
+/// The README's configs of the TLS + token deployment are (excerpts of) the files of
+/// deploy/examples/tls/: every line they show is in the file, in the same order.
+#[test]
+fn readme_tls_configs_are_the_example_files() {
+    let readme = readme();
+    for example in [
+        "deploy/examples/tls/aggregator.yml",
+        "deploy/examples/tls/agent.yml",
+    ] {
+        let shown = fenced_block_after(&readme, &format!("[`{example}`]({example})"), "yaml");
+        let file = std::fs::read_to_string(repo_path(example)).expect("read the example");
+        let file_lines = yaml_lines(&file);
+        let mut rest = file_lines.as_slice();
+        for line in yaml_lines(shown) {
+            match rest.iter().position(|l| *l == line) {
+                Some(i) => rest = &rest[i + 1..],
+                None => panic!(
+                    "README.md shows {line:?} for {example}, which the file does not have \
+                     (at that place)"
+                ),
+            }
+        }
+    }
+}
+
+/// Every `fleet.limits` key is in the README's limits table, and the README's block of
+/// defaults is a config the aggregator accepts.
+#[test]
+fn readme_limits_are_documented_and_accepted() {
+    let readme = readme();
+    let block = fenced_block_after(&readme, "### Limits", "yaml");
+    let keys: Vec<&str> = yaml_lines(block)
+        .into_iter()
+        .filter(|l| l.starts_with("    "))
+        .filter_map(|l| l.trim().split(':').next())
+        .collect();
+    assert_eq!(keys.len(), 13, "{keys:?}");
+    for key in &keys {
+        assert!(
+            readme.contains(&format!("| `{key}` |")),
+            "README.md's limits table has no row for {key}"
+        );
+    }
+    let scratch = TestDir::new("check-readme-limits");
+    let file = scratch.write("limits.yml", block);
+    let out = check_config("sonde-aggregator", &file, &scratch);
+    assert!(
+        out.status.success(),
+        "the README's fleet.limits block (defaults) should be accepted ({}):\n{}",
+        out.status,
+        out.combined()
+    );
 }
