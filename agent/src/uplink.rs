@@ -61,6 +61,11 @@ pub const MAX_SYMBOL_BYTES: usize = 16 << 10;
 pub const MAX_TABLE_BYTES: usize = 8 << 20;
 /// The aggregator's bound on the number of symbols of one stream.
 pub const MAX_TABLE_SYMBOLS: usize = 1 << 20;
+/// What the aggregator counts for each symbol beyond its bytes (its slot and header),
+/// so that both sides agree on a table's size.
+pub const SYMBOL_OVERHEAD: usize = 40;
+/// Samples in one batch: half the aggregator's default `max_samples_per_batch`.
+pub const MAX_BATCH_SAMPLES: usize = 5_000;
 /// How long a stream whose symbol table is full waits for the acks of what it sent
 /// before it ends anyway (what is unacked is replayed on the next stream).
 const ROTATE_WAIT: Duration = Duration::from_secs(30);
@@ -600,7 +605,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Default)]
 struct Symbols {
     index: HashMap<String, u32>,
-    /// The bytes of every symbol in `index`.
+    /// The bytes of every symbol in `index`, with [`SYMBOL_OVERHEAD`] each.
     bytes: usize,
 }
 
@@ -636,7 +641,11 @@ impl Symbols {
             truncated: 0,
         };
         let mut size = 0;
+        let mut samples = 0;
         for record in records {
+            if samples > 0 && samples + record.samples.len() > MAX_BATCH_SAMPLES {
+                break;
+            }
             let (symbols_before, bytes_before) = (built.batch.new_symbols.len(), self.bytes);
             let table_was_empty = self.index.is_empty();
             let mut truncated = 0;
@@ -649,6 +658,7 @@ impl Symbols {
             let table_over = self.bytes > MAX_TABLE_BYTES || self.index.len() > MAX_TABLE_SYMBOLS;
             if cost <= budget.saturating_sub(size) && !table_over {
                 size += cost;
+                samples += record.samples.len();
                 built.truncated += truncated;
                 built.last_seq = Some(record.seq);
                 built.batch.results.push(result);
@@ -687,7 +697,7 @@ impl Symbols {
             }
             let i = (self.index.len()) as u32;
             self.index.insert(cut.to_string(), i);
-            self.bytes += cut.len();
+            self.bytes += cut.len() + SYMBOL_OVERHEAD;
             new_symbols.push(cut.to_string());
             i
         };
@@ -847,6 +857,15 @@ mod tests {
             }
         }
         assert!(batches >= 10, "{batches}");
+    }
+
+    #[test]
+    fn batches_stay_under_the_sample_limit() {
+        let records: Vec<_> = (1..=500).map(|seq| big_record(seq, 30, 1)).collect();
+        let built = Symbols::default().batch(&records, BATCH_BUDGET);
+        let samples: usize = built.batch.results.iter().map(|r| r.samples.len()).sum();
+        assert!(samples <= MAX_BATCH_SAMPLES, "{samples}");
+        assert_eq!(built.batch.results.len(), MAX_BATCH_SAMPLES / 30);
     }
 
     #[test]
