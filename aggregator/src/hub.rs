@@ -1243,7 +1243,11 @@ impl State {
         for id in &forgotten {
             if let Some(agent) = self.agents.remove(id) {
                 tracing::info!(agent = %id, "agent forgotten after forget_after");
-                for name in ["sonde_agent_up", "sonde_agent_last_seen_timestamp_seconds"] {
+                for name in [
+                    "sonde_agent_up",
+                    "sonde_agent_last_seen_timestamp_seconds",
+                    "sonde_agent_clock_skew_seconds",
+                ] {
                     out.push(sample(name, &[("agent", id)], ts, stale_nan()));
                 }
                 out.push(SeriesSample {
@@ -1315,6 +1319,14 @@ impl State {
                 ts,
                 agent.last_seen_at(now_ms) as f64 / 1000.0,
             ));
+            if let Some(skew) = agent.clock_skew_ms {
+                out.push(sample(
+                    "sonde_agent_clock_skew_seconds",
+                    &[("agent", id)],
+                    ts,
+                    skew as f64 / 1000.0,
+                ));
+            }
             out.push(SeriesSample {
                 labels: info_labels(id, &agent.labels),
                 timestamp_ms: ts,
@@ -2035,6 +2047,26 @@ fleet: {missing_after: 30s}
         hub.results("eu-1", &[big], T0 + 1).unwrap();
         assert_eq!(refused(&hub, "series_limit"), 1);
         assert_eq!(hub.lock().agents["eu-1"].series, 3);
+    }
+
+    #[test]
+    fn heartbeats_give_the_agent_clock_skew() {
+        let (hub, rec, _rx) = setup();
+        hub.heartbeat("eu-1", T0 + 2_500, T0 + 500);
+        hub.tick(T0 + 20_000);
+        assert_eq!(
+            value_of(
+                &rec.take(),
+                "sonde_agent_clock_skew_seconds",
+                &[("agent", "eu-1")]
+            ),
+            [2.0]
+        );
+        hub.heartbeat("eu-1", i64::MIN, T0 + 21_000);
+        assert!(
+            hub.clock_skews()[0].1 < -1e15,
+            "an absurd clock is reported, not a panic"
+        );
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub fn series_help(name: &str) -> Option<&'static str> {
         }
         "sonde_agent_last_seen_timestamp_seconds" => "When the agent was last heard from.",
         "sonde_agent_info" => "The agent's labels, for joins in PromQL.",
+        "sonde_agent_clock_skew_seconds" => {
+            "The agent's clock minus the aggregator's, from its last heartbeat (network delay included)."
+        }
         other if other.starts_with("probe_") => {
             "Probe metric, as blackbox_exporter defines it, per agent."
         }

@@ -198,10 +198,7 @@ fn families(
     let mut agent_up = series_gauge("sonde_agent_up");
     let mut last_seen = series_gauge("sonde_agent_last_seen_timestamp_seconds");
     let mut info = series_gauge("sonde_agent_info");
-    let mut skew = Family::gauge(
-        "sonde_agent_clock_skew_seconds",
-        "The agent's clock minus the aggregator's, from its last heartbeat (network delay included).",
-    );
+    let mut skew = series_gauge("sonde_agent_clock_skew_seconds");
     for (id, a) in &state.agents {
         let l = with_external(labels_of(&[("agent", id)]));
         let up = a.is_up(now, state.config.missing_after);
