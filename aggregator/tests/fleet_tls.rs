@@ -128,3 +128,83 @@ async fn mutual_tls_admits_only_agents_with_a_certificate() {
     acceptor.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Waits up to `secs` for `id` to be connected to the hub.
+async fn connected(app: &App, id: &str, secs: u64) -> bool {
+    for _ in 0..secs * 10 {
+        if app
+            .hub
+            .lock()
+            .agents
+            .get(id)
+            .is_some_and(|a| a.connection.is_some())
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_read_again_on_reload() {
+    let dir = std::env::temp_dir().join(format!("sonde-fleet-tls-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_pki(&dir);
+    std::fs::copy(dir.join("ca.crt"), dir.join("old-ca.crt")).unwrap();
+    let text =
+        "fleet:\n  tls: {cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt}\n";
+    let path = dir.join("aggregator.yml");
+    std::fs::write(&path, text).unwrap();
+    let app = App::start(
+        AggregatorConfig::load(&path).unwrap(),
+        Some(path.clone()),
+        None,
+    )
+    .unwrap();
+    let running = sonde_aggregator::server::start(
+        app.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let first = AgentRuntime::start(agent(running.grpc_address, &dir, true), None).unwrap();
+    assert!(
+        connected(&app, "edge-1", 10).await,
+        "the first agent connects"
+    );
+    first.shutdown(Duration::ZERO).await;
+
+    // A new CA, server and client certificate, written over the old files; then reload.
+    write_pki(&dir);
+    app.reload()
+        .await
+        .expect("the reload reads the new certificates");
+    app.hub.disconnect_all(0);
+
+    // An agent that still trusts only the old CA cannot verify the new server certificate.
+    let mut stale = agent(running.grpc_address, &dir, true);
+    stale.id = "stale".into();
+    stale.aggregators[0].tls_config.as_mut().unwrap().ca_file = Some(dir.join("old-ca.crt"));
+    let stale = AgentRuntime::start(stale, None).unwrap();
+    assert!(
+        !connected(&app, "stale", 3).await,
+        "the server still presents the old certificate"
+    );
+    stale.shutdown(Duration::ZERO).await;
+    let fresh = AgentRuntime::start(agent(running.grpc_address, &dir, true), None).unwrap();
+    assert!(
+        connected(&app, "edge-1", 10).await,
+        "an agent with the new CA and client certificate connects"
+    );
+    fresh.shutdown(Duration::ZERO).await;
+
+    // A reload with a broken key file fails and keeps the running certificates.
+    std::fs::write(dir.join("server.key"), "not a key").unwrap();
+    let e = app.reload().await.unwrap_err();
+    assert!(e.contains("key_file"), "{e}");
+    running.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
