@@ -571,13 +571,87 @@ impl Drop for SmallFilesystem {
     }
 }
 
-#[test]
-fn a_full_disk_holds_the_acks_and_loses_nothing() {
-    let mut scene = Scene::new("delivery-full-disk");
-    let prometheus = start_prometheus(&mut scene, "prometheus", &[]);
+/// How a test breaks the aggregator's store, and mends it.
+trait StoreFault {
+    /// Called with the aggregator's storage directory, once it runs.
+    fn break_store(&mut self, data: &std::path::Path);
+    fn mend(&mut self);
+}
+
+impl StoreFault for SmallFilesystem {
+    fn break_store(&mut self, _: &std::path::Path) {
+        self.fill();
+    }
+
+    fn mend(&mut self) {
+        std::fs::remove_file(self.dir.join("filler")).expect("free the disk");
+    }
+}
+
+/// Another process holds the database's write lock (`BEGIN EXCLUSIVE` from Python's
+/// sqlite3): every commit of the aggregator fails once its busy timeout passes.
+#[derive(Default)]
+struct LockedDatabase {
+    holder: Option<std::process::Child>,
+}
+
+impl StoreFault for LockedDatabase {
+    fn break_store(&mut self, data: &std::path::Path) {
+        let db = data.join("aggregator.db");
+        let script = "import sqlite3, sys, time\n\
+            c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n\
+            c.execute('BEGIN EXCLUSIVE')\n\
+            print('locked', flush=True)\n\
+            sys.stdin.read()\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(&db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(
+            line.trim(),
+            "locked",
+            "python3 could not lock {}",
+            db.display()
+        );
+        self.holder = Some(child);
+    }
+
+    fn mend(&mut self) {
+        if let Some(mut child) = self.holder.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LockedDatabase {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.holder.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Breaks the aggregator's store under a running agent, checks that acks stop, the
+/// stream stays, `/-/ready` says not ready and the failure is counted, mends it, and
+/// checks that Prometheus ends up with exactly the agent's probe count.
+fn store_fault_loses_nothing(
+    mut scene: Scene,
+    prometheus: &str,
+    fault: &mut dyn StoreFault,
+    setup: &AggregatorSetup,
+) {
     let target = accepting_tcp_port();
-    let setup = AggregatorSetup::new(&scene, &aggregator_config(&prometheus, "  []"));
-    let disk = SmallFilesystem::mount(setup.data.clone(), "8m");
     setup.start(&mut scene, "aggregator");
     let agg = setup.web();
     let (web, config) = start_agent(&mut scene, "edge-a", &setup.grpc(), target, "256MiB");
@@ -587,22 +661,14 @@ fn a_full_disk_holds_the_acks_and_loses_nothing() {
     scene.wait_until(
         "first samples in Prometheus",
         WAIT,
-        || match prometheus_single(&prometheus, &query)? {
+        || match prometheus_single(prometheus, &query)? {
             n if n >= 3.0 => Ok(()),
             n => Err(format!("{n} samples")),
         },
     );
 
-    let probes_at_fill = metric_sum(&web, "sonde_agent_probes_total", &[]).unwrap();
-    let filler = disk.fill();
-    scene.wait_until(
-        "the aggregator to see its store fail",
-        WAIT,
-        || match metric_sum(&agg, "sonde_storage_errors_total", &[])? {
-            n if n >= 1.0 => Ok(()),
-            _ => Err("no storage error yet".into()),
-        },
-    );
+    let probes_at_fault = metric_sum(&web, "sonde_agent_probes_total", &[]).unwrap();
+    fault.break_store(&setup.data);
     scene.wait_until(
         "/-/ready to say not ready",
         WAIT,
@@ -611,8 +677,16 @@ fn a_full_disk_holds_the_acks_and_loses_nothing() {
             (status, body) => Err(format!("{status} {body}")),
         },
     );
-    // While the disk is full the agent keeps probing into its own buffer, on the same
-    // stream: no reconnect loop.
+    scene.wait_until(
+        "the aggregator to count the failure",
+        WAIT,
+        || match metric_sum(&agg, "sonde_storage_errors_total", &[])? {
+            n if n >= 1.0 => Ok(()),
+            _ => Err("no storage error yet".into()),
+        },
+    );
+    // Meanwhile the agent keeps probing into its own buffer, on the same stream: no
+    // reconnect loop.
     let reconnects = metric_sum(&web, "sonde_agent_stream_reconnects_total", &[]).unwrap_or(0.0);
     let buffered_before = metric_sum(&web, "sonde_agent_buffer_results", &[]).unwrap();
     std::thread::sleep(Duration::from_secs(8));
@@ -624,10 +698,10 @@ fn a_full_disk_holds_the_acks_and_loses_nothing() {
     assert_eq!(
         metric_sum(&web, "sonde_agent_stream_reconnects_total", &[]).unwrap_or(0.0),
         reconnects,
-        "the agent did not reconnect while the aggregator's disk was full"
+        "the agent did not reconnect while the aggregator's store failed"
     );
 
-    std::fs::remove_file(&filler).expect("free the disk");
+    fault.mend();
     scene.wait_until("/-/ready to recover", WAIT, || {
         http_get_ok(&format!("{agg}/-/ready")).map(drop)
     });
@@ -640,12 +714,27 @@ fn a_full_disk_holds_the_acks_and_loses_nothing() {
         &setup.grpc(),
         target,
         &agg,
-        &prometheus,
+        prometheus,
     );
     assert!(
-        probes >= probes_at_fill + 5.0,
-        "probes run while the disk was full reached Prometheus too ({probes_at_fill} before, {probes} in all)"
+        probes >= probes_at_fault + 5.0,
+        "probes run while the store failed reached Prometheus too ({probes_at_fault} before, {probes} in all)"
     );
-    drop(scene);
-    drop(disk);
+}
+
+#[test]
+fn a_full_disk_holds_the_acks_and_loses_nothing() {
+    let mut scene = Scene::new("delivery-full-disk");
+    let prometheus = start_prometheus(&mut scene, "prometheus", &[]);
+    let setup = AggregatorSetup::new(&scene, &aggregator_config(&prometheus, "  []"));
+    let mut disk = SmallFilesystem::mount(setup.data.clone(), "8m");
+    store_fault_loses_nothing(scene, &prometheus, &mut disk, &setup);
+}
+
+#[test]
+fn a_failing_commit_holds_the_acks_and_loses_nothing() {
+    let mut scene = Scene::new("delivery-locked-store");
+    let prometheus = start_prometheus(&mut scene, "prometheus", &[]);
+    let setup = AggregatorSetup::new(&scene, &aggregator_config(&prometheus, "  []"));
+    store_fault_loses_nothing(scene, &prometheus, &mut LockedDatabase::default(), &setup);
 }
