@@ -151,6 +151,38 @@ pub struct AgentEntry {
 }
 
 impl AgentEntry {
+    /// An agent as known from its labels, jobs, times and committed sequence: not
+    /// connected, nothing held yet.
+    fn known(
+        labels: Labels,
+        local_jobs: Vec<String>,
+        first_seen_ms: i64,
+        last_seen_ms: i64,
+        committed_seq: u64,
+    ) -> Self {
+        Self {
+            labels,
+            version: String::new(),
+            local_jobs,
+            connection: None,
+            credential: None,
+            kick: None,
+            clock_skew_ms: None,
+            hello_acked_seq: 0,
+            series: 0,
+            series_bytes: 0,
+            local_targets: HashSet::new(),
+            first_seen_ms,
+            last_seen_ms,
+            committed_seq,
+            generation: 0,
+            checks: 0,
+            series_staled: false,
+            sender: None,
+            last_assignment: Vec::new(),
+        }
+    }
+
     /// `sonde_agent_up`: connected, or heard from within `grace`.
     pub fn is_up(&self, now_ms: i64, grace: Duration) -> bool {
         merge::agent_up(self.connection.is_some(), self.last_seen_ms, now_ms, grace)
@@ -292,27 +324,13 @@ impl Hub {
             }
             state.agents.insert(
                 a.id.clone(),
-                AgentEntry {
-                    labels: a.labels,
-                    version: String::new(),
-                    local_jobs: a.local_jobs,
-                    connection: None,
-                    credential: None,
-                    kick: None,
-                    clock_skew_ms: None,
-                    hello_acked_seq: 0,
-                    series: 0,
-                    series_bytes: 0,
-                    local_targets: HashSet::new(),
-                    first_seen_ms: a.first_seen_ms,
-                    last_seen_ms: a.last_seen_ms,
-                    committed_seq: a.committed_seq,
-                    generation: 0,
-                    checks: 0,
-                    series_staled: false,
-                    sender: None,
-                    last_assignment: Vec::new(),
-                },
+                AgentEntry::known(
+                    a.labels,
+                    a.local_jobs,
+                    a.first_seen_ms,
+                    a.last_seen_ms,
+                    a.committed_seq,
+                ),
             );
         }
         for (name, since) in jobs {
@@ -364,26 +382,8 @@ impl Hub {
             let entry = state
                 .agents
                 .entry(hello.agent_id.clone())
-                .or_insert_with(|| AgentEntry {
-                    labels: labels.clone(),
-                    version: String::new(),
-                    local_jobs: Vec::new(),
-                    connection: None,
-                    credential: None,
-                    kick: None,
-                    clock_skew_ms: None,
-                    hello_acked_seq: 0,
-                    series: 0,
-                    series_bytes: 0,
-                    local_targets: HashSet::new(),
-                    first_seen_ms: now_ms,
-                    last_seen_ms: now_ms,
-                    committed_seq: 0,
-                    generation: 0,
-                    checks: 0,
-                    series_staled: false,
-                    sender: None,
-                    last_assignment: Vec::new(),
+                .or_insert_with(|| {
+                    AgentEntry::known(labels.clone(), Vec::new(), now_ms, now_ms, 0)
                 });
             if entry.connection.is_some() {
                 tracing::warn!(agent = %crate::refusals::loggable(&hello.agent_id), "agent connected again; the newer stream replaces the older one");
