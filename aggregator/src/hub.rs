@@ -633,7 +633,8 @@ impl State {
                 success: r.success,
                 duration_seconds: r.duration_seconds,
                 failure: r.failure.clone(),
-                spacing_ms: previous.map(|p| r.timestamp_ms - p),
+                // Saturating: both timestamps come from the agent (found by fuzz/fleet_batch).
+                spacing_ms: previous.map(|p| r.timestamp_ms.saturating_sub(p)),
                 samples: r.samples.clone(),
             },
         );
@@ -1102,6 +1103,26 @@ fleet: {missing_after: 30s}
         let (tx, rx) = mpsc::channel(16);
         hub.connect(&hello("eu-1", "eu"), tx, T0);
         (hub, rec, rx)
+    }
+
+    #[test]
+    fn local_job_timestamps_far_apart_do_not_overflow() {
+        // A hostile agent's local-job results, a negative timestamp then the largest one:
+        // their spacing used to overflow (a panic with overflow checks, a wrapped negative
+        // spacing without). Found by fuzz/fleet_batch.
+        let (hub, _rec, _rx) = setup();
+        let (tx, _rx2) = mpsc::channel(16);
+        let mut h = hello("edge", "eu");
+        h.local_jobs = vec!["local".into()];
+        hub.connect(&h, tx, T0);
+        let batch = vec![
+            result(1, "local", "127.0.0.1:22", -10, true),
+            result(2, "local", "127.0.0.1:22", i64::MAX, true),
+        ];
+        assert_eq!(hub.results("edge", batch, T0), Ok(Some(2)));
+        let state = hub.lock();
+        let entry = &state.entries[&("local".to_string(), "127.0.0.1:22".to_string())];
+        assert_eq!(entry.views["edge"].spacing_ms, Some(i64::MAX));
     }
 
     #[test]
