@@ -186,6 +186,11 @@ def fleet():
     # A replay (seq not increasing) and an out-of-table symbol.
     put("fleet_batch", agent_message(2, b1) + agent_message(2, b1))
     put("fleet_batch", agent_message(2, batch(["up"], [result(1, "web", "x", t0, True, [sample(9, [], 1)])])))
+    # Regression: a local job's results far apart in time (their spacing overflowed).
+    local = field(1, 0, 1) + s(2, "eu-1") + s(5, "local_ssh")
+    far = batch([], [result(1, "local_ssh", "127.0.0.1:22", -10 & (2**64 - 1), True, []),
+                     result(2, "local_ssh", "127.0.0.1:22", 2**63 - 1, True, [])])
+    put("fleet_batch", agent_message(1, local) + agent_message(2, far))
 
 
 # --- DNS replies ---------------------------------------------------------------------

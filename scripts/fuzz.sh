@@ -10,6 +10,7 @@
 #   scripts/fuzz.sh --brief              every target ~10 CPU-seconds (CI)
 #   scripts/fuzz.sh --jobs 2             two targets at a time
 #   scripts/fuzz.sh --cmin               merge what runs found into fuzz/corpus/ and minimise
+#   scripts/fuzz.sh --no-build ...       reuse the binaries of the last build
 #
 # Inputs: fuzz/corpus/<target>/ (committed, read only) plus what earlier runs found in
 # fuzz/target/corpus/<target>/ (kept between runs, not committed). Findings land in
@@ -24,12 +25,13 @@ seconds=600
 brief=false
 jobs=1
 cmin=false
+build=true
 rss_limit_mb=2048
 timeout=10
 targets=()
 
 usage() {
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'
 }
 
 while (($#)); do
@@ -40,6 +42,7 @@ while (($#)); do
     --jobs) jobs="$2"; shift 2 ;;
     --jobs=*) jobs="${1#*=}"; shift ;;
     --cmin) cmin=true; shift ;;
+    --no-build) build=false; shift ;;
     -h | --help) usage; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
@@ -89,7 +92,9 @@ done
 echo "==> cargo +nightly fuzz build (release, AddressSanitizer, debug assertions)"
 # `cargo fuzz build` builds one target or all of them: name them one by one when a
 # subset was asked for (each after the first is only a link step).
-if ((${#targets[@]} != ${#all_targets[@]})); then
+if ! $build; then
+  echo "    (skipped: --no-build)"
+elif ((${#targets[@]} != ${#all_targets[@]})); then
   for t in "${targets[@]}"; do
     (cd fuzz && nice -n 19 cargo +nightly fuzz build "$t")
   done
