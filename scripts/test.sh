@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of sonde: formatting, lints, the build, and `cargo test` for the whole
-# workspace, including the end-to-end tests against real Prometheus, nginx and dnsmasq.
+# workspace, including the end-to-end tests against real Prometheus, nginx and dnsmasq;
+# then every fuzz target briefly (scripts/fuzz.sh --brief; needs the nightly toolchain).
 # Works on a fresh Debian machine: installs the Debian packages the tests need when they
 # are missing (as root, or through sudo).
 set -euo pipefail
@@ -86,8 +87,9 @@ fi
 # --- Rust --------------------------------------------------------------------------------
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-echo "==> cargo fmt --all -- --check"
+echo "==> cargo fmt --all -- --check (and the fuzz crate)"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 
 echo "==> cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -120,5 +122,18 @@ awk '
 ' "$log"
 if ((status != 0)); then
   echo "cargo test failed (exit $status)" >&2
+fi
+
+# --- fuzz targets, briefly ------------------------------------------------------------------
+# Each cargo-fuzz target replays its committed corpus (fuzz/corpus/) and fuzzes for ~10
+# CPU-seconds, so that a regression in a decoder of untrusted input is caught. Costs one
+# nightly release build of the fuzz crate (~5 minutes on 2 cores) and ~1 minute of fuzzing.
+echo
+echo "==> scripts/fuzz.sh --brief --jobs 2"
+fuzz_status=0
+scripts/fuzz.sh --brief --jobs 2 || fuzz_status=$?
+if ((fuzz_status != 0)); then
+  echo "fuzzing failed (exit $fuzz_status): see fuzz/artifacts/ and fuzz/README.md" >&2
+  if ((status == 0)); then status=$fuzz_status; fi
 fi
 exit "$status"

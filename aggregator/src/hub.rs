@@ -971,7 +971,8 @@ impl State {
                 success: r.success,
                 duration_seconds: r.duration_seconds,
                 failure: r.failure.chars().take(MAX_FAILURE_CHARS).collect(),
-                spacing_ms: previous_ts.map(|p| r.timestamp_ms - p),
+                // Saturating: both timestamps come from the agent (found by fuzz/fleet_batch).
+                spacing_ms: previous_ts.map(|p| r.timestamp_ms.saturating_sub(p)),
                 samples,
             },
         );
@@ -1604,6 +1605,30 @@ fleet: {missing_after: 30s}
             T0,
         );
         (hub, rec, rx)
+    }
+
+    #[test]
+    fn local_job_timestamps_far_apart_do_not_overflow() {
+        // A hostile agent's local-job results, a negative timestamp then the largest one:
+        // their spacing used to overflow (a panic with overflow checks, a wrapped negative
+        // spacing without). Found by fuzz/fleet_batch. Both are now refused outright; the
+        // spacing of what is accepted saturates all the same.
+        let (hub, _rec, _rx) = setup();
+        let (tx, _rx2) = mpsc::channel(16);
+        let mut h = hello("edge", "eu");
+        h.local_jobs = vec!["local".into()];
+        hub.connect(&h, h.labels.clone().into_iter().collect(), None, tx, T0);
+        let batch = [
+            result(1, "local", "127.0.0.1:22", -10, true),
+            result(2, "local", "127.0.0.1:22", i64::MAX, true),
+            result(3, "local", "127.0.0.1:22", 0, true),
+            result(4, "local", "127.0.0.1:22", T0, true),
+        ];
+        assert_eq!(hub.results("edge", &batch, T0), Ok(Some(4)));
+        assert_eq!(refused(&hub, "future_timestamp"), 2);
+        let state = hub.lock();
+        let entry = &state.entries[&("local".to_string(), "127.0.0.1:22".to_string())];
+        assert_eq!(entry.views["edge"].spacing_ms, Some(T0));
     }
 
     #[test]

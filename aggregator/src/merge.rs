@@ -59,7 +59,7 @@ pub fn freshness_window(interval: Duration, timeout: Duration) -> Duration {
 
 /// True while a result taken at `timestamp_ms` still votes at `now_ms`.
 pub fn is_fresh(timestamp_ms: i64, now_ms: i64, window: Duration) -> bool {
-    now_ms.saturating_sub(timestamp_ms) < window.as_millis() as i64
+    now_ms.saturating_sub(timestamp_ms) < millis(window)
 }
 
 /// Merges the agents' latest views of one target.
@@ -99,14 +99,20 @@ pub fn job_missing(
     now_ms: i64,
     grace: Duration,
 ) -> bool {
-    let past_grace = now_ms.saturating_sub(expected_since_ms) >= grace.as_millis() as i64;
+    let past_grace = now_ms.saturating_sub(expected_since_ms) >= millis(grace);
     past_grace && target_states.into_iter().all(|s| s == TargetState::Missing)
 }
 
 /// `sonde_agent_up`: an agent counts as up while it is connected, and for `grace` after
 /// it was last heard from, so a brief reconnect does not flag it.
 pub fn agent_up(connected: bool, last_seen_ms: i64, now_ms: i64, grace: Duration) -> bool {
-    connected || now_ms.saturating_sub(last_seen_ms) < grace.as_millis() as i64
+    connected || now_ms.saturating_sub(last_seen_ms) < millis(grace)
+}
+
+/// `d` in milliseconds, saturating: a window longer than `i64::MAX` ms (a local job's
+/// spacing is the agent's to choose) must not wrap to a negative one that is never fresh.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -134,6 +140,15 @@ mod tests {
             freshness_window(Duration::from_secs(15), Duration::from_secs(10)),
             WINDOW
         );
+    }
+
+    #[test]
+    fn windows_past_i64_millis_saturate() {
+        // 2.5 × i64::MAX ms: what a local job's spacing can make of its window.
+        let huge = Duration::from_millis(i64::MAX as u64) * 2;
+        assert!(is_fresh(NOW - 1, NOW, huge));
+        assert!(agent_up(false, NOW - 1, NOW, huge));
+        assert!(!job_missing([TargetState::Missing], NOW - 1, NOW, huge));
     }
 
     #[test]

@@ -121,13 +121,19 @@ fn add_group(set: &mut TargetSet, job: &ResolvedJob, group: &TargetGroup) {
 pub fn read_groups(path: &Path) -> Result<Vec<TargetGroup>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    parse_groups(path, &text)
+}
+
+/// Parses the text of the file_sd file at `path`: JSON when it ends in `.json`, YAML
+/// otherwise; every group's label names checked.
+pub fn parse_groups(path: &Path, text: &str) -> Result<Vec<TargetGroup>, String> {
     let groups: Vec<TargetGroup> = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text)
+        serde_json::from_str(text)
             .map_err(|e| format!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?
     } else if text.trim().is_empty() {
         Vec::new()
     } else {
-        from_yaml_str(path, &text).map_err(|e| e.to_string())?
+        from_yaml_str(path, text).map_err(|e| e.to_string())?
     };
     for g in &groups {
         sonde_proto::config::validate_labels(&g.labels, &format!("{}: labels", path.display()))?;

@@ -16,7 +16,7 @@ use super::{
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use sonde_proto::config::Module;
-use sonde_proto::config::module::{DnsRrValidator, DnsTransport, dns_rcode_name};
+use sonde_proto::config::module::{DnsProbe, DnsRrValidator, DnsTransport, dns_rcode_name};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -116,12 +116,30 @@ pub async fn probe(
             exchange_stream(stream, &query, out).await?
         }
     };
-    let message = Message::from_vec(&reply)
+    read_reply(ctx, cfg, qtype, &valid_rcodes, &reply, out)
+}
+
+/// What a reply says, checked against the module: the section counts, the SOA serial,
+/// the rcode and the record regexes. `reply` comes off the network: anything malformed
+/// is a [`Reason::Protocol`] failure, never a panic.
+pub(crate) fn read_reply(
+    ctx: &ProbeContext,
+    cfg: &DnsProbe,
+    qtype: u16,
+    valid_rcodes: &[u16],
+    reply: &[u8],
+    out: &mut Samples,
+) -> Result<(), Failure> {
+    let message = Message::from_vec(reply)
         .map_err(|e| Failure::new(Reason::Protocol, format!("dns: malformed reply: {e}")))?;
 
     // The header's counts are the sections as sent, which is what miekg/dns reports
     // (hickory moves an OPT record out of the additional section).
-    let count = |at: usize| f64::from(u16::from_be_bytes([reply[at], reply[at + 1]]));
+    let count = |at: usize| {
+        reply
+            .get(at..at + 2)
+            .map_or(0.0, |b| f64::from(u16::from_be_bytes([b[0], b[1]])))
+    };
     out.set("probe_dns_answer_rrs", count(6));
     out.set("probe_dns_authority_rrs", count(8));
     out.set("probe_dns_additional_rrs", count(10));

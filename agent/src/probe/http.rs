@@ -238,10 +238,10 @@ struct FinalResponse {
     body_error: Option<Failure>,
 }
 
-struct BodyRead {
+pub(crate) struct BodyRead {
     /// The first [`HttpProbe::MAX_MATCHED_BODY`] bytes, when regexes need them.
-    kept: Vec<u8>,
-    truncated: bool,
+    pub(crate) kept: Vec<u8>,
+    pub(crate) truncated: bool,
 }
 
 /// An HTTP proxy from `proxy_url`.
@@ -843,7 +843,7 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
-fn body_regex_failure(
+pub(crate) fn body_regex_failure(
     ctx: &Env<'_>,
     cfg: &HttpProbe,
     body: &BodyRead,
@@ -1078,7 +1078,7 @@ async fn drive<T>(mut conn: ConnFuture, work: impl Future<Output = T>) -> T {
 
 /// An HTTP date (`Last-Modified`) in the three forms Go's `http.ParseTime` accepts:
 /// IMF-fixdate, RFC 850 and asctime. Unix seconds.
-fn parse_http_date(s: &str) -> Option<i64> {
+pub(crate) fn parse_http_date(s: &str) -> Option<i64> {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];

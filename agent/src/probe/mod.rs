@@ -5,6 +5,8 @@
 
 mod decode;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod tcp;
 

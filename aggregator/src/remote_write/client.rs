@@ -412,29 +412,17 @@ impl Client {
                     });
                 }
             };
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let location = response
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let written = Written::from_headers(response.headers());
-            let limit = if status.is_success() {
+            let (parts, body) = response.into_parts();
+            let limit = if parts.status.is_success() {
                 DRAIN_BYTES
             } else {
                 MESSAGE_BYTES
             };
-            let (prefix, complete) = read_prefix(response.into_body(), limit).await;
+            let (prefix, complete) = read_prefix(body, limit).await;
             if complete {
                 self.conn = Some(conn);
             }
-            return classify(status, retry_after, location, &prefix).map(|()| written);
+            return read_response(parts.status, &parts.headers, &prefix);
         }
     }
 
@@ -490,6 +478,27 @@ async fn read_prefix(mut body: hyper::body::Incoming, limit: usize) -> (Vec<u8>,
         }
     }
     (buf, true)
+}
+
+/// What a receiver's response means: its status, the headers that matter (`Retry-After`,
+/// `Location`, the 2.0 `-Written` counts) and the first bytes of its body (the reason a
+/// refusal gives). Everything here comes from the receiver and is taken as untrusted.
+pub fn read_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Written, SendError> {
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let location = headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let written = Written::from_headers(headers);
+    classify(status, retry_after, location, body).map(|()| written)
 }
 
 /// Sorts a response the way Prometheus's sender does: 2xx sent; 5xx and 429 retried (after

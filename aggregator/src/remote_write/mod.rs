@@ -26,6 +26,7 @@ mod queue;
 pub use client::SendError;
 pub use config::{ProtobufMessage, RemoteWriteConfig, validate_all};
 pub use encode::{STALE_NAN_BITS, Series, SeriesSample, decode, encode};
+pub use queue::backoff;
 
 use crate::store::Store;
 use sonde_proto::config::Labels;

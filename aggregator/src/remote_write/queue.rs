@@ -912,7 +912,7 @@ fn series_labels(
 /// `Retry-After` when it gave one, capped at `max_backoff`; otherwise `min_backoff`
 /// doubled per attempt up to `max_backoff`, with jitter so that many senders cut off
 /// together do not come back in lockstep. Always within `[min_backoff, max_backoff]`.
-pub(crate) fn backoff(
+pub fn backoff(
     min: Duration,
     max: Duration,
     attempt: u32,
