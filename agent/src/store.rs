@@ -1084,6 +1084,23 @@ mod tests {
     use crate::probe::Sample;
     use std::path::PathBuf;
 
+    /// `Store::open` on a directory this test process used a moment ago. Another test
+    /// of the process may be forking a child right then, whose copy of the lock file's
+    /// descriptor holds the `flock` until it execs: wait that out (a real restart is a
+    /// new process and never sees this).
+    fn reopen(dir: &Path, addresses: &[String], max_bytes: u64) -> Result<Arc<Store>, StoreError> {
+        let mut tries = 0;
+        loop {
+            match Store::open(Some(dir), addresses, max_bytes) {
+                Err(StoreError::Locked { .. }) if tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("sonde-agent-store-{name}-{}", std::process::id()));
@@ -1133,13 +1150,13 @@ mod tests {
     fn probe_counts_survive_a_restart() {
         let dir = temp_dir("counts");
         {
-            let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+            let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
             for _ in 0..3 {
                 append(&store, Route::All, "web");
             }
             store.flush();
         }
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         let counts = store.probe_counts();
         assert_eq!(counts.len(), 1, "{counts:?}");
         assert_eq!(counts[0].0.0, "web");
@@ -1154,7 +1171,7 @@ mod tests {
         let appended: Vec<u64>;
         let next;
         {
-            let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+            let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
             let buffers = store.buffers();
             appended = (0..5).map(|_| append(&store, Route::All, "web")).collect();
             store.flush();
@@ -1162,7 +1179,7 @@ mod tests {
             next = store.next_seq();
             // Everything dropped without a word, as when the process ends.
         }
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         let buffer = store.buffers().remove(0).1;
         assert_eq!(buffer.stats().acked_seq, appended[1]);
         assert_eq!(buffer.stats().results, 3);
@@ -1190,7 +1207,7 @@ mod tests {
         store.flush();
         drop(buffer);
         drop(store);
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         assert_eq!(store.disk_rows().unwrap(), 0);
         assert_eq!(store.next_seq(), newer + 1);
         drop(store);
@@ -1200,7 +1217,7 @@ mod tests {
     #[test]
     fn ack_deletes_only_up_to_the_acked_seq_and_replay_starts_after_it() {
         let dir = temp_dir("ack");
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         let buffer = store.buffers().remove(0).1;
         let s: Vec<u64> = (0..10).map(|_| append(&store, Route::All, "web")).collect();
         store.flush();
@@ -1228,7 +1245,7 @@ mod tests {
     fn a_full_buffer_drops_the_oldest_counts_them_and_keeps_the_newest() {
         let dir = temp_dir("full");
         let row = u64::from(row_bytes(&record(1000, "web").encode()));
-        let store = Store::open(Some(&dir), &[A.into()], row * 3 + row / 2).unwrap();
+        let store = reopen(&dir, &[A.into()], row * 3 + row / 2).unwrap();
         let buffer = store.buffers().remove(0).1;
         let mut last = 0;
         for round in 0..20 {
@@ -1256,7 +1273,7 @@ mod tests {
         // Reopened with a smaller limit, the buffer shrinks to it at once, newest kept.
         drop(buffer);
         drop(store);
-        let store = Store::open(Some(&dir), &[A.into()], 1).unwrap();
+        let store = reopen(&dir, &[A.into()], 1).unwrap();
         let buffer = store.buffers().remove(0).1;
         assert_eq!(seqs(&buffer.pending_after(0, 10)), [last]);
         assert_eq!(buffer.stats().dropped, 2);
@@ -1269,7 +1286,7 @@ mod tests {
     #[test]
     fn two_aggregators_each_get_their_results_and_their_own_acks() {
         let dir = temp_dir("two");
-        let store = Store::open(Some(&dir), &[A.into(), B.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into(), B.into()], 1 << 20).unwrap();
         let buffers = store.buffers();
         let (a, b) = (&buffers[0].1, &buffers[1].1);
         let local1 = append(&store, Route::All, "local");
@@ -1295,7 +1312,7 @@ mod tests {
         // Cursors follow the address, not the position in the config; an aggregator
         // that left the config takes its results with it.
         let c = "http://c:9451".to_string();
-        let store = Store::open(Some(&dir), &[B.into(), A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[B.into(), A.into()], 1 << 20).unwrap();
         let buffers = store.buffers();
         assert_eq!(buffers[0].0, B);
         assert_eq!(seqs(&buffers[0].1.pending_after(0, 10)), [to_b, local2]);
@@ -1303,7 +1320,7 @@ mod tests {
         assert_eq!(buffers[1].1.stats().acked_seq, local2);
         drop(buffers);
         drop(store);
-        let store = Store::open(Some(&dir), &[A.into(), c], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into(), c], 1 << 20).unwrap();
         assert_eq!(store.disk_rows().unwrap(), 0);
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -1344,7 +1361,7 @@ mod tests {
     #[test]
     fn a_result_is_on_disk_before_the_uplink_can_see_it() {
         let dir = temp_dir("visible");
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 30).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 30).unwrap();
         let buffer = store.buffers().remove(0).1;
         let check = Connection::open(dir.join(DB_FILE)).unwrap();
         let mut seen = 0;
@@ -1407,7 +1424,7 @@ mod tests {
             seen.len()
         );
 
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 30).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 30).unwrap();
         let buffer = store.buffers().remove(0).1;
         let mut on_disk = Vec::new();
         let mut after = 0;
@@ -1459,7 +1476,7 @@ mod tests {
     #[test]
     fn the_database_files_are_private() {
         let dir = temp_dir("private");
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         append(&store, Route::All, "web");
         store.flush();
         for name in DB_FILES.iter().chain([&LOCK_FILE]) {
@@ -1475,7 +1492,7 @@ mod tests {
     fn wider_database_files_are_narrowed_to_0600() {
         use std::os::unix::fs::PermissionsExt;
         let dir = temp_dir("narrowed");
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         append(&store, Route::All, "web");
         store.flush();
         // As an older agent (or a umask of 0) left them, the -wal and -shm still there.
@@ -1484,7 +1501,7 @@ mod tests {
                 .unwrap();
         }
         drop(store);
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
         append(&store, Route::All, "web");
         store.flush();
         for name in DB_FILES {
@@ -1506,8 +1523,8 @@ mod tests {
     #[test]
     fn a_second_agent_on_the_same_path_is_refused() {
         let dir = temp_dir("locked");
-        let store = Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap();
-        let err = Store::open(Some(&dir), &[A.into()], 1 << 20)
+        let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
+        let err = reopen(&dir, &[A.into()], 1 << 20)
             .err()
             .unwrap()
             .to_string();
@@ -1515,7 +1532,7 @@ mod tests {
         assert!(err.contains("another sonde-agent"), "{err}");
         drop(store);
         // Released when the first one closes.
-        drop(Store::open(Some(&dir), &[A.into()], 1 << 20).unwrap());
+        drop(reopen(&dir, &[A.into()], 1 << 20).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
