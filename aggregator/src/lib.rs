@@ -6,6 +6,7 @@
 //! - [`fleet`]: the gRPC service (authentication, decoding, acks);
 //! - [`hub`]: the state fed by the fleet and the series it produces;
 //! - [`merge`]: the `up` / missing rules, pure code;
+//! - [`series`]: a written series (shared labels) and its samples;
 //! - [`remote_write`]: encoder, client and queue per endpoint;
 //! - [`web`]: status page, JSON API, `/metrics`, reload.
 
@@ -17,6 +18,7 @@ pub mod hub;
 pub mod merge;
 pub mod refusals;
 pub mod remote_write;
+pub mod series;
 pub mod server;
 pub mod store;
 pub mod targets;
