@@ -93,7 +93,9 @@ async fn run(with_remote_write: bool) {
     let path = Path::new("bench.yml");
     let config = AggregatorConfig::from_file(path, from_yaml_str(path, &text).expect("yaml"))
         .expect("config");
-    let app = App::start(config, None, Some(&store_dir)).expect("app");
+    let app = App::start(config, None, Some(&store_dir))
+        .await
+        .expect("app");
     let running = sonde_aggregator::server::start(
         app,
         "127.0.0.1:0".parse().unwrap(),

@@ -3,9 +3,9 @@
 
 use crate::config::AggregatorConfig;
 use crate::fleet::now_ms;
-use crate::hub::{Hub, Output, StateChange};
+use crate::hub::{Durable, Hub, Output};
 use crate::remote_write::RemoteWriter;
-use crate::remote_write::encode::SeriesSample;
+use crate::series::Sample;
 use crate::store::Store;
 use sonde_proto::config::ConfigError;
 use std::path::{Path, PathBuf};
@@ -20,12 +20,21 @@ pub struct Outputs {
 }
 
 impl Output for Outputs {
-    fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
+    fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
         self.store.with_tx(|tx| {
-            change(tx)?;
+            durable.apply(tx)?;
+            // Until the queue takes `Sample`s (the remote-write rewrite).
+            let samples: Vec<crate::remote_write::SeriesSample> = samples
+                .iter()
+                .map(|s| crate::remote_write::SeriesSample {
+                    labels: s.series.to_pairs(),
+                    timestamp_ms: s.timestamp_ms,
+                    value: s.value,
+                })
+                .collect();
             for w in writers.iter() {
-                w.enqueue(tx, samples)?;
+                w.enqueue(tx, &samples)?;
             }
             Ok(())
         })?;
@@ -60,7 +69,7 @@ pub struct App {
 impl App {
     /// Opens the store under `storage` (`None`: in memory, nothing survives a restart),
     /// restores what it remembers, and starts one remote-write queue per endpoint.
-    pub fn start(
+    pub async fn start(
         config: AggregatorConfig,
         config_file: Option<PathBuf>,
         storage: Option<&Path>,
@@ -75,7 +84,7 @@ impl App {
             store: store.clone(),
         });
         let hub = Arc::new(Hub::new(config, outputs.clone(), now_ms()));
-        hub.restore(store.load_agents()?, store.load_jobs()?);
+        hub.restore(store.load_agents()?, store.load_jobs()?).await;
         Ok(Arc::new(Self {
             hub,
             outputs,
@@ -133,7 +142,7 @@ impl App {
             )
             .await;
         }
-        self.hub.reload(config, now_ms());
+        self.hub.reload(config, now_ms()).await;
         tracing::info!(file = %file.display(), "config reloaded");
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! - [`config`]: the config file, its defaults and checks;
 //! - [`targets`]: static and file_sd targets;
 //! - [`fleet`]: the gRPC service (authentication, decoding, acks);
-//! - [`hub`]: the state fed by the fleet and the series it produces;
+//! - [`hub`]: the state fed by the fleet and the series it produces, and its threads;
+//! - [`labels`]: every label set written, built in one place;
 //! - [`merge`]: the `up` / missing rules, pure code;
 //! - [`series`]: a written series (shared labels) and its samples;
 //! - [`remote_write`]: encoder, client and queue per endpoint;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod fleet;
 pub mod health;
 pub mod hub;
+pub mod labels;
 pub mod merge;
 pub mod refusals;
 pub mod remote_write;

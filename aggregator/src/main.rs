@@ -90,7 +90,7 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         let config = AggregatorConfig::load(&cli.config_file).map_err(|e| e.to_string())?;
         (config, Some(cli.config_file.clone()))
     };
-    let app = App::start(config, config_file, Some(&cli.storage_path))?;
+    let app = App::start(config, config_file, Some(&cli.storage_path)).await?;
     let web = sonde_aggregator::web::Options {
         listen_address: cli.web_listen_address,
         enable_lifecycle: cli.web_enable_lifecycle,

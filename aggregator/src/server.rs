@@ -107,7 +107,7 @@ pub async fn start_with(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
-                _ = ticker.tick() => hub.tick(now_ms()),
+                _ = ticker.tick() => { hub.tick(now_ms()); }
                 _ = rx.wait_for(|s| *s) => return,
             }
         }
@@ -128,7 +128,7 @@ impl Running {
         let _ = self.stop.send(true);
         // Agent streams end on the stop signal; drop the hub's handles on them too so
         // the servers' graceful shutdown has nothing left to wait for.
-        self.app.hub.disconnect_all(now_ms());
+        self.app.hub.disconnect_all(now_ms()).await;
         for mut task in self.tasks {
             if tokio::time::timeout(Duration::from_secs(5), &mut task)
                 .await

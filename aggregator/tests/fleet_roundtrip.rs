@@ -54,7 +54,7 @@ fn agent_config(id: &str, grpc: SocketAddr, token_file: PathBuf) -> AgentConfig 
 }
 
 fn target_state(app: &App, job: &str) -> Option<TargetState> {
-    let state = app.hub.lock();
+    let state = tokio::task::block_in_place(|| app.hub.snapshot_blocking());
     state
         .entries
         .iter()
@@ -85,7 +85,9 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
         }
     });
 
-    let app = App::start(aggregator_config(&dir, target_addr), None, None).unwrap();
+    let app = App::start(aggregator_config(&dir, target_addr), None, None)
+        .await
+        .unwrap();
     let running = sonde_aggregator::server::start(
         app.clone(),
         "127.0.0.1:0".parse().unwrap(),
@@ -112,7 +114,7 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
         app.hub.counters.agents_refused.load(Ordering::Relaxed) >= 2
     })
     .await;
-    assert!(app.hub.lock().agents.is_empty());
+    assert!(app.hub.snapshot().await.agents.is_empty());
     intruder.shutdown(Duration::ZERO).await;
     impostor.shutdown(Duration::ZERO).await;
 
@@ -133,7 +135,9 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
     // Restart the aggregator on the same port: the agent reconnects by itself, the new
     // aggregator assigns the check again, and results flow.
     running.shutdown(Duration::from_secs(1)).await;
-    let app2 = App::start(aggregator_config(&dir, target_addr), None, None).unwrap();
+    let app2 = App::start(aggregator_config(&dir, target_addr), None, None)
+        .await
+        .unwrap();
     let mut running2 = None;
     for _ in 0..50 {
         match sonde_aggregator::server::start(app2.clone(), "127.0.0.1:0".parse().unwrap(), grpc)
@@ -176,7 +180,7 @@ async fn a_bad_reload_keeps_the_running_config() {
     let good = "modules: {tcp: {prober: tcp}}\njobs:\n  - {job_name: a, module: tcp, static_configs: [{targets: ['127.0.0.1:1']}]}\n";
     std::fs::write(&path, good).unwrap();
     let config = AggregatorConfig::load(&path).unwrap();
-    let app = App::start(config, Some(path.clone()), None).unwrap();
+    let app = App::start(config, Some(path.clone()), None).await.unwrap();
 
     std::fs::write(
         &path,

@@ -81,7 +81,7 @@ async fn mutual_tls_admits_only_agents_with_a_certificate() {
     );
     let path = dir.join("aggregator.yml");
     let config = AggregatorConfig::from_file(&path, from_yaml_str(&path, &text).unwrap()).unwrap();
-    let app = App::start(config, None, None).unwrap();
+    let app = App::start(config, None, None).await.unwrap();
     let running = sonde_aggregator::server::start(
         app.clone(),
         "127.0.0.1:0".parse().unwrap(),
@@ -93,7 +93,7 @@ async fn mutual_tls_admits_only_agents_with_a_certificate() {
     let anonymous = AgentRuntime::start(agent(running.grpc_address, &dir, false), None).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        app.hub.lock().agents.is_empty(),
+        app.hub.snapshot().await.agents.is_empty(),
         "an agent without a client certificate got in"
     );
     let error = anonymous
@@ -111,7 +111,8 @@ async fn mutual_tls_admits_only_agents_with_a_certificate() {
     for _ in 0..100 {
         let state = app
             .hub
-            .lock()
+            .snapshot()
+            .await
             .entries
             .values()
             .find_map(|e| e.merged)
@@ -134,10 +135,11 @@ async fn connected(app: &App, id: &str, secs: u64) -> bool {
     for _ in 0..secs * 10 {
         if app
             .hub
-            .lock()
+            .snapshot()
+            .await
             .agents
             .get(id)
-            .is_some_and(|a| a.connection.is_some())
+            .is_some_and(|a| a.connected)
         {
             return true;
         }
@@ -162,6 +164,7 @@ async fn certificates_are_read_again_on_reload() {
         Some(path.clone()),
         None,
     )
+    .await
     .unwrap();
     let running = sonde_aggregator::server::start(
         app.clone(),
@@ -182,7 +185,7 @@ async fn certificates_are_read_again_on_reload() {
     app.reload()
         .await
         .expect("the reload reads the new certificates");
-    app.hub.disconnect_all(0);
+    app.hub.disconnect_all(0).await;
 
     // An agent that still trusts only the old CA cannot verify the new server certificate.
     let mut stale = agent(running.grpc_address, &dir, true);

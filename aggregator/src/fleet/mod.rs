@@ -104,9 +104,10 @@ impl Fleet for FleetService {
             Credential::Anonymous => None,
             Credential::Token { token, .. } => Some(token),
         };
-        let (connection, kick) = self
+        let crate::hub::Connected { connection, kick } = self
             .hub
-            .connect(&hello, labels, token, tx.clone(), now_ms());
+            .connect(&hello, labels, token, tx.clone(), now_ms())
+            .await;
         let peer_text = peer.map_or_else(|| "unknown".to_string(), |a| a.to_string());
         tracing::info!(agent = %loggable(&agent), peer = %peer_text, version = %loggable(&hello.version), "agent connected");
         let hub = self.hub.clone();
@@ -290,8 +291,9 @@ async fn serve_stream(
                 for (reason, n, example) in decoded.refused_samples {
                     hub.refusals.refuse(agent, reason, n, || example);
                 }
+                let results: std::sync::Arc<[crate::hub::IncomingResult]> = decoded.results.into();
                 let seq = tokio::select! {
-                    seq = commit(hub, agent, &decoded.results) => seq,
+                    seq = commit(hub, agent, results) => seq,
                     why = kick.kicked() => {
                         let _ = tx.send(Err(Status::permission_denied(why.clone()))).await;
                         return why;
@@ -320,11 +322,16 @@ async fn serve_stream(
 /// Commits one batch, trying again while the store fails: the stream stays open and
 /// unacked (the agent keeps the results and stops sending once its in-flight window is
 /// full), so nothing is lost and nobody reconnects in a loop. Returns what to ack.
-async fn commit(hub: &Hub, agent: &str, results: &[crate::hub::IncomingResult]) -> Option<u64> {
+async fn commit(
+    hub: &Hub,
+    agent: &str,
+    results: std::sync::Arc<[crate::hub::IncomingResult]>,
+) -> Option<u64> {
     let mut wait = Duration::from_secs(1);
     loop {
-        match hub.results(agent, results, now_ms()) {
+        match hub.results(agent, results.clone(), now_ms()).await {
             Ok(seq) => return seq,
+            Err(ResultsError::Stopped) => return None,
             Err(ResultsError::Storage(e)) => {
                 tracing::warn!(agent = %loggable(agent), error = %e, retry_in = ?wait, "cannot commit this agent's results; holding the ack and trying again");
                 tokio::time::sleep(wait).await;

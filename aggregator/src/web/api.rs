@@ -3,6 +3,7 @@
 
 use crate::app::App;
 use crate::fleet::now_ms;
+use crate::hub::Snapshot;
 use crate::merge::{self, TargetState};
 use axum::Json;
 use axum::extract::State;
@@ -15,19 +16,18 @@ fn envelope(data: Value) -> Json<Value> {
 }
 
 pub async fn jobs(State(app): State<Arc<App>>) -> Json<Value> {
-    envelope(jobs_json(&app))
+    envelope(jobs_json(&*app.hub.snapshot().await))
 }
 
 pub async fn targets(State(app): State<Arc<App>>) -> Json<Value> {
-    envelope(targets_json(&app))
+    envelope(targets_json(&*app.hub.snapshot().await))
 }
 
 pub async fn agents(State(app): State<Arc<App>>) -> Json<Value> {
-    envelope(agents_json(&app))
+    envelope(agents_json(&*app.hub.snapshot().await))
 }
 
-pub fn jobs_json(app: &App) -> Value {
-    let state = app.hub.lock();
+pub fn jobs_json(state: &Snapshot) -> Value {
     let jobs: Vec<Value> = state
         .jobs
         .iter()
@@ -59,9 +59,8 @@ pub fn jobs_json(app: &App) -> Value {
     Value::Array(jobs)
 }
 
-pub fn targets_json(app: &App) -> Value {
+pub fn targets_json(state: &Snapshot) -> Value {
     let now = now_ms();
-    let state = app.hub.lock();
     let mut keys: Vec<_> = state.targets.keys().cloned().collect();
     for k in state.entries.keys() {
         if !state.targets.contains_key(k) {
@@ -90,7 +89,7 @@ pub fn targets_json(app: &App) -> Value {
                         .iter()
                         .map(|(agent, v)| {
                             json!({
-                                "agent": agent,
+                                "agent": &**agent,
                                 "success": v.success,
                                 "timestamp_ms": v.timestamp_ms,
                                 "age_seconds": (now - v.timestamp_ms) as f64 / 1000.0,
@@ -116,9 +115,8 @@ pub fn targets_json(app: &App) -> Value {
     Value::Array(targets)
 }
 
-pub fn agents_json(app: &App) -> Value {
+pub fn agents_json(state: &Snapshot) -> Value {
     let now = now_ms();
-    let state = app.hub.lock();
     let grace = state.config.missing_after;
     let agents: Vec<Value> = state
         .agents
@@ -128,7 +126,7 @@ pub fn agents_json(app: &App) -> Value {
                 "agent": id,
                 "labels": a.labels,
                 "version": a.version,
-                "connected": a.connection.is_some(),
+                "connected": a.connected,
                 "up": a.is_up(now, grace),
                 "last_seen_ms": a.last_seen_ms,
                 "first_seen_ms": a.first_seen_ms,

@@ -4,6 +4,7 @@
 
 use crate::app::App;
 use crate::fleet::now_ms;
+use crate::hub::Snapshot;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +17,8 @@ use std::sync::atomic::Ordering;
 
 pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let chunks = render(&app, format).into_chunks();
+    let snapshot = app.hub.snapshot().await;
+    let chunks = render(&app, &snapshot, format).into_chunks();
     let body = axum::body::Body::from_stream(futures::stream::iter(
         chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
     ));
@@ -51,37 +53,34 @@ impl Chunked {
 
 /// The whole `/metrics` page. The per-agent probe series, the bulk of it, are written
 /// straight from the hub's state: no label set is copied to build them.
-pub fn render(app: &App, format: Format) -> Chunked {
+pub fn render(app: &App, snapshot: &Snapshot, format: Format) -> Chunked {
     let mut page = Chunked::default();
-    let rest = families(app, |state, external, merged| {
+    let rest = families(app, snapshot, |external, merged| {
         render_into(page.buffer(), &merged, format);
-        write_probe_series(&mut page, state, external, format);
+        write_probe_series(&mut page, snapshot, external, format);
     });
     render_into(page.buffer(), &rest, format);
     finish(page.buffer(), format);
     page
 }
 
-/// Every agent's latest probe series, grouped by metric name as the formats require.
+/// Every agent's latest probe series, grouped by metric name as the formats require,
+/// with the labels they are written with (see [`crate::labels`]).
 fn write_probe_series(
     out: &mut Chunked,
-    state: &crate::hub::State,
-    external: &[(String, String)],
+    snapshot: &Snapshot,
+    external: &[crate::series::Label],
     format: Format,
 ) {
-    type Line<'a> = (&'a (String, String), &'a str, &'a crate::hub::ProbeSample);
+    type Line<'a> = (&'a crate::series::SeriesLabels, f64);
     let mut by_name: BTreeMap<&str, Vec<Line<'_>>> = BTreeMap::new();
-    for (key, entry) in &state.entries {
-        for (agent, view) in &entry.views {
-            for sample in &view.samples {
-                by_name
-                    .entry(&sample.0)
-                    .or_default()
-                    .push((key, agent.as_str(), sample));
+    for entry in snapshot.entries.values() {
+        for view in entry.views.values() {
+            for (series, (name, _, value)) in view.series.iter().zip(&view.samples) {
+                by_name.entry(name).or_default().push((series, *value));
             }
         }
     }
-    let no_labels = sonde_proto::config::Labels::new();
     for (name, lines) in by_name {
         write_header(
             out.buffer(),
@@ -90,29 +89,18 @@ fn write_probe_series(
             MetricType::Gauge,
             format,
         );
-        for (key, agent, (_, labels, value)) in lines {
-            let target = state.targets.get(key).map_or(&no_labels, |t| &t.labels);
-            let own = target
+        for (series, value) in lines {
+            let own = series
+                .labels()
                 .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance" | "agent"))
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .chain([
-                    ("job", key.0.as_str()),
-                    ("instance", key.1.as_str()),
-                    ("agent", agent),
-                ])
-                .chain(labels.iter().map(|(k, v)| (&**k, &**v)));
-            // External labels last, unless the series already has the name (the fleet
-            // service refuses samples that would collide, so only target labels can).
+                .filter(|(k, _)| &**k != "__name__")
+                .map(|(k, v)| (&**k, &**v));
+            // External labels last, unless the series already has the name.
             let external = external
                 .iter()
-                .filter(|(k, _)| {
-                    !target.contains_key(k)
-                        && !matches!(k.as_str(), "job" | "instance" | "agent")
-                        && !labels.iter().any(|(l, _)| &**l == k)
-                })
-                .map(|(k, v)| (k.as_str(), v.as_str()));
-            write_sample(out.buffer(), name, own.chain(external), *value);
+                .filter(|(k, _)| series.get(k).is_none())
+                .map(|(k, v)| (&**k, &**v));
+            write_sample(out.buffer(), name, own.chain(external), value);
         }
     }
 }
@@ -133,23 +121,19 @@ fn series_gauge(name: &str) -> Family {
 }
 
 /// The families before and after the probe series, which `probe` writes meanwhile,
-/// under the same look at the hub's state.
+/// from the same snapshot of the hub's state.
 fn families(
     app: &App,
-    probe: impl FnOnce(&crate::hub::State, &[(String, String)], Vec<Family>),
+    snapshot: &Snapshot,
+    probe: impl FnOnce(&[crate::series::Label], Vec<Family>),
 ) -> Vec<Family> {
     let now = now_ms();
-    let state = app.hub.lock();
-    let external: Vec<(String, String)> = state
-        .config
-        .external_labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let state = snapshot;
+    let external = crate::labels::external(&state.config.external_labels);
     let with_external = |mut l: Vec<(String, String)>| {
         for (k, v) in &external {
-            if !l.iter().any(|(x, _)| x == k) {
-                l.push((k.clone(), v.clone()));
+            if !l.iter().any(|(x, _)| x == &**k) {
+                l.push((k.to_string(), v.to_string()));
             }
         }
         l
@@ -157,32 +141,24 @@ fn families(
     let mut up = series_gauge("up");
     let mut agents = series_gauge("sonde_target_agents");
     let mut succeeding = series_gauge("sonde_target_agents_succeeding");
-    for (key, entry) in &state.entries {
-        let target_labels = state
-            .targets
-            .get(key)
-            .map(|t| t.labels.clone())
-            .unwrap_or_default();
-        let mut base: Vec<(String, String)> = target_labels
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        base.push(("job".into(), key.0.clone()));
-        base.push(("instance".into(), key.1.clone()));
+    for entry in state.entries.values() {
         if let Some(m) = entry.merged {
+            let series = &entry.merged_series;
             if let Some(v) = m.state.up_value() {
-                up.samples.push((with_external(base.clone()), v));
+                up.samples
+                    .push((crate::labels::exposed(&series.up, &external), v));
             }
-            agents
-                .samples
-                .push((with_external(base.clone()), f64::from(m.agents)));
-            succeeding
-                .samples
-                .push((with_external(base.clone()), f64::from(m.succeeding)));
+            agents.samples.push((
+                crate::labels::exposed(&series.agents, &external),
+                f64::from(m.agents),
+            ));
+            succeeding.samples.push((
+                crate::labels::exposed(&series.succeeding, &external),
+                f64::from(m.succeeding),
+            ));
         }
     }
-    probe(&state, &external, vec![up, agents, succeeding]);
+    probe(&external, vec![up, agents, succeeding]);
     let mut job_missing = series_gauge("sonde_job_missing");
     let mut job_targets = series_gauge("sonde_job_targets");
     for (name, job) in &state.jobs {
@@ -207,7 +183,7 @@ fn families(
             .samples
             .push((l, a.last_seen_at(now) as f64 / 1000.0));
         info.samples.push((
-            with_external(crate::hub::agent_info_labels(id, &a.labels)),
+            crate::labels::exposed(&crate::labels::agent_info(id, &a.labels), &external),
             1.0,
         ));
         if let Some(ms) = a.clock_skew_ms {
@@ -217,7 +193,6 @@ fn families(
             ));
         }
     }
-    drop(state);
 
     let c = &app.hub.counters;
     let counter = |name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {

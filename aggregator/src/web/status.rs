@@ -54,13 +54,13 @@ fn state_badge(state: &str) -> String {
 }
 
 pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
-    Html(render(&app))
+    Html(render(&app, &*app.hub.snapshot().await))
 }
 
-pub fn render(app: &App) -> String {
-    let jobs = jobs_json(app);
-    let targets = targets_json(app);
-    let agents = agents_json(app);
+pub fn render(app: &App, snapshot: &crate::hub::Snapshot) -> String {
+    let jobs = jobs_json(snapshot);
+    let targets = targets_json(snapshot);
+    let agents = agents_json(snapshot);
     let mut h = String::new();
     let _ = write!(
         h,

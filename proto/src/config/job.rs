@@ -27,6 +27,10 @@ pub struct JobConfig {
     /// Label selector over agent labels; empty selects every agent.
     #[serde(default)]
     pub agents: Labels,
+    /// Each target is probed by this many of the matching agents (rendezvous hashing),
+    /// instead of by every one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents_per_target: Option<u32>,
     #[serde(default)]
     pub static_configs: Vec<StaticConfig>,
     #[serde(default)]

@@ -111,6 +111,20 @@ pub fn resolve_jobs(
                 job.job_name
             )));
         }
+        if job.agents_per_target == Some(0) {
+            return Err(err(format!(
+                "job {:?}: agents_per_target must be at least 1 (remove it to have every matching agent probe every target)",
+                job.job_name
+            )));
+        }
+        if let (Some(k), Quorum::AtLeast(q)) = (job.agents_per_target, job.quorum)
+            && q > k
+        {
+            return Err(err(format!(
+                "job {:?}: quorum {q} can never be met with agents_per_target {k}; lower the quorum or raise agents_per_target",
+                job.job_name
+            )));
+        }
         super::validate_labels(&job.agents, &format!("job {:?}: agents", job.job_name))
             .map_err(err)?;
         for group in &job.static_configs {

@@ -1,27 +1,28 @@
-//! The aggregator's state: which agents are connected, what each last reported for each
-//! target, which jobs are expected, and the series all of that turns into.
+//! The aggregator's state machine: which agents are connected, what each last reported
+//! for each target, which jobs are expected, and the series all of that turns into.
 //!
-//! The fleet service feeds it (hello, results, heartbeats, disconnects), a ticker asks it
-//! to re-evaluate freshness, and it hands every series it produces to the outputs
-//! (remote-write queues and the `/metrics` view). The rules themselves live in
-//! [`crate::merge`]; this module only keeps state and timestamps in order.
+//! No I/O and no locks: the ingest thread (see [`super`]) feeds it one input at a time,
+//! and each input records what it produced in a [`Changes`]: the samples to write, the
+//! durable changes to commit with them, and an undo log that puts the state back if the
+//! commit fails. The rules themselves live in [`crate::merge`]; this module keeps state
+//! and timestamps in order.
 
+use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::decode::Symbol;
+use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
 use crate::refusals::{Reason, Refusals};
-use crate::remote_write::encode::{STALE_NAN_BITS, SeriesSample};
-use crate::targets::{FileSd, Target, TargetSet};
+use crate::remote_write::encode::STALE_NAN_BITS;
+use crate::series::{Sample, Series};
+use crate::store::StoredAgent;
+use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
 use sonde_proto::pb::{self, AggregatorMessage, Check, aggregator_message};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::mpsc;
-
-/// Where the stream to one connected agent can be written.
-pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
 
 /// A merged series must be rewritten at least this often while its target is fresh, so
 /// that it never falls out of Prometheus's 5-minute lookback, whatever the interval.
@@ -56,22 +57,74 @@ pub struct LastResult {
     /// Time between this result and the one before it from the same agent, for local
     /// jobs whose interval the aggregator does not know.
     pub spacing_ms: Option<i64>,
-    /// The result's samples, for `/metrics` scrapes.
+    /// The result's samples, and the series each was written as (same order).
     pub samples: Vec<ProbeSample>,
+    pub series: Vec<Series>,
+    /// The target labels `series` were built with.
+    base: TargetBase,
 }
 
-#[derive(Clone, Default)]
+/// The three merged series of a target, built once per label set.
+#[derive(Debug)]
+pub struct MergedSeries {
+    pub up: Series,
+    pub agents: Series,
+    pub succeeding: Series,
+}
+
+impl MergedSeries {
+    fn new(base: &TargetBase) -> Self {
+        Self {
+            up: base.merged("up"),
+            agents: base.merged("sonde_target_agents"),
+            succeeding: base.merged("sonde_target_agents_succeeding"),
+        }
+    }
+}
+
+#[derive(Clone)]
 pub struct TargetEntry {
     /// (job, instance).
     pub key: (String, String),
-    pub views: BTreeMap<String, LastResult>,
+    pub views: BTreeMap<Arc<str>, Arc<LastResult>>,
     pub merged: Option<Merged>,
     last_written_ms: i64,
     /// True while an `up` sample is live in the receivers (so a staleness marker is owed
     /// when the target goes missing).
     up_live: bool,
-    /// The target labels the merged series were last written with.
-    written_labels: Labels,
+    /// The target labels its series are written with, and those series' shared part.
+    labels: Arc<Labels>,
+    pub base: TargetBase,
+    pub merged_series: Arc<MergedSeries>,
+}
+
+impl TargetEntry {
+    fn new(key: (String, String), labels: &Labels) -> Self {
+        let base = TargetBase::new(&key.0, &key.1, labels);
+        Self {
+            merged_series: Arc::new(MergedSeries::new(&base)),
+            base,
+            labels: Arc::new(labels.clone()),
+            key,
+            views: BTreeMap::new(),
+            merged: None,
+            last_written_ms: 0,
+            up_live: false,
+        }
+    }
+
+    /// Follows a change of the target's labels (file_sd): later series carry the new ones.
+    fn relabel(&mut self, labels: &Labels) {
+        if *self.labels != *labels {
+            *self = Self {
+                views: std::mem::take(&mut self.views),
+                merged: self.merged,
+                last_written_ms: self.last_written_ms,
+                up_live: self.up_live,
+                ..Self::new(self.key.clone(), labels)
+            };
+        }
+    }
 }
 
 /// What [`TargetEntry`] records about its last write, saved before a write so that a
@@ -81,22 +134,26 @@ struct Written {
     merged: Option<Merged>,
     last_written_ms: i64,
     up_live: bool,
-    labels: Labels,
 }
 
-/// How to put the state back as it was before a batch or a tick whose commit failed:
-/// the in-memory state may only show what the store holds.
+/// (target, agent, the view before).
+type ViewBefore = ((String, String), Arc<str>, Option<Arc<LastResult>>);
+
+/// How to put the state back as it was before a group whose commit failed: the
+/// in-memory state may only show what the store holds.
 #[derive(Default)]
-struct Undo {
+pub struct Undo {
     /// (target, agent, the view before), in the order they were replaced.
-    views: Vec<((String, String), String, Option<LastResult>)>,
-    /// Entries the batch created.
+    views: Vec<ViewBefore>,
+    /// Entries created.
     created: Vec<(String, String)>,
     written: Vec<((String, String), Written)>,
     /// (agent, series and their bytes held before).
     series: Vec<(String, usize, usize)>,
-    /// Local targets first seen in the batch.
+    /// Local targets first seen.
     local_targets: Vec<(String, (String, String))>,
+    /// (agent, committed sequence before).
+    committed: Vec<(String, u64)>,
     last_meta_ms: Option<i64>,
     /// (agent, `series_staled` before).
     staled: Vec<(String, bool)>,
@@ -104,19 +161,43 @@ struct Undo {
     retired: Vec<((String, String), TargetEntry)>,
 }
 
-/// Why [`Hub::results`] did not take a batch.
-#[derive(Debug, PartialEq)]
-pub enum ResultsError {
-    /// The store refused the commit; nothing of the batch was kept. Retry later.
-    Storage(String),
+/// Changes to the durable state that must commit together with a group's samples.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Durable {
+    /// Agents to save (insert or replace), by id.
+    pub agents: BTreeMap<String, StoredAgent>,
+    /// Agents to delete.
+    pub forgotten: Vec<String>,
+    /// Every job and since when it is expected (replaces the table), when not empty.
+    pub jobs: Vec<(String, i64)>,
 }
 
-impl std::fmt::Display for ResultsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ResultsError::Storage(e) => write!(f, "the store refused the commit: {e}"),
-        }
+impl Durable {
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.forgotten.is_empty() && self.jobs.is_empty()
     }
+
+    /// Applies the changes inside the caller's transaction.
+    pub fn apply(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        for a in self.agents.values() {
+            crate::store::save_agent(tx, a)?;
+        }
+        for id in &self.forgotten {
+            crate::store::forget_agent(tx, id)?;
+        }
+        if !self.jobs.is_empty() {
+            crate::store::save_jobs(tx, &self.jobs)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the inputs applied since the last commit produced.
+#[derive(Default)]
+pub struct Changes {
+    pub out: Vec<Sample>,
+    pub durable: Durable,
+    pub undo: Undo,
 }
 
 pub struct AgentEntry {
@@ -148,12 +229,15 @@ pub struct AgentEntry {
     series_staled: bool,
     sender: Option<AgentSender>,
     last_assignment: Vec<Check>,
+    /// The agent id as the views key it.
+    id: Arc<str>,
 }
 
 impl AgentEntry {
     /// An agent as known from its labels, jobs, times and committed sequence: not
     /// connected, nothing held yet.
     fn known(
+        id: &str,
         labels: Labels,
         local_jobs: Vec<String>,
         first_seen_ms: i64,
@@ -180,6 +264,7 @@ impl AgentEntry {
             series_staled: false,
             sender: None,
             last_assignment: Vec::new(),
+            id: Arc::from(id),
         }
     }
 
@@ -196,8 +281,20 @@ impl AgentEntry {
             self.last_seen_ms
         }
     }
+
+    fn stored(&self) -> StoredAgent {
+        StoredAgent {
+            id: self.id.to_string(),
+            labels: self.labels.clone(),
+            local_jobs: self.local_jobs.clone(),
+            committed_seq: self.committed_seq,
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
 }
 
+#[derive(Clone)]
 pub struct JobEntry {
     pub expected_since_ms: i64,
     /// `None` for a job that only exists as an agent's local job.
@@ -205,126 +302,65 @@ pub struct JobEntry {
     pub missing: bool,
 }
 
-/// Counters for `/metrics`.
-/// Tells one stream to end, and why.
-#[derive(Default)]
-pub struct Kick {
-    notify: tokio::sync::Notify,
-    reason: std::sync::Mutex<String>,
-}
-
-impl Kick {
-    fn kick(&self, reason: String) {
-        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
-        self.notify.notify_one();
-    }
-
-    /// Waits until the stream is told to end; returns why.
-    pub async fn kicked(&self) -> String {
-        self.notify.notified().await;
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-#[derive(Default)]
-pub struct HubCounters {
-    pub results_received: AtomicU64,
-    pub results_deduplicated: AtomicU64,
-    pub results_unexpected: AtomicU64,
-    pub agent_connects: AtomicU64,
-    pub agents_refused: AtomicU64,
-}
-
 pub struct State {
     pub config: Arc<AggregatorConfig>,
-    pub targets: TargetSet,
+    pub targets: Arc<TargetSet>,
     pub entries: BTreeMap<(String, String), TargetEntry>,
     pub agents: BTreeMap<String, AgentEntry>,
     pub jobs: BTreeMap<String, JobEntry>,
-    file_sd: FileSd,
     generation: u64,
     next_connection: u64,
     /// Last timestamp written per merged series key, so each write is strictly later.
     last_meta_ms: i64,
-    /// Samples refused inside [`State::accept`], reported once the lock is released.
-    pending_refusals: Vec<(Reason, u64, String)>,
     /// Each job's agent selector before the last reload: results for checks assigned
     /// under it may still be in flight.
     previous_selectors: BTreeMap<String, Labels>,
     /// Targets removed by a reload whose staleness markers are not committed yet.
     retired: BTreeMap<(String, String), TargetEntry>,
-}
-
-/// Changes to the durable state that must commit together with a batch of samples.
-pub type StateChange<'a> = &'a dyn Fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>;
-
-/// Where the series the hub produces go. `commit` stores `samples` in every output
-/// queue and applies `change` in one transaction: all of it, or none of it.
-pub trait Output: Send + Sync {
-    fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String>;
-}
-
-fn no_change(_: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    Ok(())
-}
-
-pub struct Hub {
-    state: std::sync::Mutex<State>,
-    output: Arc<dyn Output>,
-    pub counters: HubCounters,
-    pub storage: crate::health::StorageHealth,
-    pub refusals: Arc<Refusals>,
+    /// Agents that may be given targets of a job with `agents_per_target`: connected,
+    /// or gone for less than `fleet.missing_after`.
+    placeable: BTreeSet<String>,
 }
 
 fn stale_nan() -> f64 {
     f64::from_bits(STALE_NAN_BITS)
 }
 
-impl Hub {
-    pub fn new(config: Arc<AggregatorConfig>, output: Arc<dyn Output>, now_ms: i64) -> Self {
+impl State {
+    pub fn new(config: Arc<AggregatorConfig>, targets: TargetSet, now_ms: i64) -> Self {
         let mut state = State {
             config: config.clone(),
-            targets: TargetSet::new(),
+            targets: Arc::new(TargetSet::new()),
             entries: BTreeMap::new(),
             agents: BTreeMap::new(),
             jobs: BTreeMap::new(),
-            file_sd: FileSd::default(),
             generation: 0,
             next_connection: 1,
             last_meta_ms: 0,
-            pending_refusals: Vec::new(),
             previous_selectors: BTreeMap::new(),
             retired: BTreeMap::new(),
+            placeable: BTreeSet::new(),
         };
-        state.apply_config(config, now_ms);
-        Self {
-            state: std::sync::Mutex::new(state),
-            output,
-            counters: HubCounters::default(),
-            storage: crate::health::StorageHealth::default(),
-            refusals: Arc::new(Refusals::default()),
-        }
+        state.apply_config(config, targets, now_ms);
+        state
     }
 
     /// Takes back what the store remembers from before a restart: agents (disconnected
     /// until they say hello again, with their committed sequence numbers) and when each
     /// job started being expected.
-    pub fn restore(&self, agents: Vec<crate::store::StoredAgent>, jobs: Vec<(String, i64)>) {
-        let mut state = self.lock();
+    pub fn restore(&mut self, agents: Vec<StoredAgent>, jobs: Vec<(String, i64)>) {
         for a in agents {
             for job in &a.local_jobs {
-                state.jobs.entry(job.clone()).or_insert(JobEntry {
+                self.jobs.entry(job.clone()).or_insert(JobEntry {
                     expected_since_ms: a.first_seen_ms,
                     config: None,
                     missing: false,
                 });
             }
-            state.agents.insert(
+            self.agents.insert(
                 a.id.clone(),
                 AgentEntry::known(
+                    &a.id,
                     a.labels,
                     a.local_jobs,
                     a.first_seen_ms,
@@ -334,39 +370,28 @@ impl Hub {
             );
         }
         for (name, since) in jobs {
-            if let Some(job) = state.jobs.get_mut(&name) {
+            if let Some(job) = self.jobs.get_mut(&name) {
                 job.expected_since_ms = job.expected_since_ms.min(since);
             }
         }
-    }
-
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn config(&self) -> Arc<AggregatorConfig> {
-        self.lock().config.clone()
     }
 
     /// An agent said hello (already authenticated, with `labels` the ones it may have):
     /// register it, send its assignment, and return its connection id and the handle
     /// that ends its stream. A newer connection of the same agent replaces the older one.
     pub fn connect(
-        &self,
+        &mut self,
         hello: &pb::Hello,
         labels: Labels,
         credential: Option<String>,
         sender: AgentSender,
         now_ms: i64,
-    ) -> (u64, Arc<Kick>) {
-        self.counters.agent_connects.fetch_add(1, Ordering::Relaxed);
-        let mut out = Vec::new();
-        let mut state = self.lock();
-        let connection = state.next_connection;
-        state.next_connection += 1;
+        ch: &mut Changes,
+    ) -> Connected {
+        let connection = self.next_connection;
+        self.next_connection += 1;
         let kick = Arc::new(Kick::default());
-        let configured: BTreeSet<&str> =
-            state.config.jobs.iter().map(|j| j.name.as_str()).collect();
+        let configured: BTreeSet<&str> = self.config.jobs.iter().map(|j| j.name.as_str()).collect();
         // A local job cannot take over a configured one: its results would count for
         // targets the agent was never assigned.
         let mut local_jobs: Vec<String> = hello
@@ -379,11 +404,18 @@ impl Hub {
         local_jobs.dedup();
         let info_changed;
         {
-            let entry = state
+            let entry = self
                 .agents
                 .entry(hello.agent_id.clone())
                 .or_insert_with(|| {
-                    AgentEntry::known(labels.clone(), Vec::new(), now_ms, now_ms, 0)
+                    AgentEntry::known(
+                        &hello.agent_id,
+                        labels.clone(),
+                        Vec::new(),
+                        now_ms,
+                        now_ms,
+                        0,
+                    )
                 });
             if entry.connection.is_some() {
                 tracing::warn!(agent = %crate::refusals::loggable(&hello.agent_id), "agent connected again; the newer stream replaces the older one");
@@ -412,31 +444,32 @@ impl Hub {
             entry.sender = Some(sender);
             // A fresh stream must receive its assignment even if it equals the last one.
             entry.last_assignment.clear();
+            ch.durable
+                .agents
+                .insert(hello.agent_id.clone(), entry.stored());
         }
         for job in &local_jobs {
-            state.jobs.entry(job.clone()).or_insert(JobEntry {
+            self.jobs.entry(job.clone()).or_insert(JobEntry {
                 expected_since_ms: now_ms,
                 config: None,
                 missing: false,
             });
         }
-        state.send_assignments(Some(&hello.agent_id));
-        if info_changed {
-            state.write_meta(now_ms, &mut out, &mut Undo::default());
+        if self.update_placeable(now_ms) || info_changed {
+            // Its arrival (or new labels) may move targets of other agents to it.
+            self.send_assignments(None);
+        } else {
+            self.send_assignments(Some(&hello.agent_id));
         }
-        let stored = state.stored_agent(&hello.agent_id);
-        let save = |tx: &rusqlite::Transaction<'_>| match &stored {
-            Some(a) => crate::store::save_agent(tx, a),
-            None => Ok(()),
-        };
-        self.commit(&out, &save);
-        (connection, kick)
+        if info_changed {
+            self.write_meta(now_ms, ch);
+        }
+        Connected { connection, kick }
     }
 
     /// The stream of `connection` ended.
-    pub fn disconnect(&self, agent: &str, connection: u64, now_ms: i64) {
-        let mut state = self.lock();
-        if let Some(entry) = state.agents.get_mut(agent)
+    pub fn disconnect(&mut self, agent: &str, connection: u64, now_ms: i64) {
+        if let Some(entry) = self.agents.get_mut(agent)
             && entry.connection == Some(connection)
         {
             entry.connection = None;
@@ -448,8 +481,8 @@ impl Hub {
     }
 
     /// Forgets every stream (at shutdown).
-    pub fn disconnect_all(&self, now_ms: i64) {
-        for entry in self.lock().agents.values_mut() {
+    pub fn disconnect_all(&mut self, now_ms: i64) {
+        for entry in self.agents.values_mut() {
             if entry.connection.take().is_some() {
                 entry.sender = None;
                 entry.kick = None;
@@ -459,48 +492,39 @@ impl Hub {
     }
 
     /// A heartbeat stamped `agent_time_ms` by the agent's clock.
-    pub fn heartbeat(&self, agent: &str, agent_time_ms: i64, now_ms: i64) {
-        if let Some(entry) = self.lock().agents.get_mut(agent) {
+    pub fn heartbeat(&mut self, agent: &str, agent_time_ms: i64, now_ms: i64) {
+        if let Some(entry) = self.agents.get_mut(agent) {
             entry.last_seen_ms = now_ms;
             entry.clock_skew_ms = Some(agent_time_ms.saturating_sub(now_ms));
         }
     }
 
-    /// Takes a batch of results from `agent` and returns the sequence number to ack.
-    /// Results at or below what was already committed are replays and are dropped;
-    /// results the agent may not send (see DESIGN's trust model) are refused, counted,
-    /// and acked, since sending them again cannot make them acceptable.
-    ///
-    /// The samples the batch produces and the agent's new committed sequence number are
-    /// committed in one transaction before the ack is returned, and the in-memory state
-    /// changes only if that commit succeeds: on `Err` nothing of the batch was kept, and
-    /// the same batch may be offered again.
+    /// Takes a batch of results from `agent` and returns the sequence number to ack
+    /// once `ch` is committed. Results at or below what was already committed are
+    /// replays and are dropped; results the agent may not send (see DESIGN's trust
+    /// model) are refused, counted, and acked, since sending them again cannot make them
+    /// acceptable.
     pub fn results(
-        &self,
+        &mut self,
         agent: &str,
         batch: &[IncomingResult],
         now_ms: i64,
-    ) -> Result<Option<u64>, ResultsError> {
-        let mut out = Vec::new();
-        let mut undo = Undo::default();
+        ch: &mut Changes,
+        counters: &HubCounters,
+        refusals: &Refusals,
+    ) -> Option<u64> {
         let mut refused: BTreeMap<Reason, (u64, String)> = BTreeMap::new();
-        let mut state = self.lock();
-        let Some((committed, hello_acked)) = state
+        let (committed, hello_acked) = self
             .agents
             .get(agent)
-            .map(|a| (a.committed_seq, a.hello_acked_seq))
-        else {
-            return Ok(None);
-        };
-        let skew = state.config.max_clock_skew.as_millis() as i64;
+            .map(|a| (a.committed_seq, a.hello_acked_seq))?;
+        let skew = self.config.max_clock_skew.as_millis() as i64;
         let mut last = committed;
         let mut ack = None;
         for result in batch {
-            self.counters
-                .results_received
-                .fetch_add(1, Ordering::Relaxed);
+            counters.results_received.fetch_add(1, Ordering::Relaxed);
             if result.seq <= last {
-                self.counters
+                counters
                     .results_deduplicated
                     .fetch_add(1, Ordering::Relaxed);
                 ack = Some(ack.unwrap_or(last).max(committed));
@@ -530,178 +554,89 @@ impl Hub {
                         ),
                     ))
                 }
-                None => state.accept(agent, result, now_ms, &mut out, &mut undo),
+                None => self.accept(agent, result, now_ms, ch, &mut refused),
             };
             if let Err((reason, detail)) = verdict {
                 let e = refused.entry(reason).or_insert((0, detail));
                 e.0 += 1;
             }
         }
-        if last > committed {
-            let stored = state.stored_agent(agent).map(|mut a| {
-                a.committed_seq = last;
-                a.last_seen_ms = now_ms;
-                a
-            });
-            let change = |tx: &rusqlite::Transaction<'_>| match &stored {
-                Some(a) => crate::store::save_agent(tx, a),
-                None => Ok(()),
-            };
-            if let Err(e) = self.try_commit(&out, &change) {
-                state.rollback(undo);
-                return Err(ResultsError::Storage(e));
-            }
-            if let Some(a) = state.agents.get_mut(agent) {
-                a.committed_seq = last;
-                a.last_seen_ms = now_ms;
-            }
+        if last > committed
+            && let Some(a) = self.agents.get_mut(agent)
+        {
+            ch.undo.committed.push((agent.to_string(), a.committed_seq));
+            a.committed_seq = last;
+            a.last_seen_ms = now_ms;
+            ch.durable.agents.insert(agent.to_string(), a.stored());
         }
-        for (reason, n, detail) in std::mem::take(&mut state.pending_refusals) {
-            let e = refused.entry(reason).or_insert((0, detail));
-            e.0 += n;
-        }
-        drop(state);
         for (reason, (n, detail)) in refused {
-            self.counters.results_unexpected.fetch_add(
+            counters.results_unexpected.fetch_add(
                 u64::from(reason == Reason::Unassigned) * n,
                 Ordering::Relaxed,
             );
-            self.refusals.refuse(agent, reason, n, || detail);
+            refusals.refuse(agent, reason, n, || detail);
         }
-        Ok(ack)
+        ack
     }
 
     /// Re-evaluates freshness and missing jobs and agents; call about once a second.
-    pub fn tick(&self, now_ms: i64) {
-        let mut out = Vec::new();
-        let mut undo = Undo::default();
-        let mut state = self.lock();
-        let targets_changed = state.rediscover();
-        if targets_changed {
-            state.send_assignments(None);
+    pub fn tick(&mut self, now_ms: i64, ch: &mut Changes) {
+        if self.update_placeable(now_ms) {
+            self.send_assignments(None);
         }
-        state.write_retired(now_ms, &mut out, &mut undo);
-        state.evaluate_all(now_ms, &mut out, &mut undo);
-        let meta_every = state.config.scrape_interval.as_millis() as i64;
-        let mut forgotten = Vec::new();
-        let mut jobs = Vec::new();
-        if now_ms - state.last_meta_ms >= meta_every {
-            forgotten = state.write_meta(now_ms, &mut out, &mut undo);
-            jobs = state
+        self.write_retired(now_ms, ch);
+        self.evaluate_all(now_ms, ch);
+        let meta_every = self.config.scrape_interval.as_millis() as i64;
+        if now_ms - self.last_meta_ms >= meta_every {
+            let forgotten = self.write_meta(now_ms, ch);
+            ch.durable.forgotten.extend(forgotten);
+            ch.durable.jobs = self
                 .jobs
                 .iter()
                 .map(|(n, j)| (n.clone(), j.expected_since_ms))
                 .collect();
         }
-        let change = |tx: &rusqlite::Transaction<'_>| {
-            for id in &forgotten {
-                crate::store::forget_agent(tx, id)?;
-            }
-            if !jobs.is_empty() {
-                crate::store::save_jobs(tx, &jobs)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = self.try_commit(&out, &change) {
-            tracing::error!(error = %e, samples = out.len(), "cannot commit series to the store; they are written again once it recovers");
-            state.rollback(undo);
-        } else {
-            for id in &forgotten {
-                self.refusals.forget(id);
-            }
-        }
     }
 
-    /// Applies a new config: new jobs and targets, new assignments; what disappeared
-    /// gets staleness markers so `absent()` fires at once. Streams whose token the new
-    /// config no longer accepts (removed, or bound to other labels) are ended.
-    pub fn reload(&self, config: Arc<AggregatorConfig>, now_ms: i64) {
-        let mut out = Vec::new();
-        let mut undo = Undo::default();
-        let mut state = self.lock();
-        let removed = state.apply_config(config, now_ms);
+    /// Applies a new config and the targets discovered under it: new jobs and targets,
+    /// new assignments; what disappeared gets staleness markers so `absent()` fires at
+    /// once. Streams whose token the new config no longer accepts (removed, or bound to
+    /// other labels) are ended.
+    pub fn reload(
+        &mut self,
+        config: Arc<AggregatorConfig>,
+        targets: TargetSet,
+        now_ms: i64,
+        ch: &mut Changes,
+    ) {
+        let removed = self.apply_config(config, targets, now_ms);
         for key in removed {
-            if let Some(entry) = state.entries.remove(&key) {
-                state.retired.insert(key, entry);
+            if let Some(entry) = self.entries.remove(&key) {
+                self.retired.insert(key, entry);
             }
         }
-        state.write_retired(now_ms, &mut out, &mut undo);
-        state.revoke_credentials();
-        state.send_assignments(None);
-        state.write_meta(now_ms, &mut out, &mut undo);
-        if let Err(e) = self.try_commit(&out, &no_change) {
-            tracing::error!(error = %e, "cannot commit the reload's series; they are written once the store recovers");
-            state.rollback(undo);
+        self.write_retired(now_ms, ch);
+        self.revoke_credentials();
+        self.update_placeable(now_ms);
+        self.send_assignments(None);
+        self.write_meta(now_ms, ch);
+    }
+
+    /// Targets discovered anew (file_sd) under `config`; ignored if a reload has
+    /// replaced that config meanwhile.
+    pub fn discovered(&mut self, config: &Arc<AggregatorConfig>, targets: TargetSet) {
+        if !Arc::ptr_eq(config, &self.config) || *self.targets == targets {
+            return;
         }
-    }
-
-    /// The agents' connections, for `/metrics`: (agent, clock skew in seconds).
-    pub fn clock_skews(&self) -> Vec<(String, f64)> {
-        self.lock()
-            .agents
-            .iter()
-            .filter_map(|(id, a)| Some((id.clone(), a.clock_skew_ms? as f64 / 1000.0)))
-            .collect()
-    }
-
-    /// Commits series that no agent waits an ack for (merged series, staleness markers,
-    /// job and agent series). A failure is logged; the next tick writes fresh values.
-    fn commit(&self, out: &[SeriesSample], change: StateChange<'_>) {
-        if let Err(e) = self.try_commit(out, change) {
-            tracing::error!(error = %e, samples = out.len(), "cannot commit series to the store");
-        }
-    }
-
-    /// Commits through the output and keeps [`Hub::storage`] up to date.
-    fn try_commit(&self, out: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
-        match self.output.commit(out, change) {
-            Ok(()) => {
-                self.storage.succeeded();
-                Ok(())
-            }
-            Err(e) => {
-                self.storage.failed(&e);
-                Err(e)
-            }
-        }
-    }
-}
-
-impl State {
-    /// Targets the config (static and file_sd) gives `job`.
-    fn configured_targets(&self, job: &str) -> usize {
-        self.targets
-            .range((job.to_string(), String::new())..)
-            .take_while(|(k, _)| k.0 == job)
-            .count()
-    }
-
-    /// `sonde_job_targets`: the configured targets, or for an agent-local job the
-    /// targets its results name.
-    pub fn job_target_count(&self, job: &str) -> usize {
-        let seen = self
-            .entries
-            .range((job.to_string(), String::new())..)
-            .take_while(|(k, _)| k.0 == job)
-            .count();
-        self.configured_targets(job).max(seen)
-    }
-
-    fn stored_agent(&self, id: &str) -> Option<crate::store::StoredAgent> {
-        self.agents.get(id).map(|a| crate::store::StoredAgent {
-            id: id.to_string(),
-            labels: a.labels.clone(),
-            local_jobs: a.local_jobs.clone(),
-            committed_seq: a.committed_seq,
-            first_seen_ms: a.first_seen_ms,
-            last_seen_ms: a.last_seen_ms,
-        })
+        self.targets = Arc::new(targets);
+        self.send_assignments(None);
     }
 
     /// Installs `config`; returns the targets that no longer exist.
     fn apply_config(
         &mut self,
         config: Arc<AggregatorConfig>,
+        targets: TargetSet,
         now_ms: i64,
     ) -> Vec<(String, String)> {
         self.previous_selectors = self
@@ -733,7 +668,7 @@ impl State {
                 entry.config = None;
             }
         }
-        self.rediscover();
+        self.targets = Arc::new(targets);
         let removed: Vec<_> = self
             .entries
             .keys()
@@ -743,57 +678,118 @@ impl State {
         removed
     }
 
+    /// Configured targets (static and file_sd) of `job`.
+    fn configured_targets(&self, job: &str) -> usize {
+        self.targets
+            .range((job.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == job)
+            .count()
+    }
+
     fn is_local_job(&self, job: &str) -> bool {
         self.jobs.get(job).is_some_and(|j| j.config.is_none())
     }
 
-    /// Re-reads file_sd files; true when the target set changed.
-    fn rediscover(&mut self) -> bool {
-        let config = self.config.clone();
-        let targets = self.file_sd.targets(&config.jobs);
-        if targets != self.targets {
-            self.targets = targets;
-            true
-        } else {
-            false
+    /// Recomputes which agents may be given targets; true when that changed.
+    fn update_placeable(&mut self, now_ms: i64) -> bool {
+        let grace = self.config.missing_after;
+        let placeable: BTreeSet<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.is_up(now_ms, grace))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if placeable == self.placeable {
+            return false;
         }
+        self.placeable = placeable;
+        true
+    }
+
+    /// Every agent's checks: each job's targets to every agent its selector matches, or
+    /// with `agents_per_target: K` to the K chosen among the placeable ones.
+    fn plan(&self, only: Option<&str>) -> BTreeMap<String, Vec<Check>> {
+        let mut plan: BTreeMap<String, Vec<Check>> = self
+            .agents
+            .iter()
+            .filter(|(id, a)| a.sender.is_some() && only.is_none_or(|o| o == id.as_str()))
+            .map(|(id, _)| (id.clone(), Vec::new()))
+            .collect();
+        if plan.is_empty() {
+            return plan;
+        }
+        for job in &self.config.jobs {
+            let module_json = serde_json::to_string(&job.module).unwrap_or_default();
+            let check = |t: &Target| Check {
+                job: t.job.clone(),
+                instance: t.instance.clone(),
+                module_name: job.module_name.clone(),
+                module_json: module_json.clone(),
+                interval_ms: job.interval.as_millis() as u64,
+                timeout_ms: job.timeout.as_millis() as u64,
+                retries: job.retries,
+            };
+            let targets = self
+                .targets
+                .range((job.name.clone(), String::new())..)
+                .take_while(|(k, _)| k.0 == job.name)
+                .map(|(_, t)| t);
+            match job.config.agents_per_target {
+                None => {
+                    let receivers: Vec<&String> = plan
+                        .keys()
+                        .filter(|id| {
+                            self.agents
+                                .get(*id)
+                                .is_some_and(|a| job.config.selects(&a.labels))
+                        })
+                        .collect();
+                    if receivers.is_empty() {
+                        continue;
+                    }
+                    let receivers: Vec<String> = receivers.into_iter().cloned().collect();
+                    for t in targets {
+                        let c = check(t);
+                        for id in &receivers {
+                            if let Some(v) = plan.get_mut(id) {
+                                v.push(c.clone());
+                            }
+                        }
+                    }
+                }
+                Some(k) => {
+                    let candidates: Vec<&str> = self
+                        .placeable
+                        .iter()
+                        .filter(|id| {
+                            self.agents
+                                .get(*id)
+                                .is_some_and(|a| job.config.selects(&a.labels))
+                        })
+                        .map(String::as_str)
+                        .collect();
+                    for t in targets {
+                        for id in placement::choose(&t.job, &t.instance, &candidates, k as usize) {
+                            if let Some(v) = plan.get_mut(id) {
+                                v.push(check(t));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        plan
     }
 
     /// Sends each connected agent (or just `only`) its assignment when it changed.
     fn send_assignments(&mut self, only: Option<&str>) {
-        let jobs: BTreeMap<&str, &ResolvedJob> = self
-            .config
-            .jobs
-            .iter()
-            .map(|j| (j.name.as_str(), j))
-            .collect();
-        let mut module_json: BTreeMap<&str, String> = BTreeMap::new();
-        for job in jobs.values() {
-            module_json
-                .entry(job.name.as_str())
-                .or_insert_with(|| serde_json::to_string(&job.module).unwrap_or_default());
-        }
+        let plan = self.plan(only);
         let mut generation = self.generation;
-        for (id, agent) in self.agents.iter_mut() {
-            if only.is_some_and(|o| o != id) || agent.sender.is_none() {
+        for (id, mut checks) in plan {
+            checks.sort_by(|a, b| (&a.job, &a.instance).cmp(&(&b.job, &b.instance)));
+            let Some(agent) = self.agents.get_mut(&id) else {
                 continue;
-            }
-            let checks: Vec<Check> = self
-                .targets
-                .values()
-                .filter_map(|t| {
-                    let job = jobs.get(t.job.as_str())?;
-                    job.config.selects(&agent.labels).then(|| Check {
-                        job: t.job.clone(),
-                        instance: t.instance.clone(),
-                        module_name: job.module_name.clone(),
-                        module_json: module_json.get(t.job.as_str()).cloned().unwrap_or_default(),
-                        interval_ms: job.interval.as_millis() as u64,
-                        timeout_ms: job.timeout.as_millis() as u64,
-                        retries: job.retries,
-                    })
-                })
-                .collect();
+            };
             if checks == agent.last_assignment {
                 continue;
             }
@@ -820,8 +816,10 @@ impl State {
         self.generation = generation;
     }
 
-    /// The target a result of `agent` may report on: one of its current (or, until the
-    /// next reload, previous) assigned checks, or a target of one of its own local jobs.
+    /// The target a result of `agent` may report on: a target of a job whose selector
+    /// (current, or until the next reload previous) matches the agent, or a target of
+    /// one of its own local jobs. With `agents_per_target`, any matching agent may
+    /// report: one that was moved off a target still delivers what it probed before.
     fn admissible(&self, agent: &str, job: &str, instance: &str) -> Result<Target, Reason> {
         let key = (job.to_string(), instance.to_string());
         let Some(a) = self.agents.get(agent) else {
@@ -858,14 +856,14 @@ impl State {
         Err(Reason::Unassigned)
     }
 
-    /// Records one result, or says why it is refused. Every change is noted in `undo`.
+    /// Records one result, or says why it is refused. Every change is noted in `ch.undo`.
     fn accept(
         &mut self,
         agent: &str,
         r: &IncomingResult,
         now_ms: i64,
-        out: &mut Vec<SeriesSample>,
-        undo: &mut Undo,
+        ch: &mut Changes,
+        refused: &mut BTreeMap<Reason, (u64, String)>,
     ) -> Result<(), (Reason, String)> {
         let target = self.admissible(agent, &r.job, &r.instance).map_err(|reason| {
             let why = match reason {
@@ -885,33 +883,45 @@ impl State {
         let taken = |name: &str| {
             target.labels.contains_key(name) || self.config.external_labels.contains_key(name)
         };
-        let samples: Vec<ProbeSample> = r
+        let kept = r
             .samples
             .iter()
             .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
-            .cloned()
-            .collect();
-        if samples.len() < r.samples.len() {
+            .count();
+        let samples: Vec<ProbeSample> = if kept == r.samples.len() {
+            r.samples.clone()
+        } else {
             // Counted as refused samples; the result itself stands.
-            let n = (r.samples.len() - samples.len()) as u64;
-            self.pending_refusals.push((
-                Reason::ReservedLabel,
-                n,
+            let n = (r.samples.len() - kept) as u64;
+            let e = refused.entry(Reason::ReservedLabel).or_insert((
+                0,
                 format!(
                     "{n} samples of {} carry a label named like a target or external label",
                     describe(r)
                 ),
             ));
-        }
+            e.0 += n;
+            r.samples
+                .iter()
+                .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
+                .cloned()
+                .collect()
+        };
         let key = (r.job.clone(), r.instance.clone());
-        let previous = self.entries.get(&key).and_then(|e| e.views.get(agent));
-        if previous.is_some_and(|p| r.timestamp_ms <= p.timestamp_ms) {
+        let previous = self
+            .entries
+            .get(&key)
+            .and_then(|e| e.views.get(agent))
+            .cloned();
+        if previous
+            .as_ref()
+            .is_some_and(|p| r.timestamp_ms <= p.timestamp_ms)
+        {
             // Older than what this agent already reported: it cannot change the present.
             return Ok(());
         }
-        let previous_ts = previous.map(|p| p.timestamp_ms);
-        let held_before = previous.map_or(0, |p| p.samples.len());
-        let bytes_before = previous.map_or(0, |p| samples_bytes(&p.samples));
+        let held_before = previous.as_ref().map_or(0, |p| p.samples.len());
+        let bytes_before = previous.as_ref().map_or(0, |p| samples_bytes(&p.samples));
         let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
@@ -929,7 +939,8 @@ impl State {
                 ),
             ));
         }
-        undo.series
+        ch.undo
+            .series
             .push((agent.to_string(), a.series, a.series_bytes));
         a.series = series;
         a.series_bytes = bytes;
@@ -937,36 +948,42 @@ impl State {
             && !self.targets.contains_key(&key)
             && a.local_targets.insert(key.clone())
         {
-            undo.local_targets.push((agent.to_string(), key.clone()));
+            ch.undo.local_targets.push((agent.to_string(), key.clone()));
         }
+        let agent_id = a.id.clone();
         if !self.entries.contains_key(&key) {
-            undo.created.push(key.clone());
+            ch.undo.created.push(key.clone());
         }
         let entry = self
             .entries
             .entry(key.clone())
-            .or_insert_with(|| TargetEntry {
-                key: key.clone(),
-                written_labels: target.labels.clone(),
-                ..TargetEntry::default()
-            });
-        for (name, labels, value) in &samples {
-            out.push(SeriesSample {
-                labels: agent_series_labels(
-                    &target.labels,
-                    &target.job,
-                    &target.instance,
-                    agent,
-                    name,
-                    labels,
-                ),
+            .or_insert_with(|| TargetEntry::new(key.clone(), &target.labels));
+        entry.relabel(&target.labels);
+        // The series of the previous result are reused where the sample is the same
+        // (the common case): no label set is built in the steady state.
+        let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
+        let series: Vec<Series> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, (name, labels, _))| {
+                let reuse = previous.as_ref().filter(|_| same_base).and_then(|p| {
+                    let (pn, pl, _) = p.samples.get(i)?;
+                    (pn == name && pl == labels).then(|| p.series[i].clone())
+                });
+                reuse.unwrap_or_else(|| entry.base.probe(&agent_id, name, labels))
+            })
+            .collect();
+        for (s, (_, _, value)) in series.iter().zip(&samples) {
+            ch.out.push(Sample {
+                series: s.clone(),
                 timestamp_ms: r.timestamp_ms,
                 value: *value,
             });
         }
+        let previous_ts = previous.as_ref().map(|p| p.timestamp_ms);
         let before = entry.views.insert(
-            agent.to_string(),
-            LastResult {
+            agent_id.clone(),
+            Arc::new(LastResult {
                 timestamp_ms: r.timestamp_ms,
                 success: r.success,
                 duration_seconds: r.duration_seconds,
@@ -974,15 +991,17 @@ impl State {
                 // Saturating: both timestamps come from the agent (found by fuzz/fleet_batch).
                 spacing_ms: previous_ts.map(|p| r.timestamp_ms.saturating_sub(p)),
                 samples,
-            },
+                series,
+                base: entry.base.clone(),
+            }),
         );
-        undo.views.push((key.clone(), agent.to_string(), before));
-        self.evaluate(&key, now_ms, true, out, undo);
+        ch.undo.views.push((key.clone(), agent_id, before));
+        self.evaluate(&key, now_ms, true, ch);
         Ok(())
     }
 
     /// Puts back what `undo` recorded, newest change first.
-    fn rollback(&mut self, undo: Undo) {
+    pub fn rollback(&mut self, undo: Undo) {
         for (key, agent, before) in undo.views.into_iter().rev() {
             if let Some(entry) = self.entries.get_mut(&key) {
                 match before {
@@ -1000,7 +1019,6 @@ impl State {
                 e.merged = written.merged;
                 e.last_written_ms = written.last_written_ms;
                 e.up_live = written.up_live;
-                e.written_labels = written.labels;
             }
         }
         for key in undo.created {
@@ -1017,6 +1035,11 @@ impl State {
                 a.local_targets.remove(&key);
             }
         }
+        for (agent, seq) in undo.committed.into_iter().rev() {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.committed_seq = seq;
+            }
+        }
         if let Some(ms) = undo.last_meta_ms {
             self.last_meta_ms = ms;
         }
@@ -1029,33 +1052,34 @@ impl State {
             self.agents.insert(id, agent);
         }
         self.retired.extend(undo.retired);
-        self.pending_refusals.clear();
     }
 
     /// Staleness markers for targets a reload removed; on success they are gone.
-    fn write_retired(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>, undo: &mut Undo) {
+    fn write_retired(&mut self, now_ms: i64, ch: &mut Changes) {
         let retired = std::mem::take(&mut self.retired);
         for (key, entry) in retired {
-            for (agent, view) in &entry.views {
-                stale_agent_series(&entry, agent, view, now_ms, out);
+            for view in entry.views.values() {
+                stale_agent_series(view, now_ms, &mut ch.out);
             }
             if entry.up_live {
-                // The markers must carry exactly the labels the series were written with.
-                let target = Target {
-                    job: key.0.clone(),
-                    instance: key.1.clone(),
-                    labels: entry.written_labels.clone(),
-                };
-                self.write_merged(&target, None, now_ms, entry.last_written_ms, out);
+                write_merged(
+                    &entry.merged_series,
+                    None,
+                    now_ms,
+                    entry.last_written_ms,
+                    &mut ch.out,
+                );
             }
             for (agent, view) in &entry.views {
-                if let Some(a) = self.agents.get_mut(agent) {
-                    undo.series.push((agent.clone(), a.series, a.series_bytes));
+                if let Some(a) = self.agents.get_mut(&**agent) {
+                    ch.undo
+                        .series
+                        .push((agent.to_string(), a.series, a.series_bytes));
                     a.series = a.series.saturating_sub(view.samples.len());
                     a.series_bytes = a.series_bytes.saturating_sub(samples_bytes(&view.samples));
                 }
             }
-            undo.retired.push((key, entry));
+            ch.undo.retired.push((key, entry));
         }
     }
 
@@ -1083,29 +1107,10 @@ impl State {
         }
     }
 
-    fn evaluate_all(&mut self, now_ms: i64, out: &mut Vec<SeriesSample>, undo: &mut Undo) {
+    fn evaluate_all(&mut self, now_ms: i64, ch: &mut Changes) {
         let keys: Vec<_> = self.entries.keys().cloned().collect();
         for key in keys {
-            self.evaluate(&key, now_ms, false, out, undo);
-        }
-    }
-
-    /// The quorum and freshness window that apply to a target's job.
-    fn rules(&self, job: &str, entry: &TargetEntry) -> (Quorum, Duration) {
-        match self.jobs.get(job).and_then(|j| j.config.as_ref()) {
-            Some(c) => (c.quorum, c.freshness),
-            None => {
-                // A local job: the aggregator knows its rhythm only from the results.
-                let spacing = entry
-                    .views
-                    .values()
-                    .filter_map(|v| v.spacing_ms)
-                    .max()
-                    .map_or(self.config.scrape_interval, |ms| {
-                        Duration::from_millis(ms.max(1) as u64)
-                    });
-                (Quorum::AtLeast(1), spacing * 2 + spacing / 2)
-            }
+            self.evaluate(&key, now_ms, false, ch);
         }
     }
 
@@ -1116,13 +1121,12 @@ impl State {
         key: &(String, String),
         now_ms: i64,
         new_result: bool,
-        out: &mut Vec<SeriesSample>,
-        undo: &mut Undo,
+        ch: &mut Changes,
     ) {
         let Some(entry) = self.entries.get(key) else {
             return;
         };
-        let (quorum, window) = self.rules(&key.0, entry);
+        let (quorum, window) = rules(&self.config, &self.jobs, &key.0, entry);
         let merged = merge::merge(
             entry
                 .views
@@ -1145,88 +1149,38 @@ impl State {
             merged.state != TargetState::Missing && now_ms - entry.last_written_ms >= period.max(1);
         let must_write = new_result || changed || due;
         let up_live = entry.up_live;
-        let last = entry.last_written_ms;
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
+        };
         if !must_write || (merged.state == TargetState::Missing && !up_live && !changed) {
-            if let Some(e) = self.entries.get_mut(key) {
-                e.merged = Some(merged);
-            }
+            e.merged = Some(merged);
             return;
         }
-        let target = self.targets.get(key).cloned().unwrap_or_else(|| Target {
-            job: key.0.clone(),
-            instance: key.1.clone(),
-            labels: Labels::new(),
-        });
-        let written_at = self.write_merged(&target, Some(merged), now_ms, last, out);
-        if let Some(e) = self.entries.get_mut(key) {
-            undo.written.push((
-                key.clone(),
-                Written {
-                    merged: e.merged,
-                    last_written_ms: e.last_written_ms,
-                    up_live: e.up_live,
-                    labels: e.written_labels.clone(),
-                },
-            ));
-            e.merged = Some(merged);
-            e.last_written_ms = written_at;
-            e.up_live = merged.state != TargetState::Missing;
-            e.written_labels = target.labels.clone();
-        }
-    }
-
-    /// Writes `up`, `sonde_target_agents` and `sonde_target_agents_succeeding` for a
-    /// target; `None` (target removed) or a missing state writes staleness markers for
-    /// `up`. Returns the timestamp used, always after `last_ms`.
-    fn write_merged(
-        &self,
-        target: &Target,
-        merged: Option<Merged>,
-        now_ms: i64,
-        last_ms: i64,
-        out: &mut Vec<SeriesSample>,
-    ) -> i64 {
-        let ts = now_ms.max(last_ms + 1);
-        let labels = target_labels(target);
-        let with_name = |name: &str| {
-            let mut l = labels.clone();
-            l.push(("__name__".into(), name.to_string()));
-            l
-        };
-        let (up, agents, succeeding) = match merged {
-            Some(m) => (
-                m.state.up_value().unwrap_or_else(stale_nan),
-                f64::from(m.agents),
-                f64::from(m.succeeding),
-            ),
-            None => (stale_nan(), stale_nan(), stale_nan()),
-        };
-        out.push(SeriesSample {
-            labels: with_name("up"),
-            timestamp_ms: ts,
-            value: up,
-        });
-        out.push(SeriesSample {
-            labels: with_name("sonde_target_agents"),
-            timestamp_ms: ts,
-            value: agents,
-        });
-        out.push(SeriesSample {
-            labels: with_name("sonde_target_agents_succeeding"),
-            timestamp_ms: ts,
-            value: succeeding,
-        });
-        ts
+        let written_at = write_merged(
+            &e.merged_series,
+            Some(merged),
+            now_ms,
+            e.last_written_ms,
+            &mut ch.out,
+        );
+        ch.undo.written.push((
+            key.clone(),
+            Written {
+                merged: e.merged,
+                last_written_ms: e.last_written_ms,
+                up_live: e.up_live,
+            },
+        ));
+        e.merged = Some(merged);
+        e.last_written_ms = written_at;
+        e.up_live = merged.state != TargetState::Missing;
     }
 
     /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
     /// Returns the agents forgotten (gone for longer than `forget_after`).
-    fn write_meta(
-        &mut self,
-        now_ms: i64,
-        out: &mut Vec<SeriesSample>,
-        undo: &mut Undo,
-    ) -> Vec<String> {
+    fn write_meta(&mut self, now_ms: i64, ch: &mut Changes) -> Vec<String> {
+        let out = &mut ch.out;
+        let undo = &mut ch.undo;
         let ts = now_ms.max(self.last_meta_ms + 1);
         undo.last_meta_ms.get_or_insert(self.last_meta_ms);
         self.last_meta_ms = ts;
@@ -1249,13 +1203,13 @@ impl State {
                     "sonde_agent_last_seen_timestamp_seconds",
                     "sonde_agent_clock_skew_seconds",
                 ] {
-                    out.push(sample(name, &[("agent", id)], ts, stale_nan()));
+                    out.push(sample(labels::agent(name, id), ts, stale_nan()));
                 }
-                out.push(SeriesSample {
-                    labels: info_labels(id, &agent.labels),
-                    timestamp_ms: ts,
-                    value: stale_nan(),
-                });
+                out.push(sample(
+                    labels::agent_info(id, &agent.labels),
+                    ts,
+                    stale_nan(),
+                ));
                 undo.forgotten.push((id.clone(), agent));
             }
         }
@@ -1294,14 +1248,12 @@ impl State {
             }
             job.missing = missing;
             out.push(sample(
-                "sonde_job_missing",
-                &[("job", &name)],
+                labels::job("sonde_job_missing", &name),
                 ts,
                 f64::from(u8::from(missing)),
             ));
             out.push(sample(
-                "sonde_job_targets",
-                &[("job", &name)],
+                labels::job("sonde_job_targets", &name),
                 ts,
                 target_count as f64,
             ));
@@ -1309,30 +1261,23 @@ impl State {
         for (id, agent) in &self.agents {
             let up = agent.is_up(now_ms, grace);
             out.push(sample(
-                "sonde_agent_up",
-                &[("agent", id)],
+                labels::agent("sonde_agent_up", id),
                 ts,
                 f64::from(u8::from(up)),
             ));
             out.push(sample(
-                "sonde_agent_last_seen_timestamp_seconds",
-                &[("agent", id)],
+                labels::agent("sonde_agent_last_seen_timestamp_seconds", id),
                 ts,
                 agent.last_seen_at(now_ms) as f64 / 1000.0,
             ));
             if let Some(skew) = agent.clock_skew_ms {
                 out.push(sample(
-                    "sonde_agent_clock_skew_seconds",
-                    &[("agent", id)],
+                    labels::agent("sonde_agent_clock_skew_seconds", id),
                     ts,
                     skew as f64 / 1000.0,
                 ));
             }
-            out.push(SeriesSample {
-                labels: info_labels(id, &agent.labels),
-                timestamp_ms: ts,
-                value: 1.0,
-            });
+            out.push(sample(labels::agent_info(id, &agent.labels), ts, 1.0));
         }
         // An agent gone past missing_after: its per-target series end now, so that
         // dashboards and absent() see it at once rather than after 5 minutes.
@@ -1351,67 +1296,86 @@ impl State {
             .collect();
         for id in &gone {
             for entry in self.entries.values() {
-                if let Some(view) = entry.views.get(id) {
-                    stale_agent_series(entry, id, view, now_ms, out);
+                if let Some(view) = entry.views.get(id.as_str()) {
+                    stale_agent_series(view, now_ms, out);
                 }
             }
         }
         forgotten
     }
+
+    /// A read-only copy for the web handlers.
+    pub fn snapshot(&self) -> super::Snapshot {
+        super::Snapshot::of(self)
+    }
+
+    /// `sonde_job_targets`: the configured targets, or for an agent-local job the
+    /// targets its results name.
+    pub fn job_target_count(&self, job: &str) -> usize {
+        let seen = self
+            .entries
+            .range((job.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == job)
+            .count();
+        self.configured_targets(job).max(seen)
+    }
+}
+
+/// The quorum and freshness window that apply to a target's job.
+fn rules(
+    config: &AggregatorConfig,
+    jobs: &BTreeMap<String, JobEntry>,
+    job: &str,
+    entry: &TargetEntry,
+) -> (Quorum, Duration) {
+    match jobs.get(job).and_then(|j| j.config.as_ref()) {
+        Some(c) => (c.quorum, c.freshness),
+        None => {
+            // A local job: the aggregator knows its rhythm only from the results.
+            let spacing = entry
+                .views
+                .values()
+                .filter_map(|v| v.spacing_ms)
+                .max()
+                .map_or(config.scrape_interval, |ms| {
+                    Duration::from_millis(ms.max(1) as u64)
+                });
+            (Quorum::AtLeast(1), spacing * 2 + spacing / 2)
+        }
+    }
+}
+
+/// Writes `up`, `sonde_target_agents` and `sonde_target_agents_succeeding` for a
+/// target; `None` (target removed) or a missing state writes staleness markers for
+/// `up`. Returns the timestamp used, always after `last_ms`.
+fn write_merged(
+    series: &MergedSeries,
+    merged: Option<Merged>,
+    now_ms: i64,
+    last_ms: i64,
+    out: &mut Vec<Sample>,
+) -> i64 {
+    let ts = now_ms.max(last_ms + 1);
+    let (up, agents, succeeding) = match merged {
+        Some(m) => (
+            m.state.up_value().unwrap_or_else(stale_nan),
+            f64::from(m.agents),
+            f64::from(m.succeeding),
+        ),
+        None => (stale_nan(), stale_nan(), stale_nan()),
+    };
+    out.push(sample(series.up.clone(), ts, up));
+    out.push(sample(series.agents.clone(), ts, agents));
+    out.push(sample(series.succeeding.clone(), ts, succeeding));
+    ts
 }
 
 /// Staleness markers for every series one agent wrote for one target.
-fn stale_agent_series(
-    entry: &TargetEntry,
-    agent: &str,
-    view: &LastResult,
-    now_ms: i64,
-    out: &mut Vec<SeriesSample>,
-) {
+fn stale_agent_series(view: &LastResult, now_ms: i64, out: &mut Vec<Sample>) {
     let ts = now_ms.max(view.timestamp_ms + 1);
-    for (name, labels, _) in &view.samples {
-        out.push(SeriesSample {
-            labels: agent_series_labels(
-                &entry.written_labels,
-                &entry.key.0,
-                &entry.key.1,
-                agent,
-                name,
-                labels,
-            ),
-            timestamp_ms: ts,
-            value: stale_nan(),
-        });
+    for s in &view.series {
+        out.push(sample(s.clone(), ts, stale_nan()));
     }
-}
-
-/// The labels of a per-agent probe series: target labels, `job`, `instance`, `agent`,
-/// the sample's own labels (which cannot override those three), and `__name__`.
-pub fn agent_series_labels(
-    target_labels: &Labels,
-    job: &str,
-    instance: &str,
-    agent: &str,
-    name: &str,
-    sample_labels: &[(Symbol, Symbol)],
-) -> Vec<(String, String)> {
-    let mut series: Vec<(String, String)> = target_labels
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance" | "agent"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    series.push(("job".into(), job.to_string()));
-    series.push(("instance".into(), instance.to_string()));
-    series.push(("agent".into(), agent.to_string()));
-    // The fleet service refuses samples whose labels would collide with these; the
-    // check stays so that no path can ever write one name twice.
-    for (k, v) in sample_labels {
-        if !series.iter().any(|(x, _)| x == &**k) {
-            series.push((k.to_string(), v.to_string()));
-        }
-    }
-    series.push(("__name__".into(), name.to_string()));
-    series
 }
 
 /// True when an agent with `labels` matches the job selector `selector`.
@@ -1441,57 +1405,23 @@ fn samples_bytes(samples: &[ProbeSample]) -> usize {
 /// A failure reason is kept for the status page; longer ones are cut.
 const MAX_FAILURE_CHARS: usize = 512;
 
-fn sample(name: &str, labels: &[(&str, &str)], ts: i64, value: f64) -> SeriesSample {
-    let mut l: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    l.push(("__name__".into(), name.to_string()));
-    SeriesSample {
-        labels: l,
-        timestamp_ms: ts,
+fn sample(series: Series, timestamp_ms: i64, value: f64) -> Sample {
+    Sample {
+        series,
+        timestamp_ms,
         value,
     }
 }
-
-fn info_labels(agent: &str, labels: &Labels) -> Vec<(String, String)> {
-    let mut l = agent_info_labels(agent, labels);
-    l.push(("__name__".into(), "sonde_agent_info".into()));
-    l
-}
-
-/// The labels of `sonde_agent_info`: the agent's own labels, then `agent`, which wins.
-pub fn agent_info_labels(agent: &str, labels: &Labels) -> Vec<(String, String)> {
-    let mut l: Vec<(String, String)> = labels
-        .iter()
-        .filter(|(k, _)| k.as_str() != "agent")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    l.push(("agent".into(), agent.to_string()));
-    l
-}
-
-/// A target's labels: its group labels, then `job` and `instance`, which win.
-fn target_labels(target: &Target) -> Vec<(String, String)> {
-    let mut l: Vec<(String, String)> = target
-        .labels
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    l.push(("job".into(), target.job.clone()));
-    l.push(("instance".into(), target.instance.clone()));
-    l
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::{AgentSender, Hub, Output, ResultsError};
     use sonde_proto::config::from_yaml_str;
     use std::path::Path;
+    use tokio::sync::mpsc;
 
     struct Recorder(
-        std::sync::Mutex<Vec<SeriesSample>>,
+        std::sync::Mutex<Vec<Sample>>,
         crate::store::Store,
         std::sync::atomic::AtomicBool,
     );
@@ -1507,33 +1437,53 @@ mod tests {
     }
 
     impl Output for Recorder {
-        fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
+        fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String> {
             if self.2.load(Ordering::Relaxed) {
                 return Err("injected: database or disk is full".into());
             }
-            self.1.with_tx(|tx| change(tx))?;
+            self.1.with_tx(|tx| durable.apply(tx))?;
             self.0.lock().unwrap().extend_from_slice(samples);
             Ok(())
         }
     }
 
     impl Recorder {
-        fn take(&self) -> Vec<SeriesSample> {
+        fn take(&self) -> Vec<Sample> {
             std::mem::take(&mut *self.0.lock().unwrap())
         }
     }
 
-    fn value_of(samples: &[SeriesSample], name: &str, pairs: &[(&str, &str)]) -> Vec<f64> {
+    fn value_of(samples: &[Sample], name: &str, pairs: &[(&str, &str)]) -> Vec<f64> {
         samples
             .iter()
             .filter(|s| {
-                s.labels.iter().any(|(k, v)| k == "__name__" && v == name)
-                    && pairs
-                        .iter()
-                        .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+                s.series.name() == name && pairs.iter().all(|(k, v)| s.series.get(k) == Some(*v))
             })
             .map(|s| s.value)
             .collect()
+    }
+
+    fn results(
+        hub: &Hub,
+        agent: &str,
+        batch: &[IncomingResult],
+        now_ms: i64,
+    ) -> Result<Option<u64>, ResultsError> {
+        hub.results(agent, batch.to_vec().into(), now_ms).wait()
+    }
+
+    fn connect(
+        hub: &Hub,
+        hello: &pb::Hello,
+        labels: Labels,
+        credential: Option<String>,
+        sender: AgentSender,
+        now_ms: i64,
+    ) -> (u64, Arc<Kick>) {
+        let c = hub
+            .connect(hello, labels, credential, sender, now_ms)
+            .wait();
+        (c.connection, c.kick)
     }
 
     const T0: i64 = 1_700_000_000_000;
@@ -1597,7 +1547,8 @@ fleet: {missing_after: 30s}
         let rec = Arc::new(Recorder::default());
         let hub = Hub::new(config(CONFIG), rec.clone(), T0);
         let (tx, rx) = mpsc::channel(16);
-        hub.connect(
+        connect(
+            &hub,
             &hello("eu-1", "eu"),
             hello("eu-1", "eu").labels.into_iter().collect(),
             None,
@@ -1617,16 +1568,23 @@ fleet: {missing_after: 30s}
         let (tx, _rx2) = mpsc::channel(16);
         let mut h = hello("edge", "eu");
         h.local_jobs = vec!["local".into()];
-        hub.connect(&h, h.labels.clone().into_iter().collect(), None, tx, T0);
+        connect(
+            &hub,
+            &h,
+            h.labels.clone().into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
         let batch = [
             result(1, "local", "127.0.0.1:22", -10, true),
             result(2, "local", "127.0.0.1:22", i64::MAX, true),
             result(3, "local", "127.0.0.1:22", 0, true),
             result(4, "local", "127.0.0.1:22", T0, true),
         ];
-        assert_eq!(hub.results("edge", &batch, T0), Ok(Some(4)));
+        assert_eq!(results(&hub, "edge", &batch, T0), Ok(Some(4)));
         assert_eq!(refused(&hub, "future_timestamp"), 2);
-        let state = hub.lock();
+        let state = hub.snapshot_blocking();
         let entry = &state.entries[&("local".to_string(), "127.0.0.1:22".to_string())];
         assert_eq!(entry.views["edge"].spacing_ms, Some(T0));
     }
@@ -1656,7 +1614,8 @@ fleet: {missing_after: 30s}
     fn results_become_per_agent_series_and_up() {
         let (hub, rec, _rx) = setup();
         assert_eq!(
-            hub.results(
+            results(
+                &hub,
                 "eu-1",
                 &[result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 5
@@ -1695,7 +1654,8 @@ fleet: {missing_after: 30s}
 
         // A replay of what is committed is acked again but writes nothing.
         assert_eq!(
-            hub.results(
+            results(
+                &hub,
                 "eu-1",
                 &[result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 6
@@ -1707,7 +1667,7 @@ fleet: {missing_after: 30s}
 
         // A result for a target nobody assigned is acked and dropped.
         assert_eq!(
-            hub.results("eu-1", &[result(2, "nope", "x", T0, true)], T0 + 7),
+            results(&hub, "eu-1", &[result(2, "nope", "x", T0, true)], T0 + 7),
             Ok(Some(2))
         );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
@@ -1716,21 +1676,26 @@ fleet: {missing_after: 30s}
     #[test]
     fn stale_target_gets_one_staleness_marker() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, false)], T0)
-            .unwrap();
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", T0, false)],
+            T0,
+        )
+        .unwrap();
         assert_eq!(value_of(&rec.take(), "up", &[("job", "web")]), [0.0]);
         // Window: 2 × 10s + 5s = 25s.
-        hub.tick(T0 + 24_000);
+        hub.tick(T0 + 24_000).wait();
         assert!(
             value_of(&rec.take(), "up", &[("job", "web")])
                 .iter()
                 .all(|v| *v == 0.0)
         );
-        hub.tick(T0 + 25_000);
+        hub.tick(T0 + 25_000).wait();
         let up = value_of(&rec.take(), "up", &[("job", "web")]);
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
-        hub.tick(T0 + 26_000);
+        hub.tick(T0 + 26_000).wait();
         assert!(
             value_of(&rec.take(), "up", &[("job", "web")]).is_empty(),
             "the marker is written once"
@@ -1740,12 +1705,17 @@ fleet: {missing_after: 30s}
     #[test]
     fn up_is_rewritten_within_a_minute_for_slow_jobs() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", &[result(1, "slow", "127.0.0.1:81", T0, true)], T0)
-            .unwrap();
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "slow", "127.0.0.1:81", T0, true)],
+            T0,
+        )
+        .unwrap();
         rec.take();
         let mut writes = Vec::new();
         for s in 1..=180 {
-            hub.tick(T0 + s * 1000);
+            hub.tick(T0 + s * 1000).wait();
             if !value_of(&rec.take(), "up", &[("job", "slow")]).is_empty() {
                 writes.push(s);
             }
@@ -1762,12 +1732,12 @@ fleet: {missing_after: 30s}
     #[test]
     fn job_without_agents_is_missing_after_grace() {
         let (hub, rec, _rx) = setup();
-        hub.tick(T0 + 10_000);
+        hub.tick(T0 + 10_000).wait();
         assert_eq!(
             value_of(&rec.take(), "sonde_job_missing", &[("job", "alertmanager")]),
             [0.0]
         );
-        hub.tick(T0 + 31_000);
+        hub.tick(T0 + 31_000).wait();
         let out = rec.take();
         assert_eq!(
             value_of(&out, "sonde_job_missing", &[("job", "alertmanager")]),
@@ -1780,12 +1750,12 @@ fleet: {missing_after: 30s}
     fn disconnected_agent_is_down_after_grace() {
         let (hub, rec, _rx) = setup();
         hub.disconnect("eu-1", 1, T0 + 1_000);
-        hub.tick(T0 + 20_000);
+        hub.tick(T0 + 20_000).wait();
         assert_eq!(
             value_of(&rec.take(), "sonde_agent_up", &[("agent", "eu-1")]),
             [1.0]
         );
-        hub.tick(T0 + 31_000);
+        hub.tick(T0 + 31_000).wait();
         let out = rec.take();
         assert_eq!(
             value_of(&out, "sonde_agent_up", &[("agent", "eu-1")]),
@@ -1804,11 +1774,16 @@ fleet: {missing_after: 30s}
     #[test]
     fn removed_job_gets_staleness_markers_on_reload() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
         rec.take();
         let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
-        hub.reload(config(&without_web), T0 + 1000);
+        hub.reload(config(&without_web), T0 + 1000).wait();
         let up = value_of(&rec.take(), "up", &[("job", "web"), ("team", "shop")]);
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
@@ -1818,21 +1793,32 @@ fleet: {missing_after: 30s}
     fn merged_timestamps_strictly_increase() {
         let (hub, rec, _rx) = setup();
         let (tx, _rx2) = mpsc::channel(16);
-        hub.connect(
+        connect(
+            &hub,
             &hello("eu-2", "eu"),
             hello("eu-2", "eu").labels.into_iter().collect(),
             None,
             tx,
             T0,
         );
-        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
-        hub.results("eu-2", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
+        results(
+            &hub,
+            "eu-2",
+            &[result(1, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
         let ts: Vec<i64> = rec
             .take()
             .into_iter()
-            .filter(|s| s.labels.iter().any(|(k, v)| k == "__name__" && v == "up"))
+            .filter(|s| s.series.name() == "up")
             .map(|s| s.timestamp_ms)
             .collect();
         assert_eq!(ts.len(), 2);
@@ -1842,13 +1828,18 @@ fleet: {missing_after: 30s}
     #[test]
     fn gone_agent_series_get_staleness_markers_once() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
         hub.disconnect("eu-1", 1, T0 + 1_000);
         rec.take();
-        hub.tick(T0 + 20_000);
+        hub.tick(T0 + 20_000).wait();
         assert!(value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]).is_empty());
-        hub.tick(T0 + 31_000);
+        hub.tick(T0 + 31_000).wait();
         let marks = value_of(
             &rec.take(),
             "probe_success",
@@ -1856,7 +1847,7 @@ fleet: {missing_after: 30s}
         );
         assert_eq!(marks.len(), 1);
         assert_eq!(marks[0].to_bits(), STALE_NAN_BITS);
-        hub.tick(T0 + 45_000);
+        hub.tick(T0 + 45_000).wait();
         assert!(value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]).is_empty());
     }
 
@@ -1878,7 +1869,8 @@ fleet: {missing_after: 30s}
             vec![],
         );
         let (tx, _rx) = mpsc::channel(16);
-        hub.connect(
+        connect(
+            &hub,
             &hello("eu-1", "eu"),
             hello("eu-1", "eu").labels.into_iter().collect(),
             None,
@@ -1886,18 +1878,26 @@ fleet: {missing_after: 30s}
             T0,
         );
         rec.take();
-        let ack = hub
-            .results("eu-1", &[result(10, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
+        let ack = results(
+            &hub,
+            "eu-1",
+            &[result(10, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
         assert_eq!(
             ack,
             Some(10),
             "a replay of a committed result is acked again"
         );
         assert!(rec.take().is_empty(), "and writes nothing");
-        let ack = hub
-            .results("eu-1", &[result(11, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
+        let ack = results(
+            &hub,
+            "eu-1",
+            &[result(11, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
         assert_eq!(ack, Some(11));
         assert_eq!(
             value_of(&rec.take(), "probe_success", &[("agent", "eu-1")]),
@@ -1918,43 +1918,42 @@ fleet: {missing_after: 30s}
     fn results_for_targets_not_assigned_are_refused_and_acked() {
         let (hub, rec, _rx) = setup();
         // alertmanager selects region=mars; eu-1 is in eu.
-        let ack = hub
-            .results(
-                "eu-1",
-                &[
-                    result(1, "alertmanager", "127.0.0.1:9093", T0, true),
-                    result(2, "web", "127.0.0.1:1", T0, true),
-                ],
-                T0,
-            )
-            .unwrap();
+        let ack = results(
+            &hub,
+            "eu-1",
+            &[
+                result(1, "alertmanager", "127.0.0.1:9093", T0, true),
+                result(2, "web", "127.0.0.1:1", T0, true),
+            ],
+            T0,
+        )
+        .unwrap();
         assert_eq!(
             ack,
             Some(2),
             "refused results are acked: resending cannot help"
         );
-        assert!(rec.take().iter().all(|s| {
-            !s.labels
+        assert!(
+            rec.take()
                 .iter()
-                .any(|(k, v)| k == "job" && v == "alertmanager")
-        }));
+                .all(|s| { s.series.get("job") != Some("alertmanager") })
+        );
         assert_eq!(refused(&hub, "unassigned"), 2);
         // A local job of another agent is not this agent's either.
         let mut other = hello("eu-2", "eu");
         other.local_jobs = vec!["mine".into()];
         let (tx, _rx2) = mpsc::channel(16);
-        hub.connect(
+        connect(
+            &hub,
             &other,
             other.labels.clone().into_iter().collect(),
             None,
             tx,
             T0,
         );
-        hub.results("eu-1", &[result(3, "mine", "x", T0, true)], T0)
-            .unwrap();
+        results(&hub, "eu-1", &[result(3, "mine", "x", T0, true)], T0).unwrap();
         assert_eq!(refused(&hub, "unassigned"), 3);
-        hub.results("eu-2", &[result(1, "mine", "x", T0, true)], T0)
-            .unwrap();
+        results(&hub, "eu-2", &[result(1, "mine", "x", T0, true)], T0).unwrap();
         assert_eq!(refused(&hub, "unassigned"), 3, "its own local job is fine");
     }
 
@@ -1962,7 +1961,8 @@ fleet: {missing_after: 30s}
     fn results_from_the_future_are_refused() {
         let (hub, rec, _rx) = setup();
         let day = 86_400_000;
-        hub.results(
+        results(
+            &hub,
             "eu-1",
             &[result(1, "web", "127.0.0.1:80", T0 + day, true)],
             T0,
@@ -1971,7 +1971,8 @@ fleet: {missing_after: 30s}
         assert!(value_of(&rec.take(), "up", &[("job", "web")]).is_empty());
         assert_eq!(refused(&hub, "future_timestamp"), 1);
         // Within fleet.max_clock_skew (1m by default) is fine.
-        hub.results(
+        results(
+            &hub,
             "eu-1",
             &[result(2, "web", "127.0.0.1:80", T0 + 30_000, true)],
             T0,
@@ -1989,7 +1990,7 @@ fleet: {missing_after: 30s}
             vec![("team".into(), "evil".into())],
             200.0,
         ));
-        hub.results("eu-1", &[r], T0).unwrap();
+        results(&hub, "eu-1", &[r], T0).unwrap();
         let out = rec.take();
         assert_eq!(value_of(&out, "probe_success", &[("team", "shop")]), [1.0]);
         assert!(value_of(&out, "probe_http_status_code", &[]).is_empty());
@@ -1999,19 +2000,24 @@ fleet: {missing_after: 30s}
     #[test]
     fn a_failed_commit_changes_nothing_and_the_replay_writes_everything() {
         let (hub, rec, _rx) = setup();
-        hub.results("eu-1", &[result(1, "web", "127.0.0.1:80", T0, true)], T0)
-            .unwrap();
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", T0, true)],
+            T0,
+        )
+        .unwrap();
         rec.take();
         rec.2.store(true, Ordering::Relaxed);
         let batch = [
             result(2, "web", "127.0.0.1:80", T0 + 10_000, false),
             result(3, "slow", "127.0.0.1:81", T0 + 10_000, true),
         ];
-        assert!(hub.results("eu-1", &batch, T0 + 10_000).is_err());
+        assert!(results(&hub, "eu-1", &batch, T0 + 10_000).is_err());
         assert!(hub.storage.failing().is_some());
         assert_eq!(hub.storage.errors(), 1);
         {
-            let state = hub.lock();
+            let state = hub.snapshot_blocking();
             assert_eq!(state.agents["eu-1"].committed_seq, 1);
             let web = &state.entries[&("web".to_string(), "127.0.0.1:80".to_string())];
             assert!(web.views["eu-1"].success, "the view is the committed one");
@@ -2023,10 +2029,10 @@ fleet: {missing_after: 30s}
             );
         }
         // A failing tick keeps nothing either: the staleness marker stays owed.
-        hub.tick(T0 + 40_000);
+        hub.tick(T0 + 40_000).wait();
         rec.2.store(false, Ordering::Relaxed);
         assert_eq!(
-            hub.results("eu-1", &batch, T0 + 10_500).unwrap(),
+            results(&hub, "eu-1", &batch, T0 + 10_500).unwrap(),
             Some(3),
             "the same batch, offered again, is taken whole"
         );
@@ -2034,7 +2040,7 @@ fleet: {missing_after: 30s}
         let out = rec.take();
         assert_eq!(value_of(&out, "up", &[("job", "web")]), [0.0]);
         assert_eq!(value_of(&out, "probe_success", &[("job", "slow")]), [1.0]);
-        hub.tick(T0 + 40_000);
+        hub.tick(T0 + 40_000).wait();
         let up = value_of(&rec.take(), "up", &[("job", "web")]);
         assert_eq!(up.len(), 1);
         assert_eq!(
@@ -2054,31 +2060,38 @@ fleet: {missing_after: 30s}
         let hub = Hub::new(config(&text), rec.clone(), T0);
         let (tx, _rx) = mpsc::channel(16);
         let h = hello("eu-1", "eu");
-        hub.connect(&h, h.labels.clone().into_iter().collect(), None, tx, T0);
+        connect(
+            &hub,
+            &h,
+            h.labels.clone().into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
         let mut big = result(1, "web", "127.0.0.1:80", T0, true);
         big.samples
             .push(("probe_duration_seconds".into(), vec![], 0.1));
         big.samples
             .push(("probe_http_status_code".into(), vec![], 200.0));
-        hub.results("eu-1", &[big.clone()], T0).unwrap();
+        results(&hub, "eu-1", &[big.clone()], T0).unwrap();
         let mut more = result(2, "slow", "127.0.0.1:81", T0, true);
         more.samples
             .push(("probe_duration_seconds".into(), vec![], 0.1));
-        hub.results("eu-1", &[more], T0).unwrap();
+        results(&hub, "eu-1", &[more], T0).unwrap();
         assert_eq!(refused(&hub, "series_limit"), 1);
         // Replacing a target's result frees what the old one held.
         big.seq = 3;
         big.timestamp_ms = T0 + 1;
-        hub.results("eu-1", &[big], T0 + 1).unwrap();
+        results(&hub, "eu-1", &[big], T0 + 1).unwrap();
         assert_eq!(refused(&hub, "series_limit"), 1);
-        assert_eq!(hub.lock().agents["eu-1"].series, 3);
+        assert_eq!(hub.snapshot_blocking().agents["eu-1"].series, 3);
     }
 
     #[test]
     fn heartbeats_give_the_agent_clock_skew() {
         let (hub, rec, _rx) = setup();
         hub.heartbeat("eu-1", T0 + 2_500, T0 + 500);
-        hub.tick(T0 + 20_000);
+        hub.tick(T0 + 20_000).wait();
         assert_eq!(
             value_of(
                 &rec.take(),
@@ -2089,7 +2102,10 @@ fleet: {missing_after: 30s}
         );
         hub.heartbeat("eu-1", i64::MIN, T0 + 21_000);
         assert!(
-            hub.clock_skews()[0].1 < -1e15,
+            hub.snapshot_blocking().agents["eu-1"]
+                .clock_skew_ms
+                .unwrap()
+                < -1_000_000_000_000_000,
             "an absurd clock is reported, not a panic"
         );
     }
@@ -2111,7 +2127,8 @@ fleet: {missing_after: 30s}
         let connect = |id: &str, token: &str| {
             let (tx, rx) = mpsc::channel(16);
             let h = hello(id, "eu");
-            let (_, kick) = hub.connect(
+            let (_, kick) = connect(
+                &hub,
                 &h,
                 h.labels.clone().into_iter().collect(),
                 Some(token.into()),
@@ -2122,7 +2139,8 @@ fleet: {missing_after: 30s}
         };
         let (kick_1, _rx1) = connect("eu-1", "a");
         let (kick_2, _rx2) = connect("eu-2", "b");
-        hub.reload(with_tokens("{agent: eu-2, token: b}"), T0 + 1000);
+        hub.reload(with_tokens("{agent: eu-2, token: b}"), T0 + 1000)
+            .wait();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -2139,6 +2157,6 @@ fleet: {missing_after: 30s}
                 "eu-2's token still stands"
             );
         });
-        assert!(hub.lock().agents["eu-1"].connection.is_none());
+        assert!(!hub.snapshot_blocking().agents["eu-1"].connected);
     }
 }

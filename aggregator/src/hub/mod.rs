@@ -1,0 +1,745 @@
+//! The aggregator's state and the threads that own it.
+//!
+//! - [`state`]: the state machine itself — agents, targets, their views and the series
+//!   they turn into — plain synchronous code with no I/O: every input changes it and
+//!   returns the durable changes and samples to commit, as data;
+//! - [`snapshot`]: a read-only copy for the web handlers;
+//! - [`placement`]: which agents probe which target (`agents_per_target`).
+//!
+//! Threads, so that neither SQLite nor a slow reader ever stalls the fleet's streams or
+//! the Tokio workers:
+//! - the **ingest thread** owns the [`State`]; the streams, the ticker, reloads and
+//!   discovery send it [`Command`]s. It applies every command waiting in its queue, then
+//!   hands the whole group's changes to the storage thread in one piece (group commit
+//!   across agents and batches) and goes on with the next group meanwhile;
+//! - the **storage thread** commits a group in one transaction (the agents' sequence
+//!   numbers and every remote-write queue together) and reports back;
+//! - the **discovery thread** re-reads file_sd files once a second.
+//!
+//! A group's acks (and a reload's or a tick's completion) are answered only after its
+//! commit. If a commit fails, the group and the one applied after it are rolled back,
+//! in reverse, from their undo logs, so the state again shows only what is stored, and
+//! their results are answered with an error (the streams offer them again). Web
+//! handlers read snapshots taken between groups and published once the commit of
+//! everything they show succeeded.
+
+pub mod placement;
+pub mod snapshot;
+pub mod state;
+
+pub use snapshot::AgentSummary;
+pub use snapshot::Snapshot;
+pub use state::{
+    AgentEntry, Durable, IncomingResult, JobEntry, LastResult, ProbeSample, State, TargetEntry,
+};
+
+use crate::config::AggregatorConfig;
+use crate::health::StorageHealth;
+use crate::refusals::Refusals;
+use crate::series::Sample;
+use crate::targets::{FileSd, TargetSet};
+use sonde_proto::config::Labels;
+use sonde_proto::pb::{self, AggregatorMessage};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Where the stream to one connected agent can be written.
+pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
+
+/// Where the series and durable changes the hub produces go. `commit` stores every
+/// sample in every output queue and applies the durable changes in one transaction:
+/// all of it, or none of it.
+pub trait Output: Send + Sync {
+    fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String>;
+}
+
+/// Why [`Hub::results`] did not take a batch.
+#[derive(Debug, PartialEq)]
+pub enum ResultsError {
+    /// The store refused the commit; nothing of the batch was kept. Retry later.
+    Storage(String),
+    /// The aggregator is shutting down.
+    Stopped,
+}
+
+impl std::fmt::Display for ResultsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResultsError::Storage(e) => write!(f, "the store refused the commit: {e}"),
+            ResultsError::Stopped => write!(f, "the aggregator is shutting down"),
+        }
+    }
+}
+
+/// Tells one stream to end, and why.
+#[derive(Default)]
+pub struct Kick {
+    notify: tokio::sync::Notify,
+    reason: std::sync::Mutex<String>,
+}
+
+impl Kick {
+    fn kick(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.notify.notify_one();
+    }
+
+    /// Waits until the stream is told to end; returns why.
+    pub async fn kicked(&self) -> String {
+        self.notify.notified().await;
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct HubCounters {
+    pub results_received: AtomicU64,
+    pub results_deduplicated: AtomicU64,
+    pub results_unexpected: AtomicU64,
+    pub agent_connects: AtomicU64,
+    pub agents_refused: AtomicU64,
+    /// Groups committed, and the commands they answered (group commit at work).
+    pub commits: AtomicU64,
+    pub committed_commands: AtomicU64,
+}
+
+/// What the threads share with the handle.
+pub(crate) struct Shared {
+    pub counters: HubCounters,
+    pub storage: StorageHealth,
+    pub refusals: Arc<Refusals>,
+    config: RwLock<Arc<AggregatorConfig>>,
+    discovery: Mutex<FileSd>,
+}
+
+impl Shared {
+    /// Every job's targets under `config`, re-reading file_sd files that changed.
+    fn discover(&self, config: &AggregatorConfig) -> TargetSet {
+        self.discovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .targets(&config.jobs)
+    }
+}
+
+/// An answer that comes once the command is applied (and, where it matters,
+/// committed): `.await` it in async code, [`Reply::wait`] it elsewhere. If the hub has
+/// stopped, the answer is the one for a stopped hub.
+pub struct Reply<T> {
+    rx: oneshot::Receiver<T>,
+    stopped: fn() -> T,
+}
+
+impl<T> Reply<T> {
+    /// Blocks until the answer comes (not from inside a Tokio runtime).
+    pub fn wait(self) -> T {
+        self.rx.blocking_recv().unwrap_or_else(|_| (self.stopped)())
+    }
+}
+
+impl<T> std::future::Future for Reply<T> {
+    type Output = T;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        let stopped = self.stopped;
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| stopped()))
+    }
+}
+
+/// The inputs of the state machine.
+pub(crate) enum Command {
+    Results {
+        agent: String,
+        batch: Arc<[IncomingResult]>,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Option<u64>, ResultsError>>,
+    },
+    Connect {
+        hello: Box<pb::Hello>,
+        labels: Labels,
+        credential: Option<String>,
+        sender: AgentSender,
+        now_ms: i64,
+        reply: oneshot::Sender<Connected>,
+    },
+    Disconnect {
+        agent: String,
+        connection: u64,
+        now_ms: i64,
+    },
+    DisconnectAll {
+        now_ms: i64,
+        reply: oneshot::Sender<()>,
+    },
+    Heartbeat {
+        agent: String,
+        agent_time_ms: i64,
+        now_ms: i64,
+    },
+    Tick {
+        now_ms: i64,
+        reply: oneshot::Sender<()>,
+    },
+    Reload {
+        config: Arc<AggregatorConfig>,
+        targets: TargetSet,
+        now_ms: i64,
+        reply: oneshot::Sender<()>,
+    },
+    Restore {
+        agents: Vec<crate::store::StoredAgent>,
+        jobs: Vec<(String, i64)>,
+        reply: oneshot::Sender<()>,
+    },
+    Targets {
+        config: Arc<AggregatorConfig>,
+        targets: TargetSet,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Arc<Snapshot>>,
+    },
+    /// From the storage thread: the group in flight committed, or not.
+    Committed(Result<(), String>),
+    Stop,
+}
+
+/// A connected stream: its id, and the handle that ends it.
+#[derive(Clone, Default)]
+pub struct Connected {
+    pub connection: u64,
+    pub kick: Arc<Kick>,
+}
+
+/// The handle the rest of the aggregator holds.
+pub struct Hub {
+    commands: std_mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    snapshot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stop_discovery: Mutex<Option<std_mpsc::Sender<()>>>,
+    pub counters: Arc<CountersRef>,
+    pub storage: Arc<StorageRef>,
+    pub refusals: Arc<Refusals>,
+}
+
+/// Access to the shared counters through the handle (`hub.counters.results_received`).
+pub struct CountersRef(Arc<Shared>);
+impl std::ops::Deref for CountersRef {
+    type Target = HubCounters;
+    fn deref(&self) -> &HubCounters {
+        &self.0.counters
+    }
+}
+
+/// Access to the store's health through the handle (`hub.storage.failing()`).
+pub struct StorageRef(Arc<Shared>);
+impl std::ops::Deref for StorageRef {
+    type Target = StorageHealth;
+    fn deref(&self) -> &StorageHealth {
+        &self.0.storage
+    }
+}
+
+/// How often the discovery thread looks at file_sd files.
+const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
+
+/// Web handlers share a snapshot younger than this.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_millis(500);
+
+impl Hub {
+    /// Starts the ingest, storage and discovery threads with `config`.
+    pub fn new(config: Arc<AggregatorConfig>, output: Arc<dyn Output>, now_ms: i64) -> Self {
+        let refusals = Arc::new(Refusals::default());
+        let shared = Arc::new(Shared {
+            counters: HubCounters::default(),
+            storage: StorageHealth::default(),
+            refusals: refusals.clone(),
+            config: RwLock::new(config.clone()),
+            discovery: Mutex::new(FileSd::default()),
+        });
+        let targets = shared.discover(&config);
+        let state = State::new(config, targets, now_ms);
+        let (commands, rx) = std_mpsc::channel();
+        let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Vec<Sample>, Durable)>(1);
+        let mut threads = Vec::new();
+        let back = commands.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("sonde-storage".into())
+                .spawn(move || storage_thread(output, jobs_rx, back))
+                .expect("cannot start the storage thread"),
+        );
+        let ingest_shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("sonde-ingest".into())
+                .spawn(move || ingest_thread(state, rx, jobs_tx, ingest_shared))
+                .expect("cannot start the ingest thread"),
+        );
+        let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
+        let discovery_shared = shared.clone();
+        let discovery_commands = commands.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("sonde-discovery".into())
+                .spawn(move || discovery_thread(discovery_shared, discovery_commands, stop_rx))
+                .expect("cannot start the discovery thread"),
+        );
+        Self {
+            commands,
+            counters: Arc::new(CountersRef(shared.clone())),
+            storage: Arc::new(StorageRef(shared.clone())),
+            refusals,
+            shared,
+            snapshot: Mutex::new(None),
+            threads: Mutex::new(threads),
+            stop_discovery: Mutex::new(Some(stop_tx)),
+        }
+    }
+
+    fn send<T>(
+        &self,
+        stopped: fn() -> T,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Reply<T> {
+        let (tx, rx) = oneshot::channel();
+        // A closed channel means the ingest thread has stopped: the reply's sender is
+        // dropped with the command, and the answer is `stopped`'s.
+        let _ = self.commands.send(make(tx));
+        Reply { rx, stopped }
+    }
+
+    /// Takes back what the store remembers from before a restart: agents (disconnected
+    /// until they say hello again, with their committed sequence numbers) and when each
+    /// job started being expected.
+    pub fn restore(
+        &self,
+        agents: Vec<crate::store::StoredAgent>,
+        jobs: Vec<(String, i64)>,
+    ) -> Reply<()> {
+        self.send(
+            || (),
+            |reply| Command::Restore {
+                agents,
+                jobs,
+                reply,
+            },
+        )
+    }
+
+    pub fn config(&self) -> Arc<AggregatorConfig> {
+        self.shared
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// An agent said hello (already authenticated, with `labels` the ones it may have):
+    /// register it and send its assignment. A newer connection of the same agent
+    /// replaces the older one.
+    pub fn connect(
+        &self,
+        hello: &pb::Hello,
+        labels: Labels,
+        credential: Option<String>,
+        sender: AgentSender,
+        now_ms: i64,
+    ) -> Reply<Connected> {
+        self.send(Connected::default, |reply| Command::Connect {
+            hello: Box::new(hello.clone()),
+            labels,
+            credential,
+            sender,
+            now_ms,
+            reply,
+        })
+    }
+
+    /// The stream of `connection` ended.
+    pub fn disconnect(&self, agent: &str, connection: u64, now_ms: i64) {
+        let _ = self.commands.send(Command::Disconnect {
+            agent: agent.to_string(),
+            connection,
+            now_ms,
+        });
+    }
+
+    /// Forgets every stream (at shutdown).
+    pub fn disconnect_all(&self, now_ms: i64) -> Reply<()> {
+        self.send(|| (), |reply| Command::DisconnectAll { now_ms, reply })
+    }
+
+    /// A heartbeat stamped `agent_time_ms` by the agent's clock.
+    pub fn heartbeat(&self, agent: &str, agent_time_ms: i64, now_ms: i64) {
+        let _ = self.commands.send(Command::Heartbeat {
+            agent: agent.to_string(),
+            agent_time_ms,
+            now_ms,
+        });
+    }
+
+    /// Takes a batch of results from `agent`; answers with the sequence number to ack
+    /// once everything the batch changed is committed. See [`State::results`].
+    pub fn results(
+        &self,
+        agent: &str,
+        batch: Arc<[IncomingResult]>,
+        now_ms: i64,
+    ) -> Reply<Result<Option<u64>, ResultsError>> {
+        self.send(
+            || Err(ResultsError::Stopped),
+            |reply| Command::Results {
+                agent: agent.to_string(),
+                batch,
+                now_ms,
+                reply,
+            },
+        )
+    }
+
+    /// Re-evaluates freshness and missing jobs and agents; call about once a second.
+    pub fn tick(&self, now_ms: i64) -> Reply<()> {
+        self.send(|| (), |reply| Command::Tick { now_ms, reply })
+    }
+
+    /// Applies a new config (see [`State::reload`]); its file_sd files are read here,
+    /// by the caller.
+    pub fn reload(&self, config: Arc<AggregatorConfig>, now_ms: i64) -> Reply<()> {
+        let targets = self.shared.discover(&config);
+        *self
+            .shared
+            .config
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = config.clone();
+        self.send(
+            || (),
+            |reply| Command::Reload {
+                config,
+                targets,
+                now_ms,
+                reply,
+            },
+        )
+    }
+
+    /// A snapshot of the state no older than half a second, everything in it committed.
+    pub async fn snapshot(&self) -> Arc<Snapshot> {
+        if let Some(s) = self.cached_snapshot() {
+            return s;
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Snapshot { reply: tx });
+        let s = rx
+            .await
+            .unwrap_or_else(|_| Arc::new(Snapshot::empty(self.config())));
+        self.cache_snapshot(&s);
+        s
+    }
+
+    /// [`Hub::snapshot`] for code outside a Tokio runtime (tests, benches).
+    pub fn snapshot_blocking(&self) -> Arc<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Snapshot { reply: tx });
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Arc::new(Snapshot::empty(self.config())))
+    }
+
+    fn cached_snapshot(&self) -> Option<Arc<Snapshot>> {
+        let cache = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < SNAPSHOT_MAX_AGE)
+            .map(|(_, s)| s.clone())
+    }
+
+    fn cache_snapshot(&self, s: &Arc<Snapshot>) {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), s.clone()));
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop_discovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let _ = self.commands.send(Command::Stop);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn storage_thread(
+    output: Arc<dyn Output>,
+    jobs: std_mpsc::Receiver<(Vec<Sample>, Durable)>,
+    back: std_mpsc::Sender<Command>,
+) {
+    while let Ok((samples, durable)) = jobs.recv() {
+        let result = if samples.is_empty() && durable.is_empty() {
+            Ok(())
+        } else {
+            output.commit(&samples, &durable)
+        };
+        // Dropping the samples here, off the ingest thread, frees their series too.
+        drop(samples);
+        if back.send(Command::Committed(result)).is_err() {
+            return;
+        }
+    }
+}
+
+fn discovery_thread(
+    shared: Arc<Shared>,
+    commands: std_mpsc::Sender<Command>,
+    stop: std_mpsc::Receiver<()>,
+) {
+    let mut last: Option<(Arc<AggregatorConfig>, TargetSet)> = None;
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(DISCOVERY_EVERY) {
+        let config = shared
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if config
+            .jobs
+            .iter()
+            .all(|j| j.config.file_sd_configs.is_empty())
+        {
+            continue;
+        }
+        let targets = shared.discover(&config);
+        let unchanged = last
+            .as_ref()
+            .is_some_and(|(c, t)| Arc::ptr_eq(c, &config) && *t == targets);
+        if unchanged {
+            continue;
+        }
+        last = Some((config.clone(), targets.clone()));
+        if commands.send(Command::Targets { config, targets }).is_err() {
+            return;
+        }
+    }
+}
+
+/// What a group owes once its commit is done.
+enum Owed {
+    Ack(
+        oneshot::Sender<Result<Option<u64>, ResultsError>>,
+        Option<u64>,
+    ),
+    Done(oneshot::Sender<()>),
+    Snapshot(oneshot::Sender<Arc<Snapshot>>),
+}
+
+/// Commands applied to the state since the last hand-over to the storage thread.
+#[derive(Default)]
+struct Group {
+    changes: state::Changes,
+    owed: Vec<Owed>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.changes.out.is_empty() && self.changes.durable.is_empty() && self.owed.is_empty()
+    }
+}
+
+/// Applies one command to the state, noting in `group` what it produced and owes.
+fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared) {
+    let ch = &mut group.changes;
+    match command {
+        Command::Results {
+            agent,
+            batch,
+            now_ms,
+            reply,
+        } => {
+            let ack = state.results(
+                &agent,
+                &batch,
+                now_ms,
+                ch,
+                &shared.counters,
+                &shared.refusals,
+            );
+            group.owed.push(Owed::Ack(reply, ack));
+        }
+        Command::Connect {
+            hello,
+            labels,
+            credential,
+            sender,
+            now_ms,
+            reply,
+        } => {
+            shared.counters.agent_connects.fetch_add(1, Relaxed);
+            let connected = state.connect(&hello, labels, credential, sender, now_ms, ch);
+            // The stream may start at once: what it sends next is applied after this.
+            let _ = reply.send(connected);
+        }
+        Command::Disconnect {
+            agent,
+            connection,
+            now_ms,
+        } => state.disconnect(&agent, connection, now_ms),
+        Command::DisconnectAll { now_ms, reply } => {
+            state.disconnect_all(now_ms);
+            let _ = reply.send(());
+        }
+        Command::Heartbeat {
+            agent,
+            agent_time_ms,
+            now_ms,
+        } => state.heartbeat(&agent, agent_time_ms, now_ms),
+        Command::Tick { now_ms, reply } => {
+            let before = ch.durable.forgotten.len();
+            state.tick(now_ms, ch);
+            for id in &ch.durable.forgotten[before..] {
+                shared.refusals.forget(id);
+            }
+            group.owed.push(Owed::Done(reply));
+        }
+        Command::Reload {
+            config,
+            targets,
+            now_ms,
+            reply,
+        } => {
+            state.reload(config, targets, now_ms, ch);
+            group.owed.push(Owed::Done(reply));
+        }
+        Command::Restore {
+            agents,
+            jobs,
+            reply,
+        } => {
+            state.restore(agents, jobs);
+            let _ = reply.send(());
+        }
+        Command::Targets { config, targets } => state.discovered(&config, targets),
+        Command::Snapshot { .. } | Command::Committed(_) | Command::Stop => {}
+    }
+}
+
+/// How many commands one group takes at most, so that a flood of batches still
+/// commits (and acks) in bounded steps.
+const MAX_GROUP_COMMANDS: usize = 512;
+const MAX_GROUP_SAMPLES: usize = 200_000;
+
+fn ingest_thread(
+    mut state: State,
+    commands: std_mpsc::Receiver<Command>,
+    storage: std_mpsc::SyncSender<(Vec<Sample>, Durable)>,
+    shared: Arc<Shared>,
+) {
+    let mut current = Group::default();
+    let mut in_flight: Option<(Group, Option<Arc<Snapshot>>)> = None;
+    let mut waiting: Vec<oneshot::Sender<Arc<Snapshot>>> = Vec::new();
+    loop {
+        let Ok(first) = commands.recv() else { return };
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(command) = next.take() {
+            taken += 1;
+            match command {
+                Command::Stop => return,
+                Command::Committed(result) => {
+                    let Some((mut done, snapshot)) = in_flight.take() else {
+                        continue;
+                    };
+                    match result {
+                        Ok(()) => {
+                            shared.storage.succeeded();
+                            shared.counters.commits.fetch_add(1, Relaxed);
+                            shared
+                                .counters
+                                .committed_commands
+                                .fetch_add(done.owed.len() as u64, Relaxed);
+                            pay(done.owed, snapshot, None);
+                        }
+                        Err(e) => {
+                            shared.storage.failed(&e);
+                            tracing::error!(error = %e, "cannot commit to the store; nothing of it is acked, and it is written again once the store recovers");
+                            // Newest first: the group applied after the failed one
+                            // saw its changes.
+                            let mut later = std::mem::take(&mut current);
+                            state.rollback(std::mem::take(&mut later.changes.undo));
+                            state.rollback(std::mem::take(&mut done.changes.undo));
+                            let fresh = Arc::new(state.snapshot());
+                            pay(later.owed, Some(fresh.clone()), Some(&e));
+                            pay(done.owed, Some(fresh), Some(&e));
+                        }
+                    }
+                }
+                Command::Snapshot { reply } => waiting.push(reply),
+                command => apply(&mut state, command, &mut current, &shared),
+            }
+            if taken < MAX_GROUP_COMMANDS && current.changes.out.len() < MAX_GROUP_SAMPLES {
+                next = commands.try_recv().ok();
+            }
+        }
+        if in_flight.is_some() {
+            continue;
+        }
+        if current.is_empty() {
+            // Nothing uncommitted: the state is what the store holds.
+            if !waiting.is_empty() {
+                let s = Arc::new(state.snapshot());
+                for w in waiting.drain(..) {
+                    let _ = w.send(s.clone());
+                }
+            }
+            continue;
+        }
+        let snapshot = (!waiting.is_empty()).then(|| Arc::new(state.snapshot()));
+        for w in waiting.drain(..) {
+            current.owed.push(Owed::Snapshot(w));
+        }
+        let mut group = std::mem::take(&mut current);
+        let out = std::mem::take(&mut group.changes.out);
+        let durable = std::mem::take(&mut group.changes.durable);
+        if storage.send((out, durable)).is_err() {
+            return;
+        }
+        in_flight = Some((group, snapshot));
+    }
+}
+
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Answers what a group owes: acks (or the error), completions, snapshots.
+fn pay(owed: Vec<Owed>, snapshot: Option<Arc<Snapshot>>, error: Option<&String>) {
+    for o in owed {
+        match o {
+            Owed::Ack(tx, ack) => {
+                let _ = tx.send(match error {
+                    None => Ok(ack),
+                    Some(e) => Err(ResultsError::Storage(e.clone())),
+                });
+            }
+            Owed::Done(tx) => {
+                let _ = tx.send(());
+            }
+            Owed::Snapshot(tx) => {
+                if let Some(s) = &snapshot {
+                    let _ = tx.send(s.clone());
+                }
+            }
+        }
+    }
+}
