@@ -1,18 +1,20 @@
 //! The fleet message path: bytes an agent (or anyone reaching the gRPC port) sends,
 //! decoded as a stream of `AgentMessage`s (length-delimited, as gRPC frames them), each
-//! batch resolved by `fleet::decode_batch` with the default `fleet.limits` and ingested by
-//! an in-memory hub whose store fails now and then.
+//! batch resolved by `fleet::decode_batch` with the default `fleet.limits` and applied to
+//! the hub's state machine, whose commits fail now and then (rolled back, then applied
+//! again, as the ingest thread does).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sonde_aggregator::config::AggregatorConfig;
 use sonde_aggregator::fleet::decode::{SymbolTable, decode_batch};
-use sonde_aggregator::hub::{Hub, Output, StateChange};
-use sonde_aggregator::remote_write::SeriesSample;
+use sonde_aggregator::hub::state::Changes;
+use sonde_aggregator::hub::{HubCounters, State};
+use sonde_aggregator::refusals::Refusals;
+use sonde_aggregator::targets::FileSd;
 use sonde_proto::pb::{self, AgentMessage, agent_message::Msg};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
 const CONFIG: &str = r#"
@@ -41,33 +43,18 @@ static CONFIG_PARSED: LazyLock<Arc<AggregatorConfig>> = LazyLock::new(|| {
     Arc::new(AggregatorConfig::from_file(path, raw).expect("fuzz config is valid"))
 });
 
-/// Keeps nothing; fails the commits while `failing` is set, so that the hub's
-/// rollback (nothing of a failed batch may stay in memory) is fuzzed too.
-#[derive(Default)]
-struct Flaky {
-    failing: AtomicBool,
-}
-
-impl Output for Flaky {
-    fn commit(&self, _: &[SeriesSample], _: StateChange<'_>) -> Result<(), String> {
-        if self.failing.load(Ordering::Relaxed) {
-            Err("injected: database or disk is full".into())
-        } else {
-            Ok(())
-        }
-    }
-}
-
 const T0: i64 = 1_700_000_000_000;
 
 fuzz_target!(|data: &[u8]| {
-    let output = Arc::new(Flaky::default());
     let config = CONFIG_PARSED.clone();
-    let hub = Hub::new(config.clone(), output.clone(), T0);
+    let targets = FileSd::default().targets(&config.jobs);
+    let mut state = State::new(config.clone(), targets, T0);
+    let counters = HubCounters::default();
+    let refusals = Refusals::default();
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let mut agent = "eu-1".to_string();
     let hello = pb::Hello {
-        protocol_version: 1,
+        protocol_version: sonde_proto::PROTOCOL_VERSION,
         agent_id: agent.clone(),
         labels: [("region".to_string(), "eu".to_string())].into(),
         version: "fuzz".into(),
@@ -75,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         last_acked_seq: 0,
     };
     let labels = |h: &pb::Hello| h.labels.clone().into_iter().collect();
-    hub.connect(&hello, labels(&hello), None, tx.clone(), T0);
+    state.connect(&hello, labels(&hello), None, tx.clone(), T0, &mut Changes::default());
     let mut symbols = SymbolTable::default();
     let mut now = T0;
     let mut input = data;
@@ -85,28 +72,28 @@ fuzz_target!(|data: &[u8]| {
             Some(Msg::Hello(hello)) => {
                 agent = hello.agent_id.clone();
                 symbols = SymbolTable::default();
-                hub.connect(&hello, labels(&hello), None, tx.clone(), now);
+                state.connect(&hello, labels(&hello), None, tx.clone(), now, &mut Changes::default());
             }
             Some(Msg::Results(batch)) => {
                 let Ok(decoded) = decode_batch(&mut symbols, batch, &config.limits) else {
                     break; // the stream ends on a malformed batch
                 };
-                // A failed commit must leave the hub as it was, so the same batch is
-                // taken whole once the store recovers.
-                output
-                    .failing
-                    .store(decoded.results.len() % 3 == 1, Ordering::Relaxed);
-                if hub.results(&agent, &decoded.results, now).is_err() {
-                    output.failing.store(false, Ordering::Relaxed);
-                    hub.results(&agent, &decoded.results, now)
-                        .expect("the batch is taken once the store recovers");
+                let mut changes = Changes::default();
+                let ack = state.results(&agent, &decoded.results, now, &mut changes, &counters, &refusals);
+                // A failed commit must leave the state as it was, so the same batch is
+                // taken whole, with the same ack, once the store recovers.
+                if decoded.results.len() % 3 == 1 {
+                    state.rollback(changes.undo);
+                    let mut again = Changes::default();
+                    let retried = state.results(&agent, &decoded.results, now, &mut again, &counters, &refusals);
+                    assert_eq!(ack, retried, "a rolled-back batch acks the same when taken again");
+                    assert_eq!(changes.out.len(), again.out.len(), "and writes the same samples");
                 }
             }
-            Some(Msg::Heartbeat(beat)) => hub.heartbeat(&agent, beat.timestamp_ms, now),
+            Some(Msg::Heartbeat(beat)) => state.heartbeat(&agent, beat.timestamp_ms, now),
             None => {}
         }
-        hub.tick(now);
+        state.tick(now, &mut Changes::default());
     }
-    output.failing.store(false, Ordering::Relaxed);
-    hub.tick(now + 3_600_000);
+    state.tick(now + 3_600_000, &mut Changes::default());
 });
