@@ -233,6 +233,16 @@ fn families(
         .with(Vec::new(), app.hub.storage.errors() as f64),
     );
     out.push(counter(
+        "sonde_store_commits_total",
+        "Transactions committed by the storage thread; each takes every batch, tick and reload applied since the one before (group commit).",
+        &c.commits,
+    ));
+    out.push(counter(
+        "sonde_store_committed_requests_total",
+        "Batches, ticks and reloads answered after a commit; divided by sonde_store_commits_total, how many share a commit.",
+        &c.committed_commands,
+    ));
+    out.push(counter(
         "sonde_agent_connects_total",
         "Agent streams opened.",
         &c.agent_connects,
