@@ -320,6 +320,8 @@ pub struct State {
     /// Agents that may be given targets of a job with `agents_per_target`: connected,
     /// or gone for less than `fleet.missing_after`.
     placeable: BTreeSet<String>,
+    /// Every agent's assignment is due again (at the next tick).
+    replan: bool,
 }
 
 fn stale_nan() -> f64 {
@@ -340,6 +342,7 @@ impl State {
             previous_selectors: BTreeMap::new(),
             retired: BTreeMap::new(),
             placeable: BTreeSet::new(),
+            replan: false,
         };
         state.apply_config(config, targets, now_ms);
         state
@@ -455,12 +458,13 @@ impl State {
                 missing: false,
             });
         }
-        if self.update_placeable(now_ms) || info_changed {
-            // Its arrival (or new labels) may move targets of other agents to it.
-            self.send_assignments(None);
-        } else {
-            self.send_assignments(Some(&hello.agent_id));
+        if (self.update_placeable(now_ms) || info_changed) && self.has_spread_jobs() {
+            // Its arrival (or new labels) moves targets of other agents to it: their
+            // new assignments go out with the next tick, so that a thousand agents
+            // connecting at once cost one plan per second, not one each.
+            self.replan = true;
         }
+        self.send_assignments(Some(&hello.agent_id));
         if info_changed {
             self.write_meta(now_ms, ch);
         }
@@ -581,7 +585,10 @@ impl State {
 
     /// Re-evaluates freshness and missing jobs and agents; call about once a second.
     pub fn tick(&mut self, now_ms: i64, ch: &mut Changes) {
-        if self.update_placeable(now_ms) {
+        if self.update_placeable(now_ms) && self.has_spread_jobs() {
+            self.replan = true;
+        }
+        if std::mem::take(&mut self.replan) {
             self.send_assignments(None);
         }
         self.write_retired(now_ms, ch);
@@ -618,6 +625,7 @@ impl State {
         self.write_retired(now_ms, ch);
         self.revoke_credentials();
         self.update_placeable(now_ms);
+        self.replan = false;
         self.send_assignments(None);
         self.write_meta(now_ms, ch);
     }
@@ -688,6 +696,15 @@ impl State {
 
     fn is_local_job(&self, job: &str) -> bool {
         self.jobs.get(job).is_some_and(|j| j.config.is_none())
+    }
+
+    /// True when a job spreads its targets (`agents_per_target`), so that which agents
+    /// are placeable decides assignments.
+    fn has_spread_jobs(&self) -> bool {
+        self.config
+            .jobs
+            .iter()
+            .any(|j| j.config.agents_per_target.is_some())
     }
 
     /// Recomputes which agents may be given targets; true when that changed.
@@ -1630,6 +1647,9 @@ fleet: {missing_after: 30s}
             );
             streams.push((format!("edge-{i}"), connection, rx));
         }
+        // Each got a plan as it connected; the ones before it are re-planned once, at
+        // the next tick.
+        hub.tick(T0 + 1).wait();
         let mut assigned: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
         for (id, _, rx) in &mut streams {
             assigned.insert(id.clone(), last_assignment(rx).unwrap_or_default());
