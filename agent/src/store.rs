@@ -1366,6 +1366,58 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_result_is_one_number_with_each_aggregators_generation_after_a_restart() {
+        let dir = temp_dir("each");
+        let c = "http://c:9451".to_string();
+        let aggregators = [A.into(), B.into(), c];
+        let shared = {
+            let store = reopen(&dir, &aggregators, 1 << 20).unwrap();
+            // `record` carries generation 3: A's row keeps it, B and C get theirs.
+            let route = Route::Each(Arc::from([(0, 3), (1, 8), (2, 8), (9, 1)]));
+            let shared = append(&store, route, "shared");
+            store.flush();
+            let buffers = store.buffers();
+            let generations: Vec<_> = buffers
+                .iter()
+                .map(|(_, b)| b.pending_after(0, 10)[0].generation)
+                .collect();
+            assert_eq!(generations, [3, 8, 8], "from memory");
+            assert_eq!(store.disk_rows().unwrap(), 3, "none for index 9");
+            shared
+        };
+        let store = reopen(&dir, &aggregators, 1 << 20).unwrap();
+        let read: Vec<_> = store
+            .buffers()
+            .iter()
+            .map(|(_, b)| {
+                let r = b.pending_after(0, 10)[0].clone();
+                (r.seq, r.generation, r.timestamp_ms, r.samples.clone())
+            })
+            .collect();
+        let expected = record(shared, "shared");
+        for (i, generation) in [3, 8, 8].into_iter().enumerate() {
+            assert_eq!(
+                read[i],
+                (
+                    shared,
+                    generation,
+                    expected.timestamp_ms,
+                    expected.samples.clone()
+                ),
+                "from disk, aggregator {i}"
+            );
+        }
+        let counts = store.probe_counts();
+        assert_eq!(
+            counts[0].1,
+            (1, u64::from(!expected.success)),
+            "counted once"
+        );
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_backlog_beyond_the_cache_is_read_back_from_disk_in_order() {
         let dir = temp_dir("backlog");
         let store = Store::open_with_cache(
