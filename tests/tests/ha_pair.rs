@@ -141,14 +141,6 @@ fn queues_empty(web: &str) -> Result<(), String> {
     }
 }
 
-/// Ok once `agent` has no result waiting for any aggregator's ack.
-fn agent_buffer_empty(agent: &str) -> Result<(), String> {
-    match metric_sum(agent, "sonde_agent_buffer_results", &[])? {
-        0.0 => Ok(()),
-        n => Err(format!("{n} results of {agent} still unacked")),
-    }
-}
-
 /// Starts `sonde-agent` as process `process` with `config` and its storage in
 /// `<scene>/<id>-data` (the same for every run of one agent), and returns its web base URL
 /// once it is healthy.
@@ -253,7 +245,10 @@ fn victoria_metrics_holds_one_sample_per_probe_through_a_crash_of_one_aggregator
         );
     }
     for agent in agents {
-        let series = format!("probe_success{{agent="{agent}",instance="{}"}}", targets[0]);
+        let series = format!(
+            r#"probe_success{{agent="{agent}",instance="{}"}}"#,
+            targets[0]
+        );
         scene.wait_until(
             &format!("{series} in VictoriaMetrics"),
             WAIT,
@@ -337,7 +332,7 @@ fn victoria_metrics_holds_one_sample_per_probe_through_a_crash_of_one_aggregator
                 "{agent} probed {instance} {n} times in {elapsed:?} at a {INTERVAL:?} interval"
             );
             let query = format!(
-                "count_over_time(probe_success{{job="web",agent="{agent}",instance="{instance}"}}[10m])"
+                r#"count_over_time(probe_success{{job="web",agent="{agent}",instance="{instance}"}}[10m])"#
             );
             scene.wait_until(
                 &format!("VictoriaMetrics to hold exactly {agent}'s {n} probes of {instance}"),
@@ -553,8 +548,10 @@ fn mimir_replicas_write_the_same_probe_samples_each_under_its_replica_label() {
                 );
                 seen.insert(values[0].to_string());
                 assert!(
-                    ts.labels.iter().any(|l| l.name == "cluster" && l.value == "c1"),
-                    "request {i} to replica {replica}: a series without cluster="c1": {:?}",
+                    ts.labels
+                        .iter()
+                        .any(|l| l.name == "cluster" && l.value == "c1"),
+                    r#"request {i} to replica {replica}: a series without cluster="c1": {:?}"#,
                     ts.labels
                 );
             }
