@@ -6,10 +6,11 @@
 //!
 //! - `queue(aggregator, seq, bytes, body)`: one row per result *per aggregator* it is
 //!   for. The alternative, one row per result plus per-aggregator ack marks, would store
-//!   a local job's result once instead of once per aggregator; but only local jobs are
-//!   shared at all (an assigned check's result goes to the aggregator that assigned it),
-//!   and with a row per aggregator every ack and every drop is one range delete on one
-//!   aggregator's rows, and no row's life depends on another aggregator's progress.
+//!   a shared result once instead of once per aggregator; but only local jobs and checks
+//!   that several aggregators assigned (an HA pair) are shared at all, and with a row per
+//!   aggregator every ack and every drop is one range delete on one aggregator's rows,
+//!   no row's life depends on another aggregator's progress, and each aggregator's row
+//!   can carry that aggregator's own assignment generation.
 //! - `aggregators(id, address, acked_seq)`: each aggregator's cursor, keyed by address so
 //!   that reordering the config keeps it.
 //! - `meta('last_seq')`: the highest sequence number ever written, so numbering
@@ -109,20 +110,63 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 pub type ProbeCount = ((String, String), (u64, u64));
 
 /// Which aggregators a result is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// A local job's result: every aggregator.
     All,
     /// An assigned check's result: the aggregator at this index in the config.
     One(usize),
+    /// A check several aggregators assigned, run once: each of these aggregators (by
+    /// index in the config, sorted, each once) with the generation of its own assignment,
+    /// which the result carries in that aggregator's row.
+    Each(Arc<[(usize, u64)]>),
+}
+
+/// One aggregator's row of a result: what that aggregator is sent.
+struct Row {
+    slot: usize,
+    record: Arc<ProbeRecord>,
+    body: Arc<[u8]>,
 }
 
 impl Route {
-    fn slots(self, n: usize) -> std::ops::Range<usize> {
+    /// The rows of `record` for the `n` configured aggregators, encoded: one encoding
+    /// shared by every aggregator that gets the same record.
+    fn rows(&self, record: &Arc<ProbeRecord>, n: usize) -> Vec<Row> {
+        let body: Arc<[u8]> = record.encode().into();
+        let row = |slot| Row {
+            slot,
+            record: record.clone(),
+            body: body.clone(),
+        };
         match self {
-            Route::All => 0..n,
-            Route::One(i) if i < n => i..i + 1,
-            Route::One(_) => 0..0,
+            Route::All => (0..n).map(row).collect(),
+            Route::One(i) if *i < n => vec![row(*i)],
+            Route::One(_) => Vec::new(),
+            Route::Each(slots) => {
+                let mut rows: Vec<Row> = Vec::with_capacity(slots.len());
+                for &(slot, generation) in slots.iter().filter(|(slot, _)| *slot < n) {
+                    if generation == record.generation {
+                        rows.push(row(slot));
+                    } else if let Some(same) =
+                        rows.iter().find(|r| r.record.generation == generation)
+                    {
+                        rows.push(Row {
+                            slot,
+                            record: same.record.clone(),
+                            body: same.body.clone(),
+                        });
+                    } else {
+                        let record = Arc::new(ProbeRecord {
+                            generation,
+                            ..(**record).clone()
+                        });
+                        let body = record.encode().into();
+                        rows.push(Row { slot, record, body });
+                    }
+                }
+                rows
+            }
         }
     }
 }
@@ -906,8 +950,7 @@ fn delete_cuts(conn: &mut Connection, ids: &[i64], cuts: &[(usize, u64)]) -> rus
 
 struct Encoded {
     record: Arc<ProbeRecord>,
-    route: Route,
-    body: Vec<u8>,
+    rows: Vec<Row>,
 }
 
 /// Commits one batch of appends and deletes in one transaction.
@@ -928,9 +971,9 @@ fn write_batch(
         )?;
         let mut last_seq = None;
         for a in appends {
-            let bytes = i64::from(row_bytes(&a.body));
-            for slot in a.route.slots(ids.len()) {
-                insert.execute((ids[slot], a.record.seq as i64, bytes, &a.body[..]))?;
+            for row in &a.rows {
+                let bytes = i64::from(row_bytes(&row.body));
+                insert.execute((ids[row.slot], a.record.seq as i64, bytes, &row.body[..]))?;
             }
             count.execute((
                 &a.record.job,
@@ -985,12 +1028,8 @@ fn run_writer(
             match op {
                 Op::Append { record, route } => {
                     // Encoded here rather than by the probing task, to keep that cheap.
-                    let body = record.encode();
-                    appends.push(Encoded {
-                        record,
-                        route,
-                        body,
-                    });
+                    let rows = route.rows(&record, shared.ids.len());
+                    appends.push(Encoded { record, rows });
                 }
                 Op::Delete { slot, up_to, acked } => deletes.push((slot, up_to, acked)),
                 Op::Flush(reply) => flushes.push(reply),
@@ -1008,11 +1047,11 @@ fn run_writer(
                     }
                     let mut newest = 0;
                     for a in &appends {
-                        let bytes = row_bytes(&a.body);
-                        for slot in a.route.slots(n) {
-                            state.slots[slot].append(&a.record, bytes, shared.cache_bytes);
+                        for row in &a.rows {
+                            let bytes = row_bytes(&row.body);
+                            state.slots[row.slot].append(&row.record, bytes, shared.cache_bytes);
                             state.bytes += u64::from(bytes);
-                            touched[slot] = true;
+                            touched[row.slot] = true;
                         }
                         newest = newest.max(a.record.seq);
                     }
@@ -1033,8 +1072,8 @@ fn run_writer(
                     state.failing = Some(e.to_string());
                     let mut lost = 0;
                     for a in &appends {
-                        for slot in a.route.slots(n) {
-                            state.slots[slot].dropped += 1;
+                        for row in &a.rows {
+                            state.slots[row.slot].dropped += 1;
                             lost += 1;
                         }
                     }
@@ -1322,6 +1361,58 @@ mod tests {
         drop(store);
         let store = reopen(&dir, &[A.into(), c], 1 << 20).unwrap();
         assert_eq!(store.disk_rows().unwrap(), 0);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_shared_result_is_one_number_with_each_aggregators_generation_after_a_restart() {
+        let dir = temp_dir("each");
+        let c = "http://c:9451".to_string();
+        let aggregators = [A.into(), B.into(), c];
+        let shared = {
+            let store = reopen(&dir, &aggregators, 1 << 20).unwrap();
+            // `record` carries generation 3: A's row keeps it, B and C get theirs.
+            let route = Route::Each(Arc::from([(0, 3), (1, 8), (2, 8), (9, 1)]));
+            let shared = append(&store, route, "shared");
+            store.flush();
+            let buffers = store.buffers();
+            let generations: Vec<_> = buffers
+                .iter()
+                .map(|(_, b)| b.pending_after(0, 10)[0].generation)
+                .collect();
+            assert_eq!(generations, [3, 8, 8], "from memory");
+            assert_eq!(store.disk_rows().unwrap(), 3, "none for index 9");
+            shared
+        };
+        let store = reopen(&dir, &aggregators, 1 << 20).unwrap();
+        let read: Vec<_> = store
+            .buffers()
+            .iter()
+            .map(|(_, b)| {
+                let r = b.pending_after(0, 10)[0].clone();
+                (r.seq, r.generation, r.timestamp_ms, r.samples.clone())
+            })
+            .collect();
+        let expected = record(shared, "shared");
+        for (i, generation) in [3, 8, 8].into_iter().enumerate() {
+            assert_eq!(
+                read[i],
+                (
+                    shared,
+                    generation,
+                    expected.timestamp_ms,
+                    expected.samples.clone()
+                ),
+                "from disk, aggregator {i}"
+            );
+        }
+        let counts = store.probe_counts();
+        assert_eq!(
+            counts[0].1,
+            (1, u64::from(!expected.success)),
+            "counted once"
+        );
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }
