@@ -18,7 +18,8 @@ pub struct Target {
 }
 
 /// `(job, instance)` → target.
-pub type TargetSet = BTreeMap<(String, String), Target>;
+/// Shared: the hub hands the same target to every result for it without copying labels.
+pub type TargetSet = BTreeMap<(String, String), std::sync::Arc<Target>>;
 
 #[derive(Default)]
 pub struct FileSd {
@@ -109,10 +110,12 @@ fn add_group(set: &mut TargetSet, job: &ResolvedJob, group: &TargetGroup) {
             continue;
         }
         set.entry((job.name.clone(), target.clone()))
-            .or_insert_with(|| Target {
-                job: job.name.clone(),
-                instance: target.clone(),
-                labels: group.labels.clone(),
+            .or_insert_with(|| {
+                std::sync::Arc::new(Target {
+                    job: job.name.clone(),
+                    instance: target.clone(),
+                    labels: group.labels.clone(),
+                })
             });
     }
 }

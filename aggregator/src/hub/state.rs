@@ -837,7 +837,7 @@ impl State {
     /// (current, or until the next reload previous) matches the agent, or a target of
     /// one of its own local jobs. With `agents_per_target`, any matching agent may
     /// report: one that was moved off a target still delivers what it probed before.
-    fn admissible(&self, agent: &str, job: &str, instance: &str) -> Result<Target, Reason> {
+    fn admissible(&self, agent: &str, job: &str, instance: &str) -> Result<Arc<Target>, Reason> {
         let key = (job.to_string(), instance.to_string());
         let Some(a) = self.agents.get(agent) else {
             return Err(Reason::Unassigned);
@@ -864,11 +864,11 @@ impl State {
             {
                 return Err(Reason::LocalLimit);
             }
-            return Ok(Target {
+            return Ok(Arc::new(Target {
                 job: key.0,
                 instance: key.1,
                 labels: Labels::new(),
-            });
+            }));
         }
         Err(Reason::Unassigned)
     }
