@@ -7,13 +7,14 @@
 //! [`crate::merge`]; this module only keeps state and timestamps in order.
 
 use crate::config::AggregatorConfig;
+use crate::fleet::assignment;
 use crate::fleet::decode::Symbol;
 use crate::merge::{self, AgentView, Merged, TargetState};
 use crate::refusals::{Reason, Refusals};
 use crate::remote_write::encode::{STALE_NAN_BITS, SeriesSample};
 use crate::targets::{FileSd, Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
-use sonde_proto::pb::{self, AggregatorMessage, Check, aggregator_message};
+use sonde_proto::pb::{self, AggregatorMessage};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,7 +148,9 @@ pub struct AgentEntry {
     /// True once the agent's series got staleness markers for being gone.
     series_staled: bool,
     sender: Option<AgentSender>,
-    last_assignment: Vec<Check>,
+    last_assignment: assignment::Planned,
+    /// What the agent reported doing with its latest assignment.
+    pub assignment_status: assignment::AssignmentStatus,
 }
 
 impl AgentEntry {
@@ -179,7 +182,8 @@ impl AgentEntry {
             checks: 0,
             series_staled: false,
             sender: None,
-            last_assignment: Vec::new(),
+            last_assignment: assignment::Planned::default(),
+            assignment_status: assignment::AssignmentStatus::None,
         }
     }
 
@@ -445,6 +449,34 @@ impl Hub {
             entry.credential = None;
             entry.last_seen_ms = now_ms;
         }
+    }
+
+    /// What `agent` reports doing with an assignment. A report on another generation
+    /// than the one last sent (a late report of an older one) is ignored. A refusal is
+    /// logged once per agent and generation.
+    pub fn assignment_report(&self, agent: &str, report: &pb::AssignmentReport) {
+        let mut state = self.lock();
+        let Some(entry) = state.agents.get_mut(agent) else {
+            return;
+        };
+        if report.generation != entry.generation {
+            return;
+        }
+        let status = assignment::AssignmentStatus::from_report(report);
+        // Only the first report on a generation is logged: an agent repeating (or
+        // varying) its reports cannot fill the log.
+        let first = matches!(entry.assignment_status, assignment::AssignmentStatus::Sent { .. });
+        match &status {
+            _ if !first => {}
+            assignment::AssignmentStatus::Refused { generation, error } => {
+                tracing::warn!(agent = %crate::refusals::loggable(agent), generation, reason = %error, "the agent refused its assignment and keeps running its previous checks");
+            }
+            assignment::AssignmentStatus::Applied { refused, .. } if !refused.is_empty() => {
+                tracing::info!(agent = %crate::refusals::loggable(agent), "{}", status.text());
+            }
+            _ => {}
+        }
+        entry.assignment_status = status;
     }
 
     /// Forgets every stream (at shutdown).
@@ -759,60 +791,45 @@ impl State {
         }
     }
 
-    /// Sends each connected agent (or just `only`) its assignment when it changed.
+    /// Sends each connected agent (or just `only`) its assignment when it changed, in
+    /// parts under [`assignment::PART_BUDGET`] each.
     fn send_assignments(&mut self, only: Option<&str>) {
-        let jobs: BTreeMap<&str, &ResolvedJob> = self
-            .config
-            .jobs
-            .iter()
-            .map(|j| (j.name.as_str(), j))
-            .collect();
-        let mut module_json: BTreeMap<&str, String> = BTreeMap::new();
-        for job in jobs.values() {
-            module_json
-                .entry(job.name.as_str())
-                .or_insert_with(|| serde_json::to_string(&job.module).unwrap_or_default());
-        }
+        let config = self.config.clone();
+        let planner = assignment::Planner::new(&config.jobs);
         let mut generation = self.generation;
         for (id, agent) in self.agents.iter_mut() {
             if only.is_some_and(|o| o != id) || agent.sender.is_none() {
                 continue;
             }
-            let checks: Vec<Check> = self
-                .targets
-                .values()
-                .filter_map(|t| {
-                    let job = jobs.get(t.job.as_str())?;
-                    job.config.selects(&agent.labels).then(|| Check {
-                        job: t.job.clone(),
-                        instance: t.instance.clone(),
-                        module_name: job.module_name.clone(),
-                        module_json: module_json.get(t.job.as_str()).cloned().unwrap_or_default(),
-                        interval_ms: job.interval.as_millis() as u64,
-                        timeout_ms: job.timeout.as_millis() as u64,
-                        retries: job.retries,
-                    })
-                })
-                .collect();
-            if checks == agent.last_assignment {
+            let planned = planner.plan(self.targets.values().filter_map(|t| {
+                let job = planner.job(&t.job)?;
+                job.config.selects(&agent.labels).then_some((job, t))
+            }));
+            if planned == agent.last_assignment {
                 continue;
             }
+            let parts = match assignment::encode(generation + 1, &planned, assignment::PART_BUDGET)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(agent = %crate::refusals::loggable(id), error = %e, "cannot send this agent its assignment; it keeps its previous one");
+                    continue;
+                }
+            };
             generation += 1;
             agent.generation = generation;
-            agent.checks = checks.len();
-            agent.last_assignment = checks.clone();
-            let message = AggregatorMessage {
-                msg: Some(aggregator_message::Msg::Assignment(pb::Assignment {
-                    generation,
-                    checks,
-                })),
+            agent.checks = planned.checks.len();
+            agent.assignment_status = assignment::AssignmentStatus::Sent {
+                generation,
+                checks: planned.checks.len(),
             };
+            agent.last_assignment = planned;
             if let Some(sender) = &agent.sender
-                && sender.try_send(Ok(message)).is_err()
+                && !parts.into_iter().all(|p| sender.try_send(Ok(p)).is_ok())
             {
                 // The stream is gone or hopelessly behind: drop it; the agent
                 // reconnects and gets a fresh assignment with its hello.
-                tracing::warn!(agent = %id, "cannot send the assignment; closing the stream");
+                tracing::warn!(agent = %crate::refusals::loggable(id), "cannot send the assignment; closing the stream");
                 agent.sender = None;
                 agent.connection = None;
             }
@@ -1487,6 +1504,7 @@ fn target_labels(target: &Target) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sonde_proto::pb::aggregator_message;
     use sonde_proto::config::from_yaml_str;
     use std::path::Path;
 
@@ -1646,8 +1664,9 @@ fleet: {missing_after: 30s}
             ["slow", "web"],
             "alertmanager selects region=mars only"
         );
+        assert!(a.last, "a small assignment is one part");
         let module: sonde_proto::config::Module =
-            serde_json::from_str(&a.checks[0].module_json).unwrap();
+            serde_json::from_str(&a.modules[a.checks[0].module as usize].json).unwrap();
         assert_eq!(module.prober, sonde_proto::config::Prober::Tcp);
         assert_eq!(a.checks[0].interval_ms, 300_000);
     }
