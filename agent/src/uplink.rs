@@ -1098,7 +1098,7 @@ mod tests {
         let shadow = r#"{"prober":"http","http":{"body_file":"/etc/shadow"}}"#;
         let escape = r#"{"prober":"http","http":{"body_file":"/etc/sonde/certs/../../shadow"}}"#;
         let relative = r#"{"prober":"tcp","tcp":{"tls_config":{"key_file":"key.pem"}}}"#;
-        let assignment = assignment(
+        let seven = assignment(
             7,
             &[
                 (plain, 15_000, 5_000),
@@ -1113,7 +1113,7 @@ mod tests {
                 (plain, 15_000, 0),
             ],
         );
-        let (checks, refused) = accept(assignment, &policy);
+        let (checks, refused) = accept(seven, &policy);
         assert_eq!(checks.len(), 2);
         assert!(checks.iter().all(|c| c.generation == 7));
         let reasons: Vec<_> = refused.iter().map(|r| r.reason).collect();
@@ -1172,6 +1172,8 @@ mod tests {
             AcceptThenEnd,
             /// Every batch recorded and acked.
             AckAll,
+            /// The aggregator's `script` sent after the Hello, then every batch acked.
+            Assign,
         }
 
         #[derive(Clone)]
@@ -1180,6 +1182,9 @@ mod tests {
             pub sessions: Arc<AtomicUsize>,
             /// (session number, batch), in arrival order.
             pub batches: Arc<Mutex<Vec<(usize, pb::ResultBatch)>>>,
+            /// What [`Mode::Assign`] sends each stream.
+            pub script: Arc<Vec<AggregatorMessage>>,
+            pub reports: Arc<Mutex<Vec<pb::AssignmentReport>>>,
         }
 
         type Stream =
@@ -1203,13 +1208,22 @@ mod tests {
                         ))]);
                         return Ok(Response::new(Box::pin(end)));
                     }
-                    Mode::AckAll => {}
+                    Mode::AckAll | Mode::Assign => {}
                 }
                 let mut inbound = request.into_inner();
-                let (tx, rx) = mpsc::channel(16);
+                let (tx, rx) = mpsc::channel(1024);
+                if matches!(self.mode, Mode::Assign) {
+                    for message in self.script.iter() {
+                        let _ = tx.try_send(Ok(message.clone()));
+                    }
+                }
                 let batches = self.batches.clone();
+                let reports = self.reports.clone();
                 tokio::spawn(async move {
                     while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(agent_message::Msg::AssignmentReport(r)) = &message.msg {
+                            reports.lock().unwrap().push(r.clone());
+                        }
                         if let Some(agent_message::Msg::Results(batch)) = message.msg {
                             let acked_seq = batch.results.iter().map(|r| r.seq).max();
                             batches.lock().unwrap().push((session, batch));
@@ -1233,12 +1247,21 @@ mod tests {
         /// Serves on a free loopback port (with tonic's default 4 MiB decode limit, the
         /// aggregator's default); returns its `http://` address.
         pub async fn start(mode: Mode) -> (String, Aggregator) {
+            start_with(mode, Vec::new()).await
+        }
+
+        pub async fn start_with(
+            mode: Mode,
+            script: Vec<AggregatorMessage>,
+        ) -> (String, Aggregator) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = format!("http://{}", listener.local_addr().unwrap());
             let fake = Aggregator {
                 mode,
                 sessions: Arc::new(AtomicUsize::new(0)),
                 batches: Arc::default(),
+                script: Arc::new(script),
+                reports: Arc::default(),
             };
             let service = FleetServer::new(fake.clone());
             tokio::spawn(
@@ -1377,5 +1400,104 @@ mod tests {
         // Ending the stream on purpose is not an error and costs no backoff.
         assert!(started.elapsed() < Duration::from_secs(10));
         assert_eq!(last_error, None);
+    }
+
+    fn part(
+        generation: u64,
+        part: u32,
+        last: bool,
+        modules: Vec<pb::AssignedModule>,
+        checks: Vec<pb::Check>,
+    ) -> AggregatorMessage {
+        AggregatorMessage {
+            msg: Some(aggregator_message::Msg::Assignment(pb::Assignment {
+                generation,
+                checks,
+                part,
+                last,
+                modules,
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_assignment_is_reported_and_the_stream_stays() {
+        let tcp = || pb::AssignedModule {
+            name: "tcp".into(),
+            json: r#"{"prober":"tcp"}"#.into(),
+        };
+        let check = |n: u32, module: u32| pb::Check {
+            job: "web".into(),
+            instance: format!("127.0.0.1:{}", 10_000 + n),
+            interval_ms: 3_600_000,
+            timeout_ms: 1_000,
+            retries: 0,
+            module,
+        };
+        let script = vec![
+            // 1: complete, applied.
+            part(1, 0, false, vec![tcp()], vec![check(1, 0)]),
+            part(1, 1, true, vec![], vec![check(2, 0)]),
+            // 2: a part skipped.
+            part(2, 0, false, vec![tcp()], vec![check(3, 0)]),
+            part(2, 2, true, vec![], vec![check(4, 0)]),
+            // 3: a module index out of range.
+            part(3, 0, true, vec![tcp()], vec![check(5, 0), check(6, 1)]),
+            // 4: dropped incomplete by 5.
+            part(4, 0, false, vec![tcp()], vec![check(7, 0)]),
+            // 5: applied, with one module the agent cannot read.
+            part(
+                5,
+                0,
+                true,
+                vec![
+                    tcp(),
+                    pb::AssignedModule {
+                        name: "future".into(),
+                        json: r#"{"prober":"quantum"}"#.into(),
+                    },
+                ],
+                vec![check(8, 0), check(9, 1), check(10, 1)],
+            ),
+        ];
+        let (address, fake) = fake::start_with(fake::Mode::Assign, script).await;
+        let (uplink, _store) = uplink_to(&address);
+        let scheduler = uplink.scheduler.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(uplink.run(stopped));
+        let started = tokio::time::Instant::now();
+        while fake.reports.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let running: Vec<String> = scheduler
+            .checks()
+            .into_iter()
+            .map(|(_, c)| c.instance)
+            .collect();
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let reports = fake.reports.lock().unwrap().clone();
+        let summary: Vec<(u64, bool, u64)> = reports
+            .iter()
+            .map(|r| (r.generation, r.applied, r.checks))
+            .collect();
+        assert_eq!(
+            summary,
+            [(1, true, 2), (2, false, 0), (3, false, 0), (5, true, 1)]
+        );
+        assert!(reports[1].error.contains("part 2"), "{}", reports[1].error);
+        assert!(
+            reports[2].error.contains("refers to module 1"),
+            "{}",
+            reports[2].error
+        );
+        let refused = &reports[3].refused;
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].reason, "bad_module");
+        assert_eq!(refused[0].checks, 2);
+        assert!(refused[0].example.contains("future"), "{}", refused[0].example);
+        assert_eq!(running, ["127.0.0.1:10008"]);
+        // Refusing is not a reason to reconnect.
+        assert_eq!(fake.sessions.load(Ordering::SeqCst), 1);
     }
 }

@@ -428,6 +428,9 @@ mod tests {
             sonde_proto::config::from_yaml_str(
                 std::path::Path::new("t.yml"),
                 r#"
+modules:
+  tcp: {prober: tcp}
+  http_2xx: {prober: http}
 jobs:
   - {job_name: a, module: tcp, static_configs: [{targets: ["127.0.0.1:1", "127.0.0.1:2"]}]}
   - {job_name: b, module: tcp, static_configs: [{targets: ["127.0.0.1:3"]}]}
