@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let mut agent = "eu-1".to_string();
     let hello = pb::Hello {
-        protocol_version: 1,
+        protocol_version: sonde_proto::PROTOCOL_VERSION,
         agent_id: agent.clone(),
         labels: [("region".to_string(), "eu".to_string())].into(),
         version: "fuzz".into(),
@@ -103,6 +103,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Some(Msg::Heartbeat(beat)) => hub.heartbeat(&agent, beat.timestamp_ms, now),
+            Some(Msg::AssignmentReport(report)) => hub.assignment_report(&agent, &report),
             None => {}
         }
         hub.tick(now);

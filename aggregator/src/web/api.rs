@@ -134,6 +134,7 @@ pub fn agents_json(app: &App) -> Value {
                 "first_seen_ms": a.first_seen_ms,
                 "assignment_generation": a.generation,
                 "checks": a.checks,
+                "assignment": a.assignment_status.json(),
                 "local_jobs": a.local_jobs,
                 "committed_seq": a.committed_seq,
             })
