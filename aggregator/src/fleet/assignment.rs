@@ -201,10 +201,21 @@ const MAX_REPORT_CHARS: usize = 500;
 /// Refusal reasons kept from one report.
 const MAX_REPORT_REASONS: usize = 16;
 
-/// `s` as an agent sent it, cut to `max` characters and escaped: safe in a log line and
-/// on a page.
+/// `s` as an agent sent it, cut to `max` characters, its control and bidirectional
+/// formatting characters escaped: safe in a log line, and on a page once HTML-escaped.
 pub fn untrusted(s: &str, max: usize) -> String {
-    let mut out: String = s.chars().take(max).flat_map(char::escape_debug).collect();
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    let mut out = String::new();
+    for c in s.chars().take(max) {
+        if hidden(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
     let total = s.chars().count();
     if total > max {
         out.push_str(&format!("…(+{} chars)", total - max));
@@ -251,8 +262,8 @@ impl AssignmentStatus {
         match self {
             Self::None => "no assignment sent".into(),
             Self::Sent { generation, checks } => format!(
-                "assignment {generation}: {} checks sent, not confirmed yet",
-                thousands(*checks as u64)
+                "assignment {generation}: {} sent, not confirmed yet",
+                count_checks(*checks as u64)
             ),
             Self::Applied {
                 generation,
@@ -260,8 +271,8 @@ impl AssignmentStatus {
                 refused,
             } => {
                 let mut text = format!(
-                    "assignment {generation}: {} checks applied",
-                    thousands(*checks)
+                    "assignment {generation}: {} applied",
+                    count_checks(*checks)
                 );
                 for r in refused {
                     text.push_str(&format!(
@@ -307,6 +318,15 @@ impl AssignmentStatus {
             Self::None => {}
         }
         out
+    }
+}
+
+/// "1 check", "50,000 checks".
+fn count_checks(n: u64) -> String {
+    if n == 1 {
+        "1 check".into()
+    } else {
+        format!("{} checks", thousands(n))
     }
 }
 
@@ -476,7 +496,7 @@ jobs:
             refused: vec![],
         });
         let text = refused.text();
-        assert!(text.starts_with("assignment 7 refused: too big\\n\\u{1b}"), "{text}");
+        assert!(text.starts_with("assignment 7 refused: too big\\n\\u{1b}[31m"), "{text}");
         assert!(text.len() < 1_000, "{}", text.len());
         let applied = AssignmentStatus::from_report(&pb::AssignmentReport {
             generation: 8,
