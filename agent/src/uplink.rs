@@ -31,8 +31,8 @@ use crate::record::ProbeRecord;
 use crate::schedule::{CheckSpec, Scheduler, Source};
 use prost::Message;
 use rand::Rng;
-use sonde_proto::config::{Labels, Module};
 use sonde_proto::assignment::{Assembled, Assembler, Bounds, Step};
+use sonde_proto::config::{Labels, Module};
 use sonde_proto::pb::{
     self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
     fleet_client::FleetClient,
@@ -303,7 +303,11 @@ impl Uplink {
 
     /// Takes one message of the aggregator; returns what to answer it (the report on
     /// an assignment once its last part arrived or it was refused).
-    fn handle(&self, message: AggregatorMessage, assembler: &mut Assembler) -> Option<AgentMessage> {
+    fn handle(
+        &self,
+        message: AggregatorMessage,
+        assembler: &mut Assembler,
+    ) -> Option<AgentMessage> {
         match message.msg {
             Some(aggregator_message::Msg::Ack(ack)) => {
                 let removed = self.buffer.ack(ack.acked_seq);
@@ -441,12 +445,15 @@ struct RefusedCheck {
     message: String,
 }
 
+/// An assigned module as this agent judged it: readable and allowed, or why not.
+type Judged = Result<Arc<Module>, (Refusal, String)>;
+
 /// Splits an assignment into the checks this agent runs and those it refuses: a module
 /// it cannot read, a module naming a file outside `policy`, or an interval, timeout or
 /// retries out of range ([`check_timing`]). Each module of the table is read and judged
 /// once, and shared by its checks.
 fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<RefusedCheck>) {
-    let modules: Vec<(String, Result<Arc<Module>, (Refusal, String)>)> = assignment
+    let modules: Vec<(String, Judged)> = assignment
         .modules
         .into_iter()
         .map(|m| {
@@ -1466,7 +1473,8 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(uplink.run(stopped));
         let started = tokio::time::Instant::now();
-        while fake.reports.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(20) {
+        while fake.reports.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(20)
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let running: Vec<String> = scheduler
@@ -1495,7 +1503,11 @@ mod tests {
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].reason, "bad_module");
         assert_eq!(refused[0].checks, 2);
-        assert!(refused[0].example.contains("future"), "{}", refused[0].example);
+        assert!(
+            refused[0].example.contains("future"),
+            "{}",
+            refused[0].example
+        );
         assert_eq!(running, ["127.0.0.1:10008"]);
         // Refusing is not a reason to reconnect.
         assert_eq!(fake.sessions.load(Ordering::SeqCst), 1);

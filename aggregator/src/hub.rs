@@ -465,7 +465,10 @@ impl Hub {
         let status = assignment::AssignmentStatus::from_report(report);
         // Only the first report on a generation is logged: an agent repeating (or
         // varying) its reports cannot fill the log.
-        let first = matches!(entry.assignment_status, assignment::AssignmentStatus::Sent { .. });
+        let first = matches!(
+            entry.assignment_status,
+            assignment::AssignmentStatus::Sent { .. }
+        );
         match &status {
             _ if !first => {}
             assignment::AssignmentStatus::Refused { generation, error } => {
@@ -1504,8 +1507,8 @@ fn target_labels(target: &Target) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sonde_proto::pb::aggregator_message;
     use sonde_proto::config::from_yaml_str;
+    use sonde_proto::pb::aggregator_message;
     use std::path::Path;
 
     struct Recorder(

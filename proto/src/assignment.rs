@@ -178,7 +178,7 @@ impl Assembler {
 }
 
 fn size(bytes: usize) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")
@@ -276,7 +276,10 @@ mod tests {
             panic!("a skipped part must refuse the assignment");
         };
         assert_eq!(generation, 5);
-        assert!(reason.contains("part 2") && reason.contains("part 1"), "{reason}");
+        assert!(
+            reason.contains("part 2") && reason.contains("part 1"),
+            "{reason}"
+        );
         // The rest of it is ignored, once.
         assert_eq!(a.push(part(5, 1, false, vec![], vec![])), Step::Ignored);
         // An assignment starting past part 0 is refused too.
@@ -326,7 +329,8 @@ mod tests {
         };
         assert!(reason.contains("refers to module 1"), "{reason}");
         assert!(reason.contains("10.0.0.2:80"), "{reason}");
-        let Step::Refused { .. } = a.push(part(2, 0, true, vec![], vec![check(1, u32::MAX)])) else {
+        let Step::Refused { .. } = a.push(part(2, 0, true, vec![], vec![check(1, u32::MAX)]))
+        else {
             panic!("no module table at all");
         };
     }
@@ -342,9 +346,7 @@ mod tests {
         let checks = |n: u32| (0..n).map(|i| check(i, 0)).collect::<Vec<_>>();
         let cases: [(Vec<pb::Assignment>, &str); 4] = [
             (
-                (0..4)
-                    .map(|p| part(1, p, p == 3, vec![], vec![]))
-                    .collect(),
+                (0..4).map(|p| part(1, p, p == 3, vec![], vec![])).collect(),
                 "more than 3 parts",
             ),
             (

@@ -54,8 +54,9 @@ fn fifty_thousand_targets_reach_one_agent() {
 jobs:
   - job_name: fleet
     module: http_2xx
-    # Long enough for a loaded test machine: 50,000 probes spread over 2 minutes.
-    interval: 2m
+    # Long enough for a loaded test machine: 50,000 probes spread over 10 minutes, some
+    # 80 a second (a debug-build aggregator on two busy cores commits a few hundred).
+    interval: 10m
     timeout: 5s
     file_sd_configs:
       - files: ["{}"]
@@ -77,52 +78,66 @@ fleet:
         ),
     );
 
-    scene.wait_until("the agent runs all 50,000 checks", WAIT, || {
-        match metric_sum(&agent, "sonde_agent_checks", &[])? {
+    scene.wait_until(
+        "the agent runs all 50,000 checks",
+        WAIT,
+        || match metric_sum(&agent, "sonde_agent_checks", &[])? {
             n if n as usize == TARGETS => Ok(()),
             n => Err(format!("{n} checks")),
-        }
-    });
+        },
+    );
     eprintln!(
         "50,000 checks running on the agent {:?} after it started",
         started.elapsed()
     );
     let web = aggregator.web.clone();
-    let entry = scene.wait_until("the aggregator to show the assignment applied", WAIT, || {
-        let a = agent_entry(&web, "edge")?;
-        if a["assignment"]["state"] == "applied" {
-            Ok(a)
-        } else {
-            Err(a["assignment"].to_string())
-        }
-    });
+    let entry = scene.wait_until(
+        "the aggregator to show the assignment applied",
+        WAIT,
+        || {
+            let a = agent_entry(&web, "edge")?;
+            if a["assignment"]["state"] == "applied" {
+                Ok(a)
+            } else {
+                Err(a["assignment"].to_string())
+            }
+        },
+    );
     assert_eq!(entry["assignment"]["checks"], TARGETS as u64, "{entry}");
     let text = entry["assignment"]["text"].as_str().unwrap_or_default();
     assert!(text.ends_with(": 50,000 checks applied"), "{text}");
 
     // Results of the job arrive and are committed: the aggregator acks them. (Its
     // `/api/v1/targets` lists all 50,000 targets, too much to poll here.)
-    scene.wait_until("results of the job committed by the aggregator", WAIT, || {
-        match metric_sum(&agent, "sonde_agent_results_acked_total", &[])? {
-            n if n >= 100.0 => Ok(()),
+    scene.wait_until(
+        "results of the job committed by the aggregator",
+        WAIT,
+        || match metric_sum(&agent, "sonde_agent_results_acked_total", &[])? {
+            n if n >= 20.0 => Ok(()),
             n => Err(format!("{n} results acked")),
-        }
-    });
+        },
+    );
 
     // One stream all along: no reconnect loop.
     assert_eq!(reconnects(&agent), 0.0);
-    scene.hold_for("the agent stays connected", Duration::from_secs(5), || {
-        match (
+    scene.hold_for(
+        "the agent stays connected",
+        Duration::from_secs(5),
+        || match (
             reconnects(&agent),
             metric_sum(&agent, "sonde_agent_stream_connected", &[])?,
         ) {
             (0.0, 1.0) => Ok(()),
             other => Err(format!("(reconnects, connected) = {other:?}")),
-        }
-    });
+        },
+    );
     let log = scene.process("aggregator").log();
     assert!(!log.contains("h2 protocol error"), "{}", tail(&log, 40));
-    assert!(!log.contains("cannot send the assignment"), "{}", tail(&log, 40));
+    assert!(
+        !log.contains("cannot send the assignment"),
+        "{}",
+        tail(&log, 40)
+    );
 }
 
 /// A stand-in aggregator that sends each stream a scripted sequence of assignment parts
@@ -147,7 +162,8 @@ impl Fleet for Scripted {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         for m in self.script.iter() {
-            tx.try_send(Ok(m.clone())).expect("the script fits the channel");
+            tx.try_send(Ok(m.clone()))
+                .expect("the script fits the channel");
         }
         let reports = self.reports.clone();
         tokio::spawn(async move {
@@ -261,7 +277,13 @@ fn the_agent_refuses_what_it_cannot_take_and_stays_connected() {
             "sonde_agent_probes_total",
             &[("instance", &format!("127.0.0.1:{port}"))],
         )
-        .and_then(|n| if n >= 2.0 { Ok(()) } else { Err(format!("{n}")) })
+        .and_then(|n| {
+            if n >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        })
     });
     assert_eq!(metric_sum(&agent, "sonde_agent_checks", &[]).unwrap(), 1.0);
     assert!(
@@ -273,7 +295,11 @@ fn the_agent_refuses_what_it_cannot_take_and_stays_connected() {
         .is_err(),
         "no check of a refused assignment ran"
     );
-    assert_eq!(fake.sessions.load(Ordering::SeqCst), 1, "one stream all along");
+    assert_eq!(
+        fake.sessions.load(Ordering::SeqCst),
+        1,
+        "one stream all along"
+    );
     assert_eq!(reconnects(&agent), 0.0);
     let log = scene.process("edge").log();
     assert!(log.contains("refused the assignment"), "{}", tail(&log, 20));
@@ -329,13 +355,19 @@ jobs:
             Err(a["assignment"].to_string())
         }
     });
-    let text = entry["assignment"]["text"].as_str().unwrap_or_default().to_string();
+    let text = entry["assignment"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(
         text.contains(": 1 check applied; 1 refused (file_not_allowed: "),
         "{text}"
     );
     assert!(text.contains("/etc/hostname"), "{text}");
-    assert_eq!(entry["assignment"]["refused"][0]["reason"], "file_not_allowed");
+    assert_eq!(
+        entry["assignment"]["refused"][0]["reason"],
+        "file_not_allowed"
+    );
     let page = http_get_ok(&format!("{web}/")).unwrap();
     assert!(page.contains("1 refused (file_not_allowed"), "status page");
 

@@ -67,11 +67,17 @@ impl<'a> Planner<'a> {
 
     /// The plan of `selected` (targets with their job, in the order to send them): each
     /// distinct module (name and content) once in the table, in order of first use.
-    pub fn plan<'t>(&self, selected: impl Iterator<Item = (&'a ResolvedJob, &'t Target)>) -> Planned {
+    pub fn plan<'t>(
+        &self,
+        selected: impl Iterator<Item = (&'a ResolvedJob, &'t Target)>,
+    ) -> Planned {
         let mut planned = Planned::default();
         let mut index: HashMap<(&str, &str), u32> = HashMap::new();
         for (job, target) in selected {
-            let json = self.jobs.get(job.name.as_str()).map_or("", |(_, j)| j.as_str());
+            let json = self
+                .jobs
+                .get(job.name.as_str())
+                .map_or("", |(_, j)| j.as_str());
             let module = *index
                 .entry((job.module_name.as_str(), json))
                 .or_insert_with(|| {
@@ -270,10 +276,8 @@ impl AssignmentStatus {
                 checks,
                 refused,
             } => {
-                let mut text = format!(
-                    "assignment {generation}: {} applied",
-                    count_checks(*checks)
-                );
+                let mut text =
+                    format!("assignment {generation}: {} applied", count_checks(*checks));
                 for r in refused {
                     text.push_str(&format!(
                         "; {} refused ({}: {})",
@@ -335,7 +339,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -472,11 +476,7 @@ jobs:
             target("b", "127.0.0.1:3"),
             target("c", "http://127.0.0.1/"),
         ];
-        let plan = planner.plan(
-            targets
-                .iter()
-                .map(|t| (planner.job(&t.job).unwrap(), t)),
-        );
+        let plan = planner.plan(targets.iter().map(|t| (planner.job(&t.job).unwrap(), t)));
         let names: Vec<_> = plan.modules.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["tcp", "http_2xx"]);
         let modules: Vec<_> = plan.checks.iter().map(|c| c.module).collect();
@@ -496,7 +496,10 @@ jobs:
             refused: vec![],
         });
         let text = refused.text();
-        assert!(text.starts_with("assignment 7 refused: too big\\n\\u{1b}[31m"), "{text}");
+        assert!(
+            text.starts_with("assignment 7 refused: too big\\n\\u{1b}[31m"),
+            "{text}"
+        );
         assert!(text.len() < 1_000, "{}", text.len());
         let applied = AssignmentStatus::from_report(&pb::AssignmentReport {
             generation: 8,

@@ -99,7 +99,8 @@ impl Fleet for FleetService {
                 return Err(self.refuse(peer.map(|p| p.ip()), Some(&hello.agent_id), status));
             }
         };
-        let (tx, rx) = mpsc::channel::<Result<AggregatorMessage, Status>>(assignment::AGENT_CHANNEL);
+        let (tx, rx) =
+            mpsc::channel::<Result<AggregatorMessage, Status>>(assignment::AGENT_CHANNEL);
         let agent = hello.agent_id.clone();
         let token = match credential {
             Credential::Anonymous => None,
@@ -431,7 +432,11 @@ fleet:
         let mut new = hello("a", &[]);
         new.protocol_version = sonde_proto::PROTOCOL_VERSION + 1;
         let e = admit(&c, &new, &Credential::Anonymous).unwrap_err();
-        assert!(e.message().contains("upgrade this aggregator"), "{}", e.message());
+        assert!(
+            e.message().contains("upgrade this aggregator"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]
