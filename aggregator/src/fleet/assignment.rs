@@ -410,6 +410,12 @@ mod tests {
             modules_sent += a.modules.len();
         }
         assert_eq!(modules_sent, 5, "each module once");
+        let bytes: usize = parts.iter().map(|p| p.encoded_len()).sum();
+        eprintln!(
+            "50,000 checks of 5 modules: {} parts, {bytes} bytes ({} per check)",
+            parts.len(),
+            bytes / 50_000
+        );
         let Step::Complete(done) = assemble(parts) else {
             panic!("the agent's assembler did not complete the assignment");
         };
