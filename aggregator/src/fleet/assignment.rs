@@ -21,10 +21,11 @@ use std::collections::{BTreeMap, HashMap};
 pub const PART_BUDGET: usize = 1 << 20;
 /// The largest message the aggregator sends (the gRPC server's encode limit).
 pub const MAX_ENCODE_BYTES: usize = 4 << 20;
-/// Messages queued to one agent's stream: the parts of a few assignments of a million
-/// checks (about 70 parts each) and the acks between them. The queue is filled lazily,
-/// so an idle agent costs nothing for it.
-pub const AGENT_CHANNEL: usize = 1024;
+/// Messages queued to one agent's stream: room for the parts of three assignments of
+/// the million checks an agent takes at most (about 75 parts each, at some 75 bytes a
+/// check) and the acks between them, and a bound (256 MiB) on what an agent that stops
+/// reading makes the aggregator hold before its stream is closed.
+pub const AGENT_CHANNEL: usize = 256;
 /// What the outer messages and the part's own fields (generation, part, last) add.
 const PART_OVERHEAD: usize = 64;
 
