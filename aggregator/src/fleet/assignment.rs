@@ -493,6 +493,77 @@ jobs:
         assert_eq!(module.prober, sonde_proto::config::Prober::Http);
     }
 
+    struct Discard;
+
+    impl crate::hub::Output for Discard {
+        fn commit(
+            &self,
+            _: &[crate::remote_write::encode::SeriesSample],
+            _: crate::hub::StateChange<'_>,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_hub_keeps_the_report_on_the_assignment_it_sent() {
+        let path = std::path::Path::new("t.yml");
+        let config = crate::config::AggregatorConfig::from_file(
+            path,
+            sonde_proto::config::from_yaml_str(
+                path,
+                "modules: {tcp: {prober: tcp}}\njobs: [{job_name: a, module: tcp, static_configs: [{targets: [\"127.0.0.1:1\"]}]}]\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let hub =
+            crate::hub::Hub::new(std::sync::Arc::new(config), std::sync::Arc::new(Discard), 0);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(AGENT_CHANNEL);
+        let hello = pb::Hello {
+            protocol_version: sonde_proto::PROTOCOL_VERSION,
+            agent_id: "edge".into(),
+            ..Default::default()
+        };
+        hub.connect(&hello, Default::default(), None, tx, 0);
+        let Ok(AggregatorMessage {
+            msg: Some(aggregator_message::Msg::Assignment(sent)),
+        }) = rx.try_recv().unwrap()
+        else {
+            panic!("no assignment sent");
+        };
+        let status = || hub.lock().agents["edge"].assignment_status.clone();
+        assert_eq!(
+            status(),
+            AssignmentStatus::Sent {
+                generation: sent.generation,
+                checks: 1
+            }
+        );
+        let report = |generation: u64, applied: bool| pb::AssignmentReport {
+            generation,
+            applied,
+            error: if applied {
+                String::new()
+            } else {
+                "too big".into()
+            },
+            checks: u64::from(applied),
+            refused: vec![],
+        };
+        // A report on another generation than the one sent changes nothing.
+        hub.assignment_report("edge", &report(sent.generation + 5, true));
+        assert!(matches!(status(), AssignmentStatus::Sent { .. }));
+        hub.assignment_report("edge", &report(sent.generation, false));
+        assert_eq!(
+            status().text(),
+            format!("assignment {} refused: too big", sent.generation)
+        );
+        // An unknown agent's report is dropped.
+        hub.assignment_report("nobody", &report(1, true));
+        assert!(!hub.lock().agents.contains_key("nobody"));
+    }
+
     #[test]
     fn reports_are_shown_bounded_and_escaped() {
         let refused = AssignmentStatus::from_report(&pb::AssignmentReport {
