@@ -10,8 +10,14 @@
 //! symbol table under [`MAX_TABLE_BYTES`] (past it the stream ends cleanly and a new one,
 //! with a new table, starts).
 //!
+//! Assignments arrive in parts ([`Assembler`], within [`ASSIGNMENT_BOUNDS`]) and are
+//! applied whole when the last part is in; the agent reports on each (applied, with the
+//! checks it refused, or refused whole). An assignment it refuses changes nothing else:
+//! the previous checks keep running and the stream stays open.
+//!
 //! Reconnecting: a network error backs off from 200 ms to 15 s; a refusal
-//! (`Unauthenticated`, `PermissionDenied`: a token the aggregator does not accept) from
+//! (`Unauthenticated`, `PermissionDenied`: a token the aggregator does not accept;
+//! `FailedPrecondition`: a protocol version it does not speak) from
 //! 30 s to 5 min, since retrying sooner changes nothing until someone fixes the token. A
 //! stream that ends within [`STABLE_AFTER`] of being established does not reset the
 //! backoff, so an aggregator that accepts streams and then ends them at once
@@ -25,9 +31,10 @@ use crate::record::ProbeRecord;
 use crate::schedule::{CheckSpec, Scheduler, Source};
 use prost::Message;
 use rand::Rng;
+use sonde_proto::assignment::{Assembled, Assembler, Bounds, Step};
 use sonde_proto::config::{Labels, Module};
 use sonde_proto::pb::{
-    self, AgentMessage, AggregatorMessage, Assignment, agent_message, aggregator_message,
+    self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
     fleet_client::FleetClient,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -51,8 +58,17 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// The largest message the agent sends: the aggregator's default
 /// `fleet.limits.max_message_bytes`.
 pub const MAX_ENCODE_BYTES: usize = 4 << 20;
-/// The largest message the agent accepts: an assignment of tens of thousands of checks.
-pub const MAX_DECODE_BYTES: usize = 64 << 20;
+/// The largest message the agent accepts. Aggregators send assignments in parts of at
+/// most 1 MiB; the rest is room for a future aggregator's larger parts.
+pub const MAX_DECODE_BYTES: usize = 16 << 20;
+/// What one assignment may hold, all its parts together; past it the agent refuses it
+/// whole and keeps its previous checks.
+pub const ASSIGNMENT_BOUNDS: Bounds = Bounds {
+    max_parts: 1 << 16,
+    max_bytes: 256 << 20,
+    max_checks: 1_000_000,
+    max_modules: 100_000,
+};
 /// What one `ResultBatch` may take, leaving room for the message's own framing.
 const BATCH_BUDGET: usize = MAX_ENCODE_BYTES - (64 << 10);
 /// The longest symbol (label value, metric or label name) the aggregator accepts.
@@ -184,6 +200,7 @@ impl Uplink {
         });
 
         let mut symbols = Symbols::default();
+        let mut assembler = Assembler::new(ASSIGNMENT_BOUNDS);
         let mut sent_up_to = self.buffer.stats().acked_seq;
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         // Set once the symbol table is full: send nothing more, end the stream once
@@ -251,7 +268,13 @@ impl Uplink {
                     }
                 }
                 message = inbound.message() => match message {
-                    Ok(Some(m)) => self.handle(m),
+                    Ok(Some(m)) => {
+                        if let Some(answer) = self.handle(m, &mut assembler)
+                            && tx.send(answer).await.is_err()
+                        {
+                            return Ok(ended(Ended::network("stream closed".into())));
+                        }
+                    }
                     Ok(None) => return Ok(ended(Ended::network("the aggregator closed the stream".into()))),
                     Err(status) => return Ok(ended(Ended::status(&status))),
                 },
@@ -278,65 +301,118 @@ impl Uplink {
         }
     }
 
-    fn handle(&self, message: AggregatorMessage) {
+    /// Takes one message of the aggregator; returns what to answer it (the report on
+    /// an assignment once its last part arrived or it was refused).
+    fn handle(
+        &self,
+        message: AggregatorMessage,
+        assembler: &mut Assembler,
+    ) -> Option<AgentMessage> {
         match message.msg {
             Some(aggregator_message::Msg::Ack(ack)) => {
                 let removed = self.buffer.ack(ack.acked_seq);
                 self.metrics.uplink(&self.endpoint.address, |u| {
                     u.results_acked += removed as u64
                 });
+                None
             }
-            Some(aggregator_message::Msg::Assignment(assignment)) => {
-                let generation = assignment.generation;
-                let checks = self.checks_of(assignment);
-                tracing::info!(
-                    aggregator = %self.endpoint.address,
-                    generation,
-                    checks = checks.len(),
-                    "new assignment"
-                );
-                self.metrics
-                    .uplink(&self.endpoint.address, |u| u.generation = generation);
-                self.scheduler
-                    .set_checks(Source::Aggregator(self.index), checks);
+            Some(aggregator_message::Msg::Assignment(part)) => {
+                let report = match assembler.push(part) {
+                    Step::Incomplete | Step::Ignored => return None,
+                    Step::Refused { generation, reason } => {
+                        // Once per generation: the assembler ignores the rest of its parts.
+                        tracing::warn!(
+                            aggregator = %self.endpoint.address,
+                            generation,
+                            "refused the assignment, keeping the checks of the previous one: {}",
+                            truncate(&reason, 1000)
+                        );
+                        pb::AssignmentReport {
+                            generation,
+                            applied: false,
+                            error: truncate(&reason, 1000).to_string(),
+                            checks: 0,
+                            refused: Vec::new(),
+                        }
+                    }
+                    Step::Complete(assignment) => self.apply(assignment),
+                };
+                Some(AgentMessage {
+                    msg: Some(agent_message::Msg::AssignmentReport(report)),
+                })
             }
-            None => {}
+            None => None,
         }
     }
 
-    /// The checks of an assignment this agent accepts (see [`accept`]); each refused
-    /// check is counted, and logged once per module and reason (timing problems once
-    /// per assignment, with the first example).
-    fn checks_of(&self, assignment: Assignment) -> Vec<CheckSpec> {
+    /// Runs the checks of a complete assignment that this agent accepts, in place of
+    /// the previous assignment's; what it did, for the aggregator.
+    fn apply(&self, assignment: Assembled) -> pb::AssignmentReport {
+        let generation = assignment.generation;
+        let (checks, refused) = self.checks_of(assignment);
+        tracing::info!(
+            aggregator = %self.endpoint.address,
+            generation,
+            checks = checks.len(),
+            refused = refused.iter().map(|r| r.checks).sum::<u64>(),
+            "new assignment"
+        );
+        self.metrics
+            .uplink(&self.endpoint.address, |u| u.generation = generation);
+        let report = pb::AssignmentReport {
+            generation,
+            applied: true,
+            error: String::new(),
+            checks: checks.len() as u64,
+            refused,
+        };
+        self.scheduler
+            .set_checks(Source::Aggregator(self.index), checks);
+        report
+    }
+
+    /// The checks of an assignment this agent accepts (see [`accept`]), and the refused
+    /// ones by reason, each with its first example; each refused check is counted, and
+    /// logged once per module and reason (timing problems once per assignment, with the
+    /// first example).
+    fn checks_of(&self, assignment: Assembled) -> (Vec<CheckSpec>, Vec<pb::RefusedChecks>) {
         let policy = self
             .file_policy
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let (checks, refused) = accept(assignment, &policy);
-        let mut counts: BTreeMap<Refusal, u64> = BTreeMap::new();
-        let mut first_bad_timing = None;
+        let mut counts: BTreeMap<Refusal, (u64, &RefusedCheck)> = BTreeMap::new();
         for r in &refused {
-            *counts.entry(r.reason).or_default() += 1;
-            match r.reason {
-                Refusal::BadTiming => {
-                    first_bad_timing.get_or_insert(r);
-                }
-                reason => self.log_refusal(&r.module_name, reason, &r.message),
+            counts.entry(r.reason).or_insert((0, r)).0 += 1;
+            if r.reason != Refusal::BadTiming {
+                self.log_refusal(&r.module_name, r.reason, &r.message);
             }
         }
-        for (reason, n) in &counts {
+        for (reason, (n, _)) in &counts {
             self.metrics.assignment_refused(*reason, *n);
         }
-        if let Some(r) = first_bad_timing {
+        if let Some((n, r)) = counts.get(&Refusal::BadTiming) {
             tracing::error!(
                 aggregator = %self.endpoint.address,
-                checks = counts.get(&Refusal::BadTiming).copied().unwrap_or(0),
+                checks = n,
                 first = %r.message,
                 "refused assigned checks whose interval, timeout or retries are out of range (interval 1ms..24h, timeout 1ms..interval, retries <= 100); fix the job in the aggregator's config"
             );
         }
-        checks
+        let report = counts
+            .into_iter()
+            .map(|(reason, (n, r))| pb::RefusedChecks {
+                reason: reason.as_str().to_string(),
+                checks: n,
+                example: truncate(
+                    &format!("module {:?}: {}", truncate(&r.module_name, 200), r.message),
+                    1000,
+                )
+                .to_string(),
+            })
+            .collect();
+        (checks, report)
     }
 
     fn log_refusal(&self, module_name: &str, reason: Refusal, message: &str) {
@@ -369,37 +445,54 @@ struct RefusedCheck {
     message: String,
 }
 
+/// An assigned module as this agent judged it: readable and allowed, or why not.
+type Judged = Result<Arc<Module>, (Refusal, String)>;
+
 /// Splits an assignment into the checks this agent runs and those it refuses: a module
 /// it cannot read, a module naming a file outside `policy`, or an interval, timeout or
-/// retries out of range ([`check_timing`]). Each distinct module is read and judged once.
-fn accept(assignment: Assignment, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<RefusedCheck>) {
-    let mut modules: HashMap<String, Result<Arc<Module>, (Refusal, String)>> = HashMap::new();
-    let mut checks = Vec::with_capacity(assignment.checks.len());
-    let mut refused = Vec::new();
-    for check in assignment.checks {
-        let module = modules
-            .entry(check.module_json)
-            .or_insert_with_key(|json| {
-                // A newer aggregator may send options this agent does not know.
-                let module = serde_json::from_str::<Module>(json).map_err(|e| {
+/// retries out of range ([`check_timing`]). Each module of the table is read and judged
+/// once, and shared by its checks.
+fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<RefusedCheck>) {
+    let modules: Vec<(String, Judged)> = assignment
+        .modules
+        .into_iter()
+        .map(|m| {
+            // A newer aggregator may send options this agent does not know.
+            let module = serde_json::from_str::<Module>(&m.json)
+                .map_err(|e| {
                     (
                         Refusal::BadModule,
                         format!("cannot read the module ({e}); upgrade this agent to the aggregator's version"),
                     )
-                })?;
-                policy
-                    .check_module(&module)
-                    .map_err(|e| (Refusal::FileNotAllowed, e))?;
-                Ok(Arc::new(module))
-            })
-            .clone();
+                })
+                .and_then(|module| {
+                    policy
+                        .check_module(&module)
+                        .map_err(|e| (Refusal::FileNotAllowed, e))?;
+                    Ok(Arc::new(module))
+                });
+            (m.name, module)
+        })
+        .collect();
+    let mut checks = Vec::with_capacity(assignment.checks.len());
+    let mut refused = Vec::new();
+    for check in assignment.checks {
+        // The assembler checked every index; a missing module is refused all the same.
+        let Some((module_name, module)) = modules.get(check.module as usize) else {
+            refused.push(RefusedCheck {
+                reason: Refusal::BadModule,
+                module_name: String::new(),
+                message: format!("module {} is not in the assignment", check.module),
+            });
+            continue;
+        };
         let module = match module {
-            Ok(m) => m,
+            Ok(m) => m.clone(),
             Err((reason, message)) => {
                 refused.push(RefusedCheck {
-                    reason,
-                    module_name: check.module_name,
-                    message,
+                    reason: *reason,
+                    module_name: module_name.clone(),
+                    message: message.clone(),
                 });
                 continue;
             }
@@ -410,7 +503,7 @@ fn accept(assignment: Assignment, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<R
                 Err(e) => {
                     refused.push(RefusedCheck {
                         reason: Refusal::BadTiming,
-                        module_name: check.module_name,
+                        module_name: module_name.clone(),
                         message: format!(
                             "job {:?} target {:?}: {e}",
                             truncate(&check.job, 200),
@@ -423,7 +516,7 @@ fn accept(assignment: Assignment, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<R
         checks.push(CheckSpec {
             job: check.job,
             instance: check.instance,
-            module_name: check.module_name,
+            module_name: module_name.clone(),
             module,
             interval,
             timeout,
@@ -470,10 +563,14 @@ impl Ended {
     }
 }
 
+/// Refusals retrying soon does not fix: a token the aggregator does not accept, or a
+/// protocol version it does not speak (someone must upgrade one side).
 fn is_refusal(code: tonic::Code) -> bool {
     matches!(
         code,
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition
     )
 }
 
@@ -966,16 +1063,34 @@ mod tests {
         assert!(e.message.len() < 2000);
     }
 
-    fn check(module_json: &str, interval_ms: u64, timeout_ms: u64) -> pb::Check {
-        pb::Check {
-            job: "web".into(),
-            instance: "http://127.0.0.1/".into(),
-            module_name: "m".into(),
-            module_json: module_json.into(),
-            interval_ms,
-            timeout_ms,
-            retries: 0,
+    /// An assignment of checks given as (module JSON, interval, timeout), each distinct
+    /// module once in its table.
+    fn assignment(generation: u64, checks: &[(&str, u64, u64)]) -> Assembled {
+        let mut out = Assembled {
+            generation,
+            ..Default::default()
+        };
+        for (json, interval_ms, timeout_ms) in checks {
+            let module = match out.modules.iter().position(|m| m.json == *json) {
+                Some(i) => i,
+                None => {
+                    out.modules.push(pb::AssignedModule {
+                        name: format!("m{}", out.modules.len()),
+                        json: json.to_string(),
+                    });
+                    out.modules.len() - 1
+                }
+            };
+            out.checks.push(pb::Check {
+                job: "web".into(),
+                instance: format!("http://127.0.0.1/{}", out.checks.len()),
+                interval_ms: *interval_ms,
+                timeout_ms: *timeout_ms,
+                retries: 0,
+                module: module as u32,
+            });
         }
+        out
     }
 
     #[test]
@@ -990,22 +1105,22 @@ mod tests {
         let shadow = r#"{"prober":"http","http":{"body_file":"/etc/shadow"}}"#;
         let escape = r#"{"prober":"http","http":{"body_file":"/etc/sonde/certs/../../shadow"}}"#;
         let relative = r#"{"prober":"tcp","tcp":{"tls_config":{"key_file":"key.pem"}}}"#;
-        let assignment = Assignment {
-            generation: 7,
-            checks: vec![
-                check(plain, 15_000, 5_000),
-                check(allowed, 15_000, 5_000),
-                check(shadow, 15_000, 5_000),
-                check(escape, 15_000, 5_000),
-                check(relative, 15_000, 5_000),
-                check("{not json", 15_000, 5_000),
-                check(plain, 0, 0),
-                check(plain, u64::MAX, u64::MAX),
-                check(plain, 1_000, 5_000),
-                check(plain, 15_000, 0),
+        let seven = assignment(
+            7,
+            &[
+                (plain, 15_000, 5_000),
+                (allowed, 15_000, 5_000),
+                (shadow, 15_000, 5_000),
+                (escape, 15_000, 5_000),
+                (relative, 15_000, 5_000),
+                ("{not json", 15_000, 5_000),
+                (plain, 0, 0),
+                (plain, u64::MAX, u64::MAX),
+                (plain, 1_000, 5_000),
+                (plain, 15_000, 0),
             ],
-        };
-        let (checks, refused) = accept(assignment, &policy);
+        );
+        let (checks, refused) = accept(seven, &policy);
         assert_eq!(checks.len(), 2);
         assert!(checks.iter().all(|c| c.generation == 7));
         let reasons: Vec<_> = refused.iter().map(|r| r.reason).collect();
@@ -1039,10 +1154,7 @@ mod tests {
         );
         // Without allowed_file_paths, even the certificate is refused.
         let (checks, refused) = accept(
-            Assignment {
-                generation: 1,
-                checks: vec![check(allowed, 15_000, 5_000), check(plain, 15_000, 5_000)],
-            },
+            assignment(1, &[(allowed, 15_000, 5_000), (plain, 15_000, 5_000)]),
             &FilePolicy::new(&Default::default()).unwrap(),
         );
         assert_eq!(checks.len(), 1);
@@ -1067,6 +1179,8 @@ mod tests {
             AcceptThenEnd,
             /// Every batch recorded and acked.
             AckAll,
+            /// The aggregator's `script` sent after the Hello, then every batch acked.
+            Assign,
         }
 
         #[derive(Clone)]
@@ -1075,6 +1189,9 @@ mod tests {
             pub sessions: Arc<AtomicUsize>,
             /// (session number, batch), in arrival order.
             pub batches: Arc<Mutex<Vec<(usize, pb::ResultBatch)>>>,
+            /// What [`Mode::Assign`] sends each stream.
+            pub script: Arc<Vec<AggregatorMessage>>,
+            pub reports: Arc<Mutex<Vec<pb::AssignmentReport>>>,
         }
 
         type Stream =
@@ -1098,13 +1215,22 @@ mod tests {
                         ))]);
                         return Ok(Response::new(Box::pin(end)));
                     }
-                    Mode::AckAll => {}
+                    Mode::AckAll | Mode::Assign => {}
                 }
                 let mut inbound = request.into_inner();
-                let (tx, rx) = mpsc::channel(16);
+                let (tx, rx) = mpsc::channel(1024);
+                if matches!(self.mode, Mode::Assign) {
+                    for message in self.script.iter() {
+                        let _ = tx.try_send(Ok(message.clone()));
+                    }
+                }
                 let batches = self.batches.clone();
+                let reports = self.reports.clone();
                 tokio::spawn(async move {
                     while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(agent_message::Msg::AssignmentReport(r)) = &message.msg {
+                            reports.lock().unwrap().push(r.clone());
+                        }
                         if let Some(agent_message::Msg::Results(batch)) = message.msg {
                             let acked_seq = batch.results.iter().map(|r| r.seq).max();
                             batches.lock().unwrap().push((session, batch));
@@ -1128,12 +1254,21 @@ mod tests {
         /// Serves on a free loopback port (with tonic's default 4 MiB decode limit, the
         /// aggregator's default); returns its `http://` address.
         pub async fn start(mode: Mode) -> (String, Aggregator) {
+            start_with(mode, Vec::new()).await
+        }
+
+        pub async fn start_with(
+            mode: Mode,
+            script: Vec<AggregatorMessage>,
+        ) -> (String, Aggregator) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = format!("http://{}", listener.local_addr().unwrap());
             let fake = Aggregator {
                 mode,
                 sessions: Arc::new(AtomicUsize::new(0)),
                 batches: Arc::default(),
+                script: Arc::new(script),
+                reports: Arc::default(),
             };
             let service = FleetServer::new(fake.clone());
             tokio::spawn(
@@ -1272,5 +1407,109 @@ mod tests {
         // Ending the stream on purpose is not an error and costs no backoff.
         assert!(started.elapsed() < Duration::from_secs(10));
         assert_eq!(last_error, None);
+    }
+
+    fn part(
+        generation: u64,
+        part: u32,
+        last: bool,
+        modules: Vec<pb::AssignedModule>,
+        checks: Vec<pb::Check>,
+    ) -> AggregatorMessage {
+        AggregatorMessage {
+            msg: Some(aggregator_message::Msg::Assignment(pb::Assignment {
+                generation,
+                checks,
+                part,
+                last,
+                modules,
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_assignment_is_reported_and_the_stream_stays() {
+        let tcp = || pb::AssignedModule {
+            name: "tcp".into(),
+            json: r#"{"prober":"tcp"}"#.into(),
+        };
+        let check = |n: u32, module: u32| pb::Check {
+            job: "web".into(),
+            instance: format!("127.0.0.1:{}", 10_000 + n),
+            interval_ms: 3_600_000,
+            timeout_ms: 1_000,
+            retries: 0,
+            module,
+        };
+        let script = vec![
+            // 1: complete, applied.
+            part(1, 0, false, vec![tcp()], vec![check(1, 0)]),
+            part(1, 1, true, vec![], vec![check(2, 0)]),
+            // 2: a part skipped.
+            part(2, 0, false, vec![tcp()], vec![check(3, 0)]),
+            part(2, 2, true, vec![], vec![check(4, 0)]),
+            // 3: a module index out of range.
+            part(3, 0, true, vec![tcp()], vec![check(5, 0), check(6, 1)]),
+            // 4: dropped incomplete by 5.
+            part(4, 0, false, vec![tcp()], vec![check(7, 0)]),
+            // 5: applied, with one module the agent cannot read.
+            part(
+                5,
+                0,
+                true,
+                vec![
+                    tcp(),
+                    pb::AssignedModule {
+                        name: "future".into(),
+                        json: r#"{"prober":"quantum"}"#.into(),
+                    },
+                ],
+                vec![check(8, 0), check(9, 1), check(10, 1)],
+            ),
+        ];
+        let (address, fake) = fake::start_with(fake::Mode::Assign, script).await;
+        let (uplink, _store) = uplink_to(&address);
+        let scheduler = uplink.scheduler.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(uplink.run(stopped));
+        let started = tokio::time::Instant::now();
+        while fake.reports.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let running: Vec<String> = scheduler
+            .checks()
+            .into_iter()
+            .map(|(_, c)| c.instance)
+            .collect();
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let reports = fake.reports.lock().unwrap().clone();
+        let summary: Vec<(u64, bool, u64)> = reports
+            .iter()
+            .map(|r| (r.generation, r.applied, r.checks))
+            .collect();
+        assert_eq!(
+            summary,
+            [(1, true, 2), (2, false, 0), (3, false, 0), (5, true, 1)]
+        );
+        assert!(reports[1].error.contains("part 2"), "{}", reports[1].error);
+        assert!(
+            reports[2].error.contains("refers to module 1"),
+            "{}",
+            reports[2].error
+        );
+        let refused = &reports[3].refused;
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].reason, "bad_module");
+        assert_eq!(refused[0].checks, 2);
+        assert!(
+            refused[0].example.contains("future"),
+            "{}",
+            refused[0].example
+        );
+        assert_eq!(running, ["127.0.0.1:10008"]);
+        // Refusing is not a reason to reconnect.
+        assert_eq!(fake.sessions.load(Ordering::SeqCst), 1);
     }
 }

@@ -79,8 +79,8 @@ pub async fn start_with(
         shutdown: stopped.clone(),
     })
     .max_decoding_message_size(max_message)
-    // Assignments grow with the targets an agent is given; agents accept up to 64 MiB.
-    .max_encoding_message_size(64 << 20);
+    // Assignments travel in parts of at most PART_BUDGET, so no message needs more.
+    .max_encoding_message_size(crate::fleet::assignment::MAX_ENCODE_BYTES);
     let incoming = crate::fleet::listener::incoming(
         grpc_listener,
         app.fleet_tls.clone(),

@@ -91,6 +91,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Some(Msg::Heartbeat(beat)) => state.heartbeat(&agent, beat.timestamp_ms, now),
+            Some(Msg::AssignmentReport(report)) => state.assignment_report(&agent, &report),
             None => {}
         }
         state.tick(now, &mut Changes::default());

@@ -12,8 +12,9 @@ pub mod prompb {
 }
 
 /// Revision of the fleet protocol this build speaks (in `Hello.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
+pub mod assignment;
 pub mod config;
 pub mod exposition;
 pub mod help;

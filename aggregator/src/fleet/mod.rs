@@ -3,6 +3,7 @@
 //! its batches ([`decode`]), hands them to the [`Hub`], and acks what the hub committed.
 //! [`listener`] owns the connections underneath (limits, TLS).
 
+pub mod assignment;
 pub mod decode;
 pub mod listener;
 
@@ -98,7 +99,8 @@ impl Fleet for FleetService {
                 return Err(self.refuse(peer.map(|p| p.ip()), Some(&hello.agent_id), status));
             }
         };
-        let (tx, rx) = mpsc::channel::<Result<AggregatorMessage, Status>>(256);
+        let (tx, rx) =
+            mpsc::channel::<Result<AggregatorMessage, Status>>(assignment::AGENT_CHANNEL);
         let agent = hello.agent_id.clone();
         let token = match credential {
             Credential::Anonymous => None,
@@ -173,10 +175,17 @@ fn admit(
     credential: &Credential,
 ) -> Result<Labels, Status> {
     if hello.protocol_version != sonde_proto::PROTOCOL_VERSION {
+        let ours = sonde_proto::PROTOCOL_VERSION;
+        let theirs = hello.protocol_version;
+        let upgrade = if theirs < ours {
+            "upgrade the agent to this aggregator's version"
+        } else {
+            "upgrade this aggregator to the agent's version"
+        };
         return Err(Status::failed_precondition(format!(
-            "this aggregator speaks sonde.v1 protocol version {}, the agent {}; run the same sonde version on both",
-            sonde_proto::PROTOCOL_VERSION,
-            hello.protocol_version
+            "this aggregator (sonde {}) speaks fleet protocol version {ours}, the agent (sonde {}) version {theirs}: {upgrade}",
+            env!("CARGO_PKG_VERSION"),
+            loggable(&hello.version),
         )));
     }
     if hello.agent_id.is_empty() || hello.agent_id.len() > MAX_AGENT_ID_BYTES {
@@ -308,6 +317,9 @@ async fn serve_stream(
                     }
                 }
             }
+            Some(agent_message::Msg::AssignmentReport(report)) => {
+                hub.assignment_report(agent, &report);
+            }
             Some(agent_message::Msg::Hello(_)) => {
                 let _ = tx
                     .send(Err(Status::invalid_argument("Hello sent twice")))
@@ -414,6 +426,24 @@ fleet:
         let free = authenticate(&c, &bearer("t-free")).unwrap();
         let labels = admit(&c, &hello("free", &[("region", "us")]), &free).unwrap();
         assert_eq!(labels["region"], "us");
+    }
+
+    #[test]
+    fn another_protocol_version_is_told_which_side_to_upgrade() {
+        let c = config("");
+        let mut old = hello("a", &[]);
+        old.protocol_version = sonde_proto::PROTOCOL_VERSION - 1;
+        let e = admit(&c, &old, &Credential::Anonymous).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("upgrade the agent"), "{}", e.message());
+        let mut new = hello("a", &[]);
+        new.protocol_version = sonde_proto::PROTOCOL_VERSION + 1;
+        let e = admit(&c, &new, &Credential::Anonymous).unwrap_err();
+        assert!(
+            e.message().contains("upgrade this aggregator"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

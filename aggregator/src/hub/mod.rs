@@ -187,6 +187,10 @@ pub(crate) enum Command {
         agent_time_ms: i64,
         now_ms: i64,
     },
+    AssignmentReport {
+        agent: String,
+        report: Box<pb::AssignmentReport>,
+    },
     Tick {
         now_ms: i64,
         reply: oneshot::Sender<()>,
@@ -387,6 +391,14 @@ impl Hub {
             agent: agent.to_string(),
             agent_time_ms,
             now_ms,
+        });
+    }
+
+    /// What `agent` reports doing with its assignment (see [`State::assignment_report`]).
+    pub fn assignment_report(&self, agent: &str, report: &pb::AssignmentReport) {
+        let _ = self.commands.send(Command::AssignmentReport {
+            agent: agent.to_string(),
+            report: Box::new(report.clone()),
         });
     }
 
@@ -606,6 +618,7 @@ fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared
             agent_time_ms,
             now_ms,
         } => state.heartbeat(&agent, agent_time_ms, now_ms),
+        Command::AssignmentReport { agent, report } => state.assignment_report(&agent, &report),
         Command::Tick { now_ms, reply } => {
             let before = ch.durable.forgotten.len();
             state.tick(now_ms, ch);

@@ -26,6 +26,7 @@ pub struct AgentSummary {
     pub committed_seq: u64,
     pub generation: u64,
     pub checks: usize,
+    pub assignment_status: crate::fleet::assignment::AssignmentStatus,
 }
 
 impl AgentSummary {
@@ -78,6 +79,7 @@ impl Snapshot {
                             committed_seq: a.committed_seq,
                             generation: a.generation,
                             checks: a.checks,
+                            assignment_status: a.assignment_status.clone(),
                         },
                     )
                 })

@@ -9,6 +9,7 @@
 
 use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
+use crate::fleet::assignment;
 use crate::fleet::decode::Symbol;
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
@@ -18,7 +19,7 @@ use crate::series::{Sample, Series};
 use crate::store::StoredAgent;
 use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
-use sonde_proto::pb::{self, AggregatorMessage, Check, aggregator_message};
+use sonde_proto::pb;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -228,7 +229,12 @@ pub struct AgentEntry {
     /// True once the agent's series got staleness markers for being gone.
     series_staled: bool,
     sender: Option<AgentSender>,
-    last_assignment: Vec<Check>,
+    /// A fingerprint of the last assignment sent on the current stream (`None`: none
+    /// yet), so that an unchanged plan is not sent again; a hash rather than a copy, as
+    /// a thousand agents with a thousand checks each would hold a million checks.
+    last_assignment: Option<u64>,
+    /// What the agent reported doing with its latest assignment.
+    pub assignment_status: assignment::AssignmentStatus,
     /// The agent id as the views key it.
     id: Arc<str>,
 }
@@ -263,7 +269,8 @@ impl AgentEntry {
             checks: 0,
             series_staled: false,
             sender: None,
-            last_assignment: Vec::new(),
+            last_assignment: None,
+            assignment_status: assignment::AssignmentStatus::None,
             id: Arc::from(id),
         }
     }
@@ -446,7 +453,7 @@ impl State {
             entry.last_seen_ms = now_ms;
             entry.sender = Some(sender);
             // A fresh stream must receive its assignment even if it equals the last one.
-            entry.last_assignment.clear();
+            entry.last_assignment = None;
             ch.durable
                 .agents
                 .insert(hello.agent_id.clone(), entry.stored());
@@ -482,6 +489,36 @@ impl State {
             entry.credential = None;
             entry.last_seen_ms = now_ms;
         }
+    }
+
+    /// What `agent` reports doing with an assignment. A report on another generation
+    /// than the one last sent (a late report of an older one) is ignored. A refusal is
+    /// logged once per agent and generation.
+    pub fn assignment_report(&mut self, agent: &str, report: &pb::AssignmentReport) {
+        let Some(entry) = self.agents.get_mut(agent) else {
+            return;
+        };
+        if report.generation != entry.generation {
+            return;
+        }
+        let status = assignment::AssignmentStatus::from_report(report);
+        // Only the first report on a generation is logged: an agent repeating (or
+        // varying) its reports cannot fill the log.
+        let first = matches!(
+            entry.assignment_status,
+            assignment::AssignmentStatus::Sent { .. }
+        );
+        match &status {
+            _ if !first => {}
+            assignment::AssignmentStatus::Refused { generation, error } => {
+                tracing::warn!(agent = %crate::refusals::loggable(agent), generation, reason = %error, "the agent refused its assignment and keeps running its previous checks");
+            }
+            assignment::AssignmentStatus::Applied { refused, .. } if !refused.is_empty() => {
+                tracing::info!(agent = %crate::refusals::loggable(agent), "{}", status.text());
+            }
+            _ => {}
+        }
+        entry.assignment_status = status;
     }
 
     /// Forgets every stream (at shutdown).
@@ -723,10 +760,11 @@ impl State {
         true
     }
 
-    /// Every agent's checks: each job's targets to every agent its selector matches, or
-    /// with `agents_per_target: K` to the K chosen among the placeable ones.
-    fn plan(&self, only: Option<&str>) -> BTreeMap<String, Vec<Check>> {
-        let mut plan: BTreeMap<String, Vec<Check>> = self
+    /// Every agent's checks, as (index of the job in the config, target): each job's
+    /// targets to every agent its selector matches, or with `agents_per_target: K` to
+    /// the K chosen among the placeable ones.
+    fn plan(&self, only: Option<&str>) -> BTreeMap<String, Vec<(usize, Arc<Target>)>> {
+        let mut plan: BTreeMap<String, Vec<(usize, Arc<Target>)>> = self
             .agents
             .iter()
             .filter(|(id, a)| a.sender.is_some() && only.is_none_or(|o| o == id.as_str()))
@@ -735,17 +773,7 @@ impl State {
         if plan.is_empty() {
             return plan;
         }
-        for job in &self.config.jobs {
-            let module_json = serde_json::to_string(&job.module).unwrap_or_default();
-            let check = |t: &Target| Check {
-                job: t.job.clone(),
-                instance: t.instance.clone(),
-                module_name: job.module_name.clone(),
-                module_json: module_json.clone(),
-                interval_ms: job.interval.as_millis() as u64,
-                timeout_ms: job.timeout.as_millis() as u64,
-                retries: job.retries,
-            };
+        for (index, job) in self.config.jobs.iter().enumerate() {
             let targets = self
                 .targets
                 .range((job.name.clone(), String::new())..)
@@ -753,23 +781,22 @@ impl State {
                 .map(|(_, t)| t);
             match job.config.agents_per_target {
                 None => {
-                    let receivers: Vec<&String> = plan
+                    let receivers: Vec<String> = plan
                         .keys()
                         .filter(|id| {
                             self.agents
                                 .get(*id)
                                 .is_some_and(|a| job.config.selects(&a.labels))
                         })
+                        .cloned()
                         .collect();
                     if receivers.is_empty() {
                         continue;
                     }
-                    let receivers: Vec<String> = receivers.into_iter().cloned().collect();
                     for t in targets {
-                        let c = check(t);
                         for id in &receivers {
                             if let Some(v) = plan.get_mut(id) {
-                                v.push(c.clone());
+                                v.push((index, t.clone()));
                             }
                         }
                     }
@@ -788,7 +815,7 @@ impl State {
                     for t in targets {
                         for id in placement::choose(&t.job, &t.instance, &candidates, k as usize) {
                             if let Some(v) = plan.get_mut(id) {
-                                v.push(check(t));
+                                v.push((index, t.clone()));
                             }
                         }
                     }
@@ -798,34 +825,45 @@ impl State {
         plan
     }
 
-    /// Sends each connected agent (or just `only`) its assignment when it changed.
+    /// Sends each connected agent (or just `only`) its assignment when it changed, in
+    /// parts under [`assignment::PART_BUDGET`] each.
     fn send_assignments(&mut self, only: Option<&str>) {
         let plan = self.plan(only);
+        let config = self.config.clone();
+        let planner = assignment::Planner::new(&config.jobs);
         let mut generation = self.generation;
         for (id, mut checks) in plan {
-            checks.sort_by(|a, b| (&a.job, &a.instance).cmp(&(&b.job, &b.instance)));
+            checks.sort_by(|a, b| (&a.1.job, &a.1.instance).cmp(&(&b.1.job, &b.1.instance)));
             let Some(agent) = self.agents.get_mut(&id) else {
                 continue;
             };
-            if checks == agent.last_assignment {
+            let planned = planner.plan(checks.iter().map(|(j, t)| (&config.jobs[*j], &**t)));
+            let fingerprint = fingerprint(&planned);
+            if agent.last_assignment == Some(fingerprint) {
                 continue;
             }
+            let parts = match assignment::encode(generation + 1, &planned, assignment::PART_BUDGET)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(agent = %crate::refusals::loggable(&id), error = %e, "cannot send this agent its assignment; it keeps its previous one");
+                    continue;
+                }
+            };
             generation += 1;
             agent.generation = generation;
-            agent.checks = checks.len();
-            agent.last_assignment = checks.clone();
-            let message = AggregatorMessage {
-                msg: Some(aggregator_message::Msg::Assignment(pb::Assignment {
-                    generation,
-                    checks,
-                })),
+            agent.checks = planned.checks.len();
+            agent.assignment_status = assignment::AssignmentStatus::Sent {
+                generation,
+                checks: planned.checks.len(),
             };
+            agent.last_assignment = Some(fingerprint);
             if let Some(sender) = &agent.sender
-                && sender.try_send(Ok(message)).is_err()
+                && !parts.into_iter().all(|p| sender.try_send(Ok(p)).is_ok())
             {
                 // The stream is gone or hopelessly behind: drop it; the agent
                 // reconnects and gets a fresh assignment with its hello.
-                tracing::warn!(agent = %id, "cannot send the assignment; closing the stream");
+                tracing::warn!(agent = %crate::refusals::loggable(&id), "cannot send the assignment; closing the stream");
                 agent.sender = None;
                 agent.connection = None;
             }
@@ -1395,6 +1433,29 @@ fn stale_agent_series(view: &LastResult, now_ms: i64, out: &mut Vec<Sample>) {
     }
 }
 
+/// A fingerprint of a plan: equal plans, equal fingerprints (and different ones differ,
+/// but for a 2^-64 chance, which at worst skips sending an unchanged-looking plan).
+fn fingerprint(planned: &assignment::Planned) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for m in &planned.modules {
+        (&m.name, &m.json).hash(&mut h);
+    }
+    planned.checks.len().hash(&mut h);
+    for c in &planned.checks {
+        (
+            &c.job,
+            &c.instance,
+            c.interval_ms,
+            c.timeout_ms,
+            c.retries,
+            c.module,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
+}
+
 /// True when an agent with `labels` matches the job selector `selector`.
 fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -1434,6 +1495,7 @@ mod tests {
     use super::*;
     use crate::hub::{AgentSender, Hub, Output, ResultsError};
     use sonde_proto::config::from_yaml_str;
+    use sonde_proto::pb::{AggregatorMessage, aggregator_message};
     use std::path::Path;
     use tokio::sync::mpsc;
 
@@ -1732,8 +1794,9 @@ fleet: {missing_after: 30s}
             ["slow", "web"],
             "alertmanager selects region=mars only"
         );
+        assert!(a.last, "a small assignment is one part");
         let module: sonde_proto::config::Module =
-            serde_json::from_str(&a.checks[0].module_json).unwrap();
+            serde_json::from_str(&a.modules[a.checks[0].module as usize].json).unwrap();
         assert_eq!(module.prober, sonde_proto::config::Prober::Tcp);
         assert_eq!(a.checks[0].interval_ms, 300_000);
     }

@@ -132,6 +132,7 @@ pub fn agents_json(state: &Snapshot) -> Value {
                 "first_seen_ms": a.first_seen_ms,
                 "assignment_generation": a.generation,
                 "checks": a.checks,
+                "assignment": a.assignment_status.json(),
                 "local_jobs": a.local_jobs,
                 "committed_seq": a.committed_seq,
             })

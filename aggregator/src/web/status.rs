@@ -182,14 +182,21 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
         } else {
             "<span class=\"badge down\">GONE</span>"
         };
+        let status = &a["assignment"];
+        let assignment = match status["state"].as_str() {
+            Some("refused") => format!(
+                "<span class=\"badge down\">REFUSED</span> {}",
+                esc(&text(&status["text"]))
+            ),
+            _ => esc(&text(&status["text"])),
+        };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td><code>{}</code></td><td>{state}</td><td>{}</td><td>{}</td><td>generation {}</td></tr>",
+            "<tr><td>{}</td><td><code>{}</code></td><td>{state}</td><td>{}</td><td>{}</td><td>{assignment}</td></tr>",
             esc(&text(&a["agent"])),
             esc(&labels(&a["labels"])),
             esc(&text(&a["version"])),
             a["checks"],
-            a["assignment_generation"],
         );
     }
     h.push_str("</table>");
