@@ -50,9 +50,9 @@ const DEFAULT_MAX_SERIES: usize = 250_000;
 const DEFAULT_MAX_SERIES_BYTES: usize = 32 << 20;
 /// How often the failed target's `up` is looked up in VictoriaMetrics.
 const DETECT_POLL: Duration = Duration::from_millis(50);
-/// Longer than the aggregator's default `batch_send_deadline` (5 s): a phase's rows
-/// are all in once VictoriaMetrics's count has not moved for this long.
-const SETTLE_QUIET: Duration = Duration::from_secs(6);
+/// Longer than vmagent's flush interval (1 s): the anchor phase's rows are all in once
+/// VictoriaMetrics's count has not moved for this long.
+const SETTLE_QUIET: Duration = Duration::from_secs(3);
 const WAIT_START: Duration = Duration::from_secs(60);
 
 #[derive(Parser, Debug)]
@@ -881,8 +881,9 @@ fn vm_rows(vm: &str) -> Result<f64, String> {
     metric_sum(vm, "vm_rows_inserted_total", &[])
 }
 
-/// Waits until VictoriaMetrics's inserted-rows count has not moved for [`SETTLE_QUIET`]
-/// (bounded); returns the count.
+/// Waits until VictoriaMetrics's inserted-rows count has not moved for `quiet`
+/// (bounded); returns the count. Only for phases after the aggregator has stopped: a
+/// running aggregator rewrites `up` and its own series every few seconds.
 fn settle(vm: &str, quiet: Duration) -> Result<f64, String> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut last = vm_rows(vm)?;
@@ -901,6 +902,31 @@ fn settle(vm: &str, quiet: Duration) -> Result<f64, String> {
                 "VictoriaMetrics at {vm} kept inserting rows for 300s after the phase"
             ));
         }
+    }
+}
+
+/// Waits until the aggregator's remote-write queue is empty (bounded): every row of the
+/// phase has then been accepted by VictoriaMetrics.
+fn drain_aggregator(web: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let page = http_get_ok(&format!("{web}/metrics"))?;
+        let samples = sonde_tests::parse_metrics(&page);
+        let queued = sonde_tests::find_samples(&samples, "sonde_remote_write_queue_samples", &[]);
+        if queued.is_empty() {
+            return Err(format!(
+                "sonde_remote_write_queue_samples is not on {web}/metrics: cannot tell when remote write is done"
+            ));
+        }
+        if queued.iter().all(|s| s.value == 0.0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the aggregator's remote-write queue still held samples 300s after the phase ({web}/metrics)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -999,7 +1025,7 @@ async fn run_agents<F, Fut>(
 ) -> Result<(Vec<AgentStats>, Arc<Plan>, Option<f64>, f64), String>
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<Link, String>>,
+    Fut: std::future::Future<Output = Result<Link, String>> + 'static,
 {
     let mut links = Vec::with_capacity(load.agents);
     // A few at a time: a thousand simultaneous handshakes are not what is measured.
@@ -1282,7 +1308,7 @@ fn run(args: Args) -> Result<Report, String> {
         }
     );
 
-    let rows_before = settle(&vm, Duration::from_secs(2))?;
+    let rows_before = std::cell::Cell::new(0.0);
     let cpu_before = std::cell::Cell::new(0.0);
     let mut perf: Option<std::process::Child> = None;
     let (stats, plan, detection, elapsed) = local.block_on(&runtime, async {
@@ -1303,6 +1329,7 @@ fn run(args: Args) -> Result<Report, String> {
             true,
             || {
                 cpu_before.set(cpu_seconds(pid, world.ticks)?);
+                rows_before.set(vm_rows(&vm)?);
                 if let Some(path) = &args.perf {
                     perf = Some(
                         Command::new("perf")
@@ -1329,11 +1356,12 @@ fn run(args: Args) -> Result<Report, String> {
     }
     let (hwm, rss) = memory(pid)?;
     let refused = refused_results(&web)?;
-    let rows_after = settle(&vm, SETTLE_QUIET)?;
+    drain_aggregator(&web)?;
+    let rows_after = vm_rows(&vm)?;
     let cpu_after = cpu_seconds(pid, world.ticks)?;
     aggregator.check_running()?;
     let mut phase1 = summarize("sonde-aggregator", &stats, load.samples, elapsed);
-    phase1.rows_inserted = rows_after - rows_before;
+    phase1.rows_inserted = rows_after - rows_before.get();
     phase1.cpu_s = cpu_after - cpu_before.get();
     phase1.hwm_bytes = hwm;
     phase1.rss_bytes = rss;
@@ -1490,7 +1518,7 @@ impl Report {
         let _ = writeln!(
             out,
             "| results refused (`sonde_results_refused_total`) | {} | — | |",
-            a.refused.map_or("—".into(), |v| format!("{v:.0}"))
+            a.refused.map_or("—".into(), |v| format!("{:.0}", v + 0.0))
         );
         for p in std::iter::once(a).chain(b) {
             for e in &p.errors {
