@@ -147,12 +147,8 @@ impl Load {
             targets: args.targets.unwrap_or(targets),
             jobs: args.jobs.unwrap_or(jobs),
             samples: args.samples.unwrap_or(12),
-            interval: args
-                .interval
-                .map_or(Duration::from_secs(interval), |d| d.0),
-            duration: args
-                .duration
-                .map_or(Duration::from_secs(duration), |d| d.0),
+            interval: args.interval.map_or(Duration::from_secs(interval), |d| d.0),
+            duration: args.duration.map_or(Duration::from_secs(duration), |d| d.0),
             batch: args
                 .batch
                 .min(args.batch_samples / args.samples.unwrap_or(12).max(1))
@@ -512,9 +508,7 @@ impl GrpcAgent {
                 msg: Some(aggregator_message::Msg::Assignment(_)),
             }))) => {}
             Ok(other) => {
-                return Err(format!(
-                    "{id}: expected an Assignment first, got {other:?}"
-                ));
+                return Err(format!("{id}: expected an Assignment first, got {other:?}"));
             }
             Err(_) => return Err(format!("{id}: no Assignment within {WAIT_START:?}")),
         }
@@ -868,13 +862,33 @@ fn memory(pid: u32) -> Result<(u64, u64), String> {
 
 /// `sonde_results_refused_total` over every agent and reason (0 before any refusal,
 /// when the counter has no series yet).
-fn refused_results(web: &str) -> Result<f64, String> {
-    let page = http_get_ok(&format!("{web}/metrics"))?;
-    let samples = sonde_tests::parse_metrics(&page);
-    Ok(sonde_tests::find_samples(&samples, "sonde_results_refused_total", &[])
+fn refused_results(samples: &[sonde_tests::MetricSample]) -> f64 {
+    sonde_tests::find_samples(samples, "sonde_results_refused_total", &[])
         .iter()
         .map(|s| s.value)
-        .sum())
+        .sum::<f64>()
+        + 0.0
+}
+
+/// The aggregator's `/metrics` page, whatever its size: it lists series per target
+/// and agent, past the 10 MiB the harness's client reads.
+fn metrics_page(web: &str) -> Result<String, String> {
+    let url = format!("{web}/metrics");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut response = agent
+        .get(&url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .map_err(|e| format!("GET {url}: reading the body: {e}"))
 }
 
 fn vm_rows(vm: &str) -> Result<f64, String> {
@@ -906,11 +920,38 @@ fn settle(vm: &str, quiet: Duration) -> Result<f64, String> {
 }
 
 /// Waits until the aggregator's remote-write queue is empty (bounded): every row of the
-/// phase has then been accepted by VictoriaMetrics.
-fn drain_aggregator(web: &str) -> Result<(), String> {
+/// phase has then been accepted by VictoriaMetrics. Returns the page it saw last.
+///
+/// The aggregator's `/metrics` page lists series per target, so rendering it costs the
+/// aggregator CPU that would count in the phase: it is read only once VictoriaMetrics
+/// receives rows at under 2% of the phase's rate (the aggregator's own periodic
+/// rewrites of `up`), then every 2 s until the queue is empty.
+fn drain_aggregator(
+    web: &str,
+    vm: &str,
+    rows_before: f64,
+    phase: Duration,
+) -> Result<Vec<sonde_tests::MetricSample>, String> {
     let deadline = Instant::now() + Duration::from_secs(300);
+    let step = Duration::from_millis(500);
+    let mut last = vm_rows(vm)?;
+    let slow = ((last - rows_before) / phase.as_secs_f64() * step.as_secs_f64() * 0.02).max(1.0);
     loop {
-        let page = http_get_ok(&format!("{web}/metrics"))?;
+        std::thread::sleep(step);
+        let now = vm_rows(vm)?;
+        let delta = now - last;
+        last = now;
+        if delta <= slow {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "VictoriaMetrics still took {delta} rows per 500 ms from the aggregator 300s after the phase"
+            ));
+        }
+    }
+    loop {
+        let page = metrics_page(web)?;
         let samples = sonde_tests::parse_metrics(&page);
         let queued = sonde_tests::find_samples(&samples, "sonde_remote_write_queue_samples", &[]);
         if queued.is_empty() {
@@ -919,14 +960,14 @@ fn drain_aggregator(web: &str) -> Result<(), String> {
             ));
         }
         if queued.iter().all(|s| s.value == 0.0) {
-            return Ok(());
+            return Ok(samples);
         }
         if Instant::now() > deadline {
             return Err(format!(
                 "the aggregator's remote-write queue still held samples 300s after the phase ({web}/metrics)"
             ));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
@@ -1064,7 +1105,10 @@ where
         .collect();
     let mut stats = Vec::with_capacity(tasks.len());
     for task in tasks {
-        stats.push(task.await.map_err(|e| format!("an agent task failed: {e}"))?);
+        stats.push(
+            task.await
+                .map_err(|e| format!("an agent task failed: {e}"))?,
+        );
     }
     let elapsed = wall_start.elapsed().as_secs_f64();
     let detection = match detector {
@@ -1156,7 +1200,13 @@ fn aggregator_config(load: &Load, targets: &Targets, vm: &str) -> (String, Vec<S
     }
     let shape_bytes: usize = shapes(load.samples)
         .iter()
-        .map(|s| s.name.len() + s.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+        .map(|s| {
+            s.name.len()
+                + s.labels
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        })
         .sum();
     let series_bytes = shape_bytes * load.targets;
     if series_bytes > DEFAULT_MAX_SERIES_BYTES {
@@ -1260,7 +1310,10 @@ fn run(args: Args) -> Result<Report, String> {
     let mut vm_cmd = Command::new(&args.victoria_metrics);
     vm_cmd
         .arg(format!("-httpListenAddr=127.0.0.1:{vm_port}"))
-        .arg(format!("-storageDataPath={}", dir.join("vm-data").display()))
+        .arg(format!(
+            "-storageDataPath={}",
+            dir.join("vm-data").display()
+        ))
         .arg("-search.latencyOffset=0s")
         .arg("-dedup.minScrapeInterval=1ms")
         .arg("-search.disableCache")
@@ -1295,7 +1348,11 @@ fn run(args: Args) -> Result<Report, String> {
         .arg("--log.level=info");
     let mut aggregator = Process::start("aggregator", cmd, &dir);
     let web = format!("http://127.0.0.1:{web_port}");
-    wait_healthy("the aggregator", &format!("{web}/-/healthy"), &mut aggregator)?;
+    wait_healthy(
+        "the aggregator",
+        &format!("{web}/-/healthy"),
+        &mut aggregator,
+    )?;
     let pid = aggregator.pid();
     let grpc = format!("http://127.0.0.1:{grpc_port}");
     eprintln!(
@@ -1342,7 +1399,10 @@ fn run(args: Args) -> Result<Report, String> {
                             .map_err(|e| format!("cannot run perf: {e}"))?,
                     );
                 }
-                eprintln!("fleet-sim: {} agents connected; aggregator phase starts", load.agents);
+                eprintln!(
+                    "fleet-sim: {} agents connected; aggregator phase starts",
+                    load.agents
+                );
                 Ok(())
             },
         )
@@ -1355,10 +1415,10 @@ fn run(args: Args) -> Result<Report, String> {
         let _ = perf.wait();
     }
     let (hwm, rss) = memory(pid)?;
-    let refused = refused_results(&web)?;
-    drain_aggregator(&web)?;
+    let page = drain_aggregator(&web, &vm, rows_before.get(), load.duration)?;
     let rows_after = vm_rows(&vm)?;
     let cpu_after = cpu_seconds(pid, world.ticks)?;
+    let refused = refused_results(&page);
     aggregator.check_running()?;
     let mut phase1 = summarize("sonde-aggregator", &stats, load.samples, elapsed);
     phase1.rows_inserted = rows_after - rows_before.get();
@@ -1387,7 +1447,11 @@ fn run(args: Args) -> Result<Report, String> {
             ))
             .arg("-loggerLevel=WARN");
         let mut vmagent = Process::start("vmagent", cmd, &dir);
-        wait_healthy("vmagent", &format!("http://127.0.0.1:{port}/health"), &mut vmagent)?;
+        wait_healthy(
+            "vmagent",
+            &format!("http://127.0.0.1:{port}/health"),
+            &mut vmagent,
+        )?;
         let pid = vmagent.pid();
         let rows_before = settle(&vm, SETTLE_QUIET)?;
         let cpu_before = std::cell::Cell::new(0.0);
@@ -1467,9 +1531,16 @@ impl Report {
                 self.raised.join(", ")
             }
         );
-        let _ = writeln!(out, "| | sonde-aggregator | vmagent (anchor) | aggregator / vmagent |");
+        let _ = writeln!(
+            out,
+            "| | sonde-aggregator | vmagent (anchor) | aggregator / vmagent |"
+        );
         let _ = writeln!(out, "|---|---:|---:|---:|");
-        let row = |out: &mut String, name: &str, f: &dyn Fn(&PhaseReport) -> Option<f64>, fmt: &dyn Fn(f64) -> String, ratio: bool| {
+        let row = |out: &mut String,
+                   name: &str,
+                   f: &dyn Fn(&PhaseReport) -> Option<f64>,
+                   fmt: &dyn Fn(f64) -> String,
+                   ratio: bool| {
             let va = f(a);
             let vb = b.and_then(f);
             let cell = |v: Option<f64>| v.map_or("—".to_string(), fmt);
@@ -1488,32 +1559,124 @@ impl Report {
             "| results sent / acked | {} / {} | {} | |",
             a.results_sent,
             a.results_acked,
-            b.map_or("—".into(), |b| format!("{} / {}", b.results_sent, b.results_acked))
+            b.map_or("—".into(), |b| format!(
+                "{} / {}",
+                b.results_sent, b.results_acked
+            ))
         );
-        row(&mut out, "results/s", &|p: &PhaseReport| Some(p.results_sent as f64 / p.elapsed_s), &int, false);
-        row(&mut out, "samples/s", &|p: &PhaseReport| Some(p.samples_sent as f64 / p.elapsed_s), &int, false);
-        row(&mut out, "rows VictoriaMetrics inserted", &|p: &PhaseReport| Some(p.rows_inserted), &int, true);
-        row(&mut out, "CPU s (utime+stime, whole process)", &|p: &PhaseReport| Some(p.cpu_s), &two, true);
-        row(&mut out, "CPU µs per row inserted", &|p: &PhaseReport| (p.rows_inserted > 0.0).then(|| p.cpu_s * 1e6 / p.rows_inserted), &two, true);
-        row(&mut out, "CPU µs per probe sample sent", &|p: &PhaseReport| (p.samples_sent > 0).then(|| p.cpu_s * 1e6 / p.samples_sent as f64), &two, true);
-        row(&mut out, "peak RSS (VmHWM), MiB", &|p: &PhaseReport| Some(p.hwm_bytes as f64), &mib, true);
-        row(&mut out, "RSS at the end (VmRSS), MiB", &|p: &PhaseReport| Some(p.rss_bytes as f64), &mib, true);
+        row(
+            &mut out,
+            "results/s",
+            &|p: &PhaseReport| Some(p.results_sent as f64 / p.elapsed_s),
+            &int,
+            false,
+        );
+        row(
+            &mut out,
+            "samples/s",
+            &|p: &PhaseReport| Some(p.samples_sent as f64 / p.elapsed_s),
+            &int,
+            false,
+        );
+        row(
+            &mut out,
+            "rows VictoriaMetrics inserted",
+            &|p: &PhaseReport| Some(p.rows_inserted),
+            &int,
+            true,
+        );
+        row(
+            &mut out,
+            "CPU s (utime+stime, whole process)",
+            &|p: &PhaseReport| Some(p.cpu_s),
+            &two,
+            true,
+        );
+        row(
+            &mut out,
+            "CPU µs per row inserted",
+            &|p: &PhaseReport| (p.rows_inserted > 0.0).then(|| p.cpu_s * 1e6 / p.rows_inserted),
+            &two,
+            true,
+        );
+        row(
+            &mut out,
+            "CPU µs per probe sample sent",
+            &|p: &PhaseReport| (p.samples_sent > 0).then(|| p.cpu_s * 1e6 / p.samples_sent as f64),
+            &two,
+            true,
+        );
+        row(
+            &mut out,
+            "peak RSS (VmHWM), MiB",
+            &|p: &PhaseReport| Some(p.hwm_bytes as f64),
+            &mib,
+            true,
+        );
+        row(
+            &mut out,
+            "RSS at the end (VmRSS), MiB",
+            &|p: &PhaseReport| Some(p.rss_bytes as f64),
+            &mib,
+            true,
+        );
         let series = self.active_series() as f64;
-        row(&mut out, &format!("peak RSS per active series ({} series), bytes", self.active_series()), &|p: &PhaseReport| Some(p.hwm_bytes as f64 / series), &one, true);
-        row(&mut out, "ack latency p50, ms", &|p: &PhaseReport| p.latency_ms.map(|l| l.0), &two, false);
-        row(&mut out, "ack latency p99, ms", &|p: &PhaseReport| p.latency_ms.map(|l| l.1), &two, false);
-        row(&mut out, "ack latency max, ms", &|p: &PhaseReport| p.latency_ms.map(|l| l.2), &two, false);
-        row(&mut out, "batches", &|p: &PhaseReport| Some(p.batches as f64), &int, false);
-        row(&mut out, "waits on a full in-flight window", &|p: &PhaseReport| Some(p.stalls as f64), &int, false);
+        row(
+            &mut out,
+            &format!(
+                "peak RSS per active series ({} series), bytes",
+                self.active_series()
+            ),
+            &|p: &PhaseReport| Some(p.hwm_bytes as f64 / series),
+            &one,
+            true,
+        );
+        row(
+            &mut out,
+            "ack latency p50, ms",
+            &|p: &PhaseReport| p.latency_ms.map(|l| l.0),
+            &two,
+            false,
+        );
+        row(
+            &mut out,
+            "ack latency p99, ms",
+            &|p: &PhaseReport| p.latency_ms.map(|l| l.1),
+            &two,
+            false,
+        );
+        row(
+            &mut out,
+            "ack latency max, ms",
+            &|p: &PhaseReport| p.latency_ms.map(|l| l.2),
+            &two,
+            false,
+        );
+        row(
+            &mut out,
+            "batches",
+            &|p: &PhaseReport| Some(p.batches as f64),
+            &int,
+            false,
+        );
+        row(
+            &mut out,
+            "waits on a full in-flight window",
+            &|p: &PhaseReport| Some(p.stalls as f64),
+            &int,
+            false,
+        );
         let _ = writeln!(
             out,
             "| target failed → `up == 0` visible in VictoriaMetrics, ms | {} | — | |",
-            a.detection_ms.map_or("not seen within 120s".into(), |v| format!("{v:.0}"))
+            a.detection_ms
+                .map_or("not seen within 120s".into(), |v| format!("{v:.0}"))
         );
         let _ = writeln!(
             out,
             "| (of which: the agents' failed results all sent after, ms) | {} | — | |",
-            a.failure_sent_spread_ms.map_or("—".into(), |v| format!("{v:.0}"))
+            a.failure_sent_spread_ms
+                .map_or("—".into(), |v| format!("{v:.0}"))
         );
         let _ = writeln!(
             out,
@@ -1571,7 +1734,10 @@ impl Report {
         let mut out = Vec::new();
         let a = &self.aggregator;
         if a.refused.is_some_and(|r| r > 0.0) {
-            out.push(format!("the aggregator refused {} results", a.refused.unwrap_or(0.0)));
+            out.push(format!(
+                "the aggregator refused {} results",
+                a.refused.unwrap_or(0.0)
+            ));
         }
         if a.results_acked < a.results_sent {
             out.push(format!(
