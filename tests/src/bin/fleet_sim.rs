@@ -1138,7 +1138,8 @@ async fn futures_join<T: 'static, Fut: std::future::Future<Output = T> + 'static
     out.into_iter().map(|(_, v)| v).collect()
 }
 
-fn summarize(name: &str, stats: &[AgentStats], samples: usize, elapsed: f64) -> PhaseReport {
+fn summarize(name: &str, stats: &[AgentStats], plan: &Plan, elapsed: f64) -> PhaseReport {
+    let (samples, fail_at) = (plan.load.samples, plan.fail_at);
     let mut report = PhaseReport {
         name: name.into(),
         elapsed_s: elapsed,
@@ -1170,7 +1171,8 @@ fn summarize(name: &str, stats: &[AgentStats], samples: usize, elapsed: f64) -> 
             f64::from(*latencies.last().unwrap_or(&0)) / 1000.0,
         ));
     }
-    report.failure_sent_spread_ms = failure_sent.map(|t| t.as_secs_f64() * 1000.0);
+    report.failure_sent_spread_ms =
+        failure_sent.map(|t| t.saturating_sub(fail_at).as_secs_f64() * 1000.0);
     report
 }
 
@@ -1420,15 +1422,12 @@ fn run(args: Args) -> Result<Report, String> {
     let cpu_after = cpu_seconds(pid, world.ticks)?;
     let refused = refused_results(&page);
     aggregator.check_running()?;
-    let mut phase1 = summarize("sonde-aggregator", &stats, load.samples, elapsed);
+    let mut phase1 = summarize("sonde-aggregator", &stats, &plan, elapsed);
     phase1.rows_inserted = rows_after - rows_before.get();
     phase1.cpu_s = cpu_after - cpu_before.get();
     phase1.hwm_bytes = hwm;
     phase1.rss_bytes = rss;
     phase1.detection_ms = detection;
-    phase1.failure_sent_spread_ms = phase1
-        .failure_sent_spread_ms
-        .map(|t| t - plan.fail_at.as_secs_f64() * 1000.0);
     phase1.refused = Some(refused);
     aggregator.terminate(Duration::from_secs(60));
     eprintln!("fleet-sim: aggregator phase done");
@@ -1456,7 +1455,7 @@ fn run(args: Args) -> Result<Report, String> {
         let rows_before = settle(&vm, SETTLE_QUIET)?;
         let cpu_before = std::cell::Cell::new(0.0);
         let address = format!("127.0.0.1:{port}");
-        let (stats, _, _, elapsed) = local.block_on(&runtime, async {
+        let (stats, plan, _, elapsed) = local.block_on(&runtime, async {
             run_agents(
                 &load,
                 |agent| {
@@ -1481,7 +1480,7 @@ fn run(args: Args) -> Result<Report, String> {
         let rows_after = settle(&vm, SETTLE_QUIET)?;
         let cpu_after = cpu_seconds(pid, world.ticks)?;
         vmagent.check_running()?;
-        let mut phase2 = summarize("vmagent (anchor)", &stats, load.samples, elapsed);
+        let mut phase2 = summarize("vmagent (anchor)", &stats, &plan, elapsed);
         phase2.rows_inserted = rows_after - rows_before;
         phase2.cpu_s = cpu_after - cpu_before.get();
         phase2.hwm_bytes = hwm;
@@ -1706,8 +1705,8 @@ impl Report {
                 "cpu_s": p.cpu_s,
                 "cpu_us_per_row": if p.rows_inserted > 0.0 { p.cpu_s * 1e6 / p.rows_inserted } else { f64::NAN },
                 "cpu_us_per_sample": if p.samples_sent > 0 { p.cpu_s * 1e6 / p.samples_sent as f64 } else { f64::NAN },
-                "vm_hwm_bytes": p.hwm_bytes,
-                "vm_rss_bytes": p.rss_bytes,
+                "peak_rss_bytes": p.hwm_bytes,
+                "rss_bytes": p.rss_bytes,
                 "ack_latency_ms": p.latency_ms.map(|(p50, p99, max)| serde_json::json!({"p50": p50, "p99": p99, "max": max})),
                 "up_zero_visible_ms": p.detection_ms,
                 "failed_results_sent_within_ms": p.failure_sent_spread_ms,
