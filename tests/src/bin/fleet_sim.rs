@@ -419,6 +419,8 @@ struct AgentStats {
     batches: u64,
     /// Times the agent had to wait because IN_FLIGHT_MAX results were unacked.
     stalls: u64,
+    /// Times the connection was found closed and opened again.
+    reconnects: u64,
     errors: Vec<String>,
     /// When (since the phase start) it sent the failed result of the failing target.
     failure_sent: Option<Duration>,
@@ -668,6 +670,16 @@ struct RemoteWriteAgent {
 
 impl RemoteWriteAgent {
     async fn connect(address: &str, agent: usize) -> Result<Self, String> {
+        Ok(Self {
+            id: agent_id(agent),
+            address: address.to_string(),
+            sender: Self::open(address).await?,
+        })
+    }
+
+    async fn open(
+        address: &str,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
         let tcp = tokio::net::TcpStream::connect(address)
             .await
             .map_err(|e| format!("cannot connect to vmagent at {address}: {e}"))?;
@@ -676,11 +688,7 @@ impl RemoteWriteAgent {
             .await
             .map_err(|e| format!("HTTP handshake with vmagent at {address}: {e}"))?;
         tokio::spawn(connection);
-        Ok(Self {
-            id: agent_id(agent),
-            address: address.to_string(),
-            sender,
-        })
+        Ok(sender)
     }
 
     async fn send(&mut self, plan: &Plan, dues: &[Due], stats: &mut AgentStats) {
@@ -722,49 +730,23 @@ impl RemoteWriteAgent {
                 return;
             }
         };
-        let request = http::Request::post("/api/v1/write")
-            .header("Host", &self.address)
-            .header("Content-Type", "application/x-protobuf")
-            .header("Content-Encoding", "snappy")
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-            .body(Full::new(Bytes::from(body)));
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => {
-                stats.errors.push(format!("building the request: {e}"));
-                return;
-            }
-        };
+        let body = Bytes::from(body);
         stats.batches += 1;
         stats.results_sent += dues.len() as u64;
         let sent = Instant::now();
-        let outcome = async {
-            self.sender
-                .ready()
-                .await
-                .map_err(|e| format!("connection to vmagent: {e}"))?;
-            let response = self
-                .sender
-                .send_request(request)
-                .await
-                .map_err(|e| format!("POST to vmagent: {e}"))?;
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("reading vmagent's answer: {e}"))?
-                .to_bytes();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "vmagent answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                ))
-            }
+        let mut outcome = self.post(body.clone()).await;
+        if outcome.is_err() && self.sender.is_closed() {
+            // vmagent closed the keep-alive connection: connect again and resend, as a
+            // remote-write client does.
+            stats.reconnects += 1;
+            outcome = match Self::open(&self.address).await {
+                Ok(sender) => {
+                    self.sender = sender;
+                    self.post(body).await
+                }
+                Err(e) => Err(e),
+            };
         }
-        .await;
         match outcome {
             Ok(()) => {
                 stats
@@ -777,6 +759,40 @@ impl RemoteWriteAgent {
                     stats.errors.push(e);
                 }
             }
+        }
+    }
+
+    async fn post(&mut self, body: Bytes) -> Result<(), String> {
+        let request = http::Request::post("/api/v1/write")
+            .header("Host", &self.address)
+            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Encoding", "snappy")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .body(Full::new(body))
+            .map_err(|e| format!("building the request: {e}"))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection to vmagent: {e}"))?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("POST to vmagent: {e}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading vmagent's answer: {e}"))?
+            .to_bytes();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "vmagent answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ))
         }
     }
 }
@@ -1007,6 +1023,7 @@ struct PhaseReport {
     samples_sent: u64,
     batches: u64,
     stalls: u64,
+    reconnects: u64,
     rows_inserted: f64,
     cpu_s: f64,
     hwm_bytes: u64,
@@ -1152,6 +1169,7 @@ fn summarize(name: &str, stats: &[AgentStats], plan: &Plan, elapsed: f64) -> Pha
         report.results_acked += s.results_acked;
         report.batches += s.batches;
         report.stalls += s.stalls;
+        report.reconnects += s.reconnects;
         latencies.extend(&s.latencies_us);
         if let Some(t) = s.failure_sent {
             failure_sent = Some(failure_sent.map_or(t, |f| f.max(t)));
@@ -1665,6 +1683,13 @@ impl Report {
             &int,
             false,
         );
+        row(
+            &mut out,
+            "reconnects (connection found closed)",
+            &|p: &PhaseReport| Some(p.reconnects as f64),
+            &int,
+            false,
+        );
         let _ = writeln!(
             out,
             "| target failed → `up == 0` visible in VictoriaMetrics, ms | {} | — | |",
@@ -1701,6 +1726,7 @@ impl Report {
                 "samples_per_s": p.samples_sent as f64 / p.elapsed_s,
                 "batches": p.batches,
                 "in_flight_waits": p.stalls,
+                "reconnects": p.reconnects,
                 "rows_inserted": p.rows_inserted,
                 "cpu_s": p.cpu_s,
                 "cpu_us_per_row": if p.rows_inserted > 0.0 { p.cpu_s * 1e6 / p.rows_inserted } else { f64::NAN },
