@@ -1812,3 +1812,123 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(agents: usize, targets: usize, interval_ms: u64, duration_ms: u64) -> Load {
+        Load {
+            agents,
+            targets,
+            jobs: 1,
+            samples: 12,
+            interval: Duration::from_millis(interval_ms),
+            duration: Duration::from_millis(duration_ms),
+            batch: 416,
+            flush: Duration::from_millis(250),
+        }
+    }
+
+    #[test]
+    fn every_agent_reports_every_target_once_per_interval() {
+        let plan = plan_for(&load(4, 100, 1000, 3000));
+        for agent in 0..4 {
+            let mut schedule = Schedule::new(&plan, agent);
+            let mut dues = Vec::new();
+            // In steps, as the flush ticks take them.
+            let mut now = 0.0;
+            while !schedule.done() {
+                now += 250.0;
+                schedule.take(&plan, now, &mut dues);
+            }
+            let mut per_target = vec![0; 100];
+            for d in &dues {
+                per_target[d.target] += 1;
+            }
+            // Besides its slots, the failing target is reported once at the failure instant.
+            per_target[FAILING] -= 1;
+            // Three intervals; an agent starting late in the interval misses at most one
+            // round of the targets it would have reached last.
+            assert!(
+                per_target.iter().all(|&n| n == 2 || n == 3),
+                "{per_target:?}"
+            );
+            // The failure instant's extra result is the only one out of order.
+            let extra = dues
+                .iter()
+                .filter(|d| d.target == FAILING && !d.success)
+                .map(|d| d.timestamp_ms)
+                .min()
+                .unwrap();
+            assert!(extra >= plan.start_ms + plan.fail_at.as_millis() as i64 - 250);
+            for d in &dues {
+                let after_failure =
+                    d.timestamp_ms >= plan.start_ms + plan.fail_at.as_millis() as i64;
+                if d.target != FAILING {
+                    assert!(d.success);
+                } else if !after_failure {
+                    assert!(d.success, "{d:?} fails before the failure instant");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn agents_are_staggered_over_the_interval() {
+        let plan = plan_for(&load(10, 1000, 5000, 30_000));
+        let first: Vec<f64> = (0..10).map(|a| Schedule::new(&plan, a).due_ms(0)).collect();
+        assert_eq!(first[0], 0.0);
+        assert!(first.windows(2).all(|w| w[1] - w[0] == 500.0), "{first:?}");
+    }
+
+    #[test]
+    fn shapes_are_an_http_probe_and_distinct() {
+        let twelve = shapes(12);
+        assert_eq!(twelve.len(), 12);
+        assert_eq!(twelve[0].name, "probe_success");
+        assert_eq!(
+            twelve
+                .iter()
+                .filter(|s| s.name == "probe_http_duration_seconds")
+                .count(),
+            5
+        );
+        let many = shapes(40);
+        let mut keys: Vec<(String, Vec<(String, String)>)> = many
+            .iter()
+            .map(|s| (s.name.clone(), s.labels.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 40, "every series shape is distinct");
+        assert_eq!(shapes(3).len(), 3);
+    }
+
+    #[test]
+    fn limits_are_raised_only_when_the_load_needs_it() {
+        let small = load(10, 1000, 5000, 30_000);
+        let (text, raised) = aggregator_config(&small, &Targets::new(&small), "http://vm");
+        assert!(raised.is_empty(), "{raised:?}");
+        assert!(!text.contains("fleet:"));
+        assert_eq!(text.matches("sim.example").count(), 1000);
+
+        let big = load(3, 50_000, 60_000, 120_000);
+        let (text, raised) = aggregator_config(&big, &Targets::new(&big), "http://vm");
+        assert_eq!(raised, vec!["max_series 600000".to_string()]);
+        assert!(
+            text.contains("fleet:\n  limits:\n    max_series: 600000\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn jobs_split_the_targets() {
+        let mut l = load(1, 10, 1000, 3000);
+        l.jobs = 3;
+        let targets = Targets::new(&l);
+        let jobs = targets.jobs();
+        assert_eq!(jobs.len(), 3);
+        assert_eq!(jobs.iter().map(|(_, t)| t.len()).sum::<usize>(), 10);
+    }
+}
