@@ -41,6 +41,8 @@ use tokio::sync::mpsc;
 /// Unacked results a real agent holds in flight before it stops sending
 /// (`IN_FLIGHT_MAX` in agent/src/uplink.rs); the simulated agents wait the same way.
 const IN_FLIGHT_MAX: usize = 20_000;
+/// The real agent's heartbeat period (`HEARTBEAT_EVERY` in agent/src/uplink.rs).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// The aggregator's default `fleet.limits` this load must fit, or the generated config
 /// raises them (and the report says so).
 const DEFAULT_MAX_RESULTS_PER_BATCH: usize = 1000;
@@ -517,6 +519,7 @@ impl GrpcAgent {
         let window = Arc::new(AckWindow::default());
         window.assignments.fetch_add(1, Ordering::Relaxed);
         let reader = tokio::spawn(read_stream(inbound, window.clone()));
+        tokio::spawn(heartbeats(tx.downgrade()));
 
         let mut symbols: Vec<String> = Vec::new();
         let mut intern = |s: &str| -> u32 {
@@ -635,6 +638,25 @@ impl GrpcAgent {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.reader).await;
         stats.results_acked = self.window.acked.load(Ordering::Relaxed);
         stats.latencies_us = std::mem::take(&mut self.window.latencies_us.lock().unwrap());
+    }
+}
+
+/// Sends a Heartbeat every [`HEARTBEAT_EVERY`] as the real agent does, from the Hello on
+/// (an agent whose first slot is late in the interval would otherwise look silent and
+/// be dropped), until the stream's sender is dropped.
+async fn heartbeats(tx: mpsc::WeakSender<AgentMessage>) {
+    let mut ticker = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        ticker.tick().await;
+        let Some(tx) = tx.upgrade() else { return };
+        let beat = AgentMessage {
+            msg: Some(agent_message::Msg::Heartbeat(pb::Heartbeat {
+                timestamp_ms: now_ms(),
+            })),
+        };
+        if tx.send(beat).await.is_err() {
+            return;
+        }
     }
 }
 
