@@ -6,6 +6,7 @@ use crate::fleet::now_ms;
 use crate::hub::{Hub, Output, StateChange};
 use crate::remote_write::RemoteWriter;
 use crate::remote_write::encode::SeriesSample;
+use crate::series::Sample;
 use crate::store::Store;
 use sonde_proto::config::ConfigError;
 use std::path::{Path, PathBuf};
@@ -22,10 +23,21 @@ pub struct Outputs {
 impl Output for Outputs {
     fn commit(&self, samples: &[SeriesSample], change: StateChange<'_>) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
+        // Until the hub hands `Sample`s itself (the lead's hub rewrite): one conversion
+        // here. The queue's per-series cache is keyed by the `Arc`, so these fresh ones
+        // cost a lookup by labels each.
+        let samples: Vec<Sample> = if writers.is_empty() {
+            Vec::new()
+        } else {
+            samples
+                .iter()
+                .map(|s| Sample::from_pairs(&s.labels, s.timestamp_ms, s.value))
+                .collect()
+        };
         self.store.with_tx(|tx| {
             change(tx)?;
             for w in writers.iter() {
-                w.enqueue(tx, samples)?;
+                w.enqueue(tx, &samples)?;
             }
             Ok(())
         })?;
