@@ -1737,10 +1737,11 @@ mod tests {
         store
             .with_tx(|tx| shared.enqueue(tx, &[m11.clone(), new.clone()]))
             .unwrap();
-        let got: Vec<(String, i64)> = queued(&store)
+        let mut got: Vec<(String, i64)> = queued(&store)
             .into_iter()
             .map(|(_, l, t)| (l[0].1.clone(), t))
             .collect();
+        got.sort();
         assert_eq!(
             got,
             [("m".to_string(), 10), ("m".to_string(), 11), ("new".to_string(), 10)]

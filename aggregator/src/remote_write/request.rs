@@ -98,14 +98,19 @@ pub(crate) fn parse_labels_pb(pb: &[u8]) -> Option<Vec<(String, String)>> {
 
 /// The uncompressed 1.0 `WriteRequest` for `series`.
 pub(crate) fn write_request_v1(series: &[SeriesBatch]) -> Vec<u8> {
-    // A sample is tag + length + (0x09 + 8 bytes value) + (0x10 + varint timestamp).
-    let sample_len = |ts: i64| 1 + 8 + 1 + varint_len(ts as u64);
+    // A sample is (0x09 + 8 bytes value) + (0x10 + varint timestamp), each left out when
+    // zero as protobuf writers do (a negative zero is kept: its sign is data).
+    let sample_len = |ts: i64, value: f64| {
+        let value_len = if value.to_bits() == 0 { 0 } else { 9 };
+        let ts_len = if ts == 0 { 0 } else { 1 + varint_len(ts as u64) };
+        value_len + ts_len
+    };
     let series_len = |s: &SeriesBatch| {
         s.labels.len()
             + s.samples
                 .iter()
-                .map(|&(ts, _)| {
-                    let n = sample_len(ts);
+                .map(|&(ts, value)| {
+                    let n = sample_len(ts, value);
                     1 + varint_len(n as u64) + n
                 })
                 .sum::<usize>()
@@ -124,11 +129,15 @@ pub(crate) fn write_request_v1(series: &[SeriesBatch]) -> Vec<u8> {
         out.extend_from_slice(&s.labels);
         for &(ts, value) in &s.samples {
             out.push(0x12);
-            put_varint(&mut out, sample_len(ts) as u64);
-            out.push(0x09);
-            out.extend_from_slice(&value.to_bits().to_le_bytes());
-            out.push(0x10);
-            put_varint(&mut out, ts as u64);
+            put_varint(&mut out, sample_len(ts, value) as u64);
+            if value.to_bits() != 0 {
+                out.push(0x09);
+                out.extend_from_slice(&value.to_bits().to_le_bytes());
+            }
+            if ts != 0 {
+                out.push(0x10);
+                put_varint(&mut out, ts as u64);
+            }
         }
     }
     out
@@ -196,7 +205,7 @@ mod tests {
                 &[("__name__", "up"), ("job", "a")],
                 &[(1000, 1.0), (2000, f64::from_bits(super::super::STALE_NAN_BITS))],
             ),
-            batch(&[("__name__", "x")], &[(-5, -0.5), (i64::MAX, 0.0)]),
+            batch(&[("__name__", "x")], &[(-5, -0.5), (i64::MAX, 0.0), (0, 2.0)]),
             batch(&[("__name__", "empty")], &[]),
         ];
         let want = super::super::encode::write_request(&to_series(&series));
@@ -204,8 +213,9 @@ mod tests {
             write_request_v1(&series),
             prost::Message::encode_to_vec(&want)
         );
-        let back = super::super::encode::decode(&encode_v1(&series).unwrap()).unwrap();
-        assert_eq!(back, want);
+        let body = encode_v1(&series).unwrap();
+        let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+        assert_eq!(raw, write_request_v1(&series));
     }
 
     #[test]
@@ -234,8 +244,20 @@ mod tests {
                     batch(&pairs, samples)
                 })
                 .collect();
-            let want = super::super::encode::write_request(&to_series(&batches));
-            prop_assert_eq!(write_request_v1(&batches), prost::Message::encode_to_vec(&want));
+            // Decoded, the body gives back every label and every value's exact bits.
+            let body = write_request_v1(&batches);
+            let got = <sonde_proto::prompb::WriteRequest as prost::Message>::decode(&body[..]).unwrap();
+            prop_assert_eq!(got.timeseries.len(), batches.len());
+            for (ts, b) in got.timeseries.iter().zip(&batches) {
+                let pairs: Vec<(String, String)> =
+                    ts.labels.iter().map(|l| (l.name.clone(), l.value.clone())).collect();
+                prop_assert_eq!(pairs, parse_labels_pb(&b.labels).unwrap());
+                let samples: Vec<(i64, u64)> =
+                    ts.samples.iter().map(|s| (s.timestamp, s.value.to_bits())).collect();
+                let want: Vec<(i64, u64)> =
+                    b.samples.iter().map(|&(t, v)| (t, v.to_bits())).collect();
+                prop_assert_eq!(samples, want);
+            }
             for (b, (labels, _)) in batches.iter().zip(&series) {
                 let pairs: Vec<(String, String)> =
                     labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
