@@ -135,7 +135,9 @@ pub(crate) fn ensure_schema(store: &Store) -> Result<(), String> {
 }
 
 /// The first format kept a row per sample (`rw_queue`) and per series (`rw_series`,
-/// labels as JSON): its rows become blocks of epoch 0, in the same shards and order.
+/// labels as JSON): its rows become blocks of epoch 0, in the same shards and order,
+/// and the endpoint is marked for a new layout (series hash to shards differently now),
+/// which its next start does.
 fn migrate_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     let exists = |table: &str| -> rusqlite::Result<bool> {
         tx.query_row(
@@ -206,6 +208,7 @@ fn migrate_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         "DROP TABLE rw_queue;
          DROP TABLE rw_series;
          UPDATE rw_endpoints SET
+           shards = 0,
            queued_samples = (SELECT COALESCE(SUM(samples - first), 0) FROM rw_blocks b WHERE b.endpoint = rw_endpoints.id),
            queued_bytes = (SELECT COALESCE(SUM(bytes), 0) FROM rw_blocks b WHERE b.endpoint = rw_endpoints.id);",
     )?;
@@ -797,6 +800,9 @@ impl Shared {
         let mut added = vec![0u64; shard_count];
         let mut cache = lock(&self.cache);
         cache.resolve(enqueues);
+        // What `enqueues` reads once this transaction commits: set before anything is
+        // staged, so that an enqueue failing half-way is undone like a rolled-back one.
+        cache.staged_mark = Some(enqueues + 1);
         cache.generation += 1;
         if cache.epoch_started.elapsed() >= EPOCH_LENGTH {
             cache.epoch += 1;
@@ -893,13 +899,11 @@ impl Shared {
                 dropped: 0,
             }
         };
-        let mark: i64 = tx
-            .prepare_cached(
-                "UPDATE rw_endpoints SET queued_samples = ?2, queued_bytes = ?3, enqueues = enqueues + 1
-                 WHERE id = ?1 RETURNING enqueues",
-            )?
-            .query_row(params![endpoint, q_samples, q_bytes], |r| r.get(0))?;
-        cache.staged_mark = Some(mark);
+        tx.prepare_cached(
+            "UPDATE rw_endpoints SET queued_samples = ?2, queued_bytes = ?3, enqueues = ?4
+             WHERE id = ?1",
+        )?
+        .execute(params![endpoint, q_samples, q_bytes, enqueues + 1])?;
         cache.prune();
         drop(cache);
 
@@ -1826,14 +1830,16 @@ mod tests {
         let shared = open(&store, &QueueConfig::default());
         assert_eq!(shared.snapshot().queued_samples, 3);
         assert_eq!(shared.snapshot().queued_bytes, 78);
-        let got: Vec<(usize, String, i64)> = queued(&store)
+        let rows = queued(&store);
+        for (shard, labels, _) in &rows {
+            assert_eq!(*shard as u64, fnv1a64(&request::labels_pb(labels)) % 4);
+        }
+        let mut got: Vec<(String, i64)> = rows
             .into_iter()
-            .map(|(s, l, t)| (s, l[0].1.clone(), t))
+            .map(|(_, l, t)| (l[0].1.clone(), t))
             .collect();
-        assert_eq!(
-            got,
-            [(0, "a".into(), 1), (0, "a".into(), 2), (2, "b".into(), 1)]
-        );
+        got.sort();
+        assert_eq!(got, [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]);
         // Their order check came along.
         store
             .with_tx(|tx| shared.enqueue(tx, &[sample("a", 2), sample("b", 2)]))
