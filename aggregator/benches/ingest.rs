@@ -114,7 +114,10 @@ async fn counting_receiver() -> (String, std::sync::Arc<std::sync::atomic::Atomi
     (format!("http://{addr}/api/v1/write"), bytes)
 }
 
-fn queue_only(rt: &tokio::runtime::Runtime, message: sonde_aggregator::remote_write::ProtobufMessage) {
+fn queue_only(
+    rt: &tokio::runtime::Runtime,
+    message: sonde_aggregator::remote_write::ProtobufMessage,
+) {
     use sonde_aggregator::remote_write::{RemoteWriteConfig, RemoteWriter};
     let _guard = rt.enter();
     let (url, bytes) = rt.block_on(counting_receiver());

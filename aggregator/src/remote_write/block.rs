@@ -66,7 +66,8 @@ impl BlockBuilder {
         let delta = ts.wrapping_sub(self.prev_ts);
         put_varint(&mut self.samples, ((delta << 1) ^ (delta >> 63)) as u64);
         self.prev_ts = ts;
-        self.samples.extend_from_slice(&value.to_bits().to_le_bytes());
+        self.samples
+            .extend_from_slice(&value.to_bits().to_le_bytes());
         self.sample_count += 1;
         self.bytes += weight;
     }
@@ -77,8 +78,9 @@ impl BlockBuilder {
 
     /// The blob to store, compressed when `compress`.
     pub(crate) fn finish(self, compress: bool) -> Vec<u8> {
-        let mut body =
-            Vec::with_capacity(self.series.len() + self.samples.len() + 10 + usize::from(!compress));
+        let mut body = Vec::with_capacity(
+            self.series.len() + self.samples.len() + 10 + usize::from(!compress),
+        );
         if !compress {
             body.push(RAW);
         }

@@ -125,10 +125,8 @@ pub(crate) fn ensure_schema(store: &Store) -> Result<(), String> {
         .map_err(fail)?
         > 0;
     if !has_enqueues {
-        tx.execute_batch(
-            "ALTER TABLE rw_endpoints ADD COLUMN enqueues INTEGER NOT NULL DEFAULT 0",
-        )
-        .map_err(fail)?;
+        tx.execute_batch("ALTER TABLE rw_endpoints ADD COLUMN enqueues INTEGER NOT NULL DEFAULT 0")
+            .map_err(fail)?;
     }
     migrate_rows(&tx).map_err(fail)?;
     tx.commit().map_err(fail)
@@ -189,8 +187,14 @@ fn migrate_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         };
         let mut query = select.query([])?;
         while let Some(r) = query.next()? {
-            let (endpoint, shard, series, ts, bits, bytes): (i64, i64, i64, i64, i64, i64) =
-                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+            let (endpoint, shard, series, ts, bits, bytes): (i64, i64, i64, i64, i64, i64) = (
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            );
             if current
                 .as_ref()
                 .is_some_and(|(e, s, b)| *e != endpoint || *s != shard || b.len() >= MIGRATED_BLOCK)
@@ -199,7 +203,12 @@ fn migrate_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
             }
             let (_, _, b) =
                 current.get_or_insert_with(|| (endpoint, shard, BlockBuilder::default()));
-            b.push(series.max(0) as u64, bytes.max(0) as u64, ts, f64::from_bits(bits as u64));
+            b.push(
+                series.max(0) as u64,
+                bytes.max(0) as u64,
+                ts,
+                f64::from_bits(bits as u64),
+            );
             rows += 1;
         }
         flush(&mut current)?;
@@ -642,8 +651,8 @@ impl Shared {
             let (_, dict) = load_dict(&tx, id, None).map_err(fail)?;
             let max_id = dict.values().flat_map(|m| m.keys()).max().copied();
             let relayout = stored_shards != shard_count as i64;
-            let restore = restore_blocks(&tx, id, &dict, relayout.then_some(queue))
-                .map_err(fail)?;
+            let restore =
+                restore_blocks(&tx, id, &dict, relayout.then_some(queue)).map_err(fail)?;
             restored = restore.last;
             if relayout {
                 tx.execute(
@@ -811,7 +820,8 @@ impl Shared {
         }
         let generation = cache.generation;
         let epoch = cache.epoch;
-        let mut open: Vec<BlockBuilder> = (0..shard_count).map(|_| BlockBuilder::default()).collect();
+        let mut open: Vec<BlockBuilder> =
+            (0..shard_count).map(|_| BlockBuilder::default()).collect();
         let mut full: Vec<(usize, BlockBuilder)> = Vec::new();
         let mut dict: Vec<(u64, LabelsPb)> = Vec::new();
         {
@@ -828,13 +838,9 @@ impl Shared {
                     Some(slot) => slot.clone(),
                     None => {
                         let slot = match final_labels(&sample.series, &self.external_labels) {
-                            Ok(labels) => Some(slot_for(
-                                &labels,
-                                by_labels,
-                                restored,
-                                next_id,
-                                shard_count,
-                            )),
+                            Ok(labels) => {
+                                Some(slot_for(&labels, by_labels, restored, next_id, shard_count))
+                            }
                             Err((problem, labels)) => {
                                 self.warn_invalid(problem, &labels);
                                 None
@@ -887,7 +893,14 @@ impl Shared {
             let last = open.into_iter().enumerate().filter(|(_, b)| b.len() > 0);
             for (shard, b) in full.into_iter().chain(last) {
                 let (n, bytes) = (b.len() as i64, b.bytes as i64);
-                insert.execute(params![endpoint, shard as i64, epoch, n, bytes, b.finish(false)])?;
+                insert.execute(params![
+                    endpoint,
+                    shard as i64,
+                    epoch,
+                    n,
+                    bytes,
+                    b.finish(false)
+                ])?;
             }
         }
         let evicted = if q_bytes as u64 > self.queue.max_queue_bytes.0 {
@@ -974,7 +987,15 @@ impl Shared {
             type Row = (i64, i64, i64, i64, i64, i64, Vec<u8>);
             let rows: Vec<Row> = select
                 .query_map(params![endpoint, after, BLOCKS_PER_READ], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
                 })?
                 .collect::<Result<_, _>>()?;
             if rows.is_empty() {
@@ -1235,12 +1256,14 @@ impl Shared {
                 let mut select =
                     tx.prepare_cached("SELECT first, samples, bytes FROM rw_blocks WHERE id = ?1")?;
                 let mut delete = tx.prepare_cached("DELETE FROM rw_blocks WHERE id = ?1")?;
-                let mut advance = tx
-                    .prepare_cached("UPDATE rw_blocks SET first = ?2, bytes = ?3 WHERE id = ?1")?;
+                let mut advance =
+                    tx.prepare_cached("UPDATE rw_blocks SET first = ?2, bytes = ?3 WHERE id = ?1")?;
                 let current = self.epoch.load(Ordering::Relaxed);
                 for span in &batch.spans {
                     let row: Option<(i64, i64, i64)> = select
-                        .query_row(params![span.block], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .query_row(params![span.block], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
                         .optional()?;
                     let Some((first, samples, bytes)) = row else {
                         continue;
@@ -1257,8 +1280,9 @@ impl Shared {
                         deleted_old |= span.epoch < current;
                         continue;
                     }
-                    let weight =
-                        span.weights[(from - span.from) as usize..].iter().sum::<u64>() as i64;
+                    let weight = span.weights[(from - span.from) as usize..]
+                        .iter()
+                        .sum::<u64>() as i64;
                     count += i64::from(span.to - from);
                     sum += weight;
                     if i64::from(span.to) >= samples {
@@ -1462,7 +1486,11 @@ fn load_dict(
          WHERE endpoint = ?1 AND (?2 IS NULL OR epoch = ?2) AND id > ?3 ORDER BY id",
     )?;
     let rows = stmt.query_map(params![endpoint, epoch, after], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
     })?;
     for row in rows {
         let (id, epoch, data) = row?;
@@ -1470,7 +1498,9 @@ fn load_dict(
         let map = out.entry(epoch).or_default();
         match block::decode_dict(&data) {
             Ok(entries) => map.extend(entries),
-            Err(e) => tracing::error!(error = %e, "remote write queue: a damaged dictionary row is ignored"),
+            Err(e) => {
+                tracing::error!(error = %e, "remote write queue: a damaged dictionary row is ignored")
+            }
         }
     }
     Ok((last_row, out))
@@ -1502,7 +1532,14 @@ fn restore_blocks(
              WHERE endpoint = ?1 ORDER BY shard, id",
         )?
         .query_map(params![endpoint], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     let shard_count = relayout.map_or(1, |q| q.max_shards.max(1));
@@ -1544,7 +1581,10 @@ fn restore_blocks(
         }
     }
     if relayout.is_some() {
-        tx.execute("DELETE FROM rw_blocks WHERE endpoint = ?1", params![endpoint])?;
+        tx.execute(
+            "DELETE FROM rw_blocks WHERE endpoint = ?1",
+            params![endpoint],
+        )?;
         let mut insert = tx.prepare(
             "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
              VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
@@ -1553,7 +1593,14 @@ fn restore_blocks(
         for ((epoch, shard), builders) in rebuilt {
             for b in builders {
                 let (n, bytes) = (b.len() as i64, b.bytes as i64);
-                insert.execute(params![endpoint, shard as i64, epoch, n, bytes, b.finish(false)])?;
+                insert.execute(params![
+                    endpoint,
+                    shard as i64,
+                    epoch,
+                    n,
+                    bytes,
+                    b.finish(false)
+                ])?;
             }
         }
     }
@@ -1748,7 +1795,11 @@ mod tests {
         got.sort();
         assert_eq!(
             got,
-            [("m".to_string(), 10), ("m".to_string(), 11), ("new".to_string(), 10)]
+            [
+                ("m".to_string(), 10),
+                ("m".to_string(), 11),
+                ("new".to_string(), 10)
+            ]
         );
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 0);
         assert_eq!(shared.snapshot().queued_samples, 3);

@@ -102,7 +102,11 @@ pub(crate) fn write_request_v1(series: &[SeriesBatch]) -> Vec<u8> {
     // zero as protobuf writers do (a negative zero is kept: its sign is data).
     let sample_len = |ts: i64, value: f64| {
         let value_len = if value.to_bits() == 0 { 0 } else { 9 };
-        let ts_len = if ts == 0 { 0 } else { 1 + varint_len(ts as u64) };
+        let ts_len = if ts == 0 {
+            0
+        } else {
+            1 + varint_len(ts as u64)
+        };
         value_len + ts_len
     };
     let series_len = |s: &SeriesBatch| {
@@ -203,9 +207,15 @@ mod tests {
         let series = vec![
             batch(
                 &[("__name__", "up"), ("job", "a")],
-                &[(1000, 1.0), (2000, f64::from_bits(super::super::STALE_NAN_BITS))],
+                &[
+                    (1000, 1.0),
+                    (2000, f64::from_bits(super::super::STALE_NAN_BITS)),
+                ],
             ),
-            batch(&[("__name__", "x")], &[(-5, -0.5), (i64::MAX, 0.0), (0, 2.0)]),
+            batch(
+                &[("__name__", "x")],
+                &[(-5, -0.5), (i64::MAX, 0.0), (0, 2.0)],
+            ),
             batch(&[("__name__", "empty")], &[]),
         ];
         let want = super::super::encode::write_request(&to_series(&series));

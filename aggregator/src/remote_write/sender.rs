@@ -403,7 +403,6 @@ fn split_budget(series: usize) -> u32 {
     4 * levels + 2
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -224,11 +224,7 @@ fn as_v1(series: Vec<Series>) -> WriteRequest {
     }
 }
 
-async fn receive(
-    State(log): State<Arc<Mutex<Log>>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn receive(State(log): State<Arc<Mutex<Log>>>, headers: HeaderMap, body: Bytes) -> Response {
     let is_v2 = headers.get("content-type").is_some_and(|v| {
         v.to_str()
             .unwrap_or_default()
@@ -303,8 +299,7 @@ async fn receive(
         reply
     };
     tokio::time::sleep(reply.delay).await;
-    let mut response =
-        (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     for (name, value) in reply.headers {
         response.headers_mut().insert(name, value.parse().unwrap());
     }
@@ -1218,8 +1213,7 @@ fn remote_write_2_body_decodes_with_an_independent_implementation() {
         let got_labels: Vec<(String, String)> =
             serde_json::from_value(got["labels"].clone()).unwrap();
         assert_eq!(got_labels, want_labels);
-        let got_samples: Vec<(i64, u64)> =
-            serde_json::from_value(got["samples"].clone()).unwrap();
+        let got_samples: Vec<(i64, u64)> = serde_json::from_value(got["samples"].clone()).unwrap();
         let want_samples: Vec<(i64, u64)> = want
             .samples
             .iter()
@@ -1414,8 +1408,8 @@ C6nDZ5LkQyPU8LmGqtfHzd9hIOvvZgKx9LQw2OoZQtG2U/XqAi/XEvHN\n\
 
     impl Files {
         fn new(test: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("sonde-rw-tls-{}-{test}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("sonde-rw-tls-{}-{test}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             for (name, text) in [
                 ("ca.pem", CA_PEM),
