@@ -11,7 +11,7 @@
 //! - `sender`: the shard tasks: batching, retries, backoff, splitting refused requests.
 //!
 //! [`RemoteWriter`] is one endpoint; [`RemoteWriters`] fans the same samples out to every
-//! configured endpoint. Endpoints are independent: each has its own rows and tasks, so a
+//! configured endpoint. Endpoints are independent: each has its own blocks and tasks, so a
 //! slow or dead one delays neither the producers nor the others.
 //!
 //! The delivery guarantee: a sample handed to [`RemoteWriter::enqueue`] inside a
@@ -234,7 +234,7 @@ impl Drop for RemoteWriter {
 }
 
 /// Logs, once, every endpoint with samples queued on disk that `configs` no longer has.
-/// Their rows are kept, unsent and outside every bound, until an endpoint with the same
+/// Their blocks are kept, unsent and outside every bound, until an endpoint with the same
 /// name is configured again. [`RemoteWriters::start`] calls it.
 pub fn report_unconfigured_queues(
     store: &Store,

@@ -1121,7 +1121,9 @@ impl Shared {
             too_old: 0,
             damaged: 0,
         };
-        let mut index: HashMap<LabelsPb, usize> = HashMap::new();
+        // Grouped by series id: ids are never reused for other labels, and hashing an
+        // id is far cheaper than hashing the labels.
+        let mut index: block::IdMap<usize> = block::IdMap::default();
         let mut after = i64::MIN;
         let mut reached_end = false;
         let mut last_epoch = None;
@@ -1186,7 +1188,7 @@ impl Shared {
                     };
                     let weight = block.series[s as usize].1;
                     span.weights.push(weight);
-                    let Some(labels) = labels.get(s as usize).cloned().flatten() else {
+                    let Some(labels) = labels.get(s as usize).and_then(Option::as_ref) else {
                         batch.damaged += 1;
                         continue;
                     };
@@ -1194,9 +1196,9 @@ impl Shared {
                         batch.too_old += 1;
                         continue;
                     }
-                    let at = *index.entry(labels.clone()).or_insert_with(|| {
+                    let at = *index.entry(block.series[s as usize].0).or_insert_with(|| {
                         batch.series.push(SeriesBatch {
-                            labels,
+                            labels: labels.clone(),
                             samples: Vec::new(),
                         });
                         batch.series.len() - 1
