@@ -361,6 +361,8 @@ struct Cache {
     next_id: u64,
     epoch: i64,
     epoch_started: Instant,
+    /// [`EPOCH_LENGTH`] (tests shorten it).
+    epoch_length: Duration,
     staged: Staged,
     /// `rw_endpoints.enqueues` as the last enqueue left it.
     staged_mark: Option<i64>,
@@ -729,6 +731,7 @@ impl Shared {
                 next_id: max_id.map_or(0, |m| m + 1),
                 epoch,
                 epoch_started: now,
+                epoch_length: EPOCH_LENGTH,
                 staged: Vec::new(),
                 staged_mark: None,
                 generation: 0,
@@ -813,7 +816,7 @@ impl Shared {
         // staged, so that an enqueue failing half-way is undone like a rolled-back one.
         cache.staged_mark = Some(enqueues + 1);
         cache.generation += 1;
-        if cache.epoch_started.elapsed() >= EPOCH_LENGTH {
+        if cache.epoch_started.elapsed() >= cache.epoch_length {
             cache.epoch += 1;
             cache.epoch_started = Instant::now();
             self.epoch.store(cache.epoch, Ordering::Relaxed);
@@ -1898,5 +1901,113 @@ mod tests {
             .with_tx(|tx| shared.enqueue(tx, &[sample("a", 2), sample("b", 2)]))
             .unwrap();
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 1);
+    }
+
+    fn dict_epochs(store: &Store) -> Vec<i64> {
+        store
+            .conn()
+            .prepare("SELECT epoch FROM rw_dict ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn labels_go_once_per_epoch_and_leave_with_their_blocks() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        let m = sample("m", 1).series;
+        let at = |ts: i64| Sample {
+            series: m.clone(),
+            timestamp_ms: ts,
+            value: 1.0,
+        };
+        store
+            .with_tx(|tx| shared.enqueue(tx, &[at(1), at(2)]))
+            .unwrap();
+        store.with_tx(|tx| shared.enqueue(tx, &[at(3)])).unwrap();
+        assert_eq!(dict_epochs(&store), [0]);
+        lock(&shared.cache).epoch_length = Duration::ZERO;
+        store.with_tx(|tx| shared.enqueue(tx, &[at(4)])).unwrap();
+        assert_eq!(dict_epochs(&store), [0, 1]);
+
+        let batch = shared.read_batch(0).unwrap();
+        assert_eq!(batch.series.len(), 1);
+        let ts: Vec<i64> = batch.series[0].samples.iter().map(|s| s.0).collect();
+        assert_eq!(ts, [1, 2, 3, 4]);
+        let sent = Tally {
+            sent: 4,
+            ..Tally::default()
+        };
+        shared.settle(0, &batch, sent).unwrap();
+        // Epoch 0 has no block left; the current epoch's labels stay for the enqueues.
+        assert_eq!(dict_epochs(&store), [1]);
+        assert!(queued(&store).is_empty());
+        let snap = shared.snapshot();
+        assert_eq!((snap.queued_samples, snap.queued_bytes), (0, 0));
+        assert_eq!(snap.counters.sent, 4);
+    }
+
+    #[test]
+    fn a_partly_sent_block_keeps_its_cursor() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            max_samples_per_send: 3,
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        let samples: Vec<Sample> = (0..5).map(|i| sample(&format!("m{i}"), 1)).collect();
+        store.with_tx(|tx| shared.enqueue(tx, &samples)).unwrap();
+        let sent = |n| Tally {
+            sent: n,
+            ..Tally::default()
+        };
+        // Blocks hold at most max_samples_per_send: 3 then 2.
+        let first = shared.read_batch(0).unwrap();
+        assert_eq!(first.scanned, 3);
+        shared.settle(0, &first, sent(3)).unwrap();
+        let rest = shared.read_batch(0).unwrap();
+        let names: Vec<String> = rest
+            .series
+            .iter()
+            .map(|s| request::parse_labels_pb(&s.labels).unwrap()[0].1.clone())
+            .collect();
+        assert_eq!(names, ["m3", "m4"]);
+        // Settling the same batch twice (a retry after a lost commit) moves nothing.
+        shared.settle(0, &rest, sent(2)).unwrap();
+        shared.settle(0, &rest, Tally::default()).unwrap();
+        assert_eq!(shared.snapshot().queued_samples, 0);
+        assert_eq!(shared.read_batch(0).unwrap().scanned, 0);
+    }
+
+    #[test]
+    fn a_damaged_block_is_dropped_and_counted() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        store
+            .with_tx(|tx| shared.enqueue(tx, &[sample("a", 1), sample("b", 1)]))
+            .unwrap();
+        store
+            .conn()
+            .execute("UPDATE rw_blocks SET data = x'01ff'", [])
+            .unwrap();
+        let batch = shared.read_batch(0).unwrap();
+        assert!(batch.series.is_empty());
+        assert_eq!(batch.scanned, 2);
+        shared.settle(0, &batch, Tally::default()).unwrap();
+        let snap = shared.snapshot();
+        assert_eq!(snap.counters.dropped_invalid_labels, 2);
+        assert_eq!((snap.queued_samples, snap.queued_bytes), (0, 0));
     }
 }
