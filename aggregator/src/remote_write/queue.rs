@@ -494,7 +494,7 @@ pub(crate) struct Shared {
     epoch: AtomicI64,
     /// Series labels by epoch and id, for the shard tasks, with the last dictionary row
     /// read of each epoch.
-    dict: Mutex<HashMap<i64, (i64, HashMap<u64, LabelsPb>)>>,
+    dict: Mutex<HashMap<i64, (i64, block::IdMap<LabelsPb>)>>,
     pub(crate) shards: Vec<Shard>,
     pub(crate) stats: Mutex<Stats>,
     /// The configured message, and whether 2.0 is still in use (false once the receiver
@@ -1476,7 +1476,7 @@ fn slot_for(
 
 /// Labels by epoch then series id: the dictionary of `endpoint`, all of it or one
 /// epoch's rows after a row id; with the last row id read.
-type Dict = HashMap<i64, HashMap<u64, LabelsPb>>;
+type Dict = HashMap<i64, block::IdMap<LabelsPb>>;
 
 fn load_dict(
     conn: &Connection,
@@ -1639,8 +1639,10 @@ mod tests {
         .unwrap()
     }
 
+    type Queued = (usize, Vec<(String, String)>, i64);
+
     /// What is queued, shard by shard in block order: (shard, labels, timestamp).
-    fn queued(store: &Store) -> Vec<(usize, Vec<(String, String)>, i64)> {
+    fn queued(store: &Store) -> Vec<Queued> {
         let conn = store.conn();
         let (_, dict) = load_dict(&conn, 1, None).unwrap();
         let rows: Vec<(i64, i64, i64, Vec<u8>)> = conn
