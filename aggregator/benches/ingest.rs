@@ -12,7 +12,8 @@
 //! thread that enqueues (enqueue inside the transaction + commit).
 //!
 //! Run: `cargo bench -p sonde-aggregator --bench ingest` (`-- queue` for the queue part
-//! only, `-- ingest` for the ingest part only).
+//! only, `-- queue-v1` or `-- queue-v2` for one protocol, `-- ingest` for the ingest
+//! part only).
 
 use sonde_aggregator::app::App;
 use sonde_aggregator::config::AggregatorConfig;
@@ -67,11 +68,12 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let wants = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
-    if wants("queue") {
-        use sonde_aggregator::remote_write::ProtobufMessage;
-        for message in [ProtobufMessage::WriteRequestV1, ProtobufMessage::RequestV2] {
-            queue_only(&rt, message);
-        }
+    use sonde_aggregator::remote_write::ProtobufMessage;
+    if wants("queue") || wants("queue-v1") {
+        queue_only(&rt, ProtobufMessage::WriteRequestV1);
+    }
+    if wants("queue") || wants("queue-v2") {
+        queue_only(&rt, ProtobufMessage::RequestV2);
     }
     if wants("ingest") {
         rt.block_on(run(false));
