@@ -60,7 +60,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_proto::exposition::Family;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
@@ -332,30 +332,33 @@ impl Hasher for PassHasher {
     }
 }
 
-/// One series as this endpoint queues it (its final labels: external labels added).
-struct Slot {
+/// One series as this endpoint queues it (its final labels: external labels added),
+/// stored inline in the cache's table so that a sample touches one entry, no atomics.
+struct Entry {
     /// Names the series in blocks and the dictionary; never given to other labels.
     id: u64,
     labels: LabelsPb,
     weight: u64,
     shard: usize,
-    last_ts: AtomicI64,
+    last_ts: i64,
     /// The epoch whose dictionary holds the labels (written or staged); -1 for none.
-    dict_epoch: AtomicI64,
-    /// The enqueue that last staged this slot.
-    staged_by: AtomicU64,
+    dict_epoch: i64,
+    /// The enqueue that last staged this entry.
+    staged_by: u64,
 }
 
-/// What a rolled-back enqueue changed: (slot, last_ts before, dict_epoch before).
-type Staged = Vec<(Arc<Slot>, i64, i64)>;
+/// What the last enqueue changed, to undo if it rolled back: (key, series id, last_ts
+/// before, dict_epoch before).
+type Staged = Vec<(Series, u64, i64, i64)>;
 
-/// The enqueue side's memory: series → slot, and what the last enqueue staged.
+/// The enqueue side's memory: series → entry, and what the last enqueue staged.
 struct Cache {
     /// `None`: labels no receiver accepts.
-    by_series: HashMap<Series, Option<Arc<Slot>>, BuildHasherDefault<PassHasher>>,
-    /// Final labels → slot, so that two hub series with the same final labels share
-    /// their order check.
-    by_labels: HashMap<LabelsPb, Arc<Slot>>,
+    by_series: HashMap<Series, Option<Entry>, BuildHasherDefault<PassHasher>>,
+    /// Final labels → the key their entry is under. A hub series met again under a new
+    /// `Arc` (or two hub series with the same final labels) takes the entry over, so
+    /// the order check and the id follow the labels, not the `Arc`.
+    by_labels: HashMap<LabelsPb, Series>,
     /// Last timestamps of the series found queued at start.
     restored: HashMap<LabelsPb, i64>,
     next_id: u64,
@@ -367,8 +370,7 @@ struct Cache {
     /// `rw_endpoints.enqueues` as the last enqueue left it.
     staged_mark: Option<i64>,
     generation: u64,
-    prune_series_at: usize,
-    prune_slots_at: usize,
+    prune_at: usize,
 }
 
 impl Cache {
@@ -377,24 +379,80 @@ impl Cache {
         if let Some(mark) = self.staged_mark.take()
             && mark != enqueues
         {
-            for (slot, ts, epoch) in self.staged.drain(..).rev() {
-                slot.last_ts.store(ts, Ordering::Relaxed);
-                slot.dict_epoch.store(epoch, Ordering::Relaxed);
+            let mut staged = std::mem::take(&mut self.staged);
+            for (key, id, ts, epoch) in staged.drain(..).rev() {
+                let entry = match self.by_series.get_mut(&key) {
+                    Some(Some(e)) if e.id == id => Some(e),
+                    // Taken over by another key since: found by id (rare).
+                    _ => self
+                        .by_series
+                        .values_mut()
+                        .flatten()
+                        .find(|e| e.id == id),
+                };
+                if let Some(e) = entry {
+                    e.last_ts = ts;
+                    e.dict_epoch = epoch;
+                }
             }
+            self.staged = staged;
         }
         self.staged.clear();
     }
 
+    /// The entry for `series`, created (or taken over from an earlier key with the same
+    /// final labels) on a miss; `None` for labels no receiver accepts.
+    fn entry(
+        &mut self,
+        series: &Series,
+        external: &[(String, String)],
+        shard_count: usize,
+        warn: impl FnOnce(&str, &[(String, String)]),
+    ) -> Option<&mut Entry> {
+        if !self.by_series.contains_key(series) {
+            let entry = match final_labels(series, external) {
+                Err((problem, labels)) => {
+                    warn(problem, &labels);
+                    None
+                }
+                Ok(labels) => {
+                    let pb: LabelsPb = request::labels_pb(&labels).into();
+                    let taken = self
+                        .by_labels
+                        .insert(pb.clone(), series.clone())
+                        .and_then(|old| self.by_series.remove(&old))
+                        .flatten();
+                    Some(taken.unwrap_or_else(|| {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        Entry {
+                            id,
+                            weight: sample_bytes(&labels),
+                            shard: (fnv1a64(&pb) % shard_count as u64) as usize,
+                            last_ts: self.restored.remove(&pb).unwrap_or(i64::MIN),
+                            labels: pb,
+                            dict_epoch: -1,
+                            staged_by: 0,
+                        }
+                    }))
+                }
+            };
+            self.by_series.insert(series.clone(), entry);
+        }
+        self.by_series.get_mut(series).and_then(Option::as_mut)
+    }
+
     fn prune(&mut self) {
-        if self.by_series.len() > self.prune_series_at {
-            // Only the cache holds these keys: the hub has let the series go.
-            self.by_series.retain(|k, _| Arc::strong_count(k) > 1);
-            self.prune_series_at = CACHE_PRUNE_MIN.max(2 * self.by_series.len());
+        if self.by_series.len() <= self.prune_at {
+            return;
         }
-        if self.by_labels.len() > self.prune_slots_at {
-            self.by_labels.retain(|_, s| Arc::strong_count(s) > 1);
-            self.prune_slots_at = CACHE_PRUNE_MIN.max(2 * self.by_labels.len());
-        }
+        // Keys only the cache holds (in `by_series`, and in `by_labels` for a valid
+        // entry): the hub has let the series go. Their entries go too; a series met
+        // again starts afresh (new id, no order check).
+        self.by_series
+            .retain(|k, e| Arc::strong_count(k) > 1 + usize::from(e.is_some()));
+        self.by_labels.retain(|_, k| Arc::strong_count(k) > 1);
+        self.prune_at = CACHE_PRUNE_MIN.max(2 * self.by_series.len());
     }
 }
 
@@ -735,8 +793,7 @@ impl Shared {
                 staged: Vec::new(),
                 staged_mark: None,
                 generation: 0,
-                prune_series_at: CACHE_PRUNE_MIN,
-                prune_slots_at: CACHE_PRUNE_MIN,
+                prune_at: CACHE_PRUNE_MIN,
             }),
             epoch: AtomicI64::new(epoch),
             dict: Mutex::new(HashMap::new()),
@@ -827,61 +884,41 @@ impl Shared {
             (0..shard_count).map(|_| BlockBuilder::default()).collect();
         let mut full: Vec<(usize, BlockBuilder)> = Vec::new();
         let mut dict: Vec<(u64, LabelsPb)> = Vec::new();
-        {
-            let Cache {
-                by_series,
-                by_labels,
-                restored,
-                next_id,
-                staged,
-                ..
-            } = &mut *cache;
-            for sample in samples {
-                let slot = match by_series.get(&sample.series) {
-                    Some(slot) => slot.clone(),
-                    None => {
-                        let slot = match final_labels(&sample.series, &self.external_labels) {
-                            Ok(labels) => {
-                                Some(slot_for(&labels, by_labels, restored, next_id, shard_count))
-                            }
-                            Err((problem, labels)) => {
-                                self.warn_invalid(problem, &labels);
-                                None
-                            }
-                        };
-                        by_series.insert(sample.series.clone(), slot.clone());
-                        slot
-                    }
-                };
-                let Some(slot) = slot else {
-                    invalid += 1;
-                    continue;
-                };
-                let last = slot.last_ts.load(Ordering::Relaxed);
-                // A second sample at the same or an earlier time would make the receiver
-                // refuse the whole request (HTTP 400), losing good samples with it.
-                if sample.timestamp_ms <= last {
-                    out_of_order += 1;
-                    continue;
-                }
-                let in_dict = slot.dict_epoch.load(Ordering::Relaxed);
-                let first_touch = slot.staged_by.swap(generation, Ordering::Relaxed) != generation;
-                slot.last_ts.store(sample.timestamp_ms, Ordering::Relaxed);
-                if in_dict != epoch {
-                    dict.push((slot.id, slot.labels.clone()));
-                    slot.dict_epoch.store(epoch, Ordering::Relaxed);
-                }
-                let builder = &mut open[slot.shard];
-                builder.push(slot.id, slot.weight, sample.timestamp_ms, sample.value);
-                if builder.len() >= per_block {
-                    full.push((slot.shard, std::mem::take(builder)));
-                }
-                added[slot.shard] += 1;
-                q_samples += 1;
-                q_bytes += slot.weight as i64;
-                if first_touch {
-                    staged.push((slot, last, in_dict));
-                }
+        for sample in samples {
+            let Some(entry) = cache.entry(
+                &sample.series,
+                &self.external_labels,
+                shard_count,
+                |problem, labels| self.warn_invalid(problem, labels),
+            ) else {
+                invalid += 1;
+                continue;
+            };
+            // A second sample at the same or an earlier time would make the receiver
+            // refuse the whole request (HTTP 400), losing good samples with it.
+            if sample.timestamp_ms <= entry.last_ts {
+                out_of_order += 1;
+                continue;
+            }
+            let undo = (entry.staged_by != generation)
+                .then_some((entry.id, entry.last_ts, entry.dict_epoch));
+            entry.staged_by = generation;
+            entry.last_ts = sample.timestamp_ms;
+            if entry.dict_epoch != epoch {
+                dict.push((entry.id, entry.labels.clone()));
+                entry.dict_epoch = epoch;
+            }
+            let (shard, weight) = (entry.shard, entry.weight);
+            let builder = &mut open[shard];
+            builder.push(entry.id, weight, sample.timestamp_ms, sample.value);
+            if builder.len() >= per_block {
+                full.push((shard, std::mem::take(builder)));
+            }
+            added[shard] += 1;
+            q_samples += 1;
+            q_bytes += weight as i64;
+            if let Some((id, ts, in_dict)) = undo {
+                cache.staged.push((sample.series.clone(), id, ts, in_dict));
             }
         }
         if !dict.is_empty() {
@@ -1444,34 +1481,6 @@ impl Shared {
     pub(crate) fn configured_message(&self) -> ProtobufMessage {
         self.configured
     }
-}
-
-/// The slot for `labels`: the existing one when another series already has these final
-/// labels, otherwise a new one (with the last timestamp found queued at start, if any).
-fn slot_for(
-    labels: &[(&str, &str)],
-    by_labels: &mut HashMap<LabelsPb, Arc<Slot>>,
-    restored: &mut HashMap<LabelsPb, i64>,
-    next_id: &mut u64,
-    shard_count: usize,
-) -> Arc<Slot> {
-    let pb: LabelsPb = request::labels_pb(labels).into();
-    if let Some(slot) = by_labels.get(&pb) {
-        return slot.clone();
-    }
-    let last = restored.remove(&pb).unwrap_or(i64::MIN);
-    let slot = Arc::new(Slot {
-        id: *next_id,
-        weight: sample_bytes(labels),
-        shard: (fnv1a64(&pb) % shard_count as u64) as usize,
-        labels: pb.clone(),
-        last_ts: AtomicI64::new(last),
-        dict_epoch: AtomicI64::new(-1),
-        staged_by: AtomicU64::new(0),
-    });
-    *next_id += 1;
-    by_labels.insert(pb, slot.clone());
-    slot
 }
 
 /// Labels by epoch then series id: the dictionary of `endpoint`, all of it or one
