@@ -1239,7 +1239,7 @@ impl Shared {
                     let at = *index.entry(block.series[s as usize].0).or_insert_with(|| {
                         batch.series.push(SeriesBatch {
                             labels: labels.clone(),
-                            samples: Vec::new(),
+                            samples: request::Samples::default(),
                         });
                         batch.series.len() - 1
                     });

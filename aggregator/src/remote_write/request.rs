@@ -19,7 +19,44 @@ pub(crate) type LabelsPb = Arc<[u8]>;
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct SeriesBatch {
     pub labels: LabelsPb,
-    pub samples: Vec<(i64, f64)>,
+    pub samples: Samples,
+}
+
+/// A series' samples in one request. A request nearly always holds one sample per
+/// series (the hub writes a series once per evaluation), so the first is kept inline:
+/// no allocation per series.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Samples {
+    first: Option<(i64, f64)>,
+    rest: Vec<(i64, f64)>,
+}
+
+impl Samples {
+    pub(crate) fn push(&mut self, sample: (i64, f64)) {
+        if self.first.is_none() {
+            self.first = Some(sample);
+        } else {
+            self.rest.push(sample);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(i64, f64)> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+impl From<&[(i64, f64)]> for Samples {
+    fn from(samples: &[(i64, f64)]) -> Self {
+        let mut out = Self::default();
+        for s in samples {
+            out.push(*s);
+        }
+        out
+    }
 }
 
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -131,7 +168,7 @@ pub(crate) fn write_request_v1(series: &[SeriesBatch]) -> Vec<u8> {
         out.push(0x0a);
         put_varint(&mut out, series_len(s) as u64);
         out.extend_from_slice(&s.labels);
-        for &(ts, value) in &s.samples {
+        for &(ts, value) in s.samples.iter() {
             out.push(0x12);
             put_varint(&mut out, sample_len(ts, value) as u64);
             if value.to_bits() != 0 {
@@ -164,7 +201,7 @@ pub(crate) fn to_series(series: &[SeriesBatch]) -> Vec<Series> {
         .iter()
         .map(|s| Series {
             labels: parse_labels_pb(&s.labels).unwrap_or_default(),
-            samples: s.samples.clone(),
+            samples: s.samples.iter().copied().collect(),
         })
         .collect()
 }
@@ -182,7 +219,7 @@ mod tests {
     fn batch(pairs: &[(&str, &str)], samples: &[(i64, f64)]) -> SeriesBatch {
         SeriesBatch {
             labels: labels_pb(pairs).into(),
-            samples: samples.to_vec(),
+            samples: Samples::from(samples),
         }
     }
 
