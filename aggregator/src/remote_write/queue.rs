@@ -59,7 +59,6 @@ use crate::store::Store;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_proto::exposition::Family;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -314,22 +313,9 @@ pub(crate) struct Stats {
     pub(crate) warned_partial: bool,
 }
 
-/// Hashes a [`Series`] key by the hash it already carries.
-#[derive(Default)]
-struct PassHasher(u64);
-
-impl Hasher for PassHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
+/// Where a series lives: the cache's key for it.
+fn address(series: &Series) -> u64 {
+    Arc::as_ptr(series) as usize as u64
 }
 
 /// One series as this endpoint queues it (its final labels: external labels added),
@@ -353,8 +339,10 @@ type Staged = Vec<(Series, u64, i64, i64)>;
 
 /// The enqueue side's memory: series → entry, and what the last enqueue staged.
 struct Cache {
+    /// Keyed by the series' address, so that a lookup does not read the series itself
+    /// (the key's `Series` keeps the address from being reused while the entry lives).
     /// `None`: labels no receiver accepts.
-    by_series: HashMap<Series, Option<Entry>, BuildHasherDefault<PassHasher>>,
+    by_series: block::IdMap<(Series, Option<Entry>)>,
     /// Final labels → the key their entry is under. A hub series met again under a new
     /// `Arc` (or two hub series with the same final labels) takes the entry over, so
     /// the order check and the id follow the labels, not the `Arc`.
@@ -381,13 +369,13 @@ impl Cache {
         {
             let mut staged = std::mem::take(&mut self.staged);
             for (key, id, ts, epoch) in staged.drain(..).rev() {
-                let entry = match self.by_series.get_mut(&key) {
-                    Some(Some(e)) if e.id == id => Some(e),
+                let entry = match self.by_series.get_mut(&address(&key)) {
+                    Some((_, Some(e))) if e.id == id => Some(e),
                     // Taken over by another key since: found by id (rare).
                     _ => self
                         .by_series
                         .values_mut()
-                        .flatten()
+                        .filter_map(|(_, e)| e.as_mut())
                         .find(|e| e.id == id),
                 };
                 if let Some(e) = entry {
@@ -409,7 +397,8 @@ impl Cache {
         shard_count: usize,
         warn: impl FnOnce(&str, &[(String, String)]),
     ) -> Option<&mut Entry> {
-        if !self.by_series.contains_key(series) {
+        let key = address(series);
+        if !self.by_series.contains_key(&key) {
             let entry = match final_labels(series, external) {
                 Err((problem, labels)) => {
                     warn(problem, &labels);
@@ -420,8 +409,8 @@ impl Cache {
                     let taken = self
                         .by_labels
                         .insert(pb.clone(), series.clone())
-                        .and_then(|old| self.by_series.remove(&old))
-                        .flatten();
+                        .and_then(|old| self.by_series.remove(&address(&old)))
+                        .and_then(|(_, e)| e);
                     Some(taken.unwrap_or_else(|| {
                         let id = self.next_id;
                         self.next_id += 1;
@@ -437,9 +426,9 @@ impl Cache {
                     }))
                 }
             };
-            self.by_series.insert(series.clone(), entry);
+            self.by_series.insert(key, (series.clone(), entry));
         }
-        self.by_series.get_mut(series).and_then(Option::as_mut)
+        self.by_series.get_mut(&key).and_then(|(_, e)| e.as_mut())
     }
 
     fn prune(&mut self) {
@@ -450,7 +439,7 @@ impl Cache {
         // entry): the hub has let the series go. Their entries go too; a series met
         // again starts afresh (new id, no order check).
         self.by_series
-            .retain(|k, e| Arc::strong_count(k) > 1 + usize::from(e.is_some()));
+            .retain(|_, (k, e)| Arc::strong_count(k) > 1 + usize::from(e.is_some()));
         self.by_labels.retain(|_, k| Arc::strong_count(k) > 1);
         self.prune_at = CACHE_PRUNE_MIN.max(2 * self.by_series.len());
     }
@@ -900,8 +889,11 @@ impl Shared {
                 out_of_order += 1;
                 continue;
             }
-            let undo = (entry.staged_by != generation)
-                .then_some((entry.id, entry.last_ts, entry.dict_epoch));
+            let undo = (entry.staged_by != generation).then_some((
+                entry.id,
+                entry.last_ts,
+                entry.dict_epoch,
+            ));
             entry.staged_by = generation;
             entry.last_ts = sample.timestamp_ms;
             if entry.dict_epoch != epoch {
