@@ -333,9 +333,10 @@ struct Entry {
     staged_by: u64,
 }
 
-/// What the last enqueue changed, to undo if it rolled back: (key, series id, last_ts
-/// before, dict_epoch before).
-type Staged = Vec<(Series, u64, i64, i64)>;
+/// What the last enqueue changed, to undo if it rolled back: (the series' address, its
+/// id, last_ts before, dict_epoch before). No `Arc` is held: an address reused since
+/// is told apart by the id.
+type Staged = Vec<(u64, u64, i64, i64)>;
 
 /// The enqueue side's memory: series → entry, and what the last enqueue staged.
 struct Cache {
@@ -369,7 +370,7 @@ impl Cache {
         {
             let mut staged = std::mem::take(&mut self.staged);
             for (key, id, ts, epoch) in staged.drain(..).rev() {
-                let entry = match self.by_series.get_mut(&address(&key)) {
+                let entry = match self.by_series.get_mut(&key) {
                     Some((_, Some(e))) if e.id == id => Some(e),
                     // Taken over by another key since: found by id (rare).
                     _ => self
@@ -910,7 +911,9 @@ impl Shared {
             q_samples += 1;
             q_bytes += weight as i64;
             if let Some((id, ts, in_dict)) = undo {
-                cache.staged.push((sample.series.clone(), id, ts, in_dict));
+                cache
+                    .staged
+                    .push((address(&sample.series), id, ts, in_dict));
             }
         }
         if !dict.is_empty() {
