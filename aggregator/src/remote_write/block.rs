@@ -80,6 +80,16 @@ pub(crate) struct BlockBuilder {
 }
 
 impl BlockBuilder {
+    /// A builder sized for about `samples` samples of as many series.
+    pub(crate) fn with_capacity(samples: usize) -> Self {
+        Self {
+            index: IdMap::with_capacity_and_hasher(samples, Default::default()),
+            series: Vec::with_capacity(samples * 4),
+            samples: Vec::with_capacity(samples * 11),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn push(&mut self, id: u64, weight: u64, ts: i64, value: f64) {
         let next = self.series_count;
         let index = *self.index.entry(id).or_insert_with(|| {

@@ -870,8 +870,10 @@ impl Shared {
         }
         let generation = cache.generation;
         let epoch = cache.epoch;
-        let mut open: Vec<BlockBuilder> =
-            (0..shard_count).map(|_| BlockBuilder::default()).collect();
+        let expected = (samples.len() / shard_count + 1).min(per_block);
+        let mut open: Vec<BlockBuilder> = (0..shard_count)
+            .map(|_| BlockBuilder::with_capacity(expected))
+            .collect();
         let mut full: Vec<(usize, BlockBuilder)> = Vec::new();
         let mut dict: Vec<(u64, LabelsPb)> = Vec::new();
         for sample in samples {
@@ -1158,7 +1160,10 @@ impl Shared {
         };
         // Grouped by series id: ids are never reused for other labels, and hashing an
         // id is far cheaper than hashing the labels.
-        let mut index: block::IdMap<usize> = block::IdMap::default();
+        let mut index: block::IdMap<usize> = block::IdMap::with_capacity_and_hasher(
+            (limit as usize).min(1 << 14),
+            Default::default(),
+        );
         let mut after = i64::MIN;
         let mut reached_end = false;
         let mut last_epoch = None;
