@@ -24,17 +24,8 @@ impl Output for Outputs {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
         self.store.with_tx(|tx| {
             durable.apply(tx)?;
-            // Until the queue takes `Sample`s (the remote-write rewrite).
-            let samples: Vec<crate::remote_write::SeriesSample> = samples
-                .iter()
-                .map(|s| crate::remote_write::SeriesSample {
-                    labels: s.series.to_pairs(),
-                    timestamp_ms: s.timestamp_ms,
-                    value: s.value,
-                })
-                .collect();
             for w in writers.iter() {
-                w.enqueue(tx, &samples)?;
+                w.enqueue(tx, samples)?;
             }
             Ok(())
         })?;

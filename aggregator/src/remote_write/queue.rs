@@ -1,66 +1,81 @@
-//! The durable queue of one endpoint, in the aggregator's SQLite database, and the shard
-//! tasks that drain it.
+//! The durable queue of one endpoint, in the aggregator's SQLite database: blocks of
+//! samples in order, a dictionary of series labels, a cursor per shard.
 //!
 //! **Tables** (created here, shared by every endpoint, keyed by a small endpoint id):
-//! - `rw_endpoints`: one row per endpoint name, with the shard count its rows are laid out
-//!   for and the queue's size (samples and bytes), kept exact in the same transactions
-//!   that add and remove rows;
-//! - `rw_series`: every series the endpoint has queued, with the last timestamp queued
-//!   and the last timestamp done with (sent, refused or dropped). The first makes
-//!   [`Shared::enqueue`] drop a sample not newer than its series' last one, across
-//!   restarts; the second makes the sender drop one not newer than what was already sent;
-//! - `rw_queue`: the samples, numbered by a per-endpoint sequence (the order they were
-//!   queued in), each with its series' shard.
+//! - `rw_endpoints`: one row per endpoint name, with the shard count its blocks are laid
+//!   out for, the queue's size (samples and bytes) kept exact in the same transactions
+//!   that add and remove samples, and a count of enqueues (see *Rollbacks* below);
+//! - `rw_blocks`: the samples one enqueue adds to one shard (at most
+//!   `max_samples_per_send` per block), encoded by [`block`]: a few bytes of series id
+//!   and timestamp delta plus the value's 8 bytes per sample. `first` is the shard's
+//!   cursor inside its oldest block: the samples before it are done with (sent, refused
+//!   or dropped), and `bytes` is what the rest weigh against `max_queue_bytes`;
+//! - `rw_dict`: series labels (protobuf, ready to copy into a request) by series id, one
+//!   row per enqueue that met series new to the current **epoch**. An epoch lasts
+//!   [`EPOCH_LENGTH`]; a series' labels are written once per epoch, and an epoch's rows
+//!   go once no block of that epoch or an older one is left. So the labels cost a
+//!   series once per ten minutes, not once per sample, and nothing keeps a row per
+//!   series forever.
 //!
 //! **Writing**: [`Shared::enqueue`] runs inside the caller's transaction, so a batch of
 //! results and the samples it adds to every endpoint commit together or not at all. It
-//! never touches the network. Everything it decides reads the database (not a cache that a
-//! rolled-back transaction could leave ahead of it), except the label set → series id
-//! map, whose entries are immutable facts. Only hints (how many rows each shard has, since
-//! when) and self-metrics are kept in memory.
+//! never touches the network: per sample it is a hash lookup keyed by the hub's
+//! [`Series`] (the external labels, the protobuf labels, the shard and the weight are
+//! worked out once per series and cached), a timestamp check and ~11 bytes appended to
+//! the shard's block; per enqueue, one row per shard touched, maybe a dictionary row,
+//! and one update of `rw_endpoints`.
 //!
-//! **Sending**: one task per shard; a series always hashes to the same shard, so its
-//! samples leave in the order they were queued, while a slow series' shard does not hold
-//! up the others. A task reads its shard's oldest rows, sends them as one request, and
-//! deletes them only when the receiver stored them (2xx) or refused them for good (other
-//! 4xx: dropped, counted, the receiver's message logged once). 5xx, 429 and connection
-//! errors are retried with capped exponential backoff (or `Retry-After`) for as long as it
-//! takes, re-reading the batch each time so that the byte bound, which drops the oldest
-//! rows, is respected meanwhile. A 400 on a request with several series is split in two
-//! and each half sent again, a few times, so one series the receiver refuses (out of
-//! order, out of bounds) does not take the others down with it.
+//! **Order**: per series, a sample at or before the last timestamp queued for it is
+//! dropped (`out_of_order`): the receiver would refuse the whole request for it. The
+//! check is in memory, keyed by the series' final labels, and lasts as long as the hub
+//! holds the series or the cache holds it (bounded, pruned of series nobody holds);
+//! on start it is seeded with the last timestamp of every series still queued. It is not
+//! kept across restarts for series whose samples were all sent: the hub orders
+//! timestamps per series and commits what it acked with the samples, so a restart does
+//! not hand the same sample twice, and a series' next sample is newer anyway.
+//!
+//! **Rollbacks**: the in-memory state an enqueue changes (last timestamps, which series'
+//! labels are in the current epoch's dictionary) is staged. Every enqueue bumps
+//! `rw_endpoints.enqueues` in the caller's transaction and remembers the value; the
+//! next enqueue reads it back first: if it is not what the previous one wrote, that
+//! transaction rolled back, and its staged changes are undone. Transactions on the store
+//! are serialized, so this is exact.
+//!
+//! **Reading** (the shard tasks in `sender`): a shard reads its oldest blocks from its
+//! cursor, resolves series ids through the dictionary (cached per epoch), and after the
+//! receiver stored (2xx) or refused for good (4xx) the request, moves its cursor past
+//! them in one small transaction, deleting blocks it has finished. Blocks are per shard
+//! and a series always hashes to the same shard, so its samples leave in order.
+//!
+//! **Bound**: past `max_queue_bytes` the oldest samples (lowest block id, across shards)
+//! are dropped inside the enqueue's transaction and counted; those of a request on the
+//! wire count as sent if it lands, dropped if it has to be redone.
 
-use super::client::{Client, SendError};
+use super::block::{self, BlockBuilder};
 use super::config::{ProtobufMessage, QueueConfig, fnv1a64};
-use super::encode::{self, Series, SeriesSample};
-use super::encode_v2;
+use super::request::{self, LabelsPb, SeriesBatch};
+use crate::series::{Sample, Series, SeriesLabels};
 use crate::store::Store;
-use bytes::Bytes;
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_proto::exposition::Family;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A normalized label set, shared by the series maps and the rows of a batch.
-type LabelSet = Arc<[(String, String)]>;
-
-/// A series whose samples have all been sent and that has had no new one for this long is
-/// forgotten (its row and its map entries). A sample older than its forgotten last one
-/// would be a day late, which no receiver with a head block accepts anyway.
-const SERIES_TTL_MS: i64 = 24 * 3600 * 1000;
-const PRUNE_EVERY: Duration = Duration::from_secs(600);
-/// Distinct rejection messages remembered so that each is logged once.
-const REJECTIONS_REMEMBERED: usize = 100;
+/// How long an epoch of the label dictionary lasts (see the module docs).
+const EPOCH_LENGTH: Duration = Duration::from_secs(600);
 /// Arrival records kept per shard (for batch_send_deadline); past it the newest merge.
 const ARRIVALS_KEPT: usize = 256;
-/// After a database error the shard task waits this long before trying again.
-const DB_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// The series cache is pruned of entries nobody else holds once it has this many
+/// (or twice as many as after the last pruning).
+const CACHE_PRUNE_MIN: usize = 65_536;
+/// Blocks fetched per query when reading or evicting.
+const BLOCKS_PER_READ: i64 = 8;
+/// Samples per block when old-format rows are converted.
+const MIGRATED_BLOCK: usize = 2000;
 
 /// The tables of every endpoint's queue, created on first use.
 const SCHEMA: &str = "
@@ -72,38 +87,148 @@ CREATE TABLE IF NOT EXISTS rw_endpoints (
     queued_samples INTEGER NOT NULL DEFAULT 0,
     queued_bytes INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS rw_series (
-    endpoint INTEGER NOT NULL,
-    id INTEGER NOT NULL,
-    labels TEXT NOT NULL,
-    last_queued_ms INTEGER NOT NULL,
-    last_done_ms INTEGER NOT NULL,
-    PRIMARY KEY (endpoint, id)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS rw_series_labels ON rw_series (endpoint, labels);
-CREATE TABLE IF NOT EXISTS rw_queue (
+CREATE TABLE IF NOT EXISTS rw_blocks (
+    id INTEGER PRIMARY KEY,
     endpoint INTEGER NOT NULL,
     shard INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    series INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    bits INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    first INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    PRIMARY KEY (endpoint, shard, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rw_queue_age ON rw_queue (endpoint, seq);
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rw_blocks_shard ON rw_blocks (endpoint, shard);
+CREATE INDEX IF NOT EXISTS rw_blocks_age ON rw_blocks (endpoint);
+CREATE TABLE IF NOT EXISTS rw_dict (
+    id INTEGER PRIMARY KEY,
+    endpoint INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rw_dict_epoch ON rw_dict (endpoint, epoch);
 ";
 
-/// Creates the queue tables if they are missing.
+/// Creates the queue tables if they are missing, and converts the rows of the queue's
+/// first format (one row per sample) to blocks.
 pub(crate) fn ensure_schema(store: &Store) -> Result<(), String> {
-    store
-        .conn()
-        .execute_batch(SCHEMA)
-        .map_err(|e| format!("remote write queue tables: {e}"))
+    let mut conn = store.conn();
+    let fail = |e: rusqlite::Error| format!("remote write queue tables: {e}");
+    let tx = conn.transaction().map_err(fail)?;
+    tx.execute_batch(SCHEMA).map_err(fail)?;
+    let has_enqueues: bool = tx
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('rw_endpoints') WHERE name = 'enqueues'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(fail)?
+        > 0;
+    if !has_enqueues {
+        tx.execute_batch("ALTER TABLE rw_endpoints ADD COLUMN enqueues INTEGER NOT NULL DEFAULT 0")
+            .map_err(fail)?;
+    }
+    migrate_rows(&tx).map_err(fail)?;
+    tx.commit().map_err(fail)
+}
+
+/// The first format kept a row per sample (`rw_queue`) and per series (`rw_series`,
+/// labels as JSON): its rows become blocks of epoch 0, in the same shards and order,
+/// and the endpoint is marked for a new layout (series hash to shards differently now),
+/// which its next start does.
+fn migrate_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let exists = |table: &str| -> rusqlite::Result<bool> {
+        tx.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            params![table],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if !exists("rw_queue")? || !exists("rw_series")? {
+        return Ok(());
+    }
+    let series: Vec<(i64, i64, String)> = tx
+        .prepare("SELECT endpoint, id, labels FROM rw_series")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut dicts: HashMap<i64, Vec<(u64, LabelsPb)>> = HashMap::new();
+    for (endpoint, id, json) in series {
+        let labels: Vec<(String, String)> = serde_json::from_str(&json).unwrap_or_default();
+        dicts
+            .entry(endpoint)
+            .or_default()
+            .push((id.max(0) as u64, request::labels_pb(&labels).into()));
+    }
+    for (endpoint, entries) in &dicts {
+        tx.execute(
+            "INSERT INTO rw_dict (endpoint, epoch, data) VALUES (?1, 0, ?2)",
+            params![endpoint, block::encode_dict(entries)],
+        )?;
+    }
+    let mut rows = 0u64;
+    {
+        let mut select = tx.prepare(
+            "SELECT q.endpoint, q.shard, q.series, q.ts, q.bits, q.bytes FROM rw_queue q
+             JOIN rw_series s ON s.endpoint = q.endpoint AND s.id = q.series
+             ORDER BY q.endpoint, q.shard, q.seq",
+        )?;
+        let mut insert = tx.prepare(
+            "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
+             VALUES (?1, ?2, 0, 0, ?3, ?4, ?5)",
+        )?;
+        let mut current: Option<(i64, i64, BlockBuilder)> = None;
+        let mut flush = |current: &mut Option<(i64, i64, BlockBuilder)>| -> rusqlite::Result<()> {
+            if let Some((endpoint, shard, b)) = current.take() {
+                let (n, bytes) = (b.len() as i64, b.bytes as i64);
+                insert.execute(params![endpoint, shard, n, bytes, b.finish(false)])?;
+            }
+            Ok(())
+        };
+        let mut query = select.query([])?;
+        while let Some(r) = query.next()? {
+            let (endpoint, shard, series, ts, bits, bytes): (i64, i64, i64, i64, i64, i64) = (
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            );
+            if current
+                .as_ref()
+                .is_some_and(|(e, s, b)| *e != endpoint || *s != shard || b.len() >= MIGRATED_BLOCK)
+            {
+                flush(&mut current)?;
+            }
+            let (_, _, b) =
+                current.get_or_insert_with(|| (endpoint, shard, BlockBuilder::default()));
+            b.push(
+                series.max(0) as u64,
+                bytes.max(0) as u64,
+                ts,
+                f64::from_bits(bits as u64),
+            );
+            rows += 1;
+        }
+        flush(&mut current)?;
+    }
+    tx.execute_batch(
+        "DROP TABLE rw_queue;
+         DROP TABLE rw_series;
+         UPDATE rw_endpoints SET
+           shards = 0,
+           queued_samples = (SELECT COALESCE(SUM(samples - first), 0) FROM rw_blocks b WHERE b.endpoint = rw_endpoints.id),
+           queued_bytes = (SELECT COALESCE(SUM(bytes), 0) FROM rw_blocks b WHERE b.endpoint = rw_endpoints.id);",
+    )?;
+    tracing::info!(
+        samples = rows,
+        "remote write queue converted to blocks (the format of this version)"
+    );
+    Ok(())
 }
 
 /// Endpoints with queued samples on disk whose name is not in `configured`: logged once
-/// at start. Their rows are kept (not sent, not counted against any bound), so that
+/// at start. Their blocks are kept (not sent, not counted against any bound), so that
 /// configuring the endpoint again under the same name sends them.
 pub(crate) fn report_unconfigured(store: &Store, configured: &[String]) -> Result<(), String> {
     ensure_schema(store)?;
@@ -139,12 +264,12 @@ pub(crate) fn report_unconfigured(store: &Store, configured: &[String]) -> Resul
 
 /// What a sample counts toward `max_queue_bytes`: its uncompressed size as sent, labels
 /// included (label name and value plus protobuf framing, 16 bytes of timestamp and value).
-/// The queue really uses less, since a series' labels are stored once, so the bound is a
-/// conservative one.
-pub(crate) fn sample_bytes(labels: &[(String, String)]) -> u64 {
+/// The queue really uses less, since a series' labels are stored once per epoch, so the
+/// bound is a conservative one.
+pub(crate) fn sample_bytes<K: AsRef<str>, V: AsRef<str>>(labels: &[(K, V)]) -> u64 {
     16 + labels
         .iter()
-        .map(|(n, v)| (n.len() + v.len() + 4) as u64)
+        .map(|(n, v)| (n.as_ref().len() + v.as_ref().len() + 4) as u64)
         .sum::<u64>()
 }
 
@@ -177,54 +302,172 @@ impl Counters {
 /// Self-metrics and the status page's view. In memory: they restart from zero with the
 /// process (Prometheus counters may reset), except the queue size, read from the database.
 #[derive(Default)]
-struct Stats {
-    counters: Counters,
+pub(crate) struct Stats {
+    pub(crate) counters: Counters,
     queued_samples: u64,
     queued_bytes: u64,
-    failing: bool,
-    last_error: Option<(String, SystemTime)>,
-    last_success: Option<SystemTime>,
+    pub(crate) failing: bool,
+    pub(crate) last_error: Option<(String, SystemTime)>,
+    pub(crate) last_success: Option<SystemTime>,
     warned_invalid: bool,
-    warned_partial: bool,
+    pub(crate) warned_partial: bool,
 }
 
-/// What is known of a series besides its id.
-struct SeriesInfo {
-    labels: LabelSet,
+/// Where a series lives: the cache's key for it.
+fn address(series: &Series) -> u64 {
+    Arc::as_ptr(series) as usize as u64
+}
+
+/// One series as this endpoint queues it (its final labels: external labels added),
+/// stored inline in the cache's table so that a sample touches one entry, no atomics.
+struct Entry {
+    /// Names the series in blocks and the dictionary; never given to other labels.
+    id: u64,
+    labels: LabelsPb,
+    weight: u64,
     shard: usize,
-    bytes: u64,
+    last_ts: i64,
+    /// The epoch whose dictionary holds the labels (written or staged); -1 for none.
+    dict_epoch: i64,
+    /// The enqueue that last staged this entry.
+    staged_by: u64,
 }
 
-/// Label set ↔ series id. Entries never change meaning: an id, once given to a label
-/// set, is never given to another (ids only grow), so a map entry is true even when the
-/// transaction that created the series' row was rolled back (the row is then re-created).
-#[derive(Default)]
-struct SeriesIndex {
-    by_labels: HashMap<LabelSet, i64>,
-    by_id: HashMap<i64, SeriesInfo>,
-    next_id: i64,
+/// What the last enqueue changed, to undo if it rolled back: (the series' address, its
+/// id, last_ts before, dict_epoch before). No `Arc` is held: an address reused since
+/// is told apart by the id.
+type Staged = Vec<(u64, u64, i64, i64)>;
+
+/// The enqueue side's memory: series → entry, and what the last enqueue staged.
+struct Cache {
+    /// Keyed by the series' address, so that a lookup does not read the series itself
+    /// (the key's `Series` keeps the address from being reused while the entry lives).
+    /// `None`: labels no receiver accepts.
+    by_series: block::IdMap<(Series, Option<Entry>)>,
+    /// Final labels → the key their entry is under. A hub series met again under a new
+    /// `Arc` (or two hub series with the same final labels) takes the entry over, so
+    /// the order check and the id follow the labels, not the `Arc`.
+    by_labels: HashMap<LabelsPb, Series>,
+    /// Last timestamps of the series found queued at start.
+    restored: HashMap<LabelsPb, i64>,
+    next_id: u64,
+    epoch: i64,
+    epoch_started: Instant,
+    /// [`EPOCH_LENGTH`] (tests shorten it).
+    epoch_length: Duration,
+    staged: Staged,
+    /// `rw_endpoints.enqueues` as the last enqueue left it.
+    staged_mark: Option<i64>,
+    generation: u64,
+    prune_at: usize,
+}
+
+impl Cache {
+    /// Undoes the last enqueue's staged changes if its transaction did not commit.
+    fn resolve(&mut self, enqueues: i64) {
+        if let Some(mark) = self.staged_mark.take()
+            && mark != enqueues
+        {
+            let mut staged = std::mem::take(&mut self.staged);
+            for (key, id, ts, epoch) in staged.drain(..).rev() {
+                let entry = match self.by_series.get_mut(&key) {
+                    Some((_, Some(e))) if e.id == id => Some(e),
+                    // Taken over by another key since: found by id (rare).
+                    _ => self
+                        .by_series
+                        .values_mut()
+                        .filter_map(|(_, e)| e.as_mut())
+                        .find(|e| e.id == id),
+                };
+                if let Some(e) = entry {
+                    e.last_ts = ts;
+                    e.dict_epoch = epoch;
+                }
+            }
+            self.staged = staged;
+        }
+        self.staged.clear();
+    }
+
+    /// The entry for `series`, created (or taken over from an earlier key with the same
+    /// final labels) on a miss; `None` for labels no receiver accepts.
+    fn entry(
+        &mut self,
+        series: &Series,
+        external: &[(String, String)],
+        shard_count: usize,
+        warn: impl FnOnce(&str, &[(String, String)]),
+    ) -> Option<&mut Entry> {
+        let key = address(series);
+        if !self.by_series.contains_key(&key) {
+            let entry = match final_labels(series, external) {
+                Err((problem, labels)) => {
+                    warn(problem, &labels);
+                    None
+                }
+                Ok(labels) => {
+                    let pb: LabelsPb = request::labels_pb(&labels).into();
+                    let taken = self
+                        .by_labels
+                        .insert(pb.clone(), series.clone())
+                        .and_then(|old| self.by_series.remove(&address(&old)))
+                        .and_then(|(_, e)| e);
+                    Some(taken.unwrap_or_else(|| {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        Entry {
+                            id,
+                            weight: sample_bytes(&labels),
+                            shard: (fnv1a64(&pb) % shard_count as u64) as usize,
+                            last_ts: self.restored.remove(&pb).unwrap_or(i64::MIN),
+                            labels: pb,
+                            dict_epoch: -1,
+                            staged_by: 0,
+                        }
+                    }))
+                }
+            };
+            self.by_series.insert(key, (series.clone(), entry));
+        }
+        self.by_series.get_mut(&key).and_then(|(_, e)| e.as_mut())
+    }
+
+    fn prune(&mut self) {
+        if self.by_series.len() <= self.prune_at {
+            return;
+        }
+        // Keys only the cache holds (in `by_series`, and in `by_labels` for a valid
+        // entry): the hub has let the series go. Their entries go too; a series met
+        // again starts afresh (new id, no order check).
+        self.by_series
+            .retain(|_, (k, e)| Arc::strong_count(k) > 1 + usize::from(e.is_some()));
+        self.by_labels.retain(|_, k| Arc::strong_count(k) > 1);
+        self.prune_at = CACHE_PRUNE_MIN.max(2 * self.by_series.len());
+    }
 }
 
 /// A shard's idea of how much waits in its part of the queue, and since when. Only a
 /// hint for when to read (batch full, or its oldest sample's batch_send_deadline passed):
 /// every read corrects it.
 #[derive(Default)]
-struct ShardHint {
+pub(crate) struct ShardHint {
     /// (samples, when they were queued), oldest first.
-    arrivals: VecDeque<(u64, Instant)>,
-    /// The sequence numbers (first, last) of the request on the wire.
-    in_flight: Option<(i64, i64)>,
-    /// Rows of the request on the wire that the byte bound removed meanwhile: sent if the
-    /// request lands, dropped (queue_full) if it has to be redone.
+    pub(crate) arrivals: VecDeque<(u64, Instant)>,
+    /// The request on the wire: from (block, sample) up to (block, sample), exclusive.
+    in_flight: Option<((i64, u32), (i64, u32))>,
+    /// Samples of the request on the wire that the byte bound removed meanwhile: sent if
+    /// the request lands, dropped (queue_full) if it has to be redone.
     evicted_in_flight: u64,
+    /// The dictionary epoch of the shard's last read.
+    epoch: Option<i64>,
 }
 
 impl ShardHint {
-    fn pending(&self) -> u64 {
+    pub(crate) fn pending(&self) -> u64 {
         self.arrivals.iter().map(|(n, _)| n).sum()
     }
 
-    fn oldest(&self) -> Option<Instant> {
+    pub(crate) fn oldest(&self) -> Option<Instant> {
         self.arrivals.front().map(|(_, t)| *t)
     }
 
@@ -253,23 +496,36 @@ impl ShardHint {
         }
     }
 
-    /// The shard holds exactly `n` samples (a read found fewer rows than it asked for):
-    /// keeps the newest arrival records that account for them.
+    /// The shard holds exactly `n` samples (a read reached its end): keeps the newest
+    /// arrival records that account for them.
     fn resync(&mut self, n: u64, now: Instant) {
         let pending = self.pending();
         if pending > n {
             self.consume(pending - n);
         } else if pending < n {
-            // Rows the hints never saw (queued before this process started): due now.
+            // Samples the hints never saw (queued before this process started): due now.
             self.arrivals
                 .push_front((n - pending, now - Duration::from_secs(86400)));
         }
     }
+
+    /// How many of the samples `from..to` of block `id` are on the wire.
+    fn in_flight_among(&self, id: i64, from: u32, to: u32) -> u64 {
+        let Some(((lo_block, lo), (hi_block, hi))) = self.in_flight else {
+            return 0;
+        };
+        if id < lo_block || id > hi_block {
+            return 0;
+        }
+        let start = if id == lo_block { from.max(lo) } else { from };
+        let end = if id == hi_block { to.min(hi) } else { to };
+        u64::from(end.saturating_sub(start))
+    }
 }
 
-struct Shard {
-    hint: Mutex<ShardHint>,
-    wake: Notify,
+pub(crate) struct Shard {
+    pub(crate) hint: Mutex<ShardHint>,
+    pub(crate) wake: Notify,
 }
 
 /// What the producers and the shard tasks of one endpoint share.
@@ -280,13 +536,15 @@ pub(crate) struct Shared {
     /// Added to every series that does not have the label itself.
     external_labels: Vec<(String, String)>,
     store: Arc<Store>,
-    queue: QueueConfig,
-    series: Mutex<SeriesIndex>,
-    /// The next row's sequence number; taken under the database lock, so rows commit in
-    /// sequence order.
-    next_seq: AtomicI64,
-    shards: Vec<Shard>,
-    stats: Mutex<Stats>,
+    pub(crate) queue: QueueConfig,
+    cache: Mutex<Cache>,
+    /// The epoch enqueues write in, for the dictionary's clean-up.
+    epoch: AtomicI64,
+    /// Series labels by epoch and id, for the shard tasks, with the last dictionary row
+    /// read of each epoch.
+    dict: Mutex<HashMap<i64, (i64, block::IdMap<LabelsPb>)>>,
+    pub(crate) shards: Vec<Shard>,
+    pub(crate) stats: Mutex<Stats>,
     /// The configured message, and whether 2.0 is still in use (false once the receiver
     /// showed it does not speak it).
     configured: ProtobufMessage,
@@ -304,24 +562,114 @@ pub(crate) struct Snapshot {
     pub message: ProtobufMessage,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every section below restores its invariants before it can panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn labels_key(labels: &[(String, String)]) -> String {
-    serde_json::to_string(labels).unwrap_or_default()
-}
-
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Part of a block read for a request: its samples `from..to`.
+struct Span {
+    block: i64,
+    epoch: i64,
+    from: u32,
+    to: u32,
+    /// The weight of each sample `from..to`.
+    weights: Vec<u64>,
+}
+
+/// Samples of a shard about to be sent.
+pub(crate) struct Batch {
+    spans: Vec<Span>,
+    /// The samples to send, grouped by series in order of first appearance.
+    pub(crate) series: Vec<SeriesBatch>,
+    /// Samples read, including those dropped on reading.
+    pub(crate) scanned: u64,
+    too_old: u64,
+    damaged: u64,
+}
+
+/// What became of a batch's samples once settled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    /// Stored by the receiver.
+    pub sent: u64,
+    /// Refused for good (4xx other than 429).
+    pub refused: u64,
+    /// Impossible to encode.
+    pub too_large: u64,
+    /// Compressed bytes of the accepted requests.
+    pub bytes: u64,
+}
+
+impl std::ops::Add for Tally {
+    type Output = Tally;
+    fn add(self, o: Tally) -> Tally {
+        Tally {
+            sent: self.sent + o.sent,
+            refused: self.refused + o.refused,
+            too_large: self.too_large + o.too_large,
+            bytes: self.bytes + o.bytes,
+        }
+    }
+}
+
+struct Eviction {
+    per_shard: Vec<u64>,
+    in_flight: Vec<u64>,
+    dropped: u64,
+}
+
+type Invalid = (&'static str, Vec<(String, String)>);
+
+/// The labels a series is queued under: its own, plus the external labels it lacks,
+/// names in byte order. Refuses what receivers refuse outright (a missing metric name,
+/// an empty or repeated label name), since one such sample would get its whole request
+/// rejected.
+fn final_labels<'a>(
+    series: &'a SeriesLabels,
+    external: &'a [(String, String)],
+) -> Result<Vec<(&'a str, &'a str)>, Invalid> {
+    let mut labels: Vec<(&str, &str)> = series
+        .labels()
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (&**k, &**v))
+        .collect();
+    let own = labels.len();
+    for (name, value) in external {
+        if !value.is_empty() && !labels[..own].iter().any(|(n, _)| *n == name.as_str()) {
+            labels.push((name, value));
+        }
+    }
+    labels.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let owned = |labels: &[(&str, &str)]| {
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    if !labels.iter().any(|(n, _)| *n == "__name__") {
+        return Err(("no __name__ label", owned(&labels)));
+    }
+    if labels.iter().any(|(n, _)| n.is_empty()) {
+        return Err(("an empty label name", owned(&labels)));
+    }
+    if labels.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err(("a label name given twice", owned(&labels)));
+    }
+    Ok(labels)
+}
+
 impl Shared {
-    /// Opens the endpoint's queue in `store` (creating its rows on first use), loads its
-    /// series, and lays the queued rows out again if the shard count changed.
+    /// Opens the endpoint's queue in `store` (creating its rows on first use), seeds the
+    /// order check with what is queued, and lays the blocks out again if the shard count
+    /// changed.
     pub(crate) fn open(
         name: String,
         url: String,
@@ -333,8 +681,8 @@ impl Shared {
         ensure_schema(&store)?;
         let fail = |e: rusqlite::Error| format!("remote_write {name:?}: queue database: {e}");
         let shard_count = queue.max_shards.max(1);
-        let mut index = SeriesIndex::default();
-        let (endpoint_id, next_seq, queued_samples, queued_bytes) = {
+        let restored: HashMap<LabelsPb, i64>;
+        let (endpoint_id, queued_samples, queued_bytes, max_id, max_epoch, damaged) = {
             let mut conn = store.conn();
             let tx = conn.transaction().map_err(fail)?;
             tx.execute(
@@ -343,39 +691,20 @@ impl Shared {
                 params![name, url, shard_count as i64],
             )
             .map_err(fail)?;
-            let (id, stored_shards, samples, bytes): (i64, i64, i64, i64) = tx
+            let (id, stored_shards): (i64, i64) = tx
                 .query_row(
-                    "SELECT id, shards, queued_samples, queued_bytes FROM rw_endpoints WHERE name = ?1",
+                    "SELECT id, shards FROM rw_endpoints WHERE name = ?1",
                     params![name],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(fail)?;
-            {
-                let mut stmt = tx
-                    .prepare("SELECT id, labels FROM rw_series WHERE endpoint = ?1")
-                    .map_err(fail)?;
-                let rows = stmt
-                    .query_map(params![id], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                    })
-                    .map_err(fail)?;
-                for row in rows {
-                    let (sid, text) = row.map_err(fail)?;
-                    let labels: Vec<(String, String)> =
-                        serde_json::from_str(&text).unwrap_or_default();
-                    index.insert(sid, labels, shard_count);
-                    index.next_id = index.next_id.max(sid + 1);
-                }
-            }
-            let max_seq: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(seq), 0) FROM rw_queue WHERE endpoint = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .map_err(fail)?;
-            if stored_shards != shard_count as i64 {
-                relayout(&tx, id, &index).map_err(fail)?;
+            let (_, dict) = load_dict(&tx, id, None).map_err(fail)?;
+            let max_id = dict.values().flat_map(|m| m.keys()).max().copied();
+            let relayout = stored_shards != shard_count as i64;
+            let restore =
+                restore_blocks(&tx, id, &dict, relayout.then_some(queue)).map_err(fail)?;
+            restored = restore.last;
+            if relayout {
                 tx.execute(
                     "UPDATE rw_endpoints SET shards = ?2 WHERE id = ?1",
                     params![id, shard_count as i64],
@@ -388,9 +717,27 @@ impl Shared {
                     "remote write queue laid out again for a new queue_config.max_shards"
                 );
             }
+            let (samples, bytes): (i64, i64) = tx
+                .query_row(
+                    "SELECT queued_samples, queued_bytes FROM rw_endpoints WHERE id = ?1",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(fail)?;
             tx.commit().map_err(fail)?;
-            (id, max_seq + 1, samples.max(0) as u64, bytes.max(0) as u64)
+            let max_epoch = dict.keys().copied().chain(restore.max_epoch).max();
+            (
+                id,
+                samples.max(0) as u64,
+                bytes.max(0) as u64,
+                max_id,
+                max_epoch,
+                restore.damaged,
+            )
         };
+        if damaged > 0 {
+            tracing::error!(remote_name = %name, samples = damaged, "remote write queue: dropped damaged blocks found on start");
+        }
         if queued_samples > 0 {
             tracing::info!(
                 remote_name = %name,
@@ -417,6 +764,7 @@ impl Shared {
                 }
             })
             .collect();
+        let epoch = max_epoch.map_or(0, |e| e + 1);
         Ok(Self {
             name,
             url,
@@ -424,8 +772,21 @@ impl Shared {
             external_labels,
             store,
             queue: queue.clone(),
-            series: Mutex::new(index),
-            next_seq: AtomicI64::new(next_seq),
+            cache: Mutex::new(Cache {
+                by_series: HashMap::default(),
+                by_labels: HashMap::new(),
+                restored,
+                next_id: max_id.map_or(0, |m| m + 1),
+                epoch,
+                epoch_started: now,
+                epoch_length: EPOCH_LENGTH,
+                staged: Vec::new(),
+                staged_mark: None,
+                generation: 0,
+                prune_at: CACHE_PRUNE_MIN,
+            }),
+            epoch: AtomicI64::new(epoch),
+            dict: Mutex::new(HashMap::new()),
             shards,
             stats: Mutex::new(Stats {
                 queued_samples,
@@ -454,7 +815,7 @@ impl Shared {
     }
 
     /// The message requests are encoded as now.
-    fn message(&self) -> ProtobufMessage {
+    pub(crate) fn message(&self) -> ProtobufMessage {
         if self.v2.load(Ordering::Relaxed) {
             ProtobufMessage::RequestV2
         } else {
@@ -463,7 +824,7 @@ impl Shared {
     }
 
     /// The receiver does not speak 2.0: 1.0 from now on, logged once.
-    fn fall_back(&self, why: &str) {
+    pub(crate) fn fall_back(&self, why: &str) {
         if self.v2.swap(false, Ordering::Relaxed) {
             lock(&self.stats).counters.fallbacks += 1;
             tracing::warn!(
@@ -478,104 +839,105 @@ impl Shared {
     }
 
     /// Inside the caller's transaction: external labels applied, samples not newer than
-    /// their series' last queued one dropped (counted), the rest appended, the byte bound
-    /// enforced by dropping the oldest (counted). Call [`Shared::wake`] after the commit.
-    pub(crate) fn enqueue(
-        &self,
-        tx: &Transaction<'_>,
-        samples: &[SeriesSample],
-    ) -> rusqlite::Result<()> {
+    /// their series' last queued one dropped (counted), the rest appended as one block
+    /// per shard, the byte bound enforced by dropping the oldest (counted). Call
+    /// [`Shared::wake`] after the commit.
+    pub(crate) fn enqueue(&self, tx: &Transaction<'_>, samples: &[Sample]) -> rusqlite::Result<()> {
         if samples.is_empty() {
             return Ok(());
         }
         let endpoint = self.endpoint_id;
         let shard_count = self.shards.len();
+        let per_block = self.queue.max_samples_per_send.max(1);
+        let (mut q_samples, mut q_bytes, enqueues): (i64, i64, i64) = tx
+            .prepare_cached(
+                "SELECT queued_samples, queued_bytes, enqueues FROM rw_endpoints WHERE id = ?1",
+            )?
+            .query_row(params![endpoint], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let mut invalid = 0u64;
         let mut out_of_order = 0u64;
         let mut added = vec![0u64; shard_count];
-        let (mut q_samples, mut q_bytes): (i64, i64) = tx
-            .prepare_cached("SELECT queued_samples, queued_bytes FROM rw_endpoints WHERE id = ?1")?
-            .query_row(params![endpoint], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut cache = lock(&self.cache);
+        cache.resolve(enqueues);
+        // What `enqueues` reads once this transaction commits: set before anything is
+        // staged, so that an enqueue failing half-way is undone like a rolled-back one.
+        cache.staged_mark = Some(enqueues + 1);
+        cache.generation += 1;
+        if cache.epoch_started.elapsed() >= cache.epoch_length {
+            cache.epoch += 1;
+            cache.epoch_started = Instant::now();
+            self.epoch.store(cache.epoch, Ordering::Relaxed);
+        }
+        let generation = cache.generation;
+        let epoch = cache.epoch;
+        let expected = (samples.len() / shard_count + 1).min(per_block);
+        let mut open: Vec<BlockBuilder> = (0..shard_count)
+            .map(|_| BlockBuilder::with_capacity(expected))
+            .collect();
+        let mut full: Vec<(usize, BlockBuilder)> = Vec::new();
+        let mut dict: Vec<(u64, LabelsPb)> = Vec::new();
+        for sample in samples {
+            let Some(entry) = cache.entry(
+                &sample.series,
+                &self.external_labels,
+                shard_count,
+                |problem, labels| self.warn_invalid(problem, labels),
+            ) else {
+                invalid += 1;
+                continue;
+            };
+            // A second sample at the same or an earlier time would make the receiver
+            // refuse the whole request (HTTP 400), losing good samples with it.
+            if sample.timestamp_ms <= entry.last_ts {
+                out_of_order += 1;
+                continue;
+            }
+            let undo = (entry.staged_by != generation).then_some((
+                entry.id,
+                entry.last_ts,
+                entry.dict_epoch,
+            ));
+            entry.staged_by = generation;
+            entry.last_ts = sample.timestamp_ms;
+            if entry.dict_epoch != epoch {
+                dict.push((entry.id, entry.labels.clone()));
+                entry.dict_epoch = epoch;
+            }
+            let (shard, weight) = (entry.shard, entry.weight);
+            let builder = &mut open[shard];
+            builder.push(entry.id, weight, sample.timestamp_ms, sample.value);
+            if builder.len() >= per_block {
+                full.push((shard, std::mem::take(builder)));
+            }
+            added[shard] += 1;
+            q_samples += 1;
+            q_bytes += weight as i64;
+            if let Some((id, ts, in_dict)) = undo {
+                cache
+                    .staged
+                    .push((address(&sample.series), id, ts, in_dict));
+            }
+        }
+        if !dict.is_empty() {
+            tx.prepare_cached("INSERT INTO rw_dict (endpoint, epoch, data) VALUES (?1, ?2, ?3)")?
+                .execute(params![endpoint, epoch, block::encode_dict(&dict)])?;
+        }
         {
-            let mut index = lock(&self.series);
-            // Per series in this call: (last queued timestamp, changed).
-            let mut last: HashMap<i64, (i64, bool)> = HashMap::new();
-            let mut select_series = tx.prepare_cached(
-                "SELECT last_queued_ms FROM rw_series WHERE endpoint = ?1 AND id = ?2",
-            )?;
-            let mut insert_series = tx.prepare_cached(
-                "INSERT INTO rw_series (endpoint, id, labels, last_queued_ms, last_done_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?4)",
-            )?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO rw_queue (endpoint, shard, seq, series, ts, bits, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
             )?;
-            for sample in samples {
-                let labels = match series_labels(sample.labels.clone(), &self.external_labels) {
-                    Ok(l) => l,
-                    Err((problem, labels)) => {
-                        invalid += 1;
-                        self.warn_invalid(problem, &labels);
-                        continue;
-                    }
-                };
-                let id = match index.by_labels.get(labels.as_slice()) {
-                    Some(&id) => id,
-                    None => {
-                        let id = index.next_id;
-                        index.next_id += 1;
-                        index.insert(id, labels, shard_count);
-                        id
-                    }
-                };
-                let entry = match last.get_mut(&id) {
-                    Some(e) => e,
-                    None => {
-                        let stored: Option<i64> = select_series
-                            .query_row(params![endpoint, id], |r| r.get(0))
-                            .optional()?;
-                        let stored = match stored {
-                            Some(t) => t,
-                            None => {
-                                let key = labels_key(&index.by_id[&id].labels);
-                                insert_series.execute(params![endpoint, id, key, i64::MIN])?;
-                                i64::MIN
-                            }
-                        };
-                        last.entry(id).or_insert((stored, false))
-                    }
-                };
-                // A second sample at the same or an earlier time would make the receiver
-                // refuse the whole request (HTTP 400), losing good samples with it.
-                if sample.timestamp_ms <= entry.0 {
-                    out_of_order += 1;
-                    continue;
-                }
-                *entry = (sample.timestamp_ms, true);
-                let info = &index.by_id[&id];
-                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let last = open.into_iter().enumerate().filter(|(_, b)| b.len() > 0);
+            for (shard, b) in full.into_iter().chain(last) {
+                let (n, bytes) = (b.len() as i64, b.bytes as i64);
                 insert.execute(params![
                     endpoint,
-                    info.shard as i64,
-                    seq,
-                    id,
-                    sample.timestamp_ms,
-                    sample.value.to_bits() as i64,
-                    info.bytes as i64
+                    shard as i64,
+                    epoch,
+                    n,
+                    bytes,
+                    b.finish(false)
                 ])?;
-                q_samples += 1;
-                q_bytes += info.bytes as i64;
-                added[info.shard] += 1;
-            }
-            drop(index);
-            let mut update_series = tx.prepare_cached(
-                "UPDATE rw_series SET last_queued_ms = ?3 WHERE endpoint = ?1 AND id = ?2",
-            )?;
-            for (id, (ts, changed)) in last {
-                if changed {
-                    update_series.execute(params![endpoint, id, ts])?;
-                }
             }
         }
         let evicted = if q_bytes as u64 > self.queue.max_queue_bytes.0 {
@@ -588,12 +950,18 @@ impl Shared {
             }
         };
         tx.prepare_cached(
-            "UPDATE rw_endpoints SET queued_samples = ?2, queued_bytes = ?3 WHERE id = ?1",
+            "UPDATE rw_endpoints SET queued_samples = ?2, queued_bytes = ?3, enqueues = ?4
+             WHERE id = ?1",
         )?
-        .execute(params![endpoint, q_samples, q_bytes])?;
+        .execute(params![endpoint, q_samples, q_bytes, enqueues + 1])?;
+        cache.prune();
+        drop(cache);
 
         let now = Instant::now();
         for (i, shard) in self.shards.iter().enumerate() {
+            if evicted.per_shard[i] == 0 && evicted.in_flight[i] == 0 && added[i] == 0 {
+                continue;
+            }
             let mut hint = lock(&shard.hint);
             if evicted.per_shard[i] > 0 {
                 hint.consume(evicted.per_shard[i]);
@@ -627,7 +995,7 @@ impl Shared {
         }
     }
 
-    /// Deletes the oldest rows until the queue fits `max_queue_bytes`.
+    /// Drops the oldest samples until the queue fits `max_queue_bytes`.
     fn evict(
         &self,
         tx: &Transaction<'_>,
@@ -636,62 +1004,101 @@ impl Shared {
     ) -> rusqlite::Result<Eviction> {
         let endpoint = self.endpoint_id;
         let max = self.queue.max_queue_bytes.0 as i64;
-        let in_flight: Vec<Option<(i64, i64)>> = self
-            .shards
-            .iter()
-            .map(|s| lock(&s.hint).in_flight)
-            .collect();
+        let hints: Vec<MutexGuard<'_, ShardHint>> =
+            self.shards.iter().map(|s| lock(&s.hint)).collect();
         let mut out = Eviction {
             per_shard: vec![0; self.shards.len()],
             in_flight: vec![0; self.shards.len()],
             dropped: 0,
         };
-        let mut done: HashMap<i64, i64> = HashMap::new();
-        let mut cut: Option<i64> = None;
         let mut select = tx.prepare_cached(
-            "SELECT shard, seq, series, ts, bytes FROM rw_queue
-             WHERE endpoint = ?1 AND seq > ?2 ORDER BY seq LIMIT 1024",
+            "SELECT id, shard, epoch, first, samples, bytes, data FROM rw_blocks
+             WHERE endpoint = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
         )?;
+        let mut delete = tx.prepare_cached("DELETE FROM rw_blocks WHERE id = ?1")?;
+        let mut advance =
+            tx.prepare_cached("UPDATE rw_blocks SET first = ?2, bytes = ?3 WHERE id = ?1")?;
         let mut after = i64::MIN;
+        let mut deleted_epoch: Option<i64> = None;
         'outer: while *q_bytes > max {
-            let rows: Vec<(i64, i64, i64, i64, i64)> = select
-                .query_map(params![endpoint, after], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            type Row = (i64, i64, i64, i64, i64, i64, Vec<u8>);
+            let rows: Vec<Row> = select
+                .query_map(params![endpoint, after, BLOCKS_PER_READ], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
                 })?
                 .collect::<Result<_, _>>()?;
             if rows.is_empty() {
                 break;
             }
-            for (shard, seq, series, ts, bytes) in rows {
+            for (id, shard, epoch, first, samples, bytes, data) in rows {
                 if *q_bytes <= max {
                     break 'outer;
                 }
-                *q_bytes -= bytes;
-                *q_samples -= 1;
-                after = seq;
-                cut = Some(seq);
-                let d = done.entry(series).or_insert(ts);
-                *d = (*d).max(ts);
-                let shard = (shard as usize).min(self.shards.len() - 1);
-                out.per_shard[shard] += 1;
-                if in_flight[shard].is_some_and(|(lo, hi)| (lo..=hi).contains(&seq)) {
-                    out.in_flight[shard] += 1;
+                after = id;
+                let shard = (shard.max(0) as usize).min(self.shards.len() - 1);
+                let (first, samples) = (first.max(0) as u32, samples.max(0) as u32);
+                let cut = if *q_bytes - bytes >= max {
+                    *q_bytes -= bytes;
+                    samples
                 } else {
-                    out.dropped += 1;
+                    // Part of this block is enough: drop its samples one by one.
+                    let Ok(block) = block::decode(&data) else {
+                        *q_bytes -= bytes;
+                        *q_samples -= i64::from(samples.saturating_sub(first));
+                        out.dropped += u64::from(samples.saturating_sub(first));
+                        delete.execute(params![id])?;
+                        continue;
+                    };
+                    let mut i = first;
+                    let mut gone = 0i64;
+                    while *q_bytes > max && i < samples {
+                        let w = block.weight(i as usize) as i64;
+                        *q_bytes -= w;
+                        gone += w;
+                        i += 1;
+                    }
+                    if i < samples {
+                        advance.execute(params![id, i64::from(i), bytes - gone])?;
+                    }
+                    i
+                };
+                if cut >= samples {
+                    delete.execute(params![id])?;
+                    deleted_epoch = Some(deleted_epoch.map_or(epoch, |e: i64| e.min(epoch)));
                 }
+                let n = u64::from(cut.saturating_sub(first));
+                *q_samples -= n as i64;
+                let flying = hints[shard].in_flight_among(id, first, cut);
+                out.per_shard[shard] += n;
+                out.in_flight[shard] += flying;
+                out.dropped += n - flying;
             }
         }
-        if let Some(cut) = cut {
-            tx.prepare_cached("DELETE FROM rw_queue WHERE endpoint = ?1 AND seq <= ?2")?
-                .execute(params![endpoint, cut])?;
-            let mut update = tx.prepare_cached(
-                "UPDATE rw_series SET last_done_ms = MAX(last_done_ms, ?3) WHERE endpoint = ?1 AND id = ?2",
-            )?;
-            for (series, ts) in done {
-                update.execute(params![endpoint, series, ts])?;
-            }
+        drop(hints);
+        if deleted_epoch.is_some() {
+            self.gc_dict(tx)?;
         }
         Ok(out)
+    }
+
+    /// Deletes the dictionary rows of epochs no block needs any more (never the
+    /// current one: enqueues count on its rows).
+    fn gc_dict(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let current = self.epoch.load(Ordering::Relaxed);
+        tx.prepare_cached(
+            "DELETE FROM rw_dict WHERE endpoint = ?1 AND epoch < MIN(?2,
+               COALESCE((SELECT MIN(epoch) FROM rw_blocks WHERE endpoint = ?1), ?2))",
+        )?
+        .execute(params![self.endpoint_id, current])?;
+        Ok(())
     }
 
     /// After the caller's commit: lets the shard tasks look at what was queued.
@@ -701,32 +1108,273 @@ impl Shared {
         }
     }
 
-    /// Forgets series with nothing queued and no sample for [`SERIES_TTL_MS`].
-    fn prune(&self) -> rusqlite::Result<usize> {
-        let cutoff = now_ms() - SERIES_TTL_MS;
-        let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
-        let ids: Vec<i64> = tx
-            .prepare(
-                "SELECT id FROM rw_series WHERE endpoint = ?1
-                 AND last_queued_ms <= last_done_ms AND last_queued_ms < ?2",
-            )?
-            .query_map(params![self.endpoint_id, cutoff], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+    /// The labels of series `id` in `epoch`, loading the epoch's dictionary (again, if
+    /// the id is newer than what was loaded).
+    fn labels(&self, epoch: i64, ids: &[u64]) -> rusqlite::Result<Vec<Option<LabelsPb>>> {
+        let mut dict = lock(&self.dict);
+        let missing = dict
+            .get(&epoch)
+            .is_none_or(|(_, m)| ids.iter().any(|id| !m.contains_key(id)));
+        if missing {
+            let after = dict.get(&epoch).map_or(0, |(row, _)| *row);
+            let conn = self.store.conn();
+            let (row, loaded) = load_dict(&conn, self.endpoint_id, Some((epoch, after)))?;
+            drop(conn);
+            let entry = dict.entry(epoch).or_default();
+            entry.0 = entry.0.max(row);
+            entry.1.extend(loaded.into_values().flatten());
+            // Epochs older than every shard's last read are done with.
+            let oldest = self
+                .shards
+                .iter()
+                .filter_map(|s| lock(&s.hint).epoch)
+                .min()
+                .unwrap_or(epoch)
+                .min(epoch);
+            dict.retain(|e, _| *e >= oldest);
+        }
+        let map = dict.get(&epoch).map(|(_, m)| m);
+        Ok(ids
+            .iter()
+            .map(|id| map.and_then(|m| m.get(id)).cloned())
+            .collect())
+    }
+
+    /// The shard's oldest samples, at most `max_samples_per_send`, marked in flight.
+    /// Samples older than `sample_age_limit` and those of damaged blocks are counted and
+    /// left out (dropped when the batch is settled).
+    pub(crate) fn read_batch(&self, shard: usize) -> rusqlite::Result<Batch> {
+        let limit = self.queue.max_samples_per_send.max(1) as u64;
+        let age_limit = self.queue.sample_age_limit.0;
+        let cutoff = if age_limit.is_zero() {
+            i64::MIN
+        } else {
+            now_ms() - age_limit.as_millis() as i64
+        };
+        let mut batch = Batch {
+            spans: Vec::new(),
+            series: Vec::new(),
+            scanned: 0,
+            too_old: 0,
+            damaged: 0,
+        };
+        // Grouped by series id: ids are never reused for other labels, and hashing an
+        // id is far cheaper than hashing the labels.
+        let mut index: block::IdMap<usize> = block::IdMap::with_capacity_and_hasher(
+            (limit as usize).min(1 << 14),
+            Default::default(),
+        );
+        let mut after = i64::MIN;
+        let mut reached_end = false;
+        let mut last_epoch = None;
+        'read: while batch.scanned < limit {
+            type Row = (i64, i64, i64, i64, Vec<u8>);
+            let rows: Vec<Row> = {
+                let conn = self.store.conn();
+                let mut select = conn.prepare_cached(
+                    "SELECT id, epoch, first, samples, data FROM rw_blocks
+                     WHERE endpoint = ?1 AND shard = ?2 AND id > ?3 ORDER BY id LIMIT ?4",
+                )?;
+                select
+                    .query_map(
+                        params![self.endpoint_id, shard as i64, after, BLOCKS_PER_READ],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    )?
+                    .collect::<Result<_, _>>()?
+            };
+            let fetched = rows.len() as i64;
+            for (id, epoch, first, samples, data) in rows {
+                after = id;
+                last_epoch = Some(epoch);
+                let (first, samples) = (first.max(0) as u32, samples.max(0) as u32);
+                if first >= samples {
+                    continue;
+                }
+                let Ok(block) = block::decode(&data) else {
+                    // Unreadable: all of it goes (its weights unknown, the settlement
+                    // charges the block's bytes).
+                    let n = u64::from(samples - first);
+                    batch.scanned += n;
+                    batch.damaged += n;
+                    batch.spans.push(Span {
+                        block: id,
+                        epoch,
+                        from: first,
+                        to: samples,
+                        weights: Vec::new(),
+                    });
+                    if batch.scanned >= limit {
+                        break 'read;
+                    }
+                    continue;
+                };
+                let ids: Vec<u64> = block.series.iter().map(|(id, _)| *id).collect();
+                let labels = self.labels(epoch, &ids)?;
+                let want = (limit - batch.scanned).min(u64::from(samples - first)) as u32;
+                let to = first + want;
+                let mut span = Span {
+                    block: id,
+                    epoch,
+                    from: first,
+                    to,
+                    weights: Vec::with_capacity(want as usize),
+                };
+                for i in first..to {
+                    batch.scanned += 1;
+                    let Some(&(s, ts, value)) = block.samples.get(i as usize) else {
+                        batch.damaged += 1;
+                        span.weights.push(0);
+                        continue;
+                    };
+                    let weight = block.series[s as usize].1;
+                    span.weights.push(weight);
+                    let Some(labels) = labels.get(s as usize).and_then(Option::as_ref) else {
+                        batch.damaged += 1;
+                        continue;
+                    };
+                    if ts < cutoff {
+                        batch.too_old += 1;
+                        continue;
+                    }
+                    let at = *index.entry(block.series[s as usize].0).or_insert_with(|| {
+                        batch.series.push(SeriesBatch {
+                            labels: labels.clone(),
+                            samples: request::Samples::default(),
+                        });
+                        batch.series.len() - 1
+                    });
+                    batch.series[at].samples.push((ts, value));
+                }
+                batch.spans.push(span);
+                if batch.scanned >= limit {
+                    break 'read;
+                }
+            }
+            if fetched < BLOCKS_PER_READ {
+                reached_end = true;
+                break;
+            }
+        }
+        if batch.damaged > 0 {
+            tracing::error!(remote_name = %self.name, samples = batch.damaged, "remote write queue: damaged blocks (or labels missing from the dictionary); their samples are dropped");
+        }
+        let mut hint = lock(&self.shards[shard].hint);
+        if reached_end {
+            hint.resync(batch.scanned, Instant::now());
+        }
+        hint.in_flight = match (batch.spans.first(), batch.spans.last()) {
+            (Some(a), Some(b)) => Some(((a.block, a.from), (b.block, b.to))),
+            _ => None,
+        };
+        hint.evicted_in_flight = 0;
+        if last_epoch.is_some() {
+            hint.epoch = last_epoch;
+        }
+        Ok(batch)
+    }
+
+    /// A request is no longer on the wire: its samples evicted meanwhile are dropped.
+    pub(crate) fn release_in_flight(&self, shard: usize) {
+        let evicted = {
+            let mut hint = lock(&self.shards[shard].hint);
+            hint.in_flight = None;
+            std::mem::take(&mut hint.evicted_in_flight)
+        };
+        if evicted > 0 {
+            lock(&self.stats).counters.dropped_queue_full += evicted;
+        }
+    }
+
+    /// Moves the shard's cursor past a settled batch (deleting the blocks it finished,
+    /// minding what the bound removed meanwhile) and books the outcome.
+    pub(crate) fn settle(&self, shard: usize, batch: &Batch, tally: Tally) -> rusqlite::Result<()> {
+        let endpoint = self.endpoint_id;
+        let (mut count, mut sum) = (0i64, 0i64);
         {
-            let mut delete = tx.prepare("DELETE FROM rw_series WHERE endpoint = ?1 AND id = ?2")?;
-            for id in &ids {
-                delete.execute(params![self.endpoint_id, id])?;
+            let mut conn = self.store.conn();
+            let tx = conn.transaction()?;
+            let mut deleted_old = false;
+            {
+                let mut select =
+                    tx.prepare_cached("SELECT first, samples, bytes FROM rw_blocks WHERE id = ?1")?;
+                let mut delete = tx.prepare_cached("DELETE FROM rw_blocks WHERE id = ?1")?;
+                let mut advance =
+                    tx.prepare_cached("UPDATE rw_blocks SET first = ?2, bytes = ?3 WHERE id = ?1")?;
+                let current = self.epoch.load(Ordering::Relaxed);
+                for span in &batch.spans {
+                    let row: Option<(i64, i64, i64)> = select
+                        .query_row(params![span.block], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
+                        .optional()?;
+                    let Some((first, samples, bytes)) = row else {
+                        continue;
+                    };
+                    let from = (first.max(0) as u32).max(span.from);
+                    if from >= span.to {
+                        continue;
+                    }
+                    if span.weights.is_empty() {
+                        // A damaged block: all of it goes.
+                        count += (samples - i64::from(from)).max(0);
+                        sum += bytes;
+                        delete.execute(params![span.block])?;
+                        deleted_old |= span.epoch < current;
+                        continue;
+                    }
+                    let weight = span.weights[(from - span.from) as usize..]
+                        .iter()
+                        .sum::<u64>() as i64;
+                    count += i64::from(span.to - from);
+                    sum += weight;
+                    if i64::from(span.to) >= samples {
+                        delete.execute(params![span.block])?;
+                        deleted_old |= span.epoch < current;
+                    } else {
+                        advance.execute(params![span.block, i64::from(span.to), bytes - weight])?;
+                    }
+                }
+            }
+            if deleted_old {
+                self.gc_dict(&tx)?;
+            }
+            let (q_samples, q_bytes): (i64, i64) = tx
+                .prepare_cached(
+                    "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3
+                     WHERE id = ?1 RETURNING queued_samples, queued_bytes",
+                )?
+                .query_row(params![endpoint, count, sum], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            tx.commit()?;
+            let mut stats = lock(&self.stats);
+            stats.queued_samples = q_samples.max(0) as u64;
+            stats.queued_bytes = q_bytes.max(0) as u64;
+        }
+        {
+            let mut hint = lock(&self.shards[shard].hint);
+            hint.consume(count as u64);
+            hint.in_flight = None;
+            // Samples evicted while in flight are in `sent` or `refused` like the others.
+            hint.evicted_in_flight = 0;
+        }
+        let mut stats = lock(&self.stats);
+        stats.counters.sent += tally.sent;
+        stats.counters.bytes_sent += tally.bytes;
+        stats.counters.dropped_http_4xx += tally.refused;
+        stats.counters.dropped_too_large += tally.too_large;
+        stats.counters.dropped_too_old += batch.too_old;
+        stats.counters.dropped_invalid_labels += batch.damaged;
+        if tally.sent > 0 {
+            stats.last_success = Some(SystemTime::now());
+            if stats.failing {
+                stats.failing = false;
+                tracing::info!(
+                    remote_name = %self.name,
+                    url = %self.url,
+                    "remote write endpoint accepts samples again"
+                );
             }
         }
-        tx.commit()?;
-        let mut index = lock(&self.series);
-        for id in &ids {
-            if let Some(info) = index.by_id.remove(id) {
-                index.by_labels.remove(&info.labels);
-            }
-        }
-        Ok(ids.len())
+        Ok(())
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -835,726 +1483,198 @@ impl Shared {
     }
 }
 
-/// Lays the queued rows of `endpoint` out for the shard count of `index`'s entries.
-fn relayout(tx: &Transaction<'_>, endpoint: i64, index: &SeriesIndex) -> rusqlite::Result<()> {
-    let rows: Vec<(i64, i64, i64)> = tx
-        .prepare("SELECT shard, seq, series FROM rw_queue WHERE endpoint = ?1")?
-        .query_map(params![endpoint], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut update = tx.prepare(
-        "UPDATE rw_queue SET shard = ?4 WHERE endpoint = ?1 AND shard = ?2 AND seq = ?3",
+/// Labels by epoch then series id: the dictionary of `endpoint`, all of it or one
+/// epoch's rows after a row id; with the last row id read.
+type Dict = HashMap<i64, block::IdMap<LabelsPb>>;
+
+fn load_dict(
+    conn: &Connection,
+    endpoint: i64,
+    epoch_after: Option<(i64, i64)>,
+) -> rusqlite::Result<(i64, Dict)> {
+    let mut out: Dict = HashMap::new();
+    let mut last_row = 0i64;
+    let (epoch, after) = epoch_after.map_or((None, 0), |(e, a)| (Some(e), a));
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, epoch, data FROM rw_dict
+         WHERE endpoint = ?1 AND (?2 IS NULL OR epoch = ?2) AND id > ?3 ORDER BY id",
     )?;
-    for (shard, seq, series) in rows {
-        // A row whose series is unknown is left where it is; the sender drops it.
-        if let Some(info) = index.by_id.get(&series)
-            && info.shard as i64 != shard
-        {
-            update.execute(params![endpoint, shard, seq, info.shard as i64])?;
-        }
-    }
-    Ok(())
-}
-
-impl SeriesIndex {
-    fn insert(&mut self, id: i64, labels: Vec<(String, String)>, shard_count: usize) {
-        let key = labels_key(&labels);
-        let shard = (fnv1a64(key.as_bytes()) % shard_count as u64) as usize;
-        let bytes = sample_bytes(&labels);
-        let labels: LabelSet = Arc::from(labels);
-        self.by_labels.insert(labels.clone(), id);
-        self.by_id.insert(
-            id,
-            SeriesInfo {
-                labels,
-                shard,
-                bytes,
-            },
-        );
-    }
-}
-
-struct Eviction {
-    per_shard: Vec<u64>,
-    in_flight: Vec<u64>,
-    dropped: u64,
-}
-
-type Invalid = (&'static str, Vec<(String, String)>);
-
-/// The label set a sample is queued under: empty values dropped, external labels added
-/// where the series lacks them, names in byte order. Refuses what receivers refuse
-/// outright (a missing metric name, a repeated or empty label name), since one such
-/// sample would get its whole request rejected.
-fn series_labels(
-    mut labels: Vec<(String, String)>,
-    external: &[(String, String)],
-) -> Result<Vec<(String, String)>, Invalid> {
-    labels.retain(|(_, v)| !v.is_empty());
-    for (name, value) in external {
-        if !labels.iter().any(|(n, _)| n == name) {
-            labels.push((name.clone(), value.clone()));
-        }
-    }
-    encode::normalize_labels(&mut labels);
-    if !labels.iter().any(|(n, _)| n == "__name__") {
-        return Err(("no __name__ label", labels));
-    }
-    if labels.iter().any(|(n, _)| n.is_empty()) {
-        return Err(("an empty label name", labels));
-    }
-    if labels.windows(2).any(|w| w[0].0 == w[1].0) {
-        return Err(("a label name given twice", labels));
-    }
-    Ok(labels)
-}
-
-/// The pause before retry number `attempt` (1 for the first retry): the receiver's
-/// `Retry-After` when it gave one, capped at `max_backoff`; otherwise `min_backoff`
-/// doubled per attempt up to `max_backoff`, with jitter so that many senders cut off
-/// together do not come back in lockstep. Always within `[min_backoff, max_backoff]`.
-pub fn backoff(
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    if let Some(after) = retry_after.filter(|d| !d.is_zero()) {
-        return after.clamp(min, max);
-    }
-    let base = min
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(30))
-        .min(max);
-    base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-        .clamp(min, max)
-}
-
-/// Runs `fut` until it finishes or the shutdown deadline (once one is set) passes;
-/// `None` when the deadline won.
-async fn until_stop<F: Future>(
-    stop: &mut watch::Receiver<Option<Instant>>,
-    fut: F,
-) -> Option<F::Output> {
-    tokio::pin!(fut);
-    loop {
-        let deadline = *stop.borrow_and_update();
-        match deadline {
-            Some(deadline) => return tokio::time::timeout_at(deadline, &mut fut).await.ok(),
-            None => tokio::select! {
-                out = &mut fut => return Some(out),
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-            },
-        }
-    }
-}
-
-/// One row of a batch read from the queue.
-struct Row {
-    seq: i64,
-    series: i64,
-    labels: LabelSet,
-    ts: i64,
-    value: f64,
-}
-
-/// Rows of a shard about to be sent.
-struct Batch {
-    rows: Vec<Row>,
-    /// Rows read from the database, including those dropped on reading.
-    scanned: usize,
-}
-
-/// What became of a batch's samples once settled.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Tally {
-    /// Stored by the receiver.
-    sent: u64,
-    /// Refused for good (4xx other than 429).
-    refused: u64,
-    /// Impossible to encode.
-    too_large: u64,
-    /// Compressed bytes of the accepted requests.
-    bytes: u64,
-}
-
-impl std::ops::Add for Tally {
-    type Output = Tally;
-    fn add(self, o: Tally) -> Tally {
-        Tally {
-            sent: self.sent + o.sent,
-            refused: self.refused + o.refused,
-            too_large: self.too_large + o.too_large,
-            bytes: self.bytes + o.bytes,
-        }
-    }
-}
-
-/// How a request (or the requests a 400 was split into) ended.
-enum Delivered {
-    Done(Tally),
-    /// A retryable failure of the whole batch: read it again after this pause.
-    Retry(Option<Duration>),
-    /// The shutdown deadline passed.
-    Stopped,
-}
-
-/// How a batch ended, for the shard loop.
-enum BatchEnd {
-    /// The shard had nothing to send.
-    Empty,
-    Done,
-    Stopped,
-}
-
-/// The sending task of one shard. `stop` carries the shutdown deadline: once set, the
-/// task sends what its shard holds without waiting for full batches and returns when the
-/// shard is empty or the deadline has passed (what is left stays on disk).
-pub(crate) async fn run_shard(
-    shared: Arc<Shared>,
-    shard: usize,
-    mut client: Client,
-    mut stop: watch::Receiver<Option<Instant>>,
-) {
-    let mut sender = ShardSender {
-        shared: shared.clone(),
-        shard,
-        rejections_logged: HashSet::new(),
-        next_prune: Instant::now() + PRUNE_EVERY,
-    };
-    let deadline = shared.queue.batch_send_deadline.0;
-    let max = shared.queue.max_samples_per_send as u64;
-    loop {
-        sender.maybe_prune();
-        let stopping = stop.borrow_and_update().is_some();
-        let now = Instant::now();
-        let wait_until = {
-            let hint = lock(&shared.shards[shard].hint);
-            let pending = hint.pending();
-            let due = hint.oldest().map(|t| t + deadline);
-            if stopping || pending >= max || (pending > 0 && due.is_none_or(|d| now >= d)) {
-                None
-            } else {
-                let idle = now + Duration::from_secs(3600);
-                Some(due.unwrap_or(idle).min(sender.next_prune))
-            }
-        };
-        if let Some(until) = wait_until {
-            tokio::select! {
-                _ = shared.shards[shard].wake.notified() => {}
-                _ = tokio::time::sleep_until(until) => {}
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-            }
-            continue;
-        }
-        let read_at = Instant::now();
-        match sender.send_batch(&mut client, &mut stop).await {
-            BatchEnd::Done => {}
-            BatchEnd::Empty => {
-                if stopping {
-                    return;
-                }
-                // Samples queued since the read keep their hint: they are not read yet.
-                lock(&shared.shards[shard].hint)
-                    .arrivals
-                    .retain(|(_, at)| *at > read_at);
-            }
-            BatchEnd::Stopped => return,
-        }
-    }
-}
-
-struct ShardSender {
-    shared: Arc<Shared>,
-    shard: usize,
-    rejections_logged: HashSet<String>,
-    next_prune: Instant,
-}
-
-impl ShardSender {
-    /// Shard 0 forgets quiet series now and then.
-    fn maybe_prune(&mut self) {
-        let now = Instant::now();
-        if self.shard != 0 || now < self.next_prune {
-            return;
-        }
-        self.next_prune = now + PRUNE_EVERY;
-        match self.shared.prune() {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::debug!(remote_name = %self.shared.name, series = n, "forgot quiet series")
-            }
-            Err(e) => {
-                tracing::error!(remote_name = %self.shared.name, error = %e, "remote write queue: pruning series failed")
-            }
-        }
-    }
-
-    /// Reads the shard's oldest rows and sends them until they are settled (stored,
-    /// refused, or evicted while the receiver was failing).
-    async fn send_batch(
-        &mut self,
-        client: &mut Client,
-        stop: &mut watch::Receiver<Option<Instant>>,
-    ) -> BatchEnd {
-        let mut attempt = 0u32;
-        loop {
-            let batch = match self.read_batch() {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(remote_name = %self.shared.name, error = %e, "remote write queue: reading a batch failed; retrying");
-                    if until_stop(stop, tokio::time::sleep(DB_ERROR_PAUSE))
-                        .await
-                        .is_none()
-                    {
-                        return BatchEnd::Stopped;
-                    }
-                    continue;
-                }
-            };
-            if batch.scanned == 0 {
-                return if attempt == 0 {
-                    BatchEnd::Empty
-                } else {
-                    BatchEnd::Done
-                };
-            }
-            if batch.rows.is_empty() {
-                // Everything read was dropped on reading (too old): read on.
-                continue;
-            }
-            let series = group(&batch.rows);
-            let mut budget = split_budget(series.len());
-            match self.deliver(client, stop, series, true, &mut budget).await {
-                Delivered::Stopped => {
-                    self.release_in_flight();
-                    return BatchEnd::Stopped;
-                }
-                Delivered::Retry(retry_after) => {
-                    self.release_in_flight();
-                    attempt = attempt.saturating_add(1);
-                    let pause = backoff(
-                        self.shared.queue.min_backoff.0,
-                        self.shared.queue.max_backoff.0,
-                        attempt,
-                        retry_after,
-                    );
-                    if until_stop(stop, tokio::time::sleep(pause)).await.is_none() {
-                        return BatchEnd::Stopped;
-                    }
-                }
-                Delivered::Done(tally) => {
-                    if let Err(e) = self.settle(&batch, tally) {
-                        // The rows stay and are sent again: a duplicate, never a loss.
-                        tracing::error!(remote_name = %self.shared.name, error = %e, "remote write queue: removing a sent batch failed");
-                        self.release_in_flight();
-                    }
-                    return BatchEnd::Done;
-                }
-            }
-        }
-    }
-
-    /// The shard's oldest rows, at most `max_samples_per_send`, marked in flight. Rows
-    /// not newer than their series' last sent sample, and rows older than
-    /// `sample_age_limit`, are deleted and counted instead.
-    fn read_batch(&self) -> rusqlite::Result<Batch> {
-        let shared = &self.shared;
-        let endpoint = shared.endpoint_id;
-        let limit = shared.queue.max_samples_per_send;
-        let age_limit = shared.queue.sample_age_limit.0;
-        let cutoff = if age_limit.is_zero() {
-            i64::MIN
-        } else {
-            now_ms() - age_limit.as_millis() as i64
-        };
-        let mut conn = shared.store.conn();
-        let tx = conn.transaction()?;
-        let raw: Vec<(i64, i64, i64, i64, i64, Option<i64>)> = tx
-            .prepare_cached(
-                "SELECT q.seq, q.series, q.ts, q.bits, q.bytes, s.last_done_ms
-                 FROM rw_queue q LEFT JOIN rw_series s ON s.endpoint = q.endpoint AND s.id = q.series
-                 WHERE q.endpoint = ?1 AND q.shard = ?2 ORDER BY q.seq LIMIT ?3",
-            )?
-            .query_map(params![endpoint, self.shard as i64, limit as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        let scanned = raw.len();
-        let mut rows = Vec::with_capacity(raw.len());
-        let (mut unknown, mut out_of_order, mut too_old) = (0u64, 0u64, 0u64);
-        let (mut gone_samples, mut gone_bytes) = (0i64, 0i64);
-        let mut done: HashMap<i64, i64> = HashMap::new();
-        {
-            let index = lock(&shared.series);
-            let mut delete = tx.prepare_cached(
-                "DELETE FROM rw_queue WHERE endpoint = ?1 AND shard = ?2 AND seq = ?3",
-            )?;
-            for (seq, series, ts, bits, bytes, last_done) in raw {
-                let labels = index.by_id.get(&series).map(|i| i.labels.clone());
-                let drop_reason = match (&labels, last_done) {
-                    (None, _) | (_, None) => Some(&mut unknown),
-                    (_, Some(d)) if ts <= d => Some(&mut out_of_order),
-                    _ if ts < cutoff => Some(&mut too_old),
-                    _ => None,
-                };
-                match (drop_reason, labels) {
-                    (Some(counter), _) => {
-                        *counter += 1;
-                        delete.execute(params![endpoint, self.shard as i64, seq])?;
-                        gone_samples += 1;
-                        gone_bytes += bytes;
-                        let d = done.entry(series).or_insert(ts);
-                        *d = (*d).max(ts);
-                    }
-                    (None, Some(labels)) => rows.push(Row {
-                        seq,
-                        series,
-                        labels,
-                        ts,
-                        value: f64::from_bits(bits as u64),
-                    }),
-                    (None, None) => {}
-                }
-            }
-        }
-        let mut queued = None;
-        if gone_samples > 0 {
-            let mut update = tx.prepare_cached(
-                "UPDATE rw_series SET last_done_ms = MAX(last_done_ms, ?3) WHERE endpoint = ?1 AND id = ?2",
-            )?;
-            for (series, ts) in &done {
-                update.execute(params![endpoint, series, ts])?;
-            }
-            queued = Some(tx.prepare_cached(
-                "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3
-                 WHERE id = ?1 RETURNING queued_samples, queued_bytes",
-            )?
-            .query_row(params![endpoint, gone_samples, gone_bytes], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })?);
-        }
-        tx.commit()?;
-        drop(conn);
-        {
-            let mut hint = lock(&shared.shards[self.shard].hint);
-            if scanned < limit {
-                hint.resync(scanned as u64 - gone_samples as u64, Instant::now());
-            } else if gone_samples > 0 {
-                hint.consume(gone_samples as u64);
-            }
-            hint.in_flight = match (rows.first(), rows.last()) {
-                (Some(a), Some(b)) => Some((a.seq, b.seq)),
-                _ => None,
-            };
-            hint.evicted_in_flight = 0;
-        }
-        if gone_samples > 0 {
-            let mut stats = lock(&shared.stats);
-            stats.counters.dropped_out_of_order += out_of_order;
-            stats.counters.dropped_too_old += too_old;
-            stats.counters.dropped_invalid_labels += unknown;
-            if let Some((s, b)) = queued {
-                stats.queued_samples = s.max(0) as u64;
-                stats.queued_bytes = b.max(0) as u64;
-            }
-        }
-        if unknown > 0 {
-            tracing::error!(remote_name = %shared.name, samples = unknown, "remote write queue: dropped queued samples of an unknown series");
-        }
-        Ok(Batch { rows, scanned })
-    }
-
-    /// A request is no longer on the wire: its rows evicted meanwhile are dropped.
-    fn release_in_flight(&self) {
-        let evicted = {
-            let mut hint = lock(&self.shared.shards[self.shard].hint);
-            hint.in_flight = None;
-            std::mem::take(&mut hint.evicted_in_flight)
-        };
-        if evicted > 0 {
-            lock(&self.shared.stats).counters.dropped_queue_full += evicted;
-        }
-    }
-
-    /// Deletes a settled batch's rows (those the bound has not already removed) and books
-    /// the outcome.
-    fn settle(&self, batch: &Batch, tally: Tally) -> rusqlite::Result<()> {
-        let shared = &self.shared;
-        let endpoint = shared.endpoint_id;
-        let (Some(first), Some(last)) = (batch.rows.first(), batch.rows.last()) else {
-            return Ok(());
-        };
-        let (lo, hi) = (first.seq, last.seq);
-        let mut done: HashMap<i64, i64> = HashMap::new();
-        for row in &batch.rows {
-            let d = done.entry(row.series).or_insert(row.ts);
-            *d = (*d).max(row.ts);
-        }
-        let mut conn = shared.store.conn();
-        let tx = conn.transaction()?;
-        let (count, sum): (i64, i64) = tx
-            .prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM rw_queue
-                 WHERE endpoint = ?1 AND shard = ?2 AND seq BETWEEN ?3 AND ?4",
-            )?
-            .query_row(params![endpoint, self.shard as i64, lo, hi], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        tx.prepare_cached(
-            "DELETE FROM rw_queue WHERE endpoint = ?1 AND shard = ?2 AND seq BETWEEN ?3 AND ?4",
-        )?
-        .execute(params![endpoint, self.shard as i64, lo, hi])?;
-        {
-            let mut update = tx.prepare_cached(
-                "UPDATE rw_series SET last_done_ms = MAX(last_done_ms, ?3) WHERE endpoint = ?1 AND id = ?2",
-            )?;
-            for (series, ts) in &done {
-                update.execute(params![endpoint, series, ts])?;
-            }
-        }
-        let (q_samples, q_bytes): (i64, i64) = tx
-            .prepare_cached(
-                "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3
-                 WHERE id = ?1 RETURNING queued_samples, queued_bytes",
-            )?
-            .query_row(params![endpoint, count, sum], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        tx.commit()?;
-        drop(conn);
-        {
-            let mut hint = lock(&shared.shards[self.shard].hint);
-            hint.consume(count as u64);
-            hint.in_flight = None;
-            // Rows evicted while in flight are in `sent` or `refused` like the others.
-            hint.evicted_in_flight = 0;
-        }
-        let mut stats = lock(&shared.stats);
-        stats.queued_samples = q_samples.max(0) as u64;
-        stats.queued_bytes = q_bytes.max(0) as u64;
-        stats.counters.sent += tally.sent;
-        stats.counters.bytes_sent += tally.bytes;
-        stats.counters.dropped_http_4xx += tally.refused;
-        stats.counters.dropped_too_large += tally.too_large;
-        if tally.sent > 0 {
-            stats.last_success = Some(SystemTime::now());
-            if stats.failing {
-                stats.failing = false;
-                tracing::info!(
-                    remote_name = %shared.name,
-                    url = %shared.url,
-                    "remote write endpoint accepts samples again"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends `series` until it is stored or refused. A retryable failure of the whole
-    /// batch (`top`) goes back to the caller, which reads the batch again after the pause;
-    /// the halves of a split batch are retried here. An HTTP 400 on several series splits
-    /// them while `budget` lasts: the receiver refuses a whole request for one bad sample.
-    fn deliver<'a>(
-        &'a mut self,
-        client: &'a mut Client,
-        stop: &'a mut watch::Receiver<Option<Instant>>,
-        mut series: Vec<Series>,
-        top: bool,
-        budget: &'a mut u32,
-    ) -> Pin<Box<dyn Future<Output = Delivered> + Send + 'a>> {
-        Box::pin(async move {
-            let n: u64 = series.iter().map(|s| s.samples.len() as u64).sum();
-            let mut attempt = 0u32;
-            loop {
-                let message = self.shared.message();
-                let encoded = match message {
-                    ProtobufMessage::WriteRequestV1 => encode::encode(&series),
-                    ProtobufMessage::RequestV2 => encode_v2::encode(&series),
-                };
-                let body = match encoded {
-                    Ok(body) => Bytes::from(body),
-                    Err(e) => {
-                        self.record_error(e.to_string());
-                        tracing::error!(remote_name = %self.shared.name, url = %self.shared.url, error = %e, "dropping a batch that cannot be encoded");
-                        return Delivered::Done(Tally {
-                            too_large: n,
-                            ..Tally::default()
-                        });
-                    }
-                };
-                let Some(result) = until_stop(stop, client.send(body.clone(), message)).await
-                else {
-                    return Delivered::Stopped;
-                };
-                match result {
-                    Ok(written) => {
-                        if message == ProtobufMessage::RequestV2 && !written.any() {
-                            self.shared.fall_back(
-                                "a 2xx response without X-Prometheus-Remote-Write-*-Written headers (nothing stored)",
-                            );
-                            continue;
-                        }
-                        if let Some(w) = written.samples
-                            && w < n
-                        {
-                            self.warn_partial(w, n);
-                        }
-                        return Delivered::Done(Tally {
-                            sent: n,
-                            bytes: body.len() as u64,
-                            ..Tally::default()
-                        });
-                    }
-                    Err(SendError::Rejected { status: 415, .. })
-                        if message == ProtobufMessage::RequestV2 =>
-                    {
-                        self.shared
-                            .fall_back("HTTP 415 Unsupported Media Type for the 2.0 message");
-                        continue;
-                    }
-                    Err(SendError::Rejected { status, message }) => {
-                        let error = format!("HTTP {status}: {message}");
-                        self.record_error(error.clone());
-                        if status == 400 && series.len() > 1 && *budget >= 2 {
-                            *budget -= 2;
-                            tracing::debug!(remote_name = %self.shared.name, series = series.len(), error = %error, "request refused; splitting it to isolate the refused series");
-                            let right = series.split_off(series.len() / 2);
-                            let a = self.deliver(client, stop, series, false, budget).await;
-                            let b = match a {
-                                Delivered::Stopped => return Delivered::Stopped,
-                                _ => self.deliver(client, stop, right, false, budget).await,
-                            };
-                            return match (a, b) {
-                                (Delivered::Done(x), Delivered::Done(y)) => Delivered::Done(x + y),
-                                _ => Delivered::Stopped,
-                            };
-                        }
-                        self.log_refusal(&error, n);
-                        return Delivered::Done(Tally {
-                            refused: n,
-                            ..Tally::default()
-                        });
-                    }
-                    Err(SendError::Retryable {
-                        message,
-                        retry_after,
-                    }) => {
-                        self.record_retry(message, n);
-                        if top {
-                            return Delivered::Retry(retry_after);
-                        }
-                        attempt = attempt.saturating_add(1);
-                        let pause = backoff(
-                            self.shared.queue.min_backoff.0,
-                            self.shared.queue.max_backoff.0,
-                            attempt,
-                            retry_after,
-                        );
-                        if until_stop(stop, tokio::time::sleep(pause)).await.is_none() {
-                            return Delivered::Stopped;
-                        }
-                    }
-                }
-            }
-        })
-    }
-
-    fn record_error(&self, error: String) {
-        let mut stats = lock(&self.shared.stats);
-        stats.counters.requests_failed += 1;
-        stats.last_error = Some((error, SystemTime::now()));
-    }
-
-    fn record_retry(&self, message: String, n: u64) {
-        let first = {
-            let mut stats = lock(&self.shared.stats);
-            stats.counters.retried += n;
-            stats.counters.requests_failed += 1;
-            stats.last_error = Some((message.clone(), SystemTime::now()));
-            !std::mem::replace(&mut stats.failing, true)
-        };
-        if first {
-            tracing::warn!(
-                remote_name = %self.shared.name,
-                url = %self.shared.url,
-                error = %message,
-                "remote write failed; retrying with backoff until it succeeds (the queue is on disk)"
-            );
-        } else {
-            tracing::debug!(remote_name = %self.shared.name, error = %message, "remote write retry failed");
-        }
-    }
-
-    fn log_refusal(&mut self, error: &str, n: u64) {
-        if self.rejections_logged.len() >= REJECTIONS_REMEMBERED {
-            self.rejections_logged.clear();
-        }
-        if self.rejections_logged.insert(error.to_string()) {
-            tracing::warn!(
-                remote_name = %self.shared.name,
-                url = %self.shared.url,
-                samples = n,
-                error = %error,
-                "remote write endpoint refused a request; its samples are dropped \
-                 (each distinct refusal is logged once)"
-            );
-        }
-    }
-
-    fn warn_partial(&self, written: u64, sent: u64) {
-        let mut stats = lock(&self.shared.stats);
-        if !std::mem::replace(&mut stats.warned_partial, true) {
-            tracing::warn!(
-                remote_name = %self.shared.name,
-                url = %self.shared.url,
-                written,
-                sent,
-                "the remote write 2.0 receiver answered 2xx but reports fewer samples written than sent (logged once)"
-            );
-        }
-    }
-}
-
-/// Requests a refused batch of `series` series may be split into: enough to isolate a
-/// few bad series by halving (two requests per level), not one request per series.
-fn split_budget(series: usize) -> u32 {
-    let levels = usize::BITS - series.leading_zeros();
-    4 * levels + 2
-}
-
-/// One `Series` per label set, in order of first appearance, samples in queue order —
-/// which is timestamp order, since the queue only accepts increasing timestamps per series.
-fn group(rows: &[Row]) -> Vec<Series> {
-    let mut index: HashMap<i64, usize> = HashMap::new();
-    let mut out: Vec<Series> = Vec::new();
+    let rows = stmt.query_map(params![endpoint, epoch, after], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
     for row in rows {
-        let i = *index.entry(row.series).or_insert_with(|| {
-            out.push(Series {
-                labels: row.labels.to_vec(),
-                samples: Vec::new(),
-            });
-            out.len() - 1
-        });
-        out[i].samples.push((row.ts, row.value));
+        let (id, epoch, data) = row?;
+        last_row = last_row.max(id);
+        let map = out.entry(epoch).or_default();
+        match block::decode_dict(&data) {
+            Ok(entries) => map.extend(entries),
+            Err(e) => {
+                tracing::error!(error = %e, "remote write queue: a damaged dictionary row is ignored")
+            }
+        }
     }
-    out
+    Ok((last_row, out))
+}
+
+struct Restored {
+    last: HashMap<LabelsPb, i64>,
+    max_epoch: Option<i64>,
+    damaged: u64,
+}
+
+/// Reads every block of `endpoint`: the last timestamp queued per series, and, with
+/// `relayout`, the blocks written again for its shard count (per series order kept:
+/// a series' samples all come from one old shard, read in order).
+fn restore_blocks(
+    tx: &Transaction<'_>,
+    endpoint: i64,
+    dict: &Dict,
+    relayout: Option<&QueueConfig>,
+) -> rusqlite::Result<Restored> {
+    let mut out = Restored {
+        last: HashMap::new(),
+        max_epoch: None,
+        damaged: 0,
+    };
+    let rows: Vec<(i64, i64, i64, i64, i64, Vec<u8>)> = tx
+        .prepare(
+            "SELECT id, epoch, first, samples, bytes, data FROM rw_blocks
+             WHERE endpoint = ?1 ORDER BY shard, id",
+        )?
+        .query_map(params![endpoint], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let shard_count = relayout.map_or(1, |q| q.max_shards.max(1));
+    let per_block = relayout.map_or(usize::MAX, |q| q.max_samples_per_send.max(1));
+    let mut rebuilt: BTreeMap<(i64, usize), Vec<BlockBuilder>> = BTreeMap::new();
+    let (mut lost_samples, mut lost_bytes) = (0i64, 0i64);
+    for (id, epoch, first, samples, bytes, data) in rows {
+        out.max_epoch = Some(out.max_epoch.map_or(epoch, |m| m.max(epoch)));
+        let labels = dict.get(&epoch);
+        let block = block::decode(&data).ok().filter(|b| {
+            b.series
+                .iter()
+                .all(|(sid, _)| labels.is_some_and(|m| m.contains_key(sid)))
+        });
+        let Some(block) = block else {
+            let n = (samples - first).max(0);
+            out.damaged += n as u64;
+            lost_samples += n;
+            lost_bytes += bytes;
+            tx.execute("DELETE FROM rw_blocks WHERE id = ?1", params![id])?;
+            continue;
+        };
+        let labels = labels.expect("checked above");
+        for &(s, ts, value) in block.samples.iter().skip(first.max(0) as usize) {
+            let (sid, weight) = block.series[s as usize];
+            let pb = &labels[&sid];
+            let last = out.last.entry(pb.clone()).or_insert(ts);
+            *last = (*last).max(ts);
+            if relayout.is_some() {
+                let shard = (fnv1a64(pb) % shard_count as u64) as usize;
+                let builders = rebuilt.entry((epoch, shard)).or_default();
+                if builders.last().is_none_or(|b| b.len() >= per_block) {
+                    builders.push(BlockBuilder::default());
+                }
+                if let Some(b) = builders.last_mut() {
+                    b.push(sid, weight, ts, value);
+                }
+            }
+        }
+    }
+    if relayout.is_some() {
+        tx.execute(
+            "DELETE FROM rw_blocks WHERE endpoint = ?1",
+            params![endpoint],
+        )?;
+        let mut insert = tx.prepare(
+            "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
+        )?;
+        // Epoch by epoch, so that within a shard the blocks keep their order.
+        for ((epoch, shard), builders) in rebuilt {
+            for b in builders {
+                let (n, bytes) = (b.len() as i64, b.bytes as i64);
+                insert.execute(params![
+                    endpoint,
+                    shard as i64,
+                    epoch,
+                    n,
+                    bytes,
+                    b.finish(false)
+                ])?;
+            }
+        }
+    }
+    if lost_samples > 0 {
+        tx.execute(
+            "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3 WHERE id = ?1",
+            params![endpoint, lost_samples, lost_bytes],
+        )?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    fn sample(name: &str, ts: i64) -> Sample {
+        Sample::from_pairs(&[("__name__", name)], ts, ts as f64)
+    }
+
+    fn open(store: &Arc<Store>, q: &QueueConfig) -> Shared {
+        Shared::open(
+            "t".into(),
+            "http://x/".into(),
+            Vec::new(),
+            q,
+            ProtobufMessage::WriteRequestV1,
+            store.clone(),
+        )
+        .unwrap()
+    }
+
+    type Queued = (usize, Vec<(String, String)>, i64);
+
+    /// What is queued, shard by shard in block order: (shard, labels, timestamp).
+    fn queued(store: &Store) -> Vec<Queued> {
+        let conn = store.conn();
+        let (_, dict) = load_dict(&conn, 1, None).unwrap();
+        let rows: Vec<(i64, i64, i64, Vec<u8>)> = conn
+            .prepare("SELECT shard, epoch, first, data FROM rw_blocks ORDER BY shard, id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut out = Vec::new();
+        for (shard, epoch, first, data) in rows {
+            let block = block::decode(&data).unwrap();
+            for &(s, ts, _) in block.samples.iter().skip(first as usize) {
+                let labels = &dict[&epoch][&block.series[s as usize].0];
+                out.push((
+                    shard as usize,
+                    request::parse_labels_pb(labels).unwrap(),
+                    ts,
+                ));
+            }
+        }
+        out
+    }
 
     fn l(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -1566,78 +1686,31 @@ mod tests {
     #[test]
     fn labels_get_external_labels_unless_present() {
         let ext = l(&[("cluster", "eu1"), ("job", "ext")]);
-        let got = series_labels(l(&[("job", "web"), ("__name__", "up"), ("x", "")]), &ext);
+        let final_of = |pairs: &[(&str, &str)], ext: &[(String, String)]| {
+            let series = SeriesLabels::from_pairs(pairs);
+            final_labels(&series, ext).map(|l| {
+                l.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+        };
         assert_eq!(
-            got.unwrap(),
+            final_of(&[("job", "web"), ("__name__", "up"), ("x", "")], &ext).unwrap(),
             l(&[("__name__", "up"), ("cluster", "eu1"), ("job", "web")])
         );
         // An empty value is no label, so the external one applies.
-        let got = series_labels(l(&[("__name__", "up"), ("cluster", "")]), &ext).unwrap();
         assert_eq!(
-            got,
+            final_of(&[("__name__", "up"), ("cluster", "")], &ext).unwrap(),
             l(&[("__name__", "up"), ("cluster", "eu1"), ("job", "ext")])
         );
-        assert!(series_labels(l(&[("job", "web")]), &[]).is_err());
-        assert!(series_labels(l(&[("__name__", "up"), ("a", "1"), ("a", "2")]), &[]).is_err());
-        assert!(series_labels(l(&[("__name__", "up"), ("", "1")]), &[]).is_err());
-    }
-
-    #[test]
-    fn backoff_bounds() {
-        let min = Duration::from_millis(30);
-        let max = Duration::from_secs(5);
-        for attempt in 1..40 {
-            let d = backoff(min, max, attempt, None);
-            assert!(d >= min && d <= max, "attempt {attempt}: {d:?}");
-        }
-        // Doubling: by attempt 3 the base is 120ms, jittered into [60ms, 120ms].
-        for _ in 0..100 {
-            let d = backoff(min, max, 3, None);
-            assert!(
-                d >= Duration::from_millis(60) && d <= Duration::from_millis(120),
-                "{d:?}"
-            );
-        }
-        assert!(backoff(min, max, 40, None) >= Duration::from_millis(2500));
+        // Byte order: an uppercase name sorts before __name__.
         assert_eq!(
-            backoff(min, max, 1, Some(Duration::from_secs(2))),
-            Duration::from_secs(2)
+            final_of(&[("__name__", "up"), ("Zone", "z")], &[]).unwrap(),
+            l(&[("Zone", "z"), ("__name__", "up")])
         );
-        assert_eq!(backoff(min, max, 1, Some(Duration::from_secs(3600))), max);
-        assert!(backoff(min, max, 1, Some(Duration::ZERO)) <= min);
-    }
-
-    #[test]
-    fn groups_by_series_in_order() {
-        let a: LabelSet = Arc::from(l(&[("__name__", "a")]));
-        let b: LabelSet = Arc::from(l(&[("__name__", "b")]));
-        let row = |seq, series, labels: &LabelSet, ts, value| Row {
-            seq,
-            series,
-            labels: labels.clone(),
-            ts,
-            value,
-        };
-        let rows = vec![
-            row(1, 1, &a, 1, 1.0),
-            row(2, 2, &b, 1, 2.0),
-            row(3, 1, &a, 2, 3.0),
-            row(4, 1, &a, 3, 4.0),
-        ];
-        let got = group(&rows);
-        assert_eq!(
-            got,
-            vec![
-                Series {
-                    labels: a.to_vec(),
-                    samples: vec![(1, 1.0), (2, 3.0), (3, 4.0)]
-                },
-                Series {
-                    labels: b.to_vec(),
-                    samples: vec![(1, 2.0)]
-                },
-            ]
-        );
+        assert!(final_of(&[("job", "web")], &[]).is_err());
+        assert!(final_of(&[("__name__", "up"), ("", "1")], &[]).is_err());
+        assert!(final_of(&[("__name__", "up")], &l(&[("", "x")])).is_err());
     }
 
     #[test]
@@ -1663,65 +1736,47 @@ mod tests {
     }
 
     #[test]
-    fn split_budget_isolates_a_few_series() {
-        assert_eq!(split_budget(1), 6);
-        // 2000 series: 11 halvings reach one series; enough for two bad ones.
-        assert!(split_budget(2000) >= 2 * 2 * 11);
-        assert!(split_budget(2000) < 100);
-    }
-
-    fn sample(name: &str, ts: i64) -> SeriesSample {
-        SeriesSample {
-            labels: l(&[("__name__", name)]),
-            timestamp_ms: ts,
-            value: ts as f64,
-        }
-    }
-
-    fn open(store: &Arc<Store>, q: &QueueConfig) -> Shared {
-        Shared::open(
-            "t".into(),
-            "http://x/".into(),
-            Vec::new(),
-            q,
-            ProtobufMessage::WriteRequestV1,
-            store.clone(),
-        )
-        .unwrap()
-    }
-
-    fn queued(store: &Store) -> Vec<(String, i64)> {
-        let conn = store.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT s.labels, q.ts FROM rw_queue q JOIN rw_series s
-                 ON s.endpoint = q.endpoint AND s.id = q.series ORDER BY q.seq",
-            )
-            .unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+    fn in_flight_ranges_span_blocks() {
+        let mut h = ShardHint {
+            in_flight: Some(((10, 5), (12, 3))),
+            ..ShardHint::default()
+        };
+        assert_eq!(h.in_flight_among(9, 0, 100), 0);
+        assert_eq!(h.in_flight_among(10, 0, 8), 3);
+        assert_eq!(h.in_flight_among(11, 2, 9), 7);
+        assert_eq!(h.in_flight_among(12, 0, 9), 3);
+        assert_eq!(h.in_flight_among(12, 4, 9), 0);
+        assert_eq!(h.in_flight_among(13, 0, 9), 0);
+        h.in_flight = None;
+        assert_eq!(h.in_flight_among(11, 0, 9), 0);
     }
 
     #[test]
     fn enqueue_drops_out_of_order_and_bounds_bytes() {
         let store = Arc::new(Store::in_memory().unwrap());
         let mut q = QueueConfig::default();
-        let one = sample_bytes(&l(&[("__name__", "m")]));
+        let one = sample_bytes(&[("__name__", "m")]);
         q.max_queue_bytes = sonde_proto::config::ByteSize(one * 3);
         let shared = open(&store, &q);
-        let push = |samples: Vec<SeriesSample>| {
+        let m = sample("m", 0).series;
+        let at = |ts: i64| Sample {
+            series: m.clone(),
+            timestamp_ms: ts,
+            value: 1.0,
+        };
+        let push = |samples: Vec<Sample>| {
             store.with_tx(|tx| shared.enqueue(tx, &samples)).unwrap();
         };
-        push(vec![sample("m", 10), sample("m", 10), sample("m", 5)]);
-        push((11..=15).map(|t| sample("m", t)).collect());
+        push(vec![at(10), at(10), at(5)]);
+        // Another Arc with the same labels shares the order check.
+        push(vec![sample("m", 10)]);
+        push((11..=15).map(at).collect());
         let snap = shared.snapshot();
-        assert_eq!(snap.counters.dropped_out_of_order, 2);
+        assert_eq!(snap.counters.dropped_out_of_order, 3);
         assert_eq!(snap.counters.dropped_queue_full, 3);
         assert_eq!(snap.queued_samples, 3);
         assert_eq!(snap.queued_bytes, one * 3);
-        let ts: Vec<i64> = queued(&store).into_iter().map(|(_, t)| t).collect();
+        let ts: Vec<i64> = queued(&store).into_iter().map(|(_, _, t)| t).collect();
         assert_eq!(ts, [13, 14, 15]);
     }
 
@@ -1729,23 +1784,45 @@ mod tests {
     fn a_rolled_back_enqueue_leaves_nothing_behind() {
         let store = Arc::new(Store::in_memory().unwrap());
         let shared = open(&store, &QueueConfig::default());
+        let (m, new) = (sample("m", 10), sample("new", 10));
+        store
+            .with_tx(|tx| shared.enqueue(tx, std::slice::from_ref(&m)))
+            .unwrap();
+        let m11 = Sample {
+            timestamp_ms: 11,
+            ..m.clone()
+        };
         let r = store.with_tx(|tx| {
-            shared.enqueue(tx, &[sample("m", 10), sample("new", 10)])?;
+            shared.enqueue(tx, &[m11.clone(), new.clone()])?;
             tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
             Ok(())
         });
         assert!(r.is_err());
-        assert!(queued(&store).is_empty());
-        // The replay of the same samples is accepted: nothing remembered them.
+        assert_eq!(queued(&store).len(), 1);
+        // The replay of the same samples is accepted: nothing remembered them, and the
+        // new series' labels are written again (the rolled-back dictionary row is gone).
         store
-            .with_tx(|tx| shared.enqueue(tx, &[sample("m", 10), sample("new", 10)]))
+            .with_tx(|tx| shared.enqueue(tx, &[m11.clone(), new.clone()]))
             .unwrap();
-        assert_eq!(queued(&store).len(), 2);
+        let mut got: Vec<(String, i64)> = queued(&store)
+            .into_iter()
+            .map(|(_, l, t)| (l[0].1.clone(), t))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("m".to_string(), 10),
+                ("m".to_string(), 11),
+                ("new".to_string(), 10)
+            ]
+        );
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 0);
+        assert_eq!(shared.snapshot().queued_samples, 3);
     }
 
     #[test]
-    fn last_queued_survives_reopening_and_shards_relayout() {
+    fn the_order_check_survives_reopening_and_shards_relayout() {
         let dir = std::env::temp_dir().join(format!("sonde-rw-queue-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut q = QueueConfig {
@@ -1755,43 +1832,193 @@ mod tests {
         {
             let store = Arc::new(Store::open(&dir).unwrap());
             let shared = open(&store, &q);
-            store
-                .with_tx(|tx| {
-                    shared.enqueue(
-                        tx,
-                        &(0..20)
-                            .map(|i| sample(&format!("m{i}"), 100))
-                            .collect::<Vec<_>>(),
-                    )
-                })
-                .unwrap();
+            for t in [100, 101] {
+                store
+                    .with_tx(|tx| {
+                        shared.enqueue(
+                            tx,
+                            &(0..20)
+                                .map(|i| sample(&format!("m{i}"), t))
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                    .unwrap();
+            }
         }
         q.max_shards = 3;
         let store = Arc::new(Store::open(&dir).unwrap());
         let shared = open(&store, &q);
-        assert_eq!(shared.snapshot().queued_samples, 20);
+        assert_eq!(shared.snapshot().queued_samples, 40);
         store
-            .with_tx(|tx| shared.enqueue(tx, &[sample("m1", 100), sample("m1", 101)]))
+            .with_tx(|tx| shared.enqueue(tx, &[sample("m1", 101), sample("m1", 102)]))
             .unwrap();
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 1);
-        // Every row sits in the shard its series hashes to for 3 shards.
-        let conn = store.conn();
-        let mut stmt = conn
-            .prepare("SELECT q.shard, s.labels FROM rw_queue q JOIN rw_series s ON s.endpoint = q.endpoint AND s.id = q.series")
+        // Every sample sits in the shard its series hashes to for 3 shards, in order.
+        let rows = queued(&store);
+        assert_eq!(rows.len(), 41);
+        let shards: HashSet<usize> = rows.iter().map(|(s, _, _)| *s).collect();
+        assert!(shards.len() > 1, "{shards:?}");
+        let mut last: HashMap<Vec<(String, String)>, i64> = HashMap::new();
+        for (shard, labels, ts) in rows {
+            let pb = request::labels_pb(&labels);
+            assert_eq!(shard as u64, fnv1a64(&pb) % 3);
+            let before = last.insert(labels, ts);
+            assert!(before.is_none_or(|b| b < ts));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rows_of_the_first_format_become_blocks() {
+        let store = Store::in_memory().unwrap();
+        store
+            .conn()
+            .execute_batch(
+                r#"
+                CREATE TABLE rw_endpoints (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                    url TEXT NOT NULL, shards INTEGER NOT NULL,
+                    queued_samples INTEGER NOT NULL DEFAULT 0, queued_bytes INTEGER NOT NULL DEFAULT 0);
+                CREATE TABLE rw_series (endpoint INTEGER NOT NULL, id INTEGER NOT NULL,
+                    labels TEXT NOT NULL, last_queued_ms INTEGER NOT NULL,
+                    last_done_ms INTEGER NOT NULL, PRIMARY KEY (endpoint, id)) WITHOUT ROWID;
+                CREATE TABLE rw_queue (endpoint INTEGER NOT NULL, shard INTEGER NOT NULL,
+                    seq INTEGER NOT NULL, series INTEGER NOT NULL, ts INTEGER NOT NULL,
+                    bits INTEGER NOT NULL, bytes INTEGER NOT NULL,
+                    PRIMARY KEY (endpoint, shard, seq)) WITHOUT ROWID;
+                INSERT INTO rw_endpoints VALUES (1, 't', 'http://x/', 4, 3, 78);
+                INSERT INTO rw_series VALUES (1, 0, '[["__name__","a"]]', 2, 0);
+                INSERT INTO rw_series VALUES (1, 1, '[["__name__","b"]]', 1, 0);
+                INSERT INTO rw_queue VALUES (1, 0, 1, 0, 1, 0, 26), (1, 2, 2, 1, 1, 0, 26),
+                    (1, 0, 3, 0, 2, 0, 26);
+                "#,
+            )
             .unwrap();
-        let rows: Vec<(i64, String)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        let store = Arc::new(store);
+        let shared = open(&store, &QueueConfig::default());
+        assert_eq!(shared.snapshot().queued_samples, 3);
+        assert_eq!(shared.snapshot().queued_bytes, 78);
+        let rows = queued(&store);
+        for (shard, labels, _) in &rows {
+            assert_eq!(*shard as u64, fnv1a64(&request::labels_pb(labels)) % 4);
+        }
+        let mut got: Vec<(String, i64)> = rows
+            .into_iter()
+            .map(|(_, l, t)| (l[0].1.clone(), t))
+            .collect();
+        got.sort();
+        assert_eq!(got, [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]);
+        // Their order check came along.
+        store
+            .with_tx(|tx| shared.enqueue(tx, &[sample("a", 2), sample("b", 2)]))
+            .unwrap();
+        assert_eq!(shared.snapshot().counters.dropped_out_of_order, 1);
+    }
+
+    fn dict_epochs(store: &Store) -> Vec<i64> {
+        store
+            .conn()
+            .prepare("SELECT epoch FROM rw_dict ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn labels_go_once_per_epoch_and_leave_with_their_blocks() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        let m = sample("m", 1).series;
+        let at = |ts: i64| Sample {
+            series: m.clone(),
+            timestamp_ms: ts,
+            value: 1.0,
+        };
+        store
+            .with_tx(|tx| shared.enqueue(tx, &[at(1), at(2)]))
             .unwrap();
-        assert_eq!(rows.len(), 21);
-        let shards: HashSet<i64> = rows.iter().map(|(s, _)| *s).collect();
-        assert!(shards.len() > 1, "{shards:?}");
-        for (shard, key) in rows {
-            assert_eq!(shard as u64, fnv1a64(key.as_bytes()) % 3);
-        }
-        drop(stmt);
-        drop(conn);
-        let _ = std::fs::remove_dir_all(&dir);
+        store.with_tx(|tx| shared.enqueue(tx, &[at(3)])).unwrap();
+        assert_eq!(dict_epochs(&store), [0]);
+        lock(&shared.cache).epoch_length = Duration::ZERO;
+        store.with_tx(|tx| shared.enqueue(tx, &[at(4)])).unwrap();
+        assert_eq!(dict_epochs(&store), [0, 1]);
+
+        let batch = shared.read_batch(0).unwrap();
+        assert_eq!(batch.series.len(), 1);
+        let ts: Vec<i64> = batch.series[0].samples.iter().map(|s| s.0).collect();
+        assert_eq!(ts, [1, 2, 3, 4]);
+        let sent = Tally {
+            sent: 4,
+            ..Tally::default()
+        };
+        shared.settle(0, &batch, sent).unwrap();
+        // Epoch 0 has no block left; the current epoch's labels stay for the enqueues.
+        assert_eq!(dict_epochs(&store), [1]);
+        assert!(queued(&store).is_empty());
+        let snap = shared.snapshot();
+        assert_eq!((snap.queued_samples, snap.queued_bytes), (0, 0));
+        assert_eq!(snap.counters.sent, 4);
+    }
+
+    #[test]
+    fn a_partly_sent_block_keeps_its_cursor() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            max_samples_per_send: 3,
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        let samples: Vec<Sample> = (0..5).map(|i| sample(&format!("m{i}"), 1)).collect();
+        store.with_tx(|tx| shared.enqueue(tx, &samples)).unwrap();
+        let sent = |n| Tally {
+            sent: n,
+            ..Tally::default()
+        };
+        // Blocks hold at most max_samples_per_send: 3 then 2.
+        let first = shared.read_batch(0).unwrap();
+        assert_eq!(first.scanned, 3);
+        shared.settle(0, &first, sent(3)).unwrap();
+        let rest = shared.read_batch(0).unwrap();
+        let names: Vec<String> = rest
+            .series
+            .iter()
+            .map(|s| request::parse_labels_pb(&s.labels).unwrap()[0].1.clone())
+            .collect();
+        assert_eq!(names, ["m3", "m4"]);
+        // Settling the same batch twice (a retry after a lost commit) moves nothing.
+        shared.settle(0, &rest, sent(2)).unwrap();
+        shared.settle(0, &rest, Tally::default()).unwrap();
+        assert_eq!(shared.snapshot().queued_samples, 0);
+        assert_eq!(shared.read_batch(0).unwrap().scanned, 0);
+    }
+
+    #[test]
+    fn a_damaged_block_is_dropped_and_counted() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        store
+            .with_tx(|tx| shared.enqueue(tx, &[sample("a", 1), sample("b", 1)]))
+            .unwrap();
+        store
+            .conn()
+            .execute("UPDATE rw_blocks SET data = x'01ff'", [])
+            .unwrap();
+        let batch = shared.read_batch(0).unwrap();
+        assert!(batch.series.is_empty());
+        assert_eq!(batch.scanned, 2);
+        shared.settle(0, &batch, Tally::default()).unwrap();
+        let snap = shared.snapshot();
+        assert_eq!(snap.counters.dropped_invalid_labels, 2);
+        assert_eq!((snap.queued_samples, snap.queued_bytes), (0, 0));
     }
 }
