@@ -23,14 +23,6 @@ pub struct Series {
     pub samples: Vec<(i64, f64)>,
 }
 
-/// One sample with its series' labels: the flat form producers hand to the writer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SeriesSample {
-    pub labels: Vec<(String, String)>,
-    pub timestamp_ms: i64,
-    pub value: f64,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
     #[error(

@@ -33,7 +33,7 @@ mod sender;
 
 pub use client::SendError;
 pub use config::{ProtobufMessage, RemoteWriteConfig, validate_all};
-pub use encode::{STALE_NAN_BITS, Series, SeriesSample, decode, encode};
+pub use encode::{STALE_NAN_BITS, Series, decode, encode};
 pub use sender::backoff;
 
 use crate::series::Sample;
