@@ -560,6 +560,8 @@ impl State {
             .get(agent)
             .map(|a| (a.committed_seq, a.hello_acked_seq))?;
         let skew = self.config.max_clock_skew.as_millis() as i64;
+        ch.out
+            .reserve(batch.iter().map(|r| r.samples.len()).sum::<usize>() + 3 * batch.len());
         let mut last = committed;
         let mut ack = None;
         for result in batch {
@@ -1202,7 +1204,10 @@ impl State {
         let period = window.as_millis().min(MAX_REWRITE_PERIOD_MS as u128) as i64 / 2;
         let due =
             merged.state != TargetState::Missing && now_ms - entry.last_written_ms >= period.max(1);
-        let must_write = new_result || changed || due;
+        // A new result that changes nothing merged writes nothing: with ten agents on a
+        // target, rewriting `up` at each of their results would add three rows to every
+        // twelve. The periodic rewrite (`due`) keeps it live in the receivers.
+        let must_write = changed || due || (new_result && entry.last_written_ms == 0);
         let up_live = entry.up_live;
         let Some(e) = self.entries.get_mut(key) else {
             return;
