@@ -168,19 +168,20 @@ fn private_file(path: &Path) -> Result<(), String> {
 
 /// Records an agent (on hello, and as its committed sequence advances).
 pub fn save_agent(tx: &Transaction<'_>, agent: &StoredAgent) -> rusqlite::Result<()> {
-    tx.execute(
+    // Cached: every commit saves the agents whose sequence advanced.
+    tx.prepare_cached(
         "INSERT INTO agents (id, labels, local_jobs, committed_seq, first_seen_ms, last_seen_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(id) DO UPDATE SET labels = ?2, local_jobs = ?3, committed_seq = ?4, last_seen_ms = ?6",
-        params![
+    )?
+    .execute(params![
             agent.id,
             serde_json::to_string(&agent.labels).unwrap_or_default(),
             serde_json::to_string(&agent.local_jobs).unwrap_or_default(),
             agent.committed_seq as i64,
-            agent.first_seen_ms,
-            agent.last_seen_ms
-        ],
-    )?;
+        agent.first_seen_ms,
+        agent.last_seen_ms
+    ])?;
     Ok(())
 }
 

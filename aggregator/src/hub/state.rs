@@ -83,10 +83,13 @@ impl MergedSeries {
     }
 }
 
+/// (job, instance).
+pub type TargetKey = (String, String);
+
 #[derive(Clone)]
 pub struct TargetEntry {
-    /// (job, instance).
-    pub key: (String, String),
+    /// (job, instance), shared with the undo log instead of copied into it.
+    pub key: Arc<TargetKey>,
     pub views: BTreeMap<Arc<str>, Arc<LastResult>>,
     pub merged: Option<Merged>,
     last_written_ms: i64,
@@ -100,7 +103,7 @@ pub struct TargetEntry {
 }
 
 impl TargetEntry {
-    fn new(key: (String, String), labels: &Labels) -> Self {
+    fn new(key: Arc<TargetKey>, labels: &Labels) -> Self {
         let base = TargetBase::new(&key.0, &key.1, labels);
         Self {
             merged_series: Arc::new(MergedSeries::new(&base)),
@@ -138,7 +141,7 @@ struct Written {
 }
 
 /// (target, agent, the view before).
-type ViewBefore = ((String, String), Arc<str>, Option<Arc<LastResult>>);
+type ViewBefore = (Arc<TargetKey>, Arc<str>, Option<Arc<LastResult>>);
 
 /// How to put the state back as it was before a group whose commit failed: the
 /// in-memory state may only show what the store holds.
@@ -147,8 +150,8 @@ pub struct Undo {
     /// (target, agent, the view before), in the order they were replaced.
     views: Vec<ViewBefore>,
     /// Entries created.
-    created: Vec<(String, String)>,
-    written: Vec<((String, String), Written)>,
+    created: Vec<Arc<TargetKey>>,
+    written: Vec<(Arc<TargetKey>, Written)>,
     /// (agent, series and their bytes held before).
     series: Vec<(String, usize, usize)>,
     /// Local targets first seen.
@@ -1009,12 +1012,13 @@ impl State {
         }
         let agent_id = a.id.clone();
         if !self.entries.contains_key(&key) {
-            ch.undo.created.push(key.clone());
+            let entry = TargetEntry::new(Arc::new(key.clone()), &target.labels);
+            ch.undo.created.push(entry.key.clone());
+            self.entries.insert(key.clone(), entry);
         }
-        let entry = self
-            .entries
-            .entry(key.clone())
-            .or_insert_with(|| TargetEntry::new(key.clone(), &target.labels));
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return Ok(());
+        };
         entry.relabel(&target.labels);
         // The series of the previous result are reused where the sample is the same
         // (the common case): no label set is built in the steady state.
@@ -1052,7 +1056,7 @@ impl State {
                 base: entry.base.clone(),
             }),
         );
-        ch.undo.views.push((key.clone(), agent_id, before));
+        ch.undo.views.push((entry.key.clone(), agent_id, before));
         self.evaluate(&key, now_ms, true, ch);
         Ok(())
     }
@@ -1060,7 +1064,7 @@ impl State {
     /// Puts back what `undo` recorded, newest change first.
     pub fn rollback(&mut self, undo: Undo) {
         for (key, agent, before) in undo.views.into_iter().rev() {
-            if let Some(entry) = self.entries.get_mut(&key) {
+            if let Some(entry) = self.entries.get_mut(&*key) {
                 match before {
                     Some(view) => {
                         entry.views.insert(agent, view);
@@ -1072,14 +1076,14 @@ impl State {
             }
         }
         for (key, written) in undo.written.into_iter().rev() {
-            if let Some(e) = self.entries.get_mut(&key) {
+            if let Some(e) = self.entries.get_mut(&*key) {
                 e.merged = written.merged;
                 e.last_written_ms = written.last_written_ms;
                 e.up_live = written.up_live;
             }
         }
         for key in undo.created {
-            self.entries.remove(&key);
+            self.entries.remove(&*key);
         }
         for (agent, series, bytes) in undo.series.into_iter().rev() {
             if let Some(a) = self.agents.get_mut(&agent) {
@@ -1224,7 +1228,7 @@ impl State {
             &mut ch.out,
         );
         ch.undo.written.push((
-            key.clone(),
+            e.key.clone(),
             Written {
                 merged: e.merged,
                 last_written_ms: e.last_written_ms,
