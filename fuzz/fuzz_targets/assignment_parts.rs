@@ -32,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
                 );
                 assert_eq!(assembler.pending(), None);
             }
-            Step::Refused { generation: g, reason } => {
+            Step::Refused {
+                generation: g,
+                reason,
+            } => {
                 assert_eq!(g, generation);
                 assert!(!reason.is_empty());
                 assert_eq!(assembler.pending(), None);

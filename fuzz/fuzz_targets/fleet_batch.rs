@@ -62,7 +62,14 @@ fuzz_target!(|data: &[u8]| {
         last_acked_seq: 0,
     };
     let labels = |h: &pb::Hello| h.labels.clone().into_iter().collect();
-    state.connect(&hello, labels(&hello), None, tx.clone(), T0, &mut Changes::default());
+    state.connect(
+        &hello,
+        labels(&hello),
+        None,
+        tx.clone(),
+        T0,
+        &mut Changes::default(),
+    );
     let mut symbols = SymbolTable::default();
     let mut now = T0;
     let mut input = data;
@@ -72,22 +79,50 @@ fuzz_target!(|data: &[u8]| {
             Some(Msg::Hello(hello)) => {
                 agent = hello.agent_id.clone();
                 symbols = SymbolTable::default();
-                state.connect(&hello, labels(&hello), None, tx.clone(), now, &mut Changes::default());
+                state.connect(
+                    &hello,
+                    labels(&hello),
+                    None,
+                    tx.clone(),
+                    now,
+                    &mut Changes::default(),
+                );
             }
             Some(Msg::Results(batch)) => {
                 let Ok(decoded) = decode_batch(&mut symbols, batch, &config.limits) else {
                     break; // the stream ends on a malformed batch
                 };
                 let mut changes = Changes::default();
-                let ack = state.results(&agent, &decoded.results, now, &mut changes, &counters, &refusals);
+                let ack = state.results(
+                    &agent,
+                    &decoded.results,
+                    now,
+                    &mut changes,
+                    &counters,
+                    &refusals,
+                );
                 // A failed commit must leave the state as it was, so the same batch is
                 // taken whole, with the same ack, once the store recovers.
                 if decoded.results.len() % 3 == 1 {
                     state.rollback(changes.undo);
                     let mut again = Changes::default();
-                    let retried = state.results(&agent, &decoded.results, now, &mut again, &counters, &refusals);
-                    assert_eq!(ack, retried, "a rolled-back batch acks the same when taken again");
-                    assert_eq!(changes.out.len(), again.out.len(), "and writes the same samples");
+                    let retried = state.results(
+                        &agent,
+                        &decoded.results,
+                        now,
+                        &mut again,
+                        &counters,
+                        &refusals,
+                    );
+                    assert_eq!(
+                        ack, retried,
+                        "a rolled-back batch acks the same when taken again"
+                    );
+                    assert_eq!(
+                        changes.out.len(),
+                        again.out.len(),
+                        "and writes the same samples"
+                    );
                 }
             }
             Some(Msg::Heartbeat(beat)) => state.heartbeat(&agent, beat.timestamp_ms, now),
