@@ -61,7 +61,7 @@ impl Outbox {
     }
 
     /// Records one probe run: counts it once, and keeps its result, numbered once, for
-    /// each aggregator of `to` (see [`Outbox::route`]).
+    /// each aggregator of `to` (see `Outbox::route`).
     pub fn record(
         &self,
         to: &[(Source, u64)],

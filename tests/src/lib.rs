@@ -1060,6 +1060,60 @@ pub fn start_aggregator(scene: &mut Scene, name: &str, config: &str) -> Aggregat
     }
 }
 
+/// An aggregator with fixed ports and storage, so that it can be started again as the
+/// same aggregator after a kill: its agents keep its address, it keeps its data.
+pub struct RestartableAggregator {
+    /// Its config file (a test may rewrite it before a reload).
+    pub config: PathBuf,
+    /// Its `--storage.path`.
+    pub data: PathBuf,
+    web_port: u16,
+    grpc_port: u16,
+}
+
+impl RestartableAggregator {
+    /// Writes `config` to `<name>.yml` in the scene's dir; storage in `<name>-data`.
+    pub fn new(scene: &Scene, name: &str, config: &str) -> Self {
+        Self {
+            config: scene.dir().write(&format!("{name}.yml"), config),
+            data: scene.dir().join(&format!("{name}-data")),
+            web_port: free_port(),
+            grpc_port: free_port(),
+        }
+    }
+
+    /// `http://127.0.0.1:<web port>`
+    pub fn web(&self) -> String {
+        format!("http://127.0.0.1:{}", self.web_port)
+    }
+
+    /// `http://127.0.0.1:<grpc port>`, as agents write it.
+    pub fn grpc(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Starts it as process `process` (a new name for each start) with `extra` flags,
+    /// always on the same ports and storage, and waits until `/-/ready` answers 200.
+    pub fn start(&self, scene: &mut Scene, process: &str, extra: &[&str]) {
+        let mut cmd = Command::new(sonde_bin("sonde-aggregator"));
+        cmd.arg(format!("--config.file={}", self.config.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", self.web_port))
+            .arg(format!(
+                "--grpc.listen-address=127.0.0.1:{}",
+                self.grpc_port
+            ))
+            .arg(format!("--storage.path={}", self.data.display()))
+            .args(extra);
+        scene.spawn(process, cmd);
+        let web = self.web();
+        scene.wait_until(
+            &format!("{process} /-/ready"),
+            Duration::from_secs(60),
+            || http_get_ok(&format!("{web}/-/ready")).map(drop),
+        );
+    }
+}
+
 /// Starts `sonde-agent` with `config` (YAML) on a free loopback port, its storage in the
 /// scene's dir, and waits until `/-/healthy` answers 200. Returns its web base URL.
 pub fn start_agent(scene: &mut Scene, name: &str, config: &str) -> String {

@@ -7,60 +7,17 @@
 //! and target.
 
 use sonde_tests::{
-    Scene, accepting_tcp_port, free_port, http_get_ok, http_post, metric_sum, prometheus_query,
-    prometheus_single, sonde_bin, start_prometheus,
+    RestartableAggregator, Scene, accepting_tcp_port, free_port, http_get_ok, http_post,
+    metric_sum, prometheus_query, prometheus_single, sonde_bin, start_prometheus,
 };
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// One test reloads with POST /-/reload.
+const DELIVERY_FLAGS: &[&str] = &["--web.enable-lifecycle", "--log.level=debug"];
+
 const WAIT: Duration = Duration::from_secs(90);
-
-struct AggregatorSetup {
-    config: PathBuf,
-    data: PathBuf,
-    web_port: u16,
-    grpc_port: u16,
-}
-
-impl AggregatorSetup {
-    fn new(scene: &Scene, config: &str) -> Self {
-        Self {
-            config: scene.dir().write("aggregator.yml", config),
-            data: scene.dir().join("aggregator-data"),
-            web_port: free_port(),
-            grpc_port: free_port(),
-        }
-    }
-
-    fn web(&self) -> String {
-        format!("http://127.0.0.1:{}", self.web_port)
-    }
-
-    fn grpc(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
-    }
-
-    /// Starts the aggregator as process `name`, always on the same ports and storage.
-    fn start(&self, scene: &mut Scene, name: &str) {
-        let mut cmd = Command::new(sonde_bin("sonde-aggregator"));
-        cmd.arg(format!("--config.file={}", self.config.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{}", self.web_port))
-            .arg(format!(
-                "--grpc.listen-address=127.0.0.1:{}",
-                self.grpc_port
-            ))
-            .arg(format!("--storage.path={}", self.data.display()))
-            // One test reloads with POST /-/reload.
-            .arg("--web.enable-lifecycle")
-            .arg("--log.level=debug");
-        scene.spawn(name, cmd);
-        let web = self.web();
-        scene.wait_until(&format!("{name} /-/ready"), WAIT, || {
-            http_get_ok(&format!("{web}/-/ready")).map(drop)
-        });
-    }
-}
 
 fn agent_config(id: &str, grpc: &str, target: u16, local_job: bool, max_bytes: &str) -> String {
     let jobs = if local_job {
@@ -265,8 +222,8 @@ fn aggregator_killed_five_times_loses_and_doubles_nothing() {
     let mut scene = Scene::new("delivery-agg-kill");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
     let target = accepting_tcp_port();
-    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
-    agg.start(&mut scene, "aggregator-0");
+    let agg = RestartableAggregator::new(&scene, "aggregator", &aggregator_config(&prom, "  []"));
+    agg.start(&mut scene, "aggregator-0", DELIVERY_FLAGS);
     let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
     let (web_b, config_b) = start_agent(&mut scene, "edge-b", &agg.grpc(), target, "256MiB");
 
@@ -276,7 +233,7 @@ fn aggregator_killed_five_times_loses_and_doubles_nothing() {
         std::thread::sleep(Duration::from_secs(20));
         scene.kill(&format!("aggregator-{}", round - 1));
         std::thread::sleep(Duration::from_secs(2));
-        agg.start(&mut scene, &format!("aggregator-{round}"));
+        agg.start(&mut scene, &format!("aggregator-{round}"), DELIVERY_FLAGS);
     }
     std::thread::sleep(Duration::from_secs(
         120u64.saturating_sub(started.elapsed().as_secs()).min(20),
@@ -313,8 +270,8 @@ fn partition_is_buffered_and_replayed_with_original_timestamps() {
     let mut scene = Scene::new("delivery-partition");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
     let target = accepting_tcp_port();
-    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
-    agg.start(&mut scene, "aggregator-0");
+    let agg = RestartableAggregator::new(&scene, "aggregator", &aggregator_config(&prom, "  []"));
+    agg.start(&mut scene, "aggregator-0", DELIVERY_FLAGS);
     let (web_a, config_a) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "256MiB");
     std::thread::sleep(Duration::from_secs(10));
 
@@ -329,7 +286,7 @@ fn partition_is_buffered_and_replayed_with_original_timestamps() {
         buffered >= 100.0,
         "the agent buffered only {buffered} results during a 2-minute partition"
     );
-    agg.start(&mut scene, "aggregator-1");
+    agg.start(&mut scene, "aggregator-1", DELIVERY_FLAGS);
 
     let probes = drain(
         &mut scene,
@@ -369,8 +326,8 @@ fn removed_job_disappears_at_once() {
     let job = format!(
         "  - job_name: doomed\n    module: tcp\n    interval: 1s\n    timeout: 500ms\n    static_configs: [{{targets: [\"127.0.0.1:{target}\"]}}]\n"
     );
-    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, &job));
-    agg.start(&mut scene, "aggregator");
+    let agg = RestartableAggregator::new(&scene, "aggregator", &aggregator_config(&prom, &job));
+    agg.start(&mut scene, "aggregator", DELIVERY_FLAGS);
     let grpc = agg.grpc();
     let config = scene.dir().write(
         "edge-a.yml",
@@ -433,8 +390,8 @@ fn agent_killed_mid_batch_loses_and_doubles_nothing() {
     let mut scene = Scene::new("delivery-agent-kill");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
     let target = accepting_tcp_port();
-    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
-    agg.start(&mut scene, "aggregator");
+    let agg = RestartableAggregator::new(&scene, "aggregator", &aggregator_config(&prom, "  []"));
+    agg.start(&mut scene, "aggregator", DELIVERY_FLAGS);
     let grpc = agg.grpc();
     let (_, _) = start_agent(&mut scene, "edge-a", &grpc, target, "256MiB");
     // Three SIGKILLs, each restarting the agent on the same storage: what it had recorded
@@ -482,7 +439,7 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
     let mut scene = Scene::new("delivery-buffer-full");
     let prom = start_prometheus(&mut scene, "prometheus", &[]);
     let target = accepting_tcp_port();
-    let agg = AggregatorSetup::new(&scene, &aggregator_config(&prom, "  []"));
+    let agg = RestartableAggregator::new(&scene, "aggregator", &aggregator_config(&prom, "  []"));
     // The aggregator is away while the agent probes with a tiny buffer.
     let (web, config) = start_agent(&mut scene, "edge-a", &agg.grpc(), target, "8KiB");
     std::thread::sleep(Duration::from_secs(30));
@@ -505,7 +462,7 @@ fn full_buffer_drops_the_oldest_and_keeps_probing() {
     assert!(rss_kib < 100.0 * 1024.0, "agent RSS {rss_kib} KiB");
 
     // The aggregator comes: what the buffer kept (the newest) arrives; the dropped never do.
-    agg.start(&mut scene, "aggregator");
+    agg.start(&mut scene, "aggregator", DELIVERY_FLAGS);
     let grpc = agg.grpc();
     let probes = drain(
         &mut scene,
@@ -649,10 +606,10 @@ fn store_fault_loses_nothing(
     mut scene: Scene,
     prometheus: &str,
     fault: &mut dyn StoreFault,
-    setup: &AggregatorSetup,
+    setup: &RestartableAggregator,
 ) {
     let target = accepting_tcp_port();
-    setup.start(&mut scene, "aggregator");
+    setup.start(&mut scene, "aggregator", DELIVERY_FLAGS);
     let agg = setup.web();
     let (web, config) = start_agent(&mut scene, "edge-a", &setup.grpc(), target, "256MiB");
     let instance = format!("127.0.0.1:{target}");
@@ -726,7 +683,11 @@ fn store_fault_loses_nothing(
 fn a_full_disk_holds_the_acks_and_loses_nothing() {
     let mut scene = Scene::new("delivery-full-disk");
     let prometheus = start_prometheus(&mut scene, "prometheus", &[]);
-    let setup = AggregatorSetup::new(&scene, &aggregator_config(&prometheus, "  []"));
+    let setup = RestartableAggregator::new(
+        &scene,
+        "aggregator",
+        &aggregator_config(&prometheus, "  []"),
+    );
     let mut disk = SmallFilesystem::mount(setup.data.clone(), "8m");
     store_fault_loses_nothing(scene, &prometheus, &mut disk, &setup);
 }
@@ -735,6 +696,10 @@ fn a_full_disk_holds_the_acks_and_loses_nothing() {
 fn a_failing_commit_holds_the_acks_and_loses_nothing() {
     let mut scene = Scene::new("delivery-locked-store");
     let prometheus = start_prometheus(&mut scene, "prometheus", &[]);
-    let setup = AggregatorSetup::new(&scene, &aggregator_config(&prometheus, "  []"));
+    let setup = RestartableAggregator::new(
+        &scene,
+        "aggregator",
+        &aggregator_config(&prometheus, "  []"),
+    );
     store_fault_loses_nothing(scene, &prometheus, &mut LockedDatabase::default(), &setup);
 }

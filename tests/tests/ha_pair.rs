@@ -15,8 +15,8 @@
 use prost::Message;
 use sonde_proto::prompb::WriteRequest;
 use sonde_tests::{
-    Scene, free_port, http_get_ok, metric_sum, prometheus_single, require_tool, sonde_bin,
-    start_nginx,
+    RestartableAggregator, Scene, free_port, http_get_ok, metric_sum, prometheus_single,
+    require_tool, sonde_bin, start_nginx,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,52 +28,6 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(60);
 /// The probe interval of the job: each agent should probe each target this often.
 const INTERVAL: Duration = Duration::from_secs(1);
-
-/// An aggregator's fixed ports and storage, so that it can be started again as the same
-/// aggregator: the agents keep its address, it keeps its data.
-struct Aggregator {
-    web_port: u16,
-    grpc_port: u16,
-    config: std::path::PathBuf,
-    data: std::path::PathBuf,
-}
-
-impl Aggregator {
-    fn new(scene: &Scene, name: &str, config: &str) -> Self {
-        Self {
-            web_port: free_port(),
-            grpc_port: free_port(),
-            config: scene.dir().write(&format!("{name}.yml"), config),
-            data: scene.dir().join(&format!("{name}-data")),
-        }
-    }
-
-    fn web(&self) -> String {
-        format!("http://127.0.0.1:{}", self.web_port)
-    }
-
-    fn grpc(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
-    }
-
-    /// Starts it as process `process` and waits until it is ready.
-    fn start(&self, scene: &mut Scene, process: &str) {
-        let mut cmd = Command::new(sonde_bin("sonde-aggregator"));
-        cmd.arg(format!("--config.file={}", self.config.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{}", self.web_port))
-            .arg(format!(
-                "--grpc.listen-address=127.0.0.1:{}",
-                self.grpc_port
-            ))
-            .arg(format!("--storage.path={}", self.data.display()))
-            .arg("--log.level=info");
-        scene.spawn(process, cmd);
-        let web = self.web();
-        scene.wait_until(&format!("{process} /-/ready"), WAIT, || {
-            http_get_ok(&format!("{web}/-/ready")).map(drop)
-        });
-    }
-}
 
 /// The aggregators' config: one HTTP job over `targets` at [`INTERVAL`], written to
 /// `remote_write_url` with `external_labels`.
@@ -225,10 +179,10 @@ fn victoria_metrics_holds_one_sample_per_probe_through_a_crash_of_one_aggregator
         .map(|i| format!("http://127.0.0.1:{nginx}/?target={i}"))
         .collect();
     let config = aggregator_config(&targets, &format!("{vm}/api/v1/write"), "{cluster: c1}");
-    let a = Aggregator::new(&scene, "aggregator-a", &config);
-    let b = Aggregator::new(&scene, "aggregator-b", &config);
-    a.start(&mut scene, "aggregator-a");
-    b.start(&mut scene, "aggregator-b");
+    let a = RestartableAggregator::new(&scene, "aggregator-a", &config);
+    let b = RestartableAggregator::new(&scene, "aggregator-b", &config);
+    a.start(&mut scene, "aggregator-a", &["--log.level=info"]);
+    b.start(&mut scene, "aggregator-b", &["--log.level=info"]);
     let pair = [a.grpc(), b.grpc()];
     let agents = ["edge-1", "edge-2"];
     let started = Instant::now();
@@ -278,7 +232,7 @@ fn victoria_metrics_holds_one_sample_per_probe_through_a_crash_of_one_aggregator
         // A lost nothing meanwhile: it still gets every result, and acks it.
         agent_running(web, &pair[..1], targets.len() as f64).expect("still running for A");
     }
-    b.start(&mut scene, "aggregator-b-again");
+    b.start(&mut scene, "aggregator-b-again", &["--log.level=info"]);
     for web in &webs {
         scene.wait_until(&format!("{web} to replay its backlog to B"), WAIT, || {
             agent_running(web, &pair, targets.len() as f64)?;
@@ -483,7 +437,7 @@ fn mimir_replicas_write_the_same_probe_samples_each_under_its_replica_label() {
         .collect();
     let captures = [Capture::start(), Capture::start()];
     let replicas = ["a", "b"];
-    let aggregators: Vec<Aggregator> = replicas
+    let aggregators: Vec<RestartableAggregator> = replicas
         .iter()
         .zip(&captures)
         .map(|(replica, capture)| {
@@ -492,13 +446,17 @@ fn mimir_replicas_write_the_same_probe_samples_each_under_its_replica_label() {
                 &capture.url,
                 &format!("{{cluster: c1, __replica__: {replica}}}"),
             );
-            Aggregator::new(&scene, &format!("aggregator-{replica}"), &config)
+            RestartableAggregator::new(&scene, &format!("aggregator-{replica}"), &config)
         })
         .collect();
     for (replica, aggregator) in replicas.iter().zip(&aggregators) {
-        aggregator.start(&mut scene, &format!("aggregator-{replica}"));
+        aggregator.start(
+            &mut scene,
+            &format!("aggregator-{replica}"),
+            &["--log.level=info"],
+        );
     }
-    let pair: Vec<String> = aggregators.iter().map(Aggregator::grpc).collect();
+    let pair: Vec<String> = aggregators.iter().map(RestartableAggregator::grpc).collect();
     let web = start_agent_as(
         &mut scene,
         "edge-1",

@@ -9,7 +9,7 @@
 //! Threads, so that neither SQLite nor a slow reader ever stalls the fleet's streams or
 //! the Tokio workers:
 //! - the **ingest thread** owns the [`State`]; the streams, the ticker, reloads and
-//!   discovery send it [`Command`]s. It applies every command waiting in its queue, then
+//!   discovery send it commands. It applies every command waiting in its queue, then
 //!   hands the whole group's changes to the storage thread in one piece (group commit
 //!   across agents and batches) and goes on with the next group meanwhile;
 //! - the **storage thread** commits a group in one transaction (the agents' sequence
