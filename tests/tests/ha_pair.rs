@@ -456,7 +456,10 @@ fn mimir_replicas_write_the_same_probe_samples_each_under_its_replica_label() {
             &["--log.level=info"],
         );
     }
-    let pair: Vec<String> = aggregators.iter().map(RestartableAggregator::grpc).collect();
+    let pair: Vec<String> = aggregators
+        .iter()
+        .map(RestartableAggregator::grpc)
+        .collect();
     let web = start_agent_as(
         &mut scene,
         "edge-1",
