@@ -70,6 +70,11 @@ impl TargetBase {
         Arc::new(SeriesLabels::new(labels))
     }
 
+    /// How many labels the base has.
+    pub fn label_count(&self) -> usize {
+        self.labels.len()
+    }
+
     /// True when both are the same build (not only equal labels).
     pub fn same(&self, other: &TargetBase) -> bool {
         Arc::ptr_eq(&self.labels, &other.labels)

@@ -58,9 +58,11 @@ pub struct LastResult {
     /// Time between this result and the one before it from the same agent, for local
     /// jobs whose interval the aggregator does not know.
     pub spacing_ms: Option<i64>,
-    /// The result's samples, and the series each was written as (same order).
-    pub samples: Vec<ProbeSample>,
+    /// The series the result's samples were written as, and their values (same order).
     pub series: Vec<Series>,
+    pub values: Vec<f64>,
+    /// What the samples' names and labels weigh (`fleet.limits.max_series_bytes`).
+    pub bytes: usize,
     /// The target labels `series` were built with.
     base: TargetBase,
 }
@@ -980,14 +982,15 @@ impl State {
             // Older than what this agent already reported: it cannot change the present.
             return Ok(());
         }
-        let held_before = previous.as_ref().map_or(0, |p| p.samples.len());
-        let bytes_before = previous.as_ref().map_or(0, |p| samples_bytes(&p.samples));
+        let held_before = previous.as_ref().map_or(0, |p| p.values.len());
+        let bytes_before = previous.as_ref().map_or(0, |p| p.bytes);
+        let samples_weigh = samples_bytes(&samples);
         let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
         };
         let series = a.series - held_before.min(a.series) + samples.len();
-        let bytes = a.series_bytes - bytes_before.min(a.series_bytes) + samples_bytes(&samples);
+        let bytes = a.series_bytes - bytes_before.min(a.series_bytes) + samples_weigh;
         if series > limits.max_series || bytes as u64 > limits.max_series_bytes.0 {
             return Err((
                 Reason::SeriesLimit,
@@ -1023,18 +1026,24 @@ impl State {
         // The series of the previous result are reused where the sample is the same
         // (the common case): no label set is built in the steady state.
         let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
+        let base_len = entry.base.label_count();
         let series: Vec<Series> = samples
             .iter()
             .enumerate()
             .map(|(i, (name, labels, _))| {
-                let reuse = previous.as_ref().filter(|_| same_base).and_then(|p| {
-                    let (pn, pl, _) = p.samples.get(i)?;
-                    (pn == name && pl == labels).then(|| p.series[i].clone())
-                });
-                reuse.unwrap_or_else(|| entry.base.probe(&agent_id, name, labels))
+                let reuse = previous
+                    .as_ref()
+                    .filter(|_| same_base)
+                    .and_then(|p| p.series.get(i))
+                    .filter(|s| is_probe_series(s, base_len, name, labels));
+                match reuse {
+                    Some(s) => s.clone(),
+                    None => entry.base.probe(&agent_id, name, labels),
+                }
             })
             .collect();
-        for (s, (_, _, value)) in series.iter().zip(&samples) {
+        let values: Vec<f64> = samples.iter().map(|(_, _, v)| *v).collect();
+        for (s, value) in series.iter().zip(&values) {
             ch.out.push(Sample {
                 series: s.clone(),
                 timestamp_ms: r.timestamp_ms,
@@ -1051,8 +1060,9 @@ impl State {
                 failure: r.failure.chars().take(MAX_FAILURE_CHARS).collect(),
                 // Saturating: both timestamps come from the agent (found by fuzz/fleet_batch).
                 spacing_ms: previous_ts.map(|p| r.timestamp_ms.saturating_sub(p)),
-                samples,
                 series,
+                values,
+                bytes: samples_weigh,
                 base: entry.base.clone(),
             }),
         );
@@ -1136,8 +1146,8 @@ impl State {
                     ch.undo
                         .series
                         .push((agent.to_string(), a.series, a.series_bytes));
-                    a.series = a.series.saturating_sub(view.samples.len());
-                    a.series_bytes = a.series_bytes.saturating_sub(samples_bytes(&view.samples));
+                    a.series = a.series.saturating_sub(view.values.len());
+                    a.series_bytes = a.series_bytes.saturating_sub(view.bytes);
                 }
             }
             ch.undo.retired.push((key, entry));
@@ -1487,6 +1497,23 @@ fn samples_bytes(samples: &[ProbeSample]) -> usize {
             name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
         })
         .sum()
+}
+
+/// True when `series` (built by [`TargetBase::probe`] over a base of `base_len` labels
+/// for the same agent) is the series of a sample named `name` with `labels`. A sample's
+/// labels can collide with none of the base's (the fleet service and
+/// [`State::accept`] refuse those), so having each of them and exactly that many labels
+/// in all means having no others; a target label named `agent` makes the count differ
+/// and the series is built again, which is only slower.
+fn is_probe_series(
+    series: &crate::series::SeriesLabels,
+    base_len: usize,
+    name: &str,
+    labels: &[(Symbol, Symbol)],
+) -> bool {
+    series.labels().len() == base_len + 2 + labels.len()
+        && series.name() == name
+        && labels.iter().all(|(k, v)| series.get(k) == Some(&**v))
 }
 
 /// A failure reason is kept for the status page; longer ones are cut.
@@ -1871,6 +1898,51 @@ fleet: {missing_after: 30s}
             Ok(Some(2))
         );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
+    }
+
+    #[test]
+    fn a_series_is_built_once_and_shared_by_its_later_samples() {
+        let (hub, rec, _rx) = setup();
+        let with_phase = |seq: u64, ts: i64, phase: &str| {
+            let mut r = result(seq, "web", "127.0.0.1:80", ts, true);
+            r.samples.push((
+                "probe_http_duration_seconds".into(),
+                vec![("phase".into(), phase.into())],
+                0.1,
+            ));
+            r
+        };
+        results(&hub, "eu-1", &[with_phase(1, T0, "tls")], T0).unwrap();
+        let first = rec.take();
+        results(&hub, "eu-1", &[with_phase(2, T0 + 1000, "tls")], T0 + 1000).unwrap();
+        let second = rec.take();
+        let of = |out: &[Sample], name: &str| {
+            out.iter()
+                .find(|s| s.series.name() == name && s.series.get("agent").is_some())
+                .map(|s| s.series.clone())
+                .unwrap()
+        };
+        for name in ["probe_success", "probe_http_duration_seconds"] {
+            assert!(
+                Arc::ptr_eq(&of(&first, name), &of(&second, name)),
+                "{name}: the second result must reuse the first one's series"
+            );
+        }
+        // Other labels: another series, with exactly its own labels.
+        results(
+            &hub,
+            "eu-1",
+            &[with_phase(3, T0 + 2000, "connect")],
+            T0 + 2000,
+        )
+        .unwrap();
+        let third = of(&rec.take(), "probe_http_duration_seconds");
+        assert!(!Arc::ptr_eq(
+            &third,
+            &of(&second, "probe_http_duration_seconds")
+        ));
+        assert_eq!(third.get("phase"), Some("connect"));
+        assert_eq!(third.get("team"), Some("shop"));
     }
 
     #[test]

@@ -76,8 +76,11 @@ fn write_probe_series(
     let mut by_name: BTreeMap<&str, Vec<Line<'_>>> = BTreeMap::new();
     for entry in snapshot.entries.values() {
         for view in entry.views.values() {
-            for (series, (name, _, value)) in view.series.iter().zip(&view.samples) {
-                by_name.entry(name).or_default().push((series, *value));
+            for (series, value) in view.series.iter().zip(&view.values) {
+                by_name
+                    .entry(series.name())
+                    .or_default()
+                    .push((series, *value));
             }
         }
     }
