@@ -31,6 +31,7 @@ use crate::record::ProbeRecord;
 use crate::schedule::{CheckSpec, Scheduler, Source};
 use prost::Message;
 use rand::Rng;
+use sonde_proto::assignment::cut;
 use sonde_proto::assignment::{Assembled, Assembler, Bounds, Step};
 use sonde_proto::config::{Labels, Module};
 use sonde_proto::pb::{
@@ -325,12 +326,12 @@ impl Uplink {
                             aggregator = %self.endpoint.address,
                             generation,
                             "refused the assignment, keeping the checks of the previous one: {}",
-                            truncate(&reason, 1000)
+                            cut(&reason, 1000)
                         );
                         pb::AssignmentReport {
                             generation,
                             applied: false,
-                            error: truncate(&reason, 1000).to_string(),
+                            error: cut(&reason, 1000).to_string(),
                             checks: 0,
                             refused: Vec::new(),
                         }
@@ -405,8 +406,8 @@ impl Uplink {
             .map(|(reason, (n, r))| pb::RefusedChecks {
                 reason: reason.as_str().to_string(),
                 checks: n,
-                example: truncate(
-                    &format!("module {:?}: {}", truncate(&r.module_name, 200), r.message),
+                example: cut(
+                    &format!("module {:?}: {}", cut(&r.module_name, 200), r.message),
                     1000,
                 )
                 .to_string(),
@@ -416,7 +417,7 @@ impl Uplink {
     }
 
     fn log_refusal(&self, module_name: &str, reason: Refusal, message: &str) {
-        let module_name = truncate(module_name, 200);
+        let module_name = cut(module_name, 200);
         let mut logged = self
             .logged_refusals
             .lock()
@@ -431,7 +432,7 @@ impl Uplink {
                 module = %module_name,
                 reason = reason.as_str(),
                 "refused the assigned checks of this module: {}",
-                truncate(message, 1000)
+                cut(message, 1000)
             );
         }
     }
@@ -506,8 +507,8 @@ fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<Re
                         module_name: module_name.clone(),
                         message: format!(
                             "job {:?} target {:?}: {e}",
-                            truncate(&check.job, 200),
-                            truncate(&check.instance, 200)
+                            cut(&check.job, 200),
+                            cut(&check.instance, 200)
                         ),
                     });
                     continue;
@@ -525,18 +526,6 @@ fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<Re
         });
     }
     (checks, refused)
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Why a stream ended or never started.
@@ -673,7 +662,7 @@ async fn connect(endpoint: &AggregatorEndpoint) -> Result<Channel, String> {
 }
 
 fn describe_status(status: &tonic::Status) -> String {
-    let message = truncate(status.message(), 1000);
+    let message = cut(status.message(), 1000);
     match status.code() {
         code if is_refusal(code) => format!(
             "refused ({code:?}): {message} (check token_file and the aggregator's fleet.auth.tokens)"
@@ -785,7 +774,7 @@ impl Symbols {
         truncated: &mut u64,
     ) -> pb::ProbeResult {
         let mut intern = |s: &str| -> u32 {
-            let cut = truncate(s, MAX_SYMBOL_BYTES);
+            let cut = cut(s, MAX_SYMBOL_BYTES);
             if cut.len() < s.len() {
                 *truncated += 1;
             }
@@ -809,7 +798,7 @@ impl Symbols {
             failure: r
                 .failure
                 .as_deref()
-                .map(|f| truncate(f, MAX_SYMBOL_BYTES).to_string())
+                .map(|f| cut(f, MAX_SYMBOL_BYTES).to_string())
                 .unwrap_or_default(),
             samples: r
                 .samples

@@ -185,8 +185,9 @@ fn size(bytes: usize) -> String {
     }
 }
 
-/// At most `max` bytes of `s`, cut at a character boundary.
-fn cut(s: &str, max: usize) -> &str {
+/// At most `max` bytes of `s`, cut at a character boundary (for messages that quote
+/// what a peer sent).
+pub fn cut(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
