@@ -77,6 +77,31 @@ const BLOCKS_PER_READ: i64 = 8;
 /// Samples per block when old-format rows are converted.
 const MIGRATED_BLOCK: usize = 2000;
 
+/// A new block, nothing of it done yet (`first` 0).
+const INSERT_BLOCK: &str =
+    "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
+     VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)";
+
+/// Stores `block` as the newest block of `shard` with [`INSERT_BLOCK`].
+fn insert_block(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    endpoint: i64,
+    shard: usize,
+    epoch: i64,
+    block: BlockBuilder,
+) -> rusqlite::Result<()> {
+    let (n, bytes) = (block.len() as i64, block.bytes as i64);
+    insert.execute(params![
+        endpoint,
+        shard as i64,
+        epoch,
+        n,
+        bytes,
+        block.finish(false)
+    ])?;
+    Ok(())
+}
+
 /// The tables of every endpoint's queue, created on first use.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rw_endpoints (
@@ -923,21 +948,10 @@ impl Shared {
                 .execute(params![endpoint, epoch, block::encode_dict(&dict)])?;
         }
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
-                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
-            )?;
+            let mut insert = tx.prepare_cached(INSERT_BLOCK)?;
             let last = open.into_iter().enumerate().filter(|(_, b)| b.len() > 0);
             for (shard, b) in full.into_iter().chain(last) {
-                let (n, bytes) = (b.len() as i64, b.bytes as i64);
-                insert.execute(params![
-                    endpoint,
-                    shard as i64,
-                    epoch,
-                    n,
-                    bytes,
-                    b.finish(false)
-                ])?;
+                insert_block(&mut insert, endpoint, shard, epoch, b)?;
             }
         }
         let evicted = if q_bytes as u64 > self.queue.max_queue_bytes.0 {
@@ -1599,22 +1613,11 @@ fn restore_blocks(
             "DELETE FROM rw_blocks WHERE endpoint = ?1",
             params![endpoint],
         )?;
-        let mut insert = tx.prepare(
-            "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
-             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
-        )?;
+        let mut insert = tx.prepare_cached(INSERT_BLOCK)?;
         // Epoch by epoch, so that within a shard the blocks keep their order.
         for ((epoch, shard), builders) in rebuilt {
             for b in builders {
-                let (n, bytes) = (b.len() as i64, b.bytes as i64);
-                insert.execute(params![
-                    endpoint,
-                    shard as i64,
-                    epoch,
-                    n,
-                    bytes,
-                    b.finish(false)
-                ])?;
+                insert_block(&mut insert, endpoint, shard, epoch, b)?;
             }
         }
     }
