@@ -208,14 +208,7 @@ impl ShardSender {
                 }
                 Delivered::Retry(retry_after) => {
                     self.shared.release_in_flight(self.shard);
-                    attempt = attempt.saturating_add(1);
-                    let pause = backoff(
-                        self.shared.queue.min_backoff.0,
-                        self.shared.queue.max_backoff.0,
-                        attempt,
-                        retry_after,
-                    );
-                    if until_stop(stop, tokio::time::sleep(pause)).await.is_none() {
+                    if !self.pause(&mut attempt, retry_after, stop).await {
                         return BatchEnd::Stopped;
                     }
                 }
@@ -324,14 +317,7 @@ impl ShardSender {
                         if top {
                             return Delivered::Retry(retry_after);
                         }
-                        attempt = attempt.saturating_add(1);
-                        let pause = backoff(
-                            self.shared.queue.min_backoff.0,
-                            self.shared.queue.max_backoff.0,
-                            attempt,
-                            retry_after,
-                        );
-                        if until_stop(stop, tokio::time::sleep(pause)).await.is_none() {
+                        if !self.pause(&mut attempt, retry_after, stop).await {
                             return Delivered::Stopped;
                         }
                     }
@@ -344,6 +330,24 @@ impl ShardSender {
         let mut stats = lock(&self.shared.stats);
         stats.counters.requests_failed += 1;
         stats.last_error = Some((error, SystemTime::now()));
+    }
+
+    /// Waits out the backoff of one more failed attempt (or `Retry-After`); false when
+    /// the shutdown deadline came first.
+    async fn pause(
+        &self,
+        attempt: &mut u32,
+        retry_after: Option<Duration>,
+        stop: &mut watch::Receiver<Option<Instant>>,
+    ) -> bool {
+        *attempt = attempt.saturating_add(1);
+        let pause = backoff(
+            self.shared.queue.min_backoff.0,
+            self.shared.queue.max_backoff.0,
+            *attempt,
+            retry_after,
+        );
+        until_stop(stop, tokio::time::sleep(pause)).await.is_some()
     }
 
     fn record_retry(&self, message: String, n: u64) {
