@@ -938,6 +938,32 @@ pub fn start_prometheus(scene: &mut Scene, name: &str, rule_files: &[PathBuf]) -
     base
 }
 
+/// Starts VictoriaMetrics (single node) with `extra` flags and waits until it is healthy.
+/// Recent samples are visible to queries at once (`-search.latencyOffset=0s`) and never
+/// from a cache. Returns its base URL.
+pub fn start_victoria_metrics(scene: &mut Scene, name: &str, extra: &[&str]) -> String {
+    let vm = require_tool("victoria-metrics", "victoria-metrics");
+    let port = free_port();
+    let mut cmd = Command::new(vm);
+    cmd.arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+        .arg(format!(
+            "-storageDataPath={}",
+            scene.dir().join(&format!("{name}-data")).display()
+        ))
+        .args(extra)
+        .arg("-search.latencyOffset=0s")
+        .arg("-search.disableCache")
+        .arg("-loggerLevel=WARN");
+    scene.spawn(name, cmd);
+    let base = format!("http://127.0.0.1:{port}");
+    scene.wait_until(
+        &format!("{name} to be healthy"),
+        Duration::from_secs(60),
+        || http_get_ok(&format!("{base}/health")).map(drop),
+    );
+    base
+}
+
 /// An nginx serving `GET /` → 200 "ok\n" and `/missing` → 404 on 127.0.0.1. Returns its
 /// port once it answers.
 pub fn start_nginx(scene: &mut Scene, name: &str) -> u16 {

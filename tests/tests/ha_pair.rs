@@ -15,8 +15,8 @@
 use prost::Message;
 use sonde_proto::prompb::WriteRequest;
 use sonde_tests::{
-    RestartableAggregator, Scene, free_port, http_get_ok, metric_sum, prometheus_single,
-    require_tool, sonde_bin, start_nginx,
+    RestartableAggregator, Scene, free_port, http_get_ok, metric_sum, prometheus_single, sonde_bin,
+    start_nginx, start_victoria_metrics,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -145,34 +145,16 @@ fn probes_after_stop(scene: &mut Scene, id: &str, instances: &[String]) -> BTree
     probes
 }
 
-/// Starts VictoriaMetrics deduplicating what an HA pair writes: samples of one series
-/// less than 1 ms apart are one (two aggregators writing the same probe write the same
-/// timestamp), and two probes are never that close. Queries see samples at once.
-fn start_victoria_metrics(scene: &mut Scene, name: &str) -> String {
-    let vm = require_tool("victoria-metrics", "victoria-metrics");
-    let port = free_port();
-    let mut cmd = Command::new(vm);
-    cmd.arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-        .arg(format!(
-            "-storageDataPath={}",
-            scene.dir().join(&format!("{name}-data")).display()
-        ))
-        .arg("-dedup.minScrapeInterval=1ms")
-        .arg("-search.latencyOffset=0s")
-        .arg("-search.disableCache")
-        .arg("-loggerLevel=WARN");
-    scene.spawn(name, cmd);
-    let base = format!("http://127.0.0.1:{port}");
-    scene.wait_until(&format!("{name} to be healthy"), WAIT, || {
-        http_get_ok(&format!("{base}/health")).map(drop)
-    });
-    base
-}
-
 #[test]
 fn victoria_metrics_holds_one_sample_per_probe_through_a_crash_of_one_aggregator() {
     let mut scene = Scene::new("ha-vm");
-    let vm = start_victoria_metrics(&mut scene, "victoria-metrics");
+    // Samples of one series less than 1 ms apart are one (two aggregators writing the
+    // same probe write the same timestamp), and two probes are never that close.
+    let vm = start_victoria_metrics(
+        &mut scene,
+        "victoria-metrics",
+        &["-dedup.minScrapeInterval=1ms"],
+    );
     let nginx = start_nginx(&mut scene, "nginx");
     // Three targets on one server: nginx answers `/` whatever the query string.
     let targets: Vec<String> = (1..=3)

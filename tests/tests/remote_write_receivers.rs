@@ -14,7 +14,7 @@
 
 use sonde_tests::{
     Scene, accepting_tcp_port, free_port, http_get_ok, metric_sum, prometheus_query,
-    prometheus_single, require_tool, sonde_bin,
+    prometheus_single, require_tool, sonde_bin, start_victoria_metrics,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,28 +42,6 @@ fn start_prometheus_at(scene: &mut Scene, name: &str, port: u16, data: &Path) ->
     let base = format!("http://127.0.0.1:{port}");
     scene.wait_until(&format!("{name} to be ready"), WAIT, || {
         http_get_ok(&format!("{base}/-/ready")).map(drop)
-    });
-    base
-}
-
-/// Starts VictoriaMetrics (single node) and waits until it is healthy. Recent samples are
-/// visible to queries at once (`-search.latencyOffset=0s`) and never from a cache.
-fn start_victoria_metrics(scene: &mut Scene, name: &str) -> String {
-    let vm = require_tool("victoria-metrics", "victoria-metrics");
-    let port = free_port();
-    let mut cmd = Command::new(vm);
-    cmd.arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-        .arg(format!(
-            "-storageDataPath={}",
-            scene.dir().join(&format!("{name}-data")).display()
-        ))
-        .arg("-search.latencyOffset=0s")
-        .arg("-search.disableCache")
-        .arg("-loggerLevel=WARN");
-    scene.spawn(name, cmd);
-    let base = format!("http://127.0.0.1:{port}");
-    scene.wait_until(&format!("{name} to be healthy"), WAIT, || {
-        http_get_ok(&format!("{base}/health")).map(drop)
     });
     base
 }
@@ -122,7 +100,7 @@ fn prometheus_with_2_0_fallback_and_outage_and_victoria_metrics() {
     let prom_port = free_port();
     let prom_data: PathBuf = scene.dir().join("prometheus-data");
     let prom = start_prometheus_at(&mut scene, "prometheus-1", prom_port, &prom_data);
-    let vm = start_victoria_metrics(&mut scene, "victoria-metrics");
+    let vm = start_victoria_metrics(&mut scene, "victoria-metrics", &[]);
 
     // ---- sonde
     let web_port = free_port();
