@@ -5,7 +5,7 @@ use crate::config::AggregatorConfig;
 use crate::fleet::now_ms;
 use crate::hub::{Durable, Hub, Output};
 use crate::remote_write::RemoteWriter;
-use crate::series::Sample;
+use crate::series::Samples;
 use crate::store::Store;
 use sonde_proto::config::ConfigError;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ pub struct Outputs {
 }
 
 impl Output for Outputs {
-    fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String> {
+    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
         self.store.with_tx(|tx| {
             durable.apply(tx)?;

@@ -15,7 +15,7 @@ use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
 use crate::refusals::{Reason, Refusals};
 use crate::remote_write::encode::STALE_NAN_BITS;
-use crate::series::{Sample, Series};
+use crate::series::{Sample, SampleRow, Samples, Series};
 use crate::store::StoredAgent;
 use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
@@ -58,9 +58,10 @@ pub struct LastResult {
     /// Time between this result and the one before it from the same agent, for local
     /// jobs whose interval the aggregator does not know.
     pub spacing_ms: Option<i64>,
-    /// The series the result's samples were written as, and their values (same order).
-    pub series: Vec<Series>,
-    pub values: Vec<f64>,
+    /// The series the result's samples were written as, and their values (same order);
+    /// shared with the samples handed to the outputs.
+    pub series: Arc<[Series]>,
+    pub values: Arc<[f64]>,
     /// What the samples' names and labels weigh (`fleet.limits.max_series_bytes`).
     pub bytes: usize,
     /// The target labels `series` were built with.
@@ -201,7 +202,7 @@ impl Durable {
 /// What the inputs applied since the last commit produced.
 #[derive(Default)]
 pub struct Changes {
-    pub out: Vec<Sample>,
+    pub out: Samples,
     pub durable: Durable,
     pub undo: Undo,
 }
@@ -565,8 +566,6 @@ impl State {
             .get(agent)
             .map(|a| (a.committed_seq, a.hello_acked_seq))?;
         let skew = self.config.max_clock_skew.as_millis() as i64;
-        ch.out
-            .reserve(batch.iter().map(|r| r.samples.len()).sum::<usize>() + 3 * batch.len());
         let mut last = committed;
         let mut ack = None;
         for result in batch {
@@ -882,12 +881,12 @@ impl State {
     /// (current, or until the next reload previous) matches the agent, or a target of
     /// one of its own local jobs. With `agents_per_target`, any matching agent may
     /// report: one that was moved off a target still delivers what it probed before.
-    fn admissible(&self, agent: &str, job: &str, instance: &str) -> Result<Arc<Target>, Reason> {
-        let key = (job.to_string(), instance.to_string());
+    fn admissible(&self, agent: &str, key: &TargetKey) -> Result<Arc<Target>, Reason> {
+        let job = key.0.as_str();
         let Some(a) = self.agents.get(agent) else {
             return Err(Reason::Unassigned);
         };
-        if let Some(target) = self.targets.get(&key) {
+        if let Some(target) = self.targets.get(key) {
             let selected = self
                 .jobs
                 .get(job)
@@ -904,14 +903,14 @@ impl State {
             };
         }
         if a.local_jobs.iter().any(|j| j == job) && self.is_local_job(job) {
-            if !a.local_targets.contains(&key)
+            if !a.local_targets.contains(key)
                 && a.local_targets.len() >= self.config.limits.max_local_targets
             {
                 return Err(Reason::LocalLimit);
             }
             return Ok(Arc::new(Target {
-                job: key.0,
-                instance: key.1,
+                job: key.0.clone(),
+                instance: key.1.clone(),
                 labels: Labels::new(),
             }));
         }
@@ -927,7 +926,8 @@ impl State {
         ch: &mut Changes,
         refused: &mut BTreeMap<Reason, (u64, String)>,
     ) -> Result<(), (Reason, String)> {
-        let target = self.admissible(agent, &r.job, &r.instance).map_err(|reason| {
+        let key = (r.job.clone(), r.instance.clone());
+        let target = self.admissible(agent, &key).map_err(|reason| {
             let why = match reason {
                 Reason::LocalLimit => format!(
                     "result for {}: the agent's local jobs already have fleet.limits.max_local_targets ({}) targets",
@@ -950,8 +950,9 @@ impl State {
             .iter()
             .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
             .count();
-        let samples: Vec<ProbeSample> = if kept == r.samples.len() {
-            r.samples.clone()
+        let filtered: Vec<ProbeSample>;
+        let samples: &[ProbeSample] = if kept == r.samples.len() {
+            &r.samples
         } else {
             // Counted as refused samples; the result itself stands.
             let n = (r.samples.len() - kept) as u64;
@@ -963,13 +964,14 @@ impl State {
                 ),
             ));
             e.0 += n;
-            r.samples
+            filtered = r
+                .samples
                 .iter()
                 .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
                 .cloned()
-                .collect()
+                .collect();
+            &filtered
         };
-        let key = (r.job.clone(), r.instance.clone());
         let previous = self
             .entries
             .get(&key)
@@ -984,7 +986,7 @@ impl State {
         }
         let held_before = previous.as_ref().map_or(0, |p| p.values.len());
         let bytes_before = previous.as_ref().map_or(0, |p| p.bytes);
-        let samples_weigh = samples_bytes(&samples);
+        let samples_weigh = samples_bytes(samples);
         let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
@@ -1027,29 +1029,40 @@ impl State {
         // (the common case): no label set is built in the steady state.
         let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
         let base_len = entry.base.label_count();
-        let series: Vec<Series> = samples
-            .iter()
-            .enumerate()
-            .map(|(i, (name, labels, _))| {
-                let reuse = previous
-                    .as_ref()
-                    .filter(|_| same_base)
-                    .and_then(|p| p.series.get(i))
-                    .filter(|s| is_probe_series(s, base_len, name, labels));
-                match reuse {
+        let reusable = |i: usize, (name, labels, _): &ProbeSample| {
+            previous
+                .as_ref()
+                .filter(|_| same_base)
+                .and_then(|p| p.series.get(i))
+                .filter(|s| is_probe_series(s, base_len, name, labels))
+        };
+        // The whole list is shared when every series is the previous result's (the
+        // common case): one reference count for the result, not one per sample.
+        let series: Arc<[Series]> = match &previous {
+            Some(p)
+                if p.series.len() == samples.len()
+                    && samples
+                        .iter()
+                        .enumerate()
+                        .all(|(i, s)| reusable(i, s).is_some()) =>
+            {
+                p.series.clone()
+            }
+            _ => samples
+                .iter()
+                .enumerate()
+                .map(|(i, sample)| match reusable(i, sample) {
                     Some(s) => s.clone(),
-                    None => entry.base.probe(&agent_id, name, labels),
-                }
-            })
-            .collect();
-        let values: Vec<f64> = samples.iter().map(|(_, _, v)| *v).collect();
-        for (s, value) in series.iter().zip(&values) {
-            ch.out.push(Sample {
-                series: s.clone(),
-                timestamp_ms: r.timestamp_ms,
-                value: *value,
-            });
-        }
+                    None => entry.base.probe(&agent_id, &sample.0, &sample.1),
+                })
+                .collect(),
+        };
+        let values: Arc<[f64]> = samples.iter().map(|(_, _, v)| *v).collect();
+        ch.out.push_row(SampleRow {
+            series: series.clone(),
+            timestamp_ms: r.timestamp_ms,
+            values: values.clone(),
+        });
         let previous_ts = previous.as_ref().map(|p| p.timestamp_ms);
         let before = entry.views.insert(
             agent_id.clone(),
@@ -1199,15 +1212,10 @@ impl State {
         };
         let (quorum, window) = rules(&self.config, &self.jobs, &key.0, entry);
         let merged = merge::merge(
-            entry
-                .views
-                .values()
-                .map(|v| AgentView {
-                    timestamp_ms: v.timestamp_ms,
-                    success: v.success,
-                })
-                .collect::<Vec<_>>()
-                .iter(),
+            entry.views.values().map(|v| AgentView {
+                timestamp_ms: v.timestamp_ms,
+                success: v.success,
+            }),
             quorum,
             now_ms,
             window,
@@ -1427,7 +1435,7 @@ fn write_merged(
     merged: Option<Merged>,
     now_ms: i64,
     last_ms: i64,
-    out: &mut Vec<Sample>,
+    out: &mut Samples,
 ) -> i64 {
     let ts = now_ms.max(last_ms + 1);
     let (up, agents, succeeding) = match merged {
@@ -1445,9 +1453,9 @@ fn write_merged(
 }
 
 /// Staleness markers for every series one agent wrote for one target.
-fn stale_agent_series(view: &LastResult, now_ms: i64, out: &mut Vec<Sample>) {
+fn stale_agent_series(view: &LastResult, now_ms: i64, out: &mut Samples) {
     let ts = now_ms.max(view.timestamp_ms + 1);
-    for s in &view.series {
+    for s in view.series.iter() {
         out.push(sample(s.clone(), ts, stale_nan()));
     }
 }
@@ -1552,12 +1560,12 @@ mod tests {
     }
 
     impl Output for Recorder {
-        fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String> {
+        fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
             if self.2.load(Ordering::Relaxed) {
                 return Err("injected: database or disk is full".into());
             }
             self.1.with_tx(|tx| durable.apply(tx))?;
-            self.0.lock().unwrap().extend_from_slice(samples);
+            self.0.lock().unwrap().extend(samples.to_vec());
             Ok(())
         }
     }

@@ -76,7 +76,7 @@ fn write_probe_series(
     let mut by_name: BTreeMap<&str, Vec<Line<'_>>> = BTreeMap::new();
     for entry in snapshot.entries.values() {
         for view in entry.views.values() {
-            for (series, value) in view.series.iter().zip(&view.values) {
+            for (series, value) in view.series.iter().zip(view.values.iter()) {
                 by_name
                     .entry(series.name())
                     .or_default()
