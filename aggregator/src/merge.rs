@@ -200,7 +200,7 @@ mod tests {
     fn stale_results_do_not_vote() {
         let at_edge = WINDOW.as_millis() as i64;
         let m = merge(
-            &[view(at_edge - 1, true), view(at_edge, true)],
+            [view(at_edge - 1, true), view(at_edge, true)],
             Quorum::AtLeast(1),
             NOW,
             WINDOW,
