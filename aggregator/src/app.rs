@@ -37,6 +37,11 @@ impl Output for Outputs {
 }
 
 impl Outputs {
+    /// The aggregator's database (the history's queries read it).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     pub fn writers(&self) -> Vec<Arc<RemoteWriter>> {
         self.writers
             .read()

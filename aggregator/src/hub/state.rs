@@ -11,6 +11,7 @@ use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
 use crate::fleet::decode::Symbol;
+use crate::history::{self, HistoryState};
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
 use crate::refusals::{Reason, Refusals};
@@ -66,6 +67,8 @@ pub struct LastResult {
     pub bytes: usize,
     /// The target labels `series` were built with.
     base: TargetBase,
+    /// This minute's probes, not yet in the history (written once the minute is over).
+    pub bucket: Option<history::Bucket>,
 }
 
 /// The three merged series of a target, built once per label set.
@@ -99,6 +102,8 @@ pub struct TargetEntry {
     /// True while an `up` sample is live in the receivers (so a staleness marker is owed
     /// when the target goes missing).
     up_live: bool,
+    /// The state last recorded in the history.
+    pub history_state: Option<HistoryState>,
     /// The target labels its series are written with, and those series' shared part.
     labels: Arc<Labels>,
     pub base: TargetBase,
@@ -117,6 +122,7 @@ impl TargetEntry {
             merged: None,
             last_written_ms: 0,
             up_live: false,
+            history_state: None,
         }
     }
 
@@ -128,6 +134,7 @@ impl TargetEntry {
                 merged: self.merged,
                 last_written_ms: self.last_written_ms,
                 up_live: self.up_live,
+                history_state: self.history_state,
                 ..Self::new(self.key.clone(), labels)
             };
         }
@@ -141,6 +148,7 @@ struct Written {
     merged: Option<Merged>,
     last_written_ms: i64,
     up_live: bool,
+    history_state: Option<HistoryState>,
 }
 
 /// (target, agent, the view before).
@@ -177,11 +185,16 @@ pub struct Durable {
     pub forgotten: Vec<String>,
     /// Every job and since when it is expected (replaces the table), when not empty.
     pub jobs: Vec<(String, i64)>,
+    /// State changes and finished response-time buckets.
+    pub history: history::Writes,
 }
 
 impl Durable {
     pub fn is_empty(&self) -> bool {
-        self.agents.is_empty() && self.forgotten.is_empty() && self.jobs.is_empty()
+        self.agents.is_empty()
+            && self.forgotten.is_empty()
+            && self.jobs.is_empty()
+            && self.history.is_empty()
     }
 
     /// Applies the changes inside the caller's transaction.
@@ -195,7 +208,7 @@ impl Durable {
         if !self.jobs.is_empty() {
             crate::store::save_jobs(tx, &self.jobs)?;
         }
-        Ok(())
+        self.history.apply(tx)
     }
 }
 
@@ -335,6 +348,8 @@ pub struct State {
     placeable: BTreeSet<String>,
     /// Every agent's assignment is due again (at the next tick).
     replan: bool,
+    /// The minute up to which finished response-time buckets were handed to the history.
+    buckets_flushed_ms: i64,
 }
 
 fn stale_nan() -> f64 {
@@ -356,6 +371,7 @@ impl State {
             retired: BTreeMap::new(),
             placeable: BTreeSet::new(),
             replan: false,
+            buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);
         state
@@ -636,6 +652,11 @@ impl State {
         }
         self.write_retired(now_ms, ch);
         self.evaluate_all(now_ms, ch);
+        let minute = now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS;
+        if minute > self.buckets_flushed_ms {
+            self.flush_buckets(minute, ch);
+            self.buckets_flushed_ms = minute;
+        }
         let meta_every = self.config.scrape_interval.as_millis() as i64;
         if now_ms - self.last_meta_ms >= meta_every {
             let forgotten = self.write_meta(now_ms, ch);
@@ -1064,6 +1085,19 @@ impl State {
             values: values.clone(),
         });
         let previous_ts = previous.as_ref().map(|p| p.timestamp_ms);
+        let mut bucket = match previous.as_ref().and_then(|p| p.bucket) {
+            Some(b) if b.covers(r.timestamp_ms) => b,
+            finished => {
+                if let Some(b) = finished {
+                    ch.durable
+                        .history
+                        .buckets
+                        .push((key.clone(), agent_id.to_string(), b));
+                }
+                history::Bucket::starting(r.timestamp_ms)
+            }
+        };
+        bucket.add(r.success, r.duration_seconds);
         let before = entry.views.insert(
             agent_id.clone(),
             Arc::new(LastResult {
@@ -1077,6 +1111,7 @@ impl State {
                 values,
                 bytes: samples_weigh,
                 base: entry.base.clone(),
+                bucket: Some(bucket),
             }),
         );
         ch.undo.views.push((entry.key.clone(), agent_id, before));
@@ -1103,6 +1138,7 @@ impl State {
                 e.merged = written.merged;
                 e.last_written_ms = written.last_written_ms;
                 e.up_live = written.up_live;
+                e.history_state = written.history_state;
             }
         }
         for key in undo.created {
@@ -1136,6 +1172,32 @@ impl State {
             self.agents.insert(id, agent);
         }
         self.retired.extend(undo.retired);
+    }
+
+    /// Hands the response-time buckets of minutes before `minute` to the history, for
+    /// views whose agent has not reported since (the others were handed over by their
+    /// next result).
+    fn flush_buckets(&mut self, minute: i64, ch: &mut Changes) {
+        for entry in self.entries.values_mut() {
+            for (agent, view) in entry.views.iter_mut() {
+                let Some(b) = view.bucket.filter(|b| b.start_ms < minute) else {
+                    continue;
+                };
+                ch.durable.history.buckets.push((
+                    (entry.key.0.clone(), entry.key.1.clone()),
+                    agent.to_string(),
+                    b,
+                ));
+                let flushed = Arc::new(LastResult {
+                    bucket: None,
+                    ..(**view).clone()
+                });
+                let before = std::mem::replace(view, flushed);
+                ch.undo
+                    .views
+                    .push((entry.key.clone(), agent.clone(), Some(before)));
+            }
+        }
     }
 
     /// Staleness markers for targets a reload removed; on success they are gone.
@@ -1230,11 +1292,55 @@ impl State {
         // target, rewriting `up` at each of their results would add three rows to every
         // twelve. The periodic rewrite (`due`) keeps it live in the receivers.
         let must_write = changed || due || (new_result && entry.last_written_ms == 0);
-        let up_live = entry.up_live;
+        let write =
+            must_write && !(merged.state == TargetState::Missing && !entry.up_live && !changed);
+        // The history records every change of state, but not a target's first being
+        // missing (it never had a result then).
+        let state = HistoryState::of(&merged);
+        let event = (entry.history_state != Some(state)
+            && (entry.history_state.is_some() || state != HistoryState::Missing))
+            .then(|| {
+                history::Event {
+                    timestamp_ms: now_ms,
+                    state,
+                    agents: merged.agents,
+                    succeeding: merged.succeeding,
+                    views: entry
+                        .views
+                        .iter()
+                        .map(|(agent, v)| history::EventView {
+                            agent: agent.to_string(),
+                            success: v.success,
+                            fresh: merge::is_fresh(v.timestamp_ms, now_ms, window),
+                            timestamp_ms: v.timestamp_ms,
+                            failure: v.failure.clone(),
+                        })
+                        .collect(),
+                }
+                .bounded()
+            });
         let Some(e) = self.entries.get_mut(key) else {
             return;
         };
-        if !must_write || (merged.state == TargetState::Missing && !up_live && !changed) {
+        if write || event.is_some() {
+            ch.undo.written.push((
+                e.key.clone(),
+                Written {
+                    merged: e.merged,
+                    last_written_ms: e.last_written_ms,
+                    up_live: e.up_live,
+                    history_state: e.history_state,
+                },
+            ));
+        }
+        if let Some(event) = event {
+            ch.durable
+                .history
+                .events
+                .push(((key.0.clone(), key.1.clone()), event));
+            e.history_state = Some(state);
+        }
+        if !write {
             e.merged = Some(merged);
             return;
         }
@@ -1245,14 +1351,6 @@ impl State {
             e.last_written_ms,
             &mut ch.out,
         );
-        ch.undo.written.push((
-            e.key.clone(),
-            Written {
-                merged: e.merged,
-                last_written_ms: e.last_written_ms,
-                up_live: e.up_live,
-            },
-        ));
         e.merged = Some(merged);
         e.last_written_ms = written_at;
         e.up_live = merged.state != TargetState::Missing;
@@ -1843,6 +1941,46 @@ fleet: {missing_after: 30s}
             serde_json::from_str(&a.modules[a.checks[0].module as usize].json).unwrap();
         assert_eq!(module.prober, sonde_proto::config::Prober::Tcp);
         assert_eq!(a.checks[0].interval_ms, 300_000);
+    }
+
+    #[test]
+    fn the_history_keeps_each_change_with_its_reasons_and_the_minutes_response_times() {
+        let (hub, rec, _rx) = setup();
+        let key = ("web", "127.0.0.1:80");
+        let mut failed = result(2, key.0, key.1, T0 + 10_000, false);
+        failed.failure = "connect: connection refused".into();
+        for (batch, now) in [
+            (result(1, key.0, key.1, T0, true), T0 + 5),
+            (failed, T0 + 10_005),
+            (result(3, key.0, key.1, T0 + 20_000, true), T0 + 20_005),
+            // The next minute: the first minute's bucket is handed over.
+            (result(4, key.0, key.1, T0 + 60_000, true), T0 + 60_005),
+        ] {
+            results(&hub, "eu-1", &[batch], now).unwrap();
+        }
+        let store = &rec.1;
+        let events = store.events(key.0, key.1, 10).unwrap();
+        let states: Vec<_> = events.iter().rev().map(|e| e.event.state).collect();
+        assert_eq!(
+            states,
+            [HistoryState::Up, HistoryState::Down, HistoryState::Up]
+        );
+        let down = &events[1];
+        assert_eq!(down.previous, Some(HistoryState::Up));
+        assert_eq!(down.event.reasons(), ["connect: connection refused"]);
+        assert_eq!(down.event.views[0].agent, "eu-1");
+        let buckets = &store.latency(key.0, key.1, 0).unwrap()["eu-1"];
+        assert_eq!(buckets.len(), 1, "the current minute is not written yet");
+        assert_eq!((buckets[0].probes, buckets[0].successes), (3, 2));
+        // A tick past the minute writes it even though no result came since.
+        hub.tick(T0 + 125_000).wait();
+        let buckets = &store.latency(key.0, key.1, 0).unwrap()["eu-1"];
+        assert_eq!(buckets.len(), 2);
+        // Gone quiet: the target becomes missing, and that is a change too.
+        hub.tick(T0 + 200_000).wait();
+        let newest = &store.events(key.0, key.1, 1).unwrap()[0];
+        assert_eq!(newest.event.state, HistoryState::Missing);
+        assert!(!newest.event.views[0].fresh);
     }
 
     #[test]
