@@ -964,8 +964,9 @@ pub fn start_victoria_metrics(scene: &mut Scene, name: &str, extra: &[&str]) -> 
     base
 }
 
-/// An nginx serving `GET /` → 200 "ok\n" and `/missing` → 404 on 127.0.0.1. Returns its
-/// port once it answers.
+/// An nginx serving `GET /` → 200 "ok\n" and `/missing` → 404 on 127.0.0.1, and `/flip`:
+/// 200 "ok\n", or 503 while the file [`nginx_flip_file`] exists (a target that fails and
+/// recovers on the test's command). Returns its port once it answers.
 pub fn start_nginx(scene: &mut Scene, name: &str) -> u16 {
     let nginx = require_tool("nginx", "nginx-light");
     let port = free_port();
@@ -990,6 +991,10 @@ http {{
         listen 127.0.0.1:{port};
         location = / {{ return 200 "ok\n"; }}
         location /missing {{ return 404; }}
+        location = /flip {{
+            if (-f {d}/flip-down) {{ return 503 "flipped down\n"; }}
+            return 200 "ok\n";
+        }}
     }}
 }}
 "#
@@ -1014,6 +1019,11 @@ http {{
         },
     );
     port
+}
+
+/// While this file exists, the nginx `name` of [`start_nginx`] answers `/flip` with 503.
+pub fn nginx_flip_file(scene: &Scene, name: &str) -> PathBuf {
+    scene.dir().join(name).join("flip-down")
 }
 
 /// A dnsmasq answering `A example.test` (and every name under it) with 127.0.0.1, and

@@ -3,6 +3,7 @@
 
 use crate::app::App;
 use crate::fleet::now_ms;
+use crate::history::HistoryState;
 use crate::hub::Snapshot;
 use crate::merge::{self, TargetState};
 use axum::Json;
@@ -106,6 +107,7 @@ pub fn targets_json(state: &Snapshot) -> Value {
                 "instance": key.1,
                 "labels": labels,
                 "state": merged.map_or(TargetState::Missing, |m| m.state),
+                "history_state": merged.as_ref().map_or(HistoryState::Missing, HistoryState::of),
                 "agents": merged.map_or(0, |m| m.agents),
                 "succeeding": merged.map_or(0, |m| m.succeeding),
                 "views": views,
