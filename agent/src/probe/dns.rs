@@ -8,7 +8,9 @@
 //! with a reason, never a panic; on UDP a datagram that is not the reply to our query
 //! (wrong id) is ignored, as a spoofed or stale answer would be.
 
-use super::tcp::{TlsClient, TlsFacts, connect, parse_port, parse_source_ip};
+use super::net::{connect, connect_failure, parse_port, parse_source_ip};
+use super::tls::TlsClient;
+use super::tls_samples::TlsFacts;
 use super::{
     Because, Env, Failure, ProbeContext, Reason, Samples, Stage, io_reason, resolve_target,
     split_host_port,
@@ -332,7 +334,7 @@ async fn exchange_udp(
     socket
         .connect(server)
         .await
-        .map_err(|e| super::tcp::connect_failure(&e))?;
+        .map_err(|e| connect_failure(&e))?;
     out.stage = Stage::Exchange;
     out.add_with(
         DURATION,
@@ -414,7 +416,7 @@ fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use crate::probe::run;
-    use crate::probe::tcp::tests::{ctx, labelled, sample};
+    use crate::probe::test_support::{ctx, labelled, sample};
     use hickory_proto::op::{MessageType, OpCode, ResponseCode};
     use hickory_proto::rr::rdata::{A, SOA as SoaData};
     use std::time::Duration;
@@ -797,8 +799,8 @@ mod tests {
     }
 
     /// A DNS-over-TLS server with the test PKI, answering from the test zone.
-    async fn dot_server(pki: &crate::probe::tcp::tests::TestPki) -> SocketAddr {
-        crate::probe::tcp::tests::tls_server(pki, &[], |mut tls| async move {
+    async fn dot_server(pki: &crate::probe::test_support::TestPki) -> SocketAddr {
+        crate::probe::test_support::tls_server(pki, &[], |mut tls| async move {
             let mut len = [0u8; 2];
             if tls.read_exact(&mut len).await.is_err() {
                 return;
@@ -819,7 +821,7 @@ mod tests {
 
     #[tokio::test]
     async fn probe_dns_over_tls() {
-        use crate::probe::tcp::tests::{LEAF_NOT_AFTER, ca_file, test_pki};
+        use crate::probe::test_support::{LEAF_NOT_AFTER, ca_file, test_pki};
         let pki = test_pki();
         let addr = dot_server(&pki).await;
         let m = dns_module(serde_json::json!({

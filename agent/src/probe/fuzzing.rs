@@ -3,9 +3,12 @@
 //! it, without a network. Not part of the agent's API; kept here so that the decoders
 //! stay private to the probers.
 
-use super::decode::{Algorithm, Body};
-use super::http::{BodyRead, body_regex_failure, parse_http_date};
-use super::tcp::{TlsFacts, x509};
+use super::http::body::BodyRead;
+use super::http::checks::body_regex_failure;
+use super::http::decode::{Algorithm, Body};
+use super::http::last_modified;
+use super::tls_samples::TlsFacts;
+use super::x509;
 use super::{Env, Failure, ProbeContext, Samples};
 use rustls::pki_types::CertificateDer;
 use sonde_proto::config::Module;
@@ -66,7 +69,7 @@ pub fn http_body<'a>(
 
 /// A `Last-Modified` header's value as the http prober reads it (Unix seconds).
 pub fn http_date(value: &str) -> Option<i64> {
-    parse_http_date(value)
+    last_modified(value)
 }
 
 /// Checks a DNS reply against `module`'s dns settings as the dns prober does after the
@@ -101,8 +104,9 @@ pub fn certificates(
         .collect();
     let roots: Vec<x509::Cert<'_>> = roots.iter().filter_map(|c| x509::Cert::parse(c)).collect();
     for cert in parsed.iter().chain(&roots) {
-        let _ = x509::name_string(cert.subject);
-        let _ = x509::name_string(cert.issuer);
+        let _ = cert.subject();
+        let _ = cert.issuer();
+        let _ = cert.dns_names();
         let _ = cert.serial_hex();
     }
     x509::chain_expiry(&parsed, &roots)

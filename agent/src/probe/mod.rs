@@ -1,14 +1,22 @@
 //! The probers, behind one interface in the shape of blackbox_exporter's `ProbeFn`:
 //! a target, a module and a deadline in; success and the samples it produced out.
 //!
-//! Adding a prober is adding one file here and one arm in [`run`].
+//! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
+//! [`http`], [`tcp`] and [`dns`] are the probers; `net` (the TCP connect), `tls` (the
+//! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
+//! (what a certificate says) are the parts they share.
 
-mod decode;
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub(crate) mod net;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod test_support;
+pub(crate) mod tls;
+pub(crate) mod tls_samples;
+pub(crate) mod x509;
 
 use sonde_proto::config::module::IpProtocol;
 use sonde_proto::config::{Module, Prober};
@@ -557,29 +565,6 @@ pub(crate) fn ip_hash(ip: IpAddr) -> u32 {
     })
 }
 
-/// Seconds since the Unix epoch of a UTC calendar time; `None` when out of range.
-pub(crate) fn unix_time(
-    year: i64,
-    month: i64,
-    day: i64,
-    hour: i64,
-    min: i64,
-    sec: i64,
-) -> Option<i64> {
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    // Howard Hinnant's days_from_civil.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hour * 3600 + min * 60 + sec)
-}
-
 /// An I/O error in a few words ("connection refused"), for failure reasons.
 pub(crate) fn io_reason(e: &std::io::Error) -> String {
     use std::io::ErrorKind::*;
@@ -695,15 +680,6 @@ mod tests {
             .await
             .unwrap();
         assert!(ip.is_loopback() && ip.is_ipv4(), "{ip}");
-    }
-
-    #[test]
-    fn unix_time_matches_known_dates() {
-        assert_eq!(unix_time(1970, 1, 1, 0, 0, 0), Some(0));
-        assert_eq!(unix_time(1994, 11, 6, 8, 49, 37), Some(784_111_777));
-        assert_eq!(unix_time(2030, 6, 1, 0, 0, 0), Some(1_906_502_400));
-        assert_eq!(unix_time(2000, 2, 29, 12, 0, 0), Some(951_825_600));
-        assert_eq!(unix_time(2000, 13, 1, 0, 0, 0), None);
     }
 
     #[tokio::test]
