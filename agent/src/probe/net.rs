@@ -11,16 +11,27 @@ pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub(crate) type Io = Box<dyn Stream>;
 
-pub(crate) fn parse_port(port: &str, target: &str) -> Result<u16, String> {
-    port.parse::<u16>()
-        .map_err(|_| format!("target {target:?}: {port:?} is not a port number"))
+/// An address in a target or module that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AddressError {
+    #[error("target {target:?}: {port:?} is not a port number")]
+    Port { target: String, port: String },
+    #[error("source_ip_address {0:?} is not an IP address")]
+    SourceIp(String),
 }
 
-pub(crate) fn parse_source_ip(source: Option<&str>) -> Result<Option<IpAddr>, String> {
+pub(crate) fn parse_port(port: &str, target: &str) -> Result<u16, AddressError> {
+    port.parse::<u16>().map_err(|_| AddressError::Port {
+        target: target.to_string(),
+        port: port.to_string(),
+    })
+}
+
+pub(crate) fn parse_source_ip(source: Option<&str>) -> Result<Option<IpAddr>, AddressError> {
     source
         .map(|s| {
             s.parse::<IpAddr>()
-                .map_err(|_| format!("source_ip_address {s:?} is not an IP address"))
+                .map_err(|_| AddressError::SourceIp(s.to_string()))
         })
         .transpose()
 }

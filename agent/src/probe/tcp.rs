@@ -647,11 +647,11 @@ mod tests {
 
     struct RefuseAll;
     impl crate::probe::ConnectPolicy for RefuseAll {
-        fn check_host(&self, _: &str, _: u16) -> Result<(), String> {
+        fn check_host(&self, _: &str, _: u16) -> Result<(), crate::probe::Refusal> {
             Ok(())
         }
-        fn check_addr(&self, addr: SocketAddr) -> Result<(), String> {
-            Err(format!("{addr} is not allowed"))
+        fn check_addr(&self, addr: SocketAddr) -> Result<(), crate::probe::Refusal> {
+            Err(crate::probe::Refusal(format!("{addr} is not allowed")))
         }
     }
 

@@ -7,13 +7,40 @@ use super::tls_samples::TlsFacts;
 use super::{Failure, ProbeContext, Reason, Samples, io_reason};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use sonde_proto::config::module::{TlsConfig, tls_version_number};
 use sonde_proto::tls::SkipVerify;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Why a module's `tls_config` gives no TLS client; each message names the option.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsSetupError {
+    #[error(
+        "tls_config: no TLS version between min_version {min} and max_version {max} that the agent speaks (TLS12, TLS13)"
+    )]
+    NoVersion { min: String, max: String },
+    #[error("tls: {0}")]
+    Versions(rustls::Error),
+    #[error("tls_config.{what} {path}: {error}")]
+    ReadCerts {
+        what: &'static str,
+        path: String,
+        error: pem::Error,
+    },
+    #[error("tls_config.{what} {path}: no PEM certificate in it")]
+    NoCerts { what: &'static str, path: String },
+    #[error("tls_config.ca_file {path}: {error}")]
+    BadCa { path: String, error: rustls::Error },
+    #[error("tls_config: {0}")]
+    Verifier(rustls::client::VerifierBuilderError),
+    #[error("tls_config.key_file {path}: {error}")]
+    KeyFile { path: String, error: pem::Error },
+    #[error("tls_config.cert_file: {0}")]
+    ClientCert(rustls::Error),
+}
 
 /// A TLS client for one probe, built from a module's `tls_config`.
 pub(crate) struct TlsClient {
@@ -30,7 +57,11 @@ pub(crate) struct TlsClient {
 
 impl TlsClient {
     /// `alpn` is offered in order (`h2`, `http/1.1` for the http prober).
-    pub(crate) fn new(ctx: &ProbeContext, cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<Self, String> {
+    pub(crate) fn new(
+        ctx: &ProbeContext,
+        cfg: &TlsConfig,
+        alpn: &[&[u8]],
+    ) -> Result<Self, TlsSetupError> {
         let min = cfg
             .min_version
             .as_deref()
@@ -48,15 +79,14 @@ impl TlsClient {
                 .map(|(_, p)| p)
                 .collect();
         if versions.is_empty() {
-            return Err(format!(
-                "tls_config: no TLS version between min_version {} and max_version {} that the agent speaks (TLS12, TLS13)",
-                cfg.min_version.as_deref().unwrap_or("TLS12"),
-                cfg.max_version.as_deref().unwrap_or("TLS13")
-            ));
+            return Err(TlsSetupError::NoVersion {
+                min: cfg.min_version.as_deref().unwrap_or("TLS12").to_string(),
+                max: cfg.max_version.as_deref().unwrap_or("TLS13").to_string(),
+            });
         }
         let builder = ClientConfig::builder_with_provider(ctx.crypto.clone())
             .with_protocol_versions(&versions)
-            .map_err(|e| format!("tls: {e}"))?;
+            .map_err(TlsSetupError::Versions)?;
         let mut ca_certs = Vec::new();
         let verified = !cfg.insecure_skip_verify;
         let presented = Arc::new(Mutex::new(Vec::new()));
@@ -68,7 +98,10 @@ impl TlsClient {
             for cert in &ca_certs {
                 roots
                     .add(cert.clone())
-                    .map_err(|e| format!("tls_config.ca_file {path}: {e}"))?;
+                    .map_err(|error| TlsSetupError::BadCa {
+                        path: path.clone(),
+                        error,
+                    })?;
             }
             Some(Arc::new(roots))
         } else {
@@ -78,7 +111,7 @@ impl TlsClient {
             None => Arc::new(SkipVerify::new(ctx.crypto.clone())),
             Some(roots) => WebPkiServerVerifier::builder_with_provider(roots, ctx.crypto.clone())
                 .build()
-                .map_err(|e| format!("tls_config: {e}"))?,
+                .map_err(TlsSetupError::Verifier)?,
         };
         let verifier = Arc::new(Capturing {
             inner,
@@ -90,11 +123,14 @@ impl TlsClient {
         let mut config = match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "cert_file")?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| format!("tls_config.key_file {key}: {e}"))?;
+                let key =
+                    PrivateKeyDer::from_pem_file(key).map_err(|error| TlsSetupError::KeyFile {
+                        path: key.clone(),
+                        error,
+                    })?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("tls_config.cert_file: {e}"))?
+                    .map_err(TlsSetupError::ClientCert)?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -222,14 +258,22 @@ impl ServerCertVerifier for Capturing {
     }
 }
 
-fn read_certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(
+    path: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls_config.{what} {path}: {e}"))?;
+        .map_err(|error| TlsSetupError::ReadCerts {
+            what,
+            path: path.to_string(),
+            error,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "tls_config.{what} {path}: no PEM certificate in it"
-        ));
+        return Err(TlsSetupError::NoCerts {
+            what,
+            path: path.to_string(),
+        });
     }
     Ok(certs)
 }

@@ -7,13 +7,31 @@ use base64::engine::general_purpose::STANDARD;
 use http::header::HeaderValue;
 use sonde_proto::config::module::HttpProbe;
 
+/// Why the credentials cannot be sent.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AuthError {
+    /// A secret's file cannot be read; `what` names the option.
+    #[error("http.{what} {path}: {error}")]
+    File {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("http: the credentials are not a valid header value")]
+    NotAHeaderValue,
+}
+
 /// The Authorization value from basic_auth, authorization or the bearer token; files are
 /// read at each probe so that rotated secrets are picked up.
-pub(super) fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, String> {
-    let read = |path: &str, what: &str| {
+pub(super) fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, AuthError> {
+    let read = |path: &str, what: &'static str| {
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
-            .map_err(|e| format!("http.{what} {path}: {e}"))
+            .map_err(|error| AuthError::File {
+                what,
+                path: path.to_string(),
+                error,
+            })
     };
     let value = if let Some(auth) = &cfg.basic_auth {
         let password = match (&auth.password, &auth.password_file) {
@@ -36,8 +54,7 @@ pub(super) fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, Stri
     } else {
         return Ok(None);
     };
-    let mut value = HeaderValue::from_str(&value)
-        .map_err(|_| "http: the credentials are not a valid header value".to_string())?;
+    let mut value = HeaderValue::from_str(&value).map_err(|_| AuthError::NotAHeaderValue)?;
     value.set_sensitive(true);
     Ok(Some(value))
 }

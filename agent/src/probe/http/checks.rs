@@ -3,7 +3,7 @@
 
 use super::body::BodyRead;
 use super::conn::version_name;
-use crate::probe::{Because, Env, Failure, Reason, Samples};
+use crate::probe::{BadRegex, Because, Env, Failure, Reason, Samples};
 use http::header::{HeaderMap, HeaderValue};
 use http::{StatusCode, Version};
 use sonde_proto::config::module::HttpProbe;
@@ -106,7 +106,7 @@ fn header_regex_failure(
     ctx: &Env<'_>,
     cfg: &HttpProbe,
     headers: &HeaderMap,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, BadRegex> {
     for (spec, fail_on_match) in cfg
         .fail_if_header_matches
         .iter()
@@ -146,7 +146,7 @@ pub(crate) fn body_regex_failure(
     ctx: &Env<'_>,
     cfg: &HttpProbe,
     body: &BodyRead,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, BadRegex> {
     let note = if body.truncated {
         " (in its first 10 MiB)"
     } else {

@@ -3,6 +3,7 @@
 //! and the connection task run alongside the request so that nothing outlives the
 //! probe.
 
+use crate::probe::{Failure, Reason};
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body_util::Full;
@@ -71,12 +72,17 @@ impl Sender {
     }
 }
 
-pub(super) async fn handshake<S>(io: S, h2: bool) -> Result<(Sender, ConnFuture), String>
+pub(super) async fn handshake<S>(io: S, h2: bool) -> Result<(Sender, ConnFuture), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
-    let reason = |e: hyper::Error| format!("http handshake: {}", hyper_reason(&e));
+    let reason = |e: hyper::Error| {
+        Failure::new(
+            Reason::Protocol,
+            format!("http handshake: {}", hyper_reason(&e)),
+        )
+    };
     if h2 {
         let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await

@@ -123,7 +123,7 @@ pub async fn probe(
         .or_else(|| host_override.clone())
         .unwrap_or_else(|| host.clone());
     let method = Method::from_bytes(cfg.method.as_bytes())
-        .map_err(|_| format!("http.method {:?} is not an HTTP method", cfg.method))
+        .map_err(|_| RequestError::Method(cfg.method.clone()))
         .because(Reason::Config)?;
     let mut hop = Hop {
         host_header: host_override.unwrap_or_else(|| authority(&url)),
@@ -157,26 +157,54 @@ pub async fn probe(
     }
 }
 
+/// Why a request cannot be built from the target and the module.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    #[error("target {target:?} is not a URL: {error}")]
+    Url {
+        target: String,
+        error: url::ParseError,
+    },
+    #[error("URL {0} has no host")]
+    NoHost(Url),
+    #[error("http.method {0:?} is not an HTTP method")]
+    Method(String),
+    #[error("http.headers: {0:?} is not a header name")]
+    HeaderName(String),
+    #[error("http.headers: the value of {0} is not a header value")]
+    HeaderValue(HeaderName),
+    #[error("Host {0:?} is not a header value")]
+    Host(String),
+    #[error("request URI {uri:?}: {error}")]
+    Uri {
+        uri: String,
+        error: http::uri::InvalidUri,
+    },
+}
+
 /// blackbox_exporter adds `http://` to a target without a scheme.
-fn target_url(target: &str) -> Result<Url, String> {
+fn target_url(target: &str) -> Result<Url, RequestError> {
     let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
     let full = if lower.starts_with("http://") || lower.starts_with("https://") {
         target.to_string()
     } else {
         format!("http://{target}")
     };
-    let url = Url::parse(&full).map_err(|e| format!("target {target:?} is not a URL: {e}"))?;
+    let url = Url::parse(&full).map_err(|error| RequestError::Url {
+        target: target.to_string(),
+        error,
+    })?;
     url_host(&url)?;
     Ok(url)
 }
 
 /// The URL's host, IPv6 addresses without their brackets.
-fn url_host(url: &Url) -> Result<String, String> {
+fn url_host(url: &Url) -> Result<String, RequestError> {
     match url.host() {
         Some(url::Host::Domain(d)) if !d.is_empty() => Ok(d.to_string()),
         Some(url::Host::Ipv4(ip)) => Ok(ip.to_string()),
         Some(url::Host::Ipv6(ip)) => Ok(ip.to_string()),
-        _ => Err(format!("URL {url} has no host")),
+        _ => Err(RequestError::NoHost(url.clone())),
     }
 }
 
@@ -314,7 +342,7 @@ impl Session<'_> {
     }
 
     /// The request of one hop, without its URI (which depends on the HTTP version).
-    fn request(&self, hop: &Hop) -> Result<Request<Full<Bytes>>, String> {
+    fn request(&self, hop: &Hop) -> Result<Request<Full<Bytes>>, RequestError> {
         let mut req = Request::new(Full::new(hop.body.clone().unwrap_or_default()));
         *req.method_mut() = hop.method.clone();
         let headers = req.headers_mut();
@@ -323,7 +351,7 @@ impl Session<'_> {
                 continue;
             }
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("http.headers: {name:?} is not a header name"))?;
+                .map_err(|_| RequestError::HeaderName(name.clone()))?;
             let sensitive = [
                 header::AUTHORIZATION,
                 header::COOKIE,
@@ -334,7 +362,7 @@ impl Session<'_> {
                 continue;
             }
             let value = HeaderValue::from_str(value)
-                .map_err(|_| format!("http.headers: the value of {name} is not a header value"))?;
+                .map_err(|_| RequestError::HeaderValue(name.clone()))?;
             headers.insert(name, value);
         }
         if let Some(auth) = &self.authorization
@@ -376,7 +404,7 @@ impl Session<'_> {
         } else if via_proxy {
             // A plain-http request through a proxy names the whole URL (absolute form).
             let host = HeaderValue::from_str(&hop.host_header)
-                .map_err(|_| format!("Host {:?} is not a header value", hop.host_header))
+                .map_err(|_| RequestError::Host(hop.host_header.clone()))
                 .because(Reason::Config)?;
             req.headers_mut().insert(header::HOST, host);
             if let Some(auth) = self.proxy.as_ref().and_then(|p| p.authorization.clone()) {
@@ -385,14 +413,17 @@ impl Session<'_> {
             format!("http://{}{path}", authority(&hop.url))
         } else {
             let host = HeaderValue::from_str(&hop.host_header)
-                .map_err(|_| format!("Host {:?} is not a header value", hop.host_header))
+                .map_err(|_| RequestError::Host(hop.host_header.clone()))
                 .because(Reason::Config)?;
             req.headers_mut().insert(header::HOST, host);
             path
         };
         *req.uri_mut() = uri
             .parse::<Uri>()
-            .map_err(|e| format!("request URI {uri:?}: {e}"))
+            .map_err(|error| RequestError::Uri {
+                uri: uri.clone(),
+                error,
+            })
             .because(Reason::Config)?;
         if h2 {
             *req.version_mut() = Version::HTTP_2;
@@ -401,10 +432,9 @@ impl Session<'_> {
         let ready = Instant::now();
         let (mut sender, conn) = handshake(io, h2).await?;
         let work = async {
-            let resp = sender
-                .send(req)
-                .await
-                .map_err(|e| format!("request: {}", hyper_reason(&e)))?;
+            let resp = sender.send(req).await.map_err(|e| {
+                Failure::new(Reason::Protocol, format!("request: {}", hyper_reason(&e)))
+            })?;
             let first_byte = Instant::now();
             out.add_with(
                 DURATION,

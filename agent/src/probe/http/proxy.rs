@@ -2,12 +2,25 @@
 //! go to it in absolute form; https ones through a CONNECT tunnel.
 
 use super::auth::basic;
-use super::url_host;
+use super::{RequestError, url_host};
 use crate::probe::net::Io;
 use crate::probe::{Failure, Reason, io_reason};
 use http::header::HeaderValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use url::Url;
+
+/// A `proxy_url` the prober cannot use.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ProxyError {
+    #[error("http.proxy_url {raw:?}: {error}")]
+    Url { raw: String, error: url::ParseError },
+    #[error("http.proxy_url {raw:?}: only http:// proxies are supported")]
+    Scheme { raw: String },
+    #[error(transparent)]
+    Host(#[from] RequestError),
+    #[error("http.proxy_url: the credentials are not a header value")]
+    Credentials,
+}
 
 /// An HTTP proxy from `proxy_url`.
 pub(super) struct Proxy {
@@ -18,12 +31,15 @@ pub(super) struct Proxy {
 }
 
 impl Proxy {
-    pub(super) fn parse(raw: &str) -> Result<Self, String> {
-        let url = Url::parse(raw).map_err(|e| format!("http.proxy_url {raw:?}: {e}"))?;
+    pub(super) fn parse(raw: &str) -> Result<Self, ProxyError> {
+        let url = Url::parse(raw).map_err(|error| ProxyError::Url {
+            raw: raw.to_string(),
+            error,
+        })?;
         if url.scheme() != "http" {
-            return Err(format!(
-                "http.proxy_url {raw:?}: only http:// proxies are supported"
-            ));
+            return Err(ProxyError::Scheme {
+                raw: raw.to_string(),
+            });
         }
         let host = url_host(&url)?;
         let port = url.port_or_known_default().unwrap_or(80);
@@ -43,9 +59,8 @@ impl Proxy {
             };
             let user = decode(url.username());
             let pass = decode(url.password().unwrap_or_default());
-            let mut v = HeaderValue::from_str(&basic(&user, &pass)).map_err(|_| {
-                "http.proxy_url: the credentials are not a header value".to_string()
-            })?;
+            let mut v =
+                HeaderValue::from_str(&basic(&user, &pass)).map_err(|_| ProxyError::Credentials)?;
             v.set_sensitive(true);
             Some(v)
         };

@@ -776,7 +776,12 @@ async fn probe_http_compression_decodes_the_body() {
     let m = http_module(serde_json::json!({
         "compression": "gzip", "headers": {"Accept-Encoding": "br, gzip;q=0"}
     }));
-    assert!(m.validate().unwrap_err().contains("Accept-Encoding"));
+    assert!(
+        m.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("Accept-Encoding")
+    );
 }
 
 #[tokio::test]
@@ -975,12 +980,14 @@ async fn probe_http_failure_reasons() {
 /// Admits everything but link-local addresses, like `/probe`'s allowlist.
 struct NoLinkLocal;
 impl crate::probe::ConnectPolicy for NoLinkLocal {
-    fn check_host(&self, _: &str, _: u16) -> Result<(), String> {
+    fn check_host(&self, _: &str, _: u16) -> Result<(), crate::probe::Refusal> {
         Ok(())
     }
-    fn check_addr(&self, addr: SocketAddr) -> Result<(), String> {
+    fn check_addr(&self, addr: SocketAddr) -> Result<(), crate::probe::Refusal> {
         match addr.ip() {
-            IpAddr::V4(v4) if v4.is_link_local() => Err(format!("{addr} is link-local")),
+            IpAddr::V4(v4) if v4.is_link_local() => {
+                Err(crate::probe::Refusal(format!("{addr} is link-local")))
+            }
             _ => Ok(()),
         }
     }
