@@ -1012,6 +1012,36 @@ mod tests {
     }
 
     #[test]
+    fn errors_read_as_before_they_were_types() {
+        let m: Module = serde_json::from_value(serde_json::json!({
+            "prober": "tcp",
+            "tcp": {"tls_config": {"min_version": "SSL3"},
+                    "query_response": [{"expect": "("}]},
+        }))
+        .unwrap();
+        assert_eq!(
+            m.validate().unwrap_err().to_string(),
+            "tcp.tls_config.min_version: \"SSL3\" is not one of TLS10, TLS11, TLS12, TLS13"
+        );
+        let mut m = m;
+        m.tcp.tls_config.min_version = None;
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("tcp.query_response[0].expect: invalid regular expression \"(\": ")
+        );
+        assert_eq!(
+            ModuleError::SourceIp {
+                prober: "dns",
+                ip: "x".into()
+            }
+            .to_string(),
+            "dns.source_ip_address: \"x\" is not an IP address (like 192.0.2.10 or 2001:db8::10)"
+        );
+    }
+
+    #[test]
     fn json_round_trip() {
         let m: Module = serde_json::from_str(
             r#"{"prober":"dns","timeout":"5s","dns":{"query_name":"example.com","query_type":"A"}}"#,

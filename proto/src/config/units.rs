@@ -225,6 +225,10 @@ mod tests {
         assert!(d("30s1m").is_err());
         assert!(d("1.5s").is_err());
         assert!(d("99999999999999999999y").is_err());
+        assert_eq!(
+            d("30s1m").unwrap_err().to_string(),
+            "invalid duration \"30s1m\": units must go from largest to smallest, each once"
+        );
     }
 
     #[test]

@@ -1023,6 +1023,9 @@ fn http_dates_in_all_three_forms() {
     assert_eq!(last_modified("yesterday"), None);
     assert_eq!(last_modified("Sun, 06 Foo 1994 08:49:37 GMT"), None);
     assert_eq!(last_modified("Sun, 99 Nov 1994 08:49:37 GMT"), None);
+    // Stricter than Go's http.ParseTime, which ignores the day name: httpdate refuses a
+    // day name that does not match the date.
+    assert_eq!(last_modified("Mon, 06 Nov 1994 08:49:37 GMT"), None);
 }
 
 #[test]
