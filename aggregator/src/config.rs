@@ -397,7 +397,7 @@ impl AggregatorConfig {
                         labels,
                         &format!("fleet.auth.tokens: labels of agent {:?}", entry.agent),
                     )
-                    .map_err(at)?;
+                    .map_err(|e| at(e.to_string()))?;
                 }
                 if let Some(path) = &entry.token_file {
                     warn_if_readable_by_others(&base.join(path));

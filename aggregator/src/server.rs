@@ -55,7 +55,7 @@ pub async fn start_with(
 
     let router = crate::web::router(app.clone(), web.enable_lifecycle);
     let rx = stopped.clone();
-    tasks.push(tokio::spawn(sonde_agent::http_server::serve(
+    tasks.push(tokio::spawn(sonde_cli::http_server::serve(
         web_listener,
         router,
         web.limits,

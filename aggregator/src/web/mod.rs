@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use sonde_agent::http_server::Limits;
+use sonde_cli::http_server::Limits;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
