@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(super::utc(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(
             super::utc(1_796_025_600_000),
-            "Tue, 01 Dec 2026 00:00:00 GMT"
+            "Mon, 30 Nov 2026 08:00:00 GMT"
         );
     }
 }
