@@ -170,6 +170,7 @@ pub struct Undo {
     /// (agent, committed sequence before).
     committed: Vec<(String, u64)>,
     last_meta_ms: Option<i64>,
+    jobs_written: Option<BTreeSet<String>>,
     /// (agent, `series_staled` before).
     staled: Vec<(String, bool)>,
     forgotten: Vec<(String, AgentEntry)>,
@@ -350,6 +351,9 @@ pub struct State {
     replan: bool,
     /// The minute up to which finished response-time buckets were handed to the history.
     buckets_flushed_ms: i64,
+    /// Jobs whose `sonde_job_*` series are live in the receivers: a job that leaves
+    /// gets staleness markers for them, as its targets' `up` does.
+    jobs_written: BTreeSet<String>,
 }
 
 fn stale_nan() -> f64 {
@@ -371,6 +375,7 @@ impl State {
             retired: BTreeMap::new(),
             placeable: BTreeSet::new(),
             replan: false,
+            jobs_written: BTreeSet::new(),
             buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);
@@ -658,7 +663,13 @@ impl State {
             self.buckets_flushed_ms = minute;
         }
         let meta_every = self.config.scrape_interval.as_millis() as i64;
-        if now_ms - self.last_meta_ms >= meta_every {
+        // A job's missing signal follows its targets' at once, not at the next periodic
+        // write: `sonde_job_missing` turns 1 on the tick its last target goes missing.
+        let job_changed = self
+            .jobs
+            .iter()
+            .any(|(name, j)| self.job_is_missing(name, now_ms).0 != j.missing);
+        if now_ms - self.last_meta_ms >= meta_every || job_changed {
             let forgotten = self.write_meta(now_ms, ch);
             ch.durable.forgotten.extend(forgotten);
             ch.durable.jobs = self
@@ -1163,6 +1174,9 @@ impl State {
         if let Some(ms) = undo.last_meta_ms {
             self.last_meta_ms = ms;
         }
+        if let Some(jobs) = undo.jobs_written {
+            self.jobs_written = jobs;
+        }
         for (agent, staled) in undo.staled {
             if let Some(a) = self.agents.get_mut(&agent) {
                 a.series_staled = staled;
@@ -1356,6 +1370,30 @@ impl State {
         e.up_live = merged.state != TargetState::Missing;
     }
 
+    /// Whether job `name` is missing now (see [`merge::job_missing`]), and how many
+    /// targets it has (configured, or seen for local jobs).
+    fn job_is_missing(&self, name: &str, now_ms: i64) -> (bool, usize) {
+        let states: Vec<TargetState> = self
+            .entries
+            .range((name.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == name)
+            .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
+            .collect();
+        let configured_targets = self.configured_targets(name);
+        let expected_since = self.jobs.get(name).map_or(now_ms, |j| j.expected_since_ms);
+        // Configured targets with no entry yet have no fresh result either.
+        let missing = merge::job_missing(
+            states.iter().copied().chain(std::iter::repeat_n(
+                TargetState::Missing,
+                configured_targets.saturating_sub(states.len()),
+            )),
+            expected_since,
+            now_ms,
+            self.config.missing_after,
+        );
+        (missing, configured_targets.max(states.len()))
+    }
+
     /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
     /// Returns the agents forgotten (gone for longer than `forget_after`).
     fn write_meta(&mut self, now_ms: i64, ch: &mut Changes) -> Vec<String> {
@@ -1401,28 +1439,27 @@ impl State {
         self.jobs
             .retain(|name, j| j.config.is_some() || local.contains(name));
         let job_names: Vec<String> = self.jobs.keys().cloned().collect();
+        let gone: Vec<String> = self
+            .jobs_written
+            .iter()
+            .filter(|name| !self.jobs.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &gone {
+            for series in ["sonde_job_missing", "sonde_job_targets"] {
+                out.push(sample(labels::job(series, name), ts, stale_nan()));
+            }
+        }
+        let written: BTreeSet<String> = job_names.iter().cloned().collect();
+        if written != self.jobs_written {
+            let before = std::mem::replace(&mut self.jobs_written, written);
+            undo.jobs_written.get_or_insert(before);
+        }
         for name in job_names {
-            let states: Vec<TargetState> = self
-                .entries
-                .range((name.clone(), String::new())..)
-                .take_while(|(k, _)| k.0 == name)
-                .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
-                .collect();
-            let configured_targets = self.configured_targets(&name);
-            let target_count = configured_targets.max(states.len());
+            let (missing, target_count) = self.job_is_missing(&name, now_ms);
             let Some(job) = self.jobs.get_mut(&name) else {
                 continue;
             };
-            // Configured targets with no entry yet have no fresh result either.
-            let missing = merge::job_missing(
-                states.iter().copied().chain(std::iter::repeat_n(
-                    TargetState::Missing,
-                    configured_targets.saturating_sub(states.len()),
-                )),
-                job.expected_since_ms,
-                now_ms,
-                grace,
-            );
             if missing != job.missing {
                 tracing::warn!(job = %name, missing, "job missing state changed");
             }
@@ -2165,6 +2202,42 @@ fleet: {missing_after: 30s}
     }
 
     #[test]
+    fn a_job_is_missing_as_soon_as_its_last_target_is() {
+        let (hub, rec, _rx) = setup();
+        // Past the start-up grace (fleet.missing_after, 30 s) before the last result.
+        let last = T0 + 40_000;
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", last, true)],
+            last,
+        )
+        .unwrap();
+        let (mut target_missing, mut job_missing) = (None, None);
+        for s in 41..=200 {
+            let now = T0 + s * 1000;
+            hub.tick(now).wait();
+            let out = rec.take();
+            let up = value_of(&out, "up", &[("job", "web")]);
+            if target_missing.is_none() && up.iter().any(|v| v.is_nan()) {
+                target_missing = Some(now);
+            }
+            if job_missing.is_none()
+                && value_of(&out, "sonde_job_missing", &[("job", "web")]) == [1.0]
+            {
+                job_missing = Some(now);
+            }
+        }
+        let (t, j) = (target_missing.unwrap(), job_missing.unwrap());
+        // The freshness window is 2 × 10 s + 5 s.
+        assert_eq!(t, last + 25_000);
+        assert!(
+            j >= t && j - t <= 1_000,
+            "target missing at {t}, job at {j}"
+        );
+    }
+
+    #[test]
     fn disconnected_agent_is_down_after_grace() {
         let (hub, rec, _rx) = setup();
         hub.disconnect("eu-1", 1, T0 + 1_000);
@@ -2199,12 +2272,23 @@ fleet: {missing_after: 30s}
             T0,
         )
         .unwrap();
+        // The job's own series are written (live) before it is removed.
+        hub.tick(T0 + 500).wait();
         rec.take();
         let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
         hub.reload(config(&without_web), T0 + 1000).wait();
-        let up = value_of(&rec.take(), "up", &[("job", "web"), ("team", "shop")]);
+        let out = rec.take();
+        let up = value_of(&out, "up", &[("job", "web"), ("team", "shop")]);
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
+        for name in ["sonde_job_missing", "sonde_job_targets"] {
+            let v = value_of(&out, name, &[("job", "web")]);
+            assert_eq!(v.len(), 1, "{name}");
+            assert_eq!(v[0].to_bits(), STALE_NAN_BITS, "{name}");
+        }
+        // Once: the next periodic write leaves it out.
+        hub.tick(T0 + 60_000).wait();
+        assert!(value_of(&rec.take(), "sonde_job_missing", &[("job", "web")]).is_empty());
     }
 
     #[test]
