@@ -106,6 +106,12 @@ jobs:
     module: http_2xx
     static_configs:
       - targets: ["{target}"]
+  - job_name: apac
+    module: http_2xx
+    agents:
+      region: apac
+    static_configs:
+      - targets: ["{target}"]
 fleet:
   missing_after: 5s
 "#
@@ -247,6 +253,22 @@ fleet:
         row.contains("/target?job=shop"),
         "it links to the target page"
     );
+
+    // Jobs say why they are missing, and are OK only with every target up.
+    assert!(
+        main.contains("no agent matches region=apac"),
+        "the missing job says why"
+    );
+    let jobs = http_get(&format!("{web}/api/v1/jobs")).expect("jobs").1;
+    let jobs: serde_json::Value = serde_json::from_str(&jobs).expect("jobs JSON");
+    let status = |job: &str| {
+        jobs["data"]
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["job"] == job))
+            .map(|j| (j["status"].clone(), j["why"].clone()))
+    };
+    assert_eq!(status("apac").map(|s| s.0), Some("missing".into()));
+    assert_eq!(status("shop").map(|s| s.0), Some("ok".into()));
 
     let fleet = dom(&chromium, &format!("{web}/fleet"));
     screenshot(

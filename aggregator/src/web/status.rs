@@ -110,31 +110,43 @@ pub fn render(
     let agents = agents_json(snapshot);
     let mut h = head("sonde aggregator", 5, &config_name(app));
 
-    let missing: Vec<String> = jobs
+    let missing: Vec<(String, String)> = jobs
         .as_array()
         .into_iter()
         .flatten()
         .filter(|j| j["missing"] == Value::Bool(true))
-        .map(|j| text(&j["job"]))
+        .map(|j| (text(&j["job"]), text(&j["why"])))
         .collect();
     h.push_str("<h2>Missing jobs</h2>");
     if missing.is_empty() {
         h.push_str("<p class=\"muted\">None: every job has fresh results.</p>");
     } else {
         h.push_str("<p>");
-        for m in &missing {
-            let _ = write!(h, "<span class=\"badge down\">{}</span> ", esc(m));
+        for (m, why) in &missing {
+            let _ = write!(
+                h,
+                "<span class=\"badge down\">{}</span> <span class=\"muted\">{}</span><br>",
+                esc(m),
+                esc(why)
+            );
         }
         h.push_str("</p>");
     }
 
     h.push_str("<h2>Jobs</h2><table><tr><th>job</th><th>module</th><th>interval</th><th>timeout</th><th>quorum</th><th>agents</th><th>targets</th><th>state</th></tr>");
     for j in jobs.as_array().into_iter().flatten() {
-        let state = if j["missing"] == Value::Bool(true) {
-            "<span class=\"badge down\">MISSING</span>"
-        } else {
-            "<span class=\"badge up\">OK</span>"
+        let status = text(&j["status"]);
+        let class = match status.as_str() {
+            "ok" => "up",
+            "down" | "missing" => "down",
+            "degraded" => "degraded",
+            _ => "missing",
         };
+        let state = format!(
+            "<span class=\"badge {class}\">{}</span> <span class=\"muted why\">{}</span>",
+            esc(&status.to_uppercase()),
+            esc(&text(&j["why"]))
+        );
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{state}</td></tr>",
