@@ -109,6 +109,20 @@ pub fn render(
     let targets = targets_json(snapshot);
     let agents = agents_json(snapshot);
     let mut h = head("sonde aggregator", 5, &config_name(app));
+    let reload = app
+        .reload_status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let (false, Some((at, why))) = (reload.successful, &reload.last_failure) {
+        let _ = write!(
+            h,
+            r#"<p id="reload-failed" class="badge down" style="display:block;padding:.6rem">The last config reload failed ({} ago); the aggregator runs on the config loaded {} ago. {}</p>"#,
+            svg::human_duration(now - at),
+            svg::human_duration(now - reload.last_success_ms),
+            esc(why)
+        );
+    }
 
     let missing: Vec<(String, String)> = jobs
         .as_array()
