@@ -906,6 +906,16 @@ pub fn dns_query_a(server: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>, Stri
 /// A Prometheus 2.x receiving remote write, with the given rule files, no scrape jobs,
 /// evaluating rules every second. Returns its base URL once it is ready.
 pub fn start_prometheus(scene: &mut Scene, name: &str, rule_files: &[PathBuf]) -> String {
+    start_prometheus_with(scene, name, rule_files, "")
+}
+
+/// [`start_prometheus`] with more of its config (`scrape_configs:`, ...) appended.
+pub fn start_prometheus_with(
+    scene: &mut Scene,
+    name: &str,
+    rule_files: &[PathBuf],
+    extra_config: &str,
+) -> String {
     let prometheus = require_tool("prometheus", "prometheus");
     let port = free_port();
     let mut config =
@@ -916,6 +926,7 @@ pub fn start_prometheus(scene: &mut Scene, name: &str, rule_files: &[PathBuf]) -
     if rule_files.is_empty() {
         config.push_str("  []\n");
     }
+    config.push_str(extra_config);
     let config_path = scene
         .dir()
         .write(&format!("{name}/prometheus.yml"), &config);
