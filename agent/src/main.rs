@@ -6,6 +6,7 @@ use sonde_agent::config::AgentConfig;
 use sonde_agent::runtime::AgentRuntime;
 use sonde_cli::check_config::{self, Command};
 use sonde_cli::logging::LogFlags;
+use sonde_cli::reload::RELOAD;
 use sonde_cli::signals::{self, Hangups};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +74,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     })?;
     let agent =
         AgentRuntime::start(config, Some(&cli.storage_path)).map_err(|e| anyhow::anyhow!(e))?;
+    RELOAD.loaded();
     let listener = tokio::net::TcpListener::bind(cli.web_listen_address)
         .await
         .with_context(|| {
@@ -99,8 +101,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = &mut terminate => break,
             () = hangups.recv() => {
                 match AgentConfig::load(&cli.config_file).map_err(|e| e.to_string()).and_then(|c| agent.reload(c)) {
-                    Ok(()) => tracing::info!(file = %cli.config_file.display(), "config reloaded"),
-                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+                    Ok(()) => {
+                        RELOAD.loaded();
+                        tracing::info!(file = %cli.config_file.display(), "config reloaded");
+                    }
+                    Err(e) => {
+                        RELOAD.failed();
+                        tracing::error!(error = %e, "reload failed; keeping the running config");
+                    }
                 }
             }
         }

@@ -58,9 +58,25 @@ async fn ready(State(agent): State<Arc<AgentRuntime>>) -> Response {
 
 async fn metrics(State(agent): State<Arc<AgentRuntime>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let mut families = agent.families();
+    let reload = &sonde_cli::reload::RELOAD;
+    families.push(
+        Family::gauge(
+            "sonde_config_last_reload_successful",
+            "Whether the last configuration reload attempt was successful.",
+        )
+        .with(Vec::new(), f64::from(u8::from(reload.successful()))),
+    );
+    families.push(
+        Family::gauge(
+            "sonde_config_last_reload_success_timestamp_seconds",
+            "Timestamp of the last successful configuration reload (or of the start).",
+        )
+        .with(Vec::new(), reload.last_success_seconds()),
+    );
     (
         [(header::CONTENT_TYPE, format.content_type())],
-        render(&agent.families(), format),
+        render(&families, format),
     )
         .into_response()
 }

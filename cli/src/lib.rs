@@ -4,10 +4,12 @@
 //! - [`logging`]: `--log.level` and `--log.format`, and the subscriber they set up;
 //! - [`check_config`]: the `check-config FILE` subcommand and how it reports;
 //! - [`signals`]: SIGTERM/SIGINT to stop, SIGHUP to reload;
+//! - [`reload`]: how the last reload went, for `sonde_config_last_reload_*`;
 //! - [`http_server`]: the HTTP server both put their endpoints behind, and its
 //!   `--web.*` flags.
 
 pub mod check_config;
 pub mod http_server;
 pub mod logging;
+pub mod reload;
 pub mod signals;

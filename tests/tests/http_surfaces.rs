@@ -242,6 +242,44 @@ fn a_failed_reload_is_visible_and_a_good_one_says_what_changed() {
             .any(|l| l.contains("config reloaded") && l.contains("jobs added: db")),
         "the reload logs what changed: {log}"
     );
+
+    // The agent reports its own reloads (SIGHUP) the same way.
+    let agent = start_agent(&mut scene, "agent", "agent: {id: edge-reload}\n");
+    let agent_metric = |name: &str| {
+        let page = http_get(&format!("{agent}/metrics")).expect("/metrics").1;
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("{name} on the agent's /metrics"))
+    };
+    assert_eq!(agent_metric("sonde_config_last_reload_successful"), "1");
+    std::fs::write(
+        scene.dir().join("agent.yml"),
+        "agent: {id: [not, a, string]}\n",
+    )
+    .expect("write a broken agent config");
+    let pid = scene.process("agent").pid();
+    let hup = |pid: u32| {
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill -HUP")
+    };
+    assert!(hup(pid).success());
+    scene.wait_until("the agent's failed reload", WAIT, || {
+        match agent_metric("sonde_config_last_reload_successful").as_str() {
+            "0" => Ok(()),
+            v => Err(v.to_string()),
+        }
+    });
+    std::fs::write(scene.dir().join("agent.yml"), "agent: {id: edge-reload}\n")
+        .expect("write the agent config back");
+    assert!(hup(pid).success());
+    scene.wait_until("the agent's good reload", WAIT, || {
+        match agent_metric("sonde_config_last_reload_successful").as_str() {
+            "1" => Ok(()),
+            v => Err(v.to_string()),
+        }
+    });
 }
 
 /// A target that accepts connections and never answers; counts them.
