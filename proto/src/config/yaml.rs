@@ -166,7 +166,16 @@ pub fn parse_yaml_all<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T
         } else {
             (line - 1, block_end(&lines, line - 1))
         };
-        let follows_earlier = masked[start..end].iter().any(|m| *m);
+        // The entry and the comments right after it: an entry whose lines were all
+        // taken out before is left empty (`fleet:` with nothing under it any more).
+        let mut reach = end;
+        while reach < lines.len() && {
+            let t = lines[reach].trim_start();
+            t.is_empty() || t.starts_with('#')
+        } {
+            reach += 1;
+        }
+        let follows_earlier = masked[start..reach].iter().any(|m| *m);
         if !follows_earlier {
             problems.error(err);
         }
@@ -437,6 +446,7 @@ mod tests {
     #[serde(deny_unknown_fields)]
     struct Doc {
         #[serde(default)]
+        #[allow(dead_code)]
         modules: BTreeMap<String, Module>,
         #[serde(default)]
         jobs: Vec<JobConfig>,
