@@ -16,7 +16,7 @@ pub use resolve::{
 };
 pub use units::{ByteSize, DurationError, PromDuration, SizeError};
 pub use yaml::{
-    ConfigError, Located, Problems, from_yaml_str, load_yaml_file, load_yaml_file_all,
+    ConfigError, Located, Location, Problems, from_yaml_str, load_yaml_file, load_yaml_file_all,
     parse_yaml_all,
 };
 

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 /// (a job's timeout against its interval, a module name against the modules defined).
 pub type Located<T> = serde_saphyr::Spanned<T>;
 
+/// Where a [`Located`] value was written.
+pub type Location = serde_saphyr::Location;
+
 /// A configuration problem, with the place in the file that causes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
