@@ -49,14 +49,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config::run(file, |file| {
-            AggregatorConfig::load(file).map(|c| {
-                format!(
-                    "{} modules, {} jobs, {} remote_write endpoints",
-                    c.modules.len(),
-                    c.jobs.len(),
-                    c.remote_write.len()
-                )
-            })
+            let (config, problems) = AggregatorConfig::check(file);
+            check_config::Outcome {
+                summary: config.map(|c| {
+                    format!(
+                        "{} modules, {} jobs, {} remote_write endpoints",
+                        c.modules.len(),
+                        c.jobs.len(),
+                        c.remote_write.len()
+                    )
+                }),
+                errors: problems.errors.iter().map(ToString::to_string).collect(),
+                warnings: problems.warnings.iter().map(|w| w.as_warning()).collect(),
+            }
         });
     }
     cli.log.init();

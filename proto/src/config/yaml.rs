@@ -43,6 +43,15 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    /// `FILE:LINE:COLUMN: warning: message`, for a problem that does not refuse the file.
+    pub fn as_warning(&self) -> String {
+        let mut w = self.clone();
+        w.message = format!("warning: {}", w.message);
+        w.to_string()
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
