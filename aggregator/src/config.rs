@@ -14,8 +14,7 @@ use std::time::Duration;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorFile {
-    #[serde(default)]
-    pub global: GlobalConfig,
+    pub global: Option<Located<GlobalConfig>>,
     /// An existing blackbox.yml whose `modules:` are merged in.
     pub modules_file: Option<Located<PathBuf>>,
     #[serde(default)]
@@ -305,9 +304,16 @@ impl AggregatorConfig {
     pub fn check_file(file: &Path, raw: AggregatorFile, problems: &mut Problems) -> Self {
         let whole = |msg: String| ConfigError::whole_file(file, msg);
         let base = file.parent().unwrap_or(Path::new("."));
-        let global = raw.global;
+        let (global, global_at) = match raw.global {
+            Some(l) => (l.value, Some(l.referenced)),
+            None => (GlobalConfig::default(), None),
+        };
+        let in_global = |msg: String| match global_at {
+            Some(place) => ConfigError::at(file, place, msg),
+            None => whole(msg),
+        };
         if global.scrape_interval.0.is_zero() {
-            problems.error(whole(
+            problems.error(in_global(
                 "global.scrape_interval must be greater than 0".into(),
             ));
         }
@@ -332,7 +338,7 @@ impl AggregatorConfig {
         for name in global.external_labels.keys() {
             // `__replica__` and the like are allowed here: HA trackers (Mimir, Cortex) key on them.
             if !sonde_proto::config::is_valid_label_name(name) || name == "__name__" {
-                problems.error(whole(format!(
+                problems.error(in_global(format!(
                     "global.external_labels: {name:?} is not a valid label name"
                 )));
             }
@@ -340,7 +346,7 @@ impl AggregatorConfig {
         if let Some(shard) = global.shard
             && (shard.total == 0 || shard.index >= shard.total)
         {
-            problems.error(whole(format!(
+            problems.error(in_global(format!(
                 "global.shard: index {} must be below total {} (and total at least 1)",
                 shard.index, shard.total
             )));
