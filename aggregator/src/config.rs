@@ -432,8 +432,10 @@ impl AggregatorConfig {
                 {
                     problems.error(at(e.to_string()));
                 }
-                if let Some(path) = &entry.token_file {
-                    warn_if_readable_by_others(&base.join(path));
+                if let Some(path) = &entry.token_file
+                    && let Some(w) = readable_by_others(&base.join(path))
+                {
+                    problems.warn(at(w));
                 }
                 let grant = TokenGrant {
                     agent: entry.agent.clone(),
@@ -603,18 +605,16 @@ fn warn_unmatchable_selectors(
 pub const MAX_AGENT_ID_BYTES: usize = 256;
 
 /// A token file others can read is a token others can use: say so (the file is the
-/// operator's to fix, so this does not refuse to start).
-fn warn_if_readable_by_others(path: &Path) {
+/// operator's to fix, so this is a warning, not a refusal).
+fn readable_by_others(path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "token_file is readable by group or others; chmod 600 it"
-        );
-    }
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "fleet.auth.tokens: token_file {} (mode {mode:o}) is readable by group or others; chmod 600 it",
+            path.display()
+        )
+    })
 }
 
 impl AggregatorConfig {
