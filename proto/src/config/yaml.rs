@@ -197,7 +197,11 @@ pub fn parse_yaml_all<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T
                 masked[i] = true;
             }
         }
-        if problems.errors.len() >= MAX_PROBLEMS {
+        // Taking lines out of a multi-line flow collection (`[` ... `]`) can break the
+        // YAML itself: what would follow is noise, so stop at what was found.
+        if problems.errors.len() >= MAX_PROBLEMS
+            || from_yaml_str::<serde::de::IgnoredAny>(file, &lines.join("\n")).is_err()
+        {
             return (None, problems);
         }
     }
@@ -481,6 +485,15 @@ mod tests {
         let names: Vec<&str> = doc.jobs.iter().map(|j| j.job_name.as_str()).collect();
         assert_eq!(names, ["a", "c", "d"]);
         assert!(problems.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_multi_line_flow_collection_stops_the_search_instead_of_adding_noise() {
+        let text = "jobs: [\n  {job_name: a, module: m,\n   retries: two},\n  {job_name: b, module: m}]\nextra: 1\n";
+        let (doc, problems) = parse_yaml_all::<Doc>(Path::new("c.yml"), text);
+        assert!(doc.is_none());
+        assert_eq!(problems.errors.len(), 1, "{problems:#?}");
+        assert_eq!(problems.errors[0].line, 3, "{problems:#?}");
     }
 
     #[test]
