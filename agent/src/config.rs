@@ -2,8 +2,8 @@
 
 use serde::Deserialize;
 use sonde_proto::config::{
-    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration,
-    ResolvedJob, load_yaml_file, resolve_jobs, validate_labels,
+    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, Problems, PromDuration,
+    ResolvedJob, load_yaml_file_all, resolve_jobs_all, resolve_modules, validate_labels,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,21 +12,20 @@ use std::time::Duration;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
-    #[serde(default)]
-    pub agent: AgentSection,
+    pub agent: Option<Located<AgentSection>>,
     /// One stream to each. May be empty: the agent then serves its local jobs alone.
     #[serde(default)]
     pub aggregators: Vec<Located<AggregatorEndpoint>>,
     #[serde(default)]
     pub buffer: BufferConfig,
+    /// An existing blackbox.yml whose `modules:` are merged in (as the aggregator's).
+    pub modules_file: Option<Located<PathBuf>>,
     #[serde(default)]
-    pub modules: BTreeMap<String, Module>,
+    pub modules: BTreeMap<String, Located<Module>>,
     #[serde(default)]
     pub jobs: Vec<Located<JobConfig>>,
-    #[serde(default)]
-    pub probe_endpoint: ProbeEndpointConfig,
-    #[serde(default)]
-    pub assigned_modules: AssignedModulesConfig,
+    pub probe_endpoint: Option<Located<ProbeEndpointConfig>>,
+    pub assigned_modules: Option<Located<AssignedModulesConfig>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -162,9 +161,29 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Loads and checks `file`; the first problem, if any, says how many more there are
+    /// ([`AgentConfig::check`] has them all).
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let raw: AgentFile = load_yaml_file(file)?;
-        Self::from_file(file, raw)
+        match Self::check(file) {
+            (Some(config), problems) if problems.errors.is_empty() => {
+                for w in &problems.warnings {
+                    tracing::warn!("{w}");
+                }
+                Ok(config)
+            }
+            (_, problems) => Err(problems
+                .first_error()
+                .unwrap_or_else(|| ConfigError::whole_file(file, "the file cannot be loaded"))),
+        }
+    }
+
+    /// Loads and checks `file`, collecting every problem (errors and warnings, each
+    /// with its place). The config is `Some` only when there is no error.
+    pub fn check(file: &Path) -> (Option<Self>, Problems) {
+        let (raw, mut problems) = load_yaml_file_all::<AgentFile>(file);
+        let config = raw.map(|raw| Self::check_file(file, raw, &mut problems));
+        let config = config.filter(|_| problems.errors.is_empty());
+        (config, problems)
     }
 
     /// An agent with no aggregators, no jobs and default settings, with the given id.
@@ -181,39 +200,66 @@ impl AgentConfig {
         }
     }
 
+    /// Checks what `file` says (already parsed); the first problem, if any.
     pub fn from_file(file: &Path, raw: AgentFile) -> Result<Self, ConfigError> {
+        let mut problems = Problems::default();
+        let config = Self::check_file(file, raw, &mut problems);
+        match problems.first_error() {
+            Some(e) => Err(e),
+            None => Ok(config),
+        }
+    }
+
+    /// Checks what `file` says, adding every problem to `problems`; what it returns is
+    /// meaningful only when no error was added.
+    pub fn check_file(file: &Path, raw: AgentFile, problems: &mut Problems) -> Self {
         let whole = |msg: String| ConfigError::whole_file(file, msg);
-        let id = match raw.agent.id {
+        let (agent, agent_at) = match raw.agent {
+            Some(l) => (l.value, Some(l.referenced)),
+            None => (AgentSection::default(), None),
+        };
+        let at_or_whole = |place: Option<sonde_proto::config::Location>, msg: String| match place {
+            Some(place) => ConfigError::at(file, place, msg),
+            None => whole(msg),
+        };
+        let id = match agent.id {
             Some(id) if id.trim().is_empty() => {
-                return Err(whole(
+                problems.error(at_or_whole(
+                    agent_at,
                     "agent.id must not be empty; remove it to use the host name".into(),
                 ));
+                id
             }
             Some(id) => id,
             None => host_name(),
         };
-        validate_labels(&raw.agent.labels, "agent.labels").map_err(|e| whole(e.to_string()))?;
-        for (name, module) in &raw.modules {
-            module
-                .validate()
-                .map_err(|m| whole(format!("modules.{name}: {m}")))?;
+        if let Err(e) = validate_labels(&agent.labels, "agent.labels") {
+            problems.error(at_or_whole(agent_at, e.to_string()));
         }
+        let modules = resolve_modules(file, raw.modules_file.as_ref(), &raw.modules, problems);
         let base = file.parent().unwrap_or(Path::new("."));
         let mut aggregators = Vec::new();
         for located in raw.aggregators {
-            let at = |msg: String| ConfigError::at(file, located.referenced, msg);
+            let before = problems.errors.len();
+            let mut report = |msg: String| {
+                problems
+                    .errors
+                    .push(ConfigError::at(file, located.referenced, msg))
+            };
             let mut endpoint = located.value;
             if !(endpoint.address.starts_with("http://")
                 || endpoint.address.starts_with("https://"))
             {
-                return Err(at(format!(
+                report(format!(
                     "aggregator address {:?} must start with http:// (or https:// for TLS), like http://127.0.0.1:9451",
                     endpoint.address
-                )));
+                ));
             }
             if let Some(path) = &mut endpoint.token_file {
                 *path = base.join(&*path);
-                check_readable(path).map_err(&at)?;
+                if let Err(m) = check_readable(path) {
+                    report(m);
+                }
             }
             if let Some(tls) = &mut endpoint.tls_config {
                 for path in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file]
@@ -221,72 +267,97 @@ impl AgentConfig {
                     .flatten()
                 {
                     *path = base.join(&*path);
-                    check_readable(path).map_err(&at)?;
+                    if let Err(m) = check_readable(path) {
+                        report(m);
+                    }
                 }
                 if tls.cert_file.is_some() != tls.key_file.is_some() {
-                    return Err(at(
-                        "tls_config needs both cert_file and key_file, or neither".into(),
-                    ));
+                    report("tls_config needs both cert_file and key_file, or neither".into());
                 }
             }
             if endpoint.token_file.is_some()
                 && !endpoint.allow_plaintext_token
                 && let Some(host) = plaintext_remote_host(&endpoint.address)
             {
-                return Err(at(format!(
+                report(format!(
                     "aggregator {:?} would receive token_file's token in clear text: {host} is not a loopback address and the address is http://. Use https:// with tls_config (ca_file naming the aggregator's CA) for this aggregator, or set allow_plaintext_token: true on this entry if the network to it is trusted",
                     endpoint.address
-                )));
+                ));
             }
-            aggregators.push(endpoint);
-        }
-        let jobs = resolve_jobs(file, &raw.modules, &raw.jobs, JobDefaults::default())?;
-        for job in &jobs {
-            if !job.config.file_sd_configs.is_empty() || !job.config.agents.is_empty() {
-                return Err(whole(format!(
-                    "local job {:?}: an agent's local jobs take static_configs only (file_sd_configs and agents belong in the aggregator's jobs)",
-                    job.name
-                )));
+            if problems.errors.len() == before {
+                aggregators.push(endpoint);
             }
         }
-        if let Some(allowed) = &raw.probe_endpoint.allowed_modules {
+        for located in &raw.jobs {
+            let job = &located.value;
+            if !job.file_sd_configs.is_empty() || !job.agents.is_empty() {
+                problems.error(ConfigError::at(
+                    file,
+                    located.referenced,
+                    format!(
+                        "local job {:?}: an agent's local jobs take static_configs only (file_sd_configs and agents belong in the aggregator's jobs)",
+                        job.job_name
+                    ),
+                ));
+            }
+        }
+        let jobs = resolve_jobs_all(
+            file,
+            &modules,
+            &raw.jobs,
+            JobDefaults::default(),
+            &mut problems.errors,
+        );
+        let (probe_endpoint, probe_at) = match raw.probe_endpoint {
+            Some(l) => (l.value, Some(l.referenced)),
+            None => (ProbeEndpointConfig::default(), None),
+        };
+        let mut probe_error = |msg: String| problems.errors.push(at_or_whole(probe_at, msg));
+        if let Some(allowed) = &probe_endpoint.allowed_modules {
             for m in allowed {
-                if !raw.modules.contains_key(m) {
-                    return Err(whole(format!(
+                if !modules.contains_key(m) {
+                    probe_error(format!(
                         "probe_endpoint.allowed_modules: module {m:?} is not defined in modules"
-                    )));
+                    ));
                 }
             }
         }
-        if raw.probe_endpoint.max_concurrent_probes == 0 {
-            return Err(whole(
+        if probe_endpoint.max_concurrent_probes == 0 {
+            probe_error(
                 "probe_endpoint.max_concurrent_probes must be at least 1 (default 64)".into(),
-            ));
+            );
         }
-        if raw.probe_endpoint.max_timeout.0 < Duration::from_millis(100) {
-            return Err(whole(
-                "probe_endpoint.max_timeout must be at least 100ms (default 60s)".into(),
-            ));
+        if probe_endpoint.max_timeout.0 < Duration::from_millis(100) {
+            probe_error("probe_endpoint.max_timeout must be at least 100ms (default 60s)".into());
         }
-        crate::assigned::FilePolicy::new(&raw.assigned_modules)
-            .map_err(|e| whole(format!("assigned_modules.allowed_file_paths: {e}")))?;
-        crate::web::Allowlist::parse(&raw.probe_endpoint.allowed_targets)
-            .map_err(|e| whole(format!("probe_endpoint.allowed_targets: {e}")))?;
-        if raw.probe_endpoint.enabled && raw.probe_endpoint.allowed_targets.is_empty() {
-            return Err(whole(
+        if let Err(e) = crate::web::Allowlist::parse(&probe_endpoint.allowed_targets) {
+            probe_error(format!("probe_endpoint.allowed_targets: {e}"));
+        }
+        if probe_endpoint.enabled && probe_endpoint.allowed_targets.is_empty() {
+            probe_error(
                 "probe_endpoint is enabled but allowed_targets is empty: list the host:port patterns /probe may reach (it is never an open proxy)".into(),
+            );
+        }
+        let (assigned_modules, assigned_at) = match raw.assigned_modules {
+            Some(l) => (l.value, Some(l.referenced)),
+            None => (AssignedModulesConfig::default(), None),
+        };
+        if let Err(e) = crate::assigned::FilePolicy::new(&assigned_modules) {
+            problems.error(at_or_whole(
+                assigned_at,
+                format!("assigned_modules.allowed_file_paths: {e}"),
             ));
         }
-        Ok(Self {
+        Self {
             id,
-            labels: raw.agent.labels,
+            labels: agent.labels,
             aggregators,
             buffer: raw.buffer,
-            modules: raw.modules,
+            modules,
             jobs,
-            probe_endpoint: raw.probe_endpoint,
-            assigned_modules: raw.assigned_modules,
-        })
+            probe_endpoint,
+            assigned_modules,
+        }
     }
 }
 
@@ -361,6 +432,40 @@ mod tests {
         let e = parse("probe_endpoint:\n  enabled: true\n  allowed_targets: ['10.0.0.0/33:*']\n")
             .unwrap_err();
         assert!(e.message.contains("allowed_targets"), "{e}");
+    }
+
+    #[test]
+    fn modules_file_is_taken_like_the_aggregator() {
+        let dir = std::env::temp_dir().join(format!("sonde-agent-mf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("blackbox.yml"),
+            "modules:\n  tcp_connect: {prober: tcp}\n",
+        )
+        .unwrap();
+        let file = dir.join("agent.yml");
+        std::fs::write(
+            &file,
+            "modules_file: blackbox.yml\njobs:\n  - job_name: local\n    module: tcp_connect\n    static_configs: [{targets: ['127.0.0.1:22']}]\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(&file).unwrap();
+        assert!(c.modules.contains_key("tcp_connect"));
+        assert_eq!(c.jobs.len(), 1);
+        std::fs::write(
+            &file,
+            "modules_file: missing.yml\nmodules:\n  m:\n    prober: http\n    http: {fail_if_body_matches_regexp: ['(']}\nprobe_endpoint:\n  enabled: true\n  allowed_targets: ['10.0.0.0/33:*']\nagent:\n  labels: {__x: y}\n",
+        )
+        .unwrap();
+        let (config, problems) = AgentConfig::check(&file);
+        assert!(config.is_none());
+        let lines: Vec<u64> = problems.errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [10, 1, 4, 7], "{problems:#?}");
+        assert!(
+            problems.errors[1].message.contains("missing.yml"),
+            "{problems:#?}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -37,14 +37,19 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config::run(file, |file| {
-            AgentConfig::load(file).map(|c| {
-                format!(
-                    "agent {}, {} aggregators, {} local jobs",
-                    c.id,
-                    c.aggregators.len(),
-                    c.jobs.len()
-                )
-            })
+            let (config, problems) = AgentConfig::check(file);
+            check_config::Outcome {
+                summary: config.map(|c| {
+                    format!(
+                        "agent {}, {} aggregators, {} local jobs",
+                        c.id,
+                        c.aggregators.len(),
+                        c.jobs.len()
+                    )
+                }),
+                errors: problems.errors.iter().map(ToString::to_string).collect(),
+                warnings: problems.warnings.iter().map(|w| w.as_warning()).collect(),
+            }
         });
     }
     cli.log.init();

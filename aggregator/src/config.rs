@@ -4,8 +4,8 @@
 use crate::remote_write::config::RemoteWriteConfig;
 use serde::Deserialize;
 use sonde_proto::config::{
-    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, PromDuration,
-    ResolvedJob, load_yaml_file, resolve_jobs,
+    ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, Problems, PromDuration,
+    ResolvedJob, load_yaml_file_all, resolve_jobs_all, resolve_modules,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,12 +14,11 @@ use std::time::Duration;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorFile {
-    #[serde(default)]
-    pub global: GlobalConfig,
+    pub global: Option<Located<GlobalConfig>>,
     /// An existing blackbox.yml whose `modules:` are merged in.
     pub modules_file: Option<Located<PathBuf>>,
     #[serde(default)]
-    pub modules: BTreeMap<String, Module>,
+    pub modules: BTreeMap<String, Located<Module>>,
     #[serde(default)]
     pub jobs: Vec<Located<JobConfig>>,
     #[serde(default)]
@@ -64,8 +63,9 @@ fn default_history_max_size() -> ByteSize {
 pub struct GlobalConfig {
     #[serde(default = "default_interval")]
     pub scrape_interval: PromDuration,
-    #[serde(default = "default_timeout")]
-    pub scrape_timeout: PromDuration,
+    /// Not given: 10s, or `scrape_interval` when that is shorter (as Prometheus).
+    #[serde(default)]
+    pub scrape_timeout: Option<Located<PromDuration>>,
     #[serde(default)]
     pub external_labels: Labels,
     /// This aggregator owns the jobs whose `hash(job_name) mod total == index`.
@@ -84,7 +84,7 @@ impl Default for GlobalConfig {
     fn default() -> Self {
         Self {
             scrape_interval: default_interval(),
-            scrape_timeout: default_timeout(),
+            scrape_timeout: None,
             external_labels: Labels::new(),
             shard: None,
         }
@@ -239,14 +239,6 @@ pub struct ServerTlsConfig {
     pub client_ca_file: Option<PathBuf>,
 }
 
-/// A blackbox_exporter config file, for `modules_file`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BlackboxFile {
-    #[serde(default)]
-    modules: BTreeMap<String, Module>,
-}
-
 /// The aggregator's configuration, checked, with defaults and referenced files resolved.
 #[derive(Clone, Debug)]
 pub struct AggregatorConfig {
@@ -272,30 +264,81 @@ pub struct AggregatorConfig {
 }
 
 impl AggregatorConfig {
+    /// Loads and checks `file`; the first problem, if any, says how many more there are
+    /// ([`AggregatorConfig::check`] has them all).
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let raw: AggregatorFile = load_yaml_file(file)?;
-        Self::from_file(file, raw)
+        match Self::check(file) {
+            (Some(config), problems) if problems.errors.is_empty() => {
+                for w in &problems.warnings {
+                    tracing::warn!("{w}");
+                }
+                Ok(config)
+            }
+            (_, problems) => Err(problems
+                .first_error()
+                .unwrap_or_else(|| ConfigError::whole_file(file, "the file cannot be loaded"))),
+        }
     }
 
+    /// Loads and checks `file`, collecting every problem (errors and warnings, each
+    /// with its place). The config is `Some` only when there is no error.
+    pub fn check(file: &Path) -> (Option<Self>, Problems) {
+        let (raw, mut problems) = load_yaml_file_all::<AggregatorFile>(file);
+        let config = raw.map(|raw| Self::check_file(file, raw, &mut problems));
+        let config = config.filter(|_| problems.errors.is_empty());
+        (config, problems)
+    }
+
+    /// Checks what `file` says (already parsed); the first problem, if any.
     pub fn from_file(file: &Path, raw: AggregatorFile) -> Result<Self, ConfigError> {
+        let mut problems = Problems::default();
+        let config = Self::check_file(file, raw, &mut problems);
+        match problems.first_error() {
+            Some(e) => Err(e),
+            None => Ok(config),
+        }
+    }
+
+    /// Checks what `file` says, adding every problem to `problems`; what it returns is
+    /// meaningful only when no error was added.
+    pub fn check_file(file: &Path, raw: AggregatorFile, problems: &mut Problems) -> Self {
         let whole = |msg: String| ConfigError::whole_file(file, msg);
         let base = file.parent().unwrap_or(Path::new("."));
-        let global = raw.global;
+        let (global, global_at) = match raw.global {
+            Some(l) => (l.value, Some(l.referenced)),
+            None => (GlobalConfig::default(), None),
+        };
+        let in_global = |msg: String| match global_at {
+            Some(place) => ConfigError::at(file, place, msg),
+            None => whole(msg),
+        };
         if global.scrape_interval.0.is_zero() {
-            return Err(whole(
+            problems.error(in_global(
                 "global.scrape_interval must be greater than 0".into(),
             ));
         }
-        if global.scrape_timeout.0 > global.scrape_interval.0 {
-            return Err(whole(format!(
-                "global.scrape_timeout {} is longer than global.scrape_interval {}; lower the timeout",
-                global.scrape_timeout, global.scrape_interval
-            )));
-        }
+        // Prometheus's rule: a timeout not given is 10s, or the interval when that is
+        // shorter; one given that is longer than the interval is an error.
+        let scrape_timeout = match &global.scrape_timeout {
+            None => default_timeout().0.min(global.scrape_interval.0),
+            Some(t) => {
+                if t.value.0 > global.scrape_interval.0 {
+                    problems.error(ConfigError::at(
+                        file,
+                        t.referenced,
+                        format!(
+                            "global.scrape_timeout {} is longer than global.scrape_interval {}; lower the timeout or remove it (it then defaults to 10s, or to the interval when that is shorter)",
+                            t.value, global.scrape_interval
+                        ),
+                    ));
+                }
+                t.value.0
+            }
+        };
         for name in global.external_labels.keys() {
             // `__replica__` and the like are allowed here: HA trackers (Mimir, Cortex) key on them.
             if !sonde_proto::config::is_valid_label_name(name) || name == "__name__" {
-                return Err(whole(format!(
+                problems.error(in_global(format!(
                     "global.external_labels: {name:?} is not a valid label name"
                 )));
             }
@@ -303,37 +346,19 @@ impl AggregatorConfig {
         if let Some(shard) = global.shard
             && (shard.total == 0 || shard.index >= shard.total)
         {
-            return Err(whole(format!(
+            problems.error(in_global(format!(
                 "global.shard: index {} must be below total {} (and total at least 1)",
                 shard.index, shard.total
             )));
         }
 
-        let mut modules = BTreeMap::new();
-        if let Some(located) = &raw.modules_file {
-            let path = base.join(&located.value);
-            let blackbox: BlackboxFile = load_yaml_file(&path)?;
-            modules.extend(blackbox.modules);
-        }
-        for (name, module) in raw.modules {
-            if modules.contains_key(&name) {
-                return Err(whole(format!(
-                    "module {name:?} is defined both in modules_file and in modules; rename one"
-                )));
-            }
-            modules.insert(name, module);
-        }
-        for (name, module) in &modules {
-            module
-                .validate()
-                .map_err(|m| whole(format!("modules.{name}: {m}")))?;
-        }
+        let modules = resolve_modules(file, raw.modules_file.as_ref(), &raw.modules, problems);
 
         let defaults = JobDefaults {
             interval: global.scrape_interval.0,
-            timeout: global.scrape_timeout.0,
+            timeout: scrape_timeout,
         };
-        let mut jobs = resolve_jobs(file, &modules, &raw.jobs, defaults)?;
+        let mut jobs = resolve_jobs_all(file, &modules, &raw.jobs, defaults, &mut problems.errors);
         for job in &mut jobs {
             for sd in &mut job.config.file_sd_configs {
                 for pattern in &mut sd.files {
@@ -341,7 +366,9 @@ impl AggregatorConfig {
                 }
             }
         }
-        if let Some(shard) = global.shard {
+        if let Some(shard) = global.shard
+            && shard.total > 0
+        {
             jobs.retain(|j| owns_job(shard, &j.name));
         }
 
@@ -349,11 +376,14 @@ impl AggregatorConfig {
         for located in raw.remote_write {
             let mut rw = located.value;
             resolve_paths(&mut rw, base);
-            rw.validate()
-                .map_err(|m| ConfigError::at(file, located.referenced, m))?;
-            remote_write.push(rw);
+            match rw.validate() {
+                Ok(()) => remote_write.push(rw),
+                Err(m) => problems.error(ConfigError::at(file, located.referenced, m)),
+            }
         }
-        crate::remote_write::config::validate_all(&remote_write).map_err(whole)?;
+        if let Err(m) = crate::remote_write::config::validate_all(&remote_write) {
+            problems.error(whole(m));
+        }
 
         let mut tokens = HashMap::new();
         if let Some(auth) = &raw.fleet.auth {
@@ -364,55 +394,64 @@ impl AggregatorConfig {
                     (Some(t), None) => t.trim().to_string(),
                     (None, Some(path)) => {
                         let path = base.join(path);
-                        std::fs::read_to_string(&path)
-                            .map_err(|e| {
-                                at(format!(
+                        match std::fs::read_to_string(&path) {
+                            Ok(t) => t.trim().to_string(),
+                            Err(e) => {
+                                problems.error(at(format!(
                                     "fleet.auth.tokens: cannot read token_file {}: {e}",
                                     path.display()
-                                ))
-                            })?
-                            .trim()
-                            .to_string()
+                                )));
+                                continue;
+                            }
+                        }
                     }
                     _ => {
-                        return Err(at(format!(
+                        problems.error(at(format!(
                             "fleet.auth.tokens: agent {:?} needs exactly one of token_file or token",
                             entry.agent
                         )));
+                        continue;
                     }
                 };
                 if token.is_empty() {
-                    return Err(at(format!(
+                    problems.error(at(format!(
                         "fleet.auth.tokens: the token of agent {:?} is empty",
                         entry.agent
                     )));
                 }
                 if entry.agent.is_empty() || entry.agent.len() > MAX_AGENT_ID_BYTES {
-                    return Err(at(format!(
+                    problems.error(at(format!(
                         "fleet.auth.tokens: agent ids are 1 to {MAX_AGENT_ID_BYTES} bytes long"
                     )));
                 }
-                if let Some(labels) = &entry.labels {
-                    sonde_proto::config::validate_labels(
+                if let Some(labels) = &entry.labels
+                    && let Err(e) = sonde_proto::config::validate_labels(
                         labels,
                         &format!("fleet.auth.tokens: labels of agent {:?}", entry.agent),
                     )
-                    .map_err(|e| at(e.to_string()))?;
+                {
+                    problems.error(at(e.to_string()));
                 }
-                if let Some(path) = &entry.token_file {
-                    warn_if_readable_by_others(&base.join(path));
+                if let Some(path) = &entry.token_file
+                    && let Some(w) = readable_by_others(&base.join(path))
+                {
+                    problems.warn(at(w));
                 }
                 let grant = TokenGrant {
                     agent: entry.agent.clone(),
                     labels: entry.labels.clone(),
                 };
+                if token.is_empty() {
+                    continue;
+                }
                 if let Some(other) = tokens.insert(token, grant) {
-                    return Err(at(format!(
+                    problems.error(at(format!(
                         "fleet.auth.tokens: agents {:?} and {:?} share a token; each agent needs its own",
                         other.agent, entry.agent
                     )));
                 }
             }
+            warn_unmatchable_selectors(file, &raw.jobs, &auth.tokens, problems);
         }
         let tls = match raw.fleet.tls {
             Some(located) => {
@@ -422,19 +461,19 @@ impl AggregatorConfig {
                     .chain(tls.client_ca_file.as_mut())
                 {
                     *path = base.join(&*path);
-                    std::fs::metadata(&*path).map_err(|e| {
-                        ConfigError::at(
+                    if let Err(e) = std::fs::metadata(&*path) {
+                        problems.error(ConfigError::at(
                             file,
                             located.referenced,
                             format!("fleet.tls: cannot read {}: {e}", path.display()),
-                        )
-                    })?;
+                        ));
+                    }
                 }
                 Some(tls)
             }
             None => None,
         };
-        Ok(Self {
+        Self {
             file: file.to_path_buf(),
             scrape_interval: global.scrape_interval.0,
             external_labels: global.external_labels,
@@ -454,7 +493,7 @@ impl AggregatorConfig {
                 retention: raw.history.retention.0,
                 max_size: raw.history.max_size.0,
             },
-        })
+        }
     }
 
     /// The all-in-one default: probe this aggregator's own endpoints, so that a newcomer
@@ -514,22 +553,68 @@ fn resolve_paths(rw: &mut RemoteWriteConfig, base: &Path) {
     }
 }
 
+/// Warns about each job whose `agents:` selector no agent can match: checked offline,
+/// so only when every token in `fleet.auth.tokens` binds labels (an agent's labels are
+/// then exactly its token's) and none of those label sets satisfies the selector.
+fn warn_unmatchable_selectors(
+    file: &Path,
+    jobs: &[Located<JobConfig>],
+    tokens: &[Located<TokenEntry>],
+    problems: &mut Problems,
+) {
+    let bound: Vec<&Labels> = tokens
+        .iter()
+        .filter_map(|t| t.value.labels.as_ref())
+        .collect();
+    if tokens.is_empty() || bound.len() != tokens.len() {
+        return;
+    }
+    for located in jobs {
+        let job = &located.value;
+        if job.agents.is_empty() || bound.iter().any(|labels| job.selects(labels)) {
+            continue;
+        }
+        let granted_by_none: Vec<String> = job
+            .agents
+            .iter()
+            .filter(|(k, v)| !bound.iter().any(|l| l.get(*k) == Some(*v)))
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        let why = if granted_by_none.is_empty() {
+            "no single token's labels have all of them".to_string()
+        } else {
+            format!("no token's labels have {}", granted_by_none.join(", "))
+        };
+        problems.warn(ConfigError::at(
+            file,
+            located.referenced,
+            format!(
+                "job {:?}: no agent can match agents: {}: every token in fleet.auth.tokens binds labels (they are then the agent's labels) and {why}, so this job will run on no agent; fix the selector or a token's labels",
+                job.job_name,
+                job.agents
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+}
+
 /// Agent ids are at most this long (in bytes), in tokens and in Hellos.
 pub const MAX_AGENT_ID_BYTES: usize = 256;
 
 /// A token file others can read is a token others can use: say so (the file is the
-/// operator's to fix, so this does not refuse to start).
-fn warn_if_readable_by_others(path: &Path) {
+/// operator's to fix, so this is a warning, not a refusal).
+fn readable_by_others(path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "token_file is readable by group or others; chmod 600 it"
-        );
-    }
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "fleet.auth.tokens: token_file {} (mode {mode:o}) is readable by group or others; chmod 600 it",
+            path.display()
+        )
+    })
 }
 
 impl AggregatorConfig {
@@ -638,6 +723,92 @@ fleet:
     fn bad_timeout_is_an_error() {
         let e = parse("global: {scrape_interval: 5s, scrape_timeout: 10s}\n").unwrap_err();
         assert!(e.message.contains("scrape_timeout"), "{e}");
+    }
+
+    #[test]
+    fn a_default_scrape_timeout_follows_prometheus() {
+        let c = parse("global: {scrape_interval: 5s}\nmodules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: m}\n")
+            .unwrap();
+        assert_eq!(c.jobs[0].timeout, Duration::from_secs(5));
+        let c = parse("global: {scrape_interval: 1m}\nmodules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: m}\n")
+            .unwrap();
+        assert_eq!(c.jobs[0].timeout, Duration::from_secs(10));
+        // Given explicitly, longer than the interval, it stays an error, at its place.
+        let e = parse("global:\n  scrape_interval: 5s\n  scrape_timeout: 6s\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sonde-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn check_reports_every_problem_with_its_place() {
+        let dir = scratch("every");
+        std::fs::write(
+            dir.join("blackbox.yml"),
+            "modules:\n  http_2xx:\n    prober: http\n",
+        )
+        .unwrap();
+        let file = dir.join("agg.yml");
+        std::fs::write(
+            &file,
+            "modules_file: blackbox.yml\nmodules:\n  http_2xx: {prober: http}\n  bad_re:\n    prober: http\n    http: {fail_if_body_matches_regexp: ['(']}\njobs:\n  - job_name: a\n    module: http_2xx\n    retries: two\n  - job_name: b\n    module: nope\n  - job_name: c\n    module: http_2xx\n    agents: region=eu\nfleet:\n  forget_afterr: 1h\n",
+        )
+        .unwrap();
+        let (config, problems) = AggregatorConfig::check(&file);
+        assert!(config.is_none());
+        let places: Vec<u64> = problems.errors.iter().map(|e| e.line).collect();
+        assert_eq!(places, [10, 15, 17, 3, 5, 11], "{problems:#?}");
+        let text: Vec<String> = problems.errors.iter().map(ToString::to_string).collect();
+        assert!(
+            text[3].contains("modules_file") && text[3].contains("blackbox.yml:3"),
+            "{text:#?}"
+        );
+        assert!(text[4].contains("bad_re"), "{text:#?}");
+        assert!(text[5].contains("nope"), "{text:#?}");
+        let e = AggregatorConfig::load(&file).unwrap_err();
+        assert!(e.message.contains("and 5 more problems"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn check_warns_about_an_empty_file_and_a_selector_no_token_can_match() {
+        let dir = scratch("warn");
+        let file = dir.join("agg.yml");
+        std::fs::write(&file, "# to do\n").unwrap();
+        let (config, problems) = AggregatorConfig::check(&file);
+        assert!(config.is_some() && problems.errors.is_empty());
+        assert!(
+            problems.warnings[0].message.contains("empty"),
+            "{problems:#?}"
+        );
+
+        std::fs::write(
+            &file,
+            "modules: {m: {prober: tcp}}\njobs:\n  - {job_name: eu, module: m, agents: {region: eu}}\n  - {job_name: us, module: m, agents: {region: us}}\nfleet:\n  auth:\n    tokens:\n      - {agent: e1, token: t1, labels: {region: eu}}\n",
+        )
+        .unwrap();
+        let (config, problems) = AggregatorConfig::check(&file);
+        assert!(config.is_some(), "{problems:#?}");
+        assert_eq!(problems.warnings.len(), 1, "{problems:#?}");
+        let w = &problems.warnings[0];
+        assert_eq!(w.line, 4, "{w}");
+        assert!(
+            w.message.contains("region=\"us\"") && w.message.contains("every token"),
+            "{w}"
+        );
+        // A token without labels could be any agent: nothing can be said offline.
+        std::fs::write(
+            &file,
+            "modules: {m: {prober: tcp}}\njobs:\n  - {job_name: us, module: m, agents: {region: us}}\nfleet:\n  auth:\n    tokens:\n      - {agent: e1, token: t1, labels: {region: eu}}\n      - {agent: e2, token: t2}\n",
+        )
+        .unwrap();
+        let (_, problems) = AggregatorConfig::check(&file);
+        assert!(problems.warnings.is_empty(), "{problems:#?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

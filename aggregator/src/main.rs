@@ -4,7 +4,8 @@
 //! With no flags at all it starts the all-in-one default: the aggregator plus an
 //! embedded agent probing the aggregator's own endpoints.
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use sonde_agent::config::{AgentConfig, AggregatorEndpoint};
 use sonde_aggregator::app::App;
 use sonde_aggregator::config::AggregatorConfig;
@@ -21,7 +22,7 @@ use std::time::Duration;
     name = "sonde-aggregator",
     version,
     about = "Merges sonde agents' probe results into up, flags missing jobs, and remote-writes everything",
-    after_help = "With no flags at all, starts an all-in-one default: the aggregator plus an embedded agent probing its own endpoints (status page at http://127.0.0.1:9450/)."
+    after_help = "Without --config.file, when sonde-aggregator.yml does not exist and no flags other than --web.listen-address, --grpc.listen-address, --storage.path and --log.* are given, starts an all-in-one default: the aggregator plus an embedded agent probing its own endpoints (status page at http://127.0.0.1:9450/)."
 )]
 struct Cli {
     #[arg(long = "config.file", default_value = "sonde-aggregator.yml")]
@@ -44,19 +45,47 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// The flags the all-in-one default can be started with (clap's ids; `LogFlags` is the
+/// group of `--log.*`): where it listens, where it stores, how it logs. Any other flag, or a subcommand, means a real setup.
+const ALL_IN_ONE_FLAGS: &[&str] = &[
+    "web_listen_address",
+    "grpc_listen_address",
+    "storage_path",
+    "level",
+    "format",
+    "LogFlags",
+];
+
+/// True when the command line asks for the all-in-one default (provided that the
+/// default config file does not exist): no `--config.file`, no subcommand, and no flag
+/// outside [`ALL_IN_ONE_FLAGS`].
+fn all_in_one_requested(matches: &ArgMatches) -> bool {
+    matches.subcommand().is_none()
+        && matches.ids().all(|id| {
+            ALL_IN_ONE_FLAGS.contains(&id.as_str())
+                || matches.value_source(id.as_str()) != Some(ValueSource::CommandLine)
+        })
+}
+
 fn main() -> ExitCode {
-    let all_in_one = std::env::args_os().len() == 1;
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let all_in_one = all_in_one_requested(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config::run(file, |file| {
-            AggregatorConfig::load(file).map(|c| {
-                format!(
-                    "{} modules, {} jobs, {} remote_write endpoints",
-                    c.modules.len(),
-                    c.jobs.len(),
-                    c.remote_write.len()
-                )
-            })
+            let (config, problems) = AggregatorConfig::check(file);
+            check_config::Outcome {
+                summary: config.map(|c| {
+                    format!(
+                        "{} modules, {} jobs, {} remote_write endpoints",
+                        c.modules.len(),
+                        c.jobs.len(),
+                        c.remote_write.len()
+                    )
+                }),
+                errors: problems.errors.iter().map(ToString::to_string).collect(),
+                warnings: problems.warnings.iter().map(|w| w.as_warning()).collect(),
+            }
         });
     }
     cli.log.init();
@@ -78,7 +107,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
     let (config, config_file) = if all_in_one && !cli.config_file.exists() {
-        tracing::info!("no flags and no sonde-aggregator.yml: starting the all-in-one default");
+        tracing::info!(
+            "no --config.file and no {}: starting the all-in-one default",
+            cli.config_file.display()
+        );
         let config = AggregatorConfig::all_in_one(cli.web_listen_address, cli.grpc_listen_address)
             .map_err(|e| e.to_string())?;
         (config, None)
@@ -131,4 +163,32 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
     running.shutdown(Duration::from_secs(10)).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requested(args: &[&str]) -> bool {
+        let argv = std::iter::once("sonde-aggregator").chain(args.iter().copied());
+        all_in_one_requested(&Cli::command().try_get_matches_from(argv).unwrap())
+    }
+
+    #[test]
+    fn all_in_one_starts_with_listen_storage_and_log_flags() {
+        assert!(requested(&[]));
+        assert!(requested(&["--web.listen-address=127.0.0.1:19450"]));
+        assert!(requested(&[
+            "--web.listen-address",
+            "0.0.0.0:9450",
+            "--grpc.listen-address=127.0.0.1:19451",
+            "--storage.path=/tmp/x",
+            "--log.level=debug",
+            "--log.format=json",
+        ]));
+        assert!(!requested(&["--config.file=sonde-aggregator.yml"]));
+        assert!(!requested(&["--web.enable-lifecycle"]));
+        assert!(!requested(&["--web.max-connections=10"]));
+        assert!(!requested(&["check-config", "x.yml"]));
+    }
 }

@@ -232,6 +232,62 @@ fn broken_agent_config_names_file_line_column() {
     assert_located(&out.combined(), &file, line, "max_byte");
 }
 
+/// A newcomer's first config, with several mistakes: every one is reported at once, each
+/// at its place, wrong types say what was expected with an example, and the empty file
+/// and the job no token-bound agent can match are warned about.
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let scratch = TestDir::new("check-every-problem");
+    scratch.write("blackbox.yml", "modules:\n  http_2xx: {prober: http}\n");
+    let file = scratch.write(
+        "aggregator.yml",
+        "global: {scrape_interval: 5s}\nmodules_file: blackbox.yml\nmodules:\n  http_2xx: {prober: http}\n  tcp_connect:\n    prober: tcp\n    tcp: {query_response: [{expect: '('}]}\njobs:\n  - job_name: web\n    module: http_2xx\n    retries: two\n    agents: {region: us}\n  - job_name: edge\n    module: tcp_connect\n    agents: region=eu\nfleet:\n  auth:\n    tokens: [{agent: e1, token: secret, labels: {region: eu}}]\n  forget_afterr: 1h\n",
+    );
+    let out = check_config("sonde-aggregator", &file, &scratch);
+    let text = out.combined();
+    assert!(!out.status.success(), "{text}");
+    let f = file.display();
+    for expected in [
+        format!("{f}:11:14: retries: \"two\" is not a whole number"),
+        format!("{f}:15:13: agents: \"region=eu\" is not a mapping"),
+        format!("{f}:19:3: unknown field `forget_afterr`"),
+        format!("{f}:4:13: module \"http_2xx\" is defined both here and in modules_file"),
+        format!("{f}:6:5: modules.tcp_connect:"),
+        format!("{f}: FAILED: 5 errors"),
+    ] {
+        assert!(text.contains(&expected), "no {expected:?} in:\n{text}");
+    }
+    assert!(text.contains("for example `retries: 2`"), "{text}");
+    assert!(
+        text.contains("for example `agents: {region: eu}`"),
+        "{text}"
+    );
+    // scrape_timeout was not given: 5s, not a refusal of a 10s the user never wrote.
+    assert!(!text.contains("scrape_timeout"), "{text}");
+
+    // Fixed, it passes, with the warning about the job no agent can match.
+    let fixed = scratch.write(
+        "fixed.yml",
+        "global: {scrape_interval: 5s}\nmodules_file: blackbox.yml\njobs:\n  - job_name: web\n    module: http_2xx\n    agents: {region: us}\nfleet:\n  auth:\n    tokens: [{agent: e1, token: secret, labels: {region: eu}}]\n",
+    );
+    let out = check_config("sonde-aggregator", &fixed, &scratch);
+    let text = out.combined();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}:4:5: warning: job \"web\": no agent can match",
+            fixed.display()
+        )),
+        "{text}"
+    );
+
+    let empty = scratch.write("agent.yml", "# to do\n");
+    let out = check_config("sonde-agent", &empty, &scratch);
+    let text = out.combined();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("warning: the file is empty"), "{text}");
+}
+
 #[test]
 fn tls_example_configs_are_valid() {
     let scratch = TestDir::new("check-tls-examples");

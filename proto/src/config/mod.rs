@@ -10,9 +10,15 @@ mod yaml;
 
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
 pub use module::{Module, ModuleError, Prober};
-pub use resolve::{JobDefaults, ResolvedJob, TargetError, check_target, resolve_jobs, split_port};
+pub use resolve::{
+    JobDefaults, ResolvedJob, TargetError, check_target, resolve_jobs, resolve_jobs_all,
+    resolve_modules, split_port,
+};
 pub use units::{ByteSize, DurationError, PromDuration, SizeError};
-pub use yaml::{ConfigError, Located, from_yaml_str, load_yaml_file};
+pub use yaml::{
+    ConfigError, Located, Location, Problems, from_yaml_str, load_yaml_file, load_yaml_file_all,
+    parse_yaml_all,
+};
 
 use std::collections::BTreeMap;
 

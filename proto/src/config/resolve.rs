@@ -1,9 +1,9 @@
 //! Checks a list of jobs against the modules they name and fills in their defaults, for
 //! both the aggregator's jobs and an agent's local jobs.
 
-use super::{ConfigError, JobConfig, Located, Module, PromDuration, Quorum};
+use super::{ConfigError, JobConfig, Located, Module, Problems, PromDuration, Quorum};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A job whose module exists and whose interval and timeout are settled.
@@ -39,30 +39,69 @@ impl Default for JobDefaults {
     }
 }
 
-/// Checks `modules` and `jobs` (read from `file`) and resolves each job.
+/// Checks `modules` and `jobs` (read from `file`) and resolves each job; the first
+/// problem, if any (see [`resolve_jobs_all`] for every one).
 pub fn resolve_jobs(
     file: &Path,
     modules: &BTreeMap<String, Module>,
     jobs: &[Located<JobConfig>],
     defaults: JobDefaults,
 ) -> Result<Vec<ResolvedJob>, ConfigError> {
+    let mut problems = Vec::new();
+    let resolved = resolve_jobs_all(file, modules, jobs, defaults, &mut problems);
+    match problems.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(resolved),
+    }
+}
+
+/// Checks `modules` and `jobs` (read from `file`) and resolves each job, adding every
+/// problem to `problems` (each at its job's place); a job with a problem is left out.
+pub fn resolve_jobs_all(
+    file: &Path,
+    modules: &BTreeMap<String, Module>,
+    jobs: &[Located<JobConfig>],
+    defaults: JobDefaults,
+    problems: &mut Vec<ConfigError>,
+) -> Vec<ResolvedJob> {
     let mut names = BTreeSet::new();
     let mut resolved = Vec::with_capacity(jobs.len());
     for located in jobs {
+        let before = problems.len();
+        if let Some(job) = resolve_one(file, modules, located, defaults, &mut names, problems)
+            && problems.len() == before
+        {
+            resolved.push(job);
+        }
+    }
+    resolved
+}
+
+/// One job: `None` when it cannot be resolved at all; `problems` gets every problem found.
+fn resolve_one<'a>(
+    file: &Path,
+    modules: &BTreeMap<String, Module>,
+    located: &'a Located<JobConfig>,
+    defaults: JobDefaults,
+    names: &mut BTreeSet<&'a str>,
+    problems: &mut Vec<ConfigError>,
+) -> Option<ResolvedJob> {
+    {
         let job = &located.value;
         let err = |msg: String| ConfigError::at(file, located.referenced, msg);
+        let mut report = |e: ConfigError| problems.push(e);
         if job.job_name.is_empty() {
-            return Err(err("job_name must not be empty".into()));
+            report(err("job_name must not be empty".into()));
         }
         if !names.insert(job.job_name.as_str()) {
-            return Err(err(format!(
+            report(err(format!(
                 "job_name {:?} is used twice; every job needs a unique name",
                 job.job_name
             )));
         }
-        let module = modules.get(&job.module).ok_or_else(|| {
+        let Some(module) = modules.get(&job.module) else {
             let known: Vec<_> = modules.keys().map(String::as_str).collect();
-            err(format!(
+            report(err(format!(
                 "job {:?} uses module {:?}, which is not defined (defined: {})",
                 job.job_name,
                 job.module,
@@ -71,13 +110,14 @@ pub fn resolve_jobs(
                 } else {
                     known.join(", ")
                 }
-            ))
-        })?;
+            )));
+            return None;
+        };
         let interval = job
             .interval
             .map_or(defaults.interval, PromDuration::as_duration);
         if interval.is_zero() {
-            return Err(err(format!(
+            report(err(format!(
                 "job {:?}: interval must be greater than 0",
                 job.job_name
             )));
@@ -87,13 +127,13 @@ pub fn resolve_jobs(
             None => defaults.timeout.min(interval),
         };
         if job_timeout.is_zero() {
-            return Err(err(format!(
+            report(err(format!(
                 "job {:?}: timeout must be greater than 0",
                 job.job_name
             )));
         }
         if job_timeout > interval {
-            return Err(err(format!(
+            report(err(format!(
                 "job {:?}: timeout {} is longer than the interval {}; lower the timeout or raise the interval",
                 job.job_name,
                 PromDuration(job_timeout),
@@ -106,13 +146,13 @@ pub fn resolve_jobs(
             module.timeout.0.min(job_timeout)
         };
         if let Quorum::AtLeast(0) = job.quorum {
-            return Err(err(format!(
+            report(err(format!(
                 "job {:?}: quorum must be at least 1",
                 job.job_name
             )));
         }
         if job.agents_per_target == Some(0) {
-            return Err(err(format!(
+            report(err(format!(
                 "job {:?}: agents_per_target must be at least 1 (remove it to have every matching agent probe every target)",
                 job.job_name
             )));
@@ -120,27 +160,35 @@ pub fn resolve_jobs(
         if let (Some(k), Quorum::AtLeast(q)) = (job.agents_per_target, job.quorum)
             && q > k
         {
-            return Err(err(format!(
+            report(err(format!(
                 "job {:?}: quorum {q} can never be met with agents_per_target {k}; lower the quorum or raise agents_per_target",
                 job.job_name
             )));
         }
-        super::validate_labels(&job.agents, &format!("job {:?}: agents", job.job_name))
-            .map_err(|e| err(e.to_string()))?;
+        if let Err(e) =
+            super::validate_labels(&job.agents, &format!("job {:?}: agents", job.job_name))
+        {
+            report(err(e.to_string()));
+        }
         for group in &job.static_configs {
-            super::validate_labels(
+            if let Err(e) = super::validate_labels(
                 &group.labels,
                 &format!("job {:?}: static_configs labels", job.job_name),
-            )
-            .map_err(|e| err(e.to_string()))?;
+            ) {
+                report(err(e.to_string()));
+            }
             for target in &group.targets {
-                check_target(module, target)
-                    .map_err(|m| err(format!("job {:?}: target {target:?}: {m}", job.job_name)))?;
+                if let Err(m) = check_target(module, target) {
+                    report(err(format!(
+                        "job {:?}: target {target:?}: {m}",
+                        job.job_name
+                    )));
+                }
             }
         }
         for sd in &job.file_sd_configs {
             if sd.files.is_empty() {
-                return Err(err(format!(
+                report(err(format!(
                     "job {:?}: file_sd_configs entry needs at least one file",
                     job.job_name
                 )));
@@ -148,16 +196,17 @@ pub fn resolve_jobs(
         }
         let freshness = match job.freshness {
             Some(f) if f.0 < interval => {
-                return Err(err(format!(
+                report(err(format!(
                     "job {:?}: freshness {f} is shorter than the interval {}; every target would go missing between two probes",
                     job.job_name,
                     PromDuration(interval)
                 )));
+                f.0
             }
             Some(f) => f.0,
             None => interval * 2 + job_timeout,
         };
-        resolved.push(ResolvedJob {
+        Some(ResolvedJob {
             name: job.job_name.clone(),
             module_name: job.module.clone(),
             module: module.clone(),
@@ -167,9 +216,81 @@ pub fn resolve_jobs(
             retries: job.retries,
             freshness,
             config: job.clone(),
-        });
+        })
     }
-    Ok(resolved)
+}
+
+/// A blackbox_exporter config file, for `modules_file`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlackboxFile {
+    #[serde(default)]
+    modules: BTreeMap<String, Located<Module>>,
+}
+
+/// The modules of a config file (`file`): those of its `modules_file` (an existing
+/// blackbox.yml, relative to `file`'s directory) merged with its own `modules:`, each
+/// validated. Every problem goes to `problems`, at the module's place (in `file`, or in
+/// the modules file).
+pub fn resolve_modules(
+    file: &Path,
+    modules_file: Option<&Located<PathBuf>>,
+    inline: &BTreeMap<String, Located<Module>>,
+    problems: &mut Problems,
+) -> BTreeMap<String, Module> {
+    let mut all: BTreeMap<String, (PathBuf, &Located<Module>)> = BTreeMap::new();
+    let from_file;
+    if let Some(located) = modules_file {
+        let base = file.parent().unwrap_or(Path::new("."));
+        let path = base.join(&located.value);
+        match std::fs::read_to_string(&path) {
+            Err(e) => problems.error(ConfigError::at(
+                file,
+                located.referenced,
+                format!(
+                    "modules_file: cannot read {}: {e}; give a blackbox_exporter config file (a path relative to this file's directory) or remove modules_file",
+                    path.display()
+                ),
+            )),
+            Ok(text) => {
+                let (parsed, more) = super::parse_yaml_all::<BlackboxFile>(&path, &text);
+                problems.errors.extend(more.errors);
+                problems.warnings.extend(more.warnings);
+                from_file = parsed.map(|f| f.modules).unwrap_or_default();
+                for (name, module) in &from_file {
+                    all.insert(name.clone(), (path.clone(), module));
+                }
+            }
+        }
+    }
+    for (name, module) in inline {
+        if let Some((other, theirs)) = all.get(name) {
+            problems.error(ConfigError::at(
+                file,
+                module.referenced,
+                format!(
+                    "module {name:?} is defined both here and in modules_file ({}:{}); rename one of them",
+                    other.display(),
+                    theirs.referenced.line()
+                ),
+            ));
+            continue;
+        }
+        all.insert(name.clone(), (file.to_path_buf(), module));
+    }
+    let mut modules = BTreeMap::new();
+    for (name, (path, module)) in all {
+        // Kept even when invalid, so that the jobs naming it are not also told it is missing.
+        if let Err(m) = module.value.validate() {
+            problems.error(ConfigError::at(
+                &path,
+                module.referenced,
+                format!("modules.{name}: {m}"),
+            ));
+        }
+        modules.insert(name, module.value.clone());
+    }
+    modules
 }
 
 /// Why a target cannot be probed with its job's module.
@@ -268,6 +389,29 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn every_job_problem_is_reported() {
+        let doc: Doc = from_yaml_str(
+            Path::new("c.yml"),
+            "modules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: nope}\n  - {job_name: b, module: m, interval: 5s, timeout: 10s, static_configs: [{targets: [x]}]}\n  - {job_name: c, module: m}\n",
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        let jobs = resolve_jobs_all(
+            Path::new("c.yml"),
+            &doc.modules,
+            &doc.jobs,
+            JobDefaults::default(),
+            &mut problems,
+        );
+        let found: Vec<(u64, bool)> = problems
+            .iter()
+            .map(|e| (e.line, e.message.contains("host:port")))
+            .collect();
+        assert_eq!(found, [(3, false), (4, false), (4, true)], "{problems:#?}");
+        assert_eq!(jobs.len(), 1);
     }
 
     #[test]
