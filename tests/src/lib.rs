@@ -906,15 +906,35 @@ pub fn dns_query_a(server: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>, Stri
 /// A Prometheus 2.x receiving remote write, with the given rule files, no scrape jobs,
 /// evaluating rules every second. Returns its base URL once it is ready.
 pub fn start_prometheus(scene: &mut Scene, name: &str, rule_files: &[PathBuf]) -> String {
+    start_prometheus_scraping(scene, name, rule_files, "")
+}
+
+/// [`start_prometheus`] that also scrapes: `scrape_configs` is the YAML list that goes
+/// under `scrape_configs:` (for instance `deploy/prometheus/scrape-sonde.yml` with its
+/// addresses rewritten), scraped every second. Empty: no scrape jobs.
+pub fn start_prometheus_scraping(
+    scene: &mut Scene,
+    name: &str,
+    rule_files: &[PathBuf],
+    scrape_configs: &str,
+) -> String {
     let prometheus = require_tool("prometheus", "prometheus");
     let port = free_port();
-    let mut config =
-        String::from("global:\n  scrape_interval: 15s\n  evaluation_interval: 1s\nrule_files:\n");
+    let mut config = String::from(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n",
+    );
     for file in rule_files {
         let _ = writeln!(config, "  - {:?}", file.display().to_string());
     }
     if rule_files.is_empty() {
         config.push_str("  []\n");
+    }
+    if !scrape_configs.trim().is_empty() {
+        config.push_str("scrape_configs:\n");
+        config.push_str(scrape_configs);
+        if !scrape_configs.ends_with('\n') {
+            config.push('\n');
+        }
     }
     let config_path = scene
         .dir()
@@ -967,10 +987,36 @@ pub fn start_victoria_metrics(scene: &mut Scene, name: &str, extra: &[&str]) -> 
 /// An nginx serving `GET /` → 200 "ok\n" and `/missing` → 404 on 127.0.0.1. Returns its
 /// port once it answers.
 pub fn start_nginx(scene: &mut Scene, name: &str) -> u16 {
+    start_nginx_with_tls(scene, name, None).0
+}
+
+/// [`start_nginx`], plus, with `tls: Some((certificate, key))` (PEM files), the same
+/// locations over HTTPS on a second port. Returns (HTTP port, HTTPS port).
+pub fn start_nginx_with_tls(
+    scene: &mut Scene,
+    name: &str,
+    tls: Option<(&Path, &Path)>,
+) -> (u16, Option<u16>) {
     let nginx = require_tool("nginx", "nginx-light");
     let port = free_port();
     let dir = scene.dir().join(name);
     fs::create_dir_all(&dir).expect("create nginx dir");
+    let https_port = tls.map(|_| free_port());
+    let https_server = match (tls, https_port) {
+        (Some((cert, key)), Some(https)) => format!(
+            r#"    server {{
+        listen 127.0.0.1:{https} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        location = / {{ return 200 "ok\n"; }}
+        location /missing {{ return 404; }}
+    }}
+"#,
+            cert.display(),
+            key.display()
+        ),
+        _ => String::new(),
+    };
     let d = dir.display();
     let config = format!(
         r#"daemon off;
@@ -991,7 +1037,7 @@ http {{
         location = / {{ return 200 "ok\n"; }}
         location /missing {{ return 404; }}
     }}
-}}
+{https_server}}}
 "#
     );
     let config_path = scene.dir().write(&format!("{name}/nginx.conf"), &config);
@@ -1013,7 +1059,18 @@ http {{
             other => Err(format!("{other:?}")),
         },
     );
-    port
+    if let Some(https) = https_port {
+        scene.wait_until(
+            &format!("{name} to listen on HTTPS port {https}"),
+            Duration::from_secs(30),
+            || {
+                std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, https))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
+        );
+    }
+    (port, https_port)
 }
 
 /// A dnsmasq answering `A example.test` (and every name under it) with 127.0.0.1, and
