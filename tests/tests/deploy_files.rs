@@ -184,7 +184,7 @@ fn default_rules_fire_nothing_at_rest_and_page_once_per_down_target() {
         .filter_map(|l| l.trim().strip_prefix("expr: "))
         .collect();
     assert!(
-        !rules.contains("absent("),
+        !exprs.iter().any(|e| e.contains("absent(")),
         "sonde-alerts.yml must not use absent(): it fires where the job does not exist"
     );
     let reading_up: Vec<&&str> = exprs
@@ -237,7 +237,8 @@ fn rules_and_dashboard_name_only_metrics_sonde_exports() {
         let text = std::fs::read_to_string(repo_path(file)).expect("read");
         let mut names: Vec<&str> = text
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("sonde_") && w.len() > "sonde_".len())
+            // A name ending with `_` is a family's prefix in a comment (`sonde_agent_buffer_*`).
+            .filter(|w| w.starts_with("sonde_") && !w.ends_with('_'))
             .collect();
         names.sort();
         names.dedup();

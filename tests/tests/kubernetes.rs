@@ -247,7 +247,7 @@ fn installed_config(manifest: &str, key: &str, dir: &TestDir, tokens: &[&str]) -
     for agent in tokens {
         dir.write(
             &format!("tokens/{agent}"),
-            "a-token-of-32-random-bytes-base64\n",
+            &format!("the-token-of-{agent}-32-random-bytes\n"),
         );
     }
     dir.write(
