@@ -852,3 +852,38 @@ fn readme_limits_are_documented_and_accepted() {
         out.combined()
     );
 }
+
+/// The configs the Debian packages install as /etc/sonde/*.yml (deploy/packages/) pass
+/// `check-config` as they are, naming no file that the packages do not install; the
+/// aggregator's keeps fleet.auth (its unit listens beyond loopback), admitting no agent.
+#[test]
+fn package_configs_are_valid_as_installed() {
+    let scratch = TestDir::new("check-package-configs");
+    for (bin, file) in [
+        ("sonde-agent", "deploy/packages/agent.yml"),
+        ("sonde-aggregator", "deploy/packages/aggregator.yml"),
+    ] {
+        let text = std::fs::read_to_string(repo_path(file)).expect("read");
+        let names_files = yaml_lines(&text)
+            .iter()
+            .any(|l| l.contains("/etc/sonde/") || l.contains("_file:"));
+        assert!(
+            !names_files,
+            "{file} names a file the package does not install"
+        );
+        let out = check_config(bin, &repo_path(file), &scratch);
+        assert!(
+            out.status.success(),
+            "{bin} check-config {file} failed ({}):\n{}",
+            out.status,
+            out.combined()
+        );
+    }
+    let aggregator =
+        std::fs::read_to_string(repo_path("deploy/packages/aggregator.yml")).expect("read");
+    let fleet = yaml_lines(&aggregator);
+    let fleet = top_level_block(&fleet, "fleet");
+    assert!(fleet.contains(&"  auth:"), "{fleet:?}");
+    assert!(fleet.contains(&"    tokens: []"), "{fleet:?}");
+    assert!(!fleet.iter().any(|l| l.contains("allow_anonymous: true")));
+}
