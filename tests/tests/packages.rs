@@ -140,12 +140,13 @@ fn debian_packages_build_install_and_check_their_configs() {
         debs.push(deb);
     }
 
-    // Install both, on this machine.
-    let mut install = Command::new(&dpkg);
-    install.arg("-i").args(&debs);
-    must(install, &scratch, TIMEOUT);
-
-    let result = std::panic::catch_unwind(|| check_installed(&scratch));
+    // Install both, on this machine; whatever happens next, purge them at the end.
+    let result = std::panic::catch_unwind(|| {
+        let mut install = Command::new(&dpkg);
+        install.arg("-i").args(&debs);
+        must(install, &scratch, TIMEOUT);
+        check_installed(&scratch)
+    });
 
     let mut purge = Command::new(&dpkg);
     purge.args(["--purge", "sonde-agent", "sonde-aggregator"]);
