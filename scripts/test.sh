@@ -18,6 +18,7 @@ declare -A packages=(
   [python3]=python3         # runs the remote write 2.0 interop decoder (tests/rw2)
   [prometheus-blackbox-exporter]=prometheus-blackbox-exporter  # the side-by-side peer
   [openssl]=openssl         # certificates of the side-by-side test
+  [chromium]=chromium       # renders the status pages (tests/tests/status_pages.rs)
 )
 # file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS
 # front) and mail module (SMTP with STARTTLS) of the side-by-side test

@@ -192,7 +192,7 @@ impl AgentConfig {
             Some(id) => id,
             None => host_name(),
         };
-        validate_labels(&raw.agent.labels, "agent.labels").map_err(whole)?;
+        validate_labels(&raw.agent.labels, "agent.labels").map_err(|e| whole(e.to_string()))?;
         for (name, module) in &raw.modules {
             module
                 .validate()

@@ -6,21 +6,18 @@
 //! - [`outbox`] and [`buffer`]: number results and keep them until acked;
 //! - [`uplink`]: the gRPC stream to each aggregator, and [`assigned`]: what it accepts
 //!   of an assignment;
-//! - [`web`]: `/metrics`, `/probe` and the health endpoints, served by [`http_server`]
-//!   (also the aggregator's HTTP server).
+//! - [`web`]: `/metrics`, `/probe` and the health endpoints, served by
+//!   `sonde_cli::http_server` (also the aggregator's HTTP server).
 
 pub mod assigned;
 pub mod buffer;
 pub mod config;
-pub mod http_server;
-pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod probe;
 pub mod record;
 pub mod runtime;
 pub mod schedule;
-pub mod signals;
 pub mod store;
 pub mod uplink;
 pub mod web;

@@ -3,8 +3,10 @@
 use anyhow::Context;
 use clap::Parser;
 use sonde_agent::config::AgentConfig;
-use sonde_agent::logging::{Command, LogFlags};
 use sonde_agent::runtime::AgentRuntime;
+use sonde_cli::check_config::{self, Command};
+use sonde_cli::logging::LogFlags;
+use sonde_cli::signals::{self, Hangups};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +23,7 @@ struct Cli {
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9452")]
     web_listen_address: SocketAddr,
     #[command(flatten)]
-    web: sonde_agent::http_server::WebFlags,
+    web: sonde_cli::http_server::WebFlags,
     #[arg(long = "storage.path", default_value = "data/agent")]
     storage_path: PathBuf,
     #[command(flatten)]
@@ -33,22 +35,16 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match AgentConfig::load(file) {
-            Ok(c) => {
-                println!(
-                    "{}: OK (agent {}, {} aggregators, {} local jobs)",
-                    file.display(),
+        return check_config::run(file, |file| {
+            AgentConfig::load(file).map(|c| {
+                format!(
+                    "agent {}, {} aggregators, {} local jobs",
                     c.id,
                     c.aggregators.len(),
                     c.jobs.len()
-                );
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+                )
+            })
+        });
     }
     cli.log.init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -87,7 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })?;
     tracing::info!(address = %cli.web_listen_address, "serving /metrics and /probe");
     let (stop_web, web_stopped) = tokio::sync::oneshot::channel::<()>();
-    let web = tokio::spawn(sonde_agent::http_server::serve(
+    let web = tokio::spawn(sonde_cli::http_server::serve(
         listener,
         sonde_agent::web::router(agent.clone()),
         cli.web.limits(),
@@ -95,13 +91,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = web_stopped.await;
         },
     ));
-    let mut hangups = sonde_agent::signals::hangups();
-    let terminate = sonde_agent::signals::terminate();
+    let mut hangups = Hangups::listen();
+    let terminate = signals::terminate();
     tokio::pin!(terminate);
     loop {
         tokio::select! {
             _ = &mut terminate => break,
-            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+            () = hangups.recv() => {
                 match AgentConfig::load(&cli.config_file).map_err(|e| e.to_string()).and_then(|c| agent.reload(c)) {
                     Ok(()) => tracing::info!(file = %cli.config_file.display(), "config reloaded"),
                     Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),

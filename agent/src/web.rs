@@ -352,12 +352,13 @@ impl Allowlist {
 }
 
 impl probe::ConnectPolicy for Allowlist {
-    fn check_host(&self, host: &str, port: u16) -> Result<(), String> {
-        self.host_allowed(host, port)
+    fn check_host(&self, host: &str, port: u16) -> Result<(), probe::Refusal> {
+        self.host_allowed(host, port).map_err(probe::Refusal)
     }
 
-    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), String> {
+    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), probe::Refusal> {
         self.addr_allowed(addr.ip(), addr.port())
+            .map_err(probe::Refusal)
     }
 }
 
@@ -722,7 +723,7 @@ mod tests {
         let list = Allowlist::parse(&["*.test:*".to_string()]).unwrap();
         assert!(list.check_host("meta.test", 80).is_ok());
         let meta: std::net::SocketAddr = "169.254.169.254:80".parse().unwrap();
-        assert!(list.check_addr(meta).unwrap_err().contains("metadata"));
+        assert!(list.check_addr(meta).unwrap_err().0.contains("metadata"));
         assert!(list.check_addr("127.0.0.1:80".parse().unwrap()).is_ok());
         assert!(list.check_host("elsewhere.example", 80).is_err());
     }

@@ -5,7 +5,7 @@ use crate::config::AggregatorConfig;
 use crate::fleet::now_ms;
 use crate::hub::{Durable, Hub, Output};
 use crate::remote_write::RemoteWriter;
-use crate::series::Sample;
+use crate::series::Samples;
 use crate::store::Store;
 use sonde_proto::config::ConfigError;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ pub struct Outputs {
 }
 
 impl Output for Outputs {
-    fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String> {
+    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
         self.store.with_tx(|tx| {
             durable.apply(tx)?;
@@ -37,6 +37,11 @@ impl Output for Outputs {
 }
 
 impl Outputs {
+    /// The aggregator's database (the history's queries read it).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     pub fn writers(&self) -> Vec<Arc<RemoteWriter>> {
         self.writers
             .read()
@@ -55,6 +60,18 @@ pub struct App {
     pub fleet_tls: Arc<crate::fleet::listener::FleetTls>,
     /// Where agents connect, once the server is listening.
     pub grpc_address: std::sync::OnceLock<std::net::SocketAddr>,
+    /// How the last reload went (`sonde_config_last_reload_*`, the status page's banner).
+    pub reload_status: std::sync::Mutex<ReloadStatus>,
+}
+
+/// The outcome of the last reload, as Prometheus reports its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReloadStatus {
+    pub successful: bool,
+    /// When the config in use was loaded (at start, or by the last good reload).
+    pub last_success_ms: i64,
+    /// The last failed reload: when, and why.
+    pub last_failure: Option<(i64, String)>,
 }
 
 impl App {
@@ -83,6 +100,11 @@ impl App {
             started_ms: now_ms(),
             fleet_tls: Default::default(),
             grpc_address: std::sync::OnceLock::new(),
+            reload_status: std::sync::Mutex::new(ReloadStatus {
+                successful: true,
+                last_success_ms: now_ms(),
+                last_failure: None,
+            }),
         }))
     }
 
@@ -99,6 +121,22 @@ impl App {
 
     /// Re-reads the config file; on any problem the running config stays.
     pub async fn reload(&self) -> Result<(), String> {
+        let result = self.reload_config().await;
+        let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(()) => {
+                status.successful = true;
+                status.last_success_ms = now_ms();
+            }
+            Err(e) => {
+                status.successful = false;
+                status.last_failure = Some((now_ms(), e.clone()));
+            }
+        }
+        result
+    }
+
+    async fn reload_config(&self) -> Result<(), String> {
         let Some(file) = &self.config_file else {
             return Err(
                 "the built-in all-in-one config cannot be reloaded; start with --config.file"
@@ -133,8 +171,13 @@ impl App {
             )
             .await;
         }
+        let changes = describe_changes(&old, &config);
         self.hub.reload(config, now_ms()).await;
-        tracing::info!(file = %file.display(), "config reloaded");
+        tracing::info!(
+            file = %file.display(),
+            changes = %if changes.is_empty() { "none".to_string() } else { changes.join("; ") },
+            "config reloaded"
+        );
         Ok(())
     }
 
@@ -164,4 +207,60 @@ fn start_writers(
             RemoteWriter::start(rw.clone(), &config.external_labels, store.clone()).map(Arc::new)
         })
         .collect()
+}
+
+/// What a reload changes, for its log line: jobs added, removed and changed, and the
+/// other sections that differ.
+pub fn describe_changes(old: &AggregatorConfig, new: &AggregatorConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let names = |c: &AggregatorConfig| -> std::collections::BTreeMap<String, String> {
+        c.jobs
+            .iter()
+            .map(|j| (j.name.clone(), format!("{j:?}")))
+            .collect()
+    };
+    let (before, after) = (names(old), names(new));
+    let list = |v: Vec<&String>| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+    let changed: Vec<&String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+        .map(|(k, _)| k)
+        .collect();
+    if !added.is_empty() {
+        out.push(format!("jobs added: {}", list(added)));
+    }
+    if !removed.is_empty() {
+        out.push(format!("jobs removed: {}", list(removed)));
+    }
+    if !changed.is_empty() {
+        out.push(format!("jobs changed: {}", list(changed)));
+    }
+    if old.remote_write != new.remote_write {
+        out.push("remote_write changed".into());
+    }
+    if old.external_labels != new.external_labels {
+        out.push("external_labels changed".into());
+    }
+    if old.tokens.len() != new.tokens.len() || old.auth_required != new.auth_required {
+        out.push(format!(
+            "agent tokens: {} → {}",
+            old.tokens.len(),
+            new.tokens.len()
+        ));
+    }
+    if old.modules != new.modules {
+        out.push("modules changed".into());
+    }
+    if old.limits != new.limits
+        || old.missing_after != new.missing_after
+        || old.forget_after != new.forget_after
+    {
+        out.push("fleet settings changed".into());
+    }
+    if old.history != new.history {
+        out.push("history settings changed".into());
+    }
+    out
 }

@@ -26,6 +26,37 @@ pub struct AggregatorFile {
     pub remote_write: Vec<Located<RemoteWriteConfig>>,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default)]
+    pub history: HistoryConfig,
+}
+
+/// `history:` how long each target's state changes and response times are kept (the
+/// status page's timelines, uptimes and charts, `/api/v1/targets/history`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    #[serde(default = "default_history_retention")]
+    pub retention: PromDuration,
+    /// What the history may weigh in the database; past it the oldest rows go.
+    #[serde(default = "default_history_max_size")]
+    pub max_size: ByteSize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            retention: default_history_retention(),
+            max_size: default_history_max_size(),
+        }
+    }
+}
+
+fn default_history_retention() -> PromDuration {
+    PromDuration::from_secs(30 * 86_400)
+}
+
+fn default_history_max_size() -> ByteSize {
+    ByteSize(256 << 20)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -237,6 +268,7 @@ pub struct AggregatorConfig {
     pub forget_after: Duration,
     pub max_clock_skew: Duration,
     pub limits: FleetLimits,
+    pub history: crate::history::Limits,
 }
 
 impl AggregatorConfig {
@@ -365,7 +397,7 @@ impl AggregatorConfig {
                         labels,
                         &format!("fleet.auth.tokens: labels of agent {:?}", entry.agent),
                     )
-                    .map_err(at)?;
+                    .map_err(|e| at(e.to_string()))?;
                 }
                 if let Some(path) = &entry.token_file {
                     warn_if_readable_by_others(&base.join(path));
@@ -418,6 +450,10 @@ impl AggregatorConfig {
             forget_after: raw.fleet.forget_after.0,
             max_clock_skew: raw.fleet.max_clock_skew.0,
             limits: raw.fleet.limits,
+            history: crate::history::Limits {
+                retention: raw.history.retention.0,
+                max_size: raw.history.max_size.0,
+            },
         })
     }
 

@@ -7,6 +7,7 @@
 //! - [`hub`]: the state fed by the fleet and the series it produces, and its threads;
 //! - [`labels`]: every label set written, built in one place;
 //! - [`merge`]: the `up` / missing rules, pure code;
+//! - [`history`]: each target's state changes and response times, kept for weeks;
 //! - [`series`]: a written series (shared labels) and its samples;
 //! - [`remote_write`]: encoder, client and queue per endpoint;
 //! - [`web`]: status page, JSON API, `/metrics`, reload.
@@ -15,6 +16,7 @@ pub mod app;
 pub mod config;
 pub mod fleet;
 pub mod health;
+pub mod history;
 pub mod hub;
 pub mod labels;
 pub mod merge;

@@ -6,9 +6,11 @@
 
 use clap::Parser;
 use sonde_agent::config::{AgentConfig, AggregatorEndpoint};
-use sonde_agent::logging::{Command, LogFlags};
 use sonde_aggregator::app::App;
 use sonde_aggregator::config::AggregatorConfig;
+use sonde_cli::check_config::{self, Command};
+use sonde_cli::logging::LogFlags;
+use sonde_cli::signals::{self, Hangups};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +33,7 @@ struct Cli {
     #[arg(long = "web.enable-lifecycle")]
     web_enable_lifecycle: bool,
     #[command(flatten)]
-    web: sonde_agent::http_server::WebFlags,
+    web: sonde_cli::http_server::WebFlags,
     #[arg(long = "grpc.listen-address", default_value = "127.0.0.1:9451")]
     grpc_listen_address: SocketAddr,
     #[arg(long = "storage.path", default_value = "data/aggregator")]
@@ -46,22 +48,16 @@ fn main() -> ExitCode {
     let all_in_one = std::env::args_os().len() == 1;
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match AggregatorConfig::load(file) {
-            Ok(c) => {
-                println!(
-                    "{}: OK ({} modules, {} jobs, {} remote_write endpoints)",
-                    file.display(),
+        return check_config::run(file, |file| {
+            AggregatorConfig::load(file).map(|c| {
+                format!(
+                    "{} modules, {} jobs, {} remote_write endpoints",
                     c.modules.len(),
                     c.jobs.len(),
                     c.remote_write.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        };
+                )
+            })
+        });
     }
     cli.log.init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -116,13 +112,13 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         None
     };
 
-    let mut hangups = sonde_agent::signals::hangups();
-    let terminate = sonde_agent::signals::terminate();
+    let mut hangups = Hangups::listen();
+    let terminate = signals::terminate();
     tokio::pin!(terminate);
     loop {
         tokio::select! {
             _ = &mut terminate => break,
-            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+            () = hangups.recv() => {
                 if let Err(e) = app.reload().await {
                     tracing::error!(error = %e, "reload failed; keeping the running config");
                 }

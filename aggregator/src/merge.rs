@@ -63,14 +63,15 @@ pub fn is_fresh(timestamp_ms: i64, now_ms: i64, window: Duration) -> bool {
 }
 
 /// Merges the agents' latest views of one target.
-pub fn merge<'a>(
-    views: impl IntoIterator<Item = &'a AgentView>,
+pub fn merge(
+    views: impl IntoIterator<Item = impl std::borrow::Borrow<AgentView>>,
     quorum: Quorum,
     now_ms: i64,
     window: Duration,
 ) -> Merged {
     let (mut agents, mut succeeding) = (0u32, 0u32);
     for view in views {
+        let view = view.borrow();
         if is_fresh(view.timestamp_ms, now_ms, window) {
             agents += 1;
             succeeding += u32::from(view.success);
@@ -199,7 +200,7 @@ mod tests {
     fn stale_results_do_not_vote() {
         let at_edge = WINDOW.as_millis() as i64;
         let m = merge(
-            &[view(at_edge - 1, true), view(at_edge, true)],
+            [view(at_edge - 1, true), view(at_edge, true)],
             Quorum::AtLeast(1),
             NOW,
             WINDOW,

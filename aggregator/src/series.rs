@@ -8,17 +8,31 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 /// A label: name and value.
 pub type Label = (Arc<str>, Arc<str>);
 
 /// A series' labels, `__name__` included: names unique, sorted in byte order (the
 /// order remote write requires), no empty values (an empty label is no label).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct SeriesLabels {
     labels: Box<[Label]>,
     hash: u64,
+    /// Where up to two remote-write queues keep this series (`queue::Cache`): a queue's
+    /// token in the high half, its entry's index in the low half; 0 for none. Saves the
+    /// queue a hash lookup per sample; a queue that finds another's token here looks
+    /// the series up by its labels instead.
+    pub(crate) queue_slots: [AtomicU64; 2],
 }
+
+impl PartialEq for SeriesLabels {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.labels == other.labels
+    }
+}
+
+impl Eq for SeriesLabels {}
 
 /// A shared series; its address is stable for as long as someone holds it.
 pub type Series = Arc<SeriesLabels>;
@@ -35,6 +49,7 @@ impl SeriesLabels {
         Self {
             labels: labels.into_boxed_slice(),
             hash,
+            queue_slots: Default::default(),
         }
     }
 
@@ -129,6 +144,111 @@ impl Sample {
             timestamp_ms,
             value,
         }
+    }
+}
+
+/// The samples of one probe result as the hub keeps them: one timestamp, the result's
+/// series (shared with the agent's latest view, so a result costs two reference counts,
+/// not one per sample) and a value for each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleRow {
+    pub series: Arc<[Series]>,
+    pub timestamp_ms: i64,
+    pub values: Arc<[f64]>,
+}
+
+/// Samples on their way to the outputs: single ones (merged and periodic series,
+/// staleness markers) and whole results.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Samples {
+    pub single: Vec<Sample>,
+    pub rows: Vec<SampleRow>,
+    /// Samples in `rows`.
+    in_rows: usize,
+}
+
+impl Samples {
+    pub fn push(&mut self, sample: Sample) {
+        self.single.push(sample);
+    }
+
+    pub fn push_row(&mut self, row: SampleRow) {
+        self.in_rows += row.series.len().min(row.values.len());
+        self.rows.push(row);
+    }
+
+    pub fn len(&self) -> usize {
+        self.single.len() + self.in_rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every sample as (series, timestamp, value): the single ones first, then the rows.
+    pub fn iter(&self) -> impl Iterator<Item = (&Series, i64, f64)> {
+        self.single
+            .iter()
+            .map(|s| (&s.series, s.timestamp_ms, s.value))
+            .chain(self.rows.iter().flat_map(|r| {
+                r.series
+                    .iter()
+                    .zip(r.values.iter())
+                    .map(move |(s, v)| (s, r.timestamp_ms, *v))
+            }))
+    }
+
+    /// Every sample as an owned [`Sample`] (tests, and outputs that keep them).
+    pub fn to_vec(&self) -> Vec<Sample> {
+        self.iter()
+            .map(|(series, timestamp_ms, value)| Sample {
+                series: series.clone(),
+                timestamp_ms,
+                value,
+            })
+            .collect()
+    }
+}
+
+/// What an output can take samples from: a slice of [`Sample`]s or [`Samples`].
+pub trait SampleSource {
+    fn sample_count(&self) -> usize;
+    fn each(&self) -> impl Iterator<Item = (&Series, i64, f64)>;
+}
+
+impl SampleSource for [Sample] {
+    fn sample_count(&self) -> usize {
+        self.len()
+    }
+    fn each(&self) -> impl Iterator<Item = (&Series, i64, f64)> {
+        self.iter().map(|s| (&s.series, s.timestamp_ms, s.value))
+    }
+}
+
+impl SampleSource for Vec<Sample> {
+    fn sample_count(&self) -> usize {
+        self.len()
+    }
+    fn each(&self) -> impl Iterator<Item = (&Series, i64, f64)> {
+        self.as_slice().each()
+    }
+}
+
+impl<const N: usize> SampleSource for [Sample; N] {
+    fn sample_count(&self) -> usize {
+        N
+    }
+    fn each(&self) -> impl Iterator<Item = (&Series, i64, f64)> {
+        self.as_slice().each()
+    }
+}
+
+impl SampleSource for Samples {
+    fn sample_count(&self) -> usize {
+        self.len()
+    }
+    fn each(&self) -> impl Iterator<Item = (&Series, i64, f64)> {
+        self.iter()
     }
 }
 

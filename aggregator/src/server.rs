@@ -55,7 +55,7 @@ pub async fn start_with(
 
     let router = crate::web::router(app.clone(), web.enable_lifecycle);
     let rx = stopped.clone();
-    tasks.push(tokio::spawn(sonde_agent::http_server::serve(
+    tasks.push(tokio::spawn(sonde_cli::http_server::serve(
         web_listener,
         router,
         web.limits,
@@ -112,6 +112,42 @@ pub async fn start_with(
             }
         }
     }));
+    let history_app = app.clone();
+    let mut rx = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        // Off the ingest path: folding and pruning take the store for a moment every
+        // ten minutes, the first time a minute after start.
+        let start = tokio::time::Instant::now() + HISTORY_PRUNE_FIRST;
+        let mut ticker = tokio::time::interval_at(start, HISTORY_PRUNE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let stop = tokio::select! {
+                _ = ticker.tick() => false,
+                _ = rx.wait_for(|s| *s) => true,
+            };
+            if stop {
+                return;
+            }
+            let app = history_app.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                let limits = app.hub.config().history;
+                let store = app.outputs.store();
+                store
+                    .prune_history(limits, now_ms())
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            match pruned {
+                Ok(Ok(n)) if n > 0 => tracing::debug!(rows = n, "history folded and pruned"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    error = %e,
+                    "cannot prune the target history; it is tried again in ten minutes"
+                ),
+                Err(e) => tracing::warn!(error = %e, "history pruning stopped"),
+            }
+        }
+    }));
     tracing::info!(web = %web_address, grpc = %grpc_address, "aggregator listening");
     Ok(Running {
         app,
@@ -121,6 +157,9 @@ pub async fn start_with(
         tasks,
     })
 }
+
+const HISTORY_PRUNE_FIRST: Duration = Duration::from_secs(60);
+const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 impl Running {
     /// Stops the listeners and the ticker, then flushes remote write for up to `grace`.

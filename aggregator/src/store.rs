@@ -28,7 +28,8 @@ pub struct StoredAgent {
 }
 
 /// Schema revisions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE agents (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE agents (
         id TEXT PRIMARY KEY,
         labels TEXT NOT NULL,
         local_jobs TEXT NOT NULL,
@@ -39,7 +40,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE agents (
     CREATE TABLE jobs (
         name TEXT PRIMARY KEY,
         expected_since_ms INTEGER NOT NULL
-    );"];
+    );",
+    crate::history::SCHEMA,
+];
 
 impl Store {
     /// Opens (or creates) `dir/aggregator.db`.

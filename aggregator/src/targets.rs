@@ -139,7 +139,8 @@ pub fn parse_groups(path: &Path, text: &str) -> Result<Vec<TargetGroup>, String>
         from_yaml_str(path, text).map_err(|e| e.to_string())?
     };
     for g in &groups {
-        sonde_proto::config::validate_labels(&g.labels, &format!("{}: labels", path.display()))?;
+        sonde_proto::config::validate_labels(&g.labels, &format!("{}: labels", path.display()))
+            .map_err(|e| e.to_string())?;
     }
     Ok(groups)
 }

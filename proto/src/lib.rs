@@ -1,5 +1,6 @@
 //! Types both sonde binaries share: the `sonde.v1` fleet protocol, the remote-write
-//! messages, and the configuration model (modules, jobs, durations, label sets).
+//! messages, the configuration model (modules, jobs, durations, label sets), and what
+//! `tls_config.insecure_skip_verify` means to every TLS client of either ([`tls`]).
 
 pub mod pb {
     //! Generated from `proto/sonde/v1/fleet.proto`.
@@ -18,3 +19,4 @@ pub mod assignment;
 pub mod config;
 pub mod exposition;
 pub mod help;
+pub mod tls;

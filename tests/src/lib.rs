@@ -906,17 +906,33 @@ pub fn dns_query_a(server: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>, Stri
 /// A Prometheus 2.x receiving remote write, with the given rule files, no scrape jobs,
 /// evaluating rules every second. Returns its base URL once it is ready.
 pub fn start_prometheus(scene: &mut Scene, name: &str, rule_files: &[PathBuf]) -> String {
-    start_prometheus_scraping(scene, name, rule_files, "")
+    start_prometheus_with(scene, name, rule_files, "")
 }
 
 /// [`start_prometheus`] that also scrapes: `scrape_configs` is the YAML list that goes
 /// under `scrape_configs:` (for instance `deploy/prometheus/scrape-sonde.yml` with its
-/// addresses rewritten), scraped every second. Empty: no scrape jobs.
+/// addresses rewritten), scraped every second (the global `scrape_interval`).
 pub fn start_prometheus_scraping(
     scene: &mut Scene,
     name: &str,
     rule_files: &[PathBuf],
     scrape_configs: &str,
+) -> String {
+    let mut extra = String::from("scrape_configs:\n");
+    extra.push_str(scrape_configs);
+    if !scrape_configs.ends_with('\n') {
+        extra.push('\n');
+    }
+    start_prometheus_with(scene, name, rule_files, &extra)
+}
+
+/// [`start_prometheus`] with more of its config (`scrape_configs:`, ...) appended. The
+/// global `scrape_interval` and `scrape_timeout` are 1s.
+pub fn start_prometheus_with(
+    scene: &mut Scene,
+    name: &str,
+    rule_files: &[PathBuf],
+    extra_config: &str,
 ) -> String {
     let prometheus = require_tool("prometheus", "prometheus");
     let port = free_port();
@@ -929,13 +945,7 @@ pub fn start_prometheus_scraping(
     if rule_files.is_empty() {
         config.push_str("  []\n");
     }
-    if !scrape_configs.trim().is_empty() {
-        config.push_str("scrape_configs:\n");
-        config.push_str(scrape_configs);
-        if !scrape_configs.ends_with('\n') {
-            config.push('\n');
-        }
-    }
+    config.push_str(extra_config);
     let config_path = scene
         .dir()
         .write(&format!("{name}/prometheus.yml"), &config);
@@ -984,8 +994,9 @@ pub fn start_victoria_metrics(scene: &mut Scene, name: &str, extra: &[&str]) -> 
     base
 }
 
-/// An nginx serving `GET /` → 200 "ok\n" and `/missing` → 404 on 127.0.0.1. Returns its
-/// port once it answers.
+/// An nginx serving `GET /` → 200 "ok\n" and `/missing` → 404 on 127.0.0.1, and `/flip`:
+/// 200 "ok\n", or 503 while the file [`nginx_flip_file`] exists (a target that fails and
+/// recovers on the test's command). Returns its port once it answers.
 pub fn start_nginx(scene: &mut Scene, name: &str) -> u16 {
     start_nginx_with_tls(scene, name, None).0
 }
@@ -1036,6 +1047,10 @@ http {{
         listen 127.0.0.1:{port};
         location = / {{ return 200 "ok\n"; }}
         location /missing {{ return 404; }}
+        location = /flip {{
+            if (-f {d}/flip-down) {{ return 503 "flipped down\n"; }}
+            return 200 "ok\n";
+        }}
     }}
 {https_server}}}
 "#
@@ -1071,6 +1086,11 @@ http {{
         );
     }
     (port, https_port)
+}
+
+/// While this file exists, the nginx `name` of [`start_nginx`] answers `/flip` with 503.
+pub fn nginx_flip_file(scene: &Scene, name: &str) -> PathBuf {
+    scene.dir().join(name).join("flip-down")
 }
 
 /// A dnsmasq answering `A example.test` (and every name under it) with 127.0.0.1, and

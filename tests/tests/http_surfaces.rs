@@ -196,6 +196,54 @@ fn reload_needs_the_lifecycle_flag_and_ready_tells_the_truth() {
     );
 }
 
+#[test]
+fn a_failed_reload_is_visible_and_a_good_one_says_what_changed() {
+    let mut scene = Scene::new("http-surfaces-reload");
+    let web = start_aggregator(&mut scene, "aggregator", &["--web.enable-lifecycle"]);
+    let metric = |name: &str| {
+        let page = http_get(&url(web, "/metrics")).expect("/metrics").1;
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("{name} on /metrics"))
+    };
+    assert_eq!(metric("sonde_config_last_reload_successful"), "1");
+    let started: f64 = metric("sonde_config_last_reload_success_timestamp_seconds")
+        .parse()
+        .expect("a timestamp");
+    let config = scene.dir().join("aggregator.yml");
+    std::fs::write(&config, "jobs: [{job_name: broken}]\n").expect("write a broken config");
+    let (status, body) = http_post(&url(web, "/-/reload")).expect("POST /-/reload");
+    assert_ne!(status, 200, "{body}");
+    assert_eq!(metric("sonde_config_last_reload_successful"), "0");
+    let page = http_get(&url(web, "/")).expect("status page").1;
+    assert!(page.contains(r#"id="reload-failed""#), "a banner says so");
+    assert!(page.contains("aggregator.yml"), "and names the file");
+
+    std::fs::write(
+        &config,
+        "modules: {tcp: {prober: tcp}}\njobs:\n  - {job_name: db, module: tcp, static_configs: [{targets: ['127.0.0.1:5432']}]}\n",
+    )
+    .expect("write a good config");
+    let (status, body) = http_post(&url(web, "/-/reload")).expect("POST /-/reload");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(metric("sonde_config_last_reload_successful"), "1");
+    let reloaded: f64 = metric("sonde_config_last_reload_success_timestamp_seconds")
+        .parse()
+        .expect("a timestamp");
+    assert!(reloaded >= started);
+    let page = http_get(&url(web, "/")).expect("status page").1;
+    assert!(
+        !page.contains(r#"id="reload-failed""#),
+        "the banner is gone"
+    );
+    let log = scene.process("aggregator").log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("config reloaded") && l.contains("jobs added: db")),
+        "the reload logs what changed: {log}"
+    );
+}
+
 /// A target that accepts connections and never answers; counts them.
 fn silent_target() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -8,11 +8,14 @@
 //! with a reason, never a panic; on UDP a datagram that is not the reply to our query
 //! (wrong id) is ignored, as a spoofed or stale answer would be.
 
-use super::tcp::{TlsClient, TlsFacts, connect, parse_port, parse_source_ip};
+use super::net::{AddressError, connect, connect_failure, parse_port, parse_source_ip};
+use super::tls::TlsClient;
+use super::tls_samples::TlsFacts;
 use super::{
     Because, Env, Failure, ProbeContext, Reason, Samples, Stage, io_reason, resolve_target,
     split_host_port,
 };
+use hickory_proto::ProtoError;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use sonde_proto::config::Module;
@@ -44,14 +47,18 @@ pub async fn probe(
         out.set(name, 0.0);
     }
 
-    let qtype = cfg
-        .query_type_code()
-        .ok_or_else(|| format!("dns.query_type {:?} is not a record type", cfg.query_type))
-        .because(Reason::Config)?;
-    let qclass = cfg
-        .query_class_code()
-        .ok_or_else(|| format!("dns.query_class {:?} is not a class", cfg.query_class))
-        .because(Reason::Config)?;
+    let qtype = cfg.query_type_code().ok_or_else(|| {
+        Failure::new(
+            Reason::Config,
+            format!("dns.query_type {:?} is not a record type", cfg.query_type),
+        )
+    })?;
+    let qclass = cfg.query_class_code().ok_or_else(|| {
+        Failure::new(
+            Reason::Config,
+            format!("dns.query_class {:?} is not a class", cfg.query_class),
+        )
+    })?;
     let valid_rcodes = cfg.valid_rcode_codes().because(Reason::Config)?;
     let source = parse_source_ip(cfg.source_ip_address.as_deref()).because(Reason::Config)?;
     let query = build_query(&cfg.query_name, qtype, qclass, cfg.recursion_desired)
@@ -187,7 +194,7 @@ pub(crate) fn read_reply(
     ] {
         if !validator.is_empty() {
             let lines: Vec<String> = records.iter().map(rr_string).collect();
-            check_records(ctx, section, &lines, validator).because(Reason::Regex)?;
+            check_records(ctx, section, &lines, validator)?;
         }
     }
     Ok(())
@@ -200,15 +207,18 @@ fn check_records(
     section: &str,
     records: &[String],
     v: &DnsRrValidator,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
+    let regex = |re: &str| ctx.regex(re).because(Reason::Config);
+    let mismatch =
+        |message: String| -> Result<(), Failure> { Err(Failure::new(Reason::Regex, message)) };
     if records.is_empty() {
         if let Some(re) = v.fail_if_not_matches_regexp.first() {
-            return Err(format!(
+            return mismatch(format!(
                 "dns: no {section} records to match {re:?} (fail_if_not_matches_regexp)"
             ));
         }
         if let Some(re) = v.fail_if_none_matches_regexp.first() {
-            return Err(format!(
+            return mismatch(format!(
                 "dns: no {section} records to match {re:?} (fail_if_none_matches_regexp)"
             ));
         }
@@ -218,29 +228,29 @@ fn check_records(
     for record in records {
         let text = record.as_bytes();
         for re in &v.fail_if_matches_regexp {
-            if ctx.regex(re)?.is_match(text) {
-                return Err(format!("dns: {section} record matched {re:?}"));
+            if regex(re)?.is_match(text) {
+                return mismatch(format!("dns: {section} record matched {re:?}"));
             }
         }
         for re in &v.fail_if_all_match_regexp {
-            all_match &= ctx.regex(re)?.is_match(text);
+            all_match &= regex(re)?.is_match(text);
         }
         for re in &v.fail_if_not_matches_regexp {
-            if !ctx.regex(re)?.is_match(text) {
-                return Err(format!("dns: {section} record did not match {re:?}"));
+            if !regex(re)?.is_match(text) {
+                return mismatch(format!("dns: {section} record did not match {re:?}"));
             }
         }
         for re in &v.fail_if_none_matches_regexp {
-            any_match |= ctx.regex(re)?.is_match(text);
+            any_match |= regex(re)?.is_match(text);
         }
     }
     if !v.fail_if_all_match_regexp.is_empty() && !all_match {
-        return Err(format!(
+        return mismatch(format!(
             "dns: not every {section} record matched fail_if_all_match_regexp"
         ));
     }
     if !v.fail_if_none_matches_regexp.is_empty() && !any_match {
-        return Err(format!(
+        return mismatch(format!(
             "dns: no {section} record matched fail_if_none_matches_regexp"
         ));
     }
@@ -286,25 +296,40 @@ fn rr_string(record: &Record) -> String {
 /// The server's host and port. Where Go's SplitHostPort fails (a bare host, a bare
 /// IPv6 address) the whole target is the host and the port is DNS's, as in
 /// blackbox_exporter.
-fn server_target(target: &str, default_port: u16) -> Result<(&str, u16), String> {
+fn server_target(target: &str, default_port: u16) -> Result<(&str, u16), AddressError> {
     match split_host_port(target) {
         Ok((host, port)) => Ok((host, parse_port(port, target)?)),
         Err(_) => Ok((target, default_port)),
     }
 }
 
+/// A query that cannot be built from the module.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    #[error("dns.query_name {name:?}: {error}")]
+    Name { name: String, error: ProtoError },
+    #[error("dns: cannot encode the query: {0}")]
+    Encode(ProtoError),
+}
+
 /// A query with a random id, no EDNS (as blackbox_exporter sends it).
-fn build_query(name: &str, qtype: u16, qclass: u16, recursion: bool) -> Result<Vec<u8>, String> {
-    let mut name = Name::from_ascii(name).map_err(|e| format!("dns.query_name {name:?}: {e}"))?;
+fn build_query(
+    name: &str,
+    qtype: u16,
+    qclass: u16,
+    recursion: bool,
+) -> Result<Vec<u8>, QueryError> {
+    let mut name = Name::from_ascii(name).map_err(|error| QueryError::Name {
+        name: name.to_string(),
+        error,
+    })?;
     name.set_fqdn(true);
     let mut query = Query::query(name, RecordType::from(qtype));
     query.set_query_class(DNSClass::from(qclass));
     let mut message = Message::query();
     message.metadata.recursion_desired = recursion;
     message.add_query(query);
-    message
-        .to_vec()
-        .map_err(|e| format!("dns: cannot encode the query: {e}"))
+    message.to_vec().map_err(QueryError::Encode)
 }
 
 async fn exchange_udp(
@@ -332,7 +357,7 @@ async fn exchange_udp(
     socket
         .connect(server)
         .await
-        .map_err(|e| super::tcp::connect_failure(&e))?;
+        .map_err(|e| connect_failure(&e))?;
     out.stage = Stage::Exchange;
     out.add_with(
         DURATION,
@@ -344,7 +369,7 @@ async fn exchange_udp(
     socket
         .send(query)
         .await
-        .map_err(|e| format!("dns: send: {}", io_reason(&e)))?;
+        .map_err(|e| Failure::new(Reason::Protocol, format!("dns: send: {}", io_reason(&e))))?;
     let mut buf = vec![0u8; 65_535];
     loop {
         let n = socket.recv(&mut buf).await.map_err(|e| {
@@ -362,7 +387,7 @@ async fn exchange_udp(
                 started.elapsed().as_secs_f64(),
             );
             buf.truncate(n);
-            return check_header(buf).because(Reason::Protocol);
+            return check_header(buf);
         }
     }
 }
@@ -375,7 +400,8 @@ async fn exchange_stream<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Vec<u8>, Failure> {
     let io = |e: std::io::Error| Failure::new(Reason::Protocol, format!("dns: {}", io_reason(&e)));
     let started = Instant::now();
-    let len = u16::try_from(query.len()).map_err(|_| "dns: query too long".to_string())?;
+    let len = u16::try_from(query.len())
+        .map_err(|_| Failure::new(Reason::Protocol, "dns: query too long"))?;
     let mut framed = Vec::with_capacity(query.len() + 2);
     framed.extend_from_slice(&len.to_be_bytes());
     framed.extend_from_slice(query);
@@ -396,15 +422,18 @@ async fn exchange_stream<S: AsyncRead + AsyncWrite + Unpin>(
             "dns: the reply's id does not match the query's",
         ));
     }
-    check_header(reply).because(Reason::Protocol)
+    check_header(reply)
 }
 
 /// Every reply used past here has a full 12-byte header.
-fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, String> {
+fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, Failure> {
     if reply.len() < 12 {
-        return Err(format!(
-            "dns: malformed reply: {} bytes, shorter than a DNS header",
-            reply.len()
+        return Err(Failure::new(
+            Reason::Protocol,
+            format!(
+                "dns: malformed reply: {} bytes, shorter than a DNS header",
+                reply.len()
+            ),
         ));
     }
     Ok(reply)
@@ -414,7 +443,7 @@ fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use crate::probe::run;
-    use crate::probe::tcp::tests::{ctx, labelled, sample};
+    use crate::probe::test_support::{ctx, labelled, sample};
     use hickory_proto::op::{MessageType, OpCode, ResponseCode};
     use hickory_proto::rr::rdata::{A, SOA as SoaData};
     use std::time::Duration;
@@ -797,8 +826,8 @@ mod tests {
     }
 
     /// A DNS-over-TLS server with the test PKI, answering from the test zone.
-    async fn dot_server(pki: &crate::probe::tcp::tests::TestPki) -> SocketAddr {
-        crate::probe::tcp::tests::tls_server(pki, &[], |mut tls| async move {
+    async fn dot_server(pki: &crate::probe::test_support::TestPki) -> SocketAddr {
+        crate::probe::test_support::tls_server(pki, &[], |mut tls| async move {
             let mut len = [0u8; 2];
             if tls.read_exact(&mut len).await.is_err() {
                 return;
@@ -819,7 +848,7 @@ mod tests {
 
     #[tokio::test]
     async fn probe_dns_over_tls() {
-        use crate::probe::tcp::tests::{LEAF_NOT_AFTER, ca_file, test_pki};
+        use crate::probe::test_support::{LEAF_NOT_AFTER, ca_file, test_pki};
         let pki = test_pki();
         let addr = dot_server(&pki).await;
         let m = dns_module(serde_json::json!({
@@ -848,6 +877,7 @@ mod tests {
         assert!(
             m.validate()
                 .unwrap_err()
+                .to_string()
                 .contains("transport_protocol: tcp")
         );
     }

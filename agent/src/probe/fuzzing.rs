@@ -3,10 +3,13 @@
 //! it, without a network. Not part of the agent's API; kept here so that the decoders
 //! stay private to the probers.
 
-use super::decode::{Algorithm, Body};
-use super::http::{BodyRead, body_regex_failure, parse_http_date};
-use super::tcp::{TlsFacts, x509};
-use super::{Env, Failure, ProbeContext, Samples};
+use super::http::body::BodyRead;
+use super::http::checks::body_regex_failure;
+use super::http::decode::{Algorithm, Body};
+use super::http::last_modified;
+use super::tls_samples::TlsFacts;
+use super::x509;
+use super::{Because, Env, Failure, ProbeContext, Reason, Samples};
 use rustls::pki_types::CertificateDer;
 use sonde_proto::config::Module;
 use sonde_proto::config::module::HttpProbe;
@@ -21,7 +24,7 @@ pub struct BodyOutcome {
     /// Why the body could not be read to its end.
     pub error: Option<String>,
     /// The body regexes' verdict (`Ok(None)`: the body passes).
-    pub regex: Result<Option<String>, String>,
+    pub regex: Result<Option<String>, Failure>,
 }
 
 /// Reads `chunks` (the body as it comes off the wire) as the http prober does with
@@ -30,9 +33,9 @@ pub fn http_body<'a>(
     ctx: &ProbeContext,
     module: &Module,
     chunks: impl IntoIterator<Item = &'a [u8]>,
-) -> Result<BodyOutcome, String> {
+) -> Result<BodyOutcome, Failure> {
     let cfg: &HttpProbe = &module.http;
-    let algorithm = Algorithm::from_config(&cfg.compression)?;
+    let algorithm = Algorithm::from_config(&cfg.compression).because(Reason::Config)?;
     let mut body = Body::new(
         algorithm,
         HttpProbe::MAX_MATCHED_BODY,
@@ -54,7 +57,7 @@ pub fn http_body<'a>(
         kept: sink.kept,
     };
     let env = Env { ctx, policy: None };
-    let regex = body_regex_failure(&env, cfg, &read);
+    let regex = body_regex_failure(&env, cfg, &read).because(Reason::Config);
     Ok(BodyOutcome {
         total: sink.total,
         kept: read.kept.len(),
@@ -66,7 +69,7 @@ pub fn http_body<'a>(
 
 /// A `Last-Modified` header's value as the http prober reads it (Unix seconds).
 pub fn http_date(value: &str) -> Option<i64> {
-    parse_http_date(value)
+    last_modified(value)
 }
 
 /// Checks a DNS reply against `module`'s dns settings as the dns prober does after the
@@ -80,8 +83,8 @@ pub fn dns_reply(
     let cfg = &module.dns;
     let qtype = cfg
         .query_type_code()
-        .ok_or_else(|| Failure::from("bad query_type".to_string()))?;
-    let valid_rcodes = cfg.valid_rcode_codes()?;
+        .ok_or_else(|| Failure::new(Reason::Config, "bad query_type"))?;
+    let valid_rcodes = cfg.valid_rcode_codes().because(Reason::Config)?;
     super::dns::read_reply(ctx, cfg, qtype, &valid_rcodes, reply, out)
 }
 
@@ -101,8 +104,9 @@ pub fn certificates(
         .collect();
     let roots: Vec<x509::Cert<'_>> = roots.iter().filter_map(|c| x509::Cert::parse(c)).collect();
     for cert in parsed.iter().chain(&roots) {
-        let _ = x509::name_string(cert.subject);
-        let _ = x509::name_string(cert.issuer);
+        let _ = cert.subject();
+        let _ = cert.issuer();
+        let _ = cert.dns_names();
         let _ = cert.serial_hex();
     }
     x509::chain_expiry(&parsed, &roots)

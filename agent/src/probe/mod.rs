@@ -1,14 +1,22 @@
 //! The probers, behind one interface in the shape of blackbox_exporter's `ProbeFn`:
 //! a target, a module and a deadline in; success and the samples it produced out.
 //!
-//! Adding a prober is adding one file here and one arm in [`run`].
+//! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
+//! [`http`], [`tcp`] and [`dns`] are the probers; `net` (the TCP connect), `tls` (the
+//! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
+//! (what a certificate says) are the parts they share.
 
-mod decode;
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub(crate) mod net;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod test_support;
+pub(crate) mod tls;
+pub(crate) mod tls_samples;
+pub(crate) mod x509;
 
 use sonde_proto::config::module::IpProtocol;
 use sonde_proto::config::{Module, Prober};
@@ -118,7 +126,8 @@ impl Reason {
 }
 
 /// A failed probe: the reason class and the message for logs and `debug=true`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{message}")]
 pub struct Failure {
     pub reason: Reason,
     pub message: String,
@@ -133,21 +142,14 @@ impl Failure {
     }
 }
 
-/// A bare message is the peer breaking the protocol unless the site says otherwise.
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Failure::new(Reason::Protocol, message)
-    }
-}
-
-/// Tags a `Result<_, String>` with the reason its error stands for.
+/// Tags an error with the reason it stands for, its message kept as it is.
 pub(crate) trait Because<T> {
     fn because(self, reason: Reason) -> Result<T, Failure>;
 }
 
-impl<T> Because<T> for Result<T, String> {
+impl<T, E: std::fmt::Display> Because<T> for Result<T, E> {
     fn because(self, reason: Reason) -> Result<T, Failure> {
-        self.map_err(|m| Failure::new(reason, m))
+        self.map_err(|e| Failure::new(reason, e.to_string()))
     }
 }
 
@@ -158,10 +160,15 @@ impl<T> Because<T> for Result<T, String> {
 /// lead a probe where the allowlist refuses.
 pub trait ConnectPolicy: Send + Sync {
     /// `host` is the name or IP literal as the target or a redirect wrote it.
-    fn check_host(&self, host: &str, port: u16) -> Result<(), String>;
+    fn check_host(&self, host: &str, port: u16) -> Result<(), Refusal>;
     /// The address a connection is about to be opened to.
-    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), String>;
+    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), Refusal>;
 }
+
+/// Why a [`ConnectPolicy`] refuses a connection, in the words the probe fails with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
 
 /// What a prober runs with: the shared context and, for `/probe`, the connect policy.
 /// Dereferences to the [`ProbeContext`].
@@ -210,8 +217,8 @@ impl Env<'_> {
     }
 }
 
-fn refused(why: String) -> Failure {
-    Failure::new(Reason::RefusedByPolicy, why)
+fn refused(why: Refusal) -> Failure {
+    Failure::new(Reason::RefusedByPolicy, why.0)
 }
 
 impl Samples {
@@ -282,15 +289,13 @@ impl ProbeContext {
     /// The resolver's cache is off: like blackbox_exporter, every probe asks the
     /// configured resolver, so `probe_dns_lookup_time_seconds` measures it and an
     /// address change shows in `probe_ip_addr_hash` at the next probe.
-    pub fn from_system() -> Result<Self, String> {
+    pub fn from_system() -> Result<Self, SystemResolverError> {
         let resolver = hickory_resolver::TokioResolver::builder_tokio()
             .and_then(|mut b| {
                 b.options_mut().cache_size = 0;
                 b.build()
             })
-            .map_err(|e| {
-                format!("cannot set up DNS resolution from the system configuration (/etc/resolv.conf): {e}")
-            })?;
+            .map_err(SystemResolverError)?;
         Ok(Self::with_resolver(resolver))
     }
 
@@ -327,23 +332,59 @@ impl ProbeContext {
 
     /// The compiled form of a body regex. Module validation has already compiled each
     /// pattern once, so an error here names a module that skipped validation.
-    pub(crate) fn regex(&self, pattern: &str) -> Result<Arc<regex::bytes::Regex>, String> {
+    pub(crate) fn regex(&self, pattern: &str) -> Result<Arc<regex::bytes::Regex>, BadRegex> {
         // Bounded so that a config churning through patterns cannot grow it forever.
         const MAX_CACHED: usize = 1024;
         let mut cache = self.regexes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(re) = cache.get(pattern) {
             return Ok(re.clone());
         }
-        let re = Arc::new(
-            regex::bytes::Regex::new(pattern)
-                .map_err(|e| format!("invalid regular expression {pattern:?}: {e}"))?,
-        );
+        let re = Arc::new(regex::bytes::Regex::new(pattern).map_err(|error| BadRegex {
+            pattern: pattern.to_string(),
+            error,
+        })?);
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
         cache.insert(pattern.to_string(), re.clone());
         Ok(re)
     }
+}
+
+/// The system's resolver configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up DNS resolution from the system configuration (/etc/resolv.conf): {0}")]
+pub struct SystemResolverError(hickory_resolver::net::NetError);
+
+/// For callers that still pass errors on as text (`AgentRuntime::start`).
+impl From<SystemResolverError> for String {
+    fn from(e: SystemResolverError) -> Self {
+        e.to_string()
+    }
+}
+
+/// A pattern of the module that does not compile (a module that skipped validation).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("invalid regular expression {pattern:?}: {error}")]
+pub(crate) struct BadRegex {
+    pattern: String,
+    error: regex::Error,
+}
+
+/// Why a host has no address to probe; each message starts with `resolve`.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub(crate) enum ResolveError {
+    #[error("resolve: empty host name")]
+    EmptyHost,
+    #[error("resolve {host}: not an ip{family} address")]
+    WrongFamily { host: String, family: u8 },
+    #[error("resolve {host}: no ip{family} address")]
+    NoAddressOfFamily { host: String, family: u8 },
+    #[error("resolve {host}: no address")]
+    NoAddress { host: String },
+    /// The lookup itself failed (the resolver unreachable, a timeout, SERVFAIL).
+    #[error("resolve {host}: {reason}")]
+    Lookup { host: String, reason: String },
 }
 
 /// What one probe found.
@@ -461,7 +502,7 @@ pub(crate) async fn choose_ip(
     host: &str,
     preferred: IpProtocol,
     fallback: bool,
-) -> Result<IpAddr, String> {
+) -> Result<IpAddr, ResolveError> {
     let want = match preferred {
         IpProtocol::Ip4 => 4,
         IpProtocol::Ip6 => 6,
@@ -471,18 +512,24 @@ pub(crate) async fn choose_ip(
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if host.is_empty() {
-        return Err("resolve: empty host name".to_string());
+        return Err(ResolveError::EmptyHost);
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
         if fallback || ip_version(ip) == want {
             return Ok(ip);
         }
-        return Err(format!("resolve {host}: not an ip{want} address"));
+        return Err(ResolveError::WrongFamily {
+            host: host.to_string(),
+            family: want,
+        });
     }
     if !fallback {
-        return lookup_family(ctx, host, want)
-            .await?
-            .ok_or_else(|| format!("resolve {host}: no ip{want} address"));
+        return lookup_family(ctx, host, want).await?.ok_or_else(|| {
+            ResolveError::NoAddressOfFamily {
+                host: host.to_string(),
+                family: want,
+            }
+        });
     }
     // Both families at once, as Go's LookupIPAddr does, so the fallback costs no extra
     // round trip.
@@ -495,7 +542,9 @@ pub(crate) async fn choose_ip(
         (Ok(Some(ip)), _) | (_, Ok(Some(ip))) => Ok(ip),
         (Err(e), _) => Err(e),
         (_, Err(e)) => Err(e),
-        (Ok(None), Ok(None)) => Err(format!("resolve {host}: no address")),
+        (Ok(None), Ok(None)) => Err(ResolveError::NoAddress {
+            host: host.to_string(),
+        }),
     }
 }
 
@@ -504,7 +553,7 @@ async fn lookup_family(
     ctx: &ProbeContext,
     host: &str,
     family: u8,
-) -> Result<Option<IpAddr>, String> {
+) -> Result<Option<IpAddr>, ResolveError> {
     use hickory_resolver::proto::rr::{RData, RecordType};
     let record_type = if family == 4 {
         RecordType::A
@@ -518,7 +567,10 @@ async fn lookup_family(
             _ => None,
         })),
         Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(None),
-        Err(e) => Err(format!("resolve {host}: {e}")),
+        Err(e) => Err(ResolveError::Lookup {
+            host: host.to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -557,29 +609,6 @@ pub(crate) fn ip_hash(ip: IpAddr) -> u32 {
     })
 }
 
-/// Seconds since the Unix epoch of a UTC calendar time; `None` when out of range.
-pub(crate) fn unix_time(
-    year: i64,
-    month: i64,
-    day: i64,
-    hour: i64,
-    min: i64,
-    sec: i64,
-) -> Option<i64> {
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    // Howard Hinnant's days_from_civil.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hour * 3600 + min * 60 + sec)
-}
-
 /// An I/O error in a few words ("connection refused"), for failure reasons.
 pub(crate) fn io_reason(e: &std::io::Error) -> String {
     use std::io::ErrorKind::*;
@@ -596,9 +625,20 @@ pub(crate) fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// A `host:port` target that does not split.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("target {target:?}: {why}, expected host:port")]
+pub(crate) struct HostPortError {
+    target: String,
+    why: &'static str,
+}
+
 /// Splits `host:port` as Go's `net.SplitHostPort` does: `[v6]:port` for IPv6.
-pub(crate) fn split_host_port(target: &str) -> Result<(&str, &str), String> {
-    let bad = |why: &str| format!("target {target:?}: {why}, expected host:port");
+pub(crate) fn split_host_port(target: &str) -> Result<(&str, &str), HostPortError> {
+    let bad = |why: &'static str| HostPortError {
+        target: target.to_string(),
+        why,
+    };
     if let Some(rest) = target.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
         let port = after.strip_prefix(':').ok_or_else(|| bad("missing port"))?;
@@ -695,15 +735,6 @@ mod tests {
             .await
             .unwrap();
         assert!(ip.is_loopback() && ip.is_ipv4(), "{ip}");
-    }
-
-    #[test]
-    fn unix_time_matches_known_dates() {
-        assert_eq!(unix_time(1970, 1, 1, 0, 0, 0), Some(0));
-        assert_eq!(unix_time(1994, 11, 6, 8, 49, 37), Some(784_111_777));
-        assert_eq!(unix_time(2030, 6, 1, 0, 0, 0), Some(1_906_502_400));
-        assert_eq!(unix_time(2000, 2, 29, 12, 0, 0), Some(951_825_600));
-        assert_eq!(unix_time(2000, 13, 1, 0, 0, 0), None);
     }
 
     #[tokio::test]

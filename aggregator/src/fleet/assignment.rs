@@ -498,7 +498,7 @@ jobs:
     impl crate::hub::Output for Discard {
         fn commit(
             &self,
-            _: &[crate::series::Sample],
+            _: &crate::series::Samples,
             _: &crate::hub::Durable,
         ) -> Result<(), String> {
             Ok(())

@@ -36,7 +36,7 @@ pub use state::{
 use crate::config::AggregatorConfig;
 use crate::health::StorageHealth;
 use crate::refusals::Refusals;
-use crate::series::Sample;
+use crate::series::Samples;
 use crate::targets::{FileSd, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
@@ -53,7 +53,7 @@ pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
 /// sample in every output queue and applies the durable changes in one transaction:
 /// all of it, or none of it.
 pub trait Output: Send + Sync {
-    fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String>;
+    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String>;
 }
 
 /// Why [`Hub::results`] did not take a batch.
@@ -275,7 +275,7 @@ impl Hub {
         let targets = shared.discover(&config);
         let state = State::new(config, targets, now_ms);
         let (commands, rx) = std_mpsc::channel();
-        let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Vec<Sample>, Durable)>(1);
+        let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Samples, Durable)>(1);
         let mut threads = Vec::new();
         let back = commands.clone();
         threads.push(
@@ -498,7 +498,7 @@ impl Drop for Hub {
 
 fn storage_thread(
     output: Arc<dyn Output>,
-    jobs: std_mpsc::Receiver<(Vec<Sample>, Durable)>,
+    jobs: std_mpsc::Receiver<(Samples, Durable)>,
     back: std_mpsc::Sender<Command>,
 ) {
     while let Ok((samples, durable)) = jobs.recv() {
@@ -657,7 +657,7 @@ const MAX_GROUP_SAMPLES: usize = 200_000;
 fn ingest_thread(
     mut state: State,
     commands: std_mpsc::Receiver<Command>,
-    storage: std_mpsc::SyncSender<(Vec<Sample>, Durable)>,
+    storage: std_mpsc::SyncSender<(Samples, Durable)>,
     shared: Arc<Shared>,
 ) {
     let mut current = Group::default();

@@ -11,11 +11,12 @@ use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
 use crate::fleet::decode::Symbol;
+use crate::history::{self, HistoryState};
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
 use crate::refusals::{Reason, Refusals};
 use crate::remote_write::encode::STALE_NAN_BITS;
-use crate::series::{Sample, Series};
+use crate::series::{Sample, SampleRow, Samples, Series};
 use crate::store::StoredAgent;
 use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
@@ -58,13 +59,16 @@ pub struct LastResult {
     /// Time between this result and the one before it from the same agent, for local
     /// jobs whose interval the aggregator does not know.
     pub spacing_ms: Option<i64>,
-    /// The series the result's samples were written as, and their values (same order).
-    pub series: Vec<Series>,
-    pub values: Vec<f64>,
+    /// The series the result's samples were written as, and their values (same order);
+    /// shared with the samples handed to the outputs.
+    pub series: Arc<[Series]>,
+    pub values: Arc<[f64]>,
     /// What the samples' names and labels weigh (`fleet.limits.max_series_bytes`).
     pub bytes: usize,
     /// The target labels `series` were built with.
     base: TargetBase,
+    /// This minute's probes, not yet in the history (written once the minute is over).
+    pub bucket: Option<history::Bucket>,
 }
 
 /// The three merged series of a target, built once per label set.
@@ -98,6 +102,8 @@ pub struct TargetEntry {
     /// True while an `up` sample is live in the receivers (so a staleness marker is owed
     /// when the target goes missing).
     up_live: bool,
+    /// The state last recorded in the history.
+    pub history_state: Option<HistoryState>,
     /// The target labels its series are written with, and those series' shared part.
     labels: Arc<Labels>,
     pub base: TargetBase,
@@ -116,6 +122,7 @@ impl TargetEntry {
             merged: None,
             last_written_ms: 0,
             up_live: false,
+            history_state: None,
         }
     }
 
@@ -127,6 +134,7 @@ impl TargetEntry {
                 merged: self.merged,
                 last_written_ms: self.last_written_ms,
                 up_live: self.up_live,
+                history_state: self.history_state,
                 ..Self::new(self.key.clone(), labels)
             };
         }
@@ -140,6 +148,7 @@ struct Written {
     merged: Option<Merged>,
     last_written_ms: i64,
     up_live: bool,
+    history_state: Option<HistoryState>,
 }
 
 /// (target, agent, the view before).
@@ -161,6 +170,7 @@ pub struct Undo {
     /// (agent, committed sequence before).
     committed: Vec<(String, u64)>,
     last_meta_ms: Option<i64>,
+    jobs_written: Option<BTreeSet<String>>,
     /// (agent, `series_staled` before).
     staled: Vec<(String, bool)>,
     forgotten: Vec<(String, AgentEntry)>,
@@ -176,11 +186,16 @@ pub struct Durable {
     pub forgotten: Vec<String>,
     /// Every job and since when it is expected (replaces the table), when not empty.
     pub jobs: Vec<(String, i64)>,
+    /// State changes and finished response-time buckets.
+    pub history: history::Writes,
 }
 
 impl Durable {
     pub fn is_empty(&self) -> bool {
-        self.agents.is_empty() && self.forgotten.is_empty() && self.jobs.is_empty()
+        self.agents.is_empty()
+            && self.forgotten.is_empty()
+            && self.jobs.is_empty()
+            && self.history.is_empty()
     }
 
     /// Applies the changes inside the caller's transaction.
@@ -194,14 +209,14 @@ impl Durable {
         if !self.jobs.is_empty() {
             crate::store::save_jobs(tx, &self.jobs)?;
         }
-        Ok(())
+        self.history.apply(tx)
     }
 }
 
 /// What the inputs applied since the last commit produced.
 #[derive(Default)]
 pub struct Changes {
-    pub out: Vec<Sample>,
+    pub out: Samples,
     pub durable: Durable,
     pub undo: Undo,
 }
@@ -334,6 +349,11 @@ pub struct State {
     placeable: BTreeSet<String>,
     /// Every agent's assignment is due again (at the next tick).
     replan: bool,
+    /// The minute up to which finished response-time buckets were handed to the history.
+    buckets_flushed_ms: i64,
+    /// Jobs whose `sonde_job_*` series are live in the receivers: a job that leaves
+    /// gets staleness markers for them, as its targets' `up` does.
+    jobs_written: BTreeSet<String>,
 }
 
 fn stale_nan() -> f64 {
@@ -355,6 +375,8 @@ impl State {
             retired: BTreeMap::new(),
             placeable: BTreeSet::new(),
             replan: false,
+            jobs_written: BTreeSet::new(),
+            buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);
         state
@@ -565,8 +587,6 @@ impl State {
             .get(agent)
             .map(|a| (a.committed_seq, a.hello_acked_seq))?;
         let skew = self.config.max_clock_skew.as_millis() as i64;
-        ch.out
-            .reserve(batch.iter().map(|r| r.samples.len()).sum::<usize>() + 3 * batch.len());
         let mut last = committed;
         let mut ack = None;
         for result in batch {
@@ -637,8 +657,19 @@ impl State {
         }
         self.write_retired(now_ms, ch);
         self.evaluate_all(now_ms, ch);
+        let minute = now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS;
+        if minute > self.buckets_flushed_ms {
+            self.flush_buckets(minute, ch);
+            self.buckets_flushed_ms = minute;
+        }
         let meta_every = self.config.scrape_interval.as_millis() as i64;
-        if now_ms - self.last_meta_ms >= meta_every {
+        // A job's missing signal follows its targets' at once, not at the next periodic
+        // write: `sonde_job_missing` turns 1 on the tick its last target goes missing.
+        let job_changed = self
+            .jobs
+            .iter()
+            .any(|(name, j)| self.job_is_missing(name, now_ms).0 != j.missing);
+        if now_ms - self.last_meta_ms >= meta_every || job_changed {
             let forgotten = self.write_meta(now_ms, ch);
             ch.durable.forgotten.extend(forgotten);
             ch.durable.jobs = self
@@ -882,12 +913,12 @@ impl State {
     /// (current, or until the next reload previous) matches the agent, or a target of
     /// one of its own local jobs. With `agents_per_target`, any matching agent may
     /// report: one that was moved off a target still delivers what it probed before.
-    fn admissible(&self, agent: &str, job: &str, instance: &str) -> Result<Arc<Target>, Reason> {
-        let key = (job.to_string(), instance.to_string());
+    fn admissible(&self, agent: &str, key: &TargetKey) -> Result<Arc<Target>, Reason> {
+        let job = key.0.as_str();
         let Some(a) = self.agents.get(agent) else {
             return Err(Reason::Unassigned);
         };
-        if let Some(target) = self.targets.get(&key) {
+        if let Some(target) = self.targets.get(key) {
             let selected = self
                 .jobs
                 .get(job)
@@ -904,14 +935,14 @@ impl State {
             };
         }
         if a.local_jobs.iter().any(|j| j == job) && self.is_local_job(job) {
-            if !a.local_targets.contains(&key)
+            if !a.local_targets.contains(key)
                 && a.local_targets.len() >= self.config.limits.max_local_targets
             {
                 return Err(Reason::LocalLimit);
             }
             return Ok(Arc::new(Target {
-                job: key.0,
-                instance: key.1,
+                job: key.0.clone(),
+                instance: key.1.clone(),
                 labels: Labels::new(),
             }));
         }
@@ -927,7 +958,8 @@ impl State {
         ch: &mut Changes,
         refused: &mut BTreeMap<Reason, (u64, String)>,
     ) -> Result<(), (Reason, String)> {
-        let target = self.admissible(agent, &r.job, &r.instance).map_err(|reason| {
+        let key = (r.job.clone(), r.instance.clone());
+        let target = self.admissible(agent, &key).map_err(|reason| {
             let why = match reason {
                 Reason::LocalLimit => format!(
                     "result for {}: the agent's local jobs already have fleet.limits.max_local_targets ({}) targets",
@@ -950,8 +982,9 @@ impl State {
             .iter()
             .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
             .count();
-        let samples: Vec<ProbeSample> = if kept == r.samples.len() {
-            r.samples.clone()
+        let filtered: Vec<ProbeSample>;
+        let samples: &[ProbeSample] = if kept == r.samples.len() {
+            &r.samples
         } else {
             // Counted as refused samples; the result itself stands.
             let n = (r.samples.len() - kept) as u64;
@@ -963,13 +996,14 @@ impl State {
                 ),
             ));
             e.0 += n;
-            r.samples
+            filtered = r
+                .samples
                 .iter()
                 .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
                 .cloned()
-                .collect()
+                .collect();
+            &filtered
         };
-        let key = (r.job.clone(), r.instance.clone());
         let previous = self
             .entries
             .get(&key)
@@ -984,7 +1018,7 @@ impl State {
         }
         let held_before = previous.as_ref().map_or(0, |p| p.values.len());
         let bytes_before = previous.as_ref().map_or(0, |p| p.bytes);
-        let samples_weigh = samples_bytes(&samples);
+        let samples_weigh = samples_bytes(samples);
         let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
@@ -1027,30 +1061,54 @@ impl State {
         // (the common case): no label set is built in the steady state.
         let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
         let base_len = entry.base.label_count();
-        let series: Vec<Series> = samples
-            .iter()
-            .enumerate()
-            .map(|(i, (name, labels, _))| {
-                let reuse = previous
-                    .as_ref()
-                    .filter(|_| same_base)
-                    .and_then(|p| p.series.get(i))
-                    .filter(|s| is_probe_series(s, base_len, name, labels));
-                match reuse {
+        let reusable = |i: usize, (name, labels, _): &ProbeSample| {
+            previous
+                .as_ref()
+                .filter(|_| same_base)
+                .and_then(|p| p.series.get(i))
+                .filter(|s| is_probe_series(s, base_len, name, labels))
+        };
+        // The whole list is shared when every series is the previous result's (the
+        // common case): one reference count for the result, not one per sample.
+        let series: Arc<[Series]> = match &previous {
+            Some(p)
+                if p.series.len() == samples.len()
+                    && samples
+                        .iter()
+                        .enumerate()
+                        .all(|(i, s)| reusable(i, s).is_some()) =>
+            {
+                p.series.clone()
+            }
+            _ => samples
+                .iter()
+                .enumerate()
+                .map(|(i, sample)| match reusable(i, sample) {
                     Some(s) => s.clone(),
-                    None => entry.base.probe(&agent_id, name, labels),
-                }
-            })
-            .collect();
-        let values: Vec<f64> = samples.iter().map(|(_, _, v)| *v).collect();
-        for (s, value) in series.iter().zip(&values) {
-            ch.out.push(Sample {
-                series: s.clone(),
-                timestamp_ms: r.timestamp_ms,
-                value: *value,
-            });
-        }
+                    None => entry.base.probe(&agent_id, &sample.0, &sample.1),
+                })
+                .collect(),
+        };
+        let values: Arc<[f64]> = samples.iter().map(|(_, _, v)| *v).collect();
+        ch.out.push_row(SampleRow {
+            series: series.clone(),
+            timestamp_ms: r.timestamp_ms,
+            values: values.clone(),
+        });
         let previous_ts = previous.as_ref().map(|p| p.timestamp_ms);
+        let mut bucket = match previous.as_ref().and_then(|p| p.bucket) {
+            Some(b) if b.covers(r.timestamp_ms) => b,
+            finished => {
+                if let Some(b) = finished {
+                    ch.durable
+                        .history
+                        .buckets
+                        .push((key.clone(), agent_id.to_string(), b));
+                }
+                history::Bucket::starting(r.timestamp_ms)
+            }
+        };
+        bucket.add(r.success, r.duration_seconds);
         let before = entry.views.insert(
             agent_id.clone(),
             Arc::new(LastResult {
@@ -1064,6 +1122,7 @@ impl State {
                 values,
                 bytes: samples_weigh,
                 base: entry.base.clone(),
+                bucket: Some(bucket),
             }),
         );
         ch.undo.views.push((entry.key.clone(), agent_id, before));
@@ -1090,6 +1149,7 @@ impl State {
                 e.merged = written.merged;
                 e.last_written_ms = written.last_written_ms;
                 e.up_live = written.up_live;
+                e.history_state = written.history_state;
             }
         }
         for key in undo.created {
@@ -1114,6 +1174,9 @@ impl State {
         if let Some(ms) = undo.last_meta_ms {
             self.last_meta_ms = ms;
         }
+        if let Some(jobs) = undo.jobs_written {
+            self.jobs_written = jobs;
+        }
         for (agent, staled) in undo.staled {
             if let Some(a) = self.agents.get_mut(&agent) {
                 a.series_staled = staled;
@@ -1123,6 +1186,32 @@ impl State {
             self.agents.insert(id, agent);
         }
         self.retired.extend(undo.retired);
+    }
+
+    /// Hands the response-time buckets of minutes before `minute` to the history, for
+    /// views whose agent has not reported since (the others were handed over by their
+    /// next result).
+    fn flush_buckets(&mut self, minute: i64, ch: &mut Changes) {
+        for entry in self.entries.values_mut() {
+            for (agent, view) in entry.views.iter_mut() {
+                let Some(b) = view.bucket.filter(|b| b.start_ms < minute) else {
+                    continue;
+                };
+                ch.durable.history.buckets.push((
+                    (entry.key.0.clone(), entry.key.1.clone()),
+                    agent.to_string(),
+                    b,
+                ));
+                let flushed = Arc::new(LastResult {
+                    bucket: None,
+                    ..(**view).clone()
+                });
+                let before = std::mem::replace(view, flushed);
+                ch.undo
+                    .views
+                    .push((entry.key.clone(), agent.clone(), Some(before)));
+            }
+        }
     }
 
     /// Staleness markers for targets a reload removed; on success they are gone.
@@ -1199,15 +1288,10 @@ impl State {
         };
         let (quorum, window) = rules(&self.config, &self.jobs, &key.0, entry);
         let merged = merge::merge(
-            entry
-                .views
-                .values()
-                .map(|v| AgentView {
-                    timestamp_ms: v.timestamp_ms,
-                    success: v.success,
-                })
-                .collect::<Vec<_>>()
-                .iter(),
+            entry.views.values().map(|v| AgentView {
+                timestamp_ms: v.timestamp_ms,
+                success: v.success,
+            }),
             quorum,
             now_ms,
             window,
@@ -1222,11 +1306,55 @@ impl State {
         // target, rewriting `up` at each of their results would add three rows to every
         // twelve. The periodic rewrite (`due`) keeps it live in the receivers.
         let must_write = changed || due || (new_result && entry.last_written_ms == 0);
-        let up_live = entry.up_live;
+        let write =
+            must_write && !(merged.state == TargetState::Missing && !entry.up_live && !changed);
+        // The history records every change of state, but not a target's first being
+        // missing (it never had a result then).
+        let state = HistoryState::of(&merged);
+        let event = (entry.history_state != Some(state)
+            && (entry.history_state.is_some() || state != HistoryState::Missing))
+            .then(|| {
+                history::Event {
+                    timestamp_ms: now_ms,
+                    state,
+                    agents: merged.agents,
+                    succeeding: merged.succeeding,
+                    views: entry
+                        .views
+                        .iter()
+                        .map(|(agent, v)| history::EventView {
+                            agent: agent.to_string(),
+                            success: v.success,
+                            fresh: merge::is_fresh(v.timestamp_ms, now_ms, window),
+                            timestamp_ms: v.timestamp_ms,
+                            failure: v.failure.clone(),
+                        })
+                        .collect(),
+                }
+                .bounded()
+            });
         let Some(e) = self.entries.get_mut(key) else {
             return;
         };
-        if !must_write || (merged.state == TargetState::Missing && !up_live && !changed) {
+        if write || event.is_some() {
+            ch.undo.written.push((
+                e.key.clone(),
+                Written {
+                    merged: e.merged,
+                    last_written_ms: e.last_written_ms,
+                    up_live: e.up_live,
+                    history_state: e.history_state,
+                },
+            ));
+        }
+        if let Some(event) = event {
+            ch.durable
+                .history
+                .events
+                .push(((key.0.clone(), key.1.clone()), event));
+            e.history_state = Some(state);
+        }
+        if !write {
             e.merged = Some(merged);
             return;
         }
@@ -1237,17 +1365,33 @@ impl State {
             e.last_written_ms,
             &mut ch.out,
         );
-        ch.undo.written.push((
-            e.key.clone(),
-            Written {
-                merged: e.merged,
-                last_written_ms: e.last_written_ms,
-                up_live: e.up_live,
-            },
-        ));
         e.merged = Some(merged);
         e.last_written_ms = written_at;
         e.up_live = merged.state != TargetState::Missing;
+    }
+
+    /// Whether job `name` is missing now (see [`merge::job_missing`]), and how many
+    /// targets it has (configured, or seen for local jobs).
+    fn job_is_missing(&self, name: &str, now_ms: i64) -> (bool, usize) {
+        let states: Vec<TargetState> = self
+            .entries
+            .range((name.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == name)
+            .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
+            .collect();
+        let configured_targets = self.configured_targets(name);
+        let expected_since = self.jobs.get(name).map_or(now_ms, |j| j.expected_since_ms);
+        // Configured targets with no entry yet have no fresh result either.
+        let missing = merge::job_missing(
+            states.iter().copied().chain(std::iter::repeat_n(
+                TargetState::Missing,
+                configured_targets.saturating_sub(states.len()),
+            )),
+            expected_since,
+            now_ms,
+            self.config.missing_after,
+        );
+        (missing, configured_targets.max(states.len()))
     }
 
     /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
@@ -1295,28 +1439,27 @@ impl State {
         self.jobs
             .retain(|name, j| j.config.is_some() || local.contains(name));
         let job_names: Vec<String> = self.jobs.keys().cloned().collect();
+        let gone: Vec<String> = self
+            .jobs_written
+            .iter()
+            .filter(|name| !self.jobs.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &gone {
+            for series in ["sonde_job_missing", "sonde_job_targets"] {
+                out.push(sample(labels::job(series, name), ts, stale_nan()));
+            }
+        }
+        let written: BTreeSet<String> = job_names.iter().cloned().collect();
+        if written != self.jobs_written {
+            let before = std::mem::replace(&mut self.jobs_written, written);
+            undo.jobs_written.get_or_insert(before);
+        }
         for name in job_names {
-            let states: Vec<TargetState> = self
-                .entries
-                .range((name.clone(), String::new())..)
-                .take_while(|(k, _)| k.0 == name)
-                .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
-                .collect();
-            let configured_targets = self.configured_targets(&name);
-            let target_count = configured_targets.max(states.len());
+            let (missing, target_count) = self.job_is_missing(&name, now_ms);
             let Some(job) = self.jobs.get_mut(&name) else {
                 continue;
             };
-            // Configured targets with no entry yet have no fresh result either.
-            let missing = merge::job_missing(
-                states.iter().copied().chain(std::iter::repeat_n(
-                    TargetState::Missing,
-                    configured_targets.saturating_sub(states.len()),
-                )),
-                job.expected_since_ms,
-                now_ms,
-                grace,
-            );
             if missing != job.missing {
                 tracing::warn!(job = %name, missing, "job missing state changed");
             }
@@ -1427,7 +1570,7 @@ fn write_merged(
     merged: Option<Merged>,
     now_ms: i64,
     last_ms: i64,
-    out: &mut Vec<Sample>,
+    out: &mut Samples,
 ) -> i64 {
     let ts = now_ms.max(last_ms + 1);
     let (up, agents, succeeding) = match merged {
@@ -1445,9 +1588,9 @@ fn write_merged(
 }
 
 /// Staleness markers for every series one agent wrote for one target.
-fn stale_agent_series(view: &LastResult, now_ms: i64, out: &mut Vec<Sample>) {
+fn stale_agent_series(view: &LastResult, now_ms: i64, out: &mut Samples) {
     let ts = now_ms.max(view.timestamp_ms + 1);
-    for s in &view.series {
+    for s in view.series.iter() {
         out.push(sample(s.clone(), ts, stale_nan()));
     }
 }
@@ -1552,12 +1695,12 @@ mod tests {
     }
 
     impl Output for Recorder {
-        fn commit(&self, samples: &[Sample], durable: &Durable) -> Result<(), String> {
+        fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
             if self.2.load(Ordering::Relaxed) {
                 return Err("injected: database or disk is full".into());
             }
             self.1.with_tx(|tx| durable.apply(tx))?;
-            self.0.lock().unwrap().extend_from_slice(samples);
+            self.0.lock().unwrap().extend(samples.to_vec());
             Ok(())
         }
     }
@@ -1838,6 +1981,46 @@ fleet: {missing_after: 30s}
     }
 
     #[test]
+    fn the_history_keeps_each_change_with_its_reasons_and_the_minutes_response_times() {
+        let (hub, rec, _rx) = setup();
+        let key = ("web", "127.0.0.1:80");
+        let mut failed = result(2, key.0, key.1, T0 + 10_000, false);
+        failed.failure = "connect: connection refused".into();
+        for (batch, now) in [
+            (result(1, key.0, key.1, T0, true), T0 + 5),
+            (failed, T0 + 10_005),
+            (result(3, key.0, key.1, T0 + 20_000, true), T0 + 20_005),
+            // The next minute: the first minute's bucket is handed over.
+            (result(4, key.0, key.1, T0 + 60_000, true), T0 + 60_005),
+        ] {
+            results(&hub, "eu-1", &[batch], now).unwrap();
+        }
+        let store = &rec.1;
+        let events = store.events(key.0, key.1, 10).unwrap();
+        let states: Vec<_> = events.iter().rev().map(|e| e.event.state).collect();
+        assert_eq!(
+            states,
+            [HistoryState::Up, HistoryState::Down, HistoryState::Up]
+        );
+        let down = &events[1];
+        assert_eq!(down.previous, Some(HistoryState::Up));
+        assert_eq!(down.event.reasons(), ["connect: connection refused"]);
+        assert_eq!(down.event.views[0].agent, "eu-1");
+        let buckets = &store.latency(key.0, key.1, 0).unwrap()["eu-1"];
+        assert_eq!(buckets.len(), 1, "the current minute is not written yet");
+        assert_eq!((buckets[0].probes, buckets[0].successes), (3, 2));
+        // A tick past the minute writes it even though no result came since.
+        hub.tick(T0 + 125_000).wait();
+        let buckets = &store.latency(key.0, key.1, 0).unwrap()["eu-1"];
+        assert_eq!(buckets.len(), 2);
+        // Gone quiet: the target becomes missing, and that is a change too.
+        hub.tick(T0 + 200_000).wait();
+        let newest = &store.events(key.0, key.1, 1).unwrap()[0];
+        assert_eq!(newest.event.state, HistoryState::Missing);
+        assert!(!newest.event.views[0].fresh);
+    }
+
+    #[test]
     fn results_become_per_agent_series_and_up() {
         let (hub, rec, _rx) = setup();
         assert_eq!(
@@ -2019,6 +2202,42 @@ fleet: {missing_after: 30s}
     }
 
     #[test]
+    fn a_job_is_missing_as_soon_as_its_last_target_is() {
+        let (hub, rec, _rx) = setup();
+        // Past the start-up grace (fleet.missing_after, 30 s) before the last result.
+        let last = T0 + 40_000;
+        results(
+            &hub,
+            "eu-1",
+            &[result(1, "web", "127.0.0.1:80", last, true)],
+            last,
+        )
+        .unwrap();
+        let (mut target_missing, mut job_missing) = (None, None);
+        for s in 41..=200 {
+            let now = T0 + s * 1000;
+            hub.tick(now).wait();
+            let out = rec.take();
+            let up = value_of(&out, "up", &[("job", "web")]);
+            if target_missing.is_none() && up.iter().any(|v| v.is_nan()) {
+                target_missing = Some(now);
+            }
+            if job_missing.is_none()
+                && value_of(&out, "sonde_job_missing", &[("job", "web")]) == [1.0]
+            {
+                job_missing = Some(now);
+            }
+        }
+        let (t, j) = (target_missing.unwrap(), job_missing.unwrap());
+        // The freshness window is 2 × 10 s + 5 s.
+        assert_eq!(t, last + 25_000);
+        assert!(
+            j >= t && j - t <= 1_000,
+            "target missing at {t}, job at {j}"
+        );
+    }
+
+    #[test]
     fn disconnected_agent_is_down_after_grace() {
         let (hub, rec, _rx) = setup();
         hub.disconnect("eu-1", 1, T0 + 1_000);
@@ -2053,12 +2272,23 @@ fleet: {missing_after: 30s}
             T0,
         )
         .unwrap();
+        // The job's own series are written (live) before it is removed.
+        hub.tick(T0 + 500).wait();
         rec.take();
         let without_web = CONFIG.replace("  - job_name: web\n    module: tcp\n    static_configs: [{targets: [\"127.0.0.1:80\"], labels: {team: shop}}]\n", "");
         hub.reload(config(&without_web), T0 + 1000).wait();
-        let up = value_of(&rec.take(), "up", &[("job", "web"), ("team", "shop")]);
+        let out = rec.take();
+        let up = value_of(&out, "up", &[("job", "web"), ("team", "shop")]);
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].to_bits(), STALE_NAN_BITS);
+        for name in ["sonde_job_missing", "sonde_job_targets"] {
+            let v = value_of(&out, name, &[("job", "web")]);
+            assert_eq!(v.len(), 1, "{name}");
+            assert_eq!(v[0].to_bits(), STALE_NAN_BITS, "{name}");
+        }
+        // Once: the next periodic write leaves it out.
+        hub.tick(T0 + 60_000).wait();
+        assert!(value_of(&rec.take(), "sonde_job_missing", &[("job", "web")]).is_empty());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use config::{ProtobufMessage, RemoteWriteConfig, validate_all};
 pub use encode::{STALE_NAN_BITS, Series, decode, encode};
 pub use sender::backoff;
 
-use crate::series::Sample;
+use crate::series::{Sample, SampleSource};
 use crate::store::Store;
 use sonde_proto::config::Labels;
 use sonde_proto::exposition::Family;
@@ -138,10 +138,10 @@ impl RemoteWriter {
     /// to this endpoint's queue (one block per shard), and enforces `max_queue_bytes`
     /// (oldest dropped, counted). Never waits on the network. Call
     /// [`RemoteWriter::wake`] after the commit.
-    pub fn enqueue(
+    pub fn enqueue<S: SampleSource + ?Sized>(
         &self,
         tx: &rusqlite::Transaction<'_>,
-        samples: &[Sample],
+        samples: &S,
     ) -> rusqlite::Result<()> {
         self.shared.enqueue(tx, samples)
     }
@@ -276,10 +276,10 @@ impl RemoteWriters {
     }
 
     /// Queues `samples` on every endpoint inside the caller's transaction.
-    pub fn enqueue(
+    pub fn enqueue<S: SampleSource + ?Sized>(
         &self,
         tx: &rusqlite::Transaction<'_>,
-        samples: &[Sample],
+        samples: &S,
     ) -> rusqlite::Result<()> {
         for writer in &self.writers {
             writer.enqueue(tx, samples)?;

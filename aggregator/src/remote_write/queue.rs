@@ -54,7 +54,7 @@
 use super::block::{self, BlockBuilder};
 use super::config::{ProtobufMessage, QueueConfig, fnv1a64};
 use super::request::{self, LabelsPb, SeriesBatch};
-use crate::series::{Sample, Series, SeriesLabels};
+use crate::series::{SampleSource, Series, SeriesLabels};
 use crate::store::Store;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_proto::exposition::Family;
@@ -338,13 +338,7 @@ pub(crate) struct Stats {
     pub(crate) warned_partial: bool,
 }
 
-/// Where a series lives: the cache's key for it.
-fn address(series: &Series) -> u64 {
-    Arc::as_ptr(series) as usize as u64
-}
-
-/// One series as this endpoint queues it (its final labels: external labels added),
-/// stored inline in the cache's table so that a sample touches one entry, no atomics.
+/// One series as this endpoint queues it (its final labels: external labels added).
 struct Entry {
     /// Names the series in blocks and the dictionary; never given to other labels.
     id: u64,
@@ -358,21 +352,30 @@ struct Entry {
     staged_by: u64,
 }
 
-/// What the last enqueue changed, to undo if it rolled back: (the series' address, its
-/// id, last_ts before, dict_epoch before). No `Arc` is held: an address reused since
-/// is told apart by the id.
-type Staged = Vec<(u64, u64, i64, i64)>;
+/// What the last enqueue changed, to undo if it rolled back: (the entry's index, its
+/// id, last_ts before, dict_epoch before). An index reused since is told apart by the id.
+type Staged = Vec<(u32, u64, i64, i64)>;
+
+/// A slot of the cache's table: the hub's series it was last met as (which keeps the
+/// series' address, and so its `queue_slots`, alive), and its entry (`None`: labels no
+/// receiver accepts).
+type Slot = Option<(Series, Option<Entry>)>;
+
+/// Tells the caches of different queues apart in a series' `queue_slots`.
+static NEXT_TOKEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// The enqueue side's memory: series → entry, and what the last enqueue staged.
 struct Cache {
-    /// Keyed by the series' address, so that a lookup does not read the series itself
-    /// (the key's `Series` keeps the address from being reused while the entry lives).
-    /// `None`: labels no receiver accepts.
-    by_series: block::IdMap<(Series, Option<Entry>)>,
-    /// Final labels → the key their entry is under. A hub series met again under a new
+    /// Entries by index; a series finds its index in its own `queue_slots` (one load,
+    /// no hashing), or, met under a new `Arc`, through `by_labels`.
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// This cache's mark in `queue_slots`.
+    token: u32,
+    /// Final labels → the index of their entry. A hub series met again under a new
     /// `Arc` (or two hub series with the same final labels) takes the entry over, so
     /// the order check and the id follow the labels, not the `Arc`.
-    by_labels: HashMap<LabelsPb, Series>,
+    by_labels: HashMap<LabelsPb, u32>,
     /// Last timestamps of the series found queued at start.
     restored: HashMap<LabelsPb, i64>,
     next_id: u64,
@@ -388,20 +391,38 @@ struct Cache {
 }
 
 impl Cache {
+    fn new(restored: HashMap<LabelsPb, i64>, next_id: u64, epoch: i64, now: Instant) -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            token: NEXT_TOKEN.fetch_add(1, Ordering::Relaxed),
+            by_labels: HashMap::new(),
+            restored,
+            next_id,
+            epoch,
+            epoch_started: now,
+            epoch_length: EPOCH_LENGTH,
+            staged: Vec::new(),
+            staged_mark: None,
+            generation: 0,
+            prune_at: CACHE_PRUNE_MIN,
+        }
+    }
+
     /// Undoes the last enqueue's staged changes if its transaction did not commit.
     fn resolve(&mut self, enqueues: i64) {
         if let Some(mark) = self.staged_mark.take()
             && mark != enqueues
         {
             let mut staged = std::mem::take(&mut self.staged);
-            for (key, id, ts, epoch) in staged.drain(..).rev() {
-                let entry = match self.by_series.get_mut(&key) {
-                    Some((_, Some(e))) if e.id == id => Some(e),
-                    // Taken over by another key since: found by id (rare).
+            for (index, id, ts, epoch) in staged.drain(..).rev() {
+                let entry = match self.slots.get_mut(index as usize) {
+                    Some(Some((_, Some(e)))) if e.id == id => Some(e),
+                    // Moved since: found by id (rare).
                     _ => self
-                        .by_series
-                        .values_mut()
-                        .filter_map(|(_, e)| e.as_mut())
+                        .slots
+                        .iter_mut()
+                        .filter_map(|s| s.as_mut().and_then(|(_, e)| e.as_mut()))
                         .find(|e| e.id == id),
                 };
                 if let Some(e) = entry {
@@ -414,60 +435,133 @@ impl Cache {
         self.staged.clear();
     }
 
-    /// The entry for `series`, created (or taken over from an earlier key with the same
-    /// final labels) on a miss; `None` for labels no receiver accepts.
+    /// The index `series` carries for this cache, if it still holds this series.
+    fn index_of(&self, series: &Series) -> Option<u32> {
+        series.queue_slots.iter().find_map(|slot| {
+            let v = slot.load(Ordering::Relaxed);
+            let index = v as u32;
+            ((v >> 32) as u32 == self.token
+                && matches!(self.slots.get(index as usize), Some(Some((s, _))) if Arc::ptr_eq(s, series)))
+            .then_some(index)
+        })
+    }
+
+    /// Marks `series` as kept at `index`: in a free slot, else in the slot of the
+    /// queue whose token has this one's parity.
+    fn mark(&self, series: &Series, index: u32) {
+        let v = (u64::from(self.token) << 32) | u64::from(index);
+        let slots = &series.queue_slots;
+        let at = slots
+            .iter()
+            .position(|s| (s.load(Ordering::Relaxed) >> 32) as u32 == self.token)
+            .or_else(|| slots.iter().position(|s| s.load(Ordering::Relaxed) == 0))
+            .unwrap_or(self.token as usize % slots.len());
+        slots[at].store(v, Ordering::Relaxed);
+    }
+
+    fn take_index(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The entry for `series` and its index, created (or taken over from an earlier
+    /// series with the same final labels) on a miss; `None` for labels no receiver
+    /// accepts.
     fn entry(
         &mut self,
         series: &Series,
         external: &[(String, String)],
         shard_count: usize,
         warn: impl FnOnce(&str, &[(String, String)]),
-    ) -> Option<&mut Entry> {
-        let key = address(series);
-        if !self.by_series.contains_key(&key) {
-            let entry = match final_labels(series, external) {
-                Err((problem, labels)) => {
-                    warn(problem, &labels);
-                    None
-                }
-                Ok(labels) => {
-                    let pb: LabelsPb = request::labels_pb(&labels).into();
-                    let taken = self
-                        .by_labels
-                        .insert(pb.clone(), series.clone())
-                        .and_then(|old| self.by_series.remove(&address(&old)))
-                        .and_then(|(_, e)| e);
-                    Some(taken.unwrap_or_else(|| {
+    ) -> Option<(u32, &mut Entry)> {
+        let index = match self.index_of(series) {
+            Some(i) => i,
+            None => self.insert(series, external, shard_count, warn),
+        };
+        match self.slots.get_mut(index as usize) {
+            Some(Some((_, Some(e)))) => Some((index, e)),
+            _ => None,
+        }
+    }
+
+    fn insert(
+        &mut self,
+        series: &Series,
+        external: &[(String, String)],
+        shard_count: usize,
+        warn: impl FnOnce(&str, &[(String, String)]),
+    ) -> u32 {
+        let index = match final_labels(series, external) {
+            Err((problem, labels)) => {
+                warn(problem, &labels);
+                let index = self.take_index();
+                self.slots[index as usize] = Some((series.clone(), None));
+                index
+            }
+            Ok(labels) => {
+                let pb: LabelsPb = request::labels_pb(&labels).into();
+                let taken =
+                    self.by_labels.get(&pb).copied().filter(|&i| {
+                        matches!(self.slots.get(i as usize), Some(Some((_, Some(_)))))
+                    });
+                match taken {
+                    Some(index) => {
+                        if let Some((held, _)) = &mut self.slots[index as usize] {
+                            *held = series.clone();
+                        }
+                        index
+                    }
+                    None => {
                         let id = self.next_id;
                         self.next_id += 1;
-                        Entry {
+                        let entry = Entry {
                             id,
                             weight: sample_bytes(&labels),
                             shard: (fnv1a64(&pb) % shard_count as u64) as usize,
                             last_ts: self.restored.remove(&pb).unwrap_or(i64::MIN),
-                            labels: pb,
+                            labels: pb.clone(),
                             dict_epoch: -1,
                             staged_by: 0,
-                        }
-                    }))
+                        };
+                        let index = self.take_index();
+                        self.slots[index as usize] = Some((series.clone(), Some(entry)));
+                        self.by_labels.insert(pb, index);
+                        index
+                    }
                 }
-            };
-            self.by_series.insert(key, (series.clone(), entry));
-        }
-        self.by_series.get_mut(&key).and_then(|(_, e)| e.as_mut())
+            }
+        };
+        self.mark(series, index);
+        index
     }
 
     fn prune(&mut self) {
-        if self.by_series.len() <= self.prune_at {
+        let live = self.slots.len() - self.free.len();
+        if live <= self.prune_at {
             return;
         }
-        // Keys only the cache holds (in `by_series`, and in `by_labels` for a valid
-        // entry): the hub has let the series go. Their entries go too; a series met
-        // again starts afresh (new id, no order check).
-        self.by_series
-            .retain(|_, (k, e)| Arc::strong_count(k) > 1 + usize::from(e.is_some()));
-        self.by_labels.retain(|_, k| Arc::strong_count(k) > 1);
-        self.prune_at = CACHE_PRUNE_MIN.max(2 * self.by_series.len());
+        // Series only the cache holds: the hub has let them go. Their entries go too; a
+        // series met again starts afresh (new id, no order check).
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some((series, entry)) = slot
+                && Arc::strong_count(series) == 1
+            {
+                if let Some(e) = entry
+                    && self.by_labels.get(&e.labels) == Some(&(i as u32))
+                {
+                    self.by_labels.remove(&e.labels);
+                }
+                *slot = None;
+                self.free.push(i as u32);
+            }
+        }
+        let live = self.slots.len() - self.free.len();
+        self.prune_at = CACHE_PRUNE_MIN.max(2 * live);
     }
 }
 
@@ -797,19 +891,12 @@ impl Shared {
             external_labels,
             store,
             queue: queue.clone(),
-            cache: Mutex::new(Cache {
-                by_series: HashMap::default(),
-                by_labels: HashMap::new(),
+            cache: Mutex::new(Cache::new(
                 restored,
-                next_id: max_id.map_or(0, |m| m + 1),
+                max_id.map_or(0, |m| m + 1),
                 epoch,
-                epoch_started: now,
-                epoch_length: EPOCH_LENGTH,
-                staged: Vec::new(),
-                staged_mark: None,
-                generation: 0,
-                prune_at: CACHE_PRUNE_MIN,
-            }),
+                now,
+            )),
             epoch: AtomicI64::new(epoch),
             dict: Mutex::new(HashMap::new()),
             shards,
@@ -867,8 +954,12 @@ impl Shared {
     /// their series' last queued one dropped (counted), the rest appended as one block
     /// per shard, the byte bound enforced by dropping the oldest (counted). Call
     /// [`Shared::wake`] after the commit.
-    pub(crate) fn enqueue(&self, tx: &Transaction<'_>, samples: &[Sample]) -> rusqlite::Result<()> {
-        if samples.is_empty() {
+    pub(crate) fn enqueue<S: SampleSource + ?Sized>(
+        &self,
+        tx: &Transaction<'_>,
+        samples: &S,
+    ) -> rusqlite::Result<()> {
+        if samples.sample_count() == 0 {
             return Ok(());
         }
         let endpoint = self.endpoint_id;
@@ -895,15 +986,15 @@ impl Shared {
         }
         let generation = cache.generation;
         let epoch = cache.epoch;
-        let expected = (samples.len() / shard_count + 1).min(per_block);
+        let expected = (samples.sample_count() / shard_count + 1).min(per_block);
         let mut open: Vec<BlockBuilder> = (0..shard_count)
             .map(|_| BlockBuilder::with_capacity(expected))
             .collect();
         let mut full: Vec<(usize, BlockBuilder)> = Vec::new();
         let mut dict: Vec<(u64, LabelsPb)> = Vec::new();
-        for sample in samples {
-            let Some(entry) = cache.entry(
-                &sample.series,
+        for (series, timestamp_ms, value) in samples.each() {
+            let Some((index, entry)) = cache.entry(
+                series,
                 &self.external_labels,
                 shard_count,
                 |problem, labels| self.warn_invalid(problem, labels),
@@ -913,7 +1004,7 @@ impl Shared {
             };
             // A second sample at the same or an earlier time would make the receiver
             // refuse the whole request (HTTP 400), losing good samples with it.
-            if sample.timestamp_ms <= entry.last_ts {
+            if timestamp_ms <= entry.last_ts {
                 out_of_order += 1;
                 continue;
             }
@@ -923,14 +1014,14 @@ impl Shared {
                 entry.dict_epoch,
             ));
             entry.staged_by = generation;
-            entry.last_ts = sample.timestamp_ms;
+            entry.last_ts = timestamp_ms;
             if entry.dict_epoch != epoch {
                 dict.push((entry.id, entry.labels.clone()));
                 entry.dict_epoch = epoch;
             }
             let (shard, weight) = (entry.shard, entry.weight);
             let builder = &mut open[shard];
-            builder.push(entry.id, weight, sample.timestamp_ms, sample.value);
+            builder.push(entry.id, weight, timestamp_ms, value);
             if builder.len() >= per_block {
                 full.push((shard, std::mem::take(builder)));
             }
@@ -938,9 +1029,7 @@ impl Shared {
             q_samples += 1;
             q_bytes += weight as i64;
             if let Some((id, ts, in_dict)) = undo {
-                cache
-                    .staged
-                    .push((address(&sample.series), id, ts, in_dict));
+                cache.staged.push((index, id, ts, in_dict));
             }
         }
         if !dict.is_empty() {
@@ -1633,6 +1722,7 @@ fn restore_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::series::Sample;
     use std::collections::HashSet;
 
     fn sample(name: &str, ts: i64) -> Sample {

@@ -76,7 +76,7 @@ fn write_probe_series(
     let mut by_name: BTreeMap<&str, Vec<Line<'_>>> = BTreeMap::new();
     for entry in snapshot.entries.values() {
         for view in entry.views.values() {
-            for (series, value) in view.series.iter().zip(&view.values) {
+            for (series, value) in view.series.iter().zip(view.values.iter()) {
                 by_name
                     .entry(series.name())
                     .or_default()
@@ -245,6 +245,25 @@ fn families(
         "Batches, ticks and reloads answered after a commit; divided by sonde_store_commits_total, how many share a commit.",
         &c.committed_commands,
     ));
+    let reload = app
+        .reload_status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    out.push(
+        Family::gauge(
+            "sonde_config_last_reload_successful",
+            "Whether the last configuration reload attempt was successful.",
+        )
+        .with(Vec::new(), f64::from(u8::from(reload.successful))),
+    );
+    out.push(
+        Family::gauge(
+            "sonde_config_last_reload_success_timestamp_seconds",
+            "Timestamp of the last successful configuration reload (or of the start).",
+        )
+        .with(Vec::new(), reload.last_success_ms as f64 / 1000.0),
+    );
     out.push(counter(
         "sonde_agent_connects_total",
         "Agent streams opened.",

@@ -1,8 +1,13 @@
 //! The aggregator's HTTP side: status page, JSON API, `/metrics`, health and reload.
 
 mod api;
+mod badge;
+mod fleet;
+mod history;
 mod metrics;
 mod status;
+mod svg;
+mod target;
 
 use crate::app::App;
 use axum::Router;
@@ -10,7 +15,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use sonde_agent::http_server::Limits;
+use sonde_cli::http_server::Limits;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -53,6 +58,11 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
         .route("/api/v1/jobs", get(api::jobs))
         .route("/api/v1/targets", get(api::targets))
         .route("/api/v1/agents", get(api::agents))
+        .route("/api/v1/targets/history", get(history::handler))
+        .route("/target", get(target::page))
+        .route("/fleet", get(fleet::page))
+        .route("/badge/uptime.svg", get(badge::uptime))
+        .route("/badge/status.svg", get(badge::status))
         .route("/-/healthy", get(|| async { "Healthy.\n" }))
         .route("/-/ready", get(ready))
         .route("/-/reload", reload_route)

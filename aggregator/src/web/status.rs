@@ -3,27 +3,14 @@
 //! itself every few seconds.
 
 use super::api::{agents_json, jobs_json, targets_json};
+use super::svg::{self, esc};
 use crate::app::App;
+use crate::history::{self, HistoryState};
 use axum::extract::State;
 use axum::response::Html;
 use serde_json::Value;
 use std::fmt::Write;
 use std::sync::Arc;
-
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 fn text(v: &Value) -> String {
     match v {
@@ -44,71 +31,136 @@ fn labels(v: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn state_badge(state: &str) -> String {
-    let (class, label) = match state {
-        "up" => ("up", "UP"),
-        "down" => ("down", "DOWN"),
-        _ => ("missing", "MISSING"),
-    };
-    format!("<span class=\"badge {class}\">{label}</span>")
-}
-
-pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
-    Html(render(&app, &*app.hub.snapshot().await))
-}
-
-pub fn render(app: &App, snapshot: &crate::hub::Snapshot) -> String {
-    let jobs = jobs_json(snapshot);
-    let targets = targets_json(snapshot);
-    let agents = agents_json(snapshot);
-    let mut h = String::new();
-    let _ = write!(
-        h,
+/// The top of every page: styles, a self-refresh every `refresh` seconds, and links.
+pub fn head(title: &str, refresh: u32, config: &str) -> String {
+    format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="5"><title>sonde</title>
+<meta http-equiv="refresh" content="{refresh}"><title>{title}</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}} h1{{margin:0 0 .2rem}} h2{{margin-top:1.6rem}}
 table{{border-collapse:collapse;width:100%;font-size:.9rem}} th,td{{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd;vertical-align:top}}
 th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-weight:600;font-size:.8rem}}
 .up{{background:#d4f5dc;color:#135c25}} .down{{background:#fbd5d5;color:#8a1111}} .missing{{background:#eee;color:#555}}
-.muted{{color:#777}} code{{font-size:.85rem}}
+.degraded{{background:#fdf0c4;color:#7a5800}} .muted{{color:#777}} code{{font-size:.85rem}} a{{color:#1a5fb4}}
+.grid{{display:flex;flex-wrap:wrap;gap:.6rem}} .tile{{border:1px solid #ddd;border-radius:.4rem;padding:.4rem .6rem;min-width:9rem}}
+.uptimes td{{font-size:1.1rem;font-weight:600}} .side{{display:flex;flex-wrap:wrap;gap:.8rem}} .side>div{{flex:1 1 16rem;border:1px solid #ddd;border-radius:.4rem;padding:.5rem}}
 </style></head><body>
-<h1>sonde aggregator</h1><p class="muted">version {} · config {} · <a href="/metrics">/metrics</a> · <a href="/api/v1/targets">/api/v1/targets</a> · <a href="/api/v1/jobs">/api/v1/jobs</a> · <a href="/api/v1/agents">/api/v1/agents</a></p>
+<h1>{title}</h1><p class="muted">sonde {version} · config {config} · <a href="/">status</a> · <a href="/fleet">fleet</a> · <a href="/metrics">/metrics</a> · <a href="/api/v1/targets">/api/v1/targets</a> · <a href="/api/v1/jobs">/api/v1/jobs</a> · <a href="/api/v1/agents">/api/v1/agents</a></p>
 "#,
-        env!("CARGO_PKG_VERSION"),
-        esc(&app
-            .config_file
-            .as_ref()
-            .map_or("built-in all-in-one".to_string(), |p| p
-                .display()
-                .to_string())),
-    );
+        title = esc(title),
+        version = env!("CARGO_PKG_VERSION"),
+        config = esc(config),
+    )
+}
 
-    let missing: Vec<String> = jobs
+/// What the pages say the config is.
+pub fn config_name(app: &App) -> String {
+    app.config_file
+        .as_ref()
+        .map_or("built-in all-in-one".to_string(), |p| {
+            p.display().to_string()
+        })
+}
+
+/// A state as a coloured word.
+pub fn state_badge(state: HistoryState) -> String {
+    let s = state.as_str();
+    format!("<span class=\"badge {s}\">{}</span>", s.to_uppercase())
+}
+
+/// The per-target page of `job`/`instance`.
+pub fn target_link(job: &str, instance: &str) -> String {
+    format!(
+        "/target?job={}&instance={}",
+        url::form_urlencoded::byte_serialize(job.as_bytes()).collect::<String>(),
+        url::form_urlencoded::byte_serialize(instance.as_bytes()).collect::<String>()
+    )
+}
+
+pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
+    let snapshot = app.hub.snapshot().await;
+    let now = crate::fleet::now_ms();
+    let since = now - TIMELINE_MS;
+    let changes = {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || app.outputs.store().all_state_changes(since)).await
+    };
+    let changes = match changes {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "status page: cannot read the target history");
+            Default::default()
+        }
+        Err(_) => Default::default(),
+    };
+    Html(render(&app, &snapshot, &changes, now))
+}
+
+/// What the main page's timelines cover.
+const TIMELINE_MS: i64 = 86_400_000;
+
+pub fn render(
+    app: &App,
+    snapshot: &crate::hub::Snapshot,
+    changes: &history::ChangesByTarget,
+    now: i64,
+) -> String {
+    let jobs = jobs_json(snapshot);
+    let targets = targets_json(snapshot);
+    let agents = agents_json(snapshot);
+    let mut h = head("sonde aggregator", 5, &config_name(app));
+    let reload = app
+        .reload_status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let (false, Some((at, why))) = (reload.successful, &reload.last_failure) {
+        let _ = write!(
+            h,
+            r#"<p id="reload-failed" class="badge down" style="display:block;padding:.6rem">The last config reload failed ({} ago); the aggregator runs on the config loaded {} ago. {}</p>"#,
+            svg::human_duration(now - at),
+            svg::human_duration(now - reload.last_success_ms),
+            esc(why)
+        );
+    }
+
+    let missing: Vec<(String, String)> = jobs
         .as_array()
         .into_iter()
         .flatten()
         .filter(|j| j["missing"] == Value::Bool(true))
-        .map(|j| text(&j["job"]))
+        .map(|j| (text(&j["job"]), text(&j["why"])))
         .collect();
     h.push_str("<h2>Missing jobs</h2>");
     if missing.is_empty() {
         h.push_str("<p class=\"muted\">None: every job has fresh results.</p>");
     } else {
         h.push_str("<p>");
-        for m in &missing {
-            let _ = write!(h, "<span class=\"badge down\">{}</span> ", esc(m));
+        for (m, why) in &missing {
+            let _ = write!(
+                h,
+                "<span class=\"badge down\">{}</span> <span class=\"muted\">{}</span><br>",
+                esc(m),
+                esc(why)
+            );
         }
         h.push_str("</p>");
     }
 
     h.push_str("<h2>Jobs</h2><table><tr><th>job</th><th>module</th><th>interval</th><th>timeout</th><th>quorum</th><th>agents</th><th>targets</th><th>state</th></tr>");
     for j in jobs.as_array().into_iter().flatten() {
-        let state = if j["missing"] == Value::Bool(true) {
-            "<span class=\"badge down\">MISSING</span>"
-        } else {
-            "<span class=\"badge up\">OK</span>"
+        let status = text(&j["status"]);
+        let class = match status.as_str() {
+            "ok" => "up",
+            "down" | "missing" => "down",
+            "degraded" => "degraded",
+            _ => "missing",
         };
+        let state = format!(
+            "<span class=\"badge {class}\">{}</span> <span class=\"muted why\">{}</span>",
+            esc(&status.to_uppercase()),
+            esc(&text(&j["why"]))
+        );
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{state}</td></tr>",
@@ -130,8 +182,17 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
     }
     h.push_str("</table>");
 
-    h.push_str("<h2>Targets</h2><table><tr><th>job</th><th>instance</th><th>labels</th><th>up</th><th>agents (succeeding / fresh)</th><th>per agent</th></tr>");
+    h.push_str("<h2>Targets</h2><table><tr><th>job</th><th>instance</th><th>labels</th><th>state</th><th>agents (succeeding / fresh)</th><th>last 24 h</th><th>uptime 24 h</th><th>per agent</th></tr>");
     for t in targets.as_array().into_iter().flatten() {
+        let (job, instance) = (text(&t["job"]), text(&t["instance"]));
+        let state =
+            HistoryState::parse(&text(&t["history_state"])).unwrap_or(HistoryState::Missing);
+        let target_changes = changes
+            .get(&(job.clone(), instance.clone()))
+            .map_or(&[][..], Vec::as_slice);
+        let since = now - TIMELINE_MS;
+        let timeline = history::segments(target_changes, since, now);
+        let uptime = history::durations(target_changes, since, now).uptime();
         let mut per_agent = String::new();
         for v in t["views"].as_array().into_iter().flatten() {
             let ok = v["success"] == Value::Bool(true);
@@ -162,13 +223,19 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
         }
         let _ = write!(
             h,
-            "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{} / {}</td><td>{per_agent}</td></tr>",
-            esc(&text(&t["job"])),
-            esc(&text(&t["instance"])),
+            "<tr class=\"target\" data-job=\"{job_attr}\" data-instance=\"{instance_attr}\" data-state=\"{state_name}\"><td>{}</td><td><a href=\"{}\"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{} / {}</td><td>{}</td><td class=\"uptime\">{}</td><td>{per_agent}</td></tr>",
+            esc(&job),
+            esc(&target_link(&job, &instance)),
+            esc(&instance),
             esc(&labels(&t["labels"])),
-            state_badge(t["state"].as_str().unwrap_or("missing")),
+            state_badge(state),
             t["succeeding"],
             t["agents"],
+            svg::timeline(&timeline, since, now, 240, 14),
+            svg::percent(uptime),
+            job_attr = esc(&job),
+            instance_attr = esc(&instance),
+            state_name = state.as_str(),
         );
     }
     h.push_str("</table>");

@@ -9,9 +9,9 @@ mod units;
 mod yaml;
 
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
-pub use module::{Module, Prober};
-pub use resolve::{JobDefaults, ResolvedJob, check_target, resolve_jobs, split_port};
-pub use units::{ByteSize, PromDuration};
+pub use module::{Module, ModuleError, Prober};
+pub use resolve::{JobDefaults, ResolvedJob, TargetError, check_target, resolve_jobs, split_port};
+pub use units::{ByteSize, DurationError, PromDuration, SizeError};
 pub use yaml::{ConfigError, Located, from_yaml_str, load_yaml_file};
 
 use std::collections::BTreeMap;
@@ -33,18 +33,33 @@ pub fn is_valid_metric_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
+/// A label name a config section may not use; `what` names the section.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error(
+        "{what}: {name:?} is not a valid label name (letters, digits and '_', not starting with a digit)"
+    )]
+    Invalid { what: String, name: String },
+    #[error(
+        "{what}: label names starting with \"__\" are reserved for internal use, rename {name:?}"
+    )]
+    Reserved { what: String, name: String },
+}
+
 /// Checks every name of a label set, for config sections that carry labels.
-pub fn validate_labels(labels: &Labels, what: &str) -> Result<(), String> {
+pub fn validate_labels(labels: &Labels, what: &str) -> Result<(), LabelError> {
     for name in labels.keys() {
         if !is_valid_label_name(name) {
-            return Err(format!(
-                "{what}: {name:?} is not a valid label name (letters, digits and '_', not starting with a digit)"
-            ));
+            return Err(LabelError::Invalid {
+                what: what.to_string(),
+                name: name.clone(),
+            });
         }
         if name.starts_with("__") {
-            return Err(format!(
-                "{what}: label names starting with \"__\" are reserved for internal use, rename {name:?}"
-            ));
+            return Err(LabelError::Reserved {
+                what: what.to_string(),
+                name: name.clone(),
+            });
         }
     }
     Ok(())

@@ -442,19 +442,13 @@ impl DnsProbe {
 
     /// The rcodes that count as success; NOERROR alone when `valid_rcodes` is empty.
     /// Names are blackbox_exporter's (miekg/dns), so `NXDOMAIN`, `SERVFAIL`, ...
-    pub fn valid_rcode_codes(&self) -> Result<Vec<u16>, String> {
+    pub fn valid_rcode_codes(&self) -> Result<Vec<u16>, ModuleError> {
         if self.valid_rcodes.is_empty() {
             return Ok(vec![0]);
         }
         self.valid_rcodes
             .iter()
-            .map(|name| {
-                lookup(DNS_RCODES, name).ok_or_else(|| {
-                    format!(
-                        "dns.valid_rcodes: {name:?} is not an rcode (NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, ...)"
-                    )
-                })
-            })
+            .map(|name| lookup(DNS_RCODES, name).ok_or_else(|| ModuleError::Rcode(name.clone())))
             .collect()
     }
 }
@@ -513,26 +507,27 @@ fn is_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn check_source_ip(what: &str, ip: &Option<String>) -> Result<(), String> {
+fn check_source_ip(prober: &'static str, ip: &Option<String>) -> Result<(), ModuleError> {
     match ip {
-        Some(ip) if ip.parse::<std::net::IpAddr>().is_err() => Err(format!(
-            "{what}.source_ip_address: {ip:?} is not an IP address (like 192.0.2.10 or 2001:db8::10)"
-        )),
+        Some(ip) if ip.parse::<std::net::IpAddr>().is_err() => Err(ModuleError::SourceIp {
+            prober,
+            ip: ip.clone(),
+        }),
         _ => Ok(()),
     }
 }
 
-fn check_tls(what: &str, tls: &TlsConfig) -> Result<(), String> {
+fn check_tls(prober: &'static str, tls: &TlsConfig) -> Result<(), ModuleError> {
     if tls.cert_file.is_some() != tls.key_file.is_some() {
-        return Err(format!(
-            "{what}.tls_config: cert_file and key_file go together, set both or neither"
-        ));
+        return Err(ModuleError::TlsCertWithoutKey { prober });
     }
-    let version = |field: &str, v: &Option<String>| -> Result<Option<u8>, String> {
+    let version = |field: &'static str, v: &Option<String>| -> Result<Option<u8>, ModuleError> {
         v.as_deref()
             .map(|name| {
-                tls_version_number(name).ok_or_else(|| {
-                    format!("{what}.tls_config.{field}: {name:?} is not one of TLS10, TLS11, TLS12, TLS13")
+                tls_version_number(name).ok_or_else(|| ModuleError::TlsVersion {
+                    prober,
+                    field,
+                    name: name.to_string(),
                 })
             })
             .transpose()
@@ -542,18 +537,111 @@ fn check_tls(what: &str, tls: &TlsConfig) -> Result<(), String> {
     if let Some(max) = max
         && max < 12
     {
-        return Err(format!(
-            "{what}.tls_config.max_version: TLS 1.0 and 1.1 are not supported (the agent speaks TLS 1.2 and 1.3), use TLS12 or TLS13"
-        ));
+        return Err(ModuleError::TlsTooOld { prober });
     }
     if let (Some(min), Some(max)) = (min, max)
         && min > max
     {
-        return Err(format!(
-            "{what}.tls_config: min_version is above max_version"
-        ));
+        return Err(ModuleError::TlsMinAboveMax { prober });
     }
     Ok(())
+}
+
+/// What is wrong with a module, in words that name the option and the fix.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ModuleError {
+    #[error("http.valid_status_codes: {0} is not an HTTP status code (100-599)")]
+    StatusCode(u16),
+    #[error("{option}: invalid regular expression {pattern:?}: {error}")]
+    Regex {
+        /// The option the pattern is in (`http`, `dns.validate_answer_rrs`, ...).
+        option: String,
+        pattern: String,
+        error: regex::Error,
+    },
+    #[error("http.method: {0:?} is not an HTTP method (GET, HEAD, POST, ...)")]
+    Method(String),
+    #[error("http.headers: {0:?} is not a valid header name")]
+    HeaderName(String),
+    #[error("http.headers: the value of {0:?} contains a line break or NUL byte")]
+    HeaderValue(String),
+    #[error("http.valid_http_versions: {0:?} is not one of HTTP/1.0, HTTP/1.1, HTTP/2.0")]
+    HttpVersion(String),
+    #[error("http: fail_if_ssl and fail_if_not_ssl together fail every probe, keep one")]
+    SslAndNotSsl,
+    #[error("http.fail_if_header_matches: {0:?} is not a header name")]
+    HeaderMatchName(String),
+    #[error("http.basic_auth: set password or password_file, not both")]
+    PasswordTwice,
+    #[error(
+        "http: set at most one of basic_auth, authorization, bearer_token and bearer_token_file"
+    )]
+    AuthSchemes,
+    #[error("http.authorization: set credentials or credentials_file, not both")]
+    CredentialsTwice,
+    #[error("http.authorization: type Basic is set with basic_auth, not authorization")]
+    AuthorizationBasic,
+    #[error("http.authorization.type: {0:?} is not an authorization scheme (Bearer, ...)")]
+    AuthorizationType(String),
+    #[error("http: set body or body_file, not both")]
+    BodyTwice,
+    #[error("http.compression: {0:?} is not one of gzip, deflate, br, identity")]
+    Compression(String),
+    #[error(
+        "http.headers: Accept-Encoding {accept:?} does not admit compression {compression:?}; list it in the header or drop the header"
+    )]
+    AcceptEncoding { accept: String, compression: String },
+    #[error("http.proxy_url: {0:?} is not an http:// proxy URL (like http://proxy.internal:3128)")]
+    ProxyUrl(String),
+    #[error("tcp.query_response[{step}]: expect and expect_bytes are mutually exclusive, keep one")]
+    ExpectAndExpectBytes { step: usize },
+    #[error(
+        "tcp.query_response[{step}].labels: labels take their values from expect's match, set expect"
+    )]
+    LabelsWithoutExpect { step: usize },
+    #[error("tcp.query_response[{step}].labels: {name:?} is not a valid label name")]
+    QueryResponseLabel { step: usize, name: String },
+    #[error("dns.query_name is required for the dns prober")]
+    QueryNameMissing,
+    #[error("dns.query_type: {0:?} is not a DNS record type (A, AAAA, MX, SOA, TXT, ...)")]
+    QueryType(String),
+    #[error("dns.query_class: {0:?} is not a DNS class (IN, CH, HS, NONE, ANY)")]
+    QueryClass(String),
+    #[error(
+        "dns.valid_rcodes: {0:?} is not an rcode (NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, ...)"
+    )]
+    Rcode(String),
+    #[error("dns.dns_over_tls needs transport_protocol: tcp (DNS over TLS runs over TCP)")]
+    DnsOverTlsWithoutTcp,
+    #[error(
+        "{prober}.source_ip_address: {ip:?} is not an IP address (like 192.0.2.10 or 2001:db8::10)"
+    )]
+    SourceIp { prober: &'static str, ip: String },
+    #[error("{prober}.tls_config: cert_file and key_file go together, set both or neither")]
+    TlsCertWithoutKey { prober: &'static str },
+    #[error("{prober}.tls_config.{field}: {name:?} is not one of TLS10, TLS11, TLS12, TLS13")]
+    TlsVersion {
+        prober: &'static str,
+        field: &'static str,
+        name: String,
+    },
+    #[error(
+        "{prober}.tls_config.max_version: TLS 1.0 and 1.1 are not supported (the agent speaks TLS 1.2 and 1.3), use TLS12 or TLS13"
+    )]
+    TlsTooOld { prober: &'static str },
+    #[error("{prober}.tls_config: min_version is above max_version")]
+    TlsMinAboveMax { prober: &'static str },
+}
+
+/// Compiles a regex of `option`, only to check it.
+fn compile(option: &str, pattern: &str) -> Result<(), ModuleError> {
+    regex::Regex::new(pattern)
+        .map(drop)
+        .map_err(|error| ModuleError::Regex {
+            option: option.to_string(),
+            pattern: pattern.to_string(),
+            error,
+        })
 }
 
 /// The compression algorithms blackbox_exporter decompresses a body with.
@@ -586,14 +674,12 @@ fn accept_encoding_admits(compression: &str, accept: &str) -> bool {
 impl Module {
     /// Checks what serde cannot: regexes compile, values are in range, the prober's
     /// required options are present. The message names the option and the fix.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ModuleError> {
         match self.prober {
             Prober::Http => {
                 for code in &self.http.valid_status_codes {
                     if !(100..=599).contains(code) {
-                        return Err(format!(
-                            "http.valid_status_codes: {code} is not an HTTP status code (100-599)"
-                        ));
+                        return Err(ModuleError::StatusCode(*code));
                     }
                 }
                 for re in self
@@ -602,39 +688,28 @@ impl Module {
                     .iter()
                     .chain(&self.http.fail_if_body_not_matches_regexp)
                 {
-                    regex::Regex::new(re)
-                        .map_err(|e| format!("http: invalid regular expression {re:?}: {e}"))?;
+                    compile("http", re)?;
                 }
                 if self.http.method.is_empty()
                     || !self.http.method.bytes().all(|b| b.is_ascii_alphabetic())
                 {
-                    return Err(format!(
-                        "http.method: {:?} is not an HTTP method (GET, HEAD, POST, ...)",
-                        self.http.method
-                    ));
+                    return Err(ModuleError::Method(self.http.method.clone()));
                 }
                 for (name, value) in &self.http.headers {
                     if !is_header_name(name) {
-                        return Err(format!("http.headers: {name:?} is not a valid header name"));
+                        return Err(ModuleError::HeaderName(name.clone()));
                     }
                     if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                        return Err(format!(
-                            "http.headers: the value of {name:?} contains a line break or NUL byte"
-                        ));
+                        return Err(ModuleError::HeaderValue(name.clone()));
                     }
                 }
                 for v in &self.http.valid_http_versions {
                     if !["HTTP/1.0", "HTTP/1.1", "HTTP/2.0"].contains(&v.as_str()) {
-                        return Err(format!(
-                            "http.valid_http_versions: {v:?} is not one of HTTP/1.0, HTTP/1.1, HTTP/2.0"
-                        ));
+                        return Err(ModuleError::HttpVersion(v.clone()));
                     }
                 }
                 if self.http.fail_if_ssl && self.http.fail_if_not_ssl {
-                    return Err(
-                        "http: fail_if_ssl and fail_if_not_ssl together fail every probe, keep one"
-                            .to_string(),
-                    );
+                    return Err(ModuleError::SslAndNotSsl);
                 }
                 check_tls("http", &self.http.tls_config)?;
                 for m in self
@@ -644,72 +719,50 @@ impl Module {
                     .chain(&self.http.fail_if_header_not_matches)
                 {
                     if !is_header_name(&m.header) {
-                        return Err(format!(
-                            "http.fail_if_header_matches: {:?} is not a header name",
-                            m.header
-                        ));
+                        return Err(ModuleError::HeaderMatchName(m.header.clone()));
                     }
-                    regex::Regex::new(&m.regexp).map_err(|e| {
-                        format!("http: invalid regular expression {:?}: {e}", m.regexp)
-                    })?;
+                    compile("http", &m.regexp)?;
                 }
                 let http = &self.http;
                 if let Some(auth) = &http.basic_auth
                     && auth.password.is_some()
                     && auth.password_file.is_some()
                 {
-                    return Err(
-                        "http.basic_auth: set password or password_file, not both".to_string()
-                    );
+                    return Err(ModuleError::PasswordTwice);
                 }
                 let schemes = usize::from(http.basic_auth.is_some())
                     + usize::from(http.bearer_token.is_some())
                     + usize::from(http.bearer_token_file.is_some())
                     + usize::from(http.authorization.is_some());
                 if schemes > 1 {
-                    return Err(
-                        "http: set at most one of basic_auth, authorization, bearer_token and bearer_token_file"
-                            .to_string(),
-                    );
+                    return Err(ModuleError::AuthSchemes);
                 }
                 if let Some(auth) = &http.authorization {
                     if auth.credentials.is_some() && auth.credentials_file.is_some() {
-                        return Err(
-                            "http.authorization: set credentials or credentials_file, not both"
-                                .to_string(),
-                        );
+                        return Err(ModuleError::CredentialsTwice);
                     }
                     if auth.kind.eq_ignore_ascii_case("basic") {
-                        return Err(
-                            "http.authorization: type Basic is set with basic_auth, not authorization"
-                                .to_string(),
-                        );
+                        return Err(ModuleError::AuthorizationBasic);
                     }
                     if auth.kind.is_empty() || !is_header_name(&auth.kind) {
-                        return Err(format!(
-                            "http.authorization.type: {:?} is not an authorization scheme (Bearer, ...)",
-                            auth.kind
-                        ));
+                        return Err(ModuleError::AuthorizationType(auth.kind.clone()));
                     }
                 }
                 if http.body.is_some() && http.body_file.is_some() {
-                    return Err("http: set body or body_file, not both".to_string());
+                    return Err(ModuleError::BodyTwice);
                 }
                 let compression = http.compression.to_ascii_lowercase();
                 if !compression.is_empty() && !COMPRESSIONS.contains(&compression.as_str()) {
-                    return Err(format!(
-                        "http.compression: {:?} is not one of gzip, deflate, br, identity",
-                        http.compression
-                    ));
+                    return Err(ModuleError::Compression(http.compression.clone()));
                 }
                 for (name, value) in &http.headers {
                     if name.eq_ignore_ascii_case("accept-encoding")
                         && !accept_encoding_admits(&compression, value)
                     {
-                        return Err(format!(
-                            "http.headers: Accept-Encoding {value:?} does not admit compression {:?}; list it in the header or drop the header",
-                            http.compression
-                        ));
+                        return Err(ModuleError::AcceptEncoding {
+                            accept: value.clone(),
+                            compression: http.compression.clone(),
+                        });
                     }
                 }
                 if let Some(proxy) = &http.proxy_url {
@@ -717,57 +770,46 @@ impl Module {
                         .strip_prefix("http://")
                         .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
                     if !ok {
-                        return Err(format!(
-                            "http.proxy_url: {proxy:?} is not an http:// proxy URL (like http://proxy.internal:3128)"
-                        ));
+                        return Err(ModuleError::ProxyUrl(proxy.clone()));
                     }
                 }
             }
             Prober::Tcp => {
                 check_source_ip("tcp", &self.tcp.source_ip_address)?;
                 check_tls("tcp", &self.tcp.tls_config)?;
-                for (i, qr) in self.tcp.query_response.iter().enumerate() {
-                    let what = format!("tcp.query_response[{i}]");
+                for (step, qr) in self.tcp.query_response.iter().enumerate() {
                     if qr.expect.is_some() && qr.expect_bytes.is_some() {
-                        return Err(format!(
-                            "{what}: expect and expect_bytes are mutually exclusive, keep one"
-                        ));
+                        return Err(ModuleError::ExpectAndExpectBytes { step });
                     }
                     if let Some(re) = &qr.expect {
-                        regex::Regex::new(re).map_err(|e| {
-                            format!("{what}.expect: invalid regular expression {re:?}: {e}")
+                        regex::Regex::new(re).map_err(|error| ModuleError::Regex {
+                            option: format!("tcp.query_response[{step}].expect"),
+                            pattern: re.clone(),
+                            error,
                         })?;
                     }
                     if !qr.labels.is_empty() && qr.expect.is_none() {
-                        return Err(format!(
-                            "{what}.labels: labels take their values from expect's match, set expect"
-                        ));
+                        return Err(ModuleError::LabelsWithoutExpect { step });
                     }
                     for label in &qr.labels {
                         if !super::is_valid_label_name(&label.name) {
-                            return Err(format!(
-                                "{what}.labels: {:?} is not a valid label name",
-                                label.name
-                            ));
+                            return Err(ModuleError::QueryResponseLabel {
+                                step,
+                                name: label.name.clone(),
+                            });
                         }
                     }
                 }
             }
             Prober::Dns => {
                 if self.dns.query_name.is_empty() {
-                    return Err("dns.query_name is required for the dns prober".to_string());
+                    return Err(ModuleError::QueryNameMissing);
                 }
                 if self.dns.query_type_code().is_none() {
-                    return Err(format!(
-                        "dns.query_type: {:?} is not a DNS record type (A, AAAA, MX, SOA, TXT, ...)",
-                        self.dns.query_type
-                    ));
+                    return Err(ModuleError::QueryType(self.dns.query_type.clone()));
                 }
                 if self.dns.query_class_code().is_none() {
-                    return Err(format!(
-                        "dns.query_class: {:?} is not a DNS class (IN, CH, HS, NONE, ANY)",
-                        self.dns.query_class
-                    ));
+                    return Err(ModuleError::QueryClass(self.dns.query_class.clone()));
                 }
                 self.dns.valid_rcode_codes()?;
                 for (section, v) in [
@@ -776,17 +818,16 @@ impl Module {
                     ("validate_additional_rrs", &self.dns.validate_additional_rrs),
                 ] {
                     for re in v.regexes() {
-                        regex::Regex::new(re).map_err(|e| {
-                            format!("dns.{section}: invalid regular expression {re:?}: {e}")
+                        regex::Regex::new(re).map_err(|error| ModuleError::Regex {
+                            option: format!("dns.{section}"),
+                            pattern: re.clone(),
+                            error,
                         })?;
                     }
                 }
                 check_source_ip("dns", &self.dns.source_ip_address)?;
                 if self.dns.dns_over_tls && self.dns.transport_protocol != DnsTransport::Tcp {
-                    return Err(
-                        "dns.dns_over_tls needs transport_protocol: tcp (DNS over TLS runs over TCP)"
-                            .to_string(),
-                    );
+                    return Err(ModuleError::DnsOverTlsWithoutTcp);
                 }
                 check_tls("dns", &self.dns.tls_config)?;
             }
@@ -822,16 +863,27 @@ mod tests {
         assert_eq!(m.dns.valid_rcode_codes(), Ok(vec![0, 3]));
         m.validate().unwrap();
         m.dns.query_type = "a".into();
-        assert!(m.validate().unwrap_err().contains("dns.query_type"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dns.query_type")
+        );
         m.dns.query_type = "A".into();
         m.dns.valid_rcodes = vec!["NOPE".into()];
-        assert!(m.validate().unwrap_err().contains("dns.valid_rcodes"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dns.valid_rcodes")
+        );
         assert_eq!(dns_rcode_name(3), Some("NXDOMAIN"));
         m.dns.valid_rcodes.clear();
         m.dns.validate_answer_rrs.fail_if_none_matches_regexp = vec!["(".into()];
         assert!(
             m.validate()
                 .unwrap_err()
+                .to_string()
                 .contains("dns.validate_answer_rrs")
         );
     }
@@ -846,7 +898,12 @@ mod tests {
         assert!(!m.http.enable_http2);
         m.validate().unwrap();
         m.http.headers.insert("X-Bad\nName".into(), "v".into());
-        assert!(m.validate().unwrap_err().contains("http.headers"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("http.headers")
+        );
         m.http.headers.clear();
         m.http.bearer_token = Some("t".into());
         m.http.basic_auth = Some(BasicAuth {
@@ -854,7 +911,12 @@ mod tests {
             password: None,
             password_file: None,
         });
-        assert!(m.validate().unwrap_err().contains("at most one"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at most one")
+        );
         m.http.bearer_token = None;
         m.validate().unwrap();
         m.http.fail_if_header_matches = vec![HeaderMatch {
@@ -862,10 +924,20 @@ mod tests {
             regexp: "(".into(),
             allow_missing: false,
         }];
-        assert!(m.validate().unwrap_err().contains("regular expression"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("regular expression")
+        );
         m.http.fail_if_header_matches.clear();
         m.http.valid_http_versions = vec!["HTTP/3".into()];
-        assert!(m.validate().unwrap_err().contains("valid_http_versions"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("valid_http_versions")
+        );
     }
 
     #[test]
@@ -887,13 +959,23 @@ mod tests {
         assert!(m.tcp.query_response[1].starttls);
         let mut bad = m.clone();
         bad.tcp.query_response[0].expect_bytes = Some("x".into());
-        assert!(bad.validate().unwrap_err().contains("mutually exclusive"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mutually exclusive")
+        );
         let mut bad = m.clone();
         bad.tcp.query_response[0].labels[0].name = "bad-name".into();
-        assert!(bad.validate().unwrap_err().contains("label name"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("label name")
+        );
         let mut bad = m.clone();
         bad.tcp.query_response[0].expect = Some("(".into());
-        assert!(bad.validate().unwrap_err().contains("expect"));
+        assert!(bad.validate().unwrap_err().to_string().contains("expect"));
 
         let h: Module = serde_json::from_value(serde_json::json!({
             "prober": "http",
@@ -905,10 +987,20 @@ mod tests {
         assert_eq!(h.http.authorization.as_ref().unwrap().kind, "Bearer");
         let mut bad = h.clone();
         bad.http.bearer_token = Some("t".into());
-        assert!(bad.validate().unwrap_err().contains("at most one"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at most one")
+        );
         let mut bad = h.clone();
         bad.http.compression = "zstd".into();
-        assert!(bad.validate().unwrap_err().contains("http.compression"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("http.compression")
+        );
         assert!(accept_encoding_admits("gzip", "br;q=1.0, gzip;q=0.9"));
         assert!(accept_encoding_admits("gzip", "*"));
         assert!(!accept_encoding_admits("gzip", "br, gzip;q=0"));
@@ -917,6 +1009,36 @@ mod tests {
             "prober": "tcp", "tcp": {"query_response": [{"expekt": "x"}]}
         }));
         assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn errors_read_as_before_they_were_types() {
+        let m: Module = serde_json::from_value(serde_json::json!({
+            "prober": "tcp",
+            "tcp": {"tls_config": {"min_version": "SSL3"},
+                    "query_response": [{"expect": "("}]},
+        }))
+        .unwrap();
+        assert_eq!(
+            m.validate().unwrap_err().to_string(),
+            "tcp.tls_config.min_version: \"SSL3\" is not one of TLS10, TLS11, TLS12, TLS13"
+        );
+        let mut m = m;
+        m.tcp.tls_config.min_version = None;
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("tcp.query_response[0].expect: invalid regular expression \"(\": ")
+        );
+        assert_eq!(
+            ModuleError::SourceIp {
+                prober: "dns",
+                ip: "x".into()
+            }
+            .to_string(),
+            "dns.source_ip_address: \"x\" is not an IP address (like 192.0.2.10 or 2001:db8::10)"
+        );
     }
 
     #[test]

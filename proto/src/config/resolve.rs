@@ -126,13 +126,13 @@ pub fn resolve_jobs(
             )));
         }
         super::validate_labels(&job.agents, &format!("job {:?}: agents", job.job_name))
-            .map_err(err)?;
+            .map_err(|e| err(e.to_string()))?;
         for group in &job.static_configs {
             super::validate_labels(
                 &group.labels,
                 &format!("job {:?}: static_configs labels", job.job_name),
             )
-            .map_err(err)?;
+            .map_err(|e| err(e.to_string()))?;
             for target in &group.targets {
                 check_target(module, target)
                     .map_err(|m| err(format!("job {:?}: target {target:?}: {m}", job.job_name)))?;
@@ -172,18 +172,27 @@ pub fn resolve_jobs(
     Ok(resolved)
 }
 
+/// Why a target cannot be probed with its job's module.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("a target must be a non-empty string without spaces")]
+    Blank,
+    #[error("the tcp prober needs host:port (for example 127.0.0.1:443)")]
+    TcpWithoutPort,
+}
+
 /// Checks that `target` is something `module`'s prober can probe, so typos surface at
 /// load time rather than as a failing probe.
-pub fn check_target(module: &Module, target: &str) -> Result<(), String> {
+pub fn check_target(module: &Module, target: &str) -> Result<(), TargetError> {
     use super::Prober;
     if target.is_empty() || target.chars().any(char::is_whitespace) {
-        return Err("a target must be a non-empty string without spaces".into());
+        return Err(TargetError::Blank);
     }
     match module.prober {
         Prober::Http => Ok(()),
         Prober::Tcp => {
             if split_port(target).is_none() {
-                return Err("the tcp prober needs host:port (for example 127.0.0.1:443)".into());
+                return Err(TargetError::TcpWithoutPort);
             }
             Ok(())
         }

@@ -27,10 +27,23 @@ impl From<Duration> for PromDuration {
     }
 }
 
-impl std::str::FromStr for PromDuration {
-    type Err = String;
+/// Why a duration does not parse; each message quotes the text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error(
+        "invalid duration {0:?}: expected a number with a unit (ms, s, m, h, d, w, y), like \"15s\" or \"1m30s\""
+    )]
+    Malformed(String),
+    #[error("invalid duration {0:?}: units must go from largest to smallest, each once")]
+    UnitOrder(String),
+    #[error("invalid duration {0:?}: too large")]
+    TooLarge(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for PromDuration {
+    type Err = DurationError;
+
+    fn from_str(s: &str) -> Result<Self, DurationError> {
         const UNITS: [(&str, u64); 7] = [
             ("y", 365 * 24 * 3600 * 1000),
             ("w", 7 * 24 * 3600 * 1000),
@@ -40,11 +53,7 @@ impl std::str::FromStr for PromDuration {
             ("s", 1000),
             ("ms", 1),
         ];
-        let bad = || {
-            format!(
-                "invalid duration {s:?}: expected a number with a unit (ms, s, m, h, d, w, y), like \"15s\" or \"1m30s\""
-            )
-        };
+        let bad = || DurationError::Malformed(s.to_string());
         if s == "0" {
             return Ok(Self(Duration::ZERO));
         }
@@ -66,15 +75,13 @@ impl std::str::FromStr for PromDuration {
             rest = &rest[unit_len..];
             let rank = UNITS.iter().position(|(u, _)| *u == unit).ok_or_else(bad)?;
             if last_rank.is_some_and(|r| r >= rank) {
-                return Err(format!(
-                    "invalid duration {s:?}: units must go from largest to smallest, each once"
-                ));
+                return Err(DurationError::UnitOrder(s.to_string()));
             }
             last_rank = Some(rank);
             total_ms = value
                 .checked_mul(UNITS[rank].1)
                 .and_then(|v| total_ms.checked_add(v))
-                .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
+                .ok_or_else(|| DurationError::TooLarge(s.to_string()))?;
         }
         Ok(Self(Duration::from_millis(total_ms)))
     }
@@ -120,17 +127,24 @@ impl<'de> Deserialize<'de> for PromDuration {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ByteSize(pub u64);
 
-impl std::str::FromStr for ByteSize {
-    type Err = String;
+/// Why a byte size does not parse; each message quotes the text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error(
+        "invalid size {0:?}: expected a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB), like \"256MiB\""
+    )]
+    Malformed(String),
+    #[error("invalid size {0:?}: too large")]
+    TooLarge(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for ByteSize {
+    type Err = SizeError;
+
+    fn from_str(s: &str) -> Result<Self, SizeError> {
         let t = s.trim();
         let digits = t.bytes().take_while(u8::is_ascii_digit).count();
-        let bad = || {
-            format!(
-                "invalid size {s:?}: expected a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB), like \"256MiB\""
-            )
-        };
+        let bad = || SizeError::Malformed(s.to_string());
         if digits == 0 {
             return Err(bad());
         }
@@ -150,7 +164,7 @@ impl std::str::FromStr for ByteSize {
         value
             .checked_mul(mult)
             .map(ByteSize)
-            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+            .ok_or_else(|| SizeError::TooLarge(s.to_string()))
     }
 }
 
@@ -211,6 +225,10 @@ mod tests {
         assert!(d("30s1m").is_err());
         assert!(d("1.5s").is_err());
         assert!(d("99999999999999999999y").is_err());
+        assert_eq!(
+            d("30s1m").unwrap_err().to_string(),
+            "invalid duration \"30s1m\": units must go from largest to smallest, each once"
+        );
     }
 
     #[test]

@@ -31,13 +31,6 @@ impl LogFlags {
     }
 }
 
-/// `check-config FILE`, the same for both binaries.
-#[derive(clap::Subcommand, Debug)]
-pub enum Command {
-    /// Validate a config file; print each problem with file:line:column.
-    CheckConfig { file: std::path::PathBuf },
-}
-
 /// Installs the global subscriber; logs go to stderr.
 pub fn init(level: LogLevel, format: LogFormat) {
     let level = match level {
@@ -48,7 +41,7 @@ pub fn init(level: LogLevel, format: LogFormat) {
     };
     // Our own crates at the chosen level; chatty dependencies (h2, hyper) one notch up.
     let filter = tracing_subscriber::EnvFilter::new(format!(
-        "warn,sonde_agent={level},sonde_aggregator={level},sonde={level}"
+        "warn,sonde_agent={level},sonde_aggregator={level},sonde_cli={level},sonde={level}"
     ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

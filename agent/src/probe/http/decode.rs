@@ -62,6 +62,11 @@ impl Write for Sink {
     }
 }
 
+/// A `compression` the prober cannot decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("http.compression: {0:?} is not one of gzip, deflate, br, identity")]
+pub(crate) struct UnknownCompression(String);
+
 /// The algorithm a module names, `None` for none (the body is taken as it is).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Algorithm {
@@ -72,15 +77,13 @@ pub(crate) enum Algorithm {
 
 impl Algorithm {
     /// blackbox_exporter lower-cases the name; "" and "identity" mean no decoding.
-    pub(crate) fn from_config(name: &str) -> Result<Option<Self>, String> {
+    pub(crate) fn from_config(name: &str) -> Result<Option<Self>, UnknownCompression> {
         match name.to_ascii_lowercase().as_str() {
             "" | "identity" => Ok(None),
             "gzip" => Ok(Some(Algorithm::Gzip)),
             "deflate" => Ok(Some(Algorithm::Deflate)),
             "br" => Ok(Some(Algorithm::Brotli)),
-            other => Err(format!(
-                "http.compression: {other:?} is not one of gzip, deflate, br, identity"
-            )),
+            other => Err(UnknownCompression(other.to_string())),
         }
     }
 }

@@ -1,0 +1,732 @@
+//! What happened to each target: its state changes (with the agents' views and their
+//! failure reasons at that moment) and a compact record of its response times and
+//! availability per agent, kept in the aggregator's SQLite for `history.retention`.
+//!
+//! The hub decides what to record (see `hub::state`); this module holds the records'
+//! shapes, the SQL that stores, compacts and prunes them, the queries the web pages and
+//! `/api/v1/targets/history` read, and the pure arithmetic of uptime over a window.
+//!
+//! **Sizes.** A state change is one row. Response times are kept per target and agent
+//! in one-minute buckets for [`MINUTE_BUCKETS_FOR`], then folded into one-hour buckets,
+//! so a target probed by three agents costs about 3 × (2,880 + 720) rows over 30 days,
+//! whatever its interval. `history.max_size` bounds the whole: past it, the oldest rows
+//! go first (see [`Store::prune_history`]).
+
+use crate::merge::{Merged, TargetState};
+use crate::store::Store;
+use rusqlite::{OptionalExtension, Transaction, params};
+use serde::Serialize;
+use std::time::Duration;
+
+/// Width of a fresh response-time bucket.
+pub const MINUTE_MS: i64 = 60_000;
+/// Width of a compacted bucket.
+pub const HOUR_MS: i64 = 3_600_000;
+/// One-minute buckets are folded into hours once they are this old.
+pub const MINUTE_BUCKETS_FOR: Duration = Duration::from_secs(48 * 3600);
+/// What a stored row weighs on average, for `history.max_size` (measured on the
+/// aggregator's database with SQLite's `dbstat`: keys, values and index entries).
+pub const EVENT_ROW_BYTES: u64 = 160;
+pub const BUCKET_ROW_BYTES: u64 = 120;
+/// The most views kept in one event: a target probed by a thousand agents keeps the
+/// failing ones first, then the others.
+const MAX_EVENT_VIEWS: usize = 64;
+
+/// A target's state as the history and the status page tell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryState {
+    Up,
+    /// Up by the job's quorum, but some fresh agents fail.
+    Degraded,
+    Down,
+    Missing,
+}
+
+impl HistoryState {
+    pub fn of(merged: &Merged) -> Self {
+        match merged.state {
+            TargetState::Missing => Self::Missing,
+            TargetState::Down => Self::Down,
+            TargetState::Up if merged.succeeding < merged.agents => Self::Degraded,
+            TargetState::Up => Self::Up,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Degraded => "degraded",
+            Self::Down => "down",
+            Self::Missing => "missing",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "up" => Self::Up,
+            "degraded" => Self::Degraded,
+            "down" => Self::Down,
+            "missing" => Self::Missing,
+            _ => return None,
+        })
+    }
+
+    /// Counts as available for uptime.
+    pub fn is_available(self) -> bool {
+        matches!(self, Self::Up | Self::Degraded)
+    }
+}
+
+/// One agent's view at the moment of a state change.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct EventView {
+    pub agent: String,
+    pub success: bool,
+    pub fresh: bool,
+    pub timestamp_ms: i64,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub failure: String,
+}
+
+/// A state change of one target.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    pub timestamp_ms: i64,
+    pub state: HistoryState,
+    pub agents: u32,
+    pub succeeding: u32,
+    pub views: Vec<EventView>,
+}
+
+impl Event {
+    /// Keeps at most [`MAX_EVENT_VIEWS`] views, failing ones first.
+    pub fn bounded(mut self) -> Self {
+        if self.views.len() > MAX_EVENT_VIEWS {
+            self.views.sort_by_key(|v| (v.success, !v.fresh));
+            self.views.truncate(MAX_EVENT_VIEWS);
+        }
+        self
+    }
+
+    /// The failure reasons of the failing views, each once, in agent order.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for v in &self.views {
+            if !v.success && !v.failure.is_empty() && !out.contains(&v.failure) {
+                out.push(v.failure.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Probes of one target by one agent within one bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Bucket {
+    pub start_ms: i64,
+    pub probes: u32,
+    pub successes: u32,
+    pub duration_sum: f64,
+    pub duration_max: f64,
+}
+
+impl Bucket {
+    pub fn starting(timestamp_ms: i64) -> Self {
+        Self {
+            start_ms: timestamp_ms.div_euclid(MINUTE_MS) * MINUTE_MS,
+            ..Self::default()
+        }
+    }
+
+    pub fn add(&mut self, success: bool, duration_seconds: f64) {
+        self.probes += 1;
+        self.successes += u32::from(success);
+        let d = if duration_seconds.is_finite() && duration_seconds >= 0.0 {
+            duration_seconds
+        } else {
+            0.0
+        };
+        self.duration_sum += d;
+        self.duration_max = self.duration_max.max(d);
+    }
+
+    pub fn covers(&self, timestamp_ms: i64) -> bool {
+        timestamp_ms.div_euclid(MINUTE_MS) * MINUTE_MS == self.start_ms
+    }
+}
+
+/// History rows to write with a group's commit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Writes {
+    /// ((job, instance), event).
+    pub events: Vec<((String, String), Event)>,
+    /// ((job, instance), agent, a finished one-minute bucket).
+    pub buckets: Vec<((String, String), String, Bucket)>,
+}
+
+impl Writes {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.buckets.is_empty()
+    }
+
+    pub fn apply(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        if !self.events.is_empty() {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO target_events (job, instance, ts_ms, state, agents, succeeding, views)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for ((job, instance), e) in &self.events {
+                let views = serde_json::to_string(&e.views).unwrap_or_else(|_| "[]".into());
+                insert.execute(params![
+                    job,
+                    instance,
+                    e.timestamp_ms,
+                    e.state.as_str(),
+                    e.agents,
+                    e.succeeding,
+                    views
+                ])?;
+            }
+        }
+        if !self.buckets.is_empty() {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO target_latency
+                   (job, instance, agent, width_ms, bucket_ms, probes, successes, duration_sum, duration_max)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (job, instance, agent, width_ms, bucket_ms) DO UPDATE SET
+                   probes = probes + excluded.probes,
+                   successes = successes + excluded.successes,
+                   duration_sum = duration_sum + excluded.duration_sum,
+                   duration_max = MAX(duration_max, excluded.duration_max)",
+            )?;
+            for ((job, instance), agent, b) in &self.buckets {
+                upsert.execute(params![
+                    job,
+                    instance,
+                    agent,
+                    MINUTE_MS,
+                    b.start_ms,
+                    b.probes,
+                    b.successes,
+                    b.duration_sum,
+                    b.duration_max
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Time spent in each state within a window, in ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Durations {
+    pub up: i64,
+    pub degraded: i64,
+    pub down: i64,
+    pub missing: i64,
+}
+
+impl Durations {
+    fn add(&mut self, state: HistoryState, ms: i64) {
+        match state {
+            HistoryState::Up => self.up += ms,
+            HistoryState::Degraded => self.degraded += ms,
+            HistoryState::Down => self.down += ms,
+            HistoryState::Missing => self.missing += ms,
+        }
+    }
+
+    /// Available time over the time the state was known (up, degraded or down);
+    /// `None` when it never was. Missing time says nothing about the target.
+    pub fn uptime(&self) -> Option<f64> {
+        let known = self.up + self.degraded + self.down;
+        (known > 0).then(|| (self.up + self.degraded) as f64 / known as f64)
+    }
+}
+
+/// A stretch of one state: `[from_ms, to_ms)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Segment {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub state: HistoryState,
+}
+
+/// The stretches of `[from_ms, to_ms)` given the changes `(timestamp, state)` in time
+/// order, the first of which may lie before `from_ms` (the state the window starts
+/// in). Time before the first known change is left out.
+pub fn segments(changes: &[(i64, HistoryState)], from_ms: i64, to_ms: i64) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::new();
+    for (i, &(at, state)) in changes.iter().enumerate() {
+        let end = changes
+            .get(i + 1)
+            .map_or(to_ms, |&(next, _)| next)
+            .min(to_ms);
+        let start = at.max(from_ms);
+        if end <= start {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.state == state && last.to_ms == start => last.to_ms = end,
+            _ => out.push(Segment {
+                from_ms: start,
+                to_ms: end,
+                state,
+            }),
+        }
+    }
+    out
+}
+
+/// Time per state within `[from_ms, to_ms)` (see [`segments`]).
+pub fn durations(changes: &[(i64, HistoryState)], from_ms: i64, to_ms: i64) -> Durations {
+    let mut d = Durations::default();
+    for s in segments(changes, from_ms, to_ms) {
+        d.add(s.state, s.to_ms - s.from_ms);
+    }
+    d
+}
+
+/// A stored response-time bucket, as the pages and the API read it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredBucket {
+    pub start_ms: i64,
+    pub width_ms: i64,
+    pub probes: u32,
+    pub successes: u32,
+    pub duration_avg_seconds: f64,
+    pub duration_max_seconds: f64,
+}
+
+/// A stored state change.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredEvent {
+    #[serde(flatten)]
+    pub event: Event,
+    /// The state before; `None` for the first one kept.
+    pub previous: Option<HistoryState>,
+}
+
+/// State changes `(timestamp, state)` by (job, instance), oldest first.
+pub type ChangesByTarget = std::collections::BTreeMap<(String, String), Vec<(i64, HistoryState)>>;
+
+/// Retention and size, as configured (`history:`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub retention: Duration,
+    pub max_size: u64,
+}
+
+impl Store {
+    /// The changes of one target from the last one before `from_ms` on, oldest first.
+    pub fn state_changes(
+        &self,
+        job: &str,
+        instance: &str,
+        from_ms: i64,
+    ) -> rusqlite::Result<Vec<(i64, HistoryState)>> {
+        let conn = self.conn();
+        let before: Option<(i64, String)> = conn
+            .prepare_cached(
+                "SELECT ts_ms, state FROM target_events WHERE job = ?1 AND instance = ?2 AND ts_ms < ?3
+                 ORDER BY ts_ms DESC LIMIT 1",
+            )?
+            .query_row(params![job, instance, from_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT ts_ms, state FROM target_events WHERE job = ?1 AND instance = ?2 AND ts_ms >= ?3
+             ORDER BY ts_ms",
+        )?;
+        let rows = stmt.query_map(params![job, instance, from_ms], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in before.into_iter().map(Ok).chain(rows) {
+            let (ts, state) = row?;
+            if let Some(s) = HistoryState::parse(&state) {
+                out.push((ts, s));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every target's changes from the last one before `from_ms` on, by target, oldest
+    /// first (the status page's timeline bars).
+    pub fn all_state_changes(&self, from_ms: i64) -> rusqlite::Result<ChangesByTarget> {
+        let conn = self.conn();
+        let mut out = ChangesByTarget::new();
+        // The state each target was in when the window opened (SQLite picks the row of
+        // the maximum for the bare columns).
+        let mut before = conn.prepare_cached(
+            "SELECT job, instance, MAX(ts_ms), state FROM target_events WHERE ts_ms < ?1
+             GROUP BY job, instance",
+        )?;
+        let mut inside = conn.prepare_cached(
+            "SELECT job, instance, ts_ms, state FROM target_events WHERE ts_ms >= ?1
+             ORDER BY ts_ms",
+        )?;
+        for stmt in [&mut before, &mut inside] {
+            let rows = stmt.query_map(params![from_ms], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (job, instance, ts, state) = row?;
+                if let Some(s) = HistoryState::parse(&state) {
+                    out.entry((job, instance)).or_default().push((ts, s));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` state changes of one target, newest first.
+    pub fn events(
+        &self,
+        job: &str,
+        instance: &str,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<StoredEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT ts_ms, state, agents, succeeding, views FROM target_events
+             WHERE job = ?1 AND instance = ?2 ORDER BY ts_ms DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![job, instance, (limit + 1) as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?;
+        let mut events: Vec<Event> = Vec::new();
+        for row in rows {
+            let (ts, state, agents, succeeding, views) = row?;
+            let Some(state) = HistoryState::parse(&state) else {
+                continue;
+            };
+            events.push(Event {
+                timestamp_ms: ts,
+                state,
+                agents,
+                succeeding,
+                views: serde_json::from_str(&views).unwrap_or_default(),
+            });
+        }
+        let previous: Vec<Option<HistoryState>> = (0..events.len())
+            .map(|i| events.get(i + 1).map(|e| e.state))
+            .collect();
+        Ok(events
+            .into_iter()
+            .zip(previous)
+            .take(limit)
+            .map(|(event, previous)| StoredEvent { event, previous })
+            .collect())
+    }
+
+    /// One target's response-time buckets since `from_ms`, by agent, oldest first; the
+    /// minute buckets where they exist, hour buckets before.
+    pub fn latency(
+        &self,
+        job: &str,
+        instance: &str,
+        from_ms: i64,
+    ) -> rusqlite::Result<std::collections::BTreeMap<String, Vec<StoredBucket>>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT agent, bucket_ms, width_ms, probes, successes, duration_sum, duration_max
+             FROM target_latency WHERE job = ?1 AND instance = ?2 AND bucket_ms >= ?3
+             ORDER BY agent, bucket_ms, width_ms",
+        )?;
+        let rows = stmt.query_map(params![job, instance, from_ms], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                StoredBucket {
+                    start_ms: r.get(1)?,
+                    width_ms: r.get(2)?,
+                    probes: r.get(3)?,
+                    successes: r.get(4)?,
+                    duration_avg_seconds: {
+                        let (sum, n): (f64, f64) = (r.get(5)?, r.get::<_, f64>(3)?);
+                        if n > 0.0 { sum / n } else { 0.0 }
+                    },
+                    duration_max_seconds: r.get(6)?,
+                },
+            ))
+        })?;
+        let mut out: std::collections::BTreeMap<String, Vec<StoredBucket>> = Default::default();
+        for row in rows {
+            let (agent, b) = row?;
+            out.entry(agent).or_default().push(b);
+        }
+        Ok(out)
+    }
+
+    /// Folds minute buckets older than [`MINUTE_BUCKETS_FOR`] into hours, drops what is
+    /// older than the retention, then the oldest rows while the history weighs more
+    /// than `max_size` (by the row weights above). Returns the rows removed.
+    pub fn prune_history(&self, limits: Limits, now_ms: i64) -> rusqlite::Result<u64> {
+        let fold_before =
+            (now_ms - MINUTE_BUCKETS_FOR.as_millis() as i64).div_euclid(HOUR_MS) * HOUR_MS;
+        let keep_from = now_ms.saturating_sub(limits.retention.as_millis() as i64);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO target_latency
+               (job, instance, agent, width_ms, bucket_ms, probes, successes, duration_sum, duration_max)
+             SELECT job, instance, agent, ?2, (bucket_ms / ?2) * ?2,
+                    SUM(probes), SUM(successes), SUM(duration_sum), MAX(duration_max)
+             FROM target_latency WHERE width_ms = ?1 AND bucket_ms < ?3
+             GROUP BY job, instance, agent, (bucket_ms / ?2)
+             ON CONFLICT (job, instance, agent, width_ms, bucket_ms) DO UPDATE SET
+               probes = probes + excluded.probes,
+               successes = successes + excluded.successes,
+               duration_sum = duration_sum + excluded.duration_sum,
+               duration_max = MAX(duration_max, excluded.duration_max)",
+            params![MINUTE_MS, HOUR_MS, fold_before],
+        )?;
+        let mut removed = tx.execute(
+            "DELETE FROM target_latency WHERE width_ms = ?1 AND bucket_ms < ?2",
+            params![MINUTE_MS, fold_before],
+        )? as u64;
+        removed += tx.execute(
+            "DELETE FROM target_latency WHERE bucket_ms < ?1",
+            params![keep_from],
+        )? as u64;
+        // Keep the last change before the window of each target: it says what state
+        // the window starts in.
+        removed += tx.execute(
+            "DELETE FROM target_events WHERE ts_ms < ?1 AND rowid NOT IN
+               (SELECT MAX(rowid) FROM target_events WHERE ts_ms < ?1 GROUP BY job, instance)",
+            params![keep_from],
+        )? as u64;
+        let count = |table: &str| -> rusqlite::Result<u64> {
+            tx.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+        };
+        let (events, buckets) = (count("target_events")?, count("target_latency")?);
+        let weight = events * EVENT_ROW_BYTES + buckets * BUCKET_ROW_BYTES;
+        if weight > limits.max_size {
+            // Down to 90 % of the bound, oldest first, in proportion to each table's
+            // share, so that the next few minutes do not prune again.
+            let excess = weight - limits.max_size * 9 / 10;
+            let share = |rows: u64, per: u64| excess * (rows * per) / weight.max(1) / per + 1;
+            removed += tx.execute(
+                "DELETE FROM target_latency WHERE (job, instance, agent, width_ms, bucket_ms) IN
+                   (SELECT job, instance, agent, width_ms, bucket_ms FROM target_latency
+                    ORDER BY bucket_ms LIMIT ?1)",
+                params![share(buckets, BUCKET_ROW_BYTES) as i64],
+            )? as u64;
+            removed += tx.execute(
+                "DELETE FROM target_events WHERE rowid IN
+                   (SELECT rowid FROM target_events ORDER BY ts_ms LIMIT ?1)",
+                params![share(events, EVENT_ROW_BYTES) as i64],
+            )? as u64;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+}
+
+/// The tables, created by the store's schema migrations.
+pub const SCHEMA: &str = "
+CREATE TABLE target_events (
+    job TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    agents INTEGER NOT NULL,
+    succeeding INTEGER NOT NULL,
+    views TEXT NOT NULL
+);
+CREATE INDEX target_events_target ON target_events (job, instance, ts_ms);
+CREATE INDEX target_events_age ON target_events (ts_ms);
+CREATE TABLE target_latency (
+    job TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    width_ms INTEGER NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    probes INTEGER NOT NULL,
+    successes INTEGER NOT NULL,
+    duration_sum REAL NOT NULL,
+    duration_max REAL NOT NULL,
+    PRIMARY KEY (job, instance, agent, width_ms, bucket_ms)
+) WITHOUT ROWID;
+CREATE INDEX target_latency_age ON target_latency (bucket_ms);
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use HistoryState::*;
+
+    #[test]
+    fn segments_start_with_the_state_the_window_opens_in() {
+        let changes = [(0, Up), (100, Down), (150, Up), (180, Up), (300, Missing)];
+        assert_eq!(
+            segments(&changes, 50, 250),
+            vec![
+                Segment {
+                    from_ms: 50,
+                    to_ms: 100,
+                    state: Up
+                },
+                Segment {
+                    from_ms: 100,
+                    to_ms: 150,
+                    state: Down
+                },
+                Segment {
+                    from_ms: 150,
+                    to_ms: 250,
+                    state: Up
+                },
+            ]
+        );
+        let d = durations(&changes, 50, 250);
+        assert_eq!((d.up, d.down, d.missing), (150, 50, 0));
+        assert_eq!(d.uptime(), Some(0.75));
+    }
+
+    #[test]
+    fn missing_time_and_unknown_time_do_not_count_against_uptime() {
+        let changes = [(100, Missing), (200, Degraded), (300, Down)];
+        let d = durations(&changes, 0, 400);
+        assert_eq!((d.missing, d.degraded, d.down, d.up), (100, 100, 100, 0));
+        assert_eq!(d.uptime(), Some(0.5));
+        assert_eq!(durations(&[], 0, 10).uptime(), None);
+        assert_eq!(durations(&[(0, Missing)], 0, 10).uptime(), None);
+    }
+
+    #[test]
+    fn degraded_is_up_with_some_fresh_agents_failing() {
+        let m = |state, agents, succeeding| Merged {
+            state,
+            agents,
+            succeeding,
+        };
+        assert_eq!(HistoryState::of(&m(TargetState::Up, 3, 3)), Up);
+        assert_eq!(HistoryState::of(&m(TargetState::Up, 3, 2)), Degraded);
+        assert_eq!(HistoryState::of(&m(TargetState::Down, 3, 1)), Down);
+        assert_eq!(HistoryState::of(&m(TargetState::Missing, 0, 0)), Missing);
+    }
+
+    #[test]
+    fn buckets_are_minutes_and_ignore_nonsense_durations() {
+        let mut b = Bucket::starting(125_000);
+        assert_eq!(b.start_ms, 120_000);
+        assert!(b.covers(179_999) && !b.covers(180_000));
+        b.add(true, 0.5);
+        b.add(false, f64::NAN);
+        b.add(true, -1.0);
+        assert_eq!((b.probes, b.successes), (3, 2));
+        assert_eq!((b.duration_sum, b.duration_max), (0.5, 0.5));
+    }
+
+    fn store() -> Store {
+        Store::in_memory().unwrap()
+    }
+
+    fn event(ts: i64, state: HistoryState, failure: &str) -> Event {
+        Event {
+            timestamp_ms: ts,
+            state,
+            agents: 2,
+            succeeding: u32::from(state == Up) * 2,
+            views: vec![EventView {
+                agent: "a".into(),
+                success: state == Up,
+                fresh: true,
+                timestamp_ms: ts,
+                failure: failure.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn events_and_buckets_round_trip_and_fold_into_hours() {
+        let s = store();
+        let key = ("j".to_string(), "i".to_string());
+        let hour = 1_000 * HOUR_MS;
+        let w = Writes {
+            events: vec![
+                (key.clone(), event(hour, Up, "")),
+                (key.clone(), event(hour + 5, Down, "connection refused")),
+            ],
+            buckets: (0..3)
+                .map(|m| {
+                    let mut b = Bucket::starting(hour + m * MINUTE_MS);
+                    b.add(m != 1, 0.1 * (m + 1) as f64);
+                    (key.clone(), "a".to_string(), b)
+                })
+                .collect(),
+        };
+        s.with_tx(|tx| w.apply(tx)).unwrap();
+        let events = s.events("j", "i", 10).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].event.state, Down);
+        assert_eq!(events[0].previous, Some(Up));
+        assert_eq!(events[0].event.reasons(), vec!["connection refused"]);
+        assert_eq!(events[1].previous, None);
+        assert_eq!(
+            s.state_changes("j", "i", hour + 1).unwrap(),
+            vec![(hour, Up), (hour + 5, Down)]
+        );
+        assert_eq!(s.latency("j", "i", 0).unwrap()["a"].len(), 3);
+        // Three days later the minutes are one hour bucket.
+        let limits = Limits {
+            retention: Duration::from_secs(30 * 86_400),
+            max_size: u64::MAX,
+        };
+        s.prune_history(limits, hour + 72 * HOUR_MS).unwrap();
+        let folded = &s.latency("j", "i", 0).unwrap()["a"];
+        assert_eq!(folded.len(), 1);
+        assert_eq!(
+            (folded[0].width_ms, folded[0].probes, folded[0].successes),
+            (HOUR_MS, 3, 2)
+        );
+        assert!((folded[0].duration_avg_seconds - 0.2).abs() < 1e-9);
+        assert!((folded[0].duration_max_seconds - 0.3).abs() < 1e-9);
+        // Past the retention: the buckets go, the last change stays (it says what state
+        // the window opens in).
+        s.prune_history(limits, hour + 40 * 24 * HOUR_MS).unwrap();
+        assert!(s.latency("j", "i", 0).unwrap().is_empty());
+        assert_eq!(s.events("j", "i", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_size_bound_removes_the_oldest_rows() {
+        let s = store();
+        let key = ("j".to_string(), "i".to_string());
+        let w = Writes {
+            events: (0..100)
+                .map(|i| {
+                    (
+                        key.clone(),
+                        event(i, if i % 2 == 0 { Up } else { Down }, ""),
+                    )
+                })
+                .collect(),
+            buckets: Vec::new(),
+        };
+        s.with_tx(|tx| w.apply(tx)).unwrap();
+        let limits = Limits {
+            retention: Duration::from_secs(86_400),
+            max_size: 50 * EVENT_ROW_BYTES,
+        };
+        assert!(s.prune_history(limits, 1_000).unwrap() >= 50);
+        let left = s.events("j", "i", 1000).unwrap();
+        assert!(left.len() <= 45, "{}", left.len());
+        assert_eq!(left[0].event.timestamp_ms, 99, "the newest stay");
+    }
+}

@@ -1,0 +1,220 @@
+//! `/target?job=&instance=`: one target on one page: its state and uptimes, its state
+//! timeline, every agent's view side by side (which vantage points fail, and why), a
+//! response-time chart per agent, and its last incidents with their reasons.
+
+use super::history::{self, TargetQuery};
+use super::status::{config_name, head, state_badge, target_link};
+use super::svg::{self, esc};
+use crate::app::App;
+use crate::hub::Snapshot;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Html;
+use std::fmt::Write;
+use std::sync::Arc;
+
+pub async fn page(
+    State(app): State<Arc<App>>,
+    Query(q): Query<TargetQuery>,
+) -> (StatusCode, Html<String>) {
+    let retention = app.hub.config().history.retention;
+    let (key, window) = match q.target().and_then(|k| Ok((k, q.window(retention)?))) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, Html(message(&app, &e))),
+    };
+    let snapshot = app.hub.snapshot().await;
+    let loaded = {
+        let (app, snapshot, key) = (app.clone(), snapshot.clone(), key.clone());
+        tokio::task::spawn_blocking(move || history::load(&app, &snapshot, &key, window)).await
+    };
+    match loaded {
+        Ok(Ok(Some(h))) => (StatusCode::OK, Html(render(&app, &snapshot, &h))),
+        Ok(Ok(None)) => (
+            StatusCode::NOT_FOUND,
+            Html(message(
+                &app,
+                &format!(
+                    "No target job={:?} instance={:?}: it is not configured and has no history.",
+                    key.0, key.1
+                ),
+            )),
+        ),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, Html(message(&app, &e))),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Html(message(&app, &e.to_string())),
+        ),
+    }
+}
+
+fn message(app: &App, text: &str) -> String {
+    format!(
+        "{}<p>{}</p></body></html>\n",
+        head("sonde: target", 30, &config_name(app)),
+        esc(text)
+    )
+}
+
+pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> String {
+    let key = (h.job.clone(), h.instance.clone());
+    let mut out = head(
+        &format!("{} · {}", h.job, h.instance),
+        10,
+        &config_name(app),
+    );
+    let _ = write!(
+        out,
+        r#"<p id="state" data-state="{}">{} <span class="muted">job <code>{}</code> · <a href="/api/v1/targets/history?{}">JSON</a> · badges: <img alt="status" src="/badge/status.svg?{q}"> <img alt="uptime" src="/badge/uptime.svg?{q}&amp;window=24h"></span></p>"#,
+        h.state.as_str(),
+        state_badge(h.state),
+        esc(&h.job),
+        esc(target_link(&h.job, &h.instance).trim_start_matches("/target?")),
+        q = esc(target_link(&h.job, &h.instance).trim_start_matches("/target?")),
+    );
+
+    out.push_str("<h2>Uptime</h2><table class=\"uptimes\"><tr>");
+    for (name, _, _) in &h.uptimes {
+        let _ = write!(out, "<th>{name}</th>");
+    }
+    out.push_str("</tr><tr>");
+    for (name, d, u) in &h.uptimes {
+        let _ = write!(
+            out,
+            r#"<td class="uptime" data-window="{name}" title="up {} · degraded {} · down {} · missing {}">{}</td>"#,
+            svg::human_duration(d.up),
+            svg::human_duration(d.degraded),
+            svg::human_duration(d.down),
+            svg::human_duration(d.missing),
+            svg::percent(*u)
+        );
+    }
+    out.push_str("</tr></table>");
+
+    let from = h.from_ms;
+    let _ = write!(
+        out,
+        "<h2>Timeline, last {}</h2>{}",
+        svg::human_duration(h.now_ms - from),
+        svg::timeline(&h.timeline, from, h.now_ms, 900, 22)
+    );
+
+    out.push_str("<h2>Vantage points</h2><div class=\"side\">");
+    let now = h.now_ms;
+    let entry = snapshot.entries.get(&key);
+    let views: Vec<_> = entry.map(|e| e.views.iter().collect()).unwrap_or_default();
+    if views.is_empty() {
+        out.push_str("<p class=\"muted\">No agent has reported on this target yet.</p>");
+    }
+    for (agent, view) in views {
+        let fresh = history::is_fresh(snapshot, &h.job, view.timestamp_ms, now);
+        let (class, word) = match (fresh, view.success) {
+            (false, _) => ("missing", "STALE"),
+            (true, true) => ("up", "OK"),
+            (true, false) => ("down", "FAIL"),
+        };
+        let labels = snapshot
+            .agents
+            .get(&**agent)
+            .map(|a| {
+                a.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took:.3}s{failure}</div>"#,
+            a = esc(agent),
+            labels = esc(&labels),
+            age = svg::human_duration(now - view.timestamp_ms),
+            took = view.duration_seconds,
+            failure = if view.failure.is_empty() {
+                String::new()
+            } else {
+                format!(r#"<br><span class="failure">{}</span>"#, esc(&view.failure))
+            },
+        );
+    }
+    out.push_str("</div>");
+
+    out.push_str("<h2>Response time</h2>");
+    if h.latency.is_empty() {
+        out.push_str("<p class=\"muted\">No probes recorded in this window.</p>");
+    } else {
+        out.push_str(&svg::latency_chart(&h.latency, from, now, 900, 220));
+        out.push_str("<p class=\"legend\">");
+        for (i, (agent, _)) in h.latency.iter().enumerate() {
+            let _ = write!(
+                out,
+                r#"<span style="color:{}">■</span> {} &nbsp; "#,
+                svg::line_colour(i),
+                esc(agent)
+            );
+        }
+        out.push_str("</p><p class=\"muted\">Average response time per minute (per hour beyond two days) of each agent; red dots: minutes with failed probes.</p>");
+    }
+
+    out.push_str("<h2>Incidents</h2>");
+    if h.events.is_empty() {
+        out.push_str("<p class=\"muted\">No state change recorded.</p>");
+    } else {
+        out.push_str("<table class=\"events\"><tr><th>when</th><th>became</th><th>from</th><th>agents (succeeding / fresh)</th><th>reasons</th></tr>");
+        for e in &h.events {
+            let reasons = e.event.reasons();
+            let failing: Vec<String> = e
+                .event
+                .views
+                .iter()
+                .filter(|v| !v.success && v.fresh)
+                .map(|v| esc(&v.agent))
+                .collect();
+            let _ = write!(
+                out,
+                r#"<tr class="event" data-state="{state}"><td>{when} <span class="muted">({ago} ago)</span></td><td>{badge}</td><td>{from}</td><td>{s} / {a}{failing}</td><td class="reasons">{reasons}</td></tr>"#,
+                state = e.event.state.as_str(),
+                when = utc(e.event.timestamp_ms),
+                ago = svg::human_duration(now - e.event.timestamp_ms),
+                badge = state_badge(e.event.state),
+                from = e.previous.map(state_badge).unwrap_or_default(),
+                s = e.event.succeeding,
+                a = e.event.agents,
+                failing = if failing.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        r#"<br><span class="muted">failing: {}</span>"#,
+                        failing.join(", ")
+                    )
+                },
+                reasons = reasons
+                    .iter()
+                    .map(|r| esc(r))
+                    .collect::<Vec<_>>()
+                    .join("<br>"),
+            );
+        }
+        out.push_str("</table>");
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// An HTTP date (`Mon, 30 Nov 2026 08:15:02 GMT`): what people read in logs and headers.
+pub fn utc(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    httpdate::fmt_http_date(at)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_shown_in_utc() {
+        assert_eq!(super::utc(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            super::utc(1_796_025_600_000),
+            "Mon, 30 Nov 2026 08:00:00 GMT"
+        );
+    }
+}
