@@ -85,6 +85,21 @@ if ! python3 -c 'import grpc_tools, google.protobuf, cramjam' >/dev/null 2>&1; t
     || { echo "error: could not install the Python packages ${py_packages[*]}" >&2; exit 1; }
 fi
 
+# --- kubernetes-validate (tests/tests/kubernetes.rs), from PyPI when missing ---------------
+# Validates deploy/kubernetes/ against a current Kubernetes version's schemas.
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  echo "==> installing the Python package kubernetes-validate"
+  python3 -m pip install --quiet 'kubernetes-validate>=1.37' 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'kubernetes-validate>=1.37' \
+    || { echo "error: could not install the Python package kubernetes-validate" >&2; exit 1; }
+fi
+
+# --- cargo-deb (tests/tests/packages.rs builds the .debs with it), when missing ------------
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "==> cargo install cargo-deb"
+  cargo install --quiet --locked cargo-deb
+fi
+
 # --- Rust --------------------------------------------------------------------------------
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 

@@ -909,7 +909,25 @@ pub fn start_prometheus(scene: &mut Scene, name: &str, rule_files: &[PathBuf]) -
     start_prometheus_with(scene, name, rule_files, "")
 }
 
-/// [`start_prometheus`] with more of its config (`scrape_configs:`, ...) appended.
+/// [`start_prometheus`] that also scrapes: `scrape_configs` is the YAML list that goes
+/// under `scrape_configs:` (for instance `deploy/prometheus/scrape-sonde.yml` with its
+/// addresses rewritten), scraped every second (the global `scrape_interval`).
+pub fn start_prometheus_scraping(
+    scene: &mut Scene,
+    name: &str,
+    rule_files: &[PathBuf],
+    scrape_configs: &str,
+) -> String {
+    let mut extra = String::from("scrape_configs:\n");
+    extra.push_str(scrape_configs);
+    if !scrape_configs.ends_with('\n') {
+        extra.push('\n');
+    }
+    start_prometheus_with(scene, name, rule_files, &extra)
+}
+
+/// [`start_prometheus`] with more of its config (`scrape_configs:`, ...) appended. The
+/// global `scrape_interval` and `scrape_timeout` are 1s.
 pub fn start_prometheus_with(
     scene: &mut Scene,
     name: &str,
@@ -918,8 +936,9 @@ pub fn start_prometheus_with(
 ) -> String {
     let prometheus = require_tool("prometheus", "prometheus");
     let port = free_port();
-    let mut config =
-        String::from("global:\n  scrape_interval: 15s\n  evaluation_interval: 1s\nrule_files:\n");
+    let mut config = String::from(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n",
+    );
     for file in rule_files {
         let _ = writeln!(config, "  - {:?}", file.display().to_string());
     }
@@ -979,10 +998,36 @@ pub fn start_victoria_metrics(scene: &mut Scene, name: &str, extra: &[&str]) -> 
 /// 200 "ok\n", or 503 while the file [`nginx_flip_file`] exists (a target that fails and
 /// recovers on the test's command). Returns its port once it answers.
 pub fn start_nginx(scene: &mut Scene, name: &str) -> u16 {
+    start_nginx_with_tls(scene, name, None).0
+}
+
+/// [`start_nginx`], plus, with `tls: Some((certificate, key))` (PEM files), the same
+/// locations over HTTPS on a second port. Returns (HTTP port, HTTPS port).
+pub fn start_nginx_with_tls(
+    scene: &mut Scene,
+    name: &str,
+    tls: Option<(&Path, &Path)>,
+) -> (u16, Option<u16>) {
     let nginx = require_tool("nginx", "nginx-light");
     let port = free_port();
     let dir = scene.dir().join(name);
     fs::create_dir_all(&dir).expect("create nginx dir");
+    let https_port = tls.map(|_| free_port());
+    let https_server = match (tls, https_port) {
+        (Some((cert, key)), Some(https)) => format!(
+            r#"    server {{
+        listen 127.0.0.1:{https} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        location = / {{ return 200 "ok\n"; }}
+        location /missing {{ return 404; }}
+    }}
+"#,
+            cert.display(),
+            key.display()
+        ),
+        _ => String::new(),
+    };
     let d = dir.display();
     let config = format!(
         r#"daemon off;
@@ -1007,7 +1052,7 @@ http {{
             return 200 "ok\n";
         }}
     }}
-}}
+{https_server}}}
 "#
     );
     let config_path = scene.dir().write(&format!("{name}/nginx.conf"), &config);
@@ -1029,7 +1074,18 @@ http {{
             other => Err(format!("{other:?}")),
         },
     );
-    port
+    if let Some(https) = https_port {
+        scene.wait_until(
+            &format!("{name} to listen on HTTPS port {https}"),
+            Duration::from_secs(30),
+            || {
+                std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, https))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
+        );
+    }
+    (port, https_port)
 }
 
 /// While this file exists, the nginx `name` of [`start_nginx`] answers `/flip` with 503.

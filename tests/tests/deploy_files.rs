@@ -27,63 +27,274 @@ fn check_config(bin: &str, file: &Path, scratch: &TestDir) -> sonde_tests::Outpu
     run(cmd, scratch.path(), TIMEOUT)
 }
 
+/// The rule files shipped, each with its promtool test file and how many rules it has
+/// (paths under deploy/prometheus/).
+const RULE_FILES: &[(&str, &str, usize)] = &[
+    ("sonde-alerts.yml", "sonde-alerts.test.yml", 8),
+    (
+        "compat/existing-alerts.yml",
+        "compat/existing-alerts.test.yml",
+        2,
+    ),
+];
+
 #[test]
 fn alert_rules_load() {
     let scratch = TestDir::new("promtool-check");
-    let out = promtool(&["check", "rules", "sonde-alerts.yml"], &scratch);
-    assert!(
-        out.status.success(),
-        "promtool check rules deploy/prometheus/sonde-alerts.yml failed:\n{}",
-        out.combined()
-    );
-    assert!(
-        out.combined().contains("SUCCESS: 5 rules found"),
-        "{}",
-        out.combined()
-    );
+    for (rules, _, count) in RULE_FILES {
+        let out = promtool(&["check", "rules", rules], &scratch);
+        assert!(
+            out.status.success(),
+            "promtool check rules deploy/prometheus/{rules} failed:\n{}",
+            out.combined()
+        );
+        assert!(
+            out.combined()
+                .contains(&format!("SUCCESS: {count} rules found")),
+            "{}",
+            out.combined()
+        );
+    }
 }
 
 #[test]
 fn alert_rules_pass_their_unit_tests() {
     let scratch = TestDir::new("promtool-test");
-    let out = promtool(&["test", "rules", "sonde-alerts.test.yml"], &scratch);
-    assert!(
-        out.status.success(),
-        "promtool test rules deploy/prometheus/sonde-alerts.test.yml failed:\n{}",
-        out.combined()
-    );
+    for (_, tests, _) in RULE_FILES {
+        let out = promtool(&["test", "rules", tests], &scratch);
+        assert!(
+            out.status.success(),
+            "promtool test rules deploy/prometheus/{tests} failed:\n{}",
+            out.combined()
+        );
+    }
 }
 
-/// Every alert of the rules file is exercised by the promtool test file, both firing
-/// (an `exp_alerts` with entries) and quiet (`exp_alerts: []`).
-#[test]
-fn every_alert_is_tested_firing_and_quiet() {
-    let rules = std::fs::read_to_string(repo_path("deploy/prometheus/sonde-alerts.yml"))
-        .expect("read the rules");
-    let tests = std::fs::read_to_string(repo_path("deploy/prometheus/sonde-alerts.test.yml"))
-        .expect("read the rule tests");
-    let alerts: Vec<&str> = rules
+/// The alert names of a rules file, in order.
+fn alert_names(rules: &str) -> Vec<&str> {
+    rules
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .map(str::trim)
-        .collect();
-    assert_eq!(alerts.len(), 5, "{alerts:?}");
-    for alert in alerts {
-        let mut firing = false;
-        let mut quiet = false;
-        let lines: Vec<&str> = tests.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
-            if line.trim() != format!("alertname: {alert}") {
-                continue;
+        .collect()
+}
+
+fn read_rules(relative: &str) -> String {
+    std::fs::read_to_string(repo_path(&format!("deploy/prometheus/{relative}")))
+        .unwrap_or_else(|e| panic!("read deploy/prometheus/{relative}: {e}"))
+}
+
+/// Every alert of each rules file is exercised by its promtool test file, both firing
+/// (an `exp_alerts` with entries) and quiet (`exp_alerts: []`).
+#[test]
+fn every_alert_is_tested_firing_and_quiet() {
+    for (rules_file, tests_file, count) in RULE_FILES {
+        let rules = read_rules(rules_file);
+        let tests = read_rules(tests_file);
+        let alerts = alert_names(&rules);
+        assert_eq!(alerts.len(), *count, "{rules_file}: {alerts:?}");
+        for alert in alerts {
+            let mut firing = false;
+            let mut quiet = false;
+            let lines: Vec<&str> = tests.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                if line.trim() != format!("alertname: {alert}") {
+                    continue;
+                }
+                match lines.get(i + 1).map(|l| l.trim()) {
+                    Some("exp_alerts: []") => quiet = true,
+                    Some("exp_alerts:") => firing = true,
+                    other => panic!("unexpected line after alertname {alert}: {other:?}"),
+                }
             }
-            match lines.get(i + 1).map(|l| l.trim()) {
-                Some("exp_alerts: []") => quiet = true,
-                Some("exp_alerts:") => firing = true,
-                other => panic!("unexpected line after alertname {alert}: {other:?}"),
+            assert!(
+                firing,
+                "no promtool test in {tests_file} has {alert} firing"
+            );
+            assert!(quiet, "no promtool test in {tests_file} has {alert} quiet");
+        }
+    }
+}
+
+/// Every alert rule has a `runbook_url` annotation naming its runbook,
+/// `deploy/runbooks/ALERT.md`, which exists and has the shape every runbook follows:
+/// the alert's name as its title, then Meaning, Impact, Diagnosis and Mitigation.
+#[test]
+fn every_alert_has_its_runbook() {
+    let mut runbooks = Vec::new();
+    for (rules_file, _, _) in RULE_FILES {
+        let rules = read_rules(rules_file);
+        let lines: Vec<&str> = rules.lines().collect();
+        let alerts = alert_names(&rules);
+        let urls: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            urls.len(),
+            alerts.len(),
+            "{rules_file}: every rule needs one runbook_url annotation ({alerts:?}, {urls:?})"
+        );
+        for (alert, url) in alerts.iter().zip(&urls) {
+            assert_eq!(
+                *url,
+                format!("deploy/runbooks/{alert}.md"),
+                "{rules_file}: the runbook_url of {alert}"
+            );
+            let path = repo_path(url);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{alert}: runbook {url} cannot be read: {e}"));
+            assert!(
+                text.starts_with(&format!("# {alert}\n")),
+                "{url} should start with the title \"# {alert}\""
+            );
+            let mut at = 0;
+            for section in ["## Meaning", "## Impact", "## Diagnosis", "## Mitigation"] {
+                match text[at..].find(&format!("\n{section}\n")) {
+                    Some(i) => at += i + 1,
+                    None => panic!("{url} has no {section:?} section after the ones before it"),
+                }
+            }
+            runbooks.push(format!("{alert}.md"));
+        }
+    }
+    // And no runbook for an alert that is not shipped.
+    for entry in std::fs::read_dir(repo_path("deploy/runbooks")).expect("deploy/runbooks") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name == "README.md" || runbooks.contains(&name),
+            "deploy/runbooks/{name} is the runbook of no shipped alert"
+        );
+    }
+}
+
+/// What is loaded by default (sonde-alerts.yml) fires nothing on a fresh install (no
+/// `absent()` of a job that may not exist: the promtool test has a healthy fleet fire
+/// nothing), and one DOWN target pages once: a single rule reads `up`, once per job.
+#[test]
+fn default_rules_fire_nothing_at_rest_and_page_once_per_down_target() {
+    let rules = read_rules("sonde-alerts.yml");
+    let exprs: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: "))
+        .collect();
+    assert!(
+        !exprs.iter().any(|e| e.contains("absent(")),
+        "sonde-alerts.yml must not use absent(): it fires where the job does not exist"
+    );
+    let reading_up: Vec<&&str> = exprs
+        .iter()
+        .filter(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|w| w == "up")
+        })
+        .collect();
+    assert_eq!(
+        reading_up,
+        [&"count by (job) (up == 0) > 0"],
+        "exactly one default rule should page for DOWN targets, once per job"
+    );
+    let tests = read_rules("sonde-alerts.test.yml");
+    let healthy = tests
+        .split("\n  - interval:")
+        .nth(1)
+        .expect("the first promtool test (a healthy fleet)");
+    for alert in alert_names(&rules) {
+        assert!(
+            healthy.contains(&format!("alertname: {alert}\n        exp_alerts: []")),
+            "the healthy-fleet promtool test should check that {alert} stays quiet"
+        );
+    }
+}
+
+/// Every `sonde_*` metric the rules, the scrape config and the dashboard name is one the
+/// binaries export (a string literal in aggregator/src or agent/src): none is invented.
+#[test]
+fn rules_and_dashboard_name_only_metrics_sonde_exports() {
+    fn sources(dir: &Path, out: &mut String) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push_str(&std::fs::read_to_string(&path).expect("read source"));
             }
         }
-        assert!(firing, "no promtool test has {alert} firing");
-        assert!(quiet, "no promtool test has {alert} quiet");
+    }
+    let mut code = String::new();
+    sources(&repo_path("aggregator/src"), &mut code);
+    sources(&repo_path("agent/src"), &mut code);
+    for file in [
+        "deploy/prometheus/sonde-alerts.yml",
+        "deploy/prometheus/scrape-sonde.yml",
+        "deploy/grafana/sonde.json",
+    ] {
+        let text = std::fs::read_to_string(repo_path(file)).expect("read");
+        let mut names: Vec<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            // A name ending with `_` is a family's prefix in a comment (`sonde_agent_buffer_*`).
+            .filter(|w| w.starts_with("sonde_") && !w.ends_with('_'))
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(!names.is_empty(), "{file} names no sonde_ metric");
+        for name in names {
+            // scrape-sonde.yml keeps families by prefix (sonde_remote_write_.*).
+            let exported = code.contains(&format!("\"{name}\""))
+                || (file.ends_with("scrape-sonde.yml") && code.contains(&format!("\"{name}")));
+            assert!(
+                exported,
+                "{file} names {name}, which neither binary exports"
+            );
+        }
+    }
+}
+
+/// The dashboard is a Grafana dashboard whose every panel query runs on the Prometheus
+/// data source chosen by its `datasource` variable (the end-to-end test runs them all).
+#[test]
+fn grafana_dashboard_is_well_formed() {
+    let text = std::fs::read_to_string(repo_path("deploy/grafana/sonde.json")).expect("read");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(dashboard["uid"], "sonde-fleet");
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["datasource", "job", "region"]);
+    let mut ids = std::collections::BTreeSet::new();
+    let mut titles = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let id = panel["id"].as_u64().expect("a panel id");
+        assert!(ids.insert(id), "panel id {id} twice");
+        let title = panel["title"].as_str().expect("a panel title");
+        titles.push(title);
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {title} has no query");
+        for target in targets {
+            assert!(target["expr"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+    }
+    for row in [
+        "Fleet overview",
+        "Success per region",
+        "Probe latency",
+        "Certificates",
+        "Agent health",
+        "Remote write",
+    ] {
+        assert!(titles.contains(&row), "the dashboard has no row {row:?}");
     }
 }
 
@@ -696,4 +907,39 @@ fn readme_limits_are_documented_and_accepted() {
         out.status,
         out.combined()
     );
+}
+
+/// The configs the Debian packages install as /etc/sonde/*.yml (deploy/packages/) pass
+/// `check-config` as they are, naming no file that the packages do not install; the
+/// aggregator's keeps fleet.auth (its unit listens beyond loopback), admitting no agent.
+#[test]
+fn package_configs_are_valid_as_installed() {
+    let scratch = TestDir::new("check-package-configs");
+    for (bin, file) in [
+        ("sonde-agent", "deploy/packages/agent.yml"),
+        ("sonde-aggregator", "deploy/packages/aggregator.yml"),
+    ] {
+        let text = std::fs::read_to_string(repo_path(file)).expect("read");
+        let names_files = yaml_lines(&text)
+            .iter()
+            .any(|l| l.contains("/etc/sonde/") || l.contains("_file:"));
+        assert!(
+            !names_files,
+            "{file} names a file the package does not install"
+        );
+        let out = check_config(bin, &repo_path(file), &scratch);
+        assert!(
+            out.status.success(),
+            "{bin} check-config {file} failed ({}):\n{}",
+            out.status,
+            out.combined()
+        );
+    }
+    let aggregator =
+        std::fs::read_to_string(repo_path("deploy/packages/aggregator.yml")).expect("read");
+    let fleet = yaml_lines(&aggregator);
+    let fleet = top_level_block(&fleet, "fleet");
+    assert!(fleet.contains(&"  auth:"), "{fleet:?}");
+    assert!(fleet.contains(&"    tokens: []"), "{fleet:?}");
+    assert!(!fleet.iter().any(|l| l.contains("allow_anonymous: true")));
 }

@@ -1,13 +1,18 @@
 //! The whole path with real processes: two sonde agents probe real servers (nginx for
 //! HTTP, dnsmasq for DNS, a closed TCP port), stream to a sonde aggregator, which writes
-//! through remote write into a real Prometheus evaluating deploy/prometheus/sonde-alerts.yml.
-//! Everything is checked the way a user sees it: through Prometheus's HTTP API.
+//! through remote write into a real Prometheus evaluating deploy/prometheus/sonde-alerts.yml
+//! (and the seed alerts of deploy/prometheus/compat/), which also scrapes the processes'
+//! self-metrics as deploy/prometheus/scrape-sonde.yml says. Everything is checked the way a
+//! user sees it: through Prometheus's HTTP API, and every query of the Grafana dashboard
+//! (deploy/grafana/sonde.json) must return data there.
 
 use sonde_tests::{
-    Scene, find_samples, free_port, http_get, http_get_ok, parse_metrics, prometheus_expect,
-    prometheus_expect_empty, prometheus_query, prometheus_single, repo_path, start_agent,
-    start_aggregator, start_dnsmasq, start_nginx, start_prometheus,
+    Scene, find_samples, free_port, http_get, http_get_ok, make_pki, parse_metrics,
+    prometheus_expect, prometheus_expect_empty, prometheus_query, prometheus_single, replace_once,
+    repo_path, start_agent, start_aggregator, start_dnsmasq, start_nginx_with_tls,
+    start_prometheus_scraping,
 };
+use std::path::Path;
 use std::time::Duration;
 
 /// Bound of each wait for a state to show up in Prometheus.
@@ -18,15 +23,31 @@ fn agents_aggregator_prometheus() {
     let mut scene = Scene::new("e2e");
 
     // ---- the peers
-    let rules = repo_path("deploy/prometheus/sonde-alerts.yml");
-    let prom = start_prometheus(&mut scene, "prometheus", &[rules]);
-    let nginx = start_nginx(&mut scene, "nginx");
+    let rules = [
+        repo_path("deploy/prometheus/sonde-alerts.yml"),
+        repo_path("deploy/prometheus/compat/existing-alerts.yml"),
+    ];
+    // The shipped scrape configs, their targets read from files written once sonde runs.
+    let aggregator_sd = scene.dir().join("scrape-aggregator.json");
+    let agents_sd = scene.dir().join("scrape-agents.json");
+    let scrape = scrape_configs_with_file_sd(&aggregator_sd, &agents_sd);
+    let prom = start_prometheus_scraping(&mut scene, "prometheus", &rules, &scrape);
+    // A certificate for 127.0.0.1 (make-certs.sh's aggregator certificate), so that an
+    // HTTPS target reports probe_ssl_earliest_cert_expiry.
+    let pki = make_pki(scene.dir(), "IP:127.0.0.1", &[]);
+    let (nginx, https) = start_nginx_with_tls(
+        &mut scene,
+        "nginx",
+        Some((&pki.join("aggregator.pem"), &pki.join("aggregator.key"))),
+    );
+    let https = https.expect("nginx's HTTPS port");
     let dns = start_dnsmasq(&mut scene, "dnsmasq");
     // Nothing listens here: the port was bound and released.
     let closed = free_port();
 
     let web_target = format!("http://127.0.0.1:{nginx}/");
     let missing_page = format!("http://127.0.0.1:{nginx}/missing");
+    let tls_target = format!("https://127.0.0.1:{https}/");
 
     // ---- sonde
     let aggregator_config = format!(
@@ -38,6 +59,13 @@ modules:
     prober: http
     http:
       preferred_ip_protocol: ip4
+  https_2xx:
+    prober: http
+    http:
+      preferred_ip_protocol: ip4
+      fail_if_not_ssl: true
+      tls_config:
+        insecure_skip_verify: true
   tcp_connect:
     prober: tcp
     tcp:
@@ -55,6 +83,10 @@ jobs:
       - targets: ["{web_target}"]
         labels:
           team: shop
+  - job_name: tls
+    module: https_2xx
+    static_configs:
+      - targets: ["{tls_target}"]
   - job_name: web_missing_page
     module: http_2xx
     static_configs:
@@ -79,17 +111,49 @@ remote_write:
       batch_send_deadline: 1s
 fleet:
   missing_after: 5s
+  limits:
+    # Low enough to refuse one sample of the TLS probes (probe_ssl_last_chain_info has 5
+    # labels), so that sonde_results_refused_total with reason too_many_labels has data.
+    max_labels_per_sample: 4
 "#
     );
     let aggregator = start_aggregator(&mut scene, "aggregator", &aggregator_config);
-    let agent_config = |id: &str, region: &str| {
+    // Both agents also run a local job `degraded` on the same target: edge-eu's module
+    // succeeds and edge-us's fails, so the target is up (quorum any) but degraded.
+    let agent_config = |id: &str, region: &str, body: &str| {
         format!(
-            "agent:\n  id: {id}\n  labels:\n    region: {region}\naggregators:\n  - address: {}\n",
+            r#"agent:
+  id: {id}
+  labels:
+    region: {region}
+aggregators:
+  - address: {}
+modules:
+  http_body:
+    prober: http
+    http:
+      preferred_ip_protocol: ip4
+      fail_if_body_not_matches_regexp: ["{body}"]
+jobs:
+  - job_name: degraded
+    module: http_body
+    interval: 1s
+    timeout: 1s
+    static_configs:
+      - targets: ["{web_target}"]
+"#,
             aggregator.grpc
         )
     };
-    let edge_eu = start_agent(&mut scene, "edge-eu", &agent_config("edge-eu", "eu"));
-    let edge_us = start_agent(&mut scene, "edge-us", &agent_config("edge-us", "us"));
+    let edge_eu = start_agent(&mut scene, "edge-eu", &agent_config("edge-eu", "eu", "ok"));
+    let edge_us = start_agent(
+        &mut scene,
+        "edge-us",
+        &agent_config("edge-us", "us", "nope"),
+    );
+    let host_port = |url: &str| url.trim_start_matches("http://").to_string();
+    write_file_sd(&aggregator_sd, &[host_port(&aggregator.web)]);
+    write_file_sd(&agents_sd, &[host_port(&edge_eu), host_port(&edge_us)]);
 
     let p = prom.as_str();
 
@@ -224,6 +288,23 @@ fleet:
         "aggregator /metrics should expose up{{job=\"web\"}} 1, found {up_web:?}"
     );
 
+    // ---- the default alerts: one alert per job with DOWN targets, nothing for the rest
+    scene.wait_until("SondeTargetDown firing for closed_port", WAIT, || {
+        prometheus_expect(
+            p,
+            r#"count(ALERTS{alertname="SondeTargetDown",alertstate="firing",job="closed_port"})"#,
+            1.0,
+        )
+    });
+    prometheus_expect_empty(
+        p,
+        r#"ALERTS{alertname="SondeTargetDown",job=~"web|dns|tls|degraded"}"#,
+    )
+    .expect("SondeTargetDown fires only for jobs with DOWN targets");
+
+    // ---- every panel of the Grafana dashboard has data
+    check_dashboard(&mut scene, p);
+
     // ---- an agent dies: an agent problem, not a target problem
     scene.kill("edge-us");
     scene.wait_until("sonde_agent_up{agent=edge-us} = 0", WAIT, || {
@@ -253,4 +334,91 @@ fleet:
     scene.wait_until("up{job=web} = 0 after nginx stops", WAIT, || {
         prometheus_expect(p, r#"up{job="web"}"#, 0.0)
     });
+}
+
+/// deploy/prometheus/scrape-sonde.yml with each job's static target replaced by a file_sd
+/// file (the processes' ports are known only once they run).
+fn scrape_configs_with_file_sd(aggregator: &Path, agents: &Path) -> String {
+    let shipped = std::fs::read_to_string(repo_path("deploy/prometheus/scrape-sonde.yml"))
+        .expect("read deploy/prometheus/scrape-sonde.yml");
+    let file_sd = |file: &Path| {
+        format!(
+            "file_sd_configs:\n    - files: [{:?}]\n      refresh_interval: 1s",
+            file.display().to_string()
+        )
+    };
+    let text = replace_once(
+        &shipped,
+        "static_configs:\n    - targets: [\"127.0.0.1:9450\"]",
+        &file_sd(aggregator),
+    );
+    replace_once(
+        &text,
+        "static_configs:\n    - targets: [\"127.0.0.1:9452\"]",
+        &file_sd(agents),
+    )
+}
+
+/// Writes a Prometheus file_sd file (JSON) with `targets` (host:port).
+fn write_file_sd(file: &Path, targets: &[String]) {
+    let json = serde_json::json!([{ "targets": targets }]);
+    std::fs::write(file, json.to_string())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+}
+
+/// Every query of every panel of deploy/grafana/sonde.json, with the dashboard's
+/// variables set to "All" (`$job`, `$region` → `.*`) and Grafana's `$__rate_interval` to
+/// 1m, returns data from the real Prometheus; and every sonde or blackbox metric a query
+/// names has series there, so that `... or vector(0)` cannot hide a misspelt metric.
+fn check_dashboard(scene: &mut Scene, prometheus: &str) {
+    let text = std::fs::read_to_string(repo_path("deploy/grafana/sonde.json"))
+        .expect("read deploy/grafana/sonde.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&text).expect("deploy/grafana/sonde.json is JSON");
+    let mut queries = Vec::new();
+    let mut panels: Vec<&serde_json::Value> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        panels.push(panel);
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+    }
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("panel {title:?}: a target without expr"));
+            queries.push((title.to_string(), expr.to_string()));
+        }
+    }
+    assert!(queries.len() >= 20, "too few panel queries: {queries:?}");
+    let mut metrics = std::collections::BTreeSet::new();
+    for (title, expr) in &queries {
+        let query = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$job", ".*")
+            .replace("$region", ".*");
+        assert!(
+            !query.contains('$'),
+            "panel {title:?}: a variable this test does not know in {expr}"
+        );
+        scene.wait_until(
+            &format!("panel {title:?}: {query} to return data"),
+            WAIT,
+            || match prometheus_query(prometheus, &query)? {
+                series if series.is_empty() => Err("no data".to_string()),
+                _ => Ok(()),
+            },
+        );
+        for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("sonde_") || word.starts_with("probe_") {
+                metrics.insert(word.to_string());
+            }
+        }
+    }
+    for metric in metrics {
+        let query = format!("count({metric})");
+        scene.wait_until(&format!("series of {metric}"), WAIT, || {
+            prometheus_single(prometheus, &query).map(drop)
+        });
+    }
 }

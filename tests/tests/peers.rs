@@ -2,8 +2,8 @@
 //! end-to-end test fails, this one tells whether the harness and the peers are to blame.
 
 use sonde_tests::{
-    Scene, dns_query_a, http_get, prometheus_query, repo_path, start_dnsmasq, start_nginx,
-    start_prometheus,
+    Scene, dns_query_a, http_get, prometheus_expect_empty, prometheus_query, repo_path,
+    start_dnsmasq, start_nginx, start_prometheus,
 };
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -11,8 +11,11 @@ use std::time::Duration;
 #[test]
 fn prometheus_nginx_dnsmasq_start_and_answer() {
     let mut scene = Scene::new("peers");
-    let rules = repo_path("deploy/prometheus/sonde-alerts.yml");
-    let prom = start_prometheus(&mut scene, "prometheus", &[rules]);
+    let rules = [
+        repo_path("deploy/prometheus/sonde-alerts.yml"),
+        repo_path("deploy/prometheus/compat/existing-alerts.yml"),
+    ];
+    let prom = start_prometheus(&mut scene, "prometheus", &rules);
     let nginx = start_nginx(&mut scene, "nginx");
     let dns = start_dnsmasq(&mut scene, "dnsmasq");
 
@@ -40,7 +43,8 @@ fn prometheus_nginx_dnsmasq_start_and_answer() {
         "example.org: {other:?}"
     );
 
-    // Prometheus loaded sonde's rules, and with no data at all the absent() seed alert fires.
+    // Prometheus loaded sonde's rules and the seed alerts; with no data at all the absent()
+    // seed alert fires (why it is not loaded by default), and none of sonde's own.
     let (status, body) = http_get(&format!("{prom}/api/v1/rules")).unwrap();
     assert_eq!(status, 200, "{body}");
     for alert in [
@@ -49,6 +53,11 @@ fn prometheus_nginx_dnsmasq_start_and_answer() {
         "SondeTargetDown",
         "SondeJobMissing",
         "SondeAgentDown",
+        "SondeAgentClockSkew",
+        "SondeResultsRefused",
+        "SondeAgentBufferDropping",
+        "SondeRemoteWriteQueueGrowing",
+        "SondeRemoteWriteDropping",
     ] {
         assert!(
             body.contains(&format!("\"name\":\"{alert}\"")),
@@ -67,6 +76,9 @@ fn prometheus_nginx_dnsmasq_start_and_answer() {
             }
         },
     );
+
+    prometheus_expect_empty(p, r#"ALERTS{alertname=~"Sonde.*"}"#)
+        .expect("no default alert fires with no problem");
 
     // A stopped peer is really gone.
     scene.kill("nginx");
