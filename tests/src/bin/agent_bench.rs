@@ -139,7 +139,9 @@ fn find_bin(given: Option<&Path>, name: &str) -> Result<PathBuf, String> {
     let beside = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(|d| d.join(name)));
-    let release = sonde_tests::workspace_root().join("target/release").join(name);
+    let release = sonde_tests::workspace_root()
+        .join("target/release")
+        .join(name);
     for candidate in beside.into_iter().chain([release.clone()]) {
         if candidate.is_file() {
             return Ok(candidate);
@@ -263,11 +265,7 @@ impl Scrape {
             }
             let name_end = line.find(['{', ' ']).unwrap_or(line.len());
             let name = &line[..name_end];
-            let Some(value) = line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-            else {
+            let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
                 continue;
             };
             *scrape.sums.entry(name.to_string()).or_insert(0.0) += value;
@@ -301,7 +299,11 @@ impl Scrape {
 
 /// The `p` quantile of a cumulative histogram's increase between two scrapes, as the
 /// upper bound of the bucket it falls in (so "≤ this"), in seconds.
-fn bucket_quantile(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, p: f64) -> Option<f64> {
+fn bucket_quantile(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    p: f64,
+) -> Option<f64> {
     let mut buckets: Vec<(f64, f64)> = after
         .iter()
         .filter_map(|(le, v)| {
@@ -405,7 +407,11 @@ impl Report {
         let row = |s: &mut String, k: &str, v: String| {
             let _ = writeln!(s, "| {k} | {v} |");
         };
-        row(&mut s, "probes in the window", format!("{:.0}", self.probes));
+        row(
+            &mut s,
+            "probes in the window",
+            format!("{:.0}", self.probes),
+        );
         row(
             &mut s,
             "probe rate / expected (targets ÷ interval)",
@@ -584,7 +590,10 @@ fn run(args: &Args) -> Result<Report, String> {
     cmd.arg(format!("--config.file={}", agg_conf.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{agg_web}"))
         .arg(format!("--grpc.listen-address=127.0.0.1:{agg_grpc}"))
-        .arg(format!("--storage.path={}", dir.join("aggregator-data").display()));
+        .arg(format!(
+            "--storage.path={}",
+            dir.join("aggregator-data").display()
+        ));
     let mut aggregator = Process::start("aggregator", cmd, &dir);
     let agg_url = format!("http://127.0.0.1:{agg_web}");
     wait_for(
@@ -605,7 +614,10 @@ fn run(args: &Args) -> Result<Report, String> {
     let mut cmd = Command::new(&agent_bin);
     cmd.arg(format!("--config.file={}", agent_conf.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{agent_web}"))
-        .arg(format!("--storage.path={}", dir.join("agent-data").display()));
+        .arg(format!(
+            "--storage.path={}",
+            dir.join("agent-data").display()
+        ));
     let mut agent = Process::start("agent", cmd, &dir);
     let pid = agent.pid();
     let web = format!("http://127.0.0.1:{agent_web}");
@@ -626,20 +638,30 @@ fn run(args: &Args) -> Result<Report, String> {
             }
         },
     )?;
-    eprintln!("agent-bench: {} checks running; warming up for {warmup:?}", args.targets);
-    let sleep_checked = |d: Duration, procs: &mut [&mut Process], fds: &mut usize| -> Result<(), String> {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            for p in procs.iter_mut() {
-                p.check_running()?;
+    eprintln!(
+        "agent-bench: {} checks running; warming up for {warmup:?}",
+        args.targets
+    );
+    let sleep_checked =
+        |d: Duration, procs: &mut [&mut Process], fds: &mut usize| -> Result<(), String> {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                for p in procs.iter_mut() {
+                    p.check_running()?;
+                }
+                *fds = (*fds).max(open_fds(pid));
+                std::thread::sleep(
+                    Duration::from_secs(1).min(end.saturating_duration_since(Instant::now())),
+                );
             }
-            *fds = (*fds).max(open_fds(pid));
-            std::thread::sleep(Duration::from_secs(1).min(end.saturating_duration_since(Instant::now())));
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     let mut fds_max = 0;
-    sleep_checked(warmup, &mut [&mut nginx, &mut aggregator, &mut agent], &mut fds_max)?;
+    sleep_checked(
+        warmup,
+        &mut [&mut nginx, &mut aggregator, &mut agent],
+        &mut fds_max,
+    )?;
 
     // The window: CPU from the end of the first scrape to the start of the last, so that
     // rendering `/metrics` (a series per target) is not counted; probes between the
@@ -662,7 +684,11 @@ fn run(args: &Args) -> Result<Report, String> {
         None => None,
     };
     eprintln!("agent-bench: measuring for {window:?}");
-    sleep_checked(window, &mut [&mut nginx, &mut aggregator, &mut agent], &mut fds_max)?;
+    sleep_checked(
+        window,
+        &mut [&mut nginx, &mut aggregator, &mut agent],
+        &mut fds_max,
+    )?;
     if let Some(mut p) = perf.take() {
         let _ = Command::new("kill")
             .args(["-INT", &p.id().to_string()])
@@ -677,7 +703,8 @@ fn run(args: &Args) -> Result<Report, String> {
     let rss = status_field(pid, "VmRSS:")?;
     let threads_count = status_field(pid, "Threads:")?;
 
-    let delta = |name: &str| -> Option<f64> { Some(last.get(name)? - first.get(name).unwrap_or(0.0)) };
+    let delta =
+        |name: &str| -> Option<f64> { Some(last.get(name)? - first.get(name).unwrap_or(0.0)) };
     let probes = delta("sonde_agent_probes_total").ok_or("no sonde_agent_probes_total")?;
     let between = match (first.at, last.at) {
         (Some(a), Some(b)) => (b - a).as_secs_f64(),
@@ -698,7 +725,7 @@ fn run(args: &Args) -> Result<Report, String> {
         .filter(|(_, v)| *v > 0.0)
         .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let bucket = "sonde_agent_probe_start_delay_seconds_bucket";
+    let bucket = "sonde_agent_probes_started_total";
     let (b0, b1) = (first.labelled(bucket), last.labelled(bucket));
     let diff = |name: &str| -> BTreeMap<String, f64> {
         let (a, b) = (first.labelled(name), last.labelled(name));
@@ -773,8 +800,18 @@ mod tests {
         let m = |v: &[(&str, f64)]| -> BTreeMap<String, f64> {
             v.iter().map(|(k, v)| (k.to_string(), *v)).collect()
         };
-        let before = m(&[("0.001", 10.0), ("0.01", 10.0), ("0.1", 10.0), ("+Inf", 10.0)]);
-        let after = m(&[("0.001", 60.0), ("0.01", 108.0), ("0.1", 110.0), ("+Inf", 110.0)]);
+        let before = m(&[
+            ("0.001", 10.0),
+            ("0.01", 10.0),
+            ("0.1", 10.0),
+            ("+Inf", 10.0),
+        ]);
+        let after = m(&[
+            ("0.001", 60.0),
+            ("0.01", 108.0),
+            ("0.1", 110.0),
+            ("+Inf", 110.0),
+        ]);
         assert_eq!(bucket_quantile(&before, &after, 0.5), Some(0.001));
         assert_eq!(bucket_quantile(&before, &after, 0.98), Some(0.01));
         assert_eq!(bucket_quantile(&before, &after, 0.99), Some(0.1));
