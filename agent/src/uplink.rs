@@ -89,11 +89,13 @@ const ROTATE_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything one uplink needs.
 pub struct Uplink {
+    /// This aggregator's position in the config: its slot in the buffer.
     pub index: usize,
     pub endpoint: AggregatorEndpoint,
     pub agent_id: String,
     pub labels: Labels,
     pub local_jobs: Vec<String>,
+    /// The agent's buffer; this uplink reads and acks slot `index` of it.
     pub buffer: Arc<Buffer>,
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<AgentMetrics>,

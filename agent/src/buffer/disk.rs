@@ -398,8 +398,9 @@ fn write_batch(
 
 /// The writer thread: runs until the buffer is closed. It sleeps until the first
 /// operation of an idle spell arrives, lingers [`LINGER`] for more (unless a flush or a
-/// close hurries it), and commits everything that came in one transaction; then the
-/// uplinks of the aggregators that got results are woken, once.
+/// close hurries it, or a full batch is already waiting), and commits everything that
+/// came in one transaction; then the uplinks of the aggregators that got results are
+/// woken, once.
 pub(super) fn run_writer(
     conn: Arc<Mutex<Connection>>,
     rx: Receiver<Op>,
@@ -409,16 +410,15 @@ pub(super) fn run_writer(
     let mut errors = Throttle::default();
     let mut ops = Vec::new();
     while let Ok(first) = rx.recv() {
-        if !matches!(first, Op::Flush(_)) {
-            linger(&shared, Instant::now() + LINGER);
-        }
-        shared.urgent.store(false, Ordering::Release);
         ops.push(first);
-        while ops.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        take_queued(&rx, &mut ops);
+        // A backlog (a full batch waiting) or a flush is committed at once.
+        if ops.len() < MAX_BATCH && !ops.iter().any(|op| matches!(op, Op::Flush(_))) {
+            linger(&shared, Instant::now() + LINGER);
+            shared.urgent.store(false, Ordering::Release);
+            take_queued(&rx, &mut ops);
+        } else {
+            shared.urgent.store(false, Ordering::Release);
         }
         let mut appends = Vec::new();
         let mut deletes = Vec::new();
@@ -494,6 +494,16 @@ pub(super) fn run_writer(
         }
         for reply in flushes {
             let _ = reply.send(());
+        }
+    }
+}
+
+/// Moves what is queued into `ops`, up to [`MAX_BATCH`] operations.
+fn take_queued(rx: &Receiver<Op>, ops: &mut Vec<Op>) {
+    while ops.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => ops.push(op),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
         }
     }
 }

@@ -17,7 +17,8 @@
 //! - the writer thread wakes for the first operation after an idle spell, then lingers
 //!   [`LINGER`] for more, and commits everything that came meanwhile (up to
 //!   [`MAX_BATCH`] operations) in one transaction, with prepared statements (group
-//!   commit). A flush (shutdown, tests) cuts the linger short;
+//!   commit). A flush (shutdown, tests) cuts the linger short, and a backlog (a full
+//!   batch already waiting) is committed without one;
 //! - the uplinks are woken once per commit, and send what it made visible in as few
 //!   `ResultBatch`es as the protocol's bounds allow;
 //! - an ack removes every result up to its sequence number, in memory at once and on
