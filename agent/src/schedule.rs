@@ -501,7 +501,7 @@ pub fn max_concurrent_probes() -> usize {
 /// Raises the open-file limit to what the system allows the process (the hard limit), as
 /// Go programs do at start: the default soft limit of 1,024 is a relic that would bound
 /// an agent with many targets for no reason. Returns the new limit.
-pub fn raise_open_file_limit() -> u64 {
+pub fn raise_open_file_limit() -> libc::rlim_t {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -517,11 +517,11 @@ pub fn raise_open_file_limit() -> u64 {
                 rlim_max: limit.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur as u64;
+                return raised.rlim_cur;
             }
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// Probing threads: one per two cores, at least one, at most four. One thread runs tens

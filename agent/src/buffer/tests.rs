@@ -151,7 +151,6 @@ fn results_survive_a_restart_in_order_and_numbering_continues() {
     // With everything acked the queue is empty, and numbering still continues.
     buffer.ack(newer);
     store.flush();
-    drop(buffer);
     drop(store);
     let store = reopen(&dir, &[A.into()], 1 << 20).unwrap();
     assert_eq!(store.disk_rows().unwrap(), 0);
@@ -182,7 +181,6 @@ fn ack_deletes_only_up_to_the_acked_seq_and_replay_starts_after_it() {
     // A stale, smaller ack changes nothing.
     assert_eq!(buffer.ack(s[2]), 0);
     assert_eq!(buffer.stats().acked_seq, s[5]);
-    drop(buffer);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -217,14 +215,12 @@ fn a_full_buffer_drops_the_oldest_counts_them_and_keeps_the_newest() {
     assert!(size < 1 << 20, "the file stays small: {size} bytes");
 
     // Reopened with a smaller limit, the buffer shrinks to it at once, newest kept.
-    drop(buffer);
     drop(store);
     let store = reopen(&dir, &[A.into()], 1).unwrap();
     let buffer = View::new(&store, 0);
     assert_eq!(seqs(&buffer.pending_after(0, 10)), [last]);
     assert_eq!(buffer.stats().dropped, 2);
     assert_eq!(store.disk_rows().unwrap(), 1);
-    drop(buffer);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -251,7 +247,6 @@ fn two_aggregators_each_get_their_results_and_their_own_acks() {
     assert_eq!(store.disk_rows().unwrap(), 3);
     assert_eq!(b.ack(local1), 1);
     store.flush();
-    drop((a, b));
     drop(store);
 
     // Cursors follow the address, not the position in the config; an aggregator
@@ -347,7 +342,6 @@ fn a_backlog_beyond_the_cache_is_read_back_from_disk_in_order() {
         sent.extend(seqs(&batch));
     }
     assert_eq!(sent, all);
-    drop(buffer);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -374,7 +368,6 @@ fn a_result_is_on_disk_before_the_uplink_can_see_it() {
         }
     }
     drop(check);
-    drop(buffer);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -432,7 +425,6 @@ fn results_the_uplink_saw_survive_a_sigkill() {
         assert!(on_disk.binary_search(seq).is_ok(), "result {seq} was lost");
     }
     assert!(store.next_seq() > *seen.last().unwrap());
-    drop(buffer);
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
