@@ -16,7 +16,7 @@
 //!   costs no system call while the writer is not waiting on the channel;
 //! - the writer thread wakes for the first operation after an idle spell, then lingers
 //!   [`LINGER`] for more, and commits everything that came meanwhile (up to
-//!   [`MAX_BATCH`] operations) in one transaction, with prepared statements (group
+//!   8,192 operations) in one transaction, with prepared statements (group
 //!   commit). A flush (shutdown, tests) cuts the linger short, and a backlog (a full
 //!   batch already waiting) is committed without one;
 //! - the uplinks are woken once per commit, and send what it made visible in as few
