@@ -14,7 +14,7 @@
 //! - the CPU of each kind of thread (`/proc/PID/task/*/stat`, grouped by thread name);
 //! - peak RSS (`VmHWM`), RSS at the end, open file descriptors and threads;
 //! - schedule accuracy: the probe rate against targets ÷ interval, and the start delay
-//!   of each probe after its slot (`sonde_agent_probe_start_delay_seconds_bucket`), and
+//!   of each probe after its slot (`sonde_agent_probes_started_total{le}`), and
 //!   the probes the agent counted as late or skipped, when it exposes them.
 //!
 //! Run `agent-bench --help` for the options; docs/benchmarks.md has the figures and the
