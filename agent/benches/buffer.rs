@@ -18,9 +18,9 @@
 //!
 //! Run: `cargo bench -p sonde-agent --bench buffer` (optionally `-- 500000` results).
 
+use sonde_agent::buffer::{Buffer, Route};
 use sonde_agent::probe::Sample;
 use sonde_agent::record::ProbeRecord;
-use sonde_agent::store::{Route, Store};
 use std::time::{Duration, Instant};
 
 const PRODUCERS: u64 = 4;
@@ -33,9 +33,8 @@ fn main() {
         .unwrap_or(200_000);
     let dir = std::env::temp_dir().join(format!("sonde-bench-buffer-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = Store::open(Some(&dir), &["http://aggregator:9451".into()], 1 << 30)
+    let store = Buffer::open(Some(&dir), &["http://aggregator:9451".into()], 1 << 30)
         .expect("open the buffer");
-    let buffer = store.buffers().remove(0).1;
     let body = record(1).encode().len();
     println!(
         "{results} results of {body} bytes encoded, buffer in {}",
@@ -52,7 +51,7 @@ fn main() {
                     let mut slowest = Duration::ZERO;
                     for _ in 0..results / PRODUCERS {
                         let t = Instant::now();
-                        store.append(Route::All, record);
+                        store.append(&Route::All, record);
                         slowest = slowest.max(t.elapsed());
                     }
                     slowest
@@ -74,19 +73,19 @@ fn main() {
         "  on disk: agent.db {:.1} MiB + wal {:.1} MiB; the buffer counts {:.1} MiB",
         size("agent.db") / 1048576.0,
         size("agent.db-wal") / 1048576.0,
-        buffer.stats().bytes as f64 / 1048576.0
+        store.stats(0).bytes as f64 / 1048576.0
     );
 
     // 2. drain
     let start = Instant::now();
-    let mut sent = buffer.stats().acked_seq;
+    let mut sent = store.stats(0).acked_seq;
     let mut drained = 0u64;
     loop {
-        let batch = buffer.pending_after(sent, BATCH);
+        let batch = store.pending_after(0, sent, BATCH);
         let Some(last) = batch.last() else { break };
         sent = last.seq;
         drained += batch.len() as u64;
-        buffer.ack(sent);
+        store.ack(0, sent);
     }
     store.flush();
     report(
@@ -102,14 +101,14 @@ fn main() {
     let mut steady = 0u64;
     while steady < results {
         for _ in 0..BATCH {
-            store.append(Route::All, record);
+            store.append(&Route::All, record);
         }
         store.flush();
-        let batch = buffer.pending_after(sent, BATCH);
+        let batch = store.pending_after(0, sent, BATCH);
         if let Some(last) = batch.last() {
             sent = last.seq;
             steady += batch.len() as u64;
-            buffer.ack(sent);
+            store.ack(0, sent);
         }
     }
     store.flush();
@@ -131,7 +130,7 @@ fn main() {
                             std::thread::sleep(wait);
                         }
                         let t = Instant::now();
-                        store.append(Route::All, record);
+                        store.append(&Route::All, record);
                         latencies.push(t.elapsed());
                     }
                     latencies
@@ -154,7 +153,6 @@ fn main() {
         at(1.0)
     );
 
-    drop(buffer);
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }

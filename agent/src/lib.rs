@@ -3,7 +3,7 @@
 //!
 //! - [`probe`]: the http, tcp and dns probers behind one interface;
 //! - [`schedule`]: runs each check on its interval;
-//! - [`outbox`] and [`buffer`]: number results and keep them until acked;
+//! - [`buffer`]: numbers results and keeps them, on disk, until each aggregator acks them;
 //! - [`uplink`]: the gRPC stream to each aggregator, and [`assigned`]: what it accepts
 //!   of an assignment;
 //! - [`web`]: `/metrics`, `/probe` and the health endpoints, served by
@@ -13,11 +13,9 @@ pub mod assigned;
 pub mod buffer;
 pub mod config;
 pub mod metrics;
-pub mod outbox;
 pub mod probe;
 pub mod record;
 pub mod runtime;
 pub mod schedule;
-pub mod store;
 pub mod uplink;
 pub mod web;

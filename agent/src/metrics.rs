@@ -2,14 +2,53 @@
 
 use sonde_proto::exposition::Family;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The upper bounds of `sonde_agent_probes_started_total{le}`, in seconds: how late after
+/// its slot a probe started.
+pub const START_DELAY_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+/// Why a probe started late (see [`crate::schedule::LATE_AFTER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Late {
+    /// It waited for a place under the bound on probes in flight.
+    ConcurrencyLimit,
+    /// Its probing thread was busy (or the machine was).
+    Busy,
+}
+
+impl Late {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Late::ConcurrencyLimit => "concurrency_limit",
+            Late::Busy => "busy",
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct AgentMetrics {
     /// Probes run per (job, instance): anyone can compare it with what reached the
-    /// receiver to check that every result arrived.
-    probes: Mutex<BTreeMap<(String, String), ProbeCounts>>,
+    /// receiver to check that every result arrived. Each check holds its own counts, so
+    /// a probe costs two atomic additions, not a lookup.
+    probes: Mutex<BTreeMap<(String, String), Arc<ProbeCounts>>>,
+    /// Probes started, by how late after their slot: one count per bucket of
+    /// [`START_DELAY_BUCKETS`] and the last for the rest (not cumulative here).
+    started: [AtomicU64; START_DELAY_BUCKETS.len() + 1],
+    /// Probes that started late, by [`Late`] (in its order).
+    late: [AtomicU64; 2],
+    /// Slots skipped because the check's previous probe still ran.
+    skipped_overrun: AtomicU64,
+    /// The bound on probes in flight.
+    probe_limit: AtomicUsize,
+    /// CPU time of the sampled probes' own work, in nanoseconds, and how many.
+    probe_cpu_nanos: AtomicU64,
+    probe_cpu_probes: AtomicU64,
+    probe_cpu_ticket: AtomicU64,
     pub uplinks: Mutex<BTreeMap<String, UplinkCounts>>,
     /// Assigned checks refused, by reason ([`crate::assigned::Refusal`]).
     assignment_errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -19,10 +58,20 @@ pub struct AgentMetrics {
     pub results_oversized: AtomicU64,
 }
 
-#[derive(Clone, Copy, Default)]
-struct ProbeCounts {
-    total: u64,
-    failed: u64,
+/// One target's probe counts.
+#[derive(Default, Debug)]
+pub struct ProbeCounts {
+    total: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ProbeCounts {
+    pub fn ran(&self, success: bool) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if !success {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Per aggregator address.
@@ -40,22 +89,57 @@ pub struct UplinkCounts {
 impl AgentMetrics {
     /// Continues the counts a previous run of this agent stored, so that
     /// `sonde_agent_probes_total` counts every result kept, across restarts.
-    pub fn restore_probe_counts(&self, counts: Vec<crate::store::ProbeCount>) {
-        let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, (total, failed)) in counts {
-            let c = probes.entry(key).or_default();
-            c.total += total;
-            c.failed += failed;
+    pub fn restore_probe_counts(&self, counts: Vec<crate::buffer::ProbeCount>) {
+        for ((job, instance), (total, failed)) in counts {
+            let c = self.probe_counts(&job, &instance);
+            c.total.fetch_add(total, Ordering::Relaxed);
+            c.failed.fetch_add(failed, Ordering::Relaxed);
         }
     }
 
-    pub fn probe_ran(&self, job: &str, instance: &str, success: bool) {
+    /// The counts of one target, for its check to keep.
+    pub fn probe_counts(&self, job: &str, instance: &str) -> Arc<ProbeCounts> {
         let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-        let counts = probes
+        probes
             .entry((job.to_string(), instance.to_string()))
-            .or_default();
-        counts.total += 1;
-        counts.failed += u64::from(!success);
+            .or_default()
+            .clone()
+    }
+
+    /// A probe started `delay` after its slot; `late` says why when that is past
+    /// [`crate::schedule::LATE_AFTER`].
+    pub fn probe_started(&self, delay: Duration, late: Option<Late>) {
+        let seconds = delay.as_secs_f64();
+        let bucket = START_DELAY_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(START_DELAY_BUCKETS.len());
+        self.started[bucket].fetch_add(1, Ordering::Relaxed);
+        if let Some(late) = late {
+            self.late[late as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn probes_skipped(&self, slots: u64) {
+        self.skipped_overrun.fetch_add(slots, Ordering::Relaxed);
+    }
+
+    pub fn set_probe_limit(&self, limit: usize) {
+        self.probe_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Whether to time the next probe's CPU: one in `every`.
+    pub fn sample_probe_cpu(&self, every: u64) -> bool {
+        self.probe_cpu_ticket
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(every)
+    }
+
+    /// A sampled probe's own CPU time.
+    pub fn probe_cpu(&self, spent: Duration) {
+        self.probe_cpu_nanos
+            .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+        self.probe_cpu_probes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn assignment_refused(&self, reason: crate::assigned::Refusal, checks: u64) {
@@ -89,9 +173,63 @@ impl AgentMetrics {
         );
         for ((job, instance), c) in self.probes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let labels = [("job", job.as_str()), ("instance", instance.as_str())];
-            probes_total.push(labels, c.total as f64);
-            probe_failures.push(labels, c.failed as f64);
+            probes_total.push(labels, c.total.load(Ordering::Relaxed) as f64);
+            probe_failures.push(labels, c.failed.load(Ordering::Relaxed) as f64);
         }
+        let mut started = Family::counter(
+            "sonde_agent_probes_started_total",
+            "Probes started, cumulative by how late after their slot they started (le, in seconds), as a histogram's buckets: histogram_quantile() gives the start delay's quantiles.",
+        );
+        let mut cumulative = 0;
+        for (i, count) in self.started.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = START_DELAY_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            started.push([("le", le)], cumulative as f64);
+        }
+        let mut late = Family::counter(
+            "sonde_agent_probes_late_total",
+            "Probes that started more than 50 ms after their slot, by reason: concurrency_limit (it waited for a place under the bound on probes in flight), busy (the probing thread or the machine was busy).",
+        );
+        for reason in [Late::ConcurrencyLimit, Late::Busy] {
+            late.push(
+                [("reason", reason.as_str())],
+                self.late[reason as usize].load(Ordering::Relaxed) as f64,
+            );
+        }
+        let mut skipped = Family::counter(
+            "sonde_agent_probes_skipped_total",
+            "Probe slots skipped, by reason: overrun (the check's previous probe, with its wait for a place, still ran).",
+        );
+        skipped.push(
+            [("reason", "overrun")],
+            self.skipped_overrun.load(Ordering::Relaxed) as f64,
+        );
+        let mut limit = Family::gauge(
+            "sonde_agent_probes_max_in_flight",
+            "The bound on probes in flight at once (from the open-file limit).",
+        );
+        limit.push(
+            Vec::<(String, String)>::new(),
+            self.probe_limit.load(Ordering::Relaxed) as f64,
+        );
+        let mut cpu = Family::counter(
+            "sonde_agent_probe_cpu_seconds_total",
+            "CPU time of the probing work alone (the probers' own code and system calls, timed on the probing thread's clock), over a sample of one probe in 8.",
+        );
+        cpu.push(
+            Vec::<(String, String)>::new(),
+            self.probe_cpu_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        );
+        let mut cpu_probes = Family::counter(
+            "sonde_agent_probe_cpu_probes_total",
+            "Probes whose CPU time sonde_agent_probe_cpu_seconds_total holds.",
+        );
+        cpu_probes.push(
+            Vec::<(String, String)>::new(),
+            self.probe_cpu_probes.load(Ordering::Relaxed) as f64,
+        );
         let mut checks_f = Family::gauge("sonde_agent_checks", "Checks this agent is running.");
         checks_f.push(Vec::<(String, String)>::new(), checks as f64);
 
@@ -188,6 +326,12 @@ impl AgentMetrics {
         vec![
             probes_total,
             probe_failures,
+            started,
+            late,
+            skipped,
+            limit,
+            cpu,
+            cpu_probes,
             checks_f,
             connected,
             reconnects,

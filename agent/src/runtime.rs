@@ -2,12 +2,11 @@
 //! so the aggregator's all-in-one mode can embed it.
 
 use crate::assigned::FilePolicy;
+use crate::buffer::Buffer;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
-use crate::outbox::Outbox;
 use crate::probe::ProbeContext;
 use crate::schedule::{CheckSpec, Scheduler, Source};
-use crate::store::Store;
 use crate::uplink::Uplink;
 use sonde_proto::config::ResolvedJob;
 use sonde_proto::exposition::Family;
@@ -21,7 +20,8 @@ use tokio::task::JoinHandle;
 pub struct AgentRuntime {
     pub config: RwLock<Arc<AgentConfig>>,
     pub scheduler: Arc<Scheduler>,
-    pub outbox: Arc<Outbox>,
+    /// Every result from its probe to its aggregators' acks.
+    pub buffer: Arc<Buffer>,
     pub metrics: Arc<AgentMetrics>,
     pub probe_context: Arc<ProbeContext>,
     /// `assigned_modules` of the current config, shared with the uplinks.
@@ -45,24 +45,26 @@ impl AgentRuntime {
             .iter()
             .map(|a| a.address.clone())
             .collect();
-        let store = Store::open(storage_dir, &addresses, config.buffer.max_bytes.0)
+        let open_files = crate::schedule::raise_open_file_limit();
+        tracing::debug!(open_files, "open-file limit");
+        let buffer = Buffer::open(storage_dir, &addresses, config.buffer.max_bytes.0)
             .map_err(|e| e.to_string())?;
         // The stored high-water mark keeps numbers rising across restarts. The clock
         // (µs) covers what it cannot: an agent whose storage was wiped or that ran
         // without one (as before the store existed), whose old numbers an aggregator
         // may still hold as committed and would take new results for replays of.
-        store.raise_next_seq(
+        buffer.raise_next_seq(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| d.as_micros() as u64),
         );
-        metrics.restore_probe_counts(store.probe_counts());
-        let outbox = Arc::new(Outbox::new(store, metrics.clone()));
+        metrics.restore_probe_counts(buffer.probe_counts());
         let scheduler = Arc::new(Scheduler::new(
             config.id.clone(),
             probe_context.clone(),
-            outbox.clone(),
-        ));
+            buffer.clone(),
+            metrics.clone(),
+        )?);
         scheduler.set_checks(Source::Local, local_checks(&config.jobs));
         let file_policy = Arc::new(RwLock::new(FilePolicy::new(&config.assigned_modules)?));
         for endpoint in &config.aggregators {
@@ -80,7 +82,7 @@ impl AgentRuntime {
                 agent_id: config.id.clone(),
                 labels: config.labels.clone(),
                 local_jobs: local_jobs.clone(),
-                buffer: outbox.buffers[index].1.clone(),
+                buffer: buffer.clone(),
                 scheduler: scheduler.clone(),
                 metrics: metrics.clone(),
                 file_policy: file_policy.clone(),
@@ -97,7 +99,7 @@ impl AgentRuntime {
         Ok(Arc::new(Self {
             config: RwLock::new(Arc::new(config)),
             scheduler,
-            outbox,
+            buffer,
             metrics,
             probe_context,
             file_policy,
@@ -174,19 +176,13 @@ impl AgentRuntime {
         if *self.shutdown.borrow() {
             return Err("the agent is shutting down".into());
         }
-        self.outbox.store().health()
+        self.buffer.health()
     }
 
     pub fn families(&self) -> Vec<Family> {
-        let buffers: Vec<_> = self
-            .outbox
-            .buffers
-            .iter()
-            .map(|(a, b)| (a.clone(), b.stats()))
-            .collect();
         self.metrics.families(
-            &buffers,
-            self.outbox.store().write_errors(),
+            &self.buffer.all_stats(),
+            self.buffer.write_errors(),
             self.scheduler.check_count(),
         )
     }
@@ -196,15 +192,11 @@ impl AgentRuntime {
     pub async fn shutdown(&self, grace: Duration) {
         self.scheduler.stop();
         // The last results must be committed before they can be counted and sent.
-        let store = self.outbox.store().clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        let buffer = self.buffer.clone();
+        let _ = tokio::task::spawn_blocking(move || buffer.flush()).await;
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline
-            && self
-                .outbox
-                .buffers
-                .iter()
-                .any(|(_, b)| b.stats().results > 0)
+            && self.buffer.all_stats().iter().any(|(_, s)| s.results > 0)
             && self
                 .metrics
                 .uplinks
@@ -221,8 +213,8 @@ impl AgentRuntime {
             let _ = handle.await;
         }
         // Commits what the last probes produced and releases the storage directory.
-        let store = self.outbox.store().clone();
-        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        let buffer = self.buffer.clone();
+        let _ = tokio::task::spawn_blocking(move || buffer.close()).await;
     }
 }
 
@@ -277,27 +269,28 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sonde-runtime-dir-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let agent = AgentRuntime::start(config(), Some(&dir)).unwrap();
-        let store = agent.outbox.store().clone();
-        let seq = store
-            .append(crate::store::Route::All, |seq| crate::record::ProbeRecord {
-                seq,
-                job: "j".into(),
-                instance: "i".into(),
-                timestamp_ms: 1,
-                success: true,
-                duration_seconds: 0.1,
-                samples: Vec::new(),
-                generation: 0,
-                failure: None,
+        let seq = agent
+            .buffer
+            .append(&crate::buffer::Route::All, |seq| {
+                crate::record::ProbeRecord {
+                    seq,
+                    job: "j".into(),
+                    instance: "i".into(),
+                    timestamp_ms: 1,
+                    success: true,
+                    duration_seconds: 0.1,
+                    samples: Vec::new(),
+                    generation: 0,
+                    failure: None,
+                }
             })
             .unwrap();
         agent.shutdown(Duration::ZERO).await;
         // Shutdown releases the directory even while the old runtime is still around.
         let again = AgentRuntime::start(config(), Some(&dir)).unwrap();
-        let buffer = &again.outbox.buffers[0].1;
-        assert_eq!(buffer.stats().results, 1);
-        assert_eq!(buffer.pending_after(0, 10)[0].seq, seq);
-        assert!(again.outbox.store().next_seq() > seq);
+        assert_eq!(again.buffer.stats(0).results, 1);
+        assert_eq!(again.buffer.pending_after(0, 0, 10)[0].seq, seq);
+        assert!(again.buffer.next_seq() > seq);
         again.shutdown(Duration::ZERO).await;
         drop((agent, again));
         std::fs::remove_dir_all(&dir).unwrap();

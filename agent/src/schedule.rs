@@ -4,6 +4,20 @@
 //! agent, job and target, so that a thousand checks on a 15 s interval do not all fire
 //! in the same millisecond (and so each agent probes a target at its own phase).
 //!
+//! The check tasks run on the agent's own probing threads (`sonde-probe-N`), each a
+//! single-threaded Tokio runtime with its own timers and sockets: a probe's timer, its
+//! I/O and the hand-over of its result happen on one thread, with no wake-up of another
+//! thread on the way (a multi-threaded runtime would wake idle workers for every
+//! timer). The gRPC streams, `/metrics` and `/probe` stay on the main runtime.
+//!
+//! Probes in flight are bounded ([`max_concurrent_probes`], from the open-file limit):
+//! a probe whose slot comes while the bound is reached waits for a place. Each probe's
+//! start is measured against its slot: `sonde_agent_probes_started_total{le}` (how late,
+//! as a histogram's buckets), `sonde_agent_probes_late_total{reason}` (more than
+//! [`LATE_AFTER`] late: `concurrency_limit` when it waited for a place, `busy` when the
+//! probing thread was), and `sonde_agent_probes_skipped_total{reason="overrun"}` (slots
+//! skipped because the check's previous probe, with its wait, still ran).
+//!
 //! A check that several aggregators assign (an HA pair sends the same assignment twice)
 //! is run once: one task, one probe per interval, and that one result (same sequence
 //! number, timestamp and samples) goes to every aggregator that assigned it. Running it
@@ -13,14 +27,24 @@
 //! interval, timeout and retries are; a local job is never merged with an assigned check
 //! (its results go to every aggregator already, under the agent's own config).
 
-use crate::outbox::Outbox;
+use crate::buffer::{Buffer, Route};
+use crate::metrics::{AgentMetrics, Late, ProbeCounts};
 use crate::probe::{self, ProbeContext};
 use sonde_proto::config::Module;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+
+/// A probe that starts more than this after its slot is counted as late.
+pub const LATE_AFTER: Duration = Duration::from_millis(50);
+/// One probe in this many is timed on its thread's CPU clock, for
+/// `sonde_agent_probe_cpu_seconds_total`: the probing work alone, without the agent
+/// around it. Sampled, because reading the clock costs a system call.
+const CPU_SAMPLE_EVERY: u64 = 8;
 
 /// Where a check comes from, which is also where its results go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,22 +68,61 @@ pub struct CheckSpec {
     pub generation: u64,
 }
 
-/// The sources a running check's results go to, each with the generation of the
-/// assignment it came from (0 for a local job). Swapped whole when sources come and go,
-/// so the task reads a consistent set for each result.
-pub type Destinations = Arc<[(Source, u64)]>;
-
 /// One running check and the sources that want it.
 struct Task {
     /// Each source's own spec of the check: all run the same probe (see [`same_probe`]),
     /// but the module's name and the generation are the source's.
-    members: BTreeMap<Source, CheckSpec>,
-    /// Read by the task at each result.
-    destinations: Arc<Mutex<Destinations>>,
+    members: Members,
+    /// Where the task sends each result; replaced whole when sources come and go, so
+    /// each result goes to a consistent set.
+    route: Arc<Mutex<Route>>,
     handle: JoinHandle<()>,
     /// Tells tasks apart in tests: a task that keeps its id kept its schedule.
     #[cfg_attr(not(test), allow(dead_code))]
     id: u64,
+}
+
+/// Each source's spec of one running check, sorted by source: a small vector, since a
+/// check has one source or two (an HA pair), and a map's node would cost every check of
+/// a 50,000-check agent far more.
+struct Members(Vec<(Source, CheckSpec)>);
+
+impl Members {
+    fn get(&self, source: &Source) -> Option<&CheckSpec> {
+        self.0.iter().find(|(s, _)| s == source).map(|(_, c)| c)
+    }
+
+    fn contains_key(&self, source: &Source) -> bool {
+        self.get(source).is_some()
+    }
+
+    fn insert(&mut self, source: Source, spec: CheckSpec) {
+        match self.0.binary_search_by(|(s, _)| s.cmp(&source)) {
+            Ok(i) => self.0[i].1 = spec,
+            Err(i) => self.0.insert(i, (source, spec)),
+        }
+    }
+
+    fn remove(&mut self, source: &Source) {
+        self.0.retain(|(s, _)| s != source);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Source, &CheckSpec)> {
+        self.0.iter().map(|(s, c)| (s, c))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &CheckSpec> {
+        self.0.iter().map(|(_, c)| c)
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> impl Iterator<Item = &Source> {
+        self.0.iter().map(|(s, _)| s)
+    }
 }
 
 impl Task {
@@ -77,20 +140,44 @@ impl Task {
                 .is_some_and(|m| same_probe(m, spec))
     }
 
-    fn refresh_destinations(&self) {
-        let to: Destinations = self
-            .members
-            .iter()
-            .map(|(source, spec)| (*source, spec.generation))
-            .collect();
-        *lock(&self.destinations) = to;
+    fn refresh_route(&self, aggregators: usize) {
+        *lock(&self.route) = route(
+            self.members
+                .iter()
+                .map(|(source, spec)| (*source, spec.generation)),
+            aggregators,
+        );
     }
+}
+
+/// Where a check's results go: every aggregator for a local job; for assigned checks,
+/// each aggregator (of the `aggregators` configured) that assigned it, with the
+/// generation of its own assignment. An aggregator index from another config is left
+/// out: nobody would ack it.
+pub fn route(sources: impl Iterator<Item = (Source, u64)>, aggregators: usize) -> Route {
+    let mut slots = Vec::new();
+    for (source, generation) in sources {
+        match source {
+            Source::Local => return Route::All,
+            Source::Aggregator(i) if i < aggregators => slots.push((i, generation)),
+            Source::Aggregator(_) => {}
+        }
+    }
+    slots.sort_unstable();
+    slots.dedup_by_key(|(i, _)| *i);
+    Route::To(slots.into())
 }
 
 pub struct Scheduler {
     agent_id: String,
     ctx: Arc<ProbeContext>,
-    outbox: Arc<Outbox>,
+    buffer: Arc<Buffer>,
+    metrics: Arc<AgentMetrics>,
+    /// Aggregators configured, for [`route`].
+    aggregators: usize,
+    probers: Probers,
+    /// Probes in flight, across every probing thread.
+    limit: Arc<Semaphore>,
     /// The running checks by (job, instance); more than one only when sources disagree
     /// on the probe (module, interval, timeout, retries), or a local job has the same
     /// job and instance as an assigned check.
@@ -104,13 +191,26 @@ struct Running {
 }
 
 impl Scheduler {
-    pub fn new(agent_id: String, ctx: Arc<ProbeContext>, outbox: Arc<Outbox>) -> Self {
-        Self {
+    /// Starts the probing threads; checks run once [`Scheduler::set_checks`] gives
+    /// them, their results kept in `buffer`.
+    pub fn new(
+        agent_id: String,
+        ctx: Arc<ProbeContext>,
+        buffer: Arc<Buffer>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<Self, String> {
+        let limit = max_concurrent_probes();
+        metrics.set_probe_limit(limit);
+        Ok(Self {
             agent_id,
             ctx,
-            outbox,
+            aggregators: buffer.aggregators().len(),
+            buffer,
+            metrics,
+            probers: Probers::start(probing_threads())?,
+            limit: Arc::new(Semaphore::new(limit)),
             running: Mutex::new(Running::default()),
-        }
+        })
     }
 
     /// Replaces every check of `source` with `checks`: new ones start (or join the same
@@ -138,7 +238,7 @@ impl Scheduler {
                         task.members.remove(&source);
                     }
                 }
-                task.refresh_destinations();
+                task.refresh_route(self.aggregators);
             }
             tasks.retain(|task| {
                 let keep = !task.members.is_empty();
@@ -155,21 +255,25 @@ impl Scheduler {
             let tasks = running.tasks.entry(key).or_default();
             if let Some(task) = tasks.iter_mut().find(|t| t.takes(source, &spec)) {
                 task.members.insert(source, spec);
-                task.refresh_destinations();
+                task.refresh_route(self.aggregators);
                 continue;
             }
-            let destinations: Destinations = Arc::from([(source, spec.generation)]);
-            let destinations = Arc::new(Mutex::new(destinations));
-            let handle = tokio::spawn(run_check(
-                self.ctx.clone(),
-                self.outbox.clone(),
-                destinations.clone(),
-                spec.clone(),
-                spread(&self.agent_id, &spec),
-            ));
+            let route = route([(source, spec.generation)].into_iter(), self.aggregators);
+            let route = Arc::new(Mutex::new(route));
+            let check = Check {
+                ctx: self.ctx.clone(),
+                buffer: self.buffer.clone(),
+                metrics: self.metrics.clone(),
+                counts: self.metrics.probe_counts(&spec.job, &spec.instance),
+                limit: self.limit.clone(),
+                route: route.clone(),
+                phase: spread(&self.agent_id, &spec),
+                spec: spec.clone(),
+            };
+            let handle = self.probers.spawn(check.run());
             tasks.push(Task {
-                members: BTreeMap::from([(source, spec)]),
-                destinations,
+                members: Members(vec![(source, spec)]),
+                route,
                 handle,
                 id,
             });
@@ -255,62 +359,269 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-async fn run_check(
+/// One check's task and everything it needs.
+struct Check {
     ctx: Arc<ProbeContext>,
-    outbox: Arc<Outbox>,
-    destinations: Arc<Mutex<Destinations>>,
-    spec: CheckSpec,
+    buffer: Arc<Buffer>,
+    metrics: Arc<AgentMetrics>,
+    /// This target's `sonde_agent_probes_total`, looked up once.
+    counts: Arc<ProbeCounts>,
+    limit: Arc<Semaphore>,
+    route: Arc<Mutex<Route>>,
     phase: Duration,
-) {
-    let start = tokio::time::Instant::now() + phase;
-    let mut ticker = tokio::time::interval_at(start, spec.interval);
-    // A probe that overran its slot is not made up for with a burst.
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        let tick = ticker.tick().await;
-        let started_at = SystemTime::now();
-        let mut outcome = probe::run(&ctx, &spec.instance, &spec.module, spec.timeout).await;
-        let mut retries_used = 0;
-        while !outcome.success && retries_used < spec.retries {
-            // Retry only while a whole attempt still fits before the next tick.
-            let backoff = Duration::from_millis(100 * (1 << retries_used.min(4)));
-            if tick.elapsed() + backoff + spec.timeout > spec.interval {
-                break;
+    spec: CheckSpec,
+}
+
+impl Check {
+    async fn run(self) {
+        let spec = &self.spec;
+        let start = tokio::time::Instant::now() + self.phase;
+        let mut ticker = tokio::time::interval_at(start, spec.interval);
+        // A probe that overran its slot is not made up for with a burst.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_slot: Option<tokio::time::Instant> = None;
+        loop {
+            let slot = ticker.tick().await;
+            if let Some(last) = last_slot {
+                let slots = (slot - last).as_secs_f64() / spec.interval.as_secs_f64();
+                let skipped = slots.round() as u64;
+                if skipped > 1 {
+                    self.metrics.probes_skipped(skipped - 1);
+                }
             }
-            tokio::time::sleep(backoff).await;
-            retries_used += 1;
-            outcome = probe::run(&ctx, &spec.instance, &spec.module, spec.timeout).await;
-        }
-        if spec.retries > 0 {
-            outcome.samples.push(probe::Sample {
-                name: "probe_retries",
-                labels: Vec::new(),
-                value: f64::from(retries_used),
+            last_slot = Some(slot);
+            let (_permit, waited) = match self.limit.clone().try_acquire_owned() {
+                Ok(permit) => (permit, false),
+                Err(_) => match self.limit.clone().acquire_owned().await {
+                    Ok(permit) => (permit, true),
+                    // Never closed.
+                    Err(_) => return,
+                },
+            };
+            let delay = slot.elapsed();
+            let late = (delay > LATE_AFTER).then_some(if waited {
+                Late::ConcurrencyLimit
+            } else {
+                Late::Busy
             });
+            self.metrics.probe_started(delay, late);
+            let started_at = SystemTime::now();
+            let mut outcome = self.probe().await;
+            let mut retries_used = 0;
+            while !outcome.success && retries_used < spec.retries {
+                // Retry only while a whole attempt still fits before the next tick.
+                let backoff = Duration::from_millis(100 * (1 << retries_used.min(4)));
+                if slot.elapsed() + backoff + spec.timeout > spec.interval {
+                    break;
+                }
+                tokio::time::sleep(backoff).await;
+                retries_used += 1;
+                outcome = self.probe().await;
+            }
+            if spec.retries > 0 {
+                outcome.samples.push(probe::Sample {
+                    name: "probe_retries",
+                    labels: Vec::new(),
+                    value: f64::from(retries_used),
+                });
+            }
+            self.counts.ran(outcome.success);
+            // Whoever wants the check when the probe ends gets its result.
+            let route = lock(&self.route).clone();
+            self.buffer.record(
+                &route,
+                &spec.job,
+                &spec.instance,
+                unix_ms(started_at),
+                outcome,
+            );
         }
-        // Whoever wants the check when the probe ends gets its result.
-        let to = lock(&destinations).clone();
-        outbox.record(&to, &spec.job, &spec.instance, unix_ms(started_at), outcome);
+    }
+
+    /// One probe; one in [`CPU_SAMPLE_EVERY`] timed on the thread's CPU clock.
+    async fn probe(&self) -> probe::ProbeOutcome {
+        let spec = &self.spec;
+        // Boxed: a probe's state (connection, TLS, parser) is large, and held inline it
+        // would take that room in every idle check's task for good, not only while the
+        // probe runs.
+        let mut run = Box::pin(probe::run(
+            &self.ctx,
+            &spec.instance,
+            &spec.module,
+            spec.timeout,
+        ));
+        if !self.metrics.sample_probe_cpu(CPU_SAMPLE_EVERY) {
+            return run.await;
+        }
+        let mut spent = Duration::ZERO;
+        let outcome = std::future::poll_fn(|cx| {
+            let before = thread_cpu_time();
+            let polled = run.as_mut().poll(cx);
+            spent += thread_cpu_time().saturating_sub(before);
+            polled
+        })
+        .await;
+        self.metrics.probe_cpu(spent);
+        outcome
+    }
+}
+
+/// The CPU time the calling thread has used (user and system).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always
+    // supported on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Probes in flight at most: half the open-file limit (a probe holds a socket, and a DNS
+/// lookup on the way another), less what the rest of the agent needs, within 16..4096.
+pub fn max_concurrent_probes() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    (files.saturating_sub(256) / 2).clamp(16, 4096)
+}
+
+/// Raises the open-file limit to what the system allows the process (the hard limit), as
+/// Go programs do at start: the default soft limit of 1,024 is a relic that would bound
+/// an agent with many targets for no reason. Returns the new limit.
+pub fn raise_open_file_limit() -> libc::rlim_t {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit; setrlimit only reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Probing threads: one per two cores, at least one, at most four. One thread runs tens
+/// of thousands of HTTP probes a second; more threads would only wake more often.
+fn probing_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.div_ceil(2).clamp(1, 4)
+}
+
+/// The probing threads, each a current-thread Tokio runtime; checks are spread over
+/// them in turn. Each thread runs until the scheduler is dropped; dropping its runtime
+/// drops the checks still on it.
+struct Probers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    /// Dropped to stop the threads.
+    stop: Option<tokio::sync::watch::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Probers {
+    fn start(n: usize) -> Result<Self, String> {
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let mut handles = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a probing thread's runtime: {e}"))?;
+            handles.push(runtime.handle().clone());
+            let mut stopped = stopped.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("sonde-probe-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move { while stopped.changed().await.is_ok() {} });
+                })
+                .map_err(|e| format!("cannot start a probing thread: {e}"))?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            handles,
+            next: AtomicUsize::new(0),
+            stop: Some(stop),
+            threads,
+        })
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, task: F) -> JoinHandle<()> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(task)
+    }
+}
+
+impl Drop for Probers {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::AgentMetrics;
-    use crate::store::Store;
 
     const A: Source = Source::Aggregator(0);
     const B: Source = Source::Aggregator(1);
 
-    fn scheduler(store: Arc<Store>) -> Scheduler {
-        let outbox = Arc::new(Outbox::new(store, Arc::new(AgentMetrics::default())));
+    fn scheduler_with(buffer: Arc<Buffer>, metrics: Arc<AgentMetrics>) -> Scheduler {
         let ctx = Arc::new(ProbeContext::from_system().unwrap());
-        Scheduler::new("edge-1".into(), ctx, outbox)
+        Scheduler::new("edge-1".into(), ctx, buffer, metrics).unwrap()
     }
 
-    fn two_aggregators() -> Arc<Store> {
-        Store::open(None, &["http://a:1".into(), "http://b:1".into()], 1 << 20).unwrap()
+    fn scheduler(buffer: Arc<Buffer>) -> Scheduler {
+        scheduler_with(buffer, Arc::new(AgentMetrics::default()))
+    }
+
+    fn two_aggregators() -> Arc<Buffer> {
+        Buffer::open(None, &["http://a:1".into(), "http://b:1".into()], 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn each_check_is_routed_to_the_sources_that_want_it() {
+        let route = |sources: &[(Source, u64)]| route(sources.iter().copied(), 3);
+        let to = |slots: &[(usize, u64)]| Route::To(Arc::from(slots));
+        assert_eq!(route(&[(Source::Aggregator(7), 1)]), to(&[]));
+        assert!(route(&[(Source::Aggregator(7), 1)]).is_empty());
+        assert_eq!(route(&[(Source::Local, 0)]), Route::All);
+        assert_eq!(route(&[(B, 4)]), to(&[(1, 4)]));
+        // Sorted, each aggregator with its own generation, other configs' left out.
+        assert_eq!(
+            route(&[
+                (Source::Aggregator(2), 9),
+                (Source::Aggregator(7), 1),
+                (A, 3)
+            ]),
+            to(&[(0, 3), (2, 9)])
+        );
     }
 
     fn module(json: &str) -> Arc<Module> {
@@ -420,27 +731,23 @@ mod tests {
         });
         let store = two_aggregators();
         let metrics = Arc::new(AgentMetrics::default());
-        let outbox = Arc::new(Outbox::new(store.clone(), metrics.clone()));
-        let ctx = Arc::new(ProbeContext::from_system().unwrap());
-        let s = Scheduler::new("edge-1".into(), ctx, outbox.clone());
-        let buffer = |i: usize| outbox.buffers[i].1.clone();
+        let s = scheduler_with(store.clone(), metrics.clone());
         let results = |i: usize| {
-            buffer(i)
-                .pending_after(0, 1000)
+            store
+                .pending_after(i, 0, 1000)
                 .iter()
                 .map(|r| (r.seq, r.timestamp_ms, r.generation, r.success))
                 .collect::<Vec<_>>()
         };
         let wait_for = |i: usize, n: usize| {
             let store = store.clone();
-            let b = buffer(i);
             async move {
                 for _ in 0..200 {
                     let s = store.clone();
                     tokio::task::spawn_blocking(move || s.flush())
                         .await
                         .unwrap();
-                    if b.stats().results >= n {
+                    if store.stats(i).results >= n {
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -471,5 +778,13 @@ mod tests {
         // One probe per result, counted once.
         let probes: u64 = store.probe_counts().iter().map(|(_, (t, _))| t).sum();
         assert_eq!(probes as usize, b.len());
+        let families = metrics.families(&[], 0, 0);
+        let started = families
+            .iter()
+            .find(|f| f.name == "sonde_agent_probes_started_total")
+            .unwrap();
+        let all = started.samples.last().unwrap();
+        assert_eq!(all.0, [("le".to_string(), "+Inf".to_string())]);
+        assert!(all.1 >= b.len() as f64, "{started:?}");
     }
 }

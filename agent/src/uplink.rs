@@ -89,11 +89,13 @@ const ROTATE_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything one uplink needs.
 pub struct Uplink {
+    /// This aggregator's position in the config: its slot in the buffer.
     pub index: usize,
     pub endpoint: AggregatorEndpoint,
     pub agent_id: String,
     pub labels: Labels,
     pub local_jobs: Vec<String>,
+    /// The agent's buffer; this uplink reads and acks slot `index` of it.
     pub buffer: Arc<Buffer>,
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<AgentMetrics>,
@@ -202,15 +204,15 @@ impl Uplink {
 
         let mut symbols = Symbols::default();
         let mut assembler = Assembler::new(ASSIGNMENT_BOUNDS);
-        let mut sent_up_to = self.buffer.stats().acked_seq;
+        let mut sent_up_to = self.buffer.stats(self.index).acked_seq;
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         // Set once the symbol table is full: send nothing more, end the stream once
         // what was sent is acked (or at this deadline).
         let mut rotating: Option<tokio::time::Instant> = None;
         loop {
-            // Registered before looking at the buffer so that no push goes unnoticed.
-            let added = self.buffer.added.notified();
-            let in_flight = self.buffer.count_up_to(sent_up_to);
+            // Registered before looking at the buffer so that no commit goes unnoticed.
+            let committed = self.buffer.committed(self.index);
+            let in_flight = self.buffer.count_up_to(self.index, sent_up_to);
             if let Some(deadline) = rotating {
                 if in_flight == 0 || tokio::time::Instant::now() >= deadline {
                     return Ok(SessionEnd::Rotate);
@@ -220,7 +222,7 @@ impl Uplink {
                     // Wait for acks before sending more: the aggregator may be slow to commit.
                     Vec::new()
                 } else {
-                    self.buffer.pending_after(sent_up_to, BATCH_MAX)
+                    self.buffer.pending_after(self.index, sent_up_to, BATCH_MAX)
                 };
                 if !pending.is_empty() {
                     let built = symbols.batch(&pending, BATCH_BUDGET);
@@ -257,7 +259,7 @@ impl Uplink {
                 }
             }
             tokio::select! {
-                _ = added => {}
+                _ = committed => {}
                 _ = heartbeat.tick() => {
                     let beat = AgentMessage {
                         msg: Some(agent_message::Msg::Heartbeat(pb::Heartbeat {
@@ -311,7 +313,7 @@ impl Uplink {
     ) -> Option<AgentMessage> {
         match message.msg {
             Some(aggregator_message::Msg::Ack(ack)) => {
-                let removed = self.buffer.ack(ack.acked_seq);
+                let removed = self.buffer.ack(self.index, ack.acked_seq);
                 self.metrics.uplink(&self.endpoint.address, |u| {
                     u.results_acked += removed as u64
                 });
@@ -619,7 +621,7 @@ fn hello(up: &Uplink) -> AgentMessage {
             labels: up.labels.clone().into_iter().collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             local_jobs: up.local_jobs.clone(),
-            last_acked_seq: up.buffer.stats().acked_seq,
+            last_acked_seq: up.buffer.stats(up.index).acked_seq,
         })),
     }
 }
@@ -1270,24 +1272,25 @@ mod tests {
     }
 
     /// An uplink to `address` over an in-memory buffer.
-    fn uplink_to(address: &str) -> (Uplink, Arc<crate::store::Store>) {
-        let store = crate::store::Store::open(None, &[address.to_string()], 1 << 30).unwrap();
+    fn uplink_to(address: &str) -> (Uplink, Arc<Buffer>) {
+        let buffer = Buffer::open(None, &[address.to_string()], 1 << 30).unwrap();
         let metrics = Arc::new(AgentMetrics::default());
-        let outbox = Arc::new(crate::outbox::Outbox::new(store.clone(), metrics.clone()));
         let context = Arc::new(crate::probe::ProbeContext::from_system().unwrap());
+        let scheduler =
+            Scheduler::new("edge-test".into(), context, buffer.clone(), metrics.clone()).unwrap();
         let uplink = Uplink {
             index: 0,
             endpoint: AggregatorEndpoint::new(address),
             agent_id: "edge-test".into(),
             labels: Labels::new(),
             local_jobs: Vec::new(),
-            buffer: outbox.buffers[0].1.clone(),
-            scheduler: Arc::new(Scheduler::new("edge-test".into(), context, outbox)),
+            buffer: buffer.clone(),
+            scheduler: Arc::new(scheduler),
             metrics,
             file_policy: Arc::new(RwLock::new(FilePolicy::new(&Default::default()).unwrap())),
             logged_refusals: Mutex::default(),
         };
-        (uplink, store)
+        (uplink, buffer)
     }
 
     /// Runs the uplink to a fake aggregator in `mode` for `duration`; the fake and the
@@ -1346,7 +1349,7 @@ mod tests {
             let r = big_record(n, 10, MAX_SYMBOL_BYTES - 10);
             seqs.push(
                 store
-                    .append(crate::store::Route::All, |seq| ProbeRecord {
+                    .append(&crate::buffer::Route::All, |seq| ProbeRecord {
                         seq,
                         ..(*r).clone()
                     })
