@@ -100,7 +100,7 @@ pub struct Event {
 }
 
 impl Event {
-    /// Keeps at most [`MAX_EVENT_VIEWS`] views, failing ones first.
+    /// Keeps at most `MAX_EVENT_VIEWS` (64) views, failing ones first.
     pub fn bounded(mut self) -> Self {
         if self.views.len() > MAX_EVENT_VIEWS {
             self.views.sort_by_key(|v| (v.success, !v.fresh));

@@ -127,10 +127,7 @@ async fn agent_probes_what_it_is_assigned_and_survives_an_aggregator_restart() {
         target_state(&app, "tcp") == Some(TargetState::Up)
     })
     .await;
-    wait_for("results acked", || {
-        agent.outbox.buffers[0].1.stats().acked_seq > 0
-    })
-    .await;
+    wait_for("results acked", || agent.buffer.stats(0).acked_seq > 0).await;
 
     // Restart the aggregator on the same port: the agent reconnects by itself, the new
     // aggregator assigns the check again, and results flow.
