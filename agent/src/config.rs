@@ -164,17 +164,12 @@ impl AgentConfig {
     /// Loads and checks `file`; the first problem, if any, says how many more there are
     /// ([`AgentConfig::check`] has them all).
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        match Self::check(file) {
-            (Some(config), problems) if problems.errors.is_empty() => {
-                for w in &problems.warnings {
-                    tracing::warn!("{w}");
-                }
-                Ok(config)
-            }
-            (_, problems) => Err(problems
-                .first_error()
-                .unwrap_or_else(|| ConfigError::whole_file(file, "the file cannot be loaded"))),
+        let (config, problems) = Self::check(file);
+        let (config, warnings) = problems.into_result(config, file)?;
+        for w in &warnings {
+            tracing::warn!("{w}");
         }
+        Ok(config)
     }
 
     /// Loads and checks `file`, collecting every problem (errors and warnings, each

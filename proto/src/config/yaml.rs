@@ -111,6 +111,21 @@ impl Problems {
 
     /// The first error, told that there are more and where to see them all; for the
     /// callers that report one problem (a reload, a test).
+    /// What a loader hands back: `config` and the warnings to log when there is no
+    /// error, else the first error (saying how many more there are).
+    pub fn into_result<T>(
+        self,
+        config: Option<T>,
+        file: &std::path::Path,
+    ) -> Result<(T, Vec<ConfigError>), ConfigError> {
+        match config {
+            Some(config) if self.errors.is_empty() => Ok((config, self.warnings)),
+            _ => Err(self
+                .first_error()
+                .unwrap_or_else(|| ConfigError::whole_file(file, "the file cannot be loaded"))),
+        }
+    }
+
     pub fn first_error(&self) -> Option<ConfigError> {
         let mut first = self.errors.first()?.clone();
         let more = self.errors.len() - 1;
