@@ -22,6 +22,9 @@
 
 use clap::Parser;
 use sonde_proto::config::PromDuration;
+use sonde_tests::procfs::{
+    clock_ticks_per_second, metrics_page, stat_ticks, status_bytes, status_value,
+};
 use sonde_tests::{Process, free_port, http_get_ok};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -156,27 +159,6 @@ fn find_bin(given: Option<&Path>, name: &str) -> Result<PathBuf, String> {
 // ---------------------------------------------------------------------------------------
 // Measuring the agent
 
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// (comm, utime + stime in ticks) of a `/proc/.../stat` file.
-fn stat_ticks(path: &Path) -> Option<(String, f64)> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let (head, after) = stat.rsplit_once(')')?;
-    let comm = head.split_once('(')?.1.to_string();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((comm, utime + stime))
-}
-
 /// The process's CPU in seconds, and per thread name (threads of one name summed). A
 /// thread that ended within the window takes its CPU with it from the per-thread
 /// figures (not from the process's).
@@ -202,41 +184,8 @@ fn cpu(pid: u32, ticks: f64) -> Result<Cpu, String> {
     })
 }
 
-/// A `kB` field of `/proc/PID/status`, in bytes.
-fn status_field(pid: u32, name: &str) -> Result<u64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|v| if name == "Threads:" { v } else { v * 1024 })
-        .ok_or_else(|| format!("{name} not in /proc/{pid}/status"))
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-/// The agent's `/metrics` page, whatever its size (a series per target).
-fn metrics_page(web: &str) -> Result<String, String> {
-    let url = format!("{web}/metrics");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let mut response = agent
-        .get(&url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    response
-        .body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_string()
-        .map_err(|e| format!("GET {url}: reading the body: {e}"))
 }
 
 /// What the bench reads of the agent's `/metrics`: sums by metric name, and by name and
@@ -699,9 +648,9 @@ fn run(args: &Args) -> Result<Report, String> {
     let agg1 = cpu(aggregator.pid(), ticks)?.process;
     let measured = t0.elapsed().as_secs_f64();
     let last = Scrape::read(&web)?;
-    let peak_rss = status_field(pid, "VmHWM:")?;
-    let rss = status_field(pid, "VmRSS:")?;
-    let threads_count = status_field(pid, "Threads:")?;
+    let peak_rss = status_bytes(pid, "VmHWM:")?;
+    let rss = status_bytes(pid, "VmRSS:")?;
+    let threads_count = status_value(pid, "Threads:")?;
 
     let delta =
         |name: &str| -> Option<f64> { Some(last.get(name)? - first.get(name).unwrap_or(0.0)) };

@@ -28,6 +28,7 @@ use sonde_proto::pb::{
     fleet_client::FleetClient,
 };
 use sonde_proto::prompb;
+use sonde_tests::procfs::{clock_ticks_per_second, cpu_seconds, metrics_page, status_bytes};
 use sonde_tests::{Process, free_port, http_get_ok, metric_sum, prometheus_query};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -857,45 +858,9 @@ async fn drive(plan: Arc<Plan>, agent: usize, mut link: Link) -> AgentStats {
 // Measuring processes and VictoriaMetrics
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32, ticks_per_second: f64) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Counted from the state field (the first after the command): utime 11, stime 12.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .ok_or_else(|| format!("/proc/{pid}/stat has no field {i}"))
-    };
-    Ok((ticks(11)? + ticks(12)?) / ticks_per_second)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// (VmHWM, VmRSS) of a process, in bytes.
 fn memory(pid: u32) -> Result<(u64, u64), String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .ok_or_else(|| format!("{name} not in /proc/{pid}/status"))
-    };
-    Ok((field("VmHWM:")?, field("VmRSS:")?))
+    Ok((status_bytes(pid, "VmHWM:")?, status_bytes(pid, "VmRSS:")?))
 }
 
 /// `sonde_results_refused_total` over every agent and reason (0 before any refusal,
@@ -906,27 +871,6 @@ fn refused_results(samples: &[sonde_tests::MetricSample]) -> f64 {
         .map(|s| s.value)
         .sum::<f64>()
         + 0.0
-}
-
-/// The aggregator's `/metrics` page, whatever its size: it lists series per target
-/// and agent, past the 10 MiB the harness's client reads.
-fn metrics_page(web: &str) -> Result<String, String> {
-    let url = format!("{web}/metrics");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let mut response = agent
-        .get(&url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    response
-        .body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_string()
-        .map_err(|e| format!("GET {url}: reading the body: {e}"))
 }
 
 fn vm_rows(vm: &str) -> Result<f64, String> {
