@@ -354,14 +354,7 @@ impl ProbeContext {
 /// The system's resolver configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up DNS resolution from the system configuration (/etc/resolv.conf): {0}")]
-pub struct SystemResolverError(hickory_resolver::net::NetError);
-
-/// For callers that still pass errors on as text (`AgentRuntime::start`).
-impl From<SystemResolverError> for String {
-    fn from(e: SystemResolverError) -> Self {
-        e.to_string()
-    }
-}
+pub struct SystemResolverError(#[source] hickory_resolver::net::NetError);
 
 /// A pattern of the module that does not compile (a module that skipped validation).
 #[derive(Clone, Debug, thiserror::Error)]

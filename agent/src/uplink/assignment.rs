@@ -134,7 +134,7 @@ fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<Re
                 .and_then(|module| {
                     policy
                         .check_module(&module)
-                        .map_err(|e| (Refusal::FileNotAllowed, e))?;
+                        .map_err(|e| (Refusal::FileNotAllowed, e.to_string()))?;
                     Ok(Arc::new(module))
                 });
             (m.name, module)
