@@ -35,17 +35,16 @@ pub async fn probe(
     out: &mut Samples,
 ) -> Result<(), Failure> {
     let cfg = &module.dns;
-    for phase in ["resolve", "connect", "request"] {
-        out.add_with(DURATION, &[("phase", phase)], 0.0);
-    }
-    for name in [
-        "probe_dns_answer_rrs",
-        "probe_dns_authority_rrs",
-        "probe_dns_additional_rrs",
-        "probe_dns_query_succeeded",
-    ] {
-        out.set(name, 0.0);
-    }
+    out.register(
+        DURATION,
+        &["resolve", "connect", "request"],
+        &[
+            "probe_dns_answer_rrs",
+            "probe_dns_authority_rrs",
+            "probe_dns_additional_rrs",
+            "probe_dns_query_succeeded",
+        ],
+    );
 
     let qtype = cfg.query_type_code().ok_or_else(|| {
         Failure::new(

@@ -255,6 +255,18 @@ impl Samples {
         }
     }
 
+    /// Registers the samples a prober always reports, at 0 until the probe gets that far
+    /// (as blackbox_exporter registers its gauges up front): `metric{phase}` for each of
+    /// `phases`, and each of `gauges`.
+    pub fn register(&mut self, metric: &'static str, phases: &[&str], gauges: &[&'static str]) {
+        for phase in phases {
+            self.add_with(metric, &[("phase", phase)], 0.0);
+        }
+        for name in gauges {
+            self.set(name, 0.0);
+        }
+    }
+
     /// Replaces the value of an existing unlabelled sample, or adds it.
     pub fn set(&mut self, name: &'static str, value: f64) {
         match self

@@ -145,13 +145,11 @@ async fn query_responses(
         }
         if !send.is_empty() {
             send.push(b'\n');
-            conn.write_all(&send).await.map_err(|e| {
-                Failure::new(
-                    Reason::Protocol,
-                    format!("query_response[{i}]: send: {}", io_reason(&e)),
-                )
-            })?;
-            conn.flush().await.map_err(|e| {
+            let sent = match conn.write_all(&send).await {
+                Ok(()) => conn.flush().await,
+                Err(e) => Err(e),
+            };
+            sent.map_err(|e| {
                 Failure::new(
                     Reason::Protocol,
                     format!("query_response[{i}]: send: {}", io_reason(&e)),
