@@ -442,7 +442,7 @@ fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, Failure> {
 mod tests {
     use super::*;
     use crate::probe::run;
-    use crate::probe::test_support::{ctx, labelled, sample};
+    use crate::probe::test_support::{ctx, phase_of, sample};
     use hickory_proto::op::{MessageType, OpCode, ResponseCode};
     use hickory_proto::rr::rdata::{A, SOA as SoaData};
     use std::time::Duration;
@@ -575,11 +575,7 @@ mod tests {
     }
 
     fn phase(o: &crate::probe::ProbeOutcome, name: &str) -> f64 {
-        labelled(o, DURATION)
-            .into_iter()
-            .find(|(l, _)| l == &vec![("phase", name.to_string())])
-            .map(|(_, v)| v)
-            .expect("phase sample")
+        phase_of(o, DURATION, name)
     }
 
     #[tokio::test]
