@@ -24,8 +24,8 @@
 //! (overloaded, storage failing) is not hammered in a tight loop.
 
 //!
-//! Here the stream itself and its reconnects; [`symbols`] builds the batches,
-//! [`assignment`] judges and applies what the aggregator assigns, [`connect`] opens the
+//! Here the stream itself and its reconnects; `symbols.rs` builds the batches,
+//! `assignment.rs` judges and applies what the aggregator assigns, `connect.rs` opens the
 //! channel.
 
 mod assignment;
