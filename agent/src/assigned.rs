@@ -72,8 +72,24 @@ pub enum PolicyError {
 pub struct FileNotAllowed {
     pub option: &'static str,
     pub path: String,
-    why: &'static str,
+    why: PathRefused,
     patterns: Vec<String>,
+}
+
+/// Why a path an assigned module names is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefused {
+    /// No `allowed_file_paths`: every file is refused.
+    #[error("names a file")]
+    NoFileAllowed,
+    #[error("is outside the allowed file paths")]
+    Outside,
+    #[error("contains a NUL byte")]
+    NulByte,
+    #[error("is not an absolute path")]
+    NotAbsolute,
+    #[error("is not a Unix path")]
+    NotUnix,
 }
 
 fn allowed_now(patterns: &[String]) -> String {
@@ -164,15 +180,15 @@ impl FilePolicy {
         Ok(())
     }
 
-    fn check_path(&self, path: &str) -> Result<(), &'static str> {
+    fn check_path(&self, path: &str) -> Result<(), PathRefused> {
         let Some(allowed) = &self.allowed else {
-            return Err("names a file");
+            return Err(PathRefused::NoFileAllowed);
         };
         let normalised = normalise(path)?;
         if allowed.is_match(&normalised) {
             Ok(())
         } else {
-            Err("is outside the allowed file paths")
+            Err(PathRefused::Outside)
         }
     }
 }
@@ -180,12 +196,12 @@ impl FilePolicy {
 /// `path` with `.` and `..` resolved lexically, so that `/etc/sonde/certs/../../shadow`
 /// is judged as `/etc/shadow`. Relative paths (which would depend on the agent's working
 /// directory) and NUL bytes are refused.
-pub fn normalise(path: &str) -> Result<PathBuf, &'static str> {
+pub fn normalise(path: &str) -> Result<PathBuf, PathRefused> {
     if path.contains('\0') {
-        return Err("contains a NUL byte");
+        return Err(PathRefused::NulByte);
     }
     if !path.starts_with('/') {
-        return Err("is not an absolute path");
+        return Err(PathRefused::NotAbsolute);
     }
     let mut out = PathBuf::from("/");
     for component in Path::new(path).components() {
@@ -195,7 +211,7 @@ pub fn normalise(path: &str) -> Result<PathBuf, &'static str> {
                 out.pop();
             }
             Component::Normal(name) => out.push(name),
-            Component::Prefix(_) => return Err("is not a Unix path"),
+            Component::Prefix(_) => return Err(PathRefused::NotUnix),
         }
     }
     Ok(out)
