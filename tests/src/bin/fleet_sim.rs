@@ -41,9 +41,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 /// Unacked results a real agent holds in flight before it stops sending
-/// (`IN_FLIGHT_MAX` in agent/src/uplink.rs); the simulated agents wait the same way.
+/// (`IN_FLIGHT_MAX` in agent/src/uplink/mod.rs); the simulated agents wait the same way.
 const IN_FLIGHT_MAX: usize = 20_000;
-/// The real agent's heartbeat period (`HEARTBEAT_EVERY` in agent/src/uplink.rs).
+/// The real agent's heartbeat period (`HEARTBEAT_EVERY` in agent/src/uplink/mod.rs).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// The aggregator's default `fleet.limits` this load must fit, or the generated config
 /// raises them (and the report says so).
