@@ -153,7 +153,7 @@ fn queue_only(
     let started = Instant::now();
     for samples in &commits {
         store
-            .with_tx(|tx| writer.enqueue(tx, samples))
+            .transaction(|tx| writer.enqueue(tx, samples))
             .expect("enqueue");
         writer.wake();
     }

@@ -2,9 +2,10 @@
 //! endpoint), and reloading. The binary and the tests build it the same way.
 
 use crate::config::{AggregatorConfig, OpenFleet};
+use crate::fleet::listener::FleetTlsError;
 use crate::fleet::now_ms;
 use crate::hub::{Durable, Hub, Output};
-use crate::remote_write::RemoteWriter;
+use crate::remote_write::{RemoteWriteError, RemoteWriter};
 use crate::series::Samples;
 use crate::store::{Store, StoreError};
 use sonde_proto::config::ConfigError;
@@ -18,19 +19,8 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    RemoteWrite(#[from] RemoteWriteText),
+    RemoteWrite(#[from] RemoteWriteError),
 }
-
-/// What `remote_write` said when its endpoints could not start. Its functions still
-/// return their message as text; this carries it until they have an error type.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RemoteWriteText(pub String);
-
-/// What `fleet::listener` said of the fleet's TLS files, carried the same way.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct FleetTlsText(pub String);
 
 /// Why a reload did not happen; the running config stays.
 #[derive(Debug, thiserror::Error)]
@@ -42,17 +32,18 @@ pub enum ReloadError {
     #[error(transparent)]
     OpenFleet(#[from] OpenFleet),
     #[error(transparent)]
-    FleetTls(#[from] FleetTlsText),
+    FleetTls(#[from] FleetTlsError),
     #[error(transparent)]
-    RemoteWrite(#[from] RemoteWriteText),
+    RemoteWrite(#[from] RemoteWriteError),
 }
 
 /// Why the aggregator is not ready (`/-/ready` answers 503 with it).
 #[derive(Debug, thiserror::Error)]
 #[error("the store refuses commits ({reason}); results are not acked until it recovers")]
 pub struct NotReady {
-    /// The last commit's error, as the hub keeps it.
-    pub reason: String,
+    /// The last commit's error.
+    #[source]
+    pub reason: Arc<StoreError>,
 }
 
 /// Commits the hub's series and state changes, and hands the series to every
@@ -63,18 +54,15 @@ pub struct Outputs {
 }
 
 impl Output for Outputs {
-    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
+    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), StoreError> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
-        // The hub keeps the reason as text (`Output` is its interface).
-        self.store
-            .transaction(|tx| {
-                durable.apply(tx)?;
-                for w in writers.iter() {
-                    w.enqueue(tx, samples)?;
-                }
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
+        self.store.transaction(|tx| {
+            durable.apply(tx)?;
+            for w in writers.iter() {
+                w.enqueue(tx, samples)?;
+            }
+            Ok(())
+        })?;
         for w in writers.iter() {
             w.wake();
         }
@@ -189,9 +177,7 @@ impl App {
             config.check_listen_address(*grpc)?;
             // Certificates are re-read on every reload (renewed files take effect);
             // a problem with them fails the reload before anything changes.
-            self.fleet_tls
-                .load(config.tls.as_ref())
-                .map_err(FleetTlsText)?;
+            self.fleet_tls.load(config.tls.as_ref())?;
         }
         let old = self.hub.config();
         let config = Arc::new(config);
@@ -240,17 +226,14 @@ impl App {
 fn start_writers(
     config: &AggregatorConfig,
     store: &Arc<Store>,
-) -> Result<Vec<Arc<RemoteWriter>>, RemoteWriteText> {
+) -> Result<Vec<Arc<RemoteWriter>>, RemoteWriteError> {
     // Queues of endpoints no longer configured keep their samples; say so once.
-    crate::remote_write::report_unconfigured_queues(store, &config.remote_write)
-        .map_err(RemoteWriteText)?;
+    crate::remote_write::report_unconfigured_queues(store, &config.remote_write)?;
     config
         .remote_write
         .iter()
         .map(|rw| {
-            RemoteWriter::start(rw.clone(), &config.external_labels, store.clone())
-                .map(Arc::new)
-                .map_err(RemoteWriteText)
+            RemoteWriter::start(rw.clone(), &config.external_labels, store.clone()).map(Arc::new)
         })
         .collect()
 }

@@ -373,11 +373,11 @@ impl AggregatorConfig {
             resolve_paths(&mut rw, base);
             match rw.validate() {
                 Ok(()) => remote_write.push(rw),
-                Err(m) => problems.error(ConfigError::at(file, located.referenced, m)),
+                Err(e) => problems.error(ConfigError::at(file, located.referenced, e.to_string())),
             }
         }
         if let Err(m) = crate::remote_write::config::validate_all(&remote_write) {
-            problems.error(whole(m));
+            problems.error(whole(m.to_string()));
         }
 
         let mut tokens = HashMap::new();

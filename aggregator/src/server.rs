@@ -1,8 +1,9 @@
 //! Starting and stopping the aggregator's listeners and background tasks as one unit,
 //! for the binary and for tests.
 
-use crate::app::{App, FleetTlsText};
+use crate::app::App;
 use crate::config::OpenFleet;
+use crate::fleet::listener::FleetTlsError;
 use crate::fleet::{FleetService, now_ms};
 use sonde_proto::pb::fleet_server::FleetServer;
 use std::net::SocketAddr;
@@ -30,7 +31,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    FleetTls(#[from] FleetTlsText),
+    FleetTls(#[from] FleetTlsError),
 }
 
 pub struct Running {
@@ -80,9 +81,7 @@ pub async fn start_with(
 
     let config = app.hub.config();
     let limits = config.limits;
-    app.fleet_tls
-        .load(config.tls.as_ref())
-        .map_err(FleetTlsText)?;
+    app.fleet_tls.load(config.tls.as_ref())?;
     let _ = app.grpc_address.set(grpc_address);
     let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

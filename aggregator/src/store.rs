@@ -162,15 +162,6 @@ impl Store {
         run(&mut conn).map_err(|source| self.failed(source))
     }
 
-    /// [`Store::transaction`] with its error as text, for `remote_write::queue` and the
-    /// hub's tests, which still pass errors on as text.
-    pub fn with_tx<R>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R>,
-    ) -> Result<R, String> {
-        self.transaction(f).map_err(|e| e.to_string())
-    }
-
     fn failed(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             location: location(self.path.as_deref()),

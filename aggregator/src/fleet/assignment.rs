@@ -523,7 +523,7 @@ jobs:
             &self,
             _: &crate::series::Samples,
             _: &crate::hub::Durable,
-        ) -> Result<(), String> {
+        ) -> Result<(), crate::store::StoreError> {
             Ok(())
         }
     }

@@ -10,6 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -30,7 +31,7 @@ pub struct FleetTls {
 impl FleetTls {
     /// Reads the certificate, key and client CA of `config` (all of them, or nothing
     /// changes) and makes them the ones new connections get.
-    pub fn load(&self, config: Option<&ServerTlsConfig>) -> Result<(), String> {
+    pub fn load(&self, config: Option<&ServerTlsConfig>) -> Result<(), FleetTlsError> {
         let next = config.map(server_config).transpose()?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
@@ -44,66 +45,92 @@ impl FleetTls {
     }
 }
 
+/// Why `fleet.tls` cannot be used; nothing of it is, and the files stay as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetTlsError {
+    /// `file` (cert_file, key_file or client_ca_file) cannot be read as PEM.
+    #[error("fleet.tls: cannot read {file} {}: {source}", path.display())]
+    Unreadable {
+        file: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("fleet.tls: cert_file {} holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    /// rustls refused what the files hold (a client CA it cannot use, a certificate
+    /// and key that do not make a pair).
+    #[error("fleet.tls: {what}: {source}")]
+    Refused {
+        what: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("fleet.tls: client_ca_file {}: {source}", path.display())]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+}
+
 /// A rustls server configuration from `fleet.tls`, speaking HTTP/2 only.
-pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, FleetTlsError> {
+    let unreadable = |file, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FleetTlsError::Unreadable { file, path, source }
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
         .and_then(|certs| certs.collect())
-        .map_err(|e| {
-            format!(
-                "fleet.tls: cannot read certificates from cert_file {}: {e}",
-                tls.cert_file.display()
-            )
-        })?;
+        .map_err(unreadable("cert_file", &tls.cert_file))?;
     if certs.is_empty() {
-        return Err(format!(
-            "fleet.tls: cert_file {} holds no PEM certificate",
-            tls.cert_file.display()
-        ));
+        return Err(FleetTlsError::NoCertificate {
+            path: tls.cert_file.clone(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
-        format!(
-            "fleet.tls: cannot read a private key from key_file {}: {e}",
-            tls.key_file.display()
-        )
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(unreadable("key_file", &tls.key_file))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("fleet.tls: {e}"))?;
+        .map_err(|source| FleetTlsError::Refused {
+            what: "the protocol versions".into(),
+            source,
+        })?;
     let builder = match &tls.client_ca_file {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| {
-                format!(
-                    "fleet.tls: cannot read client_ca_file {}: {e}",
-                    ca.display()
-                )
-            })? {
-                let cert = cert.map_err(|e| {
-                    format!(
-                        "fleet.tls: cannot read client_ca_file {}: {e}",
-                        ca.display()
-                    )
+            for cert in
+                CertificateDer::pem_file_iter(ca).map_err(unreadable("client_ca_file", ca))?
+            {
+                let cert = cert.map_err(unreadable("client_ca_file", ca))?;
+                roots.add(cert).map_err(|source| FleetTlsError::Refused {
+                    what: format!("client_ca_file {}", ca.display()),
+                    source,
                 })?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("fleet.tls: client_ca_file {}: {e}", ca.display()))?;
             }
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                     .build()
-                    .map_err(|e| format!("fleet.tls: client_ca_file {}: {e}", ca.display()))?;
+                    .map_err(|source| FleetTlsError::ClientCa {
+                        path: ca.clone(),
+                        source,
+                    })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-        format!(
-            "fleet.tls: cert_file {} and key_file {} do not make a usable pair: {e}",
-            tls.cert_file.display(),
-            tls.key_file.display()
-        )
-    })?;
+    let mut config =
+        builder
+            .with_single_cert(certs, key)
+            .map_err(|source| FleetTlsError::Refused {
+                what: format!(
+                    "cert_file {} and key_file {} do not make a usable pair",
+                    tls.cert_file.display(),
+                    tls.key_file.display()
+                ),
+                source,
+            })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

@@ -37,6 +37,7 @@ use crate::config::AggregatorConfig;
 use crate::health::StorageHealth;
 use crate::refusals::Refusals;
 use crate::series::Samples;
+use crate::store::StoreError;
 use crate::targets::{FileSd, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
@@ -53,25 +54,18 @@ pub type AgentSender = mpsc::Sender<Result<AggregatorMessage, tonic::Status>>;
 /// sample in every output queue and applies the durable changes in one transaction:
 /// all of it, or none of it.
 pub trait Output: Send + Sync {
-    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String>;
+    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), StoreError>;
 }
 
 /// Why [`Hub::results`] did not take a batch.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
-    /// The store refused the commit; nothing of the batch was kept. Retry later.
-    Storage(String),
-    /// The aggregator is shutting down.
+    /// The store refused the commit; nothing of the batch was kept. Retry later. Shared
+    /// by every batch of the group that failed.
+    #[error("the store refused the commit: {0}")]
+    Storage(#[source] Arc<StoreError>),
+    #[error("the aggregator is shutting down")]
     Stopped,
-}
-
-impl std::fmt::Display for ResultsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ResultsError::Storage(e) => write!(f, "the store refused the commit: {e}"),
-            ResultsError::Stopped => write!(f, "the aggregator is shutting down"),
-        }
-    }
 }
 
 /// Tells one stream to end, and why.
@@ -214,7 +208,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Arc<Snapshot>>,
     },
     /// From the storage thread: the group in flight committed, or not.
-    Committed(Result<(), String>),
+    Committed(Result<(), StoreError>),
     Stop,
 }
 
@@ -686,6 +680,7 @@ fn ingest_thread(
                             pay(done.owed, snapshot, None);
                         }
                         Err(e) => {
+                            let e = Arc::new(e);
                             shared.storage.failed(&e);
                             tracing::error!(error = %e, "cannot commit to the store; nothing of it is acked, and it is written again once the store recovers");
                             // Newest first: the group applied after the failed one
@@ -736,7 +731,7 @@ fn ingest_thread(
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Answers what a group owes: acks (or the error), completions, snapshots.
-fn pay(owed: Vec<Owed>, snapshot: Option<Arc<Snapshot>>, error: Option<&String>) {
+fn pay(owed: Vec<Owed>, snapshot: Option<Arc<Snapshot>>, error: Option<&Arc<StoreError>>) {
     for o in owed {
         match o {
             Owed::Ack(tx, ack) => {

@@ -1712,11 +1712,21 @@ mod tests {
     }
 
     impl Output for Recorder {
-        fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
+        fn commit(
+            &self,
+            samples: &Samples,
+            durable: &Durable,
+        ) -> Result<(), crate::store::StoreError> {
             if self.2.load(Ordering::Relaxed) {
-                return Err("injected: database or disk is full".into());
+                return Err(crate::store::StoreError::Sqlite {
+                    location: "the test's store".into(),
+                    source: rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                        Some("injected: database or disk is full".into()),
+                    ),
+                });
             }
-            self.1.with_tx(|tx| durable.apply(tx))?;
+            self.1.transaction(|tx| durable.apply(tx))?;
             self.0.lock().unwrap().extend(samples.to_vec());
             Ok(())
         }
@@ -1857,7 +1867,7 @@ fleet: {missing_after: 30s}
             result(3, "local", "127.0.0.1:22", 0, true),
             result(4, "local", "127.0.0.1:22", T0, true),
         ];
-        assert_eq!(results(&hub, "edge", &batch, T0), Ok(Some(4)));
+        assert_eq!(results(&hub, "edge", &batch, T0).ok(), Some(Some(4)));
         assert_eq!(refused(&hub, "future_timestamp"), 2);
         let state = hub.snapshot_blocking();
         let entry = &state.entries[&("local".to_string(), "127.0.0.1:22".to_string())];
@@ -2046,8 +2056,9 @@ fleet: {missing_after: 30s}
                 "eu-1",
                 &[result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 5
-            ),
-            Ok(Some(1))
+            )
+            .ok(),
+            Some(Some(1))
         );
         let out = rec.take();
         assert_eq!(
@@ -2086,16 +2097,17 @@ fleet: {missing_after: 30s}
                 "eu-1",
                 &[result(1, "web", "127.0.0.1:80", T0, true)],
                 T0 + 6
-            ),
-            Ok(Some(1))
+            )
+            .ok(),
+            Some(Some(1))
         );
         assert!(rec.take().is_empty());
         assert_eq!(hub.counters.results_deduplicated.load(Ordering::Relaxed), 1);
 
         // A result for a target nobody assigned is acked and dropped.
         assert_eq!(
-            results(&hub, "eu-1", &[result(2, "nope", "x", T0, true)], T0 + 7),
-            Ok(Some(2))
+            results(&hub, "eu-1", &[result(2, "nope", "x", T0, true)], T0 + 7).ok(),
+            Some(Some(2))
         );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
     }

@@ -3,7 +3,7 @@
 //! per-request `remote_timeout`, and the sorting of a response into sent, retry later, or
 //! rejected for good.
 
-use super::config::{ProtobufMessage, RemoteWriteConfig, Secret, TlsConfig};
+use super::config::{ProtobufMessage, RemoteWriteConfig, Secret, SettingError, TlsConfig, invalid};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode};
@@ -85,33 +85,33 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn parse(url: &str) -> Result<Self, String> {
+    pub(crate) fn parse(url: &str) -> Result<Self, SettingError> {
         let uri: http::Uri = url.parse().map_err(|e| {
-            format!("url: {url:?} is not a valid URL ({e}); expected like http://127.0.0.1:9090/api/v1/write")
+            invalid(format!("url: {url:?} is not a valid URL ({e}); expected like http://127.0.0.1:9090/api/v1/write"))
         })?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
             _ => {
-                return Err(format!(
+                return Err(invalid(format!(
                     "url: {url:?} must start with http:// or https://, like http://127.0.0.1:9090/api/v1/write"
-                ));
+                )));
             }
         };
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("url: {url:?} has no host"))?;
+            .ok_or_else(|| invalid(format!("url: {url:?} has no host")))?;
         if authority.as_str().contains('@') {
-            return Err(format!(
+            return Err(invalid(format!(
                 "url: credentials in the URL are not supported; move them to basic_auth and remove them from {url:?}"
-            ));
+            )));
         }
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("url: {url:?} has no host"));
+            return Err(invalid(format!("url: {url:?} has no host")));
         }
         Ok(Self {
             https,
@@ -270,7 +270,7 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub(crate) fn new(cfg: &RemoteWriteConfig) -> Result<Self, String> {
+    pub(crate) fn new(cfg: &RemoteWriteConfig) -> Result<Self, SettingError> {
         let endpoint = Endpoint::parse(&cfg.url)?;
         let tls = if endpoint.https {
             let tls_cfg = cfg.tls_config.clone().unwrap_or_default();
@@ -280,7 +280,9 @@ impl Client {
                 .clone()
                 .unwrap_or_else(|| endpoint.host.clone());
             let server_name = ServerName::try_from(name.clone()).map_err(|_| {
-                format!("tls_config.server_name: {name:?} is not a valid DNS name or IP address")
+                invalid(format!(
+                    "tls_config.server_name: {name:?} is not a valid DNS name or IP address"
+                ))
             })?;
             Some((
                 tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -291,10 +293,13 @@ impl Client {
         };
         let mut headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("headers: {name:?} is not a valid HTTP header name"))?;
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                invalid(format!("headers: {name:?} is not a valid HTTP header name"))
+            })?;
             let value = HeaderValue::from_str(value).map_err(|_| {
-                format!("headers: the value of {name:?} has characters not allowed in HTTP headers")
+                invalid(format!(
+                    "headers: the value of {name:?} has characters not allowed in HTTP headers"
+                ))
             })?;
             headers.insert(name, value);
         }
@@ -314,7 +319,7 @@ impl Client {
         headers.insert(
             header::HOST,
             HeaderValue::from_str(&endpoint.authority)
-                .map_err(|_| format!("url: invalid host {:?}", endpoint.authority))?,
+                .map_err(|_| invalid(format!("url: invalid host {:?}", endpoint.authority)))?,
         );
         Ok(Self {
             endpoint,
@@ -554,11 +559,11 @@ fn receiver_message(body: &[u8]) -> String {
 
 /// The rustls setup for `tls`, ring as the crypto provider. Reading every file here
 /// means that config validation finds a missing or broken file before the first send.
-pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, SettingError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls_config: {e}"))?;
+        .map_err(|e| invalid(format!("tls_config: {e}")))?;
     let builder = if tls.insecure_skip_verify {
         builder
             .dangerous()
@@ -572,10 +577,10 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig,
                 let certs = read_certs("tls_config.ca_file", path)?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "tls_config.ca_file: no usable CA certificate in {}",
                         path.display()
-                    ));
+                    )));
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -586,45 +591,47 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig,
         (Some(cert), Some(key)) => {
             let certs = read_certs("tls_config.cert_file", cert)?;
             let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                format!(
+                invalid(format!(
                     "tls_config.key_file: cannot read a PEM private key from {}: {e}",
                     key.display()
-                )
+                ))
             })?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| format!("tls_config: cert_file and key_file do not fit: {e}"))?
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                invalid(format!(
+                    "tls_config: cert_file and key_file do not fit: {e}"
+                ))
+            })?
         }
         (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {
-            return Err(
+            return Err(invalid(
                 "tls_config: cert_file is set without key_file; set both or neither".into(),
-            );
+            ));
         }
         (None, Some(_)) => {
-            return Err(
+            return Err(invalid(
                 "tls_config: key_file is set without cert_file; set both or neither".into(),
-            );
+            ));
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
-fn read_certs(option: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(option: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, SettingError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
-            format!(
+            invalid(format!(
                 "{option}: cannot read PEM certificates from {}: {e}",
                 path.display()
-            )
+            ))
         })?;
     if certs.is_empty() {
-        return Err(format!(
+        return Err(invalid(format!(
             "{option}: no PEM certificate (-----BEGIN CERTIFICATE-----) in {}",
             path.display()
-        ));
+        )));
     }
     Ok(certs)
 }

@@ -278,38 +278,50 @@ impl RemoteWriteConfig {
 
     /// Checks what serde cannot: the URL, that one authentication method is set, that
     /// the files named exist and parse now rather than at the first send.
-    pub fn validate(&self) -> Result<(), String> {
-        let what = match &self.name {
-            Some(name) => format!("remote_write {name:?}"),
-            None => format!("remote_write {:?}", self.url),
-        };
-        self.validate_inner().map_err(|e| format!("{what}: {e}"))
+    pub fn validate(&self) -> Result<(), RemoteWriteError> {
+        self.validate_inner()
+            .map_err(|problem| self.problem(problem))
     }
 
-    fn validate_inner(&self) -> Result<(), String> {
+    /// `problem`, said of this endpoint (by its name, or its URL when it has none).
+    pub(crate) fn problem(&self, problem: SettingError) -> RemoteWriteError {
+        RemoteWriteError::Endpoint {
+            endpoint: format!("{:?}", self.name.as_deref().unwrap_or(&self.url)),
+            problem,
+        }
+    }
+
+    fn validate_inner(&self) -> Result<(), SettingError> {
         crate::remote_write::client::Endpoint::parse(&self.url)?;
         if let Some(name) = &self.name
             && name.trim().is_empty()
         {
-            return Err("name: must not be empty; remove it to get a generated name".into());
+            return Err(invalid(
+                "name: must not be empty; remove it to get a generated name".into(),
+            ));
         }
         if self.remote_timeout.0.is_zero() {
-            return Err("remote_timeout: must be more than 0, like \"30s\"".into());
+            return Err(invalid(
+                "remote_timeout: must be more than 0, like \"30s\"".into(),
+            ));
         }
         for (name, value) in &self.headers {
             if let Some(reserved) = RESERVED_HEADERS
                 .iter()
                 .find(|r| r.eq_ignore_ascii_case(name))
             {
-                return Err(format!(
+                return Err(invalid(format!(
                     "headers: {reserved} is set by sonde itself and cannot be overridden; \
                      remove it (for credentials use basic_auth, bearer_token_file or authorization)"
-                ));
+                )));
             }
-            http::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("headers: {name:?} is not a valid HTTP header name"))?;
+            http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                invalid(format!("headers: {name:?} is not a valid HTTP header name"))
+            })?;
             http::HeaderValue::from_str(value).map_err(|_| {
-                format!("headers: the value of {name:?} has characters not allowed in HTTP headers")
+                invalid(format!(
+                    "headers: the value of {name:?} has characters not allowed in HTTP headers"
+                ))
             })?;
         }
         let methods: Vec<&str> = [
@@ -322,29 +334,31 @@ impl RemoteWriteConfig {
         .filter_map(|(name, set)| set.then_some(name))
         .collect();
         if methods.len() > 1 {
-            return Err(format!(
+            return Err(invalid(format!(
                 "{} are all set, but only one authentication method can be used; keep one",
                 methods.join(", ")
-            ));
+            )));
         }
         if let Some(b) = &self.basic_auth {
             match (&b.username, &b.username_file) {
                 (Some(_), Some(_)) => {
-                    return Err(
+                    return Err(invalid(
                         "basic_auth: username and username_file are both set; keep one".into(),
-                    );
+                    ));
                 }
                 (None, None) => {
-                    return Err("basic_auth: username (or username_file) is required".into());
+                    return Err(invalid(
+                        "basic_auth: username (or username_file) is required".into(),
+                    ));
                 }
                 (None, Some(f)) => check_readable("basic_auth.username_file", f)?,
                 (Some(_), None) => {}
             }
             match (&b.password, &b.password_file) {
                 (Some(_), Some(_)) => {
-                    return Err(
+                    return Err(invalid(
                         "basic_auth: password and password_file are both set; keep one".into(),
-                    );
+                    ));
                 }
                 (None, Some(f)) => check_readable("basic_auth.password_file", f)?,
                 _ => {}
@@ -358,28 +372,28 @@ impl RemoteWriteConfig {
                 .as_deref()
                 .is_some_and(|k| k.eq_ignore_ascii_case("basic"))
             {
-                return Err(
+                return Err(invalid(
                     "authorization: type Basic is not allowed here; use basic_auth instead".into(),
-                );
+                ));
             }
             if let Some(kind) = &a.kind
                 && (kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_graphic()))
             {
-                return Err(format!(
+                return Err(invalid(format!(
                     "authorization: type {kind:?} must be a single word, like \"Bearer\""
-                ));
+                )));
             }
             match (&a.credentials, &a.credentials_file) {
                 (Some(_), Some(_)) => {
-                    return Err(
+                    return Err(invalid(
                         "authorization: credentials and credentials_file are both set; keep one"
                             .into(),
-                    );
+                    ));
                 }
                 (None, None) => {
-                    return Err(
+                    return Err(invalid(
                         "authorization: credentials (or credentials_file) is required".into(),
-                    );
+                    ));
                 }
                 (None, Some(f)) => check_readable("authorization.credentials_file", f)?,
                 (Some(_), None) => {}
@@ -391,34 +405,38 @@ impl RemoteWriteConfig {
         }
         let q = &self.queue_config;
         if q.max_samples_per_send == 0 {
-            return Err("queue_config.max_samples_per_send: must be at least 1".into());
+            return Err(invalid(
+                "queue_config.max_samples_per_send: must be at least 1".into(),
+            ));
         }
         if q.batch_send_deadline.0.is_zero() {
-            return Err(
+            return Err(invalid(
                 "queue_config.batch_send_deadline: must be more than 0, like \"5s\"".into(),
-            );
+            ));
         }
         if q.min_backoff.0.is_zero() {
-            return Err(
+            return Err(invalid(
                 "queue_config.min_backoff: must be more than 0, like \"30ms\", or a failing \
                  receiver would be retried in a busy loop"
                     .into(),
-            );
+            ));
         }
         if q.max_backoff < q.min_backoff {
-            return Err(format!(
+            return Err(invalid(format!(
                 "queue_config.max_backoff ({}) is smaller than queue_config.min_backoff ({}); \
                  raise max_backoff",
                 q.max_backoff, q.min_backoff
-            ));
+            )));
         }
         if q.max_queue_bytes.0 == 0 {
-            return Err("queue_config.max_queue_bytes: must be more than 0, like \"1GiB\"".into());
+            return Err(invalid(
+                "queue_config.max_queue_bytes: must be more than 0, like \"1GiB\"".into(),
+            ));
         }
         if q.max_shards == 0 || q.max_shards > MAX_SHARDS_LIMIT {
-            return Err(format!(
+            return Err(invalid(format!(
                 "queue_config.max_shards: must be between 1 and {MAX_SHARDS_LIMIT}, like 4"
-            ));
+            )));
         }
         Ok(())
     }
@@ -426,33 +444,87 @@ impl RemoteWriteConfig {
 
 /// Checks a list of endpoints together: each one, and that their names differ, since the
 /// name is what tells their self-metrics and logs apart.
-pub fn validate_all(configs: &[RemoteWriteConfig]) -> Result<(), String> {
+pub fn validate_all(configs: &[RemoteWriteConfig]) -> Result<(), RemoteWriteError> {
     let mut seen = BTreeMap::new();
     for cfg in configs {
         cfg.validate()?;
         let name = cfg.name();
         if let Some(other_url) = seen.insert(name.clone(), cfg.url.clone()) {
             return Err(if cfg.name.is_some() {
-                format!(
-                    "remote_write: the name {name:?} is used by two endpoints ({other_url} and {}); \
-                     give each a different name",
-                    cfg.url
-                )
+                RemoteWriteError::SameName {
+                    name,
+                    first: other_url,
+                    second: cfg.url.clone(),
+                }
             } else {
-                format!(
-                    "remote_write: two endpoints for {} have the same config; remove the duplicate",
-                    cfg.url
-                )
+                RemoteWriteError::SameConfig {
+                    url: cfg.url.clone(),
+                }
             });
         }
     }
     Ok(())
 }
 
-fn check_readable(option: &str, path: &Path) -> Result<(), String> {
+fn check_readable(option: &'static str, path: &Path) -> Result<(), SettingError> {
     std::fs::read(path)
         .map(|_| ())
-        .map_err(|e| format!("{option}: cannot read {}: {e}", path.display()))
+        .map_err(|source| SettingError::Unreadable {
+            option,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// What is wrong with one remote_write endpoint's settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingError {
+    /// A value that cannot work: the message names the option and what to write instead.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file the endpoint needs cannot be read.
+    #[error("{option}: cannot read {}: {source}", path.display())]
+    Unreadable {
+        option: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A [`SettingError::Invalid`] with `message`.
+pub(crate) fn invalid(message: String) -> SettingError {
+    SettingError::Invalid(message)
+}
+
+/// Why remote write cannot start (or reload) as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteWriteError {
+    #[error("remote_write {endpoint}: {problem}")]
+    Endpoint {
+        /// The endpoint's name, or its URL, quoted.
+        endpoint: String,
+        #[source]
+        problem: SettingError,
+    },
+    #[error(
+        "remote_write: the name {name:?} is used by two endpoints ({first} and {second}); give each a different name"
+    )]
+    SameName {
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error("remote_write: two endpoints for {url} have the same config; remove the duplicate")]
+    SameConfig { url: String },
+    /// The queue's tables in the aggregator's database cannot be read or written.
+    #[error("remote write queue {what}: {source}")]
+    Queue {
+        /// Which queue, or `tables` for all of them.
+        what: String,
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 /// FNV-1a: a hash whose output is fixed by its definition, unlike std's `DefaultHasher`,
@@ -536,7 +608,7 @@ mod tests {
     #[test]
     fn validation_errors_name_the_option() {
         let check = |yaml: &str, expect: &str| {
-            let e = parse(yaml).unwrap().validate().unwrap_err();
+            let e = parse(yaml).unwrap().validate().unwrap_err().to_string();
             assert!(e.contains(expect), "{yaml} gave {e}");
         };
         check("url: ftp://a/\n", "http:// or https://");
@@ -586,7 +658,20 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap_err();
-        assert!(e.starts_with("remote_write \"x\": "), "{e}");
+        assert!(
+            matches!(
+                &e,
+                RemoteWriteError::Endpoint {
+                    problem: SettingError::Unreadable {
+                        option: "bearer_token_file",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("remote_write \"x\": "), "{e}");
     }
 
     #[test]
@@ -618,12 +703,14 @@ mod tests {
         assert!(
             validate_all(&[a.clone(), b])
                 .unwrap_err()
+                .to_string()
                 .contains("different name")
         );
         let c = RemoteWriteConfig::new("http://c/");
         assert!(
             validate_all(&[c.clone(), c.clone()])
                 .unwrap_err()
+                .to_string()
                 .contains("same config")
         );
         validate_all(&[a, c]).unwrap();

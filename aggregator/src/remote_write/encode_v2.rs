@@ -167,28 +167,37 @@ pub fn decode(body: &[u8]) -> Result<Request, DecodeError> {
     Ok(Request::decode(raw.as_slice())?)
 }
 
+/// Why a request's label references cannot be looked up.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("symbol reference {0} out of range")]
+    OutOfRange(u32),
+    #[error("labels_refs has an odd length")]
+    OddLabelRefs,
+}
+
 /// The series of a decoded request with their labels looked up, for receivers and tests.
 /// Err when a reference points outside `symbols` or `labels_refs` has an odd length.
-pub fn resolve(request: &Request) -> Result<Vec<Series>, String> {
-    let sym = |i: u32| -> Result<String, String> {
+pub fn resolve(request: &Request) -> Result<Vec<Series>, ResolveError> {
+    let sym = |i: u32| -> Result<String, ResolveError> {
         request
             .symbols
             .get(i as usize)
             .cloned()
-            .ok_or_else(|| format!("symbol reference {i} out of range"))
+            .ok_or(ResolveError::OutOfRange(i))
     };
     request
         .timeseries
         .iter()
         .map(|ts| {
             if ts.labels_refs.len() % 2 != 0 {
-                return Err("labels_refs has an odd length".to_string());
+                return Err(ResolveError::OddLabelRefs);
             }
             let labels = ts
                 .labels_refs
                 .chunks(2)
                 .map(|p| Ok((sym(p[0])?, sym(p[1])?)))
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Series {
                 labels,
                 samples: ts.samples.iter().map(|s| (s.timestamp, s.value)).collect(),
@@ -327,8 +336,11 @@ mod tests {
     fn resolve_refuses_bad_references() {
         let mut req = request(&tiny());
         req.timeseries[0].labels_refs.push(99);
-        assert!(resolve(&req).unwrap_err().contains("odd"));
+        assert_eq!(resolve(&req).unwrap_err(), ResolveError::OddLabelRefs);
         req.timeseries[0].labels_refs.push(100);
-        assert!(resolve(&req).unwrap_err().contains("out of range"));
+        assert!(matches!(
+            resolve(&req).unwrap_err(),
+            ResolveError::OutOfRange(_)
+        ));
     }
 }

@@ -32,7 +32,9 @@ mod request;
 mod sender;
 
 pub use client::SendError;
-pub use config::{ProtobufMessage, RemoteWriteConfig, validate_all};
+pub use config::{
+    ProtobufMessage, RemoteWriteConfig, RemoteWriteError, SettingError, validate_all,
+};
 pub use encode::{STALE_NAN_BITS, Series, decode, encode};
 pub use sender::backoff;
 
@@ -85,14 +87,14 @@ impl RemoteWriter {
         cfg: RemoteWriteConfig,
         external_labels: &Labels,
         store: Arc<Store>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RemoteWriteError> {
         cfg.validate()?;
         let name = cfg.name();
         let shards = cfg.queue_config.max_shards;
         let clients = (0..shards)
             .map(|_| client::Client::new(&cfg))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("remote_write {name:?}: {e}"))?;
+            .map_err(|problem| cfg.problem(problem))?;
         let shared = Arc::new(queue::Shared::open(
             name,
             cfg.url.clone(),
@@ -155,7 +157,10 @@ impl RemoteWriter {
     /// for producers outside a batch, and tests. A database error is logged (the samples
     /// are then lost).
     pub fn push(&self, samples: Vec<Sample>) {
-        match self.shared.store_with_tx(|tx| self.enqueue(tx, &samples)) {
+        match self
+            .shared
+            .store_transaction(|tx| self.enqueue(tx, &samples))
+        {
             Ok(()) => self.wake(),
             Err(e) => tracing::error!(
                 remote_name = %self.shared.name,
@@ -239,7 +244,7 @@ impl Drop for RemoteWriter {
 pub fn report_unconfigured_queues(
     store: &Store,
     configs: &[RemoteWriteConfig],
-) -> Result<(), String> {
+) -> Result<(), RemoteWriteError> {
     let names: Vec<String> = configs.iter().map(RemoteWriteConfig::name).collect();
     queue::report_unconfigured(store, &names)
 }
@@ -257,7 +262,7 @@ impl RemoteWriters {
         configs: &[RemoteWriteConfig],
         external_labels: &Labels,
         store: Arc<Store>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RemoteWriteError> {
         validate_all(configs)?;
         report_unconfigured_queues(&store, configs)?;
         let writers = configs
@@ -296,7 +301,7 @@ impl RemoteWriters {
 
     /// Queues `samples` on every endpoint in one transaction; never waits on the network.
     pub fn push(&self, samples: Vec<Sample>) {
-        match self.store.with_tx(|tx| self.enqueue(tx, &samples)) {
+        match self.store.transaction(|tx| self.enqueue(tx, &samples)) {
             Ok(()) => self.wake(),
             Err(e) => tracing::error!(
                 samples = samples.len(),

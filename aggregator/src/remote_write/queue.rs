@@ -52,10 +52,10 @@
 //! wire count as sent if it lands, dropped if it has to be redone.
 
 use super::block::{self, BlockBuilder};
-use super::config::{ProtobufMessage, QueueConfig, fnv1a64};
+use super::config::{ProtobufMessage, QueueConfig, RemoteWriteError, fnv1a64};
 use super::request::{self, LabelsPb, SeriesBatch};
 use crate::series::{SampleSource, Series, SeriesLabels};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_proto::exposition::Family;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -135,9 +135,12 @@ CREATE INDEX IF NOT EXISTS rw_dict_epoch ON rw_dict (endpoint, epoch);
 
 /// Creates the queue tables if they are missing, and converts the rows of the queue's
 /// first format (one row per sample) to blocks.
-pub(crate) fn ensure_schema(store: &Store) -> Result<(), String> {
+pub(crate) fn ensure_schema(store: &Store) -> Result<(), RemoteWriteError> {
     let mut conn = store.conn();
-    let fail = |e: rusqlite::Error| format!("remote write queue tables: {e}");
+    let fail = |source| RemoteWriteError::Queue {
+        what: "tables".into(),
+        source,
+    };
     let tx = conn.transaction().map_err(fail)?;
     tx.execute_batch(SCHEMA).map_err(fail)?;
     let has_enqueues: bool = tx
@@ -255,12 +258,19 @@ fn migrate_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
 /// Endpoints with queued samples on disk whose name is not in `configured`: logged once
 /// at start. Their blocks are kept (not sent, not counted against any bound), so that
 /// configuring the endpoint again under the same name sends them.
-pub(crate) fn report_unconfigured(store: &Store, configured: &[String]) -> Result<(), String> {
+pub(crate) fn report_unconfigured(
+    store: &Store,
+    configured: &[String],
+) -> Result<(), RemoteWriteError> {
     ensure_schema(store)?;
     let conn = store.conn();
+    let fail = |source| RemoteWriteError::Queue {
+        what: "tables".into(),
+        source,
+    };
     let mut stmt = conn
         .prepare("SELECT name, url, queued_samples, queued_bytes FROM rw_endpoints WHERE queued_samples > 0")
-        .map_err(|e| e.to_string())?;
+        .map_err(fail)?;
     let rows = stmt
         .query_map([], |r| {
             Ok((
@@ -270,9 +280,9 @@ pub(crate) fn report_unconfigured(store: &Store, configured: &[String]) -> Resul
                 r.get::<_, i64>(3)?,
             ))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(fail)?;
     for row in rows {
-        let (name, url, samples, bytes) = row.map_err(|e| e.to_string())?;
+        let (name, url, samples, bytes) = row.map_err(fail)?;
         if !configured.contains(&name) {
             tracing::warn!(
                 remote_name = %name,
@@ -800,9 +810,12 @@ impl Shared {
         queue: &QueueConfig,
         message: ProtobufMessage,
         store: Arc<Store>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RemoteWriteError> {
         ensure_schema(&store)?;
-        let fail = |e: rusqlite::Error| format!("remote_write {name:?}: queue database: {e}");
+        let fail = |source| RemoteWriteError::Queue {
+            what: format!("{name:?}"),
+            source,
+        };
         let shard_count = queue.max_shards.max(1);
         let restored: LabelsMap<i64>;
         let (endpoint_id, queued_samples, queued_bytes, max_id, max_epoch, damaged) = {
@@ -923,11 +936,11 @@ impl Shared {
     }
 
     /// Runs `f` in a transaction of the store this queue lives in.
-    pub(crate) fn store_with_tx<R>(
+    pub(crate) fn store_transaction<R>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R>,
-    ) -> Result<R, String> {
-        self.store.with_tx(f)
+    ) -> Result<R, StoreError> {
+        self.store.transaction(f)
     }
 
     /// The message requests are encoded as now.
@@ -1871,7 +1884,9 @@ mod tests {
             value: 1.0,
         };
         let push = |samples: Vec<Sample>| {
-            store.with_tx(|tx| shared.enqueue(tx, &samples)).unwrap();
+            store
+                .transaction(|tx| shared.enqueue(tx, &samples))
+                .unwrap();
         };
         push(vec![at(10), at(10), at(5)]);
         // Another Arc with the same labels shares the order check.
@@ -1892,13 +1907,13 @@ mod tests {
         let shared = open(&store, &QueueConfig::default());
         let (m, new) = (sample("m", 10), sample("new", 10));
         store
-            .with_tx(|tx| shared.enqueue(tx, std::slice::from_ref(&m)))
+            .transaction(|tx| shared.enqueue(tx, std::slice::from_ref(&m)))
             .unwrap();
         let m11 = Sample {
             timestamp_ms: 11,
             ..m.clone()
         };
-        let r = store.with_tx(|tx| {
+        let r = store.transaction(|tx| {
             shared.enqueue(tx, &[m11.clone(), new.clone()])?;
             tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
             Ok(())
@@ -1908,7 +1923,7 @@ mod tests {
         // The replay of the same samples is accepted: nothing remembered them, and the
         // new series' labels are written again (the rolled-back dictionary row is gone).
         store
-            .with_tx(|tx| shared.enqueue(tx, &[m11.clone(), new.clone()]))
+            .transaction(|tx| shared.enqueue(tx, &[m11.clone(), new.clone()]))
             .unwrap();
         let mut got: Vec<(String, i64)> = queued(&store)
             .into_iter()
@@ -1940,7 +1955,7 @@ mod tests {
             let shared = open(&store, &q);
             for t in [100, 101] {
                 store
-                    .with_tx(|tx| {
+                    .transaction(|tx| {
                         shared.enqueue(
                             tx,
                             &(0..20)
@@ -1956,7 +1971,7 @@ mod tests {
         let shared = open(&store, &q);
         assert_eq!(shared.snapshot().queued_samples, 40);
         store
-            .with_tx(|tx| shared.enqueue(tx, &[sample("m1", 101), sample("m1", 102)]))
+            .transaction(|tx| shared.enqueue(tx, &[sample("m1", 101), sample("m1", 102)]))
             .unwrap();
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 1);
         // Every sample sits in the shard its series hashes to for 3 shards, in order.
@@ -2015,7 +2030,7 @@ mod tests {
         assert_eq!(got, [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]);
         // Their order check came along.
         store
-            .with_tx(|tx| shared.enqueue(tx, &[sample("a", 2), sample("b", 2)]))
+            .transaction(|tx| shared.enqueue(tx, &[sample("a", 2), sample("b", 2)]))
             .unwrap();
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 1);
     }
@@ -2046,12 +2061,16 @@ mod tests {
             value: 1.0,
         };
         store
-            .with_tx(|tx| shared.enqueue(tx, &[at(1), at(2)]))
+            .transaction(|tx| shared.enqueue(tx, &[at(1), at(2)]))
             .unwrap();
-        store.with_tx(|tx| shared.enqueue(tx, &[at(3)])).unwrap();
+        store
+            .transaction(|tx| shared.enqueue(tx, &[at(3)]))
+            .unwrap();
         assert_eq!(dict_epochs(&store), [0]);
         lock(&shared.cache).epoch_length = Duration::ZERO;
-        store.with_tx(|tx| shared.enqueue(tx, &[at(4)])).unwrap();
+        store
+            .transaction(|tx| shared.enqueue(tx, &[at(4)]))
+            .unwrap();
         assert_eq!(dict_epochs(&store), [0, 1]);
 
         let batch = shared.read_batch(0).unwrap();
@@ -2081,7 +2100,9 @@ mod tests {
         };
         let shared = open(&store, &q);
         let samples: Vec<Sample> = (0..5).map(|i| sample(&format!("m{i}"), 1)).collect();
-        store.with_tx(|tx| shared.enqueue(tx, &samples)).unwrap();
+        store
+            .transaction(|tx| shared.enqueue(tx, &samples))
+            .unwrap();
         let sent = |n| Tally {
             sent: n,
             ..Tally::default()
@@ -2113,7 +2134,7 @@ mod tests {
         };
         let shared = open(&store, &q);
         store
-            .with_tx(|tx| shared.enqueue(tx, &[sample("a", 1), sample("b", 1)]))
+            .transaction(|tx| shared.enqueue(tx, &[sample("a", 1), sample("b", 1)]))
             .unwrap();
         store
             .conn()

@@ -240,7 +240,7 @@ async fn receive(State(log): State<Arc<Mutex<Log>>>, headers: HeaderMap, body: B
     let (request, read_as) = if is_v2 && speaks == Speaks::Both {
         match encode_v2::decode(&body)
             .map_err(|e| e.to_string())
-            .and_then(|r| encode_v2::resolve(&r))
+            .and_then(|r| encode_v2::resolve(&r).map_err(|e| e.to_string()))
         {
             Ok(series) => (as_v1(series), "2.0"),
             Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
@@ -804,7 +804,8 @@ async fn a_dead_endpoint_blocks_neither_push_nor_the_others() {
 async fn start_refuses_invalid_config() {
     let err = RemoteWriter::start(RemoteWriteConfig::new("ftp://x/"), &no_labels(), memory())
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert!(err.contains("http:// or https://"), "{err}");
 }
 
@@ -943,7 +944,7 @@ async fn enqueue_commits_and_rolls_back_with_the_callers_transaction() {
     let rx = Receiver::start().await;
     let store = memory();
     let writer = RemoteWriter::start(config(&rx.url()), &no_labels(), store.clone()).unwrap();
-    let failed = store.with_tx(|tx| {
+    let failed = store.transaction(|tx| {
         writer.enqueue(tx, &[sample("a", 1), sample("a", 2)])?;
         tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
         Ok(())
@@ -954,7 +955,7 @@ async fn enqueue_commits_and_rolls_back_with_the_callers_transaction() {
     assert_eq!(rx.attempts(), 0, "a rolled-back sample was sent");
     // The caller replays the batch (the agent was never acked): accepted.
     store
-        .with_tx(|tx| writer.enqueue(tx, &[sample("a", 1), sample("a", 2)]))
+        .transaction(|tx| writer.enqueue(tx, &[sample("a", 1), sample("a", 2)]))
         .unwrap();
     writer.wake();
     eventually("the replayed batch", || writer.status().sent_samples == 2).await;
@@ -1270,7 +1271,7 @@ fn enqueue_throughput() {
             })
             .collect();
         n += batch.len();
-        store.with_tx(|tx| writer.enqueue(tx, &batch)).unwrap();
+        store.transaction(|tx| writer.enqueue(tx, &batch)).unwrap();
     }
     let took = started.elapsed();
     eprintln!(
