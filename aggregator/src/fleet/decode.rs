@@ -38,13 +38,18 @@ const SYMBOL_OVERHEAD: usize = 40;
 const MAX_SHAPES: usize = 1024;
 const MAX_SHAPE_KEYS: usize = 1 << 18;
 
+/// A sample's name and labels.
+pub type NameAndLabels = (Symbol, Vec<(Symbol, Symbol)>);
+/// A sample of a [`ResultSamples`]: name, labels, value.
+pub type SampleRef<'a> = (&'a Symbol, &'a [(Symbol, Symbol)], f64);
+
 /// A result's kept samples without their values: names and labels, as the stream's
 /// symbols, and what the checks refused of it. Shared by every result of one stream
 /// whose samples name the same symbols in the same order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Shape {
     /// (name, labels) of each kept sample, in the result's order.
-    pub samples: Vec<(Symbol, Vec<(Symbol, Symbol)>)>,
+    pub samples: Vec<NameAndLabels>,
     /// The index among the result's samples of each kept one; `None`: all are kept.
     kept: Option<Vec<u32>>,
     /// Samples refused by the checks, by reason: (reason, how many, one example).
@@ -79,7 +84,7 @@ impl ResultSamples {
     }
 
     /// (name, labels, value) of each sample.
-    pub fn iter(&self) -> impl Iterator<Item = (&Symbol, &[(Symbol, Symbol)], f64)> {
+    pub fn iter(&self) -> impl Iterator<Item = SampleRef<'_>> {
         self.shape
             .samples
             .iter()
@@ -311,7 +316,7 @@ fn decode_sample(
     s: &pb::Sample,
     limits: &FleetLimits,
     decoded: &mut Decoded,
-) -> Result<Option<(Symbol, Vec<(Symbol, Symbol)>)>, String> {
+) -> Result<Option<NameAndLabels>, String> {
     // References are resolved first: one past the table is a protocol error even on a
     // sample that would be refused anyway.
     let name = symbols.get(s.name)?;

@@ -10,7 +10,7 @@
 use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
-use crate::fleet::decode::{ResultSamples, Shape, Symbol};
+use crate::fleet::decode::{ResultSamples, SampleRef, Shape, Symbol};
 use crate::history::{self, HistoryState};
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
@@ -1004,7 +1004,7 @@ impl State {
                     .is_some_and(|shape| Arc::ptr_eq(shape, &r.samples.shape))
         });
         // Otherwise: labels the aggregator sets on the series, a sample may not bring.
-        let kept: Vec<(&Symbol, &[(Symbol, Symbol)], f64)> = if same_shape {
+        let kept: Vec<SampleRef> = if same_shape {
             Vec::new()
         } else {
             let taken = |name: &str| {
@@ -1089,7 +1089,7 @@ impl State {
                 (p.series.clone(), r.samples.values.as_slice().into())
             }
             _ => {
-                let samples: Vec<(&Symbol, &[(Symbol, Symbol)], f64)> = if same_shape {
+                let samples: Vec<SampleRef> = if same_shape {
                     r.samples.iter().collect()
                 } else {
                     kept
@@ -2136,7 +2136,7 @@ fleet: {missing_after: 30s}
         let (first, _) = phase(&rec.take()).unwrap();
         let two = next(&one, 2, T0 + 1000, 0.2);
         assert!(Arc::ptr_eq(&one.samples.shape, &two.samples.shape));
-        results(&hub, "eu-1", &[two.clone()], T0 + 1000).unwrap();
+        results(&hub, "eu-1", std::slice::from_ref(&two), T0 + 1000).unwrap();
         let (second, value) = phase(&rec.take()).unwrap();
         assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(value, 0.2, "the new result's value, not the old one's");

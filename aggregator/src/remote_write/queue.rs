@@ -375,6 +375,10 @@ type Slot = Option<(Series, Option<Entry>)>;
 /// of labels was a tenth of the storage thread's time while new series arrive.
 type LabelsMap<V> = HashMap<LabelsPb, V, foldhash::fast::RandomState>;
 
+/// The dictionaries the shards read, by epoch: the last row id loaded and the labels by
+/// series id.
+type DictCache = HashMap<i64, (i64, block::IdMap<LabelsPb>)>;
+
 /// Tells the caches of different queues apart in a series' `queue_slots`.
 static NEXT_TOKEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
@@ -675,7 +679,7 @@ pub(crate) struct Shared {
     epoch: AtomicI64,
     /// Series labels by epoch and id, for the shard tasks, with the last dictionary row
     /// read of each epoch.
-    dict: Mutex<HashMap<i64, (i64, block::IdMap<LabelsPb>)>>,
+    dict: Mutex<DictCache>,
     pub(crate) shards: Vec<Shard>,
     pub(crate) stats: Mutex<Stats>,
     /// The configured message, and whether 2.0 is still in use (false once the receiver
@@ -1234,7 +1238,7 @@ impl Shared {
         &self,
         epoch: i64,
         mut ids: impl Iterator<Item = u64>,
-    ) -> rusqlite::Result<MutexGuard<'_, HashMap<i64, (i64, block::IdMap<LabelsPb>)>>> {
+    ) -> rusqlite::Result<MutexGuard<'_, DictCache>> {
         let mut dict = lock(&self.dict);
         let missing = match dict.get(&epoch) {
             None => true,
