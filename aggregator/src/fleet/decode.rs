@@ -131,17 +131,17 @@ impl SymbolTable {
         self.bytes
     }
 
-    fn extend(&mut self, new: Vec<String>, limits: &FleetLimits) -> Result<(), String> {
+    fn extend(&mut self, new: Vec<String>, limits: &FleetLimits) -> Result<(), ProtocolError> {
         let table_limit = limits.max_symbol_table_bytes.0 as usize;
         let symbol_limit = limits.max_symbol_bytes.0 as usize;
         for s in new {
             let kept = s.len() <= symbol_limit;
             let cost = SYMBOL_OVERHEAD + if kept { s.len() } else { 0 };
             if self.bytes + cost > table_limit {
-                return Err(format!(
-                    "the stream's symbol table is full ({} bytes, fleet.limits.max_symbol_table_bytes {table_limit}); open a new stream to start a new table",
-                    self.bytes
-                ));
+                return Err(ProtocolError::SymbolTableFull {
+                    bytes: self.bytes,
+                    limit: table_limit,
+                });
             }
             self.bytes += cost;
             self.symbols.push(kept.then(|| Symbol::from(s)));
@@ -149,13 +149,13 @@ impl SymbolTable {
         Ok(())
     }
 
-    fn get(&self, i: u32) -> Result<Option<&Symbol>, String> {
+    fn get(&self, i: u32) -> Result<Option<&Symbol>, ProtocolError> {
         match self.symbols.get(i as usize) {
             Some(s) => Ok(s.as_ref()),
-            None => Err(format!(
-                "symbol {i} is not defined (the table has {})",
-                self.symbols.len()
-            )),
+            None => Err(ProtocolError::UndefinedSymbol {
+                symbol: i,
+                defined: self.symbols.len(),
+            }),
         }
     }
 }
@@ -198,7 +198,7 @@ fn decode_shape(
     symbols: &SymbolTable,
     samples: &[pb::Sample],
     limits: &FleetLimits,
-) -> Result<Shape, String> {
+) -> Result<Shape, ProtocolError> {
     let mut refusals = Decoded::default();
     let mut shape = Shape::default();
     let mut kept = Vec::with_capacity(samples.len());
@@ -217,6 +217,28 @@ fn decode_shape(
     Ok(shape)
 }
 
+/// A batch that breaks the protocol: nothing after it can be trusted to mean what it
+/// says, so the stream ends (the agent reconnects and starts a new symbol table).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{results} results in one batch; fleet.limits.max_results_per_batch is {limit}")]
+    TooManyResults { results: usize, limit: usize },
+    #[error("{samples} samples in one batch; fleet.limits.max_samples_per_batch is {limit}")]
+    TooManySamples { samples: usize, limit: usize },
+    #[error(
+        "the stream's symbol table is full ({bytes} bytes, fleet.limits.max_symbol_table_bytes {limit}); open a new stream to start a new table"
+    )]
+    SymbolTableFull { bytes: usize, limit: usize },
+    #[error("symbol {symbol} is not defined (the table has {defined})")]
+    UndefinedSymbol { symbol: u32, defined: usize },
+    #[error("sample labels must come in name/value pairs")]
+    OddLabels,
+    #[error("sequence numbers must increase within a batch ({seq} after {after})")]
+    SequenceOrder { seq: u64, after: u64 },
+    #[error("sequence number {seq} is past 2^63-1, the largest the aggregator stores")]
+    SequenceTooLarge { seq: u64 },
+}
+
 /// Label names a sample may not carry whatever the target: the aggregator sets them.
 pub fn is_reserved_label(name: &str) -> bool {
     matches!(name, "job" | "instance" | "agent") || name.starts_with("__")
@@ -228,20 +250,19 @@ pub fn decode_batch(
     symbols: &mut SymbolTable,
     batch: pb::ResultBatch,
     limits: &FleetLimits,
-) -> Result<Decoded, String> {
+) -> Result<Decoded, ProtocolError> {
     if batch.results.len() > limits.max_results_per_batch {
-        return Err(format!(
-            "{} results in one batch; fleet.limits.max_results_per_batch is {}",
-            batch.results.len(),
-            limits.max_results_per_batch
-        ));
+        return Err(ProtocolError::TooManyResults {
+            results: batch.results.len(),
+            limit: limits.max_results_per_batch,
+        });
     }
     let samples: usize = batch.results.iter().map(|r| r.samples.len()).sum();
     if samples > limits.max_samples_per_batch {
-        return Err(format!(
-            "{samples} samples in one batch; fleet.limits.max_samples_per_batch is {}",
-            limits.max_samples_per_batch
-        ));
+        return Err(ProtocolError::TooManySamples {
+            samples,
+            limit: limits.max_samples_per_batch,
+        });
     }
     symbols.extend(batch.new_symbols, limits)?;
     let mut decoded = Decoded {
@@ -252,16 +273,13 @@ pub fn decode_batch(
     let mut key = Vec::new();
     for r in batch.results {
         if r.seq <= last_seq {
-            return Err(format!(
-                "sequence numbers must increase within a batch ({} after {last_seq})",
-                r.seq
-            ));
+            return Err(ProtocolError::SequenceOrder {
+                seq: r.seq,
+                after: last_seq,
+            });
         }
         if r.seq > MAX_SEQ {
-            return Err(format!(
-                "sequence number {} is past 2^63-1, the largest the aggregator stores",
-                r.seq
-            ));
+            return Err(ProtocolError::SequenceTooLarge { seq: r.seq });
         }
         last_seq = r.seq;
         let mut refused = None;
@@ -316,12 +334,12 @@ fn decode_sample(
     s: &pb::Sample,
     limits: &FleetLimits,
     decoded: &mut Decoded,
-) -> Result<Option<NameAndLabels>, String> {
+) -> Result<Option<NameAndLabels>, ProtocolError> {
     // References are resolved first: one past the table is a protocol error even on a
     // sample that would be refused anyway.
     let name = symbols.get(s.name)?;
     if !s.labels.len().is_multiple_of(2) {
-        return Err("sample labels must come in name/value pairs".into());
+        return Err(ProtocolError::OddLabels);
     }
     let mut labels = Vec::with_capacity(s.labels.len() / 2);
     let mut too_long = name.is_none();
@@ -518,7 +536,7 @@ mod tests {
                 .collect(),
         );
         let e = decode_batch(&mut SymbolTable::default(), heavy, &limits).unwrap_err();
-        assert!(e.contains("max_samples_per_batch"), "{e}");
+        assert!(matches!(e, ProtocolError::TooManySamples { .. }), "{e}");
     }
 
     #[test]
@@ -533,7 +551,7 @@ mod tests {
         decode_batch(&mut table, batch(&[&mb, &mb], vec![]), &limits).unwrap();
         assert!(table.bytes() < 3 << 20);
         let e = decode_batch(&mut table, batch(&[&mb], vec![]), &limits).unwrap_err();
-        assert!(e.contains("symbol table is full"), "{e}");
+        assert!(matches!(e, ProtocolError::SymbolTableFull { .. }), "{e}");
     }
 
     #[test]

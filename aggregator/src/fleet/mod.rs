@@ -292,8 +292,8 @@ async fn serve_stream(
                     Ok(d) => d,
                     Err(e) => {
                         hub.refusals
-                            .refuse(agent, Reason::Malformed, 1, || e.clone());
-                        let _ = tx.send(Err(Status::invalid_argument(e.clone()))).await;
+                            .refuse(agent, Reason::Malformed, 1, || e.to_string());
+                        let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
                         return format!("malformed batch: {e}");
                     }
                 };
