@@ -22,6 +22,7 @@
 
 use clap::Parser;
 use sonde_proto::config::PromDuration;
+use sonde_tests::bench::{WorkDir, find_release_bin, start_nginx, wait_for};
 use sonde_tests::procfs::{
     clock_ticks_per_second, metrics_page, stat_ticks, status_bytes, status_value,
 };
@@ -102,58 +103,6 @@ fn aggregator_config(args: &Args, nginx: u16) -> String {
 
 fn agent_config(grpc: &str) -> String {
     format!("agent:\n  id: bench-agent\naggregators:\n  - address: {grpc}\n")
-}
-
-/// nginx answering every path with 200 "ok\n", with room for the agent's connections.
-fn nginx_config(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile 65536;
-pid {d}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "ok\n"; }}
-    }}
-}}
-"#
-    )
-}
-
-fn find_bin(given: Option<&Path>, name: &str) -> Result<PathBuf, String> {
-    if let Some(path) = given {
-        return if path.is_file() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(format!("{}: no such file", path.display()))
-        };
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(name)));
-    let release = sonde_tests::workspace_root()
-        .join("target/release")
-        .join(name);
-    for candidate in beside.into_iter().chain([release.clone()]) {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(format!(
-        "no {name} binary next to agent-bench nor at {}; build it with `cargo build --release -p sonde-agent -p sonde-aggregator`",
-        release.display()
-    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -277,44 +226,6 @@ fn bucket_quantile(
 
 // ---------------------------------------------------------------------------------------
 // The run
-
-struct World {
-    dir: PathBuf,
-    keep: bool,
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("agent-bench: files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    processes: &mut [&mut Process],
-    mut check: impl FnMut() -> Result<T, String>,
-) -> Result<T, String> {
-    let start = Instant::now();
-    loop {
-        for p in processes.iter_mut() {
-            p.check_running()?;
-        }
-        match check() {
-            Ok(v) => return Ok(v),
-            Err(seen) if start.elapsed() > timeout => {
-                return Err(format!(
-                    "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
-                ));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
-}
 
 struct Report {
     args_line: String,
@@ -486,13 +397,8 @@ impl Report {
 }
 
 fn run(args: &Args) -> Result<Report, String> {
-    let agent_bin = find_bin(args.agent.as_deref(), "sonde-agent")?;
-    let aggregator_bin = find_bin(args.aggregator.as_deref(), "sonde-aggregator")?;
-    let nginx_bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .ok_or("nginx not found; install the Debian package nginx-light")?;
+    let agent_bin = find_release_bin(args.agent.as_deref(), "sonde-agent")?;
+    let aggregator_bin = find_release_bin(args.aggregator.as_deref(), "sonde-aggregator")?;
     let interval = args.interval.0;
     let window_intervals = (args.duration.0.as_secs_f64() / interval.as_secs_f64())
         .ceil()
@@ -504,31 +410,9 @@ fn run(args: &Args) -> Result<Report, String> {
         .unwrap_or(interval + Duration::from_secs(10));
     let ticks = clock_ticks_per_second();
 
-    let dir = std::env::temp_dir().join(format!("sonde-agent-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let _world = World {
-        dir: dir.clone(),
-        keep: args.keep,
-    };
-
-    // nginx
-    let nginx_port = free_port();
-    let nginx_dir = dir.join("nginx");
-    std::fs::create_dir_all(&nginx_dir).map_err(|e| e.to_string())?;
-    let nginx_conf = nginx_dir.join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(&nginx_dir, nginx_port)).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(nginx_bin);
-    cmd.arg("-c")
-        .arg(&nginx_conf)
-        .arg("-p")
-        .arg(&nginx_dir)
-        .args(["-e", "stderr"]);
-    let mut nginx = Process::start("nginx", cmd, &dir);
-    let url = format!("http://127.0.0.1:{nginx_port}/?t=0");
-    wait_for("nginx", Duration::from_secs(30), &mut [&mut nginx], || {
-        http_get_ok(&url).map(drop)
-    })?;
+    let work = WorkDir::create("agent-bench", args.keep)?;
+    let dir = work.path.clone();
+    let (mut nginx, nginx_port) = start_nginx(&dir)?;
 
     // aggregator
     let agg_web = free_port();
