@@ -16,6 +16,7 @@
 # older commit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/debian-packages.sh
 
 # program -> Debian package
 declare -A packages=(
@@ -33,29 +34,7 @@ for program in "${!packages[@]}"; do
   fi
 done
 if ((${#missing[@]})); then
-  sudo=()
-  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo); fi
-  echo "==> installing Debian packages: ${missing[*]}"
-  # Keep nginx's and blackbox_exporter's own services from starting on install: the
-  # bench starts its own instances on free loopback ports.
-  policy_rc_d=/usr/sbin/policy-rc.d
-  added_policy=false
-  if [[ ! -e "$policy_rc_d" ]]; then
-    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy_rc_d" >/dev/null
-    "${sudo[@]}" chmod 755 "$policy_rc_d"
-    added_policy=true
-  fi
-  status=0
-  "${sudo[@]}" apt-get update -q || status=$?
-  if ((status == 0)); then
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -q --no-install-recommends "${missing[@]}" || status=$?
-  fi
-  if $added_policy; then "${sudo[@]}" rm -f "$policy_rc_d"; fi
-  if ((status != 0)); then
-    echo "error: could not install ${missing[*]} (apt-get exited $status)" >&2
-    exit "$status"
-  fi
+  install_debian_packages "${missing[@]}"
 fi
 
 echo "==> cargo build --release -p sonde-agent -p sonde-tests --bin sonde-agent --bin probe-bench"

@@ -145,3 +145,30 @@ pub fn start_nginx(dir: &Path) -> Result<(Process, u16), String> {
     })?;
     Ok((nginx, port))
 }
+
+/// The options every bench has: a name for the run, a JSON copy of its report, and
+/// whether its files outlive it.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// A name for this run in the report (the commit, "before", ...).
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Keep the working directory (configs, logs, data) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl RunArgs {
+    /// Writes `report` to `--json`, when given.
+    pub fn write_json(&self, report: &serde_json::Value) -> Result<(), String> {
+        let Some(path) = &self.json else {
+            return Ok(());
+        };
+        let text = serde_json::to_string_pretty(report).unwrap_or_default();
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+}

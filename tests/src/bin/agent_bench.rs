@@ -22,7 +22,7 @@
 
 use clap::Parser;
 use sonde_proto::config::PromDuration;
-use sonde_tests::bench::{WorkDir, find_release_bin, start_nginx, wait_for};
+use sonde_tests::bench::{RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
 use sonde_tests::procfs::{
     clock_ticks_per_second, metrics_page, stat_ticks, status_bytes, status_value,
 };
@@ -64,15 +64,8 @@ struct Args {
     /// Record the agent with `perf record -g` over the window, into this file.
     #[arg(long)]
     perf: Option<PathBuf>,
-    /// A name for this run in the report (the commit, "before", ...).
-    #[arg(long, default_value = "")]
-    label: String,
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Keep the working directory (configs, logs, data) instead of removing it.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The aggregator's `fleet.limits` that one agent with many HTTP targets needs raised:
@@ -410,7 +403,7 @@ fn run(args: &Args) -> Result<Report, String> {
         .unwrap_or(interval + Duration::from_secs(10));
     let ticks = clock_ticks_per_second();
 
-    let work = WorkDir::create("agent-bench", args.keep)?;
+    let work = WorkDir::create("agent-bench", args.run.keep)?;
     let dir = work.path.clone();
     let (mut nginx, nginx_port) = start_nginx(&dir)?;
 
@@ -569,7 +562,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let args_line = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     Ok(Report {
         args_line,
-        label: args.label.clone(),
+        label: args.run.label.clone(),
         targets: args.targets,
         interval,
         window: between,
@@ -600,12 +593,9 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(report) => {
             println!("{}", report.markdown());
-            if let Some(path) = &args.json {
-                let text = serde_json::to_string_pretty(&report.json()).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, text + "\n") {
-                    eprintln!("agent-bench: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            if let Err(e) = args.run.write_json(&report.json()) {
+                eprintln!("agent-bench: {e}");
+                return ExitCode::FAILURE;
             }
             let problems = report.problems();
             for p in &problems {

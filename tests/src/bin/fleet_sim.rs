@@ -1241,29 +1241,6 @@ impl Drop for World {
     }
 }
 
-fn find_aggregator(given: Option<&Path>) -> Result<PathBuf, String> {
-    if let Some(path) = given {
-        return if path.is_file() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(format!("--aggregator {}: no such file", path.display()))
-        };
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("sonde-aggregator")));
-    let release = sonde_tests::workspace_root().join("target/release/sonde-aggregator");
-    for candidate in beside.into_iter().chain([release.clone()]) {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(format!(
-        "no sonde-aggregator binary next to fleet-sim nor at {}; build it with `cargo build --release -p sonde-aggregator` or pass --aggregator PATH",
-        release.display()
-    ))
-}
-
 fn require(path: &Path, package: &str) -> Result<(), String> {
     if path.is_file() {
         Ok(())
@@ -1277,7 +1254,8 @@ fn require(path: &Path, package: &str) -> Result<(), String> {
 
 fn run(args: Args) -> Result<Report, String> {
     let load = Load::from_args(&args)?;
-    let aggregator_bin = find_aggregator(args.aggregator.as_deref())?;
+    let aggregator_bin =
+        sonde_tests::bench::find_release_bin(args.aggregator.as_deref(), "sonde-aggregator")?;
     require(&args.victoria_metrics, "victoria-metrics")?;
     if !args.no_anchor {
         require(&args.vmagent, "vmagent")?;

@@ -26,7 +26,7 @@ mod load;
 use clap::Parser;
 use load::{Expect, LoadGenerator, Target};
 use sonde_proto::config::PromDuration;
-use sonde_tests::bench::{WorkDir, find_release_bin, start_nginx, wait_for};
+use sonde_tests::bench::{RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
 use sonde_tests::procfs::{clock_ticks_per_second, cpu_seconds};
 use sonde_tests::{Process, free_port, http_get_ok};
 use std::fmt::Write as _;
@@ -67,15 +67,8 @@ struct Args {
     /// this file.
     #[arg(long)]
     perf: Option<PathBuf>,
-    /// A name for this run in the report (the commit, "before", ...).
-    #[arg(long, default_value = "")]
-    label: String,
-    /// Also write the figures as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Keep the working directory (configs, logs) instead of removing it.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The modules both servers load, in blackbox_exporter's syntax.
@@ -322,7 +315,7 @@ fn run(args: &Args) -> Result<Report, String> {
     };
     let ticks = clock_ticks_per_second();
     let load_before = load_average();
-    let work = WorkDir::create("probe-bench", args.keep)?;
+    let work = WorkDir::create("probe-bench", args.run.keep)?;
     let dir = work.path.clone();
     let connect_loop = floor::build(&dir)?;
     let (mut nginx, nginx_port) = start_nginx(&dir)?;
@@ -419,34 +412,37 @@ fn run(args: &Args) -> Result<Report, String> {
             Row::NginxRequest,
             measure_server(&mut server, &nginx_request, args, ticks, None)?,
         ));
-        let mut server = Server {
-            name: "sonde-agent",
-            process: &mut agent,
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port)),
-        };
         let perf = args.perf.as_deref().filter(|_| round == 1);
-        r.rows.push((
-            Row::AgentTcp,
-            measure_server(&mut server, &tcp_probe, args, ticks, perf)?,
-        ));
-        r.rows.push((
-            Row::AgentHttp,
-            measure_server(&mut server, &http_probe, args, ticks, None)?,
-        ));
+        let mut servers = vec![(
+            Server {
+                name: "sonde-agent",
+                process: &mut agent,
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port)),
+            },
+            [
+                (Row::AgentTcp, &tcp_probe, perf),
+                (Row::AgentHttp, &http_probe, None),
+            ],
+        )];
         if let Some((process, port)) = &mut blackbox {
-            let mut server = Server {
+            let server = Server {
                 name: "blackbox_exporter",
                 process,
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, *port)),
             };
-            r.rows.push((
-                Row::BlackboxTcp,
-                measure_server(&mut server, &tcp_probe, args, ticks, None)?,
+            servers.push((
+                server,
+                [
+                    (Row::BlackboxTcp, &tcp_probe, None),
+                    (Row::BlackboxHttp, &http_probe, None),
+                ],
             ));
-            r.rows.push((
-                Row::BlackboxHttp,
-                measure_server(&mut server, &http_probe, args, ticks, None)?,
-            ));
+        }
+        for (server, rows) in &mut servers {
+            for (row, target, perf) in rows {
+                r.rows
+                    .push((*row, measure_server(server, target, args, ticks, *perf)?));
+            }
         }
         let mut line = format!("probe-bench: round {round}/{}:", args.rounds);
         for row in Row::ALL {
@@ -460,7 +456,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let load_after = load_average();
     Ok(Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        label: args.label.clone(),
+        label: args.run.label.clone(),
         args: format!(
             "{} keep-alive connections, {} measured per phase after {} of warm-up, {} rounds",
             args.connections, args.duration, args.warmup, args.rounds
@@ -588,12 +584,9 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(report) => {
             println!("{}", report.markdown());
-            if let Some(path) = &args.json {
-                let text = serde_json::to_string_pretty(&report.json()).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, text + "\n") {
-                    eprintln!("probe-bench: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            if let Err(e) = args.run.write_json(&report.json()) {
+                eprintln!("probe-bench: {e}");
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }
