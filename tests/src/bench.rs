@@ -172,3 +172,28 @@ impl RunArgs {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 }
+
+/// `perf record -g` of one process, into a file, until stopped.
+pub struct PerfRecord(std::process::Child);
+
+impl PerfRecord {
+    pub fn start(pid: u32, output: &Path) -> Result<Self, String> {
+        Command::new("perf")
+            .args(["record", "-g", "-p", &pid.to_string(), "-o"])
+            .arg(output)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(Self)
+            .map_err(|e| format!("cannot start perf (Debian package linux-perf): {e}"))
+    }
+
+    /// Stops the recording (SIGINT, as Ctrl-C would) and waits until perf has written
+    /// its file.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}

@@ -22,7 +22,7 @@
 
 use clap::Parser;
 use sonde_proto::config::PromDuration;
-use sonde_tests::bench::{RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
+use sonde_tests::bench::{PerfRecord, RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
 use sonde_tests::procfs::{
     clock_ticks_per_second, metrics_page, stat_ticks, status_bytes, status_value,
 };
@@ -497,29 +497,19 @@ fn run(args: &Args) -> Result<Report, String> {
     let cpu0 = cpu(pid, ticks)?;
     let agg0 = cpu(aggregator.pid(), ticks)?.process;
     let t0 = Instant::now();
-    let mut perf = match &args.perf {
-        Some(path) => Some(
-            Command::new("perf")
-                .args(["record", "-g", "-p", &pid.to_string(), "-o"])
-                .arg(path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start perf: {e}"))?,
-        ),
-        None => None,
-    };
+    let perf = args
+        .perf
+        .as_deref()
+        .map(|path| PerfRecord::start(pid, path))
+        .transpose()?;
     eprintln!("agent-bench: measuring for {window:?}");
     sleep_checked(
         window,
         &mut [&mut nginx, &mut aggregator, &mut agent],
         &mut fds_max,
     )?;
-    if let Some(mut p) = perf.take() {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
+    if let Some(perf) = perf {
+        perf.stop();
     }
     let cpu1 = cpu(pid, ticks)?;
     let agg1 = cpu(aggregator.pid(), ticks)?.process;

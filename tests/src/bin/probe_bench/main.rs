@@ -26,7 +26,7 @@ mod load;
 use clap::Parser;
 use load::{Expect, LoadGenerator, Target};
 use sonde_proto::config::PromDuration;
-use sonde_tests::bench::{RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
+use sonde_tests::bench::{PerfRecord, RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
 use sonde_tests::procfs::{clock_ticks_per_second, cpu_seconds};
 use sonde_tests::{Process, free_port, http_get_ok};
 use std::fmt::Write as _;
@@ -232,26 +232,12 @@ fn measure_server(
     };
     let warm = generator.run(target, args.warmup.0);
     fail(&warm, server)?;
-    let mut recorder = match perf {
-        Some(path) => Some(
-            Command::new("perf")
-                .args(["record", "-g", "-p", &pid.to_string(), "-o"])
-                .arg(path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start perf (Debian package linux-perf): {e}"))?,
-        ),
-        None => None,
-    };
+    let recorder = perf.map(|path| PerfRecord::start(pid, path)).transpose()?;
     let cpu0 = cpu_seconds(pid, ticks)?;
     let tally = generator.run(target, args.duration.0);
     let cpu1 = cpu_seconds(pid, ticks)?;
-    if let Some(mut p) = recorder.take() {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
+    if let Some(recorder) = recorder {
+        recorder.stop();
     }
     fail(&tally, server)?;
     Ok(Measurement {
