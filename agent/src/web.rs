@@ -330,7 +330,8 @@ async fn probe_handler(State(web): State<WebState>, request: Request) -> Respons
 /// writes them: one family per metric name, in the order the names first appear, each a
 /// gauge with blackbox_exporter's HELP text.
 fn exposition(samples: &[probe::Sample]) -> String {
-    let mut out = String::with_capacity(64 * samples.len());
+    // A family's HELP and TYPE lines and a sample take some 150 bytes.
+    let mut out = String::with_capacity(160 * samples.len());
     for (i, first) in samples.iter().enumerate() {
         if samples[..i].iter().any(|s| s.name == first.name) {
             continue;
@@ -441,15 +442,19 @@ impl Allowlist {
 
     fn host_allowed(&self, host: &str, port: u16) -> Result<(), String> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let lower = host.to_ascii_lowercase();
+        // Made only when a pattern needs them: most allowlists are addresses and `*`.
+        let lower = std::cell::OnceCell::new();
+        let port_text = std::cell::OnceCell::new();
         let ip = host.parse::<IpAddr>().ok().map(canonical);
-        let port_text = port.to_string();
         let found = self.patterns.iter().any(|p| {
             let host_ok = match &p.host {
-                HostPattern::Glob(g) => g.is_match(&lower),
+                HostPattern::Glob(g) => g.is_match(lower.get_or_init(|| host.to_ascii_lowercase())),
                 HostPattern::Net(net, prefix) => ip.is_some_and(|ip| in_net(ip, *net, *prefix)),
             };
-            host_ok && p.port.as_ref().is_none_or(|g| g.is_match(&port_text))
+            host_ok
+                && p.port
+                    .as_ref()
+                    .is_none_or(|g| g.is_match(port_text.get_or_init(|| port.to_string())))
         });
         if found {
             Ok(())
@@ -603,10 +608,16 @@ pub const SPECIAL_NETS: [(&str, u8); 7] = [
     ("fd20:ce::254", 128),
 ];
 
+/// [`SPECIAL_NETS`] parsed, once for the process: every `/probe` checks its addresses
+/// against them.
 fn special_nets() -> impl Iterator<Item = (IpAddr, u8)> {
-    SPECIAL_NETS
-        .iter()
-        .filter_map(|(a, p)| a.parse::<IpAddr>().ok().map(|a| (a, *p)))
+    static PARSED: std::sync::LazyLock<Vec<(IpAddr, u8)>> = std::sync::LazyLock::new(|| {
+        SPECIAL_NETS
+            .iter()
+            .filter_map(|(a, p)| a.parse::<IpAddr>().ok().map(|a| (a, *p)))
+            .collect()
+    });
+    PARSED.iter().copied()
 }
 
 /// The IPv4 addresses an IPv6 address may stand for, so that an IPv4 metadata address
