@@ -60,6 +60,10 @@ struct Args {
     /// in /usr/bin].
     #[arg(long)]
     blackbox: Option<PathBuf>,
+    /// Another sonde-agent binary, measured beside the first in every round (the
+    /// commit before a change), so that the two compare under the same load.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Leave blackbox_exporter out (quicker while working on the agent).
     #[arg(long)]
     no_blackbox: bool,
@@ -97,17 +101,21 @@ enum Row {
     Floor,
     AgentTcp,
     AgentHttp,
+    BaselineTcp,
+    BaselineHttp,
     BlackboxTcp,
     BlackboxHttp,
 }
 
 impl Row {
-    const ALL: [Row; 7] = [
+    const ALL: [Row; 9] = [
         Row::ConnectClose,
         Row::NginxRequest,
         Row::Floor,
         Row::AgentTcp,
         Row::AgentHttp,
+        Row::BaselineTcp,
+        Row::BaselineHttp,
         Row::BlackboxTcp,
         Row::BlackboxHttp,
     ];
@@ -119,6 +127,8 @@ impl Row {
             Row::Floor => "**floor** (the two above)",
             Row::AgentTcp => "**sonde-agent** `/probe` tcp_connect",
             Row::AgentHttp => "sonde-agent `/probe` http_2xx",
+            Row::BaselineTcp => "sonde-agent, baseline binary, `/probe` tcp_connect",
+            Row::BaselineHttp => "sonde-agent, baseline binary, `/probe` http_2xx",
             Row::BlackboxTcp => "blackbox_exporter `/probe` tcp_connect",
             Row::BlackboxHttp => "blackbox_exporter `/probe` http_2xx",
         }
@@ -131,6 +141,8 @@ impl Row {
             Row::Floor => "floor",
             Row::AgentTcp => "agent_tcp_connect",
             Row::AgentHttp => "agent_http_2xx",
+            Row::BaselineTcp => "baseline_tcp_connect",
+            Row::BaselineHttp => "baseline_http_2xx",
             Row::BlackboxTcp => "blackbox_tcp_connect",
             Row::BlackboxHttp => "blackbox_http_2xx",
         }
@@ -247,6 +259,29 @@ fn measure_server(
     })
 }
 
+/// Starts `bin` with `flags` and `--web.listen-address` on a free loopback port, and
+/// waits until `health` answers there. Returns the process and the port.
+fn start_server(
+    dir: &Path,
+    name: &str,
+    bin: &Path,
+    flags: &[String],
+    health: &str,
+) -> Result<(Process, u16), String> {
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.args(flags)
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    let mut process = Process::start(name, cmd, dir);
+    wait_for(
+        &format!("{name} {health}"),
+        Duration::from_secs(60),
+        &mut [&mut process],
+        || http_get_ok(&format!("http://127.0.0.1:{port}{health}")).map(drop),
+    )?;
+    Ok((process, port))
+}
+
 fn find_blackbox(given: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = given {
         return Ok(path.to_path_buf());
@@ -307,41 +342,36 @@ fn run(args: &Args) -> Result<Report, String> {
     let (mut nginx, nginx_port) = start_nginx(&dir)?;
     let nginx_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port));
 
-    let agent_port = free_port();
     let agent_conf = dir.join("agent.yml");
     std::fs::write(&agent_conf, agent_config())
         .map_err(|e| format!("write {}: {e}", agent_conf.display()))?;
-    let mut cmd = Command::new(&agent_bin);
-    cmd.arg(format!("--config.file={}", agent_conf.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{agent_port}"))
-        .arg(format!(
-            "--storage.path={}",
-            dir.join("agent-data").display()
-        ));
-    let mut agent = Process::start("sonde-agent", cmd, &dir);
-    wait_for(
-        "sonde-agent /-/ready",
-        Duration::from_secs(60),
-        &mut [&mut agent],
-        || http_get_ok(&format!("http://127.0.0.1:{agent_port}/-/ready")).map(drop),
-    )?;
-
+    let start_agent = |name: &str, bin: &Path| {
+        let flags = [
+            format!("--config.file={}", agent_conf.display()),
+            format!(
+                "--storage.path={}",
+                dir.join(format!("{name}-data")).display()
+            ),
+        ];
+        start_server(&dir, name, bin, &flags, "/-/ready")
+    };
+    let (mut agent, agent_port) = start_agent("sonde-agent", &agent_bin)?;
+    let mut baseline = match &args.baseline {
+        Some(bin) => Some(start_agent("sonde-agent-baseline", bin)?),
+        None => None,
+    };
     let mut blackbox = match &blackbox_bin {
         Some(bin) => {
-            let port = free_port();
             let conf = dir.join("blackbox.yml");
             std::fs::write(&conf, MODULES).map_err(|e| format!("write {}: {e}", conf.display()))?;
-            let mut cmd = Command::new(bin);
-            cmd.arg(format!("--config.file={}", conf.display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-            let mut process = Process::start("blackbox_exporter", cmd, &dir);
-            wait_for(
-                "blackbox_exporter /-/healthy",
-                Duration::from_secs(60),
-                &mut [&mut process],
-                || http_get_ok(&format!("http://127.0.0.1:{port}/-/healthy")).map(drop),
-            )?;
-            Some((process, port))
+            let flags = [format!("--config.file={}", conf.display())];
+            Some(start_server(
+                &dir,
+                "blackbox_exporter",
+                bin,
+                &flags,
+                "/-/healthy",
+            )?)
         }
         None => None,
     };
@@ -410,6 +440,20 @@ fn run(args: &Args) -> Result<Report, String> {
                 (Row::AgentHttp, &http_probe, None),
             ],
         )];
+        if let Some((process, port)) = &mut baseline {
+            let server = Server {
+                name: "sonde-agent (baseline)",
+                process,
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, *port)),
+            };
+            servers.push((
+                server,
+                [
+                    (Row::BaselineTcp, &tcp_probe, None),
+                    (Row::BaselineHttp, &http_probe, None),
+                ],
+            ));
+        }
         if let Some((process, port)) = &mut blackbox {
             let server = Server {
                 name: "blackbox_exporter",
@@ -522,11 +566,16 @@ impl Report {
                 }
             );
         }
-        if let Some((median, _, _)) = spread(&self.values(Row::BlackboxTcp, Round::ratio)) {
-            let _ = writeln!(
-                s,
-                "blackbox_exporter `/probe` tcp_connect: {median:.2}× the floor"
-            );
+        for (row, name) in [
+            (Row::BaselineTcp, "the baseline sonde-agent"),
+            (Row::BlackboxTcp, "blackbox_exporter"),
+        ] {
+            if let Some((median, min, max)) = spread(&self.values(row, Round::ratio)) {
+                let _ = writeln!(
+                    s,
+                    "{name} `/probe` tcp_connect: {median:.2}× the floor ({min:.2}–{max:.2})"
+                );
+            }
         }
         s
     }
