@@ -4,7 +4,7 @@
 # blackbox_exporter, all against the same nginx in one run (docs/benchmarks.md,
 # "`/probe` against the floor and blackbox_exporter").
 #
-#   scripts/probe-bench.sh                       3 rounds of 5 s phases, ~1.5 min
+#   scripts/probe-bench.sh                       3 rounds of 5 s phases, ~2 min
 #   scripts/probe-bench.sh --rounds 5 --duration 10s
 #   scripts/probe-bench.sh --no-blackbox --perf agent.data   profile the agent
 #   scripts/probe-bench.sh --help                every option of probe-bench
@@ -37,8 +37,12 @@ if ((${#missing[@]})); then
   install_debian_packages "${missing[@]}"
 fi
 
-echo "==> cargo build --release -p sonde-agent -p sonde-tests --bin sonde-agent --bin probe-bench"
-cargo build --release -p sonde-agent -p sonde-tests --bin sonde-agent --bin probe-bench
+# Two builds, so that the agent is the very binary `cargo build --release -p sonde-agent`
+# makes (built together, the two packages' dependency features would be unified).
+echo "==> cargo build --release -p sonde-agent"
+cargo build --release -p sonde-agent
+echo "==> cargo build --release -p sonde-tests --bin probe-bench"
+cargo build --release -p sonde-tests --bin probe-bench
 
 agent=(--agent "${SONDE_AGENT:-target/release/sonde-agent}")
 exec target/release/probe-bench "${agent[@]}" "$@"
