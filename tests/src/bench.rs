@@ -62,11 +62,11 @@ impl Drop for WorkDir {
 
 /// Polls `check` every half second until it is `Ok`, for at most `timeout`; fails at once
 /// when one of `processes` has exited.
-pub fn wait_for<T>(
+pub fn wait_for<T, E: std::fmt::Display>(
     what: &str,
     timeout: Duration,
     processes: &mut [&mut Process],
-    mut check: impl FnMut() -> Result<T, String>,
+    mut check: impl FnMut() -> Result<T, E>,
 ) -> Result<T, String> {
     let start = Instant::now();
     loop {
@@ -77,7 +77,7 @@ pub fn wait_for<T>(
             Ok(v) => return Ok(v),
             Err(seen) if start.elapsed() > timeout => {
                 return Err(format!(
-                    "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
+                    "timed out after {timeout:?} waiting for {what}; last seen: {seen:#}"
                 ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(500)),

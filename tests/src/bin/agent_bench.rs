@@ -20,6 +20,7 @@
 //! Run `agent-bench --help` for the options; docs/benchmarks.md has the figures and the
 //! exact commands.
 
+use anyhow::{Context, anyhow};
 use clap::Parser;
 use sonde_proto::config::PromDuration;
 use sonde_tests::bench::{PerfRecord, RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
@@ -109,9 +110,9 @@ struct Cpu {
     threads: BTreeMap<String, f64>,
 }
 
-fn cpu(pid: u32, ticks: f64) -> Result<Cpu, String> {
+fn cpu(pid: u32, ticks: f64) -> anyhow::Result<Cpu> {
     let (_, process) = stat_ticks(Path::new(&format!("/proc/{pid}/stat")))
-        .ok_or_else(|| format!("cannot read /proc/{pid}/stat"))?;
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let mut threads = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in dir.flatten() {
@@ -142,9 +143,9 @@ struct Scrape {
 }
 
 impl Scrape {
-    fn read(web: &str) -> Result<Self, String> {
+    fn read(web: &str) -> anyhow::Result<Self> {
         let before = Instant::now();
-        let text = metrics_page(web)?;
+        let text = metrics_page(web).map_err(anyhow::Error::msg)?;
         let after = Instant::now();
         let mut scrape = Scrape {
             at: Some(before + (after - before) / 2),
@@ -389,9 +390,11 @@ impl Report {
     }
 }
 
-fn run(args: &Args) -> Result<Report, String> {
-    let agent_bin = find_release_bin(args.agent.as_deref(), "sonde-agent")?;
-    let aggregator_bin = find_release_bin(args.aggregator.as_deref(), "sonde-aggregator")?;
+fn run(args: &Args) -> anyhow::Result<Report> {
+    let agent_bin =
+        find_release_bin(args.agent.as_deref(), "sonde-agent").map_err(anyhow::Error::msg)?;
+    let aggregator_bin = find_release_bin(args.aggregator.as_deref(), "sonde-aggregator")
+        .map_err(anyhow::Error::msg)?;
     let interval = args.interval.0;
     let window_intervals = (args.duration.0.as_secs_f64() / interval.as_secs_f64())
         .ceil()
@@ -403,15 +406,16 @@ fn run(args: &Args) -> Result<Report, String> {
         .unwrap_or(interval + Duration::from_secs(10));
     let ticks = clock_ticks_per_second();
 
-    let work = WorkDir::create("agent-bench", args.run.keep)?;
+    let work = WorkDir::create("agent-bench", args.run.keep).map_err(anyhow::Error::msg)?;
     let dir = work.path.clone();
-    let (mut nginx, nginx_port) = start_nginx(&dir)?;
+    let (mut nginx, nginx_port) = start_nginx(&dir).map_err(anyhow::Error::msg)?;
 
     // aggregator
     let agg_web = free_port();
     let agg_grpc = free_port();
     let agg_conf = dir.join("aggregator.yml");
-    std::fs::write(&agg_conf, aggregator_config(args, nginx_port)).map_err(|e| e.to_string())?;
+    std::fs::write(&agg_conf, aggregator_config(args, nginx_port))
+        .with_context(|| format!("write {}", agg_conf.display()))?;
     let mut cmd = Command::new(&aggregator_bin);
     cmd.arg(format!("--config.file={}", agg_conf.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{agg_web}"))
@@ -426,8 +430,13 @@ fn run(args: &Args) -> Result<Report, String> {
         "the aggregator",
         Duration::from_secs(120),
         &mut [&mut aggregator],
-        || http_get_ok(&format!("{agg_url}/-/ready")).map(drop),
-    )?;
+        || {
+            http_get_ok(&format!("{agg_url}/-/ready"))
+                .map(drop)
+                .map_err(anyhow::Error::msg)
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
 
     // agent
     let agent_web = free_port();
@@ -436,7 +445,7 @@ fn run(args: &Args) -> Result<Report, String> {
         &agent_conf,
         agent_config(&format!("http://127.0.0.1:{agg_grpc}")),
     )
-    .map_err(|e| e.to_string())?;
+    .with_context(|| format!("write {}", agent_conf.display()))?;
     let mut cmd = Command::new(&agent_bin);
     cmd.arg(format!("--config.file={}", agent_conf.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{agent_web}"))
@@ -460,20 +469,21 @@ fn run(args: &Args) -> Result<Report, String> {
             let s = Scrape::read(&web)?;
             match s.get("sonde_agent_checks") {
                 Some(n) if n >= targets => Ok(()),
-                other => Err(format!("sonde_agent_checks {other:?}")),
+                other => Err(anyhow!("sonde_agent_checks {other:?}")),
             }
         },
-    )?;
+    )
+    .map_err(anyhow::Error::msg)?;
     eprintln!(
         "agent-bench: {} checks running; warming up for {warmup:?}",
         args.targets
     );
     let sleep_checked =
-        |d: Duration, procs: &mut [&mut Process], fds: &mut usize| -> Result<(), String> {
+        |d: Duration, procs: &mut [&mut Process], fds: &mut usize| -> anyhow::Result<()> {
             let end = Instant::now() + d;
             while Instant::now() < end {
                 for p in procs.iter_mut() {
-                    p.check_running()?;
+                    p.check_running().map_err(anyhow::Error::msg)?;
                 }
                 *fds = (*fds).max(open_fds(pid));
                 std::thread::sleep(
@@ -501,7 +511,8 @@ fn run(args: &Args) -> Result<Report, String> {
         .perf
         .as_deref()
         .map(|path| PerfRecord::start(pid, path))
-        .transpose()?;
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     eprintln!("agent-bench: measuring for {window:?}");
     sleep_checked(
         window,
@@ -515,13 +526,13 @@ fn run(args: &Args) -> Result<Report, String> {
     let agg1 = cpu(aggregator.pid(), ticks)?.process;
     let measured = t0.elapsed().as_secs_f64();
     let last = Scrape::read(&web)?;
-    let peak_rss = status_bytes(pid, "VmHWM:")?;
-    let rss = status_bytes(pid, "VmRSS:")?;
-    let threads_count = status_value(pid, "Threads:")?;
+    let peak_rss = status_bytes(pid, "VmHWM:").map_err(anyhow::Error::msg)?;
+    let rss = status_bytes(pid, "VmRSS:").map_err(anyhow::Error::msg)?;
+    let threads_count = status_value(pid, "Threads:").map_err(anyhow::Error::msg)?;
 
     let delta =
         |name: &str| -> Option<f64> { Some(last.get(name)? - first.get(name).unwrap_or(0.0)) };
-    let probes = delta("sonde_agent_probes_total").ok_or("no sonde_agent_probes_total")?;
+    let probes = delta("sonde_agent_probes_total").context("no sonde_agent_probes_total")?;
     let between = match (first.at, last.at) {
         (Some(a), Some(b)) => (b - a).as_secs_f64(),
         _ => measured,
@@ -598,7 +609,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("agent-bench: {e}");
+            eprintln!("agent-bench: {e:#}");
             ExitCode::FAILURE
         }
     }
