@@ -6,6 +6,7 @@
 # are missing (as root, or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/debian-packages.sh
 
 # --- Debian packages the tests run against -------------------------------------------
 # program -> package
@@ -40,29 +41,7 @@ for file in "${!package_files[@]}"; do
   fi
 done
 if ((${#missing[@]})); then
-  sudo=()
-  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo); fi
-  echo "==> installing Debian packages: ${missing[*]}"
-  # Keep the packages' services (nginx on :80, prometheus on :9090) from being started
-  # by their install scripts: the tests start their own instances on free ports.
-  policy_rc_d=/usr/sbin/policy-rc.d
-  added_policy=false
-  if [[ ! -e "$policy_rc_d" ]]; then
-    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy_rc_d" >/dev/null
-    "${sudo[@]}" chmod 755 "$policy_rc_d"
-    added_policy=true
-  fi
-  status=0
-  "${sudo[@]}" apt-get update -q || status=$?
-  if ((status == 0)); then
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -q --no-install-recommends "${missing[@]}" || status=$?
-  fi
-  if $added_policy; then "${sudo[@]}" rm -f "$policy_rc_d"; fi
-  if ((status != 0)); then
-    echo "error: could not install ${missing[*]} (apt-get exited $status)" >&2
-    exit "$status"
-  fi
+  install_debian_packages "${missing[@]}"
 fi
 
 # --- Python packages of the remote write 2.0 interop decoder (tests/rw2/decode.py) -------

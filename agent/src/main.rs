@@ -91,14 +91,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })?;
     tracing::info!(address = %cli.web_listen_address, "serving /metrics and /probe");
     let (stop_web, web_stopped) = tokio::sync::oneshot::channel::<()>();
-    let web = tokio::spawn(sonde_cli::http_server::serve(
-        listener,
-        sonde_agent::web::router(agent.clone()),
+    let web = sonde_agent::web::serve_on_own_thread(
+        listener
+            .into_std()
+            .context("cannot hand the web listener to its thread")?,
+        agent.clone(),
         cli.web.limits(),
-        async {
-            let _ = web_stopped.await;
-        },
-    ));
+        web_stopped,
+    )
+    .context("cannot start the web endpoints' thread")?;
     let mut hangups = Hangups::listen();
     let terminate = signals::terminate();
     tokio::pin!(terminate);
@@ -124,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     agent.shutdown(Duration::from_secs(5)).await;
     let _ = stop_web.send(());
-    let _ = web.await;
+    let _ = tokio::task::spawn_blocking(move || web.join()).await;
     tracing::info!("stopped");
     Ok(())
 }

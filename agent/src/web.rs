@@ -1,20 +1,21 @@
 //! The agent's HTTP endpoints: `/metrics`, `/-/healthy`, `/-/ready`, and the
 //! blackbox_exporter-compatible `/probe` when `probe_endpoint.enabled` is set.
 
+use crate::config::AgentConfig;
 use crate::probe;
 use crate::runtime::AgentRuntime;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{FromRef, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sonde_proto::config::{Module, Prober, split_port};
-use sonde_proto::exposition::{Family, Format, render};
-use std::collections::HashMap;
+use sonde_proto::exposition::{Family, Format, MetricType, render, write_header, write_sample};
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub fn router(agent: Arc<AgentRuntime>) -> Router {
@@ -24,7 +25,86 @@ pub fn router(agent: Arc<AgentRuntime>) -> Router {
         .route("/-/healthy", get(|| async { "Healthy.\n" }))
         .route("/-/ready", get(ready))
         .route("/probe", get(probe_handler))
-        .with_state(agent)
+        .with_state(WebState {
+            agent,
+            allowlists: Arc::default(),
+        })
+}
+
+/// Serves the endpoints on `listener` from a thread of their own (`sonde-web`), on a
+/// current-thread runtime, until `shutdown` fires (or its sender is dropped); then shuts
+/// down gracefully ([`sonde_cli::http_server::serve`]).
+///
+/// Why a thread of its own: a `/probe` is a few system calls and a page of text on a
+/// keep-alive connection. On one thread, reading the request, probing and answering all
+/// run where the connection's events arrive, one `epoll_wait` collects the events of
+/// many connections, and no idle worker is woken to steal work: the whole `/probe`
+/// request path costs less CPU than on the multi-threaded runtime (docs/benchmarks.md,
+/// "`/probe` against the floor"). The uplinks stay on the main runtime and the
+/// scheduled checks on their probing threads, so neither waits behind `/probe`.
+pub fn serve_on_own_thread(
+    listener: std::net::TcpListener,
+    agent: Arc<AgentRuntime>,
+    limits: sonde_cli::http_server::Limits,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered with the thread's own runtime, the one that will poll it.
+    let listener = {
+        let _context = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    std::thread::Builder::new()
+        .name("sonde-web".into())
+        .spawn(move || {
+            runtime.block_on(sonde_cli::http_server::serve(
+                listener,
+                router(agent),
+                limits,
+                async {
+                    let _ = shutdown.await;
+                },
+            ));
+        })
+}
+
+/// What the handlers share: the agent, and what `/probe` keeps from one request to the
+/// next.
+#[derive(Clone)]
+struct WebState {
+    agent: Arc<AgentRuntime>,
+    allowlists: Arc<AllowlistCache>,
+}
+
+impl FromRef<WebState> for Arc<AgentRuntime> {
+    fn from_ref(state: &WebState) -> Self {
+        state.agent.clone()
+    }
+}
+
+/// `probe_endpoint.allowed_targets` of the running config, parsed once per config
+/// rather than once per request: a glob pattern compiles to a regex, which costs more
+/// than the TCP probe it guards.
+#[derive(Default)]
+struct AllowlistCache(Mutex<Option<(Arc<AgentConfig>, ParsedAllowlist)>>);
+
+/// `probe_endpoint.allowed_targets` parsed, or why it does not parse.
+type ParsedAllowlist = Arc<Result<Allowlist, BadPattern>>;
+
+impl AllowlistCache {
+    fn get(&self, config: &Arc<AgentConfig>) -> ParsedAllowlist {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((parsed_from, allowlist)) = &*cached
+            && Arc::ptr_eq(parsed_from, config)
+        {
+            return allowlist.clone();
+        }
+        let allowlist = Arc::new(Allowlist::parse(&config.probe_endpoint.allowed_targets));
+        *cached = Some((config.clone(), allowlist.clone()));
+        allowlist
+    }
 }
 
 async fn index(State(agent): State<Arc<AgentRuntime>>) -> impl IntoResponse {
@@ -113,11 +193,37 @@ impl Drop for ProbeSlot<'_> {
     }
 }
 
-async fn probe_handler(
-    State(agent): State<Arc<AgentRuntime>>,
-    Query(params): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Response {
+/// The query parameters `/probe` reads. A parameter given twice counts with its last
+/// value.
+#[derive(Default)]
+struct ProbeParams<'a> {
+    target: Option<Cow<'a, str>>,
+    module: Option<Cow<'a, str>>,
+    debug: Option<Cow<'a, str>>,
+}
+
+impl<'a> ProbeParams<'a> {
+    fn parse(query: &'a str) -> Self {
+        let mut params = Self::default();
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "target" => params.target = Some(value),
+                "module" => params.module = Some(value),
+                "debug" => params.debug = Some(value),
+                _ => {}
+            }
+        }
+        params
+    }
+}
+
+async fn probe_handler(State(web): State<WebState>, request: Request) -> Response {
+    // The request's parts are read in place: extracting the query and the headers would
+    // copy them.
+    let (request, _) = request.into_parts();
+    let headers = &request.headers;
+    let agent = &web.agent;
+    let params = ProbeParams::parse(request.uri.query().unwrap_or(""));
     let config = agent.config();
     let settings = &config.probe_endpoint;
     if !settings.enabled {
@@ -127,7 +233,7 @@ async fn probe_handler(
         )
             .into_response();
     }
-    let module_name = params.get("module").map_or("http_2xx", String::as_str);
+    let module_name = params.module.as_deref().unwrap_or("http_2xx");
     let Some(module) = config.modules.get(module_name) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -144,10 +250,11 @@ async fn probe_handler(
         )
             .into_response();
     }
-    let Some(target) = params.get("target").filter(|t| !t.is_empty()) else {
+    let Some(target) = params.target.as_deref().filter(|t| !t.is_empty()) else {
         return (StatusCode::BAD_REQUEST, "Target parameter is missing\n").into_response();
     };
-    let allowlist = match Allowlist::parse(&settings.allowed_targets) {
+    let allowlists = web.allowlists.get(&config);
+    let allowlist = match &*allowlists {
         Ok(a) => a,
         Err(e) => {
             return (
@@ -182,7 +289,7 @@ async fn probe_handler(
     );
     let outcome = probe::run_with_policy(
         &agent.probe_context,
-        Some(&allowlist),
+        Some(allowlist),
         target,
         module,
         timeout,
@@ -200,21 +307,8 @@ async fn probe_handler(
         )
             .into_response();
     }
-    let debug = params.get("debug").is_some_and(|d| d == "true");
-    let mut families: Vec<Family> = Vec::new();
-    for sample in &outcome.samples {
-        let labels: Vec<(String, String)> = sample
-            .labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        match families.iter_mut().find(|f| f.name == sample.name) {
-            Some(f) => f.samples.push((labels, sample.value)),
-            None => families
-                .push(Family::gauge(sample.name, help(sample.name)).with(labels, sample.value)),
-        }
-    }
-    let body = render(&families, Format::PrometheusText);
+    let debug = params.debug.as_deref() == Some("true");
+    let body = exposition(&outcome.samples);
     if debug {
         let log = match &outcome.failure {
             Some(f) => format!("Probe failed: {f}\n"),
@@ -230,6 +324,35 @@ async fn probe_handler(
         body,
     )
         .into_response()
+}
+
+/// The samples of a probe in the Prometheus text format, as blackbox_exporter's registry
+/// writes them: one family per metric name, in the order the names first appear, each a
+/// gauge with blackbox_exporter's HELP text.
+fn exposition(samples: &[probe::Sample]) -> String {
+    // A family's HELP and TYPE lines and a sample take some 150 bytes.
+    let mut out = String::with_capacity(160 * samples.len());
+    for (i, first) in samples.iter().enumerate() {
+        if samples[..i].iter().any(|s| s.name == first.name) {
+            continue;
+        }
+        write_header(
+            &mut out,
+            first.name,
+            help(first.name),
+            MetricType::Gauge,
+            Format::PrometheusText,
+        );
+        for sample in samples[i..].iter().filter(|s| s.name == first.name) {
+            write_sample(
+                &mut out,
+                sample.name,
+                sample.labels.iter().map(|(k, v)| (*k, v.as_str())),
+                sample.value,
+            );
+        }
+    }
+    out
 }
 
 /// HELP texts for the probe metrics, worded as blackbox_exporter words them.
@@ -345,15 +468,19 @@ impl Allowlist {
 
     fn host_allowed(&self, host: &str, port: u16) -> Result<(), NotAllowed> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let lower = host.to_ascii_lowercase();
+        // Made only when a pattern needs them: most allowlists are addresses and `*`.
+        let lower = std::cell::OnceCell::new();
+        let port_text = std::cell::OnceCell::new();
         let ip = host.parse::<IpAddr>().ok().map(canonical);
-        let port_text = port.to_string();
         let found = self.patterns.iter().any(|p| {
             let host_ok = match &p.host {
-                HostPattern::Glob(g) => g.is_match(&lower),
+                HostPattern::Glob(g) => g.is_match(lower.get_or_init(|| host.to_ascii_lowercase())),
                 HostPattern::Net(net, prefix) => ip.is_some_and(|ip| in_net(ip, *net, *prefix)),
             };
-            host_ok && p.port.as_ref().is_none_or(|g| g.is_match(&port_text))
+            host_ok
+                && p.port
+                    .as_ref()
+                    .is_none_or(|g| g.is_match(port_text.get_or_init(|| port.to_string())))
         });
         if found {
             Ok(())
@@ -503,10 +630,16 @@ pub const SPECIAL_NETS: [(&str, u8); 7] = [
     ("fd20:ce::254", 128),
 ];
 
+/// [`SPECIAL_NETS`] parsed, once for the process: every `/probe` checks its addresses
+/// against them.
 fn special_nets() -> impl Iterator<Item = (IpAddr, u8)> {
-    SPECIAL_NETS
-        .iter()
-        .filter_map(|(a, p)| a.parse::<IpAddr>().ok().map(|a| (a, *p)))
+    static PARSED: std::sync::LazyLock<Vec<(IpAddr, u8)>> = std::sync::LazyLock::new(|| {
+        SPECIAL_NETS
+            .iter()
+            .filter_map(|(a, p)| a.parse::<IpAddr>().ok().map(|a| (a, *p)))
+            .collect()
+    });
+    PARSED.iter().copied()
 }
 
 /// The IPv4 addresses an IPv6 address may stand for, so that an IPv4 metadata address
@@ -824,6 +957,92 @@ mod tests {
             probe_timeout(h("1e300").as_ref(), &m, Duration::MAX),
             Duration::MAX - SCRAPE_TIMEOUT_OFFSET
         );
+    }
+
+    #[test]
+    fn the_exposition_groups_samples_by_name_in_first_seen_order() {
+        let sample = |name, labels: &[(&'static str, &str)], value| probe::Sample {
+            name,
+            labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            value,
+        };
+        let samples = vec![
+            sample("probe_http_duration_seconds", &[("phase", "resolve")], 0.5),
+            sample("probe_success", &[], 1.0),
+            sample(
+                "probe_http_duration_seconds",
+                &[("phase", "con\"nect")],
+                1e-7,
+            ),
+            sample("probe_expect_info", &[("a", "x"), ("b", "y\nz")], 1.0),
+            sample("probe_duration_seconds", &[], f64::NAN),
+        ];
+        // The same text as building the families and rendering them.
+        let mut families: Vec<Family> = Vec::new();
+        for s in &samples {
+            let labels: Vec<(String, String)> = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            match families.iter_mut().find(|f| f.name == s.name) {
+                Some(f) => f.samples.push((labels, s.value)),
+                None => families.push(Family::gauge(s.name, help(s.name)).with(labels, s.value)),
+            }
+        }
+        let text = exposition(&samples);
+        assert_eq!(text, render(&families, Format::PrometheusText));
+        assert_eq!(
+            text,
+            "# HELP probe_http_duration_seconds Duration of http request by phase, summed over all redirects\n\
+             # TYPE probe_http_duration_seconds gauge\n\
+             probe_http_duration_seconds{phase=\"resolve\"} 0.5\n\
+             probe_http_duration_seconds{phase=\"con\\\"nect\"} 0.0000001\n\
+             # HELP probe_success Displays whether or not the probe was a success\n\
+             # TYPE probe_success gauge\n\
+             probe_success 1\n\
+             # HELP probe_expect_info Explicit content matched\n\
+             # TYPE probe_expect_info gauge\n\
+             probe_expect_info{a=\"x\",b=\"y\\nz\"} 1\n\
+             # HELP probe_duration_seconds Returns how long the probe took to complete in seconds\n\
+             # TYPE probe_duration_seconds gauge\n\
+             probe_duration_seconds NaN\n"
+        );
+    }
+
+    #[test]
+    fn probe_parameters_are_decoded_and_the_last_one_counts() {
+        let p = ProbeParams::parse(
+            "target=http%3A%2F%2Fa%3A80%2F%3Fx%3D1&module=m1&module=m2&debug=true&other=1",
+        );
+        assert_eq!(p.target.as_deref(), Some("http://a:80/?x=1"));
+        assert_eq!(p.module.as_deref(), Some("m2"));
+        assert_eq!(p.debug.as_deref(), Some("true"));
+        let p = ProbeParams::parse("target=a+b%20c&debug");
+        assert_eq!(p.target.as_deref(), Some("a b c"));
+        assert_eq!(p.module, None);
+        assert_eq!(p.debug.as_deref(), Some(""));
+        assert!(ProbeParams::parse("").target.is_none());
+        // Bytes that are not UTF-8 do not fail the request: they decode lossily.
+        assert_eq!(
+            ProbeParams::parse("target=%ff").target.as_deref(),
+            Some("\u{fffd}")
+        );
+    }
+
+    #[test]
+    fn the_allowlist_is_parsed_once_per_config() {
+        let cache = AllowlistCache::default();
+        let mut config = crate::config::AgentConfig::minimal("a".into());
+        config.probe_endpoint.allowed_targets = vec!["*.internal:443".into()];
+        let first = Arc::new(config.clone());
+        let a = cache.get(&first);
+        assert!(Arc::ptr_eq(&a, &cache.get(&first)));
+        config.probe_endpoint.allowed_targets = vec!["[::1:80".into()];
+        let second = Arc::new(config);
+        let b = cache.get(&second);
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(b.as_ref().as_ref().is_err());
     }
 
     #[test]

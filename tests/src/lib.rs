@@ -10,6 +10,7 @@
 //! - every process is killed when its [`Process`] guard drops, and when a test fails the
 //!   tail of every process's log is printed, so that CI output says what went wrong.
 
+pub mod bench;
 pub mod procfs;
 
 use std::collections::{BTreeMap, HashSet};

@@ -23,6 +23,7 @@
 use anyhow::{Context, anyhow};
 use clap::Parser;
 use sonde_proto::config::PromDuration;
+use sonde_tests::bench::{PerfRecord, RunArgs, WorkDir, find_release_bin, start_nginx, wait_for};
 use sonde_tests::procfs::{
     clock_ticks_per_second, metrics_page, stat_ticks, status_bytes, status_value,
 };
@@ -64,15 +65,8 @@ struct Args {
     /// Record the agent with `perf record -g` over the window, into this file.
     #[arg(long)]
     perf: Option<PathBuf>,
-    /// A name for this run in the report (the commit, "before", ...).
-    #[arg(long, default_value = "")]
-    label: String,
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Keep the working directory (configs, logs, data) instead of removing it.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The aggregator's `fleet.limits` that one agent with many HTTP targets needs raised:
@@ -103,58 +97,6 @@ fn aggregator_config(args: &Args, nginx: u16) -> String {
 
 fn agent_config(grpc: &str) -> String {
     format!("agent:\n  id: bench-agent\naggregators:\n  - address: {grpc}\n")
-}
-
-/// nginx answering every path with 200 "ok\n", with room for the agent's connections.
-fn nginx_config(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile 65536;
-pid {d}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "ok\n"; }}
-    }}
-}}
-"#
-    )
-}
-
-fn find_bin(given: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
-    if let Some(path) = given {
-        return if path.is_file() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(anyhow!("{}: no such file", path.display()))
-        };
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(name)));
-    let release = sonde_tests::workspace_root()
-        .join("target/release")
-        .join(name);
-    for candidate in beside.into_iter().chain([release.clone()]) {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(anyhow!(
-        "no {name} binary next to agent-bench nor at {}; build it with `cargo build --release -p sonde-agent -p sonde-aggregator`",
-        release.display()
-    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -278,44 +220,6 @@ fn bucket_quantile(
 
 // ---------------------------------------------------------------------------------------
 // The run
-
-struct World {
-    dir: PathBuf,
-    keep: bool,
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("agent-bench: files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    processes: &mut [&mut Process],
-    mut check: impl FnMut() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        for p in processes.iter_mut() {
-            p.check_running().map_err(anyhow::Error::msg)?;
-        }
-        match check() {
-            Ok(v) => return Ok(v),
-            Err(seen) if start.elapsed() > timeout => {
-                return Err(anyhow!(
-                    "timed out after {timeout:?} waiting for {what}; last seen: {seen:#}"
-                ));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
-}
 
 struct Report {
     args_line: String,
@@ -487,13 +391,10 @@ impl Report {
 }
 
 fn run(args: &Args) -> anyhow::Result<Report> {
-    let agent_bin = find_bin(args.agent.as_deref(), "sonde-agent")?;
-    let aggregator_bin = find_bin(args.aggregator.as_deref(), "sonde-aggregator")?;
-    let nginx_bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .context("nginx not found; install the Debian package nginx-light")?;
+    let agent_bin =
+        find_release_bin(args.agent.as_deref(), "sonde-agent").map_err(anyhow::Error::msg)?;
+    let aggregator_bin = find_release_bin(args.aggregator.as_deref(), "sonde-aggregator")
+        .map_err(anyhow::Error::msg)?;
     let interval = args.interval.0;
     let window_intervals = (args.duration.0.as_secs_f64() / interval.as_secs_f64())
         .ceil()
@@ -505,33 +406,9 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         .unwrap_or(interval + Duration::from_secs(10));
     let ticks = clock_ticks_per_second();
 
-    let dir = std::env::temp_dir().join(format!("sonde-agent-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let _world = World {
-        dir: dir.clone(),
-        keep: args.keep,
-    };
-
-    // nginx
-    let nginx_port = free_port();
-    let nginx_dir = dir.join("nginx");
-    std::fs::create_dir_all(&nginx_dir)
-        .with_context(|| format!("create {}", nginx_dir.display()))?;
-    let nginx_conf = nginx_dir.join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(&nginx_dir, nginx_port))
-        .with_context(|| format!("write {}", nginx_conf.display()))?;
-    let mut cmd = Command::new(nginx_bin);
-    cmd.arg("-c")
-        .arg(&nginx_conf)
-        .arg("-p")
-        .arg(&nginx_dir)
-        .args(["-e", "stderr"]);
-    let mut nginx = Process::start("nginx", cmd, &dir);
-    let url = format!("http://127.0.0.1:{nginx_port}/?t=0");
-    wait_for("nginx", Duration::from_secs(30), &mut [&mut nginx], || {
-        http_get_ok(&url).map(drop).map_err(anyhow::Error::msg)
-    })?;
+    let work = WorkDir::create("agent-bench", args.run.keep).map_err(anyhow::Error::msg)?;
+    let dir = work.path.clone();
+    let (mut nginx, nginx_port) = start_nginx(&dir).map_err(anyhow::Error::msg)?;
 
     // aggregator
     let agg_web = free_port();
@@ -558,7 +435,8 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                 .map(drop)
                 .map_err(anyhow::Error::msg)
         },
-    )?;
+    )
+    .map_err(anyhow::Error::msg)?;
 
     // agent
     let agent_web = free_port();
@@ -594,7 +472,8 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                 other => Err(anyhow!("sonde_agent_checks {other:?}")),
             }
         },
-    )?;
+    )
+    .map_err(anyhow::Error::msg)?;
     eprintln!(
         "agent-bench: {} checks running; warming up for {warmup:?}",
         args.targets
@@ -628,29 +507,20 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     let cpu0 = cpu(pid, ticks)?;
     let agg0 = cpu(aggregator.pid(), ticks)?.process;
     let t0 = Instant::now();
-    let mut perf = match &args.perf {
-        Some(path) => Some(
-            Command::new("perf")
-                .args(["record", "-g", "-p", &pid.to_string(), "-o"])
-                .arg(path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("cannot start perf")?,
-        ),
-        None => None,
-    };
+    let perf = args
+        .perf
+        .as_deref()
+        .map(|path| PerfRecord::start(pid, path))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     eprintln!("agent-bench: measuring for {window:?}");
     sleep_checked(
         window,
         &mut [&mut nginx, &mut aggregator, &mut agent],
         &mut fds_max,
     )?;
-    if let Some(mut p) = perf.take() {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
+    if let Some(perf) = perf {
+        perf.stop();
     }
     let cpu1 = cpu(pid, ticks)?;
     let agg1 = cpu(aggregator.pid(), ticks)?.process;
@@ -693,7 +563,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     let args_line = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     Ok(Report {
         args_line,
-        label: args.label.clone(),
+        label: args.run.label.clone(),
         targets: args.targets,
         interval,
         window: between,
@@ -724,12 +594,9 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(report) => {
             println!("{}", report.markdown());
-            if let Some(path) = &args.json {
-                let text = serde_json::to_string_pretty(&report.json()).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, text + "\n") {
-                    eprintln!("agent-bench: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            if let Err(e) = args.run.write_json(&report.json()) {
+                eprintln!("agent-bench: {e}");
+                return ExitCode::FAILURE;
             }
             let problems = report.problems();
             for p in &problems {

@@ -1242,29 +1242,6 @@ impl Drop for World {
     }
 }
 
-fn find_aggregator(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = given {
-        return if path.is_file() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(anyhow!("--aggregator {}: no such file", path.display()))
-        };
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("sonde-aggregator")));
-    let release = sonde_tests::workspace_root().join("target/release/sonde-aggregator");
-    for candidate in beside.into_iter().chain([release.clone()]) {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(anyhow!(
-        "no sonde-aggregator binary next to fleet-sim nor at {}; build it with `cargo build --release -p sonde-aggregator` or pass --aggregator PATH",
-        release.display()
-    ))
-}
-
 fn require(path: &Path, package: &str) -> anyhow::Result<()> {
     if path.is_file() {
         Ok(())
@@ -1278,7 +1255,9 @@ fn require(path: &Path, package: &str) -> anyhow::Result<()> {
 
 fn run(args: Args) -> anyhow::Result<Report> {
     let load = Load::from_args(&args)?;
-    let aggregator_bin = find_aggregator(args.aggregator.as_deref())?;
+    let aggregator_bin =
+        sonde_tests::bench::find_release_bin(args.aggregator.as_deref(), "sonde-aggregator")
+            .map_err(anyhow::Error::msg)?;
     require(&args.victoria_metrics, "victoria-metrics")?;
     if !args.no_anchor {
         require(&args.vmagent, "vmagent")?;
