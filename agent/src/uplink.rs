@@ -34,6 +34,7 @@ use rand::Rng;
 use sonde_proto::assignment::cut;
 use sonde_proto::assignment::{Assembled, Assembler, Bounds, Step};
 use sonde_proto::config::{Labels, Module};
+use sonde_proto::trace::Trace;
 use sonde_proto::pb::{
     self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
     fleet_client::FleetClient,
@@ -802,6 +803,7 @@ impl Symbols {
                 .as_deref()
                 .map(|f| cut(f, MAX_SYMBOL_BYTES).to_string())
                 .unwrap_or_default(),
+            trace: r.trace.as_ref().map(Trace::to_pb),
             samples: r
                 .samples
                 .iter()
@@ -835,6 +837,7 @@ mod tests {
             samples,
             generation: 1,
             failure: None,
+            trace: None,
         })
     }
 

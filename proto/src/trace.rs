@@ -127,6 +127,14 @@ impl Trace {
         }
     }
 
+    /// Replaces the step at `index` (one that [`Trace::push`] kept), e.g. an attempt
+    /// noted before it started, by its outcome.
+    pub fn replace(&mut self, index: usize, step: Step) {
+        if let Some(slot) = self.steps.get_mut(index) {
+            *slot = step.bounded();
+        }
+    }
+
     /// The address the probe last tried to connect to: where a traceroute should go.
     pub fn last_connect_address(&self) -> Option<SocketAddr> {
         self.steps.iter().rev().find_map(|s| match s {

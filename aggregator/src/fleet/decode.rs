@@ -250,6 +250,7 @@ mod tests {
             samples,
             generation: 1,
             failure: String::new(),
+            trace: None,
         }
     }
 

@@ -587,6 +587,7 @@ impl GrpcAgent {
                     } else {
                         "simulated outage".into()
                     },
+                    trace: None,
                 }
             })
             .collect();
