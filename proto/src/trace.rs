@@ -119,6 +119,35 @@ impl Trace {
         self.steps.is_empty() && self.path.is_none()
     }
 
+    /// What the trace holds in memory, roughly: its text and a fixed cost per step and
+    /// hop (for bounds that count bytes).
+    pub fn weight(&self) -> usize {
+        const PER_ITEM: usize = 64;
+        let steps: usize = self
+            .steps
+            .iter()
+            .map(|s| {
+                PER_ITEM
+                    + match s {
+                        Step::Dns {
+                            name,
+                            addresses,
+                            error,
+                        } => name.len() + addresses.len() * 16 + error.as_ref().map_or(0, String::len),
+                        Step::Connect { error, .. } => error.as_ref().map_or(0, String::len),
+                        Step::Tls { error } => error.len(),
+                        Step::HttpStatus { line } => line.len(),
+                        Step::Body { excerpt, regexp } => excerpt.len() + regexp.len(),
+                        Step::Timeout { during } => during.len(),
+                    }
+            })
+            .sum();
+        let hops = self.path.as_ref().map_or(0, |p| {
+            PER_ITEM + p.hops.iter().map(|h| PER_ITEM + h.icmp.len()).sum::<usize>()
+        });
+        std::mem::size_of::<Self>() + steps + hops
+    }
+
     /// Adds a step, its text made printable and cut to the bounds; past [`MAX_STEPS`]
     /// steps are dropped.
     pub fn push(&mut self, step: Step) {
