@@ -4,7 +4,9 @@
 //! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
 //! [`http`], [`tcp`] and [`dns`] are the probers; `net` (the TCP connect), `tls` (the
 //! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
-//! (what a certificate says) are the parts they share.
+//! (what a certificate says) are the parts they share; `per_address` runs a prober once
+//! per address of the target. Each prober notes what it saw in [`Samples::trace`]
+//! (`sonde_proto::trace`); [`traceroute`] adds the path when a scheduled probe fails.
 
 pub mod dns;
 #[doc(hidden)]
@@ -13,6 +15,7 @@ pub mod http;
 pub(crate) mod net;
 pub(crate) mod per_address;
 pub mod tcp;
+pub mod traceroute;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub(crate) mod tls;
@@ -290,6 +293,8 @@ pub struct ProbeContext {
     /// Label names from module configs (`query_response` labels), stored once for the
     /// process so samples can carry them as `&'static str`.
     label_names: Mutex<std::collections::HashSet<&'static str>>,
+    /// Traceroutes after failures, rate-limited for the whole agent.
+    pub tracer: traceroute::Tracer,
 }
 
 impl ProbeContext {
@@ -319,6 +324,7 @@ impl ProbeContext {
             web_roots: Arc::new(web_roots),
             regexes: Mutex::new(HashMap::new()),
             label_names: Mutex::new(std::collections::HashSet::new()),
+            tracer: traceroute::Tracer::default(),
         }
     }
 
