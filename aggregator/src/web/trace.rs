@@ -60,7 +60,7 @@ fn describe(step: &Step) -> (&'static str, String) {
         }
         Step::Tls { error } => ("tls", error.clone()),
         Step::HttpStatus { line } => ("http", line.clone()),
-        Step::Body { excerpt, regexp } => ("body", format!("{excerpt:?} (regexp {regexp:?})")),
+        Step::Body { excerpt, regexp } => ("body", format!("\"{excerpt}\" (regexp {regexp})")),
         Step::Timeout { during } => ("timeout", format!("the deadline passed during {during}")),
     }
 }
