@@ -34,11 +34,11 @@ use rand::Rng;
 use sonde_proto::assignment::cut;
 use sonde_proto::assignment::{Assembled, Assembler, Bounds, Step};
 use sonde_proto::config::{Labels, Module};
-use sonde_proto::trace::Trace;
 use sonde_proto::pb::{
     self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
     fleet_client::FleetClient,
 };
+use sonde_proto::trace::Trace;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};

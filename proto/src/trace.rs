@@ -133,7 +133,11 @@ impl Trace {
                             name,
                             addresses,
                             error,
-                        } => name.len() + addresses.len() * 16 + error.as_ref().map_or(0, String::len),
+                        } => {
+                            name.len()
+                                + addresses.len() * 16
+                                + error.as_ref().map_or(0, String::len)
+                        }
                         Step::Connect { error, .. } => error.as_ref().map_or(0, String::len),
                         Step::Tls { error } => error.len(),
                         Step::HttpStatus { line } => line.len(),
@@ -143,7 +147,11 @@ impl Trace {
             })
             .sum();
         let hops = self.path.as_ref().map_or(0, |p| {
-            PER_ITEM + p.hops.iter().map(|h| PER_ITEM + h.icmp.len()).sum::<usize>()
+            PER_ITEM
+                + p.hops
+                    .iter()
+                    .map(|h| PER_ITEM + h.icmp.len())
+                    .sum::<usize>()
         });
         std::mem::size_of::<Self>() + steps + hops
     }

@@ -1359,7 +1359,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
     }
 }

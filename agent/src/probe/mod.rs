@@ -15,11 +15,11 @@ pub mod http;
 pub(crate) mod net;
 pub(crate) mod per_address;
 pub mod tcp;
-pub mod traceroute;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub(crate) mod tls;
 pub(crate) mod tls_samples;
+pub mod traceroute;
 pub(crate) mod x509;
 
 use sonde_proto::config::module::IpProtocol;
@@ -551,7 +551,11 @@ pub(crate) async fn resolve_target(
 }
 
 /// Notes a lookup's answer in the trace; an IP literal was not looked up.
-pub(crate) fn record_answer(out: &mut Samples, host: &str, resolved: &Result<Vec<IpAddr>, ResolveError>) {
+pub(crate) fn record_answer(
+    out: &mut Samples,
+    host: &str,
+    resolved: &Result<Vec<IpAddr>, ResolveError>,
+) {
     if bare_host(host).parse::<IpAddr>().is_ok() {
         return;
     }

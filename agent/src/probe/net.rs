@@ -3,8 +3,8 @@
 
 use super::{Failure, Reason, Samples, io_reason};
 use sonde_proto::trace::Step;
-use std::time::Instant;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -64,8 +64,11 @@ pub(crate) async fn connect(
         seconds,
     };
     let slot = out.trace.steps.len();
-    out.trace
-        .push(attempt(false, Some("no answer before the deadline".into()), 0.0));
+    out.trace.push(attempt(
+        false,
+        Some("no answer before the deadline".into()),
+        0.0,
+    ));
     let started = Instant::now();
     let result = open(addr, source).await;
     let outcome = attempt(

@@ -101,9 +101,7 @@ pub(crate) async fn probe(
     if succeeded >= needed {
         return (out, Ok(()));
     }
-    let reason = failures
-        .first()
-        .map_or(Reason::Config, |(_, f)| f.reason);
+    let reason = failures.first().map_or(Reason::Config, |(_, f)| f.reason);
     let named: Vec<String> = failures
         .iter()
         .take(NAMED_FAILURES)
@@ -133,12 +131,18 @@ fn target_host(target: &str, module: &Module) -> Result<(String, IpProtocol, boo
             module.http.ip_protocol_fallback,
         )),
         Prober::Tcp => Ok((
-            split_host_port(target).map_err(|e| config(&e))?.0.to_string(),
+            split_host_port(target)
+                .map_err(|e| config(&e))?
+                .0
+                .to_string(),
             module.tcp.preferred_ip_protocol,
             module.tcp.ip_protocol_fallback,
         )),
         Prober::Dns => Ok((
-            dns::server_target(target, 53).map_err(|e| config(&e))?.0.to_string(),
+            dns::server_target(target, 53)
+                .map_err(|e| config(&e))?
+                .0
+                .to_string(),
             module.dns.preferred_ip_protocol,
             module.dns.ip_protocol_fallback,
         )),

@@ -86,7 +86,9 @@ impl Tracer {
                     .and_then(|(_, p)| p.clone());
             }
             if state.last.len() >= MAX_REMEMBERED {
-                state.last.retain(|_, (at, _)| now.duration_since(*at) < KEEP_PATH);
+                state
+                    .last
+                    .retain(|_, (at, _)| now.duration_since(*at) < KEEP_PATH);
                 if state.last.len() >= MAX_REMEMBERED {
                     state.last.clear();
                 }
@@ -178,7 +180,8 @@ pub fn traceroute(dest: IpAddr, max_ttl: u8, wait: Duration) -> io::Result<Path>
             if let Ok((_, from)) = socket.recv_from(&mut buf)
                 && from.ip() == dest
             {
-                let ttl = usize::from(from.port().saturating_sub(BASE_PORT)).clamp(1, usize::from(max_ttl));
+                let ttl = usize::from(from.port().saturating_sub(BASE_PORT))
+                    .clamp(1, usize::from(max_ttl));
                 let rtt = sent[ttl].map_or(Duration::ZERO, |s| s.elapsed());
                 answers[ttl].get_or_insert((dest, rtt, Answer::Reached));
             }
@@ -204,9 +207,7 @@ pub fn traceroute(dest: IpAddr, max_ttl: u8, wait: Duration) -> io::Result<Path>
             },
         })
         .collect::<Vec<_>>();
-    let reached = hops
-        .last()
-        .is_some_and(|h| h.address == Some(dest));
+    let reached = hops.last().is_some_and(|h| h.address == Some(dest));
     Ok(Path {
         destination: dest,
         hops,
@@ -219,7 +220,10 @@ pub fn traceroute(dest: IpAddr, max_ttl: u8, wait: Duration) -> io::Result<Path>
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Answer {
     TimeExceeded,
-    Unreachable { v6: bool, code: u8 },
+    Unreachable {
+        v6: bool,
+        code: u8,
+    },
     /// A datagram came back from the destination itself.
     Reached,
 }
@@ -330,9 +334,8 @@ fn read_error(fd: i32) -> Option<(u16, IpAddr, Answer)> {
                     let err = libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err;
                     let e = std::ptr::read_unaligned(err);
                     let offender = err.add(1) as *const libc::sockaddr_storage;
-                    found = classify(&e).and_then(|answer| {
-                        sockaddr_to(offender).map(|a| (port, a.ip(), answer))
-                    });
+                    found = classify(&e)
+                        .and_then(|answer| sockaddr_to(offender).map(|a| (port, a.ip(), answer)));
                 }
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }

@@ -115,7 +115,10 @@ mod tests {
             regexp: "ok".into(),
         });
         let html = html(&t);
-        assert!(!html.contains("<script>") && !html.contains("<img"), "{html}");
+        assert!(
+            !html.contains("<script>") && !html.contains("<img"),
+            "{html}"
+        );
         assert!(html.contains("&lt;script&gt;"), "{html}");
     }
 }
