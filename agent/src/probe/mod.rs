@@ -561,7 +561,7 @@ pub(crate) fn record_answer(
     }
     out.trace.push(Step::Dns {
         name: bare_host(host).to_string(),
-        addresses: resolved.as_ref().map(Vec::clone).unwrap_or_default(),
+        addresses: resolved.clone().unwrap_or_default(),
         error: resolved.as_ref().err().map(ToString::to_string),
     });
 }
