@@ -148,3 +148,77 @@ fn target_host(target: &str, module: &Module) -> Result<(String, IpProtocol, boo
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::probe::run;
+    use crate::probe::test_support::{ctx, labelled, sample};
+    use sonde_proto::config::Module;
+    use sonde_proto::trace::Step;
+    use std::time::Duration;
+
+    fn each_address(must_succeed: &str) -> Module {
+        serde_json::from_value(serde_json::json!({
+            "prober": "tcp",
+            "per_address": {"must_succeed": must_succeed},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_address_gets_its_own_ip_labelled_samples() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let o = run(
+            &ctx(),
+            &target,
+            &each_address("all"),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_success"), Some(1.0));
+        assert_eq!(sample(&o, "probe_resolved_addresses"), Some(1.0));
+        let ip = vec![("ip", "127.0.0.1".to_string())];
+        assert_eq!(
+            labelled(&o, "probe_success"),
+            [(ip.clone(), 1.0), (vec![], 1.0)]
+        );
+        assert!(
+            labelled(&o, "probe_ip_protocol").contains(&(ip, 4.0)),
+            "the prober's own samples carry the ip label too"
+        );
+        assert_eq!(o.trace, None, "no trace on success");
+    }
+
+    #[tokio::test]
+    async fn a_failing_address_fails_the_verdict_with_its_trace() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let o = run(
+            &ctx(),
+            &target,
+            &each_address("all"),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(!o.success);
+        assert_eq!(
+            o.failure.as_deref(),
+            Some(
+                "0 of 1 addresses succeeded, per_address.must_succeed is all: 127.0.0.1: connect: connection refused"
+            )
+        );
+        let trace = o.trace.clone().unwrap();
+        assert!(matches!(
+            &trace.steps[0],
+            Step::Connect { ok: false, error: Some(e), .. } if e == "connection refused"
+        ));
+        assert!(
+            labelled(&o, "probe_failure_info")
+                .iter()
+                .any(|(l, _)| l.contains(&("ip", "127.0.0.1".to_string())))
+        );
+    }
+}
