@@ -890,6 +890,39 @@ mod tests {
     }
 
     #[test]
+    fn per_address_has_bounded_defaults() {
+        let m: Module = serde_json::from_str(r#"{"prober":"http","per_address":{}}"#).unwrap();
+        let per = m.per_address.clone().unwrap();
+        assert_eq!(per.max_addresses, 8);
+        assert_eq!(per.must_succeed, super::super::Quorum::All);
+        assert_eq!(m.validate(), Ok(()));
+        let any: Module = serde_json::from_str(
+            r#"{"prober":"tcp","per_address":{"max_addresses":16,"must_succeed":"any"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            any.per_address.unwrap().must_succeed,
+            super::super::Quorum::AtLeast(1)
+        );
+        for max in [0, MAX_PER_ADDRESS + 1] {
+            let mut m = m.clone();
+            m.per_address.as_mut().unwrap().max_addresses = max;
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.starts_with("per_address.max_addresses"), "{e}");
+        }
+        assert!(
+            serde_json::from_str::<Module>(r#"{"prober":"http","per_address":{"all":true}}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<Module>(
+                r#"{"prober":"http","per_address":{"must_succeed":"most"}}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
     fn dns_names_follow_blackbox() {
         let mut m: Module =
             serde_json::from_str(r#"{"prober":"dns","dns":{"query_name":"example.com"}}"#).unwrap();
