@@ -1031,21 +1031,10 @@ pub fn start_nginx_with_tls(
         _ => String::new(),
     };
     let d = dir.display();
-    let config = format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
+    let config = nginx_config(
+        &dir,
+        &format!(
+            r#"    server {{
         listen 127.0.0.1:{port};
         location = / {{ return 200 "ok\n"; }}
         location /missing {{ return 404; }}
@@ -1054,8 +1043,8 @@ http {{
             return 200 "ok\n";
         }}
     }}
-{https_server}}}
-"#
+{https_server}"#
+        ),
     );
     let config_path = scene.dir().write(&format!("{name}/nginx.conf"), &config);
     let mut cmd = Command::new(nginx);
@@ -1088,6 +1077,30 @@ http {{
         );
     }
     (port, https_port)
+}
+
+/// An nginx config that runs in the foreground as the test's user, keeps its pid and
+/// temporary files under `dir`, logs errors to stderr, and serves the `http` block's
+/// `servers`.
+pub fn nginx_config(dir: &Path, servers: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{servers}}}
+"#
+    )
 }
 
 /// While this file exists, the nginx `name` of [`start_nginx`] answers `/flip` with 503.

@@ -102,25 +102,11 @@ fn start_target_nginx(scene: &mut Scene, ns: &Netns) {
         "openssl: {}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let d = dir.display();
     let locations = r#"location = / { return 200 "ok\n"; }
         location = /error { return 500 "broken\n"; }
         location = /body { default_type text/html; return 200 "<html>maintenance window</html>\n"; }"#;
-    let config = format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
+    let servers = format!(
+        r#"    server {{
         listen {TARGET_ADDR}:80;
         listen {FAR_ADDR}:80;
         {locations}
@@ -131,11 +117,11 @@ http {{
         ssl_certificate_key {key};
         {locations}
     }}
-}}
 "#,
         cert = cert.display(),
         key = key.display(),
     );
+    let config = sonde_tests::nginx_config(&dir, &servers);
     let path = scene.dir().write("nginx/nginx.conf", &config);
     let mut cmd = ns.command(nginx);
     cmd.arg("-c")

@@ -165,10 +165,16 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn each_address_gets_its_own_ip_labelled_samples() {
+    /// A listening port on 127.0.0.1, and the tcp target that names it.
+    async fn listening() -> (tokio::net::TcpListener, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = listener.local_addr().unwrap().to_string();
+        (listener, target)
+    }
+
+    #[tokio::test]
+    async fn each_address_gets_its_own_ip_labelled_samples() {
+        let (_listener, target) = listening().await;
         let o = run(
             &ctx(),
             &target,
@@ -193,8 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_address_fails_the_verdict_with_its_trace() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = listener.local_addr().unwrap().to_string();
+        let (listener, target) = listening().await;
         drop(listener);
         let o = run(
             &ctx(),
