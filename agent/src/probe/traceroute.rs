@@ -482,6 +482,14 @@ mod tests {
         assert!(started.elapsed() < WAIT, "it stops once the path has ended");
     }
 
+    #[test]
+    fn tracing_ipv6_reads_icmpv6_errors() {
+        let path = traceroute("::1".parse().unwrap(), MAX_TTL, WAIT).unwrap();
+        assert!(path.reached, "{path:?}");
+        assert_eq!(path.hops[0].icmp, "port unreachable");
+        assert_eq!(path.hops[0].address, Some("::1".parse().unwrap()));
+    }
+
     #[tokio::test]
     async fn the_agent_never_traces_its_own_host_and_is_rate_limited() {
         let tracer = Tracer::default();
