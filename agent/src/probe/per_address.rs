@@ -172,16 +172,15 @@ mod tests {
         (listener, target)
     }
 
+    /// The tcp prober on every address of `target`, all of which must succeed.
+    async fn probe_each_address(target: &str) -> crate::probe::ProbeOutcome {
+        run(&ctx(), target, &each_address("all"), Duration::from_secs(2)).await
+    }
+
     #[tokio::test]
     async fn each_address_gets_its_own_ip_labelled_samples() {
         let (_listener, target) = listening().await;
-        let o = run(
-            &ctx(),
-            &target,
-            &each_address("all"),
-            Duration::from_secs(2),
-        )
-        .await;
+        let o = probe_each_address(&target).await;
         assert!(o.success, "{:?}", o.failure);
         assert_eq!(sample(&o, "probe_success"), Some(1.0));
         assert_eq!(sample(&o, "probe_resolved_addresses"), Some(1.0));
@@ -201,13 +200,7 @@ mod tests {
     async fn a_failing_address_fails_the_verdict_with_its_trace() {
         let (listener, target) = listening().await;
         drop(listener);
-        let o = run(
-            &ctx(),
-            &target,
-            &each_address("all"),
-            Duration::from_secs(2),
-        )
-        .await;
+        let o = probe_each_address(&target).await;
         assert!(!o.success);
         assert_eq!(
             o.failure.as_deref(),
