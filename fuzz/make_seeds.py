@@ -193,6 +193,38 @@ def fleet():
     put("fleet_batch", agent_message(1, local) + agent_message(2, far))
 
 
+# --- failure traces ----------------------------------------------------------------
+def trace_message(steps, path=None):
+    out = b"".join(s(1, st) for st in steps)
+    if path is not None:
+        out += s(2, path)
+    return out
+
+
+def traces():
+    dns = s(1, s(1, "shop.example") + s(2, "192.0.2.1") + s(2, "2001:db8::1"))
+    nxdomain = s(1, s(1, "gone.example") + s(3, "resolve gone.example: no address"))
+    refused = s(2, s(1, "192.0.2.1:443") + s(3, "connection refused") + field(4, 1, struct.pack("<d", 0.002)))
+    ok = s(2, s(1, "[2001:db8::1]:443") + field(2, 0, 1) + field(4, 1, struct.pack("<d", 0.01)))
+    tls = s(3, "invalid peer certificate: UnknownIssuer")
+    status = s(4, "HTTP/1.1 500 Internal Server Error")
+    body = s(5, s(1, "<html>maintenance\\n") + s(2, "ok"))
+    timeout = s(6, "connect")
+    hop = lambda ttl, addr, icmp: field(1, 0, ttl) + s(2, addr) + field(3, 1, struct.pack("<d", 0.001)) + s(4, icmp)
+    path = s(1, "10.99.2.2") + s(2, hop(1, "10.99.1.1", "time exceeded")) + s(2, hop(2, "10.99.1.1", "net unreachable")) \
+        + field(4, 0, 1_700_000_000_000)
+    put("failure_trace", trace_message([dns, refused]))
+    put("failure_trace", trace_message([nxdomain]))
+    put("failure_trace", trace_message([dns, ok, tls]))
+    put("failure_trace", trace_message([dns, ok, status, body]))
+    put("failure_trace", trace_message([refused, timeout], path))
+    put("failure_trace", trace_message([], s(1, "10.99.2.2") + s(2, hop(0, "", ""))))
+    # The same in a result of a batch, for the fleet decoder.
+    failed = field(1, 0, 1) + s(2, "web") + s(3, "https://shop.example/") + field(4, 0, 1_700_000_001_000) \
+        + field(8, 0, 1) + s(9, "connect: connection refused") + s(10, trace_message([dns, refused], path))
+    put("fleet_batch", agent_message(2, batch([], [failed])))
+
+
 # --- DNS replies ---------------------------------------------------------------------
 def name(n):
     out = b""
@@ -333,6 +365,7 @@ def main():
                 os.remove(os.path.join(dirpath, f))
     configs()
     fleet()
+    traces()
     dns()
     http()
     x509()

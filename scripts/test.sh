@@ -20,6 +20,8 @@ declare -A packages=(
   [prometheus-blackbox-exporter]=prometheus-blackbox-exporter  # the side-by-side peer
   [openssl]=openssl         # certificates of the side-by-side test
   [chromium]=chromium       # renders the status pages (tests/tests/status_pages.rs)
+  [ip]=iproute2             # network namespaces of tests/tests/failure_traces.rs
+  [curl]=curl               # queries an aggregator inside a namespace (the same test)
 )
 # file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS
 # front) and mail module (SMTP with STARTTLS) of the side-by-side test

@@ -213,5 +213,6 @@ fn record(seq: u64) -> ProbeRecord {
         samples,
         generation: 12,
         failure: None,
+        trace: None,
     }
 }

@@ -227,6 +227,7 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         http,
         tcp,
         dns,
+        per_address: _,
     } = module;
     let mut out = Vec::new();
     let HttpProbe {

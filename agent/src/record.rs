@@ -2,6 +2,7 @@
 //! the form it takes in the on-disk buffer.
 
 use crate::probe::Sample;
+use sonde_proto::trace::Trace;
 use std::collections::HashSet;
 use std::sync::{LazyLock, Mutex};
 
@@ -19,6 +20,9 @@ pub struct ProbeRecord {
     /// Assignment generation the check came from; 0 for a local job.
     pub generation: u64,
     pub failure: Option<String>,
+    /// What the probe saw, on a failure: kept on disk with the result, so that a
+    /// restart does not lose it.
+    pub trace: Option<Trace>,
 }
 
 impl ProbeRecord {
@@ -36,6 +40,7 @@ impl ProbeRecord {
             + self.job.len()
             + self.instance.len()
             + self.failure.as_ref().map_or(0, String::len)
+            + self.trace.as_ref().map_or(0, trace_bytes)
             + samples
     }
 
@@ -56,6 +61,7 @@ impl ProbeRecord {
             duration_seconds: self.duration_seconds,
             generation: self.generation,
             failure: self.failure.clone(),
+            trace: self.trace.as_ref().map(Trace::to_pb),
             samples: self
                 .samples
                 .iter()
@@ -103,6 +109,9 @@ impl ProbeRecord {
             samples,
             generation: stored.generation,
             failure: stored.failure,
+            // The agent wrote it: a trace that does not read back is a damaged row,
+            // and the result is still worth sending without it.
+            trace: stored.trace.and_then(|t| Trace::from_pb(t).ok()),
         })
     }
 }
@@ -135,6 +144,14 @@ struct StoredRecord {
     failure: Option<String>,
     #[prost(message, repeated, tag = "8")]
     samples: Vec<StoredSample>,
+    #[prost(message, optional, tag = "9")]
+    trace: Option<sonde_proto::pb::FailureTrace>,
+}
+
+/// What a trace weighs in memory, roughly: its encoded size is close enough.
+fn trace_bytes(trace: &Trace) -> usize {
+    use prost::Message;
+    std::mem::size_of::<Trace>() + trace.to_pb().encoded_len()
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -196,6 +213,15 @@ mod tests {
             ],
             generation: 7,
             failure: Some("connection refused".into()),
+            trace: Some(Trace {
+                steps: vec![sonde_proto::trace::Step::Connect {
+                    address: "127.0.0.1:9".parse().unwrap(),
+                    ok: false,
+                    error: Some("connection refused".into()),
+                    seconds: 0.001,
+                }],
+                path: None,
+            }),
         };
         let back = ProbeRecord::decode(42, &record.encode()).unwrap();
         assert_eq!(back.samples[1].labels, record.samples[1].labels);
@@ -208,7 +234,9 @@ mod tests {
 
         let mut ok = record;
         ok.failure = None;
-        assert_eq!(ProbeRecord::decode(42, &ok.encode()).unwrap().failure, None);
+        ok.trace = None;
+        let back = ProbeRecord::decode(42, &ok.encode()).unwrap();
+        assert_eq!((back.failure, back.trace), (None, None));
     }
 
     #[test]

@@ -316,6 +316,7 @@ mod tests {
                     samples: Vec::new(),
                     generation: 0,
                     failure: None,
+                    trace: None,
                 }
             })
             .unwrap();

@@ -445,6 +445,12 @@ impl Check {
                 });
             }
             self.counts.ran(outcome.success);
+            if let Some(trace) = &mut outcome.trace
+                && let Some(addr) = trace.last_connect_address()
+            {
+                // What the network looked like on the way to the address that failed.
+                trace.path = self.ctx.tracer.path_to(addr.ip()).await;
+            }
             // Whoever wants the check when the probe ends gets its result.
             let route = lock(&self.route).clone();
             self.buffer.record(

@@ -356,6 +356,7 @@ async fn run(with_remote_write: bool) {
                             .collect(),
                         generation: 1,
                         failure: String::new(),
+                        trace: None,
                     }
                 })
                 .collect();

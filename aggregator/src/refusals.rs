@@ -34,6 +34,9 @@ pub enum Reason {
     SeriesLimit,
     /// More local jobs or local targets than the limits allow.
     LocalLimit,
+    /// A result's trace over its bounds or not well-formed: the trace is dropped, the
+    /// result kept.
+    BadTrace,
     /// A batch broke the protocol (unknown symbol, more results than allowed, ...): the
     /// stream was ended.
     Malformed,
@@ -53,6 +56,7 @@ impl Reason {
             Reason::TooManyLabels => "too_many_labels",
             Reason::SeriesLimit => "series_limit",
             Reason::LocalLimit => "local_limit",
+            Reason::BadTrace => "bad_trace",
             Reason::Malformed => "malformed",
         }
     }

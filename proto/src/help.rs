@@ -27,6 +27,7 @@ pub const PROBE_METRICS: &[&str] = &[
     "probe_http_version",
     "probe_ip_addr_hash",
     "probe_ip_protocol",
+    "probe_resolved_addresses",
     "probe_retries",
     "probe_ssl_earliest_cert_expiry",
     "probe_ssl_last_chain_expiry_timestamp_seconds",
@@ -51,6 +52,9 @@ pub fn series_help(name: &str) -> Option<&'static str> {
         "probe_duration_seconds" => "Returns how long the probe took to complete in seconds",
         "probe_dns_lookup_time_seconds" => "Returns the time taken for probe dns lookup in seconds",
         "probe_ip_protocol" => "Specifies whether probe ip protocol is IP4 or IP6",
+        "probe_resolved_addresses" => {
+            "Addresses the target's name resolved to (per_address modules; at most max_addresses of them are probed)"
+        }
         "probe_ip_addr_hash" => {
             "Specifies the hash of IP address. It's useful to detect if the IP address changes."
         }

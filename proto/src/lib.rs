@@ -20,3 +20,4 @@ pub mod config;
 pub mod exposition;
 pub mod help;
 pub mod tls;
+pub mod trace;

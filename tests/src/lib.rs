@@ -1032,21 +1032,10 @@ pub fn start_nginx_with_tls(
         _ => String::new(),
     };
     let d = dir.display();
-    let config = format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
+    let config = nginx_config(
+        &dir,
+        &format!(
+            r#"    server {{
         listen 127.0.0.1:{port};
         location = / {{ return 200 "ok\n"; }}
         location /missing {{ return 404; }}
@@ -1055,8 +1044,8 @@ http {{
             return 200 "ok\n";
         }}
     }}
-{https_server}}}
-"#
+{https_server}"#
+        ),
     );
     let config_path = scene.dir().write(&format!("{name}/nginx.conf"), &config);
     let mut cmd = Command::new(nginx);
@@ -1089,6 +1078,30 @@ http {{
         );
     }
     (port, https_port)
+}
+
+/// An nginx config that runs in the foreground as the test's user, keeps its pid and
+/// temporary files under `dir`, logs errors to stderr, and serves the `http` block's
+/// `servers`.
+pub fn nginx_config(dir: &Path, servers: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{servers}}}
+"#
+    )
 }
 
 /// While this file exists, the nginx `name` of [`start_nginx`] answers `/flip` with 503.
@@ -1140,11 +1153,22 @@ pub struct AggregatorAddrs {
 /// Starts `sonde-aggregator` with `config` (YAML) on free loopback ports, its storage in
 /// the scene's dir, and waits until `/-/healthy` answers 200.
 pub fn start_aggregator(scene: &mut Scene, name: &str, config: &str) -> AggregatorAddrs {
+    start_aggregator_in(scene, None, name, config)
+}
+
+/// [`start_aggregator`], inside the network namespace `netns` when given (its loopback;
+/// query it with [`Netns::http_get`]).
+pub fn start_aggregator_in(
+    scene: &mut Scene,
+    netns: Option<&Netns>,
+    name: &str,
+    config: &str,
+) -> AggregatorAddrs {
     let bin = sonde_bin("sonde-aggregator");
     let web_port = free_port();
     let grpc_port = free_port();
     let config_path = scene.dir().write(&format!("{name}.yml"), config);
-    let mut cmd = Command::new(bin);
+    let mut cmd = Netns::command_in(netns, bin);
     cmd.arg(format!("--config.file={}", config_path.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
         .arg(format!("--grpc.listen-address=127.0.0.1:{grpc_port}"))
@@ -1158,7 +1182,7 @@ pub fn start_aggregator(scene: &mut Scene, name: &str, config: &str) -> Aggregat
     scene.wait_until(
         &format!("{name} /-/healthy"),
         Duration::from_secs(60),
-        || http_get_ok(&format!("{web}/-/healthy")).map(drop),
+        || get_ok_in(netns, &format!("{web}/-/healthy")).map(drop),
     );
     AggregatorAddrs {
         web,
@@ -1223,10 +1247,20 @@ impl RestartableAggregator {
 /// Starts `sonde-agent` with `config` (YAML) on a free loopback port, its storage in the
 /// scene's dir, and waits until `/-/healthy` answers 200. Returns its web base URL.
 pub fn start_agent(scene: &mut Scene, name: &str, config: &str) -> String {
+    start_agent_in(scene, None, name, config)
+}
+
+/// [`start_agent`], inside the network namespace `netns` when given.
+pub fn start_agent_in(
+    scene: &mut Scene,
+    netns: Option<&Netns>,
+    name: &str,
+    config: &str,
+) -> String {
     let bin = sonde_bin("sonde-agent");
     let web_port = free_port();
     let config_path = scene.dir().write(&format!("{name}.yml"), config);
-    let mut cmd = Command::new(bin);
+    let mut cmd = Netns::command_in(netns, bin);
     cmd.arg(format!("--config.file={}", config_path.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
         .arg(format!(
@@ -1239,9 +1273,122 @@ pub fn start_agent(scene: &mut Scene, name: &str, config: &str) -> String {
     scene.wait_until(
         &format!("{name} /-/healthy"),
         Duration::from_secs(60),
-        || http_get_ok(&format!("{web}/-/healthy")).map(drop),
+        || get_ok_in(netns, &format!("{web}/-/healthy")).map(drop),
     );
     web
+}
+
+fn get_ok_in(netns: Option<&Netns>, url: &str) -> Result<String, String> {
+    let (status, body) = match netns {
+        Some(ns) => ns.http_get(url)?,
+        None => http_get(url)?,
+    };
+    match status {
+        200 => Ok(body),
+        _ => Err(format!("GET {url}: status {status}: {}", tail(&body, 5))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Network namespaces
+
+/// A network namespace the test made (`ip netns add`), with its loopback up; deleted,
+/// with its `/etc/netns/<name>/` files, when the guard drops, even when the test fails.
+/// Its name carries the test process's id, so parallel runs do not collide.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// `sonde-<tag>-<pid>`; `ip` is the iproute2 package.
+    pub fn new(tag: &str) -> Self {
+        require_tool("ip", "iproute2");
+        let name = format!("sonde-{tag}-{}", std::process::id());
+        // A namespace left by a killed run of the same pid would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ns = Self { name };
+        ip(&["netns", "add", &ns.name]);
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `argv` inside the namespace and requires it to succeed.
+    pub fn run(&self, argv: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(argv);
+        ip(&all);
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec` execs it, so
+    /// the process's id is the program's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// [`Netns::command`] when `netns` is given, else the program itself.
+    pub fn command_in(netns: Option<&Netns>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match netns {
+            Some(ns) => ns.command(program),
+            None => Command::new(program),
+        }
+    }
+
+    /// The namespace's `/etc/resolv.conf`: `ip netns exec` mounts
+    /// `/etc/netns/<name>/resolv.conf` over it for the programs it runs.
+    pub fn set_nameserver(&self, ip: &str) {
+        let dir = PathBuf::from("/etc/netns").join(&self.name);
+        fs::create_dir_all(&dir).expect("create /etc/netns/<name>");
+        fs::write(dir.join("resolv.conf"), format!("nameserver {ip}\n"))
+            .expect("write the namespace's resolv.conf");
+    }
+
+    /// GET `url` from inside the namespace (curl): (status, body).
+    pub fn http_get(&self, url: &str) -> Result<(u16, String), String> {
+        let out = self
+            .command(require_tool("curl", "curl"))
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
+            .output()
+            .map_err(|e| format!("curl {url}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "curl {url} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let status = status
+            .parse()
+            .map_err(|_| format!("curl {url}: no status in {text:?}"))?;
+        Ok((status, body.to_string()))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
+    }
+}
+
+/// Runs `ip` with `args` and requires it to succeed.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ fn result(
         samples,
         generation: 1,
         failure: String::new(),
+        trace: None,
     }
 }
 

@@ -405,6 +405,7 @@ impl Buffer {
             samples: outcome.samples,
             generation: route.generation(),
             failure: outcome.failure,
+            trace: outcome.trace,
         })
     }
 

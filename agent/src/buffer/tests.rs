@@ -76,6 +76,7 @@ fn record(seq: u64, job: &str) -> ProbeRecord {
         ],
         generation: 3,
         failure: seq.is_multiple_of(3).then(|| "connection refused".into()),
+        trace: None,
     }
 }
 
@@ -582,6 +583,7 @@ fn outcome() -> ProbeOutcome {
         }],
         failure: None,
         failure_reason: None,
+        trace: None,
     }
 }
 

@@ -93,7 +93,7 @@ pub async fn probe(
         (DnsTransport::Tcp, None) => {
             let started = Instant::now();
             out.stage = Stage::Connect;
-            let stream = connect(server, source).await?;
+            let stream = connect(server, source, out).await?;
             out.add_with(
                 DURATION,
                 &[("phase", "connect")],
@@ -106,7 +106,7 @@ pub async fn probe(
             // As miekg/dns times it, the connect phase includes the TLS handshake.
             let started = Instant::now();
             out.stage = Stage::Connect;
-            let stream = connect(server, source).await?;
+            let stream = connect(server, source, out).await?;
             out.stage = Stage::Exchange;
             let name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
             let stream = client.handshake(ctx, name, stream, out).await;
@@ -295,7 +295,7 @@ fn rr_string(record: &Record) -> String {
 /// The server's host and port. Where Go's SplitHostPort fails (a bare host, a bare
 /// IPv6 address) the whole target is the host and the port is DNS's, as in
 /// blackbox_exporter.
-fn server_target(target: &str, default_port: u16) -> Result<(&str, u16), AddressError> {
+pub(crate) fn server_target(target: &str, default_port: u16) -> Result<(&str, u16), AddressError> {
     match split_host_port(target) {
         Ok((host, port)) => Ok((host, parse_port(port, target)?)),
         Err(_) => Ok((target, default_port)),

@@ -56,8 +56,14 @@ pub fn http_body<'a>(
         truncated: sink.truncated,
         kept: sink.kept,
     };
-    let env = Env { ctx, policy: None };
-    let regex = body_regex_failure(&env, cfg, &read).because(Reason::Config);
+    let env = Env {
+        ctx,
+        policy: None,
+        pinned: None,
+    };
+    let regex = body_regex_failure(&env, cfg, &read)
+        .map(|found| found.map(|(why, _)| why))
+        .because(Reason::Config);
     Ok(BodyOutcome {
         total: sink.total,
         kept: read.kept.len(),

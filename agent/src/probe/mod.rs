@@ -4,22 +4,27 @@
 //! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
 //! [`http`], [`tcp`] and [`dns`] are the probers; `net` (the TCP connect), `tls` (the
 //! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
-//! (what a certificate says) are the parts they share.
+//! (what a certificate says) are the parts they share; `per_address` runs a prober once
+//! per address of the target. Each prober notes what it saw in [`Samples::trace`]
+//! (`sonde_proto::trace`); [`traceroute`] adds the path when a scheduled probe fails.
 
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
 pub(crate) mod net;
+pub(crate) mod per_address;
 pub mod tcp;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub(crate) mod tls;
 pub(crate) mod tls_samples;
+pub mod traceroute;
 pub(crate) mod x509;
 
 use sonde_proto::config::module::IpProtocol;
 use sonde_proto::config::{Module, Prober};
+use sonde_proto::trace::{Step, Trace};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -41,6 +46,10 @@ pub struct Samples {
     /// What the prober is doing now, so that a deadline that cuts it short can say
     /// whether it was resolving, connecting or later (`probe_failure_info`).
     pub(crate) stage: Stage,
+    /// What the probe saw on the way (DNS answer, connects, TLS error, status lines),
+    /// sent with the result when the probe fails. Secret-free: probers add addresses,
+    /// outcomes and a few body bytes, never headers, URLs or credentials.
+    pub trace: Trace,
 }
 
 /// The step a probe is in, for classifying a timeout.
@@ -175,6 +184,9 @@ pub struct Refusal(pub String);
 pub struct Env<'a> {
     pub ctx: &'a ProbeContext,
     pub policy: Option<&'a dyn ConnectPolicy>,
+    /// The one address of the target this probe uses instead of resolving it: set for
+    /// each address of a `per_address` module.
+    pub pinned: Option<IpAddr>,
 }
 
 impl std::ops::Deref for Env<'_> {
@@ -293,6 +305,8 @@ pub struct ProbeContext {
     /// Label names from module configs (`query_response` labels), stored once for the
     /// process so samples can carry them as `&'static str`.
     label_names: Mutex<std::collections::HashSet<&'static str>>,
+    /// Traceroutes after failures, rate-limited for the whole agent.
+    pub tracer: traceroute::Tracer,
 }
 
 impl ProbeContext {
@@ -322,6 +336,7 @@ impl ProbeContext {
             web_roots: Arc::new(web_roots),
             regexes: Mutex::new(HashMap::new()),
             label_names: Mutex::new(std::collections::HashSet::new()),
+            tracer: traceroute::Tracer::default(),
         }
     }
 
@@ -403,6 +418,8 @@ pub struct ProbeOutcome {
     pub failure: Option<String>,
     /// The class of that failure, also reported as `probe_failure_info{reason}`.
     pub failure_reason: Option<Reason>,
+    /// What the probe saw, when it failed.
+    pub trace: Option<Trace>,
 }
 
 /// Runs one probe of `target` with `module`, bounded by `timeout`.
@@ -423,35 +440,16 @@ pub async fn run_with_policy(
     module: &Module,
     timeout: Duration,
 ) -> ProbeOutcome {
-    let env = Env { ctx, policy };
+    let env = Env {
+        ctx,
+        policy,
+        pinned: None,
+    };
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut samples = Samples::default();
-    let result = {
-        let probe = async {
-            match module.prober {
-                Prober::Http => http::probe(&env, target, module, &mut samples).await,
-                Prober::Tcp => tcp::probe(&env, target, module, &mut samples).await,
-                Prober::Dns => dns::probe(&env, target, module, &mut samples).await,
-            }
-        };
-        match tokio::time::timeout_at(deadline, probe).await {
-            Ok(r) => r,
-            Err(_) => {
-                let reason = match samples.stage {
-                    Stage::Resolve => Reason::Dns,
-                    Stage::Connect => Reason::ConnectTimeout,
-                    Stage::Start | Stage::Exchange => Reason::Timeout,
-                };
-                Err(Failure::new(
-                    reason,
-                    format!(
-                        "timed out after {}",
-                        sonde_proto::config::PromDuration(timeout)
-                    ),
-                ))
-            }
-        }
+    let (mut samples, result) = match &module.per_address {
+        None => probe_once(&env, target, module, deadline, timeout).await,
+        Some(per) => per_address::probe(&env, target, module, per, deadline, timeout).await,
     };
     let duration = started.elapsed();
     let success = result.is_ok();
@@ -470,16 +468,64 @@ pub async fn run_with_policy(
         samples: samples.items,
         failure,
         failure_reason,
+        trace: (!success && !samples.trace.is_empty()).then_some(samples.trace),
     }
 }
 
+/// One run of the module's prober, cut at `deadline` (`timeout` after the probe
+/// started); what it measured before a timeout is kept, and the timeout is classified
+/// by the stage it cut short.
+pub(crate) async fn probe_once(
+    env: &Env<'_>,
+    target: &str,
+    module: &Module,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> (Samples, Result<(), Failure>) {
+    let mut samples = Samples::default();
+    let probe = async {
+        match module.prober {
+            Prober::Http => http::probe(env, target, module, &mut samples).await,
+            Prober::Tcp => tcp::probe(env, target, module, &mut samples).await,
+            Prober::Dns => dns::probe(env, target, module, &mut samples).await,
+        }
+    };
+    let result = match tokio::time::timeout_at(deadline, probe).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out(&mut samples, timeout)),
+    };
+    (samples, result)
+}
+
+/// The failure of a probe whose deadline passed, noted in its trace.
+pub(crate) fn timed_out(samples: &mut Samples, after: Duration) -> Failure {
+    let (reason, during) = match samples.stage {
+        Stage::Resolve => (Reason::Dns, "resolve"),
+        Stage::Connect => (Reason::ConnectTimeout, "connect"),
+        Stage::Start => (Reason::Timeout, "start"),
+        Stage::Exchange => (Reason::Timeout, "exchange"),
+    };
+    samples.trace.push(Step::Timeout {
+        during: during.to_string(),
+    });
+    Failure::new(
+        reason,
+        format!(
+            "timed out after {}",
+            sonde_proto::config::PromDuration(after)
+        ),
+    )
+}
+
 /// Resolves a target host the way blackbox_exporter's `chooseProtocol` does and records
-/// `probe_dns_lookup_time_seconds`, `probe_ip_protocol` and `probe_ip_addr_hash`.
+/// `probe_dns_lookup_time_seconds`, `probe_ip_protocol` and `probe_ip_addr_hash`, and
+/// the answer in the trace. When the probe is pinned to one of the target's addresses
+/// (`per_address`), that address is used without a lookup.
 ///
 /// The samples are written before the lookup starts, so that a probe that times out
 /// while resolving still reports them (the lookup time is then left at 0).
 pub(crate) async fn resolve_target(
-    ctx: &ProbeContext,
+    env: &Env<'_>,
     host: &str,
     preferred: IpProtocol,
     fallback: bool,
@@ -488,16 +534,47 @@ pub(crate) async fn resolve_target(
     out.set("probe_ip_protocol", 0.0);
     out.set("probe_ip_addr_hash", 0.0);
     out.set("probe_dns_lookup_time_seconds", 0.0);
-    out.stage = Stage::Resolve;
-    let started = Instant::now();
-    let chosen = choose_ip(ctx, host, preferred, fallback).await;
-    let lookup = started.elapsed();
-    out.set("probe_dns_lookup_time_seconds", lookup.as_secs_f64());
-    out.stage = Stage::Start;
-    let ip = chosen.because(Reason::Dns)?;
+    let ip = match env.pinned {
+        Some(ip) => ip,
+        None => {
+            out.stage = Stage::Resolve;
+            let started = Instant::now();
+            let resolved = resolve_all(env, host, preferred, fallback).await;
+            let lookup = started.elapsed();
+            out.set("probe_dns_lookup_time_seconds", lookup.as_secs_f64());
+            out.stage = Stage::Start;
+            record_answer(out, host, &resolved);
+            let ip = resolved.because(Reason::Dns)?[0];
+            out.set("probe_ip_protocol", f64::from(ip_version(ip)));
+            out.set("probe_ip_addr_hash", f64::from(ip_hash(ip)));
+            return Ok((ip, lookup));
+        }
+    };
     out.set("probe_ip_protocol", f64::from(ip_version(ip)));
     out.set("probe_ip_addr_hash", f64::from(ip_hash(ip)));
-    Ok((ip, lookup))
+    Ok((ip, Duration::ZERO))
+}
+
+/// Notes a lookup's answer in the trace; an IP literal was not looked up.
+pub(crate) fn record_answer(
+    out: &mut Samples,
+    host: &str,
+    resolved: &Result<Vec<IpAddr>, ResolveError>,
+) {
+    if bare_host(host).parse::<IpAddr>().is_ok() {
+        return;
+    }
+    out.trace.push(Step::Dns {
+        name: bare_host(host).to_string(),
+        addresses: resolved.clone().unwrap_or_default(),
+        error: resolved.as_ref().err().map(ToString::to_string),
+    });
+}
+
+fn bare_host(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// Picks one address of `host`: the first of the preferred family, else (when
@@ -508,20 +585,31 @@ pub(crate) async fn choose_ip(
     preferred: IpProtocol,
     fallback: bool,
 ) -> Result<IpAddr, ResolveError> {
+    resolve_all(ctx, host, preferred, fallback)
+        .await
+        .map(|all| all[0])
+}
+
+/// Every address of `host` a probe may use, never empty: those of the preferred family
+/// first, then (when `fallback`) those of the other, at most
+/// [`sonde_proto::trace::MAX_ANSWER_ADDRESSES`] of each.
+pub(crate) async fn resolve_all(
+    ctx: &ProbeContext,
+    host: &str,
+    preferred: IpProtocol,
+    fallback: bool,
+) -> Result<Vec<IpAddr>, ResolveError> {
     let want = match preferred {
         IpProtocol::Ip4 => 4,
         IpProtocol::Ip6 => 6,
     };
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = bare_host(host);
     if host.is_empty() {
         return Err(ResolveError::EmptyHost);
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
         if fallback || ip_version(ip) == want {
-            return Ok(ip);
+            return Ok(vec![ip]);
         }
         return Err(ResolveError::WrongFamily {
             host: host.to_string(),
@@ -529,12 +617,14 @@ pub(crate) async fn choose_ip(
         });
     }
     if !fallback {
-        return lookup_family(ctx, host, want).await?.ok_or_else(|| {
-            ResolveError::NoAddressOfFamily {
+        let found = lookup_family(ctx, host, want).await?;
+        if found.is_empty() {
+            return Err(ResolveError::NoAddressOfFamily {
                 host: host.to_string(),
                 family: want,
-            }
-        });
+            });
+        }
+        return Ok(found);
     }
     // Both families at once, as Go's LookupIPAddr does, so the fallback costs no extra
     // round trip.
@@ -544,21 +634,26 @@ pub(crate) async fn choose_ip(
         lookup_family(ctx, host, other)
     );
     match (first, second) {
-        (Ok(Some(ip)), _) | (_, Ok(Some(ip))) => Ok(ip),
+        (Ok(mut a), Ok(b)) if !(a.is_empty() && b.is_empty()) => {
+            a.extend(b);
+            Ok(a)
+        }
+        (Ok(a), _) | (_, Ok(a)) if !a.is_empty() => Ok(a),
         (Err(e), _) => Err(e),
         (_, Err(e)) => Err(e),
-        (Ok(None), Ok(None)) => Err(ResolveError::NoAddress {
+        (Ok(_), Ok(_)) => Err(ResolveError::NoAddress {
             host: host.to_string(),
         }),
     }
 }
 
-/// The first address of one family, `None` when the name has no such records.
+/// The addresses of one family, in the answer's order; empty when the name has no
+/// such records.
 async fn lookup_family(
     ctx: &ProbeContext,
     host: &str,
     family: u8,
-) -> Result<Option<IpAddr>, ResolveError> {
+) -> Result<Vec<IpAddr>, ResolveError> {
     use hickory_resolver::proto::rr::{RData, RecordType};
     let record_type = if family == 4 {
         RecordType::A
@@ -566,12 +661,17 @@ async fn lookup_family(
         RecordType::AAAA
     };
     match ctx.resolver.lookup(host, record_type).await {
-        Ok(lookup) => Ok(lookup.answers().iter().find_map(|r| match &r.data {
-            RData::A(a) if family == 4 => Some(IpAddr::V4(a.0)),
-            RData::AAAA(a) if family == 6 => Some(IpAddr::V6(a.0)),
-            _ => None,
-        })),
-        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(None),
+        Ok(lookup) => Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) if family == 4 => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) if family == 6 => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .take(sonde_proto::trace::MAX_ANSWER_ADDRESSES)
+            .collect()),
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Vec::new()),
         Err(e) => Err(ResolveError::Lookup {
             host: host.to_string(),
             reason: e.to_string(),
@@ -721,7 +821,12 @@ mod tests {
             Ok("::1".parse().unwrap())
         );
         let mut out = Samples::default();
-        let (ip, _) = resolve_target(&ctx, "127.0.0.1", IpProtocol::Ip4, false, &mut out)
+        let env = Env {
+            ctx: &ctx,
+            policy: None,
+            pinned: None,
+        };
+        let (ip, _) = resolve_target(&env, "127.0.0.1", IpProtocol::Ip4, false, &mut out)
             .await
             .unwrap();
         assert_eq!(ip, v4);

@@ -1,8 +1,10 @@
 //! The TCP connect every prober shares (the tcp prober, each http hop, the dns prober
 //! over TCP and TLS), with the failure reasons a connect error stands for.
 
-use super::{Failure, Reason, io_reason};
+use super::{Failure, Reason, Samples, io_reason};
+use sonde_proto::trace::Step;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -46,11 +48,44 @@ pub(crate) fn connect_failure(e: &std::io::Error) -> Failure {
     Failure::new(reason, format!("connect: {}", io_reason(e)))
 }
 
-/// Opens a TCP connection, from `source` when given. Nagle is off, as in Go's dialer.
+/// Opens a TCP connection, from `source` when given, and notes the attempt in the
+/// probe's trace. Nagle is off, as in Go's dialer.
 pub(crate) async fn connect(
     addr: SocketAddr,
     source: Option<IpAddr>,
+    out: &mut Samples,
 ) -> Result<TcpStream, Failure> {
+    // Noted before the attempt, so that a deadline that cuts it short leaves it in the
+    // trace as unanswered; replaced by the outcome when there is one.
+    let attempt = |ok, error: Option<String>, seconds| Step::Connect {
+        address: addr,
+        ok,
+        error,
+        seconds,
+    };
+    let slot = out.trace.steps.len();
+    out.trace.push(attempt(
+        false,
+        Some("no answer before the deadline".into()),
+        0.0,
+    ));
+    let started = Instant::now();
+    let result = open(addr, source).await;
+    let outcome = attempt(
+        result.is_ok(),
+        result.as_ref().err().map(|f| {
+            f.message
+                .strip_prefix("connect: ")
+                .unwrap_or(&f.message)
+                .to_string()
+        }),
+        started.elapsed().as_secs_f64(),
+    );
+    out.trace.replace(slot, outcome);
+    result
+}
+
+async fn open(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Failure> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {

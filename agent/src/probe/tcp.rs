@@ -50,7 +50,7 @@ pub async fn probe(
     let addr = SocketAddr::new(ip, port);
     ctx.allow(host, addr)?;
     out.stage = Stage::Connect;
-    let stream = connect(addr, source).await?;
+    let stream = connect(addr, source, out).await?;
     out.stage = Stage::Exchange;
     let server_name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
     let io: Io = match (&tls, cfg.tls) {

@@ -186,11 +186,14 @@ impl TlsClient {
             if !presented.is_empty() {
                 TlsFacts::from_certs(ctx, &presented).record_unverified(out);
             }
-            let message = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                Some(tls) => format!("tls: {tls}"),
-                None => format!("tls: {}", io_reason(&e)),
+            let error = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(tls) => tls.to_string(),
+                None => io_reason(&e),
             };
-            Failure::new(Reason::Tls, message)
+            out.trace.push(sonde_proto::trace::Step::Tls {
+                error: error.clone(),
+            });
+            Failure::new(Reason::Tls, format!("tls: {error}"))
         })
     }
 }

@@ -6,6 +6,7 @@ use crate::record::ProbeRecord;
 use prost::Message;
 use sonde_proto::assignment::cut;
 use sonde_proto::pb;
+use sonde_proto::trace::Trace;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -138,6 +139,7 @@ impl Symbols {
                 .as_deref()
                 .map(|f| cut(f, MAX_SYMBOL_BYTES).to_string())
                 .unwrap_or_default(),
+            trace: r.trace.as_ref().map(Trace::to_pb),
             samples: r
                 .samples
                 .iter()
@@ -173,6 +175,7 @@ pub(super) mod tests {
             samples,
             generation: 1,
             failure: None,
+            trace: None,
         })
     }
 

@@ -21,6 +21,7 @@ use crate::hub::IncomingResult;
 use crate::refusals::Reason;
 use sonde_proto::config::is_valid_label_name;
 use sonde_proto::pb;
+use sonde_proto::trace::Trace;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -170,6 +171,18 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// A result's trace, bounded and checked (`sonde_proto::trace`); a bad one is
+    /// refused alone and counted, and its result goes on without it.
+    fn trace(&mut self, t: pb::FailureTrace) -> Option<Arc<Trace>> {
+        match Trace::from_pb(t) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                self.refuse(Reason::BadTrace, || e.to_string());
+                None
+            }
+        }
+    }
+
     fn refuse(&mut self, reason: Reason, example: impl FnOnce() -> String) {
         self.refuse_n(reason, 1, example);
     }
@@ -312,6 +325,7 @@ pub fn decode_batch(
             };
             samples = ResultSamples { shape, values };
         }
+        let trace = r.trace.and_then(|t| decoded.trace(t));
         decoded.results.push(IncomingResult {
             seq: r.seq,
             job: r.job,
@@ -320,6 +334,7 @@ pub fn decode_batch(
             success: r.success,
             duration_seconds: r.duration_seconds,
             failure: r.failure,
+            trace,
             samples,
             refused,
         });
@@ -418,6 +433,7 @@ mod tests {
             samples,
             generation: 1,
             failure: String::new(),
+            trace: None,
         }
     }
 
@@ -537,6 +553,39 @@ mod tests {
         );
         let e = decode_batch(&mut SymbolTable::default(), heavy, &limits).unwrap_err();
         assert!(matches!(e, ProtocolError::TooManySamples { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_bad_trace_is_refused_alone() {
+        let limits = FleetLimits::default();
+        let step = |address: &str| pb::TraceStep {
+            step: Some(pb::trace_step::Step::Connect(pb::ConnectAttempt {
+                address: address.into(),
+                ok: false,
+                error: "connection refused".into(),
+                seconds: 0.001,
+            })),
+        };
+        let mut good = result(1, vec![]);
+        good.trace = Some(pb::FailureTrace {
+            steps: vec![step("127.0.0.1:9")],
+            path: None,
+        });
+        let mut bad = result(2, vec![]);
+        bad.trace = Some(pb::FailureTrace {
+            steps: vec![step("<b>not an address</b>")],
+            path: None,
+        });
+        let d = decode_batch(
+            &mut SymbolTable::default(),
+            batch(&[], vec![good, bad]),
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(d.results[0].trace.as_ref().unwrap().steps.len(), 1);
+        assert_eq!(d.results[1].trace, None);
+        assert_eq!(d.results[1].refused, None, "the result itself stands");
+        assert_eq!(d.refused_samples[0].0, Reason::BadTrace);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::store::StoredAgent;
 use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
 use sonde_proto::pb;
+use sonde_proto::trace::Trace;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,8 @@ pub struct IncomingResult {
     pub success: bool,
     pub duration_seconds: f64,
     pub failure: String,
+    /// What the agent saw, on a failure (already bounded and checked).
+    pub trace: Option<Arc<Trace>>,
     pub samples: ResultSamples,
     /// Set when the result was refused while decoding: its sequence number is
     /// acknowledged, nothing else of it is kept.
@@ -56,6 +59,7 @@ pub struct LastResult {
     pub success: bool,
     pub duration_seconds: f64,
     pub failure: String,
+    pub trace: Option<Arc<Trace>>,
     /// Time between this result and the one before it from the same agent, for local
     /// jobs whose interval the aggregator does not know.
     pub spacing_ms: Option<i64>,
@@ -63,7 +67,8 @@ pub struct LastResult {
     /// shared with the samples handed to the outputs.
     pub series: Arc<[Series]>,
     pub values: Arc<[f64]>,
-    /// What the samples' names and labels weigh (`fleet.limits.max_series_bytes`).
+    /// What the samples' names and labels, and the trace, weigh
+    /// (`fleet.limits.max_series_bytes`).
     pub bytes: usize,
     /// The result's shape when every sample of it was kept: a later result of the same
     /// shape under the same config (`config_epoch`) has the same series.
@@ -1045,6 +1050,8 @@ impl State {
         };
         let held_before = previous.as_ref().map_or(0, |p| p.values.len());
         let bytes_before = previous.as_ref().map_or(0, |p| p.bytes);
+        // A trace weighs against the same bound as the series it comes with.
+        let samples_weigh = samples_weigh + r.trace.as_ref().map_or(0, |t| t.weight());
         let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
@@ -1141,6 +1148,7 @@ impl State {
                 success: r.success,
                 duration_seconds: r.duration_seconds,
                 failure: r.failure.chars().take(MAX_FAILURE_CHARS).collect(),
+                trace: r.trace.clone(),
                 // Saturating: both timestamps come from the agent (found by fuzz/fleet_batch).
                 spacing_ms: previous_ts.map(|p| r.timestamp_ms.saturating_sub(p)),
                 series,
@@ -1819,6 +1827,7 @@ fleet: {missing_after: 30s}
             success,
             duration_seconds: 0.01,
             failure: String::new(),
+            trace: None,
             samples: vec![("probe_success".into(), vec![], f64::from(u8::from(success)))].into(),
             refused: None,
         }

@@ -218,6 +218,7 @@ pub fn targets_json(state: &Snapshot) -> Value {
                                 "fresh": window.map(|w| merge::is_fresh(v.timestamp_ms, now, w)),
                                 "duration_seconds": v.duration_seconds,
                                 "failure": v.failure,
+                                "trace": v.trace.as_deref(),
                             })
                         })
                         .collect()

@@ -8,6 +8,7 @@ mod metrics;
 mod status;
 mod svg;
 mod target;
+mod trace;
 
 use crate::app::App;
 use axum::Router;

@@ -44,6 +44,7 @@ th{{background:#f4f4f4}} .badge{{padding:.1rem .4rem;border-radius:.3rem;font-we
 .degraded{{background:#fdf0c4;color:#7a5800}} .muted{{color:#777}} code{{font-size:.85rem}} a{{color:#1a5fb4}}
 .grid{{display:flex;flex-wrap:wrap;gap:.6rem}} .tile{{border:1px solid #ddd;border-radius:.4rem;padding:.4rem .6rem;min-width:9rem}}
 .uptimes td{{font-size:1.1rem;font-weight:600}} .side{{display:flex;flex-wrap:wrap;gap:.8rem}} .side>div{{flex:1 1 16rem;border:1px solid #ddd;border-radius:.4rem;padding:.5rem}}
+.trace{{font-family:monospace;font-size:.8rem;margin:.4rem 0;padding-left:1.4rem}} .path{{font-family:monospace;font-size:.8rem;width:auto}}
 </style></head><body>
 <h1>{title}</h1><p class="muted">sonde {version} · config {config} · <a href="/">status</a> · <a href="/fleet">fleet</a> · <a href="/metrics">/metrics</a> · <a href="/api/v1/targets">/api/v1/targets</a> · <a href="/api/v1/jobs">/api/v1/jobs</a> · <a href="/api/v1/agents">/api/v1/agents</a></p>
 "#,

@@ -128,7 +128,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
             .unwrap_or_default();
         let _ = write!(
             out,
-            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took:.3}s{failure}</div>"#,
+            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took:.3}s{failure}{trace}</div>"#,
             a = esc(agent),
             labels = esc(&labels),
             age = svg::human_duration(now - view.timestamp_ms),
@@ -137,6 +137,10 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
                 String::new()
             } else {
                 format!(r#"<br><span class="failure">{}</span>"#, esc(&view.failure))
+            },
+            trace = match (&view.trace, view.success) {
+                (Some(t), false) => super::trace::html(t),
+                _ => String::new(),
             },
         );
     }

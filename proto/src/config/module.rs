@@ -37,6 +37,36 @@ pub struct Module {
     pub tcp: TcpProbe,
     #[serde(default)]
     pub dns: DnsProbe,
+    /// sonde's addition: probe every address of the target instead of the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_address: Option<PerAddress>,
+}
+
+/// Probe each A/AAAA address of the target (of the preferred family first, then, with
+/// `ip_protocol_fallback`, of the other), every per-agent sample labelled `ip`; the
+/// probe succeeds when `must_succeed` of them do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerAddress {
+    /// At most this many addresses are probed (1 to [`MAX_PER_ADDRESS`]); the others
+    /// are counted in `probe_addresses_skipped`.
+    #[serde(default = "default_max_addresses")]
+    pub max_addresses: u32,
+    /// How many of the probed addresses must succeed: a number from 1, `any`,
+    /// `majority` or `all` (the default). A number above the addresses found fails.
+    #[serde(default = "all_addresses")]
+    pub must_succeed: super::Quorum,
+}
+
+/// The most addresses a `per_address` module may probe at once.
+pub const MAX_PER_ADDRESS: u32 = 16;
+
+fn default_max_addresses() -> u32 {
+    8
+}
+
+fn all_addresses() -> super::Quorum {
+    super::Quorum::All
 }
 
 fn is_zero(d: &PromDuration) -> bool {
@@ -631,6 +661,10 @@ pub enum ModuleError {
     TlsTooOld { prober: &'static str },
     #[error("{prober}.tls_config: min_version is above max_version")]
     TlsMinAboveMax { prober: &'static str },
+    #[error(
+        "per_address.max_addresses: {0} is out of range, use 1 to {MAX_PER_ADDRESS} (each address adds its own per-agent series)"
+    )]
+    MaxAddresses(u32),
 }
 
 /// Compiles a regex of `option`, only to check it.
@@ -675,6 +709,11 @@ impl Module {
     /// Checks what serde cannot: regexes compile, values are in range, the prober's
     /// required options are present. The message names the option and the fix.
     pub fn validate(&self) -> Result<(), ModuleError> {
+        if let Some(p) = &self.per_address
+            && !(1..=MAX_PER_ADDRESS).contains(&p.max_addresses)
+        {
+            return Err(ModuleError::MaxAddresses(p.max_addresses));
+        }
         match self.prober {
             Prober::Http => {
                 for code in &self.http.valid_status_codes {
@@ -848,6 +887,39 @@ mod tests {
         assert_eq!(m.http.preferred_ip_protocol, IpProtocol::Ip6);
         assert_eq!(m.http.method, "GET");
         assert_eq!(m.dns.query_type, "ANY");
+    }
+
+    #[test]
+    fn per_address_has_bounded_defaults() {
+        let m: Module = serde_json::from_str(r#"{"prober":"http","per_address":{}}"#).unwrap();
+        let per = m.per_address.clone().unwrap();
+        assert_eq!(per.max_addresses, 8);
+        assert_eq!(per.must_succeed, super::super::Quorum::All);
+        assert_eq!(m.validate(), Ok(()));
+        let any: Module = serde_json::from_str(
+            r#"{"prober":"tcp","per_address":{"max_addresses":16,"must_succeed":"any"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            any.per_address.unwrap().must_succeed,
+            super::super::Quorum::AtLeast(1)
+        );
+        for max in [0, MAX_PER_ADDRESS + 1] {
+            let mut m = m.clone();
+            m.per_address.as_mut().unwrap().max_addresses = max;
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.starts_with("per_address.max_addresses"), "{e}");
+        }
+        assert!(
+            serde_json::from_str::<Module>(r#"{"prober":"http","per_address":{"all":true}}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<Module>(
+                r#"{"prober":"http","per_address":{"must_succeed":"most"}}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

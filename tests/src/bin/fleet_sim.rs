@@ -591,6 +591,7 @@ impl GrpcAgent {
                     } else {
                         "simulated outage".into()
                     },
+                    trace: None,
                 }
             })
             .collect();

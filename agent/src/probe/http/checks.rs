@@ -7,6 +7,7 @@ use crate::probe::{BadRegex, Because, Env, Failure, Reason, Samples};
 use http::header::{HeaderMap, HeaderValue};
 use http::{StatusCode, Version};
 use sonde_proto::config::module::HttpProbe;
+use sonde_proto::trace::{Step, body_excerpt};
 
 /// What the checks after the last response need.
 pub(super) struct FinalResponse {
@@ -55,9 +56,14 @@ impl FinalResponse {
         }
         if failure.is_none()
             && let Some(body) = &self.body
-            && let Some(why) = body_regex_failure(ctx, cfg, body).because(Reason::Config)?
+            && let Some((why, regexp)) =
+                body_regex_failure(ctx, cfg, body).because(Reason::Config)?
         {
             out.set("probe_failed_due_to_regex", 1.0);
+            out.trace.push(Step::Body {
+                excerpt: body_excerpt(&body.kept),
+                regexp: regexp.to_string(),
+            });
             failure = Some(Failure::new(Reason::Regex, why));
         }
         if let Some(e) = self.body_error {
@@ -142,11 +148,12 @@ fn header_regex_failure(
     Ok(None)
 }
 
-pub(crate) fn body_regex_failure(
+/// The first body regexp that fails, with the failure in words.
+pub(crate) fn body_regex_failure<'c>(
     ctx: &Env<'_>,
-    cfg: &HttpProbe,
+    cfg: &'c HttpProbe,
     body: &BodyRead,
-) -> Result<Option<String>, BadRegex> {
+) -> Result<Option<(String, &'c str)>, BadRegex> {
     let note = if body.truncated {
         " (in its first 10 MiB)"
     } else {
@@ -154,12 +161,15 @@ pub(crate) fn body_regex_failure(
     };
     for pattern in &cfg.fail_if_body_matches_regexp {
         if ctx.regex(pattern)?.is_match(&body.kept) {
-            return Ok(Some(format!("body matched {pattern:?}{note}")));
+            return Ok(Some((format!("body matched {pattern:?}{note}"), pattern)));
         }
     }
     for pattern in &cfg.fail_if_body_not_matches_regexp {
         if !ctx.regex(pattern)?.is_match(&body.kept) {
-            return Ok(Some(format!("body did not match {pattern:?}{note}")));
+            return Ok(Some((
+                format!("body did not match {pattern:?}{note}"),
+                pattern,
+            )));
         }
     }
     Ok(None)

@@ -42,6 +42,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use sonde_proto::config::Module;
 use sonde_proto::config::module::HttpProbe;
+use sonde_proto::trace::Step;
 use std::net::SocketAddr;
 use std::time::{Instant, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -197,6 +198,11 @@ fn target_url(target: &str) -> Result<Url, RequestError> {
     Ok(url)
 }
 
+/// The host of a target as the http prober reads it (`per_address` resolves it).
+pub(crate) fn target_host(target: &str) -> Result<String, RequestError> {
+    url_host(&target_url(target)?)
+}
+
 /// The URL's host, IPv6 addresses without their brackets.
 fn url_host(url: &Url) -> Result<String, RequestError> {
     match url.host() {
@@ -307,7 +313,7 @@ impl Session<'_> {
 
         out.stage = Stage::Connect;
         let started = Instant::now();
-        let mut tcp: Io = Box::new(connect(addr, None).await?);
+        let mut tcp: Io = Box::new(connect(addr, None, out).await?);
         out.add_with(
             DURATION,
             &[("phase", "connect")],
@@ -458,6 +464,9 @@ impl Session<'_> {
         out: &mut Samples,
     ) -> Result<HopEnd, Failure> {
         let status = resp.status();
+        out.trace.push(Step::HttpStatus {
+            line: status_line(&resp),
+        });
         let mut stopped_redirect = false;
         if let Some(next) = redirect_location(&resp, &hop.url) {
             // Go's CheckRedirect sees this as the (redirects+1)th and refuses past 10 or
@@ -516,6 +525,23 @@ impl Session<'_> {
         );
         Ok(HopEnd::Final(last))
     }
+}
+
+/// `HTTP/1.1 500 Internal Server Error`: the version, the code and the reason phrase
+/// the server sent (HTTP/1), else the standard one.
+fn status_line(resp: &Response<Incoming>) -> String {
+    let status = resp.status();
+    let phrase = resp
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+        .or_else(|| status.canonical_reason().map(str::to_string))
+        .unwrap_or_default();
+    format!(
+        "{} {} {phrase}",
+        conn::version_name(resp.version()),
+        status.as_u16()
+    )
 }
 
 /// A `Last-Modified` value as Unix seconds: an HTTP date in any of the three forms
