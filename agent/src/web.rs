@@ -304,7 +304,7 @@ impl Allowlist {
 
     /// The up-front check of a `/probe` request: the target's own host and port.
     pub fn allows_target(&self, module: &Module, target: &str) -> Result<(), String> {
-        let (host, port) = host_port(module.prober, target).ok_or_else(|| {
+        let (host, port) = host_port(module, target).ok_or_else(|| {
             format!(
                 "cannot tell the host and port of {target:?} for the {} prober",
                 module.prober.as_str()
@@ -545,9 +545,10 @@ fn net_is_special(net: IpAddr, prefix: u8) -> bool {
         || (single && is_metadata_address(net))
 }
 
-/// The host and port a target reaches, the way each prober reads its target.
-fn host_port(prober: Prober, target: &str) -> Option<(String, u16)> {
-    match prober {
+/// The host and port a target reaches, the way each prober reads its target. An icmp
+/// target has no port: it is 0, which a pattern's port `*` (or no port) matches.
+fn host_port(module: &Module, target: &str) -> Option<(String, u16)> {
+    match module.prober {
         Prober::Http => {
             let with_scheme = if target.contains("://") {
                 target.to_string()
@@ -577,6 +578,16 @@ fn host_port(prober: Prober, target: &str) -> Option<(String, u16)> {
                 53,
             )),
         },
+        Prober::Icmp => Some((
+            target
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            0,
+        )),
+        Prober::Grpc => crate::probe::grpc::host_port(target, module.grpc.tls)
+            .ok()
+            .map(|(host, port)| (host.to_string(), port)),
     }
 }
 

@@ -2,14 +2,16 @@
 //! a target, a module and a deadline in; success and the samples it produced out.
 //!
 //! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
-//! [`http`], [`tcp`] and [`dns`] are the probers; `net` (the TCP connect), `tls` (the
+//! [`http`], [`tcp`], [`dns`], [`icmp`] and [`grpc`] are the probers; `net` (the TCP connect), `tls` (the
 //! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
 //! (what a certificate says) are the parts they share.
 
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod grpc;
 pub mod http;
+pub mod icmp;
 pub(crate) mod net;
 pub mod tcp;
 #[cfg(test)]
@@ -83,10 +85,13 @@ pub enum Reason {
     Config,
     /// `/probe`'s allowlist refused an address the probe was about to connect to.
     RefusedByPolicy,
+    /// A gRPC health check answered with an error status, or a serving status other
+    /// than `SERVING`.
+    GrpcStatus,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Dns,
         Reason::ConnectRefused,
         Reason::ConnectTimeout,
@@ -102,6 +107,7 @@ impl Reason {
         Reason::Protocol,
         Reason::Config,
         Reason::RefusedByPolicy,
+        Reason::GrpcStatus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +127,7 @@ impl Reason {
             Reason::Protocol => "protocol",
             Reason::Config => "config",
             Reason::RefusedByPolicy => "refused_by_policy",
+            Reason::GrpcStatus => "grpc_status",
         }
     }
 }
@@ -428,6 +435,8 @@ pub async fn run_with_policy(
                 Prober::Http => http::probe(&env, target, module, &mut samples).await,
                 Prober::Tcp => tcp::probe(&env, target, module, &mut samples).await,
                 Prober::Dns => dns::probe(&env, target, module, &mut samples).await,
+                Prober::Icmp => icmp::probe(&env, target, module, &mut samples).await,
+                Prober::Grpc => grpc::probe(&env, target, module, &mut samples).await,
             }
         };
         match tokio::time::timeout_at(deadline, probe).await {
@@ -631,6 +640,15 @@ pub(crate) fn io_reason(e: &std::io::Error) -> String {
 pub(crate) struct HostPortError {
     target: String,
     why: &'static str,
+}
+
+impl HostPortError {
+    pub(crate) fn new(target: &str, why: &'static str) -> Self {
+        Self {
+            target: target.to_string(),
+            why,
+        }
+    }
 }
 
 /// Splits `host:port` as Go's `net.SplitHostPort` does: `[v6]:port` for IPv6.

@@ -12,6 +12,8 @@ pub enum Prober {
     Http,
     Tcp,
     Dns,
+    Icmp,
+    Grpc,
 }
 
 impl Prober {
@@ -20,6 +22,8 @@ impl Prober {
             Prober::Http => "http",
             Prober::Tcp => "tcp",
             Prober::Dns => "dns",
+            Prober::Icmp => "icmp",
+            Prober::Grpc => "grpc",
         }
     }
 }
@@ -37,6 +41,10 @@ pub struct Module {
     pub tcp: TcpProbe,
     #[serde(default)]
     pub dns: DnsProbe,
+    #[serde(default)]
+    pub icmp: IcmpProbe,
+    #[serde(default)]
+    pub grpc: GrpcProbe,
 }
 
 fn is_zero(d: &PromDuration) -> bool {
@@ -360,6 +368,83 @@ pub struct DnsProbe {
     pub validate_additional_rrs: DnsRrValidator,
 }
 
+/// blackbox_exporter's `icmp` module: one echo request, one matching reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpProbe {
+    #[serde(default)]
+    pub preferred_ip_protocol: IpProtocol,
+    #[serde(default = "yes")]
+    pub ip_protocol_fallback: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip_address: Option<String>,
+    /// Bytes of echo data; 0 means blackbox_exporter's 28-byte "Prometheus Blackbox
+    /// Exporter". A larger payload starts with those bytes and is padded with zeros.
+    #[serde(default)]
+    pub payload_size: u32,
+    /// Set the IPv4 "don't fragment" bit, so that a payload larger than the path's MTU
+    /// fails instead of being fragmented. IPv6 never fragments on the way.
+    #[serde(default)]
+    pub dont_fragment: bool,
+    /// The request's TTL (IPv4) or hop limit (IPv6), 1 to 255.
+    #[serde(default = "default_icmp_ttl")]
+    pub ttl: u32,
+}
+
+fn default_icmp_ttl() -> u32 {
+    IcmpProbe::DEFAULT_TTL
+}
+
+impl IcmpProbe {
+    /// blackbox_exporter's `DefaultICMPTTL`.
+    pub const DEFAULT_TTL: u32 = 64;
+    /// The most echo data an IPv6 packet carries (65535 - 8 bytes of ICMPv6 header);
+    /// over IPv4 it is 20 bytes less.
+    pub const MAX_PAYLOAD: u32 = 65_527;
+}
+
+impl Default for IcmpProbe {
+    fn default() -> Self {
+        Self {
+            preferred_ip_protocol: IpProtocol::Ip6,
+            ip_protocol_fallback: true,
+            source_ip_address: None,
+            payload_size: 0,
+            dont_fragment: false,
+            ttl: IcmpProbe::DEFAULT_TTL,
+        }
+    }
+}
+
+/// blackbox_exporter's `grpc` module: the gRPC health checking protocol's `Check`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcProbe {
+    /// The service asked about; empty asks about the server as a whole.
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub tls_config: TlsConfig,
+    #[serde(default)]
+    pub preferred_ip_protocol: IpProtocol,
+    #[serde(default = "yes")]
+    pub ip_protocol_fallback: bool,
+}
+
+impl Default for GrpcProbe {
+    fn default() -> Self {
+        Self {
+            service: String::new(),
+            tls: false,
+            tls_config: TlsConfig::default(),
+            preferred_ip_protocol: IpProtocol::Ip6,
+            ip_protocol_fallback: true,
+        }
+    }
+}
+
 /// Regexes over the records of one section of a DNS reply, each record written as
 /// miekg/dns writes it (`name<TAB>ttl<TAB>class<TAB>type<TAB>data`).
 /// The semantics are blackbox_exporter's code, names notwithstanding:
@@ -629,6 +714,12 @@ pub enum ModuleError {
         "{prober}.tls_config.max_version: TLS 1.0 and 1.1 are not supported (the agent speaks TLS 1.2 and 1.3), use TLS12 or TLS13"
     )]
     TlsTooOld { prober: &'static str },
+    #[error("icmp.ttl: {0} is more than an IP header holds, use 1 to 255 (0: the default, 64)")]
+    IcmpTtl(u32),
+    #[error(
+        "icmp.payload_size: {0} bytes do not fit in one IP packet, use at most 65527 (65507 over IPv4)"
+    )]
+    IcmpPayload(u32),
     #[error("{prober}.tls_config: min_version is above max_version")]
     TlsMinAboveMax { prober: &'static str },
 }
@@ -831,6 +922,16 @@ impl Module {
                 }
                 check_tls("dns", &self.dns.tls_config)?;
             }
+            Prober::Icmp => {
+                check_source_ip("icmp", &self.icmp.source_ip_address)?;
+                if self.icmp.ttl > 255 {
+                    return Err(ModuleError::IcmpTtl(self.icmp.ttl));
+                }
+                if self.icmp.payload_size > IcmpProbe::MAX_PAYLOAD {
+                    return Err(ModuleError::IcmpPayload(self.icmp.payload_size));
+                }
+            }
+            Prober::Grpc => check_tls("grpc", &self.grpc.tls_config)?,
         }
         Ok(())
     }
