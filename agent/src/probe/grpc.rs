@@ -293,3 +293,163 @@ impl tower_service::Service<http::Uri> for Established {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::run;
+    use crate::probe::test_support::*;
+    use std::time::Duration;
+
+    fn grpc(options: serde_json::Value) -> Module {
+        let m: Module =
+            serde_json::from_value(serde_json::json!({"prober": "grpc", "grpc": options})).unwrap();
+        m.validate().unwrap();
+        m
+    }
+
+    /// A health server on 127.0.0.1: the server SERVING, `up` SERVING, `down` NOT_SERVING.
+    async fn health_server() -> SocketAddr {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("up", tonic_health::ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("down", tonic_health::ServingStatus::NotServing)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _keep = reporter;
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        addr
+    }
+
+    fn healthcheck(o: &crate::probe::ProbeOutcome) -> Vec<(String, f64)> {
+        let mut v: Vec<(String, f64)> = labelled(o, "probe_grpc_healthcheck_response")
+            .into_iter()
+            .map(|(l, v)| (l[0].1.clone(), v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[tokio::test]
+    async fn probe_grpc_health_answers() {
+        let addr = health_server().await;
+        let c = ctx();
+        let target = addr.to_string();
+        let o = run(
+            &c,
+            &target,
+            &grpc(serde_json::json!({})),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(0.0));
+        assert_eq!(sample(&o, "probe_grpc_ssl"), Some(0.0));
+        assert_eq!(sample(&o, "probe_ssl_earliest_cert_expiry"), Some(0.0));
+        assert_eq!(
+            healthcheck(&o),
+            vec![
+                ("NOT_SERVING".to_string(), 0.0),
+                ("SERVICE_UNKNOWN".to_string(), 0.0),
+                ("SERVING".to_string(), 1.0),
+                ("UNKNOWN".to_string(), 0.0),
+            ]
+        );
+        let phases = labelled(&o, "probe_grpc_duration_seconds");
+        assert_eq!(phases.len(), 2, "{phases:?}");
+
+        let o = run(
+            &c,
+            &format!("http://{target}"),
+            &grpc(serde_json::json!({"service": "up"})),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(o.success, "{:?}", o.failure);
+
+        let o = run(
+            &c,
+            &target,
+            &grpc(serde_json::json!({"service": "down"})),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(!o.success);
+        assert_eq!(o.failure_reason, Some(Reason::GrpcStatus));
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(0.0));
+        assert!(healthcheck(&o).contains(&("NOT_SERVING".to_string(), 1.0)));
+
+        // An unknown service is the NOT_FOUND status, with no serving status.
+        let o = run(
+            &c,
+            &target,
+            &grpc(serde_json::json!({"service": "nope"})),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(!o.success);
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(5.0));
+        assert!(healthcheck(&o).iter().all(|(_, v)| *v == 0.0));
+    }
+
+    #[tokio::test]
+    async fn probe_grpc_unreachable_and_wrong_protocol_are_unavailable() {
+        let c = ctx();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let o = run(
+            &c,
+            &closed.to_string(),
+            &grpc(serde_json::json!({})),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(o.failure_reason, Some(Reason::ConnectRefused));
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(14.0));
+        // TLS towards a plaintext server fails the handshake: UNAVAILABLE too.
+        let addr = health_server().await;
+        let o = run(
+            &c,
+            &addr.to_string(),
+            &grpc(serde_json::json!({"tls": true, "tls_config": {"insecure_skip_verify": true}})),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(o.failure_reason, Some(Reason::Tls), "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(14.0));
+        assert_eq!(sample(&o, "probe_grpc_ssl"), Some(0.0));
+    }
+
+    #[test]
+    fn targets_read_as_blackbox_exporter_reads_them() {
+        assert_eq!(
+            host_port("a.example:50051", false),
+            Ok(("a.example", 50051))
+        );
+        assert_eq!(host_port("a.example", false), Ok(("a.example", 80)));
+        assert_eq!(host_port("a.example", true), Ok(("a.example", 443)));
+        assert_eq!(
+            host_port("https://a.example/x", false),
+            Ok(("a.example", 80))
+        );
+        assert_eq!(host_port("http://[::1]:9000", false), Ok(("::1", 9000)));
+        assert_eq!(host_port("[::1]", true), Ok(("::1", 443)));
+        assert!(host_port("::1:80", false).is_err());
+        assert!(host_port("a.example:http", false).is_err());
+        assert!(host_port("http://", false).is_err());
+        assert!(host_port("[::1", false).is_err());
+    }
+}
