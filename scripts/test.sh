@@ -19,6 +19,8 @@ declare -A packages=(
   [prometheus-blackbox-exporter]=prometheus-blackbox-exporter  # the side-by-side peer
   [openssl]=openssl         # certificates of the side-by-side test
   [chromium]=chromium       # renders the status pages (tests/tests/status_pages.rs)
+  [ip]=iproute2             # network namespaces and veth pairs (tests/tests/blackbox_parity_icmp_grpc.rs)
+  [setpriv]=util-linux      # runs an agent as an unprivileged user (the same test)
 )
 # file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS
 # front) and mail module (SMTP with STARTTLS) of the side-by-side test

@@ -10,6 +10,8 @@
 //! - every process is killed when its [`Process`] guard drops, and when a test fails the
 //!   tail of every process's log is printed, so that CI output says what went wrong.
 
+pub mod netns;
+pub mod parity;
 pub mod procfs;
 
 use std::collections::{BTreeMap, HashSet};
@@ -1222,25 +1224,44 @@ impl RestartableAggregator {
 /// Starts `sonde-agent` with `config` (YAML) on a free loopback port, its storage in the
 /// scene's dir, and waits until `/-/healthy` answers 200. Returns its web base URL.
 pub fn start_agent(scene: &mut Scene, name: &str, config: &str) -> String {
-    let bin = sonde_bin("sonde-agent");
-    let web_port = free_port();
-    let config_path = scene.dir().write(&format!("{name}.yml"), config);
-    let mut cmd = Command::new(bin);
-    cmd.arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
-        .arg(format!(
-            "--storage.path={}",
-            scene.dir().join(&format!("{name}-data")).display()
-        ))
-        .arg("--log.level=debug");
-    scene.spawn(name, cmd);
-    let web = format!("http://127.0.0.1:{web_port}");
+    let web = start_agent_with(scene, name, config, &[]);
     scene.wait_until(
         &format!("{name} /-/healthy"),
         Duration::from_secs(60),
         || http_get_ok(&format!("{web}/-/healthy")).map(drop),
     );
     web
+}
+
+/// [`start_agent`] with the command prefixed by `wrapper` (`ip netns exec NS`, `setpriv
+/// --reuid=nobody ...`), without waiting for it: from another network namespace only
+/// that namespace's client can tell ([`parity::wait_healthy`]). Its storage directory
+/// is writable by anyone, so that the agent can run as an unprivileged user.
+pub fn start_agent_with(scene: &mut Scene, name: &str, config: &str, wrapper: &[String]) -> String {
+    let bin = sonde_bin("sonde-agent");
+    let web_port = free_port();
+    let config_path = scene.dir().write(&format!("{name}.yml"), config);
+    let storage = scene.dir().join(&format!("{name}-data"));
+    fs::create_dir_all(&storage).expect("create the agent's storage directory");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&storage, fs::Permissions::from_mode(0o777))
+            .expect("open the agent's storage directory to its user");
+    }
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
+    cmd.arg(format!("--config.file={}", config_path.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+        .arg(format!("--storage.path={}", storage.display()))
+        .arg("--log.level=debug");
+    scene.spawn(name, cmd);
+    format!("http://127.0.0.1:{web_port}")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ use super::tls::TlsClient;
 use super::tls_samples::TlsFacts;
 use super::{Because, Env, Failure, HostPortError, Reason, Samples, Stage, resolve_target};
 use sonde_proto::config::Module;
+use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
@@ -205,6 +206,12 @@ async fn check(
                 over_tls: tls.is_some(),
             })
         }
+        // A status tonic made from a broken connection, not one the server sent: grpc-go
+        // reports those as UNAVAILABLE, and so does blackbox_exporter.
+        Err(status) if status.source().is_some() => Err(NoAnswer::unavailable(Failure::new(
+            Reason::Protocol,
+            format!("grpc: Check({service:?}): {}", error_chain(&status)),
+        ))),
         Err(status) => Err(NoAnswer {
             code: status.code(),
             failure: Failure::new(

@@ -58,6 +58,18 @@ pub async fn probe(
         lookup.as_secs_f64(),
     );
     let source = parse_source_ip(cfg.source_ip_address.as_deref()).because(Reason::Config)?;
+    // Checked here: Linux binds a raw IPv4 socket to the "address" it reads out of an
+    // IPv6 one instead of refusing it.
+    if let Some(src) = source
+        && src.is_ipv4() != ip.is_ipv4()
+    {
+        return Err(Failure::new(
+            Reason::Config,
+            format!(
+                "icmp.source_ip_address {src} and the target's address {ip} are of different IP versions"
+            ),
+        ));
+    }
     let host = target
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
