@@ -338,13 +338,25 @@ fn no_socket(dgram: &io::Error, raw: &io::Error) -> Failure {
         .unwrap_or_else(|_| "unreadable".to_string());
     // SAFETY: getgid has no preconditions and cannot fail.
     let gid = unsafe { libc::getgid() };
+    let unprivileged = if dgram.raw_os_error() == Some(libc::EACCES) {
+        format!(
+            "an unprivileged one was refused ({dgram}) because group {gid} is outside \
+             net.ipv4.ping_group_range (\"{range}\")"
+        )
+    } else {
+        format!("an unprivileged one failed ({dgram})")
+    };
+    let privileged = if raw.raw_os_error() == Some(libc::EPERM) {
+        format!("a raw one ({raw}) needs CAP_NET_RAW")
+    } else {
+        format!("a raw one failed ({raw})")
+    };
     Failure::new(
         Reason::Config,
         format!(
-            "icmp: no ICMP socket: an unprivileged one was refused ({dgram}) because group {gid} is \
-             outside net.ipv4.ping_group_range (\"{range}\"), and a raw one ({raw}) needs \
-             CAP_NET_RAW; allow the group with `sysctl -w net.ipv4.ping_group_range=\"{gid} {gid}\"` \
-             (per network namespace) or give the agent CAP_NET_RAW"
+            "icmp: no ICMP socket: {unprivileged}, and {privileged}; allow the group with \
+             `sysctl -w net.ipv4.ping_group_range=\"{gid} {gid}\"` (per network namespace) or \
+             give the agent CAP_NET_RAW"
         ),
     )
 }
@@ -414,7 +426,7 @@ fn recv_with_hops(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<IpAdd
 
 /// The TTL (`IP_TTL`) or hop limit (`IPV6_HOPLIMIT`) among the control messages of one
 /// packet, laid out as Linux lays out `cmsghdr`s.
-fn hop_limit(mut control: &[u8]) -> Option<u8> {
+pub(crate) fn hop_limit(mut control: &[u8]) -> Option<u8> {
     let align = std::mem::size_of::<usize>();
     let header = std::mem::size_of::<libc::cmsghdr>();
     while control.len() >= header {
