@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The metrics whose values must be equal: they describe the target, not the timing.
-const DETERMINISTIC: &[&str] = &[
+pub const DETERMINISTIC: &[&str] = &[
     "probe_success",
     "probe_http_status_code",
     "probe_http_redirects",
@@ -34,7 +34,7 @@ const DETERMINISTIC: &[&str] = &[
 ];
 
 /// Metrics compared by their label sets (blackbox_exporter's labels must all be in ours).
-const LABELLED: &[&str] = &[
+pub const LABELLED: &[&str] = &[
     "probe_tls_version_info",
     "probe_ssl_last_chain_info",
     "probe_grpc_healthcheck_response",

@@ -412,8 +412,7 @@ fn recv_with_hops(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<IpAdd
         .with_buffers(&mut bufs)
         .with_control(&mut control);
     let len = s.recvmsg(&mut msg, 0)?;
-    let control_len = msg.control_len();
-    drop(msg);
+    let control_len = msg.control_len().min(control.len());
     // SAFETY: the kernel initialised the first `control_len` bytes.
     let control: &[u8] =
         unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), control_len) };
