@@ -306,13 +306,11 @@ mod tests {
     use super::*;
     use crate::probe::run;
     use crate::probe::test_support::*;
+    use sonde_proto::config::Prober;
     use std::time::Duration;
 
     fn grpc(options: serde_json::Value) -> Module {
-        let m: Module =
-            serde_json::from_value(serde_json::json!({"prober": "grpc", "grpc": options})).unwrap();
-        m.validate().unwrap();
-        m
+        module_with(Prober::Grpc, options)
     }
 
     /// A health server on 127.0.0.1: the server SERVING, `up` SERVING, `down` NOT_SERVING.

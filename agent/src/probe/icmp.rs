@@ -457,10 +457,7 @@ mod tests {
     use std::time::Duration;
 
     fn icmp(options: serde_json::Value) -> Module {
-        let m: Module =
-            serde_json::from_value(serde_json::json!({"prober": "icmp", "icmp": options})).unwrap();
-        m.validate().unwrap();
-        m
+        module_with(Prober::Icmp, options)
     }
 
     #[test]
