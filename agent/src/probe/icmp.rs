@@ -310,6 +310,10 @@ impl IcmpSocket {
     /// the kernel reports on the socket (an unreachable host) do not end the wait,
     /// as in blackbox_exporter: only the probe's deadline does.
     async fn reply(&self, echo: &Echo, ip: IpAddr) -> Result<Option<u8>, Failure> {
+        // A reported error is consumed by the read that reports it; one that keeps
+        // coming back is not a passing network problem, and ends the wait.
+        const MAX_READ_ERRORS: u32 = 64;
+        let mut errors = 0;
         let mut packet = vec![0u8; 8 + echo.data.len() + 60];
         loop {
             let received = self
@@ -320,6 +324,13 @@ impl IcmpSocket {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(error = %e, "icmp: reading the socket");
+                    errors += 1;
+                    if errors >= MAX_READ_ERRORS {
+                        return Err(Failure::new(
+                            Reason::ConnectError,
+                            format!("icmp: reading replies from {ip}: {}", super::io_reason(&e)),
+                        ));
+                    }
                     continue;
                 }
             };

@@ -41,9 +41,11 @@ pub struct Module {
     pub tcp: TcpProbe,
     #[serde(default)]
     pub dns: DnsProbe,
-    #[serde(default)]
+    /// Left out of the JSON that carries a module to agents when unset, so that an
+    /// agent older than these probers still reads every other module.
+    #[serde(default, skip_serializing_if = "IcmpProbe::is_default")]
     pub icmp: IcmpProbe,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "GrpcProbe::is_default")]
     pub grpc: GrpcProbe,
 }
 
@@ -396,6 +398,10 @@ fn default_icmp_ttl() -> u32 {
 }
 
 impl IcmpProbe {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
     /// blackbox_exporter's `DefaultICMPTTL`.
     pub const DEFAULT_TTL: u32 = 64;
     /// The most echo data an IPv6 packet carries (65535 - 8 bytes of ICMPv6 header);
@@ -431,6 +437,12 @@ pub struct GrpcProbe {
     pub preferred_ip_protocol: IpProtocol,
     #[serde(default = "yes")]
     pub ip_protocol_fallback: bool,
+}
+
+impl GrpcProbe {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for GrpcProbe {
@@ -1140,6 +1152,27 @@ mod tests {
             .to_string(),
             "dns.source_ip_address: \"x\" is not an IP address (like 192.0.2.10 or 2001:db8::10)"
         );
+    }
+
+    #[test]
+    fn icmp_and_grpc_sections_travel_only_when_set() {
+        let http: Module = serde_json::from_str(r#"{"prober":"http"}"#).unwrap();
+        let json = serde_json::to_string(&http).unwrap();
+        assert!(!json.contains("icmp") && !json.contains("grpc"), "{json}");
+        let grpc: Module = serde_json::from_value(serde_json::json!({
+            "prober": "grpc", "grpc": {"service": "s", "tls": true}
+        }))
+        .unwrap();
+        let again: Module = serde_json::from_str(&serde_json::to_string(&grpc).unwrap()).unwrap();
+        assert_eq!(grpc, again);
+        let icmp: Module = serde_json::from_value(serde_json::json!({
+            "prober": "icmp", "icmp": {"ttl": 5, "dont_fragment": true}
+        }))
+        .unwrap();
+        let again: Module = serde_json::from_str(&serde_json::to_string(&icmp).unwrap()).unwrap();
+        assert_eq!(icmp, again);
+        assert_eq!(again.icmp.ttl, 5);
+        icmp.validate().unwrap();
     }
 
     #[test]
