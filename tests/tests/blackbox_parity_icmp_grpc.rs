@@ -210,6 +210,11 @@ fn icmp_unprivileged_raw_and_neither() {
         );
     }
     assert_eq!(pid_uid(&mut scene, "agent-dgram"), 65534);
+    let log = scene.process("agent-dgram").log();
+    assert!(
+        log.contains("socket=datagram") && !log.contains("socket=raw"),
+        "{log}"
+    );
 
     // Root outside the range: the raw socket.
     let closed = Netns::new("icmp-raw");
@@ -221,6 +226,11 @@ fn icmp_unprivileged_raw_and_neither() {
         let (_, body) = get_closed(&format!("{raw}/probe?module=icmp&target={target}")).unwrap();
         assert!(body.contains("probe_success 1"), "{target}: {body}");
     }
+    let log = scene.process("agent-raw").log();
+    assert!(
+        log.contains("socket=raw") && !log.contains("socket=datagram"),
+        "{log}"
+    );
 
     // An unprivileged user outside the range: neither, and the reason.
     let neither = start_agent_with(&mut scene, "agent-neither", &config, &as_nobody(&closed));

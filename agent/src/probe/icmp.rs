@@ -240,6 +240,14 @@ impl IcmpSocket {
                 Err(raw) => return Err(no_socket(&dgram, &raw)),
             },
         };
+        tracing::debug!(
+            socket = if framing == Framing::Datagram {
+                "datagram"
+            } else {
+                "raw"
+            },
+            "icmp socket opened"
+        );
         let setup = |what: &str, e: io::Error| {
             Failure::new(Reason::ConnectError, format!("icmp socket: {what}: {e}"))
         };
