@@ -46,6 +46,78 @@ impl Refusal {
     }
 }
 
+/// A pattern of `assigned_modules.allowed_file_paths` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{pattern:?} is not an absolute path; write it like /etc/sonde/certs/*")]
+    NotAbsolute { pattern: String },
+    #[error("{pattern:?} contains '..'; write the directory it means")]
+    ParentDir { pattern: String },
+    #[error("{pattern:?}: {source}")]
+    Glob {
+        pattern: String,
+        source: globset::Error,
+    },
+    #[error("{0}")]
+    Set(#[source] globset::Error),
+}
+
+/// A file an assigned module names that `assigned_modules.allowed_file_paths` does not
+/// allow: the option, the path, why, and how to allow it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{option}: {path:?} {why}; to accept it, add a glob covering it to assigned_modules.allowed_file_paths in the agent config (now {})",
+    allowed_now(patterns)
+)]
+pub struct FileNotAllowed {
+    pub option: &'static str,
+    pub path: String,
+    why: PathRefused,
+    patterns: Vec<String>,
+}
+
+/// Why a path an assigned module names is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefused {
+    /// No `allowed_file_paths`: every file is refused.
+    #[error("names a file")]
+    NoFileAllowed,
+    #[error("is outside the allowed file paths")]
+    Outside,
+    #[error("contains a NUL byte")]
+    NulByte,
+    #[error("is not an absolute path")]
+    NotAbsolute,
+    #[error("is not a Unix path")]
+    NotUnix,
+}
+
+fn allowed_now(patterns: &[String]) -> String {
+    if patterns.is_empty() {
+        "absent, so no file is accepted".to_string()
+    } else {
+        format!("{patterns:?}")
+    }
+}
+
+/// An assigned check's interval, timeout or retries out of the range an agent accepts.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimingError {
+    #[error("interval_ms is 0")]
+    ZeroInterval,
+    #[error(
+        "interval_ms {interval_ms} is longer than the {}h an agent accepts",
+        MAX_INTERVAL.as_secs() / 3600
+    )]
+    IntervalTooLong { interval_ms: u64 },
+    #[error("timeout_ms is 0")]
+    ZeroTimeout,
+    #[error("timeout_ms {timeout_ms} is longer than interval_ms {interval_ms}")]
+    TimeoutOverInterval { timeout_ms: u64, interval_ms: u64 },
+    #[error("retries {retries} is more than the {MAX_RETRIES} an agent accepts")]
+    TooManyRetries { retries: u32 },
+}
+
 /// `assigned_modules.allowed_file_paths`, compiled.
 #[derive(Clone, Debug)]
 pub struct FilePolicy {
@@ -55,7 +127,7 @@ pub struct FilePolicy {
 }
 
 impl FilePolicy {
-    pub fn new(config: &AssignedModulesConfig) -> Result<Self, String> {
+    pub fn new(config: &AssignedModulesConfig) -> Result<Self, PolicyError> {
         let patterns = config.allowed_file_paths.clone().unwrap_or_default();
         if patterns.is_empty() {
             return Ok(Self {
@@ -66,25 +138,28 @@ impl FilePolicy {
         let mut set = globset::GlobSetBuilder::new();
         for pattern in &patterns {
             if !pattern.starts_with('/') {
-                return Err(format!(
-                    "{pattern:?} is not an absolute path; write it like /etc/sonde/certs/*"
-                ));
+                return Err(PolicyError::NotAbsolute {
+                    pattern: pattern.clone(),
+                });
             }
             if Path::new(pattern)
                 .components()
                 .any(|c| c == Component::ParentDir)
             {
-                return Err(format!(
-                    "{pattern:?} contains '..'; write the directory it means"
-                ));
+                return Err(PolicyError::ParentDir {
+                    pattern: pattern.clone(),
+                });
             }
             let glob = globset::GlobBuilder::new(pattern)
                 .literal_separator(true)
                 .build()
-                .map_err(|e| format!("{pattern:?}: {e}"))?;
+                .map_err(|source| PolicyError::Glob {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
             set.add(glob);
         }
-        let allowed = set.build().map_err(|e| e.to_string())?;
+        let allowed = set.build().map_err(PolicyError::Set)?;
         Ok(Self {
             allowed: Some(allowed),
             patterns,
@@ -93,31 +168,27 @@ impl FilePolicy {
 
     /// `Ok` when every file the module names lies under an allowed path, else the first
     /// that does not, with the option's name and the fix.
-    pub fn check_module(&self, module: &Module) -> Result<(), String> {
+    pub fn check_module(&self, module: &Module) -> Result<(), FileNotAllowed> {
         for (option, path) in file_options(module) {
-            self.check_path(path).map_err(|why| {
-                format!(
-                    "{option}: {path:?} {why}; to accept it, add a glob covering it to assigned_modules.allowed_file_paths in the agent config (now {})",
-                    if self.patterns.is_empty() {
-                        "absent, so no file is accepted".to_string()
-                    } else {
-                        format!("{:?}", self.patterns)
-                    }
-                )
+            self.check_path(path).map_err(|why| FileNotAllowed {
+                option,
+                path: path.to_string(),
+                why,
+                patterns: self.patterns.clone(),
             })?;
         }
         Ok(())
     }
 
-    fn check_path(&self, path: &str) -> Result<(), &'static str> {
+    fn check_path(&self, path: &str) -> Result<(), PathRefused> {
         let Some(allowed) = &self.allowed else {
-            return Err("names a file");
+            return Err(PathRefused::NoFileAllowed);
         };
         let normalised = normalise(path)?;
         if allowed.is_match(&normalised) {
             Ok(())
         } else {
-            Err("is outside the allowed file paths")
+            Err(PathRefused::Outside)
         }
     }
 }
@@ -125,12 +196,12 @@ impl FilePolicy {
 /// `path` with `.` and `..` resolved lexically, so that `/etc/sonde/certs/../../shadow`
 /// is judged as `/etc/shadow`. Relative paths (which would depend on the agent's working
 /// directory) and NUL bytes are refused.
-pub fn normalise(path: &str) -> Result<PathBuf, &'static str> {
+pub fn normalise(path: &str) -> Result<PathBuf, PathRefused> {
     if path.contains('\0') {
-        return Err("contains a NUL byte");
+        return Err(PathRefused::NulByte);
     }
     if !path.starts_with('/') {
-        return Err("is not an absolute path");
+        return Err(PathRefused::NotAbsolute);
     }
     let mut out = PathBuf::from("/");
     for component in Path::new(path).components() {
@@ -140,7 +211,7 @@ pub fn normalise(path: &str) -> Result<PathBuf, &'static str> {
                 out.pop();
             }
             Component::Normal(name) => out.push(name),
-            Component::Prefix(_) => return Err("is not a Unix path"),
+            Component::Prefix(_) => return Err(PathRefused::NotUnix),
         }
     }
     Ok(out)
@@ -322,29 +393,25 @@ pub fn check_timing(
     interval_ms: u64,
     timeout_ms: u64,
     retries: u32,
-) -> Result<(Duration, Duration), String> {
+) -> Result<(Duration, Duration), TimingError> {
     let max_ms = MAX_INTERVAL.as_millis() as u64;
     if interval_ms == 0 {
-        return Err("interval_ms is 0".into());
+        return Err(TimingError::ZeroInterval);
     }
     if interval_ms > max_ms {
-        return Err(format!(
-            "interval_ms {interval_ms} is longer than the {}h an agent accepts",
-            MAX_INTERVAL.as_secs() / 3600
-        ));
+        return Err(TimingError::IntervalTooLong { interval_ms });
     }
     if timeout_ms == 0 {
-        return Err("timeout_ms is 0".into());
+        return Err(TimingError::ZeroTimeout);
     }
     if timeout_ms > interval_ms {
-        return Err(format!(
-            "timeout_ms {timeout_ms} is longer than interval_ms {interval_ms}"
-        ));
+        return Err(TimingError::TimeoutOverInterval {
+            timeout_ms,
+            interval_ms,
+        });
     }
     if retries > MAX_RETRIES {
-        return Err(format!(
-            "retries {retries} is more than the {MAX_RETRIES} an agent accepts"
-        ));
+        return Err(TimingError::TooManyRetries { retries });
     }
     Ok((
         Duration::from_millis(interval_ms),
@@ -434,7 +501,7 @@ mod tests {
                 other => panic!("untested option {other}"),
             }
             for p in [policy(None), policy(Some(&[]))] {
-                let err = p.check_module(&single).unwrap_err();
+                let err = p.check_module(&single).unwrap_err().to_string();
                 assert!(err.starts_with(option), "{err}");
                 assert!(err.contains(path), "{err}");
                 assert!(err.contains("assigned_modules.allowed_file_paths"), "{err}");
@@ -465,7 +532,7 @@ mod tests {
         assert!(with("/etc/shadow").is_err());
         // `*` stays within the directory.
         assert!(with("/etc/sonde/certs/sub/ca.pem").is_err());
-        let err = with("certs/ca.pem").unwrap_err();
+        let err = with("certs/ca.pem").unwrap_err().to_string();
         assert!(err.contains("not an absolute path"), "{err}");
         assert!(with("/etc/sonde/certs/\0ca.pem").is_err());
         assert!(with("").is_err());
@@ -514,7 +581,9 @@ mod tests {
             (1000, 1000, u32::MAX, "retries"),
             (1000, 1000, MAX_RETRIES + 1, "retries"),
         ] {
-            let err = check_timing(interval, timeout, retries).unwrap_err();
+            let err = check_timing(interval, timeout, retries)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{interval} {timeout} {retries}: {err}");
         }
     }

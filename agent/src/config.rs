@@ -252,8 +252,8 @@ impl AgentConfig {
             }
             if let Some(path) = &mut endpoint.token_file {
                 *path = base.join(&*path);
-                if let Err(m) = check_readable(path) {
-                    report(m);
+                if let Err(e) = check_readable(path) {
+                    report(e.to_string());
                 }
             }
             if let Some(tls) = &mut endpoint.tls_config {
@@ -262,8 +262,8 @@ impl AgentConfig {
                     .flatten()
                 {
                     *path = base.join(&*path);
-                    if let Err(m) = check_readable(path) {
-                        report(m);
+                    if let Err(e) = check_readable(path) {
+                        report(e.to_string());
                     }
                 }
                 if tls.cert_file.is_some() != tls.key_file.is_some() {
@@ -377,10 +377,21 @@ fn plaintext_remote_host(address: &str) -> Option<String> {
     (!loopback).then(|| url.host_str().unwrap_or_default().to_string())
 }
 
-fn check_readable(path: &Path) -> Result<(), String> {
+/// A file the config names that is not there to read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {}: {source}", path.display())]
+struct Unreadable {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+fn check_readable(path: &Path) -> Result<(), Unreadable> {
     std::fs::metadata(path)
         .map(|_| ())
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        .map_err(|source| Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The host name, as the default agent id.

@@ -63,14 +63,15 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", sonde_cli::errors::describe(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = AgentConfig::load(&cli.config_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The config error already names the file, line and column.
+    let config = AgentConfig::load(&cli.config_file)?;
     std::fs::create_dir_all(&cli.storage_path).with_context(|| {
         format!(
             "cannot create --storage.path {}",
@@ -78,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
     })?;
     let agent =
-        AgentRuntime::start(config, Some(&cli.storage_path)).map_err(|e| anyhow::anyhow!(e))?;
+        AgentRuntime::start(config, Some(&cli.storage_path)).context("cannot start the agent")?;
     RELOAD.loaded();
     let listener = tokio::net::TcpListener::bind(cli.web_listen_address)
         .await
@@ -105,14 +106,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut terminate => break,
             () = hangups.recv() => {
-                match AgentConfig::load(&cli.config_file).map_err(|e| e.to_string()).and_then(|c| agent.reload(c)) {
+                let reloaded = AgentConfig::load(&cli.config_file)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| Ok(agent.reload(c)?));
+                match reloaded {
                     Ok(()) => {
                         RELOAD.loaded();
                         tracing::info!(file = %cli.config_file.display(), "config reloaded");
                     }
                     Err(e) => {
                         RELOAD.failed();
-                        tracing::error!(error = %e, "reload failed; keeping the running config");
+                        tracing::error!(error = %sonde_cli::errors::describe(e.as_ref()), "reload failed; keeping the running config");
                     }
                 }
             }

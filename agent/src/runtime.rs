@@ -1,12 +1,12 @@
 //! One running agent: its scheduler, buffers and uplinks, started and stopped as a unit
 //! so the aggregator's all-in-one mode can embed it.
 
-use crate::assigned::FilePolicy;
-use crate::buffer::Buffer;
+use crate::assigned::{FilePolicy, PolicyError};
+use crate::buffer::{Buffer, BufferError, BufferUnhealthy};
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
-use crate::probe::ProbeContext;
-use crate::schedule::{CheckSpec, Scheduler, Source};
+use crate::probe::{ProbeContext, SystemResolverError};
+use crate::schedule::{CheckSpec, Scheduler, SchedulerError, Source};
 use crate::uplink::Uplink;
 use sonde_proto::config::ResolvedJob;
 use sonde_proto::exposition::Family;
@@ -16,6 +16,39 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Resolver(#[from] SystemResolverError),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("assigned_modules.allowed_file_paths: {0}")]
+    FilePolicy(#[source] PolicyError),
+}
+
+/// Why a new config was not applied; the running one stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "agent.id, agent.labels and aggregators cannot change on reload; restart the agent to apply them"
+    )]
+    FixedSettingChanged,
+    #[error("assigned_modules.allowed_file_paths: {0}")]
+    FilePolicy(#[source] PolicyError),
+}
+
+/// Why the agent is not ready (`/-/ready` answers 503 with it).
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Buffer(#[from] BufferUnhealthy),
+}
 
 pub struct AgentRuntime {
     pub config: RwLock<Arc<AgentConfig>>,
@@ -37,7 +70,7 @@ impl AgentRuntime {
     ///
     /// Results wait for their acks in `<storage_dir>/agent.db`, or in memory (lost when
     /// the process ends) for `None`.
-    pub fn start(config: AgentConfig, storage_dir: Option<&Path>) -> Result<Arc<Self>, String> {
+    pub fn start(config: AgentConfig, storage_dir: Option<&Path>) -> Result<Arc<Self>, StartError> {
         let probe_context = Arc::new(ProbeContext::from_system()?);
         let metrics = Arc::new(AgentMetrics::default());
         let addresses: Vec<String> = config
@@ -47,8 +80,7 @@ impl AgentRuntime {
             .collect();
         let open_files = crate::schedule::raise_open_file_limit();
         tracing::debug!(open_files, "open-file limit");
-        let buffer = Buffer::open(storage_dir, &addresses, config.buffer.max_bytes.0)
-            .map_err(|e| e.to_string())?;
+        let buffer = Buffer::open(storage_dir, &addresses, config.buffer.max_bytes.0)?;
         // The stored high-water mark keeps numbers rising across restarts. The clock
         // (µs) covers what it cannot: an agent whose storage was wiped or that ran
         // without one (as before the store existed), whose old numbers an aggregator
@@ -66,7 +98,9 @@ impl AgentRuntime {
             metrics.clone(),
         )?);
         scheduler.set_checks(Source::Local, local_checks(&config.jobs));
-        let file_policy = Arc::new(RwLock::new(FilePolicy::new(&config.assigned_modules)?));
+        let file_policy =
+            FilePolicy::new(&config.assigned_modules).map_err(StartError::FilePolicy)?;
+        let file_policy = Arc::new(RwLock::new(file_policy));
         for endpoint in &config.aggregators {
             if endpoint.allow_plaintext_token && endpoint.address.starts_with("http://") {
                 tracing::warn!(aggregator = %endpoint.address, "allow_plaintext_token is set: this agent's token travels in clear text to this aggregator");
@@ -118,15 +152,12 @@ impl AgentRuntime {
 
     /// Applies a new config's local jobs, modules and /probe settings. Identity and
     /// aggregators are fixed for the life of the process; changing them needs a restart.
-    pub fn reload(&self, new: AgentConfig) -> Result<(), String> {
+    pub fn reload(&self, new: AgentConfig) -> Result<(), ReloadError> {
         let old = self.config();
         if new.id != old.id || new.labels != old.labels || new.aggregators != old.aggregators {
-            return Err(
-                "agent.id, agent.labels and aggregators cannot change on reload; restart the agent to apply them"
-                    .into(),
-            );
+            return Err(ReloadError::FixedSettingChanged);
         }
-        let policy = FilePolicy::new(&new.assigned_modules)?;
+        let policy = FilePolicy::new(&new.assigned_modules).map_err(ReloadError::FilePolicy)?;
         if new.assigned_modules != old.assigned_modules {
             self.drop_assigned_checks_refused_by(&policy);
         }
@@ -172,11 +203,11 @@ impl AgentRuntime {
     /// the runtime exists), it is not shutting down, and its buffer is open and takes
     /// writes. An aggregator that cannot be reached does not make the agent unready: it
     /// keeps probing and buffers the results.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         if *self.shutdown.borrow() {
-            return Err("the agent is shutting down".into());
+            return Err(NotReady::ShuttingDown);
         }
-        self.buffer.health()
+        Ok(self.buffer.health()?)
     }
 
     pub fn families(&self) -> Vec<Family> {
@@ -258,7 +289,10 @@ mod tests {
     async fn a_storage_path_that_cannot_be_used_is_named() {
         let file = std::env::temp_dir().join(format!("sonde-runtime-file-{}", std::process::id()));
         std::fs::write(&file, "").unwrap();
-        let err = AgentRuntime::start(config(), Some(&file)).err().unwrap();
+        let err = AgentRuntime::start(config(), Some(&file))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains(&file.display().to_string()), "{err}");
         assert!(err.contains("check --storage.path"), "{err}");
         std::fs::remove_file(&file).unwrap();

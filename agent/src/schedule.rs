@@ -190,6 +190,25 @@ struct Running {
     next_id: u64,
 }
 
+/// The probing threads cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(
+        "cannot start probing thread {thread}'s runtime: {source}; check the process's limits on threads and memory (ulimit -u, the container's pids limit)"
+    )]
+    Runtime {
+        thread: usize,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot start probing thread {thread}: {source}; check the process's limits on threads and memory (ulimit -u, the container's pids limit)"
+    )]
+    Thread {
+        thread: usize,
+        source: std::io::Error,
+    },
+}
+
 impl Scheduler {
     /// Starts the probing threads; checks run once [`Scheduler::set_checks`] gives
     /// them, their results kept in `buffer`.
@@ -198,7 +217,7 @@ impl Scheduler {
         ctx: Arc<ProbeContext>,
         buffer: Arc<Buffer>,
         metrics: Arc<AgentMetrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SchedulerError> {
         let limit = max_concurrent_probes();
         metrics.set_probe_limit(limit);
         Ok(Self {
@@ -543,7 +562,7 @@ struct Probers {
 }
 
 impl Probers {
-    fn start(n: usize) -> Result<Self, String> {
+    fn start(n: usize) -> Result<Self, SchedulerError> {
         let (stop, stopped) = tokio::sync::watch::channel(());
         let mut handles = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
@@ -551,7 +570,7 @@ impl Probers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| format!("cannot start a probing thread's runtime: {e}"))?;
+                .map_err(|source| SchedulerError::Runtime { thread: i, source })?;
             handles.push(runtime.handle().clone());
             let mut stopped = stopped.clone();
             let thread = std::thread::Builder::new()
@@ -559,7 +578,7 @@ impl Probers {
                 .spawn(move || {
                     runtime.block_on(async move { while stopped.changed().await.is_ok() {} });
                 })
-                .map_err(|e| format!("cannot start a probing thread: {e}"))?;
+                .map_err(|source| SchedulerError::Thread { thread: i, source })?;
             threads.push(thread);
         }
         Ok(Self {

@@ -283,6 +283,33 @@ pub struct Allowlist {
     patterns: Vec<Pattern>,
 }
 
+/// Why a target or an address is not allowed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotAllowed {
+    #[error("cannot tell the host and port of {target:?} for the {prober} prober")]
+    NoHostPort {
+        target: String,
+        prober: &'static str,
+    },
+    /// `shown` is the host and port as a user writes them (IPv6 in brackets).
+    #[error("{shown} matches no pattern of probe_endpoint.allowed_targets")]
+    NoPattern { shown: String },
+    #[error(
+        "{ip} is a link-local or cloud metadata address; list it in probe_endpoint.allowed_targets explicitly (like {ip}:{port}) to allow it"
+    )]
+    Metadata { ip: IpAddr, port: u16 },
+}
+
+/// A pattern of `probe_endpoint.allowed_targets` that cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "pattern {pattern:?}: {why} (expected HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53)"
+)]
+pub struct BadPattern {
+    pattern: String,
+    why: String,
+}
+
 struct Pattern {
     host: HostPattern,
     port: Option<globset::GlobMatcher>,
@@ -294,7 +321,7 @@ enum HostPattern {
 }
 
 impl Allowlist {
-    pub fn parse(patterns: &[String]) -> Result<Self, String> {
+    pub fn parse(patterns: &[String]) -> Result<Self, BadPattern> {
         patterns
             .iter()
             .map(|p| Pattern::parse(p))
@@ -303,12 +330,10 @@ impl Allowlist {
     }
 
     /// The up-front check of a `/probe` request: the target's own host and port.
-    pub fn allows_target(&self, module: &Module, target: &str) -> Result<(), String> {
-        let (host, port) = host_port(module, target).ok_or_else(|| {
-            format!(
-                "cannot tell the host and port of {target:?} for the {} prober",
-                module.prober.as_str()
-            )
+    pub fn allows_target(&self, module: &Module, target: &str) -> Result<(), NotAllowed> {
+        let (host, port) = host_port(module, target).ok_or_else(|| NotAllowed::NoHostPort {
+            target: target.to_string(),
+            prober: module.prober.as_str(),
         })?;
         // The metadata check first: its reason is the one worth reading.
         if let Ok(ip) = host.parse::<IpAddr>() {
@@ -317,7 +342,7 @@ impl Allowlist {
         self.host_allowed(&host, port)
     }
 
-    fn host_allowed(&self, host: &str, port: u16) -> Result<(), String> {
+    fn host_allowed(&self, host: &str, port: u16) -> Result<(), NotAllowed> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let lower = host.to_ascii_lowercase();
         let ip = host.parse::<IpAddr>().ok().map(canonical);
@@ -337,13 +362,11 @@ impl Allowlist {
             } else {
                 format!("{host}:{port}")
             };
-            Err(format!(
-                "{shown} matches no pattern of probe_endpoint.allowed_targets"
-            ))
+            Err(NotAllowed::NoPattern { shown })
         }
     }
 
-    fn addr_allowed(&self, ip: IpAddr, port: u16) -> Result<(), String> {
+    fn addr_allowed(&self, ip: IpAddr, port: u16) -> Result<(), NotAllowed> {
         let ip = canonical(ip);
         if !is_metadata_address(ip) {
             return Ok(());
@@ -360,30 +383,28 @@ impl Allowlist {
         if explicit {
             Ok(())
         } else {
-            Err(format!(
-                "{ip} is a link-local or cloud metadata address; list it in probe_endpoint.allowed_targets explicitly (like {ip}:{port}) to allow it"
-            ))
+            Err(NotAllowed::Metadata { ip, port })
         }
     }
 }
 
 impl probe::ConnectPolicy for Allowlist {
     fn check_host(&self, host: &str, port: u16) -> Result<(), probe::Refusal> {
-        self.host_allowed(host, port).map_err(probe::Refusal)
+        self.host_allowed(host, port)
+            .map_err(|e| probe::Refusal(e.to_string()))
     }
 
     fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), probe::Refusal> {
         self.addr_allowed(addr.ip(), addr.port())
-            .map_err(probe::Refusal)
+            .map_err(|e| probe::Refusal(e.to_string()))
     }
 }
 
 impl Pattern {
-    fn parse(raw: &str) -> Result<Self, String> {
-        let bad = |why: &str| {
-            format!(
-                "pattern {raw:?}: {why} (expected HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53)"
-            )
+    fn parse(raw: &str) -> Result<Self, BadPattern> {
+        let bad = |why: &str| BadPattern {
+            pattern: raw.to_string(),
+            why: why.to_string(),
         };
         let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
@@ -599,9 +620,11 @@ mod tests {
         serde_json::from_str(&format!(r#"{{"prober":"{prober}"}}"#)).unwrap()
     }
 
-    fn allowed_target(patterns: &[&str], module: &Module, target: &str) -> Result<(), String> {
+    fn allowed_target(patterns: &[&str], module: &Module, target: &str) -> Result<(), NotAllowed> {
         let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
-        Allowlist::parse(&patterns)?.allows_target(module, target)
+        Allowlist::parse(&patterns)
+            .expect("valid patterns")
+            .allows_target(module, target)
     }
 
     #[test]
@@ -614,8 +637,9 @@ mod tests {
         assert!(allowed_target(&patterns, &http, "http://127.0.0.1:8080/x").is_ok());
         assert!(allowed_target(&patterns, &module("tcp"), "10.0.0.1:22").is_err());
         let wide = ["*"];
-        let err =
-            allowed_target(&wide, &http, "http://169.254.169.254/latest/meta-data").unwrap_err();
+        let err = allowed_target(&wide, &http, "http://169.254.169.254/latest/meta-data")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("metadata"), "{err}");
         let explicit = ["169.254.169.254:80"];
         assert!(allowed_target(&explicit, &http, "http://169.254.169.254/").is_ok());
@@ -623,7 +647,9 @@ mod tests {
         assert!(allowed_target(&wide, &http, "http://[fd00:ec2::254]/").is_err());
         assert!(allowed_target(&wide, &http, "http://[fe80::1]/").is_err());
         assert!(allowed_target(&wide, &http, "http://[::ffff:169.254.169.254]/").is_err());
-        let err = allowed_target(&["*.internal:8?"], &module("dns"), "ns.internal").unwrap_err();
+        let err = allowed_target(&["*.internal:8?"], &module("dns"), "ns.internal")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ns.internal:53"), "{err}");
         assert!(allowed_target(&["*.internal:5?"], &module("dns"), "ns.internal").is_ok());
     }
@@ -919,7 +945,9 @@ mod tests {
             "http://100.100.100.200/",
             "http://[fd20:ce::254]/",
         ] {
-            let err = allowed_target(&["*", "[::/0]:*"], &http, target).unwrap_err();
+            let err = allowed_target(&["*", "[::/0]:*"], &http, target)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("metadata"), "{target}: {err}");
         }
         assert!(

@@ -1,16 +1,59 @@
 //! The running aggregator: the store, the hub, its outputs (one remote-write queue per
 //! endpoint), and reloading. The binary and the tests build it the same way.
 
-use crate::config::AggregatorConfig;
+use crate::config::{AggregatorConfig, OpenFleet};
 use crate::fleet::now_ms;
 use crate::hub::{Durable, Hub, Output};
 use crate::remote_write::RemoteWriter;
 use crate::series::Samples;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use sonde_proto::config::ConfigError;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+/// Why the aggregator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    RemoteWrite(#[from] RemoteWriteText),
+}
+
+/// What `remote_write` said when its endpoints could not start. Its functions still
+/// return their message as text; this carries it until they have an error type.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RemoteWriteText(pub String);
+
+/// What `fleet::listener` said of the fleet's TLS files, carried the same way.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FleetTlsText(pub String);
+
+/// Why a reload did not happen; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the built-in all-in-one config cannot be reloaded; start with --config.file")]
+    BuiltIn,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    OpenFleet(#[from] OpenFleet),
+    #[error(transparent)]
+    FleetTls(#[from] FleetTlsText),
+    #[error(transparent)]
+    RemoteWrite(#[from] RemoteWriteText),
+}
+
+/// Why the aggregator is not ready (`/-/ready` answers 503 with it).
+#[derive(Debug, thiserror::Error)]
+#[error("the store refuses commits ({reason}); results are not acked until it recovers")]
+pub struct NotReady {
+    /// The last commit's error, as the hub keeps it.
+    pub reason: String,
+}
 
 /// Commits the hub's series and state changes, and hands the series to every
 /// remote-write endpoint; endpoints are swapped whole on reload.
@@ -22,13 +65,16 @@ pub struct Outputs {
 impl Output for Outputs {
     fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
-        self.store.with_tx(|tx| {
-            durable.apply(tx)?;
-            for w in writers.iter() {
-                w.enqueue(tx, samples)?;
-            }
-            Ok(())
-        })?;
+        // The hub keeps the reason as text (`Output` is its interface).
+        self.store
+            .transaction(|tx| {
+                durable.apply(tx)?;
+                for w in writers.iter() {
+                    w.enqueue(tx, samples)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
         for w in writers.iter() {
             w.wake();
         }
@@ -81,7 +127,7 @@ impl App {
         config: AggregatorConfig,
         config_file: Option<PathBuf>,
         storage: Option<&Path>,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, StartError> {
         let store = Arc::new(match storage {
             Some(dir) => Store::open(dir)?,
             None => Store::in_memory()?,
@@ -110,17 +156,15 @@ impl App {
 
     /// `/-/ready`: the config is loaded and the queues restored once the App exists, so
     /// what remains is whether the store takes commits.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         match self.hub.storage.failing() {
-            Some(e) => Err(format!(
-                "the store refuses commits ({e}); results are not acked until it recovers"
-            )),
+            Some(reason) => Err(NotReady { reason }),
             None => Ok(()),
         }
     }
 
     /// Re-reads the config file; on any problem the running config stays.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), ReloadError> {
         let result = self.reload_config().await;
         let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
         match &result {
@@ -130,25 +174,24 @@ impl App {
             }
             Err(e) => {
                 status.successful = false;
-                status.last_failure = Some((now_ms(), e.clone()));
+                status.last_failure = Some((now_ms(), e.to_string()));
             }
         }
         result
     }
 
-    async fn reload_config(&self) -> Result<(), String> {
+    async fn reload_config(&self) -> Result<(), ReloadError> {
         let Some(file) = &self.config_file else {
-            return Err(
-                "the built-in all-in-one config cannot be reloaded; start with --config.file"
-                    .into(),
-            );
+            return Err(ReloadError::BuiltIn);
         };
-        let config = AggregatorConfig::load(file).map_err(|e: ConfigError| e.to_string())?;
+        let config = AggregatorConfig::load(file)?;
         if let Some(grpc) = self.grpc_address.get() {
             config.check_listen_address(*grpc)?;
             // Certificates are re-read on every reload (renewed files take effect);
             // a problem with them fails the reload before anything changes.
-            self.fleet_tls.load(config.tls.as_ref())?;
+            self.fleet_tls
+                .load(config.tls.as_ref())
+                .map_err(FleetTlsText)?;
         }
         let old = self.hub.config();
         let config = Arc::new(config);
@@ -197,14 +240,17 @@ impl App {
 fn start_writers(
     config: &AggregatorConfig,
     store: &Arc<Store>,
-) -> Result<Vec<Arc<RemoteWriter>>, String> {
+) -> Result<Vec<Arc<RemoteWriter>>, RemoteWriteText> {
     // Queues of endpoints no longer configured keep their samples; say so once.
-    crate::remote_write::report_unconfigured_queues(store, &config.remote_write)?;
+    crate::remote_write::report_unconfigured_queues(store, &config.remote_write)
+        .map_err(RemoteWriteText)?;
     config
         .remote_write
         .iter()
         .map(|rw| {
-            RemoteWriter::start(rw.clone(), &config.external_labels, store.clone()).map(Arc::new)
+            RemoteWriter::start(rw.clone(), &config.external_labels, store.clone())
+                .map(Arc::new)
+                .map_err(RemoteWriteText)
         })
         .collect()
 }

@@ -612,10 +612,22 @@ fn readable_by_others(path: &Path) -> Option<String> {
     })
 }
 
+/// The gRPC port would be open to anyone: not loopback, no `fleet.auth`, and no
+/// `fleet.allow_anonymous: true`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: --grpc.listen-address {grpc} is not a loopback address and fleet.auth is not configured, so anyone who can reach it could join the fleet; add fleet.auth.tokens (see the README's Security model), listen on 127.0.0.1, or set fleet.allow_anonymous: true to accept that",
+    file.display()
+)]
+pub struct OpenFleet {
+    pub file: PathBuf,
+    pub grpc: std::net::SocketAddr,
+}
+
 impl AggregatorConfig {
     /// Secure by default: agents on a non-loopback address must authenticate, unless
     /// the operator said `fleet.allow_anonymous: true` (then a warning, every start).
-    pub fn check_listen_address(&self, grpc: std::net::SocketAddr) -> Result<(), String> {
+    pub fn check_listen_address(&self, grpc: std::net::SocketAddr) -> Result<(), OpenFleet> {
         if self.auth_required || grpc.ip().is_loopback() {
             return Ok(());
         }
@@ -626,10 +638,10 @@ impl AggregatorConfig {
             );
             return Ok(());
         }
-        Err(format!(
-            "{}: --grpc.listen-address {grpc} is not a loopback address and fleet.auth is not configured, so anyone who can reach it could join the fleet; add fleet.auth.tokens (see the README's Security model), listen on 127.0.0.1, or set fleet.allow_anonymous: true to accept that",
-            self.file.display()
-        ))
+        Err(OpenFleet {
+            file: self.file.clone(),
+            grpc,
+        })
     }
 }
 

@@ -671,7 +671,7 @@ mod tests {
                 })
                 .collect(),
         };
-        s.with_tx(|tx| w.apply(tx)).unwrap();
+        s.transaction(|tx| w.apply(tx)).unwrap();
         let events = s.events("j", "i", 10).unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].event.state, Down);
@@ -719,7 +719,7 @@ mod tests {
                 .collect(),
             buckets: Vec::new(),
         };
-        s.with_tx(|tx| w.apply(tx)).unwrap();
+        s.transaction(|tx| w.apply(tx)).unwrap();
         let limits = Limits {
             retention: Duration::from_secs(86_400),
             max_size: 50 * EVENT_ROW_BYTES,

@@ -4,6 +4,7 @@
 //! With no flags at all it starts the all-in-one default: the aggregator plus an
 //! embedded agent probing the aggregator's own endpoints.
 
+use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use sonde_agent::config::{AgentConfig, AggregatorEndpoint};
@@ -99,33 +100,37 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli, all_in_one)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", sonde_cli::errors::describe(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
+async fn run(cli: Cli, all_in_one: bool) -> anyhow::Result<()> {
     let (config, config_file) = if all_in_one && !cli.config_file.exists() {
         tracing::info!(
             "no --config.file and no {}: starting the all-in-one default",
             cli.config_file.display()
         );
         let config = AggregatorConfig::all_in_one(cli.web_listen_address, cli.grpc_listen_address)
-            .map_err(|e| e.to_string())?;
+            .context("the built-in all-in-one config")?;
         (config, None)
     } else {
-        let config = AggregatorConfig::load(&cli.config_file).map_err(|e| e.to_string())?;
+        // The config error already names the file, line and column.
+        let config = AggregatorConfig::load(&cli.config_file)?;
         (config, Some(cli.config_file.clone()))
     };
-    let app = App::start(config, config_file, Some(&cli.storage_path)).await?;
+    let app = App::start(config, config_file, Some(&cli.storage_path))
+        .await
+        .context("cannot start the aggregator")?;
     let web = sonde_aggregator::web::Options {
         listen_address: cli.web_listen_address,
         enable_lifecycle: cli.web_enable_lifecycle,
         limits: cli.web.limits(),
     };
-    let running =
-        sonde_aggregator::server::start_with(app.clone(), web, cli.grpc_listen_address).await?;
+    let running = sonde_aggregator::server::start_with(app.clone(), web, cli.grpc_listen_address)
+        .await
+        .context("cannot start the aggregator's listeners")?;
 
     let embedded = if all_in_one {
         let mut agent = AgentConfig::minimal("all-in-one".into());
@@ -137,7 +142,8 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
         let agent = sonde_agent::runtime::AgentRuntime::start(
             agent,
             Some(&cli.storage_path.join("embedded-agent")),
-        )?;
+        )
+        .context("cannot start the all-in-one's embedded agent")?;
         tracing::info!(url = %format!("http://{}/", running.web_address), "all-in-one: status page");
         Some(agent)
     } else {
@@ -152,7 +158,7 @@ async fn run(cli: Cli, all_in_one: bool) -> Result<(), String> {
             _ = &mut terminate => break,
             () = hangups.recv() => {
                 if let Err(e) = app.reload().await {
-                    tracing::error!(error = %e, "reload failed; keeping the running config");
+                    tracing::error!(error = %sonde_cli::errors::describe(&e), "reload failed; keeping the running config");
                 }
             }
         }

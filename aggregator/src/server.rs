@@ -1,7 +1,8 @@
 //! Starting and stopping the aggregator's listeners and background tasks as one unit,
 //! for the binary and for tests.
 
-use crate::app::App;
+use crate::app::{App, FleetTlsText};
+use crate::config::OpenFleet;
 use crate::fleet::{FleetService, now_ms};
 use sonde_proto::pb::fleet_server::FleetServer;
 use std::net::SocketAddr;
@@ -9,6 +10,28 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// Why the aggregator's listeners cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    OpenFleet(#[from] OpenFleet),
+    /// `flag` is the command-line flag that set `address`.
+    #[error("cannot listen on {flag} {address}: {source}")]
+    Listen {
+        flag: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot tell which address {flag} {address} was bound to: {source}")]
+    LocalAddress {
+        flag: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    FleetTls(#[from] FleetTlsText),
+}
 
 pub struct Running {
     pub app: Arc<App>,
@@ -21,7 +44,11 @@ pub struct Running {
 /// Binds both listeners (so a port clash fails start-up with a clear message), then
 /// serves until [`Running::shutdown`]. The web server gets the default
 /// [`crate::web::Options`] (no lifecycle API); see [`start_with`].
-pub async fn start(app: Arc<App>, web: SocketAddr, grpc: SocketAddr) -> Result<Running, String> {
+pub async fn start(
+    app: Arc<App>,
+    web: SocketAddr,
+    grpc: SocketAddr,
+) -> Result<Running, ServeError> {
     start_with(app, web.into(), grpc).await
 }
 
@@ -30,22 +57,11 @@ pub async fn start_with(
     app: Arc<App>,
     web: crate::web::Options,
     grpc: SocketAddr,
-) -> Result<Running, String> {
+) -> Result<Running, ServeError> {
     // Before binding: a port that would be open to anyone is never opened.
     app.hub.config().check_listen_address(grpc)?;
-    let web_listener = tokio::net::TcpListener::bind(web.listen_address)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on --web.listen-address {}: {e}",
-                web.listen_address
-            )
-        })?;
-    let grpc_listener = tokio::net::TcpListener::bind(grpc)
-        .await
-        .map_err(|e| format!("cannot listen on --grpc.listen-address {grpc}: {e}"))?;
-    let web_address = web_listener.local_addr().map_err(|e| e.to_string())?;
-    let grpc_address = grpc_listener.local_addr().map_err(|e| e.to_string())?;
+    let (web_listener, web_address) = listen("--web.listen-address", web.listen_address).await?;
+    let (grpc_listener, grpc_address) = listen("--grpc.listen-address", grpc).await?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -64,7 +80,9 @@ pub async fn start_with(
 
     let config = app.hub.config();
     let limits = config.limits;
-    app.fleet_tls.load(config.tls.as_ref())?;
+    app.fleet_tls
+        .load(config.tls.as_ref())
+        .map_err(FleetTlsText)?;
     let _ = app.grpc_address.set(grpc_address);
     let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -132,9 +150,7 @@ pub async fn start_with(
             let pruned = tokio::task::spawn_blocking(move || {
                 let limits = app.hub.config().history;
                 let store = app.outputs.store();
-                store
-                    .prune_history(limits, now_ms())
-                    .map_err(|e| e.to_string())
+                store.prune_history(limits, now_ms())
             })
             .await;
             match pruned {
@@ -156,6 +172,28 @@ pub async fn start_with(
         stop,
         tasks,
     })
+}
+
+/// Binds `address` (given by `flag`), and the address it got (the port, for `:0`).
+async fn listen(
+    flag: &'static str,
+    address: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| ServeError::Listen {
+            flag,
+            address,
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::LocalAddress {
+            flag,
+            address,
+            source,
+        })?;
+    Ok((listener, bound))
 }
 
 const HISTORY_PRUNE_FIRST: Duration = Duration::from_secs(60);

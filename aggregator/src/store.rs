@@ -16,6 +16,45 @@ pub struct Store {
     pub path: Option<PathBuf>,
 }
 
+/// Why the store cannot be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create --storage.path {}: {source}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create {} (mode 0600): {source}", path.display())]
+    CreateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot make {} private: {source}", path.display())]
+    MakePrivate {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {location}: {source}")]
+    Open {
+        location: String,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "{location} was written by a newer sonde (schema {found}, this one knows {known}); upgrade sonde or move the file away"
+    )]
+    NewerSchema {
+        location: String,
+        found: i64,
+        known: usize,
+    },
+    /// A statement or a commit failed (disk full, I/O error, a corrupt file).
+    #[error("{location}: {source}")]
+    Sqlite {
+        location: String,
+        source: rusqlite::Error,
+    },
+}
+
 /// An agent as remembered across restarts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredAgent {
@@ -46,27 +85,34 @@ const MIGRATIONS: &[&str] = &[
 
 impl Store {
     /// Opens (or creates) `dir/aggregator.db`.
-    pub fn open(dir: &Path) -> Result<Self, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create --storage.path {}: {e}", dir.display()))?;
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
         let path = dir.join("aggregator.db");
         private_file(&path)?;
-        let conn =
-            Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
+            location: path.display().to_string(),
+            source,
+        })?;
         Self::init(conn, Some(path))
     }
 
     /// A throwaway store, for tests and benchmarks.
-    pub fn in_memory() -> Result<Self, String> {
-        let conn = Connection::open_in_memory().map_err(|e| e.to_string())?;
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            location: location(None),
+            source,
+        })?;
         Self::init(conn, None)
     }
 
-    fn init(conn: Connection, path: Option<PathBuf>) -> Result<Self, String> {
-        let where_ = path
-            .as_ref()
-            .map_or("in-memory store".to_string(), |p| p.display().to_string());
-        let fail = |e: rusqlite::Error| format!("{where_}: {e}");
+    fn init(conn: Connection, path: Option<PathBuf>) -> Result<Self, StoreError> {
+        let fail = |source| StoreError::Sqlite {
+            location: location(path.as_deref()),
+            source,
+        };
         // WAL with synchronous=NORMAL: a commit survives the process being killed;
         // only a power loss can take the last transactions back.
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -79,10 +125,11 @@ impl Store {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(fail)?;
         if version > MIGRATIONS.len() as i64 {
-            return Err(format!(
-                "{where_} was written by a newer sonde (schema {version}, this one knows {}); upgrade sonde or move the file away",
-                MIGRATIONS.len()
-            ));
+            return Err(StoreError::NewerSchema {
+                location: location(path.as_deref()),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             conn.execute_batch(sql).map_err(fail)?;
@@ -101,22 +148,41 @@ impl Store {
     }
 
     /// Runs `f` in one transaction and commits it; nothing of it stays on error.
+    pub fn transaction<R>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let mut conn = self.conn();
+        let run = |conn: &mut Connection| {
+            let tx = conn.transaction()?;
+            let r = f(&tx)?;
+            tx.commit()?;
+            Ok(r)
+        };
+        run(&mut conn).map_err(|source| self.failed(source))
+    }
+
+    /// [`Store::transaction`] with its error as text, for `remote_write::queue` and the
+    /// hub's tests, which still pass errors on as text.
     pub fn with_tx<R>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R>,
     ) -> Result<R, String> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| e.to_string())?;
-        let r = f(&tx).map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
-        Ok(r)
+        self.transaction(f).map_err(|e| e.to_string())
     }
 
-    pub fn load_agents(&self) -> Result<Vec<StoredAgent>, String> {
+    fn failed(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            location: location(self.path.as_deref()),
+            source,
+        }
+    }
+
+    pub fn load_agents(&self) -> Result<Vec<StoredAgent>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT id, labels, local_jobs, committed_seq, first_seen_ms, last_seen_ms FROM agents")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e))?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(StoredAgent {
@@ -128,26 +194,31 @@ impl Store {
                     last_seen_ms: r.get(5)?,
                 })
             })
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+            .map_err(|e| self.failed(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.failed(e))
     }
 
-    pub fn load_jobs(&self) -> Result<Vec<(String, i64)>, String> {
+    pub fn load_jobs(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT name, expected_since_ms FROM jobs")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+            .map_err(|e| self.failed(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.failed(e))
     }
+}
+
+/// Where a store lives, for messages.
+fn location(path: Option<&Path>) -> String {
+    path.map_or("in-memory store".to_string(), |p| p.display().to_string())
 }
 
 /// Creates `path` readable by its owner only, or tightens it if it exists: the store
 /// holds the fleet's state and queued samples. SQLite gives its -wal and -shm files the
 /// database's mode.
-fn private_file(path: &Path) -> Result<(), String> {
+fn private_file(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::OpenOptions::new()
         .create(true)
@@ -155,15 +226,22 @@ fn private_file(path: &Path) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
-        .map_err(|e| format!("cannot create {} (mode 0600): {e}", path.display()))?;
+        .map_err(|source| StoreError::CreateFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     for side in ["-wal", "-shm"] {
         let mut p = path.as_os_str().to_owned();
         p.push(side);
         if let Ok(meta) = std::fs::metadata(&p)
             && meta.permissions().mode() & 0o077 != 0
         {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("cannot make {} private: {e}", Path::new(&p).display()))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| StoreError::MakePrivate {
+                    path: PathBuf::from(&p),
+                    source,
+                },
+            )?;
         }
     }
     Ok(())
@@ -249,7 +327,7 @@ mod tests {
         {
             let store = Store::open(&dir).unwrap();
             store
-                .with_tx(|tx| {
+                .transaction(|tx| {
                     save_agent(
                         tx,
                         &StoredAgent {
@@ -269,7 +347,7 @@ mod tests {
                 })
                 .unwrap();
             store
-                .with_tx(|tx| save_jobs(tx, &[("web".into(), 99)]))
+                .transaction(|tx| save_jobs(tx, &[("web".into(), 99)]))
                 .unwrap();
         }
         let store = Store::open(&dir).unwrap();
@@ -295,7 +373,7 @@ mod tests {
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
         let store = Store::open(&dir).unwrap();
         store
-            .with_tx(|tx| save_jobs(tx, &[("web".into(), 1)]))
+            .transaction(|tx| save_jobs(tx, &[("web".into(), 1)]))
             .unwrap();
         for name in ["aggregator.db", "aggregator.db-wal", "aggregator.db-shm"] {
             let mode = std::fs::metadata(dir.join(name))
@@ -311,7 +389,7 @@ mod tests {
     #[test]
     fn a_failed_transaction_leaves_nothing() {
         let store = Store::in_memory().unwrap();
-        let r = store.with_tx(|tx| {
+        let r = store.transaction(|tx| {
             save_jobs(tx, &[("web".into(), 1)])?;
             tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
             Ok(())

@@ -4,7 +4,9 @@
 //! A file that cannot be read or parsed keeps the targets it had, as in Prometheus,
 //! so a half-written file never empties a job.
 
-use sonde_proto::config::{Labels, ResolvedJob, TargetGroup, check_target, from_yaml_str};
+use sonde_proto::config::{
+    ConfigError, LabelError, Labels, ResolvedJob, TargetGroup, check_target, from_yaml_str,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -120,27 +122,49 @@ fn add_group(set: &mut TargetSet, job: &ResolvedJob, group: &TargetGroup) {
     }
 }
 
+/// Why a file_sd file's targets cannot be used (its previous targets are kept).
+#[derive(Debug, thiserror::Error)]
+pub enum FileSdError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{}:{}: {source}", path.display(), source.line(), source.column())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Yaml(#[from] ConfigError),
+    #[error(transparent)]
+    Labels(#[from] LabelError),
+}
+
 /// Reads one file_sd file: JSON when it ends in `.json`, YAML otherwise.
-pub fn read_groups(path: &Path) -> Result<Vec<TargetGroup>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+pub fn read_groups(path: &Path) -> Result<Vec<TargetGroup>, FileSdError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileSdError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse_groups(path, &text)
 }
 
 /// Parses the text of the file_sd file at `path`: JSON when it ends in `.json`, YAML
 /// otherwise; every group's label names checked.
-pub fn parse_groups(path: &Path, text: &str) -> Result<Vec<TargetGroup>, String> {
+pub fn parse_groups(path: &Path, text: &str) -> Result<Vec<TargetGroup>, FileSdError> {
     let groups: Vec<TargetGroup> = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(text)
-            .map_err(|e| format!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?
+        serde_json::from_str(text).map_err(|source| FileSdError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?
     } else if text.trim().is_empty() {
         Vec::new()
     } else {
-        from_yaml_str(path, text).map_err(|e| e.to_string())?
+        from_yaml_str(path, text)?
     };
     for g in &groups {
-        sonde_proto::config::validate_labels(&g.labels, &format!("{}: labels", path.display()))
-            .map_err(|e| e.to_string())?;
+        sonde_proto::config::validate_labels(&g.labels, &format!("{}: labels", path.display()))?;
     }
     Ok(groups)
 }

@@ -184,7 +184,7 @@ async fn a_bad_reload_keeps_the_running_config() {
         "modules: {tcp: {prober: tcp}}\njobs:\n  - {job_name: b, module: nope}\n",
     )
     .unwrap();
-    let err = app.reload().await.unwrap_err();
+    let err = app.reload().await.unwrap_err().to_string();
     assert!(
         err.contains("aggregator.yml:3:"),
         "the error names file and line: {err}"

@@ -206,7 +206,7 @@ async fn certificates_are_read_again_on_reload() {
 
     // A reload with a broken key file fails and keeps the running certificates.
     std::fs::write(dir.join("server.key"), "not a key").unwrap();
-    let e = app.reload().await.unwrap_err();
+    let e = app.reload().await.unwrap_err().to_string();
     assert!(e.contains("key_file"), "{e}");
     running.shutdown(Duration::from_secs(1)).await;
     let _ = std::fs::remove_dir_all(&dir);

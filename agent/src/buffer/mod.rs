@@ -187,6 +187,17 @@ pub enum BufferError {
     DuplicateAggregator { address: String },
 }
 
+/// Why the buffer cannot take results now ([`Buffer::health`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BufferUnhealthy {
+    #[error("the buffer {location} is closed")]
+    Closed { location: String },
+    #[error(
+        "the buffer {location} cannot be written ({error}); results are dropped until it can, check free space and permissions under --storage.path"
+    )]
+    WriteFailing { location: String, error: String },
+}
+
 /// A snapshot of one aggregator's part of the buffer, for metrics and the status page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BufferStats {
@@ -480,15 +491,17 @@ impl Buffer {
     /// `Err` with the reason while the buffer cannot take results: it is closed (the
     /// agent is stopping), or its last write failed (disk full, I/O error) and no write
     /// has succeeded since.
-    pub fn health(&self) -> Result<(), String> {
+    pub fn health(&self) -> Result<(), BufferUnhealthy> {
         if lock(&self.input).tx.is_none() {
-            return Err(format!("the buffer {} is closed", self.location));
+            return Err(BufferUnhealthy::Closed {
+                location: self.location.clone(),
+            });
         }
         match &self.shared.lock().failing {
-            Some(e) => Err(format!(
-                "the buffer {} cannot be written ({e}); results are dropped until it can, check free space and permissions under --storage.path",
-                self.location
-            )),
+            Some(e) => Err(BufferUnhealthy::WriteFailing {
+                location: self.location.clone(),
+                error: e.clone(),
+            }),
             None => Ok(()),
         }
     }

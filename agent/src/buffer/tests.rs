@@ -502,7 +502,7 @@ fn a_closed_buffer_is_not_healthy() {
     let store = Buffer::open(None, &[A.into()], 1 << 20).unwrap();
     assert!(store.health().is_ok());
     store.close();
-    assert!(store.health().unwrap_err().contains("closed"));
+    assert!(store.health().unwrap_err().to_string().contains("closed"));
 }
 
 #[test]

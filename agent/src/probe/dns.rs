@@ -35,17 +35,16 @@ pub async fn probe(
     out: &mut Samples,
 ) -> Result<(), Failure> {
     let cfg = &module.dns;
-    for phase in ["resolve", "connect", "request"] {
-        out.add_with(DURATION, &[("phase", phase)], 0.0);
-    }
-    for name in [
-        "probe_dns_answer_rrs",
-        "probe_dns_authority_rrs",
-        "probe_dns_additional_rrs",
-        "probe_dns_query_succeeded",
-    ] {
-        out.set(name, 0.0);
-    }
+    out.register(
+        DURATION,
+        &["resolve", "connect", "request"],
+        &[
+            "probe_dns_answer_rrs",
+            "probe_dns_authority_rrs",
+            "probe_dns_additional_rrs",
+            "probe_dns_query_succeeded",
+        ],
+    );
 
     let qtype = cfg.query_type_code().ok_or_else(|| {
         Failure::new(
@@ -443,7 +442,7 @@ fn check_header(reply: Vec<u8>) -> Result<Vec<u8>, Failure> {
 mod tests {
     use super::*;
     use crate::probe::run;
-    use crate::probe::test_support::{ctx, labelled, sample};
+    use crate::probe::test_support::{ctx, phase_of, sample};
     use hickory_proto::op::{MessageType, OpCode, ResponseCode};
     use hickory_proto::rr::rdata::{A, SOA as SoaData};
     use std::time::Duration;
@@ -576,11 +575,7 @@ mod tests {
     }
 
     fn phase(o: &crate::probe::ProbeOutcome, name: &str) -> f64 {
-        labelled(o, DURATION)
-            .into_iter()
-            .find(|(l, _)| l == &vec![("phase", name.to_string())])
-            .map(|(_, v)| v)
-            .expect("phase sample")
+        phase_of(o, DURATION, name)
     }
 
     #[tokio::test]

@@ -41,10 +41,15 @@ pub async fn probe(
     let cfg = &module.grpc;
     // Registered before anything can fail, as blackbox_exporter does: a probe that
     // fails early still says it used no TLS and got no status.
-    out.gauge_with("probe_grpc_duration_seconds", &[("phase", "resolve")], 0.0);
-    out.set("probe_grpc_ssl", 0.0);
-    out.set("probe_grpc_status_code", 0.0);
-    out.set("probe_ssl_earliest_cert_expiry", 0.0);
+    out.register(
+        "probe_grpc_duration_seconds",
+        &["resolve"],
+        &[
+            "probe_grpc_ssl",
+            "probe_grpc_status_code",
+            "probe_ssl_earliest_cert_expiry",
+        ],
+    );
     let (host, port) = host_port(target, cfg.tls).because(Reason::Config)?;
     let tls = if cfg.tls {
         Some(TlsClient::new(ctx, &cfg.tls_config, &[b"h2"]).because(Reason::Config)?)

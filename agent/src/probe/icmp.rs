@@ -41,9 +41,11 @@ pub async fn probe(
     out: &mut Samples,
 ) -> Result<(), Failure> {
     let cfg = &module.icmp;
-    for phase in ["resolve", "setup", "rtt"] {
-        out.gauge_with("probe_icmp_duration_seconds", &[("phase", phase)], 0.0);
-    }
+    out.register(
+        "probe_icmp_duration_seconds",
+        &["resolve", "setup", "rtt"],
+        &[],
+    );
     let (ip, lookup) = resolve_target(
         ctx,
         target,

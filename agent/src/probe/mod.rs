@@ -262,6 +262,18 @@ impl Samples {
         }
     }
 
+    /// Registers the samples a prober always reports, at 0 until the probe gets that far
+    /// (as blackbox_exporter registers its gauges up front): `metric{phase}` for each of
+    /// `phases`, and each of `gauges`.
+    pub fn register(&mut self, metric: &'static str, phases: &[&str], gauges: &[&'static str]) {
+        for phase in phases {
+            self.add_with(metric, &[("phase", phase)], 0.0);
+        }
+        for name in gauges {
+            self.set(name, 0.0);
+        }
+    }
+
     /// Replaces the value of an existing unlabelled sample, or adds it.
     pub fn set(&mut self, name: &'static str, value: f64) {
         match self
@@ -361,14 +373,7 @@ impl ProbeContext {
 /// The system's resolver configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up DNS resolution from the system configuration (/etc/resolv.conf): {0}")]
-pub struct SystemResolverError(hickory_resolver::net::NetError);
-
-/// For callers that still pass errors on as text (`AgentRuntime::start`).
-impl From<SystemResolverError> for String {
-    fn from(e: SystemResolverError) -> Self {
-        e.to_string()
-    }
-}
+pub struct SystemResolverError(#[source] hickory_resolver::net::NetError);
 
 /// A pattern of the module that does not compile (a module that skipped validation).
 #[derive(Clone, Debug, thiserror::Error)]

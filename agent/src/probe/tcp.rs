@@ -145,13 +145,11 @@ async fn query_responses(
         }
         if !send.is_empty() {
             send.push(b'\n');
-            conn.write_all(&send).await.map_err(|e| {
-                Failure::new(
-                    Reason::Protocol,
-                    format!("query_response[{i}]: send: {}", io_reason(&e)),
-                )
-            })?;
-            conn.flush().await.map_err(|e| {
+            let sent = match conn.write_all(&send).await {
+                Ok(()) => conn.flush().await,
+                Err(e) => Err(e),
+            };
+            sent.map_err(|e| {
                 Failure::new(
                     Reason::Protocol,
                     format!("query_response[{i}]: send: {}", io_reason(&e)),
@@ -357,18 +355,7 @@ mod tests {
         m.tcp.tls_config.server_name = Some("localhost".to_string());
         let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
         assert!(o.success, "{:?}", o.failure);
-        assert_eq!(
-            sample(&o, "probe_ssl_earliest_cert_expiry"),
-            Some(LEAF_NOT_AFTER)
-        );
-        assert_eq!(
-            sample(&o, "probe_ssl_last_chain_expiry_timestamp_seconds"),
-            Some(LEAF_NOT_AFTER)
-        );
-        assert_eq!(
-            labelled(&o, "probe_tls_version_info"),
-            vec![(vec![("version", "TLS 1.3".to_string())], 1.0)]
-        );
+        assert_handshake_samples(&o, LEAF_NOT_AFTER);
         let info = labelled(&o, "probe_ssl_last_chain_info");
         assert_eq!(info.len(), 1);
         let labels: std::collections::HashMap<_, _> = info[0].0.iter().cloned().collect();
@@ -400,15 +387,8 @@ mod tests {
         m.tcp.tls_config.insecure_skip_verify = true;
         let o = run(&ctx(), &addr.to_string(), &m, Duration::from_secs(2)).await;
         assert!(o.success, "{:?}", o.failure);
-        assert_eq!(
-            sample(&o, "probe_ssl_earliest_cert_expiry"),
-            Some(LEAF_NOT_AFTER)
-        );
         // No verified chain: Go's zero time, as blackbox_exporter reports.
-        assert_eq!(
-            sample(&o, "probe_ssl_last_chain_expiry_timestamp_seconds"),
-            Some(GO_ZERO_TIME)
-        );
+        assert_handshake_samples(&o, GO_ZERO_TIME);
     }
 
     #[tokio::test]

@@ -41,6 +41,35 @@ pub(crate) fn labelled(o: &ProbeOutcome, name: &str) -> Vec<(Vec<(&'static str, 
         .collect()
 }
 
+/// The one sample of `metric` labelled `phase="name"` (the probers' duration phases).
+pub(crate) fn phase_of(o: &ProbeOutcome, metric: &str, name: &str) -> f64 {
+    let found: Vec<f64> = labelled(o, metric)
+        .into_iter()
+        .filter(|(l, _)| l == &vec![("phase", name.to_string())])
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(found.len(), 1, "one {metric}{{phase={name:?}}} sample");
+    found[0]
+}
+
+/// What a TLS 1.3 handshake with [`tls_server`]'s leaf reports, whatever the prober:
+/// the leaf's expiry, `chain_expiry` for the verified chain (Go's zero time when it was
+/// not verified), and the version.
+pub(crate) fn assert_handshake_samples(o: &ProbeOutcome, chain_expiry: f64) {
+    assert_eq!(
+        sample(o, "probe_ssl_earliest_cert_expiry"),
+        Some(LEAF_NOT_AFTER)
+    );
+    assert_eq!(
+        sample(o, "probe_ssl_last_chain_expiry_timestamp_seconds"),
+        Some(chain_expiry)
+    );
+    assert_eq!(
+        labelled(o, "probe_tls_version_info"),
+        vec![(vec![("version", "TLS 1.3".to_string())], 1.0)]
+    );
+}
+
 /// A certificate authority and a leaf it signed for `localhost` and 127.0.0.1, with
 /// known expiry dates so the samples can be checked exactly.
 pub(crate) struct TestPki {

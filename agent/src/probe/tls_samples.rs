@@ -21,6 +21,16 @@ pub(crate) struct TlsFacts {
     leaf: Option<LeafInfo>,
 }
 
+/// `probe_ssl_earliest_cert_expiry`: the first expiry among the certificates the
+/// server presented, or Go's zero time when it presented none that parse.
+fn earliest_expiry(presented: &[x509::Cert<'_>]) -> f64 {
+    presented
+        .iter()
+        .map(|c| c.not_after())
+        .min()
+        .map_or(GO_ZERO_TIME, |t| t as f64)
+}
+
 #[derive(Debug, Clone)]
 struct LeafInfo {
     fingerprint_sha256: String,
@@ -38,11 +48,7 @@ impl TlsFacts {
             .iter()
             .filter_map(|c| x509::Cert::parse(c))
             .collect();
-        let earliest_expiry = presented
-            .iter()
-            .map(|c| c.not_after())
-            .min()
-            .map_or(GO_ZERO_TIME, |t| t as f64);
+        let earliest_expiry = earliest_expiry(&presented);
         let last_chain_expiry = if client.verified {
             let roots: Vec<x509::Cert<'_>> = client
                 .ca_certs
@@ -86,11 +92,7 @@ impl TlsFacts {
     pub(crate) fn from_certs(ctx: &ProbeContext, certs: &[CertificateDer<'static>]) -> Self {
         let parsed: Vec<x509::Cert<'_>> =
             certs.iter().filter_map(|c| x509::Cert::parse(c)).collect();
-        let earliest_expiry = parsed
-            .iter()
-            .map(|c| c.not_after())
-            .min()
-            .map_or(GO_ZERO_TIME, |t| t as f64);
+        let earliest_expiry = earliest_expiry(&parsed);
         let leaf = certs
             .first()
             .zip(parsed.first())

@@ -106,6 +106,29 @@ fn field_len(len: usize) -> usize {
     1 + encoded_len_varint(len as u64) + len
 }
 
+/// A module or a check too large for any part of an assignment.
+#[derive(Debug, thiserror::Error)]
+pub enum TooLargeForAPart {
+    #[error(
+        "module {module:?} is {bytes} bytes encoded, more than the {budget} bytes of an assignment part"
+    )]
+    Module {
+        module: String,
+        bytes: usize,
+        budget: usize,
+    },
+    /// `job` and `instance` as they may be logged ([`crate::refusals::loggable`]).
+    #[error(
+        "the check of job {job:?} target {instance:?} is {bytes} bytes encoded, more than the {budget} bytes of an assignment part"
+    )]
+    Check {
+        job: String,
+        instance: String,
+        bytes: usize,
+        budget: usize,
+    },
+}
+
 /// The parts of assignment `generation` of `planned`, in order: the module table first,
 /// then the checks, each part's encoded `AggregatorMessage` at most `budget` bytes, the
 /// final one marked `last` (an empty plan is one empty last part). Fails only when a
@@ -114,7 +137,7 @@ pub fn encode(
     generation: u64,
     planned: &Planned,
     budget: usize,
-) -> Result<Vec<AggregatorMessage>, String> {
+) -> Result<Vec<AggregatorMessage>, TooLargeForAPart> {
     let room = budget.saturating_sub(PART_OVERHEAD);
     let mut parts: Vec<pb::Assignment> = Vec::new();
     let mut current = pb::Assignment {
@@ -139,11 +162,11 @@ pub fn encode(
     for module in &planned.modules {
         let len = field_len(module.encoded_len());
         if len > room {
-            return Err(format!(
-                "module {:?} is {} bytes encoded, more than the {budget} bytes of an assignment part",
-                module.name,
-                module.encoded_len()
-            ));
+            return Err(TooLargeForAPart::Module {
+                module: module.name.clone(),
+                bytes: module.encoded_len(),
+                budget,
+            });
         }
         if used + len > room {
             parts.push(next_part(&mut current, &mut used));
@@ -154,12 +177,12 @@ pub fn encode(
     for check in &planned.checks {
         let len = field_len(check.encoded_len());
         if len > room {
-            return Err(format!(
-                "the check of job {:?} target {:?} is {} bytes encoded, more than the {budget} bytes of an assignment part",
-                crate::refusals::loggable(&check.job),
-                crate::refusals::loggable(&check.instance),
-                check.encoded_len()
-            ));
+            return Err(TooLargeForAPart::Check {
+                job: crate::refusals::loggable(&check.job).to_string(),
+                instance: crate::refusals::loggable(&check.instance).to_string(),
+                bytes: check.encoded_len(),
+                budget,
+            });
         }
         if used + len > room {
             parts.push(next_part(&mut current, &mut used));
@@ -448,7 +471,7 @@ mod tests {
     fn what_cannot_fit_in_a_part_is_an_error() {
         let mut plan = planned(10, 1);
         plan.modules[0].json = "x".repeat(10_000);
-        let e = encode(1, &plan, 4_096).unwrap_err();
+        let e = encode(1, &plan, 4_096).unwrap_err().to_string();
         assert!(e.contains("module_0") && e.contains("4096"), "{e}");
     }
 

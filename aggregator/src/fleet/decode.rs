@@ -8,12 +8,20 @@
 //! nothing after it can be trusted to mean what it says; a result or sample that breaks
 //! a rule is refused alone and counted, and the rest of the batch goes on (an honest
 //! agent must never be stuck replaying a batch it cannot change).
+//!
+//! A result's samples are split into their [`Shape`] (names and labels) and their
+//! values. Results of one kind (one module's probes, whatever the target) name the same
+//! symbols in the same order, so a stream decodes and checks each shape once and every
+//! later result of that kind shares it: per result, one hash of its symbol ids instead
+//! of per-sample checks and reference counts, and the hub can tell by one pointer
+//! comparison that a view's series are unchanged.
 
 use crate::config::FleetLimits;
 use crate::hub::IncomingResult;
 use crate::refusals::Reason;
 use sonde_proto::config::is_valid_label_name;
 use sonde_proto::pb;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// An interned string, shared by every sample that refers to it.
@@ -24,14 +32,92 @@ pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// Bytes a symbol costs beyond its text: the `Arc` header and its slot in the table.
 const SYMBOL_OVERHEAD: usize = 40;
+/// Shapes a stream keeps (an agent sends a few: one per module and outcome); past it,
+/// or past [`MAX_SHAPE_KEYS`] ids, the cache starts again. A hostile agent that sends a
+/// new shape with every result only makes its own results slower to decode.
+const MAX_SHAPES: usize = 1024;
+const MAX_SHAPE_KEYS: usize = 1 << 18;
 
-/// One stream's strings, in the order the agent defined them.
+/// A result's kept samples without their values: names and labels, as the stream's
+/// symbols, and what the checks refused of it. Shared by every result of one stream
+/// whose samples name the same symbols in the same order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Shape {
+    /// (name, labels) of each kept sample, in the result's order.
+    pub samples: Vec<(Symbol, Vec<(Symbol, Symbol)>)>,
+    /// The index among the result's samples of each kept one; `None`: all are kept.
+    kept: Option<Vec<u32>>,
+    /// Samples refused by the checks, by reason: (reason, how many, one example).
+    refused: Vec<(Reason, u64, String)>,
+    /// What the kept samples' names and labels weigh (`fleet.limits.max_series_bytes`).
+    pub bytes: usize,
+}
+
+/// A result's samples: their shape and their values (one per kept sample, same order).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResultSamples {
+    pub shape: Arc<Shape>,
+    pub values: Vec<f64>,
+}
+
+impl Default for ResultSamples {
+    fn default() -> Self {
+        Self {
+            shape: Arc::new(Shape::default()),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl ResultSamples {
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// (name, labels, value) of each sample.
+    pub fn iter(&self) -> impl Iterator<Item = (&Symbol, &[(Symbol, Symbol)], f64)> {
+        self.shape
+            .samples
+            .iter()
+            .zip(&self.values)
+            .map(|((name, labels), v)| (name, labels.as_slice(), *v))
+    }
+
+    /// Adds a sample (tests, and producers other than the fleet service); the shape is
+    /// this result's own from then on.
+    pub fn push(&mut self, (name, labels, value): crate::hub::ProbeSample) {
+        let shape = Arc::make_mut(&mut self.shape);
+        shape.bytes += name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        shape.samples.push((name, labels));
+        self.values.push(value);
+    }
+}
+
+impl From<Vec<crate::hub::ProbeSample>> for ResultSamples {
+    fn from(samples: Vec<crate::hub::ProbeSample>) -> Self {
+        let mut out = Self::default();
+        for s in samples {
+            out.push(s);
+        }
+        out
+    }
+}
+
+/// One stream's strings, in the order the agent defined them, and the shapes of its
+/// results so far.
 #[derive(Default)]
 pub struct SymbolTable {
     /// `None`: the agent sent a string over `max_symbol_bytes`; samples that refer to
     /// it are refused.
     symbols: Vec<Option<Symbol>>,
     bytes: usize,
+    /// Shapes by the symbol ids of their samples, as they came (see [`shape_key`]).
+    shapes: HashMap<Box<[u32]>, Arc<Shape>, foldhash::fast::RandomState>,
+    shape_keys: usize,
 }
 
 impl SymbolTable {
@@ -80,11 +166,50 @@ pub struct Decoded {
 
 impl Decoded {
     fn refuse(&mut self, reason: Reason, example: impl FnOnce() -> String) {
+        self.refuse_n(reason, 1, example);
+    }
+
+    fn refuse_n(&mut self, reason: Reason, n: u64, example: impl FnOnce() -> String) {
         match self.refused_samples.iter_mut().find(|(r, ..)| *r == reason) {
-            Some((_, n, _)) => *n += 1,
-            None => self.refused_samples.push((reason, 1, example())),
+            Some((_, count, _)) => *count += n,
+            None => self.refused_samples.push((reason, n, example())),
         }
     }
+}
+
+/// The key a result's shape is cached under: per sample, its name's id, its label count,
+/// then its label ids (the count keeps `a{x=y}` `b` apart from `a` `b{x=y}`).
+fn shape_key(samples: &[pb::Sample], out: &mut Vec<u32>) {
+    out.clear();
+    for s in samples {
+        out.push(s.name);
+        out.push(s.labels.len() as u32);
+        out.extend_from_slice(&s.labels);
+    }
+}
+
+/// Decodes and checks the names and labels of `samples`, a result's.
+fn decode_shape(
+    symbols: &SymbolTable,
+    samples: &[pb::Sample],
+    limits: &FleetLimits,
+) -> Result<Shape, String> {
+    let mut refusals = Decoded::default();
+    let mut shape = Shape::default();
+    let mut kept = Vec::with_capacity(samples.len());
+    for (i, s) in samples.iter().enumerate() {
+        if let Some((name, labels)) = decode_sample(symbols, s, limits, &mut refusals)? {
+            shape.bytes +=
+                name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            shape.samples.push((name, labels));
+            kept.push(i as u32);
+        }
+    }
+    if kept.len() < samples.len() {
+        shape.kept = Some(kept);
+    }
+    shape.refused = refusals.refused_samples;
+    Ok(shape)
 }
 
 /// Label names a sample may not carry whatever the target: the aggregator sets them.
@@ -119,6 +244,7 @@ pub fn decode_batch(
         refused_samples: Vec::new(),
     };
     let mut last_seq = 0;
+    let mut key = Vec::new();
     for r in batch.results {
         if r.seq <= last_seq {
             return Err(format!(
@@ -134,16 +260,34 @@ pub fn decode_batch(
         }
         last_seq = r.seq;
         let mut refused = None;
-        let mut samples = Vec::new();
+        let mut samples = ResultSamples::default();
         if r.samples.len() > limits.max_samples_per_result {
             refused = Some(Reason::TooManySamples);
-        } else {
-            samples.reserve(r.samples.len());
-            for s in r.samples {
-                if let Some(sample) = decode_sample(symbols, s, limits, &mut decoded)? {
-                    samples.push(sample);
+        } else if !r.samples.is_empty() {
+            shape_key(&r.samples, &mut key);
+            let shape = match symbols.shapes.get(&key[..]) {
+                Some(shape) => shape.clone(),
+                None => {
+                    let shape = Arc::new(decode_shape(symbols, &r.samples, limits)?);
+                    if symbols.shapes.len() >= MAX_SHAPES
+                        || symbols.shape_keys + key.len() > MAX_SHAPE_KEYS
+                    {
+                        symbols.shapes.clear();
+                        symbols.shape_keys = 0;
+                    }
+                    symbols.shape_keys += key.len();
+                    symbols.shapes.insert(key.as_slice().into(), shape.clone());
+                    shape
                 }
+            };
+            for (reason, n, example) in &shape.refused {
+                decoded.refuse_n(*reason, *n, || example.clone());
             }
+            let values = match &shape.kept {
+                None => r.samples.iter().map(|s| s.value).collect(),
+                Some(kept) => kept.iter().map(|&i| r.samples[i as usize].value).collect(),
+            };
+            samples = ResultSamples { shape, values };
         }
         decoded.results.push(IncomingResult {
             seq: r.seq,
@@ -160,13 +304,14 @@ pub fn decode_batch(
     Ok(decoded)
 }
 
-/// One sample; `Ok(None)` when it is refused (and counted in `decoded`).
+/// One sample's name and labels; `Ok(None)` when it is refused (and counted in
+/// `decoded`).
 fn decode_sample(
     symbols: &SymbolTable,
-    s: pb::Sample,
+    s: &pb::Sample,
     limits: &FleetLimits,
     decoded: &mut Decoded,
-) -> Result<Option<crate::hub::ProbeSample>, String> {
+) -> Result<Option<(Symbol, Vec<(Symbol, Symbol)>)>, String> {
     // References are resolved first: one past the table is a protocol error even on a
     // sample that would be refused anyway.
     let name = symbols.get(s.name)?;
@@ -231,7 +376,7 @@ fn decode_sample(
             return Ok(None);
         }
     }
-    Ok(Some((name.clone(), labels, s.value)))
+    Ok(Some((name.clone(), labels)))
 }
 
 #[cfg(test)]
@@ -285,13 +430,57 @@ mod tests {
             )],
         );
         let d = decode_batch(&mut table, second, &limits).unwrap();
-        let samples = &d.results[0].samples;
+        let samples = &d.results[0].samples.shape.samples;
         assert_eq!(&*samples[0].0, "probe_http_duration_seconds");
         assert_eq!(&*samples[0].1[0].0, "phase");
         assert!(
             Arc::ptr_eq(&samples[0].1[0].1, &samples[1].1[0].1),
             "a reference shares the table's string, never copies it"
         );
+    }
+
+    #[test]
+    fn results_of_one_kind_share_a_shape_and_keep_their_values_and_refusals() {
+        let limits = FleetLimits::default();
+        let mut table = SymbolTable::default();
+        let with = |seq, value: f64, name| {
+            let mut r = result(seq, vec![sample(0, vec![1, 2]), sample(name, vec![])]);
+            r.samples[0].value = value;
+            r.samples[1].value = value * 2.0;
+            r
+        };
+        let symbols = ["probe_success", "phase", "connect", "up"];
+        let d = decode_batch(
+            &mut table,
+            batch(
+                &symbols,
+                vec![with(1, 1.0, 0), with(2, 3.0, 0), with(3, 5.0, 3)],
+            ),
+            &limits,
+        )
+        .unwrap();
+        let [a, b, c] = &d.results[..] else {
+            panic!("three results")
+        };
+        assert!(Arc::ptr_eq(&a.samples.shape, &b.samples.shape));
+        assert_eq!(a.samples.values, [1.0, 2.0]);
+        assert_eq!(b.samples.values, [3.0, 6.0]);
+        // `up` is not a probe metric: refused, and counted again for each result of
+        // that shape; the kept sample keeps its own value.
+        assert!(!Arc::ptr_eq(&a.samples.shape, &c.samples.shape));
+        assert_eq!(c.samples.values, [5.0]);
+        let again = decode_batch(&mut table, batch(&[], vec![with(4, 7.0, 3)]), &limits).unwrap();
+        assert!(Arc::ptr_eq(
+            &again.results[0].samples.shape,
+            &c.samples.shape
+        ));
+        assert_eq!(again.results[0].samples.values, [7.0]);
+        assert_eq!(again.refused_samples[0].0, Reason::UnknownMetric);
+        assert_eq!(again.refused_samples[0].1, 1);
+        // A label moved to another sample is another shape.
+        let moved = result(5, vec![sample(0, vec![]), sample(0, vec![1, 2])]);
+        let d = decode_batch(&mut table, batch(&[], vec![moved]), &limits).unwrap();
+        assert!(!Arc::ptr_eq(&d.results[0].samples.shape, &a.samples.shape));
     }
 
     #[test]

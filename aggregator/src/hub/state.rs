@@ -10,7 +10,7 @@
 use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
-use crate::fleet::decode::Symbol;
+use crate::fleet::decode::{ResultSamples, Shape, Symbol};
 use crate::history::{self, HistoryState};
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
@@ -43,7 +43,7 @@ pub struct IncomingResult {
     pub success: bool,
     pub duration_seconds: f64,
     pub failure: String,
-    pub samples: Vec<ProbeSample>,
+    pub samples: ResultSamples,
     /// Set when the result was refused while decoding: its sequence number is
     /// acknowledged, nothing else of it is kept.
     pub refused: Option<Reason>,
@@ -65,6 +65,10 @@ pub struct LastResult {
     pub values: Arc<[f64]>,
     /// What the samples' names and labels weigh (`fleet.limits.max_series_bytes`).
     pub bytes: usize,
+    /// The result's shape when every sample of it was kept: a later result of the same
+    /// shape under the same config (`config_epoch`) has the same series.
+    shape: Option<Arc<Shape>>,
+    config_epoch: u64,
     /// The target labels `series` were built with.
     base: TargetBase,
     /// This minute's probes, not yet in the history (written once the minute is over).
@@ -164,7 +168,7 @@ pub struct Undo {
     created: Vec<Arc<TargetKey>>,
     written: Vec<(Arc<TargetKey>, Written)>,
     /// (agent, series and their bytes held before).
-    series: Vec<(String, usize, usize)>,
+    series: Vec<(Arc<str>, usize, usize)>,
     /// Local targets first seen.
     local_targets: Vec<(String, (String, String))>,
     /// (agent, committed sequence before).
@@ -354,6 +358,9 @@ pub struct State {
     /// Jobs whose `sonde_job_*` series are live in the receivers: a job that leaves
     /// gets staleness markers for them, as its targets' `up` does.
     jobs_written: BTreeSet<String>,
+    /// Counts the configs applied: a view's series are reused for a result of the same
+    /// shape only under the config they were checked against.
+    config_epoch: u64,
 }
 
 fn stale_nan() -> f64 {
@@ -376,6 +383,7 @@ impl State {
             placeable: BTreeSet::new(),
             replan: false,
             jobs_written: BTreeSet::new(),
+            config_epoch: 0,
             buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);
@@ -729,6 +737,7 @@ impl State {
             .map(|j| (j.name.clone(), j.config.agents.clone()))
             .collect();
         self.config = config;
+        self.config_epoch += 1;
         let configured: BTreeSet<String> =
             self.config.jobs.iter().map(|j| j.name.clone()).collect();
         let local: BTreeSet<String> = self
@@ -973,37 +982,6 @@ impl State {
             };
             (reason, why)
         })?;
-        // Labels the aggregator sets on the series: a sample may not bring its own.
-        let taken = |name: &str| {
-            target.labels.contains_key(name) || self.config.external_labels.contains_key(name)
-        };
-        let kept = r
-            .samples
-            .iter()
-            .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
-            .count();
-        let filtered: Vec<ProbeSample>;
-        let samples: &[ProbeSample] = if kept == r.samples.len() {
-            &r.samples
-        } else {
-            // Counted as refused samples; the result itself stands.
-            let n = (r.samples.len() - kept) as u64;
-            let e = refused.entry(Reason::ReservedLabel).or_insert((
-                0,
-                format!(
-                    "{n} samples of {} carry a label named like a target or external label",
-                    describe(r)
-                ),
-            ));
-            e.0 += n;
-            filtered = r
-                .samples
-                .iter()
-                .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
-                .cloned()
-                .collect();
-            &filtered
-        };
         let previous = self
             .entries
             .get(&key)
@@ -1016,14 +994,62 @@ impl State {
             // Older than what this agent already reported: it cannot change the present.
             return Ok(());
         }
+        // The common case: the result has the shape of the view's last one (the same
+        // symbols, so the same names and labels), which every check below passed under
+        // the same config. Its series are then the previous result's.
+        let same_shape = previous.as_ref().is_some_and(|p| {
+            p.config_epoch == self.config_epoch
+                && p.shape
+                    .as_ref()
+                    .is_some_and(|shape| Arc::ptr_eq(shape, &r.samples.shape))
+        });
+        // Otherwise: labels the aggregator sets on the series, a sample may not bring.
+        let kept: Vec<(&Symbol, &[(Symbol, Symbol)], f64)> = if same_shape {
+            Vec::new()
+        } else {
+            let taken = |name: &str| {
+                target.labels.contains_key(name) || self.config.external_labels.contains_key(name)
+            };
+            let kept: Vec<_> = r
+                .samples
+                .iter()
+                .filter(|(_, labels, _)| !labels.iter().any(|(k, _)| taken(k)))
+                .collect();
+            if kept.len() < r.samples.len() {
+                // Counted as refused samples; the result itself stands.
+                let n = (r.samples.len() - kept.len()) as u64;
+                let e = refused.entry(Reason::ReservedLabel).or_insert((
+                    0,
+                    format!(
+                        "{n} samples of {} carry a label named like a target or external label",
+                        describe(r)
+                    ),
+                ));
+                e.0 += n;
+            }
+            kept
+        };
+        // The shape a later result may match: only one whose samples were all kept.
+        let shape = (same_shape || kept.len() == r.samples.len()).then(|| r.samples.shape.clone());
+        let (sample_count, samples_weigh) = if same_shape {
+            (r.samples.len(), r.samples.shape.bytes)
+        } else {
+            (
+                kept.len(),
+                kept.iter()
+                    .map(|(name, labels, _)| {
+                        name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                    })
+                    .sum(),
+            )
+        };
         let held_before = previous.as_ref().map_or(0, |p| p.values.len());
         let bytes_before = previous.as_ref().map_or(0, |p| p.bytes);
-        let samples_weigh = samples_bytes(samples);
         let limits = self.config.limits;
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
         };
-        let series = a.series - held_before.min(a.series) + samples.len();
+        let series = a.series - held_before.min(a.series) + sample_count;
         let bytes = a.series_bytes - bytes_before.min(a.series_bytes) + samples_weigh;
         if series > limits.max_series || bytes as u64 > limits.max_series_bytes.0 {
             return Err((
@@ -1038,7 +1064,7 @@ impl State {
         }
         ch.undo
             .series
-            .push((agent.to_string(), a.series, a.series_bytes));
+            .push((a.id.clone(), a.series, a.series_bytes));
         a.series = series;
         a.series_bytes = bytes;
         if target.labels.is_empty()
@@ -1057,39 +1083,38 @@ impl State {
             return Ok(());
         };
         entry.relabel(&target.labels);
-        // The series of the previous result are reused where the sample is the same
-        // (the common case): no label set is built in the steady state.
         let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
-        let base_len = entry.base.label_count();
-        let reusable = |i: usize, (name, labels, _): &ProbeSample| {
-            previous
-                .as_ref()
-                .filter(|_| same_base)
-                .and_then(|p| p.series.get(i))
-                .filter(|s| is_probe_series(s, base_len, name, labels))
-        };
-        // The whole list is shared when every series is the previous result's (the
-        // common case): one reference count for the result, not one per sample.
-        let series: Arc<[Series]> = match &previous {
-            Some(p)
-                if p.series.len() == samples.len()
-                    && samples
-                        .iter()
-                        .enumerate()
-                        .all(|(i, s)| reusable(i, s).is_some()) =>
-            {
-                p.series.clone()
+        let (series, values): (Arc<[Series]>, Arc<[f64]>) = match &previous {
+            Some(p) if same_shape && same_base => {
+                (p.series.clone(), r.samples.values.as_slice().into())
             }
-            _ => samples
-                .iter()
-                .enumerate()
-                .map(|(i, sample)| match reusable(i, sample) {
-                    Some(s) => s.clone(),
-                    None => entry.base.probe(&agent_id, &sample.0, &sample.1),
-                })
-                .collect(),
+            _ => {
+                let samples: Vec<(&Symbol, &[(Symbol, Symbol)], f64)> = if same_shape {
+                    r.samples.iter().collect()
+                } else {
+                    kept
+                };
+                // The series of the previous result are reused where the sample is the
+                // same: no label set is built for an unchanged sample.
+                let base_len = entry.base.label_count();
+                let reusable = |i: usize, name: &str, labels: &[(Symbol, Symbol)]| {
+                    previous
+                        .as_ref()
+                        .filter(|_| same_base)
+                        .and_then(|p| p.series.get(i))
+                        .filter(|s| is_probe_series(s, base_len, name, labels))
+                };
+                let series = samples
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, labels, _))| match reusable(i, name, labels) {
+                        Some(s) => s.clone(),
+                        None => entry.base.probe(&agent_id, name, labels),
+                    })
+                    .collect();
+                (series, samples.iter().map(|(_, _, v)| *v).collect())
+            }
         };
-        let values: Arc<[f64]> = samples.iter().map(|(_, _, v)| *v).collect();
         ch.out.push_row(SampleRow {
             series: series.clone(),
             timestamp_ms: r.timestamp_ms,
@@ -1121,6 +1146,8 @@ impl State {
                 series,
                 values,
                 bytes: samples_weigh,
+                shape,
+                config_epoch: self.config_epoch,
                 base: entry.base.clone(),
                 bucket: Some(bucket),
             }),
@@ -1156,7 +1183,7 @@ impl State {
             self.entries.remove(&*key);
         }
         for (agent, series, bytes) in undo.series.into_iter().rev() {
-            if let Some(a) = self.agents.get_mut(&agent) {
+            if let Some(a) = self.agents.get_mut(&*agent) {
                 a.series = series;
                 a.series_bytes = bytes;
             }
@@ -1234,7 +1261,7 @@ impl State {
                 if let Some(a) = self.agents.get_mut(&**agent) {
                     ch.undo
                         .series
-                        .push((agent.to_string(), a.series, a.series_bytes));
+                        .push((a.id.clone(), a.series, a.series_bytes));
                     a.series = a.series.saturating_sub(view.values.len());
                     a.series_bytes = a.series_bytes.saturating_sub(view.bytes);
                 }
@@ -1632,16 +1659,6 @@ fn describe(r: &IncomingResult) -> String {
     )
 }
 
-/// What samples weigh in names and labels (`fleet.limits.max_series_bytes`).
-fn samples_bytes(samples: &[ProbeSample]) -> usize {
-    samples
-        .iter()
-        .map(|(name, labels, _)| {
-            name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-        })
-        .sum()
-}
-
 /// True when `series` (built by [`TargetBase::probe`] over a base of `base_len` labels
 /// for the same agent) is the series of a sample named `name` with `labels`. A sample's
 /// labels can collide with none of the base's (the fleet service and
@@ -1792,7 +1809,7 @@ fleet: {missing_after: 30s}
             success,
             duration_seconds: 0.01,
             failure: String::new(),
-            samples: vec![("probe_success".into(), vec![], f64::from(u8::from(success)))],
+            samples: vec![("probe_success".into(), vec![], f64::from(u8::from(success)))].into(),
             refused: None,
         }
     }
@@ -2081,6 +2098,47 @@ fleet: {missing_after: 30s}
             Ok(Some(2))
         );
         assert!(value_of(&rec.take(), "probe_success", &[("job", "nope")]).is_empty());
+    }
+
+    #[test]
+    fn a_result_of_the_same_shape_reuses_the_series_and_a_reload_checks_it_again() {
+        let (hub, rec, _rx) = setup();
+        let mut one = result(1, "web", "127.0.0.1:80", T0, true);
+        one.samples.push((
+            "probe_http_duration_seconds".into(),
+            vec![("phase".into(), "tls".into())],
+            0.1,
+        ));
+        let next = |r: &IncomingResult, seq: u64, ts: i64, value: f64| {
+            let mut r = r.clone();
+            (r.seq, r.timestamp_ms) = (seq, ts);
+            r.samples.values[1] = value;
+            r
+        };
+        let phase = |out: &[Sample]| {
+            out.iter()
+                .find(|s| s.series.name() == "probe_http_duration_seconds")
+                .map(|s| (s.series.clone(), s.value))
+        };
+        results(&hub, "eu-1", &[one.clone()], T0).unwrap();
+        let (first, _) = phase(&rec.take()).unwrap();
+        let two = next(&one, 2, T0 + 1000, 0.2);
+        assert!(Arc::ptr_eq(&one.samples.shape, &two.samples.shape));
+        results(&hub, "eu-1", &[two.clone()], T0 + 1000).unwrap();
+        let (second, value) = phase(&rec.take()).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(value, 0.2, "the new result's value, not the old one's");
+        // An external label named like the sample's label: the same shape is checked
+        // again, and the sample refused.
+        let with_phase = CONFIG.replace(
+            "scrape_timeout: 5s}",
+            "scrape_timeout: 5s, external_labels: {phase: global}}",
+        );
+        hub.reload(config(&with_phase), T0 + 1500).wait();
+        rec.take();
+        results(&hub, "eu-1", &[next(&two, 3, T0 + 2000, 0.3)], T0 + 2000).unwrap();
+        assert_eq!(phase(&rec.take()), None);
+        assert_eq!(refused(&hub, "reserved_label"), 1);
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn status(State(app): State<Arc<App>>, Query(q): Query<TargetQuery>) -
 
 pub async fn uptime(State(app): State<Arc<App>>, Query(q): Query<TargetQuery>) -> Response {
     let retention = app.hub.config().history.retention;
-    let (key, window) = match q.target().and_then(|k| Ok((k, q.window(retention)?))) {
+    let (key, window) = match q.target_and_window(retention) {
         Ok(v) => v,
         Err(_) => {
             return svg_response(

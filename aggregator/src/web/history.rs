@@ -13,7 +13,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sonde_proto::config::PromDuration;
+use sonde_proto::config::{DurationError, PromDuration};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,31 +36,59 @@ pub struct TargetQuery {
     pub window: Option<String>,
 }
 
+/// What is wrong with a history query.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("give both job= and instance= (see /api/v1/targets for both)")]
+    NoTarget,
+    #[error("window={window:?}: {source}; use a duration such as 1h, 24h or 7d")]
+    Window {
+        window: String,
+        source: DurationError,
+    },
+    #[error("window must be longer than 0")]
+    EmptyWindow,
+}
+
+/// The history of a target cannot be read from the store.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the history: {0}")]
+pub struct HistoryUnreadable(#[from] rusqlite::Error);
+
 impl TargetQuery {
     /// (job, instance), or what is wrong with the query.
-    pub fn target(&self) -> Result<(String, String), String> {
+    pub fn target(&self) -> Result<(String, String), QueryError> {
         match (&self.job, &self.instance) {
             (Some(j), Some(i)) if !j.is_empty() && !i.is_empty() => Ok((j.clone(), i.clone())),
-            _ => Err("give both job= and instance= (see /api/v1/targets for both)".into()),
+            _ => Err(QueryError::NoTarget),
         }
     }
 
     /// The window asked for (default 24h), at most the history's retention.
-    pub fn window(&self, retention: Duration) -> Result<Duration, String> {
+    pub fn window(&self, retention: Duration) -> Result<Duration, QueryError> {
         let w = match &self.window {
             None => Duration::from_secs(86_400),
             Some(w) => {
                 w.parse::<PromDuration>()
-                    .map_err(|e| {
-                        format!("window={w:?}: {e}; use a duration such as 1h, 24h or 7d")
+                    .map_err(|source| QueryError::Window {
+                        window: w.clone(),
+                        source,
                     })?
                     .0
             }
         };
         if w.is_zero() {
-            return Err("window must be longer than 0".into());
+            return Err(QueryError::EmptyWindow);
         }
         Ok(w.min(retention.max(Duration::from_secs(3600))))
+    }
+
+    /// [`TargetQuery::target`] and [`TargetQuery::window`], for the pages that need both.
+    pub fn target_and_window(
+        &self,
+        retention: Duration,
+    ) -> Result<((String, String), Duration), QueryError> {
+        Ok((self.target()?, self.window(retention)?))
     }
 }
 
@@ -101,7 +129,7 @@ pub fn load(
     snapshot: &Snapshot,
     key: &(String, String),
     window: Duration,
-) -> Result<Option<TargetHistory>, String> {
+) -> Result<Option<TargetHistory>, HistoryUnreadable> {
     let now = now_ms();
     let store = app.outputs.store();
     let longest = WINDOWS
@@ -110,9 +138,7 @@ pub fn load(
         .max()
         .unwrap_or(window)
         .max(window);
-    let changes = store
-        .state_changes(&key.0, &key.1, now - longest.as_millis() as i64)
-        .map_err(|e| format!("cannot read the history: {e}"))?;
+    let changes = store.state_changes(&key.0, &key.1, now - longest.as_millis() as i64)?;
     let state = current_state(snapshot, key);
     if state.is_none() && changes.is_empty() {
         return Ok(None);
@@ -125,12 +151,9 @@ pub fn load(
             (*name, durations, durations.uptime())
         })
         .collect();
-    let events = store
-        .events(&key.0, &key.1, EVENTS_SHOWN)
-        .map_err(|e| format!("cannot read the history: {e}"))?;
-    let mut latency: BTreeMap<String, Vec<StoredBucket>> = store
-        .latency(&key.0, &key.1, from(window))
-        .map_err(|e| format!("cannot read the history: {e}"))?;
+    let events = store.events(&key.0, &key.1, EVENTS_SHOWN)?;
+    let mut latency: BTreeMap<String, Vec<StoredBucket>> =
+        store.latency(&key.0, &key.1, from(window))?;
     // The minute in progress is in memory only.
     if let Some(entry) = snapshot.entries.get(key) {
         for (agent, view) in &entry.views {
@@ -186,9 +209,9 @@ pub async fn handler(
     Query(q): Query<TargetQuery>,
 ) -> (StatusCode, Json<Value>) {
     let retention = app.hub.config().history.retention;
-    let (key, window) = match q.target().and_then(|k| Ok((k, q.window(retention)?))) {
+    let (key, window) = match q.target_and_window(retention) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_data", e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_data", e.to_string()),
     };
     let snapshot = app.hub.snapshot().await;
     let found = {
@@ -209,7 +232,7 @@ pub async fn handler(
                 key.0, key.1
             ),
         ),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

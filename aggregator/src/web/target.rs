@@ -18,9 +18,9 @@ pub async fn page(
     Query(q): Query<TargetQuery>,
 ) -> (StatusCode, Html<String>) {
     let retention = app.hub.config().history.retention;
-    let (key, window) = match q.target().and_then(|k| Ok((k, q.window(retention)?))) {
+    let (key, window) = match q.target_and_window(retention) {
         Ok(v) => v,
-        Err(e) => return (StatusCode::BAD_REQUEST, Html(message(&app, &e))),
+        Err(e) => return (StatusCode::BAD_REQUEST, Html(message(&app, &e.to_string()))),
     };
     let snapshot = app.hub.snapshot().await;
     let loaded = {
@@ -39,7 +39,10 @@ pub async fn page(
                 ),
             )),
         ),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, Html(message(&app, &e))),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Html(message(&app, &e.to_string())),
+        ),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Html(message(&app, &e.to_string())),

@@ -20,6 +20,7 @@
 //! Run `agent-bench --help` for the options; docs/benchmarks.md has the figures and the
 //! exact commands.
 
+use anyhow::{Context, anyhow};
 use clap::Parser;
 use sonde_proto::config::PromDuration;
 use sonde_tests::procfs::{
@@ -131,12 +132,12 @@ http {{
     )
 }
 
-fn find_bin(given: Option<&Path>, name: &str) -> Result<PathBuf, String> {
+fn find_bin(given: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         return if path.is_file() {
             Ok(path.to_path_buf())
         } else {
-            Err(format!("{}: no such file", path.display()))
+            Err(anyhow!("{}: no such file", path.display()))
         };
     }
     let beside = std::env::current_exe()
@@ -150,7 +151,7 @@ fn find_bin(given: Option<&Path>, name: &str) -> Result<PathBuf, String> {
             return Ok(candidate);
         }
     }
-    Err(format!(
+    Err(anyhow!(
         "no {name} binary next to agent-bench nor at {}; build it with `cargo build --release -p sonde-agent -p sonde-aggregator`",
         release.display()
     ))
@@ -167,9 +168,9 @@ struct Cpu {
     threads: BTreeMap<String, f64>,
 }
 
-fn cpu(pid: u32, ticks: f64) -> Result<Cpu, String> {
+fn cpu(pid: u32, ticks: f64) -> anyhow::Result<Cpu> {
     let (_, process) = stat_ticks(Path::new(&format!("/proc/{pid}/stat")))
-        .ok_or_else(|| format!("cannot read /proc/{pid}/stat"))?;
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let mut threads = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in dir.flatten() {
@@ -200,9 +201,9 @@ struct Scrape {
 }
 
 impl Scrape {
-    fn read(web: &str) -> Result<Self, String> {
+    fn read(web: &str) -> anyhow::Result<Self> {
         let before = Instant::now();
-        let text = metrics_page(web)?;
+        let text = metrics_page(web).map_err(anyhow::Error::msg)?;
         let after = Instant::now();
         let mut scrape = Scrape {
             at: Some(before + (after - before) / 2),
@@ -297,18 +298,18 @@ fn wait_for<T>(
     what: &str,
     timeout: Duration,
     processes: &mut [&mut Process],
-    mut check: impl FnMut() -> Result<T, String>,
-) -> Result<T, String> {
+    mut check: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         for p in processes.iter_mut() {
-            p.check_running()?;
+            p.check_running().map_err(anyhow::Error::msg)?;
         }
         match check() {
             Ok(v) => return Ok(v),
             Err(seen) if start.elapsed() > timeout => {
-                return Err(format!(
-                    "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
+                return Err(anyhow!(
+                    "timed out after {timeout:?} waiting for {what}; last seen: {seen:#}"
                 ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
@@ -485,14 +486,14 @@ impl Report {
     }
 }
 
-fn run(args: &Args) -> Result<Report, String> {
+fn run(args: &Args) -> anyhow::Result<Report> {
     let agent_bin = find_bin(args.agent.as_deref(), "sonde-agent")?;
     let aggregator_bin = find_bin(args.aggregator.as_deref(), "sonde-aggregator")?;
     let nginx_bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-        .ok_or("nginx not found; install the Debian package nginx-light")?;
+        .context("nginx not found; install the Debian package nginx-light")?;
     let interval = args.interval.0;
     let window_intervals = (args.duration.0.as_secs_f64() / interval.as_secs_f64())
         .ceil()
@@ -506,7 +507,7 @@ fn run(args: &Args) -> Result<Report, String> {
 
     let dir = std::env::temp_dir().join(format!("sonde-agent-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let _world = World {
         dir: dir.clone(),
         keep: args.keep,
@@ -515,9 +516,11 @@ fn run(args: &Args) -> Result<Report, String> {
     // nginx
     let nginx_port = free_port();
     let nginx_dir = dir.join("nginx");
-    std::fs::create_dir_all(&nginx_dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&nginx_dir)
+        .with_context(|| format!("create {}", nginx_dir.display()))?;
     let nginx_conf = nginx_dir.join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(&nginx_dir, nginx_port)).map_err(|e| e.to_string())?;
+    std::fs::write(&nginx_conf, nginx_config(&nginx_dir, nginx_port))
+        .with_context(|| format!("write {}", nginx_conf.display()))?;
     let mut cmd = Command::new(nginx_bin);
     cmd.arg("-c")
         .arg(&nginx_conf)
@@ -527,14 +530,15 @@ fn run(args: &Args) -> Result<Report, String> {
     let mut nginx = Process::start("nginx", cmd, &dir);
     let url = format!("http://127.0.0.1:{nginx_port}/?t=0");
     wait_for("nginx", Duration::from_secs(30), &mut [&mut nginx], || {
-        http_get_ok(&url).map(drop)
+        http_get_ok(&url).map(drop).map_err(anyhow::Error::msg)
     })?;
 
     // aggregator
     let agg_web = free_port();
     let agg_grpc = free_port();
     let agg_conf = dir.join("aggregator.yml");
-    std::fs::write(&agg_conf, aggregator_config(args, nginx_port)).map_err(|e| e.to_string())?;
+    std::fs::write(&agg_conf, aggregator_config(args, nginx_port))
+        .with_context(|| format!("write {}", agg_conf.display()))?;
     let mut cmd = Command::new(&aggregator_bin);
     cmd.arg(format!("--config.file={}", agg_conf.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{agg_web}"))
@@ -549,7 +553,11 @@ fn run(args: &Args) -> Result<Report, String> {
         "the aggregator",
         Duration::from_secs(120),
         &mut [&mut aggregator],
-        || http_get_ok(&format!("{agg_url}/-/ready")).map(drop),
+        || {
+            http_get_ok(&format!("{agg_url}/-/ready"))
+                .map(drop)
+                .map_err(anyhow::Error::msg)
+        },
     )?;
 
     // agent
@@ -559,7 +567,7 @@ fn run(args: &Args) -> Result<Report, String> {
         &agent_conf,
         agent_config(&format!("http://127.0.0.1:{agg_grpc}")),
     )
-    .map_err(|e| e.to_string())?;
+    .with_context(|| format!("write {}", agent_conf.display()))?;
     let mut cmd = Command::new(&agent_bin);
     cmd.arg(format!("--config.file={}", agent_conf.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{agent_web}"))
@@ -583,7 +591,7 @@ fn run(args: &Args) -> Result<Report, String> {
             let s = Scrape::read(&web)?;
             match s.get("sonde_agent_checks") {
                 Some(n) if n >= targets => Ok(()),
-                other => Err(format!("sonde_agent_checks {other:?}")),
+                other => Err(anyhow!("sonde_agent_checks {other:?}")),
             }
         },
     )?;
@@ -592,11 +600,11 @@ fn run(args: &Args) -> Result<Report, String> {
         args.targets
     );
     let sleep_checked =
-        |d: Duration, procs: &mut [&mut Process], fds: &mut usize| -> Result<(), String> {
+        |d: Duration, procs: &mut [&mut Process], fds: &mut usize| -> anyhow::Result<()> {
             let end = Instant::now() + d;
             while Instant::now() < end {
                 for p in procs.iter_mut() {
-                    p.check_running()?;
+                    p.check_running().map_err(anyhow::Error::msg)?;
                 }
                 *fds = (*fds).max(open_fds(pid));
                 std::thread::sleep(
@@ -628,7 +636,7 @@ fn run(args: &Args) -> Result<Report, String> {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
-                .map_err(|e| format!("cannot start perf: {e}"))?,
+                .context("cannot start perf")?,
         ),
         None => None,
     };
@@ -648,13 +656,13 @@ fn run(args: &Args) -> Result<Report, String> {
     let agg1 = cpu(aggregator.pid(), ticks)?.process;
     let measured = t0.elapsed().as_secs_f64();
     let last = Scrape::read(&web)?;
-    let peak_rss = status_bytes(pid, "VmHWM:")?;
-    let rss = status_bytes(pid, "VmRSS:")?;
-    let threads_count = status_value(pid, "Threads:")?;
+    let peak_rss = status_bytes(pid, "VmHWM:").map_err(anyhow::Error::msg)?;
+    let rss = status_bytes(pid, "VmRSS:").map_err(anyhow::Error::msg)?;
+    let threads_count = status_value(pid, "Threads:").map_err(anyhow::Error::msg)?;
 
     let delta =
         |name: &str| -> Option<f64> { Some(last.get(name)? - first.get(name).unwrap_or(0.0)) };
-    let probes = delta("sonde_agent_probes_total").ok_or("no sonde_agent_probes_total")?;
+    let probes = delta("sonde_agent_probes_total").context("no sonde_agent_probes_total")?;
     let between = match (first.at, last.at) {
         (Some(a), Some(b)) => (b - a).as_secs_f64(),
         _ => measured,
@@ -734,7 +742,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("agent-bench: {e}");
+            eprintln!("agent-bench: {e:#}");
             ExitCode::FAILURE
         }
     }

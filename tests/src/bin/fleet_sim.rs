@@ -17,6 +17,7 @@
 //! inserted in that phase. Run `fleet-sim --help` for the options; docs/benchmarks.md
 //! has the figures and the exact commands.
 
+use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Full};
@@ -40,9 +41,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 /// Unacked results a real agent holds in flight before it stops sending
-/// (`IN_FLIGHT_MAX` in agent/src/uplink.rs); the simulated agents wait the same way.
+/// (`IN_FLIGHT_MAX` in agent/src/uplink/mod.rs); the simulated agents wait the same way.
 const IN_FLIGHT_MAX: usize = 20_000;
-/// The real agent's heartbeat period (`HEARTBEAT_EVERY` in agent/src/uplink.rs).
+/// The real agent's heartbeat period (`HEARTBEAT_EVERY` in agent/src/uplink/mod.rs).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// The aggregator's default `fleet.limits` this load must fit, or the generated config
 /// raises them (and the report says so).
@@ -139,7 +140,7 @@ struct Load {
 }
 
 impl Load {
-    fn from_args(args: &Args) -> Result<Self, String> {
+    fn from_args(args: &Args) -> anyhow::Result<Self> {
         let (agents, targets, jobs, interval, duration) = match args.preset {
             None => (10, 1000, 1, 5, 30),
             Some(Preset::Goal) => (1000, 1000, 1, 60, 180),
@@ -159,22 +160,25 @@ impl Load {
             flush: args.flush.0,
         };
         if load.agents == 0 || load.targets == 0 || load.samples == 0 {
-            return Err("--agents, --targets and --samples must be at least 1".into());
+            return Err(anyhow!(
+                "--agents, --targets and --samples must be at least 1"
+            ));
         }
         if load.jobs == 0 || load.jobs > load.targets {
-            return Err(format!(
+            return Err(anyhow!(
                 "--jobs {} must be between 1 and the number of targets ({})",
-                load.jobs, load.targets
+                load.jobs,
+                load.targets
             ));
         }
         if load.interval < Duration::from_millis(100) {
-            return Err("--interval must be at least 100ms".into());
+            return Err(anyhow!("--interval must be at least 100ms"));
         }
         if load.flush.is_zero() || load.flush > load.interval {
-            return Err("--flush must be above 0 and at most --interval".into());
+            return Err(anyhow!("--flush must be above 0 and at most --interval"));
         }
         if load.duration < 2 * load.interval.min(Duration::from_secs(5)) {
-            return Err(format!(
+            return Err(anyhow!(
                 "--duration {:?} is too short: give at least two intervals (or 10s)",
                 load.duration
             ));
@@ -490,11 +494,11 @@ fn agent_id(agent: usize) -> String {
 impl GrpcAgent {
     /// Connects, says Hello and waits for the first Assignment (without reading it: the
     /// simulator knows the targets from the config it wrote).
-    async fn connect(grpc: &str, agent: usize, shapes: &[Shape]) -> Result<Self, String> {
+    async fn connect(grpc: &str, agent: usize, shapes: &[Shape]) -> anyhow::Result<Self> {
         let id = agent_id(agent);
         let mut client = FleetClient::connect(grpc.to_string())
             .await
-            .map_err(|e| format!("{id}: cannot connect to the aggregator at {grpc}: {e}"))?
+            .with_context(|| format!("{id}: cannot connect to the aggregator at {grpc}"))?
             // An assignment lists every target of the agent; the agent accepts 64 MiB.
             .max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(64);
@@ -502,20 +506,20 @@ impl GrpcAgent {
             msg: Some(agent_message::Msg::Hello(hello(&id))),
         })
         .await
-        .map_err(|_| format!("{id}: stream closed before Hello"))?;
+        .map_err(|_| anyhow!("{id}: stream closed before Hello"))?;
         let mut inbound = client
             .session(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| format!("{id}: the aggregator refused the stream: {s}"))?
+            .with_context(|| format!("{id}: the aggregator refused the stream"))?
             .into_inner();
         match tokio::time::timeout(WAIT_START, inbound.message()).await {
             Ok(Ok(Some(AggregatorMessage {
                 msg: Some(aggregator_message::Msg::Assignment(_)),
             }))) => {}
             Ok(other) => {
-                return Err(format!("{id}: expected an Assignment first, got {other:?}"));
+                return Err(anyhow!("{id}: expected an Assignment first, got {other:?}"));
             }
-            Err(_) => return Err(format!("{id}: no Assignment within {WAIT_START:?}")),
+            Err(_) => return Err(anyhow!("{id}: no Assignment within {WAIT_START:?}")),
         }
         let window = Arc::new(AckWindow::default());
         window.assignments.fetch_add(1, Ordering::Relaxed);
@@ -692,7 +696,7 @@ struct RemoteWriteAgent {
 }
 
 impl RemoteWriteAgent {
-    async fn connect(address: &str, agent: usize) -> Result<Self, String> {
+    async fn connect(address: &str, agent: usize) -> anyhow::Result<Self> {
         Ok(Self {
             id: agent_id(agent),
             address: address.to_string(),
@@ -702,14 +706,14 @@ impl RemoteWriteAgent {
 
     async fn open(
         address: &str,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
         let tcp = tokio::net::TcpStream::connect(address)
             .await
-            .map_err(|e| format!("cannot connect to vmagent at {address}: {e}"))?;
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+            .with_context(|| format!("cannot connect to vmagent at {address}"))?;
+        tcp.set_nodelay(true)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| format!("HTTP handshake with vmagent at {address}: {e}"))?;
+            .with_context(|| format!("HTTP handshake with vmagent at {address}"))?;
         tokio::spawn(connection);
         Ok(sender)
     }
@@ -779,40 +783,37 @@ impl RemoteWriteAgent {
             }
             Err(e) => {
                 if stats.errors.len() < 5 {
-                    stats.errors.push(e);
+                    stats.errors.push(format!("{e:#}"));
                 }
             }
         }
     }
 
-    async fn post(&mut self, body: Bytes) -> Result<(), String> {
+    async fn post(&mut self, body: Bytes) -> anyhow::Result<()> {
         let request = http::Request::post("/api/v1/write")
             .header("Host", &self.address)
             .header("Content-Type", "application/x-protobuf")
             .header("Content-Encoding", "snappy")
             .header("X-Prometheus-Remote-Write-Version", "0.1.0")
             .body(Full::new(body))
-            .map_err(|e| format!("building the request: {e}"))?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| format!("connection to vmagent: {e}"))?;
+            .context("building the request")?;
+        self.sender.ready().await.context("connection to vmagent")?;
         let response = self
             .sender
             .send_request(request)
             .await
-            .map_err(|e| format!("POST to vmagent: {e}"))?;
+            .context("POST to vmagent")?;
         let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| format!("reading vmagent's answer: {e}"))?
+            .context("reading vmagent's answer")?
             .to_bytes();
         if status.is_success() {
             Ok(())
         } else {
-            Err(format!(
+            Err(anyhow!(
                 "vmagent answered {status}: {}",
                 String::from_utf8_lossy(&body)
             ))
@@ -859,8 +860,11 @@ async fn drive(plan: Arc<Plan>, agent: usize, mut link: Link) -> AgentStats {
 
 /// utime + stime of a process, in seconds.
 /// (VmHWM, VmRSS) of a process, in bytes.
-fn memory(pid: u32) -> Result<(u64, u64), String> {
-    Ok((status_bytes(pid, "VmHWM:")?, status_bytes(pid, "VmRSS:")?))
+fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
+    Ok((
+        status_bytes(pid, "VmHWM:").map_err(anyhow::Error::msg)?,
+        status_bytes(pid, "VmRSS:").map_err(anyhow::Error::msg)?,
+    ))
 }
 
 /// `sonde_results_refused_total` over every agent and reason (0 before any refusal,
@@ -873,14 +877,14 @@ fn refused_results(samples: &[sonde_tests::MetricSample]) -> f64 {
         + 0.0
 }
 
-fn vm_rows(vm: &str) -> Result<f64, String> {
-    metric_sum(vm, "vm_rows_inserted_total", &[])
+fn vm_rows(vm: &str) -> anyhow::Result<f64> {
+    metric_sum(vm, "vm_rows_inserted_total", &[]).map_err(anyhow::Error::msg)
 }
 
 /// Waits until VictoriaMetrics's inserted-rows count has not moved for `quiet`
 /// (bounded); returns the count. Only for phases after the aggregator has stopped: a
 /// running aggregator rewrites `up` and its own series every few seconds.
-fn settle(vm: &str, quiet: Duration) -> Result<f64, String> {
+fn settle(vm: &str, quiet: Duration) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut last = vm_rows(vm)?;
     let mut since = Instant::now();
@@ -894,7 +898,7 @@ fn settle(vm: &str, quiet: Duration) -> Result<f64, String> {
             return Ok(now);
         }
         if Instant::now() > deadline {
-            return Err(format!(
+            return Err(anyhow!(
                 "VictoriaMetrics at {vm} kept inserting rows for 300s after the phase"
             ));
         }
@@ -913,7 +917,7 @@ fn drain_aggregator(
     vm: &str,
     rows_before: f64,
     phase: Duration,
-) -> Result<Vec<sonde_tests::MetricSample>, String> {
+) -> anyhow::Result<Vec<sonde_tests::MetricSample>> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let step = Duration::from_millis(500);
     let mut last = vm_rows(vm)?;
@@ -927,17 +931,17 @@ fn drain_aggregator(
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!(
+            return Err(anyhow!(
                 "VictoriaMetrics still took {delta} rows per 500 ms from the aggregator 300s after the phase"
             ));
         }
     }
     loop {
-        let page = metrics_page(web)?;
+        let page = metrics_page(web).map_err(anyhow::Error::msg)?;
         let samples = sonde_tests::parse_metrics(&page);
         let queued = sonde_tests::find_samples(&samples, "sonde_remote_write_queue_samples", &[]);
         if queued.is_empty() {
-            return Err(format!(
+            return Err(anyhow!(
                 "sonde_remote_write_queue_samples is not on {web}/metrics: cannot tell when remote write is done"
             ));
         }
@@ -945,7 +949,7 @@ fn drain_aggregator(
             return Ok(samples);
         }
         if Instant::now() > deadline {
-            return Err(format!(
+            return Err(anyhow!(
                 "the aggregator's remote-write queue still held samples 300s after the phase ({web}/metrics)"
             ));
         }
@@ -953,15 +957,15 @@ fn drain_aggregator(
     }
 }
 
-fn wait_healthy(what: &str, url: &str, process: &mut Process) -> Result<(), String> {
+fn wait_healthy(what: &str, url: &str, process: &mut Process) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         if http_get_ok(url).is_ok() {
             return Ok(());
         }
-        process.check_running()?;
+        process.check_running().map_err(anyhow::Error::msg)?;
         if start.elapsed() > WAIT_START {
-            return Err(format!(
+            return Err(anyhow!(
                 "{what} not healthy at {url} after {WAIT_START:?}\n{}",
                 process.log_tail()
             ));
@@ -1045,11 +1049,11 @@ async fn run_agents<F, Fut>(
     connect: F,
     vm: &str,
     detect_up: bool,
-    before_start: impl FnOnce() -> Result<(), String>,
-) -> Result<(Vec<AgentStats>, Arc<Plan>, Option<f64>, f64), String>
+    before_start: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<(Vec<AgentStats>, Arc<Plan>, Option<f64>, f64)>
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<Link, String>> + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<Link>> + 'static,
 {
     let mut links = Vec::with_capacity(load.agents);
     // A few at a time: a thousand simultaneous handshakes are not what is measured.
@@ -1063,7 +1067,7 @@ where
         next = upto;
     }
     if links.len() != load.agents {
-        return Err(format!(
+        return Err(anyhow!(
             "only {} of {} agents could connect",
             links.len(),
             load.agents
@@ -1088,10 +1092,7 @@ where
         .collect();
     let mut stats = Vec::with_capacity(tasks.len());
     for task in tasks {
-        stats.push(
-            task.await
-                .map_err(|e| format!("an agent task failed: {e}"))?,
-        );
+        stats.push(task.await.context("an agent task failed")?);
     }
     let elapsed = wall_start.elapsed().as_secs_f64();
     let detection = match detector {
@@ -1241,12 +1242,12 @@ impl Drop for World {
     }
 }
 
-fn find_aggregator(given: Option<&Path>) -> Result<PathBuf, String> {
+fn find_aggregator(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         return if path.is_file() {
             Ok(path.to_path_buf())
         } else {
-            Err(format!("--aggregator {}: no such file", path.display()))
+            Err(anyhow!("--aggregator {}: no such file", path.display()))
         };
     }
     let beside = std::env::current_exe()
@@ -1258,24 +1259,24 @@ fn find_aggregator(given: Option<&Path>) -> Result<PathBuf, String> {
             return Ok(candidate);
         }
     }
-    Err(format!(
+    Err(anyhow!(
         "no sonde-aggregator binary next to fleet-sim nor at {}; build it with `cargo build --release -p sonde-aggregator` or pass --aggregator PATH",
         release.display()
     ))
 }
 
-fn require(path: &Path, package: &str) -> Result<(), String> {
+fn require(path: &Path, package: &str) -> anyhow::Result<()> {
     if path.is_file() {
         Ok(())
     } else {
-        Err(format!(
+        Err(anyhow!(
             "{} not found; install the Debian package {package} or pass its path",
             path.display()
         ))
     }
 }
 
-fn run(args: Args) -> Result<Report, String> {
+fn run(args: Args) -> anyhow::Result<Report> {
     let load = Load::from_args(&args)?;
     let aggregator_bin = find_aggregator(args.aggregator.as_deref())?;
     require(&args.victoria_metrics, "victoria-metrics")?;
@@ -1283,7 +1284,7 @@ fn run(args: Args) -> Result<Report, String> {
         require(&args.vmagent, "vmagent")?;
     }
     let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let world = World {
         dir: dir.clone(),
         keep: args.keep,
@@ -1312,7 +1313,7 @@ fn run(args: Args) -> Result<Report, String> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
+        .context("tokio runtime")?;
     let local = tokio::task::LocalSet::new();
 
     // Phase 1: the aggregator.
@@ -1320,7 +1321,7 @@ fn run(args: Args) -> Result<Report, String> {
     let (config, raised) = aggregator_config(&load, &targets, &vm);
     let config_path = dir.join("aggregator.yml");
     std::fs::write(&config_path, config)
-        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     let web_port = free_port();
     let grpc_port = free_port();
     let mut cmd = Command::new(&aggregator_bin);
@@ -1371,7 +1372,7 @@ fn run(args: Args) -> Result<Report, String> {
             &vm,
             true,
             || {
-                cpu_before.set(cpu_seconds(pid, world.ticks)?);
+                cpu_before.set(cpu_seconds(pid, world.ticks).map_err(anyhow::Error::msg)?);
                 rows_before.set(vm_rows(&vm)?);
                 if let Some(path) = &args.perf {
                     perf = Some(
@@ -1382,7 +1383,7 @@ fn run(args: Args) -> Result<Report, String> {
                             .stdout(std::process::Stdio::null())
                             .stderr(std::process::Stdio::null())
                             .spawn()
-                            .map_err(|e| format!("cannot run perf: {e}"))?,
+                            .context("cannot run perf")?,
                     );
                 }
                 eprintln!(
@@ -1403,9 +1404,9 @@ fn run(args: Args) -> Result<Report, String> {
     let (hwm, rss) = memory(pid)?;
     let page = drain_aggregator(&web, &vm, rows_before.get(), load.duration)?;
     let rows_after = vm_rows(&vm)?;
-    let cpu_after = cpu_seconds(pid, world.ticks)?;
+    let cpu_after = cpu_seconds(pid, world.ticks).map_err(anyhow::Error::msg)?;
     let refused = refused_results(&page);
-    aggregator.check_running()?;
+    aggregator.check_running().map_err(anyhow::Error::msg)?;
     let mut phase1 = summarize("sonde-aggregator", &stats, &plan, elapsed);
     phase1.rows_inserted = rows_after - rows_before.get();
     phase1.cpu_s = cpu_after - cpu_before.get();
@@ -1453,7 +1454,7 @@ fn run(args: Args) -> Result<Report, String> {
                 &vm,
                 false,
                 || {
-                    cpu_before.set(cpu_seconds(pid, world.ticks)?);
+                    cpu_before.set(cpu_seconds(pid, world.ticks).map_err(anyhow::Error::msg)?);
                     eprintln!("fleet-sim: anchor phase starts (vmagent pid {pid})");
                     Ok(())
                 },
@@ -1462,8 +1463,8 @@ fn run(args: Args) -> Result<Report, String> {
         })?;
         let (hwm, rss) = memory(pid)?;
         let rows_after = settle(&vm, SETTLE_QUIET)?;
-        let cpu_after = cpu_seconds(pid, world.ticks)?;
-        vmagent.check_running()?;
+        let cpu_after = cpu_seconds(pid, world.ticks).map_err(anyhow::Error::msg)?;
+        vmagent.check_running().map_err(anyhow::Error::msg)?;
         let mut phase2 = summarize("vmagent (anchor)", &stats, &plan, elapsed);
         phase2.rows_inserted = rows_after - rows_before;
         phase2.cpu_s = cpu_after - cpu_before.get();
@@ -1472,7 +1473,7 @@ fn run(args: Args) -> Result<Report, String> {
         vmagent.terminate(Duration::from_secs(30));
         Some(phase2)
     };
-    vm_process.check_running()?;
+    vm_process.check_running().map_err(anyhow::Error::msg)?;
     Ok(Report {
         load,
         raised,
@@ -1773,7 +1774,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("fleet-sim: {e}");
+            eprintln!("fleet-sim: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -59,20 +59,19 @@ pub async fn probe(
     out: &mut Samples,
 ) -> Result<(), Failure> {
     let cfg = &module.http;
-    for phase in ["resolve", "connect", "tls", "processing", "transfer"] {
-        out.add_with(DURATION, &[("phase", phase)], 0.0);
-    }
-    for name in [
-        "probe_http_content_length",
-        "probe_http_uncompressed_body_length",
-        "probe_http_redirects",
-        "probe_http_ssl",
-        "probe_http_status_code",
-        "probe_http_version",
-        "probe_failed_due_to_regex",
-    ] {
-        out.set(name, 0.0);
-    }
+    out.register(
+        DURATION,
+        &["resolve", "connect", "tls", "processing", "transfer"],
+        &[
+            "probe_http_content_length",
+            "probe_http_uncompressed_body_length",
+            "probe_http_redirects",
+            "probe_http_ssl",
+            "probe_http_status_code",
+            "probe_http_version",
+            "probe_failed_due_to_regex",
+        ],
+    );
 
     let url = target_url(target).because(Reason::Config)?;
     let host = url_host(&url).because(Reason::Config)?;

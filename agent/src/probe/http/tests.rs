@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::probe::test_support::{
-    LEAF_NOT_AFTER, TestPki, ca_file, ctx, labelled, module, sample, test_pki, tls_server,
+    LEAF_NOT_AFTER, TestPki, assert_handshake_samples, ca_file, ctx, labelled, module, phase_of,
+    sample, test_pki, tls_server,
 };
 use crate::probe::tls_samples::GO_ZERO_TIME;
 use crate::probe::{Reason, run};
@@ -188,13 +189,12 @@ async fn https_server_with(pki: &TestPki, alpn: &[&[u8]]) -> SocketAddr {
 }
 
 fn phase(o: &crate::probe::ProbeOutcome, name: &str) -> f64 {
-    let found: Vec<f64> = labelled(o, DURATION)
-        .into_iter()
-        .filter(|(l, _)| l == &vec![("phase", name.to_string())])
-        .map(|(_, v)| v)
-        .collect();
-    assert_eq!(found.len(), 1, "one {name} phase sample");
-    found[0]
+    phase_of(o, DURATION, name)
+}
+
+/// A probe of `target` with the default http module.
+async fn probe_default(target: &str) -> crate::probe::ProbeOutcome {
+    run(&ctx(), target, &module(Prober::Http), TIMEOUT).await
 }
 
 fn http_module(json: serde_json::Value) -> Module {
@@ -204,13 +204,7 @@ fn http_module(json: serde_json::Value) -> Module {
 #[tokio::test]
 async fn probe_http_200_reports_the_response() {
     let addr = http_server().await;
-    let o = run(
-        &ctx(),
-        &format!("http://{addr}/ok"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://{addr}/ok")).await;
     assert!(o.success, "{:?}", o.failure);
     assert_eq!(sample(&o, "probe_http_status_code"), Some(200.0));
     assert_eq!(sample(&o, "probe_http_content_length"), Some(11.0));
@@ -240,13 +234,7 @@ async fn probe_http_200_reports_the_response() {
 #[tokio::test]
 async fn probe_http_target_without_scheme_gets_http() {
     let addr = http_server().await;
-    let o = run(
-        &ctx(),
-        &format!("{addr}/ok"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("{addr}/ok")).await;
     assert!(o.success, "{:?}", o.failure);
     assert_eq!(sample(&o, "probe_http_status_code"), Some(200.0));
 }
@@ -255,7 +243,7 @@ async fn probe_http_target_without_scheme_gets_http() {
 async fn probe_http_404_and_valid_status_codes() {
     let addr = http_server().await;
     let target = format!("http://{addr}/404");
-    let o = run(&ctx(), &target, &module(Prober::Http), TIMEOUT).await;
+    let o = probe_default(&target).await;
     assert!(!o.success);
     assert_eq!(o.failure.as_deref(), Some("http status 404 is not 2xx"));
     assert_eq!(sample(&o, "probe_http_status_code"), Some(404.0));
@@ -276,7 +264,7 @@ async fn probe_http_404_and_valid_status_codes() {
 async fn probe_http_follows_redirects() {
     let addr = http_server().await;
     let target = format!("http://{addr}/redirect");
-    let o = run(&ctx(), &target, &module(Prober::Http), TIMEOUT).await;
+    let o = probe_default(&target).await;
     assert!(o.success, "{:?}", o.failure);
     assert_eq!(sample(&o, "probe_http_redirects"), Some(1.0));
     assert_eq!(sample(&o, "probe_http_status_code"), Some(200.0));
@@ -286,13 +274,7 @@ async fn probe_http_follows_redirects() {
     );
 
     // A chain of exactly 10 is followed; blackbox_exporter counts each.
-    let o = run(
-        &ctx(),
-        &format!("http://{addr}/chain/10"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://{addr}/chain/10")).await;
     assert!(o.success, "{:?}", o.failure);
     assert_eq!(sample(&o, "probe_http_redirects"), Some(10.0));
 }
@@ -300,13 +282,7 @@ async fn probe_http_follows_redirects() {
 #[tokio::test]
 async fn probe_http_redirect_loop_stops_after_ten() {
     let addr = http_server().await;
-    let o = run(
-        &ctx(),
-        &format!("http://{addr}/loop"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://{addr}/loop")).await;
     assert!(!o.success);
     assert_eq!(sample(&o, "probe_http_redirects"), Some(11.0));
     assert_eq!(sample(&o, "probe_http_status_code"), Some(302.0));
@@ -349,13 +325,7 @@ async fn probe_http_absolute_redirect_resolves_the_new_host() {
 #[tokio::test]
 async fn probe_http_redirect_to_another_scheme_fails() {
     let addr = http_server().await;
-    let o = run(
-        &ctx(),
-        &format!("http://{addr}/ftp"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://{addr}/ftp")).await;
     assert!(!o.success);
     assert!(
         o.failure
@@ -457,13 +427,7 @@ async fn probe_http_body_size_limit() {
         Some(1024.0)
     );
     assert_eq!(sample(&o, "probe_http_status_code"), Some(200.0));
-    let o = run(
-        &ctx(),
-        &format!("http://{addr}/big"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://{addr}/big")).await;
     assert!(o.success, "{:?}", o.failure);
     assert_eq!(
         sample(&o, "probe_http_uncompressed_body_length"),
@@ -498,13 +462,7 @@ async fn probe_http_closed_port() {
         .local_addr()
         .unwrap()
         .port();
-    let o = run(
-        &ctx(),
-        &format!("http://127.0.0.1:{port}/"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://127.0.0.1:{port}/")).await;
     assert_eq!(o.failure.as_deref(), Some("connect: connection refused"));
     assert_eq!(sample(&o, "probe_http_status_code"), Some(0.0));
 }
@@ -528,13 +486,7 @@ async fn probe_http_hostile_servers_fail_cleanly() {
                 let _ = s.write_all(&reply).await;
             }
         });
-        let o = run(
-            &ctx(),
-            &format!("http://{addr}/"),
-            &module(Prober::Http),
-            TIMEOUT,
-        )
-        .await;
+        let o = probe_default(&format!("http://{addr}/")).await;
         assert!(!o.success, "{:?}", o.samples);
         assert!(o.failure.is_some());
     }
@@ -552,13 +504,7 @@ async fn probe_http_bad_targets_fail_cleanly() {
 #[tokio::test]
 async fn probe_https_strict_fails_on_a_self_signed_certificate() {
     let addr = https_server(&[b"http/1.1"]).await;
-    let o = run(
-        &ctx(),
-        &format!("https://{addr}/ok"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("https://{addr}/ok")).await;
     assert!(!o.success);
     assert!(
         o.failure
@@ -578,18 +524,7 @@ async fn probe_https_insecure_skip_verify_reports_tls() {
     assert!(o.success, "{:?}", o.failure);
     assert_eq!(sample(&o, "probe_http_ssl"), Some(1.0));
     assert_eq!(sample(&o, "probe_http_version"), Some(1.1));
-    assert_eq!(
-        sample(&o, "probe_ssl_earliest_cert_expiry"),
-        Some(LEAF_NOT_AFTER)
-    );
-    assert_eq!(
-        sample(&o, "probe_ssl_last_chain_expiry_timestamp_seconds"),
-        Some(GO_ZERO_TIME)
-    );
-    assert_eq!(
-        labelled(&o, "probe_tls_version_info"),
-        vec![(vec![("version", "TLS 1.3".to_string())], 1.0)]
-    );
+    assert_handshake_samples(&o, GO_ZERO_TIME);
     let cipher = labelled(&o, "probe_tls_cipher_info");
     assert_eq!(cipher.len(), 1);
     assert!(
@@ -717,7 +652,7 @@ async fn probe_http_header_regexes() {
 async fn probe_http_credentials_on_every_hop() {
     let addr = http_server().await;
     let target = format!("http://{addr}/private-redirect");
-    let o = run(&ctx(), &target, &module(Prober::Http), TIMEOUT).await;
+    let o = probe_default(&target).await;
     assert_eq!(sample(&o, "probe_http_status_code"), Some(401.0));
     let m =
         http_module(serde_json::json!({"basic_auth": {"username": "user", "password": "s3cr3t"}}));
@@ -900,13 +835,7 @@ async fn probe_http_through_a_proxy() {
 #[tokio::test]
 async fn probe_https_untrusted_still_reports_expiry_and_reason() {
     let addr = https_server(&[b"http/1.1"]).await;
-    let o = run(
-        &ctx(),
-        &format!("https://{addr}/ok"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("https://{addr}/ok")).await;
     assert_eq!(o.failure_reason, Some(Reason::Tls));
     assert_eq!(
         sample(&o, "probe_ssl_earliest_cert_expiry"),
@@ -959,13 +888,7 @@ async fn probe_http_failure_reasons() {
             vec![(vec![("reason", reason.as_str().to_string())], 1.0)]
         );
     }
-    let o = run(
-        &ctx(),
-        &format!("http://{addr}/ok"),
-        &module(Prober::Http),
-        TIMEOUT,
-    )
-    .await;
+    let o = probe_default(&format!("http://{addr}/ok")).await;
     assert!(labelled(&o, "probe_failure_info").is_empty());
     let o = run(
         &ctx(),

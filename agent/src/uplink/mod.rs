@@ -23,27 +23,41 @@
 //! backoff, so an aggregator that accepts streams and then ends them at once
 //! (overloaded, storage failing) is not hammered in a tight loop.
 
-use crate::assigned::{FilePolicy, Refusal, check_timing};
+//!
+//! Here the stream itself and its reconnects; `symbols.rs` builds the batches,
+//! `assignment.rs` judges and applies what the aggregator assigns, `connect.rs` opens the
+//! channel.
+
+mod assignment;
+mod connect;
+mod symbols;
+
+pub use connect::ConnectError;
+pub use symbols::{
+    MAX_BATCH_SAMPLES, MAX_SYMBOL_BYTES, MAX_TABLE_BYTES, MAX_TABLE_SYMBOLS, SYMBOL_OVERHEAD,
+};
+
+use crate::assigned::FilePolicy;
 use crate::buffer::Buffer;
 use crate::config::AggregatorEndpoint;
 use crate::metrics::AgentMetrics;
-use crate::record::ProbeRecord;
-use crate::schedule::{CheckSpec, Scheduler, Source};
-use prost::Message;
+use crate::schedule::Scheduler;
+use connect::{connect, describe_status};
 use rand::Rng;
 use sonde_proto::assignment::cut;
-use sonde_proto::assignment::{Assembled, Assembler, Bounds, Step};
-use sonde_proto::config::{Labels, Module};
+use sonde_proto::assignment::{Assembler, Bounds, Step};
+use sonde_proto::config::Labels;
 use sonde_proto::pb::{
     self, AgentMessage, AggregatorMessage, agent_message, aggregator_message,
     fleet_client::FleetClient,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use symbols::{Built, Symbols};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
 
 /// Results per batch on the wire.
 const BATCH_MAX: usize = 500;
@@ -72,17 +86,6 @@ pub const ASSIGNMENT_BOUNDS: Bounds = Bounds {
 };
 /// What one `ResultBatch` may take, leaving room for the message's own framing.
 const BATCH_BUDGET: usize = MAX_ENCODE_BYTES - (64 << 10);
-/// The longest symbol (label value, metric or label name) the aggregator accepts.
-pub const MAX_SYMBOL_BYTES: usize = 16 << 10;
-/// The aggregator's default bound on the bytes of one stream's symbol table.
-pub const MAX_TABLE_BYTES: usize = 8 << 20;
-/// The aggregator's bound on the number of symbols of one stream.
-pub const MAX_TABLE_SYMBOLS: usize = 1 << 20;
-/// What the aggregator counts for each symbol beyond its bytes (its slot and header),
-/// so that both sides agree on a table's size.
-pub const SYMBOL_OVERHEAD: usize = 40;
-/// Samples in one batch: half the aggregator's default `max_samples_per_batch`.
-pub const MAX_BATCH_SAMPLES: usize = 5_000;
 /// How long a stream whose symbol table is full waits for the acks of what it sent
 /// before it ends anyway (what is unacked is replayed on the next stream).
 const ROTATE_WAIT: Duration = Duration::from_secs(30);
@@ -128,27 +131,27 @@ impl Uplink {
                     if lived >= STABLE_AFTER {
                         backoff.reset();
                     }
-                    let delay = backoff.next(end.refused, &mut rand::rng());
-                    if end.refused {
-                        tracing::warn!(aggregator = %address, reason = %end.message, retry_in = ?delay, "the aggregator refused this agent and ended its stream");
+                    let delay = backoff.next(end.refused(), &mut rand::rng());
+                    if end.refused() {
+                        tracing::warn!(aggregator = %address, reason = %end, retry_in = ?delay, "the aggregator refused this agent and ended its stream");
                     } else {
-                        tracing::warn!(aggregator = %address, error = %end.message, lived = ?lived, retry_in = ?delay, "stream to the aggregator ended; reconnecting");
+                        tracing::warn!(aggregator = %address, error = %end, lived = ?lived, retry_in = ?delay, "stream to the aggregator ended; reconnecting");
                     }
                     self.metrics.uplink(&address, |u| {
                         u.disconnects += 1;
-                        u.last_error = Some(end.message);
+                        u.last_error = Some(end.to_string());
                     });
                     delay
                 }
                 Err(end) => {
-                    let delay = backoff.next(end.refused, &mut rand::rng());
-                    if end.refused {
-                        tracing::warn!(aggregator = %address, reason = %end.message, retry_in = ?delay, "the aggregator refused this agent");
+                    let delay = backoff.next(end.refused(), &mut rand::rng());
+                    if end.refused() {
+                        tracing::warn!(aggregator = %address, reason = %end, retry_in = ?delay, "the aggregator refused this agent");
                     } else {
-                        tracing::warn!(aggregator = %address, error = %end.message, retry_in = ?delay, "cannot reach the aggregator");
+                        tracing::warn!(aggregator = %address, error = %end, retry_in = ?delay, "cannot reach the aggregator");
                     }
                     self.metrics
-                        .uplink(&address, |u| u.last_error = Some(end.message));
+                        .uplink(&address, |u| u.last_error = Some(end.to_string()));
                     delay
                 }
             };
@@ -163,24 +166,22 @@ impl Uplink {
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, Ended> {
         let address = &self.endpoint.address;
         let channel = tokio::select! {
-            c = connect(&self.endpoint) => c.map_err(Ended::network)?,
+            c = connect(&self.endpoint) => c?,
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };
         let (tx, rx) = mpsc::channel::<AgentMessage>(8);
         tx.send(hello(self))
             .await
-            .map_err(|_| Ended::network("stream closed".to_string()))?;
+            .map_err(|_| Ended::Closed("the stream closed before the hello was sent"))?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Some(path) = &self.endpoint.token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                Ended::network(format!("cannot read token_file {}: {e}", path.display()))
+            let token = std::fs::read_to_string(path).map_err(|source| Ended::TokenFile {
+                path: path.clone(),
+                source,
             })?;
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                Ended::network(format!(
-                    "token_file {} holds characters not allowed in a header",
-                    path.display()
-                ))
-            })?;
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| Ended::TokenNotAHeader { path: path.clone() })?;
             request.metadata_mut().insert("authorization", value);
         }
         let mut client = FleetClient::new(channel)
@@ -243,7 +244,7 @@ impl Uplink {
                         };
                         tokio::select! {
                             sent = tx.send(msg) => if sent.is_err() {
-                                return Ok(ended(Ended::network("stream closed while sending".into())));
+                                return Ok(ended(Ended::Closed("stream closed while sending")));
                             },
                             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                         }
@@ -267,7 +268,7 @@ impl Uplink {
                         })),
                     };
                     if tx.send(beat).await.is_err() {
-                        return Ok(ended(Ended::network("stream closed".into())));
+                        return Ok(ended(Ended::Closed("stream closed")));
                     }
                 }
                 message = inbound.message() => match message {
@@ -275,10 +276,10 @@ impl Uplink {
                         if let Some(answer) = self.handle(m, &mut assembler)
                             && tx.send(answer).await.is_err()
                         {
-                            return Ok(ended(Ended::network("stream closed".into())));
+                            return Ok(ended(Ended::Closed("stream closed")));
                         }
                     }
-                    Ok(None) => return Ok(ended(Ended::network("the aggregator closed the stream".into()))),
+                    Ok(None) => return Ok(ended(Ended::Closed("the aggregator closed the stream"))),
                     Err(status) => return Ok(ended(Ended::status(&status))),
                 },
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
@@ -347,210 +348,39 @@ impl Uplink {
             None => None,
         }
     }
-
-    /// Runs the checks of a complete assignment that this agent accepts, in place of
-    /// the previous assignment's; what it did, for the aggregator.
-    fn apply(&self, assignment: Assembled) -> pb::AssignmentReport {
-        let generation = assignment.generation;
-        let (checks, refused) = self.checks_of(assignment);
-        tracing::info!(
-            aggregator = %self.endpoint.address,
-            generation,
-            checks = checks.len(),
-            refused = refused.iter().map(|r| r.checks).sum::<u64>(),
-            "new assignment"
-        );
-        self.metrics
-            .uplink(&self.endpoint.address, |u| u.generation = generation);
-        let report = pb::AssignmentReport {
-            generation,
-            applied: true,
-            error: String::new(),
-            checks: checks.len() as u64,
-            refused,
-        };
-        self.scheduler
-            .set_checks(Source::Aggregator(self.index), checks);
-        report
-    }
-
-    /// The checks of an assignment this agent accepts (see [`accept`]), and the refused
-    /// ones by reason, each with its first example; each refused check is counted, and
-    /// logged once per module and reason (timing problems once per assignment, with the
-    /// first example).
-    fn checks_of(&self, assignment: Assembled) -> (Vec<CheckSpec>, Vec<pb::RefusedChecks>) {
-        let policy = self
-            .file_policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (checks, refused) = accept(assignment, &policy);
-        let mut counts: BTreeMap<Refusal, (u64, &RefusedCheck)> = BTreeMap::new();
-        for r in &refused {
-            counts.entry(r.reason).or_insert((0, r)).0 += 1;
-            if r.reason != Refusal::BadTiming {
-                self.log_refusal(&r.module_name, r.reason, &r.message);
-            }
-        }
-        for (reason, (n, _)) in &counts {
-            self.metrics.assignment_refused(*reason, *n);
-        }
-        if let Some((n, r)) = counts.get(&Refusal::BadTiming) {
-            tracing::error!(
-                aggregator = %self.endpoint.address,
-                checks = n,
-                first = %r.message,
-                "refused assigned checks whose interval, timeout or retries are out of range (interval 1ms..24h, timeout 1ms..interval, retries <= 100); fix the job in the aggregator's config"
-            );
-        }
-        let report = counts
-            .into_iter()
-            .map(|(reason, (n, r))| pb::RefusedChecks {
-                reason: reason.as_str().to_string(),
-                checks: n,
-                example: cut(
-                    &format!("module {:?}: {}", cut(&r.module_name, 200), r.message),
-                    1000,
-                )
-                .to_string(),
-            })
-            .collect();
-        (checks, report)
-    }
-
-    fn log_refusal(&self, module_name: &str, reason: Refusal, message: &str) {
-        let module_name = cut(module_name, 200);
-        let mut logged = self
-            .logged_refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        // Bounded: a hostile aggregator could name endless modules.
-        if logged.len() >= 1000 {
-            logged.clear();
-        }
-        if logged.insert(format!("{module_name}\0{message}")) {
-            tracing::error!(
-                aggregator = %self.endpoint.address,
-                module = %module_name,
-                reason = reason.as_str(),
-                "refused the assigned checks of this module: {}",
-                cut(message, 1000)
-            );
-        }
-    }
-}
-
-/// A check of an assignment that this agent refused.
-#[derive(Debug)]
-struct RefusedCheck {
-    reason: Refusal,
-    module_name: String,
-    message: String,
-}
-
-/// An assigned module as this agent judged it: readable and allowed, or why not.
-type Judged = Result<Arc<Module>, (Refusal, String)>;
-
-/// Splits an assignment into the checks this agent runs and those it refuses: a module
-/// it cannot read, a module naming a file outside `policy`, or an interval, timeout or
-/// retries out of range ([`check_timing`]). Each module of the table is read and judged
-/// once, and shared by its checks.
-fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<RefusedCheck>) {
-    let modules: Vec<(String, Judged)> = assignment
-        .modules
-        .into_iter()
-        .map(|m| {
-            // A newer aggregator may send options this agent does not know.
-            let module = serde_json::from_str::<Module>(&m.json)
-                .map_err(|e| {
-                    (
-                        Refusal::BadModule,
-                        format!("cannot read the module ({e}); upgrade this agent to the aggregator's version"),
-                    )
-                })
-                .and_then(|module| {
-                    policy
-                        .check_module(&module)
-                        .map_err(|e| (Refusal::FileNotAllowed, e))?;
-                    Ok(Arc::new(module))
-                });
-            (m.name, module)
-        })
-        .collect();
-    let mut checks = Vec::with_capacity(assignment.checks.len());
-    let mut refused = Vec::new();
-    for check in assignment.checks {
-        // The assembler checked every index; a missing module is refused all the same.
-        let Some((module_name, module)) = modules.get(check.module as usize) else {
-            refused.push(RefusedCheck {
-                reason: Refusal::BadModule,
-                module_name: String::new(),
-                message: format!("module {} is not in the assignment", check.module),
-            });
-            continue;
-        };
-        let module = match module {
-            Ok(m) => m.clone(),
-            Err((reason, message)) => {
-                refused.push(RefusedCheck {
-                    reason: *reason,
-                    module_name: module_name.clone(),
-                    message: message.clone(),
-                });
-                continue;
-            }
-        };
-        let (interval, timeout) =
-            match check_timing(check.interval_ms, check.timeout_ms, check.retries) {
-                Ok(t) => t,
-                Err(e) => {
-                    refused.push(RefusedCheck {
-                        reason: Refusal::BadTiming,
-                        module_name: module_name.clone(),
-                        message: format!(
-                            "job {:?} target {:?}: {e}",
-                            cut(&check.job, 200),
-                            cut(&check.instance, 200)
-                        ),
-                    });
-                    continue;
-                }
-            };
-        checks.push(CheckSpec {
-            job: check.job,
-            instance: check.instance,
-            module_name: module_name.clone(),
-            module,
-            interval,
-            timeout,
-            retries: check.retries,
-            generation: assignment.generation,
-        });
-    }
-    (checks, refused)
 }
 
 /// Why a stream ended or never started.
-#[derive(Debug)]
-struct Ended {
-    message: String,
-    /// The aggregator refused this agent (`Unauthenticated`, `PermissionDenied`).
-    refused: bool,
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("cannot read token_file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token_file {} holds characters not allowed in a header", path.display())]
+    TokenNotAHeader { path: PathBuf },
+    /// The stream closed under the uplink, which says when.
+    #[error("{0}")]
+    Closed(&'static str),
+    /// The aggregator ended the stream with this status (its message cut to 1000 bytes).
+    #[error("{}", describe_status(*code, message))]
+    Status { code: tonic::Code, message: String },
 }
 
 impl Ended {
-    fn network(message: String) -> Self {
-        Self {
-            message,
-            refused: false,
+    fn status(status: &tonic::Status) -> Self {
+        Self::Status {
+            code: status.code(),
+            message: cut(status.message(), 1000).to_string(),
         }
     }
 
-    fn status(status: &tonic::Status) -> Self {
-        Self {
-            message: describe_status(status),
-            refused: is_refusal(status.code()),
-        }
+    /// The aggregator refused this agent: retrying soon changes nothing.
+    fn refused(&self) -> bool {
+        matches!(self, Self::Status { code, .. } if is_refusal(*code))
     }
 }
 
@@ -626,392 +456,12 @@ fn hello(up: &Uplink) -> AgentMessage {
     }
 }
 
-async fn connect(endpoint: &AggregatorEndpoint) -> Result<Channel, String> {
-    let address = &endpoint.address;
-    let mut ep = Endpoint::from_shared(address.clone())
-        .map_err(|e| format!("invalid aggregator address {address:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    if address.starts_with("https://") {
-        let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
-        if let Some(cfg) = &endpoint.tls_config {
-            if let Some(ca) = &cfg.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
-                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
-            }
-            if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
-                let cert = std::fs::read(cert)
-                    .map_err(|e| format!("cannot read cert_file {}: {e}", cert.display()))?;
-                let key = std::fs::read(key)
-                    .map_err(|e| format!("cannot read key_file {}: {e}", key.display()))?;
-                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-            }
-            if let Some(name) = &cfg.server_name {
-                tls = tls.domain_name(name.clone());
-            }
-        }
-        ep = ep
-            .tls_config(tls)
-            .map_err(|e| format!("TLS setup for {address}: {e}"))?;
-    }
-    ep.connect()
-        .await
-        .map_err(|e| format!("connect to {address}: {}", error_chain(&e)))
-}
-
-fn describe_status(status: &tonic::Status) -> String {
-    let message = cut(status.message(), 1000);
-    match status.code() {
-        code if is_refusal(code) => format!(
-            "refused ({code:?}): {message} (check token_file and the aggregator's fleet.auth.tokens)"
-        ),
-        code => format!("{code:?}: {message}"),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
-/// The stream's symbol table: each metric or label name and value is sent once per
-/// stream, then referred to by its index.
-///
-/// Symbols are cut to [`MAX_SYMBOL_BYTES`]; the table's bytes and symbols are counted
-/// so that it never exceeds [`MAX_TABLE_BYTES`] or [`MAX_TABLE_SYMBOLS`] (see
-/// [`Built::table_full`]).
-#[derive(Default)]
-struct Symbols {
-    index: HashMap<String, u32>,
-    /// The bytes of every symbol in `index`, with [`SYMBOL_OVERHEAD`] each.
-    bytes: usize,
-}
-
-/// One batch, as [`Symbols::batch`] built it from a prefix of the pending results.
-struct Built {
-    batch: pb::ResultBatch,
-    /// The last result handled (sent in `batch`, or dropped as oversized): the stream's
-    /// new `sent_up_to`. `None` when nothing was.
-    last_seq: Option<u64>,
-    /// The next result would take the symbol table past [`MAX_TABLE_BYTES`] or
-    /// [`MAX_TABLE_SYMBOLS`]: end this stream and send it on a new one.
-    table_full: bool,
-    /// Results that alone exceed what one message or one symbol table may hold; dropped.
-    oversized: u64,
-    /// Symbols cut to [`MAX_SYMBOL_BYTES`].
-    truncated: u64,
-}
-
-/// Bytes of one length-delimited protobuf field holding `len` bytes.
-fn field_len(len: usize) -> usize {
-    1 + prost::length_delimiter_len(len) + len
-}
-
-impl Symbols {
-    /// A batch of the longest prefix of `records` that fits in `budget` bytes and in the
-    /// symbol table.
-    fn batch(&mut self, records: &[Arc<ProbeRecord>], budget: usize) -> Built {
-        let mut built = Built {
-            batch: pb::ResultBatch::default(),
-            last_seq: None,
-            table_full: false,
-            oversized: 0,
-            truncated: 0,
-        };
-        let mut size = 0;
-        let mut samples = 0;
-        for record in records {
-            if samples > 0 && samples + record.samples.len() > MAX_BATCH_SAMPLES {
-                break;
-            }
-            let (symbols_before, bytes_before) = (built.batch.new_symbols.len(), self.bytes);
-            let table_was_empty = self.index.is_empty();
-            let mut truncated = 0;
-            let result = self.result(record, &mut built.batch.new_symbols, &mut truncated);
-            let added: usize = built.batch.new_symbols[symbols_before..]
-                .iter()
-                .map(|s| field_len(s.len()))
-                .sum();
-            let cost = field_len(result.encoded_len()) + added;
-            let table_over = self.bytes > MAX_TABLE_BYTES || self.index.len() > MAX_TABLE_SYMBOLS;
-            if cost <= budget.saturating_sub(size) && !table_over {
-                size += cost;
-                samples += record.samples.len();
-                built.truncated += truncated;
-                built.last_seq = Some(record.seq);
-                built.batch.results.push(result);
-                continue;
-            }
-            // Take back what this result interned: it is not sent here.
-            for symbol in built.batch.new_symbols.drain(symbols_before..) {
-                self.index.remove(&symbol);
-            }
-            self.bytes = bytes_before;
-            if cost > budget || (table_over && table_was_empty) {
-                // No message or table could ever hold it.
-                built.oversized += 1;
-                built.last_seq = Some(record.seq);
-                continue;
-            }
-            built.table_full = table_over;
-            break;
-        }
-        built
-    }
-
-    fn result(
-        &mut self,
-        r: &ProbeRecord,
-        new_symbols: &mut Vec<String>,
-        truncated: &mut u64,
-    ) -> pb::ProbeResult {
-        let mut intern = |s: &str| -> u32 {
-            let cut = cut(s, MAX_SYMBOL_BYTES);
-            if cut.len() < s.len() {
-                *truncated += 1;
-            }
-            if let Some(&i) = self.index.get(cut) {
-                return i;
-            }
-            let i = (self.index.len()) as u32;
-            self.index.insert(cut.to_string(), i);
-            self.bytes += cut.len() + SYMBOL_OVERHEAD;
-            new_symbols.push(cut.to_string());
-            i
-        };
-        pb::ProbeResult {
-            seq: r.seq,
-            job: r.job.clone(),
-            instance: r.instance.clone(),
-            timestamp_ms: r.timestamp_ms,
-            success: r.success,
-            duration_seconds: r.duration_seconds,
-            generation: r.generation,
-            failure: r
-                .failure
-                .as_deref()
-                .map(|f| cut(f, MAX_SYMBOL_BYTES).to_string())
-                .unwrap_or_default(),
-            samples: r
-                .samples
-                .iter()
-                .map(|s| pb::Sample {
-                    name: intern(s.name),
-                    labels: s
-                        .labels
-                        .iter()
-                        .flat_map(|(k, v)| [intern(k), intern(v)])
-                        .collect(),
-                    value: s.value,
-                })
-                .collect(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::Sample;
-
-    fn record_with(seq: u64, samples: Vec<Sample>) -> Arc<ProbeRecord> {
-        Arc::new(ProbeRecord {
-            seq,
-            job: "j".into(),
-            instance: "i".into(),
-            timestamp_ms: 1,
-            success: true,
-            duration_seconds: 0.1,
-            samples,
-            generation: 1,
-            failure: None,
-        })
-    }
-
-    /// A record with `n` samples, each with a label value of `len` bytes unique to it.
-    fn big_record(seq: u64, n: usize, len: usize) -> Arc<ProbeRecord> {
-        record_with(
-            seq,
-            (0..n)
-                .map(|i| Sample {
-                    name: "probe_ssl_last_chain_info",
-                    labels: vec![("subject", format!("{seq}-{i}-{}", "x".repeat(len)))],
-                    value: 1.0,
-                })
-                .collect(),
-        )
-    }
-
-    fn encoded(batch: &pb::ResultBatch) -> usize {
-        AgentMessage {
-            msg: Some(agent_message::Msg::Results(batch.clone())),
-        }
-        .encoded_len()
-    }
-
-    #[test]
-    fn symbols_are_sent_once_per_stream() {
-        let record = |seq| {
-            record_with(
-                seq,
-                vec![
-                    Sample {
-                        name: "probe_success",
-                        labels: vec![],
-                        value: 1.0,
-                    },
-                    Sample {
-                        name: "probe_http_duration_seconds",
-                        labels: vec![("phase", "connect".into())],
-                        value: 0.01,
-                    },
-                ],
-            )
-        };
-        let mut symbols = Symbols::default();
-        let first = symbols.batch(&[record(1)], BATCH_BUDGET);
-        assert_eq!(
-            first.batch.new_symbols,
-            [
-                "probe_success",
-                "probe_http_duration_seconds",
-                "phase",
-                "connect"
-            ]
-        );
-        assert_eq!(first.batch.results[0].samples[1].labels, [2, 3]);
-        assert_eq!(first.last_seq, Some(1));
-        let second = symbols.batch(&[record(2)], BATCH_BUDGET);
-        assert!(second.batch.new_symbols.is_empty());
-        assert_eq!(second.batch.results[0].samples[1].name, 1);
-    }
-
-    #[test]
-    fn long_label_values_are_cut_to_the_symbol_limit() {
-        let long = format!("{}é", "a".repeat(MAX_SYMBOL_BYTES - 1)); // é straddles the cut
-        let r = record_with(
-            1,
-            vec![Sample {
-                name: "probe_expect_info",
-                labels: vec![("banner", long.clone())],
-                value: 1.0,
-            }],
-        );
-        let mut symbols = Symbols::default();
-        let built = symbols.batch(&[r], BATCH_BUDGET);
-        assert_eq!(built.truncated, 1);
-        assert!(
-            built
-                .batch
-                .new_symbols
-                .iter()
-                .all(|s| s.len() <= MAX_SYMBOL_BYTES)
-        );
-        assert_eq!(built.batch.new_symbols[2], "a".repeat(MAX_SYMBOL_BYTES - 1));
-        assert_eq!(built.batch.results.len(), 1);
-    }
-
-    #[test]
-    fn batches_stay_under_the_message_limit() {
-        // 200 results of 20 distinct 10 KiB values each: ~40 MiB in all.
-        let records: Vec<_> = (1..=200).map(|seq| big_record(seq, 20, 10 << 10)).collect();
-        let mut symbols = Symbols::default();
-        let mut rest = &records[..];
-        let mut batches = 0;
-        while !rest.is_empty() {
-            let built = symbols.batch(rest, BATCH_BUDGET);
-            assert!(
-                encoded(&built.batch) <= MAX_ENCODE_BYTES,
-                "{}",
-                encoded(&built.batch)
-            );
-            assert!(!built.batch.results.is_empty());
-            assert_eq!(built.oversized, 0);
-            let last = built.last_seq.unwrap();
-            rest = &rest[rest.iter().position(|r| r.seq == last).unwrap() + 1..];
-            batches += 1;
-            if built.table_full {
-                symbols = Symbols::default();
-            }
-        }
-        assert!(batches >= 10, "{batches}");
-    }
-
-    #[test]
-    fn batches_stay_under_the_sample_limit() {
-        let records: Vec<_> = (1..=500).map(|seq| big_record(seq, 30, 1)).collect();
-        let built = Symbols::default().batch(&records, BATCH_BUDGET);
-        let samples: usize = built.batch.results.iter().map(|r| r.samples.len()).sum();
-        assert!(samples <= MAX_BATCH_SAMPLES, "{samples}");
-        assert_eq!(built.batch.results.len(), MAX_BATCH_SAMPLES / 30);
-    }
-
-    #[test]
-    fn a_full_symbol_table_ends_the_batch_and_a_new_table_takes_the_rest() {
-        let mut symbols = Symbols::default();
-        // Each record adds 100 KiB of new symbols; the table holds 8 MiB.
-        let records: Vec<_> = (1..=100).map(|seq| big_record(seq, 10, 10 << 10)).collect();
-        let mut sent = 0;
-        let mut rest = &records[..];
-        loop {
-            let built = symbols.batch(rest, BATCH_BUDGET);
-            assert!(symbols.bytes <= MAX_TABLE_BYTES);
-            sent += built.batch.results.len();
-            let last = built.last_seq.unwrap();
-            rest = &rest[rest.iter().position(|r| r.seq == last).unwrap() + 1..];
-            if built.table_full {
-                break;
-            }
-        }
-        assert!((70..=84).contains(&sent), "{sent}");
-        // The stream ends; the next one starts a new table and takes the rest.
-        let mut fresh = Symbols::default();
-        let built = fresh.batch(rest, BATCH_BUDGET);
-        assert!(!built.table_full);
-        assert_eq!(built.last_seq, Some(100));
-    }
-
-    #[test]
-    fn the_symbol_count_is_bounded_too() {
-        let mut symbols = Symbols::default();
-        // Short symbols: the count, not the bytes, fills the table.
-        for i in 0..MAX_TABLE_SYMBOLS - 1 {
-            symbols.index.insert(i.to_string(), i as u32);
-        }
-        let built = symbols.batch(&[big_record(1, 1, 1), big_record(2, 5, 1)], BATCH_BUDGET);
-        assert!(built.table_full);
-        assert!(symbols.index.len() <= MAX_TABLE_SYMBOLS);
-    }
-
-    #[test]
-    fn a_result_no_message_could_hold_is_dropped_and_counted() {
-        // 300 distinct 16 KiB values: ~4.8 MiB in one result.
-        let records = [
-            big_record(1, 1, 10),
-            big_record(2, 300, MAX_SYMBOL_BYTES),
-            big_record(3, 1, 10),
-        ];
-        let mut symbols = Symbols::default();
-        let built = symbols.batch(&records, BATCH_BUDGET);
-        assert_eq!(built.oversized, 1);
-        assert_eq!(built.last_seq, Some(3));
-        let seqs: Vec<_> = built.batch.results.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, [1, 3]);
-        // What it interned was taken back: every symbol sent is referred to.
-        assert_eq!(symbols.index.len(), built.batch.new_symbols.len());
-        assert!(encoded(&built.batch) <= MAX_ENCODE_BYTES);
-    }
-
+    use crate::record::ProbeRecord;
+    use std::collections::HashMap;
+    use symbols::tests::{big_record, encoded};
     #[test]
     fn a_refusal_backs_off_longer_than_a_network_error() {
         let mut rng = rand::rng();
@@ -1042,114 +492,17 @@ mod tests {
     fn refusals_are_told_apart_from_network_errors() {
         for code in [tonic::Code::Unauthenticated, tonic::Code::PermissionDenied] {
             let e = Ended::status(&tonic::Status::new(code, "unknown token"));
-            assert!(e.refused);
-            assert!(e.message.starts_with("refused"), "{}", e.message);
-            assert!(e.message.contains("unknown token"), "{}", e.message);
+            assert!(e.refused());
+            let message = e.to_string();
+            assert!(message.starts_with("refused"), "{message}");
+            assert!(message.contains("unknown token"), "{message}");
         }
         for code in [tonic::Code::Unavailable, tonic::Code::ResourceExhausted] {
-            assert!(!Ended::status(&tonic::Status::new(code, "busy")).refused);
+            assert!(!Ended::status(&tonic::Status::new(code, "busy")).refused());
         }
         let long = "x".repeat(100_000);
         let e = Ended::status(&tonic::Status::new(tonic::Code::Unauthenticated, long));
-        assert!(e.message.len() < 2000);
-    }
-
-    /// An assignment of checks given as (module JSON, interval, timeout), each distinct
-    /// module once in its table.
-    fn assignment(generation: u64, checks: &[(&str, u64, u64)]) -> Assembled {
-        let mut out = Assembled {
-            generation,
-            ..Default::default()
-        };
-        for (json, interval_ms, timeout_ms) in checks {
-            let module = match out.modules.iter().position(|m| m.json == *json) {
-                Some(i) => i,
-                None => {
-                    out.modules.push(pb::AssignedModule {
-                        name: format!("m{}", out.modules.len()),
-                        json: json.to_string(),
-                    });
-                    out.modules.len() - 1
-                }
-            };
-            out.checks.push(pb::Check {
-                job: "web".into(),
-                instance: format!("http://127.0.0.1/{}", out.checks.len()),
-                interval_ms: *interval_ms,
-                timeout_ms: *timeout_ms,
-                retries: 0,
-                module: module as u32,
-            });
-        }
-        out
-    }
-
-    #[test]
-    fn an_assignment_keeps_the_checks_it_can_trust() {
-        let policy = FilePolicy::new(&crate::config::AssignedModulesConfig {
-            allowed_file_paths: Some(vec!["/etc/sonde/certs/*".into()]),
-        })
-        .unwrap();
-        let plain = r#"{"prober":"http"}"#;
-        let allowed =
-            r#"{"prober":"http","http":{"tls_config":{"ca_file":"/etc/sonde/certs/ca.pem"}}}"#;
-        let shadow = r#"{"prober":"http","http":{"body_file":"/etc/shadow"}}"#;
-        let escape = r#"{"prober":"http","http":{"body_file":"/etc/sonde/certs/../../shadow"}}"#;
-        let relative = r#"{"prober":"tcp","tcp":{"tls_config":{"key_file":"key.pem"}}}"#;
-        let seven = assignment(
-            7,
-            &[
-                (plain, 15_000, 5_000),
-                (allowed, 15_000, 5_000),
-                (shadow, 15_000, 5_000),
-                (escape, 15_000, 5_000),
-                (relative, 15_000, 5_000),
-                ("{not json", 15_000, 5_000),
-                (plain, 0, 0),
-                (plain, u64::MAX, u64::MAX),
-                (plain, 1_000, 5_000),
-                (plain, 15_000, 0),
-            ],
-        );
-        let (checks, refused) = accept(seven, &policy);
-        assert_eq!(checks.len(), 2);
-        assert!(checks.iter().all(|c| c.generation == 7));
-        let reasons: Vec<_> = refused.iter().map(|r| r.reason).collect();
-        assert_eq!(
-            reasons,
-            [
-                Refusal::FileNotAllowed,
-                Refusal::FileNotAllowed,
-                Refusal::FileNotAllowed,
-                Refusal::BadModule,
-                Refusal::BadTiming,
-                Refusal::BadTiming,
-                Refusal::BadTiming,
-                Refusal::BadTiming,
-            ]
-        );
-        assert!(
-            refused[0].message.contains("/etc/shadow"),
-            "{}",
-            refused[0].message
-        );
-        assert!(
-            refused[0].message.contains("http.body_file"),
-            "{}",
-            refused[0].message
-        );
-        assert!(
-            refused[2].message.contains("not an absolute path"),
-            "{}",
-            refused[2].message
-        );
-        // Without allowed_file_paths, even the certificate is refused.
-        let (checks, refused) = accept(
-            assignment(1, &[(allowed, 15_000, 5_000), (plain, 15_000, 5_000)]),
-            &FilePolicy::new(&Default::default()).unwrap(),
-        );
-        assert_eq!(checks.len(), 1);
-        assert_eq!(refused[0].reason, Refusal::FileNotAllowed);
+        assert!(e.to_string().len() < 2000);
     }
 
     /// A stand-in aggregator: refuses, fails, or takes and acks every batch.
