@@ -95,6 +95,8 @@ def configs():
         "blackbox_modules",
         b"\x00" + agg[agg.index("modules:") : agg.index("\njobs:")].encode(),
     )
+    # Whole blackbox.yml files as users have them: blackbox_exporter's own example.
+    put("blackbox_modules", b"\x00" + read("tests/fixtures/blackbox/example-v0.23.0.yml").encode())
     web = read("deploy/examples/targets/web.yml")
     put("file_sd", b"\x00" + web.encode())
     put(
@@ -272,6 +274,28 @@ def dns():
         put("dns_answer", bytes([pick]) + dns_message("example.com", qtype, ans, auth, add, rcode))
 
 
+# --- ICMP packets ------------------------------------------------------------------------
+def icmp():
+    data = b"Prometheus Blackbox Exporter"
+
+    def echo(kind, ident=0x1234, seq=7, payload=data):
+        return struct.pack(">BBHHH", kind, 0, 0, ident, seq) + payload
+
+    ttl = struct.pack("=QiiiI", 20, 0, 2, 64, 0)  # cmsghdr{len, IPPROTO_IP, IP_TTL} + 64
+    hops = struct.pack("=QiiiI", 20, 41, 52, 33, 0)  # IPPROTO_IPV6, IPV6_HOPLIMIT
+    ip_header = bytes([0x45]) + bytes(19)
+    for pick, control, packet in [
+        (0, ttl, echo(0)),  # datagram, IPv4 reply
+        (0, ttl, echo(8)),  # our own request
+        (2, ttl, ip_header + echo(0)),  # raw IPv4
+        (2, ttl, ip_header + echo(0, ident=1)),  # another prober's reply
+        (5, hops, echo(129)),  # raw IPv6
+        (1, hops, echo(129, seq=8)),  # datagram IPv6, another sequence
+        (0, b"", echo(3) + ip_header + echo(8)),  # destination unreachable
+    ]:
+        put("icmp_reply", bytes([pick, len(control)]) + control + packet)
+
+
 # --- HTTP bodies ---------------------------------------------------------------------
 def http():
     bodies = [
@@ -367,6 +391,7 @@ def main():
     fleet()
     traces()
     dns()
+    icmp()
     http()
     x509()
     remote_write()

@@ -20,8 +20,9 @@ declare -A packages=(
   [prometheus-blackbox-exporter]=prometheus-blackbox-exporter  # the side-by-side peer
   [openssl]=openssl         # certificates of the side-by-side test
   [chromium]=chromium       # renders the status pages (tests/tests/status_pages.rs)
-  [ip]=iproute2             # network namespaces of tests/tests/failure_traces.rs
-  [curl]=curl               # queries an aggregator inside a namespace (the same test)
+  [ip]=iproute2             # network namespaces and veth pairs (tests/tests/failure_traces.rs, blackbox_parity_icmp_grpc.rs)
+  [setpriv]=util-linux      # runs an agent as an unprivileged user (tests/tests/blackbox_parity_icmp_grpc.rs)
+  [curl]=curl               # reads /metrics raw (tests/tests/hostile_agents.rs)
 )
 # file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS
 # front) and mail module (SMTP with STARTTLS) of the side-by-side test

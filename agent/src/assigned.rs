@@ -12,7 +12,7 @@
 use crate::config::AssignedModulesConfig;
 use sonde_proto::config::Module;
 use sonde_proto::config::module::{
-    Authorization, BasicAuth, DnsProbe, HttpProbe, TcpProbe, TlsConfig,
+    Authorization, BasicAuth, DnsProbe, GrpcProbe, HttpProbe, IcmpProbe, TcpProbe, TlsConfig,
 };
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -228,6 +228,8 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         tcp,
         dns,
         per_address: _,
+        icmp,
+        grpc,
     } = module;
     let mut out = Vec::new();
     let HttpProbe {
@@ -328,6 +330,30 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
             "dns.tls_config.ca_file",
             "dns.tls_config.cert_file",
             "dns.tls_config.key_file",
+        ],
+        tls_config,
+    );
+    let IcmpProbe {
+        preferred_ip_protocol: _,
+        ip_protocol_fallback: _,
+        source_ip_address: _,
+        payload_size: _,
+        dont_fragment: _,
+        ttl: _,
+    } = icmp;
+    let GrpcProbe {
+        service: _,
+        tls: _,
+        tls_config,
+        preferred_ip_protocol: _,
+        ip_protocol_fallback: _,
+    } = grpc;
+    tls_files(
+        &mut out,
+        [
+            "grpc.tls_config.ca_file",
+            "grpc.tls_config.cert_file",
+            "grpc.tls_config.key_file",
         ],
         tls_config,
     );

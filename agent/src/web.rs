@@ -454,11 +454,10 @@ impl Allowlist {
 
     /// The up-front check of a `/probe` request: the target's own host and port.
     pub fn allows_target(&self, module: &Module, target: &str) -> Result<(), NotAllowed> {
-        let (host, port) =
-            host_port(module.prober, target).ok_or_else(|| NotAllowed::NoHostPort {
-                target: target.to_string(),
-                prober: module.prober.as_str(),
-            })?;
+        let (host, port) = host_port(module, target).ok_or_else(|| NotAllowed::NoHostPort {
+            target: target.to_string(),
+            prober: module.prober.as_str(),
+        })?;
         // The metadata check first: its reason is the one worth reading.
         if let Ok(ip) = host.parse::<IpAddr>() {
             self.addr_allowed(ip, port)?;
@@ -700,9 +699,10 @@ fn net_is_special(net: IpAddr, prefix: u8) -> bool {
         || (single && is_metadata_address(net))
 }
 
-/// The host and port a target reaches, the way each prober reads its target.
-fn host_port(prober: Prober, target: &str) -> Option<(String, u16)> {
-    match prober {
+/// The host and port a target reaches, the way each prober reads its target. An icmp
+/// target has no port: it is 0, which a pattern's port `*` (or no port) matches.
+fn host_port(module: &Module, target: &str) -> Option<(String, u16)> {
+    match module.prober {
         Prober::Http => {
             let with_scheme = if target.contains("://") {
                 target.to_string()
@@ -732,6 +732,16 @@ fn host_port(prober: Prober, target: &str) -> Option<(String, u16)> {
                 53,
             )),
         },
+        Prober::Icmp => Some((
+            target
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            0,
+        )),
+        Prober::Grpc => crate::probe::grpc::host_port(target, module.grpc.tls)
+            .ok()
+            .map(|(host, port)| (host.to_string(), port)),
     }
 }
 

@@ -11,6 +11,10 @@
 //!   tail of every process's log is printed, so that CI output says what went wrong.
 
 pub mod bench;
+pub mod netns;
+pub mod parity;
+
+pub use netns::Netns;
 pub mod procfs;
 
 use std::collections::{BTreeMap, HashSet};
@@ -1250,26 +1254,16 @@ pub fn start_agent(scene: &mut Scene, name: &str, config: &str) -> String {
     start_agent_in(scene, None, name, config)
 }
 
-/// [`start_agent`], inside the network namespace `netns` when given.
+/// [`start_agent`], inside the network namespace `netns` when given (its loopback;
+/// query it with [`Netns::http_get`]).
 pub fn start_agent_in(
     scene: &mut Scene,
     netns: Option<&Netns>,
     name: &str,
     config: &str,
 ) -> String {
-    let bin = sonde_bin("sonde-agent");
-    let web_port = free_port();
-    let config_path = scene.dir().write(&format!("{name}.yml"), config);
-    let mut cmd = Netns::command_in(netns, bin);
-    cmd.arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
-        .arg(format!(
-            "--storage.path={}",
-            scene.dir().join(&format!("{name}-data")).display()
-        ))
-        .arg("--log.level=debug");
-    scene.spawn(name, cmd);
-    let web = format!("http://127.0.0.1:{web_port}");
+    let wrapper = netns.map(Netns::wrapper).unwrap_or_default();
+    let web = start_agent_with(scene, name, config, &wrapper);
     scene.wait_until(
         &format!("{name} /-/healthy"),
         Duration::from_secs(60),
@@ -1289,106 +1283,35 @@ fn get_ok_in(netns: Option<&Netns>, url: &str) -> Result<String, String> {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Network namespaces
-
-/// A network namespace the test made (`ip netns add`), with its loopback up; deleted,
-/// with its `/etc/netns/<name>/` files, when the guard drops, even when the test fails.
-/// Its name carries the test process's id, so parallel runs do not collide.
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// `sonde-<tag>-<pid>`; `ip` is the iproute2 package.
-    pub fn new(tag: &str) -> Self {
-        require_tool("ip", "iproute2");
-        let name = format!("sonde-{tag}-{}", std::process::id());
-        // A namespace left by a killed run of the same pid would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let ns = Self { name };
-        ip(&["netns", "add", &ns.name]);
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        ns
+/// [`start_agent`] with the command prefixed by `wrapper` (`ip netns exec NS`, `setpriv
+/// --reuid=nobody ...`), without waiting for it: from another network namespace only
+/// that namespace's client can tell ([`parity::wait_healthy`]). Its storage directory
+/// is writable by anyone, so that the agent can run as an unprivileged user.
+pub fn start_agent_with(scene: &mut Scene, name: &str, config: &str, wrapper: &[String]) -> String {
+    let bin = sonde_bin("sonde-agent");
+    let web_port = free_port();
+    let config_path = scene.dir().write(&format!("{name}.yml"), config);
+    let storage = scene.dir().join(&format!("{name}-data"));
+    fs::create_dir_all(&storage).expect("create the agent's storage directory");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&storage, fs::Permissions::from_mode(0o777))
+            .expect("open the agent's storage directory to its user");
     }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Runs `argv` inside the namespace and requires it to succeed.
-    pub fn run(&self, argv: &[&str]) {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(argv);
-        ip(&all);
-    }
-
-    /// A command that runs `program` inside the namespace (`ip netns exec` execs it, so
-    /// the process's id is the program's).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    /// [`Netns::command`] when `netns` is given, else the program itself.
-    pub fn command_in(netns: Option<&Netns>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        match netns {
-            Some(ns) => ns.command(program),
-            None => Command::new(program),
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin);
+            cmd
         }
-    }
-
-    /// The namespace's `/etc/resolv.conf`: `ip netns exec` mounts
-    /// `/etc/netns/<name>/resolv.conf` over it for the programs it runs.
-    pub fn set_nameserver(&self, ip: &str) {
-        let dir = PathBuf::from("/etc/netns").join(&self.name);
-        fs::create_dir_all(&dir).expect("create /etc/netns/<name>");
-        fs::write(dir.join("resolv.conf"), format!("nameserver {ip}\n"))
-            .expect("write the namespace's resolv.conf");
-    }
-
-    /// GET `url` from inside the namespace (curl): (status, body).
-    pub fn http_get(&self, url: &str) -> Result<(u16, String), String> {
-        let out = self
-            .command(require_tool("curl", "curl"))
-            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
-            .output()
-            .map_err(|e| format!("curl {url}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "curl {url} in {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-        let status = status
-            .parse()
-            .map_err(|_| format!("curl {url}: no status in {text:?}"))?;
-        Ok((status, body.to_string()))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
-    }
-}
-
-/// Runs `ip` with `args` and requires it to succeed.
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+        None => Command::new(bin),
+    };
+    cmd.arg(format!("--config.file={}", config_path.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+        .arg(format!("--storage.path={}", storage.display()))
+        .arg("--log.level=debug");
+    scene.spawn(name, cmd);
+    format!("http://127.0.0.1:{web_port}")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,58 +10,21 @@
 //!
 //! Only 127.0.0.1 is used. A missing peer program fails the test, naming its package.
 
+use sonde_tests::parity::{Case, Certs, assert_cases_agree, make_certs, start_blackbox};
 use sonde_tests::{
-    MetricSample, Scene, dns_query_a, free_port, free_tcp_udp_port, http_get, http_get_ok,
-    parse_metrics, require_tool, run, start_agent,
+    Scene, dns_query_a, free_port, free_tcp_udp_port, http_get, require_tool, run, start_agent,
 };
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// The metrics whose values must be equal: they describe the target, not the timing.
-const DETERMINISTIC: &[&str] = &[
-    "probe_success",
-    "probe_http_status_code",
-    "probe_http_redirects",
-    "probe_http_ssl",
-    "probe_http_version",
-    "probe_http_content_length",
-    "probe_http_uncompressed_body_length",
-    "probe_failed_due_to_regex",
-    "probe_ssl_earliest_cert_expiry",
-    "probe_ssl_last_chain_expiry_timestamp_seconds",
-    "probe_dns_answer_rrs",
-    "probe_dns_authority_rrs",
-    "probe_dns_additional_rrs",
-    "probe_dns_query_succeeded",
-    "probe_dns_serial",
-    "probe_ip_protocol",
-    "probe_ip_addr_hash",
-];
-
-/// Metrics compared by their label sets (blackbox_exporter's labels must all be in ours).
-const LABELLED: &[&str] = &["probe_tls_version_info", "probe_ssl_last_chain_info"];
 
 /// The expiry of the expired certificate: 2021-01-01T00:00:00Z.
 const EXPIRED_NOT_AFTER: f64 = 1_609_459_200.0;
 
-struct Case {
-    module: &'static str,
-    target: String,
-    success: bool,
-}
-
 #[test]
 fn blackbox_exporter_and_sonde_agent_agree() {
-    let started = Instant::now();
-    let blackbox = require_tool(
-        "prometheus-blackbox-exporter",
-        "prometheus-blackbox-exporter",
-    );
     let mut scene = Scene::new("parity");
     let dir = scene.dir().path().to_path_buf();
 
@@ -78,18 +41,7 @@ fn blackbox_exporter_and_sonde_agent_agree() {
 
     // ---- the same modules for both
     let modules = modules_yaml(&certs);
-    let bb_config = scene.dir().write("blackbox.yml", &modules);
-    let bb_port = free_port();
-    let mut cmd = Command::new(&blackbox);
-    cmd.arg(format!("--config.file={}", bb_config.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{bb_port}"));
-    scene.spawn("blackbox_exporter", cmd);
-    let bb = format!("http://127.0.0.1:{bb_port}");
-    scene.wait_until(
-        "blackbox_exporter /-/healthy",
-        Duration::from_secs(30),
-        || http_get_ok(&format!("{bb}/-/healthy")).map(drop),
-    );
+    let bb = start_blackbox(&mut scene, &modules);
     let agent_config = format!(
         "agent:\n  id: parity\naggregators: []\n{modules}probe_endpoint:\n  enabled: true\n  allowed_targets: [\"127.0.0.1:*\", \"localhost:*\"]\n"
     );
@@ -181,45 +133,7 @@ fn blackbox_exporter_and_sonde_agent_agree() {
     ];
     assert!(cases.len() >= 30);
 
-    let mut report = String::new();
-    let mut failures = Vec::new();
-    for (i, c) in cases.iter().enumerate() {
-        let (theirs, ours) = probe_both(&bb, &agent, c);
-        let problems = compare(c, &theirs, &ours);
-        let _ = writeln!(
-            report,
-            "#{i:02} {:<28} {:<32} {}",
-            c.module,
-            c.target,
-            if problems.is_empty() {
-                "agree"
-            } else {
-                "DIFFER"
-            }
-        );
-        if !problems.is_empty() {
-            failures.push(format!(
-                "case #{i} module={} target={}:\n  {}\n--- blackbox_exporter:\n{}\n--- sonde-agent:\n{}",
-                c.module,
-                c.target,
-                problems.join("\n  "),
-                render(&theirs),
-                render(&ours)
-            ));
-        }
-    }
-    eprintln!(
-        "{} side-by-side cases in {:?}:\n{report}",
-        cases.len(),
-        started.elapsed()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n\n")
-    );
+    assert_cases_agree(&bb, &agent, &cases, &http_get);
 
     // The scrape-timeout header bounds the probe on both sides alike: a 1.5 s scrape
     // timeout leaves a 1 s probe for the silent server, far below the module's 3 s.
@@ -235,104 +149,6 @@ fn blackbox_exporter_and_sonde_agent_agree() {
         body.contains("probe_failure_info{reason=\"timeout\"} 1"),
         "{body}"
     );
-}
-
-// ---------------------------------------------------------------------------------------
-// Probing and comparing
-
-fn probe_both(bb: &str, agent: &str, c: &Case) -> (Vec<MetricSample>, Vec<MetricSample>) {
-    let query = format!("/probe?module={}&target={}", c.module, urlencode(&c.target));
-    let get = |base: &str| -> Vec<MetricSample> {
-        match http_get(&format!("{base}{query}")) {
-            Ok((200, body)) => parse_metrics(&body),
-            other => panic!("GET {base}{query}: {other:?}"),
-        }
-    };
-    std::thread::scope(|s| {
-        let theirs = s.spawn(|| get(bb));
-        let ours = s.spawn(|| get(agent));
-        (theirs.join().unwrap(), ours.join().unwrap())
-    })
-}
-
-fn value(samples: &[MetricSample], name: &str) -> Option<f64> {
-    samples
-        .iter()
-        .find(|s| s.name == name && s.labels.is_empty())
-        .map(|s| s.value)
-}
-
-fn compare(c: &Case, theirs: &[MetricSample], ours: &[MetricSample]) -> Vec<String> {
-    let mut problems = Vec::new();
-    let want = if c.success { 1.0 } else { 0.0 };
-    if value(theirs, "probe_success") != Some(want) {
-        problems.push(format!(
-            "blackbox_exporter's probe_success is {:?}, the case expects {want}: the test target is not what the case says",
-            value(theirs, "probe_success")
-        ));
-    }
-    let names =
-        |s: &[MetricSample]| -> BTreeSet<String> { s.iter().map(|m| m.name.clone()).collect() };
-    let missing: Vec<String> = names(theirs).difference(&names(ours)).cloned().collect();
-    if !missing.is_empty() {
-        problems.push(format!("metrics missing from sonde: {missing:?}"));
-    }
-    for name in DETERMINISTIC {
-        let (a, b) = (value(theirs, name), value(ours, name));
-        if a.is_some() && a != b {
-            problems.push(format!("{name}: blackbox_exporter {a:?}, sonde {b:?}"));
-        }
-    }
-    for name in LABELLED {
-        for sample in theirs.iter().filter(|s| s.name == *name) {
-            let found = ours.iter().any(|o| {
-                o.name == *name
-                    && o.value == sample.value
-                    && sample
-                        .labels
-                        .iter()
-                        .all(|(k, v)| o.labels.get(k) == Some(v))
-            });
-            if !found {
-                problems.push(format!(
-                    "{name}{:?} {} has no match in sonde's answer",
-                    sample.labels, sample.value
-                ));
-            }
-        }
-    }
-    // sonde's own addition: one failure reason on every failed probe, none on success.
-    let reasons = ours
-        .iter()
-        .filter(|s| s.name == "probe_failure_info")
-        .count();
-    if reasons != usize::from(!c.success) {
-        problems.push(format!(
-            "probe_failure_info: {reasons} samples on a probe with success {}",
-            c.success
-        ));
-    }
-    problems
-}
-
-fn render(samples: &[MetricSample]) -> String {
-    let mut out = String::new();
-    for s in samples {
-        let labels: BTreeMap<_, _> = s.labels.iter().collect();
-        let _ = writeln!(out, "  {}{labels:?} {}", s.name, s.value);
-    }
-    out
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn get_with_timeout_header(url: &str, seconds: &str) -> String {
@@ -707,161 +523,6 @@ fn modules_yaml(certs: &Certs) -> String {
       query_name: www.sonde.test
 "#
     )
-}
-
-// ---------------------------------------------------------------------------------------
-// Certificates
-
-struct Certs {
-    ca: PathBuf,
-    leaf: PathBuf,
-    leaf_key: PathBuf,
-    self_signed: PathBuf,
-    self_signed_key: PathBuf,
-    expired: PathBuf,
-    expired_key: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let openssl = require_tool("openssl", "openssl");
-    let mut cmd = Command::new(openssl);
-    cmd.current_dir(dir).args(args);
-    let out = run(cmd, dir, Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed:\n{}",
-        out.combined()
-    );
-}
-
-/// A CA and a leaf it signs for localhost/127.0.0.1; a self-signed leaf; a self-signed
-/// leaf that expired on 2021-01-01. EC P-256 keys throughout.
-fn make_certs(dir: &Path) -> Certs {
-    let dir = dir.join("pki");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let san = "subjectAltName=DNS:localhost,IP:127.0.0.1";
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=sonde parity CA",
-    ]);
-    openssl(&dir, &args);
-    let mut args = vec!["req", "-new"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/O=sonde/CN=localhost",
-        "-addext",
-        san,
-    ]);
-    openssl(&dir, &args);
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "825",
-            "-copy_extensions",
-            "copy",
-            "-out",
-            "leaf.pem",
-        ],
-    );
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "self.key",
-        "-out",
-        "self.pem",
-        "-days",
-        "365",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        san,
-    ]);
-    openssl(&dir, &args);
-    // An expired certificate needs dates in the past: `openssl ca` takes them.
-    std::fs::write(dir.join("index.txt"), "").unwrap();
-    std::fs::write(dir.join("serial"), "1000\n").unwrap();
-    let d = dir.display();
-    std::fs::write(
-        dir.join("ca.cnf"),
-        format!(
-            "[ca]\ndefault_ca = d\n[d]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\nserial = {d}/serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\nunique_subject = no\n[p]\ncommonName = supplied\n"
-        ),
-    )
-    .unwrap();
-    let mut args = vec!["req", "-new"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "expired.key",
-        "-out",
-        "expired.csr",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        san,
-    ]);
-    openssl(&dir, &args);
-    openssl(
-        &dir,
-        &[
-            "ca",
-            "-batch",
-            "-notext",
-            "-config",
-            "ca.cnf",
-            "-selfsign",
-            "-keyfile",
-            "expired.key",
-            "-in",
-            "expired.csr",
-            "-out",
-            "expired.pem",
-            "-startdate",
-            "20200101000000Z",
-            "-enddate",
-            "20210101000000Z",
-        ],
-    );
-    Certs {
-        ca: dir.join("ca.pem"),
-        leaf: dir.join("leaf.pem"),
-        leaf_key: dir.join("leaf.key"),
-        self_signed: dir.join("self.pem"),
-        self_signed_key: dir.join("self.key"),
-        expired: dir.join("expired.pem"),
-        expired_key: dir.join("expired.key"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------

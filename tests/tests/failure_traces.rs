@@ -39,37 +39,37 @@ impl Topology {
         let router = Netns::new("tr-router");
         let target = Netns::new("tr-target");
         // Interface names are per namespace; made in the agent's, then moved.
-        agent.run(&[
+        agent.exec(&[
             "ip", "link", "add", "a0", "type", "veth", "peer", "name", "r0",
         ]);
-        agent.run(&["ip", "link", "set", "r0", "netns", router.name()]);
-        router.run(&[
+        agent.exec(&["ip", "link", "set", "r0", "netns", router.name()]);
+        router.exec(&[
             "ip", "link", "add", "r1", "type", "veth", "peer", "name", "t0",
         ]);
-        router.run(&["ip", "link", "set", "t0", "netns", target.name()]);
+        router.exec(&["ip", "link", "set", "t0", "netns", target.name()]);
         let a = format!("{AGENT_ADDR}/24");
-        agent.run(&["ip", "addr", "add", &a, "dev", "a0"]);
-        agent.run(&["ip", "link", "set", "a0", "up"]);
-        agent.run(&["ip", "route", "add", "default", "via", ROUTER_AGENT_SIDE]);
+        agent.exec(&["ip", "addr", "add", &a, "dev", "a0"]);
+        agent.exec(&["ip", "link", "set", "a0", "up"]);
+        agent.exec(&["ip", "route", "add", "default", "via", ROUTER_AGENT_SIDE]);
         let r0 = format!("{ROUTER_AGENT_SIDE}/24");
         let r1 = format!("{ROUTER_TARGET_SIDE}/24");
-        router.run(&["ip", "addr", "add", &r0, "dev", "r0"]);
-        router.run(&["ip", "addr", "add", &r1, "dev", "r1"]);
-        router.run(&["ip", "link", "set", "r0", "up"]);
-        router.run(&["ip", "link", "set", "r1", "up"]);
-        router.run(&["ip", "route", "add", "10.201.3.0/24", "via", TARGET_ADDR]);
-        router.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        router.exec(&["ip", "addr", "add", &r0, "dev", "r0"]);
+        router.exec(&["ip", "addr", "add", &r1, "dev", "r1"]);
+        router.exec(&["ip", "link", "set", "r0", "up"]);
+        router.exec(&["ip", "link", "set", "r1", "up"]);
+        router.exec(&["ip", "route", "add", "10.201.3.0/24", "via", TARGET_ADDR]);
+        router.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
         // Every ICMP error the test expects, not one per second per peer.
-        router.run(&["sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0"]);
-        target.run(&["sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0"]);
+        router.exec(&["sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0"]);
+        target.exec(&["sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0"]);
         for addr in [TARGET_ADDR, TARGET_SILENT] {
             let a = format!("{addr}/24");
-            target.run(&["ip", "addr", "add", &a, "dev", "t0"]);
+            target.exec(&["ip", "addr", "add", &a, "dev", "t0"]);
         }
         let far = format!("{FAR_ADDR}/32");
-        target.run(&["ip", "addr", "add", &far, "dev", "lo"]);
-        target.run(&["ip", "link", "set", "t0", "up"]);
-        target.run(&["ip", "route", "add", "default", "via", ROUTER_TARGET_SIDE]);
+        target.exec(&["ip", "addr", "add", &far, "dev", "lo"]);
+        target.exec(&["ip", "link", "set", "t0", "up"]);
+        target.exec(&["ip", "route", "add", "default", "via", ROUTER_TARGET_SIDE]);
         Self {
             agent,
             router,
@@ -336,7 +336,7 @@ fn each_broken_target_shows_what_the_agent_saw() {
 
     // The router loses its route to the far network: it answers "net unreachable".
     net.router
-        .run(&["ip", "route", "del", "10.201.3.0/24", "via", TARGET_ADDR]);
+        .exec(&["ip", "route", "del", "10.201.3.0/24", "via", TARGET_ADDR]);
     let route = scene.wait_until("route's trace with its path", wait, || {
         let v = view(ns, web, "route")?;
         match (&v["success"], v["trace"]["path"].is_object()) {

@@ -117,3 +117,30 @@ pub fn certificates(
     }
     x509::chain_expiry(&parsed, &roots)
 }
+
+/// What the icmp prober makes of one packet read from its socket: whether it is the
+/// reply to the echo request `id`/`seq` with `data` (for a datagram socket, a raw IPv4
+/// socket with the IP header, or a raw IPv6 one, by `framing` 0, 1, 2), and the hop
+/// limit found in `control` (the packet's control messages).
+pub fn icmp_reply(
+    framing: u8,
+    v4: bool,
+    id: u16,
+    seq: u16,
+    data: &[u8],
+    packet: &[u8],
+    control: &[u8],
+) -> (bool, Option<u8>) {
+    use super::icmp::{Echo, Framing, hop_limit, is_reply};
+    let framing = match framing % 3 {
+        0 => Framing::Datagram,
+        1 => Framing::RawV4,
+        _ => Framing::RawV6,
+    };
+    let echo = Echo {
+        id,
+        seq,
+        data: data.to_vec(),
+    };
+    (is_reply(packet, framing, v4, &echo), hop_limit(control))
+}

@@ -2,7 +2,7 @@
 //! a target, a module and a deadline in; success and the samples it produced out.
 //!
 //! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
-//! [`http`], [`tcp`] and [`dns`] are the probers; `net` (the TCP connect), `tls` (the
+//! [`http`], [`tcp`], [`dns`], [`icmp`] and [`grpc`] are the probers; `net` (the TCP connect), `tls` (the
 //! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
 //! (what a certificate says) are the parts they share; `per_address` runs a prober once
 //! per address of the target. Each prober notes what it saw in [`Samples::trace`]
@@ -11,7 +11,9 @@
 pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod grpc;
 pub mod http;
+pub mod icmp;
 pub(crate) mod net;
 pub(crate) mod per_address;
 pub mod tcp;
@@ -92,10 +94,13 @@ pub enum Reason {
     Config,
     /// `/probe`'s allowlist refused an address the probe was about to connect to.
     RefusedByPolicy,
+    /// A gRPC health check answered with an error status, or a serving status other
+    /// than `SERVING`.
+    GrpcStatus,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Dns,
         Reason::ConnectRefused,
         Reason::ConnectTimeout,
@@ -111,6 +116,7 @@ impl Reason {
         Reason::Protocol,
         Reason::Config,
         Reason::RefusedByPolicy,
+        Reason::GrpcStatus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -130,6 +136,7 @@ impl Reason {
             Reason::Protocol => "protocol",
             Reason::Config => "config",
             Reason::RefusedByPolicy => "refused_by_policy",
+            Reason::GrpcStatus => "grpc_status",
         }
     }
 }
@@ -488,6 +495,8 @@ pub(crate) async fn probe_once(
             Prober::Http => http::probe(env, target, module, &mut samples).await,
             Prober::Tcp => tcp::probe(env, target, module, &mut samples).await,
             Prober::Dns => dns::probe(env, target, module, &mut samples).await,
+            Prober::Icmp => icmp::probe(env, target, module, &mut samples).await,
+            Prober::Grpc => grpc::probe(env, target, module, &mut samples).await,
         }
     };
     let result = match tokio::time::timeout_at(deadline, probe).await {
@@ -736,6 +745,15 @@ pub(crate) fn io_reason(e: &std::io::Error) -> String {
 pub(crate) struct HostPortError {
     target: String,
     why: &'static str,
+}
+
+impl HostPortError {
+    pub(crate) fn new(target: &str, why: &'static str) -> Self {
+        Self {
+            target: target.to_string(),
+            why,
+        }
+    }
 }
 
 /// Splits `host:port` as Go's `net.SplitHostPort` does: `[v6]:port` for IPv6.

@@ -4,7 +4,7 @@
 //! alone, so it stays one series per target.
 
 use super::{
-    Env, Failure, Reason, Samples, Stage, dns, http, probe_once, record_answer, resolve_all,
+    Env, Failure, Reason, Samples, Stage, dns, grpc, http, probe_once, record_answer, resolve_all,
     split_host_port, timed_out,
 };
 use sonde_proto::config::module::{IpProtocol, PerAddress};
@@ -145,6 +145,19 @@ fn target_host(target: &str, module: &Module) -> Result<(String, IpProtocol, boo
                 .to_string(),
             module.dns.preferred_ip_protocol,
             module.dns.ip_protocol_fallback,
+        )),
+        Prober::Icmp => Ok((
+            target.to_string(),
+            module.icmp.preferred_ip_protocol,
+            module.icmp.ip_protocol_fallback,
+        )),
+        Prober::Grpc => Ok((
+            grpc::host_port(target, module.grpc.tls)
+                .map_err(|e| config(&e))?
+                .0
+                .to_string(),
+            module.grpc.preferred_ip_protocol,
+            module.grpc.ip_protocol_fallback,
         )),
     }
 }

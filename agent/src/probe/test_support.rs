@@ -12,6 +12,16 @@ pub(crate) fn module(prober: Prober) -> Module {
     serde_json::from_value(serde_json::json!({ "prober": prober.as_str() })).unwrap()
 }
 
+/// A module of `prober` with `options` (its section, as JSON), validated.
+pub(crate) fn module_with(prober: Prober, options: serde_json::Value) -> Module {
+    let m: Module = serde_json::from_value(
+        serde_json::json!({ "prober": prober.as_str(), prober.as_str(): options }),
+    )
+    .unwrap();
+    m.validate().unwrap();
+    m
+}
+
 pub(crate) fn ctx() -> ProbeContext {
     ProbeContext::from_system().unwrap()
 }

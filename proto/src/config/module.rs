@@ -12,6 +12,8 @@ pub enum Prober {
     Http,
     Tcp,
     Dns,
+    Icmp,
+    Grpc,
 }
 
 impl Prober {
@@ -20,6 +22,8 @@ impl Prober {
             Prober::Http => "http",
             Prober::Tcp => "tcp",
             Prober::Dns => "dns",
+            Prober::Icmp => "icmp",
+            Prober::Grpc => "grpc",
         }
     }
 }
@@ -37,6 +41,12 @@ pub struct Module {
     pub tcp: TcpProbe,
     #[serde(default)]
     pub dns: DnsProbe,
+    /// Left out of the JSON that carries a module to agents when unset, so that an
+    /// agent older than these probers still reads every other module.
+    #[serde(default, skip_serializing_if = "IcmpProbe::is_default")]
+    pub icmp: IcmpProbe,
+    #[serde(default, skip_serializing_if = "GrpcProbe::is_default")]
+    pub grpc: GrpcProbe,
     /// sonde's addition: probe every address of the target instead of the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_address: Option<PerAddress>,
@@ -390,6 +400,93 @@ pub struct DnsProbe {
     pub validate_additional_rrs: DnsRrValidator,
 }
 
+/// blackbox_exporter's `icmp` module: one echo request, one matching reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpProbe {
+    #[serde(default)]
+    pub preferred_ip_protocol: IpProtocol,
+    #[serde(default = "yes")]
+    pub ip_protocol_fallback: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip_address: Option<String>,
+    /// Bytes of echo data; 0 means blackbox_exporter's 28-byte "Prometheus Blackbox
+    /// Exporter". A larger payload starts with those bytes and is padded with zeros.
+    #[serde(default)]
+    pub payload_size: u32,
+    /// Set the IPv4 "don't fragment" bit, so that a payload larger than the path's MTU
+    /// fails instead of being fragmented. IPv6 never fragments on the way.
+    #[serde(default)]
+    pub dont_fragment: bool,
+    /// The request's TTL (IPv4) or hop limit (IPv6), 1 to 255.
+    #[serde(default = "default_icmp_ttl")]
+    pub ttl: u32,
+}
+
+fn default_icmp_ttl() -> u32 {
+    IcmpProbe::DEFAULT_TTL
+}
+
+impl IcmpProbe {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// blackbox_exporter's `DefaultICMPTTL`.
+    pub const DEFAULT_TTL: u32 = 64;
+    /// The most echo data an IPv6 packet carries (65535 - 8 bytes of ICMPv6 header);
+    /// over IPv4 it is 20 bytes less.
+    pub const MAX_PAYLOAD: u32 = 65_527;
+}
+
+impl Default for IcmpProbe {
+    fn default() -> Self {
+        Self {
+            preferred_ip_protocol: IpProtocol::Ip6,
+            ip_protocol_fallback: true,
+            source_ip_address: None,
+            payload_size: 0,
+            dont_fragment: false,
+            ttl: IcmpProbe::DEFAULT_TTL,
+        }
+    }
+}
+
+/// blackbox_exporter's `grpc` module: the gRPC health checking protocol's `Check`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcProbe {
+    /// The service asked about; empty asks about the server as a whole.
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub tls_config: TlsConfig,
+    #[serde(default)]
+    pub preferred_ip_protocol: IpProtocol,
+    #[serde(default = "yes")]
+    pub ip_protocol_fallback: bool,
+}
+
+impl GrpcProbe {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for GrpcProbe {
+    fn default() -> Self {
+        Self {
+            service: String::new(),
+            tls: false,
+            tls_config: TlsConfig::default(),
+            preferred_ip_protocol: IpProtocol::Ip6,
+            ip_protocol_fallback: true,
+        }
+    }
+}
+
 /// Regexes over the records of one section of a DNS reply, each record written as
 /// miekg/dns writes it (`name<TAB>ttl<TAB>class<TAB>type<TAB>data`).
 /// The semantics are blackbox_exporter's code, names notwithstanding:
@@ -659,6 +756,12 @@ pub enum ModuleError {
         "{prober}.tls_config.max_version: TLS 1.0 and 1.1 are not supported (the agent speaks TLS 1.2 and 1.3), use TLS12 or TLS13"
     )]
     TlsTooOld { prober: &'static str },
+    #[error("icmp.ttl: {0} is more than an IP header holds, use 1 to 255 (0: the default, 64)")]
+    IcmpTtl(u32),
+    #[error(
+        "icmp.payload_size: {0} bytes do not fit in one IP packet, use at most 65527 (65507 over IPv4)"
+    )]
+    IcmpPayload(u32),
     #[error("{prober}.tls_config: min_version is above max_version")]
     TlsMinAboveMax { prober: &'static str },
     #[error(
@@ -870,6 +973,16 @@ impl Module {
                 }
                 check_tls("dns", &self.dns.tls_config)?;
             }
+            Prober::Icmp => {
+                check_source_ip("icmp", &self.icmp.source_ip_address)?;
+                if self.icmp.ttl > 255 {
+                    return Err(ModuleError::IcmpTtl(self.icmp.ttl));
+                }
+                if self.icmp.payload_size > IcmpProbe::MAX_PAYLOAD {
+                    return Err(ModuleError::IcmpPayload(self.icmp.payload_size));
+                }
+            }
+            Prober::Grpc => check_tls("grpc", &self.grpc.tls_config)?,
         }
         Ok(())
     }
@@ -1111,6 +1224,27 @@ mod tests {
             .to_string(),
             "dns.source_ip_address: \"x\" is not an IP address (like 192.0.2.10 or 2001:db8::10)"
         );
+    }
+
+    #[test]
+    fn icmp_and_grpc_sections_travel_only_when_set() {
+        let http: Module = serde_json::from_str(r#"{"prober":"http"}"#).unwrap();
+        let json = serde_json::to_string(&http).unwrap();
+        assert!(!json.contains("icmp") && !json.contains("grpc"), "{json}");
+        let grpc: Module = serde_json::from_value(serde_json::json!({
+            "prober": "grpc", "grpc": {"service": "s", "tls": true}
+        }))
+        .unwrap();
+        let again: Module = serde_json::from_str(&serde_json::to_string(&grpc).unwrap()).unwrap();
+        assert_eq!(grpc, again);
+        let icmp: Module = serde_json::from_value(serde_json::json!({
+            "prober": "icmp", "icmp": {"ttl": 5, "dont_fragment": true}
+        }))
+        .unwrap();
+        let again: Module = serde_json::from_str(&serde_json::to_string(&icmp).unwrap()).unwrap();
+        assert_eq!(icmp, again);
+        assert_eq!(again.icmp.ttl, 5);
+        icmp.validate().unwrap();
     }
 
     #[test]
