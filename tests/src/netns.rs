@@ -3,7 +3,6 @@
 //! without touching the machine's own network. Removed when the guard drops.
 
 use crate::{Output, TestDir, require_tool, run};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -95,24 +94,25 @@ impl Netns {
 
     /// [`crate::http_get`] from inside the namespace: a thread that joins it first, so
     /// that a program listening on the namespace's loopback can be reached.
+    /// GET `url` from inside the namespace (curl, run there): (status, body).
     pub fn http_get(&self, url: &str) -> Result<(u16, String), String> {
-        let path = Path::new("/var/run/netns").join(&self.name);
-        let url = url.to_string();
-        std::thread::spawn(move || {
-            let ns =
-                std::fs::File::open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
-            // SAFETY: a valid namespace descriptor; only this thread changes namespace.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "setns {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                ));
-            }
-            crate::http_get(&url)
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the namespace's HTTP thread panicked".to_string()))
+        let out = self
+            .command(require_tool("curl", "curl"))
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
+            .output()
+            .map_err(|e| format!("curl {url}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "curl {url}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let status = status
+            .parse()
+            .map_err(|_| format!("curl {url}: no status in {text:?}"))?;
+        Ok((status, body.to_string()))
     }
 
     /// A veth pair from this namespace to `peer`, each end with its addresses (CIDR
