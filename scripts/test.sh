@@ -22,7 +22,8 @@ declare -A packages=(
   [chromium]=chromium       # renders the status pages (tests/tests/status_pages.rs)
   [ip]=iproute2             # network namespaces and veth pairs (tests/tests/failure_traces.rs, blackbox_parity_icmp_grpc.rs)
   [setpriv]=util-linux      # runs an agent as an unprivileged user (tests/tests/blackbox_parity_icmp_grpc.rs)
-  [curl]=curl               # reads /metrics raw (tests/tests/hostile_agents.rs)
+  [sysctl]=procps           # per-namespace settings (the same two tests)
+  [curl]=curl               # HTTP from inside a namespace (failure_traces.rs), raw /metrics (hostile_agents.rs)
 )
 # file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS
 # front) and mail module (SMTP with STARTTLS) of the side-by-side test
