@@ -16,9 +16,21 @@ pub struct Netns {
     scratch: TestDir,
 }
 
+/// Fails the test unless it runs as root: network namespaces, raw sockets and `setpriv`
+/// need it (CI runs the tests as root; elsewhere, `sudo -E cargo test`).
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "{what} needs root (network namespaces, raw sockets, setpriv); run the tests as root, as CI does"
+    );
+}
+
 impl Netns {
     /// `sonde-<tag>-<pid>`, so that parallel tests and runs never share one.
     pub fn new(tag: &str) -> Self {
+        require_root(&format!("the network namespace {tag}"));
         let name = format!("sonde-{tag}-{}", std::process::id());
         let _ = Command::new(ip()).args(["netns", "del", &name]).output();
         let ns = Self {

@@ -8,32 +8,16 @@
 //! namespaces these tests create. Root is needed for the namespaces and raw sockets: a
 //! test that is not root fails under CI and says so.
 
-use sonde_tests::netns::Netns;
+use sonde_tests::netns::{Netns, require_root};
 use sonde_tests::parity::{
     Case, Certs, assert_cases_agree, make_certs, start_blackbox, start_blackbox_with, wait_healthy,
 };
 use sonde_tests::{
     Scene, TestDir, free_port, http_get, repo_path, run, sonde_bin, start_agent, start_agent_with,
-    under_ci,
 };
 use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
-
-/// The namespaces, raw sockets and `setpriv` need root. Not root: a failure under CI,
-/// else a note and `false`.
-fn have_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        !under_ci(),
-        "{test} needs root (network namespaces, raw sockets, setpriv); CI runs the tests as root"
-    );
-    eprintln!("{test}: skipped, not root");
-    false
-}
 
 // ---------------------------------------------------------------------------------------
 // icmp
@@ -98,9 +82,7 @@ fn agent_config(modules: &str) -> String {
 
 #[test]
 fn icmp_side_by_side_on_loopback() {
-    if !have_root("icmp_side_by_side_on_loopback") {
-        return;
-    }
+    require_root("icmp_side_by_side_on_loopback");
     let mut scene = Scene::new("parity-icmp");
     let bb = start_blackbox(&mut scene, ICMP_MODULES);
     let agent = start_agent(&mut scene, "sonde-agent", &agent_config(ICMP_MODULES));
@@ -125,9 +107,7 @@ fn icmp_side_by_side_on_loopback() {
 /// one is seen to come from the reply.
 #[test]
 fn icmp_side_by_side_across_a_veth_pair() {
-    if !have_root("icmp_side_by_side_across_a_veth_pair") {
-        return;
-    }
+    require_root("icmp_side_by_side_across_a_veth_pair");
     let probers = Netns::new("icmp-p");
     let target = Netns::new("icmp-t");
     target.sysctl("net.ipv4.ip_default_ttl", "33");
@@ -173,9 +153,7 @@ fn icmp_side_by_side_across_a_veth_pair() {
 /// unprivileged user outside it gets neither, and an error that names the sysctl.
 #[test]
 fn icmp_unprivileged_raw_and_neither() {
-    if !have_root("icmp_unprivileged_raw_and_neither") {
-        return;
-    }
+    require_root("icmp_unprivileged_raw_and_neither");
     let setpriv = sonde_tests::require_tool("setpriv", "util-linux");
     let as_nobody = |ns: &Netns| -> Vec<String> {
         let mut w = ns.wrapper();
@@ -609,9 +587,8 @@ fn whole_blackbox_files_load_unchanged_and_run() {
         (&debian_agent, "icmp_ttl5", "::1".to_string()),
         (&example_agent, "icmp_example", "127.0.0.1".to_string()),
     ];
-    if have_root("whole_blackbox_files_load_unchanged_and_run (icmp)") {
-        runs.extend(icmp_runs);
-    }
+    require_root("whole_blackbox_files_load_unchanged_and_run (icmp)");
+    runs.extend(icmp_runs);
     for (agent, module, target) in runs {
         let (status, body) =
             http_get(&format!("{agent}/probe?module={module}&target={target}")).unwrap();
