@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use sonde_proto::config::{
     ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, Problems, PromDuration,
-    ResolvedJob, load_yaml_file_all, resolve_jobs_all, resolve_modules, validate_labels,
+    ResolvedJob, check_yaml_file, resolve_jobs_all, resolve_modules, validate_labels,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,10 +175,9 @@ impl AgentConfig {
     /// Loads and checks `file`, collecting every problem (errors and warnings, each
     /// with its place). The config is `Some` only when there is no error.
     pub fn check(file: &Path) -> (Option<Self>, Problems) {
-        let (raw, mut problems) = load_yaml_file_all::<AgentFile>(file);
-        let config = raw.map(|raw| Self::check_file(file, raw, &mut problems));
-        let config = config.filter(|_| problems.errors.is_empty());
-        (config, problems)
+        check_yaml_file(file, |raw: AgentFile, problems| {
+            Self::check_file(file, raw, problems)
+        })
     }
 
     /// An agent with no aggregators, no jobs and default settings, with the given id.

@@ -5,7 +5,7 @@ use crate::remote_write::config::RemoteWriteConfig;
 use serde::Deserialize;
 use sonde_proto::config::{
     ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, Problems, PromDuration,
-    ResolvedJob, load_yaml_file_all, resolve_jobs_all, resolve_modules,
+    ResolvedJob, check_yaml_file, resolve_jobs_all, resolve_modules,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -278,10 +278,9 @@ impl AggregatorConfig {
     /// Loads and checks `file`, collecting every problem (errors and warnings, each
     /// with its place). The config is `Some` only when there is no error.
     pub fn check(file: &Path) -> (Option<Self>, Problems) {
-        let (raw, mut problems) = load_yaml_file_all::<AggregatorFile>(file);
-        let config = raw.map(|raw| Self::check_file(file, raw, &mut problems));
-        let config = config.filter(|_| problems.errors.is_empty());
-        (config, problems)
+        check_yaml_file(file, |raw: AggregatorFile, problems| {
+            Self::check_file(file, raw, problems)
+        })
     }
 
     /// Checks what `file` says (already parsed); the first problem, if any.

@@ -16,8 +16,8 @@ pub use resolve::{
 };
 pub use units::{ByteSize, DurationError, PromDuration, SizeError};
 pub use yaml::{
-    ConfigError, Located, Location, Problems, from_yaml_str, load_yaml_file, load_yaml_file_all,
-    parse_yaml_all,
+    ConfigError, Located, Location, Problems, check_yaml_file, from_yaml_str, load_yaml_file,
+    load_yaml_file_all, parse_yaml_all,
 };
 
 use std::collections::BTreeMap;

@@ -222,6 +222,19 @@ pub fn parse_yaml_all<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T
     }
 }
 
+/// Reads and parses `file` as `R`, then checks it with `check`, which notes what it
+/// finds wrong: every problem, each with its place. The config is `Some` only when
+/// there is no error (a binary's `check`, shared by its loader and `check-config`).
+pub fn check_yaml_file<R: DeserializeOwned, C>(
+    file: &Path,
+    check: impl FnOnce(R, &mut Problems) -> C,
+) -> (Option<C>, Problems) {
+    let (raw, mut problems) = load_yaml_file_all::<R>(file);
+    let config = raw.map(|raw| check(raw, &mut problems));
+    let config = config.filter(|_| problems.errors.is_empty());
+    (config, problems)
+}
+
 /// Reads `file` and parses it with [`parse_yaml_all`].
 pub fn load_yaml_file_all<T: DeserializeOwned>(file: &Path) -> (Option<T>, Problems) {
     match std::fs::read_to_string(file) {
