@@ -39,6 +39,11 @@ const SYMBOL_OVERHEAD: usize = 40;
 const MAX_SHAPES: usize = 1024;
 const MAX_SHAPE_KEYS: usize = 1 << 18;
 
+/// What a sample's name and labels weigh against `fleet.limits.max_series_bytes`.
+pub fn sample_weight(name: &str, labels: &[(Symbol, Symbol)]) -> usize {
+    name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
+
 /// A sample's name and labels.
 pub type NameAndLabels = (Symbol, Vec<(Symbol, Symbol)>);
 /// A sample of a [`ResultSamples`]: name, labels, value.
@@ -97,7 +102,7 @@ impl ResultSamples {
     /// this result's own from then on.
     pub fn push(&mut self, (name, labels, value): crate::hub::ProbeSample) {
         let shape = Arc::make_mut(&mut self.shape);
-        shape.bytes += name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        shape.bytes += sample_weight(&name, &labels);
         shape.samples.push((name, labels));
         self.values.push(value);
     }
@@ -217,8 +222,7 @@ fn decode_shape(
     let mut kept = Vec::with_capacity(samples.len());
     for (i, s) in samples.iter().enumerate() {
         if let Some((name, labels)) = decode_sample(symbols, s, limits, &mut refusals)? {
-            shape.bytes +=
-                name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            shape.bytes += sample_weight(&name, &labels);
             shape.samples.push((name, labels));
             kept.push(i as u32);
         }

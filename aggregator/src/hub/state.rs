@@ -10,7 +10,7 @@
 use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
-use crate::fleet::decode::{ResultSamples, SampleRef, Shape, Symbol};
+use crate::fleet::decode::{ResultSamples, SampleRef, Shape, Symbol, sample_weight};
 use crate::history::{self, HistoryState};
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
@@ -1042,9 +1042,7 @@ impl State {
             (
                 kept.len(),
                 kept.iter()
-                    .map(|(name, labels, _)| {
-                        name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-                    })
+                    .map(|(name, labels, _)| sample_weight(name, labels))
                     .sum(),
             )
         };
