@@ -121,6 +121,10 @@ impl Store {
             .map_err(fail)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(fail)?;
+        // More statements than rusqlite's default 16 take turns on this connection (the
+        // queue's alone has 16, plus one per shard); a statement pushed out of the cache
+        // is parsed and planned again on its next use.
+        conn.set_prepared_statement_cache_capacity(128);
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(fail)?;

@@ -7,6 +7,8 @@
 //! - `block`: the queue's on-disk encoding (pure);
 //! - `queue`: the endpoint's durable queue in the aggregator's SQLite database: blocks,
 //!   cursors, the byte bound, recovery;
+//! - `tail`: the queue's newest blocks in memory, in request form, so that a shard that
+//!   keeps up does not read back what was just written;
 //! - `client`: the HTTP exchange and the sorting of responses;
 //! - `sender`: the shard tasks: batching, retries, backoff, splitting refused requests.
 //!
@@ -30,6 +32,7 @@ pub mod encode_v2;
 mod queue;
 mod request;
 mod sender;
+mod tail;
 
 pub use client::SendError;
 pub use config::{

@@ -53,7 +53,8 @@
 
 use super::block::{self, BlockBuilder};
 use super::config::{ProtobufMessage, QueueConfig, RemoteWriteError, fnv1a64};
-use super::request::{self, LabelsPb, SeriesBatch};
+use super::request::{self, LabelsPb, SeriesBatch, TimeSeriesFields};
+use super::tail::{Tail, TailBlock};
 use crate::series::{SampleSource, Series, SeriesLabels};
 use crate::store::{Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -89,17 +90,16 @@ fn insert_block(
     shard: usize,
     epoch: i64,
     block: BlockBuilder,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<i64> {
     let (n, bytes) = (block.len() as i64, block.bytes as i64);
-    insert.execute(params![
+    insert.insert(params![
         endpoint,
         shard as i64,
         epoch,
         n,
         bytes,
         block.finish(false)
-    ])?;
-    Ok(())
+    ])
 }
 
 /// The tables of every endpoint's queue, created on first use.
@@ -663,6 +663,11 @@ impl ShardHint {
 pub(crate) struct Shard {
     pub(crate) hint: Mutex<ShardHint>,
     pub(crate) wake: Notify,
+    /// The query for the shard's blocks, its endpoint and shard written in: SQLite
+    /// (built with STAT4) prepares a statement again whenever a value bound for an
+    /// indexed column changes, and one statement shared by the shards did so on every
+    /// read.
+    select: String,
 }
 
 /// What the producers and the shard tasks of one endpoint share.
@@ -686,6 +691,8 @@ pub(crate) struct Shared {
     /// showed it does not speak it).
     configured: ProtobufMessage,
     v2: AtomicBool,
+    /// The newest blocks in request form (see `tail`).
+    tail: Tail,
 }
 
 /// A point-in-time view of the queue for the status page and metrics.
@@ -720,11 +727,32 @@ struct Span {
     weights: Vec<u64>,
 }
 
+/// What one pass over a shard's blocks read.
+struct Read {
+    batch: Batch,
+    /// The shard had no more blocks.
+    reached_end: bool,
+    /// The epoch of the last block looked at.
+    last_epoch: Option<i64>,
+}
+
+/// A block's row without its data.
+struct BlockRow {
+    id: i64,
+    epoch: i64,
+    /// The shard's cursor in it.
+    first: u32,
+    samples: u32,
+}
+
 /// Samples of a shard about to be sent.
 pub(crate) struct Batch {
     spans: Vec<Span>,
-    /// The samples to send, grouped by series in order of first appearance.
+    /// The samples to send, grouped by series in order of first appearance (read from
+    /// the database)...
     pub(crate) series: Vec<SeriesBatch>,
+    /// ... or in request form (from the tail); one of the two is empty.
+    pub(crate) fields: TimeSeriesFields,
     /// Samples read, including those dropped on reading.
     pub(crate) scanned: u64,
     too_old: u64,
@@ -754,6 +782,12 @@ impl std::ops::Add for Tally {
             bytes: self.bytes + o.bytes,
         }
     }
+}
+
+/// A block an enqueue is filling, and the same samples in request form for the tail.
+struct OpenBlock {
+    block: BlockBuilder,
+    tail: Option<TailBlock>,
 }
 
 struct Eviction {
@@ -889,7 +923,7 @@ impl Shared {
         }
         let now = Instant::now();
         let shards = (0..shard_count)
-            .map(|_| {
+            .map(|i| {
                 let mut hint = ShardHint::default();
                 if queued_samples > 0 {
                     // Unknown split across shards: every shard reads once, which corrects it.
@@ -901,6 +935,11 @@ impl Shared {
                 Shard {
                     hint: Mutex::new(hint),
                     wake: Notify::new(),
+                    select: format!(
+                        "SELECT id, epoch, first, samples FROM rw_blocks
+                         WHERE endpoint = {endpoint_id} AND shard = {i} AND id > ?1
+                         ORDER BY id LIMIT ?2"
+                    ),
                 }
             })
             .collect();
@@ -928,6 +967,7 @@ impl Shared {
             }),
             configured: message,
             v2: AtomicBool::new(message == ProtobufMessage::RequestV2),
+            tail: Tail::default(),
         })
     }
 
@@ -980,6 +1020,7 @@ impl Shared {
         tx: &Transaction<'_>,
         samples: &S,
     ) -> rusqlite::Result<()> {
+        self.tail.discard_staged();
         if samples.sample_count() == 0 {
             return Ok(());
         }
@@ -1008,10 +1049,15 @@ impl Shared {
         let generation = cache.generation;
         let epoch = cache.epoch;
         let expected = (samples.sample_count() / shard_count + 1).min(per_block);
-        let mut open: Vec<BlockBuilder> = (0..shard_count)
-            .map(|_| BlockBuilder::with_capacity(expected))
-            .collect();
-        let mut full: Vec<(usize, BlockBuilder)> = Vec::new();
+        // The blocks in request form too, while the endpoint speaks 1.0 and the tail has
+        // room.
+        let tail = !self.v2.load(Ordering::Relaxed) && self.tail.has_room();
+        let new_block = || OpenBlock {
+            block: BlockBuilder::with_capacity(expected),
+            tail: tail.then(|| TailBlock::with_capacity(expected)),
+        };
+        let mut open: Vec<OpenBlock> = (0..shard_count).map(|_| new_block()).collect();
+        let mut full: Vec<(usize, OpenBlock)> = Vec::new();
         let mut dict: Vec<(u64, LabelsPb)> = Vec::new();
         for (series, timestamp_ms, value) in samples.each() {
             let Some((index, entry)) = cache.entry(
@@ -1042,9 +1088,12 @@ impl Shared {
             }
             let (shard, weight) = (entry.shard, entry.weight);
             let builder = &mut open[shard];
-            builder.push(entry.id, weight, timestamp_ms, value);
-            if builder.len() >= per_block {
-                full.push((shard, std::mem::take(builder)));
+            builder.block.push(entry.id, weight, timestamp_ms, value);
+            if let Some(tail) = &mut builder.tail {
+                tail.push(entry.id, &entry.labels, weight, timestamp_ms, value);
+            }
+            if builder.block.len() >= per_block {
+                full.push((shard, std::mem::replace(builder, new_block())));
             }
             added[shard] += 1;
             q_samples += 1;
@@ -1059,9 +1108,16 @@ impl Shared {
         }
         {
             let mut insert = tx.prepare_cached(INSERT_BLOCK)?;
-            let last = open.into_iter().enumerate().filter(|(_, b)| b.len() > 0);
+            let last = open
+                .into_iter()
+                .enumerate()
+                .filter(|(_, b)| b.block.len() > 0);
             for (shard, b) in full.into_iter().chain(last) {
-                insert_block(&mut insert, endpoint, shard, epoch, b)?;
+                let distinct = b.block.distinct_series();
+                let id = insert_block(&mut insert, endpoint, shard, epoch, b.block)?;
+                if let Some(tail) = b.tail.filter(|_| distinct) {
+                    self.tail.stage(id, tail);
+                }
             }
         }
         let evicted = if q_bytes as u64 > self.queue.max_queue_bytes.0 {
@@ -1178,6 +1234,7 @@ impl Shared {
                         *q_bytes -= bytes;
                         *q_samples -= i64::from(samples.saturating_sub(first));
                         out.dropped += u64::from(samples.saturating_sub(first));
+                        self.tail.remove(id);
                         delete.execute(params![id])?;
                         continue;
                     };
@@ -1195,6 +1252,7 @@ impl Shared {
                     i
                 };
                 if cut >= samples {
+                    self.tail.remove(id);
                     delete.execute(params![id])?;
                     deleted_epoch = Some(deleted_epoch.map_or(epoch, |e: i64| e.min(epoch)));
                 }
@@ -1225,8 +1283,10 @@ impl Shared {
         Ok(())
     }
 
-    /// After the caller's commit: lets the shard tasks look at what was queued.
+    /// After the commit of the transaction the last enqueue ran in: its blocks join the
+    /// tail, and the shard tasks look at what was queued.
     pub(crate) fn wake(&self) {
+        self.tail.publish();
         for shard in &self.shards {
             shard.wake.notify_one();
         }
@@ -1276,118 +1336,19 @@ impl Shared {
         } else {
             now_ms() - age_limit.as_millis() as i64
         };
-        let mut batch = Batch {
-            spans: Vec::new(),
-            series: Vec::new(),
-            scanned: 0,
-            too_old: 0,
-            damaged: 0,
+        let mut use_tail = !self.v2.load(Ordering::Relaxed);
+        // At most twice: a read without the tail always ends.
+        let read = loop {
+            if let Some(read) = self.read_blocks(shard, limit, cutoff, use_tail)? {
+                break read;
+            }
+            use_tail = false;
         };
-        // Grouped by series id: ids are never reused for other labels, and hashing an
-        // id is far cheaper than hashing the labels.
-        let mut index: block::IdMap<usize> = block::IdMap::with_capacity_and_hasher(
-            (limit as usize).min(1 << 14),
-            Default::default(),
-        );
-        let mut after = i64::MIN;
-        let mut reached_end = false;
-        let mut last_epoch = None;
-        'read: while batch.scanned < limit {
-            type Row = (i64, i64, i64, i64, Vec<u8>);
-            let rows: Vec<Row> = {
-                let conn = self.store.conn();
-                let mut select = conn.prepare_cached(
-                    "SELECT id, epoch, first, samples, data FROM rw_blocks
-                     WHERE endpoint = ?1 AND shard = ?2 AND id > ?3 ORDER BY id LIMIT ?4",
-                )?;
-                select
-                    .query_map(
-                        params![self.endpoint_id, shard as i64, after, BLOCKS_PER_READ],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                    )?
-                    .collect::<Result<_, _>>()?
-            };
-            let fetched = rows.len() as i64;
-            for (id, epoch, first, samples, data) in rows {
-                after = id;
-                last_epoch = Some(epoch);
-                let (first, samples) = (first.max(0) as u32, samples.max(0) as u32);
-                if first >= samples {
-                    continue;
-                }
-                let Ok(block) = block::decode(&data) else {
-                    // Unreadable: all of it goes (its weights unknown, the settlement
-                    // charges the block's bytes).
-                    let n = u64::from(samples - first);
-                    batch.scanned += n;
-                    batch.damaged += n;
-                    batch.spans.push(Span {
-                        block: id,
-                        epoch,
-                        from: first,
-                        to: samples,
-                        weights: Vec::new(),
-                    });
-                    if batch.scanned >= limit {
-                        break 'read;
-                    }
-                    continue;
-                };
-                let dict = self.dictionary(epoch, block.series.iter().map(|(id, _)| *id))?;
-                let labels_of = |id: u64| dict.get(&epoch).and_then(|(_, m)| m.get(&id));
-                let want = (limit - batch.scanned).min(u64::from(samples - first)) as u32;
-                let to = first + want;
-                let mut span = Span {
-                    block: id,
-                    epoch,
-                    from: first,
-                    to,
-                    weights: Vec::with_capacity(want as usize),
-                };
-                for i in first..to {
-                    batch.scanned += 1;
-                    let Some(&(s, ts, value)) = block.samples.get(i as usize) else {
-                        batch.damaged += 1;
-                        span.weights.push(0);
-                        continue;
-                    };
-                    let (id, weight) = block.series[s as usize];
-                    span.weights.push(weight);
-                    // A series already in the batch has its labels; a new one is
-                    // looked up once.
-                    let at = match index.get(&id) {
-                        Some(&at) => Some(at),
-                        None => match labels_of(id) {
-                            None => {
-                                batch.damaged += 1;
-                                continue;
-                            }
-                            Some(_) if ts < cutoff => None,
-                            Some(labels) => {
-                                batch.series.push(SeriesBatch {
-                                    labels: labels.clone(),
-                                    samples: request::Samples::default(),
-                                });
-                                index.insert(id, batch.series.len() - 1);
-                                Some(batch.series.len() - 1)
-                            }
-                        },
-                    };
-                    match at {
-                        Some(at) if ts >= cutoff => batch.series[at].samples.push((ts, value)),
-                        _ => batch.too_old += 1,
-                    }
-                }
-                batch.spans.push(span);
-                if batch.scanned >= limit {
-                    break 'read;
-                }
-            }
-            if fetched < BLOCKS_PER_READ {
-                reached_end = true;
-                break;
-            }
-        }
+        let Read {
+            batch,
+            reached_end,
+            last_epoch,
+        } = read;
         if batch.damaged > 0 {
             tracing::error!(remote_name = %self.name, samples = batch.damaged, "remote write queue: damaged blocks (or labels missing from the dictionary); their samples are dropped");
         }
@@ -1404,6 +1365,220 @@ impl Shared {
             hint.epoch = last_epoch;
         }
         Ok(batch)
+    }
+
+    /// Reads up to `limit` samples of `shard` from its cursor on, from the tail where
+    /// `use_tail` and the first block is there, else from the database. `None` when two
+    /// tail blocks hold samples of one series (read again without the tail).
+    fn read_blocks(
+        &self,
+        shard: usize,
+        limit: u64,
+        cutoff: i64,
+        use_tail: bool,
+    ) -> rusqlite::Result<Option<Read>> {
+        let mut batch = Batch {
+            spans: Vec::new(),
+            series: Vec::new(),
+            fields: TimeSeriesFields::default(),
+            scanned: 0,
+            too_old: 0,
+            damaged: 0,
+        };
+        // Grouped by series id: ids are never reused for other labels, and hashing an
+        // id is far cheaper than hashing the labels.
+        let mut index: block::IdMap<usize> = block::IdMap::default();
+        let mut after = i64::MIN;
+        let mut reached_end = false;
+        let mut last_epoch = None;
+        // A batch is in one form, set by its first block with samples left: request form
+        // from the tail, or grouped by series from the database.
+        let mut from_tail: Option<bool> = None;
+        let mut in_batch: block::IdSet = block::IdSet::default();
+        'read: while batch.scanned < limit {
+            type Row = (i64, i64, i64, i64);
+            let rows: Vec<Row> = {
+                let conn = self.store.conn();
+                let mut select = conn.prepare_cached(&self.shards[shard].select)?;
+                select
+                    .query_map(params![after, BLOCKS_PER_READ], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect::<Result<_, _>>()?
+            };
+            let fetched = rows.len() as i64;
+            for (id, epoch, first, samples) in rows {
+                let (first, samples) = (first.max(0) as u32, samples.max(0) as u32);
+                if first < samples {
+                    let tail = use_tail
+                        .then(|| self.tail.get(id))
+                        .flatten()
+                        .filter(|t| t.len() == samples as usize);
+                    match from_tail {
+                        None => from_tail = Some(tail.is_some()),
+                        // The rest is on disk only: the next batch reads it.
+                        Some(true) if tail.is_none() => break 'read,
+                        Some(_) => {}
+                    }
+                    let want = (limit - batch.scanned).min(u64::from(samples - first)) as u32;
+                    let span = match tail {
+                        Some(tail) if from_tail == Some(true) => {
+                            let range = first as usize..(first + want) as usize;
+                            // A series twice in a request goes as one `TimeSeries`, which
+                            // only the database's form makes.
+                            if tail.series[range].iter().any(|id| !in_batch.insert(*id)) {
+                                return Ok(None);
+                            }
+                            Self::take_from_tail(&mut batch, &tail, first, first + want, cutoff)
+                        }
+                        _ => {
+                            let row = BlockRow {
+                                id,
+                                epoch,
+                                first,
+                                samples,
+                            };
+                            self.take_from_disk(&mut batch, &mut index, row, want, cutoff)?
+                        }
+                    };
+                    batch.spans.push(Span {
+                        block: id,
+                        epoch,
+                        ..span
+                    });
+                }
+                after = id;
+                last_epoch = Some(epoch);
+                if batch.scanned >= limit {
+                    break 'read;
+                }
+            }
+            if fetched < BLOCKS_PER_READ {
+                reached_end = true;
+                break;
+            }
+        }
+        Ok(Some(Read {
+            batch,
+            reached_end,
+            last_epoch,
+        }))
+    }
+
+    /// Samples `from..to` of a block in the tail, copied in request form (those older
+    /// than `cutoff` left out). The span's block and epoch are the caller's to set.
+    fn take_from_tail(
+        batch: &mut Batch,
+        tail: &TailBlock,
+        from: u32,
+        to: u32,
+        cutoff: i64,
+    ) -> Span {
+        let (from_i, to_i) = (from as usize, to as usize);
+        if batch.fields.is_empty() {
+            let per_sample = tail.fields.write_request().len() / tail.len().max(1);
+            batch.fields =
+                TimeSeriesFields::with_capacity(to_i - from_i, per_sample * (to_i - from_i) * 2);
+        }
+        let mut run = from_i;
+        for i in from_i..to_i {
+            if tail.timestamps[i] < cutoff {
+                batch.fields.extend_from(&tail.fields, run..i);
+                run = i + 1;
+                batch.too_old += 1;
+            }
+        }
+        batch.fields.extend_from(&tail.fields, run..to_i);
+        batch.scanned += u64::from(to - from);
+        Span {
+            block: 0,
+            epoch: 0,
+            from,
+            to,
+            weights: tail.weights[from_i..to_i].to_vec(),
+        }
+    }
+
+    /// `want` samples of a block from its cursor on, read from the database and grouped
+    /// by series into `batch.series` (`index`: series id → its place there); all of a
+    /// damaged block.
+    fn take_from_disk(
+        &self,
+        batch: &mut Batch,
+        index: &mut block::IdMap<usize>,
+        row: BlockRow,
+        want: u32,
+        cutoff: i64,
+    ) -> rusqlite::Result<Span> {
+        let BlockRow {
+            id,
+            epoch,
+            first,
+            samples,
+        } = row;
+        let data: Vec<u8> = self
+            .store
+            .conn()
+            .prepare_cached("SELECT data FROM rw_blocks WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))?;
+        let Ok(block) = block::decode(&data) else {
+            // Unreadable: all of it goes (its weights unknown, the settlement charges the
+            // block's bytes).
+            let n = u64::from(samples - first);
+            batch.scanned += n;
+            batch.damaged += n;
+            return Ok(Span {
+                block: id,
+                epoch,
+                from: first,
+                to: samples,
+                weights: Vec::new(),
+            });
+        };
+        let dict = self.dictionary(epoch, block.series.iter().map(|(id, _)| *id))?;
+        let labels_of = |id: u64| dict.get(&epoch).and_then(|(_, m)| m.get(&id));
+        let to = first + want;
+        let mut span = Span {
+            block: id,
+            epoch,
+            from: first,
+            to,
+            weights: Vec::with_capacity(want as usize),
+        };
+        for i in first..to {
+            batch.scanned += 1;
+            let Some(&(s, ts, value)) = block.samples.get(i as usize) else {
+                batch.damaged += 1;
+                span.weights.push(0);
+                continue;
+            };
+            let (id, weight) = block.series[s as usize];
+            span.weights.push(weight);
+            // A series already in the batch has its labels; a new one is looked up once.
+            let at = match index.get(&id) {
+                Some(&at) => Some(at),
+                None => match labels_of(id) {
+                    None => {
+                        batch.damaged += 1;
+                        continue;
+                    }
+                    Some(_) if ts < cutoff => None,
+                    Some(labels) => {
+                        batch.series.push(SeriesBatch {
+                            labels: labels.clone(),
+                            samples: request::Samples::default(),
+                        });
+                        index.insert(id, batch.series.len() - 1);
+                        Some(batch.series.len() - 1)
+                    }
+                },
+            };
+            match at {
+                Some(at) if ts >= cutoff => batch.series[at].samples.push((ts, value)),
+                _ => batch.too_old += 1,
+            }
+        }
+        Ok(span)
     }
 
     /// A request is no longer on the wire: its samples evicted meanwhile are dropped.
@@ -1451,6 +1626,7 @@ impl Shared {
                         // A damaged block: all of it goes.
                         count += (samples - i64::from(from)).max(0);
                         sum += bytes;
+                        self.tail.remove(span.block);
                         delete.execute(params![span.block])?;
                         deleted_old |= span.epoch < current;
                         continue;
@@ -1461,6 +1637,7 @@ impl Shared {
                     count += i64::from(span.to - from);
                     sum += weight;
                     if i64::from(span.to) >= samples {
+                        self.tail.remove(span.block);
                         delete.execute(params![span.block])?;
                         deleted_old |= span.epoch < current;
                     } else {
@@ -1944,6 +2121,154 @@ mod tests {
         );
         assert_eq!(shared.snapshot().counters.dropped_out_of_order, 0);
         assert_eq!(shared.snapshot().queued_samples, 3);
+    }
+
+    /// A sample as a request carries it: labels, timestamp, the value's bits.
+    type Sent = (Vec<(String, String)>, i64, u64);
+
+    /// Every sample a batch would send, in request order.
+    fn batch_samples(batch: &Batch) -> Vec<Sent> {
+        let body = if batch.fields.is_empty() {
+            request::write_request_v1(&batch.series)
+        } else {
+            batch.fields.write_request().to_vec()
+        };
+        let request: sonde_proto::prompb::WriteRequest = prost::Message::decode(&body[..]).unwrap();
+        request
+            .timeseries
+            .iter()
+            .flat_map(|ts| {
+                let labels: Vec<(String, String)> = ts
+                    .labels
+                    .iter()
+                    .map(|l| (l.name.clone(), l.value.clone()))
+                    .collect();
+                ts.samples
+                    .iter()
+                    .map(move |s| (labels.clone(), s.timestamp, s.value.to_bits()))
+            })
+            .collect()
+    }
+
+    fn one_shard() -> QueueConfig {
+        QueueConfig {
+            max_shards: 1,
+            ..QueueConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_shard_that_keeps_up_sends_from_the_tail_what_the_database_holds() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        // One block per request: two blocks of the same series in one request would be
+        // read from the database (see the next test).
+        let q = QueueConfig {
+            max_samples_per_send: 30,
+            ..one_shard()
+        };
+        let shared = open(&store, &q);
+        let wave = |ts: i64| -> Vec<Sample> {
+            (0..30)
+                .map(|i| {
+                    Sample::from_pairs(
+                        &[
+                            ("__name__", "probe_success"),
+                            ("instance", &format!("t{i}")),
+                        ],
+                        ts,
+                        if i % 3 == 0 { -0.0 } else { i as f64 / 7.0 },
+                    )
+                })
+                .collect()
+        };
+        store
+            .transaction(|tx| shared.enqueue(tx, &wave(1000)))
+            .unwrap();
+        shared.wake();
+        store
+            .transaction(|tx| shared.enqueue(tx, &wave(0)))
+            .unwrap();
+        shared.wake();
+        store
+            .transaction(|tx| shared.enqueue(tx, &wave(2000)))
+            .unwrap();
+        shared.wake();
+        assert_eq!(
+            shared.tail.len(),
+            2,
+            "two blocks (the wave at 0 is out of order)"
+        );
+
+        let from_tail = shared.read_batch(0).unwrap();
+        assert!(from_tail.series.is_empty() && from_tail.fields.len() == 30);
+        // The same samples, read back from the database by a queue that has no tail yet.
+        let from_disk = open(&store, &q).read_batch(0).unwrap();
+        assert!(from_disk.fields.is_empty() && from_disk.series.len() == 30);
+        assert_eq!(batch_samples(&from_tail), batch_samples(&from_disk));
+
+        shared.settle(0, &from_tail, Tally::default()).unwrap();
+        assert_eq!(shared.tail.len(), 1, "a settled block leaves the tail");
+        let second = shared.read_batch(0).unwrap();
+        assert_eq!(second.fields.len(), 30);
+        assert!(batch_samples(&second).iter().all(|(_, ts, _)| *ts == 2000));
+        shared.settle(0, &second, Tally::default()).unwrap();
+        assert_eq!(shared.tail.len(), 0);
+        assert_eq!(shared.read_batch(0).unwrap().scanned, 0);
+    }
+
+    #[test]
+    fn a_series_twice_in_a_batch_is_read_from_the_database() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let shared = open(&store, &one_shard());
+        for ts in [1, 2] {
+            store
+                .transaction(|tx| shared.enqueue(tx, &[sample("a", ts), sample("b", ts)]))
+                .unwrap();
+            shared.wake();
+        }
+        let batch = shared.read_batch(0).unwrap();
+        assert!(batch.fields.is_empty());
+        assert_eq!(batch.series.len(), 2, "one TimeSeries per series");
+        assert_eq!(batch.scanned, 4);
+    }
+
+    #[test]
+    fn the_tail_holds_only_committed_blocks() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let shared = open(&store, &one_shard());
+        let r = store.transaction(|tx| {
+            shared.enqueue(tx, &[sample("gone", 1)])?;
+            tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
+            Ok(())
+        });
+        assert!(r.is_err());
+        // The rolled-back block's id is the next block's: the tail must not mix them up.
+        store
+            .transaction(|tx| shared.enqueue(tx, &[sample("kept", 2)]))
+            .unwrap();
+        shared.wake();
+        let batch = shared.read_batch(0).unwrap();
+        let got = batch_samples(&batch);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, l(&[("__name__", "kept")]));
+        assert_eq!(shared.tail.len(), 1);
+    }
+
+    #[test]
+    fn a_block_evicted_by_its_own_enqueue_never_reaches_the_tail() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let q = QueueConfig {
+            max_shards: 1,
+            max_queue_bytes: sonde_proto::config::ByteSize(1),
+            ..QueueConfig::default()
+        };
+        let shared = open(&store, &q);
+        store
+            .transaction(|tx| shared.enqueue(tx, &[sample("a", 1)]))
+            .unwrap();
+        shared.wake();
+        assert_eq!(shared.tail.len(), 0);
+        assert_eq!(shared.snapshot().counters.dropped_queue_full, 1);
     }
 
     #[test]

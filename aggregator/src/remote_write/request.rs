@@ -7,6 +7,7 @@
 //! request is those bytes copied plus 12 bytes or so per sample. A 2.0 body interns
 //! strings per request, so it goes through [`encode_v2`] with the labels decoded again.
 
+use super::config::ProtobufMessage;
 use super::encode::{EncodeError, Series};
 use super::encode_v2;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ impl Samples {
         usize::from(self.first.is_some()) + self.rest.len()
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &(i64, f64)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(i64, f64)> + Clone {
         self.first.iter().chain(self.rest.iter())
     }
 }
@@ -133,55 +134,198 @@ pub(crate) fn parse_labels_pb(pb: &[u8]) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
+/// The bytes of one 1.0 `Sample` (value, timestamp), each field left out when zero as
+/// protobuf writers do (a negative zero is kept: its sign is data).
+fn sample_len(ts: i64, value: f64) -> usize {
+    let value_len = if value.to_bits() == 0 { 0 } else { 9 };
+    let ts_len = if ts == 0 {
+        0
+    } else {
+        1 + varint_len(ts as u64)
+    };
+    value_len + ts_len
+}
+
+/// The bytes of a `TimeSeries` with `labels` and `samples`, without its own tag and length.
+fn timeseries_len(labels: &[u8], samples: impl Iterator<Item = (i64, f64)>) -> usize {
+    labels.len()
+        + samples
+            .map(|(ts, value)| {
+                let n = sample_len(ts, value);
+                1 + varint_len(n as u64) + n
+            })
+            .sum::<usize>()
+}
+
+/// Appends field 1 of a `WriteRequest`: one `TimeSeries` with `labels` and `samples`.
+fn put_timeseries<I>(out: &mut Vec<u8>, labels: &[u8], samples: I)
+where
+    I: Iterator<Item = (i64, f64)> + Clone,
+{
+    out.push(0x0a);
+    put_varint(out, timeseries_len(labels, samples.clone()) as u64);
+    out.extend_from_slice(labels);
+    for (ts, value) in samples {
+        out.push(0x12);
+        put_varint(out, sample_len(ts, value) as u64);
+        if value.to_bits() != 0 {
+            out.push(0x09);
+            out.extend_from_slice(&value.to_bits().to_le_bytes());
+        }
+        if ts != 0 {
+            out.push(0x10);
+            put_varint(out, ts as u64);
+        }
+    }
+}
+
 /// The uncompressed 1.0 `WriteRequest` for `series`.
 pub(crate) fn write_request_v1(series: &[SeriesBatch]) -> Vec<u8> {
-    // A sample is (0x09 + 8 bytes value) + (0x10 + varint timestamp), each left out when
-    // zero as protobuf writers do (a negative zero is kept: its sign is data).
-    let sample_len = |ts: i64, value: f64| {
-        let value_len = if value.to_bits() == 0 { 0 } else { 9 };
-        let ts_len = if ts == 0 {
-            0
-        } else {
-            1 + varint_len(ts as u64)
-        };
-        value_len + ts_len
-    };
-    let series_len = |s: &SeriesBatch| {
-        s.labels.len()
-            + s.samples
-                .iter()
-                .map(|&(ts, value)| {
-                    let n = sample_len(ts, value);
-                    1 + varint_len(n as u64) + n
-                })
-                .sum::<usize>()
-    };
     let total: usize = series
         .iter()
         .map(|s| {
-            let n = series_len(s);
+            let n = timeseries_len(&s.labels, s.samples.iter().copied());
             1 + varint_len(n as u64) + n
         })
         .sum();
     let mut out = Vec::with_capacity(total);
     for s in series {
-        out.push(0x0a);
-        put_varint(&mut out, series_len(s) as u64);
-        out.extend_from_slice(&s.labels);
-        for &(ts, value) in s.samples.iter() {
-            out.push(0x12);
-            put_varint(&mut out, sample_len(ts, value) as u64);
-            if value.to_bits() != 0 {
-                out.push(0x09);
-                out.extend_from_slice(&value.to_bits().to_le_bytes());
-            }
-            if ts != 0 {
-                out.push(0x10);
-                put_varint(&mut out, ts as u64);
-            }
-        }
+        put_timeseries(&mut out, &s.labels, s.samples.iter().copied());
     }
     out
+}
+
+/// Whole `TimeSeries` fields of a 1.0 `WriteRequest`, one per sample, back to back: the
+/// form the queue's newest blocks wait in (see `tail`), so that a request made of them is
+/// their bytes copied, and compressed. One series per sample is what Prometheus itself
+/// sends; receivers take the samples of a series in the order of its fields.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct TimeSeriesFields {
+    bytes: Vec<u8>,
+    /// Where each field ends in `bytes`.
+    ends: Vec<u32>,
+}
+
+impl TimeSeriesFields {
+    pub(crate) fn with_capacity(fields: usize, bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(fields),
+        }
+    }
+
+    /// Appends the field of one sample of the series with `labels` ([`labels_pb`]).
+    pub(crate) fn push(&mut self, labels: &[u8], ts: i64, value: f64) {
+        put_timeseries(&mut self.bytes, labels, std::iter::once((ts, value)));
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    /// Appends the fields `range` of `other`.
+    pub(crate) fn extend_from(&mut self, other: &TimeSeriesFields, range: std::ops::Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        let start = other.start(range.start);
+        let end = other.ends[range.end - 1] as usize;
+        let shift = self.bytes.len() as i64 - start as i64;
+        self.bytes.extend_from_slice(&other.bytes[start..end]);
+        self.ends.extend(
+            other.ends[range]
+                .iter()
+                .map(|&e| (i64::from(e) + shift) as u32),
+        );
+    }
+
+    fn start(&self, field: usize) -> usize {
+        if field == 0 {
+            0
+        } else {
+            self.ends[field - 1] as usize
+        }
+    }
+
+    /// The number of fields (samples).
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// What the fields hold on the heap.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * 4
+    }
+
+    /// Splits off the fields from `at` on.
+    fn split_off(&mut self, at: usize) -> Self {
+        let mut right = Self::default();
+        right.extend_from(self, at..self.len());
+        self.bytes.truncate(self.start(at));
+        self.ends.truncate(at);
+        right
+    }
+
+    /// The uncompressed 1.0 `WriteRequest` of these fields: their bytes.
+    pub(crate) fn write_request(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The samples of one request, in one of the two forms a shard reads them in.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Payload {
+    /// Grouped by series: read back from the database, for either message.
+    Series(Vec<SeriesBatch>),
+    /// In request form already (from the queue's tail in memory); 1.0 only.
+    Fields(TimeSeriesFields),
+}
+
+impl Payload {
+    /// The samples it carries.
+    pub(crate) fn samples(&self) -> u64 {
+        match self {
+            Payload::Series(series) => series.iter().map(|s| s.samples.len() as u64).sum(),
+            Payload::Fields(fields) => fields.len() as u64,
+        }
+    }
+
+    /// The units a refused request is split into: series, or fields.
+    pub(crate) fn parts(&self) -> usize {
+        match self {
+            Payload::Series(series) => series.len(),
+            Payload::Fields(fields) => fields.len(),
+        }
+    }
+
+    /// Splits off the parts from `at` on.
+    pub(crate) fn split_off(&mut self, at: usize) -> Payload {
+        match self {
+            Payload::Series(series) => Payload::Series(series.split_off(at)),
+            Payload::Fields(fields) => Payload::Fields(fields.split_off(at)),
+        }
+    }
+
+    /// The compressed body and the message it is. Fields are always 1.0: they are made
+    /// only while the endpoint speaks 1.0, and a 2.0 endpoint never goes back to it.
+    pub(crate) fn encode(
+        &self,
+        message: ProtobufMessage,
+    ) -> Result<(Vec<u8>, ProtobufMessage), EncodeError> {
+        match (self, message) {
+            (Payload::Series(series), ProtobufMessage::WriteRequestV1) => {
+                Ok((encode_v1(series)?, message))
+            }
+            (Payload::Series(series), ProtobufMessage::RequestV2) => {
+                Ok((encode_v2(series)?, message))
+            }
+            (Payload::Fields(fields), _) => Ok((
+                compress(fields.write_request())?,
+                ProtobufMessage::WriteRequestV1,
+            )),
+        }
+    }
 }
 
 fn compress(raw: &[u8]) -> Result<Vec<u8>, EncodeError> {
@@ -270,6 +414,51 @@ mod tests {
         let series = vec![batch(&[("__name__", "up"), ("job", "a")], &[(1000, 1.0)])];
         let request = encode_v2::decode(&encode_v2(&series).unwrap()).unwrap();
         assert_eq!(encode_v2::resolve(&request).unwrap(), to_series(&series));
+    }
+
+    #[test]
+    fn fields_are_the_request_of_one_sample_per_series_and_split_anywhere() {
+        let series: Vec<SeriesBatch> = (0..7)
+            .map(|i| {
+                batch(
+                    &[("__name__", "up"), ("instance", &format!("t{i}"))],
+                    &[(1000 + i, i as f64 - 3.0)],
+                )
+            })
+            .collect();
+        let mut fields = TimeSeriesFields::default();
+        for s in &series {
+            let &(ts, value) = s.samples.iter().next().unwrap();
+            fields.push(&s.labels, ts, value);
+        }
+        assert_eq!(fields.write_request(), write_request_v1(&series));
+        for at in 0..=series.len() {
+            let mut left = Payload::Fields(fields.clone());
+            let right = left.split_off(at);
+            let (Payload::Fields(l), Payload::Fields(r)) = (&left, &right) else {
+                unreachable!()
+            };
+            assert_eq!(l.write_request(), write_request_v1(&series[..at]));
+            assert_eq!(r.write_request(), write_request_v1(&series[at..]));
+            assert_eq!(left.samples() + right.samples(), 7);
+        }
+        let mut some = TimeSeriesFields::default();
+        some.extend_from(&fields, 2..4);
+        some.extend_from(&fields, 5..7);
+        let want: Vec<SeriesBatch> = [&series[2..4], &series[5..7]].concat();
+        assert_eq!(some.write_request(), write_request_v1(&want));
+        let (body, message) = Payload::Fields(some)
+            .encode(ProtobufMessage::RequestV2)
+            .unwrap();
+        assert_eq!(
+            message,
+            ProtobufMessage::WriteRequestV1,
+            "fields are always 1.0"
+        );
+        assert_eq!(
+            snap::raw::Decoder::new().decompress_vec(&body).unwrap(),
+            write_request_v1(&want)
+        );
     }
 
     proptest! {

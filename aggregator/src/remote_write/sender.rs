@@ -15,7 +15,7 @@
 use super::client::{Client, SendError};
 use super::config::ProtobufMessage;
 use super::queue::{Shared, Tally, lock};
-use super::request::{self, SeriesBatch};
+use super::request::Payload;
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::future::Future;
@@ -185,7 +185,7 @@ impl ShardSender {
                     BatchEnd::Done
                 };
             }
-            if batch.series.is_empty() {
+            if batch.series.is_empty() && batch.fields.is_empty() {
                 // Everything read is to be dropped (too old, damaged): settle and read on.
                 if let Err(e) = self.shared.settle(self.shard, &batch, Tally::default()) {
                     tracing::error!(remote_name = %self.shared.name, error = %e, "remote write queue: removing dropped samples failed");
@@ -199,9 +199,13 @@ impl ShardSender {
                 }
                 continue;
             }
-            let series = std::mem::take(&mut batch.series);
-            let mut budget = split_budget(series.len());
-            match self.deliver(client, stop, series, true, &mut budget).await {
+            let payload = if batch.fields.is_empty() {
+                Payload::Series(std::mem::take(&mut batch.series))
+            } else {
+                Payload::Fields(std::mem::take(&mut batch.fields))
+            };
+            let mut budget = split_budget(payload.parts());
+            match self.deliver(client, stop, payload, true, &mut budget).await {
                 Delivered::Stopped => {
                     self.shared.release_in_flight(self.shard);
                     return BatchEnd::Stopped;
@@ -224,7 +228,7 @@ impl ShardSender {
         }
     }
 
-    /// Sends `series` until it is stored or refused. A retryable failure of the whole
+    /// Sends `payload` until it is stored or refused. A retryable failure of the whole
     /// batch (`top`) goes back to the caller, which reads the batch again after the pause;
     /// the halves of a split batch are retried here. An HTTP 400 on several series splits
     /// them while `budget` lasts: the receiver refuses a whole request for one bad sample.
@@ -232,21 +236,16 @@ impl ShardSender {
         &'a mut self,
         client: &'a mut Client,
         stop: &'a mut watch::Receiver<Option<Instant>>,
-        mut series: Vec<SeriesBatch>,
+        mut payload: Payload,
         top: bool,
         budget: &'a mut u32,
     ) -> Pin<Box<dyn Future<Output = Delivered> + Send + 'a>> {
         Box::pin(async move {
-            let n: u64 = series.iter().map(|s| s.samples.len() as u64).sum();
+            let n = payload.samples();
             let mut attempt = 0u32;
             loop {
-                let message = self.shared.message();
-                let encoded = match message {
-                    ProtobufMessage::WriteRequestV1 => request::encode_v1(&series),
-                    ProtobufMessage::RequestV2 => request::encode_v2(&series),
-                };
-                let body = match encoded {
-                    Ok(body) => Bytes::from(body),
+                let (body, message) = match payload.encode(self.shared.message()) {
+                    Ok((body, message)) => (Bytes::from(body), message),
                     Err(e) => {
                         self.record_error(e.to_string());
                         tracing::error!(remote_name = %self.shared.name, url = %self.shared.url, error = %e, "dropping a batch that cannot be encoded");
@@ -289,11 +288,11 @@ impl ShardSender {
                     Err(SendError::Rejected { status, message }) => {
                         let error = format!("HTTP {status}: {message}");
                         self.record_error(error.clone());
-                        if status == 400 && series.len() > 1 && *budget >= 2 {
+                        if status == 400 && payload.parts() > 1 && *budget >= 2 {
                             *budget -= 2;
-                            tracing::debug!(remote_name = %self.shared.name, series = series.len(), error = %error, "request refused; splitting it to isolate the refused series");
-                            let right = series.split_off(series.len() / 2);
-                            let a = self.deliver(client, stop, series, false, budget).await;
+                            tracing::debug!(remote_name = %self.shared.name, series = payload.parts(), error = %error, "request refused; splitting it to isolate the refused series");
+                            let right = payload.split_off(payload.parts() / 2);
+                            let a = self.deliver(client, stop, payload, false, budget).await;
                             let b = match a {
                                 Delivered::Stopped => return Delivered::Stopped,
                                 _ => self.deliver(client, stop, right, false, budget).await,
