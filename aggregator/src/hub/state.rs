@@ -1301,7 +1301,8 @@ impl State {
     }
 
     fn evaluate_all(&mut self, now_ms: i64, ch: &mut Changes) {
-        let keys: Vec<_> = self.entries.keys().cloned().collect();
+        // The entries' shared keys: every target, every second, without copying strings.
+        let keys: Vec<Arc<TargetKey>> = self.entries.values().map(|e| e.key.clone()).collect();
         for key in keys {
             self.evaluate(&key, now_ms, false, ch);
         }
@@ -1406,25 +1407,27 @@ impl State {
     /// Whether job `name` is missing now (see [`merge::job_missing`]), and how many
     /// targets it has (configured, or seen for local jobs).
     fn job_is_missing(&self, name: &str, now_ms: i64) -> (bool, usize) {
-        let states: Vec<TargetState> = self
-            .entries
-            .range((name.to_string(), String::new())..)
-            .take_while(|(k, _)| k.0 == name)
-            .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
-            .collect();
+        let entries = || {
+            self.entries
+                .range((name.to_string(), String::new())..)
+                .take_while(|(k, _)| k.0 == name)
+        };
+        let with_entry = entries().count();
         let configured_targets = self.configured_targets(name);
         let expected_since = self.jobs.get(name).map_or(now_ms, |j| j.expected_since_ms);
         // Configured targets with no entry yet have no fresh result either.
         let missing = merge::job_missing(
-            states.iter().copied().chain(std::iter::repeat_n(
-                TargetState::Missing,
-                configured_targets.saturating_sub(states.len()),
-            )),
+            entries()
+                .map(|(_, e)| e.merged.map_or(TargetState::Missing, |m| m.state))
+                .chain(std::iter::repeat_n(
+                    TargetState::Missing,
+                    configured_targets.saturating_sub(with_entry),
+                )),
             expected_since,
             now_ms,
             self.config.missing_after,
         );
-        (missing, configured_targets.max(states.len()))
+        (missing, configured_targets.max(with_entry))
     }
 
     /// Per-job and per-agent series: missing jobs, target counts, agent liveness.
