@@ -41,8 +41,6 @@ impl Hasher for IdHasher {
 
 /// A map keyed by series id.
 pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
-/// A set of series ids.
-pub(crate) type IdSet = std::collections::HashSet<u64, BuildHasherDefault<IdHasher>>;
 
 /// Format byte: the body follows as is.
 pub(crate) const RAW: u8 = 1;
@@ -112,11 +110,6 @@ impl BlockBuilder {
 
     pub(crate) fn len(&self) -> usize {
         self.sample_count as usize
-    }
-
-    /// True when no series has two samples in the block.
-    pub(crate) fn distinct_series(&self) -> bool {
-        self.series_count == self.sample_count
     }
 
     /// The blob to store, compressed when `compress`.

@@ -1090,7 +1090,7 @@ impl Shared {
             let builder = &mut open[shard];
             builder.block.push(entry.id, weight, timestamp_ms, value);
             if let Some(tail) = &mut builder.tail {
-                tail.push(entry.id, &entry.labels, weight, timestamp_ms, value);
+                tail.push(&entry.labels, weight, timestamp_ms, value);
             }
             if builder.block.len() >= per_block {
                 full.push((shard, std::mem::replace(builder, new_block())));
@@ -1113,9 +1113,8 @@ impl Shared {
                 .enumerate()
                 .filter(|(_, b)| b.block.len() > 0);
             for (shard, b) in full.into_iter().chain(last) {
-                let distinct = b.block.distinct_series();
                 let id = insert_block(&mut insert, endpoint, shard, epoch, b.block)?;
-                if let Some(tail) = b.tail.filter(|_| distinct) {
+                if let Some(tail) = b.tail {
                     self.tail.stage(id, tail);
                 }
             }
@@ -1336,14 +1335,8 @@ impl Shared {
         } else {
             now_ms() - age_limit.as_millis() as i64
         };
-        let mut use_tail = !self.v2.load(Ordering::Relaxed);
-        // At most twice: a read without the tail always ends.
-        let read = loop {
-            if let Some(read) = self.read_blocks(shard, limit, cutoff, use_tail)? {
-                break read;
-            }
-            use_tail = false;
-        };
+        let use_tail = !self.v2.load(Ordering::Relaxed);
+        let read = self.read_blocks(shard, limit, cutoff, use_tail)?;
         let Read {
             batch,
             reached_end,
@@ -1368,15 +1361,14 @@ impl Shared {
     }
 
     /// Reads up to `limit` samples of `shard` from its cursor on, from the tail where
-    /// `use_tail` and the first block is there, else from the database. `None` when two
-    /// tail blocks hold samples of one series (read again without the tail).
+    /// `use_tail` and the first block is there, else from the database.
     fn read_blocks(
         &self,
         shard: usize,
         limit: u64,
         cutoff: i64,
         use_tail: bool,
-    ) -> rusqlite::Result<Option<Read>> {
+    ) -> rusqlite::Result<Read> {
         let mut batch = Batch {
             spans: Vec::new(),
             series: Vec::new(),
@@ -1394,7 +1386,6 @@ impl Shared {
         // A batch is in one form, set by its first block with samples left: request form
         // from the tail, or grouped by series from the database.
         let mut from_tail: Option<bool> = None;
-        let mut in_batch: block::IdSet = block::IdSet::default();
         'read: while batch.scanned < limit {
             type Row = (i64, i64, i64, i64);
             let rows: Vec<Row> = {
@@ -1423,12 +1414,6 @@ impl Shared {
                     let want = (limit - batch.scanned).min(u64::from(samples - first)) as u32;
                     let span = match tail {
                         Some(tail) if from_tail == Some(true) => {
-                            let range = first as usize..(first + want) as usize;
-                            // A series twice in a request goes as one `TimeSeries`, which
-                            // only the database's form makes.
-                            if tail.series[range].iter().any(|id| !in_batch.insert(*id)) {
-                                return Ok(None);
-                            }
                             Self::take_from_tail(&mut batch, &tail, first, first + want, cutoff)
                         }
                         _ => {
@@ -1458,11 +1443,11 @@ impl Shared {
                 break;
             }
         }
-        Ok(Some(Read {
+        Ok(Read {
             batch,
             reached_end,
             last_epoch,
-        }))
+        })
     }
 
     /// Samples `from..to` of a block in the tail, copied in request form (those older
@@ -2217,7 +2202,7 @@ mod tests {
     }
 
     #[test]
-    fn a_series_twice_in_a_batch_is_read_from_the_database() {
+    fn a_series_twice_in_a_request_from_the_tail_is_a_timeseries_per_sample() {
         let store = Arc::new(Store::in_memory().unwrap());
         let shared = open(&store, &one_shard());
         for ts in [1, 2] {
@@ -2227,9 +2212,17 @@ mod tests {
             shared.wake();
         }
         let batch = shared.read_batch(0).unwrap();
-        assert!(batch.fields.is_empty());
-        assert_eq!(batch.series.len(), 2, "one TimeSeries per series");
-        assert_eq!(batch.scanned, 4);
+        assert!(batch.series.is_empty());
+        assert_eq!(batch.fields.len(), 4, "as Prometheus sends them");
+        let ts: Vec<i64> = batch_samples(&batch).iter().map(|s| s.1).collect();
+        assert_eq!(ts, [1, 1, 2, 2]);
+        // Split by series when refused.
+        let request::Payload::Series(series) = request::Payload::Fields(batch.fields).grouped()
+        else {
+            panic!("not grouped")
+        };
+        assert_eq!(series.len(), 2);
+        assert!(series.iter().all(|s| s.samples.len() == 2));
     }
 
     #[test]

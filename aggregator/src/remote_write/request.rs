@@ -10,6 +10,7 @@
 use super::config::ProtobufMessage;
 use super::encode::{EncodeError, Series};
 use super::encode_v2;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The labels of one series as they sit inside a 1.0 `TimeSeries`: field 1 (`Label`)
@@ -271,6 +272,68 @@ impl TimeSeriesFields {
     pub(crate) fn write_request(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// The same samples grouped by series, in order of first appearance; `None` if a
+    /// field is not what [`TimeSeriesFields::push`] writes.
+    pub(crate) fn to_series(&self) -> Option<Vec<SeriesBatch>> {
+        let mut out: Vec<SeriesBatch> = Vec::new();
+        let mut index: HashMap<&[u8], usize> = HashMap::new();
+        for i in 0..self.len() {
+            let field = &self.bytes[self.start(i)..self.ends[i] as usize];
+            let (labels, sample) = split_field(field)?;
+            let at = *index.entry(labels).or_insert_with(|| {
+                out.push(SeriesBatch {
+                    labels: labels.into(),
+                    samples: Samples::default(),
+                });
+                out.len() - 1
+            });
+            out[at].samples.push(sample);
+        }
+        Some(out)
+    }
+}
+
+/// A field [`TimeSeriesFields::push`] wrote: its labels' bytes and its one sample.
+fn split_field(field: &[u8]) -> Option<(&[u8], (i64, f64))> {
+    let mut pos = 0;
+    if *field.first()? != 0x0a {
+        return None;
+    }
+    pos += 1;
+    let len = usize::try_from(get_varint(field, &mut pos)?).ok()?;
+    let body = field.get(pos..pos.checked_add(len)?)?;
+    // The labels (field 1, repeated), then the sample (field 2).
+    let mut at = 0;
+    while *body.get(at)? == 0x0a {
+        at += 1;
+        let n = usize::try_from(get_varint(body, &mut at)?).ok()?;
+        at = at.checked_add(n)?;
+    }
+    let labels = body.get(..at)?;
+    if *body.get(at)? != 0x12 {
+        return None;
+    }
+    at += 1;
+    let n = usize::try_from(get_varint(body, &mut at)?).ok()?;
+    let sample = body.get(at..at.checked_add(n)?)?;
+    let (mut ts, mut value) = (0i64, 0f64);
+    let mut p = 0;
+    while p < sample.len() {
+        match sample[p] {
+            0x09 => {
+                let bits: [u8; 8] = sample.get(p + 1..p + 9)?.try_into().ok()?;
+                value = f64::from_bits(u64::from_le_bytes(bits));
+                p += 9;
+            }
+            0x10 => {
+                p += 1;
+                ts = get_varint(sample, &mut p)? as i64;
+            }
+            _ => return None,
+        }
+    }
+    Some((labels, (ts, value)))
 }
 
 /// The samples of one request, in one of the two forms a shard reads them in.
@@ -296,6 +359,18 @@ impl Payload {
         match self {
             Payload::Series(series) => series.len(),
             Payload::Fields(fields) => fields.len(),
+        }
+    }
+
+    /// Grouped by series: a refused request is split by series, so that one bad
+    /// series with several samples is isolated once, not once per sample.
+    pub(crate) fn grouped(self) -> Payload {
+        match self {
+            Payload::Fields(fields) => match fields.to_series() {
+                Some(series) => Payload::Series(series),
+                None => Payload::Fields(fields),
+            },
+            series => series,
         }
     }
 
@@ -447,6 +522,17 @@ mod tests {
         some.extend_from(&fields, 5..7);
         let want: Vec<SeriesBatch> = [&series[2..4], &series[5..7]].concat();
         assert_eq!(some.write_request(), write_request_v1(&want));
+        let mut twice = fields.clone();
+        twice.extend_from(&fields, 0..7);
+        let Payload::Series(grouped) = Payload::Fields(twice).grouped() else {
+            panic!("fields our own push wrote are grouped")
+        };
+        assert_eq!(grouped.len(), 7);
+        for (g, s) in grouped.iter().zip(&series) {
+            assert_eq!(g.labels, s.labels);
+            let one = *s.samples.iter().next().unwrap();
+            assert_eq!(g.samples.iter().copied().collect::<Vec<_>>(), [one, one]);
+        }
         let (body, message) = Payload::Fields(some)
             .encode(ProtobufMessage::RequestV2)
             .unwrap();

@@ -288,6 +288,10 @@ impl ShardSender {
                     Err(SendError::Rejected { status, message }) => {
                         let error = format!("HTTP {status}: {message}");
                         self.record_error(error.clone());
+                        if status == 400 {
+                            // Split by series, not by sample.
+                            payload = payload.grouped();
+                        }
                         if status == 400 && payload.parts() > 1 && *budget >= 2 {
                             *budget -= 2;
                             tracing::debug!(remote_name = %self.shared.name, series = payload.parts(), error = %error, "request refused; splitting it to isolate the refused series");

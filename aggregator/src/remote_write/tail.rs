@@ -30,12 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// (about 200 bytes each). Past it, new blocks are read back from the database.
 pub(crate) const TAIL_MAX_BYTES: u64 = 32 << 20;
 
-/// One block in request form. Its series are all different: a block with two samples of
-/// one series is read from the database, where they are sent as one `TimeSeries`.
+/// One block in request form.
 #[derive(Debug, Default)]
 pub(crate) struct TailBlock {
-    /// Sample `i`'s series id.
-    pub series: Vec<u64>,
     /// Sample `i`'s `TimeSeries` field.
     pub fields: TimeSeriesFields,
     /// Sample `i`'s timestamp (for `sample_age_limit`).
@@ -47,15 +44,13 @@ pub(crate) struct TailBlock {
 impl TailBlock {
     pub(crate) fn with_capacity(samples: usize) -> Self {
         Self {
-            series: Vec::with_capacity(samples),
             fields: TimeSeriesFields::with_capacity(samples, samples * 200),
             timestamps: Vec::with_capacity(samples),
             weights: Vec::with_capacity(samples),
         }
     }
 
-    pub(crate) fn push(&mut self, series: u64, labels: &[u8], weight: u64, ts: i64, value: f64) {
-        self.series.push(series);
+    pub(crate) fn push(&mut self, labels: &[u8], weight: u64, ts: i64, value: f64) {
         self.fields.push(labels, ts, value);
         self.timestamps.push(ts);
         self.weights.push(weight);
@@ -66,8 +61,7 @@ impl TailBlock {
     }
 
     fn heap_bytes(&self) -> u64 {
-        (self.fields.heap_bytes()
-            + (self.series.capacity() + self.timestamps.capacity() + self.weights.capacity()) * 8)
+        (self.fields.heap_bytes() + (self.timestamps.capacity() + self.weights.capacity()) * 8)
             as u64
     }
 }
@@ -153,7 +147,7 @@ mod tests {
     fn block(n: usize) -> TailBlock {
         let mut b = TailBlock::with_capacity(n);
         for i in 0..n {
-            b.push(i as u64, b"\x0a\x00", 10, i as i64 + 1, 1.0);
+            b.push(b"\x0a\x00", 10, i as i64 + 1, 1.0);
         }
         b
     }

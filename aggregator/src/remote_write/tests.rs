@@ -434,21 +434,17 @@ async fn batches_by_size_then_shutdown_flushes_the_rest() {
     eventually("two full batches", || rx.accepted().len() == 2).await;
     // The last 5 wait for a full batch or the (hour-long) deadline.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let sizes: Vec<usize> = rx
-        .accepted()
-        .iter()
-        .map(|r| r.timeseries[0].samples.len())
-        .collect();
-    assert_eq!(sizes, [10, 10]);
+    let sizes = |rx: &Receiver| -> Vec<usize> {
+        rx.accepted()
+            .iter()
+            .map(|r| r.timeseries.iter().map(|ts| ts.samples.len()).sum())
+            .collect()
+    };
+    assert_eq!(sizes(&rx), [10, 10]);
     assert_eq!(writer.status().queued_samples, 5);
 
     writer.shutdown(Duration::from_secs(5)).await;
-    let sizes: Vec<usize> = rx
-        .accepted()
-        .iter()
-        .map(|r| r.timeseries[0].samples.len())
-        .collect();
-    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(sizes(&rx), [10, 10, 5]);
     let want: Vec<Flat> = (1..=25).map(|t| flat("m", t)).collect();
     assert_eq!(rx.accepted_samples(), want);
 }
@@ -473,14 +469,16 @@ async fn batches_by_deadline() {
         "sent after {waited:?}"
     );
     assert!(waited < Duration::from_secs(3), "sent after {waited:?}");
-    // One request, one TimeSeries per series, samples in time order.
-    assert_eq!(req.timeseries.len(), 2);
-    let a: Vec<i64> = req.timeseries[0]
-        .samples
-        .iter()
-        .map(|s| s.timestamp)
-        .collect();
-    assert_eq!(a, [1, 2]);
+    // One request with every due sample, each series' in time order.
+    let got = flatten(std::slice::from_ref(&req));
+    assert_eq!(got.len(), 3);
+    let of = |name: &str| -> Vec<i64> {
+        got.iter()
+            .filter(|(labels, _, _)| labels.iter().any(|(k, v)| k == "__name__" && v == name))
+            .map(|(_, ts, _)| *ts)
+            .collect()
+    };
+    assert_eq!((of("a"), of("b")), (vec![1, 2], vec![1]));
     writer.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -613,16 +611,9 @@ async fn drops_samples_not_newer_than_their_series() {
     // The series' last timestamp is remembered after sending too.
     writer.push(vec![sample("a", 2500), sample("a", 4000)]);
     eventually("the second batch", || rx.accepted_samples().len() == 5).await;
-    assert_eq!(
-        rx.accepted_samples(),
-        vec![
-            flat("a", 1000),
-            flat("a", 2000),
-            flat("a", 3000),
-            flat("b", 1500),
-            flat("a", 4000)
-        ]
-    );
+    let got = per_series(&rx);
+    assert_eq!(got["a"], [1000, 2000, 3000, 4000]);
+    assert_eq!(got["b"], [1500]);
     assert_eq!(
         counter(
             &writer,
