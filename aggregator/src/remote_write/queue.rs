@@ -41,10 +41,12 @@
 //! transaction rolled back, and its staged changes are undone. Transactions on the store
 //! are serialized, so this is exact.
 //!
-//! **Reading** (the shard tasks in `sender`): a shard reads its oldest blocks from its
-//! cursor, resolves series ids through the dictionary (cached per epoch), and after the
-//! receiver stored (2xx) or refused for good (4xx) the request, moves its cursor past
-//! them in one small transaction, deleting blocks it has finished. Blocks are per shard
+//! **Reading** (the shard tasks in `sender`): a shard reads which blocks it holds from
+//! its cursor on; a block still in the `tail` (the newest ones, kept in memory in request
+//! form) is copied from there, any other is read back, its series ids resolved through
+//! the dictionary (cached per epoch). After the receiver stored (2xx) or refused for good
+//! (4xx) the request, the shard moves its cursor past them in one small transaction,
+//! deleting blocks it has finished (and dropping them from the tail). Blocks are per shard
 //! and a series always hashes to the same shard, so its samples leave in order.
 //!
 //! **Bound**: past `max_queue_bytes` the oldest samples (lowest block id, across shards)
