@@ -70,3 +70,105 @@ pub fn run(
         window: elapsed.as_secs_f64(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sonde_tests::TestDir;
+    use sonde_tests::procfs::clock_ticks_per_second;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    /// A loopback HTTP server answering each request on a fresh connection and closing
+    /// it: 200, or 500 for the request whose line contains `fail_on`. Stops with the
+    /// flag, or after 60 s at most.
+    fn server(fail_on: Option<&'static str>) -> (u16, Arc<AtomicBool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stopped.load(Ordering::Relaxed) && Instant::now() < until {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 512];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&request);
+                let status = match fail_on {
+                    Some(f) if line.lines().next().unwrap_or("").contains(f) => "500 Oops",
+                    _ => "200 OK",
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+                );
+            }
+        });
+        (port, stop)
+    }
+
+    #[test]
+    fn the_loop_runs_at_its_rate_over_the_targets_and_names_a_failed_one() {
+        let dir = TestDir::new("agent-bench-floor");
+        let program = build(dir.path()).unwrap();
+        let ticks = clock_ticks_per_second();
+
+        let (port, stop) = server(None);
+        let floor = run(
+            &program,
+            port,
+            5,
+            50.0,
+            Duration::from_millis(100),
+            Duration::from_millis(600),
+            ticks,
+        )
+        .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        // 50/s for 0.6 s: the slots 0 .. 29 (30 itself falls on the window's end).
+        assert!(
+            (29..=30).contains(&floor.exchanges),
+            "{} exchanges",
+            floor.exchanges
+        );
+        assert!(
+            (floor.rate() - 50.0).abs() < 5.0,
+            "rate {} for 50/s",
+            floor.rate()
+        );
+
+        let (port, stop) = server(Some("/?t=3 "));
+        let error = run(
+            &program,
+            port,
+            5,
+            50.0,
+            Duration::from_millis(100),
+            Duration::from_millis(600),
+            ticks,
+        )
+        .err()
+        .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            error.contains(&format!(
+                "GET http://127.0.0.1:{port}/?t=3: answer: not a 200"
+            )),
+            "{error}"
+        );
+    }
+}
