@@ -649,7 +649,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                 ));
             }
             eprintln!(
-                "agent-bench: agent stopped; the floor: {} exchanges/s for {window:?}",
+                "agent-bench: agent stopped; the floor: {:.1} exchanges/s for {window:?}",
                 targets / interval.as_secs_f64()
             );
             let floor = floor::run(
