@@ -659,7 +659,10 @@ mod tests {
         for i in 0..200 {
             let phase = spread("edge-1", &spec(&format!("t{i}"), 15_000));
             assert!(phase < Duration::from_secs(15));
-            assert!((phase.as_nanos() % BATCH_GRID.as_nanos()) == 0, "{phase:?}");
+            assert!(
+                phase.as_nanos().is_multiple_of(BATCH_GRID.as_nanos()),
+                "{phase:?}"
+            );
         }
         // An interval shorter than the grid: every check at phase 0.
         assert_eq!(spread("edge-1", &spec("t", 5)), Duration::ZERO);
