@@ -3,10 +3,10 @@
 //! Each check is one task. Checks are spread over their interval by a stable hash of
 //! agent, job and target, so that a thousand checks on a 15 s interval do not all fire
 //! in the same millisecond (and so each agent probes a target at its own phase). The
-//! phases fall on a grid of 20 ms (`BATCH_GRID`) shared by every check of the agent, so that
-//! the probes due within one step start together: run back to back, the probes after
-//! the first find the code and data of a probe in the CPU's caches, where one probe
-//! alone every few hundred microseconds finds them cold each time.
+//! phases fall on a grid of 20 ms (`BATCH_GRID`) shared by every check of the agent,
+//! so that the probes due within one step start together: run back to back, the probes
+//! after the first find the code and data of a probe in the CPU's caches, where one
+//! probe alone every few hundred microseconds finds them cold each time.
 //!
 //! The check tasks run on the agent's own probing threads (`sonde-probe-N`), each a
 //! single-threaded Tokio runtime with its own timers and sockets: a probe's timer, its
