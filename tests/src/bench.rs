@@ -197,3 +197,113 @@ impl PerfRecord {
         let _ = self.0.wait();
     }
 }
+
+/// Compiles a bench's C program (`source`, the text of `file_name`) with `gcc -O2` into
+/// `dir/program`. Returns the program's path.
+pub fn compile_c(
+    dir: &Path,
+    file_name: &str,
+    source: &str,
+    program: &str,
+) -> Result<PathBuf, String> {
+    let gcc = ["/usr/bin/gcc", "/usr/bin/cc"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or("gcc not found; install the Debian package gcc")?;
+    let source_path = dir.join(file_name);
+    let program = dir.join(program);
+    std::fs::write(&source_path, source)
+        .map_err(|e| format!("write {}: {e}", source_path.display()))?;
+    let out = Command::new(gcc)
+        .args(["-O2", "-o"])
+        .arg(&program)
+        .arg(&source_path)
+        .output()
+        .map_err(|e| format!("cannot run gcc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gcc could not compile {} ({}): {}",
+            source_path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(program)
+}
+
+/// What one measured phase of a bench's C loop did.
+pub struct LoopRun {
+    /// Iterations in the measured phase, as the program counted them.
+    pub count: u64,
+    /// The program's whole-process CPU (`/proc/PID/stat`) over the measured phase.
+    pub cpu_seconds: f64,
+    pub elapsed: Duration,
+}
+
+/// Runs one of the benches' C loops (`connect_loop.c`, `http_exchange_loop.c`), which all
+/// speak one protocol on stdin and stdout: the program warms up, prints `ready` and waits
+/// for a line; it then runs its measured phase, prints `done N` and waits for stdin to
+/// close before it exits. Its CPU is read between the line sent and `done`, so neither
+/// its start nor its warm-up is counted. A program that fails (exits non-zero) fails the
+/// run with what it wrote on stderr.
+pub fn run_loop(program: &Path, args: &[String], ticks: f64) -> Result<LoopRun, String> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let name = program.file_name().map_or_else(
+        || program.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    let pid = child.id();
+    let mut stdin = child.stdin.take().ok_or(format!("{name} has no stdin"))?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or(format!("{name} has no stdout"))?);
+    let mut line = String::new();
+    let measured = (|| {
+        stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("reading {name}: {e}"))?;
+        if line.trim() != "ready" {
+            return Err(format!("{name} said {line:?} instead of ready"));
+        }
+        let cpu0 = crate::procfs::cpu_seconds(pid, ticks)?;
+        let started = Instant::now();
+        stdin
+            .write_all(b"go\n")
+            .map_err(|e| format!("writing to {name}: {e}"))?;
+        line.clear();
+        stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("reading {name}: {e}"))?;
+        let elapsed = started.elapsed();
+        let cpu1 = crate::procfs::cpu_seconds(pid, ticks)?;
+        let count = line
+            .trim()
+            .strip_prefix("done ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| format!("{name} said {line:?} instead of done N"))?;
+        Ok(LoopRun {
+            count,
+            cpu_seconds: cpu1 - cpu0,
+            elapsed,
+        })
+    })();
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {name}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{name} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    measured
+}

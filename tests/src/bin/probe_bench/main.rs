@@ -414,7 +414,7 @@ fn run(args: &Args) -> Result<Report, String> {
         r.rows.push((
             Row::ConnectClose,
             Measurement {
-                count: c.connections,
+                count: c.count,
                 cpu_seconds: c.cpu_seconds,
                 elapsed: c.elapsed,
             },

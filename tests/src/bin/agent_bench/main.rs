@@ -17,8 +17,16 @@
 //!   of each probe after its slot (`sonde_agent_probes_started_total{le}`), and
 //!   the probes the agent counted as late or skipped, when it exposes them.
 //!
+//! Then, unless `--no-floor`, with the agent stopped (SIGSTOP) so that the two do not
+//! compete, the floor of those probes in the same run (`floor.rs`): a C loop doing each
+//! target's exchange on a fresh connection (socket, connect, GET, read to the end, close)
+//! against the same nginx and URLs, at the same rate, for a window of the same length;
+//! its whole-process CPU per exchange, and the agent's CPU per probe divided by it.
+//!
 //! Run `agent-bench --help` for the options; docs/benchmarks.md has the figures and the
 //! exact commands.
+
+mod floor;
 
 use anyhow::{Context, anyhow};
 use clap::Parser;
@@ -65,6 +73,9 @@ struct Args {
     /// Record the agent with `perf record -g` over the window, into this file.
     #[arg(long)]
     perf: Option<PathBuf>,
+    /// Skip the floor (the C exchange loop run after the agent's window).
+    #[arg(long)]
+    no_floor: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -94,6 +105,10 @@ fn aggregator_config(args: &Args, nginx: u16) -> String {
     text.push_str(&limits(args.targets));
     text
 }
+
+/// The floor's warm-up at its rate before its window: connections to nginx warm again
+/// after the agent's stop.
+const FLOOR_WARMUP: Duration = Duration::from_secs(3);
 
 fn agent_config(grpc: &str) -> String {
     format!("agent:\n  id: bench-agent\naggregators:\n  - address: {grpc}\n")
@@ -246,6 +261,7 @@ struct Report {
     acked: Option<f64>,
     backlog: Option<f64>,
     aggregator_cpu: f64,
+    floor: Option<floor::Floor>,
 }
 
 impl Report {
@@ -289,6 +305,42 @@ impl Report {
             self.prober_us
                 .map_or("not exposed by this agent".into(), |v| format!("{v:.1}")),
         );
+        match &self.floor {
+            Some(f) => {
+                row(
+                    &mut s,
+                    "floor: C exchange loop, CPU per exchange, µs (same nginx, URLs, rate, window)",
+                    format!("{:.1}", f.cpu_per_exchange_us()),
+                );
+                row(
+                    &mut s,
+                    "floor: exchanges, rate achieved / expected",
+                    format!(
+                        "{} in {:.0} s, {:.1} / {:.1}",
+                        f.exchanges,
+                        f.window,
+                        f.rate(),
+                        self.expected_rate
+                    ),
+                );
+                row(
+                    &mut s,
+                    "**agent ÷ floor**",
+                    format!(
+                        "**{:.2}×**",
+                        self.cpu_per_probe_us / f.cpu_per_exchange_us()
+                    ),
+                );
+                if let Some(p) = self.prober_us {
+                    row(
+                        &mut s,
+                        "prober-only ÷ floor",
+                        format!("{:.2}×", p / f.cpu_per_exchange_us()),
+                    );
+                }
+            }
+            None => row(&mut s, "floor", "not measured (--no-floor)".into()),
+        }
         for (name, cpu) in &self.threads {
             row(
                 &mut s,
@@ -372,6 +424,15 @@ impl Report {
             "acked": self.acked,
             "backlog": self.backlog,
             "aggregator_cpu_s": self.aggregator_cpu,
+            "floor": self.floor.as_ref().map(|f| serde_json::json!({
+                "exchanges": f.exchanges,
+                "window_s": f.window,
+                "cpu_s": f.cpu_seconds,
+                "cpu_per_exchange_us": f.cpu_per_exchange_us(),
+                "rate": f.rate(),
+                "agent_to_floor": self.cpu_per_probe_us / f.cpu_per_exchange_us(),
+                "prober_only_to_floor": self.prober_us.map(|p| p / f.cpu_per_exchange_us()),
+            })),
         })
     }
 
@@ -385,6 +446,15 @@ impl Report {
         }
         if self.failures > 0.0 {
             p.push(format!("{:.0} probes failed", self.failures));
+        }
+        if let Some(f) = &self.floor
+            && (f.rate() / self.expected_rate - 1.0).abs() > 0.02
+        {
+            p.push(format!(
+                "the floor's loop ran {:.1} exchanges/s, more than 2 % off {:.1}/s: its CPU per exchange is not comparable",
+                f.rate(),
+                self.expected_rate
+            ));
         }
         p
     }
@@ -408,6 +478,12 @@ fn run(args: &Args) -> anyhow::Result<Report> {
 
     let work = WorkDir::create("agent-bench", args.run.keep).map_err(anyhow::Error::msg)?;
     let dir = work.path.clone();
+    // Compiled first, so that a missing gcc fails the run before the long part.
+    let floor_program = if args.no_floor {
+        None
+    } else {
+        Some(floor::build(&dir).map_err(anyhow::Error::msg)?)
+    };
     let (mut nginx, nginx_port) = start_nginx(&dir).map_err(anyhow::Error::msg)?;
 
     // aggregator
@@ -560,6 +636,37 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             .map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0.0)))
             .collect()
     };
+    let floor = match floor_program {
+        Some(program) => {
+            // SIGSTOP rather than SIGTERM: a stopping agent would flush its buffer and
+            // close its streams during the floor's window; a stopped one costs nothing.
+            // The agent is killed with the rest of the run.
+            // SAFETY: kill(2) with a pid of this program's own child and a valid signal.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) } != 0 {
+                return Err(anyhow!(
+                    "cannot stop the agent (pid {pid}) for the floor: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            eprintln!(
+                "agent-bench: agent stopped; the floor: {:.1} exchanges/s for {window:?}",
+                targets / interval.as_secs_f64()
+            );
+            let floor = floor::run(
+                &program,
+                nginx_port,
+                args.targets,
+                targets / interval.as_secs_f64(),
+                FLOOR_WARMUP,
+                window,
+                ticks,
+            )
+            .map_err(|e| anyhow!("the floor: {e}"))?;
+            nginx.check_running().map_err(anyhow::Error::msg)?;
+            Some(floor)
+        }
+        None => None,
+    };
     let args_line = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     Ok(Report {
         args_line,
@@ -586,6 +693,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         acked: delta("sonde_agent_results_acked_total"),
         backlog: last.get("sonde_agent_buffer_results"),
         aggregator_cpu: agg1 - agg0,
+        floor,
     })
 }
 
