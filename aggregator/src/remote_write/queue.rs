@@ -729,15 +729,6 @@ struct Span {
     weights: Vec<u64>,
 }
 
-/// What one pass over a shard's blocks read.
-struct Read {
-    batch: Batch,
-    /// The shard had no more blocks.
-    reached_end: bool,
-    /// The epoch of the last block looked at.
-    last_epoch: Option<i64>,
-}
-
 /// A block's row without its data.
 struct BlockRow {
     id: i64,
@@ -1337,40 +1328,6 @@ impl Shared {
         } else {
             now_ms() - age_limit.as_millis() as i64
         };
-        let use_tail = !self.v2.load(Ordering::Relaxed);
-        let read = self.read_blocks(shard, limit, cutoff, use_tail)?;
-        let Read {
-            batch,
-            reached_end,
-            last_epoch,
-        } = read;
-        if batch.damaged > 0 {
-            tracing::error!(remote_name = %self.name, samples = batch.damaged, "remote write queue: damaged blocks (or labels missing from the dictionary); their samples are dropped");
-        }
-        let mut hint = lock(&self.shards[shard].hint);
-        if reached_end {
-            hint.resync(batch.scanned, Instant::now());
-        }
-        hint.in_flight = match (batch.spans.first(), batch.spans.last()) {
-            (Some(a), Some(b)) => Some(((a.block, a.from), (b.block, b.to))),
-            _ => None,
-        };
-        hint.evicted_in_flight = 0;
-        if last_epoch.is_some() {
-            hint.epoch = last_epoch;
-        }
-        Ok(batch)
-    }
-
-    /// Reads up to `limit` samples of `shard` from its cursor on, from the tail where
-    /// `use_tail` and the first block is there, else from the database.
-    fn read_blocks(
-        &self,
-        shard: usize,
-        limit: u64,
-        cutoff: i64,
-        use_tail: bool,
-    ) -> rusqlite::Result<Read> {
         let mut batch = Batch {
             spans: Vec::new(),
             series: Vec::new(),
@@ -1388,6 +1345,7 @@ impl Shared {
         // A batch is in one form, set by its first block with samples left: request form
         // from the tail, or grouped by series from the database.
         let mut from_tail: Option<bool> = None;
+        let use_tail = !self.v2.load(Ordering::Relaxed);
         'read: while batch.scanned < limit {
             type Row = (i64, i64, i64, i64);
             let rows: Vec<Row> = {
@@ -1414,25 +1372,19 @@ impl Shared {
                         Some(_) => {}
                     }
                     let want = (limit - batch.scanned).min(u64::from(samples - first)) as u32;
+                    let row = BlockRow {
+                        id,
+                        epoch,
+                        first,
+                        samples,
+                    };
                     let span = match tail {
                         Some(tail) if from_tail == Some(true) => {
-                            Self::take_from_tail(&mut batch, &tail, first, first + want, cutoff)
+                            Self::take_from_tail(&mut batch, &tail, &row, want, cutoff)
                         }
-                        _ => {
-                            let row = BlockRow {
-                                id,
-                                epoch,
-                                first,
-                                samples,
-                            };
-                            self.take_from_disk(&mut batch, &mut index, row, want, cutoff)?
-                        }
+                        _ => self.take_from_disk(&mut batch, &mut index, &row, want, cutoff)?,
                     };
-                    batch.spans.push(Span {
-                        block: id,
-                        epoch,
-                        ..span
-                    });
+                    batch.spans.push(span);
                 }
                 after = id;
                 last_epoch = Some(epoch);
@@ -1445,22 +1397,34 @@ impl Shared {
                 break;
             }
         }
-        Ok(Read {
-            batch,
-            reached_end,
-            last_epoch,
-        })
+        if batch.damaged > 0 {
+            tracing::error!(remote_name = %self.name, samples = batch.damaged, "remote write queue: damaged blocks (or labels missing from the dictionary); their samples are dropped");
+        }
+        let mut hint = lock(&self.shards[shard].hint);
+        if reached_end {
+            hint.resync(batch.scanned, Instant::now());
+        }
+        hint.in_flight = match (batch.spans.first(), batch.spans.last()) {
+            (Some(a), Some(b)) => Some(((a.block, a.from), (b.block, b.to))),
+            _ => None,
+        };
+        hint.evicted_in_flight = 0;
+        if last_epoch.is_some() {
+            hint.epoch = last_epoch;
+        }
+        Ok(batch)
     }
 
-    /// Samples `from..to` of a block in the tail, copied in request form (those older
-    /// than `cutoff` left out). The span's block and epoch are the caller's to set.
+    /// `want` samples of a block from its cursor on, copied from the tail in request
+    /// form (those older than `cutoff` left out).
     fn take_from_tail(
         batch: &mut Batch,
         tail: &TailBlock,
-        from: u32,
-        to: u32,
+        row: &BlockRow,
+        want: u32,
         cutoff: i64,
     ) -> Span {
+        let (from, to) = (row.first, row.first + want);
         let (from_i, to_i) = (from as usize, to as usize);
         if batch.fields.is_empty() {
             let per_sample = tail.fields.write_request().len() / tail.len().max(1);
@@ -1476,10 +1440,10 @@ impl Shared {
             }
         }
         batch.fields.extend_from(&tail.fields, run..to_i);
-        batch.scanned += u64::from(to - from);
+        batch.scanned += u64::from(want);
         Span {
-            block: 0,
-            epoch: 0,
+            block: row.id,
+            epoch: row.epoch,
             from,
             to,
             weights: tail.weights[from_i..to_i].to_vec(),
@@ -1493,11 +1457,11 @@ impl Shared {
         &self,
         batch: &mut Batch,
         index: &mut block::IdMap<usize>,
-        row: BlockRow,
+        row: &BlockRow,
         want: u32,
         cutoff: i64,
     ) -> rusqlite::Result<Span> {
-        let BlockRow {
+        let &BlockRow {
             id,
             epoch,
             first,

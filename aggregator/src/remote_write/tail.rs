@@ -97,10 +97,7 @@ impl Tail {
     /// Before an enqueue: what an earlier enqueue staged was never published, so its
     /// transaction did not commit.
     pub(crate) fn discard_staged(&self) {
-        let mut blocks = lock(&self.blocks);
-        if !blocks.staged.is_empty() {
-            blocks.staged.clear();
-        }
+        lock(&self.blocks).staged.clear();
     }
 
     /// After the commit of the transaction the last enqueue ran in: its blocks are rows.
