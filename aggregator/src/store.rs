@@ -14,6 +14,9 @@ use std::sync::{Mutex, MutexGuard};
 pub struct Store {
     conn: Mutex<Connection>,
     pub path: Option<PathBuf>,
+    /// The next remote-write block id: ids only grow while the process runs, so that an
+    /// id held in memory (the tail, settled spans) never names a newer block.
+    next_block_id: std::sync::atomic::AtomicI64,
 }
 
 /// Why the store cannot be opened, read or written.
@@ -121,6 +124,15 @@ impl Store {
             .map_err(fail)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(fail)?;
+        // The bundled SQLite is built with STAT4, which prepares a statement again each
+        // time a value bound in a range on an indexed column changes (the remote-write
+        // shards' "blocks after this id" query, on every read). One plan per statement
+        // serves these queries as well.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )
+        .map_err(fail)?;
         // More statements than rusqlite's default 16 take turns on this connection (the
         // queue's alone has 16, plus one per shard); a statement pushed out of the cache
         // is parsed and planned again on its next use.
@@ -143,7 +155,20 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            next_block_id: std::sync::atomic::AtomicI64::new(1),
         })
+    }
+
+    /// A remote-write block id never handed out before in this process.
+    pub(crate) fn next_block_id(&self) -> i64 {
+        self.next_block_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes later block ids start at `id` or above (ids the database already holds).
+    pub(crate) fn block_ids_from(&self, id: i64) {
+        self.next_block_id
+            .fetch_max(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The connection, for modules that keep their own tables here (remote write).

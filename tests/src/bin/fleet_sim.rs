@@ -422,6 +422,8 @@ struct AgentStats {
     /// Batch sent → its acknowledgement, in microseconds.
     latencies_us: Vec<u32>,
     results_sent: u64,
+    /// Of those, sent once the first interval was over: every series exists by then.
+    results_sent_warm: u64,
     results_acked: u64,
     batches: u64,
     /// Times the agent had to wait because IN_FLIGHT_MAX results were unacked.
@@ -607,6 +609,9 @@ impl GrpcAgent {
             .push_back((self.seq, Instant::now(), dues.len()));
         stats.batches += 1;
         stats.results_sent += dues.len() as u64;
+        if plan.start.elapsed() >= plan.load.interval {
+            stats.results_sent_warm += dues.len() as u64;
+        }
         let message = AgentMessage {
             msg: Some(agent_message::Msg::Results(batch)),
         };
@@ -761,6 +766,9 @@ impl RemoteWriteAgent {
         let body = Bytes::from(body);
         stats.batches += 1;
         stats.results_sent += dues.len() as u64;
+        if plan.start.elapsed() >= plan.load.interval {
+            stats.results_sent_warm += dues.len() as u64;
+        }
         let sent = Instant::now();
         let mut outcome = self.post(body.clone()).await;
         if outcome.is_err() && self.sender.is_closed() {
@@ -997,6 +1005,10 @@ struct PhaseReport {
     reconnects: u64,
     rows_inserted: f64,
     cpu_s: f64,
+    /// Samples sent, and the CPU spent, from the end of the first interval (every series
+    /// exists) until the phase's rows are all in: the steady state.
+    samples_sent_warm: u64,
+    cpu_warm_s: Option<f64>,
     hwm_bytes: u64,
     rss_bytes: u64,
     latency_ms: Option<(f64, f64, f64)>,
@@ -1051,7 +1063,8 @@ async fn run_agents<F, Fut>(
     vm: &str,
     detect_up: bool,
     before_start: impl FnOnce() -> anyhow::Result<()>,
-) -> anyhow::Result<(Vec<AgentStats>, Arc<Plan>, Option<f64>, f64)>
+    cpu_now: impl FnOnce() -> Option<f64> + Send + 'static,
+) -> anyhow::Result<(Vec<AgentStats>, Arc<Plan>, Option<f64>, f64, Option<f64>)>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Link>> + 'static,
@@ -1086,6 +1099,13 @@ where
         let fail_at = wall_start + plan.fail_at;
         std::thread::spawn(move || detect(vm, job.to_string(), instance.to_string(), fail_at))
     });
+    // The process's CPU once the first interval is over, when every series exists: the
+    // steady state a long-running process pays is measured from there.
+    let warm_at = wall_start + load.interval;
+    let warm = std::thread::spawn(move || {
+        std::thread::sleep(warm_at.saturating_duration_since(Instant::now()));
+        cpu_now()
+    });
     let tasks: Vec<_> = links
         .into_iter()
         .enumerate()
@@ -1103,7 +1123,11 @@ where
             .flatten(),
         None => None,
     };
-    Ok((stats, plan, detection, elapsed))
+    let warm_cpu = tokio::task::spawn_blocking(move || warm.join().ok().flatten())
+        .await
+        .ok()
+        .flatten();
+    Ok((stats, plan, detection, elapsed, warm_cpu))
 }
 
 /// Awaits every future (they run concurrently on the runtime).
@@ -1135,6 +1159,7 @@ fn summarize(name: &str, stats: &[AgentStats], plan: &Plan, elapsed: f64) -> Pha
     for s in stats {
         report.results_sent += s.results_sent;
         report.results_acked += s.results_acked;
+        report.samples_sent_warm += s.results_sent_warm * samples as u64;
         report.batches += s.batches;
         report.stalls += s.stalls;
         report.reconnects += s.reconnects;
@@ -1335,7 +1360,8 @@ fn run(args: Args) -> anyhow::Result<Report> {
     let rows_before = std::cell::Cell::new(0.0);
     let cpu_before = std::cell::Cell::new(0.0);
     let mut perf: Option<std::process::Child> = None;
-    let (stats, plan, detection, elapsed) = local.block_on(&runtime, async {
+    let ticks = world.ticks;
+    let (stats, plan, detection, elapsed, warm_cpu) = local.block_on(&runtime, async {
         let shapes = shapes(load.samples);
         let grpc = grpc.clone();
         run_agents(
@@ -1372,6 +1398,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
                 );
                 Ok(())
             },
+            move || cpu_seconds(pid, ticks).ok(),
         )
         .await
     })?;
@@ -1390,6 +1417,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
     let mut phase1 = summarize("sonde-aggregator", &stats, &plan, elapsed);
     phase1.rows_inserted = rows_after - rows_before.get();
     phase1.cpu_s = cpu_after - cpu_before.get();
+    phase1.cpu_warm_s = warm_cpu.map(|w| cpu_after - w);
     phase1.hwm_bytes = hwm;
     phase1.rss_bytes = rss;
     phase1.detection_ms = detection;
@@ -1420,7 +1448,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
         let rows_before = settle(&vm, SETTLE_QUIET)?;
         let cpu_before = std::cell::Cell::new(0.0);
         let address = format!("127.0.0.1:{port}");
-        let (stats, plan, _, elapsed) = local.block_on(&runtime, async {
+        let (stats, plan, _, elapsed, warm_cpu) = local.block_on(&runtime, async {
             run_agents(
                 &load,
                 |agent| {
@@ -1438,6 +1466,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
                     eprintln!("fleet-sim: anchor phase starts (vmagent pid {pid})");
                     Ok(())
                 },
+                move || cpu_seconds(pid, ticks).ok(),
             )
             .await
         })?;
@@ -1448,6 +1477,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
         let mut phase2 = summarize("vmagent (anchor)", &stats, &plan, elapsed);
         phase2.rows_inserted = rows_after - rows_before;
         phase2.cpu_s = cpu_after - cpu_before.get();
+        phase2.cpu_warm_s = warm_cpu.map(|w| cpu_after - w);
         phase2.hwm_bytes = hwm;
         phase2.rss_bytes = rss;
         vmagent.terminate(Duration::from_secs(30));
@@ -1572,6 +1602,17 @@ impl Report {
         );
         row(
             &mut out,
+            "CPU µs per probe sample sent after the first interval (steady state)",
+            &|p: &PhaseReport| {
+                p.cpu_warm_s
+                    .filter(|_| p.samples_sent_warm > 0)
+                    .map(|c| c * 1e6 / p.samples_sent_warm as f64)
+            },
+            &two,
+            true,
+        );
+        row(
+            &mut out,
             "peak RSS (VmHWM), MiB",
             &|p: &PhaseReport| Some(p.hwm_bytes as f64),
             &mib,
@@ -1678,6 +1719,10 @@ impl Report {
                 "cpu_s": p.cpu_s,
                 "cpu_us_per_row": if p.rows_inserted > 0.0 { p.cpu_s * 1e6 / p.rows_inserted } else { f64::NAN },
                 "cpu_us_per_sample": if p.samples_sent > 0 { p.cpu_s * 1e6 / p.samples_sent as f64 } else { f64::NAN },
+                "cpu_us_per_sample_steady": match p.cpu_warm_s {
+                    Some(c) if p.samples_sent_warm > 0 => c * 1e6 / p.samples_sent_warm as f64,
+                    _ => f64::NAN,
+                },
                 "peak_rss_bytes": p.hwm_bytes,
                 "rss_bytes": p.rss_bytes,
                 "ack_latency_ms": p.latency_ms.map(|(p50, p99, max)| serde_json::json!({"p50": p50, "p99": p99, "max": max})),
