@@ -14,9 +14,6 @@ use std::sync::{Mutex, MutexGuard};
 pub struct Store {
     conn: Mutex<Connection>,
     pub path: Option<PathBuf>,
-    /// The next remote-write block id: ids only grow while the process runs, so that an
-    /// id held in memory (the tail, settled spans) never names a newer block.
-    next_block_id: std::sync::atomic::AtomicI64,
 }
 
 /// Why the store cannot be opened, read or written.
@@ -155,20 +152,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             path,
-            next_block_id: std::sync::atomic::AtomicI64::new(1),
         })
-    }
-
-    /// A remote-write block id never handed out before in this process.
-    pub(crate) fn next_block_id(&self) -> i64 {
-        self.next_block_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Makes later block ids start at `id` or above (ids the database already holds).
-    pub(crate) fn block_ids_from(&self, id: i64) {
-        self.next_block_id
-            .fetch_max(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The connection, for modules that keep their own tables here (remote write).

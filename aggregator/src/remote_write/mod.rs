@@ -191,9 +191,6 @@ impl RemoteWriter {
                 let _ = task.await;
             }
         }
-        if let Err(e) = self.shared.flush_settled() {
-            tracing::error!(remote_name = %self.shared.name, error = %e, "remote write queue: removing sent samples failed at shutdown; they are sent again after the next start");
-        }
         let left = self.shared.snapshot().queued_samples;
         if left > 0 {
             tracing::info!(

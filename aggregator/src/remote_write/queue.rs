@@ -77,42 +77,31 @@ const ARRIVALS_KEPT: usize = 256;
 const CACHE_PRUNE_MIN: usize = 65_536;
 /// Blocks fetched per query when reading or evicting.
 const BLOCKS_PER_READ: i64 = 8;
-
-/// A settle waits for the next enqueue's transaction when an enqueue ran this recently
-/// (the ingest commits several times a second under load)...
-const SETTLE_DEFER: Duration = Duration::from_millis(200);
-/// ... and is applied on its own once it has waited this long.
-pub(crate) const SETTLE_DEFER_MAX: Duration = Duration::from_millis(500);
 /// Samples per block when old-format rows are converted.
 const MIGRATED_BLOCK: usize = 2000;
 
 /// A new block, nothing of it done yet (`first` 0).
 const INSERT_BLOCK: &str =
-    "INSERT INTO rw_blocks (id, endpoint, shard, epoch, first, samples, bytes, data)
-     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7)";
+    "INSERT INTO rw_blocks (endpoint, shard, epoch, first, samples, bytes, data)
+     VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)";
 
-/// Stores `block` as the newest block of `shard` with [`INSERT_BLOCK`], under a new id
-/// from `store` (SQLite's own would reuse the id of a deleted newest block).
+/// Stores `block` as the newest block of `shard` with [`INSERT_BLOCK`].
 fn insert_block(
     insert: &mut rusqlite::CachedStatement<'_>,
-    store: &Store,
     endpoint: i64,
     shard: usize,
     epoch: i64,
     block: BlockBuilder,
 ) -> rusqlite::Result<i64> {
     let (n, bytes) = (block.len() as i64, block.bytes as i64);
-    let id = store.next_block_id();
-    insert.execute(params![
-        id,
+    insert.insert(params![
         endpoint,
         shard as i64,
         epoch,
         n,
         bytes,
         block.finish(false)
-    ])?;
-    Ok(id)
+    ])
 }
 
 /// The tables of every endpoint's queue, created on first use.
@@ -706,9 +695,6 @@ pub(crate) struct Shared {
     v2: AtomicBool,
     /// The newest blocks in request form (see `tail`).
     tail: Tail,
-    deferred: Mutex<Deferred>,
-    /// When the last enqueue ran: settles wait for the next one only while they come.
-    last_enqueue: Mutex<Option<Instant>>,
 }
 
 /// A point-in-time view of the queue for the status page and metrics.
@@ -734,7 +720,6 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Part of a block read for a request: its samples `from..to`.
-#[derive(Clone)]
 struct Span {
     block: i64,
     epoch: i64,
@@ -765,33 +750,6 @@ pub(crate) struct Batch {
     pub(crate) scanned: u64,
     too_old: u64,
     damaged: u64,
-}
-
-/// Settled spans whose rows are not yet updated: the next enqueue applies them in its
-/// own transaction, so that a sent request costs no commit of its own (see `settle`).
-#[derive(Default)]
-struct Deferred {
-    spans: Vec<Span>,
-    /// When the oldest of `spans` was deferred.
-    since: Option<Instant>,
-    /// What the last enqueue took, until its commit is known (`wake`); put back by the
-    /// next enqueue otherwise. Applying a span twice is harmless: a span only moves a
-    /// block's cursor forward.
-    applying: Vec<Span>,
-    /// How far settled spans reach in each block (and its shard) while the block's row
-    /// may still lag: a shard reads from there. Kept until a read shows the row caught up
-    /// or gone.
-    settled_to: HashMap<i64, (usize, u32)>,
-    /// Samples and bytes of `spans`: what the queue's size in the stats already leaves
-    /// out while the rows still count it.
-    pending: (u64, u64),
-}
-
-impl Span {
-    /// Samples and bytes.
-    fn size(&self) -> (u64, u64) {
-        (u64::from(self.to - self.from), self.weights.iter().sum())
-    }
 }
 
 /// What became of a batch's samples once settled.
@@ -907,17 +865,11 @@ impl Shared {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(fail)?;
-            let newest: i64 = tx
-                .query_row("SELECT COALESCE(MAX(id), 0) FROM rw_blocks", [], |r| {
-                    r.get(0)
-                })
-                .map_err(fail)?;
-            store.block_ids_from(newest + 1);
             let (_, dict) = load_dict(&tx, id, None).map_err(fail)?;
             let max_id = dict.values().flat_map(|m| m.keys()).max().copied();
             let relayout = stored_shards != shard_count as i64;
             let restore =
-                restore_blocks(&tx, &store, id, &dict, relayout.then_some(queue)).map_err(fail)?;
+                restore_blocks(&tx, id, &dict, relayout.then_some(queue)).map_err(fail)?;
             restored = restore.last;
             if relayout {
                 tx.execute(
@@ -1009,8 +961,6 @@ impl Shared {
             configured: message,
             v2: AtomicBool::new(message == ProtobufMessage::RequestV2),
             tail: Tail::default(),
-            deferred: Mutex::new(Deferred::default()),
-            last_enqueue: Mutex::new(None),
         })
     }
 
@@ -1064,28 +1014,7 @@ impl Shared {
         samples: &S,
     ) -> rusqlite::Result<()> {
         self.tail.discard_staged();
-        *lock(&self.last_enqueue) = Some(Instant::now());
-        let settled = {
-            let mut d = lock(&self.deferred);
-            let failed = std::mem::take(&mut d.applying);
-            d.spans.splice(0..0, failed);
-            d.since = None;
-            d.pending = (0, 0);
-            d.applying = std::mem::take(&mut d.spans);
-            d.applying.clone()
-        };
-        if !settled.is_empty() {
-            let (count, sum) = self.apply_settled(tx, &settled)?;
-            tx.prepare_cached(
-                "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3
-                 WHERE id = ?1",
-            )?
-            .execute(params![self.endpoint_id, count, sum])?;
-        }
         if samples.sample_count() == 0 {
-            if !settled.is_empty() {
-                self.refresh_queued(tx)?;
-            }
             return Ok(());
         }
         let endpoint = self.endpoint_id;
@@ -1177,7 +1106,7 @@ impl Shared {
                 .enumerate()
                 .filter(|(_, b)| b.block.len() > 0);
             for (shard, b) in full.into_iter().chain(last) {
-                let id = insert_block(&mut insert, &self.store, endpoint, shard, epoch, b.block)?;
+                let id = insert_block(&mut insert, endpoint, shard, epoch, b.block)?;
                 if let Some(tail) = b.tail {
                     self.tail.stage(id, tail);
                 }
@@ -1218,8 +1147,8 @@ impl Shared {
         stats.counters.dropped_invalid_labels += invalid;
         stats.counters.dropped_out_of_order += out_of_order;
         stats.counters.dropped_queue_full += evicted.dropped;
-        drop(stats);
-        self.set_queued(q_samples, q_bytes);
+        stats.queued_samples = q_samples.max(0) as u64;
+        stats.queued_bytes = q_bytes.max(0) as u64;
         Ok(())
     }
 
@@ -1350,7 +1279,6 @@ impl Shared {
     /// tail, and the shard tasks look at what was queued.
     pub(crate) fn wake(&self) {
         self.tail.publish();
-        lock(&self.deferred).applying.clear();
         for shard in &self.shards {
             shard.wake.notify_one();
         }
@@ -1430,8 +1358,6 @@ impl Shared {
                     .collect::<Result<_, _>>()?
             };
             let fetched = rows.len() as i64;
-            let last_fetched = rows.last().map(|r| r.0);
-            let rows = self.past_settled(shard, after, rows);
             for (id, epoch, first, samples) in rows {
                 let (first, samples) = (first.max(0) as u32, samples.max(0) as u32);
                 if first < samples {
@@ -1466,8 +1392,6 @@ impl Shared {
                     break 'read;
                 }
             }
-            // Rows that settled spans finished are skipped, not read past one by one.
-            after = after.max(last_fetched.unwrap_or(after));
             if fetched < BLOCKS_PER_READ {
                 reached_end = true;
                 break;
@@ -1489,39 +1413,6 @@ impl Shared {
             hint.epoch = last_epoch;
         }
         Ok(batch)
-    }
-
-    /// The shard's rows with their cursors moved past settled spans not yet applied to
-    /// them (and the rows those finish left out). Forgets reaches the rows have caught up
-    /// with, or whose rows are gone: a shard's rows come in id order, so a settled block
-    /// below the first row read is deleted.
-    fn past_settled(
-        &self,
-        shard: usize,
-        after: i64,
-        rows: Vec<(i64, i64, i64, i64)>,
-    ) -> Vec<(i64, i64, i64, i64)> {
-        let mut d = lock(&self.deferred);
-        if d.settled_to.is_empty() {
-            return rows;
-        }
-        if after == i64::MIN {
-            let lowest = rows.first().map_or(i64::MAX, |r| r.0);
-            d.settled_to
-                .retain(|&block, &mut (s, _)| s != shard || block >= lowest);
-        }
-        rows.into_iter()
-            .filter_map(|(id, epoch, first, samples)| match d.settled_to.get(&id) {
-                Some(&(_, to)) if i64::from(to) <= first => {
-                    d.settled_to.remove(&id);
-                    Some((id, epoch, first, samples))
-                }
-                Some(&(_, to)) => {
-                    (i64::from(to) < samples).then_some((id, epoch, i64::from(to), samples))
-                }
-                None => Some((id, epoch, first, samples)),
-            })
-            .collect()
     }
 
     /// `want` samples of a block from its cursor on, copied from the tail in request
@@ -1653,46 +1544,75 @@ impl Shared {
         }
     }
 
-    /// Moves the shard's cursor past a settled batch and books the outcome. While
-    /// enqueues come (one ran in the last `SETTLE_DEFER`), the rows are updated by the
-    /// next enqueue's transaction instead of one of their own, and the shard reads past
-    /// the batch meanwhile; otherwise, and once deferred settles have waited
-    /// `SETTLE_DEFER_MAX`, they are applied here. A crash before they are applied sends
-    /// the batch again: a duplicate, never a loss.
+    /// Moves the shard's cursor past a settled batch (deleting the blocks it finished,
+    /// minding what the bound removed meanwhile) and books the outcome.
     pub(crate) fn settle(&self, shard: usize, batch: &Batch, tally: Tally) -> rusqlite::Result<()> {
-        let now = Instant::now();
-        let enqueues_flow =
-            lock(&self.last_enqueue).is_some_and(|at| now.duration_since(at) < SETTLE_DEFER);
+        let endpoint = self.endpoint_id;
+        let (mut count, mut sum) = (0i64, 0i64);
         {
-            let mut d = lock(&self.deferred);
-            for span in &batch.spans {
-                let reach = d.settled_to.entry(span.block).or_insert((shard, 0));
-                reach.1 = reach.1.max(span.to);
+            let mut conn = self.store.conn();
+            let tx = conn.transaction()?;
+            let mut deleted_old = false;
+            {
+                let mut select =
+                    tx.prepare_cached("SELECT first, samples, bytes FROM rw_blocks WHERE id = ?1")?;
+                let mut delete = tx.prepare_cached("DELETE FROM rw_blocks WHERE id = ?1")?;
+                let mut advance =
+                    tx.prepare_cached("UPDATE rw_blocks SET first = ?2, bytes = ?3 WHERE id = ?1")?;
+                let current = self.epoch.load(Ordering::Relaxed);
+                for span in &batch.spans {
+                    let row: Option<(i64, i64, i64)> = select
+                        .query_row(params![span.block], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
+                        .optional()?;
+                    let Some((first, samples, bytes)) = row else {
+                        continue;
+                    };
+                    let from = (first.max(0) as u32).max(span.from);
+                    if from >= span.to {
+                        continue;
+                    }
+                    if span.weights.is_empty() {
+                        // A damaged block: all of it goes.
+                        count += (samples - i64::from(from)).max(0);
+                        sum += bytes;
+                        self.tail.remove(span.block);
+                        delete.execute(params![span.block])?;
+                        deleted_old |= span.epoch < current;
+                        continue;
+                    }
+                    let weight = span.weights[(from - span.from) as usize..]
+                        .iter()
+                        .sum::<u64>() as i64;
+                    count += i64::from(span.to - from);
+                    sum += weight;
+                    if i64::from(span.to) >= samples {
+                        self.tail.remove(span.block);
+                        delete.execute(params![span.block])?;
+                        deleted_old |= span.epoch < current;
+                    } else {
+                        advance.execute(params![span.block, i64::from(span.to), bytes - weight])?;
+                    }
+                }
             }
-            let (samples, bytes) = batch
-                .spans
-                .iter()
-                .map(Span::size)
-                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            d.pending.0 += samples;
-            d.pending.1 += bytes;
-            d.spans.extend(batch.spans.iter().cloned());
-            d.since.get_or_insert(now);
+            if deleted_old {
+                self.gc_dict(&tx)?;
+            }
+            let (q_samples, q_bytes): (i64, i64) = tx
+                .prepare_cached(
+                    "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3
+                     WHERE id = ?1 RETURNING queued_samples, queued_bytes",
+                )?
+                .query_row(params![endpoint, count, sum], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            tx.commit()?;
             let mut stats = lock(&self.stats);
-            stats.queued_samples = stats.queued_samples.saturating_sub(samples);
-            stats.queued_bytes = stats.queued_bytes.saturating_sub(bytes);
+            stats.queued_samples = q_samples.max(0) as u64;
+            stats.queued_bytes = q_bytes.max(0) as u64;
         }
-        let applied = if enqueues_flow {
-            Ok(())
-        } else {
-            self.flush_settled()
-        };
         {
-            let count: u64 = batch.spans.iter().map(|s| u64::from(s.to - s.from)).sum();
             let mut hint = lock(&self.shards[shard].hint);
-            // The bound's eviction already took what it removed of the batch from the hint.
-            let evicted = hint.evicted_in_flight;
-            hint.consume(count.saturating_sub(evicted));
+            hint.consume(count as u64);
             hint.in_flight = None;
             // Samples evicted while in flight are in `sent` or `refused` like the others.
             hint.evicted_in_flight = 0;
@@ -1715,117 +1635,7 @@ impl Shared {
                 );
             }
         }
-        applied
-    }
-
-    /// When deferred settles are due to be applied by a shard task (no enqueue came).
-    pub(crate) fn settled_due(&self) -> Option<Instant> {
-        lock(&self.deferred).since.map(|t| t + SETTLE_DEFER_MAX)
-    }
-
-    /// Applies the deferred settles in a transaction of their own.
-    pub(crate) fn flush_settled(&self) -> rusqlite::Result<()> {
-        let (spans, pending) = {
-            let mut d = lock(&self.deferred);
-            d.since = None;
-            (std::mem::take(&mut d.spans), std::mem::take(&mut d.pending))
-        };
-        if spans.is_empty() {
-            return Ok(());
-        }
-        let applied = (|| {
-            let mut conn = self.store.conn();
-            let tx = conn.transaction()?;
-            let (count, sum) = self.apply_settled(&tx, &spans)?;
-            tx.prepare_cached(
-                "UPDATE rw_endpoints SET queued_samples = queued_samples - ?2, queued_bytes = queued_bytes - ?3
-                 WHERE id = ?1",
-            )?
-            .execute(params![self.endpoint_id, count, sum])?;
-            self.refresh_queued(&tx)?;
-            tx.commit()
-        })();
-        if applied.is_err() {
-            let mut d = lock(&self.deferred);
-            d.spans.splice(0..0, spans);
-            d.pending.0 += pending.0;
-            d.pending.1 += pending.1;
-            d.since.get_or_insert(Instant::now());
-        }
-        applied
-    }
-
-    /// Deletes the blocks settled spans finished and advances the cursors of the others
-    /// (minding what the bound removed meanwhile); returns the samples and bytes that
-    /// left the queue.
-    fn apply_settled(&self, tx: &Transaction<'_>, spans: &[Span]) -> rusqlite::Result<(i64, i64)> {
-        let (mut count, mut sum) = (0i64, 0i64);
-        let mut deleted_old = false;
-        {
-            let mut select =
-                tx.prepare_cached("SELECT first, samples, bytes FROM rw_blocks WHERE id = ?1")?;
-            let mut delete = tx.prepare_cached("DELETE FROM rw_blocks WHERE id = ?1")?;
-            let mut advance =
-                tx.prepare_cached("UPDATE rw_blocks SET first = ?2, bytes = ?3 WHERE id = ?1")?;
-            let current = self.epoch.load(Ordering::Relaxed);
-            for span in spans {
-                let row: Option<(i64, i64, i64)> = select
-                    .query_row(params![span.block], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()?;
-                let Some((first, samples, bytes)) = row else {
-                    continue;
-                };
-                let from = (first.max(0) as u32).max(span.from);
-                if from >= span.to {
-                    continue;
-                }
-                if span.weights.is_empty() {
-                    // A damaged block: all of it goes.
-                    count += (samples - i64::from(from)).max(0);
-                    sum += bytes;
-                    self.tail.remove(span.block);
-                    delete.execute(params![span.block])?;
-                    deleted_old |= span.epoch < current;
-                    continue;
-                }
-                let weight = span.weights[(from - span.from) as usize..]
-                    .iter()
-                    .sum::<u64>() as i64;
-                count += i64::from(span.to - from);
-                sum += weight;
-                if i64::from(span.to) >= samples {
-                    self.tail.remove(span.block);
-                    delete.execute(params![span.block])?;
-                    deleted_old |= span.epoch < current;
-                } else {
-                    advance.execute(params![span.block, i64::from(span.to), bytes - weight])?;
-                }
-            }
-        }
-        if deleted_old {
-            self.gc_dict(tx)?;
-        }
-        Ok((count, sum))
-    }
-
-    /// Reads the queue's size back into the stats.
-    fn refresh_queued(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        let (q_samples, q_bytes): (i64, i64) = tx
-            .prepare_cached("SELECT queued_samples, queued_bytes FROM rw_endpoints WHERE id = ?1")?
-            .query_row(params![self.endpoint_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        self.set_queued(q_samples, q_bytes);
         Ok(())
-    }
-
-    /// The queue's size in the stats: what the rows hold, less the settles not yet
-    /// applied to them.
-    fn set_queued(&self, rows_samples: i64, rows_bytes: i64) {
-        let d = lock(&self.deferred);
-        let mut stats = lock(&self.stats);
-        stats.queued_samples = (rows_samples.max(0) as u64).saturating_sub(d.pending.0);
-        stats.queued_bytes = (rows_bytes.max(0) as u64).saturating_sub(d.pending.1);
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -1982,7 +1792,6 @@ struct Restored {
 /// a series' samples all come from one old shard, read in order).
 fn restore_blocks(
     tx: &Transaction<'_>,
-    store: &Store,
     endpoint: i64,
     dict: &Dict,
     relayout: Option<&QueueConfig>,
@@ -2055,7 +1864,7 @@ fn restore_blocks(
         // Epoch by epoch, so that within a shard the blocks keep their order.
         for ((epoch, shard), builders) in rebuilt {
             for b in builders {
-                insert_block(&mut insert, store, endpoint, shard, epoch, b)?;
+                insert_block(&mut insert, endpoint, shard, epoch, b)?;
             }
         }
     }
@@ -2348,12 +2157,12 @@ mod tests {
         assert!(from_disk.fields.is_empty() && from_disk.series.len() == 30);
         assert_eq!(batch_samples(&from_tail), batch_samples(&from_disk));
 
-        settle_now(&shared, 0, &from_tail, Tally::default());
+        shared.settle(0, &from_tail, Tally::default()).unwrap();
         assert_eq!(shared.tail.len(), 1, "a settled block leaves the tail");
         let second = shared.read_batch(0).unwrap();
         assert_eq!(second.fields.len(), 30);
         assert!(batch_samples(&second).iter().all(|(_, ts, _)| *ts == 2000));
-        settle_now(&shared, 0, &second, Tally::default());
+        shared.settle(0, &second, Tally::default()).unwrap();
         assert_eq!(shared.tail.len(), 0);
         assert_eq!(shared.read_batch(0).unwrap().scanned, 0);
     }
@@ -2560,7 +2369,7 @@ mod tests {
             sent: 4,
             ..Tally::default()
         };
-        settle_now(&shared, 0, &batch, sent);
+        shared.settle(0, &batch, sent).unwrap();
         // Epoch 0 has no block left; the current epoch's labels stay for the enqueues.
         assert_eq!(dict_epochs(&store), [1]);
         assert!(queued(&store).is_empty());
@@ -2589,7 +2398,7 @@ mod tests {
         // Blocks hold at most max_samples_per_send: 3 then 2.
         let first = shared.read_batch(0).unwrap();
         assert_eq!(first.scanned, 3);
-        settle_now(&shared, 0, &first, sent(3));
+        shared.settle(0, &first, sent(3)).unwrap();
         let rest = shared.read_batch(0).unwrap();
         let names: Vec<String> = rest
             .series
@@ -2598,68 +2407,10 @@ mod tests {
             .collect();
         assert_eq!(names, ["m3", "m4"]);
         // Settling the same batch twice (a retry after a lost commit) moves nothing.
-        settle_now(&shared, 0, &rest, sent(2));
-        settle_now(&shared, 0, &rest, Tally::default());
+        shared.settle(0, &rest, sent(2)).unwrap();
+        shared.settle(0, &rest, Tally::default()).unwrap();
         assert_eq!(shared.snapshot().queued_samples, 0);
         assert_eq!(shared.read_batch(0).unwrap().scanned, 0);
-    }
-
-    /// Settles `batch` and applies it to the rows at once, as when no enqueue comes.
-    fn settle_now(shared: &Shared, shard: usize, batch: &Batch, tally: Tally) {
-        shared.settle(shard, batch, tally).unwrap();
-        shared.flush_settled().unwrap();
-    }
-
-    #[test]
-    fn a_settle_waits_for_the_next_enqueue_and_the_shard_reads_past_it() {
-        let store = Arc::new(Store::in_memory().unwrap());
-        let q = QueueConfig {
-            max_shards: 1,
-            max_samples_per_send: 3,
-            ..QueueConfig::default()
-        };
-        let shared = open(&store, &q);
-        let samples: Vec<Sample> = (0..5).map(|i| sample(&format!("m{i}"), 1)).collect();
-        store
-            .transaction(|tx| shared.enqueue(tx, &samples))
-            .unwrap();
-        shared.wake();
-        let sent = |n| Tally {
-            sent: n,
-            ..Tally::default()
-        };
-        // Enqueues come: the settle leaves the rows to the next one.
-        let first = shared.read_batch(0).unwrap();
-        shared.settle(0, &first, sent(3)).unwrap();
-        assert_eq!(queued(&store).len(), 5, "the rows are not touched yet");
-        assert_eq!(shared.snapshot().queued_samples, 2, "the stats are");
-        assert!(shared.settled_due().is_some());
-        // The shard reads past the settled block, and then past a partly settled one.
-        let rest = shared.read_batch(0).unwrap();
-        assert_eq!(rest.scanned, 2);
-        shared.settle(0, &rest, sent(1)).unwrap();
-        assert_eq!(shared.read_batch(0).unwrap().scanned, 0);
-        // An enqueue that rolls back applies nothing for good: the next one applies it.
-        let m9 = sample("m9", 1);
-        let failed = store.transaction(|tx| {
-            shared.enqueue(tx, std::slice::from_ref(&m9))?;
-            tx.execute("INSERT INTO nonexistent VALUES (1)", [])?;
-            Ok(())
-        });
-        assert!(failed.is_err());
-        assert_eq!(queued(&store).len(), 5);
-        store
-            .transaction(|tx| shared.enqueue(tx, std::slice::from_ref(&m9)))
-            .unwrap();
-        shared.wake();
-        let names: Vec<String> = queued(&store)
-            .into_iter()
-            .map(|(_, l, _)| l[0].1.clone())
-            .collect();
-        assert_eq!(names, ["m9"]);
-        assert_eq!(shared.snapshot().queued_samples, 1);
-        assert!(shared.settled_due().is_none());
-        assert_eq!(shared.read_batch(0).unwrap().scanned, 1);
     }
 
     #[test]
@@ -2680,7 +2431,7 @@ mod tests {
         let batch = shared.read_batch(0).unwrap();
         assert!(batch.series.is_empty());
         assert_eq!(batch.scanned, 2);
-        settle_now(&shared, 0, &batch, Tally::default());
+        shared.settle(0, &batch, Tally::default()).unwrap();
         let snap = shared.snapshot();
         assert_eq!(snap.counters.dropped_invalid_labels, 2);
         assert_eq!((snap.queued_samples, snap.queued_bytes), (0, 0));

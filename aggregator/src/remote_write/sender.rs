@@ -120,18 +120,6 @@ pub(crate) async fn run_shard(
                 Some(due.unwrap_or(idle))
             }
         };
-        // Settles deferred to an enqueue that did not come are applied after a while.
-        let settled_due = shared.settled_due();
-        if settled_due.is_some_and(|due| now >= due)
-            && let Err(e) = shared.flush_settled()
-        {
-            tracing::error!(remote_name = %shared.name, error = %e, "remote write queue: removing sent samples failed; retrying");
-        }
-        let wait_until = wait_until.map(|until| match settled_due {
-            Some(due) if due > now => until.min(due),
-            Some(_) => until.min(now + DB_ERROR_PAUSE),
-            None => until,
-        });
         if let Some(until) = wait_until {
             tokio::select! {
                 _ = shared.shards[shard].wake.notified() => {}

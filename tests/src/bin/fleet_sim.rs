@@ -14,8 +14,11 @@
 //!
 //! The phases run one after the other so that they do not compete for the CPU. Each
 //! process's CPU (utime + stime) over its phase is divided by the rows VictoriaMetrics
-//! inserted in that phase. Run `fleet-sim --help` for the options; docs/benchmarks.md
-//! has the figures and the exact commands.
+//! inserted in that phase, and by the probe samples sent. A second figure starts once
+//! the first interval is over, when every series exists: the steady state a
+//! long-running process pays per sample, without the one-off cost of new series. Run
+//! `fleet-sim --help` for the options; docs/benchmarks.md has the figures and the exact
+//! commands.
 
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
