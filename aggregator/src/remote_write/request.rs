@@ -107,26 +107,29 @@ pub(crate) fn labels_pb<K: AsRef<str>, V: AsRef<str>>(labels: &[(K, V)]) -> Vec<
     out
 }
 
+/// The range of the length-delimited field with one-byte `tag` at `pos`, which moves
+/// past it; `None` if another tag is there or the field runs past `buf`.
+fn length_delimited(buf: &[u8], pos: &mut usize, tag: u8) -> Option<std::ops::Range<usize>> {
+    if *buf.get(*pos)? != tag {
+        return None;
+    }
+    *pos += 1;
+    let len = usize::try_from(get_varint(buf, pos)?).ok()?;
+    let start = *pos;
+    let end = start.checked_add(len).filter(|&e| e <= buf.len())?;
+    *pos = end;
+    Some(start..end)
+}
+
 /// The label pairs back from [`labels_pb`] bytes; `None` if they are not that encoding.
 pub(crate) fn parse_labels_pb(pb: &[u8]) -> Option<Vec<(String, String)>> {
     let mut out = Vec::new();
     let mut pos = 0;
-    let field = |buf: &[u8], pos: &mut usize, tag: u8| -> Option<std::ops::Range<usize>> {
-        if *buf.get(*pos)? != tag {
-            return None;
-        }
-        *pos += 1;
-        let len = usize::try_from(get_varint(buf, pos)?).ok()?;
-        let start = *pos;
-        let end = start.checked_add(len).filter(|&e| e <= buf.len())?;
-        *pos = end;
-        Some(start..end)
-    };
     while pos < pb.len() {
-        let label = &pb[field(pb, &mut pos, 0x0a)?];
+        let label = &pb[length_delimited(pb, &mut pos, 0x0a)?];
         let mut at = 0;
-        let name = std::str::from_utf8(&label[field(label, &mut at, 0x0a)?]).ok()?;
-        let value = std::str::from_utf8(&label[field(label, &mut at, 0x12)?]).ok()?;
+        let name = std::str::from_utf8(&label[length_delimited(label, &mut at, 0x0a)?]).ok()?;
+        let value = std::str::from_utf8(&label[length_delimited(label, &mut at, 0x12)?]).ok()?;
         if at != label.len() {
             return None;
         }
@@ -296,27 +299,14 @@ impl TimeSeriesFields {
 
 /// A field [`TimeSeriesFields::push`] wrote: its labels' bytes and its one sample.
 fn split_field(field: &[u8]) -> Option<(&[u8], (i64, f64))> {
-    let mut pos = 0;
-    if *field.first()? != 0x0a {
-        return None;
-    }
-    pos += 1;
-    let len = usize::try_from(get_varint(field, &mut pos)?).ok()?;
-    let body = field.get(pos..pos.checked_add(len)?)?;
+    let body = &field[length_delimited(field, &mut 0, 0x0a)?];
     // The labels (field 1, repeated), then the sample (field 2).
     let mut at = 0;
-    while *body.get(at)? == 0x0a {
-        at += 1;
-        let n = usize::try_from(get_varint(body, &mut at)?).ok()?;
-        at = at.checked_add(n)?;
+    while body.get(at) == Some(&0x0a) {
+        length_delimited(body, &mut at, 0x0a)?;
     }
-    let labels = body.get(..at)?;
-    if *body.get(at)? != 0x12 {
-        return None;
-    }
-    at += 1;
-    let n = usize::try_from(get_varint(body, &mut at)?).ok()?;
-    let sample = body.get(at..at.checked_add(n)?)?;
+    let labels = &body[..at];
+    let sample = &body[length_delimited(body, &mut at, 0x12)?];
     let (mut ts, mut value) = (0i64, 0f64);
     let mut p = 0;
     while p < sample.len() {
