@@ -2274,9 +2274,13 @@ fleet: {missing_after: 30s}
         );
     }
 
-    #[test]
-    fn up_is_rewritten_within_a_minute_for_slow_jobs() {
-        let (hub, rec, _rx) = setup();
+    /// [`setup`], then one result of job `slow` at T0, its samples taken.
+    fn after_one_slow_result() -> (
+        Hub,
+        Arc<Recorder>,
+        mpsc::Receiver<Result<AggregatorMessage, tonic::Status>>,
+    ) {
+        let (hub, rec, rx) = setup();
         results(
             &hub,
             "eu-1",
@@ -2285,6 +2289,12 @@ fleet: {missing_after: 30s}
         )
         .unwrap();
         rec.take();
+        (hub, rec, rx)
+    }
+
+    #[test]
+    fn up_is_rewritten_within_a_minute_for_slow_jobs() {
+        let (hub, rec, _rx) = after_one_slow_result();
         let mut writes = Vec::new();
         for s in 1..=180 {
             hub.tick(T0 + s * 1000).wait();
@@ -2303,16 +2313,8 @@ fleet: {missing_after: 30s}
 
     #[test]
     fn a_target_is_evaluated_when_time_can_change_it_and_after_a_reload() {
-        let (hub, rec, _rx) = setup();
         // `slow` (every 5 minutes): fresh for 2 × 5 min + 5 s, `up` rewritten every 30 s.
-        results(
-            &hub,
-            "eu-1",
-            &[result(1, "slow", "127.0.0.1:81", T0, true)],
-            T0,
-        )
-        .unwrap();
-        rec.take();
+        let (hub, rec, _rx) = after_one_slow_result();
         for s in 1..=29 {
             hub.tick(T0 + s * 1000).wait();
         }
