@@ -171,6 +171,30 @@ impl RunArgs {
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
+
+    /// Ends a bench binary `bin`: the report's table on stdout, its JSON to `--json`,
+    /// and the problems found on stderr; success only without any.
+    pub fn finish(
+        &self,
+        bin: &str,
+        markdown: &str,
+        json: &serde_json::Value,
+        problems: &[String],
+    ) -> std::process::ExitCode {
+        println!("{markdown}");
+        if let Err(e) = self.write_json(json) {
+            eprintln!("{bin}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+        for p in problems {
+            eprintln!("{bin}: {p}");
+        }
+        if problems.is_empty() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// `perf record -g` of one process, into a file, until stopped.

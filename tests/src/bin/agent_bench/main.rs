@@ -700,22 +700,12 @@ fn run(args: &Args) -> anyhow::Result<Report> {
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
-        Ok(report) => {
-            println!("{}", report.markdown());
-            if let Err(e) = args.run.write_json(&report.json()) {
-                eprintln!("agent-bench: {e}");
-                return ExitCode::FAILURE;
-            }
-            let problems = report.problems();
-            for p in &problems {
-                eprintln!("agent-bench: {p}");
-            }
-            if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Ok(report) => args.run.finish(
+            "agent-bench",
+            &report.markdown(),
+            &report.json(),
+            &report.problems(),
+        ),
         Err(e) => {
             eprintln!("agent-bench: {e:#}");
             ExitCode::FAILURE

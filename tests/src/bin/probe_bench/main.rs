@@ -617,14 +617,9 @@ impl Report {
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
-        Ok(report) => {
-            println!("{}", report.markdown());
-            if let Err(e) = args.run.write_json(&report.json()) {
-                eprintln!("probe-bench: {e}");
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(report) => args
+            .run
+            .finish("probe-bench", &report.markdown(), &report.json(), &[]),
         Err(e) => {
             eprintln!("probe-bench: {e}");
             ExitCode::FAILURE
