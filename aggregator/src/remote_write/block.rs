@@ -68,13 +68,10 @@ impl Block {
 /// Builds one block; a series' labels go in once however many samples it has.
 #[derive(Default)]
 pub(crate) struct BlockBuilder {
-    /// Series ids, in the order of the table.
-    ids: Vec<u64>,
-    /// Series id to its index in the table; built at the first sample whose series may
-    /// be in the table already (most blocks have one sample per series and never need
-    /// it).
-    index: Option<IdMap<u32>>,
+    /// Series id to its index in this block's table.
+    index: IdMap<u32>,
     series: Vec<u8>,
+    series_count: u32,
     samples: Vec<u8>,
     sample_count: u32,
     prev_ts: i64,
@@ -86,54 +83,21 @@ impl BlockBuilder {
     /// A builder sized for about `samples` samples of as many series.
     pub(crate) fn with_capacity(samples: usize) -> Self {
         Self {
-            ids: Vec::with_capacity(samples),
+            index: IdMap::with_capacity_and_hasher(samples, Default::default()),
             series: Vec::with_capacity(samples * 4),
             samples: Vec::with_capacity(samples * 11),
             ..Self::default()
         }
     }
 
-    /// Appends a sample of series `id`.
     pub(crate) fn push(&mut self, id: u64, weight: u64, ts: i64, value: f64) {
-        let index = match self.index_of(id) {
-            Some(index) => index,
-            None => self.add_series(id, weight),
-        };
-        self.push_sample(index, weight, ts, value);
-    }
-
-    /// [`BlockBuilder::push`] for a caller that knows the series has no sample in this
-    /// block yet: no lookup.
-    pub(crate) fn push_new_series(&mut self, id: u64, weight: u64, ts: i64, value: f64) {
-        debug_assert!(!self.ids.contains(&id));
-        let index = self.add_series(id, weight);
-        self.push_sample(index, weight, ts, value);
-    }
-
-    fn index_of(&mut self, id: u64) -> Option<u32> {
-        let ids = &self.ids;
-        self.index
-            .get_or_insert_with(|| {
-                let mut map = IdMap::with_capacity_and_hasher(ids.len() * 2, Default::default());
-                map.extend(ids.iter().enumerate().map(|(i, &id)| (id, i as u32)));
-                map
-            })
-            .get(&id)
-            .copied()
-    }
-
-    fn add_series(&mut self, id: u64, weight: u64) -> u32 {
-        let index = self.ids.len() as u32;
-        self.ids.push(id);
-        if let Some(map) = &mut self.index {
-            map.insert(id, index);
-        }
-        put_varint(&mut self.series, id);
-        put_varint(&mut self.series, weight);
-        index
-    }
-
-    fn push_sample(&mut self, index: u32, weight: u64, ts: i64, value: f64) {
+        let next = self.series_count;
+        let index = *self.index.entry(id).or_insert_with(|| {
+            put_varint(&mut self.series, id);
+            put_varint(&mut self.series, weight);
+            self.series_count += 1;
+            next
+        });
         put_varint(&mut self.samples, u64::from(index));
         let delta = ts.wrapping_sub(self.prev_ts);
         put_varint(&mut self.samples, ((delta << 1) ^ (delta >> 63)) as u64);
@@ -156,7 +120,7 @@ impl BlockBuilder {
         if !compress {
             body.push(RAW);
         }
-        put_varint(&mut body, self.ids.len() as u64);
+        put_varint(&mut body, u64::from(self.series_count));
         body.extend_from_slice(&self.series);
         put_varint(&mut body, u64::from(self.sample_count));
         body.extend_from_slice(&self.samples);
@@ -306,23 +270,6 @@ mod tests {
             );
             assert_eq!(block.weight(1), 20);
         }
-    }
-
-    #[test]
-    fn series_pushed_as_new_are_found_by_later_pushes() {
-        // The enqueue's fast path names series as new, then meets one of them again:
-        // the table is indexed only then, and the repeat must share the first's index.
-        let mut builder = BlockBuilder::default();
-        builder.push_new_series(10, 1, 100, 1.0);
-        builder.push_new_series(11, 1, 100, 2.0);
-        builder.push(11, 1, 200, 3.0);
-        builder.push_new_series(12, 1, 100, 4.0);
-        builder.push(12, 1, 200, 5.0);
-        builder.push(13, 1, 100, 6.0);
-        let block = decode(&builder.finish(false)).unwrap();
-        assert_eq!(block.series, vec![(10, 1), (11, 1), (12, 1), (13, 1)]);
-        let indexes: Vec<u32> = block.samples.iter().map(|&(s, _, _)| s).collect();
-        assert_eq!(indexes, vec![0, 1, 1, 2, 2, 3]);
     }
 
     #[test]

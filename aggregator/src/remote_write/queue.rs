@@ -1081,14 +1081,7 @@ impl Shared {
             }
             let (shard, weight) = (entry.shard, entry.weight);
             let builder = &mut open[shard];
-            if undo.is_some() {
-                // First met in this enqueue, so in none of its blocks.
-                builder
-                    .block
-                    .push_new_series(entry.id, weight, timestamp_ms, value);
-            } else {
-                builder.block.push(entry.id, weight, timestamp_ms, value);
-            }
+            builder.block.push(entry.id, weight, timestamp_ms, value);
             if let Some(tail) = &mut builder.tail {
                 tail.push(&entry.labels, weight, timestamp_ms, value);
             }
