@@ -120,6 +120,40 @@ struct Args {
     /// Keep the working directory (configs, logs, data) instead of removing it.
     #[arg(long)]
     keep: bool,
+    /// Run the process under test (the aggregator, then vmagent) alone on CPU 0, and the
+    /// simulator and VictoriaMetrics on CPU 1. On a two-core machine runs then vary far
+    /// less (see docs/benchmarks.md); use it to compare two builds.
+    #[arg(long)]
+    pin: bool,
+}
+
+/// The CPU the process under test runs on with `--pin`, and the one the rest shares.
+const CPU_UNDER_TEST: usize = 0;
+const CPU_FOR_THE_REST: usize = 1;
+
+/// Binds the calling thread, and the threads and processes it starts from then on, to
+/// `cpu`.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the call reads `set` only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// With `--pin`, `cmd`'s process runs on [`CPU_UNDER_TEST`] only.
+fn pin_under_test(cmd: &mut Command, pin: bool) {
+    use std::os::unix::process::CommandExt;
+    if pin {
+        // SAFETY: sched_setaffinity is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| pin_to(CPU_UNDER_TEST));
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -1291,6 +1325,16 @@ fn run(args: Args) -> anyhow::Result<Report> {
     if !args.no_anchor {
         require(&args.vmagent, "vmagent")?;
     }
+    if args.pin {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus <= CPU_FOR_THE_REST {
+            return Err(anyhow!(
+                "--pin needs two CPUs (the process under test on one, the rest on the other); this machine offers {cpus}"
+            ));
+        }
+        // Before any thread or process is started: they all inherit it.
+        pin_to(CPU_FOR_THE_REST).context("--pin: cannot bind the simulator to CPU 1")?;
+    }
     let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let world = World {
@@ -1341,6 +1385,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
             dir.join("aggregator-data").display()
         ))
         .arg("--log.level=info");
+    pin_under_test(&mut cmd, args.pin);
     let mut aggregator = Process::start("aggregator", cmd, &dir);
     let web = format!("http://127.0.0.1:{web_port}");
     wait_healthy(
@@ -1441,6 +1486,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
                 dir.join("vmagent-data").display()
             ))
             .arg("-loggerLevel=WARN");
+        pin_under_test(&mut cmd, args.pin);
         let mut vmagent = Process::start("vmagent", cmd, &dir);
         wait_healthy(
             "vmagent",
@@ -1490,6 +1536,7 @@ fn run(args: Args) -> anyhow::Result<Report> {
     Ok(Report {
         load,
         raised,
+        pinned: args.pin,
         aggregator: phase1,
         anchor: phase2,
     })
@@ -1501,6 +1548,8 @@ fn run(args: Args) -> anyhow::Result<Report> {
 struct Report {
     load: Load,
     raised: Vec<String>,
+    /// `--pin`: the process under test had CPU 0 to itself.
+    pinned: bool,
     aggregator: PhaseReport,
     anchor: Option<PhaseReport>,
 }
@@ -1519,6 +1568,12 @@ impl Report {
         let b = self.anchor.as_ref();
         let mut out = String::new();
         let _ = writeln!(out, "Load: {}.", self.load.describe());
+        if self.pinned {
+            let _ = writeln!(
+                out,
+                "Pinned (`--pin`): the process under test on CPU {CPU_UNDER_TEST}, the simulator and VictoriaMetrics on CPU {CPU_FOR_THE_REST}."
+            );
+        }
         let _ = writeln!(
             out,
             "Aggregator `fleet.limits` raised: {}.\n",
@@ -1743,6 +1798,7 @@ impl Report {
                 "batch": l.batch, "flush_s": l.flush.as_secs_f64(),
             },
             "limits_raised": self.raised,
+            "pinned": self.pinned,
             "active_series": self.active_series(),
             "aggregator": phase(&self.aggregator),
             "anchor": self.anchor.as_ref().map(phase),
