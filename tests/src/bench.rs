@@ -162,18 +162,7 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// Writes `report` to `--json`, when given.
-    pub fn write_json(&self, report: &serde_json::Value) -> Result<(), String> {
-        let Some(path) = &self.json else {
-            return Ok(());
-        };
-        let text = serde_json::to_string_pretty(report).unwrap_or_default();
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
-    }
-
-    /// Ends a bench binary `bin`: the report's table on stdout, its JSON to `--json`,
-    /// and the problems found on stderr; success only without any.
+    /// [`finish`] with `--json`.
     pub fn finish(
         &self,
         bin: &str,
@@ -181,19 +170,40 @@ impl RunArgs {
         json: &serde_json::Value,
         problems: &[String],
     ) -> std::process::ExitCode {
-        println!("{markdown}");
-        if let Err(e) = self.write_json(json) {
-            eprintln!("{bin}: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-        for p in problems {
-            eprintln!("{bin}: {p}");
-        }
-        if problems.is_empty() {
-            std::process::ExitCode::SUCCESS
-        } else {
-            std::process::ExitCode::FAILURE
-        }
+        finish(bin, self.json.as_deref(), markdown, json, problems)
+    }
+}
+
+/// Writes `report` as pretty JSON to `path`, when given.
+fn write_json(path: Option<&Path>, report: &serde_json::Value) -> Result<(), String> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let text = serde_json::to_string_pretty(report).unwrap_or_default();
+    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Ends a bench binary `bin`: the report's table on stdout, its JSON to `json_path`, and
+/// the problems found on stderr; success only without any.
+pub fn finish(
+    bin: &str,
+    json_path: Option<&Path>,
+    markdown: &str,
+    json: &serde_json::Value,
+    problems: &[String],
+) -> std::process::ExitCode {
+    println!("{markdown}");
+    if let Err(e) = write_json(json_path, json) {
+        eprintln!("{bin}: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    for p in problems {
+        eprintln!("{bin}: {p}");
+    }
+    if problems.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
 

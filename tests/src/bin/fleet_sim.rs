@@ -1838,25 +1838,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let json_path = args.json.clone();
     match run(args) {
-        Ok(report) => {
-            println!("{}", report.markdown());
-            if let Some(path) = json_path {
-                let text = serde_json::to_string_pretty(&report.json()).unwrap_or_default();
-                if let Err(e) = std::fs::write(&path, text + "\n") {
-                    eprintln!("fleet-sim: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
-            }
-            let problems = report.problems();
-            if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                for p in problems {
-                    eprintln!("fleet-sim: {p}");
-                }
-                ExitCode::FAILURE
-            }
-        }
+        Ok(report) => sonde_tests::bench::finish(
+            "fleet-sim",
+            json_path.as_deref(),
+            &report.markdown(),
+            &report.json(),
+            &report.problems(),
+        ),
         Err(e) => {
             eprintln!("fleet-sim: {e:#}");
             ExitCode::FAILURE
