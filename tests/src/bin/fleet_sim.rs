@@ -1333,7 +1333,9 @@ fn run(args: Args) -> anyhow::Result<Report> {
             ));
         }
         // Before any thread or process is started: they all inherit it.
-        pin_to(CPU_FOR_THE_REST).context("--pin: cannot bind the simulator to CPU 1")?;
+        pin_to(CPU_FOR_THE_REST).with_context(|| {
+            format!("--pin: cannot bind the simulator to CPU {CPU_FOR_THE_REST}")
+        })?;
     }
     let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
