@@ -1146,6 +1146,24 @@ impl State {
             }
         };
         bucket.add(r.success, r.duration_seconds);
+        // Merging walks every view of the target: with a thousand agents on each target,
+        // doing it at every result made the merge O(agents²) per interval, most of the
+        // ingest thread's time at that scale. A result that repeats its agent's fresh
+        // verdict changes no count, and no other view has gone stale or come due for a
+        // rewrite before `next_evaluation_ms`: the merge is then the one already written,
+        // and is not redone. (A later timestamp only moves this view's staleness later,
+        // so `next_evaluation_ms` stays a safe bound.)
+        let merge_unchanged = previous.as_ref().is_some_and(|p| {
+            p.success == r.success
+                && entry.merged.is_some()
+                && entry.last_written_ms != 0
+                && now_ms < entry.next_evaluation_ms
+                && self
+                    .jobs
+                    .get(&key.0)
+                    .and_then(|j| j.config.as_ref())
+                    .is_some_and(|c| merge::is_fresh(p.timestamp_ms, now_ms, c.freshness))
+        });
         let before = entry.views.insert(
             agent_id.clone(),
             Arc::new(LastResult {
@@ -1166,7 +1184,9 @@ impl State {
             }),
         );
         ch.undo.views.push((entry.key.clone(), agent_id, before));
-        self.evaluate(&key, now_ms, true, ch);
+        if !merge_unchanged {
+            self.evaluate(&key, now_ms, true, ch);
+        }
         Ok(())
     }
 
@@ -2309,6 +2329,56 @@ fleet: {missing_after: 30s}
             last = w;
         }
         assert!(180 - last <= 60);
+    }
+
+    #[test]
+    fn a_repeated_verdict_skips_the_merge_only_until_another_view_goes_stale() {
+        // `web`: every 10 s, timeout 5 s, so a view is fresh for 25 s.
+        let (hub, rec, _rx) = setup();
+        let (tx, _rx2) = mpsc::channel(16);
+        let eu2 = hello("eu-2", "eu");
+        connect(
+            &hub,
+            &eu2,
+            eu2.labels.clone().into_iter().collect(),
+            None,
+            tx,
+            T0,
+        );
+        let target = "127.0.0.1:80";
+        results(&hub, "eu-1", &[result(1, "web", target, T0, true)], T0).unwrap();
+        results(&hub, "eu-2", &[result(1, "web", target, T0, true)], T0).unwrap();
+        let agents = |out: &[Sample]| value_of(out, "sonde_target_agents", &[("job", "web")]);
+        assert_eq!(agents(&rec.take()).last(), Some(&2.0));
+        // The same verdict again, nothing due: the merge stands, nothing is written.
+        results(
+            &hub,
+            "eu-1",
+            &[result(2, "web", target, T0 + 5_000, true)],
+            T0 + 5_000,
+        )
+        .unwrap();
+        assert!(agents(&rec.take()).is_empty());
+        // eu-2's view is stale from T0 + 25 s. eu-1's next result with the same verdict,
+        // without a tick in between, must merge again and count one agent.
+        results(
+            &hub,
+            "eu-1",
+            &[result(3, "web", target, T0 + 26_000, true)],
+            T0 + 26_000,
+        )
+        .unwrap();
+        assert_eq!(agents(&rec.take()), [1.0]);
+        // A changed verdict merges at once.
+        results(
+            &hub,
+            "eu-1",
+            &[result(4, "web", target, T0 + 27_000, false)],
+            T0 + 27_000,
+        )
+        .unwrap();
+        let out = rec.take();
+        assert_eq!(value_of(&out, "up", &[("job", "web")]), [0.0]);
     }
 
     #[test]
