@@ -160,7 +160,7 @@ struct Scrape {
 impl Scrape {
     fn read(web: &str) -> anyhow::Result<Self> {
         let before = Instant::now();
-        let text = metrics_page(web).map_err(anyhow::Error::msg)?;
+        let text = metrics_page(web, &[]).map_err(anyhow::Error::msg)?;
         let after = Instant::now();
         let mut scrape = Scrape {
             at: Some(before + (after - before) / 2),
