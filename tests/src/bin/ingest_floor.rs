@@ -185,6 +185,26 @@ struct Shared {
     queued: AtomicU64,
 }
 
+impl Shared {
+    /// The pipeline writing its log to `log`, and where its requests come out.
+    fn new(log: File) -> (Self, std_mpsc::Receiver<(Vec<u8>, usize)>) {
+        let (requests, to_send) = std_mpsc::sync_channel(64);
+        let shared = Shared {
+            pipeline: Mutex::new(Pipeline {
+                log,
+                record: Vec::new(),
+                body: Vec::new(),
+                in_body: 0,
+                next_id: 0,
+                up: Map::default(),
+                requests,
+            }),
+            queued: AtomicU64::new(0),
+        };
+        (shared, to_send)
+    }
+}
+
 impl Pipeline {
     fn sample(&mut self, id: u32, labels: &[u8], ts: i64, value: f64) {
         self.record.extend_from_slice(&id.to_le_bytes());
@@ -707,19 +727,8 @@ fn main() -> Result<(), String> {
     let log_path = flags.storage.join("floor.log");
     let log = File::create(&log_path)
         .map_err(|e| format!("ingest-floor: {}: {e}", log_path.display()))?;
-    let (requests, to_send) = std_mpsc::sync_channel(64);
-    let shared = Arc::new(Shared {
-        pipeline: Mutex::new(Pipeline {
-            log,
-            record: Vec::new(),
-            body: Vec::new(),
-            in_body: 0,
-            next_id: 0,
-            up: Map::default(),
-            requests,
-        }),
-        queued: AtomicU64::new(0),
-    });
+    let (shared, to_send) = Shared::new(log);
+    let shared = Arc::new(shared);
     let s = shared.clone();
     std::thread::spawn(move || sender(to_send, s, host, path));
     let s = shared.clone();
@@ -750,20 +759,7 @@ mod tests {
     use sonde_proto::prompb::WriteRequest;
 
     fn pipeline(dir: &std::path::Path) -> (Shared, std_mpsc::Receiver<(Vec<u8>, usize)>) {
-        let (requests, sent) = std_mpsc::sync_channel(64);
-        let shared = Shared {
-            pipeline: Mutex::new(Pipeline {
-                log: File::create(dir.join("floor.log")).unwrap(),
-                record: Vec::new(),
-                body: Vec::new(),
-                in_body: 0,
-                next_id: 0,
-                up: Map::default(),
-                requests,
-            }),
-            queued: AtomicU64::new(0),
-        };
-        (shared, sent)
+        Shared::new(File::create(dir.join("floor.log")).unwrap())
     }
 
     fn result(seq: u64, ts: i64, success: bool) -> pb::ProbeResult {
