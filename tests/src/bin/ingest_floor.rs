@@ -170,12 +170,17 @@ struct UpSeries {
 type Map<V> = HashMap<Box<[u8]>, V, foldhash::fast::RandomState>;
 
 struct Pipeline {
+    next_id: u32,
+    up: Map<Map<UpSeries>>,
+    out: Output,
+}
+
+/// Where samples go: the durable log and the request being filled.
+struct Output {
     log: File,
     record: Vec<u8>,
     body: Vec<u8>,
     in_body: usize,
-    next_id: u32,
-    up: Map<Map<UpSeries>>,
     requests: std_mpsc::SyncSender<(Vec<u8>, usize)>,
 }
 
@@ -191,13 +196,15 @@ impl Shared {
         let (requests, to_send) = std_mpsc::sync_channel(64);
         let shared = Shared {
             pipeline: Mutex::new(Pipeline {
-                log,
-                record: Vec::new(),
-                body: Vec::new(),
-                in_body: 0,
                 next_id: 0,
                 up: Map::default(),
-                requests,
+                out: Output {
+                    log,
+                    record: Vec::new(),
+                    body: Vec::new(),
+                    in_body: 0,
+                    requests,
+                },
             }),
             queued: AtomicU64::new(0),
         };
@@ -205,7 +212,7 @@ impl Shared {
     }
 }
 
-impl Pipeline {
+impl Output {
     fn sample(&mut self, id: u32, labels: &[u8], ts: i64, value: f64) {
         self.record.extend_from_slice(&id.to_le_bytes());
         self.record.extend_from_slice(&ts.to_le_bytes());
@@ -429,7 +436,7 @@ fn take_batch(shared: &Shared, agent: &mut Agent, batch: &[u8]) -> Result<u64, S
                 continue;
             }
             series.last_ts = ts;
-            p.sample(series.id, &series.labels, ts, sample.value);
+            p.out.sample(series.id, &series.labels, ts, sample.value);
             taken += 1;
         }
         let up = entry(
@@ -446,23 +453,18 @@ fn take_batch(shared: &Shared, agent: &mut Agent, batch: &[u8]) -> Result<u64, S
         );
         if ts >= up.last_ts.saturating_add(1000) {
             up.last_ts = ts;
-            let labels = std::mem::take(&mut up.labels);
-            p.sample(u32::MAX, &labels, ts, if success { 1.0 } else { 0.0 });
+            let value = if success { 1.0 } else { 0.0 };
+            p.out.sample(u32::MAX, &up.labels, ts, value);
             taken += 1;
-            if let Some(up) =
-                p.up.get_mut(job.as_bytes())
-                    .and_then(|m| m.get_mut(instance.as_bytes()))
-            {
-                up.labels = labels;
-            }
         }
     }
-    p.log
-        .write_all(&p.record)
+    let out = &mut p.out;
+    out.log
+        .write_all(&out.record)
         .map_err(|e| Status::unavailable(format!("cannot write the log: {e}")))?;
-    p.record.clear();
+    out.record.clear();
     shared.queued.fetch_add(taken, Ordering::Relaxed);
-    p.flush_if(true);
+    out.flush_if(true);
     Ok(last_seq)
 }
 
@@ -735,7 +737,7 @@ fn main() -> Result<(), String> {
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(FLUSH_EVERY);
-            s.pipeline.lock().unwrap().flush_if(false);
+            s.pipeline.lock().unwrap().out.flush_if(false);
         }
     });
     let listener = TcpListener::bind(flags.web)
@@ -853,7 +855,7 @@ mod tests {
             reply,
             Ok(Some(aggregator_message::Msg::Ack(pb::Ack { acked_seq: 9 })))
         ));
-        shared.pipeline.lock().unwrap().flush_if(false);
+        shared.pipeline.lock().unwrap().out.flush_if(false);
         let base = "agent=edge-1,instance=http://a.example/,job=web";
         let success = format!("__name__=probe_success,{base}");
         let connect = format!("__name__=probe_http_duration_seconds,{base},phase=connect");
