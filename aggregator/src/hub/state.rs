@@ -1823,14 +1823,15 @@ mod tests {
         hub.results(agent, batch.to_vec().into(), now_ms).wait()
     }
 
+    /// Connects the agent of `hello` with the labels it says it has.
     fn connect(
         hub: &Hub,
         hello: &pb::Hello,
-        labels: Labels,
         credential: Option<String>,
         sender: AgentSender,
         now_ms: i64,
     ) -> (u64, Arc<Kick>) {
+        let labels = hello.labels.clone().into_iter().collect();
         let c = hub
             .connect(hello, labels, credential, sender, now_ms)
             .wait();
@@ -1899,14 +1900,7 @@ fleet: {missing_after: 30s}
         let rec = Arc::new(Recorder::default());
         let hub = Hub::new(config(CONFIG), rec.clone(), T0);
         let (tx, rx) = mpsc::channel(16);
-        connect(
-            &hub,
-            &hello("eu-1", "eu"),
-            hello("eu-1", "eu").labels.into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &hello("eu-1", "eu"), None, tx, T0);
         (hub, rec, rx)
     }
 
@@ -1920,14 +1914,7 @@ fleet: {missing_after: 30s}
         let (tx, _rx2) = mpsc::channel(16);
         let mut h = hello("edge", "eu");
         h.local_jobs = vec!["local".into()];
-        connect(
-            &hub,
-            &h,
-            h.labels.clone().into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &h, None, tx, T0);
         let batch = [
             result(1, "local", "127.0.0.1:22", -10, true),
             result(2, "local", "127.0.0.1:22", i64::MAX, true),
@@ -1972,14 +1959,7 @@ fleet: {missing_after: 30s}
         for i in 1..=5 {
             let (tx, rx) = mpsc::channel(64);
             let h = hello(&format!("edge-{i}"), "eu");
-            let (connection, _) = connect(
-                &hub,
-                &h,
-                h.labels.clone().into_iter().collect(),
-                None,
-                tx,
-                T0,
-            );
+            let (connection, _) = connect(&hub, &h, None, tx, T0);
             streams.push((format!("edge-{i}"), connection, rx));
         }
         // Each got a plan as it connected; the ones before it are re-planned once, at
@@ -2034,14 +2014,7 @@ fleet: {missing_after: 30s}
         // It comes back and takes back exactly what it had.
         let (tx, mut rx) = mpsc::channel(64);
         let h = hello("edge-3", "eu");
-        connect(
-            &hub,
-            &h,
-            h.labels.clone().into_iter().collect(),
-            None,
-            tx,
-            T0 + 40_000,
-        );
+        connect(&hub, &h, None, tx, T0 + 40_000);
         assert_eq!(last_assignment(&mut rx).unwrap(), before["edge-3"]);
         for (id, _, rx) in &mut streams {
             if id != "edge-3"
@@ -2337,14 +2310,7 @@ fleet: {missing_after: 30s}
         let (hub, rec, _rx) = setup();
         let (tx, _rx2) = mpsc::channel(16);
         let eu2 = hello("eu-2", "eu");
-        connect(
-            &hub,
-            &eu2,
-            eu2.labels.clone().into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &eu2, None, tx, T0);
         let target = "127.0.0.1:80";
         results(&hub, "eu-1", &[result(1, "web", target, T0, true)], T0).unwrap();
         results(&hub, "eu-2", &[result(1, "web", target, T0, true)], T0).unwrap();
@@ -2517,14 +2483,7 @@ fleet: {missing_after: 30s}
     fn merged_timestamps_strictly_increase() {
         let (hub, rec, _rx) = setup();
         let (tx, _rx2) = mpsc::channel(16);
-        connect(
-            &hub,
-            &hello("eu-2", "eu"),
-            hello("eu-2", "eu").labels.into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &hello("eu-2", "eu"), None, tx, T0);
         results(
             &hub,
             "eu-1",
@@ -2593,14 +2552,7 @@ fleet: {missing_after: 30s}
             vec![],
         );
         let (tx, _rx) = mpsc::channel(16);
-        connect(
-            &hub,
-            &hello("eu-1", "eu"),
-            hello("eu-1", "eu").labels.into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &hello("eu-1", "eu"), None, tx, T0);
         rec.take();
         let ack = results(
             &hub,
@@ -2667,14 +2619,7 @@ fleet: {missing_after: 30s}
         let mut other = hello("eu-2", "eu");
         other.local_jobs = vec!["mine".into()];
         let (tx, _rx2) = mpsc::channel(16);
-        connect(
-            &hub,
-            &other,
-            other.labels.clone().into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &other, None, tx, T0);
         results(&hub, "eu-1", &[result(3, "mine", "x", T0, true)], T0).unwrap();
         assert_eq!(refused(&hub, "unassigned"), 3);
         results(&hub, "eu-2", &[result(1, "mine", "x", T0, true)], T0).unwrap();
@@ -2784,14 +2729,7 @@ fleet: {missing_after: 30s}
         let hub = Hub::new(config(&text), rec.clone(), T0);
         let (tx, _rx) = mpsc::channel(16);
         let h = hello("eu-1", "eu");
-        connect(
-            &hub,
-            &h,
-            h.labels.clone().into_iter().collect(),
-            None,
-            tx,
-            T0,
-        );
+        connect(&hub, &h, None, tx, T0);
         let mut big = result(1, "web", "127.0.0.1:80", T0, true);
         big.samples
             .push(("probe_duration_seconds".into(), vec![], 0.1));
@@ -2851,14 +2789,7 @@ fleet: {missing_after: 30s}
         let connect = |id: &str, token: &str| {
             let (tx, rx) = mpsc::channel(16);
             let h = hello(id, "eu");
-            let (_, kick) = connect(
-                &hub,
-                &h,
-                h.labels.clone().into_iter().collect(),
-                Some(token.into()),
-                tx,
-                T0,
-            );
+            let (_, kick) = connect(&hub, &h, Some(token.into()), tx, T0);
             (kick, rx)
         };
         let (kick_1, _rx1) = connect("eu-1", "a");
