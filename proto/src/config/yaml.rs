@@ -321,13 +321,12 @@ fn explain(text: &str, line: u64, column: u64, message: &str) -> String {
     let Some(source) = text.lines().nth(line.saturating_sub(1) as usize) else {
         return message.to_string();
     };
-    let col = (column.saturating_sub(1) as usize).min(source.len());
-    let (before, after) = source.split_at(
-        (0..=col)
-            .rev()
-            .find(|i| source.is_char_boundary(*i))
-            .unwrap_or(0),
-    );
+    // The parser counts columns in characters, not bytes.
+    let col = source
+        .char_indices()
+        .nth(column.saturating_sub(1) as usize)
+        .map_or(source.len(), |(i, _)| i);
+    let (before, after) = source.split_at(col);
     let field = field_before(before);
     let written = written_at(after);
     let mut out = match &field {
@@ -352,10 +351,9 @@ fn explain(text: &str, line: u64, column: u64, message: &str) -> String {
 /// The key whose value starts where `before` ends: `    retries: ` → `retries`.
 fn field_before(before: &str) -> Option<String> {
     let t = before.trim_end().strip_suffix(':')?;
-    let start = t
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
-        .map_or(0, |i| i + 1);
-    let key = &t[start..];
+    let key = t
+        .rsplit(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'))
+        .next()?;
     (!key.is_empty()).then(|| key.to_string())
 }
 
@@ -549,5 +547,27 @@ mod tests {
         let doc: Doc = from_yaml_str(Path::new("x.yml"), text).unwrap();
         assert_eq!(doc.jobs[0].referenced.line(), 3);
         assert_eq!(doc.jobs[0].value.job_name, "x");
+    }
+    /// Found by the `blackbox_modules` fuzzer: a multi-byte character (here a byte-order
+    /// mark) just before the key used to be sliced through while naming the field.
+    #[test]
+    fn non_ascii_text_before_a_bad_value_is_named_not_sliced() {
+        let text = "\u{FEFF}modules:    c a b|   preferred_iprs:        ip3\n";
+        let err =
+            from_yaml_str::<BTreeMap<String, BTreeMap<String, Module>>>(Path::new("b.yml"), text)
+                .unwrap_err();
+        assert_eq!(err.line, 1, "{err}");
+        // Columns count characters: the field and the value are found on a line
+        // with multi-byte characters before them.
+        let err = from_yaml_str::<BTreeMap<String, BTreeMap<String, String>>>(
+            Path::new("j.yml"),
+            "labels: {région: [1]}\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.message
+                .starts_with("région: \"[1]\" is not a single string"),
+            "{err}"
+        );
     }
 }
