@@ -127,7 +127,7 @@ fi
 # --- fuzz targets, briefly ------------------------------------------------------------------
 # Each cargo-fuzz target replays its committed corpus (fuzz/corpus/) and fuzzes for ~10
 # CPU-seconds, so that a regression in a decoder of untrusted input is caught. Costs one
-# nightly release build of the fuzz crate (~5 minutes on 2 cores) and ~1 minute of fuzzing.
+# nightly release build of the fuzz crate (~16 minutes on 2 cores in CI) and ~1 minute of fuzzing.
 echo
 echo "==> scripts/fuzz.sh --brief --jobs 2"
 fuzz_status=0
