@@ -548,6 +548,7 @@ mod tests {
         assert_eq!(doc.jobs[0].referenced.line(), 3);
         assert_eq!(doc.jobs[0].value.job_name, "x");
     }
+
     /// Found by the `blackbox_modules` fuzzer: a multi-byte character (here a byte-order
     /// mark) just before the key used to be sliced through while naming the field.
     #[test]

@@ -991,16 +991,13 @@ fn drain_aggregator(
         )
         .map_err(anyhow::Error::msg)?;
         let samples = sonde_tests::parse_metrics(&page);
-        let queued: f64 =
-            sonde_tests::find_samples(&samples, "sonde_remote_write_queue_samples", &[])
-                .iter()
-                .map(|s| s.value)
-                .sum();
-        if !page.contains("sonde_remote_write_queue_samples") {
+        let queues = sonde_tests::find_samples(&samples, "sonde_remote_write_queue_samples", &[]);
+        if queues.is_empty() {
             return Err(anyhow!(
                 "sonde_remote_write_queue_samples is not on {web}/metrics: cannot tell when remote write is done"
             ));
         }
+        let queued: f64 = queues.iter().map(|s| s.value).sum();
         if queued == 0.0 {
             return Ok((samples, None));
         }
