@@ -1315,14 +1315,14 @@ pub fn start_agent_with(scene: &mut Scene, name: &str, config: &str, wrapper: &[
 }
 
 // ---------------------------------------------------------------------------------------
-// TLS + token deployments (README, "Security model")
+// TLS + token deployments (docs/security.md)
 
-/// The README's command that makes one agent's token file, 0600: 32 random bytes in
+/// The security guide's command that makes one agent's token file, 0600: 32 random bytes in
 /// base64. Run by `sh` with `DIR` and `AGENT` in the environment.
 pub const MAKE_TOKEN_COMMAND: &str =
     r#"(umask 077 && head -c 32 /dev/urandom | base64 > "$DIR/$AGENT.token")"#;
 
-/// Follows the README's first two steps into `<scratch>/pki`:
+/// Follows the security guide's first two steps into `<scratch>/pki`:
 /// `deploy/examples/tls/make-certs.sh` makes a CA, the aggregator's certificate for `san`
 /// (openssl's subjectAltName syntax) and a client certificate per agent, then
 /// [`MAKE_TOKEN_COMMAND`] makes each agent's token file. A missing openssl fails the test
@@ -1359,7 +1359,7 @@ pub fn make_pki(scratch: &TestDir, san: &str, agents: &[&str]) -> PathBuf {
         let out = run(cmd, scratch.path(), Duration::from_secs(10));
         assert!(
             out.status.success(),
-            "the README's token command failed for {agent} ({}):\n{}",
+            "the security guide's token command failed for {agent} ({}):\n{}",
             out.status,
             out.combined()
         );

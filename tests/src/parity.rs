@@ -142,7 +142,7 @@ pub fn value(samples: &[MetricSample], name: &str) -> Option<f64> {
 ///   [`LABELLED`] metrics among sonde's;
 /// - sonde's `probe_failure_info` on every failed probe, and only then.
 ///
-/// One difference is sonde's on purpose (README, "Beyond blackbox_exporter"): a failed
+/// One difference is sonde's on purpose (docs/probers.md, "Beyond blackbox_exporter"): a failed
 /// probe that saw a certificate reports its expiry where blackbox_exporter reports 0.
 pub fn compare(c: &Case, theirs: &[MetricSample], ours: &[MetricSample]) -> Vec<String> {
     let mut problems = Vec::new();

@@ -1,7 +1,7 @@
 //! The files under deploy/ are what users copy: the alert rules must load and pass their
 //! promtool tests, and the example configs must pass `check-config`. A broken config must
 //! be reported with FILE:LINE:COLUMN. What is shipped is secure: the configs authenticate
-//! agents over TLS, the units are hardened, and the README's TLS + token steps are the
+//! agents over TLS, the units are hardened, and the security guide's TLS + token steps are the
 //! ones `deploy/examples/tls/make-certs.sh` runs.
 
 use sonde_tests::{
@@ -300,7 +300,7 @@ fn grafana_dashboard_is_well_formed() {
 
 /// The example `relative` (under deploy/examples/) as installed: written into `scratch`
 /// with its `/etc/sonde/` files there too (the certificates of make-certs.sh and the
-/// token files of the README's command), next to a copy of the example file_sd targets.
+/// token files of the security guide's command), next to a copy of the example file_sd targets.
 fn installed_example(relative: &str, scratch: &TestDir) -> PathBuf {
     let pki = if scratch.join("pki").exists() {
         scratch.join("pki")
@@ -760,17 +760,17 @@ fn aggregator_unit_listening_beyond_loopback_runs_a_config_with_auth() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The README's security model matches the files
+// The security guide's security model matches the files
 
-fn readme() -> String {
-    std::fs::read_to_string(repo_path("README.md")).expect("read README.md")
+fn security_guide() -> String {
+    std::fs::read_to_string(repo_path("docs/security.md")).expect("read docs/security.md")
 }
 
 /// The body of the first fenced block of `lang` after the first occurrence of `marker`.
 fn fenced_block_after<'a>(text: &'a str, marker: &str, lang: &str) -> &'a str {
     let at = text
         .find(marker)
-        .unwrap_or_else(|| panic!("README.md has no {marker:?}"));
+        .unwrap_or_else(|| panic!("docs/security.md has no {marker:?}"));
     let open = format!("```{lang}\n");
     let start = text[at..]
         .find(&open)
@@ -810,11 +810,11 @@ fn openssl_commands(script: &str) -> Vec<String> {
     commands
 }
 
-/// Step 1 of the README's "Step by step: TLS and tokens" runs as written (on OpenSSL 3),
+/// Step 1 of the security guide's "Step by step: TLS and tokens" runs as written (on OpenSSL 3),
 /// and make-certs.sh runs the same openssl commands.
 #[test]
 fn readme_certificate_steps_run_and_match_make_certs() {
-    let readme = readme();
+    let readme = security_guide();
     let steps = fenced_block_after(&readme, "**1. A CA and the certificates**", "sh");
     let script = std::fs::read_to_string(repo_path("deploy/examples/tls/make-certs.sh"))
         .expect("read make-certs.sh");
@@ -823,10 +823,10 @@ fn readme_certificate_steps_run_and_match_make_certs() {
     assert_eq!(
         in_readme,
         openssl_commands(&script),
-        "README.md's step 1 and deploy/examples/tls/make-certs.sh should run the same openssl commands"
+        "docs/security.md's step 1 and deploy/examples/tls/make-certs.sh should run the same openssl commands"
     );
 
-    // Run the README's block as it is, its $HOME in a scratch directory.
+    // Run the security guide's block as it is, its $HOME in a scratch directory.
     require_tool("openssl", "openssl");
     let scratch = TestDir::new("readme-certificates");
     let mut cmd = Command::new("sh");
@@ -834,7 +834,7 @@ fn readme_certificate_steps_run_and_match_make_certs() {
     let out = run(cmd, scratch.path(), TIMEOUT);
     assert!(
         out.status.success(),
-        "the README's certificate steps failed ({}):\n{}",
+        "the security guide's certificate steps failed ({}):\n{}",
         out.status,
         out.combined()
     );
@@ -855,11 +855,11 @@ fn readme_certificate_steps_run_and_match_make_certs() {
     );
 }
 
-/// The README's configs of the TLS + token deployment are (excerpts of) the files of
+/// The security guide's configs of the TLS + token deployment are (excerpts of) the files of
 /// deploy/examples/tls/: every line they show is in the file, in the same order.
 #[test]
 fn readme_tls_configs_are_the_example_files() {
-    let readme = readme();
+    let readme = security_guide();
     for example in [
         "deploy/examples/tls/aggregator.yml",
         "deploy/examples/tls/agent.yml",
@@ -872,7 +872,7 @@ fn readme_tls_configs_are_the_example_files() {
             match rest.iter().position(|l| *l == line) {
                 Some(i) => rest = &rest[i + 1..],
                 None => panic!(
-                    "README.md shows {line:?} for {example}, which the file does not have \
+                    "docs/security.md shows {line:?} for {example}, which the file does not have \
                      (at that place)"
                 ),
             }
@@ -880,11 +880,11 @@ fn readme_tls_configs_are_the_example_files() {
     }
 }
 
-/// Every `fleet.limits` key is in the README's limits table, and the README's block of
+/// Every `fleet.limits` key is in the security guide's limits table, and the security guide's block of
 /// defaults is a config the aggregator accepts.
 #[test]
 fn readme_limits_are_documented_and_accepted() {
-    let readme = readme();
+    let readme = security_guide();
     let block = fenced_block_after(&readme, "### Limits", "yaml");
     let keys: Vec<&str> = yaml_lines(block)
         .into_iter()
@@ -895,7 +895,7 @@ fn readme_limits_are_documented_and_accepted() {
     for key in &keys {
         assert!(
             readme.contains(&format!("| `{key}` |")),
-            "README.md's limits table has no row for {key}"
+            "docs/security.md's limits table has no row for {key}"
         );
     }
     let scratch = TestDir::new("check-readme-limits");
@@ -903,7 +903,7 @@ fn readme_limits_are_documented_and_accepted() {
     let out = check_config("sonde-aggregator", &file, &scratch);
     assert!(
         out.status.success(),
-        "the README's fleet.limits block (defaults) should be accepted ({}):\n{}",
+        "the security guide's fleet.limits block (defaults) should be accepted ({}):\n{}",
         out.status,
         out.combined()
     );

@@ -2,7 +2,7 @@
 //! attacker would try it: a raw `sonde.v1` client (not the agent) performs every attack
 //! of DESIGN's trust model against the real `sonde-aggregator` binary, while an honest
 //! real `sonde-agent` probes a target that is down. The aggregator must live, its memory
-//! and log stay within the bounds the README states, the honest agent's target keep its
+//! and log stay within the bounds docs/security.md states, the honest agent's target keep its
 //! true `up`, and the counters show every refusal.
 
 use sonde_proto::pb::{
@@ -613,7 +613,7 @@ fn an_anonymous_aggregator_on_a_public_address_refuses_to_start() {
 /// `max_series_bytes` does not stop them first), sent in batches of
 /// `max_samples_per_batch`; then the same with label values that fill
 /// `max_sample_label_bytes` (stopped by `max_series_bytes`); on a stream whose symbol
-/// table is full; with `/metrics` scraped meanwhile. The README's figure comes from
+/// table is full; with `/metrics` scraped meanwhile. The figure in docs/security.md comes from
 /// this test's output.
 #[test]
 fn one_agent_at_the_default_limits_costs_bounded_memory() {

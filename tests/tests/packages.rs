@@ -226,7 +226,7 @@ fn check_installed(scratch: &TestDir) {
         "{aggregator}"
     );
 
-    // The alert rules, with their tests, where the README says.
+    // The alert rules, with their tests, where docs/deploying.md says.
     let promtool = require_tool("promtool", "prometheus");
     let rules = Path::new("/usr/share/sonde/prometheus");
     let mut check = Command::new(&promtool);

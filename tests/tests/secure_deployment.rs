@@ -1,9 +1,9 @@
-//! The README's TLS + token deployment ("Security model"), followed step by step with the
+//! The security guide's TLS + token deployment ("Security model"), followed step by step with the
 //! real binaries: `deploy/examples/tls/make-certs.sh` makes the CA and the certificates,
-//! the README's command makes the token files, and the example configs of
+//! the security guide's command makes the token files, and the example configs of
 //! `deploy/examples/tls/` run with their `/etc/sonde/` paths moved into a temporary
 //! directory. Everything stays on loopback: the aggregator certificate's subjectAltName
-//! covers 127.0.0.1 and localhost, as the README's SAN covers the name agents dial.
+//! covers 127.0.0.1 and localhost, as the security guide's SAN covers the name agents dial.
 //!
 //! Then every way in that the deployment must close is tried: no token, a wrong token, a
 //! token with labels it was not issued for, no client certificate (mTLS), plain HTTP/2 on
@@ -23,7 +23,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-/// The names the aggregator's certificate is valid for here (the README uses the name
+/// The names the aggregator's certificate is valid for here (the security guide uses the name
 /// agents dial, `DNS:aggregator.example.com`).
 const SAN: &str = "DNS:localhost,IP:127.0.0.1";
 
@@ -58,7 +58,7 @@ fn agent_config(pki: &Path, grpc: &str) -> String {
     )
 }
 
-/// The agent config as another agent of the README: `edge-us-1`, region us, with its own
+/// The agent config as another agent of the security guide: `edge-us-1`, region us, with its own
 /// token and certificate.
 fn as_edge_us_1(config: &str) -> String {
     let text = replace_once(config, "id: edge-eu-1", "id: edge-us-1");
@@ -286,7 +286,7 @@ fn tls_and_token_deployment_as_the_readme_says() {
     );
 
     // ---- the honest agents still work
-    // edge-us-1 as the README sets it up connects, with the labels its token binds, and
+    // edge-us-1 as the security guide sets it up connects, with the labels its token binds, and
     // gets no check of the job that selects region eu.
     start_agent(&mut scene, "edge-us-1", &edge_us_1);
     scene.wait_until(
@@ -371,14 +371,14 @@ fn plaintext_http2_answer(address: &str) -> Vec<u8> {
     answer
 }
 
-/// The README gives the command the test runs for the token files, word for word.
+/// The security guide gives the command the test runs for the token files, word for word.
 #[test]
 fn readme_has_the_token_command() {
-    let readme = std::fs::read_to_string(repo_path("README.md")).expect("read README.md");
+    let readme = std::fs::read_to_string(repo_path("docs/security.md")).expect("read docs/security.md");
     assert!(
         readme.contains(MAKE_TOKEN_COMMAND),
-        "README.md should show the token command `{MAKE_TOKEN_COMMAND}` (tests/src/lib.rs \
-         runs it as the README's step)"
+        "docs/security.md should show the token command `{MAKE_TOKEN_COMMAND}` (tests/src/lib.rs \
+         runs it as the security guide's step)"
     );
 }
 

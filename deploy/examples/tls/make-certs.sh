@@ -1,7 +1,7 @@
 #!/bin/sh
-# Makes what a TLS + token deployment of sonde needs (README, "Security model"):
+# Makes what a TLS + token deployment of sonde needs (docs/security.md, "Security model"):
 # a CA, the aggregator's server certificate and one client certificate per agent, each
-# with its key, in DIR. These are exactly the README's openssl commands (OpenSSL 3, as in
+# with its key, in DIR. These are exactly the openssl commands of docs/security.md (OpenSSL 3, as in
 # Debian 12).
 #
 #   sh make-certs.sh DIR SAN [AGENT_ID...]
