@@ -813,7 +813,7 @@ fn openssl_commands(script: &str) -> Vec<String> {
 /// Step 1 of the security guide's "Step by step: TLS and tokens" runs as written (on OpenSSL 3),
 /// and make-certs.sh runs the same openssl commands.
 #[test]
-fn readme_certificate_steps_run_and_match_make_certs() {
+fn security_guide_certificate_steps_run_and_match_make_certs() {
     let readme = security_guide();
     let steps = fenced_block_after(&readme, "**1. A CA and the certificates**", "sh");
     let script = std::fs::read_to_string(repo_path("deploy/examples/tls/make-certs.sh"))
@@ -858,13 +858,13 @@ fn readme_certificate_steps_run_and_match_make_certs() {
 /// The security guide's configs of the TLS + token deployment are (excerpts of) the files of
 /// deploy/examples/tls/: every line they show is in the file, in the same order.
 #[test]
-fn readme_tls_configs_are_the_example_files() {
+fn security_guide_tls_configs_are_the_example_files() {
     let readme = security_guide();
     for example in [
         "deploy/examples/tls/aggregator.yml",
         "deploy/examples/tls/agent.yml",
     ] {
-        let shown = fenced_block_after(&readme, &format!("[`{example}`]({example})"), "yaml");
+        let shown = fenced_block_after(&readme, &format!("[`{example}`](../{example})"), "yaml");
         let file = std::fs::read_to_string(repo_path(example)).expect("read the example");
         let file_lines = yaml_lines(&file);
         let mut rest = file_lines.as_slice();
@@ -883,7 +883,7 @@ fn readme_tls_configs_are_the_example_files() {
 /// Every `fleet.limits` key is in the security guide's limits table, and the security guide's block of
 /// defaults is a config the aggregator accepts.
 #[test]
-fn readme_limits_are_documented_and_accepted() {
+fn security_guide_limits_are_documented_and_accepted() {
     let readme = security_guide();
     let block = fenced_block_after(&readme, "### Limits", "yaml");
     let keys: Vec<&str> = yaml_lines(block)
