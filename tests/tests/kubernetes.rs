@@ -518,22 +518,12 @@ fn daemonset_pods_reach_only_their_own_nodes_token() {
     let scratch = TestDir::new("kubernetes-daemonset-tokens");
     let objects = daemonset_overlay_objects(&scratch);
     let mut secret_of_node = std::collections::BTreeMap::new();
-    let mut aggregator_sources = Vec::new();
+    let mut aggregator_tokens = None;
     let mut aggregator_config = None;
     for object in &objects {
         let kind = object["kind"].as_str().unwrap_or("?");
         let name = object["metadata"]["name"].as_str().unwrap_or("?");
         let what = format!("{kind} {name}");
-        if kind == "Secret" {
-            assert!(
-                !name.starts_with("sonde-agent-token"),
-                "the overlay ships {what}: the per-node tokens are the operator's to make"
-            );
-            assert_ne!(
-                name, "sonde-agent-tokens",
-                "the overlay still has every agent's token in one Secret"
-            );
-        }
         if kind == "ConfigMap" && name == "sonde-aggregator" {
             aggregator_config = object["data"]["aggregator.yml"]
                 .as_str()
@@ -555,22 +545,12 @@ fn daemonset_pods_reach_only_their_own_nodes_token() {
                 .any(|c| c["command"][0] == bin)
         };
         if name == "sonde-aggregator" {
-            for volume in pod["volumes"].as_array().into_iter().flatten() {
-                if volume["name"] == "tokens" {
-                    assert!(
-                        volume["secret"].is_null(),
-                        "the aggregator's tokens volume: {volume}"
-                    );
-                    for source in volume["projected"]["sources"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                    {
-                        aggregator_sources
-                            .extend(source["secret"]["name"].as_str().map(str::to_string));
-                    }
-                }
-            }
+            aggregator_tokens = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == "tokens")
+                .cloned();
             continue;
         }
         if !runs("sonde-agent") {
@@ -616,9 +596,31 @@ fn daemonset_pods_reach_only_their_own_nodes_token() {
             "two agent workloads on node {node}"
         );
     }
+    for object in objects.iter().filter(|o| o["kind"] == "Secret") {
+        let name = object["metadata"]["name"].as_str().unwrap_or("?");
+        assert_ne!(
+            name, "sonde-agent-tokens",
+            "the overlay still has every agent's token in one Secret"
+        );
+        assert!(
+            !name.starts_with("sonde-agent-token-"),
+            "the overlay ships the Secret {name}: each node's token is the operator's to make"
+        );
+    }
     assert!(
         secret_of_node.len() >= 2,
         "the overlay should run an agent on each of its example nodes: {secret_of_node:?}"
+    );
+    let volume = aggregator_tokens.expect("the aggregator's volume tokens");
+    let mut aggregator_sources: Vec<String> = volume["projected"]["sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|source| source["secret"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        volume["secret"].is_null(),
+        "the aggregator's tokens should be each node's Secret, projected: {volume}"
     );
     let mut wanted: Vec<String> = secret_of_node.values().cloned().collect();
     aggregator_sources.sort();
