@@ -196,8 +196,9 @@ fn default_rules_fire_nothing_at_rest_and_page_once_per_down_target() {
         .collect();
     assert_eq!(
         reading_up,
-        [&"count by (job) (up == 0) > 0"],
-        "exactly one default rule should page for DOWN targets, once per job"
+        [&"count by (cluster, job) (up == 0 and sonde_target_agents) > 0"],
+        "exactly one default rule should page for DOWN targets, once per job, and only for \
+         sonde's targets"
     );
     let tests = read_rules("sonde-alerts.test.yml");
     let healthy = tests
@@ -209,6 +210,50 @@ fn default_rules_fire_nothing_at_rest_and_page_once_per_down_target() {
             healthy.contains(&format!("alertname: {alert}\n        exp_alerts: []")),
             "the healthy-fleet promtool test should check that {alert} stays quiet"
         );
+    }
+}
+
+/// The words of a PromQL expression (metric, label and function names, keywords).
+fn promql_words(expr: &str) -> impl Iterator<Item = &str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+}
+
+/// Every expression of the default rules and of the dashboard that reads `up` also reads
+/// `sonde_target_agents`, and every one that reads a `probe_*` metric also reads
+/// `sonde_agent_info`: the Prometheus they run in has other scrape jobs (and maybe a
+/// blackbox_exporter) whose series have the same names. (The end-to-end test
+/// alerts_in_a_shared_prometheus.rs checks what they return.)
+#[test]
+fn rules_and_panels_read_up_and_probe_series_only_where_sonde_wrote_them() {
+    let rules = read_rules("sonde-alerts.yml");
+    let mut exprs: Vec<String> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: "))
+        .map(str::to_string)
+        .collect();
+    let text = std::fs::read_to_string(repo_path("deploy/grafana/sonde.json")).expect("read");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.extend(target["expr"].as_str().map(str::to_string));
+        }
+    }
+    assert!(exprs.len() > 20, "{exprs:?}");
+    for expr in &exprs {
+        let words: Vec<&str> = promql_words(expr).collect();
+        if words.contains(&"up") {
+            assert!(
+                words.contains(&"sonde_target_agents"),
+                "{expr:?} reads every `up` of the Prometheus, not only sonde's"
+            );
+        }
+        if words.iter().any(|w| w.starts_with("probe_")) {
+            assert!(
+                words.contains(&"sonde_agent_info"),
+                "{expr:?} reads every probe_* series of the Prometheus, not only sonde's agents'"
+            );
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! [`KUBERNETES_VERSION`]), the flags they pass exist in the binaries, the configs in
 //! their ConfigMaps pass `check-config`, and the init containers' scripts (the shard index
 //! from the pod's ordinal, the agent id from the node's name) write configs that pass it.
+//! In the DaemonSet overlay, no agent pod can reach another node's token.
 //!
 //! With `kubectl` (which embeds kustomize), the base and every overlay are rendered with
 //! `kubectl kustomize` and the output validated. Without it, every resource file is
@@ -115,13 +116,12 @@ fn manifests_are_valid_kubernetes_objects() {
         Some(kubectl) => {
             eprintln!("kubectl found: validating the rendered base and overlays");
             for (dir, text) in render_all(&kubectl, &scratch) {
-                for kind in [
-                    "StatefulSet",
-                    "Service",
-                    "NetworkPolicy",
-                    "Secret",
-                    "ConfigMap",
-                ] {
+                // The DaemonSet overlay's token Secrets are made per node by the operator.
+                let secret = (!dir.ends_with("daemonset")).then_some("Secret");
+                for kind in ["StatefulSet", "Service", "NetworkPolicy", "ConfigMap"]
+                    .into_iter()
+                    .chain(secret)
+                {
                     assert!(
                         text.contains(&format!("\nkind: {kind}\n")),
                         "deploy/kubernetes/{dir} renders no {kind}"
@@ -149,8 +149,8 @@ fn manifests_are_valid_kubernetes_objects() {
                 let text = std::fs::read_to_string(&file).expect("read manifest");
                 let in_base = file.parent().is_some_and(|d| d.ends_with("base"));
                 let kustomization = text.contains("kind: Kustomization");
-                let whole_object = (in_base && !kustomization)
-                    || file.ends_with("overlays/daemonset/agent-daemonset.yaml");
+                let whole_object =
+                    (in_base && !kustomization) || file.ends_with("overlays/daemonset/agents.yaml");
                 if whole_object {
                     validate(&file, &scratch);
                 }
@@ -186,7 +186,7 @@ fn manifests_pass_only_flags_the_binaries_have() {
             "sonde-agent",
             vec![
                 "base/agent-deployment.yaml",
-                "overlays/daemonset/agent-daemonset.yaml",
+                "overlays/daemonset/agents.yaml",
             ],
         ),
     ] {
@@ -356,7 +356,7 @@ fn agent_configs_pass_check_config() {
     dir.write("tokens/node-a", "another-token-of-32-random-bytes\n");
     let output = dir.join("run-agent.yml");
     let said = run_init_script(
-        "overlays/daemonset/agent-daemonset.yaml",
+        "overlays/daemonset/agents.yaml",
         "sonde-agent",
         &[
             ("SONDE_CONFIG_IN", &config.display().to_string()),
@@ -394,5 +394,303 @@ fn aggregator_configs_pass_check_config() {
         cmd.arg("check-config").arg(&config);
         let out = run(cmd, dir.path(), TIMEOUT);
         assert!(out.status.success(), "{manifest}: {}", out.combined());
+    }
+}
+
+/// The YAML documents of `text` as JSON values, read by PyYAML (which kubernetes-validate
+/// depends on, so it is there whenever these tests can run).
+fn yaml_documents(text: &str, what: &str, scratch: &TestDir) -> Vec<serde_json::Value> {
+    let file = scratch.write("documents.yaml", text);
+    let mut cmd = Command::new(require_tool("python3", "python3"));
+    cmd.args([
+        "-c",
+        "import json, sys, yaml\n\
+         print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]))",
+    ])
+    .arg(&file);
+    let out = run(cmd, scratch.path(), TIMEOUT);
+    assert!(
+        out.status.success(),
+        "PyYAML could not read {what} (python3 -m pip install pyyaml if it is missing):\n{}",
+        out.combined()
+    );
+    serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// The objects of the DaemonSet overlay: rendered by `kubectl kustomize` when there is a
+/// kubectl; else the overlay's own files (its agents, and the aggregator's config and
+/// token volume as its patches set them), which is where all of that is written.
+fn daemonset_overlay_objects(scratch: &TestDir) -> Vec<serde_json::Value> {
+    let dir = kubernetes_dir().join("overlays/daemonset");
+    let text = match find_program("kubectl") {
+        Some(kubectl) => {
+            let mut cmd = Command::new(kubectl);
+            cmd.arg("kustomize").arg(&dir);
+            let out = run(cmd, scratch.path(), TIMEOUT);
+            assert!(
+                out.status.success(),
+                "kubectl kustomize: {}",
+                out.combined()
+            );
+            out.stdout
+        }
+        None => {
+            eprintln!("kubectl not found: reading the overlay's files instead of its rendering");
+            [
+                "agents.yaml",
+                "aggregator-config.yaml",
+                "aggregator-tokens.yaml",
+            ]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.join(f)).expect("read the overlay") + "\n---\n")
+            .collect()
+        }
+    };
+    yaml_documents(&text, "the DaemonSet overlay", scratch)
+}
+
+/// Every Secret a pod spec names: volumes (plain and projected), env and envFrom of every
+/// container, image pull secrets.
+fn secrets_named(pod: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut push = |v: &serde_json::Value| out.extend(v.as_str().map(str::to_string));
+    let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    for volume in list(&pod["volumes"]) {
+        push(&volume["secret"]["secretName"]);
+        for source in list(&volume["projected"]["sources"]) {
+            push(&source["secret"]["name"]);
+        }
+    }
+    for container in list(&pod["containers"])
+        .into_iter()
+        .chain(list(&pod["initContainers"]))
+    {
+        for env in list(&container["env"]) {
+            push(&env["valueFrom"]["secretKeyRef"]["name"]);
+        }
+        for from in list(&container["envFrom"]) {
+            push(&from["secretRef"]["name"]);
+        }
+    }
+    for pull in list(&pod["imagePullSecrets"]) {
+        push(&pull["name"]);
+    }
+    out
+}
+
+/// The one node a pod spec may run on, by name (`matchFields: metadata.name In [NODE]`,
+/// the only term); panics with `what` otherwise. A node label (even
+/// `kubernetes.io/hostname`) would not do: a node's kubelet may set its own labels.
+fn pinned_node(pod: &serde_json::Value, what: &str) -> String {
+    let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"];
+    let terms = terms.as_array().cloned().unwrap_or_default();
+    let [term] = terms.as_slice() else {
+        panic!("{what} is not pinned to one node by a single node affinity term: {terms:?}");
+    };
+    let fields = term["matchFields"].as_array().cloned().unwrap_or_default();
+    match fields.as_slice() {
+        [field]
+            if field["key"] == "metadata.name"
+                && field["operator"] == "In"
+                && field["values"].as_array().is_some_and(|v| v.len() == 1)
+                && term["matchExpressions"]
+                    .as_array()
+                    .is_none_or(|e| e.is_empty()) =>
+        {
+            field["values"][0]
+                .as_str()
+                .expect("a node name")
+                .to_string()
+        }
+        _ => panic!(
+            "{what} is not pinned to one node by its name (matchFields metadata.name In [NODE]): {term}"
+        ),
+    }
+}
+
+/// In the DaemonSet overlay, every agent pod runs on one node, named, and can reach that
+/// node's token and no other Secret; no two nodes share a Secret; the aggregator reads
+/// each node's Secret and has a token entry for each node, and nothing else.
+#[test]
+fn daemonset_pods_reach_only_their_own_nodes_token() {
+    let scratch = TestDir::new("kubernetes-daemonset-tokens");
+    let objects = daemonset_overlay_objects(&scratch);
+    let mut secret_of_node = std::collections::BTreeMap::new();
+    let mut aggregator_tokens = None;
+    let mut aggregator_config = None;
+    for object in &objects {
+        let kind = object["kind"].as_str().unwrap_or("?");
+        let name = object["metadata"]["name"].as_str().unwrap_or("?");
+        let what = format!("{kind} {name}");
+        if kind == "ConfigMap" && name == "sonde-aggregator" {
+            aggregator_config = object["data"]["aggregator.yml"]
+                .as_str()
+                .map(str::to_string);
+        }
+        let pod = match kind {
+            "Pod" => &object["spec"],
+            "Deployment" | "DaemonSet" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                &object["spec"]["template"]["spec"]
+            }
+            "CronJob" => &object["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        let runs = |bin: &str| {
+            pod["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["command"][0] == bin)
+        };
+        if name == "sonde-aggregator" {
+            aggregator_tokens = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == "tokens")
+                .cloned();
+            continue;
+        }
+        if !runs("sonde-agent") {
+            assert!(
+                secrets_named(pod).is_empty(),
+                "{what} names Secrets: {:?}",
+                secrets_named(pod)
+            );
+            continue;
+        }
+        assert_eq!(
+            kind, "DaemonSet",
+            "{what}: the overlay's agents are DaemonSets"
+        );
+        let node = pinned_node(pod, &what);
+        let own = format!("sonde-agent-token-{node}");
+        assert_eq!(
+            secrets_named(pod),
+            [own.as_str()],
+            "{what} (node {node}) must name its node's Secret and no other"
+        );
+        for volume in pod["volumes"].as_array().into_iter().flatten() {
+            if volume["secret"]["secretName"] == own.as_str() {
+                let items: Vec<&str> = volume["secret"]["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["key"].as_str())
+                    .collect();
+                assert_eq!(
+                    items,
+                    [node.as_str()],
+                    "{what}: the keys it mounts of {own}"
+                );
+            }
+        }
+        assert_eq!(
+            pod["automountServiceAccountToken"], false,
+            "{what}: a ServiceAccount token in the pod would let it ask the API for more"
+        );
+        assert!(
+            secret_of_node.insert(node.clone(), own).is_none(),
+            "two agent workloads on node {node}"
+        );
+    }
+    for object in objects.iter().filter(|o| o["kind"] == "Secret") {
+        let name = object["metadata"]["name"].as_str().unwrap_or("?");
+        assert_ne!(
+            name, "sonde-agent-tokens",
+            "the overlay still has every agent's token in one Secret"
+        );
+        assert!(
+            !name.starts_with("sonde-agent-token-"),
+            "the overlay ships the Secret {name}: each node's token is the operator's to make"
+        );
+    }
+    assert!(
+        secret_of_node.len() >= 2,
+        "the overlay should run an agent on each of its example nodes: {secret_of_node:?}"
+    );
+    let volume = aggregator_tokens.expect("the aggregator's volume tokens");
+    let mut aggregator_sources: Vec<String> = volume["projected"]["sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|source| source["secret"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        volume["secret"].is_null(),
+        "the aggregator's tokens should be each node's Secret, projected: {volume}"
+    );
+    let mut wanted: Vec<String> = secret_of_node.values().cloned().collect();
+    aggregator_sources.sort();
+    wanted.sort();
+    assert_eq!(
+        aggregator_sources, wanted,
+        "the aggregator should read exactly each node's Secret"
+    );
+    let config = aggregator_config.expect("the aggregator's ConfigMap");
+    for node in secret_of_node.keys() {
+        assert!(
+            config.contains(&format!("- agent: {node}\n"))
+                && config.contains(&format!("token_file: /etc/sonde/tokens/{node}\n")),
+            "the aggregator's fleet.auth.tokens has no entry for node {node}:\n{config}"
+        );
+    }
+    assert_eq!(
+        config.matches("- agent: ").count(),
+        secret_of_node.len(),
+        "a token entry for a node that runs no agent:\n{config}"
+    );
+}
+
+/// per-node.sh writes the overlay's per-node files: for the example nodes, exactly the
+/// ones shipped; for other nodes, one agent each; and it refuses what is not a node name.
+#[test]
+fn per_node_script_writes_the_shipped_files_and_refuses_bad_names() {
+    let dir = TestDir::new("kubernetes-per-node");
+    let script = kubernetes_dir().join("overlays/daemonset/per-node.sh");
+    let per_node = |nodes: &[&str]| {
+        let mut cmd = Command::new("sh");
+        cmd.arg(&script)
+            .args(nodes)
+            .env("SONDE_OVERLAY_DIR", dir.path());
+        run(cmd, dir.path(), TIMEOUT)
+    };
+    let out = per_node(&["node-a", "node-b"]);
+    assert!(out.status.success(), "{}", out.combined());
+    for file in ["agents.yaml", "aggregator-tokens.yaml"] {
+        let shipped =
+            std::fs::read_to_string(kubernetes_dir().join("overlays/daemonset").join(file))
+                .expect("read the shipped file");
+        let written = std::fs::read_to_string(dir.join(file)).expect("read the written file");
+        assert_eq!(
+            written, shipped,
+            "overlays/daemonset/{file} is not what `per-node.sh node-a node-b` writes: run it again"
+        );
+    }
+    assert!(
+        out.stdout
+            .contains("create secret generic sonde-agent-token-node-b --from-literal=node-b="),
+        "{}",
+        out.stdout
+    );
+    let out = per_node(&["ip-10-0-0-7.eu-west-1.compute.internal", "worker-3"]);
+    assert!(out.status.success(), "{}", out.combined());
+    let agents = std::fs::read_to_string(dir.join("agents.yaml")).expect("read");
+    assert_eq!(agents.matches("\nkind: DaemonSet\n").count(), 2, "{agents}");
+    assert!(
+        agents.contains("secretName: sonde-agent-token-worker-3\n"),
+        "{agents}"
+    );
+    assert!(!agents.contains("@NODE@"), "{agents}");
+    for bad in [&["Node_A"][..], &["node-a", "node-a"], &[&"n".repeat(52)]] {
+        let out = per_node(bad);
+        assert!(!out.status.success(), "per-node.sh accepted {bad:?}");
+        assert!(
+            out.stderr.contains("per-node.sh: "),
+            "per-node.sh should say why it refuses {bad:?}: {}",
+            out.combined()
+        );
     }
 }
