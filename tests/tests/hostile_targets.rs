@@ -335,6 +335,12 @@ impl Poller {
     }
 }
 
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn a_brotli_bomb_costs_its_deadline_and_holds_no_thread() {
     let mut scene = Scene::new("brotli-bomb");
@@ -350,7 +356,7 @@ fn a_brotli_bomb_costs_its_deadline_and_holds_no_thread() {
         &mut scene,
         "scheduled",
         &format!(
-            "agent:\n  id: scheduled\naggregators: []\nmodules:\n  http_br:\n    prober: http\n    http:\n      compression: br\n  http_2xx:\n    prober: http\njobs:\n  - job_name: bomb\n    module: http_br\n    interval: 2s\n    timeout: 1500ms\n    static_configs: [{{targets: [\"{}\"]}}]\n  - job_name: beside\n    module: http_2xx\n    interval: 1s\n    timeout: 500ms\n    static_configs: [{{targets: [{}]}}]\n",
+            "agent:\n  id: scheduled\naggregators: []\nmodules:\n  http_br:\n    prober: http\n    http:\n      compression: br\n  http_2xx:\n    prober: http\njobs:\n  - job_name: bomb\n    module: http_br\n    interval: 2s\n    timeout: 1500ms\n    static_configs: [{{targets: [\"{}\"]}}]\n  - job_name: beside\n    module: http_2xx\n    interval: 1s\n    timeout: 900ms\n    static_configs: [{{targets: [{}]}}]\n",
             bomb.url("/"),
             beside.join(", ")
         ),
@@ -407,7 +413,7 @@ fn a_brotli_bomb_costs_its_deadline_and_holds_no_thread() {
     eprintln!("/-/healthy meanwhile: {answers} answers, the slowest in {slowest:?}");
     assert!(answers >= 20, "{answers} answers from /-/healthy");
     assert!(
-        slowest < Duration::from_millis(500),
+        slowest < Duration::from_secs(1),
         "/-/healthy took {slowest:?}"
     );
 
