@@ -45,6 +45,11 @@ pub(super) fn content_length(resp: &Response<Incoming>, method: &Method) -> f64 
 /// keeping at most [`HttpProbe::MAX_MATCHED_BODY`] bytes when `keep`. Exceeding
 /// `body_size_limit` (after decompression, as blackbox_exporter applies it) stops the
 /// read with an error. Memory stays bounded whatever the peer sends.
+///
+/// A compressed body is decompressed in [`Body::step`]s of bounded output, yielding
+/// after each: however much a frame inflates, the thread goes on serving its other
+/// work (`/-/healthy` and `/probe` on the web thread, the other checks on a probing
+/// thread) in between, and the probe's deadline ends the read between two steps.
 pub(super) async fn read_body(
     mut incoming: Incoming,
     cfg: &HttpProbe,
@@ -52,9 +57,7 @@ pub(super) async fn read_body(
     keep: bool,
     out: &mut Samples,
 ) -> (BodyRead, Option<Failure>) {
-    /// Decompression runs in slices this large, yielding between them, so that a
-    /// compressed frame that inflates enormously cannot hold the thread past the deadline.
-    const SLICE: usize = 16 * 1024;
+    const LENGTH: &str = "probe_http_uncompressed_body_length";
     let keep_bytes = if keep { HttpProbe::MAX_MATCHED_BODY } else { 0 };
     let mut body = Body::new(algorithm, keep_bytes, cfg.body_size_limit.0);
     let mut error = None;
@@ -72,26 +75,33 @@ pub(super) async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        for slice in data.chunks(SLICE) {
-            let result = body.write(slice);
-            out.set(
-                "probe_http_uncompressed_body_length",
-                body.sink().total as f64,
-            );
-            if let Err(e) = result {
-                error = Some(body_failure(e, cfg));
-                break 'frames;
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let result = body.step(rest);
+            out.set(LENGTH, body.sink().total as f64);
+            match result {
+                Ok(taken) => rest = &rest[taken..],
+                Err(e) => {
+                    error = Some(body_failure(e, cfg));
+                    break 'frames;
+                }
             }
             if algorithm.is_some() {
                 tokio::task::yield_now().await;
             }
         }
     }
-    let (sink, finish_error) = body.finish();
-    out.set("probe_http_uncompressed_body_length", sink.total as f64);
-    if error.is_none() {
-        error = finish_error.map(|e| body_failure(e, cfg));
+    while error.is_none() {
+        let result = body.finish_step();
+        out.set(LENGTH, body.sink().total as f64);
+        match result {
+            Ok(true) => break,
+            Ok(false) => tokio::task::yield_now().await,
+            Err(e) => error = Some(body_failure(e, cfg)),
+        }
     }
+    let sink = body.into_sink();
+    out.set(LENGTH, sink.total as f64);
     let read = BodyRead {
         truncated: sink.truncated,
         kept: sink.kept,

@@ -30,7 +30,7 @@ use self::conn::{drive, handshake, hyper_reason, version_number};
 use self::cookies::CookieJar;
 use self::decode::Algorithm;
 use self::proxy::{Proxy, tunnel};
-use self::redirect::{Hop, redirect_location};
+use self::redirect::{Hop, is_sensitive, redirect_location};
 use super::net::{Io, connect};
 use super::tls::TlsClient;
 use super::tls_samples::TlsFacts;
@@ -231,7 +231,8 @@ enum HopEnd {
 struct Session<'a> {
     ctx: &'a Env<'a>,
     cfg: &'a HttpProbe,
-    /// From basic_auth, authorization or the bearer token, for every request.
+    /// From basic_auth, authorization or the bearer token, for every request to the
+    /// first host (see [`redirect`]).
     authorization: Option<HeaderValue>,
     algorithm: Option<Algorithm>,
     proxy: Option<Proxy>,
@@ -357,13 +358,7 @@ impl Session<'_> {
             }
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| RequestError::HeaderName(name.clone()))?;
-            let sensitive = [
-                header::AUTHORIZATION,
-                header::COOKIE,
-                header::WWW_AUTHENTICATE,
-            ]
-            .contains(&name);
-            if sensitive && !hop.same_site {
+            if !hop.same_site && is_sensitive(&name) {
                 continue;
             }
             let value = HeaderValue::from_str(value)
@@ -371,6 +366,7 @@ impl Session<'_> {
             headers.insert(name, value);
         }
         if let Some(auth) = &self.authorization
+            && hop.same_site
             && !headers.contains_key(header::AUTHORIZATION)
         {
             headers.insert(header::AUTHORIZATION, auth.clone());

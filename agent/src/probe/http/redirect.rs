@@ -1,10 +1,16 @@
 //! Following redirects as Go's http.Client does: which responses redirect, and the
 //! request that follows one (method, body, Host, server name, and whether credentials
 //! still go along).
+//!
+//! Credentials follow Go's rule for its sensitive headers (`makeHeadersCopier` and
+//! `shouldCopyHeaderOnRedirect` in net/http, which prometheus/common applies to its
+//! `basic_auth`, `authorization` and bearer token too): they go to the first host and
+//! to its subdomains, whatever the scheme or port; once a redirect leaves for any other
+//! host they are dropped for the rest of the chain, even if a later hop comes back.
 
 use super::{authority, url_host};
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName};
 use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
 use std::net::IpAddr;
@@ -20,7 +26,8 @@ pub(super) struct Hop {
     pub(super) sni: String,
     pub(super) method: Method,
     pub(super) body: Option<Bytes>,
-    /// False once a redirect leaves the first host: credentials are not sent there.
+    /// False once a redirect has left the first host and its subdomains: from then on
+    /// no credential is sent (see [`is_sensitive`]).
     pub(super) same_site: bool,
 }
 
@@ -49,8 +56,7 @@ impl Hop {
             };
         }
         let host = url_host(&next).unwrap_or_default();
-        let same_site =
-            self.same_site && (host == first_host || host.ends_with(&format!(".{first_host}")));
+        let same_site = self.same_site && is_domain_or_subdomain(&host, first_host);
         Hop {
             host_header: authority(&next),
             sni: host,
@@ -61,6 +67,34 @@ impl Hop {
             same_site,
         }
     }
+}
+
+/// Go's `isDomainOrSubdomain`: `sub` is `parent` or ends with `.parent`. An IPv6
+/// address is never a subdomain. Hosts compare in the lower case the URL parser gives
+/// them.
+fn is_domain_or_subdomain(sub: &str, parent: &str) -> bool {
+    if sub == parent {
+        return true;
+    }
+    !sub.contains([':', '%'])
+        && sub.len() > parent.len()
+        && sub.ends_with(parent)
+        && sub.as_bytes()[sub.len() - parent.len() - 1] == b'.'
+}
+
+/// The headers Go's client drops on a redirect that leaves the first host: the
+/// Authorization the module's `basic_auth`, `authorization` or bearer token makes, and
+/// these when `headers:` sets them.
+pub(super) fn is_sensitive(name: &HeaderName) -> bool {
+    [
+        header::AUTHORIZATION,
+        header::WWW_AUTHENTICATE,
+        header::COOKIE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ]
+    .contains(name)
+        || name.as_str() == "cookie2"
 }
 
 /// The next URL when the response is a redirect Go's client would follow: 301, 302,
@@ -74,4 +108,99 @@ pub(super) fn redirect_location(resp: &Response<Incoming>, base: &Url) -> Option
         return None;
     }
     base.join(location).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(url: &str) -> Hop {
+        let url = Url::parse(url).unwrap();
+        Hop {
+            host_header: authority(&url),
+            sni: url_host(&url).unwrap(),
+            url,
+            ip: None,
+            method: Method::GET,
+            body: None,
+            same_site: true,
+        }
+    }
+
+    /// Follows `chain` from `first`, returning whether credentials go to each hop.
+    fn credentials_along(first: &str, chain: &[&str]) -> Vec<bool> {
+        let mut current = hop(first);
+        let first_host = url_host(&current.url).unwrap();
+        let mut sent = Vec::new();
+        for next in chain {
+            current = current.follow(StatusCode::FOUND, Url::parse(next).unwrap(), &first_host);
+            sent.push(current.same_site);
+        }
+        sent
+    }
+
+    #[test]
+    fn credentials_follow_gos_rule_for_sensitive_headers() {
+        // Same host: kept whatever the path, port or scheme, as Go compares host names.
+        assert_eq!(
+            credentials_along(
+                "http://example.com/",
+                &[
+                    "http://example.com/a",
+                    "http://example.com:8080/b",
+                    "https://EXAMPLE.com/c"
+                ]
+            ),
+            [true, true, true]
+        );
+        // A subdomain keeps them; a parent domain, a look-alike or another host does not.
+        assert_eq!(
+            credentials_along("http://example.com/", &["http://api.example.com/"]),
+            [true]
+        );
+        for other in [
+            "http://com/",
+            "http://badexample.com/",
+            "http://example.com.evil/",
+            "http://127.0.0.2/",
+        ] {
+            assert_eq!(
+                credentials_along("http://example.com/", &[other]),
+                [false],
+                "{other}"
+            );
+        }
+        assert_eq!(
+            credentials_along("http://127.0.0.1:8080/", &["http://127.0.0.2:8080/"]),
+            [false]
+        );
+        assert_eq!(
+            credentials_along("http://[::1]/", &["http://[::1]:81/", "http://[::2]/"]),
+            [true, false]
+        );
+        // Once dropped, they stay dropped, even back on the first host.
+        assert_eq!(
+            credentials_along(
+                "http://example.com/",
+                &["http://other.net/", "http://example.com/"]
+            ),
+            [false, false]
+        );
+    }
+
+    #[test]
+    fn gos_sensitive_headers() {
+        for name in [
+            "authorization",
+            "www-authenticate",
+            "cookie",
+            "cookie2",
+            "proxy-authorization",
+            "proxy-authenticate",
+        ] {
+            assert!(is_sensitive(&HeaderName::from_static(name)), "{name}");
+        }
+        assert!(!is_sensitive(&header::USER_AGENT));
+        assert!(!is_sensitive(&HeaderName::from_static("x-api-key")));
+    }
 }
