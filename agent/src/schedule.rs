@@ -22,6 +22,16 @@
 //! probing thread was), and `sonde_agent_probes_skipped_total{reason="overrun"}` (slots
 //! skipped because the check's previous probe, with its wait, still ran).
 //!
+//! A stall (the process stopped by SIGSTOP, a paused VM, a swap storm) wakes every check
+//! whose slot passed meanwhile at the same instant. Catching up is bounded
+//! ([`CatchUp`]): a probe that starts late waits for one of a few places, as many as the
+//! schedule starts in one step of its grid, so a stalled agent never holds more probes'
+//! state at once than its steady state does; and a slot more than one interval past is
+//! skipped, not run late (`sonde_agent_probes_skipped_total{reason="late"}`): the check's
+//! next slot has come, and a probe for the old one would only be a stale copy of it. A
+//! late probe still waiting for a place when its check's next slot comes gives up the
+//! same way, so every check is back on its schedule one interval after the stall.
+//!
 //! A check that several aggregators assign (an HA pair sends the same assignment twice)
 //! is run once: one task, one probe per interval, and that one result (same sequence
 //! number, timestamp and samples) goes to every aggregator that assigned it. Running it
@@ -32,7 +42,7 @@
 //! (its results go to every aggregator already, under the agent's own config).
 
 use crate::buffer::{Buffer, Route};
-use crate::metrics::{AgentMetrics, Late, ProbeCounts};
+use crate::metrics::{AgentMetrics, Late, ProbeCounts, Skip};
 use crate::probe::{self, ProbeContext};
 use sonde_proto::config::Module;
 use std::collections::HashMap;
@@ -185,6 +195,10 @@ pub struct Scheduler {
     probers: Probers,
     /// Probes in flight, across every probing thread.
     limit: Arc<Semaphore>,
+    /// [`max_concurrent_probes`], what `limit` started with.
+    max_in_flight: usize,
+    /// Places for probes that start late.
+    catch_up: CatchUp,
     /// The running checks by (job, instance); more than one only when sources disagree
     /// on the probe (module, interval, timeout, retries), or a local job has the same
     /// job and instance as an assigned check.
@@ -236,6 +250,8 @@ impl Scheduler {
             metrics,
             probers: Probers::start(probing_threads())?,
             limit: Arc::new(Semaphore::new(limit)),
+            max_in_flight: limit,
+            catch_up: CatchUp::default(),
             running: Mutex::new(Running::default()),
         })
     }
@@ -293,6 +309,7 @@ impl Scheduler {
                 metrics: self.metrics.clone(),
                 counts: self.metrics.probe_counts(&spec.job, &spec.instance),
                 limit: self.limit.clone(),
+                catch_up: self.catch_up.places.clone(),
                 route: route.clone(),
                 first_slot: first_slot(
                     self.epoch,
@@ -311,6 +328,13 @@ impl Scheduler {
             });
             running.next_id += 1;
         }
+        let intervals = running
+            .tasks
+            .values()
+            .flatten()
+            .filter_map(|t| t.members.values().next().map(|c| c.interval));
+        self.catch_up
+            .resize(catch_up_places(intervals, self.max_in_flight));
     }
 
     /// Checks being run: a check several sources share counts once.
@@ -383,6 +407,72 @@ fn same_probe(a: &CheckSpec, b: &CheckSpec) -> bool {
 /// spread would start it, well within its interval.
 const BATCH_GRID: Duration = Duration::from_millis(50);
 
+/// Places for late probes, when fewer would do: a catch-up that small still costs
+/// nothing worth counting (a few probes' buffers), and a lone check is not held back by
+/// another's wait.
+const MIN_CATCH_UP: usize = 8;
+
+/// How many late probes may be in flight at once for checks on these intervals: twice
+/// what the schedule starts in one step of [`BATCH_GRID`] on average (the hash spreads
+/// checks unevenly over the steps, and the fullest step holds about twice the average),
+/// at least [`MIN_CATCH_UP`], at most `max_in_flight`. At 10,000 checks every 15 s that
+/// is 67 (33 start together in steady state); at 50,000, 334.
+fn catch_up_places(intervals: impl Iterator<Item = Duration>, max_in_flight: usize) -> usize {
+    let per_step: f64 = intervals
+        .map(|interval| {
+            BATCH_GRID.as_secs_f64() / interval.as_secs_f64().max(BATCH_GRID.as_secs_f64())
+        })
+        .sum();
+    ((2.0 * per_step).ceil() as usize).clamp(MIN_CATCH_UP.min(max_in_flight), max_in_flight)
+}
+
+/// The places for probes that start late (more than [`LATE_AFTER`] after their slot),
+/// sized by [`catch_up_places`] for the checks running. On-time probes never take one.
+///
+/// Without it, a stall wakes every check whose slot passed at once, and each starts its
+/// probe: 10,000 HTTP checks every 15 s, stopped for 15 s, had thousands of probes in
+/// flight together, each with its connection and buffers, and the agent went from 52 to
+/// 213 MiB. With it, what a catch-up holds at once is what the steady state does.
+struct CatchUp {
+    places: Arc<Semaphore>,
+    /// The places the semaphore has in all, taken or not: resizing down can only forget
+    /// the free ones, and the rest are forgotten at the next resize.
+    total: Mutex<usize>,
+}
+
+impl Default for CatchUp {
+    fn default() -> Self {
+        Self {
+            places: Arc::new(Semaphore::new(0)),
+            total: Mutex::new(0),
+        }
+    }
+}
+
+impl CatchUp {
+    fn resize(&self, wanted: usize) {
+        let mut total = lock(&self.total);
+        if wanted > *total {
+            self.places.add_permits(wanted - *total);
+            *total = wanted;
+        } else {
+            *total -= self.places.forget_permits(*total - wanted);
+        }
+    }
+}
+
+/// How many whole intervals fit in `span`.
+fn whole_intervals(span: Duration, interval: Duration) -> u64 {
+    (span.as_nanos() / interval.as_nanos().max(1))
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+/// `slot` moved on by `n` intervals.
+fn slots_later(slot: tokio::time::Instant, interval: Duration, n: u64) -> tokio::time::Instant {
+    slot + interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 /// The check's phase within its interval, a multiple of [`BATCH_GRID`]: stable for an
 /// agent, job and target.
 fn spread(agent_id: &str, spec: &CheckSpec) -> Duration {
@@ -423,6 +513,8 @@ struct Check {
     /// This target's `sonde_agent_probes_total`, looked up once.
     counts: Arc<ProbeCounts>,
     limit: Arc<Semaphore>,
+    /// [`CatchUp`]'s places.
+    catch_up: Arc<Semaphore>,
     route: Arc<Mutex<Route>>,
     /// When the first probe is due ([`first_slot`]); the next ones every interval.
     first_slot: tokio::time::Instant,
@@ -432,22 +524,48 @@ struct Check {
 impl Check {
     async fn run(self) {
         let spec = &self.spec;
-        let mut ticker = tokio::time::interval_at(self.first_slot, spec.interval);
-        // A probe that overran its slot is not made up for with a burst.
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut last_slot: Option<tokio::time::Instant> = None;
+        let interval = spec.interval;
+        let mut slot = self.first_slot;
         loop {
-            let slot = ticker.tick().await;
-            if let Some(last) = last_slot {
-                let slots = (slot - last).as_secs_f64() / spec.interval.as_secs_f64();
-                let skipped = slots.round() as u64;
-                if skipped > 1 {
-                    self.metrics.probes_skipped(skipped - 1);
-                }
+            tokio::time::sleep_until(slot).await;
+            // Woken more than an interval after the slot (the process was stopped or
+            // starved): the slots since are past saving, the latest one is not.
+            let missed = whole_intervals(slot.elapsed(), interval);
+            if missed > 0 {
+                self.metrics.probes_skipped(Skip::Late, missed);
+                slot = slots_later(slot, interval, missed);
             }
-            last_slot = Some(slot);
+            let mut waited = false;
+            let _catching_up = if slot.elapsed() > LATE_AFTER {
+                let place = match self.catch_up.clone().try_acquire_owned() {
+                    Ok(place) => Ok(place),
+                    Err(_) => {
+                        waited = true;
+                        let next = slot + interval;
+                        match tokio::time::timeout_at(next, self.catch_up.clone().acquire_owned())
+                            .await
+                        {
+                            Ok(Ok(place)) => Ok(place),
+                            // Never closed.
+                            Ok(Err(_)) => return,
+                            Err(_) => Err(next),
+                        }
+                    }
+                };
+                match place {
+                    Ok(place) => Some(place),
+                    Err(next) => {
+                        // The next slot came first: that one runs, on time.
+                        self.metrics.probes_skipped(Skip::Late, 1);
+                        slot = next;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let (_permit, waited) = match self.limit.clone().try_acquire_owned() {
-                Ok(permit) => (permit, false),
+                Ok(permit) => (permit, waited),
                 Err(_) => match self.limit.clone().acquire_owned().await {
                     Ok(permit) => (permit, true),
                     // Never closed.
@@ -497,6 +615,15 @@ impl Check {
                 unix_ms(started_at),
                 outcome,
             );
+            // The slots that passed while this probe (with its wait) ran are skipped but
+            // the latest, which starts at once, late.
+            let mut next = slot + interval;
+            let overran = whole_intervals(next.elapsed(), interval);
+            if overran > 0 {
+                self.metrics.probes_skipped(Skip::Overrun, overran);
+                next = slots_later(next, interval, overran);
+            }
+            slot = next;
         }
     }
 
