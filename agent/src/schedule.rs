@@ -43,12 +43,13 @@
 
 use crate::buffer::{Buffer, Route};
 use crate::metrics::{AgentMetrics, Late, ProbeCounts, Skip};
+use crate::probe::policy::ConnectRules;
 use crate::probe::{self, ProbeContext};
 use sonde_proto::config::Module;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -199,6 +200,9 @@ pub struct Scheduler {
     max_in_flight: usize,
     /// Places for probes that start late.
     catch_up: CatchUp,
+    /// `assigned_modules.connect`: where assigned checks may connect. Read at each
+    /// probe, so that a reload applies to the checks already running.
+    assigned_policy: Arc<RwLock<Arc<ConnectRules>>>,
     /// The running checks by (job, instance); more than one only when sources disagree
     /// on the probe (module, interval, timeout, retries), or a local job has the same
     /// job and instance as an assigned check.
@@ -252,6 +256,7 @@ impl Scheduler {
             limit: Arc::new(Semaphore::new(limit)),
             max_in_flight: limit,
             catch_up: CatchUp::default(),
+            assigned_policy: Arc::new(RwLock::new(Arc::new(ConnectRules::assigned_default()))),
             running: Mutex::new(Running::default()),
         })
     }
@@ -310,6 +315,8 @@ impl Scheduler {
                 counts: self.metrics.probe_counts(&spec.job, &spec.instance),
                 limit: self.limit.clone(),
                 catch_up: self.catch_up.places.clone(),
+                // A task is either the agent's own or assigned, never both (`Task::takes`).
+                policy: (source != Source::Local).then(|| self.assigned_policy.clone()),
                 route: route.clone(),
                 first_slot: first_slot(
                     self.epoch,
@@ -335,6 +342,15 @@ impl Scheduler {
             .filter_map(|t| t.members.values().next().map(|c| c.interval));
         self.catch_up
             .resize(catch_up_places(intervals, self.max_in_flight));
+    }
+
+    /// Puts assigned checks under `rules` (`assigned_modules.connect`), from their next
+    /// probe on. The agent's own jobs never are: its config is trusted with them.
+    pub fn set_assigned_connect_policy(&self, rules: ConnectRules) {
+        *self
+            .assigned_policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
     }
 
     /// Checks being run: a check several sources share counts once.
@@ -515,6 +531,8 @@ struct Check {
     limit: Arc<Semaphore>,
     /// [`CatchUp`]'s places.
     catch_up: Arc<Semaphore>,
+    /// The connect policy of assigned checks; `None` for the agent's own jobs.
+    policy: Option<Arc<RwLock<Arc<ConnectRules>>>>,
     route: Arc<Mutex<Route>>,
     /// When the first probe is due ([`first_slot`]); the next ones every interval.
     first_slot: tokio::time::Instant,
@@ -630,11 +648,16 @@ impl Check {
     /// One probe; one in [`CPU_SAMPLE_EVERY`] timed on the thread's CPU clock.
     async fn probe(&self) -> probe::ProbeOutcome {
         let spec = &self.spec;
+        let policy = self
+            .policy
+            .as_ref()
+            .map(|p| p.read().unwrap_or_else(|e| e.into_inner()).clone());
         // Boxed: a probe's state (connection, TLS, parser) is large, and held inline it
         // would take that room in every idle check's task for good, not only while the
         // probe runs.
-        let mut run = Box::pin(probe::run(
+        let mut run = Box::pin(probe::run_with_policy(
             &self.ctx,
+            policy.as_deref().map(|p| p as &dyn probe::ConnectPolicy),
             &spec.instance,
             &spec.module,
             spec.timeout,
