@@ -592,8 +592,9 @@ mod tests {
         assert_eq!(c.assigned_modules.connect.deny, ["127.0.0.77/32"]);
         let bad = parse("assigned_modules:\n  connect: {deny: [127.0.0.0/33]}\n").unwrap_err();
         assert!(
-            bad.to_string()
-                .contains("assigned_modules.connect: \"127.0.0.0/33\": bad CIDR prefix length"),
+            bad.to_string().contains(
+                "assigned_modules.connect: network \"127.0.0.0/33\": bad CIDR prefix length"
+            ),
             "{bad}"
         );
     }

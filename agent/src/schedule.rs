@@ -841,6 +841,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn catch_up_places_follow_the_schedules_start_batch() {
+        let every = |n: usize, secs: u64| std::iter::repeat_n(Duration::from_secs(secs), n);
+        // 10,000 checks every 15 s start 33 a step: twice that, rounded up.
+        assert_eq!(catch_up_places(every(10_000, 15), 4096), 67);
+        assert_eq!(catch_up_places(every(50_000, 15), 4096), 334);
+        // Few checks: the floor; many: the bound on probes in flight.
+        assert_eq!(catch_up_places(every(3, 60), 4096), MIN_CATCH_UP);
+        assert_eq!(catch_up_places(every(0, 60), 4096), MIN_CATCH_UP);
+        assert_eq!(catch_up_places(every(1_000_000, 1), 4096), 4096);
+        assert_eq!(catch_up_places(every(3, 60), 4), 4);
+        // An interval under the grid's step counts as one start a step.
+        assert_eq!(
+            catch_up_places(std::iter::repeat_n(Duration::from_millis(1), 10), 4096),
+            20
+        );
+    }
+
+    #[tokio::test]
+    async fn catch_up_places_resize_without_losing_count() {
+        let catch_up = CatchUp::default();
+        catch_up.resize(10);
+        assert_eq!(catch_up.places.available_permits(), 10);
+        let taken = catch_up.places.clone().acquire_many_owned(6).await.unwrap();
+        // Down to 2 while 6 are taken: the 4 free ones go now, the rest at the next resize.
+        catch_up.resize(2);
+        assert_eq!(catch_up.places.available_permits(), 0);
+        drop(taken);
+        assert_eq!(catch_up.places.available_permits(), 6);
+        catch_up.resize(2);
+        assert_eq!(catch_up.places.available_permits(), 2);
+        catch_up.resize(5);
+        assert_eq!(catch_up.places.available_permits(), 5);
+    }
+
+    #[test]
+    fn whole_intervals_count_the_slots_passed() {
+        let s = Duration::from_secs;
+        assert_eq!(whole_intervals(s(0), s(15)), 0);
+        assert_eq!(whole_intervals(s(14), s(15)), 0);
+        assert_eq!(whole_intervals(s(15), s(15)), 1);
+        assert_eq!(whole_intervals(s(31), s(15)), 2);
+    }
+
     fn scheduler_with(buffer: Arc<Buffer>, metrics: Arc<AgentMetrics>) -> Scheduler {
         let ctx = Arc::new(ProbeContext::from_system().unwrap());
         Scheduler::new("edge-1".into(), ctx, buffer, metrics).unwrap()

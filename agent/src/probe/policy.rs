@@ -100,15 +100,39 @@ pub enum NotAllowed {
 /// A pattern of `probe_endpoint.allowed_targets` or a network of
 /// `assigned_modules.connect` that cannot be read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{pattern:?}: {why} (expected {expected})")]
+#[error("{} {pattern:?}: {why} (expected {})", kind.noun(), kind.expected())]
 pub struct BadPattern {
     pattern: String,
     why: String,
-    expected: &'static str,
+    kind: PatternKind,
 }
 
-const TARGET_PATTERN: &str = "HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53";
-const NETWORK: &str = "a CIDR network or an address, like 10.0.0.0/8, 127.0.0.77/32 or fd00::/8";
+/// What a [`BadPattern`] was meant to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PatternKind {
+    /// A `HOST:PORT` pattern of `probe_endpoint.allowed_targets`.
+    Target,
+    /// A network of `assigned_modules.connect`.
+    Network,
+}
+
+impl PatternKind {
+    fn noun(self) -> &'static str {
+        match self {
+            PatternKind::Target => "pattern",
+            PatternKind::Network => "network",
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            PatternKind::Target => "HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53",
+            PatternKind::Network => {
+                "a CIDR network or an address, like 10.0.0.0/8, 127.0.0.77/32 or fd00::/8"
+            }
+        }
+    }
+}
 
 struct Pattern {
     host: HostPattern,
@@ -282,7 +306,7 @@ fn parse_net(raw: &str) -> Result<(IpAddr, u8), BadPattern> {
     let bad = |why: &str| BadPattern {
         pattern: raw.to_string(),
         why: why.to_string(),
-        expected: NETWORK,
+        kind: PatternKind::Network,
     };
     let text = raw.trim();
     let (addr, prefix) = match text.split_once('/') {
@@ -308,7 +332,7 @@ impl Pattern {
         let bad = |why: &str| BadPattern {
             pattern: raw.to_string(),
             why: why.to_string(),
-            expected: TARGET_PATTERN,
+            kind: PatternKind::Target,
         };
         let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
@@ -664,21 +688,25 @@ mod tests {
             m.tcp.preferred_ip_protocol = sonde_proto::config::module::IpProtocol::Ip4;
             m.dns.preferred_ip_protocol = sonde_proto::config::module::IpProtocol::Ip4;
             m.dns.query_name = "example.test".to_string();
-            let o = probe::run_with_policy(
-                &ctx,
-                Some(&list),
-                prober_target.1,
-                &m,
-                Duration::from_secs(2),
-            )
-            .await;
-            assert_eq!(
-                o.failure_reason,
-                Some(probe::Reason::RefusedByPolicy),
-                "{prober_target:?}: {:?}",
-                o.failure
-            );
-            assert!(o.failure.unwrap().contains("169.254.169.254"));
+            // `/probe`'s allowlist, and the assigned checks' policy at its default.
+            let assigned = ConnectRules::assigned_default();
+            for policy in [&list, &assigned] {
+                let o = probe::run_with_policy(
+                    &ctx,
+                    Some(policy),
+                    prober_target.1,
+                    &m,
+                    Duration::from_secs(2),
+                )
+                .await;
+                assert_eq!(
+                    o.failure_reason,
+                    Some(probe::Reason::RefusedByPolicy),
+                    "{prober_target:?}: {:?}",
+                    o.failure
+                );
+                assert!(o.failure.unwrap().contains("169.254.169.254"));
+            }
         }
     }
 
