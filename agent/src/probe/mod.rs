@@ -94,7 +94,8 @@ pub enum Reason {
     Protocol,
     /// The module or target cannot work as configured (bad target, unreadable file).
     Config,
-    /// `/probe`'s allowlist refused an address the probe was about to connect to.
+    /// The connect policy (`/probe`'s allowlist, `assigned_modules.connect` for an
+    /// assigned check) refused an address the probe was about to connect to.
     RefusedByPolicy,
     /// A gRPC health check answered with an error status, or a serving status other
     /// than `SERVING`.
