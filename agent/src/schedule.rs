@@ -23,10 +23,10 @@
 //! skipped because the check's previous probe, with its wait, still ran).
 //!
 //! A stall (the process stopped by SIGSTOP, a paused VM, a swap storm) wakes every check
-//! whose slot passed meanwhile at the same instant. Catching up is bounded
-//! ([`CatchUp`]): a probe that starts late waits for one of a few places, as many as the
-//! schedule starts in one step of its grid, so a stalled agent never holds more probes'
-//! state at once than its steady state does; and a slot more than one interval past is
+//! whose slot passed meanwhile at the same instant. Catching up is bounded: a probe
+//! that starts late waits for one of a few places, twice what the schedule starts in one
+//! step of its grid, so a stalled agent holds about as many probes' state at once as its
+//! steady state does (not every due probe's); and a slot more than one interval past is
 //! skipped, not run late (`sonde_agent_probes_skipped_total{reason="late"}`): the check's
 //! next slot has come, and a probe for the old one would only be a stale copy of it. A
 //! late probe still waiting for a place when its check's next slot comes gives up the
