@@ -427,6 +427,7 @@ mod tests {
     fn policy(globs: Option<&[&str]>) -> FilePolicy {
         FilePolicy::new(&AssignedModulesConfig {
             allowed_file_paths: globs.map(|g| g.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
         })
         .unwrap()
     }
@@ -544,6 +545,7 @@ mod tests {
         for bad in ["certs/*", "/etc/sonde/../*", "/etc/[*"] {
             let config = AssignedModulesConfig {
                 allowed_file_paths: Some(vec![bad.to_string()]),
+                ..Default::default()
             };
             assert!(FilePolicy::new(&config).is_err(), "{bad}");
         }

@@ -145,6 +145,25 @@ pub struct AssignedModulesConfig {
     /// module may name a file.
     #[serde(default)]
     pub allowed_file_paths: Option<Vec<String>>,
+    /// Where assigned checks may connect.
+    #[serde(default)]
+    pub connect: ConnectConfig,
+}
+
+/// `assigned_modules.connect`: the connect policy of assigned checks, checked on the
+/// address each probe is about to connect to (every redirect hop, each name's answer).
+/// Link-local and cloud metadata addresses are refused unless `allow` names them
+/// ([`crate::probe::policy`]).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// CIDR networks (or addresses) a probe may connect to. Absent: any address that
+    /// `deny` and the metadata rule do not refuse.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// CIDR networks (or addresses) refused, even inside `allow`.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// The agent's configuration, checked and with its defaults filled in.
@@ -324,7 +343,9 @@ impl AgentConfig {
         if probe_endpoint.max_timeout.0 < Duration::from_millis(100) {
             probe_error("probe_endpoint.max_timeout must be at least 100ms (default 60s)".into());
         }
-        if let Err(e) = crate::web::Allowlist::parse(&probe_endpoint.allowed_targets) {
+        if let Err(e) =
+            crate::probe::policy::ConnectRules::probe_endpoint(&probe_endpoint.allowed_targets)
+        {
             probe_error(format!("probe_endpoint.allowed_targets: {e}"));
         }
         if probe_endpoint.enabled && probe_endpoint.allowed_targets.is_empty() {
@@ -340,6 +361,12 @@ impl AgentConfig {
             problems.error(at_or_whole(
                 assigned_at,
                 format!("assigned_modules.allowed_file_paths: {e}"),
+            ));
+        }
+        if let Err(e) = crate::probe::policy::ConnectRules::assigned(&assigned_modules.connect) {
+            problems.error(at_or_whole(
+                assigned_at,
+                format!("assigned_modules.connect: {e}"),
             ));
         }
         Self {
@@ -559,5 +586,16 @@ mod tests {
         assert!(e.message.contains("absolute"), "{e}");
         let e = parse("assigned_modules:\n  allowed_files: []\n").unwrap_err();
         assert_eq!(e.line, 2, "{e}");
+        let c =
+            parse("assigned_modules:\n  connect: {deny: [127.0.0.77/32], allow: ['0.0.0.0/0']}\n")
+                .unwrap();
+        assert_eq!(c.assigned_modules.connect.deny, ["127.0.0.77/32"]);
+        let bad = parse("assigned_modules:\n  connect: {deny: [127.0.0.0/33]}\n").unwrap_err();
+        assert!(
+            bad.to_string().contains(
+                "assigned_modules.connect: network \"127.0.0.0/33\": bad CIDR prefix length"
+            ),
+            "{bad}"
+        );
     }
 }

@@ -30,6 +30,26 @@ impl Late {
     }
 }
 
+/// Why a probe slot was skipped rather than run (see [`crate::schedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// The check's previous probe, with its wait for a place, still ran.
+    Overrun,
+    /// The slot was more than one interval past when the check could start it (the
+    /// process was stopped or starved, or catching up after that took too long): the
+    /// check's next slot had come, so the probe would only have been a stale copy of it.
+    Late,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::Overrun => "overrun",
+            Skip::Late => "late",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct AgentMetrics {
     /// Probes run per (job, instance): anyone can compare it with what reached the
@@ -41,8 +61,8 @@ pub struct AgentMetrics {
     started: [AtomicU64; START_DELAY_BUCKETS.len() + 1],
     /// Probes that started late, by [`Late`] (in its order).
     late: [AtomicU64; 2],
-    /// Slots skipped because the check's previous probe still ran.
-    skipped_overrun: AtomicU64,
+    /// Slots skipped, by [`Skip`] (in its order).
+    skipped: [AtomicU64; 2],
     /// The bound on probes in flight.
     probe_limit: AtomicUsize,
     /// CPU time of the sampled probes' own work, in nanoseconds, and how many.
@@ -120,8 +140,8 @@ impl AgentMetrics {
         }
     }
 
-    pub fn probes_skipped(&self, slots: u64) {
-        self.skipped_overrun.fetch_add(slots, Ordering::Relaxed);
+    pub fn probes_skipped(&self, why: Skip, slots: u64) {
+        self.skipped[why as usize].fetch_add(slots, Ordering::Relaxed);
     }
 
     pub fn set_probe_limit(&self, limit: usize) {
@@ -200,12 +220,14 @@ impl AgentMetrics {
         }
         let mut skipped = Family::counter(
             "sonde_agent_probes_skipped_total",
-            "Probe slots skipped, by reason: overrun (the check's previous probe, with its wait for a place, still ran).",
+            "Probe slots skipped, by reason: overrun (the check's previous probe, with its wait for a place, still ran), late (the slot was more than one interval past when the check could start it, as after the process was stopped: its next slot had come).",
         );
-        skipped.push(
-            [("reason", "overrun")],
-            self.skipped_overrun.load(Ordering::Relaxed) as f64,
-        );
+        for why in [Skip::Overrun, Skip::Late] {
+            skipped.push(
+                [("reason", why.as_str())],
+                self.skipped[why as usize].load(Ordering::Relaxed) as f64,
+            );
+        }
         let mut limit = Family::gauge(
             "sonde_agent_probes_max_in_flight",
             "The bound on probes in flight at once (from the open-file limit).",

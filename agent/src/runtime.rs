@@ -5,6 +5,7 @@ use crate::assigned::{FilePolicy, PolicyError};
 use crate::buffer::{Buffer, BufferError, BufferUnhealthy};
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
+use crate::probe::policy::{BadPattern, ConnectRules};
 use crate::probe::{ProbeContext, SystemResolverError};
 use crate::schedule::{CheckSpec, Scheduler, SchedulerError, Source};
 use crate::uplink::Uplink;
@@ -28,6 +29,8 @@ pub enum StartError {
     Scheduler(#[from] SchedulerError),
     #[error("assigned_modules.allowed_file_paths: {0}")]
     FilePolicy(#[source] PolicyError),
+    #[error("assigned_modules.connect: {0}")]
+    ConnectPolicy(#[source] BadPattern),
 }
 
 /// Why a new config was not applied; the running one stays.
@@ -39,6 +42,8 @@ pub enum ReloadError {
     FixedSettingChanged,
     #[error("assigned_modules.allowed_file_paths: {0}")]
     FilePolicy(#[source] PolicyError),
+    #[error("assigned_modules.connect: {0}")]
+    ConnectPolicy(#[source] BadPattern),
 }
 
 /// Why the agent is not ready (`/-/ready` answers 503 with it).
@@ -97,6 +102,10 @@ impl AgentRuntime {
             buffer.clone(),
             metrics.clone(),
         )?);
+        scheduler.set_assigned_connect_policy(
+            ConnectRules::assigned(&config.assigned_modules.connect)
+                .map_err(StartError::ConnectPolicy)?,
+        );
         scheduler.set_checks(Source::Local, local_checks(&config.jobs));
         let file_policy =
             FilePolicy::new(&config.assigned_modules).map_err(StartError::FilePolicy)?;
@@ -158,6 +167,9 @@ impl AgentRuntime {
             return Err(ReloadError::FixedSettingChanged);
         }
         let policy = FilePolicy::new(&new.assigned_modules).map_err(ReloadError::FilePolicy)?;
+        let connect = ConnectRules::assigned(&new.assigned_modules.connect)
+            .map_err(ReloadError::ConnectPolicy)?;
+        self.scheduler.set_assigned_connect_policy(connect);
         if new.assigned_modules != old.assigned_modules {
             self.drop_assigned_checks_refused_by(&policy);
         }

@@ -22,6 +22,16 @@
 //! probing thread was), and `sonde_agent_probes_skipped_total{reason="overrun"}` (slots
 //! skipped because the check's previous probe, with its wait, still ran).
 //!
+//! A stall (the process stopped by SIGSTOP, a paused VM, a swap storm) wakes every check
+//! whose slot passed meanwhile at the same instant. Catching up is bounded: a probe
+//! that starts late waits for one of a few places, twice what the schedule starts in one
+//! step of its grid, so a stalled agent holds about as many probes' state at once as its
+//! steady state does (not every due probe's); and a slot more than one interval past is
+//! skipped, not run late (`sonde_agent_probes_skipped_total{reason="late"}`): the check's
+//! next slot has come, and a probe for the old one would only be a stale copy of it. A
+//! late probe still waiting for a place when its check's next slot comes gives up the
+//! same way, so every check is back on its schedule one interval after the stall.
+//!
 //! A check that several aggregators assign (an HA pair sends the same assignment twice)
 //! is run once: one task, one probe per interval, and that one result (same sequence
 //! number, timestamp and samples) goes to every aggregator that assigned it. Running it
@@ -32,13 +42,14 @@
 //! (its results go to every aggregator already, under the agent's own config).
 
 use crate::buffer::{Buffer, Route};
-use crate::metrics::{AgentMetrics, Late, ProbeCounts};
+use crate::metrics::{AgentMetrics, Late, ProbeCounts, Skip};
+use crate::probe::policy::ConnectRules;
 use crate::probe::{self, ProbeContext};
 use sonde_proto::config::Module;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -185,6 +196,13 @@ pub struct Scheduler {
     probers: Probers,
     /// Probes in flight, across every probing thread.
     limit: Arc<Semaphore>,
+    /// [`max_concurrent_probes`], what `limit` started with.
+    max_in_flight: usize,
+    /// Places for probes that start late.
+    catch_up: CatchUp,
+    /// `assigned_modules.connect`: where assigned checks may connect. Read at each
+    /// probe, so that a reload applies to the checks already running.
+    assigned_policy: Arc<RwLock<Arc<ConnectRules>>>,
     /// The running checks by (job, instance); more than one only when sources disagree
     /// on the probe (module, interval, timeout, retries), or a local job has the same
     /// job and instance as an assigned check.
@@ -236,6 +254,9 @@ impl Scheduler {
             metrics,
             probers: Probers::start(probing_threads())?,
             limit: Arc::new(Semaphore::new(limit)),
+            max_in_flight: limit,
+            catch_up: CatchUp::default(),
+            assigned_policy: Arc::new(RwLock::new(Arc::new(ConnectRules::assigned_default()))),
             running: Mutex::new(Running::default()),
         })
     }
@@ -293,6 +314,9 @@ impl Scheduler {
                 metrics: self.metrics.clone(),
                 counts: self.metrics.probe_counts(&spec.job, &spec.instance),
                 limit: self.limit.clone(),
+                catch_up: self.catch_up.places.clone(),
+                // A task is either the agent's own or assigned, never both (`Task::takes`).
+                policy: (source != Source::Local).then(|| self.assigned_policy.clone()),
                 route: route.clone(),
                 first_slot: first_slot(
                     self.epoch,
@@ -311,6 +335,22 @@ impl Scheduler {
             });
             running.next_id += 1;
         }
+        let intervals = running
+            .tasks
+            .values()
+            .flatten()
+            .filter_map(|t| t.members.values().next().map(|c| c.interval));
+        self.catch_up
+            .resize(catch_up_places(intervals, self.max_in_flight));
+    }
+
+    /// Puts assigned checks under `rules` (`assigned_modules.connect`), from their next
+    /// probe on. The agent's own jobs never are: its config is trusted with them.
+    pub fn set_assigned_connect_policy(&self, rules: ConnectRules) {
+        *self
+            .assigned_policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
     }
 
     /// Checks being run: a check several sources share counts once.
@@ -383,6 +423,72 @@ fn same_probe(a: &CheckSpec, b: &CheckSpec) -> bool {
 /// spread would start it, well within its interval.
 const BATCH_GRID: Duration = Duration::from_millis(50);
 
+/// Places for late probes, when fewer would do: a catch-up that small still costs
+/// nothing worth counting (a few probes' buffers), and a lone check is not held back by
+/// another's wait.
+const MIN_CATCH_UP: usize = 8;
+
+/// How many late probes may be in flight at once for checks on these intervals: twice
+/// what the schedule starts in one step of [`BATCH_GRID`] on average (the hash spreads
+/// checks unevenly over the steps, and the fullest step holds about twice the average),
+/// at least [`MIN_CATCH_UP`], at most `max_in_flight`. At 10,000 checks every 15 s that
+/// is 67 (33 start together in steady state); at 50,000, 334.
+fn catch_up_places(intervals: impl Iterator<Item = Duration>, max_in_flight: usize) -> usize {
+    let per_step: f64 = intervals
+        .map(|interval| {
+            BATCH_GRID.as_secs_f64() / interval.as_secs_f64().max(BATCH_GRID.as_secs_f64())
+        })
+        .sum();
+    ((2.0 * per_step).ceil() as usize).clamp(MIN_CATCH_UP.min(max_in_flight), max_in_flight)
+}
+
+/// The places for probes that start late (more than [`LATE_AFTER`] after their slot),
+/// sized by [`catch_up_places`] for the checks running. On-time probes never take one.
+///
+/// Without it, a stall wakes every check whose slot passed at once, and each starts its
+/// probe: 10,000 HTTP checks every 15 s, stopped for 15 s, had thousands of probes in
+/// flight together, each with its connection and buffers, and the agent went from 52 to
+/// 213 MiB. With it, what a catch-up holds at once is what the steady state does.
+struct CatchUp {
+    places: Arc<Semaphore>,
+    /// The places the semaphore has in all, taken or not: resizing down can only forget
+    /// the free ones, and the rest are forgotten at the next resize.
+    total: Mutex<usize>,
+}
+
+impl Default for CatchUp {
+    fn default() -> Self {
+        Self {
+            places: Arc::new(Semaphore::new(0)),
+            total: Mutex::new(0),
+        }
+    }
+}
+
+impl CatchUp {
+    fn resize(&self, wanted: usize) {
+        let mut total = lock(&self.total);
+        if wanted > *total {
+            self.places.add_permits(wanted - *total);
+            *total = wanted;
+        } else {
+            *total -= self.places.forget_permits(*total - wanted);
+        }
+    }
+}
+
+/// How many whole intervals fit in `span`.
+fn whole_intervals(span: Duration, interval: Duration) -> u64 {
+    (span.as_nanos() / interval.as_nanos().max(1))
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+/// `slot` moved on by `n` intervals.
+fn slots_later(slot: tokio::time::Instant, interval: Duration, n: u64) -> tokio::time::Instant {
+    slot + interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 /// The check's phase within its interval, a multiple of [`BATCH_GRID`]: stable for an
 /// agent, job and target.
 fn spread(agent_id: &str, spec: &CheckSpec) -> Duration {
@@ -423,6 +529,10 @@ struct Check {
     /// This target's `sonde_agent_probes_total`, looked up once.
     counts: Arc<ProbeCounts>,
     limit: Arc<Semaphore>,
+    /// [`CatchUp`]'s places.
+    catch_up: Arc<Semaphore>,
+    /// The connect policy of assigned checks; `None` for the agent's own jobs.
+    policy: Option<Arc<RwLock<Arc<ConnectRules>>>>,
     route: Arc<Mutex<Route>>,
     /// When the first probe is due ([`first_slot`]); the next ones every interval.
     first_slot: tokio::time::Instant,
@@ -432,22 +542,48 @@ struct Check {
 impl Check {
     async fn run(self) {
         let spec = &self.spec;
-        let mut ticker = tokio::time::interval_at(self.first_slot, spec.interval);
-        // A probe that overran its slot is not made up for with a burst.
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut last_slot: Option<tokio::time::Instant> = None;
+        let interval = spec.interval;
+        let mut slot = self.first_slot;
         loop {
-            let slot = ticker.tick().await;
-            if let Some(last) = last_slot {
-                let slots = (slot - last).as_secs_f64() / spec.interval.as_secs_f64();
-                let skipped = slots.round() as u64;
-                if skipped > 1 {
-                    self.metrics.probes_skipped(skipped - 1);
-                }
+            tokio::time::sleep_until(slot).await;
+            // Woken more than an interval after the slot (the process was stopped or
+            // starved): the slots since are past saving, the latest one is not.
+            let missed = whole_intervals(slot.elapsed(), interval);
+            if missed > 0 {
+                self.metrics.probes_skipped(Skip::Late, missed);
+                slot = slots_later(slot, interval, missed);
             }
-            last_slot = Some(slot);
+            let mut waited = false;
+            let _catching_up = if slot.elapsed() > LATE_AFTER {
+                let place = match self.catch_up.clone().try_acquire_owned() {
+                    Ok(place) => Ok(place),
+                    Err(_) => {
+                        waited = true;
+                        let next = slot + interval;
+                        match tokio::time::timeout_at(next, self.catch_up.clone().acquire_owned())
+                            .await
+                        {
+                            Ok(Ok(place)) => Ok(place),
+                            // Never closed.
+                            Ok(Err(_)) => return,
+                            Err(_) => Err(next),
+                        }
+                    }
+                };
+                match place {
+                    Ok(place) => Some(place),
+                    Err(next) => {
+                        // The next slot came first: that one runs, on time.
+                        self.metrics.probes_skipped(Skip::Late, 1);
+                        slot = next;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let (_permit, waited) = match self.limit.clone().try_acquire_owned() {
-                Ok(permit) => (permit, false),
+                Ok(permit) => (permit, waited),
                 Err(_) => match self.limit.clone().acquire_owned().await {
                     Ok(permit) => (permit, true),
                     // Never closed.
@@ -497,17 +633,31 @@ impl Check {
                 unix_ms(started_at),
                 outcome,
             );
+            // The slots that passed while this probe (with its wait) ran are skipped but
+            // the latest, which starts at once, late.
+            let mut next = slot + interval;
+            let overran = whole_intervals(next.elapsed(), interval);
+            if overran > 0 {
+                self.metrics.probes_skipped(Skip::Overrun, overran);
+                next = slots_later(next, interval, overran);
+            }
+            slot = next;
         }
     }
 
     /// One probe; one in [`CPU_SAMPLE_EVERY`] timed on the thread's CPU clock.
     async fn probe(&self) -> probe::ProbeOutcome {
         let spec = &self.spec;
+        let policy = self
+            .policy
+            .as_ref()
+            .map(|p| p.read().unwrap_or_else(|e| e.into_inner()).clone());
         // Boxed: a probe's state (connection, TLS, parser) is large, and held inline it
         // would take that room in every idle check's task for good, not only while the
         // probe runs.
-        let mut run = Box::pin(probe::run(
+        let mut run = Box::pin(probe::run_with_policy(
             &self.ctx,
+            policy.as_deref().map(|p| p as &dyn probe::ConnectPolicy),
             &spec.instance,
             &spec.module,
             spec.timeout,
@@ -689,6 +839,50 @@ mod tests {
             first_slot(epoch, epoch + s(100), ms(40), s(15)),
             epoch + ms(105_040)
         );
+    }
+
+    #[test]
+    fn catch_up_places_follow_the_schedules_start_batch() {
+        let every = |n: usize, secs: u64| std::iter::repeat_n(Duration::from_secs(secs), n);
+        // 10,000 checks every 15 s start 33 a step: twice that, rounded up.
+        assert_eq!(catch_up_places(every(10_000, 15), 4096), 67);
+        assert_eq!(catch_up_places(every(50_000, 15), 4096), 334);
+        // Few checks: the floor; many: the bound on probes in flight.
+        assert_eq!(catch_up_places(every(3, 60), 4096), MIN_CATCH_UP);
+        assert_eq!(catch_up_places(every(0, 60), 4096), MIN_CATCH_UP);
+        assert_eq!(catch_up_places(every(1_000_000, 1), 4096), 4096);
+        assert_eq!(catch_up_places(every(3, 60), 4), 4);
+        // An interval under the grid's step counts as one start a step.
+        assert_eq!(
+            catch_up_places(std::iter::repeat_n(Duration::from_millis(1), 10), 4096),
+            20
+        );
+    }
+
+    #[tokio::test]
+    async fn catch_up_places_resize_without_losing_count() {
+        let catch_up = CatchUp::default();
+        catch_up.resize(10);
+        assert_eq!(catch_up.places.available_permits(), 10);
+        let taken = catch_up.places.clone().acquire_many_owned(6).await.unwrap();
+        // Down to 2 while 6 are taken: the 4 free ones go now, the rest at the next resize.
+        catch_up.resize(2);
+        assert_eq!(catch_up.places.available_permits(), 0);
+        drop(taken);
+        assert_eq!(catch_up.places.available_permits(), 6);
+        catch_up.resize(2);
+        assert_eq!(catch_up.places.available_permits(), 2);
+        catch_up.resize(5);
+        assert_eq!(catch_up.places.available_permits(), 5);
+    }
+
+    #[test]
+    fn whole_intervals_count_the_slots_passed() {
+        let s = Duration::from_secs;
+        assert_eq!(whole_intervals(s(0), s(15)), 0);
+        assert_eq!(whole_intervals(s(14), s(15)), 0);
+        assert_eq!(whole_intervals(s(15), s(15)), 1);
+        assert_eq!(whole_intervals(s(31), s(15)), 2);
     }
 
     fn scheduler_with(buffer: Arc<Buffer>, metrics: Arc<AgentMetrics>) -> Scheduler {

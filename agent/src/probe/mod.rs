@@ -5,7 +5,7 @@
 //! [`http`], [`tcp`], [`dns`], [`icmp`] and [`grpc`] are the probers; `net` (the TCP connect), `tls` (the
 //! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
 //! (what a certificate says) are the parts they share; `per_address` runs a prober once
-//! per address of the target. Each prober notes what it saw in [`Samples::trace`]
+//! per address of the target; [`policy`] says where a probe may connect. Each prober notes what it saw in [`Samples::trace`]
 //! (`sonde_proto::trace`); [`traceroute`] adds the path when a scheduled probe fails.
 
 pub mod dns;
@@ -16,6 +16,7 @@ pub mod http;
 pub mod icmp;
 pub(crate) mod net;
 pub(crate) mod per_address;
+pub mod policy;
 pub mod tcp;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -24,6 +25,7 @@ pub(crate) mod tls_samples;
 pub mod traceroute;
 pub(crate) mod x509;
 
+pub use policy::{ConnectPolicy, Refusal};
 use sonde_proto::config::module::IpProtocol;
 use sonde_proto::config::{Module, Prober};
 use sonde_proto::trace::{Step, Trace};
@@ -92,7 +94,8 @@ pub enum Reason {
     Protocol,
     /// The module or target cannot work as configured (bad target, unreadable file).
     Config,
-    /// `/probe`'s allowlist refused an address the probe was about to connect to.
+    /// The connect policy (`/probe`'s allowlist, `assigned_modules.connect` for an
+    /// assigned check) refused an address the probe was about to connect to.
     RefusedByPolicy,
     /// A gRPC health check answered with an error status, or a serving status other
     /// than `SERVING`.
@@ -169,24 +172,8 @@ impl<T, E: std::fmt::Display> Because<T> for Result<T, E> {
     }
 }
 
-/// Decides whether a probe may connect somewhere. `/probe` installs one (its allowlist);
-/// scheduled checks have none. It is asked right before every connection (every
-/// redirect hop, the DNS server, a proxy) with the name the probe was about to reach and
-/// the address that name resolved to, so that neither a redirect nor a DNS answer can
-/// lead a probe where the allowlist refuses.
-pub trait ConnectPolicy: Send + Sync {
-    /// `host` is the name or IP literal as the target or a redirect wrote it.
-    fn check_host(&self, host: &str, port: u16) -> Result<(), Refusal>;
-    /// The address a connection is about to be opened to.
-    fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), Refusal>;
-}
-
-/// Why a [`ConnectPolicy`] refuses a connection, in the words the probe fails with.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
-
-/// What a prober runs with: the shared context and, for `/probe`, the connect policy.
+/// What a prober runs with: the shared context and, for `/probe` and assigned checks,
+/// the connect policy ([`policy`]).
 /// Dereferences to the [`ProbeContext`].
 pub struct Env<'a> {
     pub ctx: &'a ProbeContext,

@@ -230,6 +230,7 @@ mod tests {
     fn an_assignment_keeps_the_checks_it_can_trust() {
         let policy = FilePolicy::new(&crate::config::AssignedModulesConfig {
             allowed_file_paths: Some(vec!["/etc/sonde/certs/*".into()]),
+            ..Default::default()
         })
         .unwrap();
         let plain = r#"{"prober":"http"}"#;
