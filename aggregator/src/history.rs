@@ -34,9 +34,11 @@ pub const HOUR_MS: i64 = 3_600_000;
 /// One-minute buckets are folded into hours once they are this old.
 pub const MINUTE_BUCKETS_FOR: Duration = Duration::from_secs(48 * 3600);
 /// What a row weighs beyond its text, for `history.max_size`: integers, record and
-/// cell headers, index entries' own keys, free space left in pages (measured on the
-/// aggregator's database by its page count). The text columns count at their length in
-/// bytes, twice where an index repeats them; `SCHEMA_BYTES` has the same figures.
+/// cell headers, index entries' own keys, free space left in pages. The text columns
+/// count at their length in bytes, twice where an index repeats them; `SCHEMA_BYTES`
+/// has the same figures. Measured by the database's page count over 20,000 rows of
+/// typical size: a state change took 228 bytes and is counted as 234, a bucket 144 and
+/// is counted as 155.
 pub const EVENT_ROW_OVERHEAD: u64 = 64;
 pub const BUCKET_ROW_OVERHEAD: u64 = 80;
 pub const RUN_ROW_BYTES: u64 = 48;
