@@ -89,6 +89,8 @@ pub struct App {
     pub outputs: Arc<Outputs>,
     /// Where the config comes from; `None` for the built-in all-in-one config.
     pub config_file: Option<PathBuf>,
+    /// When this run started, and its key in the history's record of runs (the time
+    /// between one run's last sign of life and the next one's start is a gap).
     pub started_ms: i64,
     /// The gRPC port's TLS, swapped on reload.
     pub fleet_tls: Arc<crate::fleet::listener::FleetTls>,
@@ -120,6 +122,7 @@ impl App {
             Some(dir) => Store::open(dir)?,
             None => Store::in_memory()?,
         });
+        let started_ms = store.begin_run(now_ms()).map_err(|e| store.failed(e))?;
         let config = Arc::new(config);
         let outputs = Arc::new(Outputs {
             writers: RwLock::new(start_writers(&config, &store)?),
@@ -131,7 +134,7 @@ impl App {
             hub,
             outputs,
             config_file,
-            started_ms: now_ms(),
+            started_ms,
             fleet_tls: Default::default(),
             grpc_address: std::sync::OnceLock::new(),
             reload_status: std::sync::Mutex::new(ReloadStatus {
@@ -210,8 +213,19 @@ impl App {
         Ok(())
     }
 
+    /// Records that this run is alive now (see [`crate::history::Gap`]).
+    pub async fn mark_alive(&self) {
+        let store = self.outputs.store.clone();
+        let run = self.started_ms;
+        let marked = tokio::task::spawn_blocking(move || store.mark_alive(run, now_ms())).await;
+        if let Ok(Err(e)) = marked {
+            tracing::warn!(error = %e, "cannot record that the aggregator is running; a restart may show a longer gap in the history");
+        }
+    }
+
     /// Flushes the remote-write queues for up to `grace`.
     pub async fn shutdown(&self, grace: Duration) {
+        self.mark_alive().await;
         let writers = std::mem::take(
             &mut *self
                 .outputs

@@ -9,8 +9,17 @@
 //! **Sizes.** A state change is one row. Response times are kept per target and agent
 //! in one-minute buckets for [`MINUTE_BUCKETS_FOR`], then folded into one-hour buckets,
 //! so a target probed by three agents costs about 3 × (2,880 + 720) rows over 30 days,
-//! whatever its interval. `history.max_size` bounds the whole: past it, the oldest rows
-//! go first (see [`Store::prune_history`]).
+//! whatever its interval. `history.max_size` bounds the whole in bytes: triggers keep a
+//! running total of what each row weighs (its text, counted twice where an index repeats
+//! it, plus a fixed overhead), so a row with a megabyte of reasons weighs a megabyte;
+//! past the bound, the oldest rows go first (see [`Store::prune_history`]).
+//!
+//! **The aggregator's own gaps.** Each start of the aggregator is a row of
+//! `aggregator_runs`, and a running one marks itself alive every few seconds; the time
+//! between one run's last mark and the next run's start is a [`Gap`]. A gap is not a
+//! change of the targets' states: the state a target comes back in is recorded only if
+//! it differs from the last one stored, and the gap's time counts neither for nor
+//! against uptime.
 
 use crate::merge::{Merged, TargetState};
 use crate::store::Store;
@@ -18,16 +27,27 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 use std::time::Duration;
 
+mod size;
+pub use size::{HistoryBytes, SCHEMA_BYTES};
+use size::{history_bytes, remove_oldest_buckets, remove_oldest_events};
+
 /// Width of a fresh response-time bucket.
 pub const MINUTE_MS: i64 = 60_000;
 /// Width of a compacted bucket.
 pub const HOUR_MS: i64 = 3_600_000;
 /// One-minute buckets are folded into hours once they are this old.
 pub const MINUTE_BUCKETS_FOR: Duration = Duration::from_secs(48 * 3600);
-/// What a stored row weighs on average, for `history.max_size` (measured on the
-/// aggregator's database with SQLite's `dbstat`: keys, values and index entries).
-pub const EVENT_ROW_BYTES: u64 = 160;
-pub const BUCKET_ROW_BYTES: u64 = 120;
+/// What a row weighs beyond its text, for `history.max_size`: integers, record and
+/// cell headers, index entries' own keys, free space left in pages. The text columns
+/// count at their length in bytes, twice where an index repeats them; `SCHEMA_BYTES`
+/// has the same figures. Measured by the database's page count over 20,000 rows of
+/// typical size: a state change took 228 bytes and is counted as 234, a bucket 144 and
+/// is counted as 155.
+pub const EVENT_ROW_OVERHEAD: u64 = 64;
+pub const BUCKET_ROW_OVERHEAD: u64 = 80;
+pub const RUN_ROW_BYTES: u64 = 48;
+/// The aggregator's starts kept, newest first (a crash loop does not fill the history).
+const MAX_RUNS_KEPT: i64 = 1_000;
 /// The most views kept in one event: a target probed by a thousand agents keeps the
 /// failing ones first, then the others.
 const MAX_EVENT_VIEWS: usize = 64;
@@ -176,7 +196,19 @@ impl Writes {
                 "INSERT INTO target_events (job, instance, ts_ms, state, agents, succeeding, views)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
+            let mut last_state = tx.prepare_cached(
+                "SELECT state FROM target_events WHERE job = ?1 AND instance = ?2
+                 ORDER BY ts_ms DESC, rowid DESC LIMIT 1",
+            )?;
             for ((job, instance), e) in &self.events {
+                // The hub starts knowing no target's state: after a restart, its first
+                // finding for a target is no change if the history already says it.
+                let last: Option<String> = last_state
+                    .query_row(params![job, instance], |r| r.get(0))
+                    .optional()?;
+                if last.as_deref() == Some(e.state.as_str()) {
+                    continue;
+                }
                 let views = serde_json::to_string(&e.views).unwrap_or_else(|_| "[]".into());
                 insert.execute(params![
                     job,
@@ -245,6 +277,14 @@ impl Durations {
     }
 }
 
+/// A time the aggregator was not running, `[from_ms, to_ms)`: from its last sign of life
+/// to its next start. Nothing is known of any target's state then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Gap {
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
 /// A stretch of one state: `[from_ms, to_ms)`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Segment {
@@ -255,8 +295,39 @@ pub struct Segment {
 
 /// The stretches of `[from_ms, to_ms)` given the changes `(timestamp, state)` in time
 /// order, the first of which may lie before `from_ms` (the state the window starts
-/// in). Time before the first known change is left out.
-pub fn segments(changes: &[(i64, HistoryState)], from_ms: i64, to_ms: i64) -> Vec<Segment> {
+/// in). Time before the first known change and the aggregator's `gaps` are left out.
+pub fn segments(
+    changes: &[(i64, HistoryState)],
+    gaps: &[Gap],
+    from_ms: i64,
+    to_ms: i64,
+) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for s in known_segments(changes, from_ms, to_ms) {
+        let mut rest = Some(s);
+        for g in gaps {
+            let Some(s) = rest else { break };
+            if g.to_ms <= s.from_ms || g.from_ms >= s.to_ms {
+                continue;
+            }
+            if g.from_ms > s.from_ms {
+                out.push(Segment {
+                    to_ms: g.from_ms,
+                    ..s
+                });
+            }
+            rest = (g.to_ms < s.to_ms).then_some(Segment {
+                from_ms: g.to_ms,
+                ..s
+            });
+        }
+        out.extend(rest);
+    }
+    out
+}
+
+/// [`segments`] before the gaps are cut out.
+fn known_segments(changes: &[(i64, HistoryState)], from_ms: i64, to_ms: i64) -> Vec<Segment> {
     let mut out: Vec<Segment> = Vec::new();
     for (i, &(at, state)) in changes.iter().enumerate() {
         let end = changes
@@ -280,9 +351,14 @@ pub fn segments(changes: &[(i64, HistoryState)], from_ms: i64, to_ms: i64) -> Ve
 }
 
 /// Time per state within `[from_ms, to_ms)` (see [`segments`]).
-pub fn durations(changes: &[(i64, HistoryState)], from_ms: i64, to_ms: i64) -> Durations {
+pub fn durations(
+    changes: &[(i64, HistoryState)],
+    gaps: &[Gap],
+    from_ms: i64,
+    to_ms: i64,
+) -> Durations {
     let mut d = Durations::default();
-    for s in segments(changes, from_ms, to_ms) {
+    for s in segments(changes, gaps, from_ms, to_ms) {
         d.add(s.state, s.to_ms - s.from_ms);
     }
     d
@@ -469,9 +545,67 @@ impl Store {
         Ok(out)
     }
 
+    /// Records a start of the aggregator at `now_ms`; returns the run's key for
+    /// [`Store::mark_alive`] (`now_ms`, or just after the last run's if the clock is
+    /// behind it).
+    pub fn begin_run(&self, now_ms: i64) -> rusqlite::Result<i64> {
+        let conn = self.conn();
+        let last: Option<i64> =
+            conn.query_row("SELECT MAX(started_ms) FROM aggregator_runs", [], |r| {
+                r.get(0)
+            })?;
+        let started = last.map_or(now_ms, |l| now_ms.max(l + 1));
+        conn.execute(
+            "INSERT INTO aggregator_runs (started_ms, alive_ms) VALUES (?1, ?1)",
+            params![started],
+        )?;
+        Ok(started)
+    }
+
+    /// The running aggregator (the run `started_ms`) was alive at `now_ms`.
+    pub fn mark_alive(&self, started_ms: i64, now_ms: i64) -> rusqlite::Result<()> {
+        self.conn()
+            .prepare_cached(
+                "UPDATE aggregator_runs SET alive_ms = MAX(alive_ms, ?2) WHERE started_ms = ?1",
+            )?
+            .execute(params![started_ms, now_ms])?;
+        Ok(())
+    }
+
+    /// The times the aggregator was not running that end after `from_ms`, oldest first.
+    pub fn gaps(&self, from_ms: i64) -> rusqlite::Result<Vec<Gap>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT alive_ms, next FROM
+               (SELECT alive_ms, LEAD(started_ms) OVER (ORDER BY started_ms) AS next
+                FROM aggregator_runs)
+             WHERE next IS NOT NULL AND next > ?1 ORDER BY next",
+        )?;
+        let rows = stmt.query_map(params![from_ms], |r| {
+            Ok(Gap {
+                from_ms: r.get(0)?,
+                to_ms: r.get(1)?,
+            })
+        })?;
+        let mut out = Vec::new();
+        for gap in rows {
+            let gap = gap?;
+            // A run stopped as soon as it started, and the next one at once: no gap.
+            if gap.to_ms > gap.from_ms {
+                out.push(gap);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the history weighs now (the running total `history.max_size` bounds).
+    pub fn history_bytes(&self) -> rusqlite::Result<HistoryBytes> {
+        history_bytes(&self.conn())
+    }
+
     /// Folds minute buckets older than [`MINUTE_BUCKETS_FOR`] into hours, drops what is
     /// older than the retention, then the oldest rows while the history weighs more
-    /// than `max_size` (by the row weights above). Returns the rows removed.
+    /// than `max_size` bytes. Returns the rows removed.
     pub fn prune_history(&self, limits: Limits, now_ms: i64) -> rusqlite::Result<u64> {
         let fold_before =
             (now_ms - MINUTE_BUCKETS_FOR.as_millis() as i64).div_euclid(HOUR_MS) * HOUR_MS;
@@ -507,30 +641,20 @@ impl Store {
                (SELECT MAX(rowid) FROM target_events WHERE ts_ms < ?1 GROUP BY job, instance)",
             params![keep_from],
         )? as u64;
-        let count = |table: &str| -> rusqlite::Result<u64> {
-            tx.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|n| n.max(0) as u64)
-        };
-        let (events, buckets) = (count("target_events")?, count("target_latency")?);
-        let weight = events * EVENT_ROW_BYTES + buckets * BUCKET_ROW_BYTES;
-        if weight > limits.max_size {
-            // Down to 90 % of the bound, oldest first, in proportion to each table's
-            // share, so that the next few minutes do not prune again.
-            let excess = weight - limits.max_size * 9 / 10;
-            let share = |rows: u64, per: u64| excess * (rows * per) / weight.max(1) / per + 1;
-            removed += tx.execute(
-                "DELETE FROM target_latency WHERE (job, instance, agent, width_ms, bucket_ms) IN
-                   (SELECT job, instance, agent, width_ms, bucket_ms FROM target_latency
-                    ORDER BY bucket_ms LIMIT ?1)",
-                params![share(buckets, BUCKET_ROW_BYTES) as i64],
-            )? as u64;
-            removed += tx.execute(
-                "DELETE FROM target_events WHERE rowid IN
-                   (SELECT rowid FROM target_events ORDER BY ts_ms LIMIT ?1)",
-                params![share(events, EVENT_ROW_BYTES) as i64],
-            )? as u64;
+        removed += tx.execute(
+            "DELETE FROM aggregator_runs WHERE alive_ms < ?1 OR started_ms NOT IN
+               (SELECT started_ms FROM aggregator_runs ORDER BY started_ms DESC LIMIT ?2)",
+            params![keep_from, MAX_RUNS_KEPT],
+        )? as u64;
+        let parts = history_bytes(&tx)?;
+        let total = parts.total();
+        if total > limits.max_size {
+            // Down to 90 % of the bound, oldest first, each table its share of the
+            // excess, so that the next few minutes do not prune again.
+            let excess = total - limits.max_size * 9 / 10;
+            let share = |part: u64| (excess as u128 * part as u128 / total as u128) as u64 + 1;
+            removed += remove_oldest_events(&tx, share(parts.events))?;
+            removed += remove_oldest_buckets(&tx, share(parts.buckets))?;
         }
         tx.commit()?;
         Ok(removed)
@@ -574,7 +698,7 @@ mod tests {
     fn segments_start_with_the_state_the_window_opens_in() {
         let changes = [(0, Up), (100, Down), (150, Up), (180, Up), (300, Missing)];
         assert_eq!(
-            segments(&changes, 50, 250),
+            segments(&changes, &[], 50, 250),
             vec![
                 Segment {
                     from_ms: 50,
@@ -593,7 +717,7 @@ mod tests {
                 },
             ]
         );
-        let d = durations(&changes, 50, 250);
+        let d = durations(&changes, &[], 50, 250);
         assert_eq!((d.up, d.down, d.missing), (150, 50, 0));
         assert_eq!(d.uptime(), Some(0.75));
     }
@@ -601,11 +725,11 @@ mod tests {
     #[test]
     fn missing_time_and_unknown_time_do_not_count_against_uptime() {
         let changes = [(100, Missing), (200, Degraded), (300, Down)];
-        let d = durations(&changes, 0, 400);
+        let d = durations(&changes, &[], 0, 400);
         assert_eq!((d.missing, d.degraded, d.down, d.up), (100, 100, 100, 0));
         assert_eq!(d.uptime(), Some(0.5));
-        assert_eq!(durations(&[], 0, 10).uptime(), None);
-        assert_eq!(durations(&[(0, Missing)], 0, 10).uptime(), None);
+        assert_eq!(durations(&[], &[], 0, 10).uptime(), None);
+        assert_eq!(durations(&[(0, Missing)], &[], 0, 10).uptime(), None);
     }
 
     #[test]
@@ -704,29 +828,212 @@ mod tests {
         assert_eq!(s.events("j", "i", 10).unwrap().len(), 1);
     }
 
-    #[test]
-    fn the_size_bound_removes_the_oldest_rows() {
-        let s = store();
-        let key = ("j".to_string(), "i".to_string());
-        let w = Writes {
-            events: (0..100)
+    /// What the history's text and fixed overheads add up to, counted from the rows
+    /// (what the triggers' running total must equal).
+    fn recount(s: &Store) -> HistoryBytes {
+        let conn = s.conn();
+        let sum = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64;
+        HistoryBytes {
+            events: sum(&format!(
+                "SELECT COALESCE(SUM(2 * (octet_length(job) + octet_length(instance))
+                    + octet_length(state) + octet_length(views) + {EVENT_ROW_OVERHEAD}), 0)
+                 FROM target_events"
+            )),
+            buckets: sum(&format!(
+                "SELECT COALESCE(SUM(2 * (octet_length(job) + octet_length(instance)
+                    + octet_length(agent)) + {BUCKET_ROW_OVERHEAD}), 0) FROM target_latency"
+            )),
+            runs: sum(&format!(
+                "SELECT COUNT(*) * {RUN_ROW_BYTES} FROM aggregator_runs"
+            )),
+        }
+    }
+
+    fn flapping(key: &(String, String), n: i64, failure: &str) -> Writes {
+        Writes {
+            events: (0..n)
                 .map(|i| {
                     (
                         key.clone(),
-                        event(i, if i % 2 == 0 { Up } else { Down }, ""),
+                        event(i, if i % 2 == 0 { Up } else { Down }, failure),
                     )
                 })
                 .collect(),
             buckets: Vec::new(),
-        };
-        s.transaction(|tx| w.apply(tx)).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_size_bound_removes_the_oldest_rows() {
+        let s = store();
+        let key = ("j".to_string(), "i".to_string());
+        s.transaction(|tx| flapping(&key, 100, "").apply(tx))
+            .unwrap();
+        let one = s.history_bytes().unwrap().events / 100;
         let limits = Limits {
             retention: Duration::from_secs(86_400),
-            max_size: 50 * EVENT_ROW_BYTES,
+            max_size: 50 * one,
         };
         assert!(s.prune_history(limits, 1_000).unwrap() >= 50);
         let left = s.events("j", "i", 1000).unwrap();
         assert!(left.len() <= 45, "{}", left.len());
         assert_eq!(left[0].event.timestamp_ms, 99, "the newest stay");
+        assert_eq!(s.history_bytes().unwrap(), recount(&s));
+    }
+
+    #[test]
+    fn big_reasons_and_names_count_at_their_size() {
+        let s = store();
+        let big = ("j".repeat(10_000), "i".repeat(50_000));
+        let reason = "r".repeat(100_000);
+        // 40 changes of a target whose name and reasons weigh ~250 KB each: 10 MB
+        // of history, where 40 rows once counted as 6.4 KB.
+        s.transaction(|tx| flapping(&big, 40, &reason).apply(tx))
+            .unwrap();
+        let mut buckets = Writes::default();
+        for m in 0..20 {
+            let mut b = Bucket::starting(m * MINUTE_MS);
+            b.add(true, 0.1);
+            buckets.buckets.push((big.clone(), "a".repeat(1_000), b));
+        }
+        s.transaction(|tx| buckets.apply(tx)).unwrap();
+        let weight = s.history_bytes().unwrap();
+        assert_eq!(weight, recount(&s));
+        assert!(weight.events > 40 * 200_000, "{weight:?}");
+        assert!(weight.buckets > 20 * 100_000, "{weight:?}");
+        let limits = Limits {
+            retention: Duration::from_secs(86_400),
+            max_size: 2_000_000,
+        };
+        s.prune_history(limits, 30 * MINUTE_MS).unwrap();
+        let left = s.history_bytes().unwrap();
+        assert_eq!(left, recount(&s));
+        assert!(left.total() <= limits.max_size, "{left:?}");
+        assert!(
+            !s.events(&big.0, &big.1, 100).unwrap().is_empty(),
+            "the newest changes stay"
+        );
+        // The file follows: what is left, not what was, once SQLite reuses the pages.
+        let conn = s.conn();
+        let used: i64 = conn
+            .query_row(
+                "SELECT (page_count - freelist_count) * page_size
+                 FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            (used as u64) < 2 * limits.max_size,
+            "{used} bytes of pages in use"
+        );
+    }
+
+    #[test]
+    fn the_running_total_follows_folding_and_retention() {
+        let s = store();
+        let key = ("j".to_string(), "i".to_string());
+        let hour = 1_000 * HOUR_MS;
+        let mut w = flapping(&key, 4, "refused");
+        for m in 0..120 {
+            let mut b = Bucket::starting(hour + m * MINUTE_MS);
+            b.add(true, 0.1);
+            w.buckets.push((key.clone(), "a".to_string(), b));
+        }
+        s.transaction(|tx| w.apply(tx)).unwrap();
+        s.begin_run(hour).unwrap();
+        assert_eq!(s.history_bytes().unwrap(), recount(&s));
+        let limits = Limits {
+            retention: Duration::from_secs(30 * 86_400),
+            max_size: u64::MAX,
+        };
+        s.prune_history(limits, hour + 72 * HOUR_MS).unwrap();
+        assert_eq!(s.history_bytes().unwrap(), recount(&s));
+        s.prune_history(limits, hour + 40 * 24 * HOUR_MS).unwrap();
+        assert_eq!(s.history_bytes().unwrap(), recount(&s));
+    }
+
+    #[test]
+    fn a_restart_is_a_gap_not_a_change() {
+        let s = store();
+        let key = ("j".to_string(), "i".to_string());
+        let first = s.begin_run(1_000).unwrap();
+        s.transaction(|tx| flapping(&key, 1, "").apply(tx)).unwrap();
+        s.mark_alive(first, 5_000).unwrap();
+        // Killed; started again at 9 s, where the hub finds the target up as before.
+        let second = s.begin_run(9_000).unwrap();
+        let again = Writes {
+            events: vec![(key.clone(), event(9_500, Up, ""))],
+            buckets: Vec::new(),
+        };
+        s.transaction(|tx| again.apply(tx)).unwrap();
+        assert_eq!(s.events("j", "i", 10).unwrap().len(), 1, "no up from up");
+        let gaps = s.gaps(0).unwrap();
+        assert_eq!(
+            gaps,
+            [Gap {
+                from_ms: 5_000,
+                to_ms: 9_000
+            }]
+        );
+        // A change after the gap is recorded, from the state before it.
+        let down = Writes {
+            events: vec![(key.clone(), event(12_000, Down, "refused"))],
+            buckets: Vec::new(),
+        };
+        s.transaction(|tx| down.apply(tx)).unwrap();
+        let events = s.events("j", "i", 10).unwrap();
+        assert_eq!(
+            (events[0].event.state, events[0].previous),
+            (Down, Some(Up))
+        );
+        s.mark_alive(second, 20_000).unwrap();
+        // Uptime leaves the gap out: 5 s up before it, 3 s up and 8 s down after.
+        let changes = s.state_changes("j", "i", 0).unwrap();
+        let d = durations(&changes, &gaps, 0, 20_000);
+        assert_eq!((d.up, d.down, d.missing), (5_000 + 3_000, 8_000, 0));
+        assert_eq!(
+            segments(&changes, &gaps, 0, 20_000),
+            [
+                Segment {
+                    from_ms: 0,
+                    to_ms: 5_000,
+                    state: Up
+                },
+                Segment {
+                    from_ms: 9_000,
+                    to_ms: 12_000,
+                    state: Up
+                },
+                Segment {
+                    from_ms: 12_000,
+                    to_ms: 20_000,
+                    state: Down
+                },
+            ]
+        );
+        assert!(s.gaps(9_000).unwrap().is_empty(), "ended before the window");
+    }
+
+    #[test]
+    fn gaps_cut_segments_anywhere() {
+        let changes = [(0, Up), (100, Down)];
+        let gaps = [
+            Gap {
+                from_ms: 10,
+                to_ms: 20,
+            },
+            Gap {
+                from_ms: 90,
+                to_ms: 110,
+            },
+            Gap {
+                from_ms: 150,
+                to_ms: 300,
+            },
+        ];
+        let cut = segments(&changes, &gaps, 0, 200);
+        let spans: Vec<_> = cut.iter().map(|s| (s.from_ms, s.to_ms, s.state)).collect();
+        assert_eq!(spans, [(0, 10, Up), (20, 90, Up), (110, 150, Down)]);
     }
 }

@@ -129,6 +129,24 @@ pub async fn start_with(
             }
         }
     }));
+    let alive_app = app.clone();
+    let mut rx = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        // The history tells the aggregator's own gaps from its targets' states by these
+        // marks; a SIGKILL loses at most this much of the last run.
+        let mut ticker = tokio::time::interval(MARK_ALIVE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let stop = tokio::select! {
+                _ = ticker.tick() => false,
+                _ = rx.wait_for(|s| *s) => true,
+            };
+            if stop {
+                return;
+            }
+            alive_app.mark_alive().await;
+        }
+    }));
     let history_app = app.clone();
     let mut rx = stopped.clone();
     tasks.push(tokio::spawn(async move {
@@ -195,6 +213,7 @@ async fn listen(
     Ok((listener, bound))
 }
 
+const MARK_ALIVE_EVERY: Duration = Duration::from_secs(5);
 const HISTORY_PRUNE_FIRST: Duration = Duration::from_secs(60);
 const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(600);
 

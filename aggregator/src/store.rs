@@ -7,6 +7,7 @@
 //! transaction together with the samples it adds to every queue, and acked only after.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use sonde_cli::storage_lock::{LockError, StorageLock};
 use sonde_proto::config::Labels;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -14,7 +15,12 @@ use std::sync::{Mutex, MutexGuard};
 pub struct Store {
     conn: Mutex<Connection>,
     pub path: Option<PathBuf>,
+    /// `--storage.path` held by this process for as long as the store is open.
+    _lock: Option<StorageLock>,
 }
+
+/// The lock file under `--storage.path` (see [`sonde_cli::storage_lock`]).
+pub const LOCK_FILE: &str = "aggregator.lock";
 
 /// Why the store cannot be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +40,9 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Another process holds `--storage.path` (or it cannot be locked).
+    #[error(transparent)]
+    Locked(#[from] LockError),
     #[error("cannot open {location}: {source}")]
     Open {
         location: String,
@@ -81,22 +90,24 @@ const MIGRATIONS: &[&str] = &[
         expected_since_ms INTEGER NOT NULL
     );",
     crate::history::SCHEMA,
+    crate::history::SCHEMA_BYTES,
 ];
 
 impl Store {
-    /// Opens (or creates) `dir/aggregator.db`.
+    /// Locks `dir` for this process, then opens (or creates) `dir/aggregator.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             dir: dir.to_path_buf(),
             source,
         })?;
+        let lock = sonde_cli::storage_lock::lock(dir, LOCK_FILE)?;
         let path = dir.join("aggregator.db");
         private_file(&path)?;
         let conn = Connection::open(&path).map_err(|source| StoreError::Open {
             location: path.display().to_string(),
             source,
         })?;
-        Self::init(conn, Some(path))
+        Self::init(conn, Some(path), Some(lock))
     }
 
     /// A throwaway store, for tests and benchmarks.
@@ -105,10 +116,14 @@ impl Store {
             location: location(None),
             source,
         })?;
-        Self::init(conn, None)
+        Self::init(conn, None, None)
     }
 
-    fn init(conn: Connection, path: Option<PathBuf>) -> Result<Self, StoreError> {
+    fn init(
+        conn: Connection,
+        path: Option<PathBuf>,
+        lock: Option<StorageLock>,
+    ) -> Result<Self, StoreError> {
         let fail = |source| StoreError::Sqlite {
             location: location(path.as_deref()),
             source,
@@ -152,6 +167,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            _lock: lock,
         })
     }
 
@@ -175,7 +191,8 @@ impl Store {
         run(&mut conn).map_err(|source| self.failed(source))
     }
 
-    fn failed(&self, source: rusqlite::Error) -> StoreError {
+    /// `source` as this store's error, naming its file.
+    pub fn failed(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             location: location(self.path.as_deref()),
             source,

@@ -7,7 +7,8 @@
 //! - [`signals`]: SIGTERM/SIGINT to stop, SIGHUP to reload;
 //! - [`reload`]: how the last reload went, for `sonde_config_last_reload_*`;
 //! - [`http_server`]: the HTTP server both put their endpoints behind, and its
-//!   `--web.*` flags.
+//!   `--web.*` flags;
+//! - [`storage_lock`]: one process per `--storage.path`.
 
 pub mod check_config;
 pub mod errors;
@@ -15,3 +16,4 @@ pub mod http_server;
 pub mod logging;
 pub mod reload;
 pub mod signals;
+pub mod storage_lock;

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 /// The database's file name under `--storage.path`.
 pub const DB_FILE: &str = "agent.db";
-/// Held locked (`flock`) while an agent uses the directory, so two agents never share
-/// one buffer and ack each other's results.
+/// Held locked (`flock`, with the holder's PID) while an agent uses the directory, so
+/// two agents never share one buffer and ack each other's results.
 pub(super) const LOCK_FILE: &str = "agent.lock";
 
 pub(super) const SCHEMA_VERSION: i64 = 2;
@@ -77,7 +77,7 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 pub(super) struct Opened {
     pub writer: Arc<Mutex<Connection>>,
     pub reader: Arc<Mutex<Connection>>,
-    pub lock_file: Option<File>,
+    pub lock_file: Option<sonde_cli::storage_lock::StorageLock>,
     pub location: String,
 }
 
@@ -103,7 +103,7 @@ pub(super) fn open(dir: Option<&Path>) -> Result<Opened, BufferError> {
         path: dir.display().to_string(),
         source,
     })?;
-    let lock = lock_dir(dir)?;
+    let lock = sonde_cli::storage_lock::lock(dir, LOCK_FILE)?;
     let sql = |source| BufferError::Sqlite {
         path: location.clone(),
         source,
@@ -163,26 +163,6 @@ fn make_private(dir: &Path) -> std::io::Result<()> {
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
-}
-
-fn lock_dir(dir: &Path) -> Result<File, BufferError> {
-    let path = dir.join(LOCK_FILE);
-    let io = |source| BufferError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut options = File::options();
-    options.create(true).truncate(false).write(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(&path).map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(BufferError::Locked {
-            path: dir.display().to_string(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
-    }
 }
 
 fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {

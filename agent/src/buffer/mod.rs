@@ -58,7 +58,6 @@ use crate::record::ProbeRecord;
 use rusqlite::Connection;
 use rusqlite::types::ValueRef;
 use std::collections::VecDeque;
-use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -174,10 +173,9 @@ pub enum BufferError {
         path: String,
         source: rusqlite::Error,
     },
-    #[error(
-        "cannot open {path}: another sonde-agent is using it; give each agent its own --storage.path"
-    )]
-    Locked { path: String },
+    /// Another process holds the directory (or it cannot be locked).
+    #[error(transparent)]
+    Locked(#[from] sonde_cli::storage_lock::LockError),
     #[error(
         "cannot open {path}: it was written by a newer sonde-agent (buffer schema {found}, this agent reads {}); upgrade this agent or point --storage.path elsewhere",
         disk::SCHEMA_VERSION
@@ -215,7 +213,7 @@ pub struct Buffer {
     /// connection as the writer's for an in-memory buffer.
     reader: Arc<Mutex<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    lock_file: Mutex<Option<File>>,
+    lock_file: Mutex<Option<sonde_cli::storage_lock::StorageLock>>,
     location: String,
 }
 

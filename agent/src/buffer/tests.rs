@@ -11,7 +11,9 @@ fn reopen(dir: &Path, addresses: &[String], max_bytes: u64) -> Result<Arc<Buffer
     let mut tries = 0;
     loop {
         match Buffer::open(Some(dir), addresses, max_bytes) {
-            Err(BufferError::Locked { .. }) if tries < 50 => {
+            Err(BufferError::Locked(sonde_cli::storage_lock::LockError::Held { .. }))
+                if tries < 50 =>
+            {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -515,7 +517,10 @@ fn a_second_agent_on_the_same_path_is_refused() {
         .unwrap()
         .to_string();
     assert!(err.contains(&dir.display().to_string()), "{err}");
-    assert!(err.contains("another sonde-agent"), "{err}");
+    assert!(
+        err.contains(&format!("(PID {})", std::process::id())),
+        "{err}"
+    );
     drop(store);
     // Released when the first one closes.
     drop(reopen(&dir, &[A.into()], 1 << 20).unwrap());

@@ -320,6 +320,9 @@ pub(crate) struct Counters {
     pub dropped_queue_full: u64,
     pub dropped_out_of_order: u64,
     pub dropped_invalid_labels: u64,
+    /// Blocks of the queue's store that no longer decode (or name series missing from
+    /// its dictionary): damage to the file, never the samples' fault.
+    pub dropped_damaged: u64,
     pub dropped_too_large: u64,
     pub dropped_too_old: u64,
     pub fallbacks: u64,
@@ -331,6 +334,7 @@ impl Counters {
             + self.dropped_queue_full
             + self.dropped_out_of_order
             + self.dropped_invalid_labels
+            + self.dropped_damaged
             + self.dropped_too_large
             + self.dropped_too_old
     }
@@ -903,7 +907,7 @@ impl Shared {
             )
         };
         if damaged > 0 {
-            tracing::error!(remote_name = %name, samples = damaged, "remote write queue: dropped damaged blocks found on start");
+            tracing::error!(remote_name = %name, samples = damaged, "remote write queue: dropped damaged blocks found on start; counted in sonde_remote_write_samples_dropped_total{{reason=\"damaged\"}}");
         }
         if queued_samples > 0 {
             tracing::info!(
@@ -956,6 +960,10 @@ impl Shared {
             stats: Mutex::new(Stats {
                 queued_samples,
                 queued_bytes,
+                counters: Counters {
+                    dropped_damaged: damaged,
+                    ..Counters::default()
+                },
                 ..Stats::default()
             }),
             configured: message,
@@ -1398,7 +1406,7 @@ impl Shared {
             }
         }
         if batch.damaged > 0 {
-            tracing::error!(remote_name = %self.name, samples = batch.damaged, "remote write queue: damaged blocks (or labels missing from the dictionary); their samples are dropped");
+            tracing::error!(remote_name = %self.name, samples = batch.damaged, "remote write queue: damaged blocks (or labels missing from the dictionary); their samples are dropped and counted in sonde_remote_write_samples_dropped_total{{reason=\"damaged\"}}");
         }
         let mut hint = lock(&self.shards[shard].hint);
         if reached_end {
@@ -1623,7 +1631,7 @@ impl Shared {
         stats.counters.dropped_http_4xx += tally.refused;
         stats.counters.dropped_too_large += tally.too_large;
         stats.counters.dropped_too_old += batch.too_old;
-        stats.counters.dropped_invalid_labels += batch.damaged;
+        stats.counters.dropped_damaged += batch.damaged;
         if tally.sent > 0 {
             stats.last_success = Some(SystemTime::now());
             if stats.failing {
@@ -1682,12 +1690,13 @@ impl Shared {
             .with(id(), c.retried as f64),
             Family::counter(
                 "sonde_remote_write_samples_dropped_total",
-                "Samples never to be sent: refused by the endpoint (http_4xx), pushed out of the full queue (queue_full), not newer than the last sample of their series (out_of_order), with labels no receiver accepts (invalid_labels), in a request too large to encode (too_large), or older than queue_config.sample_age_limit when their turn came (too_old).",
+                "Samples never to be sent: refused by the endpoint (http_4xx), pushed out of the full queue (queue_full), not newer than the last sample of their series (out_of_order), with labels no receiver accepts (invalid_labels), in a block of the queue's store that no longer decodes (damaged), in a request too large to encode (too_large), or older than queue_config.sample_age_limit when their turn came (too_old).",
             )
             .with(with("reason", "http_4xx"), c.dropped_http_4xx as f64)
             .with(with("reason", "queue_full"), c.dropped_queue_full as f64)
             .with(with("reason", "out_of_order"), c.dropped_out_of_order as f64)
             .with(with("reason", "invalid_labels"), c.dropped_invalid_labels as f64)
+            .with(with("reason", "damaged"), c.dropped_damaged as f64)
             .with(with("reason", "too_large"), c.dropped_too_large as f64)
             .with(with("reason", "too_old"), c.dropped_too_old as f64),
             Family::counter(
@@ -2433,7 +2442,8 @@ mod tests {
         assert_eq!(batch.scanned, 2);
         shared.settle(0, &batch, Tally::default()).unwrap();
         let snap = shared.snapshot();
-        assert_eq!(snap.counters.dropped_invalid_labels, 2);
+        assert_eq!(snap.counters.dropped_damaged, 2);
+        assert_eq!(snap.counters.dropped_invalid_labels, 0);
         assert_eq!((snap.queued_samples, snap.queued_bytes), (0, 0));
     }
 }

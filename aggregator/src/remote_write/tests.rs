@@ -826,6 +826,21 @@ fn temp_dir(test: &str) -> std::path::PathBuf {
     dir
 }
 
+/// `Store::open` on a directory whose previous store the writer's tasks, aborted when
+/// it was dropped, may hold for a moment more (a new process never sees this).
+async fn reopen(dir: &std::path::Path) -> Store {
+    let mut tries = 0;
+    loop {
+        match Store::open(dir) {
+            Err(crate::store::StoreError::Locked(_)) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 #[tokio::test]
 async fn queue_survives_a_restart_and_delivers_exactly_once_in_order() {
     let dir = temp_dir("restart");
@@ -848,7 +863,7 @@ async fn queue_survives_a_restart_and_delivers_exactly_once_in_order() {
     }
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let rx = Receiver::serve(listener, None, Speaks::V1Lenient);
-    let store = Arc::new(Store::open(&dir).unwrap());
+    let store = Arc::new(reopen(&dir).await);
     let writer = RemoteWriter::start(cfg, &no_labels(), store).unwrap();
     assert_eq!(writer.status().queued_samples, 500);
     // The last queued timestamp of each series survived: an older sample is refused.
@@ -891,7 +906,7 @@ async fn shutdown_leaves_what_it_could_not_send_for_the_next_start() {
         writer.shutdown(Duration::from_millis(100)).await;
     }
     rx.set_fallback(None);
-    let store = Arc::new(Store::open(&dir).unwrap());
+    let store = Arc::new(reopen(&dir).await);
     let writer = RemoteWriter::start(cfg, &no_labels(), store).unwrap();
     eventually("the rest", || writer.status().sent_samples == 10).await;
     let want: Vec<Flat> = (1..=10).map(|t| flat("a", t)).collect();

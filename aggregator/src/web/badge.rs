@@ -65,16 +65,20 @@ pub async fn uptime(State(app): State<Arc<App>>, Query(q): Query<TargetQuery>) -
         let app = app.clone();
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
-            app.outputs
-                .store()
-                .state_changes(&key.0, &key.1, now - window.as_millis() as i64)
+            let store = app.outputs.store();
+            let from = now - window.as_millis() as i64;
+            Ok::<_, rusqlite::Error>((
+                store.state_changes(&key.0, &key.1, from)?,
+                store.gaps(from)?,
+            ))
         })
         .await
     };
     match changes {
-        Ok(Ok(changes)) if known || !changes.is_empty() => {
+        Ok(Ok((changes, gaps))) if known || !changes.is_empty() => {
             let u =
-                crate::history::durations(&changes, now - window.as_millis() as i64, now).uptime();
+                crate::history::durations(&changes, &gaps, now - window.as_millis() as i64, now)
+                    .uptime();
             svg_response(
                 StatusCode::OK,
                 svg::badge(&label, &svg::percent(u), svg::uptime_colour(u)),

@@ -5,7 +5,7 @@
 
 use crate::app::App;
 use crate::fleet::now_ms;
-use crate::history::{self, Durations, HistoryState, Segment, StoredBucket, StoredEvent};
+use crate::history::{self, Durations, Gap, HistoryState, Segment, StoredBucket, StoredEvent};
 use crate::hub::Snapshot;
 use crate::merge;
 use axum::Json;
@@ -105,6 +105,9 @@ pub struct TargetHistory {
     pub from_ms: i64,
     pub timeline: Vec<Segment>,
     pub events: Vec<StoredEvent>,
+    /// The times the aggregator was not running since the oldest of `events`, oldest
+    /// first: nothing is known of the target then.
+    pub gaps: Vec<Gap>,
     /// By agent: the stored buckets of the window, then the minute in progress.
     pub latency: Vec<(String, Vec<StoredBucket>)>,
     pub now_ms: i64,
@@ -139,6 +142,7 @@ pub fn load(
         .unwrap_or(window)
         .max(window);
     let changes = store.state_changes(&key.0, &key.1, now - longest.as_millis() as i64)?;
+    let gaps = store.gaps(now - longest.as_millis() as i64)?;
     let state = current_state(snapshot, key);
     if state.is_none() && changes.is_empty() {
         return Ok(None);
@@ -147,11 +151,12 @@ pub fn load(
     let uptimes = WINDOWS
         .iter()
         .map(|(name, d)| {
-            let durations = history::durations(&changes, from(*d), now);
+            let durations = history::durations(&changes, &gaps, from(*d), now);
             (*name, durations, durations.uptime())
         })
         .collect();
     let events = store.events(&key.0, &key.1, EVENTS_SHOWN)?;
+    let oldest_event = events.last().map_or(now, |e| e.event.timestamp_ms);
     let mut latency: BTreeMap<String, Vec<StoredBucket>> =
         store.latency(&key.0, &key.1, from(window))?;
     // The minute in progress is in memory only.
@@ -190,8 +195,12 @@ pub fn load(
         uptimes,
         window,
         from_ms,
-        timeline: history::segments(&changes, from_ms, now),
+        timeline: history::segments(&changes, &gaps, from_ms, now),
         events,
+        gaps: gaps
+            .into_iter()
+            .filter(|g| g.to_ms > oldest_event)
+            .collect(),
         latency: latency.into_iter().collect(),
         now_ms: now,
     }))
@@ -272,6 +281,7 @@ pub fn to_json(h: &TargetHistory) -> Value {
         "from_ms": h.from_ms,
         "timeline": h.timeline,
         "events": events,
+        "aggregator_gaps": h.gaps,
         "latency": latency,
         "now_ms": h.now_ms,
     })

@@ -84,9 +84,13 @@ pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
     let since = now - TIMELINE_MS;
     let changes = {
         let app = app.clone();
-        tokio::task::spawn_blocking(move || app.outputs.store().all_state_changes(since)).await
+        tokio::task::spawn_blocking(move || {
+            let store = app.outputs.store();
+            Ok::<_, rusqlite::Error>((store.all_state_changes(since)?, store.gaps(since)?))
+        })
+        .await
     };
-    let changes = match changes {
+    let (changes, gaps) = match changes {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "status page: cannot read the target history");
@@ -94,7 +98,7 @@ pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
         }
         Err(_) => Default::default(),
     };
-    Html(render(&app, &snapshot, &changes, now))
+    Html(render(&app, &snapshot, &changes, &gaps, now))
 }
 
 /// What the main page's timelines cover.
@@ -104,6 +108,7 @@ pub fn render(
     app: &App,
     snapshot: &crate::hub::Snapshot,
     changes: &history::ChangesByTarget,
+    gaps: &[history::Gap],
     now: i64,
 ) -> String {
     let jobs = jobs_json(snapshot);
@@ -192,8 +197,8 @@ pub fn render(
             .get(&(job.clone(), instance.clone()))
             .map_or(&[][..], Vec::as_slice);
         let since = now - TIMELINE_MS;
-        let timeline = history::segments(target_changes, since, now);
-        let uptime = history::durations(target_changes, since, now).uptime();
+        let timeline = history::segments(target_changes, gaps, since, now);
+        let uptime = history::durations(target_changes, gaps, since, now).uptime();
         let mut per_agent = String::new();
         for v in t["views"].as_array().into_iter().flatten() {
             let ok = v["success"] == Value::Bool(true);

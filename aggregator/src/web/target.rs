@@ -1,11 +1,13 @@
 //! `/target?job=&instance=`: one target on one page: its state and uptimes, its state
 //! timeline, every agent's view side by side (which vantage points fail, and why), a
-//! response-time chart per agent, and its last incidents with their reasons.
+//! response-time chart per agent, and its last incidents with their reasons (and the
+//! times the aggregator was not running among them).
 
 use super::history::{self, TargetQuery};
 use super::status::{config_name, head, state_badge, target_link};
 use super::svg::{self, esc};
 use crate::app::App;
+use crate::history::Gap;
 use crate::hub::Snapshot;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -168,7 +170,12 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         out.push_str("<p class=\"muted\">No state change recorded.</p>");
     } else {
         out.push_str("<table class=\"events\"><tr><th>when</th><th>became</th><th>from</th><th>agents (succeeding / fresh)</th><th>reasons</th></tr>");
+        // Newest first, the aggregator's gaps among the changes where they fell.
+        let mut gaps = h.gaps.iter().rev().peekable();
         for e in &h.events {
+            while let Some(g) = gaps.next_if(|g| g.to_ms > e.event.timestamp_ms) {
+                gap_row(&mut out, g, now);
+            }
             let reasons = e.event.reasons();
             let failing: Vec<String> = e
                 .event
@@ -202,10 +209,29 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
                     .join("<br>"),
             );
         }
+        for g in gaps {
+            gap_row(&mut out, g, now);
+        }
         out.push_str("</table>");
     }
     out.push_str("</body></html>\n");
     out
+}
+
+/// A time the aggregator was not running: not a change of the target's state, and left
+/// out of its uptime.
+fn gap_row(out: &mut String, g: &Gap, now: i64) {
+    let _ = write!(
+        out,
+        r#"<tr class="gap" data-from-ms="{}" data-to-ms="{}"><td>{} <span class="muted">({} ago)</span></td><td colspan="4" class="muted">aggregator not running from {} to {} ({}): the target's state is unknown then and counts neither way in its uptime</td></tr>"#,
+        g.from_ms,
+        g.to_ms,
+        utc(g.to_ms),
+        svg::human_duration(now - g.to_ms),
+        utc(g.from_ms),
+        utc(g.to_ms),
+        svg::human_duration(g.to_ms - g.from_ms),
+    );
 }
 
 /// An HTTP date (`Mon, 30 Nov 2026 08:15:02 GMT`): what people read in logs and headers.
