@@ -30,6 +30,7 @@
 
 mod assignment;
 mod connect;
+mod diagnose;
 mod symbols;
 
 pub use connect::ConnectError;
@@ -42,7 +43,8 @@ use crate::buffer::Buffer;
 use crate::config::AggregatorEndpoint;
 use crate::metrics::AgentMetrics;
 use crate::schedule::Scheduler;
-use connect::{connect, describe_status};
+use connect::{Dial, SETUP_TIMEOUT, describe_status};
+use diagnose::Seen;
 use rand::Rng;
 use sonde_proto::assignment::cut;
 use sonde_proto::assignment::{Assembler, Bounds, Step};
@@ -165,10 +167,7 @@ impl Uplink {
     /// One stream, from connect to its end. `Err` means it never got going.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, Ended> {
         let address = &self.endpoint.address;
-        let channel = tokio::select! {
-            c = connect(&self.endpoint) => c?,
-            _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
-        };
+        let dial = Dial::new(self.index, &self.endpoint)?;
         let (tx, rx) = mpsc::channel::<AgentMessage>(8);
         tx.send(hello(self))
             .await
@@ -184,11 +183,24 @@ impl Uplink {
                 .map_err(|_| Ended::TokenNotAHeader { path: path.clone() })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let mut client = FleetClient::new(channel)
-            .max_decoding_message_size(MAX_DECODE_BYTES)
-            .max_encoding_message_size(MAX_ENCODE_BYTES);
+        let seen = Seen::default();
+        let open = async {
+            let channel = dial.connect(&seen).await?;
+            let mut client = FleetClient::new(channel)
+                .max_decoding_message_size(MAX_DECODE_BYTES)
+                .max_encoding_message_size(MAX_ENCODE_BYTES);
+            match client.session(request).await {
+                Ok(response) => Ok(response.into_inner()),
+                Err(status) => Err(ended_by(&dial, &seen, &status, false).await),
+            }
+        };
+        // One bound for the whole set-up: an aggregator that accepts the TCP connection
+        // and then answers nothing must not hold the attempt for longer.
         let mut inbound = tokio::select! {
-            r = client.session(request) => r.map_err(|s| Ended::status(&s))?.into_inner(),
+            r = tokio::time::timeout(SETUP_TIMEOUT, open) => match r {
+                Ok(opened) => opened?,
+                Err(_) => return Err(Ended::Transport(dial.does_not_answer(&seen))),
+            },
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };
         let established = tokio::time::Instant::now();
@@ -280,7 +292,7 @@ impl Uplink {
                         }
                     }
                     Ok(None) => return Ok(ended(Ended::Closed("the aggregator closed the stream"))),
-                    Err(status) => return Ok(ended(Ended::status(&status))),
+                    Err(status) => return Ok(ended(ended_by(&dial, &seen, &status, true).await)),
                 },
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
@@ -365,6 +377,10 @@ enum Ended {
     /// The stream closed under the uplink, which says when.
     #[error("{0}")]
     Closed(&'static str),
+    /// The connection failed or was lost under the stream: what is wrong and, when
+    /// known, what to fix.
+    #[error("{0}")]
+    Transport(String),
     /// The aggregator ended the stream with this status (its message cut to 1000 bytes).
     #[error("{}", describe_status(*code, message))]
     Status { code: tonic::Code, message: String },
@@ -381,6 +397,16 @@ impl Ended {
     /// The aggregator refused this agent: retrying soon changes nothing.
     fn refused(&self) -> bool {
         matches!(self, Self::Status { code, .. } if is_refusal(*code))
+    }
+}
+
+/// Why a stream failed with `status`: the aggregator's own status, or (for a status tonic
+/// made from a failed connection) what the connection's transcript shows.
+async fn ended_by(dial: &Dial, seen: &Seen, status: &tonic::Status, established: bool) -> Ended {
+    if std::error::Error::source(status).is_some() {
+        Ended::Transport(dial.explain(seen, status, established).await)
+    } else {
+        Ended::status(status)
     }
 }
 
