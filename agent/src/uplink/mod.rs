@@ -256,7 +256,7 @@ impl Uplink {
                         };
                         tokio::select! {
                             sent = tx.send(msg) => if sent.is_err() {
-                                return Ok(ended(Ended::Closed("stream closed while sending")));
+                                return Ok(ended(why_closed(&mut inbound, &dial, &seen).await));
                             },
                             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                         }
@@ -280,7 +280,7 @@ impl Uplink {
                         })),
                     };
                     if tx.send(beat).await.is_err() {
-                        return Ok(ended(Ended::Closed("stream closed")));
+                        return Ok(ended(why_closed(&mut inbound, &dial, &seen).await));
                     }
                 }
                 message = inbound.message() => match message {
@@ -288,7 +288,7 @@ impl Uplink {
                         if let Some(answer) = self.handle(m, &mut assembler)
                             && tx.send(answer).await.is_err()
                         {
-                            return Ok(ended(Ended::Closed("stream closed")));
+                            return Ok(ended(why_closed(&mut inbound, &dial, &seen).await));
                         }
                     }
                     Ok(None) => return Ok(ended(Ended::Closed("the aggregator closed the stream"))),
@@ -407,6 +407,20 @@ async fn ended_by(dial: &Dial, seen: &Seen, status: &tonic::Status, established:
         Ended::Transport(dial.explain(seen, status, established).await)
     } else {
         Ended::status(status)
+    }
+}
+
+/// Why the stream closed under a send: the status the aggregator ended it with, if one
+/// comes within a moment, or else a lost connection.
+async fn why_closed(
+    inbound: &mut tonic::Streaming<AggregatorMessage>,
+    dial: &Dial,
+    seen: &Seen,
+) -> Ended {
+    match tokio::time::timeout(Duration::from_secs(1), inbound.message()).await {
+        Ok(Err(status)) => ended_by(dial, seen, &status, true).await,
+        Ok(Ok(None)) => Ended::Closed("the aggregator closed the stream"),
+        Ok(Ok(Some(_))) | Err(_) => Ended::Transport(dial.entry.says(sonde_cli::errors::CONNECTION_LOST)),
     }
 }
 
