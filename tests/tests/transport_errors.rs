@@ -24,7 +24,8 @@ const SAN: &str = "DNS:localhost,IP:127.0.0.1";
 /// Bound of each wait for a line or a state.
 const WAIT: Duration = Duration::from_secs(60);
 /// What both sides say when a connection dies under a stream.
-const LOST: &str = "connection lost without a status: peer gone, network cut, or keepalive unanswered";
+const LOST: &str =
+    "connection lost without a status: peer gone, network cut, or keepalive unanswered";
 
 /// The aggregator config serving `fleet.tls` from `pki` (client certificates required),
 /// with `extra` under `fleet:`.
@@ -84,7 +85,11 @@ fn wait_lines(
             if found.len() >= count {
                 Ok(found)
             } else {
-                Err(format!("{} found; log ends with:\n{}", found.len(), tail(&log)))
+                Err(format!(
+                    "{} found; log ends with:\n{}",
+                    found.len(),
+                    tail(&log)
+                ))
             }
         },
     )
@@ -103,7 +108,8 @@ fn logfmt(line: &str) -> BTreeMap<String, String> {
         while chars.peek() == Some(&' ') {
             chars.next();
         }
-        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ' ')).collect();
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ' ')).collect();
         if key.is_empty() {
             return pairs;
         }
@@ -202,7 +208,11 @@ fn each_misconfigured_aggregator_entry_says_what_to_fix() {
             "http-to-tls",
             tls.grpc.clone(),
             String::new(),
-            vec!["the server speaks TLS", "write https://", "tls_config.ca_file"],
+            vec![
+                "the server speaks TLS",
+                "write https://",
+                "tls_config.ca_file",
+            ],
         ),
         (
             "https-to-plaintext",
@@ -223,7 +233,10 @@ fn each_misconfigured_aggregator_entry_says_what_to_fix() {
             "foreign-client-certificate",
             tls_grpc.clone(),
             tls_entry(&ca, Some((&foreign_cert, &foreign_key))),
-            vec!["refused this agent's client certificate", "fleet.tls.client_ca_file"],
+            vec![
+                "refused this agent's client certificate",
+                "fleet.tls.client_ca_file",
+            ],
         ),
         (
             "wrong-ca",
@@ -242,16 +255,27 @@ fn each_misconfigured_aggregator_entry_says_what_to_fix() {
         needles.extend(wanted.iter().copied());
         let lines = wait_lines(&mut scene, &log, &needles, 1, WAIT);
         let error = logfmt(&lines[0]).remove("error").unwrap_or_default();
-        for vague in ["transport error", "operation was canceled", "h2 protocol error"] {
+        for vague in [
+            "transport error",
+            "operation was canceled",
+            "h2 protocol error",
+        ] {
             assert!(!error.contains(vague), "{name}: {error}");
         }
         eprintln!("{name}: {error}");
         scene.kill(name);
     }
     // The one entry that is right connects.
-    let good = agent("edge-1", "", &tls_grpc, &tls_entry(&ca, Some((&cert, &key))));
+    let good = agent(
+        "edge-1",
+        "",
+        &tls_grpc,
+        &tls_entry(&ca, Some((&cert, &key))),
+    );
     start_agent(&mut scene, "right", &good);
-    scene.wait_until("the right agent connected", WAIT, || connected(&tls.web, "edge-1"));
+    scene.wait_until("the right agent connected", WAIT, || {
+        connected(&tls.web, "edge-1")
+    });
 }
 
 #[test]
@@ -268,12 +292,21 @@ fn refusal_lines_keep_the_reason_whole_and_escaped_once() {
 
     // No client certificate: the reason is rustls' whole sentence.
     let tls_grpc = tls.grpc.replace("http://", "https://");
-    let no_cert = agent("edge-1", "", &tls_grpc, &tls_entry(&pki.join("ca.pem"), None));
+    let no_cert = agent(
+        "edge-1",
+        "",
+        &tls_grpc,
+        &tls_entry(&pki.join("ca.pem"), None),
+    );
     start_agent(&mut scene, "no-cert", &no_cert);
     // Labels the token does not bind, quoted: the reason quotes them once.
     let entry = format!("    token_file: {}\n", token.display());
     let labels = "  labels:\n    region: \"us'x\"\n";
-    start_agent(&mut scene, "wrong-labels", &agent("edge-1", labels, &tokens.grpc, &entry));
+    start_agent(
+        &mut scene,
+        "wrong-labels",
+        &agent("edge-1", labels, &tokens.grpc, &entry),
+    );
 
     let mtls_log = log_of(&mut scene, "mtls");
     let line = wait_lines(&mut scene, &mtls_log, &["agent refused"], 1, WAIT).remove(0);
@@ -311,7 +344,8 @@ struct FromAddress {
 impl tonic::codegen::Service<http::Uri> for FromAddress {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
     type Error = std::io::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -392,7 +426,10 @@ fn refused_connections_spread_over_many_networks_write_few_lines() {
     });
     let text = read(&log);
     let added = &text[before..];
-    let lines: Vec<&str> = added.lines().filter(|l| l.contains("agent refused")).collect();
+    let lines: Vec<&str> = added
+        .lines()
+        .filter(|l| l.contains("agent refused"))
+        .collect();
     let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
     eprintln!(
         "{CONNECTIONS} refused connections from {CONNECTIONS} networks in {burst:?}: {} log lines, {bytes} bytes ({:.1} bytes per refused connection)",
@@ -408,8 +445,17 @@ fn refused_connections_spread_over_many_networks_write_few_lines() {
     // What was held back is counted in the next line that passes: a refusal after the
     // limits' period.
     std::thread::sleep(Duration::from_secs(11));
-    runtime.block_on(bad_token_stream(&aggregator.grpc, Ipv4Addr::new(127, 250, 0, 1)));
-    let all = wait_lines(&mut scene, &log, &["agent refused", "peer=127.250.0.1"], 1, WAIT);
+    runtime.block_on(bad_token_stream(
+        &aggregator.grpc,
+        Ipv4Addr::new(127, 250, 0, 1),
+    ));
+    let all = wait_lines(
+        &mut scene,
+        &log,
+        &["agent refused", "peer=127.250.0.1"],
+        1,
+        WAIT,
+    );
     let text = read(&log);
     let lines: Vec<&str> = text[before..]
         .lines()
@@ -417,7 +463,12 @@ fn refused_connections_spread_over_many_networks_write_few_lines() {
         .collect();
     let suppressed: usize = lines
         .iter()
-        .map(|l| logfmt(l).remove("suppressed").and_then(|s| s.parse().ok()).unwrap_or(0))
+        .map(|l| {
+            logfmt(l)
+                .remove("suppressed")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        })
         .sum();
     assert_eq!(
         suppressed + lines.len(),
@@ -432,8 +483,14 @@ fn refused_connections_spread_over_many_networks_write_few_lines() {
 fn a_stopped_aggregator_is_noticed_within_the_set_up_bound() {
     let mut scene = Scene::new("stopped-aggregator");
     let aggregator = start_aggregator(&mut scene, "aggregator", "");
-    start_agent(&mut scene, "agent", &agent("edge-1", "", &aggregator.grpc, ""));
-    scene.wait_until("the agent connected", WAIT, || connected(&aggregator.web, "edge-1"));
+    start_agent(
+        &mut scene,
+        "agent",
+        &agent("edge-1", "", &aggregator.grpc, ""),
+    );
+    scene.wait_until("the agent connected", WAIT, || {
+        connected(&aggregator.web, "edge-1")
+    });
     let log = log_of(&mut scene, "agent");
     signal(&mut scene, "aggregator", "-STOP");
     // The stream dies by keepalive (10 s + 10 s), and is said to be lost.
@@ -449,7 +506,10 @@ fn a_stopped_aggregator_is_noticed_within_the_set_up_bound() {
     let attempts = wait_lines(
         &mut scene,
         &log,
-        &["cannot reach the aggregator", "the aggregator does not answer"],
+        &[
+            "cannot reach the aggregator",
+            "the aggregator does not answer",
+        ],
         2,
         Duration::from_secs(45),
     );
@@ -471,7 +531,9 @@ fn lost_connections_are_named_on_both_sides() {
         start_agent(&mut scene, id, &agent(id, "", &aggregator.grpc, ""));
     }
     for id in ["stopped", "killed", "survivor"] {
-        scene.wait_until(&format!("{id} connected"), WAIT, || connected(&aggregator.web, id));
+        scene.wait_until(&format!("{id} connected"), WAIT, || {
+            connected(&aggregator.web, id)
+        });
     }
     let aggregator_log = log_of(&mut scene, "aggregator");
     // A stopped agent: the aggregator's keepalive ends its stream, and says so.
@@ -498,7 +560,11 @@ fn lost_connections_are_named_on_both_sides() {
         "{}",
         stopped[0]
     );
-    assert!(!stopped[0].contains("closed by the agent"), "{}", stopped[0]);
+    assert!(
+        !stopped[0].contains("closed by the agent"),
+        "{}",
+        stopped[0]
+    );
     signal(&mut scene, "stopped", "-CONT");
     // A killed aggregator: the agent says the connection was lost.
     let survivor_log = log_of(&mut scene, "survivor");
@@ -516,8 +582,14 @@ fn lost_connections_are_named_on_both_sides() {
 fn a_scene_stops_its_agents_before_their_aggregator() {
     let mut scene = Scene::new("stop-order");
     let aggregator = start_aggregator(&mut scene, "aggregator", "");
-    start_agent(&mut scene, "agent", &agent("edge-1", "", &aggregator.grpc, ""));
-    scene.wait_until("the agent connected", WAIT, || connected(&aggregator.web, "edge-1"));
+    start_agent(
+        &mut scene,
+        "agent",
+        &agent("edge-1", "", &aggregator.grpc, ""),
+    );
+    scene.wait_until("the agent connected", WAIT, || {
+        connected(&aggregator.web, "edge-1")
+    });
     let agent_log = log_of(&mut scene, "agent");
     let aggregator_log = log_of(&mut scene, "aggregator");
     scene.stop();

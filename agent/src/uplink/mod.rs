@@ -21,7 +21,9 @@
 //! 30 s to 5 min, since retrying sooner changes nothing until someone fixes the token. A
 //! stream that ends within [`STABLE_AFTER`] of being established does not reset the
 //! backoff, so an aggregator that accepts streams and then ends them at once
-//! (overloaded, storage failing) is not hammered in a tight loop.
+//! (overloaded, storage failing) is not hammered in a tight loop. Opening a stream (TCP,
+//! TLS, HTTP/2 and the aggregator's answer to the Hello) is bounded by one timeout, so an
+//! aggregator that accepts connections and answers nothing costs each attempt that long.
 
 //!
 //! Here the stream itself and its reconnects; `symbols.rs` builds the batches,
@@ -420,7 +422,9 @@ async fn why_closed(
     match tokio::time::timeout(Duration::from_secs(1), inbound.message()).await {
         Ok(Err(status)) => ended_by(dial, seen, &status, true).await,
         Ok(Ok(None)) => Ended::Closed("the aggregator closed the stream"),
-        Ok(Ok(Some(_))) | Err(_) => Ended::Transport(dial.entry.says(sonde_cli::errors::CONNECTION_LOST)),
+        Ok(Ok(Some(_))) | Err(_) => {
+            Ended::Transport(dial.entry.says(sonde_cli::errors::CONNECTION_LOST))
+        }
     }
 }
 
