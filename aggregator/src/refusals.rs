@@ -274,9 +274,9 @@ impl Refusals {
         }
     }
 
-    /// Logs a refused connection from `peer` within the limits of
-    /// [`CONNECTION_LOG_PERIOD`]: the reason first and whole, then who; `suppressed`
-    /// counts the refused connections not logged since the previous line.
+    /// Logs a refused connection from `peer`, at most one line per address, two per
+    /// network (/24, /64) and ten in all per 10 s: the reason first and whole, then who;
+    /// `suppressed` counts the refused connections not logged since the previous line.
     pub fn refuse_connection(&self, peer: Option<IpAddr>, agent: Option<&str>, why: &str) {
         let key = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if let Some(suppressed) = self.connections.allow(key, Instant::now()) {

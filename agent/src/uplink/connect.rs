@@ -1,6 +1,6 @@
 //! Opening the connection of one stream to an aggregator: TCP, then TLS for `https://`
 //! (its CA, client certificate and server name), then HTTP/2, each step watched by a
-//! [`Transcript`] so that a failure says what is wrong and what to fix; and telling the
+//! [`diagnose::Transcript`] so that a failure says what is wrong and what to fix; and telling the
 //! user why a stream was refused.
 
 use super::diagnose::{self, Entry, Recorder, Seen, lock};
