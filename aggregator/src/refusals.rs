@@ -104,10 +104,20 @@ impl<K: Eq + Hash + Clone> LogLimiter<K> {
     }
 }
 
-/// A string from an untrusted peer, made safe to log: escaped, at most 64 characters.
+/// A string from an untrusted peer, made safe to show: at most 64 characters (cut at a
+/// character boundary, the rest counted), its control characters escaped so that it
+/// cannot break a line or a terminal. Quotes and backslashes are left alone: the log's
+/// logfmt or JSON layer escapes what it must, once.
 pub fn loggable(s: &str) -> String {
     const MAX: usize = 64;
-    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    let mut out = String::new();
+    for c in s.chars().take(MAX) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
     let total = s.chars().count();
     if total > MAX {
         out.push_str(&format!("…(+{} chars)", total - MAX));
@@ -115,11 +125,118 @@ pub fn loggable(s: &str) -> String {
     out
 }
 
+/// `reason` whole when it fits in `max` characters; past that, cut at a character
+/// boundary with the rest counted. Reasons are the aggregator's own sentences (with
+/// what they quote of a peer already bounded by [`loggable`]), so the cut is a guard,
+/// not a habit.
+fn whole_reason(reason: &str, max: usize) -> String {
+    match reason.char_indices().nth(max) {
+        None => reason.to_string(),
+        Some((end, _)) => format!(
+            "{}…(+{} chars)",
+            &reason[..end],
+            reason[end..].chars().count()
+        ),
+    }
+}
+
+/// How many refused-connection lines pass per [`CONNECTION_LOG_PERIOD`]: one per
+/// address, [`PREFIX_LINES`] per network prefix (/24, /64) and [`GLOBAL_LINES`] in all,
+/// so a refused peer spread over many addresses writes no more than one on a single
+/// address would, times a constant.
+const CONNECTION_LOG_PERIOD: Duration = Duration::from_secs(10);
+const PREFIX_LINES: u32 = 2;
+const GLOBAL_LINES: u32 = 10;
+/// Addresses and prefixes remembered; a flood of new ones resets the memory rather than
+/// growing it (the global limit still holds).
+const CONNECTION_LOG_MEMORY: usize = 4096;
+
+/// The network an address belongs to for the log limit: its /24 (IPv4) or /64 (IPv6).
+fn prefix(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => prefix(IpAddr::V4(v4)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
+/// The limits on refused-connection lines (see [`CONNECTION_LOG_PERIOD`]); what is held
+/// back is counted in the next line that passes.
+struct ConnectionLogLimit {
+    state: Mutex<ConnectionLogState>,
+}
+
+struct ConnectionLogState {
+    by_address: HashMap<IpAddr, Instant>,
+    /// Per prefix: when its window started, and the lines it let through since.
+    by_prefix: HashMap<IpAddr, (Instant, u32)>,
+    global: (Instant, u32),
+    suppressed: u64,
+}
+
+impl ConnectionLogLimit {
+    fn new(now: Instant) -> Self {
+        Self {
+            state: Mutex::new(ConnectionLogState {
+                by_address: HashMap::new(),
+                by_prefix: HashMap::new(),
+                global: (now, 0),
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line about `peer` may be
+    /// logged now.
+    fn allow(&self, peer: IpAddr, now: Instant) -> Option<u64> {
+        let period = CONNECTION_LOG_PERIOD;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let expired = |at: Instant| now.duration_since(at) >= period;
+        if expired(s.global.0) {
+            s.global = (now, 0);
+        }
+        let net = prefix(peer);
+        let address_quiet = s.by_address.get(&peer).is_none_or(|at| expired(*at));
+        let prefix_lines = match s.by_prefix.get(&net) {
+            Some((start, lines)) if !expired(*start) => *lines,
+            _ => 0,
+        };
+        if s.global.1 >= GLOBAL_LINES || !address_quiet || prefix_lines >= PREFIX_LINES {
+            s.suppressed += 1;
+            return None;
+        }
+        if s.by_address.len() >= CONNECTION_LOG_MEMORY {
+            s.by_address.retain(|_, at| !expired(*at));
+            if s.by_address.len() >= CONNECTION_LOG_MEMORY {
+                s.by_address.clear();
+            }
+        }
+        if s.by_prefix.len() >= CONNECTION_LOG_MEMORY {
+            s.by_prefix.retain(|_, (start, _)| !expired(*start));
+            if s.by_prefix.len() >= CONNECTION_LOG_MEMORY {
+                s.by_prefix.clear();
+            }
+        }
+        s.global.1 += 1;
+        s.by_address.insert(peer, now);
+        let window = s.by_prefix.entry(net).or_insert((now, 0));
+        if expired(window.0) {
+            *window = (now, 0);
+        }
+        window.1 += 1;
+        Some(std::mem::take(&mut s.suppressed))
+    }
+}
+
 /// Refused results and samples per agent and reason, and refused connections.
 pub struct Refusals {
     counts: Mutex<BTreeMap<(String, Reason), u64>>,
     by_agent: LogLimiter<String>,
-    by_peer: LogLimiter<IpAddr>,
+    connections: ConnectionLogLimit,
 }
 
 impl Default for Refusals {
@@ -127,7 +244,7 @@ impl Default for Refusals {
         Self {
             counts: Mutex::new(BTreeMap::new()),
             by_agent: LogLimiter::new(Duration::from_secs(10), 4096),
-            by_peer: LogLimiter::new(Duration::from_secs(10), 4096),
+            connections: ConnectionLogLimit::new(Instant::now()),
         }
     }
 }
@@ -157,16 +274,18 @@ impl Refusals {
         }
     }
 
-    /// Logs a refused connection from `peer`, at most once per 10 s per address.
+    /// Logs a refused connection from `peer`, at most one line per address, two per
+    /// network (/24, /64) and ten in all per 10 s: the reason first and whole, then who;
+    /// `suppressed` counts the refused connections not logged since the previous line.
     pub fn refuse_connection(&self, peer: Option<IpAddr>, agent: Option<&str>, why: &str) {
         let key = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        if let Some(suppressed) = self.by_peer.allow(&key, Instant::now()) {
+        if let Some(suppressed) = self.connections.allow(key, Instant::now()) {
             tracing::warn!(
                 peer = %key,
                 agent = %agent.map(loggable).unwrap_or_default(),
                 suppressed,
                 "agent refused: {}",
-                loggable(why)
+                whole_reason(why, 1024)
             );
         }
     }
@@ -195,6 +314,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reason_is_kept_whole_and_cut_only_past_its_bound() {
+        let reason = "TLS handshake failed: peer sent no certificates";
+        assert_eq!(whole_reason(reason, 1024), reason);
+        assert_eq!(whole_reason("ééééé", 3), "ééé…(+2 chars)");
+    }
+
+    #[test]
+    fn refused_connection_lines_are_bounded_per_address_prefix_and_in_all() {
+        let t0 = Instant::now();
+        let limit = ConnectionLogLimit::new(t0);
+        let v4 = |a: u8, b: u8, c: u8| IpAddr::from([127, a, b, c]);
+        // One address: one line per period, the rest counted in the next.
+        assert_eq!(limit.allow(v4(0, 0, 1), t0), Some(0));
+        assert_eq!(limit.allow(v4(0, 0, 1), t0), None);
+        // Its /24: two lines per period, whatever the address.
+        assert_eq!(limit.allow(v4(0, 0, 2), t0), Some(1));
+        assert_eq!(limit.allow(v4(0, 0, 3), t0), None);
+        // Spread over many networks: ten lines in all per period.
+        let passed = (0..200u8)
+            .filter(|i| limit.allow(v4(1, *i, 1), t0).is_some())
+            .count();
+        assert_eq!(passed, 8);
+        // The next period starts afresh, and its first line counts what was held back.
+        let t1 = t0 + CONNECTION_LOG_PERIOD;
+        assert_eq!(limit.allow(v4(0, 0, 3), t1), Some(192));
+        // IPv6 by /64.
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        let c: IpAddr = "2001:db8::3".parse().unwrap();
+        assert!(limit.allow(a, t1).is_some() && limit.allow(b, t1).is_some());
+        assert_eq!(limit.allow(c, t1), None);
+    }
+
+    #[test]
     fn limiter_lets_one_line_through_per_period() {
         let limiter = LogLimiter::new(Duration::from_secs(10), 2);
         let t0 = Instant::now();
@@ -210,9 +363,14 @@ mod tests {
     }
 
     #[test]
-    fn loggable_escapes_and_truncates() {
+    fn loggable_escapes_controls_once_and_truncates() {
         assert_eq!(loggable("edge-1"), "edge-1");
         assert_eq!(loggable("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+        assert_eq!(loggable(r#"agent's "x"\y"#), r#"agent's "x"\y"#);
+        assert_eq!(
+            loggable(&"é".repeat(70)),
+            format!("{}…(+6 chars)", "é".repeat(64))
+        );
         let long = "x".repeat(1_000_000);
         let shown = loggable(&long);
         assert!(shown.len() < 100, "{shown}");

@@ -84,8 +84,8 @@ pub async fn start_with(
     app.fleet_tls.load(config.tls.as_ref())?;
     let _ = app.grpc_address.set(grpc_address);
     let builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(crate::fleet::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::fleet::KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_header_list_size(16 << 10)
         .http2_max_pending_accept_reset_streams(Some(32))

@@ -8,6 +8,51 @@
 //! both kinds read in full and neither says the same thing twice.
 
 use std::error::Error;
+use std::io::ErrorKind;
+
+/// What either side of a stream says when its connection died under it: the HTTP/2
+/// layers call that "error reading a body from connection", which tells nobody why.
+pub const CONNECTION_LOST: &str =
+    "connection lost without a status: peer gone, network cut, or keepalive unanswered";
+
+/// True when `e` (or a cause of it) is a connection that ended under a stream without
+/// either side ending the stream: the peer closed or reset the connection, or an
+/// HTTP/2 keepalive went unanswered.
+pub fn connection_lost(e: &(dyn Error + 'static)) -> bool {
+    let lost_io = |kind: ErrorKind| {
+        matches!(
+            kind,
+            ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::TimedOut
+        )
+    };
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            // An I/O error wrapping another one shows it as its inner error, not as
+            // its source.
+            if lost_io(io.kind()) || io.get_ref().is_some_and(|inner| connection_lost(inner)) {
+                return true;
+            }
+        }
+        // h2 keeps the I/O error it failed on without exposing it as a source.
+        if let Some(h2) = c.downcast_ref::<h2::Error>()
+            && h2.get_io().is_some_and(|io| lost_io(io.kind()))
+        {
+            return true;
+        }
+        if let Some(hyper) = c.downcast_ref::<hyper::Error>()
+            && (hyper.is_timeout() || hyper.is_incomplete_message())
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
 
 /// `e` and each of its causes, joined with `: `, without repeating a message that an
 /// error's own text already includes.
@@ -72,6 +117,17 @@ mod tests {
             describe(&e),
             "transport error: tcp connect error: Connection refused (os error 111)"
         );
+    }
+
+    #[test]
+    fn a_dead_connection_is_told_apart_from_other_errors() {
+        let broken = std::io::Error::new(ErrorKind::BrokenPipe, "stream closed");
+        let wrapped = std::io::Error::other(broken);
+        assert!(connection_lost(&wrapped));
+        let refused = std::io::Error::from(ErrorKind::ConnectionRefused);
+        assert!(!connection_lost(&refused));
+        let protocol: h2::Error = h2::Reason::PROTOCOL_ERROR.into();
+        assert!(!connection_lost(&protocol));
     }
 
     #[test]

@@ -344,6 +344,8 @@ pub struct Process {
     log: PathBuf,
     /// Set once the test has stopped it on purpose.
     stopped: bool,
+    /// It runs `sonde-agent` (perhaps under a wrapper): a [`Scene`] stops it first.
+    is_agent: bool,
 }
 
 impl Process {
@@ -351,6 +353,9 @@ impl Process {
     /// whose first line is the command line.
     pub fn start(name: &str, mut cmd: Command, log_dir: &Path) -> Self {
         let log = log_dir.join(format!("{name}.log"));
+        let is_agent = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .any(|arg| Path::new(arg).file_name() == Some(std::ffi::OsStr::new("sonde-agent")));
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -369,6 +374,7 @@ impl Process {
             child,
             log,
             stopped: false,
+            is_agent,
         }
     }
 
@@ -598,6 +604,56 @@ impl Scene {
             polls += 1;
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+}
+
+/// How long a scene's agents get to stop on SIGTERM before they are killed.
+const AGENTS_STOP_WITHIN: Duration = Duration::from_secs(5);
+
+impl Scene {
+    /// Stops every process as a scene's drop does: the agents first, with SIGTERM, then
+    /// the others (aggregators, peers) with SIGKILL. Their logs stay for the test to read.
+    pub fn stop(&mut self) {
+        self.stop_agents();
+        for p in self.processes.iter_mut().rev() {
+            if !p.stopped {
+                p.kill();
+            }
+        }
+    }
+
+    /// SIGTERMs the agents still running and waits up to [`AGENTS_STOP_WITHIN`] for
+    /// them to exit, so that they end their streams as in production.
+    fn stop_agents(&mut self) {
+        let mut agents: Vec<&mut Process> = self
+            .processes
+            .iter_mut()
+            .filter(|p| p.is_agent && !p.stopped)
+            .collect();
+        for agent in &mut agents {
+            agent.stopped = true;
+            if let Ok(pid) = i32::try_from(agent.pid()) {
+                // SAFETY: kill(2) on a child this scene started and has not reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let start = Instant::now();
+        while start.elapsed() < AGENTS_STOP_WITHIN {
+            agents.retain_mut(|a| !matches!(a.child.try_wait(), Ok(Some(_))));
+            if agents.is_empty() {
+                break;
+            }
+            std::thread::sleep(POLL_EVERY);
+        }
+    }
+}
+
+impl Drop for Scene {
+    /// Agents first (see [`Scene::stop`]): killed after their aggregator, every agent's
+    /// log, and the aggregator's, would end in lost connections that say nothing about
+    /// why a test failed. The rest are killed as each `Process` drops.
+    fn drop(&mut self) {
+        self.stop_agents();
     }
 }
 

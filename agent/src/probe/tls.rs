@@ -261,7 +261,7 @@ impl ServerCertVerifier for Capturing {
     }
 }
 
-fn read_certs(
+pub(crate) fn read_certs(
     path: &str,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {

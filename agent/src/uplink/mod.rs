@@ -21,7 +21,9 @@
 //! 30 s to 5 min, since retrying sooner changes nothing until someone fixes the token. A
 //! stream that ends within [`STABLE_AFTER`] of being established does not reset the
 //! backoff, so an aggregator that accepts streams and then ends them at once
-//! (overloaded, storage failing) is not hammered in a tight loop.
+//! (overloaded, storage failing) is not hammered in a tight loop. Opening a stream (TCP,
+//! TLS, HTTP/2 and the aggregator's answer to the Hello) is bounded by one timeout, so an
+//! aggregator that accepts connections and answers nothing costs each attempt that long.
 
 //!
 //! Here the stream itself and its reconnects; `symbols.rs` builds the batches,
@@ -30,6 +32,7 @@
 
 mod assignment;
 mod connect;
+mod diagnose;
 mod symbols;
 
 pub use connect::ConnectError;
@@ -42,7 +45,8 @@ use crate::buffer::Buffer;
 use crate::config::AggregatorEndpoint;
 use crate::metrics::AgentMetrics;
 use crate::schedule::Scheduler;
-use connect::{connect, describe_status};
+use connect::{Dial, SETUP_TIMEOUT, describe_status};
+use diagnose::Seen;
 use rand::Rng;
 use sonde_proto::assignment::cut;
 use sonde_proto::assignment::{Assembler, Bounds, Step};
@@ -165,10 +169,7 @@ impl Uplink {
     /// One stream, from connect to its end. `Err` means it never got going.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, Ended> {
         let address = &self.endpoint.address;
-        let channel = tokio::select! {
-            c = connect(&self.endpoint) => c?,
-            _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
-        };
+        let dial = Dial::new(self.index, &self.endpoint)?;
         let (tx, rx) = mpsc::channel::<AgentMessage>(8);
         tx.send(hello(self))
             .await
@@ -184,11 +185,24 @@ impl Uplink {
                 .map_err(|_| Ended::TokenNotAHeader { path: path.clone() })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let mut client = FleetClient::new(channel)
-            .max_decoding_message_size(MAX_DECODE_BYTES)
-            .max_encoding_message_size(MAX_ENCODE_BYTES);
+        let seen = Seen::default();
+        let open = async {
+            let channel = dial.connect(&seen).await?;
+            let mut client = FleetClient::new(channel)
+                .max_decoding_message_size(MAX_DECODE_BYTES)
+                .max_encoding_message_size(MAX_ENCODE_BYTES);
+            match client.session(request).await {
+                Ok(response) => Ok(response.into_inner()),
+                Err(status) => Err(ended_by(&dial, &seen, &status, false).await),
+            }
+        };
+        // One bound for the whole set-up: an aggregator that accepts the TCP connection
+        // and then answers nothing must not hold the attempt for longer.
         let mut inbound = tokio::select! {
-            r = client.session(request) => r.map_err(|s| Ended::status(&s))?.into_inner(),
+            r = tokio::time::timeout(SETUP_TIMEOUT, open) => match r {
+                Ok(opened) => opened?,
+                Err(_) => return Err(Ended::Transport(dial.does_not_answer(&seen))),
+            },
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };
         let established = tokio::time::Instant::now();
@@ -244,7 +258,7 @@ impl Uplink {
                         };
                         tokio::select! {
                             sent = tx.send(msg) => if sent.is_err() {
-                                return Ok(ended(Ended::Closed("stream closed while sending")));
+                                return Ok(ended(why_closed(&mut inbound, &dial, &seen).await));
                             },
                             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                         }
@@ -268,7 +282,7 @@ impl Uplink {
                         })),
                     };
                     if tx.send(beat).await.is_err() {
-                        return Ok(ended(Ended::Closed("stream closed")));
+                        return Ok(ended(why_closed(&mut inbound, &dial, &seen).await));
                     }
                 }
                 message = inbound.message() => match message {
@@ -276,11 +290,11 @@ impl Uplink {
                         if let Some(answer) = self.handle(m, &mut assembler)
                             && tx.send(answer).await.is_err()
                         {
-                            return Ok(ended(Ended::Closed("stream closed")));
+                            return Ok(ended(why_closed(&mut inbound, &dial, &seen).await));
                         }
                     }
                     Ok(None) => return Ok(ended(Ended::Closed("the aggregator closed the stream"))),
-                    Err(status) => return Ok(ended(Ended::status(&status))),
+                    Err(status) => return Ok(ended(ended_by(&dial, &seen, &status, true).await)),
                 },
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
@@ -365,6 +379,10 @@ enum Ended {
     /// The stream closed under the uplink, which says when.
     #[error("{0}")]
     Closed(&'static str),
+    /// The connection failed or was lost under the stream: what is wrong and, when
+    /// known, what to fix.
+    #[error("{0}")]
+    Transport(String),
     /// The aggregator ended the stream with this status (its message cut to 1000 bytes).
     #[error("{}", describe_status(*code, message))]
     Status { code: tonic::Code, message: String },
@@ -381,6 +399,32 @@ impl Ended {
     /// The aggregator refused this agent: retrying soon changes nothing.
     fn refused(&self) -> bool {
         matches!(self, Self::Status { code, .. } if is_refusal(*code))
+    }
+}
+
+/// Why a stream failed with `status`: the aggregator's own status, or (for a status tonic
+/// made from a failed connection) what the connection's transcript shows.
+async fn ended_by(dial: &Dial, seen: &Seen, status: &tonic::Status, established: bool) -> Ended {
+    if std::error::Error::source(status).is_some() {
+        Ended::Transport(dial.explain(seen, status, established).await)
+    } else {
+        Ended::status(status)
+    }
+}
+
+/// Why the stream closed under a send: the status the aggregator ended it with, if one
+/// comes within a moment, or else a lost connection.
+async fn why_closed(
+    inbound: &mut tonic::Streaming<AggregatorMessage>,
+    dial: &Dial,
+    seen: &Seen,
+) -> Ended {
+    match tokio::time::timeout(Duration::from_secs(1), inbound.message()).await {
+        Ok(Err(status)) => ended_by(dial, seen, &status, true).await,
+        Ok(Ok(None)) => Ended::Closed("the aggregator closed the stream"),
+        Ok(Ok(Some(_))) | Err(_) => {
+            Ended::Transport(dial.entry.says(sonde_cli::errors::CONNECTION_LOST))
+        }
     }
 }
 

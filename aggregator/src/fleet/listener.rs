@@ -9,7 +9,6 @@ use crate::refusals::Refusals;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -257,7 +256,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 let io = match config {
                     None => Io::Plain(tcp),
-                    Some(config) => match handshake(tcp, config, handshake_timeout, peer).await {
+                    Some(config) => match handshake(tcp, config, handshake_timeout).await {
                         Ok(s) => Io::Tls(Box::new(s)),
                         Err(why) => {
                             refusals.refuse_connection(Some(peer.ip()), None, &why);
@@ -278,17 +277,38 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// The TLS handshake with a new connection; `Err` says why it failed, the reason first
+/// (the peer's address is logged beside it).
 async fn handshake(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     timeout: Duration,
-    peer: SocketAddr,
 ) -> Result<TlsStream<TcpStream>, String> {
     match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(tcp)).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(format!("TLS handshake with {peer} failed: {e}")),
+        Ok(Err(e)) => Err(handshake_failure(&e)),
         Err(_) => Err(format!(
-            "TLS handshake with {peer} took longer than fleet.limits.tls_handshake_timeout ({timeout:?})"
+            "TLS handshake took longer than fleet.limits.tls_handshake_timeout ({timeout:?})"
         )),
     }
+}
+
+/// Why a handshake failed, with what the peer must change when rustls says.
+fn handshake_failure(e: &io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return format!("TLS handshake failed: {e}");
+    };
+    let hint = match tls {
+        rustls::Error::NoCertificatesPresented => {
+            " (fleet.tls.client_ca_file requires a client certificate: the agent's tls_config.cert_file and key_file)"
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            " (the agent's client certificate must be signed by fleet.tls.client_ca_file)"
+        }
+        rustls::Error::InvalidMessage(_) => {
+            " (the peer does not speak TLS: an agent with http:// for this aggregator's https:// port?)"
+        }
+        _ => "",
+    };
+    format!("TLS handshake failed: {tls}{hint}")
 }

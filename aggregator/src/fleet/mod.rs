@@ -13,6 +13,7 @@ use crate::config::{AggregatorConfig, MAX_AGENT_ID_BYTES};
 use crate::hub::{Hub, Kick, ResultsError};
 use crate::refusals::{Reason, loggable};
 use decode::SymbolTable;
+use sonde_cli::errors::{CONNECTION_LOST, connection_lost};
 use sonde_proto::config::{Labels, is_valid_label_name};
 use sonde_proto::pb::{
     self, AgentMessage, AggregatorMessage, agent_message, aggregator_message, fleet_server::Fleet,
@@ -29,6 +30,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// An agent silent for this long (no result, no heartbeat) is treated as gone.
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+/// The HTTP/2 keepalive of agent connections: a ping after this long without a frame
+/// from the agent...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and the connection closed when its answer takes longer than this.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts to commit a batch while the store fails.
 const STORAGE_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -269,6 +275,7 @@ async fn serve_stream(
     kick: &Kick,
 ) -> String {
     let mut symbols = SymbolTable::default();
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let message = tokio::select! {
             m = tokio::time::timeout(SILENCE_LIMIT, inbound.message()) => m,
@@ -279,10 +286,12 @@ async fn serve_stream(
         };
         let message = match message {
             Err(_) => return format!("silent for {SILENCE_LIMIT:?}"),
+            Ok(Err(status)) if connection_lost(&status) => return CONNECTION_LOST.into(),
             Ok(Err(status)) => return format!("stream error: {}", status.message()),
-            Ok(Ok(None)) => return "stream closed by the agent".into(),
+            Ok(Ok(None)) => return stream_end(last_heard.elapsed()),
             Ok(Ok(Some(m))) => m,
         };
+        last_heard = tokio::time::Instant::now();
         match message.msg {
             Some(agent_message::Msg::Heartbeat(beat)) => {
                 hub.heartbeat(agent, beat.timestamp_ms, now_ms());
@@ -328,6 +337,18 @@ async fn serve_stream(
             }
             None => {}
         }
+    }
+}
+
+/// Why a stream ended without a status, `silence` after the agent's last message. An
+/// agent ending its stream has sent a heartbeat within the last few seconds; the
+/// HTTP/2 keepalive ends a stream the same quiet way, but only after the agent has been
+/// silent for longer than [`KEEPALIVE_TIMEOUT`].
+fn stream_end(silence: Duration) -> String {
+    if silence >= KEEPALIVE_TIMEOUT {
+        format!("{CONNECTION_LOST} (nothing from the agent for {silence:.0?})")
+    } else {
+        "stream closed by the agent".into()
     }
 }
 
