@@ -23,6 +23,7 @@
 //! handlers read snapshots taken between groups and published once the commit of
 //! everything they show succeeded.
 
+pub mod budget;
 pub mod placement;
 pub mod snapshot;
 pub mod state;
