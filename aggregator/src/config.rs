@@ -7,7 +7,7 @@ use sonde_proto::config::{
     ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, Problems, PromDuration,
     ResolvedJob, check_yaml_file, resolve_jobs_all, resolve_modules,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

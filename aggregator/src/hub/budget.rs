@@ -115,10 +115,10 @@ mod tests {
         assert_eq!(dialogue.samples, plain.samples + 2);
         assert!(dialogue.bytes > plain.bytes + 2 * (4 << 10));
         let per_address = CheckBudget::of(
-            &module(r#"{"prober":"tcp","per_address":{"max_addresses":4}}"#),
+            &module(r#"{"prober":"tcp","per_address":{"max_addresses":2}}"#),
             &limits,
         );
-        assert_eq!(per_address.samples, 5 * plain.samples);
+        assert_eq!(per_address.samples, 3 * plain.samples);
     }
 
     #[test]
