@@ -195,6 +195,10 @@ pub struct FleetLimits {
     /// Agents without a token known at once (connected, or gone for less than
     /// `fleet.forget_after`); agents with a token are bounded by `fleet.auth.tokens`.
     pub max_agents: usize,
+    /// Distinct local job names that agents without a token declare, all together: each
+    /// is a job the aggregator tracks (its `sonde_job_*` series, its row), and made-up
+    /// ids could otherwise declare `max_agents` × `max_local_jobs` of them.
+    pub max_anonymous_local_jobs: usize,
 }
 
 impl Default for FleetLimits {
@@ -218,6 +222,7 @@ impl Default for FleetLimits {
             max_series_bytes: ByteSize(32 << 20),
             max_instance_bytes: ByteSize(1 << 10),
             max_agents: 1000,
+            max_anonymous_local_jobs: 1024,
         }
     }
 }

@@ -535,8 +535,9 @@ impl State {
     /// An agent said hello (already authenticated, with `labels` the ones it may have):
     /// register it, send its assignment, and return its connection id and the handle
     /// that ends its stream. A newer connection of the same agent replaces the older one.
-    /// Without tokens, a new agent id past `fleet.limits.max_agents` is refused (`Err`:
-    /// why), so that made-up ids cannot grow the aggregator without bound.
+    /// Without tokens, a new agent id past `fleet.limits.max_agents`, or local jobs past
+    /// `max_anonymous_local_jobs`, are refused (`Err`: why), so that made-up ids cannot
+    /// grow the aggregator without bound.
     pub fn connect(
         &mut self,
         hello: &pb::Hello,
@@ -552,14 +553,11 @@ impl State {
             && !self.agents.contains_key(&hello.agent_id)
         {
             return Err(format!(
-                "this aggregator already knows {} agents, its fleet.limits.max_agents; an agent is forgotten fleet.forget_after ({}) after it was last seen. Raise max_agents, or give each agent a token (fleet.auth)",
+                "fleet.limits.max_agents ({max_agents}) reached: this aggregator knows {} agents without tokens, each until fleet.forget_after ({}) after it was last seen; raise max_agents, or give each agent a token (fleet.auth)",
                 self.agents.len(),
                 sonde_proto::config::PromDuration(self.config.forget_after)
             ));
         }
-        let connection = self.next_connection;
-        self.next_connection += 1;
-        let kick = Arc::new(Kick::default());
         let configured: BTreeSet<&str> = self.config.jobs.iter().map(|j| j.name.as_str()).collect();
         // A local job cannot take over a configured one: its results would count for
         // targets the agent was never assigned.
@@ -571,6 +569,22 @@ impl State {
             .collect();
         local_jobs.sort();
         local_jobs.dedup();
+        if !self.config.auth_required {
+            let max = self.config.limits.max_anonymous_local_jobs;
+            let new = local_jobs
+                .iter()
+                .filter(|j| !self.jobs.contains_key(*j))
+                .count();
+            let known = self.jobs.values().filter(|j| j.config.is_none()).count();
+            if new > 0 && known + new > max {
+                return Err(format!(
+                    "fleet.limits.max_anonymous_local_jobs ({max}) reached: agents without tokens declare {known} local jobs, this one {new} more; raise it, or give each agent a token (fleet.auth)"
+                ));
+            }
+        }
+        let connection = self.next_connection;
+        self.next_connection += 1;
+        let kick = Arc::new(Kick::default());
         let info_changed;
         {
             let entry = self
@@ -3154,6 +3168,32 @@ fleet: {missing_after: 30s}
         // An agent it knows still comes back.
         assert!(connect_as("a").is_ok());
         assert_eq!(hub.snapshot_blocking().agents.len(), 2);
+    }
+
+    #[test]
+    fn without_tokens_local_job_names_are_bounded_over_all_agents() {
+        let text = CONFIG.replace(
+            "fleet: {missing_after: 30s}",
+            "fleet: {missing_after: 30s, limits: {max_anonymous_local_jobs: 3}}",
+        );
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(&text), rec.clone(), T0);
+        let mut receivers = Vec::new();
+        let mut connect_with = |id: &str, jobs: &[&str]| {
+            let (tx, rx) = mpsc::channel(16);
+            receivers.push(rx);
+            let mut h = hello(id, "eu");
+            h.local_jobs = jobs.iter().map(|j| j.to_string()).collect();
+            let labels = h.labels.clone().into_iter().collect();
+            hub.connect(&h, labels, None, tx, T0).wait()
+        };
+        assert!(connect_with("a", &["x", "y"]).is_ok());
+        // Names already declared cost nothing more; a configured job's name is not local.
+        assert!(connect_with("b", &["x", "y", "web"]).is_ok());
+        assert!(connect_with("c", &["z"]).is_ok());
+        let refused = connect_with("d", &["x", "w"]).err().expect("a fourth name");
+        assert!(refused.contains("max_anonymous_local_jobs"), "{refused}");
+        assert!(!hub.snapshot_blocking().agents.contains_key("d"));
     }
 
     #[test]
