@@ -469,7 +469,7 @@ pub struct State {
     /// Counts the configs applied: a view's series are reused for a result of the same
     /// shape only under the config they were checked against.
     config_epoch: u64,
-    /// What was last refused of each target, per agent (see [`State::note_refused`]).
+    /// What was last refused of each known target, per agent, for the status page.
     pub refused_notes: RefusedNotes,
 }
 
