@@ -7,7 +7,7 @@ use sonde_proto::config::{
     ByteSize, ConfigError, JobConfig, JobDefaults, Labels, Located, Module, Problems, PromDuration,
     ResolvedJob, check_yaml_file, resolve_jobs_all, resolve_modules,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -117,6 +117,12 @@ pub struct FleetConfig {
     pub max_clock_skew: PromDuration,
     #[serde(default)]
     pub limits: FleetLimits,
+    /// Agent-local jobs whose targets are one target whoever declares them (several
+    /// agents probing the same shared service): their `up` merges every declaring
+    /// agent's view. Any other local job's targets belong to the agent that declares
+    /// them, and their series carry its `agent` label.
+    #[serde(default)]
+    pub shared_local_jobs: Vec<String>,
 }
 
 fn default_missing_after() -> PromDuration {
@@ -141,6 +147,7 @@ impl Default for FleetConfig {
             forget_after: default_forget_after(),
             max_clock_skew: default_max_clock_skew(),
             limits: FleetLimits::default(),
+            shared_local_jobs: Vec::new(),
         }
     }
 }
@@ -180,7 +187,18 @@ pub struct FleetLimits {
     pub max_series: usize,
     /// The bytes of those series' metric names, label names and values together: what
     /// the agent's series weigh in `/metrics` and in every remote-write request.
+    /// Both bound what the agent declares itself (its local jobs); the checks the
+    /// aggregator assigns it get what each needs on top (see `hub::budget`).
     pub max_series_bytes: ByteSize,
+    /// The `instance` of a local job's result (every series of the target carries it).
+    pub max_instance_bytes: ByteSize,
+    /// Agents without a token known at once (connected, or gone for less than
+    /// `fleet.forget_after`); agents with a token are bounded by `fleet.auth.tokens`.
+    pub max_agents: usize,
+    /// Distinct local job names that agents without a token declare, all together: each
+    /// is a job the aggregator tracks (its `sonde_job_*` series, its row), and made-up
+    /// ids could otherwise declare `max_agents` × `max_local_jobs` of them.
+    pub max_anonymous_local_jobs: usize,
 }
 
 impl Default for FleetLimits {
@@ -202,6 +220,9 @@ impl Default for FleetLimits {
             max_local_targets: 10_000,
             max_series: 250_000,
             max_series_bytes: ByteSize(32 << 20),
+            max_instance_bytes: ByteSize(1 << 10),
+            max_agents: 1000,
+            max_anonymous_local_jobs: 1024,
         }
     }
 }
@@ -260,6 +281,8 @@ pub struct AggregatorConfig {
     pub forget_after: Duration,
     pub max_clock_skew: Duration,
     pub limits: FleetLimits,
+    /// `fleet.shared_local_jobs`.
+    pub shared_local_jobs: BTreeSet<String>,
     pub history: crate::history::Limits,
 }
 
@@ -483,6 +506,7 @@ impl AggregatorConfig {
             forget_after: raw.fleet.forget_after.0,
             max_clock_skew: raw.fleet.max_clock_skew.0,
             limits: raw.fleet.limits,
+            shared_local_jobs: raw.fleet.shared_local_jobs.into_iter().collect(),
             history: crate::history::Limits {
                 retention: raw.history.retention.0,
                 max_size: raw.history.max_size.0,

@@ -30,10 +30,13 @@ pub enum Reason {
     TooManySamples,
     /// More labels on one sample than `fleet.limits.max_labels_per_sample`.
     TooManyLabels,
-    /// More live series than `fleet.limits.max_series`.
+    /// More samples or bytes than an assigned check's module can produce, or more live
+    /// series than `fleet.limits.max_series` / `max_series_bytes` in local jobs.
     SeriesLimit,
     /// More local jobs or local targets than the limits allow.
     LocalLimit,
+    /// A local job's instance longer than `fleet.limits.max_instance_bytes`.
+    InstanceTooLong,
     /// A result's trace over its bounds or not well-formed: the trace is dropped, the
     /// result kept.
     BadTrace,
@@ -56,6 +59,7 @@ impl Reason {
             Reason::TooManyLabels => "too_many_labels",
             Reason::SeriesLimit => "series_limit",
             Reason::LocalLimit => "local_limit",
+            Reason::InstanceTooLong => "instance_too_long",
             Reason::BadTrace => "bad_trace",
             Reason::Malformed => "malformed",
         }

@@ -140,6 +140,117 @@ fleet:
     );
 }
 
+/// The job's status in the aggregator's `/api/v1/jobs`: (status, why).
+fn job_status(web: &str, job: &str) -> Result<(String, String), String> {
+    let body = http_get_ok(&format!("{web}/api/v1/jobs"))?;
+    let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    let j = v["data"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["job"] == job))
+        .ok_or_else(|| format!("job {job} not in {body}"))?;
+    Ok((
+        j["status"].as_str().unwrap_or_default().to_string(),
+        j["why"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// An nginx answering `/` with 200 whatever the query, with room for the probes of
+/// 50,000 targets (the harness's has 64 connections), closing each connection after its
+/// answer (a probe's connection is of no further use).
+fn start_busy_nginx(scene: &mut Scene) -> u16 {
+    let nginx = require_tool("nginx", "nginx-light");
+    let port = free_port();
+    let dir = scene.dir().join("nginx");
+    std::fs::create_dir_all(&dir).expect("create nginx dir");
+    let config = replace_once(
+        &nginx_config(
+            &dir,
+            &format!(
+                "    server {{\n        listen 127.0.0.1:{port};\n        keepalive_timeout 0;\n        location = / {{ return 200 \"ok\\n\"; }}\n    }}\n"
+            ),
+        ),
+        "worker_connections 64;",
+        "worker_connections 1000;",
+    );
+    let config_path = scene.dir().write("nginx/nginx.conf", &config);
+    let mut cmd = std::process::Command::new(nginx);
+    cmd.arg("-c")
+        .arg(&config_path)
+        .arg("-p")
+        .arg(&dir)
+        .args(["-e", "stderr"]);
+    scene.spawn("nginx", cmd);
+    let url = format!("http://127.0.0.1:{port}/?target=0");
+    scene.wait_until(
+        "nginx to serve /",
+        Duration::from_secs(30),
+        || match http_get(&url)? {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    port
+}
+
+/// Every setting of the aggregator at its default: the one agent of a 50,000-target job
+/// gets all of them up in the first round, and the aggregator refuses none of the results of the checks it
+/// assigned (they bring their own series budget, whatever `fleet.limits.max_series`).
+#[test]
+fn one_agent_gets_all_fifty_thousand_targets_up_at_the_default_limits() {
+    let mut scene = Scene::new("big-job-defaults");
+    let nginx = start_busy_nginx(&mut scene);
+    let mut targets = String::from("- targets:\n");
+    for n in 0..TARGETS {
+        targets.push_str(&format!("    - http://127.0.0.1:{nginx}/?target={n}\n"));
+    }
+    let targets_file = scene.dir().write("targets/fleet.yml", &targets);
+    let config = format!(
+        r#"modules:
+  http_2xx:
+    prober: http
+    http:
+      preferred_ip_protocol: ip4
+jobs:
+  - job_name: fleet
+    module: http_2xx
+    # 400 probes a second: what a debug build on a loaded two-core machine keeps up with.
+    interval: 2m
+    timeout: 10s
+    file_sd_configs:
+      - files: ["{}"]
+"#,
+        targets_file.display()
+    );
+    let aggregator = start_aggregator(&mut scene, "aggregator", &config);
+    let started = Instant::now();
+    start_agent(
+        &mut scene,
+        "edge",
+        &format!(
+            "agent:\n  id: edge\naggregators:\n  - address: {}\n",
+            aggregator.grpc
+        ),
+    );
+    let web = aggregator.web.clone();
+    let want = format!("{TARGETS} of {TARGETS} targets up");
+    scene.wait_until(
+        "all 50,000 targets up",
+        Duration::from_secs(420),
+        || match job_status(&web, "fleet")? {
+            (status, why) if status == "ok" && why == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    eprintln!(
+        "50,000 targets up {:?} after the agent started",
+        started.elapsed()
+    );
+    // `/metrics` is too large to read here; the first refusal of an agent is always
+    // logged.
+    let log = scene.process("aggregator").log();
+    assert!(!log.contains("refused from an agent"), "{}", tail(&log, 20));
+}
+
 /// A stand-in aggregator that sends each stream a scripted sequence of assignment parts
 /// and records the agent's reports, to make the real agent meet what no honest
 /// aggregator sends.

@@ -936,7 +936,7 @@ fn security_guide_limits_are_documented_and_accepted() {
         .filter(|l| l.starts_with("    "))
         .filter_map(|l| l.trim().split(':').next())
         .collect();
-    assert_eq!(keys.len(), 16, "{keys:?}");
+    assert_eq!(keys.len(), 19, "{keys:?}");
     for key in &keys {
         assert!(
             readme.contains(&format!("| `{key}` |")),

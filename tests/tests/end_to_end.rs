@@ -111,6 +111,8 @@ remote_write:
       batch_send_deadline: 1s
 fleet:
   missing_after: 5s
+  # Both agents declare the local job `degraded` for the same target (below): one target.
+  shared_local_jobs: [degraded]
   limits:
     # Low enough to refuse one sample of the TLS probes (probe_ssl_last_chain_info has 5
     # labels), so that sonde_results_refused_total with reason too_many_labels has data.

@@ -609,7 +609,8 @@ fn an_anonymous_aggregator_on_a_public_address_refuses_to_start() {
 }
 
 /// The most one agent can make the aggregator hold with the default `fleet.limits`:
-/// `max_series` live series with `max_labels_per_sample` labels each (tiny ones, so that
+/// `max_series` live series of its local jobs (the bound on what an agent declares
+/// itself) with `max_labels_per_sample` labels each (tiny ones, so that
 /// `max_series_bytes` does not stop them first), sent in batches of
 /// `max_samples_per_batch`; then the same with label values that fill
 /// `max_sample_label_bytes` (stopped by `max_series_bytes`); on a stream whose symbol
@@ -639,11 +640,12 @@ fn one_agent_at_the_default_limits_costs_bounded_memory() {
     let samples_per_result = 256usize;
     let results_per_batch = 10_000 / samples_per_result;
     rt.block_on(async {
-        let mut s = open(&grpc, Some("mallory-secret"), hello("mallory", &[]))
-            .await
-            .unwrap();
+        let mut h = hello("mallory", &[]);
+        h.local_jobs = vec!["mine".into()];
+        let mut s = open(&grpc, Some("mallory-secret"), h).await.unwrap();
         let assignment = s.assignment().await;
         assert_eq!(assignment.checks.len(), 1000);
+        let local: Vec<String> = (0..1000).map(|i| format!("target-{i}")).collect();
         // Symbols: the metric; 8 one-letter label names; one one-letter value; 8
         // values of 500 bytes (4 KiB of labels a sample).
         let n = labels_per_sample;
@@ -657,15 +659,15 @@ fn one_agent_at_the_default_limits_costs_bounded_memory() {
         let mut seq = 0;
         for labels in [tiny, heavy] {
             let now = now_ms();
-            for chunk in assignment.checks.chunks(results_per_batch) {
+            for chunk in local.chunks(results_per_batch) {
                 let results = chunk
                     .iter()
-                    .map(|c| {
+                    .map(|instance| {
                         seq += 1;
                         let samples = (0..samples_per_result)
                             .map(|_| sample(0, labels.clone()))
                             .collect();
-                        result(seq, &c.job, &c.instance, now, samples)
+                        result(seq, "mine", instance, now, samples)
                     })
                     .collect();
                 s.send(pb::ResultBatch {
@@ -720,5 +722,263 @@ fn one_agent_at_the_default_limits_costs_bounded_memory() {
         );
         drop(s);
     });
+    scene.check_running().unwrap();
+}
+
+/// The aggregator with a token for `honest` and one for `mallory`, no job of its own.
+/// Returns (web, grpc, pid, honest's token file).
+fn start_with_two_tokens(scene: &mut Scene, extra_fleet: &str) -> (String, String, u32, String) {
+    let honest = scene.dir().write("honest.token", "honest-secret\n");
+    let mallory = scene.dir().write("mallory.token", "mallory-secret\n");
+    let config = format!(
+        "global: {{scrape_interval: 2s, scrape_timeout: 1s}}\nfleet:\n  missing_after: 10s\n  auth:\n    tokens:\n      - {{agent: honest, token_file: {}}}\n      - {{agent: mallory, token_file: {}}}\n{extra_fleet}",
+        honest.display(),
+        mallory.display()
+    );
+    let (web, grpc, pid) = start_aggregator_info(scene, &config);
+    (web, grpc, pid, honest.display().to_string())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A local job's result may not carry an instance of any length: 100 results with a
+/// 1 MB instance each are refused (`instance_too_long`), and the aggregator's memory does
+/// not follow them.
+#[test]
+fn a_local_jobs_instance_is_bounded_in_length() {
+    let mut scene = Scene::new("hostile-long-instance");
+    let (web, grpc, pid, _) = start_with_two_tokens(&mut scene, "");
+    std::thread::sleep(Duration::from_secs(1));
+    let (rss_before, _) = memory(pid);
+    runtime().block_on(async {
+        let mut h = hello("mallory", &[]);
+        h.local_jobs = vec!["mine".into()];
+        let mut s = open(&grpc, Some("mallory-secret"), h).await.unwrap();
+        let symbols = vec!["probe_success".to_string()];
+        let mut first = Some(symbols);
+        let mut seq = 0;
+        // Three 1 MB results a message (max_message_bytes is 4 MiB).
+        for batch in 0..34 {
+            let results = (0..3)
+                .filter(|i| batch * 3 + i < 100)
+                .map(|i| {
+                    seq += 1;
+                    let instance = format!("{}-{}", batch * 3 + i, "i".repeat(1_000_000));
+                    result(seq, "mine", &instance, now_ms(), vec![sample(0, vec![])])
+                })
+                .collect();
+            s.send(pb::ResultBatch {
+                new_symbols: first.take().unwrap_or_default(),
+                results,
+            })
+            .await;
+        }
+        s.acked(seq).await;
+        assert_eq!(seq, 100);
+    });
+    let (rss, hwm) = memory(pid);
+    println!(
+        "100 results with a 1 MB instance: RSS {} MiB → {} MiB, peak {} MiB",
+        rss_before / MIB,
+        rss / MIB,
+        hwm / MIB
+    );
+    assert_eq!(refused(&web, "mallory", "instance_too_long"), 100.0);
+    assert!(
+        rss.saturating_sub(rss_before) < 64 * MIB,
+        "RSS grew by {} MiB",
+        rss.saturating_sub(rss_before) / MIB
+    );
+    let (status, page) = http_get(&format!("{web}/")).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        page.len() < (1 << 20),
+        "status page of {} bytes",
+        page.len()
+    );
+    scene.check_running().unwrap();
+}
+
+/// A local job's target belongs to the agent that declares it: mallory declaring the
+/// honest agent's local job and instance, and reporting it up, gets a target of its own
+/// and cannot hold the honest agent's failing target at `up 1`.
+#[test]
+fn another_agent_cannot_hold_up_an_agents_local_target() {
+    let mut scene = Scene::new("hostile-local-job");
+    let (web, grpc, _pid, honest_token) = start_with_two_tokens(&mut scene, "");
+    let closed = free_port();
+    let instance = format!("127.0.0.1:{closed}");
+    start_agent(
+        &mut scene,
+        "honest",
+        &format!(
+            "agent: {{id: honest}}\naggregators: [{{address: \"{grpc}\", token_file: {honest_token}}}]\nmodules: {{tcp: {{prober: tcp, timeout: 1s}}}}\njobs:\n  - job_name: node\n    module: tcp\n    interval: 1s\n    static_configs: [{{targets: [\"{instance}\"]}}]\n"
+        ),
+    );
+    let honest_up = |web: &str| {
+        metric_sum(
+            web,
+            "up",
+            &[
+                ("job", "node"),
+                ("instance", &instance),
+                ("agent", "honest"),
+            ],
+        )
+    };
+    scene.wait_until(
+        "the honest agent's local target is down",
+        Duration::from_secs(60),
+        || match honest_up(&web)? {
+            0.0 => Ok(()),
+            v => Err(format!("up is {v}")),
+        },
+    );
+    let rt = runtime();
+    let mut h = hello("mallory", &[]);
+    h.local_jobs = vec!["node".into()];
+    let s = rt.block_on(open(&grpc, Some("mallory-secret"), h)).unwrap();
+    let mut seq = 0;
+    let mut send_success = |first: bool| {
+        seq += 1;
+        rt.block_on(s.send(pb::ResultBatch {
+            new_symbols: if first {
+                vec!["probe_success".into()]
+            } else {
+                vec![]
+            },
+            results: vec![result(
+                seq,
+                "node",
+                &instance,
+                now_ms(),
+                vec![sample(0, vec![])],
+            )],
+        }));
+    };
+    send_success(true);
+    let all_up = |web: &str| -> Result<Vec<(String, f64)>, String> {
+        let text = http_get_ok(&format!("{web}/metrics"))?;
+        Ok(find_samples(
+            &parse_metrics(&text),
+            "up",
+            &[("job", "node"), ("instance", &instance)],
+        )
+        .iter()
+        .map(|s| (s.labels.get("agent").cloned().unwrap_or_default(), s.value))
+        .collect())
+    };
+    // Mallory's claim is a target of its own...
+    scene.wait_until(
+        "mallory's own target is up",
+        Duration::from_secs(30),
+        || {
+            send_success(false);
+            let ups = all_up(&web)?;
+            if ups.iter().any(|(a, v)| a == "mallory" && *v == 1.0) {
+                Ok(())
+            } else {
+                Err(format!("{ups:?}"))
+            }
+        },
+    );
+    // ...and every other `up` of that job and instance stays the honest agent's 0.
+    scene.hold_for(
+        "the honest agent's target stays down",
+        Duration::from_secs(5),
+        || {
+            send_success(false);
+            let ups = all_up(&web)?;
+            let others: Vec<_> = ups.iter().filter(|(a, _)| a != "mallory").collect();
+            if !others.is_empty() && others.iter().all(|(a, v)| a == "honest" && *v == 0.0) {
+                Ok(())
+            } else {
+                Err(format!("{ups:?}"))
+            }
+        },
+    );
+    drop(s);
+    scene.check_running().unwrap();
+}
+
+/// Without tokens, made-up agent ids cost the aggregator only up to
+/// `fleet.limits.max_agents` (1000 by default) and their local jobs up to
+/// `max_anonymous_local_jobs` (1024 names): 20 ids declaring 64 made-up local jobs each
+/// leave 16 of them known, then 1,100 more ids leave 1,000 known in all; the other Hellos
+/// are refused, counted, and logged at the rate limit.
+#[test]
+fn made_up_agent_ids_are_bounded_without_tokens() {
+    let mut scene = Scene::new("hostile-made-up-ids");
+    let (web, grpc, pid) = start_aggregator_info(
+        &mut scene,
+        "global: {scrape_interval: 2s, scrape_timeout: 1s}\n",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (rss_before, _) = memory(pid);
+    let log_before = scene.process("aggregator").log().len();
+    let started = std::time::Instant::now();
+    let (refused_for_jobs, refused_for_agents) = runtime().block_on(async {
+        let mut refused = [0, 0];
+        let ids = (0..20)
+            .map(|i| (format!("jobs-{i}"), i))
+            .chain((0..1100).map(|i| (format!("made-up-{i}"), 0)));
+        for (id, jobs_of) in ids {
+            let mut h = hello(&id, &[]);
+            h.local_jobs = (0..64).map(|j| format!("job-{jobs_of}-{j}")).collect();
+            match open(&grpc, None, h).await {
+                Ok(mut s) => {
+                    s.assignment().await;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    if e.message().contains("max_anonymous_local_jobs") {
+                        refused[0] += 1;
+                    } else {
+                        assert!(e.message().contains("max_agents"), "{e:?}");
+                        refused[1] += 1;
+                    }
+                }
+            }
+        }
+        (refused[0], refused[1])
+    });
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let (rss, hwm) = memory(pid);
+    let agents = http_get_ok(&format!("{web}/api/v1/agents")).unwrap();
+    let known = serde_json::from_str::<serde_json::Value>(&agents).unwrap()["data"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let jobs = http_get_ok(&format!("{web}/api/v1/jobs")).unwrap();
+    let jobs = serde_json::from_str::<serde_json::Value>(&jobs).unwrap()["data"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let log = scene.process("aggregator").log();
+    let refusal_lines = log[log_before..]
+        .lines()
+        .filter(|l| l.contains("agent refused"))
+        .count();
+    let (_, page) = http_get(&format!("{web}/")).unwrap();
+    println!(
+        "20 + 1,100 made-up ids with 64 local jobs each in {elapsed:?}: {known} agents and {jobs} jobs known, {refused_for_jobs} + {refused_for_agents} refused; RSS {} MiB → {} MiB (peak {} MiB); status page {} KiB; {refusal_lines} log lines of refusals",
+        rss_before / MIB,
+        rss / MIB,
+        hwm / MIB,
+        page.len() / 1024
+    );
+    assert_eq!((refused_for_jobs, refused_for_agents), (4, 116));
+    assert_eq!(known, 1000);
+    assert_eq!(jobs, 1024);
+    assert!(
+        metric_sum(&web, "sonde_agents_refused_total", &[]).unwrap() >= 120.0,
+        "refused Hellos are counted"
+    );
+    assert!(refusal_lines <= 10, "{refusal_lines} log lines");
     scene.check_running().unwrap();
 }

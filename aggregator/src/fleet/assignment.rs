@@ -548,7 +548,9 @@ jobs:
             agent_id: "edge".into(),
             ..Default::default()
         };
-        hub.connect(&hello, Default::default(), None, tx, 0).wait();
+        hub.connect(&hello, Default::default(), None, tx, 0)
+            .wait()
+            .expect("connect");
         let Ok(AggregatorMessage {
             msg: Some(aggregator_message::Msg::Assignment(sent)),
         }) = rx.try_recv().unwrap()

@@ -112,10 +112,17 @@ impl Fleet for FleetService {
             Credential::Anonymous => None,
             Credential::Token { token, .. } => Some(token),
         };
-        let crate::hub::Connected { connection, kick } = self
+        let crate::hub::Connected { connection, kick } = match self
             .hub
             .connect(&hello, labels, token, tx.clone(), now_ms())
-            .await;
+            .await
+        {
+            Ok(c) => c,
+            Err(why) => {
+                let status = Status::resource_exhausted(why);
+                return Err(self.refuse(peer.map(|p| p.ip()), Some(&hello.agent_id), status));
+            }
+        };
         let peer_text = peer.map_or_else(|| "unknown".to_string(), |a| a.to_string());
         tracing::info!(agent = %loggable(&agent), peer = %peer_text, version = %loggable(&hello.version), "agent connected");
         let hub = self.hub.clone();

@@ -23,6 +23,7 @@
 //! handlers read snapshots taken between groups and published once the commit of
 //! everything they show succeeded.
 
+pub mod budget;
 pub mod placement;
 pub mod snapshot;
 pub mod state;
@@ -165,7 +166,7 @@ pub(crate) enum Command {
         credential: Option<String>,
         sender: AgentSender,
         now_ms: i64,
-        reply: oneshot::Sender<Connected>,
+        reply: oneshot::Sender<Result<Connected, String>>,
     },
     Disconnect {
         agent: String,
@@ -217,6 +218,10 @@ pub(crate) enum Command {
 pub struct Connected {
     pub connection: u64,
     pub kick: Arc<Kick>,
+}
+
+fn stopped_connect() -> Result<Connected, String> {
+    Err("the aggregator is shutting down".into())
 }
 
 /// The handle the rest of the aggregator holds.
@@ -354,8 +359,8 @@ impl Hub {
         credential: Option<String>,
         sender: AgentSender,
         now_ms: i64,
-    ) -> Reply<Connected> {
-        self.send(Connected::default, |reply| Command::Connect {
+    ) -> Reply<Result<Connected, String>> {
+        self.send(stopped_connect, |reply| Command::Connect {
             hello: Box::new(hello.clone()),
             labels,
             credential,

@@ -2,7 +2,7 @@
 //! `/metrics`), taken between groups and published once everything in it is committed.
 //! Views are shared (`Arc`), so a copy costs a map of pointers, not the samples.
 
-use super::state::{JobEntry, State, TargetEntry};
+use super::state::{JobEntry, RefusedNotes, State, TargetEntry};
 use crate::config::AggregatorConfig;
 use crate::merge;
 use crate::targets::TargetSet;
@@ -52,6 +52,8 @@ pub struct Snapshot {
     pub agents: BTreeMap<String, AgentSummary>,
     pub jobs: BTreeMap<String, JobEntry>,
     job_targets: BTreeMap<String, usize>,
+    /// Per target, each agent's last refused result (since its last accepted one).
+    pub refused: RefusedNotes,
 }
 
 impl Snapshot {
@@ -90,6 +92,7 @@ impl Snapshot {
                 .keys()
                 .map(|j| (j.clone(), state.job_target_count(j)))
                 .collect(),
+            refused: state.refused_notes.clone(),
         }
     }
 
@@ -102,6 +105,7 @@ impl Snapshot {
             agents: BTreeMap::new(),
             jobs: BTreeMap::new(),
             job_targets: BTreeMap::new(),
+            refused: BTreeMap::new(),
         }
     }
 

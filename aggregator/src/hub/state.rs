@@ -7,6 +7,7 @@
 //! commit fails. The rules themselves live in [`crate::merge`]; this module keeps state
 //! and timestamps in order.
 
+use super::budget::CheckBudget;
 use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
@@ -67,9 +68,11 @@ pub struct LastResult {
     /// shared with the samples handed to the outputs.
     pub series: Arc<[Series]>,
     pub values: Arc<[f64]>,
-    /// What the samples' names and labels, and the trace, weigh
-    /// (`fleet.limits.max_series_bytes`).
+    /// What the samples' names and labels (job and instance included), and the trace,
+    /// weigh (`fleet.limits.max_series_bytes`).
     pub bytes: usize,
+    /// A result of a local job: it counts against the agent's fixed budget.
+    pub local: bool,
     /// The result's shape when every sample of it was kept: a later result of the same
     /// shape under the same config (`config_epoch`) has the same series.
     shape: Option<Arc<Shape>>,
@@ -123,13 +126,30 @@ pub struct TargetEntry {
     pub merged_series: Arc<MergedSeries>,
 }
 
+/// A result of a target refused, for the status page.
+#[derive(Clone, Debug)]
+pub struct RefusedNote {
+    pub at_ms: i64,
+    pub reason: Reason,
+    pub detail: Arc<str>,
+}
+
+/// Agents whose refused results one target's row shows.
+const MAX_REFUSED_NOTES: usize = 8;
+
+/// Per target, the last result refused of each agent that had one refused since its
+/// last accepted result there.
+pub type RefusedNotes = BTreeMap<TargetKey, BTreeMap<Arc<str>, RefusedNote>>;
+
 impl TargetEntry {
-    fn new(key: Arc<TargetKey>, labels: &Labels) -> Self {
-        let base = TargetBase::new(&key.0, &key.1, labels);
+    /// The entry of `target` under `key` (the target's own job and instance, or for a
+    /// local job the key its agent owns it under).
+    fn new(key: Arc<TargetKey>, target: &Target) -> Self {
+        let base = TargetBase::new(&target.job, &target.instance, &target.labels);
         Self {
             merged_series: Arc::new(MergedSeries::new(&base)),
             base,
-            labels: Arc::new(labels.clone()),
+            labels: Arc::new(target.labels.clone()),
             key,
             views: BTreeMap::new(),
             merged: None,
@@ -141,15 +161,15 @@ impl TargetEntry {
     }
 
     /// Follows a change of the target's labels (file_sd): later series carry the new ones.
-    fn relabel(&mut self, labels: &Labels) {
-        if *self.labels != *labels {
+    fn relabel(&mut self, target: &Target) {
+        if *self.labels != target.labels {
             *self = Self {
                 views: std::mem::take(&mut self.views),
                 merged: self.merged,
                 last_written_ms: self.last_written_ms,
                 up_live: self.up_live,
                 history_state: self.history_state,
-                ..Self::new(self.key.clone(), labels)
+                ..Self::new(self.key.clone(), target)
             };
         }
     }
@@ -177,8 +197,8 @@ pub struct Undo {
     /// Entries created.
     created: Vec<Arc<TargetKey>>,
     written: Vec<(Arc<TargetKey>, Written)>,
-    /// (agent, series and their bytes held before).
-    series: Vec<(Arc<str>, usize, usize)>,
+    /// (agent, what it held before).
+    series: Vec<(Arc<str>, Held)>,
     /// Local targets first seen.
     local_targets: Vec<(String, (String, String))>,
     /// (agent, committed sequence before).
@@ -249,10 +269,14 @@ pub struct AgentEntry {
     /// The `last_acked_seq` of the current stream's Hello: by the agent's own account
     /// everything up to it was acked, so it cannot send it again as new.
     hello_acked_seq: u64,
-    /// Samples held in this agent's latest results (`fleet.limits.max_series`).
+    /// Samples held in this agent's latest results.
     pub series: usize,
-    /// What their names and labels weigh (`fleet.limits.max_series_bytes`).
+    /// What their names and labels weigh.
     pub series_bytes: usize,
+    /// Of those, the samples and bytes of its local jobs' results: what
+    /// `fleet.limits.max_series` and `max_series_bytes` bound.
+    local_series: usize,
+    local_bytes: usize,
     /// Distinct targets of this agent's local jobs (`fleet.limits.max_local_targets`).
     local_targets: HashSet<(String, String)>,
     pub first_seen_ms: i64,
@@ -295,6 +319,8 @@ impl AgentEntry {
             hello_acked_seq: 0,
             series: 0,
             series_bytes: 0,
+            local_series: 0,
+            local_bytes: 0,
             local_targets: HashSet::new(),
             first_seen_ms,
             last_seen_ms,
@@ -323,6 +349,29 @@ impl AgentEntry {
         }
     }
 
+    fn held(&self) -> Held {
+        Held {
+            series: self.series,
+            bytes: self.series_bytes,
+            local_series: self.local_series,
+            local_bytes: self.local_bytes,
+        }
+    }
+
+    fn set_held(&mut self, held: Held) {
+        self.series = held.series;
+        self.series_bytes = held.bytes;
+        self.local_series = held.local_series;
+        self.local_bytes = held.local_bytes;
+    }
+
+    /// Stops counting `view`, gone.
+    fn release(&mut self, view: &LastResult) {
+        let mut held = self.held();
+        held.take(view);
+        self.set_held(held);
+    }
+
     fn stored(&self) -> StoredAgent {
         StoredAgent {
             id: self.id.to_string(),
@@ -333,6 +382,55 @@ impl AgentEntry {
             last_seen_ms: self.last_seen_ms,
         }
     }
+}
+
+/// What an agent's views hold: all of them, and of those its local jobs'.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub series: usize,
+    pub bytes: usize,
+    pub local_series: usize,
+    pub local_bytes: usize,
+}
+
+impl Held {
+    /// Stops counting `view`.
+    fn take(&mut self, view: &LastResult) {
+        self.series = self.series.saturating_sub(view.values.len());
+        self.bytes = self.bytes.saturating_sub(view.bytes);
+        if view.local {
+            self.local_series = self.local_series.saturating_sub(view.values.len());
+            self.local_bytes = self.local_bytes.saturating_sub(view.bytes);
+        }
+    }
+
+    /// Counts a view of `series` samples weighing `bytes`.
+    fn add(&mut self, series: usize, bytes: usize, local: bool) {
+        self.series += series;
+        self.bytes += bytes;
+        if local {
+            self.local_series += series;
+            self.local_bytes += bytes;
+        }
+    }
+}
+
+/// Where a result is recorded, as [`State::admissible`] found it.
+struct Admitted {
+    target: Arc<Target>,
+    /// The key of its entry: the result's job and instance, or for a local job that is
+    /// not shared, a key of the declaring agent's own (see [`owned_instance`]).
+    key: TargetKey,
+    /// What a result of an assigned check may weigh; `None` for a local job's, which
+    /// weighs against the agent's fixed budget.
+    budget: Option<CheckBudget>,
+}
+
+/// The entry key's instance of a local job's target owned by `agent`: the agent's id,
+/// quoted as Rust quotes strings (so that no other (instance, agent) gives the same
+/// key: a quoted string ends at its first unescaped quote), after the instance.
+pub fn owned_instance(instance: &str, agent: &str) -> String {
+    format!("{instance} @{agent:?}")
 }
 
 #[derive(Clone)]
@@ -371,6 +469,8 @@ pub struct State {
     /// Counts the configs applied: a view's series are reused for a result of the same
     /// shape only under the config they were checked against.
     config_epoch: u64,
+    /// What was last refused of each known target, per agent, for the status page.
+    pub refused_notes: RefusedNotes,
 }
 
 fn stale_nan() -> f64 {
@@ -394,6 +494,7 @@ impl State {
             replan: false,
             jobs_written: BTreeSet::new(),
             config_epoch: 0,
+            refused_notes: BTreeMap::new(),
             buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);
@@ -434,6 +535,9 @@ impl State {
     /// An agent said hello (already authenticated, with `labels` the ones it may have):
     /// register it, send its assignment, and return its connection id and the handle
     /// that ends its stream. A newer connection of the same agent replaces the older one.
+    /// Without tokens, a new agent id past `fleet.limits.max_agents`, or local jobs past
+    /// `max_anonymous_local_jobs`, are refused (`Err`: why), so that made-up ids cannot
+    /// grow the aggregator without bound.
     pub fn connect(
         &mut self,
         hello: &pb::Hello,
@@ -442,10 +546,18 @@ impl State {
         sender: AgentSender,
         now_ms: i64,
         ch: &mut Changes,
-    ) -> Connected {
-        let connection = self.next_connection;
-        self.next_connection += 1;
-        let kick = Arc::new(Kick::default());
+    ) -> Result<Connected, String> {
+        let max_agents = self.config.limits.max_agents;
+        if !self.config.auth_required
+            && self.agents.len() >= max_agents
+            && !self.agents.contains_key(&hello.agent_id)
+        {
+            return Err(format!(
+                "fleet.limits.max_agents ({max_agents}) reached: this aggregator knows {} agents without tokens, each until fleet.forget_after ({}) after it was last seen; raise max_agents, or give each agent a token (fleet.auth)",
+                self.agents.len(),
+                sonde_proto::config::PromDuration(self.config.forget_after)
+            ));
+        }
         let configured: BTreeSet<&str> = self.config.jobs.iter().map(|j| j.name.as_str()).collect();
         // A local job cannot take over a configured one: its results would count for
         // targets the agent was never assigned.
@@ -457,6 +569,22 @@ impl State {
             .collect();
         local_jobs.sort();
         local_jobs.dedup();
+        if !self.config.auth_required {
+            let max = self.config.limits.max_anonymous_local_jobs;
+            let new = local_jobs
+                .iter()
+                .filter(|j| !self.jobs.contains_key(*j))
+                .count();
+            let known = self.jobs.values().filter(|j| j.config.is_none()).count();
+            if new > 0 && known + new > max {
+                return Err(format!(
+                    "fleet.limits.max_anonymous_local_jobs ({max}) reached: agents without tokens declare {known} local jobs, this one {new} more; raise it, or give each agent a token (fleet.auth)"
+                ));
+            }
+        }
+        let connection = self.next_connection;
+        self.next_connection += 1;
+        let kick = Arc::new(Kick::default());
         let info_changed;
         {
             let entry = self
@@ -520,7 +648,7 @@ impl State {
         if info_changed {
             self.write_meta(now_ms, ch);
         }
-        Connected { connection, kick }
+        Ok(Connected { connection, kick })
     }
 
     /// The stream of `connection` ended.
@@ -643,6 +771,7 @@ impl State {
                 None => self.accept(agent, result, now_ms, ch, &mut refused),
             };
             if let Err((reason, detail)) = verdict {
+                self.note_refused(agent, result, reason, &detail, now_ms);
                 let e = refused.entry(reason).or_insert((0, detail));
                 e.0 += 1;
             }
@@ -663,6 +792,47 @@ impl State {
             refusals.refuse(agent, reason, n, || detail);
         }
         ack
+    }
+
+    /// Keeps `detail` for the status page's row of the target `r` names, when the
+    /// target is known (configured, or one an agent's results made): a hostile agent's
+    /// made-up targets get no row.
+    fn note_refused(
+        &mut self,
+        agent: &str,
+        r: &IncomingResult,
+        reason: Reason,
+        detail: &str,
+        now_ms: i64,
+    ) {
+        let key = (r.job.clone(), r.instance.clone());
+        let key = if self.targets.contains_key(&key) || self.entries.contains_key(&key) {
+            key
+        } else {
+            let owned = (r.job.clone(), owned_instance(&r.instance, agent));
+            if !self.entries.contains_key(&owned) {
+                return;
+            }
+            owned
+        };
+        let notes = self.refused_notes.entry(key).or_default();
+        if !notes.contains_key(agent)
+            && notes.len() >= MAX_REFUSED_NOTES
+            && let Some(oldest) = notes
+                .iter()
+                .min_by_key(|(_, n)| n.at_ms)
+                .map(|(a, _)| a.clone())
+        {
+            notes.remove(&oldest);
+        }
+        notes.insert(
+            Arc::from(agent),
+            RefusedNote {
+                at_ms: now_ms,
+                reason,
+                detail: Arc::from(detail),
+            },
+        );
     }
 
     /// Re-evaluates freshness and missing jobs and agents; call about once a second.
@@ -716,6 +886,7 @@ impl State {
             }
         }
         self.write_retired(now_ms, ch);
+        self.forget_refusals_of_gone_targets();
         self.revoke_credentials();
         self.update_placeable(now_ms);
         self.replan = false;
@@ -730,7 +901,14 @@ impl State {
             return;
         }
         self.targets = Arc::new(targets);
+        self.forget_refusals_of_gone_targets();
         self.send_assignments(None);
+    }
+
+    fn forget_refusals_of_gone_targets(&mut self) {
+        let (targets, entries) = (&self.targets, &self.entries);
+        self.refused_notes
+            .retain(|k, _| targets.contains_key(k) || entries.contains_key(k));
     }
 
     /// Installs `config`; returns the targets that no longer exist.
@@ -934,38 +1112,54 @@ impl State {
     /// (current, or until the next reload previous) matches the agent, or a target of
     /// one of its own local jobs. With `agents_per_target`, any matching agent may
     /// report: one that was moved off a target still delivers what it probed before.
-    fn admissible(&self, agent: &str, key: &TargetKey) -> Result<Arc<Target>, Reason> {
+    fn admissible(&self, agent: &str, key: &TargetKey) -> Result<Admitted, Reason> {
         let job = key.0.as_str();
         let Some(a) = self.agents.get(agent) else {
             return Err(Reason::Unassigned);
         };
         if let Some(target) = self.targets.get(key) {
-            let selected = self
-                .jobs
-                .get(job)
-                .and_then(|j| j.config.as_ref())
-                .is_some_and(|j| j.config.selects(&a.labels))
+            let config = self.jobs.get(job).and_then(|j| j.config.as_ref());
+            let selected = config.is_some_and(|j| j.config.selects(&a.labels))
                 || self
                     .previous_selectors
                     .get(job)
                     .is_some_and(|selector| selects(selector, &a.labels));
-            return if selected {
-                Ok(target.clone())
-            } else {
-                Err(Reason::Unassigned)
+            return match config {
+                Some(config) if selected => Ok(Admitted {
+                    target: target.clone(),
+                    key: key.clone(),
+                    budget: Some(CheckBudget::of(&config.module, &self.config.limits)),
+                }),
+                _ => Err(Reason::Unassigned),
             };
         }
         if a.local_jobs.iter().any(|j| j == job) && self.is_local_job(job) {
+            if key.1.len() > self.config.limits.max_instance_bytes.0 as usize {
+                return Err(Reason::InstanceTooLong);
+            }
             if !a.local_targets.contains(key)
                 && a.local_targets.len() >= self.config.limits.max_local_targets
             {
                 return Err(Reason::LocalLimit);
             }
-            return Ok(Arc::new(Target {
-                job: key.0.clone(),
-                instance: key.1.clone(),
-                labels: Labels::new(),
-            }));
+            let shared = self.config.shared_local_jobs.contains(job);
+            let (entry_key, labels) = if shared {
+                (key.clone(), Labels::new())
+            } else {
+                (
+                    (key.0.clone(), owned_instance(&key.1, agent)),
+                    Labels::from([("agent".to_string(), agent.to_string())]),
+                )
+            };
+            return Ok(Admitted {
+                target: Arc::new(Target {
+                    job: key.0.clone(),
+                    instance: key.1.clone(),
+                    labels,
+                }),
+                key: entry_key,
+                budget: None,
+            });
         }
         Err(Reason::Unassigned)
     }
@@ -979,13 +1173,23 @@ impl State {
         ch: &mut Changes,
         refused: &mut BTreeMap<Reason, (u64, String)>,
     ) -> Result<(), (Reason, String)> {
-        let key = (r.job.clone(), r.instance.clone());
-        let target = self.admissible(agent, &key).map_err(|reason| {
+        let result_key = (r.job.clone(), r.instance.clone());
+        let Admitted {
+            target,
+            key,
+            budget,
+        } = self.admissible(agent, &result_key).map_err(|reason| {
             let why = match reason {
                 Reason::LocalLimit => format!(
                     "result for {}: the agent's local jobs already have fleet.limits.max_local_targets ({}) targets",
                     describe(r),
                     self.config.limits.max_local_targets
+                ),
+                Reason::InstanceTooLong => format!(
+                    "result for {} (an instance of {} bytes): a local job's instance is at most fleet.limits.max_instance_bytes ({})",
+                    describe(r),
+                    r.instance.len(),
+                    self.config.limits.max_instance_bytes
                 ),
                 _ => format!(
                     "result for {}, which is not assigned to this agent nor one of its local jobs",
@@ -994,6 +1198,7 @@ impl State {
             };
             (reason, why)
         })?;
+        let local = budget.is_none();
         let previous = self
             .entries
             .get(&key)
@@ -1043,7 +1248,7 @@ impl State {
         };
         // The shape a later result may match: only one whose samples were all kept.
         let shape = (same_shape || kept.len() == r.samples.len()).then(|| r.samples.shape.clone());
-        let (sample_count, samples_weigh) = if same_shape {
+        let (sample_count, names_weigh) = if same_shape {
             (r.samples.len(), r.samples.shape.bytes)
         } else {
             (
@@ -1053,48 +1258,80 @@ impl State {
                     .sum(),
             )
         };
-        let held_before = previous.as_ref().map_or(0, |p| p.values.len());
-        let bytes_before = previous.as_ref().map_or(0, |p| p.bytes);
-        // A trace weighs against the same bound as the series it comes with.
-        let samples_weigh = samples_weigh + r.trace.as_ref().map_or(0, |t| t.weight());
+        // Every series of the target carries its job and instance; a trace weighs
+        // against the same bound as the series it comes with.
+        let key_bytes = r.job.len() + r.instance.len();
+        let samples_weigh =
+            names_weigh + sample_count * key_bytes + r.trace.as_ref().map_or(0, |t| t.weight());
         let limits = self.config.limits;
+        let module = self
+            .jobs
+            .get(&r.job)
+            .and_then(|j| j.config.as_ref())
+            .map_or("", |c| c.module_name.as_str());
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
         };
-        let series = a.series - held_before.min(a.series) + sample_count;
-        let bytes = a.series_bytes - bytes_before.min(a.series_bytes) + samples_weigh;
-        if series > limits.max_series || bytes as u64 > limits.max_series_bytes.0 {
-            return Err((
-                Reason::SeriesLimit,
-                format!(
-                    "result for {} would make the agent hold {series} series of {bytes} bytes; fleet.limits.max_series is {}, max_series_bytes {}",
-                    describe(r),
-                    limits.max_series,
-                    limits.max_series_bytes
-                ),
-            ));
+        let mut held = a.held();
+        if let Some(p) = &previous {
+            held.take(p);
         }
-        ch.undo
-            .series
-            .push((a.id.clone(), a.series, a.series_bytes));
-        a.series = series;
-        a.series_bytes = bytes;
-        if target.labels.is_empty()
-            && !self.targets.contains_key(&key)
-            && a.local_targets.insert(key.clone())
-        {
-            ch.undo.local_targets.push((agent.to_string(), key.clone()));
+        held.add(sample_count, samples_weigh, local);
+        match budget {
+            // A check the aggregator assigned brings its own budget: what its module
+            // can produce. Only a result no honest prober sends goes past it.
+            Some(budget) if !budget.allows(sample_count, samples_weigh, key_bytes) => {
+                return Err((
+                    Reason::SeriesLimit,
+                    format!(
+                        "result for {} has {sample_count} samples of {samples_weigh} bytes; a check of module {module:?} produces at most {} samples of {} bytes",
+                        describe(r),
+                        budget.samples,
+                        budget.weight(key_bytes)
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None if held.local_series > limits.max_series
+                || held.local_bytes as u64 > limits.max_series_bytes.0 =>
+            {
+                return Err((
+                    Reason::SeriesLimit,
+                    format!(
+                        "result for {} would make the agent's local jobs hold {} series of {} bytes; fleet.limits.max_series is {}, max_series_bytes {}",
+                        describe(r),
+                        held.local_series,
+                        held.local_bytes,
+                        limits.max_series,
+                        limits.max_series_bytes
+                    ),
+                ));
+            }
+            None => {}
+        }
+        ch.undo.series.push((a.id.clone(), a.held()));
+        a.set_held(held);
+        if local && a.local_targets.insert(result_key.clone()) {
+            ch.undo
+                .local_targets
+                .push((agent.to_string(), result_key.clone()));
         }
         let agent_id = a.id.clone();
         if !self.entries.contains_key(&key) {
-            let entry = TargetEntry::new(Arc::new(key.clone()), &target.labels);
+            let entry = TargetEntry::new(Arc::new(key.clone()), &target);
             ch.undo.created.push(entry.key.clone());
             self.entries.insert(key.clone(), entry);
         }
         let Some(entry) = self.entries.get_mut(&key) else {
             return Ok(());
         };
-        entry.relabel(&target.labels);
+        entry.relabel(&target);
+        if let Some(notes) = self.refused_notes.get_mut(&key) {
+            notes.remove(&agent_id);
+            if notes.is_empty() {
+                self.refused_notes.remove(&key);
+            }
+        }
         let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
         let (series, values): (Arc<[Series]>, Arc<[f64]>) = match &previous {
             Some(p) if same_shape && same_base => {
@@ -1177,6 +1414,7 @@ impl State {
                 series,
                 values,
                 bytes: samples_weigh,
+                local,
                 shape,
                 config_epoch: self.config_epoch,
                 base: entry.base.clone(),
@@ -1216,10 +1454,9 @@ impl State {
         for key in undo.created {
             self.entries.remove(&*key);
         }
-        for (agent, series, bytes) in undo.series.into_iter().rev() {
+        for (agent, held) in undo.series.into_iter().rev() {
             if let Some(a) = self.agents.get_mut(&*agent) {
-                a.series = series;
-                a.series_bytes = bytes;
+                a.set_held(held);
             }
         }
         for (agent, key) in undo.local_targets {
@@ -1293,11 +1530,8 @@ impl State {
             }
             for (agent, view) in &entry.views {
                 if let Some(a) = self.agents.get_mut(&**agent) {
-                    ch.undo
-                        .series
-                        .push((a.id.clone(), a.series, a.series_bytes));
-                    a.series = a.series.saturating_sub(view.values.len());
-                    a.series_bytes = a.series_bytes.saturating_sub(view.bytes);
+                    ch.undo.series.push((a.id.clone(), a.held()));
+                    a.release(view);
                 }
             }
             ch.undo.retired.push((key, entry));
@@ -1834,7 +2068,8 @@ mod tests {
         let labels = hello.labels.clone().into_iter().collect();
         let c = hub
             .connect(hello, labels, credential, sender, now_ms)
-            .wait();
+            .wait()
+            .expect("connect");
         (c.connection, c.kick)
     }
 
@@ -1924,7 +2159,7 @@ fleet: {missing_after: 30s}
         assert_eq!(results(&hub, "edge", &batch, T0).ok(), Some(Some(4)));
         assert_eq!(refused(&hub, "future_timestamp"), 2);
         let state = hub.snapshot_blocking();
-        let entry = &state.entries[&("local".to_string(), "127.0.0.1:22".to_string())];
+        let entry = &state.entries[&("local".to_string(), owned_instance("127.0.0.1:22", "edge"))];
         assert_eq!(entry.views["edge"].spacing_ms, Some(T0));
     }
 
@@ -2719,8 +2954,21 @@ fleet: {missing_after: 30s}
         );
     }
 
+    /// A result of `job`/`instance` with `n` samples.
+    fn result_with(seq: u64, job: &str, instance: &str, n: usize) -> IncomingResult {
+        let mut r = result(seq, job, instance, T0 + seq as i64, true);
+        for i in 1..n {
+            r.samples.push((
+                "probe_http_duration_seconds".into(),
+                vec![("phase".into(), i.to_string().into())],
+                0.1,
+            ));
+        }
+        r
+    }
+
     #[test]
-    fn the_series_an_agent_holds_are_bounded() {
+    fn the_series_of_an_agents_local_jobs_are_bounded() {
         let text = CONFIG.replace(
             "fleet: {missing_after: 30s}",
             "fleet: {missing_after: 30s, limits: {max_series: 3}}",
@@ -2728,25 +2976,224 @@ fleet: {missing_after: 30s}
         let rec = Arc::new(Recorder::default());
         let hub = Hub::new(config(&text), rec.clone(), T0);
         let (tx, _rx) = mpsc::channel(16);
-        let h = hello("eu-1", "eu");
+        let mut h = hello("eu-1", "eu");
+        h.local_jobs = vec!["mine".into()];
         connect(&hub, &h, None, tx, T0);
-        let mut big = result(1, "web", "127.0.0.1:80", T0, true);
-        big.samples
-            .push(("probe_duration_seconds".into(), vec![], 0.1));
-        big.samples
-            .push(("probe_http_status_code".into(), vec![], 200.0));
-        results(&hub, "eu-1", &[big.clone()], T0).unwrap();
-        let mut more = result(2, "slow", "127.0.0.1:81", T0, true);
-        more.samples
-            .push(("probe_duration_seconds".into(), vec![], 0.1));
-        results(&hub, "eu-1", &[more], T0).unwrap();
+        let mut big = result_with(1, "mine", "a", 3);
+        results(&hub, "eu-1", &[big.clone()], T0 + 10).unwrap();
+        results(&hub, "eu-1", &[result_with(2, "mine", "b", 2)], T0 + 10).unwrap();
         assert_eq!(refused(&hub, "series_limit"), 1);
         // Replacing a target's result frees what the old one held.
         big.seq = 3;
-        big.timestamp_ms = T0 + 1;
-        results(&hub, "eu-1", &[big], T0 + 1).unwrap();
+        big.timestamp_ms = T0 + 3;
+        results(&hub, "eu-1", &[big], T0 + 10).unwrap();
         assert_eq!(refused(&hub, "series_limit"), 1);
         assert_eq!(hub.snapshot_blocking().agents["eu-1"].series, 3);
+    }
+
+    #[test]
+    fn assigned_checks_are_never_refused_for_the_fixed_budget_only_past_their_modules() {
+        // max_series 1 and max_series_bytes 1 byte: the fixed budget holds nothing, and
+        // assigned checks bring their own.
+        let text = CONFIG.replace(
+            "fleet: {missing_after: 30s}",
+            "fleet: {missing_after: 30s, limits: {max_series: 1, max_series_bytes: 1}}",
+        );
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(&text), rec.clone(), T0);
+        let (tx, _rx) = mpsc::channel(16);
+        connect(&hub, &hello("eu-1", "eu"), None, tx, T0);
+        let budget = CheckBudget::of(
+            &sonde_proto::config::Module {
+                prober: sonde_proto::config::Prober::Tcp,
+                ..serde_json::from_str(r#"{"prober":"tcp"}"#).unwrap()
+            },
+            &crate::config::FleetLimits::default(),
+        );
+        let batch = [
+            result_with(1, "web", "127.0.0.1:80", budget.samples),
+            result_with(2, "slow", "127.0.0.1:81", 3),
+        ];
+        results(&hub, "eu-1", &batch, T0 + 10).unwrap();
+        assert_eq!(refused(&hub, "series_limit"), 0);
+        let state = hub.snapshot_blocking();
+        assert_eq!(state.agents["eu-1"].series, budget.samples + 3);
+        // One sample more than a tcp check produces: refused, and shown on the row.
+        let over = result_with(3, "slow", "127.0.0.1:81", budget.samples + 1);
+        results(&hub, "eu-1", &[over], T0 + 10).unwrap();
+        assert_eq!(refused(&hub, "series_limit"), 1);
+        let state = hub.snapshot_blocking();
+        let key = ("slow".to_string(), "127.0.0.1:81".to_string());
+        let note = &state.refused[&key]["eu-1"];
+        assert_eq!(note.reason, Reason::SeriesLimit);
+        assert!(note.detail.contains("module \"tcp\""), "{}", note.detail);
+        // The next result accepted clears it.
+        results(
+            &hub,
+            "eu-1",
+            &[result_with(4, "slow", "127.0.0.1:81", 2)],
+            T0 + 10,
+        )
+        .unwrap();
+        assert!(!hub.snapshot_blocking().refused.contains_key(&key));
+    }
+
+    #[test]
+    fn job_and_instance_weigh_on_every_sample_and_a_local_instance_is_bounded() {
+        let text = CONFIG.replace(
+            "fleet: {missing_after: 30s}",
+            "fleet: {missing_after: 30s, limits: {max_instance_bytes: 100}}",
+        );
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(&text), rec.clone(), T0);
+        let (tx, _rx) = mpsc::channel(16);
+        let mut h = hello("eu-1", "eu");
+        h.local_jobs = vec!["mine".into()];
+        connect(&hub, &h, None, tx, T0);
+        let batch = [
+            result_with(1, "mine", &"i".repeat(100), 2),
+            result_with(2, "mine", &"i".repeat(101), 2),
+        ];
+        results(&hub, "eu-1", &batch, T0 + 10).unwrap();
+        assert_eq!(refused(&hub, "instance_too_long"), 1);
+        let state = hub.snapshot_blocking();
+        let names = sample_weight("probe_success", &[])
+            + sample_weight(
+                "probe_http_duration_seconds",
+                &[("phase".into(), "1".into())],
+            );
+        assert_eq!(state.agents["eu-1"].series_bytes, names + 2 * (4 + 100));
+    }
+
+    #[test]
+    fn a_local_jobs_targets_belong_to_the_agent_that_declares_them_unless_shared() {
+        for shared in [false, true] {
+            let text = if shared {
+                CONFIG.replace(
+                    "fleet: {missing_after: 30s}",
+                    "fleet: {missing_after: 30s, shared_local_jobs: [node]}",
+                )
+            } else {
+                CONFIG.to_string()
+            };
+            let rec = Arc::new(Recorder::default());
+            let hub = Hub::new(config(&text), rec.clone(), T0);
+            let mut receivers = Vec::new();
+            for id in ["honest", "mallory"] {
+                let (tx, rx) = mpsc::channel(16);
+                receivers.push(rx);
+                let mut h = hello(id, "eu");
+                h.local_jobs = vec!["node".into()];
+                connect(&hub, &h, None, tx, T0);
+            }
+            results(
+                &hub,
+                "honest",
+                &[result(1, "node", "localhost:9100", T0, false)],
+                T0,
+            )
+            .unwrap();
+            results(
+                &hub,
+                "mallory",
+                &[result(1, "node", "localhost:9100", T0, true)],
+                T0,
+            )
+            .unwrap();
+            hub.tick(T0 + 1).wait();
+            let out = rec.take();
+            let ups = |agent: Option<&str>| {
+                let mut pairs = vec![("job", "node"), ("instance", "localhost:9100")];
+                pairs.extend(agent.map(|a| ("agent", a)));
+                value_of(&out, "up", &pairs).last().copied()
+            };
+            if shared {
+                // One target: quorum any, mallory's success holds it up.
+                assert_eq!(ups(None), Some(1.0));
+                assert_eq!(hub.snapshot_blocking().entries.len(), 1);
+            } else {
+                assert_eq!(ups(Some("honest")), Some(0.0));
+                assert_eq!(ups(Some("mallory")), Some(1.0));
+                let state = hub.snapshot_blocking();
+                let key = (
+                    "node".to_string(),
+                    owned_instance("localhost:9100", "honest"),
+                );
+                assert_eq!(
+                    state.entries[&key]
+                        .views
+                        .keys()
+                        .map(|a| &**a)
+                        .collect::<Vec<_>>(),
+                    ["honest"]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn owned_instances_of_different_agents_never_meet() {
+        // The quoted id ends at its first unescaped quote, whatever the instance holds.
+        let pairs = [
+            ("a @\"b\"", "c"),
+            ("a", "b\" @\"c"),
+            ("a @\"b", "c"),
+            ("a", "b @c"),
+            ("a @", "b"),
+        ];
+        let keys: BTreeSet<String> = pairs.iter().map(|(i, a)| owned_instance(i, a)).collect();
+        assert_eq!(keys.len(), pairs.len(), "{keys:?}");
+    }
+
+    #[test]
+    fn without_tokens_new_agents_past_max_agents_are_refused() {
+        let text = CONFIG.replace(
+            "fleet: {missing_after: 30s}",
+            "fleet: {missing_after: 30s, limits: {max_agents: 2}}",
+        );
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(&text), rec.clone(), T0);
+        let mut receivers = Vec::new();
+        let mut connect_as = |id: &str| {
+            let (tx, rx) = mpsc::channel(16);
+            receivers.push(rx);
+            let h = hello(id, "eu");
+            let labels = h.labels.clone().into_iter().collect();
+            hub.connect(&h, labels, None, tx, T0).wait()
+        };
+        assert!(connect_as("a").is_ok());
+        assert!(connect_as("b").is_ok());
+        let refused = connect_as("c").err().expect("a third agent is refused");
+        assert!(refused.contains("max_agents"), "{refused}");
+        // An agent it knows still comes back.
+        assert!(connect_as("a").is_ok());
+        assert_eq!(hub.snapshot_blocking().agents.len(), 2);
+    }
+
+    #[test]
+    fn without_tokens_local_job_names_are_bounded_over_all_agents() {
+        let text = CONFIG.replace(
+            "fleet: {missing_after: 30s}",
+            "fleet: {missing_after: 30s, limits: {max_anonymous_local_jobs: 3}}",
+        );
+        let rec = Arc::new(Recorder::default());
+        let hub = Hub::new(config(&text), rec.clone(), T0);
+        let mut receivers = Vec::new();
+        let mut connect_with = |id: &str, jobs: &[&str]| {
+            let (tx, rx) = mpsc::channel(16);
+            receivers.push(rx);
+            let mut h = hello(id, "eu");
+            h.local_jobs = jobs.iter().map(|j| j.to_string()).collect();
+            let labels = h.labels.clone().into_iter().collect();
+            hub.connect(&h, labels, None, tx, T0).wait()
+        };
+        assert!(connect_with("a", &["x", "y"]).is_ok());
+        // Names already declared cost nothing more; a configured job's name is not local.
+        assert!(connect_with("b", &["x", "y", "web"]).is_ok());
+        assert!(connect_with("c", &["z"]).is_ok());
+        let refused = connect_with("d", &["x", "w"]).err().expect("a fourth name");
+        assert!(refused.contains("max_anonymous_local_jobs"), "{refused}");
+        assert!(!hub.snapshot_blocking().agents.contains_key("d"));
     }
 
     #[test]

@@ -224,6 +224,20 @@ pub fn targets_json(state: &Snapshot) -> Value {
                         .collect()
                 })
                 .unwrap_or_default();
+            let refused: Vec<Value> = state
+                .refused
+                .get(key)
+                .into_iter()
+                .flatten()
+                .map(|(agent, note)| {
+                    json!({
+                        "agent": &**agent,
+                        "reason": note.reason.as_str(),
+                        "detail": &*note.detail,
+                        "age_seconds": (now - note.at_ms) as f64 / 1000.0,
+                    })
+                })
+                .collect();
             json!({
                 "job": key.0,
                 "instance": key.1,
@@ -233,6 +247,7 @@ pub fn targets_json(state: &Snapshot) -> Value {
                 "agents": merged.map_or(0, |m| m.agents),
                 "succeeding": merged.map_or(0, |m| m.succeeding),
                 "views": views,
+                "refused": refused,
             })
         })
         .collect();

@@ -224,6 +224,16 @@ pub fn render(
                 },
             );
         }
+        for n in t["refused"].as_array().into_iter().flatten() {
+            let _ = write!(
+                per_agent,
+                "<div class=\"refused\"><span class=\"badge down\">REFUSED</span> <b>{}</b> <code>{}</code> <span class=\"muted\">{:.1}s ago — {}</span></div>",
+                esc(&text(&n["agent"])),
+                esc(&text(&n["reason"])),
+                n["age_seconds"].as_f64().unwrap_or(0.0),
+                esc(&text(&n["detail"])),
+            );
+        }
         if per_agent.is_empty() {
             per_agent.push_str("<span class=\"muted\">no result yet</span>");
         }

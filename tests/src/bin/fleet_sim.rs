@@ -55,6 +55,7 @@ const DEFAULT_MAX_SAMPLES_PER_BATCH: usize = 10_000;
 const DEFAULT_MAX_SAMPLES_PER_RESULT: usize = 256;
 const DEFAULT_MAX_SERIES: usize = 250_000;
 const DEFAULT_MAX_SERIES_BYTES: usize = 32 << 20;
+const DEFAULT_MAX_AGENTS: usize = 1000;
 /// How often the failed target's `up` is looked up in VictoriaMetrics.
 const DETECT_POLL: Duration = Duration::from_millis(50);
 /// Longer than vmagent's flush interval (1 s): the anchor phase's rows are all in once
@@ -1273,6 +1274,11 @@ fn aggregator_config(load: &Load, targets: &Targets, vm: &str) -> (String, Vec<S
         let bytes = series_bytes + series_bytes / 4;
         let _ = writeln!(limits, "    max_series_bytes: {bytes}");
         raised.push(format!("max_series_bytes {bytes}"));
+    }
+    if load.agents > DEFAULT_MAX_AGENTS {
+        // The simulated agents connect without tokens.
+        let _ = writeln!(limits, "    max_agents: {}", load.agents);
+        raised.push(format!("max_agents {}", load.agents));
     }
     let interval_s = load.interval.as_secs_f64();
     let mut text = format!(
