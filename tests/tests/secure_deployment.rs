@@ -374,7 +374,8 @@ fn plaintext_http2_answer(address: &str) -> Vec<u8> {
 /// The security guide gives the command the test runs for the token files, word for word.
 #[test]
 fn readme_has_the_token_command() {
-    let readme = std::fs::read_to_string(repo_path("docs/security.md")).expect("read docs/security.md");
+    let readme =
+        std::fs::read_to_string(repo_path("docs/security.md")).expect("read docs/security.md");
     assert!(
         readme.contains(MAKE_TOKEN_COMMAND),
         "docs/security.md should show the token command `{MAKE_TOKEN_COMMAND}` (tests/src/lib.rs \
