@@ -89,6 +89,7 @@ for t in "${targets[@]}"; do
 done
 
 # --- build (once, every target) -----------------------------------------------------------
+build_started=$SECONDS
 echo "==> cargo +nightly fuzz build (release, AddressSanitizer, debug assertions)"
 # `cargo fuzz build` builds one target or all of them: name them one by one when a
 # subset was asked for (each after the first is only a link step).
@@ -100,6 +101,9 @@ elif ((${#targets[@]} != ${#all_targets[@]})); then
   done
 else
   (cd fuzz && nice -n 19 cargo +nightly fuzz build)
+fi
+if $build; then
+  echo "    built in $((SECONDS - build_started)) s"
 fi
 triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
 bin_dir="fuzz/target/$triple/release"
@@ -187,6 +191,7 @@ run_one() {
 
 echo "==> fuzzing ${#targets[@]} target(s), $seconds CPU-seconds each, $jobs at a time," \
   "-rss_limit_mb=$rss_limit_mb -timeout=$timeout"
+fuzz_started=$SECONDS
 running=0
 for t in "${targets[@]}"; do
   run_one "$t" &
@@ -199,6 +204,7 @@ done
 wait || true
 
 echo
+echo "==> fuzzed in $((SECONDS - fuzz_started)) s"
 printf '%-24s %14s %10s  %s\n' target executions cpu_s result
 failed=0
 for t in "${targets[@]}"; do
