@@ -115,9 +115,13 @@ fi
 
 # --- cargo-deb (tests/tests/packages.rs builds the .debs with it), when missing ------------
 phase "cargo install cargo-deb"
-if ! cargo deb --version >/dev/null 2>&1; then
-  echo "==> cargo install cargo-deb"
-  cargo install --quiet --locked cargo-deb
+# The version is pinned: the test packages the suite's own debug build (`--profile dev`,
+# no release build of its own), which cargo-deb 3.8 allows with a warning and says a later
+# version may refuse.
+cargo_deb_version=3.8.0
+if [[ "$(cargo deb --version 2>/dev/null)" != *" $cargo_deb_version"* ]]; then
+  echo "==> cargo install cargo-deb $cargo_deb_version"
+  cargo install --quiet --locked --force cargo-deb --version "$cargo_deb_version"
 fi
 
 # --- Rust --------------------------------------------------------------------------------
