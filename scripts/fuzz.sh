@@ -89,6 +89,7 @@ for t in "${targets[@]}"; do
 done
 
 # --- build (once, every target) -----------------------------------------------------------
+build_started=$SECONDS
 echo "==> cargo +nightly fuzz build (release, AddressSanitizer, debug assertions)"
 # `cargo fuzz build` builds one target or all of them: name them one by one when a
 # subset was asked for (each after the first is only a link step).
@@ -101,6 +102,9 @@ elif ((${#targets[@]} != ${#all_targets[@]})); then
 else
   (cd fuzz && nice -n 19 cargo +nightly fuzz build)
 fi
+if $build; then
+  echo "    built in $((SECONDS - build_started)) s"
+fi
 triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
 bin_dir="fuzz/target/$triple/release"
 
@@ -112,8 +116,11 @@ if $cmin; then
       [[ -d "$extra" ]] && find "$extra" -type f -exec cp -n {} "fuzz/corpus/$t/" \;
     done
     before=$(find "fuzz/corpus/$t" -type f | wc -l)
+    # Edges only (-use_counters=0): with hit counts every loop length counts as new, and
+    # the committed corpus would keep thousands of inputs per target that the replay in
+    # CI pays for and a clone carries.
     (cd fuzz && nice -n 19 cargo +nightly fuzz cmin "$t" "corpus/$t" -- \
-      -rss_limit_mb="$rss_limit_mb" -timeout="$timeout") >/dev/null 2>&1
+      -use_counters=0 -rss_limit_mb="$rss_limit_mb" -timeout="$timeout") >/dev/null 2>&1
     after=$(find "fuzz/corpus/$t" -type f | wc -l)
     echo "$t: $before inputs -> $after ($(du -sh "fuzz/corpus/$t" | cut -f1))"
   done
@@ -187,6 +194,7 @@ run_one() {
 
 echo "==> fuzzing ${#targets[@]} target(s), $seconds CPU-seconds each, $jobs at a time," \
   "-rss_limit_mb=$rss_limit_mb -timeout=$timeout"
+fuzz_started=$SECONDS
 running=0
 for t in "${targets[@]}"; do
   run_one "$t" &
@@ -199,6 +207,7 @@ done
 wait || true
 
 echo
+echo "==> fuzzed in $((SECONDS - fuzz_started)) s"
 printf '%-24s %14s %10s  %s\n' target executions cpu_s result
 failed=0
 for t in "${targets[@]}"; do

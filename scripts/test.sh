@@ -8,6 +8,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/debian-packages.sh
 
+# --- phase timer ---------------------------------------------------------------------------
+# `phase NAME` ends the running phase (printing its wall time) and starts NAME; at the exit
+# a table of every phase's time, so that each run shows where the time went.
+phase_names=()
+phase_seconds=()
+phase_name=""
+phase_started=$SECONDS
+phase() {
+  if [[ -n "$phase_name" ]]; then
+    local took=$((SECONDS - phase_started))
+    phase_names+=("$phase_name")
+    phase_seconds+=("$took")
+    printf '==> %s: %dm%02ds\n' "$phase_name" $((took / 60)) $((took % 60))
+  fi
+  phase_name="$1"
+  phase_started=$SECONDS
+}
+cleanup=()
+on_exit() {
+  local status=$?
+  phase ""
+  echo
+  echo "==> time per phase"
+  local i
+  for i in "${!phase_names[@]}"; do
+    printf '%6dm%02ds  %s\n' $((phase_seconds[i] / 60)) $((phase_seconds[i] % 60)) "${phase_names[i]}"
+  done
+  printf '%6dm%02ds  total\n' $((SECONDS / 60)) $((SECONDS % 60))
+  if ((${#cleanup[@]})); then rm -rf "${cleanup[@]}"; fi
+  exit "$status"
+}
+trap on_exit EXIT
+
 # --- Debian packages the tests run against -------------------------------------------
 # program -> package
 declare -A packages=(
@@ -32,6 +65,7 @@ declare -A package_files=(
   [/usr/lib/nginx/modules/ngx_stream_module.so]=libnginx-mod-stream
   [/usr/lib/nginx/modules/ngx_mail_module.so]=libnginx-mod-mail
 )
+phase "Debian packages"
 missing=()
 for program in "${!packages[@]}"; do
   if ! PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" command -v "$program" >/dev/null 2>&1; then
@@ -53,6 +87,7 @@ fi
 # The spec's .proto compiled by grpcio-tools' protoc, parsed by `protobuf`, snappy by
 # `cramjam`: an implementation independent of sonde's encoder. Installed from PyPI only
 # when missing.
+phase "Python packages"
 py_packages=(grpcio-tools protobuf cramjam)
 if ! python3 -c 'import grpc_tools, google.protobuf, cramjam' >/dev/null 2>&1; then
   echo "==> installing Python packages: ${py_packages[*]}"
@@ -79,30 +114,40 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
 fi
 
 # --- cargo-deb (tests/tests/packages.rs builds the .debs with it), when missing ------------
-if ! cargo deb --version >/dev/null 2>&1; then
-  echo "==> cargo install cargo-deb"
-  cargo install --quiet --locked cargo-deb
+phase "cargo install cargo-deb"
+# The version is pinned: the test packages the suite's own debug build (`--profile dev`,
+# no release build of its own), which cargo-deb 3.8 allows with a warning and says a later
+# version may refuse.
+cargo_deb_version=3.8.0
+if [[ "$(cargo deb --version 2>/dev/null)" != *" $cargo_deb_version"* ]]; then
+  echo "==> cargo install cargo-deb $cargo_deb_version"
+  cargo install --quiet --locked --force cargo-deb --version "$cargo_deb_version"
 fi
 
 # --- Rust --------------------------------------------------------------------------------
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+phase "cargo fmt"
 echo "==> cargo fmt --all -- --check (and the fuzz crate)"
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 
+phase "cargo clippy"
 echo "==> cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+phase "cargo doc"
 echo "==> cargo doc --workspace --no-deps (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
+phase "cargo build"
 echo "==> cargo build --workspace --bins"
 cargo build --workspace --bins
 
+phase "cargo test"
 echo "==> cargo test --workspace"
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+cleanup+=("$log")
 status=0
 # --no-fail-fast: run every test binary, so one failure does not hide the others.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
@@ -120,6 +165,21 @@ awk '
   }
   END { printf "total: %d passed, %d failed, %d skipped\n", passed, failed, ignored }
 ' "$log"
+# libtest prints each test binary's wall time on its result line: the slowest first.
+echo
+echo "==> the slowest test binaries"
+awk '
+  /^     Running / {
+    name = $2
+    if (name == "unittests" && match($0, /deps\/[^)]*-/)) {
+      name = substr($0, RSTART + 5, RLENGTH - 6) " (" $3 ")"
+    }
+  }
+  /^   Doc-tests / { name = "doc-tests " $2 }
+  /^test result:/ && match($0, /finished in [0-9.]+s/) {
+    printf "%8.1fs  %s\n", substr($0, RSTART + 12, RLENGTH - 13), name
+  }
+' "$log" | sort -rn | head -n 15
 if ((status != 0)); then
   echo "cargo test failed (exit $status)" >&2
 fi
@@ -128,6 +188,7 @@ fi
 # Each cargo-fuzz target replays its committed corpus (fuzz/corpus/) and fuzzes for ~10
 # CPU-seconds, so that a regression in a decoder of untrusted input is caught. Costs one
 # nightly release build of the fuzz crate (~16 minutes on 2 cores in CI) and ~1 minute of fuzzing.
+phase "fuzz targets (build and brief run)"
 echo
 echo "==> scripts/fuzz.sh --brief --jobs 2"
 fuzz_status=0

@@ -6,14 +6,17 @@
 //! (exactly as the units' ExecStartPre runs it), and the installed rules pass promtool.
 //! The packages are purged at the end.
 //!
-//! Costs one release build of both binaries (a few minutes), done once for both packages.
+//! The packages hold the binaries the other end-to-end tests run (`sonde_bin`: the test's
+//! own profile, `cargo deb --no-build --profile`), so this test costs no build of its own:
+//! a release build would compile every dependency once more, some ten minutes of the
+//! suite on two cores, and nothing it checks (the metadata, the installed files, the user,
+//! the units, the configs passing `check-config`) depends on the optimisation level.
 
-use sonde_tests::{TestDir, file_mode, require_tool, run, under_ci, workspace_root};
+use sonde_tests::{TestDir, file_mode, require_tool, run, sonde_bin, under_ci, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-const BUILD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The `cargo-deb` subcommand: on PATH or in cargo's bin directory. Missing, the test
@@ -43,8 +46,16 @@ fn cargo_deb() -> PathBuf {
         })
 }
 
-fn cargo() -> std::ffi::OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+/// The cargo profile whose output directory holds `bin` (`target/debug` is `dev`).
+fn profile_of(bin: &Path) -> String {
+    match bin
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+    {
+        Some("debug") | None => "dev".into(),
+        Some(other) => other.into(),
+    }
 }
 
 fn is_root() -> bool {
@@ -103,22 +114,23 @@ fn debian_packages_build_install_and_check_their_configs() {
     );
     let scratch = TestDir::new("packages");
 
-    // One release build for both packages, then cargo deb packages what it built.
-    let mut build = Command::new(cargo());
-    build.current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "sonde-agent",
-        "-p",
-        "sonde-aggregator",
-    ]);
-    must(build, &scratch, BUILD_TIMEOUT);
+    // cargo deb packages the binaries the suite built; `sonde_bin` builds them if needed.
+    let profile = profile_of(&sonde_bin("sonde-agent"));
     let mut debs = Vec::new();
     for package in ["sonde-agent", "sonde-aggregator"] {
         let mut cmd = Command::new(&cargo_deb);
-        cmd.current_dir(workspace_root())
-            .args(["deb", "--no-build", "-p", package]);
+        // --strip and --fast: the debug build's binaries are large, and xz at its default
+        // level would spend a minute on them.
+        cmd.current_dir(workspace_root()).args([
+            "deb",
+            "--no-build",
+            "--profile",
+            &profile,
+            "--strip",
+            "--fast",
+            "-p",
+            package,
+        ]);
         let out = must(cmd, &scratch, TIMEOUT);
         let deb = deb_path(&out);
         assert!(deb.exists(), "{} does not exist:\n{out}", deb.display());

@@ -7,11 +7,10 @@ use super::tls_samples::TlsFacts;
 use super::{Failure, ProbeContext, Reason, Samples, io_reason};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use sonde_proto::config::module::{TlsConfig, tls_version_number};
-use sonde_proto::tls::SkipVerify;
+use sonde_proto::tls::{PemError, SkipVerify, read_certificates, read_private_key};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -24,20 +23,12 @@ pub(crate) enum TlsSetupError {
     NoVersion { min: String, max: String },
     #[error("tls: {0}")]
     Versions(rustls::Error),
-    #[error("tls_config.{what} {path}: {error}")]
-    ReadCerts {
-        what: &'static str,
-        path: String,
-        error: pem::Error,
-    },
-    #[error("tls_config.{what} {path}: no PEM certificate in it")]
-    NoCerts { what: &'static str, path: String },
+    #[error("tls_config.{what}: {error}")]
+    Pem { what: &'static str, error: PemError },
     #[error("tls_config.ca_file {path}: {error}")]
     BadCa { path: String, error: rustls::Error },
     #[error("tls_config: {0}")]
     Verifier(rustls::client::VerifierBuilderError),
-    #[error("tls_config.key_file {path}: {error}")]
-    KeyFile { path: String, error: pem::Error },
     #[error("tls_config.cert_file: {0}")]
     ClientCert(rustls::Error),
 }
@@ -93,7 +84,7 @@ impl TlsClient {
         let roots = if cfg.insecure_skip_verify {
             None
         } else if let Some(path) = &cfg.ca_file {
-            ca_certs = read_certs(path, "ca_file")?;
+            ca_certs = read_pem(read_certificates, path, "ca_file")?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in &ca_certs {
                 roots
@@ -122,12 +113,8 @@ impl TlsClient {
             .with_custom_certificate_verifier(verifier);
         let mut config = match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => {
-                let chain = read_certs(cert, "cert_file")?;
-                let key =
-                    PrivateKeyDer::from_pem_file(key).map_err(|error| TlsSetupError::KeyFile {
-                        path: key.clone(),
-                        error,
-                    })?;
+                let chain = read_pem(read_certificates, cert, "cert_file")?;
+                let key = read_pem(read_private_key, key, "key_file")?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(TlsSetupError::ClientCert)?
@@ -261,22 +248,11 @@ impl ServerCertVerifier for Capturing {
     }
 }
 
-pub(crate) fn read_certs(
+/// `read` (certificates or a key) of the file at `path`, named by `what` in the error.
+fn read_pem<T>(
+    read: fn(&std::path::Path) -> Result<T, PemError>,
     path: &str,
     what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| TlsSetupError::ReadCerts {
-            what,
-            path: path.to_string(),
-            error,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsSetupError::NoCerts {
-            what,
-            path: path.to_string(),
-        });
-    }
-    Ok(certs)
+) -> Result<T, TlsSetupError> {
+    read(std::path::Path::new(path)).map_err(|error| TlsSetupError::Pem { what, error })
 }

@@ -6,9 +6,9 @@
 use super::diagnose::{self, Entry, Recorder, Seen, lock};
 use super::is_refusal;
 use crate::config::AggregatorEndpoint;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use sonde_cli::errors::{CONNECTION_LOST, connection_lost, describe};
+use sonde_proto::tls::{read_certificates, read_private_key};
 use std::error::Error;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -242,11 +242,11 @@ fn client_config(cfg: &crate::config::ClientTlsConfig) -> Result<rustls::ClientC
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(ca) => {
-            let ca = ca.to_string_lossy();
-            for cert in crate::probe::tls::read_certs(&ca, "ca_file").map_err(|e| e.to_string())? {
+            let certs = read_certificates(ca).map_err(|e| format!("tls_config.ca_file: {e}"))?;
+            for cert in certs {
                 roots
                     .add(cert)
-                    .map_err(|e| format!("tls_config.ca_file {ca}: {e}"))?;
+                    .map_err(|e| format!("tls_config.ca_file {}: {e}", ca.display()))?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -257,10 +257,9 @@ fn client_config(cfg: &crate::config::ClientTlsConfig) -> Result<rustls::ClientC
         .with_root_certificates(roots);
     let mut config = match (&cfg.cert_file, &cfg.key_file) {
         (Some(cert), Some(key)) => {
-            let chain = crate::probe::tls::read_certs(&cert.to_string_lossy(), "cert_file")
-                .map_err(|e| e.to_string())?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("tls_config.key_file {}: {e}", key.display()))?;
+            let chain =
+                read_certificates(cert).map_err(|e| format!("tls_config.cert_file: {e}"))?;
+            let key = read_private_key(key).map_err(|e| format!("tls_config.key_file: {e}"))?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| format!("tls_config.cert_file and key_file: {e}"))?

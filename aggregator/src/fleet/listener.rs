@@ -6,10 +6,9 @@
 
 use crate::config::ServerTlsConfig;
 use crate::refusals::Refusals;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sonde_proto::tls::{PemError, read_certificates, read_private_key};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -47,16 +46,13 @@ impl FleetTls {
 /// Why `fleet.tls` cannot be used; nothing of it is, and the files stay as they were.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetTlsError {
-    /// `file` (cert_file, key_file or client_ca_file) cannot be read as PEM.
-    #[error("fleet.tls: cannot read {file} {}: {source}", path.display())]
+    /// `file` (cert_file, key_file or client_ca_file) gives no certificate or no key.
+    #[error("fleet.tls.{file}: {source}")]
     Unreadable {
         file: &'static str,
-        path: PathBuf,
         #[source]
-        source: rustls::pki_types::pem::Error,
+        source: PemError,
     },
-    #[error("fleet.tls: cert_file {} holds no PEM certificate", path.display())]
-    NoCertificate { path: PathBuf },
     /// rustls refused what the files hold (a client CA it cannot use, a certificate
     /// and key that do not make a pair).
     #[error("fleet.tls: {what}: {source}")]
@@ -75,20 +71,9 @@ pub enum FleetTlsError {
 
 /// A rustls server configuration from `fleet.tls`, speaking HTTP/2 only.
 pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, FleetTlsError> {
-    let unreadable = |file, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FleetTlsError::Unreadable { file, path, source }
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|certs| certs.collect())
-        .map_err(unreadable("cert_file", &tls.cert_file))?;
-    if certs.is_empty() {
-        return Err(FleetTlsError::NoCertificate {
-            path: tls.cert_file.clone(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(unreadable("key_file", &tls.key_file))?;
+    let unreadable = |file| move |source| FleetTlsError::Unreadable { file, source };
+    let certs = read_certificates(&tls.cert_file).map_err(unreadable("cert_file"))?;
+    let key = read_private_key(&tls.key_file).map_err(unreadable("key_file"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -99,10 +84,7 @@ pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>,
     let builder = match &tls.client_ca_file {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in
-                CertificateDer::pem_file_iter(ca).map_err(unreadable("client_ca_file", ca))?
-            {
-                let cert = cert.map_err(unreadable("client_ca_file", ca))?;
+            for cert in read_certificates(ca).map_err(unreadable("client_ca_file"))? {
                 roots.add(cert).map_err(|source| FleetTlsError::Refused {
                     what: format!("client_ca_file {}", ca.display()),
                     source,

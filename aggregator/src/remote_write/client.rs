@@ -10,8 +10,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -590,12 +589,8 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig,
     let mut config = match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {
             let certs = read_certs("tls_config.cert_file", cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                invalid(format!(
-                    "tls_config.key_file: cannot read a PEM private key from {}: {e}",
-                    key.display()
-                ))
-            })?;
+            let key = sonde_proto::tls::read_private_key(key)
+                .map_err(|e| invalid(format!("tls_config.key_file: {e}")))?;
             builder.with_client_auth_cert(certs, key).map_err(|e| {
                 invalid(format!(
                     "tls_config: cert_file and key_file do not fit: {e}"
@@ -619,21 +614,7 @@ pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig,
 }
 
 fn read_certs(option: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, SettingError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            invalid(format!(
-                "{option}: cannot read PEM certificates from {}: {e}",
-                path.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(invalid(format!(
-            "{option}: no PEM certificate (-----BEGIN CERTIFICATE-----) in {}",
-            path.display()
-        )));
-    }
-    Ok(certs)
+    sonde_proto::tls::read_certificates(path).map_err(|e| invalid(format!("{option}: {e}")))
 }
 
 /// Standard base64 with padding, for the Basic credentials.
