@@ -1,4 +1,4 @@
-//! Issue 4's delivery guarantee, with real processes and real SIGKILLs: every probe a
+//! The delivery guarantee, with real processes and real SIGKILLs: every probe a
 //! sonde agent runs reaches Prometheus exactly once, with its original timestamp, through
 //! aggregator crashes and partitions; a removed job's `up` disappears at once.
 //!

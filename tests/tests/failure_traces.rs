@@ -1,4 +1,4 @@
-//! What the agent saw (issue 11, points 3 and 4), against real processes in network
+//! What the agent saw, against real processes in network
 //! namespaces the test builds:
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Issue 7, point 8: the HTTP endpoints of both binaries hold against slow, many and
+//! The HTTP endpoints of both binaries hold against slow, many and
 //! greedy callers, against the real binaries on loopback.
 //!
 //! - a connection that never finishes its request headers is closed after the header

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(90);
-/// How long Prometheus stays down (issue 4: two minutes).
+/// How long Prometheus stays down (two minutes).
 const OUTAGE: Duration = Duration::from_secs(120);
 
 /// Starts Prometheus as process `name` on `port` with its TSDB in `data` (so that a

@@ -71,7 +71,7 @@ const DRAIN_MAX: Duration = Duration::from_secs(300);
     about = "Simulated sonde agents against the real aggregator, with vmagent as the anchor, both into a real VictoriaMetrics"
 )]
 struct Args {
-    /// A predefined load; the other flags override its parts. `goal`: issue 8's goal,
+    /// A predefined load; the other flags override its parts. `goal`: the aggregator's goal shape,
     /// 1,000 agents × 1,000 targets at a 60 s interval for 3 minutes. `big-job`: one job
     /// of 50,000 targets probed by 3 agents at 60 s for 2 minutes.
     #[arg(long, value_enum)]
