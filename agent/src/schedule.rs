@@ -617,22 +617,27 @@ impl Check {
                     value: f64::from(retries_used),
                 });
             }
-            self.counts.ran(outcome.success);
             if let Some(trace) = &mut outcome.trace
                 && let Some(addr) = trace.last_connect_address()
             {
                 // What the network looked like on the way to the address that failed.
                 trace.path = self.ctx.tracer.path_to(addr.ip()).await;
             }
-            // Whoever wants the check when the probe ends gets its result.
+            // Whoever wants the check when the probe ends gets its result. A check removed
+            // while its probe ran has nobody left to take it: the result is neither kept
+            // nor counted, so that `sonde_agent_probes_total` stays the number of results
+            // the aggregators see.
             let route = lock(&self.route).clone();
-            self.buffer.record(
-                &route,
-                &spec.job,
-                &spec.instance,
-                unix_ms(started_at),
-                outcome,
-            );
+            if !route.is_empty() {
+                self.counts.ran(outcome.success);
+                self.buffer.record(
+                    &route,
+                    &spec.job,
+                    &spec.instance,
+                    unix_ms(started_at),
+                    outcome,
+                );
+            }
             // The slots that passed while this probe (with its wait) ran are skipped but
             // the latest, which starts at once, late.
             let mut next = slot + interval;
