@@ -419,7 +419,7 @@ mod tests {
             o.failure
                 .clone()
                 .unwrap()
-                .contains("ca_file /nonexistent/ca.pem")
+                .contains("tls_config.ca_file: cannot read /nonexistent/ca.pem")
         );
         assert!(sample(&o, "probe_ip_protocol").is_none());
     }

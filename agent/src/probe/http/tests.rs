@@ -590,7 +590,7 @@ async fn probe_https_missing_ca_file_fails_before_connecting() {
         o.failure
             .clone()
             .unwrap()
-            .contains("ca_file /nonexistent/ca.pem")
+            .contains("tls_config.ca_file: cannot read /nonexistent/ca.pem")
     );
     assert_eq!(phase(&o, "connect"), 0.0);
 }
