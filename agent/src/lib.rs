@@ -13,6 +13,7 @@ pub mod assigned;
 pub mod buffer;
 pub mod config;
 pub mod metrics;
+pub mod one_connection;
 pub mod probe;
 pub mod record;
 pub mod runtime;

@@ -9,11 +9,10 @@ use super::net::{Io, connect};
 use super::tls::TlsClient;
 use super::tls_samples::TlsFacts;
 use super::{Because, Env, Failure, HostPortError, Reason, Samples, Stage, resolve_target};
+use crate::one_connection::OneConnection;
 use sonde_proto::config::Module;
 use std::error::Error as _;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -190,7 +189,10 @@ async fn check(
             ))
         })?;
     let channel = endpoint
-        .connect_with_connector(Established(Mutex::new(Some(io))))
+        .connect_with_connector(OneConnection::new(
+            io,
+            "the probe's one connection is already in use (no reconnects within a probe)",
+        ))
         .await
         .map_err(|e| {
             NoAnswer::unavailable(Failure::new(
@@ -283,29 +285,6 @@ pub(crate) fn host_port(target: &str, tls: bool) -> Result<(&str, u16), HostPort
         Some(p) => p.parse::<u16>().map_err(|_| bad("not a port number"))?,
     };
     Ok((host, port))
-}
-
-/// A connector that hands tonic the connection the prober opened, once.
-struct Established(Mutex<Option<Io>>);
-
-impl tower_service::Service<http::Uri> for Established {
-    type Response = hyper_util::rt::TokioIo<Io>;
-    type Error = std::io::Error;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let io = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        std::future::ready(io.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "the probe's one connection is already in use (no reconnects within a probe)",
-            )
-        }))
-    }
 }
 
 #[cfg(test)]

@@ -6,12 +6,12 @@
 use super::diagnose::{self, Entry, Recorder, Seen, lock};
 use super::is_refusal;
 use crate::config::AggregatorEndpoint;
+use crate::one_connection::OneConnection;
 use rustls::pki_types::ServerName;
 use sonde_cli::errors::{CONNECTION_LOST, connection_lost, describe};
 use sonde_proto::tls::{read_certificates, read_private_key};
 use std::error::Error;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
@@ -161,7 +161,10 @@ impl Dial {
         };
         match self
             .endpoint
-            .connect_with_connector(Opened(Mutex::new(Some(io))))
+            .connect_with_connector(OneConnection::new(
+                io,
+                "this stream's connection is gone; the uplink opens a new one",
+            ))
             .await
         {
             Ok(channel) => Ok(channel),
@@ -268,30 +271,6 @@ fn client_config(cfg: &crate::config::ClientTlsConfig) -> Result<rustls::ClientC
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
-}
-
-/// Hands tonic the connection this module opened, once: a stream that fails is not
-/// reconnected under the uplink, which opens a new one itself.
-struct Opened(Mutex<Option<Box<dyn Io>>>);
-
-impl tower_service::Service<http::Uri> for Opened {
-    type Response = hyper_util::rt::TokioIo<Box<dyn Io>>;
-    type Error = std::io::Error;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let io = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        std::future::ready(io.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "this stream's connection is gone; the uplink opens a new one",
-            )
-        }))
-    }
 }
 
 /// A status that ended a stream, for the log and `/metrics`; a refusal says what to
