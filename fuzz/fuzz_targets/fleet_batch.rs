@@ -62,7 +62,8 @@ fuzz_target!(|data: &[u8]| {
         last_acked_seq: 0,
     };
     let labels = |h: &pb::Hello| h.labels.clone().into_iter().collect();
-    state.connect(
+    // The first agent of an empty fleet is never refused.
+    let _ = state.connect(
         &hello,
         labels(&hello),
         None,
@@ -79,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
             Some(Msg::Hello(hello)) => {
                 agent = hello.agent_id.clone();
                 symbols = SymbolTable::default();
-                state.connect(
+                let connected = state.connect(
                     &hello,
                     labels(&hello),
                     None,
@@ -87,6 +88,9 @@ fuzz_target!(|data: &[u8]| {
                     now,
                     &mut Changes::default(),
                 );
+                if connected.is_err() {
+                    break; // a refused Hello ends the stream, as the server does
+                }
             }
             Some(Msg::Results(batch)) => {
                 let Ok(decoded) = decode_batch(&mut symbols, batch, &config.limits) else {
