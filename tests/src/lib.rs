@@ -1445,6 +1445,29 @@ pub fn replace_once(text: &str, from: &str, to: &str) -> String {
     text.replacen(from, to, 1)
 }
 
+/// deploy/prometheus/scrape-sonde.yml with each job's static target replaced by a file_sd
+/// file (the processes' ports are known only once they run).
+pub fn shipped_scrape_configs_with_file_sd(aggregator: &Path, agents: &Path) -> String {
+    let shipped = std::fs::read_to_string(repo_path("deploy/prometheus/scrape-sonde.yml"))
+        .expect("read deploy/prometheus/scrape-sonde.yml");
+    let file_sd = |file: &Path| {
+        format!(
+            "file_sd_configs:\n    - files: [{:?}]\n      refresh_interval: 1s",
+            file.display().to_string()
+        )
+    };
+    let text = replace_once(
+        &shipped,
+        "static_configs:\n    - targets: [\"127.0.0.1:9450\"]",
+        &file_sd(aggregator),
+    );
+    replace_once(
+        &text,
+        "static_configs:\n    - targets: [\"127.0.0.1:9452\"]",
+        &file_sd(agents),
+    )
+}
+
 /// A `deploy/` example config as installed under `/etc/sonde`, moved into `dir`: its text
 /// with every `/etc/sonde/` path made `<dir>/` (for instance the directory of
 /// [`make_pki`], whose files have the names the examples use).

@@ -8,8 +8,8 @@
 
 use sonde_tests::{
     Labels, Scene, accepting_tcp_port, free_port, http_get, nginx_flip_file, prometheus_expect,
-    prometheus_query, replace_once, repo_path, start_agent, start_aggregator, start_nginx,
-    start_prometheus_scraping,
+    prometheus_query, repo_path, shipped_scrape_configs_with_file_sd, start_agent,
+    start_aggregator, start_nginx, start_prometheus_scraping,
 };
 use std::io::{Read, Write};
 use std::path::Path;
@@ -55,29 +55,6 @@ probe_ssl_earliest_cert_expiry 1.0e+09
         }
     });
     port
-}
-
-/// deploy/prometheus/scrape-sonde.yml with each job's static target replaced by a file_sd
-/// file (the processes' ports are known only once they run).
-fn shipped_scrape_configs(aggregator: &Path, agents: &Path) -> String {
-    let shipped = std::fs::read_to_string(repo_path("deploy/prometheus/scrape-sonde.yml"))
-        .expect("read deploy/prometheus/scrape-sonde.yml");
-    let file_sd = |file: &Path| {
-        format!(
-            "file_sd_configs:\n    - files: [{:?}]\n      refresh_interval: 1s",
-            file.display().to_string()
-        )
-    };
-    let text = replace_once(
-        &shipped,
-        "static_configs:\n    - targets: [\"127.0.0.1:9450\"]",
-        &file_sd(aggregator),
-    );
-    replace_once(
-        &text,
-        "static_configs:\n    - targets: [\"127.0.0.1:9452\"]",
-        &file_sd(agents),
-    )
 }
 
 fn write_file_sd(file: &Path, target: &str) {
@@ -361,7 +338,7 @@ fn alerts_and_dashboard_count_only_sondes_targets_among_other_scrape_jobs() {
 
     let aggregator_sd = scene.dir().join("scrape-aggregator.json");
     let agent_sd = scene.dir().join("scrape-agent.json");
-    let mut scrape = shipped_scrape_configs(&aggregator_sd, &agent_sd);
+    let mut scrape = shipped_scrape_configs_with_file_sd(&aggregator_sd, &agent_sd);
     scrape.push_str(&format!(
         "\n- job_name: node\n  static_configs:\n    - targets: [\"127.0.0.1:{node_exporter}\"]\n\
          - job_name: blackbox\n  static_configs:\n    - targets: [\"127.0.0.1:{exporter}\"]\n"

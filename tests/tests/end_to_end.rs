@@ -8,9 +8,9 @@
 
 use sonde_tests::{
     Scene, find_samples, free_port, http_get, http_get_ok, make_pki, parse_metrics,
-    prometheus_expect, prometheus_expect_empty, prometheus_query, prometheus_single, replace_once,
-    repo_path, start_agent, start_aggregator, start_dnsmasq, start_nginx_with_tls,
-    start_prometheus_scraping,
+    prometheus_expect, prometheus_expect_empty, prometheus_query, prometheus_single, repo_path,
+    shipped_scrape_configs_with_file_sd, start_agent, start_aggregator, start_dnsmasq,
+    start_nginx_with_tls, start_prometheus_scraping,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -30,7 +30,7 @@ fn agents_aggregator_prometheus() {
     // The shipped scrape configs, their targets read from files written once sonde runs.
     let aggregator_sd = scene.dir().join("scrape-aggregator.json");
     let agents_sd = scene.dir().join("scrape-agents.json");
-    let scrape = scrape_configs_with_file_sd(&aggregator_sd, &agents_sd);
+    let scrape = shipped_scrape_configs_with_file_sd(&aggregator_sd, &agents_sd);
     let prom = start_prometheus_scraping(&mut scene, "prometheus", &rules, &scrape);
     // A certificate for 127.0.0.1 (make-certs.sh's aggregator certificate), so that an
     // HTTPS target reports probe_ssl_earliest_cert_expiry.
@@ -336,29 +336,6 @@ jobs:
     scene.wait_until("up{job=web} = 0 after nginx stops", WAIT, || {
         prometheus_expect(p, r#"up{job="web"}"#, 0.0)
     });
-}
-
-/// deploy/prometheus/scrape-sonde.yml with each job's static target replaced by a file_sd
-/// file (the processes' ports are known only once they run).
-fn scrape_configs_with_file_sd(aggregator: &Path, agents: &Path) -> String {
-    let shipped = std::fs::read_to_string(repo_path("deploy/prometheus/scrape-sonde.yml"))
-        .expect("read deploy/prometheus/scrape-sonde.yml");
-    let file_sd = |file: &Path| {
-        format!(
-            "file_sd_configs:\n    - files: [{:?}]\n      refresh_interval: 1s",
-            file.display().to_string()
-        )
-    };
-    let text = replace_once(
-        &shipped,
-        "static_configs:\n    - targets: [\"127.0.0.1:9450\"]",
-        &file_sd(aggregator),
-    );
-    replace_once(
-        &text,
-        "static_configs:\n    - targets: [\"127.0.0.1:9452\"]",
-        &file_sd(agents),
-    )
 }
 
 /// Writes a Prometheus file_sd file (JSON) with `targets` (host:port).
