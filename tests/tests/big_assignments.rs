@@ -39,12 +39,7 @@ fn reconnects(agent: &str) -> f64 {
 fn fifty_thousand_targets_reach_one_agent() {
     let mut scene = Scene::new("big-assignment");
     let nginx = start_nginx(&mut scene, "nginx");
-    // Distinct instances on one server: nginx answers `/` whatever the query.
-    let mut targets = String::from("- targets:\n");
-    for n in 0..TARGETS {
-        targets.push_str(&format!("    - http://127.0.0.1:{nginx}/?target={n}\n"));
-    }
-    let targets_file = scene.dir().write("targets/fleet.yml", &targets);
+    let targets_file = fleet_targets(&scene, nginx);
     let config = format!(
         r#"modules:
   http_2xx:
@@ -199,11 +194,7 @@ fn start_busy_nginx(scene: &mut Scene) -> u16 {
 fn one_agent_gets_all_fifty_thousand_targets_up_at_the_default_limits() {
     let mut scene = Scene::new("big-job-defaults");
     let nginx = start_busy_nginx(&mut scene);
-    let mut targets = String::from("- targets:\n");
-    for n in 0..TARGETS {
-        targets.push_str(&format!("    - http://127.0.0.1:{nginx}/?target={n}\n"));
-    }
-    let targets_file = scene.dir().write("targets/fleet.yml", &targets);
+    let targets_file = fleet_targets(&scene, nginx);
     let config = format!(
         r#"modules:
   http_2xx:
@@ -566,4 +557,14 @@ jobs:
     );
     assert_eq!(reconnects(&agent), 0.0);
     drop(tx);
+}
+
+/// The file_sd file of [`TARGETS`] distinct instances on one server: nginx answers `/`
+/// whatever the query.
+fn fleet_targets(scene: &Scene, nginx: u16) -> std::path::PathBuf {
+    let mut targets = String::from("- targets:\n");
+    for n in 0..TARGETS {
+        targets.push_str(&format!("    - http://127.0.0.1:{nginx}/?target={n}\n"));
+    }
+    scene.dir().write("targets/fleet.yml", &targets)
 }
