@@ -23,16 +23,14 @@
 //! handlers read snapshots taken between groups and published once the commit of
 //! everything they show succeeded.
 
-pub mod budget;
-pub mod placement;
 pub mod snapshot;
 pub mod state;
 
 pub use snapshot::AgentSummary;
 pub use snapshot::Snapshot;
-pub use state::{
-    AgentEntry, Durable, IncomingResult, JobEntry, LastResult, ProbeSample, State, TargetEntry,
-};
+pub use sonde_hub::model::{IncomingResult, ProbeSample};
+pub use sonde_hub::{budget, placement};
+pub use state::{AgentEntry, Durable, JobEntry, LastResult, State, TargetEntry};
 
 use crate::config::AggregatorConfig;
 use crate::health::StorageHealth;

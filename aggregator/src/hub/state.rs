@@ -11,15 +11,16 @@ use super::budget::CheckBudget;
 use super::{AgentSender, Connected, HubCounters, Kick, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
-use crate::fleet::decode::{ResultSamples, SampleRef, Shape, Symbol, sample_weight};
 use crate::history::{self, HistoryState};
 use crate::labels::{self, TargetBase};
 use crate::merge::{self, AgentView, Merged, TargetState};
 use crate::refusals::{Reason, Refusals};
-use crate::remote_write::encode::STALE_NAN_BITS;
 use crate::series::{Sample, SampleRow, Samples, Series};
 use crate::store::StoredAgent;
 use crate::targets::{Target, TargetSet};
+use sonde_hub::model::{
+    IncomingResult, SampleRef, Shape, Symbol, TargetKey, sample_weight, stale_nan,
+};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
 use sonde_proto::pb;
 use sonde_proto::trace::Trace;
@@ -31,27 +32,6 @@ use std::time::Duration;
 /// A merged series must be rewritten at least this often while its target is fresh, so
 /// that it never falls out of Prometheus's 5-minute lookback, whatever the interval.
 const MAX_REWRITE_PERIOD_MS: i64 = 60_000;
-
-/// A probe sample: metric name, labels, value; the strings are the stream's symbols.
-pub type ProbeSample = (Symbol, Vec<(Symbol, Symbol)>, f64);
-
-/// One probe result as the fleet service decoded it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IncomingResult {
-    pub seq: u64,
-    pub job: String,
-    pub instance: String,
-    pub timestamp_ms: i64,
-    pub success: bool,
-    pub duration_seconds: f64,
-    pub failure: String,
-    /// What the agent saw, on a failure (already bounded and checked).
-    pub trace: Option<Arc<Trace>>,
-    pub samples: ResultSamples,
-    /// Set when the result was refused while decoding: its sequence number is
-    /// acknowledged, nothing else of it is kept.
-    pub refused: Option<Reason>,
-}
 
 /// What an agent last reported for one target.
 #[derive(Clone, Debug)]
@@ -100,9 +80,6 @@ impl MergedSeries {
         }
     }
 }
-
-/// (job, instance).
-pub type TargetKey = (String, String);
 
 #[derive(Clone)]
 pub struct TargetEntry {
@@ -471,10 +448,6 @@ pub struct State {
     config_epoch: u64,
     /// What was last refused of each known target, per agent, for the status page.
     pub refused_notes: RefusedNotes,
-}
-
-fn stale_nan() -> f64 {
-    f64::from_bits(STALE_NAN_BITS)
 }
 
 impl State {
@@ -1990,6 +1963,7 @@ fn sample(series: Series, timestamp_ms: i64, value: f64) -> Sample {
 mod tests {
     use super::*;
     use crate::hub::{AgentSender, Hub, Output, ResultsError};
+    use sonde_hub::model::STALE_NAN_BITS;
     use sonde_proto::config::from_yaml_str;
     use sonde_proto::pb::{AggregatorMessage, aggregator_message};
     use std::path::Path;
