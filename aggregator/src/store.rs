@@ -268,6 +268,20 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Applies the hub's durable changes inside the caller's transaction.
+pub fn apply_durable(tx: &Transaction<'_>, durable: &crate::hub::Durable) -> rusqlite::Result<()> {
+    for a in durable.agents.values() {
+        save_agent(tx, a)?;
+    }
+    for id in &durable.forgotten {
+        forget_agent(tx, id)?;
+    }
+    if !durable.jobs.is_empty() {
+        save_jobs(tx, &durable.jobs)?;
+    }
+    durable.history.apply(tx)
+}
+
 /// Records an agent (on hello, and as its committed sequence advances).
 pub fn save_agent(tx: &Transaction<'_>, agent: &StoredAgent) -> rusqlite::Result<()> {
     // Cached: every commit saves the agents whose sequence advanced.

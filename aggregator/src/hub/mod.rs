@@ -30,7 +30,7 @@ pub use snapshot::AgentSummary;
 pub use snapshot::Snapshot;
 pub use sonde_hub::model::{IncomingResult, ProbeSample};
 pub use sonde_hub::{budget, placement};
-pub use state::{AgentEntry, Durable, JobEntry, LastResult, State, TargetEntry};
+pub use state::{AgentEntry, Durable, JobEntry, LastResult, Outgoing, State, TargetEntry};
 
 use crate::config::AggregatorConfig;
 use crate::health::StorageHealth;
@@ -40,6 +40,7 @@ use crate::store::StoreError;
 use crate::targets::{FileSd, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -555,6 +556,53 @@ enum Owed {
     Snapshot(oneshot::Sender<Arc<Snapshot>>),
 }
 
+/// The streams of the connected agents, by connection: where the ingest thread sends
+/// what the state queues ([`Outgoing`]), right after the command that queued it.
+#[derive(Default)]
+struct Streams(HashMap<u64, Stream>);
+
+struct Stream {
+    /// `None` once the stream could not take an assignment: nothing more is sent on it.
+    sender: Option<AgentSender>,
+    kick: Arc<Kick>,
+}
+
+impl Streams {
+    /// Sends or ends what `outgoing` says; tells the state of streams that could not take
+    /// their assignment.
+    fn carry_out(&mut self, state: &mut State, outgoing: Vec<Outgoing>) {
+        for o in outgoing {
+            match o {
+                Outgoing::Assignment {
+                    agent,
+                    connection,
+                    parts,
+                } => {
+                    let Some(stream) = self.0.get_mut(&connection) else {
+                        continue;
+                    };
+                    let Some(sender) = &stream.sender else {
+                        continue;
+                    };
+                    if !parts.into_iter().all(|p| sender.try_send(Ok(p)).is_ok()) {
+                        // Gone or hopelessly behind: drop it; the agent reconnects and
+                        // gets a fresh assignment with its hello.
+                        stream.sender = None;
+                        state.stream_lost(&agent, connection);
+                    }
+                }
+                Outgoing::End {
+                    connection, reason, ..
+                } => {
+                    if let Some(stream) = self.0.remove(&connection) {
+                        stream.kick.kick(reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Commands applied to the state since the last hand-over to the storage thread.
 #[derive(Default)]
 struct Group {
@@ -568,8 +616,15 @@ impl Group {
     }
 }
 
-/// Applies one command to the state, noting in `group` what it produced and owes.
-fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared) {
+/// Applies one command to the state, noting in `group` what it produced and owes, and
+/// carries out at once what it sends or ends on the agents' streams.
+fn apply(
+    state: &mut State,
+    command: Command,
+    group: &mut Group,
+    streams: &mut Streams,
+    shared: &Shared,
+) {
     let ch = &mut group.changes;
     match command {
         Command::Results {
@@ -597,7 +652,22 @@ fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared
             reply,
         } => {
             shared.counters.agent_connects.fetch_add(1, Relaxed);
-            let connected = state.connect(&hello, labels, credential, sender, now_ms, ch);
+            let connected =
+                state
+                    .connect(&hello, labels, credential, now_ms, ch)
+                    .map(|connection| {
+                        let kick = Arc::new(Kick::default());
+                        streams.0.insert(
+                            connection,
+                            Stream {
+                                sender: Some(sender),
+                                kick: kick.clone(),
+                            },
+                        );
+                        Connected { connection, kick }
+                    });
+            // Its assignment goes out before the stream starts.
+            streams.carry_out(state, std::mem::take(&mut ch.outgoing));
             // The stream may start at once: what it sends next is applied after this.
             let _ = reply.send(connected);
         }
@@ -605,8 +675,12 @@ fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared
             agent,
             connection,
             now_ms,
-        } => state.disconnect(&agent, connection, now_ms),
+        } => {
+            streams.0.remove(&connection);
+            state.disconnect(&agent, connection, now_ms);
+        }
         Command::DisconnectAll { now_ms, reply } => {
+            streams.0.clear();
             state.disconnect_all(now_ms);
             let _ = reply.send(());
         }
@@ -641,9 +715,10 @@ fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared
             state.restore(agents, jobs);
             let _ = reply.send(());
         }
-        Command::Targets { config, targets } => state.discovered(&config, targets),
+        Command::Targets { config, targets } => state.discovered(&config, targets, ch),
         Command::Snapshot { .. } | Command::Committed(_) | Command::Stop => {}
     }
+    streams.carry_out(state, std::mem::take(&mut group.changes.outgoing));
 }
 
 /// How many commands one group takes at most, so that a flood of batches still
@@ -658,6 +733,7 @@ fn ingest_thread(
     shared: Arc<Shared>,
 ) {
     let mut current = Group::default();
+    let mut streams = Streams::default();
     let mut in_flight: Option<(Group, Option<Arc<Snapshot>>)> = None;
     let mut waiting: Vec<oneshot::Sender<Arc<Snapshot>>> = Vec::new();
     loop {
@@ -698,7 +774,7 @@ fn ingest_thread(
                     }
                 }
                 Command::Snapshot { reply } => waiting.push(reply),
-                command => apply(&mut state, command, &mut current, &shared),
+                command => apply(&mut state, command, &mut current, &mut streams, &shared),
             }
             if taken < MAX_GROUP_COMMANDS && current.changes.out.len() < MAX_GROUP_SAMPLES {
                 next = commands.try_recv().ok();

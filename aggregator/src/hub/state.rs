@@ -8,7 +8,7 @@
 //! and timestamps in order.
 
 use super::budget::CheckBudget;
-use super::{AgentSender, Connected, HubCounters, Kick, placement};
+use super::{HubCounters, placement};
 use crate::config::AggregatorConfig;
 use crate::fleet::assignment;
 use crate::history::{self, HistoryState};
@@ -208,20 +208,25 @@ impl Durable {
             && self.jobs.is_empty()
             && self.history.is_empty()
     }
+}
 
-    /// Applies the changes inside the caller's transaction.
-    pub fn apply(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-        for a in self.agents.values() {
-            crate::store::save_agent(tx, a)?;
-        }
-        for id in &self.forgotten {
-            crate::store::forget_agent(tx, id)?;
-        }
-        if !self.jobs.is_empty() {
-            crate::store::save_jobs(tx, &self.jobs)?;
-        }
-        self.history.apply(tx)
-    }
+/// What the caller must do on an agent's stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outgoing {
+    /// Send the agent its new assignment, in parts, on stream `connection`. If the
+    /// stream cannot take them, the caller drops it and tells [`State::stream_lost`].
+    Assignment {
+        agent: String,
+        connection: u64,
+        parts: Vec<pb::AggregatorMessage>,
+    },
+    /// End stream `connection` of the agent, for `reason` (a newer stream of the same
+    /// agent, a revoked token).
+    End {
+        agent: String,
+        connection: u64,
+        reason: String,
+    },
 }
 
 /// What the inputs applied since the last commit produced.
@@ -230,6 +235,9 @@ pub struct Changes {
     pub out: Samples,
     pub durable: Durable,
     pub undo: Undo,
+    /// What to send or end on the agents' streams; not undone by a failed commit (the
+    /// assignment generations it carries stay counted).
+    pub outgoing: Vec<Outgoing>,
 }
 
 pub struct AgentEntry {
@@ -239,8 +247,9 @@ pub struct AgentEntry {
     pub connection: Option<u64>,
     /// The token the current stream authenticated with (`None`: anonymous).
     credential: Option<String>,
-    /// Ends the current stream (a revoked token, a replaced stream).
-    kick: Option<Arc<Kick>>,
+    /// The stream the agent last connected on, until it ends: what a newer stream of
+    /// the same agent, or a revoked token, ends ([`Outgoing::End`]).
+    open_stream: Option<u64>,
     /// Agent clock minus ours, from the last heartbeat.
     pub clock_skew_ms: Option<i64>,
     /// The `last_acked_seq` of the current stream's Hello: by the agent's own account
@@ -263,7 +272,6 @@ pub struct AgentEntry {
     pub checks: usize,
     /// True once the agent's series got staleness markers for being gone.
     series_staled: bool,
-    sender: Option<AgentSender>,
     /// A fingerprint of the last assignment sent on the current stream (`None`: none
     /// yet), so that an unchanged plan is not sent again; a hash rather than a copy, as
     /// a thousand agents with a thousand checks each would hold a million checks.
@@ -291,7 +299,7 @@ impl AgentEntry {
             local_jobs,
             connection: None,
             credential: None,
-            kick: None,
+            open_stream: None,
             clock_skew_ms: None,
             hello_acked_seq: 0,
             series: 0,
@@ -305,7 +313,6 @@ impl AgentEntry {
             generation: 0,
             checks: 0,
             series_staled: false,
-            sender: None,
             last_assignment: None,
             assignment_status: assignment::AssignmentStatus::None,
             id: Arc::from(id),
@@ -506,8 +513,8 @@ impl State {
     }
 
     /// An agent said hello (already authenticated, with `labels` the ones it may have):
-    /// register it, send its assignment, and return its connection id and the handle
-    /// that ends its stream. A newer connection of the same agent replaces the older one.
+    /// register it, queue its assignment in `ch.outgoing`, and return its connection id.
+    /// A newer connection of the same agent replaces the older one, which is ended.
     /// Without tokens, a new agent id past `fleet.limits.max_agents`, or local jobs past
     /// `max_anonymous_local_jobs`, are refused (`Err`: why), so that made-up ids cannot
     /// grow the aggregator without bound.
@@ -516,10 +523,9 @@ impl State {
         hello: &pb::Hello,
         labels: Labels,
         credential: Option<String>,
-        sender: AgentSender,
         now_ms: i64,
         ch: &mut Changes,
-    ) -> Result<Connected, String> {
+    ) -> Result<u64, String> {
         let max_agents = self.config.limits.max_agents;
         if !self.config.auth_required
             && self.agents.len() >= max_agents
@@ -557,7 +563,6 @@ impl State {
         }
         let connection = self.next_connection;
         self.next_connection += 1;
-        let kick = Arc::new(Kick::default());
         let info_changed;
         {
             let entry = self
@@ -576,8 +581,12 @@ impl State {
             if entry.connection.is_some() {
                 tracing::warn!(agent = %crate::refusals::loggable(&hello.agent_id), "agent connected again; the newer stream replaces the older one");
             }
-            if let Some(old) = entry.kick.take() {
-                old.kick("replaced by a newer stream of the same agent".into());
+            if let Some(old) = entry.open_stream.take() {
+                ch.outgoing.push(Outgoing::End {
+                    agent: hello.agent_id.clone(),
+                    connection: old,
+                    reason: "replaced by a newer stream of the same agent".into(),
+                });
             }
             info_changed = entry.labels != labels;
             entry.labels = labels;
@@ -585,7 +594,7 @@ impl State {
             entry.local_jobs = local_jobs.clone();
             entry.connection = Some(connection);
             entry.credential = credential;
-            entry.kick = Some(kick.clone());
+            entry.open_stream = Some(connection);
             entry.hello_acked_seq = hello.last_acked_seq;
             if hello.last_acked_seq > entry.committed_seq && entry.committed_seq > 0 {
                 tracing::warn!(
@@ -597,7 +606,6 @@ impl State {
             }
             entry.series_staled = false;
             entry.last_seen_ms = now_ms;
-            entry.sender = Some(sender);
             // A fresh stream must receive its assignment even if it equals the last one.
             entry.last_assignment = None;
             ch.durable
@@ -617,11 +625,23 @@ impl State {
             // connecting at once cost one plan per second, not one each.
             self.replan = true;
         }
-        self.send_assignments(Some(&hello.agent_id));
+        self.send_assignments(Some(&hello.agent_id), ch);
         if info_changed {
             self.write_meta(now_ms, ch);
         }
-        Ok(Connected { connection, kick })
+        Ok(connection)
+    }
+
+    /// Stream `connection` of `agent` could not take its assignment (gone, or hopelessly
+    /// behind) and was dropped: the agent counts as disconnected, and gets a fresh
+    /// assignment with its next hello.
+    pub fn stream_lost(&mut self, agent: &str, connection: u64) {
+        if let Some(entry) = self.agents.get_mut(agent)
+            && entry.connection == Some(connection)
+        {
+            tracing::warn!(agent = %crate::refusals::loggable(agent), "cannot send the assignment; closing the stream");
+            entry.connection = None;
+        }
     }
 
     /// The stream of `connection` ended.
@@ -630,8 +650,7 @@ impl State {
             && entry.connection == Some(connection)
         {
             entry.connection = None;
-            entry.sender = None;
-            entry.kick = None;
+            entry.open_stream = None;
             entry.credential = None;
             entry.last_seen_ms = now_ms;
         }
@@ -671,8 +690,7 @@ impl State {
     pub fn disconnect_all(&mut self, now_ms: i64) {
         for entry in self.agents.values_mut() {
             if entry.connection.take().is_some() {
-                entry.sender = None;
-                entry.kick = None;
+                entry.open_stream = None;
                 entry.last_seen_ms = now_ms;
             }
         }
@@ -814,7 +832,7 @@ impl State {
             self.replan = true;
         }
         if std::mem::take(&mut self.replan) {
-            self.send_assignments(None);
+            self.send_assignments(None, ch);
         }
         self.write_retired(now_ms, ch);
         self.evaluate_all(now_ms, ch);
@@ -860,22 +878,27 @@ impl State {
         }
         self.write_retired(now_ms, ch);
         self.forget_refusals_of_gone_targets();
-        self.revoke_credentials();
+        self.revoke_credentials(ch);
         self.update_placeable(now_ms);
         self.replan = false;
-        self.send_assignments(None);
+        self.send_assignments(None, ch);
         self.write_meta(now_ms, ch);
     }
 
     /// Targets discovered anew (file_sd) under `config`; ignored if a reload has
     /// replaced that config meanwhile.
-    pub fn discovered(&mut self, config: &Arc<AggregatorConfig>, targets: TargetSet) {
+    pub fn discovered(
+        &mut self,
+        config: &Arc<AggregatorConfig>,
+        targets: TargetSet,
+        ch: &mut Changes,
+    ) {
         if !Arc::ptr_eq(config, &self.config) || *self.targets == targets {
             return;
         }
         self.targets = Arc::new(targets);
         self.forget_refusals_of_gone_targets();
-        self.send_assignments(None);
+        self.send_assignments(None, ch);
     }
 
     fn forget_refusals_of_gone_targets(&mut self) {
@@ -977,7 +1000,7 @@ impl State {
         let mut plan: BTreeMap<String, Vec<(usize, Arc<Target>)>> = self
             .agents
             .iter()
-            .filter(|(id, a)| a.sender.is_some() && only.is_none_or(|o| o == id.as_str()))
+            .filter(|(id, a)| a.connection.is_some() && only.is_none_or(|o| o == id.as_str()))
             .map(|(id, _)| (id.clone(), Vec::new()))
             .collect();
         if plan.is_empty() {
@@ -1035,9 +1058,9 @@ impl State {
         plan
     }
 
-    /// Sends each connected agent (or just `only`) its assignment when it changed, in
-    /// parts under [`assignment::PART_BUDGET`] each.
-    fn send_assignments(&mut self, only: Option<&str>) {
+    /// Queues for each connected agent (or just `only`) its assignment when it changed,
+    /// in parts under [`assignment::PART_BUDGET`] each.
+    fn send_assignments(&mut self, only: Option<&str>, ch: &mut Changes) {
         let plan = self.plan(only);
         let config = self.config.clone();
         let planner = assignment::Planner::new(&config.jobs);
@@ -1068,14 +1091,12 @@ impl State {
                 checks: planned.checks.len(),
             };
             agent.last_assignment = Some(fingerprint);
-            if let Some(sender) = &agent.sender
-                && !parts.into_iter().all(|p| sender.try_send(Ok(p)).is_ok())
-            {
-                // The stream is gone or hopelessly behind: drop it; the agent
-                // reconnects and gets a fresh assignment with its hello.
-                tracing::warn!(agent = %crate::refusals::loggable(&id), "cannot send the assignment; closing the stream");
-                agent.sender = None;
-                agent.connection = None;
+            if let Some(connection) = agent.connection {
+                ch.outgoing.push(Outgoing::Assignment {
+                    agent: id.clone(),
+                    connection,
+                    parts,
+                });
             }
         }
         self.generation = generation;
@@ -1512,10 +1533,12 @@ impl State {
     }
 
     /// Ends the streams whose token the config no longer accepts as it was.
-    fn revoke_credentials(&mut self) {
+    fn revoke_credentials(&mut self, ch: &mut Changes) {
         let config = self.config.clone();
         for (id, agent) in self.agents.iter_mut() {
-            let Some(kick) = &agent.kick else { continue };
+            let Some(stream) = agent.open_stream else {
+                continue;
+            };
             let still = match &agent.credential {
                 None => !config.auth_required,
                 Some(token) => config.tokens.get(token).is_some_and(|grant| {
@@ -1524,11 +1547,13 @@ impl State {
             };
             if !still {
                 tracing::warn!(agent = %crate::refusals::loggable(id), "the reloaded config no longer accepts this agent's token as it was; ending its stream");
-                kick.kick(
-                    "the aggregator's fleet.auth no longer accepts this agent's token".into(),
-                );
-                agent.kick = None;
-                agent.sender = None;
+                ch.outgoing.push(Outgoing::End {
+                    agent: id.clone(),
+                    connection: stream,
+                    reason: "the aggregator's fleet.auth no longer accepts this agent's token"
+                        .into(),
+                });
+                agent.open_stream = None;
                 agent.connection = None;
                 agent.credential = None;
             }
@@ -1962,7 +1987,7 @@ fn sample(series: Series, timestamp_ms: i64, value: f64) -> Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{AgentSender, Hub, Output, ResultsError};
+    use crate::hub::{AgentSender, Hub, Kick, Output, ResultsError};
     use sonde_hub::model::STALE_NAN_BITS;
     use sonde_proto::config::from_yaml_str;
     use sonde_proto::pb::{AggregatorMessage, aggregator_message};
@@ -2000,7 +2025,8 @@ mod tests {
                     ),
                 });
             }
-            self.1.transaction(|tx| durable.apply(tx))?;
+            self.1
+                .transaction(|tx| crate::store::apply_durable(tx, durable))?;
             self.0.lock().unwrap().extend(samples.to_vec());
             Ok(())
         }
