@@ -171,12 +171,7 @@ pub struct TokenEntry {
     pub labels: Option<Labels>,
 }
 
-/// What a token grants: the one agent id it may use, and the labels bound to it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenGrant {
-    pub agent: String,
-    pub labels: Option<Labels>,
-}
+pub use sonde_hub::config::{HubConfig, TokenGrant};
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +209,22 @@ pub struct AggregatorConfig {
 }
 
 impl AggregatorConfig {
+    /// What the hub needs of this config: the jobs, the fleet's rules and limits.
+    pub fn hub(&self) -> HubConfig {
+        HubConfig {
+            scrape_interval: self.scrape_interval,
+            external_labels: self.external_labels.clone(),
+            jobs: self.jobs.clone(),
+            tokens: self.tokens.clone(),
+            auth_required: self.auth_required,
+            missing_after: self.missing_after,
+            forget_after: self.forget_after,
+            max_clock_skew: self.max_clock_skew,
+            limits: self.limits,
+            shared_local_jobs: self.shared_local_jobs.clone(),
+        }
+    }
+
     /// Loads and checks `file`; the first problem, if any, says how many more there are
     /// ([`AggregatorConfig::check`] has them all).
     pub fn load(file: &Path) -> Result<Self, ConfigError> {

@@ -8,7 +8,6 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_cli::storage_lock::{LockError, StorageLock};
-use sonde_proto::config::Labels;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -64,16 +63,7 @@ pub enum StoreError {
     },
 }
 
-/// An agent as remembered across restarts.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredAgent {
-    pub id: String,
-    pub labels: Labels,
-    pub local_jobs: Vec<String>,
-    pub committed_seq: u64,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
-}
+pub use sonde_hub::StoredAgent;
 
 /// Schema revisions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -279,7 +269,7 @@ pub fn apply_durable(tx: &Transaction<'_>, durable: &crate::hub::Durable) -> rus
     if !durable.jobs.is_empty() {
         save_jobs(tx, &durable.jobs)?;
     }
-    durable.history.apply(tx)
+    crate::history::ApplyWrites::apply(&durable.history, tx)
 }
 
 /// Records an agent (on hello, and as its committed sequence advances).

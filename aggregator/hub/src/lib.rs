@@ -13,7 +13,10 @@
 //! crate, so the compiler keeps it that way. What the state machine decides comes back
 //! to the caller as data, to be carried out after the commit.
 
+pub mod assignment;
 pub mod budget;
+pub mod config;
+pub mod history;
 pub mod labels;
 pub mod limits;
 pub mod merge;
@@ -21,4 +24,7 @@ pub mod model;
 pub mod placement;
 pub mod refusals;
 pub mod series;
+pub mod state;
 pub mod targets;
+
+pub use state::{HubCounters, StoredAgent};

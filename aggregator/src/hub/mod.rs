@@ -24,12 +24,14 @@
 //! everything they show succeeded.
 
 pub mod snapshot;
-pub mod state;
+#[cfg(test)]
+mod tests;
 
 pub use snapshot::AgentSummary;
 pub use snapshot::Snapshot;
+pub use sonde_hub::HubCounters;
 pub use sonde_hub::model::{IncomingResult, ProbeSample};
-pub use sonde_hub::{budget, placement};
+pub use sonde_hub::{budget, placement, state};
 pub use state::{AgentEntry, Durable, JobEntry, LastResult, Outgoing, State, TargetEntry};
 
 use crate::config::AggregatorConfig;
@@ -41,7 +43,6 @@ use crate::targets::{FileSd, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -89,19 +90,6 @@ impl Kick {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
-
-/// Counters for `/metrics`.
-#[derive(Default)]
-pub struct HubCounters {
-    pub results_received: AtomicU64,
-    pub results_deduplicated: AtomicU64,
-    pub results_unexpected: AtomicU64,
-    pub agent_connects: AtomicU64,
-    pub agents_refused: AtomicU64,
-    /// Groups committed, and the commands they answered (group commit at work).
-    pub commits: AtomicU64,
-    pub committed_commands: AtomicU64,
 }
 
 /// What the threads share with the handle.
@@ -271,7 +259,8 @@ impl Hub {
             discovery: Mutex::new(FileSd::default()),
         });
         let targets = shared.discover(&config);
-        let state = State::new(config, targets, now_ms);
+        let state = State::new(Arc::new(config.hub()), targets, now_ms);
+        let applied = config.clone();
         let (commands, rx) = std_mpsc::channel();
         let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Samples, Durable)>(1);
         let mut threads = Vec::new();
@@ -286,7 +275,7 @@ impl Hub {
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-ingest".into())
-                .spawn(move || ingest_thread(state, rx, jobs_tx, ingest_shared))
+                .spawn(move || ingest_thread(state, applied, rx, jobs_tx, ingest_shared))
                 .expect("cannot start the ingest thread"),
         );
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
@@ -620,6 +609,7 @@ impl Group {
 /// carries out at once what it sends or ends on the agents' streams.
 fn apply(
     state: &mut State,
+    applied: &mut Arc<AggregatorConfig>,
     command: Command,
     group: &mut Group,
     streams: &mut Streams,
@@ -704,7 +694,8 @@ fn apply(
             now_ms,
             reply,
         } => {
-            state.reload(config, targets, now_ms, ch);
+            state.reload(Arc::new(config.hub()), targets, now_ms, ch);
+            *applied = config;
             group.owed.push(Owed::Done(reply));
         }
         Command::Restore {
@@ -715,7 +706,12 @@ fn apply(
             state.restore(agents, jobs);
             let _ = reply.send(());
         }
-        Command::Targets { config, targets } => state.discovered(&config, targets, ch),
+        // Targets discovered under a config a reload has replaced meanwhile are dropped.
+        Command::Targets { config, targets } => {
+            if Arc::ptr_eq(&config, applied) {
+                state.discovered(targets, ch);
+            }
+        }
         Command::Snapshot { .. } | Command::Committed(_) | Command::Stop => {}
     }
     streams.carry_out(state, std::mem::take(&mut group.changes.outgoing));
@@ -728,6 +724,7 @@ const MAX_GROUP_SAMPLES: usize = 200_000;
 
 fn ingest_thread(
     mut state: State,
+    mut applied: Arc<AggregatorConfig>,
     commands: std_mpsc::Receiver<Command>,
     storage: std_mpsc::SyncSender<(Samples, Durable)>,
     shared: Arc<Shared>,
@@ -767,14 +764,21 @@ fn ingest_thread(
                             let mut later = std::mem::take(&mut current);
                             state.rollback(std::mem::take(&mut later.changes.undo));
                             state.rollback(std::mem::take(&mut done.changes.undo));
-                            let fresh = Arc::new(state.snapshot());
+                            let fresh = Arc::new(Snapshot::of(&state, applied.clone()));
                             pay(later.owed, Some(fresh.clone()), Some(&e));
                             pay(done.owed, Some(fresh), Some(&e));
                         }
                     }
                 }
                 Command::Snapshot { reply } => waiting.push(reply),
-                command => apply(&mut state, command, &mut current, &mut streams, &shared),
+                command => apply(
+                    &mut state,
+                    &mut applied,
+                    command,
+                    &mut current,
+                    &mut streams,
+                    &shared,
+                ),
             }
             if taken < MAX_GROUP_COMMANDS && current.changes.out.len() < MAX_GROUP_SAMPLES {
                 next = commands.try_recv().ok();
@@ -786,14 +790,15 @@ fn ingest_thread(
         if current.is_empty() {
             // Nothing uncommitted: the state is what the store holds.
             if !waiting.is_empty() {
-                let s = Arc::new(state.snapshot());
+                let s = Arc::new(Snapshot::of(&state, applied.clone()));
                 for w in waiting.drain(..) {
                     let _ = w.send(s.clone());
                 }
             }
             continue;
         }
-        let snapshot = (!waiting.is_empty()).then(|| Arc::new(state.snapshot()));
+        let snapshot =
+            (!waiting.is_empty()).then(|| Arc::new(Snapshot::of(&state, applied.clone())));
         for w in waiting.drain(..) {
             current.owed.push(Owed::Snapshot(w));
         }

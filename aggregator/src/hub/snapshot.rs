@@ -57,9 +57,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub(super) fn of(state: &State) -> Self {
+    /// A copy of `state`, which runs under `config`.
+    pub(super) fn of(state: &State, config: Arc<AggregatorConfig>) -> Self {
         Self {
-            config: state.config.clone(),
+            config,
             targets: state.targets.clone(),
             entries: state.entries.clone(),
             agents: state
