@@ -26,7 +26,7 @@ pub struct AgentSummary {
     pub committed_seq: u64,
     pub generation: u64,
     pub checks: usize,
-    pub assignment_status: crate::fleet::assignment::AssignmentStatus,
+    pub assignment_status: sonde_hub::assignment::AssignmentStatus,
 }
 
 impl AgentSummary {
