@@ -259,7 +259,10 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
 }
 
 /// Applies the hub's durable changes inside the caller's transaction.
-pub fn apply_durable(tx: &Transaction<'_>, durable: &sonde_hub::state::Durable) -> rusqlite::Result<()> {
+pub fn apply_durable(
+    tx: &Transaction<'_>,
+    durable: &sonde_hub::state::Durable,
+) -> rusqlite::Result<()> {
     for a in durable.agents.values() {
         save_agent(tx, a)?;
     }

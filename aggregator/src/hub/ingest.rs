@@ -335,7 +335,6 @@ pub(super) fn ingest_thread(
     }
 }
 
-
 /// Answers what a group owes: acks (or the error), completions, snapshots.
 fn pay(owed: Vec<Owed>, snapshot: Option<Arc<Snapshot>>, error: Option<&Arc<StoreError>>) {
     for o in owed {

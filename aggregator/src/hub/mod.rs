@@ -288,7 +288,9 @@ impl Hub {
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-discovery".into())
-                .spawn(move || ingest::discovery_thread(discovery_shared, discovery_commands, stop_rx))
+                .spawn(move || {
+                    ingest::discovery_thread(discovery_shared, discovery_commands, stop_rx)
+                })
                 .expect("cannot start the discovery thread"),
         );
         Self {
