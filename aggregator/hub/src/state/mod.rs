@@ -1,16 +1,17 @@
 //! The aggregator's state machine: which agents are connected, what each last reported
 //! for each target, which jobs are expected, and the series all of that turns into.
 //!
-//! No I/O and no locks: the ingest thread (see [`super`]) feeds it one input at a time,
-//! and each input records what it produced in a [`Changes`]: the samples to write, the
-//! durable changes to commit with them, and an undo log that puts the state back if the
-//! commit fails. The rules themselves live in [`crate::merge`]; this module keeps state
-//! and timestamps in order.
+//! No I/O and no locks: the caller (the aggregator's ingest thread) feeds it one input
+//! at a time, and each input records what it produced in a [`Changes`]: the samples to
+//! write, the durable changes to commit with them, the messages to send and streams to
+//! end ([`Outgoing`]), and an undo log that puts the state back if the commit fails. The
+//! rules themselves live in [`crate::merge`]; this module keeps state and timestamps in
+//! order.
 //!
-//! The types live here; the inputs, by concern, in [`agents`] (hello, heartbeats,
-//! disconnection), [`results`] (the accept path), [`targets`] (views, merge, staleness),
-//! [`jobs`] (the periodic series, missing jobs), [`assignments`] (placement and the
-//! assignments to send) and [`undo`] (rollback of a failed commit).
+//! The types live here; the inputs, by concern, in `agents.rs` (hello, heartbeats,
+//! disconnection), `results.rs` (the accept path), `targets.rs` (views, merge,
+//! staleness), `jobs.rs` (the periodic series, missing jobs), `assignments.rs`
+//! (placement and the assignments to send) and `undo.rs` (rollback of a failed commit).
 
 mod agents;
 mod assignments;
