@@ -18,6 +18,8 @@ mod assignments;
 mod jobs;
 mod results;
 mod targets;
+#[cfg(test)]
+mod tests;
 mod undo;
 
 pub use results::owned_instance;
