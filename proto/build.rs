@@ -6,9 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["sonde/v1/fleet.proto", "prometheus/remote.proto"],
         ["proto"],
     )?;
+    // The service's client and server code only with the `grpc` feature: without it
+    // the crate is the messages alone, and pulls in no gRPC runtime.
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
+        .build_client(grpc)
+        .build_server(grpc)
         .compile_fds(fds)?;
     Ok(())
 }

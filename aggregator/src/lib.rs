@@ -18,12 +18,10 @@ pub mod fleet;
 pub mod health;
 pub mod history;
 pub mod hub;
-pub mod labels;
-pub mod merge;
-pub mod refusals;
 pub mod remote_write;
-pub mod series;
 pub mod server;
 pub mod store;
 pub mod targets;
 pub mod web;
+
+pub use sonde_hub::{labels, merge, refusals, series};

@@ -8,7 +8,6 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sonde_cli::storage_lock::{LockError, StorageLock};
-use sonde_proto::config::Labels;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -64,16 +63,7 @@ pub enum StoreError {
     },
 }
 
-/// An agent as remembered across restarts.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredAgent {
-    pub id: String,
-    pub labels: Labels,
-    pub local_jobs: Vec<String>,
-    pub committed_seq: u64,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
-}
+pub use sonde_hub::StoredAgent;
 
 /// Schema revisions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -266,6 +256,23 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Applies the hub's durable changes inside the caller's transaction.
+pub fn apply_durable(
+    tx: &Transaction<'_>,
+    durable: &sonde_hub::state::Durable,
+) -> rusqlite::Result<()> {
+    for a in durable.agents.values() {
+        save_agent(tx, a)?;
+    }
+    for id in &durable.forgotten {
+        forget_agent(tx, id)?;
+    }
+    if !durable.jobs.is_empty() {
+        save_jobs(tx, &durable.jobs)?;
+    }
+    crate::history::ApplyWrites::apply(&durable.history, tx)
 }
 
 /// Records an agent (on hello, and as its committed sequence advances).

@@ -5,23 +5,13 @@
 //! so a half-written file never empties a job.
 
 use sonde_proto::config::{
-    ConfigError, LabelError, Labels, ResolvedJob, TargetGroup, check_target, from_yaml_str,
+    ConfigError, LabelError, ResolvedJob, TargetGroup, check_target, from_yaml_str,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// A target of a job, with the labels of the group it came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub job: String,
-    pub instance: String,
-    pub labels: Labels,
-}
-
-/// `(job, instance)` → target.
-/// Shared: the hub hands the same target to every result for it without copying labels.
-pub type TargetSet = BTreeMap<(String, String), std::sync::Arc<Target>>;
+pub use sonde_hub::targets::{Target, TargetSet};
 
 #[derive(Default)]
 pub struct FileSd {
@@ -201,6 +191,7 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
 mod tests {
     use super::*;
     use sonde_proto::config::{JobConfig, JobDefaults, Located, Module, resolve_jobs};
+    use std::collections::BTreeMap;
 
     fn jobs(dir: &Path) -> Vec<ResolvedJob> {
         #[derive(serde::Deserialize)]

@@ -48,10 +48,9 @@ const T0: i64 = 1_700_000_000_000;
 fuzz_target!(|data: &[u8]| {
     let config = CONFIG_PARSED.clone();
     let targets = FileSd::default().targets(&config.jobs);
-    let mut state = State::new(config.clone(), targets, T0);
+    let mut state = State::new(Arc::new(config.hub()), targets, T0);
     let counters = HubCounters::default();
     let refusals = Refusals::default();
-    let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let mut agent = "eu-1".to_string();
     let hello = pb::Hello {
         protocol_version: sonde_proto::PROTOCOL_VERSION,
@@ -67,7 +66,6 @@ fuzz_target!(|data: &[u8]| {
         &hello,
         labels(&hello),
         None,
-        tx.clone(),
         T0,
         &mut Changes::default(),
     );
@@ -84,7 +82,6 @@ fuzz_target!(|data: &[u8]| {
                     &hello,
                     labels(&hello),
                     None,
-                    tx.clone(),
                     now,
                     &mut Changes::default(),
                 );

@@ -1,15 +1,17 @@
 //! Types both sonde binaries share: the `sonde.v1` fleet protocol, the remote-write
 //! messages, the configuration model (modules, jobs, durations, label sets), and what
-//! `tls_config.insecure_skip_verify` means to every TLS client of either ([`tls`]).
+//! `tls_config.insecure_skip_verify` means to every TLS client of either (`tls`, with the
+//! `grpc` feature, on by default; without it the crate is plain data and pulls in no gRPC
+//! or TLS runtime).
 
 pub mod pb {
     //! Generated from `proto/sonde/v1/fleet.proto`.
-    tonic::include_proto!("sonde.v1");
+    include!(concat!(env!("OUT_DIR"), "/sonde.v1.rs"));
 }
 
 pub mod prompb {
     //! Generated from `proto/prometheus/remote.proto` (remote write 1.0).
-    tonic::include_proto!("prometheus");
+    include!(concat!(env!("OUT_DIR"), "/prometheus.rs"));
 }
 
 /// Revision of the fleet protocol this build speaks (in `Hello.protocol_version`).
@@ -19,5 +21,6 @@ pub mod assignment;
 pub mod config;
 pub mod exposition;
 pub mod help;
+#[cfg(feature = "grpc")]
 pub mod tls;
 pub mod trace;

@@ -17,16 +17,15 @@
 //! comparison that a view's series are unchanged.
 
 use crate::config::FleetLimits;
-use crate::hub::IncomingResult;
 use crate::refusals::Reason;
+pub use sonde_hub::model::{
+    IncomingResult, NameAndLabels, ResultSamples, SampleRef, Shape, Symbol, sample_weight,
+};
 use sonde_proto::config::is_valid_label_name;
 use sonde_proto::pb;
 use sonde_proto::trace::Trace;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// An interned string, shared by every sample that refers to it.
-pub type Symbol = Arc<str>;
 
 /// Sequence numbers are stored as SQLite integers (i64): 2^63 and above cannot be.
 pub const MAX_SEQ: u64 = i64::MAX as u64;
@@ -38,85 +37,6 @@ const SYMBOL_OVERHEAD: usize = 40;
 /// new shape with every result only makes its own results slower to decode.
 const MAX_SHAPES: usize = 1024;
 const MAX_SHAPE_KEYS: usize = 1 << 18;
-
-/// What a sample's name and labels weigh against `fleet.limits.max_series_bytes`.
-pub fn sample_weight(name: &str, labels: &[(Symbol, Symbol)]) -> usize {
-    name.len() + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-}
-
-/// A sample's name and labels.
-pub type NameAndLabels = (Symbol, Vec<(Symbol, Symbol)>);
-/// A sample of a [`ResultSamples`]: name, labels, value.
-pub type SampleRef<'a> = (&'a Symbol, &'a [(Symbol, Symbol)], f64);
-
-/// A result's kept samples without their values: names and labels, as the stream's
-/// symbols, and what the checks refused of it. Shared by every result of one stream
-/// whose samples name the same symbols in the same order.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Shape {
-    /// (name, labels) of each kept sample, in the result's order.
-    pub samples: Vec<NameAndLabels>,
-    /// The index among the result's samples of each kept one; `None`: all are kept.
-    kept: Option<Vec<u32>>,
-    /// Samples refused by the checks, by reason: (reason, how many, one example).
-    refused: Vec<(Reason, u64, String)>,
-    /// What the kept samples' names and labels weigh (`fleet.limits.max_series_bytes`).
-    pub bytes: usize,
-}
-
-/// A result's samples: their shape and their values (one per kept sample, same order).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ResultSamples {
-    pub shape: Arc<Shape>,
-    pub values: Vec<f64>,
-}
-
-impl Default for ResultSamples {
-    fn default() -> Self {
-        Self {
-            shape: Arc::new(Shape::default()),
-            values: Vec::new(),
-        }
-    }
-}
-
-impl ResultSamples {
-    pub fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-    }
-
-    /// (name, labels, value) of each sample.
-    pub fn iter(&self) -> impl Iterator<Item = SampleRef<'_>> {
-        self.shape
-            .samples
-            .iter()
-            .zip(&self.values)
-            .map(|((name, labels), v)| (name, labels.as_slice(), *v))
-    }
-
-    /// Adds a sample (tests, and producers other than the fleet service); the shape is
-    /// this result's own from then on.
-    pub fn push(&mut self, (name, labels, value): crate::hub::ProbeSample) {
-        let shape = Arc::make_mut(&mut self.shape);
-        shape.bytes += sample_weight(&name, &labels);
-        shape.samples.push((name, labels));
-        self.values.push(value);
-    }
-}
-
-impl From<Vec<crate::hub::ProbeSample>> for ResultSamples {
-    fn from(samples: Vec<crate::hub::ProbeSample>) -> Self {
-        let mut out = Self::default();
-        for s in samples {
-            out.push(s);
-        }
-        out
-    }
-}
 
 /// One stream's strings, in the order the agent defined them, and the shapes of its
 /// results so far.

@@ -1,15 +1,19 @@
-//! The aggregator's state and the threads that own it.
+//! The aggregator's hub: the state machine of the `sonde-hub` crate, and the threads
+//! that run it and carry out what it decides.
 //!
-//! - [`state`]: the state machine itself — agents, targets, their views and the series
-//!   they turn into — plain synchronous code with no I/O: every input changes it and
-//!   returns the durable changes and samples to commit, as data;
+//! - [`state`] (`sonde_hub::state`): the state machine itself — agents, targets, their
+//!   views and the series they turn into — plain synchronous code with no I/O: every
+//!   input changes it and returns, as data, the samples and durable changes to commit
+//!   and the messages to send or streams to end;
 //! - [`snapshot`]: a read-only copy for the web handlers;
 //! - [`placement`]: which agents probe which target (`agents_per_target`).
 //!
 //! Threads, so that neither SQLite nor a slow reader ever stalls the fleet's streams or
 //! the Tokio workers:
-//! - the **ingest thread** owns the [`State`]; the streams, the ticker, reloads and
-//!   discovery send it commands. It applies every command waiting in its queue, then
+//! - the **ingest thread** owns the [`State`] and the agents' streams; the streams, the
+//!   ticker, reloads and discovery send it commands. It applies every command waiting
+//!   in its queue (sending the assignments and ending the streams each one queued as
+//!   soon as it is applied, before the next), then
 //!   hands the whole group's changes to the storage thread in one piece (group commit
 //!   across agents and batches) and goes on with the next group meanwhile;
 //! - the **storage thread** commits a group in one transaction (the agents' sequence
@@ -23,16 +27,17 @@
 //! handlers read snapshots taken between groups and published once the commit of
 //! everything they show succeeded.
 
-pub mod budget;
-pub mod placement;
+mod ingest;
 pub mod snapshot;
-pub mod state;
+#[cfg(test)]
+mod tests;
 
 pub use snapshot::AgentSummary;
 pub use snapshot::Snapshot;
-pub use state::{
-    AgentEntry, Durable, IncomingResult, JobEntry, LastResult, ProbeSample, State, TargetEntry,
-};
+pub use sonde_hub::HubCounters;
+pub use sonde_hub::model::{IncomingResult, ProbeSample};
+pub use sonde_hub::{budget, placement, state};
+pub use state::{AgentEntry, Durable, JobEntry, LastResult, Outgoing, State, TargetEntry};
 
 use crate::config::AggregatorConfig;
 use crate::health::StorageHealth;
@@ -42,7 +47,6 @@ use crate::store::StoreError;
 use crate::targets::{FileSd, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
-use std::sync::atomic::AtomicU64;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -90,19 +94,6 @@ impl Kick {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
-
-/// Counters for `/metrics`.
-#[derive(Default)]
-pub struct HubCounters {
-    pub results_received: AtomicU64,
-    pub results_deduplicated: AtomicU64,
-    pub results_unexpected: AtomicU64,
-    pub agent_connects: AtomicU64,
-    pub agents_refused: AtomicU64,
-    /// Groups committed, and the commands they answered (group commit at work).
-    pub commits: AtomicU64,
-    pub committed_commands: AtomicU64,
 }
 
 /// What the threads share with the handle.
@@ -272,7 +263,8 @@ impl Hub {
             discovery: Mutex::new(FileSd::default()),
         });
         let targets = shared.discover(&config);
-        let state = State::new(config, targets, now_ms);
+        let state = State::new(Arc::new(config.hub()), targets, now_ms);
+        let applied = config.clone();
         let (commands, rx) = std_mpsc::channel();
         let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Samples, Durable)>(1);
         let mut threads = Vec::new();
@@ -280,14 +272,14 @@ impl Hub {
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-storage".into())
-                .spawn(move || storage_thread(output, jobs_rx, back))
+                .spawn(move || ingest::storage_thread(output, jobs_rx, back))
                 .expect("cannot start the storage thread"),
         );
         let ingest_shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-ingest".into())
-                .spawn(move || ingest_thread(state, rx, jobs_tx, ingest_shared))
+                .spawn(move || ingest::ingest_thread(state, applied, rx, jobs_tx, ingest_shared))
                 .expect("cannot start the ingest thread"),
         );
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
@@ -296,7 +288,9 @@ impl Hub {
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-discovery".into())
-                .spawn(move || discovery_thread(discovery_shared, discovery_commands, stop_rx))
+                .spawn(move || {
+                    ingest::discovery_thread(discovery_shared, discovery_commands, stop_rx)
+                })
                 .expect("cannot start the discovery thread"),
         );
         Self {
@@ -491,268 +485,6 @@ impl Drop for Hub {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
-        }
-    }
-}
-
-fn storage_thread(
-    output: Arc<dyn Output>,
-    jobs: std_mpsc::Receiver<(Samples, Durable)>,
-    back: std_mpsc::Sender<Command>,
-) {
-    while let Ok((samples, durable)) = jobs.recv() {
-        let result = if samples.is_empty() && durable.is_empty() {
-            Ok(())
-        } else {
-            output.commit(&samples, &durable)
-        };
-        // Dropping the samples here, off the ingest thread, frees their series too.
-        drop(samples);
-        if back.send(Command::Committed(result)).is_err() {
-            return;
-        }
-    }
-}
-
-fn discovery_thread(
-    shared: Arc<Shared>,
-    commands: std_mpsc::Sender<Command>,
-    stop: std_mpsc::Receiver<()>,
-) {
-    let mut last: Option<(Arc<AggregatorConfig>, TargetSet)> = None;
-    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(DISCOVERY_EVERY) {
-        let config = shared
-            .config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if config
-            .jobs
-            .iter()
-            .all(|j| j.config.file_sd_configs.is_empty())
-        {
-            continue;
-        }
-        let targets = shared.discover(&config);
-        let unchanged = last
-            .as_ref()
-            .is_some_and(|(c, t)| Arc::ptr_eq(c, &config) && *t == targets);
-        if unchanged {
-            continue;
-        }
-        last = Some((config.clone(), targets.clone()));
-        if commands.send(Command::Targets { config, targets }).is_err() {
-            return;
-        }
-    }
-}
-
-/// What a group owes once its commit is done.
-enum Owed {
-    Ack(
-        oneshot::Sender<Result<Option<u64>, ResultsError>>,
-        Option<u64>,
-    ),
-    Done(oneshot::Sender<()>),
-    Snapshot(oneshot::Sender<Arc<Snapshot>>),
-}
-
-/// Commands applied to the state since the last hand-over to the storage thread.
-#[derive(Default)]
-struct Group {
-    changes: state::Changes,
-    owed: Vec<Owed>,
-}
-
-impl Group {
-    fn is_empty(&self) -> bool {
-        self.changes.out.is_empty() && self.changes.durable.is_empty() && self.owed.is_empty()
-    }
-}
-
-/// Applies one command to the state, noting in `group` what it produced and owes.
-fn apply(state: &mut State, command: Command, group: &mut Group, shared: &Shared) {
-    let ch = &mut group.changes;
-    match command {
-        Command::Results {
-            agent,
-            batch,
-            now_ms,
-            reply,
-        } => {
-            let ack = state.results(
-                &agent,
-                &batch,
-                now_ms,
-                ch,
-                &shared.counters,
-                &shared.refusals,
-            );
-            group.owed.push(Owed::Ack(reply, ack));
-        }
-        Command::Connect {
-            hello,
-            labels,
-            credential,
-            sender,
-            now_ms,
-            reply,
-        } => {
-            shared.counters.agent_connects.fetch_add(1, Relaxed);
-            let connected = state.connect(&hello, labels, credential, sender, now_ms, ch);
-            // The stream may start at once: what it sends next is applied after this.
-            let _ = reply.send(connected);
-        }
-        Command::Disconnect {
-            agent,
-            connection,
-            now_ms,
-        } => state.disconnect(&agent, connection, now_ms),
-        Command::DisconnectAll { now_ms, reply } => {
-            state.disconnect_all(now_ms);
-            let _ = reply.send(());
-        }
-        Command::Heartbeat {
-            agent,
-            agent_time_ms,
-            now_ms,
-        } => state.heartbeat(&agent, agent_time_ms, now_ms),
-        Command::AssignmentReport { agent, report } => state.assignment_report(&agent, &report),
-        Command::Tick { now_ms, reply } => {
-            let before = ch.durable.forgotten.len();
-            state.tick(now_ms, ch);
-            for id in &ch.durable.forgotten[before..] {
-                shared.refusals.forget(id);
-            }
-            group.owed.push(Owed::Done(reply));
-        }
-        Command::Reload {
-            config,
-            targets,
-            now_ms,
-            reply,
-        } => {
-            state.reload(config, targets, now_ms, ch);
-            group.owed.push(Owed::Done(reply));
-        }
-        Command::Restore {
-            agents,
-            jobs,
-            reply,
-        } => {
-            state.restore(agents, jobs);
-            let _ = reply.send(());
-        }
-        Command::Targets { config, targets } => state.discovered(&config, targets),
-        Command::Snapshot { .. } | Command::Committed(_) | Command::Stop => {}
-    }
-}
-
-/// How many commands one group takes at most, so that a flood of batches still
-/// commits (and acks) in bounded steps.
-const MAX_GROUP_COMMANDS: usize = 512;
-const MAX_GROUP_SAMPLES: usize = 200_000;
-
-fn ingest_thread(
-    mut state: State,
-    commands: std_mpsc::Receiver<Command>,
-    storage: std_mpsc::SyncSender<(Samples, Durable)>,
-    shared: Arc<Shared>,
-) {
-    let mut current = Group::default();
-    let mut in_flight: Option<(Group, Option<Arc<Snapshot>>)> = None;
-    let mut waiting: Vec<oneshot::Sender<Arc<Snapshot>>> = Vec::new();
-    loop {
-        let Ok(first) = commands.recv() else { return };
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(command) = next.take() {
-            taken += 1;
-            match command {
-                Command::Stop => return,
-                Command::Committed(result) => {
-                    let Some((mut done, snapshot)) = in_flight.take() else {
-                        continue;
-                    };
-                    match result {
-                        Ok(()) => {
-                            shared.storage.succeeded();
-                            shared.counters.commits.fetch_add(1, Relaxed);
-                            shared
-                                .counters
-                                .committed_commands
-                                .fetch_add(done.owed.len() as u64, Relaxed);
-                            pay(done.owed, snapshot, None);
-                        }
-                        Err(e) => {
-                            let e = Arc::new(e);
-                            shared.storage.failed(&e);
-                            tracing::error!(error = %e, "cannot commit to the store; nothing of it is acked, and it is written again once the store recovers");
-                            // Newest first: the group applied after the failed one
-                            // saw its changes.
-                            let mut later = std::mem::take(&mut current);
-                            state.rollback(std::mem::take(&mut later.changes.undo));
-                            state.rollback(std::mem::take(&mut done.changes.undo));
-                            let fresh = Arc::new(state.snapshot());
-                            pay(later.owed, Some(fresh.clone()), Some(&e));
-                            pay(done.owed, Some(fresh), Some(&e));
-                        }
-                    }
-                }
-                Command::Snapshot { reply } => waiting.push(reply),
-                command => apply(&mut state, command, &mut current, &shared),
-            }
-            if taken < MAX_GROUP_COMMANDS && current.changes.out.len() < MAX_GROUP_SAMPLES {
-                next = commands.try_recv().ok();
-            }
-        }
-        if in_flight.is_some() {
-            continue;
-        }
-        if current.is_empty() {
-            // Nothing uncommitted: the state is what the store holds.
-            if !waiting.is_empty() {
-                let s = Arc::new(state.snapshot());
-                for w in waiting.drain(..) {
-                    let _ = w.send(s.clone());
-                }
-            }
-            continue;
-        }
-        let snapshot = (!waiting.is_empty()).then(|| Arc::new(state.snapshot()));
-        for w in waiting.drain(..) {
-            current.owed.push(Owed::Snapshot(w));
-        }
-        let mut group = std::mem::take(&mut current);
-        let out = std::mem::take(&mut group.changes.out);
-        let durable = std::mem::take(&mut group.changes.durable);
-        if storage.send((out, durable)).is_err() {
-            return;
-        }
-        in_flight = Some((group, snapshot));
-    }
-}
-
-use std::sync::atomic::Ordering::Relaxed;
-
-/// Answers what a group owes: acks (or the error), completions, snapshots.
-fn pay(owed: Vec<Owed>, snapshot: Option<Arc<Snapshot>>, error: Option<&Arc<StoreError>>) {
-    for o in owed {
-        match o {
-            Owed::Ack(tx, ack) => {
-                let _ = tx.send(match error {
-                    None => Ok(ack),
-                    Some(e) => Err(ResultsError::Storage(e.clone())),
-                });
-            }
-            Owed::Done(tx) => {
-                let _ = tx.send(());
-            }
-            Owed::Snapshot(tx) => {
-                if let Some(s) = &snapshot {
-                    let _ = tx.send(s.clone());
-                }
-            }
         }
     }
 }

@@ -26,7 +26,7 @@ pub struct AgentSummary {
     pub committed_seq: u64,
     pub generation: u64,
     pub checks: usize,
-    pub assignment_status: crate::fleet::assignment::AssignmentStatus,
+    pub assignment_status: sonde_hub::assignment::AssignmentStatus,
 }
 
 impl AgentSummary {
@@ -57,9 +57,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub(super) fn of(state: &State) -> Self {
+    /// A copy of `state`, which runs under `config`.
+    pub(super) fn of(state: &State, config: Arc<AggregatorConfig>) -> Self {
         Self {
-            config: state.config.clone(),
+            config,
             targets: state.targets.clone(),
             entries: state.entries.clone(),
             agents: state

@@ -5,9 +5,8 @@
 use prost::Message;
 use sonde_proto::prompb::{Label, Sample, TimeSeries, WriteRequest};
 
-/// The value Prometheus writes as a staleness marker: a NaN with this exact bit pattern.
-/// PromQL tells it from an ordinary NaN by the bits, so they must survive encoding.
-pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+/// The value Prometheus writes as a staleness marker (defined with the hub's model).
+pub use sonde_hub::model::STALE_NAN_BITS;
 
 /// The largest body [`decode`] inflates. Prometheus's own receiver has no smaller limit in
 /// practice (a full batch is a few hundred KiB), and the cap is checked against snappy's

@@ -6,7 +6,7 @@
 //! `instance`, `agent`) win over target labels, which win over a sample's own labels;
 //! external labels are added by each output to series that do not carry the name.
 
-use crate::fleet::decode::Symbol;
+use crate::model::Symbol;
 use crate::series::{Label, Series, SeriesLabels};
 use sonde_proto::config::Labels;
 use std::sync::{Arc, LazyLock};

@@ -8,7 +8,7 @@
 //! The bound must hold for every honest result: a prober that learns a new metric, a
 //! new phase or labels with text from the target must raise it here.
 
-use crate::config::FleetLimits;
+use crate::limits::FleetLimits;
 use sonde_proto::config::{Module, Prober};
 use sonde_proto::help::PROBE_METRICS;
 

@@ -23,7 +23,8 @@ pub struct SeriesLabels {
     /// token in the high half, its entry's index in the low half; 0 for none. Saves the
     /// queue a hash lookup per sample; a queue that finds another's token here looks
     /// the series up by its labels instead.
-    pub(crate) queue_slots: [AtomicU64; 2],
+    /// Only the remote-write queues touch it.
+    pub queue_slots: [AtomicU64; 2],
 }
 
 impl PartialEq for SeriesLabels {

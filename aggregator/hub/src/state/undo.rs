@@ -1,0 +1,63 @@
+//! Putting the state back as it was before a group whose commit failed.
+
+use super::*;
+
+impl State {
+    /// Puts back what `undo` recorded, newest change first.
+    pub fn rollback(&mut self, undo: Undo) {
+        self.evaluate_every_target();
+        for (key, agent, before) in undo.views.into_iter().rev() {
+            if let Some(entry) = self.entries.get_mut(&*key) {
+                match before {
+                    Some(view) => {
+                        entry.views.insert(agent, view);
+                    }
+                    None => {
+                        entry.views.remove(&agent);
+                    }
+                }
+            }
+        }
+        for (key, written) in undo.written.into_iter().rev() {
+            if let Some(e) = self.entries.get_mut(&*key) {
+                e.merged = written.merged;
+                e.last_written_ms = written.last_written_ms;
+                e.up_live = written.up_live;
+                e.history_state = written.history_state;
+            }
+        }
+        for key in undo.created {
+            self.entries.remove(&*key);
+        }
+        for (agent, held) in undo.series.into_iter().rev() {
+            if let Some(a) = self.agents.get_mut(&*agent) {
+                a.set_held(held);
+            }
+        }
+        for (agent, key) in undo.local_targets {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.local_targets.remove(&key);
+            }
+        }
+        for (agent, seq) in undo.committed.into_iter().rev() {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.committed_seq = seq;
+            }
+        }
+        if let Some(ms) = undo.last_meta_ms {
+            self.last_meta_ms = ms;
+        }
+        if let Some(jobs) = undo.jobs_written {
+            self.jobs_written = jobs;
+        }
+        for (agent, staled) in undo.staled {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.series_staled = staled;
+            }
+        }
+        for (id, agent) in undo.forgotten {
+            self.agents.insert(id, agent);
+        }
+        self.retired.extend(undo.retired);
+    }
+}

@@ -1,0 +1,358 @@
+//! The threads that run the hub: the ingest thread applies commands to the [`State`] and
+//! hands each group's changes to the storage thread, which commits them; the discovery
+//! thread re-reads file_sd files. See the module above for the design.
+
+use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+pub(super) fn storage_thread(
+    output: Arc<dyn Output>,
+    jobs: std_mpsc::Receiver<(Samples, Durable)>,
+    back: std_mpsc::Sender<Command>,
+) {
+    while let Ok((samples, durable)) = jobs.recv() {
+        let result = if samples.is_empty() && durable.is_empty() {
+            Ok(())
+        } else {
+            output.commit(&samples, &durable)
+        };
+        // Dropping the samples here, off the ingest thread, frees their series too.
+        drop(samples);
+        if back.send(Command::Committed(result)).is_err() {
+            return;
+        }
+    }
+}
+
+pub(super) fn discovery_thread(
+    shared: Arc<Shared>,
+    commands: std_mpsc::Sender<Command>,
+    stop: std_mpsc::Receiver<()>,
+) {
+    let mut last: Option<(Arc<AggregatorConfig>, TargetSet)> = None;
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(DISCOVERY_EVERY) {
+        let config = shared
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if config
+            .jobs
+            .iter()
+            .all(|j| j.config.file_sd_configs.is_empty())
+        {
+            continue;
+        }
+        let targets = shared.discover(&config);
+        let unchanged = last
+            .as_ref()
+            .is_some_and(|(c, t)| Arc::ptr_eq(c, &config) && *t == targets);
+        if unchanged {
+            continue;
+        }
+        last = Some((config.clone(), targets.clone()));
+        if commands.send(Command::Targets { config, targets }).is_err() {
+            return;
+        }
+    }
+}
+
+/// What a group owes once its commit is done.
+enum Owed {
+    Ack(
+        oneshot::Sender<Result<Option<u64>, ResultsError>>,
+        Option<u64>,
+    ),
+    Done(oneshot::Sender<()>),
+    Snapshot(oneshot::Sender<Arc<Snapshot>>),
+}
+
+/// The streams of the connected agents, by connection: where the ingest thread sends
+/// what the state queues ([`Outgoing`]), right after the command that queued it.
+#[derive(Default)]
+struct Streams(HashMap<u64, Stream>);
+
+struct Stream {
+    /// `None` once the stream could not take an assignment: nothing more is sent on it.
+    sender: Option<AgentSender>,
+    kick: Arc<Kick>,
+}
+
+impl Streams {
+    /// Sends or ends what `outgoing` says; tells the state of streams that could not take
+    /// their assignment.
+    fn carry_out(&mut self, state: &mut State, outgoing: Vec<Outgoing>) {
+        for o in outgoing {
+            match o {
+                Outgoing::Assignment {
+                    agent,
+                    connection,
+                    parts,
+                } => {
+                    let Some(stream) = self.0.get_mut(&connection) else {
+                        continue;
+                    };
+                    let Some(sender) = &stream.sender else {
+                        continue;
+                    };
+                    if !parts.into_iter().all(|p| sender.try_send(Ok(p)).is_ok()) {
+                        // Gone or hopelessly behind: drop it; the agent reconnects and
+                        // gets a fresh assignment with its hello.
+                        stream.sender = None;
+                        state.stream_lost(&agent, connection);
+                    }
+                }
+                Outgoing::End {
+                    connection, reason, ..
+                } => {
+                    if let Some(stream) = self.0.remove(&connection) {
+                        stream.kick.kick(reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Commands applied to the state since the last hand-over to the storage thread.
+#[derive(Default)]
+struct Group {
+    changes: state::Changes,
+    owed: Vec<Owed>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.changes.out.is_empty() && self.changes.durable.is_empty() && self.owed.is_empty()
+    }
+}
+
+/// Applies one command to the state, noting in `group` what it produced and owes, and
+/// carries out at once what it sends or ends on the agents' streams.
+fn apply(
+    state: &mut State,
+    applied: &mut Arc<AggregatorConfig>,
+    command: Command,
+    group: &mut Group,
+    streams: &mut Streams,
+    shared: &Shared,
+) {
+    let ch = &mut group.changes;
+    match command {
+        Command::Results {
+            agent,
+            batch,
+            now_ms,
+            reply,
+        } => {
+            let ack = state.results(
+                &agent,
+                &batch,
+                now_ms,
+                ch,
+                &shared.counters,
+                &shared.refusals,
+            );
+            group.owed.push(Owed::Ack(reply, ack));
+        }
+        Command::Connect {
+            hello,
+            labels,
+            credential,
+            sender,
+            now_ms,
+            reply,
+        } => {
+            shared.counters.agent_connects.fetch_add(1, Relaxed);
+            let connected =
+                state
+                    .connect(&hello, labels, credential, now_ms, ch)
+                    .map(|connection| {
+                        let kick = Arc::new(Kick::default());
+                        streams.0.insert(
+                            connection,
+                            Stream {
+                                sender: Some(sender),
+                                kick: kick.clone(),
+                            },
+                        );
+                        Connected { connection, kick }
+                    });
+            // Its assignment goes out before the stream starts.
+            streams.carry_out(state, std::mem::take(&mut ch.outgoing));
+            // The stream may start at once: what it sends next is applied after this.
+            let _ = reply.send(connected);
+        }
+        Command::Disconnect {
+            agent,
+            connection,
+            now_ms,
+        } => {
+            streams.0.remove(&connection);
+            state.disconnect(&agent, connection, now_ms);
+        }
+        Command::DisconnectAll { now_ms, reply } => {
+            streams.0.clear();
+            state.disconnect_all(now_ms);
+            let _ = reply.send(());
+        }
+        Command::Heartbeat {
+            agent,
+            agent_time_ms,
+            now_ms,
+        } => state.heartbeat(&agent, agent_time_ms, now_ms),
+        Command::AssignmentReport { agent, report } => state.assignment_report(&agent, &report),
+        Command::Tick { now_ms, reply } => {
+            let before = ch.durable.forgotten.len();
+            state.tick(now_ms, ch);
+            for id in &ch.durable.forgotten[before..] {
+                shared.refusals.forget(id);
+            }
+            group.owed.push(Owed::Done(reply));
+        }
+        Command::Reload {
+            config,
+            targets,
+            now_ms,
+            reply,
+        } => {
+            state.reload(Arc::new(config.hub()), targets, now_ms, ch);
+            *applied = config;
+            group.owed.push(Owed::Done(reply));
+        }
+        Command::Restore {
+            agents,
+            jobs,
+            reply,
+        } => {
+            state.restore(agents, jobs);
+            let _ = reply.send(());
+        }
+        // Targets discovered under a config a reload has replaced meanwhile are dropped.
+        Command::Targets { config, targets } => {
+            if Arc::ptr_eq(&config, applied) {
+                state.discovered(targets, ch);
+            }
+        }
+        Command::Snapshot { .. } | Command::Committed(_) | Command::Stop => {}
+    }
+    streams.carry_out(state, std::mem::take(&mut group.changes.outgoing));
+}
+
+/// How many commands one group takes at most, so that a flood of batches still
+/// commits (and acks) in bounded steps.
+const MAX_GROUP_COMMANDS: usize = 512;
+const MAX_GROUP_SAMPLES: usize = 200_000;
+
+pub(super) fn ingest_thread(
+    mut state: State,
+    mut applied: Arc<AggregatorConfig>,
+    commands: std_mpsc::Receiver<Command>,
+    storage: std_mpsc::SyncSender<(Samples, Durable)>,
+    shared: Arc<Shared>,
+) {
+    let mut current = Group::default();
+    let mut streams = Streams::default();
+    let mut in_flight: Option<(Group, Option<Arc<Snapshot>>)> = None;
+    let mut waiting: Vec<oneshot::Sender<Arc<Snapshot>>> = Vec::new();
+    loop {
+        let Ok(first) = commands.recv() else { return };
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(command) = next.take() {
+            taken += 1;
+            match command {
+                Command::Stop => return,
+                Command::Committed(result) => {
+                    let Some((mut done, snapshot)) = in_flight.take() else {
+                        continue;
+                    };
+                    match result {
+                        Ok(()) => {
+                            shared.storage.succeeded();
+                            shared.counters.commits.fetch_add(1, Relaxed);
+                            shared
+                                .counters
+                                .committed_commands
+                                .fetch_add(done.owed.len() as u64, Relaxed);
+                            pay(done.owed, snapshot, None);
+                        }
+                        Err(e) => {
+                            let e = Arc::new(e);
+                            shared.storage.failed(&e);
+                            tracing::error!(error = %e, "cannot commit to the store; nothing of it is acked, and it is written again once the store recovers");
+                            // Newest first: the group applied after the failed one
+                            // saw its changes.
+                            let mut later = std::mem::take(&mut current);
+                            state.rollback(std::mem::take(&mut later.changes.undo));
+                            state.rollback(std::mem::take(&mut done.changes.undo));
+                            let fresh = Arc::new(Snapshot::of(&state, applied.clone()));
+                            pay(later.owed, Some(fresh.clone()), Some(&e));
+                            pay(done.owed, Some(fresh), Some(&e));
+                        }
+                    }
+                }
+                Command::Snapshot { reply } => waiting.push(reply),
+                command => apply(
+                    &mut state,
+                    &mut applied,
+                    command,
+                    &mut current,
+                    &mut streams,
+                    &shared,
+                ),
+            }
+            if taken < MAX_GROUP_COMMANDS && current.changes.out.len() < MAX_GROUP_SAMPLES {
+                next = commands.try_recv().ok();
+            }
+        }
+        if in_flight.is_some() {
+            continue;
+        }
+        if current.is_empty() {
+            // Nothing uncommitted: the state is what the store holds.
+            if !waiting.is_empty() {
+                let s = Arc::new(Snapshot::of(&state, applied.clone()));
+                for w in waiting.drain(..) {
+                    let _ = w.send(s.clone());
+                }
+            }
+            continue;
+        }
+        let snapshot =
+            (!waiting.is_empty()).then(|| Arc::new(Snapshot::of(&state, applied.clone())));
+        for w in waiting.drain(..) {
+            current.owed.push(Owed::Snapshot(w));
+        }
+        let mut group = std::mem::take(&mut current);
+        let out = std::mem::take(&mut group.changes.out);
+        let durable = std::mem::take(&mut group.changes.durable);
+        if storage.send((out, durable)).is_err() {
+            return;
+        }
+        in_flight = Some((group, snapshot));
+    }
+}
+
+/// Answers what a group owes: acks (or the error), completions, snapshots.
+fn pay(owed: Vec<Owed>, snapshot: Option<Arc<Snapshot>>, error: Option<&Arc<StoreError>>) {
+    for o in owed {
+        match o {
+            Owed::Ack(tx, ack) => {
+                let _ = tx.send(match error {
+                    None => Ok(ack),
+                    Some(e) => Err(ResultsError::Storage(e.clone())),
+                });
+            }
+            Owed::Done(tx) => {
+                let _ = tx.send(());
+            }
+            Owed::Snapshot(tx) => {
+                if let Some(s) = &snapshot {
+                    let _ = tx.send(s.clone());
+                }
+            }
+        }
+    }
+}
