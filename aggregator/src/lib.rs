@@ -24,6 +24,7 @@ pub mod refusals;
 pub mod remote_write;
 pub mod series;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod targets;
 pub mod web;
