@@ -14,8 +14,8 @@
 
 use super::client::{Client, SendError};
 use super::config::ProtobufMessage;
-use super::queue::{Shared, Tally, lock};
 use super::request::Payload;
+use crate::storage::queue::{Shared, Tally, lock};
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::future::Future;

@@ -650,7 +650,7 @@ async fn drops_samples_with_invalid_labels() {
 async fn queue_bound_drops_the_oldest_while_the_endpoint_is_down() {
     let rx = Receiver::start().await;
     rx.set_fallback(Some(Reply::status(503)));
-    let one = queue::sample_bytes(&sample("m", 1).series.to_pairs());
+    let one = queue::labels::sample_bytes(&sample("m", 1).series.to_pairs());
     let mut cfg = config(&rx.url());
     cfg.queue_config.max_samples_per_send = 10;
     cfg.queue_config.max_queue_bytes = ByteSize(50 * one);
@@ -690,7 +690,7 @@ async fn samples_evicted_while_their_request_succeeds_count_as_sent_only() {
     let mut slow = Reply::status(204);
     slow.delay = Duration::from_millis(500);
     rx.script([slow]);
-    let one = queue::sample_bytes(&sample("m", 1).series.to_pairs());
+    let one = queue::labels::sample_bytes(&sample("m", 1).series.to_pairs());
     let mut cfg = config(&rx.url());
     cfg.queue_config.max_samples_per_send = 10;
     cfg.queue_config.max_queue_bytes = ByteSize(50 * one);

@@ -20,6 +20,7 @@ pub mod agents;
 pub mod health;
 pub mod history;
 mod history_size;
+pub(crate) mod queue;
 pub mod schema;
 
 pub use agents::{StoredAgent, commit_seq, committed_seq, forget_agent, save_agent, save_jobs};
