@@ -29,9 +29,12 @@ pub mod client;
 pub mod config;
 pub mod encode;
 pub mod encode_v2;
+mod endpoint;
 pub(crate) mod request;
 mod sender;
+mod setting;
 pub(crate) mod tail;
+mod tls;
 
 pub use client::SendError;
 pub use config::{
