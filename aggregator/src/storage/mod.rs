@@ -10,7 +10,7 @@
 //! - [`schema`]: the tables of the agents and the history, and their migrations;
 //! - [`agents`]: the agents' and jobs' rows;
 //! - [`history`]: the history's writes, queries and pruning, and [`HistoryReader`], the
-//!   read-only side the web pages use;
+//!   read-only side the web pages use ([`StoredHistory`]);
 //! - [`health`]: whether commits succeed, for `/-/ready` and the fleet service.
 //!
 //! Nothing outside this module runs SQL; the hub's durable changes reach it as plain data
@@ -19,11 +19,13 @@
 pub mod agents;
 pub mod health;
 pub mod history;
+mod history_reader;
 mod history_size;
 pub(crate) mod queue;
 pub mod schema;
 
 pub use agents::{StoredAgent, commit_seq, committed_seq, forget_agent, save_agent, save_jobs};
+pub use history_reader::{HistoryReader, StoredHistory};
 pub use history_size::HistoryBytes;
 
 use rusqlite::{Connection, Transaction};

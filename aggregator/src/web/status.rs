@@ -74,10 +74,12 @@ pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
     let now = crate::fleet::now_ms();
     let since = now - TIMELINE_MS;
     let changes = {
-        let app = app.clone();
+        let history = app.outputs.history();
         tokio::task::spawn_blocking(move || {
-            let store = app.outputs.store();
-            Ok::<_, rusqlite::Error>((store.all_state_changes(since)?, store.gaps(since)?))
+            Ok::<_, crate::storage::StoreError>((
+                history.all_state_changes(since)?,
+                history.gaps(since)?,
+            ))
         })
         .await
     };
