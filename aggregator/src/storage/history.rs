@@ -1,5 +1,5 @@
 //! The history's SQL: the rows a commit writes, the queries the web pages and
-//! `/api/v1/targets/history` read (through [`HistoryReader`]), and the folding and pruning
+//! `/api/v1/targets/history` read (through [`HistoryReader`](super::HistoryReader)), and the folding and pruning
 //! that keep it within `history.retention` and `history.max_size`.
 
 use super::Store;
