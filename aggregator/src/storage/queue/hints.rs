@@ -1,7 +1,9 @@
 //! Each shard's idea of how much waits in its part of the queue, and since when.
 
+use super::{Shared, lock};
 use std::collections::VecDeque;
 use std::time::Duration;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 /// Arrival records kept per shard (for batch_send_deadline); past it the newest merge.
@@ -80,6 +82,35 @@ impl ShardHint {
         let start = if id == lo_block { from.max(lo) } else { from };
         let end = if id == hi_block { to.min(hi) } else { to };
         u64::from(end.saturating_sub(start))
+    }
+}
+
+impl Shared {
+    /// When `shard` should read next: `None` for now (a batch is full, its oldest
+    /// sample's `batch_send_deadline` has passed, or `stopping`), else the time its
+    /// oldest sample is due (an hour when it holds none).
+    pub(crate) fn next_read(&self, shard: usize, now: Instant, stopping: bool) -> Option<Instant> {
+        let hint = lock(&self.shards[shard].hint);
+        let pending = hint.pending();
+        let due = hint.oldest().map(|t| t + self.queue.batch_send_deadline.0);
+        let max = self.queue.max_samples_per_send as u64;
+        if stopping || pending >= max || (pending > 0 && due.is_none_or(|d| now >= d)) {
+            None
+        } else {
+            Some(due.unwrap_or(now + Duration::from_secs(3600)))
+        }
+    }
+
+    /// A read found `shard` empty: what arrived up to `read_at` was all read.
+    pub(crate) fn read_all_until(&self, shard: usize, read_at: Instant) {
+        lock(&self.shards[shard].hint)
+            .arrivals
+            .retain(|(_, at)| *at > read_at);
+    }
+
+    /// Completes when an enqueue added to the queue (see [`Shared::wake`]).
+    pub(crate) fn woken(&self, shard: usize) -> Notified<'_> {
+        self.shards[shard].wake.notified()
     }
 }
 

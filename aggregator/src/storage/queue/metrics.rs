@@ -62,6 +62,29 @@ pub(crate) struct Snapshot {
 }
 
 impl Shared {
+    /// A request failed and will not be sent again as it was (its samples are settled
+    /// otherwise).
+    pub(crate) fn record_failed_request(&self, error: String) {
+        let mut stats = lock(&self.stats);
+        stats.counters.requests_failed += 1;
+        stats.last_error = Some((error, SystemTime::now()));
+    }
+
+    /// A request of `samples` failed and is to be sent again; true when the endpoint was
+    /// not failing before (the first failure of a run of them).
+    pub(crate) fn record_retry(&self, error: String, samples: u64) -> bool {
+        let mut stats = lock(&self.stats);
+        stats.counters.retried += samples;
+        stats.counters.requests_failed += 1;
+        stats.last_error = Some((error, SystemTime::now()));
+        !std::mem::replace(&mut stats.failing, true)
+    }
+
+    /// True the first time a receiver reports fewer samples written than sent.
+    pub(crate) fn first_partial_write(&self) -> bool {
+        !std::mem::replace(&mut lock(&self.stats).warned_partial, true)
+    }
+
     pub(crate) fn snapshot(&self) -> Snapshot {
         let stats = lock(&self.stats);
         Snapshot {

@@ -80,8 +80,8 @@ pub(crate) mod schema;
 mod tests;
 mod writer;
 
-pub(crate) use hints::ShardHint;
-pub(crate) use metrics::Stats;
+use hints::ShardHint;
+use metrics::Stats;
 pub(crate) use reader::Tally;
 pub(crate) use schema::report_unconfigured;
 
@@ -97,9 +97,11 @@ use tokio::sync::Notify;
 
 /// Blocks fetched per query when reading or evicting.
 const BLOCKS_PER_READ: i64 = 8;
+
+/// One shard's part of the queue: what it expects to find, and its wake-up.
 pub(crate) struct Shard {
-    pub(crate) hint: Mutex<ShardHint>,
-    pub(crate) wake: Notify,
+    hint: Mutex<ShardHint>,
+    wake: Notify,
     /// The query for the shard's blocks, its endpoint and shard written in: SQLite
     /// (built with STAT4) prepares a statement again whenever a value bound for an
     /// indexed column changes, and one statement shared by the shards did so on every
@@ -122,8 +124,8 @@ pub(crate) struct Shared {
     /// Series labels by epoch and id, for the shard tasks, with the last dictionary row
     /// read of each epoch.
     dict: Mutex<DictCache>,
-    pub(crate) shards: Vec<Shard>,
-    pub(crate) stats: Mutex<Stats>,
+    shards: Vec<Shard>,
+    stats: Mutex<Stats>,
     /// The configured message, and whether 2.0 is still in use (false once the receiver
     /// showed it does not speak it).
     configured: ProtobufMessage,
@@ -132,7 +134,7 @@ pub(crate) struct Shared {
     tail: Tail,
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every section below restores its invariants before it can panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
