@@ -24,7 +24,6 @@
 //! a sample at or before the last timestamp queued for its series is dropped (see
 //! `queue` for how long that check remembers).
 
-pub(crate) mod block;
 pub mod client;
 pub mod config;
 pub mod encode;

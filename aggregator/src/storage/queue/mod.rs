@@ -23,7 +23,7 @@
 //!   out for, the queue's size (samples and bytes) kept exact in the same transactions
 //!   that add and remove samples, and a count of enqueues (see *Rollbacks* below);
 //! - `rw_blocks`: the samples one enqueue adds to one shard (at most
-//!   `max_samples_per_send` per block), encoded by `remote_write::block`: a few bytes of series id
+//!   `max_samples_per_send` per block), encoded by [`block`]: a few bytes of series id
 //!   and timestamp delta plus the value's 8 bytes per sample. `first` is the shard's
 //!   cursor inside its oldest block: the samples before it are done with (sent, refused
 //!   or dropped), and `bytes` is what the rest weigh against `max_queue_bytes`;
@@ -70,6 +70,7 @@
 //! are dropped inside the enqueue's transaction and counted; those of a request on the
 //! wire count as sent if it lands, dropped if it has to be redone.
 
+pub(crate) mod block;
 mod hints;
 pub(crate) mod labels;
 mod metrics;

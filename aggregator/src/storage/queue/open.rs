@@ -1,13 +1,13 @@
 //! Opening an endpoint's queue: its row, the order check seeded with what is queued,
 //! the blocks laid out again when the shard count changed.
 
+use super::block::{self, BlockBuilder};
 use super::hints::ShardHint;
 use super::labels::{Cache, LabelsMap};
 use super::metrics::{Counters, Stats};
 use super::reader::{Dict, load_dict};
 use super::schema::{INSERT_BLOCK, ensure_schema, insert_block};
 use super::{Shard, Shared};
-use crate::remote_write::block::{self, BlockBuilder};
 use crate::remote_write::config::{ProtobufMessage, QueueConfig, RemoteWriteError, fnv1a64};
 use crate::remote_write::tail::Tail;
 use crate::storage::Store;

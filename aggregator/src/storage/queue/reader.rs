@@ -2,8 +2,8 @@
 //! form, or read back from the database and grouped by series), then settled once the
 //! receiver answered: the cursor moved past them, finished blocks deleted.
 
+use super::block;
 use super::{BLOCKS_PER_READ, Shared, lock};
-use crate::remote_write::block;
 use crate::remote_write::request::{self, LabelsPb, SeriesBatch, TimeSeriesFields};
 use crate::remote_write::tail::TailBlock;
 use rusqlite::{Connection, OptionalExtension, params};

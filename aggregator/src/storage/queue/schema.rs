@@ -2,7 +2,7 @@
 //! conversion of the first format's rows, and the report of queues left on disk by
 //! endpoints no longer configured.
 
-use crate::remote_write::block::{self, BlockBuilder};
+use super::block::{self, BlockBuilder};
 use crate::remote_write::config::RemoteWriteError;
 use crate::remote_write::request::{self, LabelsPb};
 use crate::storage::Store;

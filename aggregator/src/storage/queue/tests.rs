@@ -1,10 +1,10 @@
 //! The queue's tests: enqueue, read, settle and reopen against an in-memory or
 //! on-disk store.
 
+use super::block;
 use super::labels::sample_bytes;
 use super::reader::{Batch, load_dict};
 use super::*;
-use crate::remote_write::block;
 use crate::remote_write::config::fnv1a64;
 use crate::remote_write::request;
 use crate::series::Sample;

@@ -2,10 +2,10 @@
 //! per shard, their series' labels to the dictionary once per epoch, and the byte bound
 //! enforced by dropping the oldest samples.
 
+use super::block::{self, BlockBuilder};
 use super::hints::ShardHint;
 use super::schema::{INSERT_BLOCK, insert_block};
 use super::{BLOCKS_PER_READ, Shared, lock};
-use crate::remote_write::block::{self, BlockBuilder};
 use crate::remote_write::request::LabelsPb;
 use crate::remote_write::tail::TailBlock;
 use crate::series::SampleSource;
