@@ -11,7 +11,8 @@
 //! - [`agents`]: the agents' and jobs' rows;
 //! - [`history`]: the history's writes, queries and pruning, and [`HistoryReader`], the
 //!   read-only side the web pages use ([`StoredHistory`]);
-//! - [`health`]: whether commits succeed, for `/-/ready` and the fleet service.
+//! - [`health`]: whether commits succeed, for `/-/ready` and the fleet service;
+//! - `queue`: each remote-write endpoint's durable queue, split by role (see its docs).
 //!
 //! Nothing outside this module runs SQL; the hub's durable changes reach it as plain data
 //! applied inside [`Store::transaction`].
@@ -33,6 +34,8 @@ use sonde_cli::storage_lock::{LockError, StorageLock};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+/// The open database, its connection shared behind a lock: transactions on it are
+/// serialized, which the queue's rollback detection counts on.
 pub struct Store {
     conn: Mutex<Connection>,
     pub path: Option<PathBuf>,
@@ -163,8 +166,8 @@ impl Store {
         })
     }
 
-    /// The connection, for modules that keep their own tables here (remote write).
-    pub fn conn(&self) -> MutexGuard<'_, Connection> {
+    /// The connection, for the storage modules' own queries.
+    pub(in crate::storage) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
