@@ -7,7 +7,7 @@ use crate::fleet::now_ms;
 use crate::hub::{Durable, Hub, Output};
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
 use crate::series::Samples;
-use crate::store::{Store, StoreError};
+use crate::storage::{HistoryReader, Store, StoreError, StoredHistory};
 use sonde_proto::config::ConfigError;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -50,6 +50,8 @@ pub struct NotReady {
 /// remote-write endpoint; endpoints are swapped whole on reload.
 pub struct Outputs {
     store: Arc<Store>,
+    /// The history's read side, for the pages.
+    history: Arc<StoredHistory>,
     writers: RwLock<Vec<Arc<RemoteWriter>>>,
 }
 
@@ -71,9 +73,14 @@ impl Output for Outputs {
 }
 
 impl Outputs {
-    /// The aggregator's database (the history's queries read it).
+    /// The aggregator's database (for the history's upkeep).
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The history, read-only, as the pages and the history API read it.
+    pub fn history(&self) -> Arc<dyn HistoryReader> {
+        self.history.clone()
     }
 
     pub fn writers(&self) -> Vec<Arc<RemoteWriter>> {
@@ -126,6 +133,7 @@ impl App {
         let config = Arc::new(config);
         let outputs = Arc::new(Outputs {
             writers: RwLock::new(start_writers(&config, &store)?),
+            history: Arc::new(StoredHistory::new(store.clone())),
             store: store.clone(),
         });
         let hub = Arc::new(Hub::new(config, outputs.clone(), now_ms()));

@@ -20,6 +20,7 @@ pub mod history;
 pub mod hub;
 pub mod remote_write;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod targets;
 pub mod web;

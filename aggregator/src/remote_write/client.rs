@@ -3,14 +3,17 @@
 //! per-request `remote_timeout`, and the sorting of a response into sent, retry later, or
 //! rejected for good.
 
-use super::config::{ProtobufMessage, RemoteWriteConfig, Secret, SettingError, TlsConfig, invalid};
+use super::config::{ProtobufMessage, RemoteWriteConfig, Secret};
+use super::endpoint::Endpoint;
+use super::setting::{SettingError, invalid};
+use super::tls::tls_client_config;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,60 +72,6 @@ pub enum SendError {
     /// the same answer.
     #[error("HTTP {status}: {message}")]
     Rejected { status: u16, message: String },
-}
-
-/// Where requests go, taken apart once from the configured URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Endpoint {
-    https: bool,
-    /// Without IPv6 brackets: what to resolve and what to check the certificate against.
-    host: String,
-    port: u16,
-    /// The `Host` header: host and port as the URL wrote them.
-    authority: String,
-    path_and_query: String,
-}
-
-impl Endpoint {
-    pub(crate) fn parse(url: &str) -> Result<Self, SettingError> {
-        let uri: http::Uri = url.parse().map_err(|e| {
-            invalid(format!("url: {url:?} is not a valid URL ({e}); expected like http://127.0.0.1:9090/api/v1/write"))
-        })?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => {
-                return Err(invalid(format!(
-                    "url: {url:?} must start with http:// or https://, like http://127.0.0.1:9090/api/v1/write"
-                )));
-            }
-        };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| invalid(format!("url: {url:?} has no host")))?;
-        if authority.as_str().contains('@') {
-            return Err(invalid(format!(
-                "url: credentials in the URL are not supported; move them to basic_auth and remove them from {url:?}"
-            )));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        if host.is_empty() {
-            return Err(invalid(format!("url: {url:?} has no host")));
-        }
-        Ok(Self {
-            https,
-            host: host.to_string(),
-            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
-            authority: authority.as_str().to_string(),
-            path_and_query: uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".to_string()),
-        })
-    }
 }
 
 /// A credential given inline or read from a file at each request, so that a rotated token
@@ -556,67 +505,6 @@ fn receiver_message(body: &[u8]) -> String {
     text
 }
 
-/// The rustls setup for `tls`, ring as the crypto provider. Reading every file here
-/// means that config validation finds a missing or broken file before the first send.
-pub(crate) fn tls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, SettingError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(format!("tls_config: {e}")))?;
-    let builder = if tls.insecure_skip_verify {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(sonde_proto::tls::SkipVerify::new(provider)))
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        match &tls.ca_file {
-            // As in Prometheus, a ca_file replaces the public roots: a private receiver
-            // is then trusted only through the CA that the user named.
-            Some(path) => {
-                let certs = read_certs("tls_config.ca_file", path)?;
-                let (added, _) = roots.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(invalid(format!(
-                        "tls_config.ca_file: no usable CA certificate in {}",
-                        path.display()
-                    )));
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        builder.with_root_certificates(roots)
-    };
-    let mut config = match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let certs = read_certs("tls_config.cert_file", cert)?;
-            let key = sonde_proto::tls::read_private_key(key)
-                .map_err(|e| invalid(format!("tls_config.key_file: {e}")))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                invalid(format!(
-                    "tls_config: cert_file and key_file do not fit: {e}"
-                ))
-            })?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        (Some(_), None) => {
-            return Err(invalid(
-                "tls_config: cert_file is set without key_file; set both or neither".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(invalid(
-                "tls_config: key_file is set without cert_file; set both or neither".into(),
-            ));
-        }
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-fn read_certs(option: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, SettingError> {
-    sonde_proto::tls::read_certificates(path).map_err(|e| invalid(format!("{option}: {e}")))
-}
-
 /// Standard base64 with padding, for the Basic credentials.
 fn base64(input: &[u8]) -> String {
     use base64::Engine;
@@ -641,20 +529,6 @@ mod tests {
         ] {
             assert_eq!(base64(plain.as_bytes()), encoded);
         }
-    }
-
-    #[test]
-    fn endpoint_parsing() {
-        let e = Endpoint::parse("https://[::1]:8443/api/v1/push?x=1").unwrap();
-        assert_eq!(
-            (e.https, e.host.as_str(), e.port, e.authority.as_str()),
-            (true, "::1", 8443, "[::1]:8443")
-        );
-        assert_eq!(e.path_and_query, "/api/v1/push?x=1");
-        let e = Endpoint::parse("http://prom:9090").unwrap();
-        assert_eq!((e.port, e.path_and_query.as_str()), (9090, "/"));
-        assert_eq!(Endpoint::parse("https://mimir/push").unwrap().port, 443);
-        assert!(Endpoint::parse("prom:9090/write").is_err());
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! Defaults and checks live here, next to the options, so `check-config` and the running
 //! sender agree on what a config means.
 
+use super::endpoint::Endpoint;
+pub use super::setting::SettingError;
+pub(crate) use super::setting::invalid;
+pub use super::tls::TlsConfig;
+use super::tls::tls_client_config;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sonde_proto::config::{ByteSize, PromDuration};
 use std::collections::BTreeMap;
@@ -72,23 +77,6 @@ pub struct Authorization {
     pub credentials: Option<Secret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// CA certificates (PEM) that replace the built-in web PKI roots, as in Prometheus.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
-    /// Name sent in SNI and checked against the certificate, instead of the URL's host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_name: Option<String>,
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -292,7 +280,7 @@ impl RemoteWriteConfig {
     }
 
     fn validate_inner(&self) -> Result<(), SettingError> {
-        crate::remote_write::client::Endpoint::parse(&self.url)?;
+        Endpoint::parse(&self.url)?;
         if let Some(name) = &self.name
             && name.trim().is_empty()
         {
@@ -401,7 +389,7 @@ impl RemoteWriteConfig {
         }
         if let Some(tls) = &self.tls_config {
             // Building the TLS setup reads and parses every file it names.
-            crate::remote_write::client::tls_client_config(tls)?;
+            tls_client_config(tls)?;
         }
         let q = &self.queue_config;
         if q.max_samples_per_send == 0 {
@@ -474,27 +462,6 @@ fn check_readable(option: &'static str, path: &Path) -> Result<(), SettingError>
             path: path.to_path_buf(),
             source,
         })
-}
-
-/// What is wrong with one remote_write endpoint's settings.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingError {
-    /// A value that cannot work: the message names the option and what to write instead.
-    #[error("{0}")]
-    Invalid(String),
-    /// A file the endpoint needs cannot be read.
-    #[error("{option}: cannot read {}: {source}", path.display())]
-    Unreadable {
-        option: &'static str,
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// A [`SettingError::Invalid`] with `message`.
-pub(crate) fn invalid(message: String) -> SettingError {
-    SettingError::Invalid(message)
 }
 
 /// Why remote write cannot start (or reload) as configured.

@@ -24,15 +24,16 @@
 //! a sample at or before the last timestamp queued for its series is dropped (see
 //! `queue` for how long that check remembers).
 
-mod block;
 pub mod client;
 pub mod config;
 pub mod encode;
 pub mod encode_v2;
-mod queue;
-mod request;
+mod endpoint;
+pub(crate) mod request;
 mod sender;
-mod tail;
+mod setting;
+pub(crate) mod tail;
+mod tls;
 
 pub use client::SendError;
 pub use config::{
@@ -42,7 +43,8 @@ pub use encode::{STALE_NAN_BITS, Series, decode, encode};
 pub use sender::backoff;
 
 use crate::series::{Sample, SampleSource};
-use crate::store::Store;
+use crate::storage::Store;
+use crate::storage::queue;
 use sonde_proto::config::Labels;
 use sonde_proto::exposition::Family;
 use std::sync::{Arc, Mutex};

@@ -14,14 +14,14 @@
 
 use super::client::{Client, SendError};
 use super::config::ProtobufMessage;
-use super::queue::{Shared, Tally, lock};
 use super::request::Payload;
+use crate::storage::queue::{Shared, Tally};
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -104,25 +104,12 @@ pub(crate) async fn run_shard(
         shard,
         rejections_logged: HashSet::new(),
     };
-    let deadline = shared.queue.batch_send_deadline.0;
-    let max = shared.queue.max_samples_per_send as u64;
     loop {
         let stopping = stop.borrow_and_update().is_some();
-        let now = Instant::now();
-        let wait_until = {
-            let hint = lock(&shared.shards[shard].hint);
-            let pending = hint.pending();
-            let due = hint.oldest().map(|t| t + deadline);
-            if stopping || pending >= max || (pending > 0 && due.is_none_or(|d| now >= d)) {
-                None
-            } else {
-                let idle = now + Duration::from_secs(3600);
-                Some(due.unwrap_or(idle))
-            }
-        };
+        let wait_until = shared.next_read(shard, Instant::now(), stopping);
         if let Some(until) = wait_until {
             tokio::select! {
-                _ = shared.shards[shard].wake.notified() => {}
+                _ = shared.woken(shard) => {}
                 _ = tokio::time::sleep_until(until) => {}
                 changed = stop.changed() => {
                     if changed.is_err() {
@@ -140,9 +127,7 @@ pub(crate) async fn run_shard(
                     return;
                 }
                 // Samples queued since the read keep their hint: they are not read yet.
-                lock(&shared.shards[shard].hint)
-                    .arrivals
-                    .retain(|(_, at)| *at > read_at);
+                shared.read_all_until(shard, read_at);
             }
             BatchEnd::Stopped => return,
         }
@@ -330,9 +315,7 @@ impl ShardSender {
     }
 
     fn record_error(&self, error: String) {
-        let mut stats = lock(&self.shared.stats);
-        stats.counters.requests_failed += 1;
-        stats.last_error = Some((error, SystemTime::now()));
+        self.shared.record_failed_request(error);
     }
 
     /// Waits out the backoff of one more failed attempt (or `Retry-After`); false when
@@ -354,13 +337,7 @@ impl ShardSender {
     }
 
     fn record_retry(&self, message: String, n: u64) {
-        let first = {
-            let mut stats = lock(&self.shared.stats);
-            stats.counters.retried += n;
-            stats.counters.requests_failed += 1;
-            stats.last_error = Some((message.clone(), SystemTime::now()));
-            !std::mem::replace(&mut stats.failing, true)
-        };
+        let first = self.shared.record_retry(message.clone(), n);
         if first {
             tracing::warn!(
                 remote_name = %self.shared.name,
@@ -390,8 +367,7 @@ impl ShardSender {
     }
 
     fn warn_partial(&self, written: u64, sent: u64) {
-        let mut stats = lock(&self.shared.stats);
-        if !std::mem::replace(&mut stats.warned_partial, true) {
+        if self.shared.first_partial_write() {
             tracing::warn!(
                 remote_name = %self.shared.name,
                 url = %self.shared.url,

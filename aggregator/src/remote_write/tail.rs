@@ -19,12 +19,11 @@
 //! Only 1.0 requests are made this way (`TimeSeries` fields, one per sample); an
 //! endpoint speaking 2.0 reads from the database as before.
 
-use super::queue::lock;
 use super::request::TimeSeriesFields;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// Memory the tail of one endpoint may hold: a few seconds of a large fleet's samples
 /// (about 200 bytes each). Past it, new blocks are read back from the database.
@@ -82,6 +81,11 @@ pub(crate) struct Tail {
 }
 
 impl Tail {
+    fn blocks(&self) -> MutexGuard<'_, Blocks> {
+        // Every section restores the tail's invariants before it can panic.
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether a new block would fit (checked before building one, so that a full tail
     /// costs the enqueue nothing).
     pub(crate) fn has_room(&self) -> bool {
@@ -91,18 +95,18 @@ impl Tail {
     /// Inside the enqueue's transaction: `block` is the row `id` if the transaction
     /// commits.
     pub(crate) fn stage(&self, id: i64, block: TailBlock) {
-        lock(&self.blocks).staged.push((id, Arc::new(block)));
+        self.blocks().staged.push((id, Arc::new(block)));
     }
 
     /// Before an enqueue: what an earlier enqueue staged was never published, so its
     /// transaction did not commit.
     pub(crate) fn discard_staged(&self) {
-        lock(&self.blocks).staged.clear();
+        self.blocks().staged.clear();
     }
 
     /// After the commit of the transaction the last enqueue ran in: its blocks are rows.
     pub(crate) fn publish(&self) {
-        let mut blocks = lock(&self.blocks);
+        let mut blocks = self.blocks();
         let staged = std::mem::take(&mut blocks.staged);
         for (id, block) in staged {
             let weight = block.heap_bytes();
@@ -118,13 +122,13 @@ impl Tail {
     }
 
     pub(crate) fn get(&self, id: i64) -> Option<Arc<TailBlock>> {
-        lock(&self.blocks).by_id.get(&id).cloned()
+        self.blocks().by_id.get(&id).cloned()
     }
 
     /// The row `id` is being deleted (perhaps by the very transaction that staged it:
     /// the byte bound can evict a block as soon as it is queued).
     pub(crate) fn remove(&self, id: i64) {
-        let mut blocks = lock(&self.blocks);
+        let mut blocks = self.blocks();
         blocks.staged.retain(|(staged, _)| *staged != id);
         if let Some(old) = blocks.by_id.remove(&id) {
             self.bytes.fetch_sub(old.heap_bytes(), Ordering::Relaxed);
@@ -133,7 +137,7 @@ impl Tail {
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        lock(&self.blocks).by_id.len()
+        self.blocks().by_id.len()
     }
 }
 

@@ -62,14 +62,13 @@ pub async fn uptime(State(app): State<Arc<App>>, Query(q): Query<TargetQuery>) -
     let now = crate::fleet::now_ms();
     let known = history::current_state(&*app.hub.snapshot().await, &key).is_some();
     let changes = {
-        let app = app.clone();
+        let history = app.outputs.history();
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
-            let store = app.outputs.store();
             let from = now - window.as_millis() as i64;
-            Ok::<_, rusqlite::Error>((
-                store.state_changes(&key.0, &key.1, from)?,
-                store.gaps(from)?,
+            Ok::<_, crate::storage::StoreError>((
+                history.state_changes(&key.0, &key.1, from)?,
+                history.gaps(from)?,
             ))
         })
         .await

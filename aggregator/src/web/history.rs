@@ -8,6 +8,7 @@ use crate::fleet::now_ms;
 use crate::history::{self, Durations, Gap, HistoryState, Segment, StoredBucket, StoredEvent};
 use crate::hub::Snapshot;
 use crate::merge;
+use crate::storage::StoreError;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -53,7 +54,7 @@ pub enum QueryError {
 /// The history of a target cannot be read from the store.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read the history: {0}")]
-pub struct HistoryUnreadable(#[from] rusqlite::Error);
+pub struct HistoryUnreadable(#[from] StoreError);
 
 impl TargetQuery {
     /// (job, instance), or what is wrong with the query.
@@ -134,7 +135,7 @@ pub fn load(
     window: Duration,
 ) -> Result<Option<TargetHistory>, HistoryUnreadable> {
     let now = now_ms();
-    let store = app.outputs.store();
+    let store = app.outputs.history();
     let longest = WINDOWS
         .iter()
         .map(|(_, d)| *d)

@@ -9,6 +9,7 @@ mod status;
 mod svg;
 mod target;
 mod trace;
+mod view;
 
 use crate::app::App;
 use axum::Router;

@@ -2,33 +2,24 @@
 //! state, agents, missing jobs and remote-write queues. No JavaScript; it refreshes
 //! itself every few seconds.
 
-use super::api::{agents_json, jobs_json, targets_json};
 use super::svg::{self, esc};
+use super::view;
 use crate::app::App;
+use crate::fleet::assignment::AssignmentStatus;
 use crate::history::{self, HistoryState};
 use axum::extract::State;
 use axum::response::Html;
-use serde_json::Value;
+use sonde_proto::config::Labels;
 use std::fmt::Write;
 use std::sync::Arc;
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn labels(v: &Value) -> String {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", text(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
+/// `name="value", …`, as PromQL writes a selector.
+fn labels(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The top of every page: styles, a self-refresh every `refresh` seconds, and links.
@@ -83,10 +74,12 @@ pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
     let now = crate::fleet::now_ms();
     let since = now - TIMELINE_MS;
     let changes = {
-        let app = app.clone();
+        let history = app.outputs.history();
         tokio::task::spawn_blocking(move || {
-            let store = app.outputs.store();
-            Ok::<_, rusqlite::Error>((store.all_state_changes(since)?, store.gaps(since)?))
+            Ok::<_, crate::storage::StoreError>((
+                history.all_state_changes(since)?,
+                history.gaps(since)?,
+            ))
         })
         .await
     };
@@ -111,9 +104,9 @@ pub fn render(
     gaps: &[history::Gap],
     now: i64,
 ) -> String {
-    let jobs = jobs_json(snapshot);
-    let targets = targets_json(snapshot);
-    let agents = agents_json(snapshot);
+    let jobs = view::jobs(snapshot, now);
+    let targets = view::targets(snapshot, now);
+    let agents = view::agents(snapshot, now);
     let mut h = head("sonde aggregator", 5, &config_name(app));
     let reload = app
         .reload_status
@@ -130,12 +123,10 @@ pub fn render(
         );
     }
 
-    let missing: Vec<(String, String)> = jobs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|j| j["missing"] == Value::Bool(true))
-        .map(|j| (text(&j["job"]), text(&j["why"])))
+    let missing: Vec<(&str, &str)> = jobs
+        .iter()
+        .filter(|j| j.missing)
+        .map(|j| (j.job, j.why.as_str()))
         .collect();
     h.push_str("<h2>Missing jobs</h2>");
     if missing.is_empty() {
@@ -154,9 +145,8 @@ pub fn render(
     }
 
     h.push_str("<h2>Jobs</h2><table><tr><th>job</th><th>module</th><th>interval</th><th>timeout</th><th>quorum</th><th>agents</th><th>targets</th><th>state</th></tr>");
-    for j in jobs.as_array().into_iter().flatten() {
-        let status = text(&j["status"]);
-        let class = match status.as_str() {
+    for j in &jobs {
+        let class = match j.status {
             "ok" => "up",
             "down" | "missing" => "down",
             "degraded" => "degraded",
@@ -164,45 +154,47 @@ pub fn render(
         };
         let state = format!(
             "<span class=\"badge {class}\">{}</span> <span class=\"muted why\">{}</span>",
-            esc(&status.to_uppercase()),
-            esc(&text(&j["why"]))
+            esc(&j.status.to_uppercase()),
+            esc(&j.why)
         );
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{state}</td></tr>",
-            esc(&text(&j["job"])),
-            esc(&if j["local"] == Value::Bool(true) {
-                "(agent-local job)".to_string()
-            } else {
-                text(&j["module"])
+            esc(j.job),
+            esc(match &j.settings {
+                Some(c) if !j.local => c.module,
+                _ => "(agent-local job)",
             }),
-            esc(&text(&j["interval"])),
-            esc(&text(&j["timeout"])),
-            esc(&text(&j["quorum"])),
+            esc(j.settings.as_ref().map_or("", |c| &c.interval)),
+            esc(j.settings.as_ref().map_or("", |c| &c.timeout)),
+            esc(j.settings.as_ref().map_or("", |c| &c.quorum)),
             esc(&{
-                let l = labels(&j["agents"]);
+                let l = j
+                    .settings
+                    .as_ref()
+                    .map(|c| labels(c.agents))
+                    .unwrap_or_default();
                 if l.is_empty() { "all".into() } else { l }
             }),
-            esc(&text(&j["targets"])),
+            j.targets,
         );
     }
     h.push_str("</table>");
 
     h.push_str("<h2>Targets</h2><table><tr><th>job</th><th>instance</th><th>labels</th><th>state</th><th>agents (succeeding / fresh)</th><th>last 24 h</th><th>uptime 24 h</th><th>per agent</th></tr>");
-    for t in targets.as_array().into_iter().flatten() {
-        let (job, instance) = (text(&t["job"]), text(&t["instance"]));
-        let state =
-            HistoryState::parse(&text(&t["history_state"])).unwrap_or(HistoryState::Missing);
+    for t in &targets {
+        let (job, instance) = (t.job, t.instance);
+        let state = t.history_state;
         let target_changes = changes
-            .get(&(job.clone(), instance.clone()))
+            .get(&(job.to_string(), instance.to_string()))
             .map_or(&[][..], Vec::as_slice);
         let since = now - TIMELINE_MS;
         let timeline = history::segments(target_changes, gaps, since, now);
         let uptime = history::durations(target_changes, gaps, since, now).uptime();
         let mut per_agent = String::new();
-        for v in t["views"].as_array().into_iter().flatten() {
-            let ok = v["success"] == Value::Bool(true);
-            let fresh = v["fresh"] != Value::Bool(false);
+        for v in &t.views {
+            let ok = v.success;
+            let fresh = v.fresh != Some(false);
             let _ = write!(
                 per_agent,
                 "<div>{} <b>{}</b> <span class=\"muted\">{:.1}s ago, took {:.3}s{}</span>{}</div>",
@@ -213,25 +205,25 @@ pub fn render(
                 } else {
                     "<span class=\"badge down\">FAIL</span>"
                 },
-                esc(&text(&v["agent"])),
-                v["age_seconds"].as_f64().unwrap_or(0.0),
-                v["duration_seconds"].as_f64().unwrap_or(0.0),
+                esc(v.agent),
+                v.age_seconds,
+                v.duration_seconds,
                 if fresh { "" } else { ", stale" },
-                match v["failure"].as_str() {
-                    Some(f) if !f.is_empty() =>
-                        format!(" <span class=\"muted\">— {}</span>", esc(f)),
-                    _ => String::new(),
+                if v.failure.is_empty() {
+                    String::new()
+                } else {
+                    format!(" <span class=\"muted\">— {}</span>", esc(v.failure))
                 },
             );
         }
-        for n in t["refused"].as_array().into_iter().flatten() {
+        for n in &t.refused {
             let _ = write!(
                 per_agent,
                 "<div class=\"refused\"><span class=\"badge down\">REFUSED</span> <b>{}</b> <code>{}</code> <span class=\"muted\">{:.1}s ago — {}</span></div>",
-                esc(&text(&n["agent"])),
-                esc(&text(&n["reason"])),
-                n["age_seconds"].as_f64().unwrap_or(0.0),
-                esc(&text(&n["detail"])),
+                esc(n.agent),
+                esc(n.reason),
+                n.age_seconds,
+                esc(n.detail),
             );
         }
         if per_agent.is_empty() {
@@ -240,46 +232,45 @@ pub fn render(
         let _ = write!(
             h,
             "<tr class=\"target\" data-job=\"{job_attr}\" data-instance=\"{instance_attr}\" data-state=\"{state_name}\"><td>{}</td><td><a href=\"{}\"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{} / {}</td><td>{}</td><td class=\"uptime\">{}</td><td>{per_agent}</td></tr>",
-            esc(&job),
-            esc(&target_link(&job, &instance)),
-            esc(&instance),
-            esc(&labels(&t["labels"])),
+            esc(job),
+            esc(&target_link(job, instance)),
+            esc(instance),
+            esc(&labels(&t.labels)),
             state_badge(state),
-            t["succeeding"],
-            t["agents"],
+            t.succeeding,
+            t.agents,
             svg::timeline(&timeline, since, now, 240, 14),
             svg::percent(uptime),
-            job_attr = esc(&job),
-            instance_attr = esc(&instance),
+            job_attr = esc(job),
+            instance_attr = esc(instance),
             state_name = state.as_str(),
         );
     }
     h.push_str("</table>");
 
     h.push_str("<h2>Agents</h2><table><tr><th>agent</th><th>labels</th><th>state</th><th>version</th><th>checks</th><th>assignment</th></tr>");
-    for a in agents.as_array().into_iter().flatten() {
-        let state = if a["connected"] == Value::Bool(true) {
+    for a in &agents {
+        let state = if a.connected {
             "<span class=\"badge up\">CONNECTED</span>"
-        } else if a["up"] == Value::Bool(true) {
+        } else if a.up {
             "<span class=\"badge missing\">RECONNECTING</span>"
         } else {
             "<span class=\"badge down\">GONE</span>"
         };
-        let status = &a["assignment"];
-        let assignment = match status["state"].as_str() {
-            Some("refused") => format!(
+        let assignment = match a.assignment {
+            AssignmentStatus::Refused { .. } => format!(
                 "<span class=\"badge down\">REFUSED</span> {}",
-                esc(&text(&status["text"]))
+                esc(&a.assignment.text())
             ),
-            _ => esc(&text(&status["text"])),
+            _ => esc(&a.assignment.text()),
         };
         let _ = write!(
             h,
             "<tr><td>{}</td><td><code>{}</code></td><td>{state}</td><td>{}</td><td>{}</td><td>{assignment}</td></tr>",
-            esc(&text(&a["agent"])),
-            esc(&labels(&a["labels"])),
-            esc(&text(&a["version"])),
-            a["checks"],
+            esc(a.agent),
+            esc(&labels(a.labels)),
+            esc(a.version),
+            a.checks,
         );
     }
     h.push_str("</table>");

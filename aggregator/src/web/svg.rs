@@ -175,6 +175,12 @@ pub fn uptime_colour(uptime: Option<f64>) -> &'static str {
     }
 }
 
+/// An HTTP date (`Mon, 30 Nov 2026 08:15:02 GMT`): what people read in logs and headers.
+pub fn utc(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    httpdate::fmt_http_date(at)
+}
+
 /// An uptime as people read it: "100%", "99.95%", "87.3%".
 pub fn percent(uptime: Option<f64>) -> String {
     match uptime {
@@ -217,6 +223,12 @@ fn nice_ceiling(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_shown_in_utc() {
+        assert_eq!(utc(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(utc(1_796_025_600_000), "Mon, 30 Nov 2026 08:00:00 GMT");
+    }
 
     #[test]
     fn uptimes_read_like_people_write_them() {

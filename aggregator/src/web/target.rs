@@ -188,7 +188,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
                 out,
                 r#"<tr class="event" data-state="{state}"><td>{when} <span class="muted">({ago} ago)</span></td><td>{badge}</td><td>{from}</td><td>{s} / {a}{failing}</td><td class="reasons">{reasons}</td></tr>"#,
                 state = e.event.state.as_str(),
-                when = utc(e.event.timestamp_ms),
+                when = svg::utc(e.event.timestamp_ms),
                 ago = svg::human_duration(now - e.event.timestamp_ms),
                 badge = state_badge(e.event.state),
                 from = e.previous.map(state_badge).unwrap_or_default(),
@@ -226,28 +226,10 @@ fn gap_row(out: &mut String, g: &Gap, now: i64) {
         r#"<tr class="gap" data-from-ms="{}" data-to-ms="{}"><td>{} <span class="muted">({} ago)</span></td><td colspan="4" class="muted">aggregator not running from {} to {} ({}): the target's state is unknown then and counts neither way in its uptime</td></tr>"#,
         g.from_ms,
         g.to_ms,
-        utc(g.to_ms),
+        svg::utc(g.to_ms),
         svg::human_duration(now - g.to_ms),
-        utc(g.from_ms),
-        utc(g.to_ms),
+        svg::utc(g.from_ms),
+        svg::utc(g.to_ms),
         svg::human_duration(g.to_ms - g.from_ms),
     );
-}
-
-/// An HTTP date (`Mon, 30 Nov 2026 08:15:02 GMT`): what people read in logs and headers.
-pub fn utc(ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    httpdate::fmt_http_date(at)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn times_are_shown_in_utc() {
-        assert_eq!(super::utc(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(
-            super::utc(1_796_025_600_000),
-            "Mon, 30 Nov 2026 08:00:00 GMT"
-        );
-    }
 }

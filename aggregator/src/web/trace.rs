@@ -1,7 +1,7 @@
 //! A failed result's trace on the per-target page: the steps the agent took, one per
 //! line, then the path. Every string in it comes from an agent, so every one is escaped.
 
-use super::svg::esc;
+use super::svg::{esc, utc};
 use sonde_proto::trace::{Path, Step, Trace};
 use std::fmt::Write;
 
@@ -95,7 +95,7 @@ fn path_html(path: &Path) -> String {
         } else {
             "did not reach it"
         },
-        super::target::utc(path.timestamp_ms)
+        utc(path.timestamp_ms)
     );
     out
 }

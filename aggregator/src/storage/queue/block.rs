@@ -3,7 +3,7 @@
 //! never a panic).
 //!
 //! A block names its series by id; their labels are written once per epoch in the
-//! endpoint's dictionary (see `queue`), so a sample costs about 11 bytes on disk.
+//! endpoint's dictionary (see the queue's module docs), so a sample costs about 11 bytes on disk.
 //!
 //! Layout, before compression: the series table (count, then per series its id and its
 //! weight against `max_queue_bytes`), then the samples (count, then per sample its
@@ -13,7 +13,7 @@
 //!
 //! A dictionary row is a list of `(series id, labels)`: [`encode_dict`], [`decode_dict`].
 
-use super::request::{LabelsPb, get_varint, put_varint};
+use crate::remote_write::request::{LabelsPb, get_varint, put_varint};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -247,7 +247,12 @@ mod tests {
         for compress in [false, true] {
             let mut builder = BlockBuilder::default();
             builder.push(a, 30, 1000, 1.0);
-            builder.push(b, 20, 999, f64::from_bits(super::super::STALE_NAN_BITS));
+            builder.push(
+                b,
+                20,
+                999,
+                f64::from_bits(crate::remote_write::STALE_NAN_BITS),
+            );
             builder.push(a, 30, i64::MIN, -0.0);
             builder.push(a, 30, i64::MAX, 2.5);
             assert_eq!(builder.bytes, 110);
@@ -263,7 +268,7 @@ mod tests {
                 got,
                 vec![
                     (0, 1000, 1.0f64.to_bits()),
-                    (1, 999, super::super::STALE_NAN_BITS),
+                    (1, 999, crate::remote_write::STALE_NAN_BITS),
                     (0, i64::MIN, (-0.0f64).to_bits()),
                     (0, i64::MAX, 2.5f64.to_bits()),
                 ]
