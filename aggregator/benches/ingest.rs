@@ -120,7 +120,8 @@ fn queue_only(
     rt: &tokio::runtime::Runtime,
     message: sonde_aggregator::remote_write::ProtobufMessage,
 ) {
-    use sonde_aggregator::remote_write::{RemoteWriteConfig, RemoteWriter};
+    use sonde_aggregator::delivery::RemoteWriter;
+    use sonde_aggregator::remote_write::RemoteWriteConfig;
     let _guard = rt.enter();
     let (url, bytes) = rt.block_on(counting_receiver());
     let dir = std::env::temp_dir().join(format!("sonde-queue-bench-{}", std::process::id()));

@@ -2,10 +2,11 @@
 //! endpoint), and reloading. The binary and the tests build it the same way.
 
 use crate::config::{AggregatorConfig, OpenFleet};
+use crate::delivery::RemoteWriter;
 use crate::fleet::listener::FleetTlsError;
 use crate::fleet::now_ms;
 use crate::hub::{Durable, Hub, Output};
-use crate::remote_write::{RemoteWriteError, RemoteWriter};
+use crate::remote_write::RemoteWriteError;
 use crate::series::Samples;
 use crate::storage::{HistoryReader, Store, StoreError, StoredHistory};
 use sonde_proto::config::ConfigError;
@@ -250,7 +251,7 @@ fn start_writers(
     store: &Arc<Store>,
 ) -> Result<Vec<Arc<RemoteWriter>>, RemoteWriteError> {
     // Queues of endpoints no longer configured keep their samples; say so once.
-    crate::remote_write::report_unconfigured_queues(store, &config.remote_write)?;
+    crate::delivery::report_unconfigured_queues(store, &config.remote_write)?;
     config
         .remote_write
         .iter()

@@ -14,6 +14,7 @@
 
 pub mod app;
 pub mod config;
+pub mod delivery;
 pub mod fleet;
 pub mod health;
 pub mod history;

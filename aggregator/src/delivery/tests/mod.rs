@@ -9,6 +9,7 @@ mod sending;
 mod tls;
 
 use super::*;
+use crate::remote_write::*;
 
 use crate::series::{Sample as QSample, SeriesLabels};
 

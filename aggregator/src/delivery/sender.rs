@@ -12,9 +12,10 @@
 //! down with it. A request waits for a full batch or for its oldest sample's
 //! `batch_send_deadline`, whichever comes first.
 
-use super::client::{Client, SendError};
-use super::config::ProtobufMessage;
-use super::request::Payload;
+use crate::remote_write::backoff;
+use crate::remote_write::client::{Client, SendError};
+use crate::remote_write::config::ProtobufMessage;
+use crate::remote_write::request::Payload;
 use crate::storage::queue::{Shared, Tally};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -29,26 +30,6 @@ use tokio::time::Instant;
 const REJECTIONS_REMEMBERED: usize = 100;
 /// After a database error the shard task waits this long before trying again.
 const DB_ERROR_PAUSE: Duration = Duration::from_secs(1);
-
-/// The pause before retry number `attempt` (1 for the first retry): the receiver's
-/// `Retry-After` when it gave one, capped at `max_backoff`; otherwise `min_backoff`
-/// doubled per attempt up to `max_backoff`, with jitter so that many senders cut off
-/// together do not come back in lockstep. Always within `[min_backoff, max_backoff]`.
-pub fn backoff(
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    if let Some(after) = retry_after.filter(|d| !d.is_zero()) {
-        return after.clamp(min, max);
-    }
-    let base = min
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(30))
-        .min(max);
-    base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-        .clamp(min, max)
-}
 
 /// Runs `fut` until it finishes or the shutdown deadline (once one is set) passes;
 /// `None` when the deadline won.
