@@ -126,7 +126,7 @@ fn queue_only(
     let (url, bytes) = rt.block_on(counting_receiver());
     let dir = std::env::temp_dir().join(format!("sonde-queue-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = std::sync::Arc::new(sonde_aggregator::store::Store::open(&dir).expect("store"));
+    let store = std::sync::Arc::new(sonde_aggregator::storage::Store::open(&dir).expect("store"));
     let mut cfg = RemoteWriteConfig::new(url);
     cfg.protobuf_message = message;
     cfg.queue_config.batch_send_deadline =

@@ -60,7 +60,7 @@ impl Output for Outputs {
     fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), StoreError> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
         self.store.transaction(|tx| {
-            crate::store::apply_durable(tx, durable)?;
+            crate::storage::apply_durable(tx, durable)?;
             for w in writers.iter() {
                 w.enqueue(tx, samples)?;
             }

@@ -425,7 +425,7 @@ fn dfs(
 fn the_reference_reader_sees_grouped_and_relative_paths() {
     let here = vec!["remote_write".to_string(), "queue".to_string()];
     let refs = references(
-        "use crate::store::{Store, history::{a, b}};\nuse super::tail::Tail;\n// crate::not::this\nlet x = crate::merge::up(1);\n",
+        "use crate::storage::{Store, history::{a, b}};\nuse super::tail::Tail;\n// crate::not::this\nlet x = crate::merge::up(1);\n",
         &here,
     );
     let refs: Vec<String> = refs.iter().map(|r| r.join("::")).collect();

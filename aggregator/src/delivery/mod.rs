@@ -1,5 +1,5 @@
 //! Delivery to the remote-write endpoints: each endpoint's durable queue (in
-//! [`crate::storage::queue`]) and the shard tasks that drain it through
+//! `storage::queue`) and the shard tasks that drain it through
 //! [`crate::remote_write`]'s client.
 //!
 //! - `sender`: the shard tasks: batching, retries, backoff, splitting refused requests.
@@ -14,7 +14,7 @@
 //! pushed it out — each of the last two counted in
 //! `sonde_remote_write_samples_dropped_total`. Per series, samples are sent in order, and
 //! a sample at or before the last timestamp queued for its series is dropped (see
-//! [`crate::storage::queue`] for how long that check remembers).
+//! `storage::queue` for how long that check remembers).
 //!
 //! It sits above both [`crate::storage`] (the queue) and [`crate::remote_write`] (the
 //! wire format, the endpoint's settings, the HTTP exchange), which know nothing of it.

@@ -57,7 +57,7 @@ jobs:
             &self,
             _: &crate::series::Samples,
             _: &crate::hub::Durable,
-        ) -> Result<(), crate::store::StoreError> {
+        ) -> Result<(), crate::storage::StoreError> {
             Ok(())
         }
     }

@@ -40,10 +40,10 @@ pub use sonde_hub::{budget, placement, state};
 pub use state::{AgentEntry, Durable, JobEntry, LastResult, Outgoing, State, TargetEntry};
 
 use crate::config::AggregatorConfig;
-use crate::health::StorageHealth;
 use crate::refusals::Refusals;
 use crate::series::Samples;
-use crate::store::StoreError;
+use crate::storage::StoreError;
+use crate::storage::health::StorageHealth;
 use crate::targets::{FileSd, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
@@ -188,7 +188,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<()>,
     },
     Restore {
-        agents: Vec<crate::store::StoredAgent>,
+        agents: Vec<crate::storage::StoredAgent>,
         jobs: Vec<(String, i64)>,
         reply: oneshot::Sender<()>,
     },
@@ -322,7 +322,7 @@ impl Hub {
     /// job started being expected.
     pub fn restore(
         &self,
-        agents: Vec<crate::store::StoredAgent>,
+        agents: Vec<crate::storage::StoredAgent>,
         jobs: Vec<(String, i64)>,
     ) -> Reply<()> {
         self.send(

@@ -421,7 +421,7 @@ async fn reopen(dir: &std::path::Path) -> Store {
     let mut tries = 0;
     loop {
         match Store::open(dir) {
-            Err(crate::store::StoreError::Locked(_)) if tries < 50 => {
+            Err(crate::storage::StoreError::Locked(_)) if tries < 50 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -60,7 +60,7 @@ fn restored_agents_keep_their_committed_sequence() {
     let rec = Arc::new(Recorder::default());
     let hub = Hub::new(config(CONFIG), rec.clone(), T0);
     hub.restore(
-        vec![crate::store::StoredAgent {
+        vec![crate::storage::StoredAgent {
             id: "eu-1".into(),
             labels: [("region".to_string(), "eu".to_string())]
                 .into_iter()

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 struct Recorder(
     std::sync::Mutex<Vec<Sample>>,
-    crate::store::Store,
+    crate::storage::Store,
     std::sync::atomic::AtomicBool,
 );
 
@@ -33,16 +33,20 @@ impl Default for Recorder {
     fn default() -> Self {
         Self(
             Default::default(),
-            crate::store::Store::in_memory().unwrap(),
+            crate::storage::Store::in_memory().unwrap(),
             Default::default(),
         )
     }
 }
 
 impl Output for Recorder {
-    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), crate::store::StoreError> {
+    fn commit(
+        &self,
+        samples: &Samples,
+        durable: &Durable,
+    ) -> Result<(), crate::storage::StoreError> {
         if self.2.load(Ordering::Relaxed) {
-            return Err(crate::store::StoreError::Sqlite {
+            return Err(crate::storage::StoreError::Sqlite {
                 location: "the test's store".into(),
                 source: rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
@@ -51,7 +55,7 @@ impl Output for Recorder {
             });
         }
         self.1
-            .transaction(|tx| crate::store::apply_durable(tx, durable))?;
+            .transaction(|tx| crate::storage::apply_durable(tx, durable))?;
         self.0.lock().unwrap().extend(samples.to_vec());
         Ok(())
     }
