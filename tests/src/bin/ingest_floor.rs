@@ -1,8 +1,9 @@
 //! ingest-floor: the least work an aggregator can do for fleet-sim's load, as a process
-//! fleet-sim drives in place of `sonde-aggregator` (`fleet-sim --aggregator
-//! target/release/ingest-floor`). It is the floor the aggregator's CPU per sample is
-//! compared with (docs/benchmarks.md, "The ingest floor"), as probe-bench compares
-//! `/probe` with a connect loop.
+//! fleet-sim drives in place of `sonde-aggregator`: its floor phase, in the same run as
+//! the aggregator's (or alone, `fleet-sim --aggregator target/release/ingest-floor`). It
+//! is the floor the aggregator's CPU per sample is compared with (docs/benchmarks.md,
+//! "The ingest floor"), as probe-bench compares `/probe` with a connect loop. It writes
+//! to whatever receiver fleet-sim gives it: VictoriaMetrics or fleet-sim's sink.
 //!
 //! It keeps what the contract makes every aggregator pay, and nothing else:
 //! - the fleet protocol as it is: one gRPC stream per agent (tonic, like the

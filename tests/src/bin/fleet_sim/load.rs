@@ -532,8 +532,8 @@ pub mod tests {
             );
         }
         let per_batch = results as f64 / batches as f64;
-        assert!((1.0..1.25).contains(&per_batch), "{per_batch}");
-        assert!(single * 10 >= batches * 8, "{single} of {batches}");
+        assert!((1.0..1.4).contains(&per_batch), "{per_batch}");
+        assert!(single * 10 >= batches * 7, "{single} of {batches}");
 
         // 1,000 checks every 60 s: a few results per batch, as the real agent sends them.
         let mut full = load(10, 1000, 60_000, 120_000);
