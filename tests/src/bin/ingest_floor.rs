@@ -1,8 +1,9 @@
 //! ingest-floor: the least work an aggregator can do for fleet-sim's load, as a process
-//! fleet-sim drives in place of `sonde-aggregator` (`fleet-sim --aggregator
-//! target/release/ingest-floor`). It is the floor the aggregator's CPU per sample is
-//! compared with (docs/benchmarks.md, "The ingest floor"), as probe-bench compares
-//! `/probe` with a connect loop.
+//! fleet-sim drives in place of `sonde-aggregator`: its floor phase, in the same run as
+//! the aggregator's (or alone, `fleet-sim --aggregator target/release/ingest-floor`). It
+//! is the floor the aggregator's CPU per sample is compared with (docs/benchmarks.md,
+//! "The ingest floor"), as probe-bench compares `/probe` with a connect loop. It writes
+//! to whatever receiver fleet-sim gives it: VictoriaMetrics or fleet-sim's sink.
 //!
 //! It keeps what the contract makes every aggregator pay, and nothing else:
 //! - the fleet protocol as it is: one gRPC stream per agent (tonic, like the
@@ -616,7 +617,11 @@ fn post(
     body: &[u8],
 ) -> std::io::Result<u16> {
     if conn.is_none() {
-        *conn = Some(BufReader::new(TcpStream::connect(host)?));
+        let stream = TcpStream::connect(host)?;
+        // The head and the body are two writes: with Nagle's algorithm the body would
+        // wait for the receiver's delayed ACK of the head, some 40 ms per request.
+        stream.set_nodelay(true)?;
+        *conn = Some(BufReader::new(stream));
     }
     let reader = conn.as_mut().expect("connected");
     let head = format!(
