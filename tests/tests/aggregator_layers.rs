@@ -432,9 +432,9 @@ fn the_reference_reader_sees_grouped_and_relative_paths() {
     assert_eq!(
         refs,
         [
-            "store::Store",
-            "store::history::a",
-            "store::history::b",
+            "storage::Store",
+            "storage::history::a",
+            "storage::history::b",
             "remote_write::tail::Tail",
             "merge::up",
         ]
