@@ -23,6 +23,37 @@
 //!   history reader through typed views, never from SQL;
 //! - [`app`], [`server`]: the whole process wired together.
 //!
+//! # The path of a result
+//!
+//! What every result costs is what sets the aggregator's price at a real fleet's shape,
+//! where an agent probing 100 targets every 60 s sends about one result per batch
+//! (`fleet-sim --preset real`, `docs/benchmarks.md`). The path:
+//!
+//! 1. **The stream's task** (a Tokio worker, [`fleet`]) reads the batch and decodes it in
+//!    place against the stream's symbol table: a result is a job, an instance and
+//!    samples whose names and labels are symbols of that table.
+//! 2. **The ingest thread** ([`hub`]) owns the [`sonde_hub::state::State`] and applies
+//!    every command waiting for it as one group: each result is checked against what the
+//!    agent may report and its check's budget, deduplicated by sequence number, and
+//!    becomes the agent's view of the target, whose series (labels built once per shape
+//!    and reused) carry the samples. The target's `up` is merged again only when the
+//!    view's verdict or freshness changed.
+//! 3. **The storage thread** commits the group in one SQLite transaction: the agents'
+//!    sequence numbers, history rows and every remote-write queue's new block
+//!    ([`storage`]); only then are the group's batches acked, which is what makes
+//!    delivery exactly-once in the output. The next group is applied meanwhile.
+//! 4. **The writers** ([`delivery`]) read each endpoint's blocks back in request form (from
+//!    memory while they keep up) and send them.
+//!
+//! Where the time went before the current layout, at `--preset real` (1,000 agents × 100
+//! targets × 12 samples at 60 s, ~1.2 results per batch; `perf record` by thread and
+//! stage): the commit, paid about once per batch since groups were tiny at this shape,
+//! 22.9 %; the remote-write queue's enqueue 12.0 %; the state's `results` 19.3 % (8.0 %
+//! of it merging each target's 1,000 views at every result); the hand-over between
+//! threads 12.5 % (futex wake-ups and context switches); the streams' transport and
+//! decoding 8.0 %; sends 4.8 %; writers 3.7 %; the runtime and unattributed 16.8 %. The
+//! whole process cost 21.7 µs per probe sample, 3.3× the ingest floor and 2.3× vmagent
+//! in the same run.
 
 pub mod app;
 pub mod config;
