@@ -38,6 +38,7 @@ use crate::model::{IncomingResult, SampleRef, Shape, Symbol, TargetKey, sample_w
 use crate::placement;
 use crate::refusals::{Reason, Refusals};
 use crate::series::{Sample, SampleRow, Samples, Series};
+use crate::tally::Tally;
 use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
 use sonde_proto::pb;
@@ -89,7 +90,11 @@ pub struct MergedSeries {
 pub struct TargetEntry {
     /// (job, instance), shared with the undo log instead of copied into it.
     pub key: Arc<TargetKey>,
+    /// Each agent's latest result here. Changed only through [`TargetEntry::set_view`],
+    /// which keeps `tally` counting them.
     pub views: BTreeMap<Arc<str>, Arc<LastResult>>,
+    /// The views' fresh counts, kept as they change (see [`crate::tally`]).
+    tally: Tally,
     pub merged: Option<Merged>,
     last_written_ms: i64,
     /// True while an `up` sample is live in the receivers (so a staleness marker is owed

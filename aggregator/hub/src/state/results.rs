@@ -437,13 +437,13 @@ impl State {
             }
         };
         bucket.add(r.success, r.duration_seconds);
-        // Merging walks every view of the target: with a thousand agents on each target,
-        // doing it at every result made the merge O(agents²) per interval, most of the
-        // ingest thread's time at that scale. A result that repeats its agent's fresh
-        // verdict changes no count, and no other view has gone stale or come due for a
-        // rewrite before `next_evaluation_ms`: the merge is then the one already written,
-        // and is not redone. (A later timestamp only moves this view's staleness later,
-        // so `next_evaluation_ms` stays a safe bound.)
+        // The target's shared state is touched only when this view's vote changes: a
+        // result that repeats its agent's fresh verdict changes no count, and no other
+        // view has gone stale or come due for a rewrite before `next_evaluation_ms`, so
+        // the merge is the one already written and is not redone. (A later timestamp
+        // only moves this view's staleness later, so `next_evaluation_ms` stays a safe
+        // bound.) When it does change, the evaluation reads the tally's counts (O(log
+        // n)), not every view.
         let merge_unchanged = previous.as_ref().is_some_and(|p| {
             p.success == r.success
                 && entry.merged.is_some()
@@ -455,9 +455,9 @@ impl State {
                     .and_then(|j| j.config.as_ref())
                     .is_some_and(|c| merge::is_fresh(p.timestamp_ms, now_ms, c.freshness))
         });
-        let before = entry.views.insert(
+        let before = entry.set_view(
             agent_id.clone(),
-            Arc::new(LastResult {
+            Some(Arc::new(LastResult {
                 timestamp_ms: r.timestamp_ms,
                 success: r.success,
                 duration_seconds: r.duration_seconds,
@@ -473,7 +473,7 @@ impl State {
                 config_epoch: self.config_epoch,
                 base: entry.base.clone(),
                 bucket: Some(bucket),
-            }),
+            })),
         );
         ch.undo.views.push((entry.key.clone(), agent_id, before));
         if !merge_unchanged {
