@@ -207,6 +207,8 @@ fn main() {
             rest = (rest.0 + took.0, rest.1 + took.1);
         }
     }
+    let refused = refusals.counts();
+    assert!(refused.is_empty(), "the bench's results were refused: {refused:?}");
     let ns = |s: f64, n: usize| s * 1e9 / n as f64;
     let later = per_round * (rounds - 1);
     println!(

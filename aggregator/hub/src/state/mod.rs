@@ -154,7 +154,7 @@ pub struct Undo {
     /// Local targets first seen.
     local_targets: Vec<(String, (String, String))>,
     /// (agent, committed sequence before).
-    committed: Vec<(String, u64)>,
+    committed: Vec<(Arc<str>, u64)>,
     last_meta_ms: Option<i64>,
     jobs_written: Option<BTreeSet<String>>,
     /// (agent, `series_staled` before).
@@ -299,6 +299,11 @@ struct Admitted {
     /// What a result of an assigned check may weigh; `None` for a local job's, which
     /// weighs against the agent's fixed budget.
     budget: Option<CheckBudget>,
+    /// The configured job's freshness window (`None` for a local job's target).
+    freshness: Option<Duration>,
+    /// For a local job's target, the result's own (job, instance), which counts against
+    /// `fleet.limits.max_local_targets`.
+    local_target: Option<TargetKey>,
 }
 
 #[derive(Clone)]

@@ -35,7 +35,7 @@ impl State {
             }
         }
         for (agent, seq) in undo.committed.into_iter().rev() {
-            if let Some(a) = self.agents.get_mut(&agent) {
+            if let Some(a) = self.agents.get_mut(&*agent) {
                 a.committed_seq = seq;
             }
         }
