@@ -152,6 +152,8 @@ fn main() {
     let mut samples_out = 0usize;
     let mut first = (0.0, 0.0);
     let mut rest = (0.0, 0.0);
+    // Wall time in (tick, results, dropping a group's changes), first interval and later.
+    let mut split = [(0.0, 0.0, 0.0); 2];
     for round in 0..rounds {
         let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
         let start = T0 + round as i64 * INTERVAL_MS;
@@ -159,7 +161,9 @@ fn main() {
             // Spread over the interval as the agents' schedules spread their probes.
             let now = start + (i as i64 * INTERVAL_MS) / per_round as i64;
             while next_tick <= now {
+                let at = Instant::now();
                 state.tick(next_tick, &mut ch);
+                split[usize::from(round > 0)].0 += at.elapsed().as_secs_f64();
                 next_tick += 1_000;
             }
             let agent = i % agents;
@@ -185,6 +189,7 @@ fn main() {
                 },
                 refused: None,
             };
+            let at = Instant::now();
             state.results(
                 &ids[agent],
                 std::slice::from_ref(&result),
@@ -193,10 +198,13 @@ fn main() {
                 &counters,
                 &refusals,
             );
+            split[usize::from(round > 0)].1 += at.elapsed().as_secs_f64();
             pending += 1;
             if pending == COMMIT_EVERY {
                 samples_out += ch.out.len();
+                let at = Instant::now();
                 ch = Changes::default();
+                split[usize::from(round > 0)].2 += at.elapsed().as_secs_f64();
                 pending = 0;
             }
         }
@@ -208,7 +216,10 @@ fn main() {
         }
     }
     let refused = refusals.counts();
-    assert!(refused.is_empty(), "the bench's results were refused: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "the bench's results were refused: {refused:?}"
+    );
     let ns = |s: f64, n: usize| s * 1e9 / n as f64;
     let later = per_round * (rounds - 1);
     println!(
@@ -225,4 +236,15 @@ fn main() {
         ns(rest.0, later),
         ns(rest.1, later)
     );
+    for (name, (tick, results, drop), n) in [
+        ("first interval", split[0], per_round),
+        ("later intervals", split[1], later),
+    ] {
+        println!(
+            "  {name}, wall ns/result in: State::results {:.0}, State::tick {:.0}, dropping the changes {:.0}",
+            ns(results, n),
+            ns(tick, n),
+            ns(drop, n)
+        );
+    }
 }
