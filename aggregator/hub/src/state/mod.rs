@@ -90,7 +90,7 @@ pub struct MergedSeries {
 pub struct TargetEntry {
     /// (job, instance), shared with the undo log instead of copied into it.
     pub key: Arc<TargetKey>,
-    /// Each agent's latest result here. Changed only through [`TargetEntry::set_view`],
+    /// Each agent's latest result here. Changed only through `TargetEntry::set_view`,
     /// which keeps `tally` counting them.
     pub views: BTreeMap<Arc<str>, Arc<LastResult>>,
     /// The views' fresh counts, kept as they change (see [`crate::tally`]).
