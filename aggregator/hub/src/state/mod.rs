@@ -6,7 +6,9 @@
 //! write, the durable changes to commit with them, the messages to send and streams to
 //! end ([`Outgoing`]), and an undo log that puts the state back if the commit fails. The
 //! rules themselves live in [`crate::merge`]; this module keeps state and timestamps in
-//! order.
+//! order. Each target keeps its views' fresh counts as they change ([`crate::tally`]), so
+//! a result touches the target's shared state (merged series, history) only when its
+//! agent's vote changes, and then without walking the other agents' views.
 //!
 //! The types live here; the inputs, by concern, in `agents.rs` (hello, heartbeats,
 //! disconnection), `results.rs` (the accept path), `targets.rs` (views, merge,
