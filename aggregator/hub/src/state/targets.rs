@@ -261,6 +261,7 @@ impl State {
                     bucket: None,
                     ..(**view).clone()
                 });
+                // The same timestamp and verdict: the tally is unchanged.
                 let before = std::mem::replace(view, flushed);
                 ch.undo
                     .views
