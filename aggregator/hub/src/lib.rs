@@ -22,7 +22,8 @@
 //! - [`state`]: the state machine, split by concern;
 //! - [`model`]: what the fleet decoder and the hub share (a result, its samples' shape
 //!   and values, the stream's symbols, a target's key, the staleness marker);
-//! - [`merge`]: the `up` / missing rules; [`placement`]: `agents_per_target`;
+//! - [`merge`]: the `up` / missing rules; [`tally`]: the same counts kept as views
+//!   change; [`placement`]: `agents_per_target`;
 //! - [`assignment`]: an agent's checks, planned and cut into parts; [`budget`]: what one
 //!   assigned check may produce;
 //! - [`series`], [`labels`]: a written series and every label set the hub builds;
@@ -42,6 +43,7 @@ pub mod placement;
 pub mod refusals;
 pub mod series;
 pub mod state;
+pub mod tally;
 pub mod targets;
 
 pub use state::{HubCounters, StoredAgent};

@@ -6,6 +6,11 @@
 //! (`2 × interval + timeout`, or the job's `freshness`). Only fresh results vote; an agent that disappears simply
 //! stops voting once its last result ages out, so an agent problem never turns a target
 //! DOWN on its own.
+//!
+//! [`merge`] is the rule as written: it walks every view. The hub keeps the same counts
+//! incrementally ([`crate::tally`]), as a target probed by a thousand agents would
+//! otherwise walk a thousand views at each of their results; `merge` stays the
+//! reference the tally is property-tested against.
 
 use sonde_proto::config::Quorum;
 use std::time::Duration;
@@ -77,17 +82,24 @@ pub fn merge(
             succeeding += u32::from(view.success);
         }
     }
-    let state = if agents == 0 {
-        TargetState::Missing
-    } else if succeeding >= quorum.needed(agents) {
-        TargetState::Up
-    } else {
-        TargetState::Down
-    };
-    Merged {
-        state,
-        agents,
-        succeeding,
+    Merged::of(agents, succeeding, quorum)
+}
+
+impl Merged {
+    /// The merge of `agents` fresh views of which `succeeding` succeed.
+    pub fn of(agents: u32, succeeding: u32, quorum: Quorum) -> Self {
+        let state = if agents == 0 {
+            TargetState::Missing
+        } else if succeeding >= quorum.needed(agents) {
+            TargetState::Up
+        } else {
+            TargetState::Down
+        };
+        Merged {
+            state,
+            agents,
+            succeeding,
+        }
     }
 }
 

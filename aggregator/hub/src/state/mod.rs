@@ -6,7 +6,9 @@
 //! write, the durable changes to commit with them, the messages to send and streams to
 //! end ([`Outgoing`]), and an undo log that puts the state back if the commit fails. The
 //! rules themselves live in [`crate::merge`]; this module keeps state and timestamps in
-//! order.
+//! order. Each target keeps its views' fresh counts as they change ([`crate::tally`]), so
+//! a result touches the target's shared state (merged series, history) only when its
+//! agent's vote changes, and then without walking the other agents' views.
 //!
 //! The types live here; the inputs, by concern, in `agents.rs` (hello, heartbeats,
 //! disconnection), `results.rs` (the accept path), `targets.rs` (views, merge,
@@ -38,6 +40,7 @@ use crate::model::{IncomingResult, SampleRef, Shape, Symbol, TargetKey, sample_w
 use crate::placement;
 use crate::refusals::{Reason, Refusals};
 use crate::series::{Sample, SampleRow, Samples, Series};
+use crate::tally::Tally;
 use crate::targets::{Target, TargetSet};
 use sonde_proto::config::{Labels, Quorum, ResolvedJob};
 use sonde_proto::pb;
@@ -89,7 +92,11 @@ pub struct MergedSeries {
 pub struct TargetEntry {
     /// (job, instance), shared with the undo log instead of copied into it.
     pub key: Arc<TargetKey>,
+    /// Each agent's latest result here. Changed only through `TargetEntry::set_view`,
+    /// which keeps `tally` counting them.
     pub views: BTreeMap<Arc<str>, Arc<LastResult>>,
+    /// The views' fresh counts, kept as they change (see [`crate::tally`]).
+    tally: Tally,
     pub merged: Option<Merged>,
     last_written_ms: i64,
     /// True while an `up` sample is live in the receivers (so a staleness marker is owed
@@ -149,7 +156,7 @@ pub struct Undo {
     /// Local targets first seen.
     local_targets: Vec<(String, (String, String))>,
     /// (agent, committed sequence before).
-    committed: Vec<(String, u64)>,
+    committed: Vec<(Arc<str>, u64)>,
     last_meta_ms: Option<i64>,
     jobs_written: Option<BTreeSet<String>>,
     /// (agent, `series_staled` before).
@@ -294,6 +301,11 @@ struct Admitted {
     /// What a result of an assigned check may weigh; `None` for a local job's, which
     /// weighs against the agent's fixed budget.
     budget: Option<CheckBudget>,
+    /// The configured job's freshness window (`None` for a local job's target).
+    freshness: Option<Duration>,
+    /// For a local job's target, the result's own (job, instance), which counts against
+    /// `fleet.limits.max_local_targets`.
+    local_target: Option<TargetKey>,
 }
 
 #[derive(Clone)]

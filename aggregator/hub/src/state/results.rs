@@ -106,7 +106,7 @@ impl State {
         if last > committed
             && let Some(a) = self.agents.get_mut(agent)
         {
-            ch.undo.committed.push((agent.to_string(), a.committed_seq));
+            ch.undo.committed.push((a.id.clone(), a.committed_seq));
             a.committed_seq = last;
             a.last_seen_ms = now_ms;
             ch.durable.agents.insert(agent.to_string(), a.stored());
@@ -166,12 +166,14 @@ impl State {
     /// (current, or until the next reload previous) matches the agent, or a target of
     /// one of its own local jobs. With `agents_per_target`, any matching agent may
     /// report: one that was moved off a target still delivers what it probed before.
-    pub(super) fn admissible(&self, agent: &str, key: &TargetKey) -> Result<Admitted, Reason> {
+    /// Takes the result's key by value: for a configured target (the common case) it is
+    /// the entry's key as is, with no copy made.
+    pub(super) fn admissible(&self, agent: &str, key: TargetKey) -> Result<Admitted, Reason> {
         let job = key.0.as_str();
         let Some(a) = self.agents.get(agent) else {
             return Err(Reason::Unassigned);
         };
-        if let Some(target) = self.targets.get(key) {
+        if let Some(target) = self.targets.get(&key) {
             let config = self.jobs.get(job).and_then(|j| j.config.as_ref());
             let selected = config.is_some_and(|j| j.config.selects(&a.labels))
                 || self
@@ -181,8 +183,10 @@ impl State {
             return match config {
                 Some(config) if selected => Ok(Admitted {
                     target: target.clone(),
-                    key: key.clone(),
                     budget: Some(CheckBudget::of(&config.module, &self.config.limits)),
+                    freshness: Some(config.freshness),
+                    local_target: None,
+                    key,
                 }),
                 _ => Err(Reason::Unassigned),
             };
@@ -191,7 +195,7 @@ impl State {
             if key.1.len() > self.config.limits.max_instance_bytes.0 as usize {
                 return Err(Reason::InstanceTooLong);
             }
-            if !a.local_targets.contains(key)
+            if !a.local_targets.contains(&key)
                 && a.local_targets.len() >= self.config.limits.max_local_targets
             {
                 return Err(Reason::LocalLimit);
@@ -213,6 +217,8 @@ impl State {
                 }),
                 key: entry_key,
                 budget: None,
+                freshness: None,
+                local_target: Some(key),
             });
         }
         Err(Reason::Unassigned)
@@ -227,12 +233,15 @@ impl State {
         ch: &mut Changes,
         refused: &mut BTreeMap<Reason, (u64, String)>,
     ) -> Result<(), (Reason, String)> {
-        let result_key = (r.job.clone(), r.instance.clone());
         let Admitted {
             target,
             key,
             budget,
-        } = self.admissible(agent, &result_key).map_err(|reason| {
+            freshness,
+            local_target,
+        } = self
+            .admissible(agent, (r.job.clone(), r.instance.clone()))
+            .map_err(|reason| {
             let why = match reason {
                 Reason::LocalLimit => format!(
                     "result for {}: the agent's local jobs already have fleet.limits.max_local_targets ({}) targets",
@@ -318,11 +327,6 @@ impl State {
         let samples_weigh =
             names_weigh + sample_count * key_bytes + r.trace.as_ref().map_or(0, |t| t.weight());
         let limits = self.config.limits;
-        let module = self
-            .jobs
-            .get(&r.job)
-            .and_then(|j| j.config.as_ref())
-            .map_or("", |c| c.module_name.as_str());
         let Some(a) = self.agents.get_mut(agent) else {
             return Err((Reason::Unassigned, "result from an unknown agent".into()));
         };
@@ -335,6 +339,11 @@ impl State {
             // A check the aggregator assigned brings its own budget: what its module
             // can produce. Only a result no honest prober sends goes past it.
             Some(budget) if !budget.allows(sample_count, samples_weigh, key_bytes) => {
+                let module = self
+                    .jobs
+                    .get(&r.job)
+                    .and_then(|j| j.config.as_ref())
+                    .map_or("", |c| c.module_name.as_str());
                 return Err((
                     Reason::SeriesLimit,
                     format!(
@@ -365,25 +374,28 @@ impl State {
         }
         ch.undo.series.push((a.id.clone(), a.held()));
         a.set_held(held);
-        if local && a.local_targets.insert(result_key.clone()) {
-            ch.undo
-                .local_targets
-                .push((agent.to_string(), result_key.clone()));
+        if let Some(result_key) = local_target
+            && a.local_targets.insert(result_key.clone())
+        {
+            ch.undo.local_targets.push((agent.to_string(), result_key));
         }
         let agent_id = a.id.clone();
-        if !self.entries.contains_key(&key) {
-            let entry = TargetEntry::new(Arc::new(key.clone()), &target);
-            ch.undo.created.push(entry.key.clone());
-            self.entries.insert(key.clone(), entry);
-        }
-        let Some(entry) = self.entries.get_mut(&key) else {
-            return Ok(());
+        // One lookup of the entry from here on (the key moves into the map when the
+        // entry is new); its `key` serves where the key is needed again.
+        let entry = match self.entries.entry(key) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let entry = TargetEntry::new(Arc::new(v.key().clone()), &target);
+                ch.undo.created.push(entry.key.clone());
+                v.insert(entry)
+            }
         };
+        let key = entry.key.clone();
         entry.relabel(&target);
-        if let Some(notes) = self.refused_notes.get_mut(&key) {
+        if let Some(notes) = self.refused_notes.get_mut(&*key) {
             notes.remove(&agent_id);
             if notes.is_empty() {
-                self.refused_notes.remove(&key);
+                self.refused_notes.remove(&*key);
             }
         }
         let same_base = previous.as_ref().is_some_and(|p| p.base.same(&entry.base));
@@ -431,33 +443,29 @@ impl State {
                     ch.durable
                         .history
                         .buckets
-                        .push((key.clone(), agent_id.to_string(), b));
+                        .push(((*key).clone(), agent_id.to_string(), b));
                 }
                 history::Bucket::starting(r.timestamp_ms)
             }
         };
         bucket.add(r.success, r.duration_seconds);
-        // Merging walks every view of the target: with a thousand agents on each target,
-        // doing it at every result made the merge O(agents²) per interval, most of the
-        // ingest thread's time at that scale. A result that repeats its agent's fresh
-        // verdict changes no count, and no other view has gone stale or come due for a
-        // rewrite before `next_evaluation_ms`: the merge is then the one already written,
-        // and is not redone. (A later timestamp only moves this view's staleness later,
-        // so `next_evaluation_ms` stays a safe bound.)
+        // The target's shared state is touched only when this view's vote changes: a
+        // result that repeats its agent's fresh verdict changes no count, and no other
+        // view has gone stale or come due for a rewrite before `next_evaluation_ms`, so
+        // the merge is the one already written and is not redone. (A later timestamp
+        // only moves this view's staleness later, so `next_evaluation_ms` stays a safe
+        // bound.) When it does change, the evaluation reads the tally's counts (O(log
+        // n)), not every view.
         let merge_unchanged = previous.as_ref().is_some_and(|p| {
             p.success == r.success
                 && entry.merged.is_some()
                 && entry.last_written_ms != 0
                 && now_ms < entry.next_evaluation_ms
-                && self
-                    .jobs
-                    .get(&key.0)
-                    .and_then(|j| j.config.as_ref())
-                    .is_some_and(|c| merge::is_fresh(p.timestamp_ms, now_ms, c.freshness))
+                && freshness.is_some_and(|window| merge::is_fresh(p.timestamp_ms, now_ms, window))
         });
-        let before = entry.views.insert(
+        let before = entry.set_view(
             agent_id.clone(),
-            Arc::new(LastResult {
+            Some(Arc::new(LastResult {
                 timestamp_ms: r.timestamp_ms,
                 success: r.success,
                 duration_seconds: r.duration_seconds,
@@ -473,7 +481,7 @@ impl State {
                 config_epoch: self.config_epoch,
                 base: entry.base.clone(),
                 bucket: Some(bucket),
-            }),
+            })),
         );
         ch.undo.views.push((entry.key.clone(), agent_id, before));
         if !merge_unchanged {

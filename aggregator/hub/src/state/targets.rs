@@ -29,6 +29,7 @@ impl TargetEntry {
             labels: Arc::new(target.labels.clone()),
             key,
             views: BTreeMap::new(),
+            tally: Tally::default(),
             merged: None,
             last_written_ms: 0,
             up_live: false,
@@ -42,12 +43,40 @@ impl TargetEntry {
         if *self.labels != target.labels {
             *self = Self {
                 views: std::mem::take(&mut self.views),
+                tally: std::mem::take(&mut self.tally),
                 merged: self.merged,
                 last_written_ms: self.last_written_ms,
                 up_live: self.up_live,
                 history_state: self.history_state,
                 ..Self::new(self.key.clone(), target)
             };
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) `agent`'s view, keeping the tally in step;
+    /// returns the view before.
+    pub(super) fn set_view(
+        &mut self,
+        agent: Arc<str>,
+        view: Option<Arc<LastResult>>,
+    ) -> Option<Arc<LastResult>> {
+        let after = view.as_deref().map(LastResult::vote);
+        let before = match view {
+            Some(view) => self.views.insert(agent, view),
+            None => self.views.remove(&agent),
+        };
+        self.tally
+            .replace(before.as_deref().map(LastResult::vote), after);
+        before
+    }
+}
+
+impl LastResult {
+    /// What this result counts for in the merge.
+    pub fn vote(&self) -> AgentView {
+        AgentView {
+            timestamp_ms: self.timestamp_ms,
+            success: self.success,
         }
     }
 }
@@ -232,6 +261,7 @@ impl State {
                     bucket: None,
                     ..(**view).clone()
                 });
+                // The same timestamp and verdict: the tally is unchanged.
                 let before = std::mem::replace(view, flushed);
                 ch.undo
                     .views
@@ -298,43 +328,35 @@ impl State {
         new_result: bool,
         ch: &mut Changes,
     ) {
-        let Some(entry) = self.entries.get(key) else {
+        let Some(e) = self.entries.get_mut(key) else {
             return;
         };
-        let (quorum, window) = rules(&self.config, &self.jobs, &key.0, entry);
-        let merged = merge::merge(
-            entry.views.values().map(|v| AgentView {
-                timestamp_ms: v.timestamp_ms,
-                success: v.success,
-            }),
-            quorum,
-            now_ms,
-            window,
-        );
-        let changed = entry.merged.map(|m| m.state) != Some(merged.state)
-            || entry.merged.map(|m| (m.agents, m.succeeding))
+        let (quorum, window) = rules(&self.config, &self.jobs, &key.0, e);
+        // What `merge::merge` over every view gives, kept up to date as views change.
+        let merged = e.tally.merge(quorum, now_ms, window);
+        let changed = e.merged.map(|m| m.state) != Some(merged.state)
+            || e.merged.map(|m| (m.agents, m.succeeding))
                 != Some((merged.agents, merged.succeeding));
         let period = window.as_millis().min(MAX_REWRITE_PERIOD_MS as u128) as i64 / 2;
         let due =
-            merged.state != TargetState::Missing && now_ms - entry.last_written_ms >= period.max(1);
+            merged.state != TargetState::Missing && now_ms - e.last_written_ms >= period.max(1);
         // A new result that changes nothing merged writes nothing: with ten agents on a
         // target, rewriting `up` at each of their results would add three rows to every
         // twelve. The periodic rewrite (`due`) keeps it live in the receivers.
-        let must_write = changed || due || (new_result && entry.last_written_ms == 0);
-        let write =
-            must_write && !(merged.state == TargetState::Missing && !entry.up_live && !changed);
+        let must_write = changed || due || (new_result && e.last_written_ms == 0);
+        let write = must_write && !(merged.state == TargetState::Missing && !e.up_live && !changed);
         // The history records every change of state, but not a target's first being
         // missing (it never had a result then).
         let state = HistoryState::of(&merged);
-        let event = (entry.history_state != Some(state)
-            && (entry.history_state.is_some() || state != HistoryState::Missing))
+        let event = (e.history_state != Some(state)
+            && (e.history_state.is_some() || state != HistoryState::Missing))
             .then(|| {
                 history::Event {
                     timestamp_ms: now_ms,
                     state,
                     agents: merged.agents,
                     succeeding: merged.succeeding,
-                    views: entry
+                    views: e
                         .views
                         .iter()
                         .map(|(agent, v)| history::EventView {
@@ -348,9 +370,6 @@ impl State {
                 }
                 .bounded()
             });
-        let Some(e) = self.entries.get_mut(key) else {
-            return;
-        };
         if write || event.is_some() {
             ch.undo.written.push((
                 e.key.clone(),
@@ -382,13 +401,7 @@ impl State {
         e.merged = Some(merged);
         // The merge changes with time only when a fresh view goes stale; the rewrite is
         // due a period after the last write.
-        let window_ms = window.as_millis().min(i64::MAX as u128) as i64;
-        let stale_next = e
-            .views
-            .values()
-            .map(|v| v.timestamp_ms.saturating_add(window_ms))
-            .filter(|&at| at > now_ms)
-            .min();
+        let stale_next = e.tally.next_expiry(window).filter(|&at| at > now_ms);
         let rewrite_next = (merged.state != TargetState::Missing)
             .then(|| e.last_written_ms.saturating_add(period.max(1)));
         e.next_evaluation_ms = stale_next

@@ -137,3 +137,147 @@ fn a_reload_that_revokes_a_token_ends_that_stream_only() {
     assert_eq!(state.agents["eu-1"].connection, None);
     assert!(state.agents["eu-2"].connection.is_some());
 }
+
+mod tally {
+    //! Each target's incrementally kept counts against the reference rule
+    //! (`merge::merge` over every view), through results, ticks and failed commits.
+
+    use super::*;
+    use crate::model::ResultSamples;
+    use proptest::prelude::*;
+    use sonde_proto::config::{JobConfig, Module, ResolvedJob, from_yaml_str};
+    use std::path::Path;
+
+    const AGENTS: usize = 4;
+    const TARGETS: usize = 2;
+
+    fn config_with_job(quorum: Quorum) -> (Arc<HubConfig>, TargetSet) {
+        let file = Path::new("test.yml");
+        let interval = Duration::from_secs(15);
+        let timeout = Duration::from_secs(5);
+        let job = ResolvedJob {
+            name: "web".into(),
+            module_name: "http_2xx".into(),
+            module: from_yaml_str::<Module>(file, "prober: http\n").unwrap(),
+            interval,
+            timeout,
+            quorum,
+            retries: 0,
+            freshness: interval * 2 + timeout,
+            config: from_yaml_str::<JobConfig>(file, "job_name: web\nmodule: http_2xx\n").unwrap(),
+        };
+        let mut hub = (*config(&[])).clone();
+        hub.jobs = vec![job];
+        let targets = (0..TARGETS)
+            .map(|i| {
+                let target = Target {
+                    job: "web".into(),
+                    instance: format!("site-{i}"),
+                    labels: Labels::new(),
+                };
+                (
+                    ("web".to_string(), target.instance.clone()),
+                    Arc::new(target),
+                )
+            })
+            .collect();
+        (Arc::new(hub), targets)
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// (agent, target, timestamp relative to now, success).
+        Result(usize, usize, i64, bool),
+        /// The clock moves on by this many ms and the state ticks.
+        Tick(i64),
+        /// The changes so far commit (`true`) or fail and are rolled back.
+        Commit(bool),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0..AGENTS, 0..TARGETS, -60_000i64..1_000, any::<bool>())
+                .prop_map(|(a, t, offset, ok)| Step::Result(a, t, offset, ok)),
+            3 => (0i64..20_000).prop_map(Step::Tick),
+            2 => any::<bool>().prop_map(Step::Commit),
+        ]
+    }
+
+    fn quorum() -> impl Strategy<Value = Quorum> {
+        prop_oneof![
+            (1u32..4).prop_map(Quorum::AtLeast),
+            Just(Quorum::Majority),
+            Just(Quorum::All),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_target_counts_what_merging_all_its_views_gives(
+            steps in prop::collection::vec(step(), 0..60),
+            q in quorum(),
+        ) {
+            let (hub, targets) = config_with_job(q);
+            let mut now = T0;
+            let mut state = State::new(hub, targets, now);
+            let (counters, refusals) = (HubCounters::default(), Refusals::default());
+            let mut ch = Changes::default();
+            for a in 0..AGENTS {
+                state
+                    .connect(&hello(&format!("agent-{a}")), Labels::new(), None, now, &mut ch)
+                    .unwrap();
+            }
+            let mut seq = [0u64; AGENTS];
+            for s in steps {
+                match s {
+                    Step::Result(a, t, offset, success) => {
+                        seq[a] += 1;
+                        let result = IncomingResult {
+                            seq: seq[a],
+                            job: "web".into(),
+                            instance: format!("site-{t}"),
+                            timestamp_ms: now + offset,
+                            success,
+                            duration_seconds: 0.1,
+                            failure: String::new(),
+                            trace: None,
+                            samples: ResultSamples::default(),
+                            refused: None,
+                        };
+                        state.results(
+                            &format!("agent-{a}"),
+                            &[result],
+                            now,
+                            &mut ch,
+                            &counters,
+                            &refusals,
+                        );
+                    }
+                    Step::Tick(by) => {
+                        now += by;
+                        state.tick(now, &mut ch);
+                    }
+                    Step::Commit(true) => ch = Changes::default(),
+                    Step::Commit(false) => {
+                        let failed = std::mem::take(&mut ch);
+                        state.rollback(failed.undo);
+                        // What the caller does after a failed commit: agents resend.
+                        seq = std::array::from_fn(|a| {
+                            state.agents[&format!("agent-{a}")].committed_seq
+                        });
+                    }
+                }
+                for (key, entry) in &state.entries {
+                    let (quorum, window) = targets::rules(&state.config, &state.jobs, &key.0, entry);
+                    let expected = merge::merge(
+                        entry.views.values().map(|v| v.vote()),
+                        quorum,
+                        now,
+                        window,
+                    );
+                    prop_assert_eq!(entry.tally.clone().merge(quorum, now, window), expected);
+                }
+            }
+        }
+    }
+}

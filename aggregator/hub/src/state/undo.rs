@@ -1,4 +1,6 @@
-//! Putting the state back as it was before a group whose commit failed.
+//! Putting the state back as it was before a group whose commit failed. Views are put
+//! back through [`TargetEntry::set_view`], so each target's tally (a function of its
+//! views) is restored with them.
 
 use super::*;
 
@@ -8,14 +10,7 @@ impl State {
         self.evaluate_every_target();
         for (key, agent, before) in undo.views.into_iter().rev() {
             if let Some(entry) = self.entries.get_mut(&*key) {
-                match before {
-                    Some(view) => {
-                        entry.views.insert(agent, view);
-                    }
-                    None => {
-                        entry.views.remove(&agent);
-                    }
-                }
+                entry.set_view(agent, before);
             }
         }
         for (key, written) in undo.written.into_iter().rev() {
@@ -40,7 +35,7 @@ impl State {
             }
         }
         for (agent, seq) in undo.committed.into_iter().rev() {
-            if let Some(a) = self.agents.get_mut(&agent) {
+            if let Some(a) = self.agents.get_mut(&*agent) {
                 a.committed_seq = seq;
             }
         }
