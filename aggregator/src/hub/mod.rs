@@ -199,8 +199,6 @@ pub(crate) enum Command {
     Snapshot {
         reply: oneshot::Sender<Arc<Snapshot>>,
     },
-    /// From the storage thread: the group in flight committed, or not.
-    Committed(Result<(), StoreError>),
     Stop,
 }
 
@@ -268,18 +266,22 @@ impl Hub {
         let (commands, rx) = std_mpsc::channel();
         let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Samples, Durable)>(1);
         let mut threads = Vec::new();
-        let back = commands.clone();
+        // The commits' outcomes come back on a channel of their own, which the ingest
+        // thread waits on while a group is in flight (see `ingest_thread`).
+        let (committed_tx, committed_rx) = std_mpsc::channel();
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-storage".into())
-                .spawn(move || ingest::storage_thread(output, jobs_rx, back))
+                .spawn(move || ingest::storage_thread(output, jobs_rx, committed_tx))
                 .expect("cannot start the storage thread"),
         );
         let ingest_shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-ingest".into())
-                .spawn(move || ingest::ingest_thread(state, applied, rx, jobs_tx, ingest_shared))
+                .spawn(move || {
+                    ingest::ingest_thread(state, applied, rx, jobs_tx, committed_rx, ingest_shared)
+                })
                 .expect("cannot start the ingest thread"),
         );
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
