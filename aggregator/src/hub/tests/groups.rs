@@ -68,7 +68,7 @@ fn batches_queued_behind_a_slow_commit_are_committed_in_bounded_groups() {
     assert_eq!(seqs.last(), Some(&(BATCHES + 1)));
     let per_commit: Vec<u64> = seqs.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(
-        per_commit.iter().all(|&n| n >= 1 && n <= 512),
+        per_commit.iter().all(|n| (1..=512).contains(n)),
         "each commit carries at most a group's bound of batches: {per_commit:?}"
     );
     assert!(
