@@ -15,7 +15,11 @@
 //!   in its queue (sending the assignments and ending the streams each one queued as
 //!   soon as it is applied, before the next), then
 //!   hands the whole group's changes to the storage thread in one piece (group commit
-//!   across agents and batches) and goes on with the next group meanwhile;
+//!   across agents and batches) and goes on with the next group meanwhile. While
+//!   batches keep coming it hands over at most once per gather window (20 ms), so that
+//!   at a real fleet's shape, about one result per batch, a commit carries tens of
+//!   batches; between hand-overs it waits on the commit or a timer, not on its queue,
+//!   so a stream's command wakes nobody. After an idle spell a group goes at once;
 //! - the **storage thread** commits a group in one transaction (the agents' sequence
 //!   numbers and every remote-write queue together) and reports back;
 //! - the **discovery thread** re-reads file_sd files once a second.
