@@ -252,27 +252,15 @@ fn apply(
 const MAX_GROUP_COMMANDS: usize = 512;
 const MAX_GROUP_SAMPLES: usize = 200_000;
 
-/// While batches keep coming, the least time from one hand-over to the storage thread
-/// to the next. A commit costs about the same for one batch as for fifty (SQLite's
-/// statements and the pages it writes to the WAL are per transaction, not per row), so
-/// at a real fleet's shape, where each batch carries about one result, a group gathered
-/// over this window carries tens of batches for the price of one commit. It adds at most
-/// this much to an ack and to a failure's way to the receiver. Under a heavier load a
-/// commit takes longer than this and the window has passed when it ends: nothing waits.
-/// After an idle spell the first group goes at once (see [`Gather`]).
+/// The least time from one hand-over to the storage thread to the next. A commit costs
+/// about the same for one batch as for fifty (SQLite's statements and the pages it
+/// writes to the WAL are per transaction, not per row), so at a real fleet's shape,
+/// where each batch carries about one result, a group gathered over this window carries
+/// tens of batches for the price of one commit. It adds at most this much to an ack and
+/// to a failure's way to the receiver. Under a heavier load a commit takes longer than
+/// this and the window has passed when it ends: nothing waits; after a quiet spell
+/// longer than the window, the first batch goes at once.
 const GATHER_WINDOW: Duration = Duration::from_millis(20);
-
-/// Where the ingest thread is between hand-overs.
-#[derive(Clone, Copy, PartialEq)]
-enum Gather {
-    /// The current group started after an idle spell (nothing gathered, nothing in
-    /// flight): it goes as soon as what is queued is applied, so a lone batch is not
-    /// held back by the window.
-    FromIdle,
-    /// Commands came while the previous group was in flight: the current group gathers
-    /// until the window after the last hand-over closes.
-    UnderLoad,
-}
 
 pub(super) fn ingest_thread(
     mut state: State,
@@ -286,15 +274,15 @@ pub(super) fn ingest_thread(
     let mut streams = Streams::default();
     let mut in_flight: Option<(Group, Option<Arc<Snapshot>>)> = None;
     let mut waiting: Vec<oneshot::Sender<Arc<Snapshot>>> = Vec::new();
-    let mut handed_over = Instant::now();
-    let mut gather = Gather::FromIdle;
+    let mut handed_over = Instant::now()
+        .checked_sub(GATHER_WINDOW)
+        .unwrap_or_else(Instant::now);
     loop {
         let mut next = None;
         if in_flight.is_none() && current.is_empty() && waiting.is_empty() {
             // Idle: parked on the channel until the next command.
             let Ok(first) = commands.recv() else { return };
             next = Some(first);
-            gather = Gather::FromIdle;
         }
         // Everything queued, up to the group's bound. Between hand-overs the thread
         // waits on the commit or on a timer, never on the channel, so a stream's send
@@ -379,7 +367,7 @@ pub(super) fn ingest_thread(
             }
             continue;
         }
-        if gather == Gather::UnderLoad && !current.is_full() && now < window_closes {
+        if !current.is_full() && now < window_closes {
             // Asleep, not parked on the channel: what comes meanwhile is taken in one go.
             std::thread::sleep(window_closes - now);
             continue;
@@ -397,8 +385,6 @@ pub(super) fn ingest_thread(
         }
         in_flight = Some((group, snapshot));
         handed_over = Instant::now();
-        // Whatever comes before this group's commit ends is load: the next group gathers.
-        gather = Gather::UnderLoad;
     }
 }
 
