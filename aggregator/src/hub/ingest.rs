@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 pub(super) fn storage_thread(
     output: Arc<dyn Output>,
     jobs: std_mpsc::Receiver<(Samples, Durable)>,
-    back: std_mpsc::Sender<Command>,
+    committed: std_mpsc::Sender<Result<(), StoreError>>,
 ) {
     while let Ok((samples, durable)) = jobs.recv() {
         let result = if samples.is_empty() && durable.is_empty() {
@@ -19,7 +19,7 @@ pub(super) fn storage_thread(
         };
         // Dropping the samples here, off the ingest thread, frees their series too.
         drop(samples);
-        if back.send(Command::Committed(result)).is_err() {
+        if committed.send(result).is_err() {
             return;
         }
     }
@@ -120,11 +120,18 @@ impl Streams {
 struct Group {
     changes: state::Changes,
     owed: Vec<Owed>,
+    /// Commands applied into it.
+    commands: usize,
 }
 
 impl Group {
     fn is_empty(&self) -> bool {
         self.changes.out.is_empty() && self.changes.durable.is_empty() && self.owed.is_empty()
+    }
+
+    /// Whether it takes no more commands before it is handed over.
+    fn is_full(&self) -> bool {
+        self.commands >= MAX_GROUP_COMMANDS || self.changes.out.len() >= MAX_GROUP_SAMPLES
     }
 }
 
@@ -235,7 +242,7 @@ fn apply(
                 state.discovered(targets, ch);
             }
         }
-        Command::Snapshot { .. } | Command::Committed(_) | Command::Stop => {}
+        Command::Snapshot { .. } | Command::Stop => {}
     }
     streams.carry_out(state, std::mem::take(&mut group.changes.outgoing));
 }
@@ -245,69 +252,109 @@ fn apply(
 const MAX_GROUP_COMMANDS: usize = 512;
 const MAX_GROUP_SAMPLES: usize = 200_000;
 
+/// The least time from one hand-over to the storage thread to the next. A commit costs
+/// about the same for one batch as for fifty (SQLite's statements and the pages it
+/// writes to the WAL are per transaction, not per row), so at a real fleet's shape,
+/// where each batch carries about one result, a group gathered over this window carries
+/// tens of batches for the price of one commit. It adds at most this much to an ack and
+/// to a failure's way to the receiver. Under a heavier load a commit takes longer than
+/// this and the window has passed when it ends: nothing waits; after a quiet spell
+/// longer than the window, the first batch goes at once.
+const GATHER_WINDOW: Duration = Duration::from_millis(20);
+
 pub(super) fn ingest_thread(
     mut state: State,
     mut applied: Arc<AggregatorConfig>,
     commands: std_mpsc::Receiver<Command>,
     storage: std_mpsc::SyncSender<(Samples, Durable)>,
+    committed: std_mpsc::Receiver<Result<(), StoreError>>,
     shared: Arc<Shared>,
 ) {
     let mut current = Group::default();
     let mut streams = Streams::default();
     let mut in_flight: Option<(Group, Option<Arc<Snapshot>>)> = None;
     let mut waiting: Vec<oneshot::Sender<Arc<Snapshot>>> = Vec::new();
+    let mut handed_over = Instant::now()
+        .checked_sub(GATHER_WINDOW)
+        .unwrap_or_else(Instant::now);
     loop {
-        let Ok(first) = commands.recv() else { return };
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(command) = next.take() {
-            taken += 1;
+        let mut next = None;
+        if in_flight.is_none() && current.is_empty() && waiting.is_empty() {
+            // Idle: parked on the channel until the next command.
+            let Ok(first) = commands.recv() else { return };
+            next = Some(first);
+        }
+        // Everything queued, up to the group's bound. Between hand-overs the thread
+        // waits on the commit or on a timer, never on the channel, so a stream's send
+        // finds no parked receiver to wake: the commands of a window cost one wake-up.
+        while !current.is_full() {
+            let Some(command) = next.take().or_else(|| commands.try_recv().ok()) else {
+                break;
+            };
             match command {
                 Command::Stop => return,
-                Command::Committed(result) => {
-                    let Some((mut done, snapshot)) = in_flight.take() else {
-                        continue;
-                    };
-                    match result {
-                        Ok(()) => {
-                            shared.storage.succeeded();
-                            shared.counters.commits.fetch_add(1, Relaxed);
-                            shared
-                                .counters
-                                .committed_commands
-                                .fetch_add(done.owed.len() as u64, Relaxed);
-                            pay(done.owed, snapshot, None);
-                        }
-                        Err(e) => {
-                            let e = Arc::new(e);
-                            shared.storage.failed(&e);
-                            tracing::error!(error = %e, "cannot commit to the store; nothing of it is acked, and it is written again once the store recovers");
-                            // Newest first: the group applied after the failed one
-                            // saw its changes.
-                            let mut later = std::mem::take(&mut current);
-                            state.rollback(std::mem::take(&mut later.changes.undo));
-                            state.rollback(std::mem::take(&mut done.changes.undo));
-                            let fresh = Arc::new(Snapshot::of(&state, applied.clone()));
-                            pay(later.owed, Some(fresh.clone()), Some(&e));
-                            pay(done.owed, Some(fresh), Some(&e));
-                        }
-                    }
-                }
                 Command::Snapshot { reply } => waiting.push(reply),
-                command => apply(
-                    &mut state,
-                    &mut applied,
-                    command,
-                    &mut current,
-                    &mut streams,
-                    &shared,
-                ),
-            }
-            if taken < MAX_GROUP_COMMANDS && current.changes.out.len() < MAX_GROUP_SAMPLES {
-                next = commands.try_recv().ok();
+                command => {
+                    current.commands += 1;
+                    apply(
+                        &mut state,
+                        &mut applied,
+                        command,
+                        &mut current,
+                        &mut streams,
+                        &shared,
+                    )
+                }
             }
         }
+        let now = Instant::now();
+        let window_closes = handed_over + GATHER_WINDOW;
         if in_flight.is_some() {
+            // Wait for the commit; while it runs longer than the window, wake once a
+            // window to apply what came meanwhile, so the next group is ready when it
+            // ends. A full group waits for the commit alone.
+            let result = if current.is_full() {
+                committed
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                let wait = window_closes
+                    .checked_duration_since(now)
+                    .filter(|w| !w.is_zero())
+                    .unwrap_or(GATHER_WINDOW);
+                committed.recv_timeout(wait)
+            };
+            let result = match result {
+                Ok(result) => result,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let (mut done, snapshot) = in_flight.take().expect("a group is in flight");
+            match result {
+                Ok(()) => {
+                    shared.storage.succeeded();
+                    shared.counters.commits.fetch_add(1, Relaxed);
+                    shared
+                        .counters
+                        .committed_commands
+                        .fetch_add(done.owed.len() as u64, Relaxed);
+                    pay(done.owed, snapshot, None);
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    shared.storage.failed(&e);
+                    tracing::error!(error = %e, "cannot commit to the store; nothing of it is acked, and it is written again once the store recovers");
+                    // Newest first: the group applied after the failed one saw its
+                    // changes.
+                    let mut later = std::mem::take(&mut current);
+                    state.rollback(std::mem::take(&mut later.changes.undo));
+                    state.rollback(std::mem::take(&mut done.changes.undo));
+                    let fresh = Arc::new(Snapshot::of(&state, applied.clone()));
+                    pay(later.owed, Some(fresh.clone()), Some(&e));
+                    pay(done.owed, Some(fresh), Some(&e));
+                }
+            }
+            // What came during the commit is applied before the next hand-over.
             continue;
         }
         if current.is_empty() {
@@ -318,6 +365,11 @@ pub(super) fn ingest_thread(
                     let _ = w.send(s.clone());
                 }
             }
+            continue;
+        }
+        if !current.is_full() && now < window_closes {
+            // Asleep, not parked on the channel: what comes meanwhile is taken in one go.
+            std::thread::sleep(window_closes - now);
             continue;
         }
         let snapshot =
@@ -332,6 +384,7 @@ pub(super) fn ingest_thread(
             return;
         }
         in_flight = Some((group, snapshot));
+        handed_over = Instant::now();
     }
 }
 

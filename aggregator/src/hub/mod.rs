@@ -15,7 +15,11 @@
 //!   in its queue (sending the assignments and ending the streams each one queued as
 //!   soon as it is applied, before the next), then
 //!   hands the whole group's changes to the storage thread in one piece (group commit
-//!   across agents and batches) and goes on with the next group meanwhile;
+//!   across agents and batches) and goes on with the next group meanwhile. While
+//!   batches keep coming it hands over at most once per gather window (20 ms), so that
+//!   at a real fleet's shape, about one result per batch, a commit carries tens of
+//!   batches; between hand-overs it waits on the commit or a timer, not on its queue,
+//!   so a stream's command wakes nobody. After an idle spell a group goes at once;
 //! - the **storage thread** commits a group in one transaction (the agents' sequence
 //!   numbers and every remote-write queue together) and reports back;
 //! - the **discovery thread** re-reads file_sd files once a second.
@@ -199,8 +203,6 @@ pub(crate) enum Command {
     Snapshot {
         reply: oneshot::Sender<Arc<Snapshot>>,
     },
-    /// From the storage thread: the group in flight committed, or not.
-    Committed(Result<(), StoreError>),
     Stop,
 }
 
@@ -268,18 +270,22 @@ impl Hub {
         let (commands, rx) = std_mpsc::channel();
         let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<(Samples, Durable)>(1);
         let mut threads = Vec::new();
-        let back = commands.clone();
+        // The commits' outcomes come back on a channel of their own, which the ingest
+        // thread waits on while a group is in flight (see `ingest_thread`).
+        let (committed_tx, committed_rx) = std_mpsc::channel();
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-storage".into())
-                .spawn(move || ingest::storage_thread(output, jobs_rx, back))
+                .spawn(move || ingest::storage_thread(output, jobs_rx, committed_tx))
                 .expect("cannot start the storage thread"),
         );
         let ingest_shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("sonde-ingest".into())
-                .spawn(move || ingest::ingest_thread(state, applied, rx, jobs_tx, ingest_shared))
+                .spawn(move || {
+                    ingest::ingest_thread(state, applied, rx, jobs_tx, committed_rx, ingest_shared)
+                })
                 .expect("cannot start the ingest thread"),
         );
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();

@@ -4,6 +4,7 @@
 
 mod agents;
 mod assignments;
+mod groups;
 mod jobs;
 mod results;
 mod targets;
