@@ -13,7 +13,11 @@ struct GatedOutput {
 }
 
 impl Output for GatedOutput {
-    fn commit(&self, samples: &Samples, durable: &Durable) -> Result<(), crate::store::StoreError> {
+    fn commit(
+        &self,
+        samples: &Samples,
+        durable: &Durable,
+    ) -> Result<(), crate::storage::StoreError> {
         if samples.is_empty() {
             // The agent's hello.
             return Ok(());
