@@ -19,7 +19,8 @@
 //!   batches keep coming it hands over at most once per gather window (20 ms), so that
 //!   at a real fleet's shape, about one result per batch, a commit carries tens of
 //!   batches; between hand-overs it waits on the commit or a timer, not on its queue,
-//!   so a stream's command wakes nobody. After an idle spell a group goes at once;
+//!   so a stream's command wakes nobody. After a quiet spell longer than the window
+//!   the first batch goes at once;
 //! - the **storage thread** commits a group in one transaction (the agents' sequence
 //!   numbers and every remote-write queue together) and reports back;
 //! - the **discovery thread** re-reads file_sd files once a second.
