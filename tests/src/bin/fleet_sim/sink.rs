@@ -123,7 +123,7 @@ impl Sink {
         self.watcher()()
     }
 
-    /// [`Sink::seen`], for another thread.
+    /// When the watched `up == 0` first arrived, read from another thread.
     pub fn watcher(&self) -> impl Fn() -> Option<Instant> + Send + 'static {
         let shared = self.shared.clone();
         move || shared.watch.lock().unwrap().as_ref().and_then(|w| w.seen)
