@@ -62,13 +62,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let labels = |h: &pb::Hello| h.labels.clone().into_iter().collect();
     // The first agent of an empty fleet is never refused.
-    let _ = state.connect(
-        &hello,
-        labels(&hello),
-        None,
-        T0,
-        &mut Changes::default(),
-    );
+    let _ = state.connect(&hello, labels(&hello), None, T0, &mut Changes::default());
     let mut symbols = SymbolTable::default();
     let mut now = T0;
     let mut input = data;
@@ -78,13 +72,8 @@ fuzz_target!(|data: &[u8]| {
             Some(Msg::Hello(hello)) => {
                 agent = hello.agent_id.clone();
                 symbols = SymbolTable::default();
-                let connected = state.connect(
-                    &hello,
-                    labels(&hello),
-                    None,
-                    now,
-                    &mut Changes::default(),
-                );
+                let connected =
+                    state.connect(&hello, labels(&hello), None, now, &mut Changes::default());
                 if connected.is_err() {
                     break; // a refused Hello ends the stream, as the server does
                 }
