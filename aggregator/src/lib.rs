@@ -62,12 +62,14 @@
 //! | storage thread's malloc/free | (in the above) | 8.7 % |
 //!
 //! The whole process: 21.7–28.7 µs per probe sample before, 3.3–4.3× the ingest floor
-//! of the same run; 25.5 µs and 3.0× with the gather window (one run; the incremental
-//! tally came after that profile). What remains is per result: the state's accept path
+//! of the same run; 25.5 µs and 3.0× with the gather window alone (one run); 18.8 µs,
+//! 2.4× the floor and 2.1× vmagent with the tally as well (one run, see
+//! `docs/benchmarks.md`). What remains is per result: the state's accept path
 //! (allocation is about a third of it), the queue's enqueue and request-form copies, and
 //! glibc's allocator across all three threads. The floor's shape — one pass per result
 //! on the stream's own task, per-series state kept with the agent's view, no per-sample
 //! value crossing a thread — is where the rest of the distance is.
+
 pub mod app;
 pub mod config;
 pub mod delivery;
