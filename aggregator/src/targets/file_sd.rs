@@ -1,17 +1,15 @@
-//! Target discovery: each job's `static_configs`, plus its `file_sd_configs` files in
-//! Prometheus's file_sd format (YAML or JSON), re-read when they change.
+//! `static_configs`, and `file_sd_configs` files in Prometheus's file_sd format (YAML or
+//! JSON), re-read when they change.
 //!
 //! A file that cannot be read or parsed keeps the targets it had, as in Prometheus,
 //! so a half-written file never empties a job.
 
-use sonde_proto::config::{
-    ConfigError, LabelError, ResolvedJob, TargetGroup, check_target, from_yaml_str,
-};
+use super::TargetSet;
+use super::build::add_group;
+use sonde_proto::config::{ConfigError, LabelError, ResolvedJob, TargetGroup, from_yaml_str};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
-
-pub use sonde_hub::targets::{Target, TargetSet};
 
 #[derive(Default)]
 pub struct FileSd {
@@ -92,23 +90,6 @@ impl FileSd {
                 }
             }
         }
-    }
-}
-
-fn add_group(set: &mut TargetSet, job: &ResolvedJob, group: &TargetGroup) {
-    for target in &group.targets {
-        if let Err(e) = check_target(&job.module, target) {
-            tracing::warn!(job = %job.name, target = %target, error = %e, "target skipped");
-            continue;
-        }
-        set.entry((job.name.clone(), target.clone()))
-            .or_insert_with(|| {
-                std::sync::Arc::new(Target {
-                    job: job.name.clone(),
-                    instance: target.clone(),
-                    labels: group.labels.clone(),
-                })
-            });
     }
 }
 
