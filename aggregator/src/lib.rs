@@ -76,6 +76,7 @@ pub mod delivery;
 pub mod fleet;
 pub mod history;
 pub mod hub;
+pub mod import_prometheus;
 pub mod remote_write;
 pub mod server;
 pub mod storage;

@@ -43,7 +43,24 @@ struct Cli {
     #[command(flatten)]
     log: LogFlags,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<AggregatorCommand>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AggregatorCommand {
+    #[command(flatten)]
+    Common(Command),
+    /// Print, on stdout, a sonde aggregator config made of the scrape jobs of a
+    /// Prometheus config that point at a blackbox exporter; on stderr, what could not be
+    /// carried over.
+    ImportPrometheus {
+        /// The Prometheus config file (prometheus.yml).
+        file: PathBuf,
+        /// The blackbox exporter's config file (its --config.file): the output loads its
+        /// modules unchanged, with `modules_file:`.
+        #[arg(long = "blackbox.config")]
+        blackbox_config: Option<PathBuf>,
+    },
 }
 
 /// The flags the all-in-one default can be started with (clap's ids; `LogFlags` is the
@@ -72,7 +89,14 @@ fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let all_in_one = all_in_one_requested(&matches);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if let Some(Command::CheckConfig { file }) = &cli.command {
+    if let Some(AggregatorCommand::ImportPrometheus {
+        file,
+        blackbox_config,
+    }) = &cli.command
+    {
+        return import_prometheus(file, blackbox_config.as_deref());
+    }
+    if let Some(AggregatorCommand::Common(Command::CheckConfig { file })) = &cli.command {
         return check_config::run(file, |file| {
             let (config, problems) = AggregatorConfig::check(file);
             check_config::Outcome {
@@ -104,6 +128,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `import-prometheus`: the config on stdout, the notes on stderr; failing when there is
+/// nothing to convert.
+fn import_prometheus(
+    file: &std::path::Path,
+    blackbox_config: Option<&std::path::Path>,
+) -> ExitCode {
+    let conversion = match sonde_aggregator::import_prometheus::import_file(file, blackbox_config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for note in &conversion.notes {
+        eprintln!("{note}");
+    }
+    if conversion.converted == 0 {
+        eprintln!(
+            "{}: nothing to convert: none of its {} scrape jobs points at a blackbox exporter (metrics_path /probe, params.module, or a relabeling to __param_target)",
+            file.display(),
+            conversion.scrape_jobs
+        );
+        return ExitCode::FAILURE;
+    }
+    print!("{}", conversion.config);
+    eprintln!(
+        "{}: {} of {} scrape jobs converted; check the result with `sonde-aggregator check-config`",
+        file.display(),
+        conversion.converted,
+        conversion.scrape_jobs
+    );
+    ExitCode::SUCCESS
 }
 
 async fn run(cli: Cli, all_in_one: bool) -> anyhow::Result<()> {
