@@ -303,24 +303,22 @@ impl AgentConfig {
         }
         for located in &raw.jobs {
             let job = &located.value;
-            if !job.file_sd_configs.is_empty() || !job.agents.is_empty() {
+            if !job.file_sd_configs.is_empty()
+                || !job.agents.is_empty()
+                || !job.relabel_configs.is_empty()
+                || job.params.contains_key("target")
+            {
                 problems.error(ConfigError::at(
                     file,
                     located.referenced,
                     format!(
-                        "local job {:?}: an agent's local jobs take static_configs only (file_sd_configs and agents belong in the aggregator's jobs)",
+                        "local job {:?}: an agent's local jobs take static_configs only (file_sd_configs, agents, relabel_configs and params.target belong in the aggregator's jobs)",
                         job.job_name
                     ),
                 ));
             }
         }
-        let jobs = resolve_jobs_all(
-            file,
-            &modules,
-            &raw.jobs,
-            JobDefaults::default(),
-            &mut problems.errors,
-        );
+        let jobs = resolve_jobs_all(file, &modules, &raw.jobs, JobDefaults::default(), problems);
         let (probe_endpoint, probe_at) = match raw.probe_endpoint {
             Some(l) => (l.value, Some(l.referenced)),
             None => (ProbeEndpointConfig::default(), None),

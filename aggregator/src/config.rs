@@ -313,7 +313,7 @@ impl AggregatorConfig {
             interval: global.scrape_interval.0,
             timeout: scrape_timeout,
         };
-        let mut jobs = resolve_jobs_all(file, &modules, &raw.jobs, defaults, &mut problems.errors);
+        let mut jobs = resolve_jobs_all(file, &modules, &raw.jobs, defaults, problems);
         for job in &mut jobs {
             for sd in &mut job.config.file_sd_configs {
                 for pattern in &mut sd.files {

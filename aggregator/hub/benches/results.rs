@@ -81,6 +81,7 @@ fn config(targets: usize) -> (Arc<HubConfig>, TargetSet) {
             let target = Target {
                 job: "web".into(),
                 instance: instance.clone(),
+                probe_target: None,
                 labels: Labels::from([("team".to_string(), "web".to_string())]),
             };
             (("web".to_string(), instance), Arc::new(target))

@@ -4,11 +4,14 @@
 use sonde_proto::config::Labels;
 use std::collections::BTreeMap;
 
-/// A target of a job, with the labels of the group it came from.
+/// A target of a job, with the labels of the group it came from (after relabeling).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub job: String,
     pub instance: String,
+    /// What the agents probe when it is not the instance: a relabeled job's
+    /// `__param_target` (Prometheus's `instance` may be rewritten apart from it).
+    pub probe_target: Option<String>,
     pub labels: Labels,
 }
 

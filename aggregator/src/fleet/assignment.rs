@@ -32,6 +32,7 @@ jobs:
         let target = |job: &str, instance: &str| Target {
             job: job.into(),
             instance: instance.into(),
+            probe_target: None,
             labels: Default::default(),
         };
         let targets = [

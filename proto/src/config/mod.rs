@@ -4,12 +4,14 @@
 
 mod job;
 pub mod module;
+pub mod relabel;
 mod resolve;
 mod units;
 mod yaml;
 
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
 pub use module::{Module, ModuleError, Prober};
+pub use relabel::{RelabelAction, RelabelConfig, RelabelError, RelabelRegex};
 pub use resolve::{
     JobDefaults, ResolvedJob, TargetError, check_target, resolve_jobs, resolve_jobs_all,
     resolve_modules, split_port,

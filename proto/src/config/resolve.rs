@@ -47,29 +47,39 @@ pub fn resolve_jobs(
     jobs: &[Located<JobConfig>],
     defaults: JobDefaults,
 ) -> Result<Vec<ResolvedJob>, ConfigError> {
-    let mut problems = Vec::new();
+    let mut problems = Problems::default();
     let resolved = resolve_jobs_all(file, modules, jobs, defaults, &mut problems);
-    match problems.into_iter().next() {
+    match problems.errors.into_iter().next() {
         Some(e) => Err(e),
         None => Ok(resolved),
     }
 }
 
 /// Checks `modules` and `jobs` (read from `file`) and resolves each job, adding every
-/// problem to `problems` (each at its job's place); a job with a problem is left out.
+/// problem to `problems` (each at its job's place); a job with an error is left out.
+/// A Prometheus scrape-job field with no meaning here is a warning, one per field.
 pub fn resolve_jobs_all(
     file: &Path,
     modules: &BTreeMap<String, Module>,
     jobs: &[Located<JobConfig>],
     defaults: JobDefaults,
-    problems: &mut Vec<ConfigError>,
+    problems: &mut Problems,
 ) -> Vec<ResolvedJob> {
     let mut names = BTreeSet::new();
     let mut resolved = Vec::with_capacity(jobs.len());
     for located in jobs {
-        let before = problems.len();
-        if let Some(job) = resolve_one(file, modules, located, defaults, &mut names, problems)
-            && problems.len() == before
+        let before = problems.errors.len();
+        for message in ignored_field_warnings(&located.value) {
+            problems.warn(ConfigError::at(file, located.referenced, message));
+        }
+        if let Some(job) = resolve_one(
+            file,
+            modules,
+            located,
+            defaults,
+            &mut names,
+            &mut problems.errors,
+        ) && problems.errors.len() == before
         {
             resolved.push(job);
         }
@@ -99,12 +109,30 @@ fn resolve_one<'a>(
                 job.job_name
             )));
         }
-        let Some(module) = modules.get(&job.module) else {
+        let module_name = match (job.module.as_str(), module_param(job)) {
+            ("", None) => {
+                report(err(format!(
+                    "job {:?} names no module: give module: NAME (or, as in a Prometheus blackbox job, params: {{module: [NAME]}})",
+                    job.job_name
+                )));
+                return None;
+            }
+            (given, Some(param)) if !given.is_empty() && given != param => {
+                report(err(format!(
+                    "job {:?}: module {given:?} and params.module {param:?} disagree; keep one of them",
+                    job.job_name
+                )));
+                return None;
+            }
+            ("", Some(param)) => param,
+            (given, _) => given,
+        };
+        let Some(module) = modules.get(module_name) else {
             let known: Vec<_> = modules.keys().map(String::as_str).collect();
             report(err(format!(
                 "job {:?} uses module {:?}, which is not defined (defined: {})",
                 job.job_name,
-                job.module,
+                module_name,
                 if known.is_empty() {
                     "none".to_string()
                 } else {
@@ -113,16 +141,28 @@ fn resolve_one<'a>(
             )));
             return None;
         };
-        let interval = job
-            .interval
-            .map_or(defaults.interval, PromDuration::as_duration);
+        let both = |ours: &str, theirs: &str| {
+            format!(
+                "job {:?}: {ours} and {theirs} are the same setting, given twice; keep one of them",
+                job.job_name
+            )
+        };
+        if job.interval.is_some() && job.scrape_interval.is_some() {
+            report(err(both("interval", "scrape_interval")));
+        }
+        if job.timeout.is_some() && job.scrape_timeout.is_some() {
+            report(err(both("timeout", "scrape_timeout")));
+        }
+        let given_interval = job.interval.or(job.scrape_interval);
+        let given_timeout = job.timeout.or(job.scrape_timeout);
+        let interval = given_interval.map_or(defaults.interval, PromDuration::as_duration);
         if interval.is_zero() {
             report(err(format!(
                 "job {:?}: interval must be greater than 0",
                 job.job_name
             )));
         }
-        let job_timeout = match job.timeout {
+        let job_timeout = match given_timeout {
             Some(t) => t.as_duration(),
             None => defaults.timeout.min(interval),
         };
@@ -177,7 +217,9 @@ fn resolve_one<'a>(
             ) {
                 report(err(e.to_string()));
             }
-            for target in &group.targets {
+            // A relabeled job's probed target is known only after relabeling, where it is checked.
+            let relabeled = !job.relabel_configs.is_empty() || job.params.contains_key("target");
+            for target in group.targets.iter().filter(|_| !relabeled) {
                 if let Err(m) = check_target(module, target) {
                     report(err(format!(
                         "job {:?}: target {target:?}: {m}",
@@ -206,18 +248,62 @@ fn resolve_one<'a>(
             Some(f) => f.0,
             None => interval * 2 + job_timeout,
         };
+        // Settled under our own names, so that nothing downstream reads Prometheus's.
+        let mut config = job.clone();
+        config.module = module_name.to_string();
+        config.interval = given_interval;
+        config.scrape_interval = None;
+        config.timeout = given_timeout;
+        config.scrape_timeout = None;
         Some(ResolvedJob {
             name: job.job_name.clone(),
-            module_name: job.module.clone(),
+            module_name: module_name.to_string(),
             module: module.clone(),
             interval,
             timeout,
             quorum: job.quorum,
             retries: job.retries,
             freshness,
-            config: job.clone(),
+            config,
         })
     }
+}
+
+/// The module a Prometheus blackbox job names in its URL parameters (the first value, the
+/// one blackbox_exporter reads).
+fn module_param(job: &JobConfig) -> Option<&str> {
+    job.params
+        .get("module")
+        .and_then(|values| values.first())
+        .map(String::as_str)
+}
+
+/// What `job` says that is ignored here, one message per field.
+fn ignored_field_warnings(job: &JobConfig) -> Vec<String> {
+    let name = &job.job_name;
+    let mut warnings: Vec<String> = job
+        .ignored_fields()
+        .into_iter()
+        .map(|(field, why)| format!("job {name:?}: field {field} is ignored: {why}"))
+        .collect();
+    if job.honor_labels == Some(true) {
+        warnings.push(format!(
+            "job {name:?}: field honor_labels is ignored: probe results carry no job or instance labels of their own to honor"
+        ));
+    }
+    for (param, values) in &job.params {
+        match param.as_str() {
+            "module" if values.len() > 1 => warnings.push(format!(
+                "job {name:?}: params.module: only the first module, {:?}, is probed (as blackbox_exporter does)",
+                values[0]
+            )),
+            "module" | "target" => {}
+            other => warnings.push(format!(
+                "job {name:?}: field params.{other} is ignored: only module and target mean something to a probe (relabeling still sees __param_{other})"
+            )),
+        }
+    }
+    warnings
 }
 
 /// A blackbox_exporter config file, for `modules_file`.
@@ -398,7 +484,7 @@ mod tests {
             "modules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: nope}\n  - {job_name: b, module: m, interval: 5s, timeout: 10s, static_configs: [{targets: [x]}]}\n  - {job_name: c, module: m}\n",
         )
         .unwrap();
-        let mut problems = Vec::new();
+        let mut problems = Problems::default();
         let jobs = resolve_jobs_all(
             Path::new("c.yml"),
             &doc.modules,
@@ -407,6 +493,7 @@ mod tests {
             &mut problems,
         );
         let found: Vec<(u64, bool)> = problems
+            .errors
             .iter()
             .map(|e| (e.line, e.message.contains("host:port")))
             .collect();
@@ -425,6 +512,155 @@ mod tests {
         let e = resolve("modules: {m: {prober: tcp}}\njobs:\n  - {job_name: a, module: m, interval: 10s, freshness: 5s}\n")
             .unwrap_err();
         assert!(e.message.contains("freshness"), "{e}");
+    }
+
+    fn resolve_with_problems(text: &str) -> (Vec<ResolvedJob>, Problems) {
+        let doc: Doc = from_yaml_str(Path::new("c.yml"), text).unwrap();
+        let mut problems = Problems::default();
+        let jobs = resolve_jobs_all(
+            Path::new("c.yml"),
+            &doc.modules,
+            &doc.jobs,
+            JobDefaults::default(),
+            &mut problems,
+        );
+        (jobs, problems)
+    }
+
+    #[test]
+    fn a_prometheus_blackbox_job_loads_as_it_is() {
+        let (jobs, problems) = resolve_with_problems(
+            r#"
+modules: {http_2xx: {prober: http}}
+jobs:
+  - job_name: blackbox
+    metrics_path: /probe
+    scrape_interval: 30s
+    scrape_timeout: 7s
+    honor_labels: false
+    params:
+      module: [http_2xx]
+    static_configs:
+      - targets: [http://prometheus.io, prometheus.io]
+    relabel_configs:
+      - source_labels: [__address__]
+        target_label: __param_target
+      - source_labels: [__param_target]
+        target_label: instance
+      - target_label: __address__
+        replacement: 127.0.0.1:9115
+"#,
+        );
+        assert!(problems.errors.is_empty(), "{problems:#?}");
+        assert!(problems.warnings.is_empty(), "{problems:#?}");
+        let job = &jobs[0];
+        assert_eq!(job.module_name, "http_2xx");
+        assert_eq!(job.config.module, "http_2xx");
+        assert_eq!(job.interval, Duration::from_secs(30));
+        assert_eq!(job.timeout, Duration::from_secs(7));
+        assert_eq!(job.config.relabel_configs.len(), 3);
+        assert_eq!(job.config.metrics_path.as_deref(), Some("/probe"));
+    }
+
+    #[test]
+    fn prometheus_fields_with_no_meaning_here_are_warnings() {
+        let (jobs, problems) = resolve_with_problems(
+            r#"
+modules: {m: {prober: http}}
+jobs:
+  - job_name: web
+    module: m
+    scheme: https
+    honor_labels: true
+    sample_limit: 100
+    tls_config: {insecure_skip_verify: true}
+    metric_relabel_configs: [{action: labeldrop, regex: x}]
+    consul_sd_configs: [{server: localhost:8500}]
+    params: {module: [m, other], hostname: [h]}
+"#,
+        );
+        assert!(problems.errors.is_empty(), "{problems:#?}");
+        assert_eq!(jobs.len(), 1);
+        let warnings: Vec<String> = problems
+            .warnings
+            .iter()
+            .map(|w| w.message.clone())
+            .collect();
+        for field in [
+            "scheme",
+            "sample_limit",
+            "tls_config",
+            "metric_relabel_configs",
+            "consul_sd_configs",
+            "honor_labels",
+            "params.hostname",
+        ] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.starts_with(&format!("job \"web\": field {field} is ignored: "))),
+                "{field}: {warnings:#?}"
+            );
+        }
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("only the first module, \"m\"")),
+            "{warnings:#?}"
+        );
+        assert_eq!(warnings.len(), 8, "{warnings:#?}");
+        assert!(
+            problems.warnings.iter().all(|w| w.line == 4),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn fields_that_are_neither_ours_nor_prometheus_are_refused() {
+        let e = resolve("modules: {m: {prober: http}}\njobs:\n  - {job_name: a, module: m, scrape_intervall: 5s}\n")
+            .unwrap_err();
+        assert!(e.message.contains("scrape_intervall"), "{e}");
+    }
+
+    #[test]
+    fn the_same_setting_twice_is_an_error() {
+        let cases = [
+            (
+                "module: m, interval: 5s, scrape_interval: 5s",
+                "interval and scrape_interval",
+            ),
+            (
+                "module: m, timeout: 1s, scrape_timeout: 1s",
+                "timeout and scrape_timeout",
+            ),
+            ("module: m, params: {module: [n]}", "disagree"),
+        ];
+        for (fields, want) in cases {
+            let e = resolve(&format!(
+                "modules: {{m: {{prober: http}}, n: {{prober: http}}}}\njobs:\n  - {{job_name: a, {fields}}}\n"
+            ))
+            .unwrap_err();
+            assert!(e.message.contains(want), "{fields}: {e}");
+            assert_eq!(e.line, 3, "{e}");
+        }
+        let e = resolve("modules: {m: {prober: http}}\njobs:\n  - {job_name: a}\n").unwrap_err();
+        assert!(e.message.contains("names no module"), "{e}");
+        let jobs = resolve(
+            "modules: {m: {prober: http}}\njobs:\n  - {job_name: a, module: m, params: {module: [m]}, scrape_timeout: 2s}\n",
+        )
+        .unwrap();
+        assert_eq!(jobs[0].timeout, Duration::from_secs(2));
+        assert_eq!(jobs[0].config.timeout, Some(PromDuration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_relabeled_job_checks_its_targets_after_relabeling() {
+        // The address is only where relabeling starts: here it gains its port.
+        let jobs = resolve(
+            "modules: {t: {prober: tcp}}\njobs:\n  - job_name: a\n    module: t\n    static_configs: [{targets: [db.internal]}]\n    relabel_configs: [{source_labels: [__address__], target_label: __address__, replacement: '$1:5432'}]\n",
+        )
+        .unwrap();
+        assert_eq!(jobs.len(), 1);
     }
 
     #[test]

@@ -213,6 +213,7 @@ impl State {
                 target: Arc::new(Target {
                     job: key.0.clone(),
                     instance: key.1.clone(),
+                    probe_target: None,
                     labels,
                 }),
                 key: entry_key,

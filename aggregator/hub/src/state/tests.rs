@@ -173,6 +173,7 @@ mod tally {
                 let target = Target {
                     job: "web".into(),
                     instance: format!("site-{i}"),
+                    probe_target: None,
                     labels: Labels::new(),
                 };
                 (
