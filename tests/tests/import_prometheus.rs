@@ -2,7 +2,7 @@
 //! job, run by the real Prometheus against the real blackbox_exporter, and the same file
 //! converted and run by sonde (aggregator and agent, writing to a second Prometheus): both
 //! probe the same loopback targets, with the same `instance` and target labels and the
-//! same `probe_success`.
+//! same `probe_success`, for a job with the usual relabeling and one with rules of its own.
 //!
 //! Only 127.0.0.1 is used. A missing peer program fails the test, naming its package.
 
@@ -111,11 +111,35 @@ fn converted_blackbox_job_probes_the_same_targets_with_the_same_instances() {
         target_label: instance
       - target_label: __address__
         replacement: {exporter}
+  # Relabeling of its own: a target dropped, the probed URL and a label made from the
+  # address and the target's labels.
+  - job_name: blackbox_relabel
+    metrics_path: /probe
+    params:
+      module: [http_2xx]
+    static_configs:
+      - targets: ["127.0.0.1:{up_a}", "127.0.0.1:{up_b}", "127.0.0.1:{closed}"]
+        labels:
+          tier: front
+    relabel_configs:
+      - source_labels: [__address__]
+        regex: "127.0.0.1:{closed}"
+        action: drop
+      - source_labels: [__address__]
+        target_label: __param_target
+        replacement: http://$1/
+      - source_labels: [__param_target]
+        target_label: instance
+      - target_label: __address__
+        replacement: {exporter}
+      - source_labels: [tier]
+        target_label: team
+        replacement: web-$1
   - job_name: prometheus_itself
     static_configs:
       - targets: ["127.0.0.1:9"]
 "#,
-        targets[0], targets[1], targets[2]
+        targets[0], targets[1], targets[2],
     );
     let prometheus = start_prometheus_with(&mut scene, "prometheus", &[], &scrape_configs);
     let prometheus_yml = scene.dir().join("prometheus/prometheus.yml");
@@ -184,6 +208,20 @@ fn converted_blackbox_job_probes_the_same_targets_with_the_same_instances() {
     ]
     .into_iter()
     .collect();
+    assert_eq!(by_prometheus, expected, "Prometheus + blackbox_exporter");
+    assert_eq!(by_sonde, expected, "sonde with the converted config");
+
+    let by_prometheus = probe_success_by_instance(&mut scene, &prometheus, "blackbox_relabel", 2);
+    let by_sonde = probe_success_by_instance(&mut scene, &sonde_prometheus, "blackbox_relabel", 2);
+    let expected: BTreeMap<String, (String, f64)> = [up_a, up_b]
+        .into_iter()
+        .map(|port| {
+            (
+                format!("http://127.0.0.1:{port}/"),
+                ("web-front".to_string(), 1.0),
+            )
+        })
+        .collect();
     assert_eq!(by_prometheus, expected, "Prometheus + blackbox_exporter");
     assert_eq!(by_sonde, expected, "sonde with the converted config");
     scene.stop();
