@@ -88,6 +88,20 @@ pub async fn probe(
 
     let server = SocketAddr::new(ip, port);
     ctx.allow(host, server)?;
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Making DNS query",
+        server = server,
+        transport = match (cfg.transport_protocol, cfg.dns_over_tls) {
+            (DnsTransport::Udp, _) => "udp",
+            (DnsTransport::Tcp, false) => "tcp",
+            (DnsTransport::Tcp, true) => "tls",
+        },
+        query_name = cfg.query_name,
+        query_type = cfg.query_type,
+        recursion_desired = cfg.recursion_desired
+    );
     let reply = match (cfg.transport_protocol, &tls) {
         (DnsTransport::Udp, _) => exchange_udp(server, source, &query, out).await?,
         (DnsTransport::Tcp, None) => {
@@ -165,6 +179,35 @@ pub(crate) fn read_reply(
     }
 
     let rcode = u16::from(message.metadata.response_code);
+    if out.log.is_on() {
+        crate::probe_log!(
+            out.log,
+            Debug,
+            "Got DNS response",
+            rcode = dns_rcode_name(rcode)
+                .map(str::to_string)
+                .unwrap_or_else(|| rcode.to_string()),
+            valid = valid_rcodes.contains(&rcode),
+            answer_rrs = message.answers.len(),
+            authority_rrs = message.authorities.len(),
+            additional_rrs = message.additionals.len()
+        );
+        for (section, records) in [
+            ("answer", &message.answers),
+            ("authority", &message.authorities),
+            ("additional", &message.additionals),
+        ] {
+            for record in records.iter() {
+                crate::probe_log!(
+                    out.log,
+                    Debug,
+                    "Record",
+                    section = section,
+                    rr = rr_string(record)
+                );
+            }
+        }
+    }
     if !valid_rcodes.contains(&rcode) {
         let name = dns_rcode_name(rcode)
             .map(str::to_string)
@@ -193,7 +236,21 @@ pub(crate) fn read_reply(
     ] {
         if !validator.is_empty() {
             let lines: Vec<String> = records.iter().map(rr_string).collect();
-            check_records(ctx, section, &lines, validator)?;
+            let checked = check_records(ctx, section, &lines, validator);
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Validated the records against the regular expressions",
+                section = section,
+                records = lines.len(),
+                ok = checked.is_ok(),
+                err = checked
+                    .as_ref()
+                    .err()
+                    .map(|f| f.message.as_str())
+                    .unwrap_or("")
+            );
+            checked?;
         }
     }
     Ok(())

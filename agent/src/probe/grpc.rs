@@ -110,6 +110,18 @@ pub async fn probe(
         );
     }
     out.set("probe_grpc_status_code", f64::from(code as i32));
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Got the gRPC health check answer",
+        grpc_status = format!("{code:?}"),
+        serving_status = status.unwrap_or(""),
+        err = answer
+            .as_ref()
+            .err()
+            .map(|e| e.failure.message.as_str())
+            .unwrap_or("")
+    );
     match answer {
         Ok(answer) => {
             // As blackbox_exporter: the connection counts as TLS once the server answered
@@ -201,6 +213,13 @@ async fn check(
             ))
         })?;
     let mut client = HealthClient::new(channel).max_decoding_message_size(MAX_ANSWER);
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Sending the gRPC health check",
+        authority = authority,
+        service = service
+    );
     let request = HealthCheckRequest {
         service: service.to_string(),
     };

@@ -79,6 +79,7 @@ pub async fn probe(
     ctx.allow(host, SocketAddr::new(ip, 0))?;
 
     let setup = Instant::now();
+    crate::probe_log!(out.log, Debug, "Creating socket", ip = ip);
     let socket = IcmpSocket::open(ip, source, cfg)?;
     let echo = Echo {
         id: identifier(),
@@ -93,9 +94,31 @@ pub async fn probe(
     );
 
     out.stage = Stage::Exchange;
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Creating ICMP packet",
+        socket = match socket.framing {
+            Framing::Datagram => "datagram (unprivileged)",
+            Framing::RawV4 | Framing::RawV6 => "raw",
+        },
+        id = echo.id,
+        seq = echo.seq,
+        payload_bytes = echo.data.len()
+    );
     let rtt = Instant::now();
+    crate::probe_log!(out.log, Debug, "Writing out packet", ip = ip);
     socket.send(&request, ip).await?;
+    crate::probe_log!(out.log, Debug, "Waiting for reply packets");
     let hop_limit = socket.reply(&echo, ip).await?;
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Found matching reply packet",
+        from = ip,
+        rtt_seconds = rtt.elapsed().as_secs_f64(),
+        hop_limit = hop_limit.map(|h| h.to_string()).unwrap_or_default()
+    );
     out.add_with(
         "probe_icmp_duration_seconds",
         &[("phase", "rtt")],

@@ -75,6 +75,12 @@ async fn query_responses(
 ) -> Result<(), Failure> {
     let mut conn = BufReader::with_capacity(8 * 1024, io);
     for (i, step) in steps.iter().enumerate() {
+        crate::probe_log!(
+            out.log,
+            Debug,
+            "Processing query response entry",
+            entry_number = i
+        );
         let mut send = step.send.clone().unwrap_or_default().into_bytes();
         if let Some(pattern) = &step.expect {
             let re = ctx.regex(pattern).because(Reason::Config)?;
@@ -91,8 +97,20 @@ async fn query_responses(
                             ),
                         ));
                     }
-                    Some(line) if re.is_match(&line) => break line,
-                    Some(_) => {}
+                    Some(line) => {
+                        let matched = re.is_match(&line);
+                        crate::probe_log!(
+                            out.log,
+                            Debug,
+                            "Read line",
+                            line = String::from_utf8_lossy(&line),
+                            regexp = pattern,
+                            matched = matched
+                        );
+                        if matched {
+                            break line;
+                        }
+                    }
                 }
             };
             out.set("probe_failed_due_to_regex", 0.0);
@@ -131,6 +149,14 @@ async fn query_responses(
                     ),
                 )
             })?;
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Read bytes",
+                bytes = String::from_utf8_lossy(&got),
+                expected = want,
+                matched = got == want.as_bytes()
+            );
             if got != want.as_bytes() {
                 out.set("probe_failed_due_to_bytes", 1.0);
                 return Err(Failure::new(
@@ -144,6 +170,12 @@ async fn query_responses(
             out.set("probe_failed_due_to_bytes", 0.0);
         }
         if !send.is_empty() {
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Sending line",
+                line = String::from_utf8_lossy(&send)
+            );
             send.push(b'\n');
             let sent = match conn.write_all(&send).await {
                 Ok(()) => conn.flush().await,
@@ -165,6 +197,7 @@ async fn query_responses(
             })?;
             // Whatever the peer sent after its "go ahead" line and before the handshake
             // is dropped, as Go's tls.Client over the raw connection does.
+            crate::probe_log!(out.log, Debug, "Upgrading the connection to TLS (starttls)");
             let raw = conn.into_inner();
             let stream = client.handshake(ctx, server_name, raw, out).await?;
             TlsFacts::read(ctx, stream.get_ref().1, client).record(out, false);
