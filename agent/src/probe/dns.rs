@@ -201,7 +201,7 @@ pub(crate) fn read_reply(
                 crate::probe_log!(
                     out.log,
                     Debug,
-                    "Record",
+                    "Got record",
                     section = section,
                     rr = rr_string(record)
                 );
@@ -1011,6 +1011,36 @@ mod tests {
                 let _ = Message::from_vec(&r);
             }
             let _ = Message::from_vec(&reply[..i]);
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_dns_debug_log_tells_the_query_and_the_answer() {
+        use crate::probe::test_support::{assert_log_has, run_with_log};
+        for (server, transport) in [(udp_server().await, "udp"), (tcp_server().await, "tcp")] {
+            let m = dns_module(serde_json::json!({
+                "query_name": "a.test", "query_type": "A", "transport_protocol": transport,
+                "validate_answer_rrs": {"fail_if_not_matches_regexp": ["192.0.2.1$"]},
+            }));
+            let (o, log) = run_with_log(&server.to_string(), &m).await;
+            assert_eq!(o.failure_reason, Some(crate::probe::Reason::Regex), "{log}");
+            assert_log_has(
+                &log,
+                &[
+                    "msg=\"Beginning probe\" probe=dns",
+                    &format!(
+                        "msg=\"Making DNS query\" server={server} transport={transport} query_name=a.test query_type=A recursion_desired=true"
+                    ),
+                    "msg=\"Got DNS response\" rcode=NOERROR valid=true answer_rrs=2",
+                    "msg=\"Got record\" section=answer rr=\"a.test.",
+                    "192.0.2.1",
+                    "msg=\"Validated the records against the regular expressions\" section=answer records=2 ok=false err=\"dns: answer record did not match",
+                    "level=error msg=\"Probe failed\" reason=regex",
+                ],
+            );
+            if transport == "tcp" {
+                assert!(log.contains("msg=\"Successfully dialed\""), "{log}");
+            }
         }
     }
 }

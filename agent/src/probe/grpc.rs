@@ -462,4 +462,36 @@ mod tests {
         assert!(host_port("http://", false).is_err());
         assert!(host_port("[::1", false).is_err());
     }
+
+    #[tokio::test]
+    async fn probe_grpc_debug_log_tells_the_health_check() {
+        let addr = health_server().await;
+        let (o, log) = run_with_log(
+            &addr.to_string(),
+            &grpc(serde_json::json!({"service": "down"})),
+        )
+        .await;
+        assert_eq!(
+            o.failure_reason,
+            Some(crate::probe::Reason::GrpcStatus),
+            "{log}"
+        );
+        assert_log_has(
+            &log,
+            &[
+                "msg=\"Beginning probe\" probe=grpc",
+                "msg=\"Successfully dialed\"",
+                &format!("msg=\"Sending the gRPC health check\" authority={addr} service=down"),
+                "msg=\"Got the gRPC health check answer\" grpc_status=Ok serving_status=NOT_SERVING",
+                "level=error msg=\"Probe failed\" reason=grpc_status",
+            ],
+        );
+        let (o, log) = run_with_log(
+            &addr.to_string(),
+            &grpc(serde_json::json!({"service": "up"})),
+        )
+        .await;
+        assert!(o.success, "{log}");
+        assert!(log.contains("serving_status=SERVING"), "{log}");
+    }
 }

@@ -622,4 +622,34 @@ mod tests {
         );
         let _ = module(Prober::Icmp);
     }
+
+    #[tokio::test]
+    async fn probe_icmp_debug_log_tells_the_echo_and_its_reply() {
+        let m = icmp(serde_json::json!({"preferred_ip_protocol": "ip4"}));
+        let (o, log) = run_with_log("localhost", &m).await;
+        if o.failure_reason == Some(Reason::Config) {
+            // Neither socket kind is open to this test process (see the loopback test).
+            assert!(
+                log.contains("level=error msg=\"Probe failed\" reason=config"),
+                "{log}"
+            );
+            return;
+        }
+        assert!(o.success, "{:?}\n{log}", o.failure);
+        assert_log_has(
+            &log,
+            &[
+                "msg=\"Beginning probe\" probe=icmp",
+                "msg=\"Resolving target address\" target=localhost ip_protocol=ip4",
+                "msg=\"Resolved target address\" target=localhost ip=127.0.0.1",
+                "msg=\"Creating socket\" ip=127.0.0.1",
+                "msg=\"Creating ICMP packet\" socket=",
+                "msg=\"Writing out packet\" ip=127.0.0.1",
+                "msg=\"Waiting for reply packets\"",
+                "msg=\"Found matching reply packet\" from=127.0.0.1 rtt_seconds=",
+                "hop_limit=64",
+                "level=info msg=\"Probe succeeded\"",
+            ],
+        );
+    }
 }

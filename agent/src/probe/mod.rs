@@ -592,17 +592,19 @@ pub(crate) async fn resolve_target(
         Some(ip) => ip,
         None => {
             out.stage = Stage::Resolve;
-            crate::probe_log!(
-                out.log,
-                Debug,
-                "Resolving target address",
-                target = host,
-                ip_protocol = if preferred == IpProtocol::Ip4 {
-                    "ip4"
-                } else {
-                    "ip6"
-                }
-            );
+            if bare_host(host).parse::<IpAddr>().is_err() {
+                crate::probe_log!(
+                    out.log,
+                    Debug,
+                    "Resolving target address",
+                    target = host,
+                    ip_protocol = if preferred == IpProtocol::Ip4 {
+                        "ip4"
+                    } else {
+                        "ip6"
+                    }
+                );
+            }
             let started = Instant::now();
             let resolved = resolve_all(env, host, preferred, fallback).await;
             let lookup = started.elapsed();

@@ -685,4 +685,41 @@ mod tests {
         let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         assert!(accepted.is_err(), "the probe connected despite the policy");
     }
+
+    #[tokio::test]
+    async fn probe_tcp_debug_log_tells_each_query_response_step() {
+        let pki = test_pki();
+        let addr = line_server(&pki).await;
+        let mut m = qr_module(serde_json::json!({"query_response": [
+            {"expect": "^\\* OK (?P<name>[a-z]+)-(\\d+) ready$", "send": "PING ${name}"},
+            {"expect": "^PONG line$", "send": "STARTTLS"},
+            {"expect": "^GO$", "starttls": true},
+            {"expect": "^\\* OK secure$", "send": "BIN"},
+            {"expect_bytes": "\u{0}\u{1}OTHER"},
+        ]}));
+        m.tcp.tls_config.insecure_skip_verify = true;
+        let (o, log) = run_with_log(&addr.to_string(), &m).await;
+        assert_eq!(o.failure_reason, Some(Reason::Bytes), "{log}");
+        assert_log_has(
+            &log,
+            &[
+                "msg=\"Beginning probe\" probe=tcp",
+                "msg=\"Successfully dialed\"",
+                "msg=\"Processing query response entry\" entry_number=0",
+                "msg=\"Read line\" line=\"noise before the greeting\" regexp=",
+                "matched=false",
+                "msg=\"Read line\" line=\"* OK line-7 ready\"",
+                "matched=true",
+                "msg=\"Sending line\" line=\"PING line\"",
+                "msg=\"Processing query response entry\" entry_number=1",
+                "msg=\"Read line\" line=\"PONG line\"",
+                "msg=\"Upgrading the connection to TLS (starttls)\"",
+                "msg=\"TLS handshake done\" version=TLSv1_3",
+                "msg=\"Read line\" line=\"* OK secure\"",
+                "msg=\"Processing query response entry\" entry_number=4",
+                "msg=\"Read bytes\" bytes=\"\\u{0}\\u{1}SONDE\" expected=\"\\u{0}\\u{1}OTHER\" matched=false",
+                "level=error msg=\"Probe failed\" reason=bytes",
+            ],
+        );
+    }
 }

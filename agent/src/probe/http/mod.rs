@@ -533,13 +533,14 @@ impl Session<'_> {
                     && self.cfg.fail_if_body_not_matches_regexp.is_empty());
             let (body, error) =
                 read_body(resp.into_body(), self.cfg, self.algorithm, keep, out).await;
-            crate::probe_log!(
-                out.log,
-                Debug,
-                "Read the body",
-                truncated = body.truncated,
-                err = error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
-            );
+            match &error {
+                None => {
+                    crate::probe_log!(out.log, Debug, "Read the body", truncated = body.truncated)
+                }
+                Some(e) => {
+                    crate::probe_log!(out.log, Error, "Reading the body failed", err = e.message)
+                }
+            }
             last.body = Some(body);
             last.body_error = error;
         }
