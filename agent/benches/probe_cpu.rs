@@ -12,7 +12,7 @@
 //!
 //! Run: `cargo bench -p sonde-agent --bench probe_cpu` (optionally `-- 5000` probes).
 
-use sonde_agent::probe::{ProbeContext, run};
+use sonde_agent::probe::{ProbeContext, ProbeLog, run, run_logged};
 use sonde_proto::config::Module;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,8 +110,15 @@ fn main() {
                 format!("https://{https}/"),
             ),
         ];
+        let debugged = [cases[0].clone(), cases[3].clone()];
         for (name, module, target) in cases {
-            let (cpu, wall) = measure(&ctx, &module, &target, probes).await;
+            let (cpu, wall) = measure(&ctx, &module, &target, probes, false).await;
+            println!("{name:<34} {cpu:>14.1} {wall:>16.1}");
+        }
+        // What `/probe?debug=true` adds: the step-by-step log, collected and rendered.
+        for (name, module, target) in debugged {
+            let (cpu, wall) = measure(&ctx, &module, &target, probes, true).await;
+            let name = format!("{name}, debug log");
             println!("{name:<34} {cpu:>14.1} {wall:>16.1}");
         }
     });
@@ -121,19 +128,39 @@ fn module(json: &str) -> Module {
     serde_json::from_str(json).expect("module")
 }
 
-/// Mean CPU time and median wall time per probe in µs, after a warm-up.
-async fn measure(ctx: &ProbeContext, module: &Module, target: &str, probes: u32) -> (f64, f64) {
-    for _ in 0..probes / 10 + 1 {
-        let o = run(ctx, target, module, Duration::from_secs(5)).await;
+/// One probe; with `logged`, with its log on and rendered as `/probe?debug=true` does.
+async fn probe_once(ctx: &ProbeContext, module: &Module, target: &str, logged: bool) -> bool {
+    let timeout = Duration::from_secs(5);
+    if !logged {
+        let o = run(ctx, target, module, timeout).await;
         assert!(o.success, "{target}: {:?}", o.failure);
+        return o.success;
+    }
+    let o = run_logged(ctx, None, target, module, timeout, ProbeLog::on()).await;
+    let mut text = String::new();
+    o.log
+        .render(&[("module", "bench"), ("target", target)], &mut text);
+    assert!(o.success && !text.is_empty(), "{target}: {:?}", o.failure);
+    o.success
+}
+
+/// Mean CPU time and median wall time per probe in µs, after a warm-up.
+async fn measure(
+    ctx: &ProbeContext,
+    module: &Module,
+    target: &str,
+    probes: u32,
+    logged: bool,
+) -> (f64, f64) {
+    for _ in 0..probes / 10 + 1 {
+        probe_once(ctx, module, target, logged).await;
     }
     let mut walls = Vec::with_capacity(probes as usize);
     let cpu0 = thread_cpu();
     for _ in 0..probes {
         let started = Instant::now();
-        let o = run(ctx, target, module, Duration::from_secs(5)).await;
+        probe_once(ctx, module, target, logged).await;
         walls.push(started.elapsed());
-        assert!(o.success, "{target}: {:?}", o.failure);
     }
     let cpu = thread_cpu() - cpu0;
     walls.sort();

@@ -15,6 +15,7 @@ pub mod config;
 pub mod metrics;
 pub mod one_connection;
 pub mod probe;
+pub mod probe_logs;
 pub mod record;
 pub mod runtime;
 pub mod schedule;

@@ -207,6 +207,8 @@ pub struct Scheduler {
     /// on the probe (module, interval, timeout, retries), or a local job has the same
     /// job and instance as an assigned check.
     running: Mutex<Running>,
+    /// The last probes of each target, for `/logs`.
+    pub logs: Arc<crate::probe_logs::ProbeLogs>,
 }
 
 #[derive(Default)]
@@ -258,6 +260,7 @@ impl Scheduler {
             catch_up: CatchUp::default(),
             assigned_policy: Arc::new(RwLock::new(Arc::new(ConnectRules::assigned_default()))),
             running: Mutex::new(Running::default()),
+            logs: Arc::default(),
         })
     }
 
@@ -311,6 +314,7 @@ impl Scheduler {
             let check = Check {
                 ctx: self.ctx.clone(),
                 buffer: self.buffer.clone(),
+                logs: self.logs.clone(),
                 metrics: self.metrics.clone(),
                 counts: self.metrics.probe_counts(&spec.job, &spec.instance),
                 limit: self.limit.clone(),
@@ -525,6 +529,7 @@ pub fn unix_ms(t: SystemTime) -> i64 {
 struct Check {
     ctx: Arc<ProbeContext>,
     buffer: Arc<Buffer>,
+    logs: Arc<crate::probe_logs::ProbeLogs>,
     metrics: Arc<AgentMetrics>,
     /// This target's `sonde_agent_probes_total`, looked up once.
     counts: Arc<ProbeCounts>,
@@ -627,6 +632,16 @@ impl Check {
             // while its probe ran has nobody left to take it: the result is neither kept
             // nor counted, so that `sonde_agent_probes_total` stays the number of results
             // the aggregators see.
+            self.logs.keep_outcome(
+                &spec.instance,
+                &spec.module_name,
+                &spec.module,
+                crate::probe_logs::Origin::Check {
+                    job: spec.job.clone(),
+                },
+                started_at,
+                &outcome,
+            );
             let route = lock(&self.route).clone();
             if !route.is_empty() {
                 self.counts.ran(outcome.success);

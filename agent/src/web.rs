@@ -1,9 +1,11 @@
-//! The agent's HTTP endpoints: `/metrics`, `/-/healthy`, `/-/ready`, and the
-//! blackbox_exporter-compatible `/probe` when `probe_endpoint.enabled` is set.
+//! The agent's HTTP endpoints: `/metrics`, `/-/healthy`, `/-/ready`, the
+//! blackbox_exporter-compatible `/probe` when `probe_endpoint.enabled` is set, and
+//! blackbox_exporter's `/logs` (the last probes' debug output, [`crate::probe_logs`]).
 
 use crate::config::AgentConfig;
 use crate::probe;
 use crate::probe::policy::{BadPattern, ConnectRules};
+use crate::probe_logs::Origin;
 use crate::runtime::AgentRuntime;
 use axum::Router;
 use axum::extract::{FromRef, Request, State};
@@ -24,6 +26,7 @@ pub fn router(agent: Arc<AgentRuntime>) -> Router {
         .route("/-/healthy", get(|| async { "Healthy.\n" }))
         .route("/-/ready", get(ready))
         .route("/probe", get(probe_handler))
+        .route("/logs", get(logs_handler))
         .with_state(WebState {
             agent,
             allowlists: Arc::default(),
@@ -121,7 +124,12 @@ async fn index(State(agent): State<Arc<AgentRuntime>>) -> impl IntoResponse {
             source, check.job, check.instance, check.module_name, check.interval
         ));
     }
-    text.push_str("\nEndpoints: /metrics /probe /-/healthy /-/ready\n");
+    text.push_str("\nRecent probes (their debug output at /logs?id=N or /logs?target=T):\n");
+    for probe in agent.scheduler.logs.list().iter().take(RECENT_ON_INDEX) {
+        text.push_str(&crate::probe_logs::summary_line(probe));
+        text.push('\n');
+    }
+    text.push_str("\nEndpoints: /metrics /probe /logs /-/healthy /-/ready\n");
     text
 }
 
@@ -288,12 +296,19 @@ async fn probe_handler(State(web): State<WebState>, request: Request) -> Respons
         module,
         settings.max_timeout.0,
     );
-    let outcome = probe::run_with_policy(
+    let debug = params.debug.as_deref() == Some("true");
+    let started_at = std::time::SystemTime::now();
+    let outcome = probe::run_logged(
         &agent.probe_context,
         Some(allowlist),
         target,
         module,
         timeout,
+        if debug {
+            probe::ProbeLog::on()
+        } else {
+            probe::ProbeLog::default()
+        },
     )
     .await;
     if outcome.failure_reason == Some(probe::Reason::RefusedByPolicy) {
@@ -308,18 +323,34 @@ async fn probe_handler(State(web): State<WebState>, request: Request) -> Respons
         )
             .into_response();
     }
-    let debug = params.debug.as_deref() == Some("true");
-    let body = exposition(&outcome.samples);
+    let logs = &agent.scheduler.logs;
     if debug {
-        let log = match &outcome.failure {
-            Some(f) => format!("Probe failed: {f}\n"),
-            None => "Probe succeeded\n".to_string(),
-        };
-        return format!(
-            "Logs for the probe:\n{log}\n\nMetrics that would have been returned:\n{body}"
-        )
-        .into_response();
+        let text = crate::probe_logs::debug_output(
+            &outcome.log,
+            module_name,
+            target,
+            &outcome.samples,
+            module,
+        );
+        logs.keep_rendered(
+            target,
+            module_name,
+            Origin::ProbeEndpoint,
+            started_at,
+            outcome.success,
+            text.clone(),
+        );
+        return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
     }
+    logs.keep_outcome(
+        target,
+        module_name,
+        &Arc::new(module.clone()),
+        Origin::ProbeEndpoint,
+        started_at,
+        &outcome,
+    );
+    let body = exposition(&outcome.samples);
     (
         [(header::CONTENT_TYPE, Format::PrometheusText.content_type())],
         body,
@@ -327,10 +358,67 @@ async fn probe_handler(State(web): State<WebState>, request: Request) -> Respons
         .into_response()
 }
 
+/// Probes listed on the index page.
+const RECENT_ON_INDEX: usize = 50;
+
+/// blackbox_exporter's `/logs`: the debug output of a kept probe, by `id`, or the
+/// newest of `target` (of `module`, when given).
+async fn logs_handler(State(agent): State<Arc<AgentRuntime>>, request: Request) -> Response {
+    let mut id = None;
+    let mut target = None;
+    let mut module = None;
+    for (name, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+    {
+        match &*name {
+            "id" => id = Some(value.into_owned()),
+            "target" => target = Some(value.into_owned()),
+            "module" => module = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let logs = &agent.scheduler.logs;
+    let found = match (id, target) {
+        (Some(id), _) => match id.parse::<u64>() {
+            Ok(id) => logs.by_id(id).ok_or_else(|| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("Probe id {id} not found: it was never run or has been dropped (the agent keeps the last {} probes per target); see / for the ids kept\n", crate::probe_logs::PER_TARGET),
+                )
+            }),
+            Err(_) => Err((
+                StatusCode::BAD_REQUEST,
+                format!("Invalid probe id {id:?}: expected a number from the list at /\n"),
+            )),
+        },
+        (None, Some(target)) => logs.latest(&target, module.as_deref()).ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "Probe target {target:?}{} not found: no probe of it has run since the agent started, or its logs were dropped; see / for what is kept\n",
+                    module.as_deref().map(|m| format!(" with module {m:?}")).unwrap_or_default()
+                ),
+            )
+        }),
+        (None, None) => Err((
+            StatusCode::BAD_REQUEST,
+            "Give a probe id (/logs?id=N) or a target (/logs?target=T, optionally &module=M)\n"
+                .to_string(),
+        )),
+    };
+    match found {
+        Ok(probe) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            probe.debug_output(),
+        )
+            .into_response(),
+        Err(answer) => answer.into_response(),
+    }
+}
+
 /// The samples of a probe in the Prometheus text format, as blackbox_exporter's registry
 /// writes them: one family per metric name, in the order the names first appear, each a
 /// gauge with blackbox_exporter's HELP text.
-fn exposition(samples: &[probe::Sample]) -> String {
+pub(crate) fn exposition(samples: &[probe::Sample]) -> String {
     // A family's HELP and TYPE lines and a sample take some 150 bytes.
     let mut out = String::with_capacity(160 * samples.len());
     for (i, first) in samples.iter().enumerate() {

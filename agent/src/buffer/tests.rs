@@ -589,6 +589,7 @@ fn outcome() -> ProbeOutcome {
         failure: None,
         failure_reason: None,
         trace: None,
+        log: Default::default(),
     }
 }
 

@@ -88,6 +88,20 @@ pub async fn probe(
 
     let server = SocketAddr::new(ip, port);
     ctx.allow(host, server)?;
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Making DNS query",
+        server = server,
+        transport = match (cfg.transport_protocol, cfg.dns_over_tls) {
+            (DnsTransport::Udp, _) => "udp",
+            (DnsTransport::Tcp, false) => "tcp",
+            (DnsTransport::Tcp, true) => "tls",
+        },
+        query_name = cfg.query_name,
+        query_type = cfg.query_type,
+        recursion_desired = cfg.recursion_desired
+    );
     let reply = match (cfg.transport_protocol, &tls) {
         (DnsTransport::Udp, _) => exchange_udp(server, source, &query, out).await?,
         (DnsTransport::Tcp, None) => {
@@ -165,6 +179,35 @@ pub(crate) fn read_reply(
     }
 
     let rcode = u16::from(message.metadata.response_code);
+    if out.log.is_on() {
+        crate::probe_log!(
+            out.log,
+            Debug,
+            "Got DNS response",
+            rcode = dns_rcode_name(rcode)
+                .map(str::to_string)
+                .unwrap_or_else(|| rcode.to_string()),
+            valid = valid_rcodes.contains(&rcode),
+            answer_rrs = message.answers.len(),
+            authority_rrs = message.authorities.len(),
+            additional_rrs = message.additionals.len()
+        );
+        for (section, records) in [
+            ("answer", &message.answers),
+            ("authority", &message.authorities),
+            ("additional", &message.additionals),
+        ] {
+            for record in records.iter() {
+                crate::probe_log!(
+                    out.log,
+                    Debug,
+                    "Got record",
+                    section = section,
+                    rr = rr_string(record)
+                );
+            }
+        }
+    }
     if !valid_rcodes.contains(&rcode) {
         let name = dns_rcode_name(rcode)
             .map(str::to_string)
@@ -193,7 +236,21 @@ pub(crate) fn read_reply(
     ] {
         if !validator.is_empty() {
             let lines: Vec<String> = records.iter().map(rr_string).collect();
-            check_records(ctx, section, &lines, validator)?;
+            let checked = check_records(ctx, section, &lines, validator);
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Validated the records against the regular expressions",
+                section = section,
+                records = lines.len(),
+                ok = checked.is_ok(),
+                err = checked
+                    .as_ref()
+                    .err()
+                    .map(|f| f.message.as_str())
+                    .unwrap_or("")
+            );
+            checked?;
         }
     }
     Ok(())
@@ -954,6 +1011,36 @@ mod tests {
                 let _ = Message::from_vec(&r);
             }
             let _ = Message::from_vec(&reply[..i]);
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_dns_debug_log_tells_the_query_and_the_answer() {
+        use crate::probe::test_support::{assert_log_has, run_with_log};
+        for (server, transport) in [(udp_server().await, "udp"), (tcp_server().await, "tcp")] {
+            let m = dns_module(serde_json::json!({
+                "query_name": "a.test", "query_type": "A", "transport_protocol": transport,
+                "validate_answer_rrs": {"fail_if_not_matches_regexp": ["192.0.2.1$"]},
+            }));
+            let (o, log) = run_with_log(&server.to_string(), &m).await;
+            assert_eq!(o.failure_reason, Some(crate::probe::Reason::Regex), "{log}");
+            assert_log_has(
+                &log,
+                &[
+                    "msg=\"Beginning probe\" probe=dns",
+                    &format!(
+                        "msg=\"Making DNS query\" server={server} transport={transport} query_name=a.test query_type=A recursion_desired=true"
+                    ),
+                    "msg=\"Got DNS response\" rcode=NOERROR valid=true answer_rrs=2",
+                    "msg=\"Got record\" section=answer rr=\"a.test.",
+                    "192.0.2.1",
+                    "msg=\"Validated the records against the regular expressions\" section=answer records=2 ok=false err=\"dns: answer record did not match",
+                    "level=error msg=\"Probe failed\" reason=regex",
+                ],
+            );
+            if transport == "tcp" {
+                assert!(log.contains("msg=\"Successfully dialed\""), "{log}");
+            }
         }
     }
 }

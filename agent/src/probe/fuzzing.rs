@@ -61,7 +61,7 @@ pub fn http_body<'a>(
         policy: None,
         pinned: None,
     };
-    let regex = body_regex_failure(&env, cfg, &read)
+    let regex = body_regex_failure(&env, cfg, &read, &mut super::ProbeLog::default())
         .map(|found| found.map(|(why, _)| why))
         .because(Reason::Config);
     Ok(BodyOutcome {

@@ -110,6 +110,18 @@ pub async fn probe(
         );
     }
     out.set("probe_grpc_status_code", f64::from(code as i32));
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Got the gRPC health check answer",
+        grpc_status = format!("{code:?}"),
+        serving_status = status.unwrap_or(""),
+        err = answer
+            .as_ref()
+            .err()
+            .map(|e| e.failure.message.as_str())
+            .unwrap_or("")
+    );
     match answer {
         Ok(answer) => {
             // As blackbox_exporter: the connection counts as TLS once the server answered
@@ -201,6 +213,13 @@ async fn check(
             ))
         })?;
     let mut client = HealthClient::new(channel).max_decoding_message_size(MAX_ANSWER);
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Sending the gRPC health check",
+        authority = authority,
+        service = service
+    );
     let request = HealthCheckRequest {
         service: service.to_string(),
     };
@@ -442,5 +461,37 @@ mod tests {
         assert!(host_port("a.example:http", false).is_err());
         assert!(host_port("http://", false).is_err());
         assert!(host_port("[::1", false).is_err());
+    }
+
+    #[tokio::test]
+    async fn probe_grpc_debug_log_tells_the_health_check() {
+        let addr = health_server().await;
+        let (o, log) = run_with_log(
+            &addr.to_string(),
+            &grpc(serde_json::json!({"service": "down"})),
+        )
+        .await;
+        assert_eq!(
+            o.failure_reason,
+            Some(crate::probe::Reason::GrpcStatus),
+            "{log}"
+        );
+        assert_log_has(
+            &log,
+            &[
+                "msg=\"Beginning probe\" probe=grpc",
+                "msg=\"Successfully dialed\"",
+                &format!("msg=\"Sending the gRPC health check\" authority={addr} service=down"),
+                "msg=\"Got the gRPC health check answer\" grpc_status=Ok serving_status=NOT_SERVING",
+                "level=error msg=\"Probe failed\" reason=grpc_status",
+            ],
+        );
+        let (o, log) = run_with_log(
+            &addr.to_string(),
+            &grpc(serde_json::json!({"service": "up"})),
+        )
+        .await;
+        assert!(o.success, "{log}");
+        assert!(log.contains("serving_status=SERVING"), "{log}");
     }
 }

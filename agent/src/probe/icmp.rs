@@ -79,6 +79,7 @@ pub async fn probe(
     ctx.allow(host, SocketAddr::new(ip, 0))?;
 
     let setup = Instant::now();
+    crate::probe_log!(out.log, Debug, "Creating socket", ip = ip);
     let socket = IcmpSocket::open(ip, source, cfg)?;
     let echo = Echo {
         id: identifier(),
@@ -93,9 +94,31 @@ pub async fn probe(
     );
 
     out.stage = Stage::Exchange;
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Creating ICMP packet",
+        socket = match socket.framing {
+            Framing::Datagram => "datagram (unprivileged)",
+            Framing::RawV4 | Framing::RawV6 => "raw",
+        },
+        id = echo.id,
+        seq = echo.seq,
+        payload_bytes = echo.data.len()
+    );
     let rtt = Instant::now();
+    crate::probe_log!(out.log, Debug, "Writing out packet", ip = ip);
     socket.send(&request, ip).await?;
+    crate::probe_log!(out.log, Debug, "Waiting for reply packets");
     let hop_limit = socket.reply(&echo, ip).await?;
+    crate::probe_log!(
+        out.log,
+        Debug,
+        "Found matching reply packet",
+        from = ip,
+        rtt_seconds = rtt.elapsed().as_secs_f64(),
+        hop_limit = hop_limit.map(|h| h.to_string()).unwrap_or_default()
+    );
     out.add_with(
         "probe_icmp_duration_seconds",
         &[("phase", "rtt")],
@@ -598,5 +621,35 @@ mod tests {
                 .contains("icmp.payload_size")
         );
         let _ = module(Prober::Icmp);
+    }
+
+    #[tokio::test]
+    async fn probe_icmp_debug_log_tells_the_echo_and_its_reply() {
+        let m = icmp(serde_json::json!({"preferred_ip_protocol": "ip4"}));
+        let (o, log) = run_with_log("localhost", &m).await;
+        if o.failure_reason == Some(Reason::Config) {
+            // Neither socket kind is open to this test process (see the loopback test).
+            assert!(
+                log.contains("level=error msg=\"Probe failed\" reason=config"),
+                "{log}"
+            );
+            return;
+        }
+        assert!(o.success, "{:?}\n{log}", o.failure);
+        assert_log_has(
+            &log,
+            &[
+                "msg=\"Beginning probe\" probe=icmp",
+                "msg=\"Resolving target address\" target=localhost ip_protocol=ip4",
+                "msg=\"Resolved target address\" target=localhost ip=127.0.0.1",
+                "msg=\"Creating socket\" ip=127.0.0.1",
+                "msg=\"Creating ICMP packet\" socket=",
+                "msg=\"Writing out packet\" ip=127.0.0.1",
+                "msg=\"Waiting for reply packets\"",
+                "msg=\"Found matching reply packet\" from=127.0.0.1 rtt_seconds=",
+                "hop_limit=64",
+                "level=info msg=\"Probe succeeded\"",
+            ],
+        );
     }
 }

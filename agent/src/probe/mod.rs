@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod icmp;
+pub mod log;
 pub(crate) mod net;
 pub(crate) mod per_address;
 pub mod policy;
@@ -25,6 +26,7 @@ pub(crate) mod tls_samples;
 pub mod traceroute;
 pub(crate) mod x509;
 
+pub use log::ProbeLog;
 pub use policy::{ConnectPolicy, Refusal};
 use sonde_proto::config::module::IpProtocol;
 use sonde_proto::config::{Module, Prober};
@@ -54,6 +56,8 @@ pub struct Samples {
     /// sent with the result when the probe fails. Secret-free: probers add addresses,
     /// outcomes and a few body bytes, never headers, URLs or credentials.
     pub trace: Trace,
+    /// The step-by-step log, on for `/probe?debug=true` only ([`log`]).
+    pub log: ProbeLog,
 }
 
 /// The step a probe is in, for classifying a timeout.
@@ -228,6 +232,20 @@ fn refused(why: Refusal) -> Failure {
 }
 
 impl Samples {
+    /// Samples for a probe whose log is `log`.
+    pub fn with_log(log: ProbeLog) -> Self {
+        Self {
+            log,
+            ..Self::default()
+        }
+    }
+
+    /// Records a step in the failure trace and, when the log is on, logs it.
+    pub fn note(&mut self, step: Step) {
+        self.log.step(&step);
+        self.trace.push(step);
+    }
+
     pub fn gauge(&mut self, name: &'static str, value: f64) {
         self.items.push(Sample {
             name,
@@ -414,6 +432,8 @@ pub struct ProbeOutcome {
     pub failure_reason: Option<Reason>,
     /// What the probe saw, when it failed.
     pub trace: Option<Trace>,
+    /// The step-by-step log, when the probe ran with it on ([`run_logged`]).
+    pub log: ProbeLog,
 }
 
 /// Runs one probe of `target` with `module`, bounded by `timeout`.
@@ -434,6 +454,26 @@ pub async fn run_with_policy(
     module: &Module,
     timeout: Duration,
 ) -> ProbeOutcome {
+    run_logged(ctx, policy, target, module, timeout, ProbeLog::default()).await
+}
+
+/// [`run_with_policy`] writing the probe's step-by-step log to `log` (when it is on),
+/// from "Beginning probe" to "Probe succeeded" or "Probe failed".
+pub async fn run_logged(
+    ctx: &ProbeContext,
+    policy: Option<&dyn ConnectPolicy>,
+    target: &str,
+    module: &Module,
+    timeout: Duration,
+    mut log: ProbeLog,
+) -> ProbeOutcome {
+    crate::probe_log!(
+        log,
+        Info,
+        "Beginning probe",
+        probe = module.prober.as_str(),
+        timeout_seconds = timeout.as_secs_f64()
+    );
     let env = Env {
         ctx,
         policy,
@@ -442,16 +482,32 @@ pub async fn run_with_policy(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let (mut samples, result) = match &module.per_address {
-        None => probe_once(&env, target, module, deadline, timeout).await,
-        Some(per) => per_address::probe(&env, target, module, per, deadline, timeout).await,
+        None => probe_once(&env, target, module, deadline, timeout, log).await,
+        Some(per) => per_address::probe(&env, target, module, per, deadline, timeout, log).await,
     };
     let duration = started.elapsed();
     let success = result.is_ok();
     samples.set("probe_success", if success { 1.0 } else { 0.0 });
     samples.set("probe_duration_seconds", duration.as_secs_f64());
     let (failure, failure_reason) = match result {
-        Ok(()) => (None, None),
+        Ok(()) => {
+            crate::probe_log!(
+                samples.log,
+                Info,
+                "Probe succeeded",
+                duration_seconds = duration.as_secs_f64()
+            );
+            (None, None)
+        }
         Err(f) => {
+            crate::probe_log!(
+                samples.log,
+                Error,
+                "Probe failed",
+                reason = f.reason.as_str(),
+                err = f.message,
+                duration_seconds = duration.as_secs_f64()
+            );
             samples.gauge_with("probe_failure_info", &[("reason", f.reason.as_str())], 1.0);
             (Some(f.message), Some(f.reason))
         }
@@ -463,6 +519,7 @@ pub async fn run_with_policy(
         failure,
         failure_reason,
         trace: (!success && !samples.trace.is_empty()).then_some(samples.trace),
+        log: samples.log,
     }
 }
 
@@ -475,8 +532,9 @@ pub(crate) async fn probe_once(
     module: &Module,
     deadline: tokio::time::Instant,
     timeout: Duration,
+    log: ProbeLog,
 ) -> (Samples, Result<(), Failure>) {
-    let mut samples = Samples::default();
+    let mut samples = Samples::with_log(log);
     let probe = async {
         match module.prober {
             Prober::Http => http::probe(env, target, module, &mut samples).await,
@@ -501,7 +559,7 @@ pub(crate) fn timed_out(samples: &mut Samples, after: Duration) -> Failure {
         Stage::Start => (Reason::Timeout, "start"),
         Stage::Exchange => (Reason::Timeout, "exchange"),
     };
-    samples.trace.push(Step::Timeout {
+    samples.note(Step::Timeout {
         during: during.to_string(),
     });
     Failure::new(
@@ -534,6 +592,19 @@ pub(crate) async fn resolve_target(
         Some(ip) => ip,
         None => {
             out.stage = Stage::Resolve;
+            if bare_host(host).parse::<IpAddr>().is_err() {
+                crate::probe_log!(
+                    out.log,
+                    Debug,
+                    "Resolving target address",
+                    target = host,
+                    ip_protocol = if preferred == IpProtocol::Ip4 {
+                        "ip4"
+                    } else {
+                        "ip6"
+                    }
+                );
+            }
             let started = Instant::now();
             let resolved = resolve_all(env, host, preferred, fallback).await;
             let lookup = started.elapsed();
@@ -546,6 +617,7 @@ pub(crate) async fn resolve_target(
             return Ok((ip, lookup));
         }
     };
+    crate::probe_log!(out.log, Debug, "Using the pinned address", ip = ip);
     out.set("probe_ip_protocol", f64::from(ip_version(ip)));
     out.set("probe_ip_addr_hash", f64::from(ip_hash(ip)));
     Ok((ip, Duration::ZERO))
@@ -558,9 +630,15 @@ pub(crate) fn record_answer(
     resolved: &Result<Vec<IpAddr>, ResolveError>,
 ) {
     if bare_host(host).parse::<IpAddr>().is_ok() {
+        crate::probe_log!(
+            out.log,
+            Debug,
+            "Target is an IP address, not resolved",
+            ip = host
+        );
         return;
     }
-    out.trace.push(Step::Dns {
+    out.note(Step::Dns {
         name: bare_host(host).to_string(),
         addresses: resolved.clone().unwrap_or_default(),
         error: resolved.as_ref().err().map(ToString::to_string),

@@ -69,6 +69,7 @@ pub(crate) async fn connect(
         Some("no answer before the deadline".into()),
         0.0,
     ));
+    crate::probe_log!(out.log, Debug, "Dialing TCP", address = addr);
     let started = Instant::now();
     let result = open(addr, source).await;
     let outcome = attempt(
@@ -81,6 +82,7 @@ pub(crate) async fn connect(
         }),
         started.elapsed().as_secs_f64(),
     );
+    out.log.step(&outcome);
     out.trace.replace(slot, outcome);
     result
 }

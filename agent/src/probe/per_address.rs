@@ -4,8 +4,8 @@
 //! alone, so it stays one series per target.
 
 use super::{
-    Env, Failure, Reason, Samples, Stage, dns, grpc, http, probe_once, record_answer, resolve_all,
-    split_host_port, timed_out,
+    Env, Failure, ProbeLog, Reason, Samples, Stage, dns, grpc, http, probe_once, record_answer,
+    resolve_all, split_host_port, timed_out,
 };
 use sonde_proto::config::module::{IpProtocol, PerAddress};
 use sonde_proto::config::{Module, Prober};
@@ -22,8 +22,10 @@ pub(crate) async fn probe(
     per: &PerAddress,
     deadline: tokio::time::Instant,
     timeout: Duration,
+    log: ProbeLog,
 ) -> (Samples, Result<(), Failure>) {
-    let mut out = Samples::default();
+    let logging = log.is_on();
+    let mut out = Samples::with_log(log);
     let (host, preferred, fallback) = match target_host(target, module) {
         Ok(v) => v,
         Err(f) => return (out, Err(f)),
@@ -60,15 +62,22 @@ pub(crate) async fn probe(
             pinned: Some(ip),
         };
         let started = Instant::now();
-        let (samples, result) = probe_once(&pinned, target, module, deadline, timeout).await;
+        let log = if logging {
+            ProbeLog::on()
+        } else {
+            ProbeLog::default()
+        };
+        let (samples, result) = probe_once(&pinned, target, module, deadline, timeout, log).await;
         (ip, samples, result, started.elapsed())
     }))
     .await;
 
     let mut succeeded = 0;
     let mut failures: Vec<(IpAddr, Failure)> = Vec::new();
-    for (ip, samples, result, took) in runs {
+    for (ip, mut samples, result, took) in runs {
         let ip_text = ip.to_string();
+        out.log
+            .append(std::mem::take(&mut samples.log), ("ip", &ip_text));
         for mut s in samples.items {
             s.labels.push(("ip", ip_text.clone()));
             out.items.push(s);

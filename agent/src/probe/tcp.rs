@@ -75,6 +75,12 @@ async fn query_responses(
 ) -> Result<(), Failure> {
     let mut conn = BufReader::with_capacity(8 * 1024, io);
     for (i, step) in steps.iter().enumerate() {
+        crate::probe_log!(
+            out.log,
+            Debug,
+            "Processing query response entry",
+            entry_number = i
+        );
         let mut send = step.send.clone().unwrap_or_default().into_bytes();
         if let Some(pattern) = &step.expect {
             let re = ctx.regex(pattern).because(Reason::Config)?;
@@ -91,8 +97,20 @@ async fn query_responses(
                             ),
                         ));
                     }
-                    Some(line) if re.is_match(&line) => break line,
-                    Some(_) => {}
+                    Some(line) => {
+                        let matched = re.is_match(&line);
+                        crate::probe_log!(
+                            out.log,
+                            Debug,
+                            "Read line",
+                            line = String::from_utf8_lossy(&line),
+                            regexp = pattern,
+                            matched = matched
+                        );
+                        if matched {
+                            break line;
+                        }
+                    }
                 }
             };
             out.set("probe_failed_due_to_regex", 0.0);
@@ -131,6 +149,14 @@ async fn query_responses(
                     ),
                 )
             })?;
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Read bytes",
+                bytes = String::from_utf8_lossy(&got),
+                expected = want,
+                matched = got == want.as_bytes()
+            );
             if got != want.as_bytes() {
                 out.set("probe_failed_due_to_bytes", 1.0);
                 return Err(Failure::new(
@@ -144,6 +170,12 @@ async fn query_responses(
             out.set("probe_failed_due_to_bytes", 0.0);
         }
         if !send.is_empty() {
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Sending line",
+                line = String::from_utf8_lossy(&send)
+            );
             send.push(b'\n');
             let sent = match conn.write_all(&send).await {
                 Ok(()) => conn.flush().await,
@@ -165,6 +197,7 @@ async fn query_responses(
             })?;
             // Whatever the peer sent after its "go ahead" line and before the handshake
             // is dropped, as Go's tls.Client over the raw connection does.
+            crate::probe_log!(out.log, Debug, "Upgrading the connection to TLS (starttls)");
             let raw = conn.into_inner();
             let stream = client.handshake(ctx, server_name, raw, out).await?;
             TlsFacts::read(ctx, stream.get_ref().1, client).record(out, false);
@@ -651,5 +684,42 @@ mod tests {
         // Nothing connected: the listener has no pending connection.
         let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         assert!(accepted.is_err(), "the probe connected despite the policy");
+    }
+
+    #[tokio::test]
+    async fn probe_tcp_debug_log_tells_each_query_response_step() {
+        let pki = test_pki();
+        let addr = line_server(&pki).await;
+        let mut m = qr_module(serde_json::json!({"query_response": [
+            {"expect": "^\\* OK (?P<name>[a-z]+)-(\\d+) ready$", "send": "PING ${name}"},
+            {"expect": "^PONG line$", "send": "STARTTLS"},
+            {"expect": "^GO$", "starttls": true},
+            {"expect": "^\\* OK secure$", "send": "BIN"},
+            {"expect_bytes": "\u{0}\u{1}OTHER"},
+        ]}));
+        m.tcp.tls_config.insecure_skip_verify = true;
+        let (o, log) = run_with_log(&addr.to_string(), &m).await;
+        assert_eq!(o.failure_reason, Some(Reason::Bytes), "{log}");
+        assert_log_has(
+            &log,
+            &[
+                "msg=\"Beginning probe\" probe=tcp",
+                "msg=\"Successfully dialed\"",
+                "msg=\"Processing query response entry\" entry_number=0",
+                "msg=\"Read line\" line=\"noise before the greeting\" regexp=",
+                "matched=false",
+                "msg=\"Read line\" line=\"* OK line-7 ready\"",
+                "matched=true",
+                "msg=\"Sending line\" line=\"PING line\"",
+                "msg=\"Processing query response entry\" entry_number=1",
+                "msg=\"Read line\" line=\"PONG line\"",
+                "msg=\"Upgrading the connection to TLS (starttls)\"",
+                "msg=\"TLS handshake done\" version=TLSv1_3",
+                "msg=\"Read line\" line=\"* OK secure\"",
+                "msg=\"Processing query response entry\" entry_number=4",
+                "msg=\"Read bytes\" bytes=\"\\u{0}\\u{1}SONDE\" expected=\"\\u{0}\\u{1}OTHER\" matched=false",
+                "level=error msg=\"Probe failed\" reason=bytes",
+            ],
+        );
     }
 }

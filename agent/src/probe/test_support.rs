@@ -177,3 +177,31 @@ fn write_temp(name: &str, contents: &str) -> String {
 pub(crate) fn ca_file(pki: &TestPki) -> String {
     write_temp(&format!("ca-{}.pem", rand::random::<u64>()), &pki.ca_pem)
 }
+
+/// Runs one probe with its step-by-step log on; the outcome and the log as text.
+pub(crate) async fn run_with_log(target: &str, module: &Module) -> (ProbeOutcome, String) {
+    let o = crate::probe::run_logged(
+        &ctx(),
+        None,
+        target,
+        module,
+        std::time::Duration::from_secs(5),
+        crate::probe::ProbeLog::on(),
+    )
+    .await;
+    let mut text = String::new();
+    o.log.render(&[], &mut text);
+    (o, text)
+}
+
+/// Asserts that `log` has each of `lines`' fragments, in that order.
+#[track_caller]
+pub(crate) fn assert_log_has(log: &str, lines: &[&str]) {
+    let mut from = 0;
+    for fragment in lines {
+        match log[from..].find(fragment) {
+            Some(at) => from += at + fragment.len(),
+            None => panic!("{fragment:?} missing (in order) from the log:\n{log}"),
+        }
+    }
+}

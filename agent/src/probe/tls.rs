@@ -161,9 +161,32 @@ impl TlsClient {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        crate::probe_log!(out.log, Debug, "Starting TLS handshake", server_name = bare);
         let result = tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(name, stream)
             .await;
+        if out.log.is_on()
+            && let Ok(stream) = &result
+        {
+            let conn = stream.get_ref().1;
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "TLS handshake done",
+                version = conn
+                    .protocol_version()
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown"),
+                cipher = conn
+                    .negotiated_cipher_suite()
+                    .and_then(|c| c.suite().as_str())
+                    .unwrap_or("unknown"),
+                alpn = conn
+                    .alpn_protocol()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+            );
+        }
         result.map_err(|e| {
             let presented = self
                 .presented
@@ -177,7 +200,7 @@ impl TlsClient {
                 Some(tls) => tls.to_string(),
                 None => io_reason(&e),
             };
-            out.trace.push(sonde_proto::trace::Step::Tls {
+            out.note(sonde_proto::trace::Step::Tls {
                 error: error.clone(),
             });
             Failure::new(Reason::Tls, format!("tls: {error}"))

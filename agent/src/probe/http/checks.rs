@@ -3,7 +3,7 @@
 
 use super::body::BodyRead;
 use super::conn::version_name;
-use crate::probe::{BadRegex, Because, Env, Failure, Reason, Samples};
+use crate::probe::{BadRegex, Because, Env, Failure, ProbeLog, Reason, Samples};
 use http::header::{HeaderMap, HeaderValue};
 use http::{StatusCode, Version};
 use sonde_proto::config::module::HttpProbe;
@@ -31,7 +31,20 @@ impl FinalResponse {
         out: &mut Samples,
     ) -> Result<(), Failure> {
         let mut failure: Option<Failure> = None;
-        if !status_ok(cfg, self.status) {
+        let status_valid = status_ok(cfg, self.status);
+        crate::probe_log!(
+            out.log,
+            Debug,
+            "Checked the status code",
+            status_code = self.status.as_u16(),
+            valid = status_valid,
+            wanted = if cfg.valid_status_codes.is_empty() {
+                "2xx".to_string()
+            } else {
+                format!("{:?}", cfg.valid_status_codes)
+            }
+        );
+        if !status_valid {
             failure = Some(Failure::new(
                 Reason::HttpStatus,
                 if cfg.valid_status_codes.is_empty() {
@@ -47,7 +60,8 @@ impl FinalResponse {
         if failure.is_none()
             && let Some(headers) = &self.headers
         {
-            let why = header_regex_failure(ctx, cfg, headers).because(Reason::Config)?;
+            let why =
+                header_regex_failure(ctx, cfg, headers, &mut out.log).because(Reason::Config)?;
             out.set(
                 "probe_failed_due_to_regex",
                 f64::from(u8::from(why.is_some())),
@@ -57,10 +71,10 @@ impl FinalResponse {
         if failure.is_none()
             && let Some(body) = &self.body
             && let Some((why, regexp)) =
-                body_regex_failure(ctx, cfg, body).because(Reason::Config)?
+                body_regex_failure(ctx, cfg, body, &mut out.log).because(Reason::Config)?
         {
             out.set("probe_failed_due_to_regex", 1.0);
-            out.trace.push(Step::Body {
+            out.note(Step::Body {
                 excerpt: body_excerpt(&body.kept),
                 regexp: regexp.to_string(),
             });
@@ -112,6 +126,7 @@ fn header_regex_failure(
     ctx: &Env<'_>,
     cfg: &HttpProbe,
     headers: &HeaderMap,
+    log: &mut ProbeLog,
 ) -> Result<Option<String>, BadRegex> {
     for (spec, fail_on_match) in cfg
         .fail_if_header_matches
@@ -125,6 +140,13 @@ fn header_regex_failure(
             .map(HeaderValue::as_bytes)
             .collect();
         if values.is_empty() {
+            crate::probe_log!(
+                log,
+                Debug,
+                "Header to check is missing",
+                header = spec.header,
+                allow_missing = spec.allow_missing
+            );
             if spec.allow_missing {
                 continue;
             }
@@ -132,6 +154,15 @@ fn header_regex_failure(
         }
         let re = ctx.regex(&spec.regexp)?;
         let any = values.iter().any(|v| re.is_match(v));
+        crate::probe_log!(
+            log,
+            Debug,
+            "Checked a header against a regular expression",
+            header = spec.header,
+            regexp = spec.regexp,
+            matched = any,
+            fails_on = if fail_on_match { "match" } else { "no match" }
+        );
         if fail_on_match && any {
             return Ok(Some(format!(
                 "header {} matched {:?}",
@@ -153,6 +184,7 @@ pub(crate) fn body_regex_failure<'c>(
     ctx: &Env<'_>,
     cfg: &'c HttpProbe,
     body: &BodyRead,
+    log: &mut ProbeLog,
 ) -> Result<Option<(String, &'c str)>, BadRegex> {
     let note = if body.truncated {
         " (in its first 10 MiB)"
@@ -160,12 +192,28 @@ pub(crate) fn body_regex_failure<'c>(
         ""
     };
     for pattern in &cfg.fail_if_body_matches_regexp {
-        if ctx.regex(pattern)?.is_match(&body.kept) {
+        let matched = ctx.regex(pattern)?.is_match(&body.kept);
+        crate::probe_log!(
+            log,
+            Debug,
+            "Checked the body against fail_if_body_matches_regexp",
+            regexp = pattern,
+            matched = matched
+        );
+        if matched {
             return Ok(Some((format!("body matched {pattern:?}{note}"), pattern)));
         }
     }
     for pattern in &cfg.fail_if_body_not_matches_regexp {
-        if !ctx.regex(pattern)?.is_match(&body.kept) {
+        let matched = ctx.regex(pattern)?.is_match(&body.kept);
+        crate::probe_log!(
+            log,
+            Debug,
+            "Checked the body against fail_if_body_not_matches_regexp",
+            regexp = pattern,
+            matched = matched
+        );
+        if !matched {
             return Ok(Some((
                 format!("body did not match {pattern:?}{note}"),
                 pattern,

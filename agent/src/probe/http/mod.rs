@@ -31,6 +31,7 @@ use self::cookies::CookieJar;
 use self::decode::Algorithm;
 use self::proxy::{Proxy, tunnel};
 use self::redirect::{Hop, is_sensitive, redirect_location};
+use super::log::{ProbeLog, header_value_for_log, url_for_log};
 use super::net::{Io, connect};
 use super::tls::TlsClient;
 use super::tls_samples::TlsFacts;
@@ -430,6 +431,9 @@ impl Session<'_> {
             *req.version_mut() = Version::HTTP_2;
         }
 
+        if out.log.is_on() {
+            log_request(&mut out.log, &req, &hop.url);
+        }
         let ready = Instant::now();
         let (mut sender, conn) = handshake(io, h2).await?;
         let work = async {
@@ -460,11 +464,29 @@ impl Session<'_> {
         out: &mut Samples,
     ) -> Result<HopEnd, Failure> {
         let status = resp.status();
-        out.trace.push(Step::HttpStatus {
+        out.note(Step::HttpStatus {
             line: status_line(&resp),
         });
+        if out.log.is_on() {
+            for (name, value) in resp.headers() {
+                crate::probe_log!(
+                    out.log,
+                    Debug,
+                    "Response header",
+                    name = name,
+                    value = header_value_for_log(name.as_str(), value.as_bytes())
+                );
+            }
+        }
         let mut stopped_redirect = false;
         if let Some(next) = redirect_location(&resp, &hop.url) {
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Received redirect",
+                location = url_for_log(&next),
+                followed = self.cfg.follows_redirects() && redirects < MAX_REDIRECTS
+            );
             // Go's CheckRedirect sees this as the (redirects+1)th and refuses past 10 or
             // when redirects are off; the redirect response is then the final one.
             if self.cfg.follows_redirects() && redirects < MAX_REDIRECTS {
@@ -511,6 +533,14 @@ impl Session<'_> {
                     && self.cfg.fail_if_body_not_matches_regexp.is_empty());
             let (body, error) =
                 read_body(resp.into_body(), self.cfg, self.algorithm, keep, out).await;
+            match &error {
+                None => {
+                    crate::probe_log!(out.log, Debug, "Read the body", truncated = body.truncated)
+                }
+                Some(e) => {
+                    crate::probe_log!(out.log, Error, "Reading the body failed", err = e.message)
+                }
+            }
             last.body = Some(body);
             last.body_error = error;
         }
@@ -520,6 +550,29 @@ impl Session<'_> {
             first_byte.elapsed().as_secs_f64(),
         );
         Ok(HopEnd::Final(last))
+    }
+}
+
+/// Logs the request about to be sent: method, URL (without its password), version and
+/// each header, the values of credentials hidden.
+fn log_request(log: &mut ProbeLog, req: &Request<Full<Bytes>>, url: &Url) {
+    crate::probe_log!(
+        log,
+        Debug,
+        "Making HTTP request",
+        method = req.method(),
+        url = url_for_log(url),
+        request_target = req.uri(),
+        version = conn::version_name(req.version())
+    );
+    for (name, value) in req.headers() {
+        crate::probe_log!(
+            log,
+            Debug,
+            "Request header",
+            name = name,
+            value = header_value_for_log(name.as_str(), value.as_bytes())
+        );
     }
 }
 

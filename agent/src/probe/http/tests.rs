@@ -968,3 +968,94 @@ fn targets_get_a_scheme() {
     assert!(target_url("http://").is_err());
     let _ = IpProtocol::Ip4;
 }
+
+#[tokio::test]
+async fn probe_http_debug_log_tells_each_step() {
+    use crate::probe::test_support::{assert_log_has, run_with_log};
+    let addr = https_server(&[b"http/1.1"]).await;
+    let m = http_module(serde_json::json!({
+        "tls_config": {"insecure_skip_verify": true},
+        "preferred_ip_protocol": "ip4",
+        "authorization": {"credentials": "tok3n"},
+        "headers": {"X-Api-Key": "k3y-s3cret", "X-Plain": "shown"},
+        "fail_if_body_not_matches_regexp": ["welcome"],
+        "fail_if_body_matches_regexp": ["denied"],
+    }));
+    let target = format!("https://localhost:{}/private", addr.port());
+    let (o, log) = run_with_log(&target, &m).await;
+    assert!(o.success, "{:?}\n{log}", o.failure);
+    assert_log_has(
+        &log,
+        &[
+            "level=info msg=\"Beginning probe\" probe=http timeout_seconds=5",
+            "level=debug msg=\"Resolving target address\" target=localhost ip_protocol=ip4",
+            "msg=\"Resolved target address\" target=localhost ip=127.0.0.1",
+            &format!("msg=\"Dialing TCP\" address=127.0.0.1:{}", addr.port()),
+            "msg=\"Successfully dialed\"",
+            "msg=\"Starting TLS handshake\" server_name=localhost",
+            "msg=\"TLS handshake done\" version=TLSv1_3 cipher=TLS13_",
+            &format!(
+                "msg=\"Making HTTP request\" method=GET url=https://localhost:{}/private",
+                addr.port()
+            ),
+            "msg=\"Request header\" name=x-plain value=shown",
+            "msg=\"Received HTTP response\" status_line=\"HTTP/1.1 200 OK\"",
+            "msg=\"Response header\" name=content-length value=7",
+            "msg=\"Read the body\" truncated=false",
+            "msg=\"Checked the status code\" status_code=200 valid=true wanted=2xx",
+            "msg=\"Checked the body against fail_if_body_matches_regexp\" regexp=denied matched=false",
+            "msg=\"Checked the body against fail_if_body_not_matches_regexp\" regexp=welcome matched=true",
+            "level=info msg=\"Probe succeeded\"",
+        ],
+    );
+    assert!(log.contains("name=authorization value=<secret>"), "{log}");
+    assert!(log.contains("name=x-api-key value=<secret>"), "{log}");
+    assert!(
+        !log.contains("tok3n") && !log.contains("k3y-s3cret"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn probe_http_debug_log_tells_why_it_failed() {
+    use crate::probe::test_support::{assert_log_has, run_with_log};
+    let addr = http_server().await;
+    let m = http_module(serde_json::json!({"fail_if_body_not_matches_regexp": ["^absent$"]}));
+    let (o, log) = run_with_log(&format!("http://{addr}/ok"), &m).await;
+    assert!(!o.success);
+    assert_log_has(
+        &log,
+        &[
+            "msg=\"Target is an IP address, not resolved\" ip=127.0.0.1",
+            "msg=\"Received HTTP response\" status_line=\"HTTP/1.1 200 OK\"",
+            "regexp=^absent$ matched=false",
+            "level=error msg=\"Body failed a regular expression\" regexp=^absent$ body_start=\"hello sonde\"",
+            "level=error msg=\"Probe failed\" reason=regex err=\"body did not match \\\"^absent$\\\"\"",
+        ],
+    );
+
+    // A closed port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = listener.local_addr().unwrap();
+    drop(listener);
+    let (o, log) = run_with_log(&format!("http://{closed}/"), &module(Prober::Http)).await;
+    assert!(!o.success);
+    assert_log_has(
+        &log,
+        &[
+            &format!(
+                "level=error msg=\"Error dialing\" address={closed} err=\"connection refused\""
+            ),
+            "level=error msg=\"Probe failed\" reason=connect_refused err=\"connect: connection refused\"",
+        ],
+    );
+    // Without a log, nothing is collected.
+    let o = run(
+        &ctx(),
+        &format!("http://{closed}/"),
+        &module(Prober::Http),
+        TIMEOUT,
+    )
+    .await;
+    assert!(o.log.lines().is_empty() && !o.log.is_on());
+}
