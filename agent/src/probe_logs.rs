@@ -23,8 +23,10 @@ use std::time::{Duration, SystemTime};
 
 /// Probes kept per target.
 pub const PER_TARGET: usize = 4;
-/// What the whole store may hold, roughly (text, samples, traces).
-pub const MAX_BYTES: usize = 16 << 20;
+/// What the whole store may hold, roughly (text, samples, traces): small beside the
+/// agent's own memory goal (64 MiB at 10,000 checks, `docs/benchmarks.md`), which the
+/// store must not push over.
+pub const MAX_BYTES: usize = 4 << 20;
 
 /// Where a kept probe came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
