@@ -1219,7 +1219,7 @@ mod tests {
             assert!(error.contains(says), "{http}: {error}");
         }
         // Not written when off, so a module spec without it reads the same everywhere.
-        let off = serde_json::to_value(&HttpProbe::default()).unwrap();
+        let off = serde_json::to_value(HttpProbe::default()).unwrap();
         assert!(off.get("enable_http3").is_none());
     }
 
