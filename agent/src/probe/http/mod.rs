@@ -266,11 +266,11 @@ impl Session<'_> {
                 ));
             }
         };
-        // Built before any network work, so a bad ca_file or header fails the probe
-        // without touching the target.
         if self.cfg.enable_http3 && !https {
             return Err(http3::not_https(&hop.url));
         }
+        // Built before any network work, so a bad ca_file or header fails the probe
+        // without touching the target.
         if https && self.tls.is_none() && self.cfg.enable_http3 {
             self.tls = Some(http3::tls_client(self.ctx, self.cfg).because(Reason::Config)?);
         }
