@@ -253,6 +253,7 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         fail_if_body_not_matches_regexp: _,
         tls_config,
         enable_http2: _,
+        enable_http3: _,
         fail_if_header_matches: _,
         fail_if_header_not_matches: _,
         basic_auth,

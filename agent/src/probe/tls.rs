@@ -157,10 +157,7 @@ impl TlsClient {
                 format!("tls: {server_name:?} is not a valid server name"),
             )
         })?;
-        self.presented
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.forget_presented();
         crate::probe_log!(out.log, Debug, "Starting TLS handshake", server_name = bare);
         let result = tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(name, stream)
@@ -188,23 +185,47 @@ impl TlsClient {
             );
         }
         result.map_err(|e| {
-            let presented = self
-                .presented
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            if !presented.is_empty() {
-                TlsFacts::from_certs(ctx, &presented).record_unverified(out);
-            }
             let error = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(tls) => tls.to_string(),
                 None => io_reason(&e),
             };
-            out.note(sonde_proto::trace::Step::Tls {
-                error: error.clone(),
-            });
-            Failure::new(Reason::Tls, format!("tls: {error}"))
+            self.handshake_failed(ctx, out, error)
         })
+    }
+
+    /// The rustls configuration, for a QUIC connection (which runs the handshake itself).
+    pub(crate) fn config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
+    /// Forgets the certificates of an earlier handshake, before the next one.
+    pub(crate) fn forget_presented(&self) {
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// A handshake that failed with `error`: what the server presented is still
+    /// reported, the error goes in the trace.
+    pub(crate) fn handshake_failed(
+        &self,
+        ctx: &ProbeContext,
+        out: &mut Samples,
+        error: String,
+    ) -> Failure {
+        let presented = self
+            .presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !presented.is_empty() {
+            TlsFacts::from_certs(ctx, &presented).record_unverified(out);
+        }
+        out.note(sonde_proto::trace::Step::Tls {
+            error: error.clone(),
+        });
+        Failure::new(Reason::Tls, format!("tls: {error}"))
     }
 }
 

@@ -42,23 +42,6 @@ struct LeafInfo {
 
 impl TlsFacts {
     pub(crate) fn read(ctx: &ProbeContext, conn: &ClientConnection, client: &TlsClient) -> Self {
-        let presented: Vec<x509::Cert<'_>> = conn
-            .peer_certificates()
-            .unwrap_or(&[])
-            .iter()
-            .filter_map(|c| x509::Cert::parse(c))
-            .collect();
-        let earliest_expiry = earliest_expiry(&presented);
-        let last_chain_expiry = if client.verified {
-            let roots: Vec<x509::Cert<'_>> = client
-                .ca_certs
-                .iter()
-                .filter_map(|c| x509::Cert::parse(c))
-                .collect();
-            x509::chain_expiry(&presented, &roots).map_or(GO_ZERO_TIME, |t| t as f64)
-        } else {
-            GO_ZERO_TIME
-        };
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2",
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3",
@@ -73,9 +56,42 @@ impl TlsFacts {
                 None => s.to_string(),
             })
             .unwrap_or_else(|| "unknown".to_string());
-        let leaf = conn
-            .peer_certificates()
-            .and_then(|certs| certs.first())
+        let certs = conn.peer_certificates().unwrap_or(&[]);
+        Self::of_handshake(ctx, certs, client, version, cipher)
+    }
+
+    /// The facts of a QUIC handshake (always TLS 1.3). quinn does not tell which cipher
+    /// suite was negotiated, so there is none to report: `cipher` stays empty.
+    pub(crate) fn of_quic(
+        ctx: &ProbeContext,
+        certs: &[CertificateDer<'static>],
+        client: &TlsClient,
+    ) -> Self {
+        Self::of_handshake(ctx, certs, client, "TLS 1.3", String::new())
+    }
+
+    fn of_handshake(
+        ctx: &ProbeContext,
+        certs: &[CertificateDer<'_>],
+        client: &TlsClient,
+        version: &'static str,
+        cipher: String,
+    ) -> Self {
+        let presented: Vec<x509::Cert<'_>> =
+            certs.iter().filter_map(|c| x509::Cert::parse(c)).collect();
+        let earliest_expiry = earliest_expiry(&presented);
+        let last_chain_expiry = if client.verified {
+            let roots: Vec<x509::Cert<'_>> = client
+                .ca_certs
+                .iter()
+                .filter_map(|c| x509::Cert::parse(c))
+                .collect();
+            x509::chain_expiry(&presented, &roots).map_or(GO_ZERO_TIME, |t| t as f64)
+        } else {
+            GO_ZERO_TIME
+        };
+        let leaf = certs
+            .first()
             .zip(presented.first())
             .map(|(der, cert)| LeafInfo::of(ctx, der, cert));
         Self {
@@ -140,7 +156,7 @@ impl TlsFacts {
         out.items
             .retain(|s| s.name != "probe_tls_version_info" && s.name != "probe_tls_cipher_info");
         out.gauge_with("probe_tls_version_info", &[("version", self.version)], 1.0);
-        if with_cipher {
+        if with_cipher && !self.cipher.is_empty() {
             out.gauge_with("probe_tls_cipher_info", &[("cipher", &self.cipher)], 1.0);
         }
         self.record_leaf(out);

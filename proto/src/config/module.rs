@@ -184,6 +184,10 @@ pub struct HttpProbe {
     /// Offer HTTP/2 over TLS (ALPN), as blackbox_exporter does by default.
     #[serde(default = "yes")]
     pub enable_http2: bool,
+    /// Make every request over HTTP/3 (QUIC, TLS 1.3), never TCP: an `http://` target
+    /// is probed as `https://`, as blackbox_exporter does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_http3: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fail_if_header_matches: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -274,6 +278,7 @@ impl Default for HttpProbe {
             fail_if_body_not_matches_regexp: Vec::new(),
             tls_config: TlsConfig::default(),
             enable_http2: true,
+            enable_http3: false,
             body_size_limit: ByteSize(0),
             fail_if_header_matches: Vec::new(),
             fail_if_header_not_matches: Vec::new(),
@@ -674,6 +679,36 @@ fn check_tls(prober: &'static str, tls: &TlsConfig) -> Result<(), ModuleError> {
     Ok(())
 }
 
+/// blackbox_exporter's rules for `enable_http3`, and what HTTP/3 cannot do here.
+fn check_http3(http: &HttpProbe) -> Result<(), ModuleError> {
+    let h3 = "HTTP/3.0";
+    if !http.enable_http3 {
+        if http.valid_http_versions.iter().any(|v| v == h3) {
+            return Err(ModuleError::Http3Version);
+        }
+        return Ok(());
+    }
+    if http.enable_http2 {
+        return Err(ModuleError::Http3WithHttp2);
+    }
+    if let Some(v) = http.valid_http_versions.iter().find(|v| *v != h3) {
+        return Err(ModuleError::Http3OtherVersion(v.clone()));
+    }
+    if http.proxy_url.is_some() {
+        return Err(ModuleError::Http3Proxy);
+    }
+    if http
+        .tls_config
+        .max_version
+        .as_deref()
+        .and_then(tls_version_number)
+        == Some(12)
+    {
+        return Err(ModuleError::Http3Tls12);
+    }
+    Ok(())
+}
+
 /// What is wrong with a module, in words that name the option and the fix.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ModuleError {
@@ -692,8 +727,24 @@ pub enum ModuleError {
     HeaderName(String),
     #[error("http.headers: the value of {0:?} contains a line break or NUL byte")]
     HeaderValue(String),
-    #[error("http.valid_http_versions: {0:?} is not one of HTTP/1.0, HTTP/1.1, HTTP/2.0")]
+    #[error("http.valid_http_versions: {0:?} is not one of HTTP/1.0, HTTP/1.1, HTTP/2.0, HTTP/3.0")]
     HttpVersion(String),
+    #[error("http.valid_http_versions: HTTP/3.0 needs enable_http3: true")]
+    Http3Version,
+    #[error("http: when enable_http3 is true, enable_http2 must be set to false")]
+    Http3WithHttp2,
+    #[error(
+        "http.valid_http_versions: {0:?} cannot be used with enable_http3 (every request is HTTP/3); list only HTTP/3.0"
+    )]
+    Http3OtherVersion(String),
+    #[error(
+        "http: enable_http3 cannot go through proxy_url (HTTP/3 runs over UDP, the proxy takes TCP); drop one of them"
+    )]
+    Http3Proxy,
+    #[error(
+        "http: enable_http3 needs TLS 1.3 (QUIC runs over it), but tls_config.max_version is TLS12; drop max_version or set TLS13"
+    )]
+    Http3Tls12,
     #[error("http: fail_if_ssl and fail_if_not_ssl together fail every probe, keep one")]
     SslAndNotSsl,
     #[error("http.fail_if_header_matches: {0:?} is not a header name")]
@@ -846,10 +897,11 @@ impl Module {
                     }
                 }
                 for v in &self.http.valid_http_versions {
-                    if !["HTTP/1.0", "HTTP/1.1", "HTTP/2.0"].contains(&v.as_str()) {
+                    if !["HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3.0"].contains(&v.as_str()) {
                         return Err(ModuleError::HttpVersion(v.clone()));
                     }
                 }
+                check_http3(&self.http)?;
                 if self.http.fail_if_ssl && self.http.fail_if_not_ssl {
                     return Err(ModuleError::SslAndNotSsl);
                 }
@@ -1123,6 +1175,52 @@ mod tests {
                 .to_string()
                 .contains("valid_http_versions")
         );
+    }
+
+    #[test]
+    fn enable_http3_follows_blackbox_rules() {
+        let load = |http: serde_json::Value| {
+            let m: Module =
+                serde_json::from_value(serde_json::json!({"prober": "http", "http": http}))
+                    .unwrap();
+            m.validate().map(|()| m).map_err(|e| e.to_string())
+        };
+        let m = load(serde_json::json!({
+            "enable_http3": true, "enable_http2": false, "valid_http_versions": ["HTTP/3.0"]
+        }))
+        .unwrap();
+        assert!(m.http.enable_http3);
+        for (http, says) in [
+            (
+                serde_json::json!({"enable_http3": true}),
+                "enable_http2 must be set to false",
+            ),
+            (
+                serde_json::json!({"valid_http_versions": ["HTTP/3.0"]}),
+                "HTTP/3.0 needs enable_http3",
+            ),
+            (
+                serde_json::json!({"enable_http3": true, "enable_http2": false,
+                    "valid_http_versions": ["HTTP/1.1", "HTTP/3.0"]}),
+                "\"HTTP/1.1\" cannot be used with enable_http3",
+            ),
+            (
+                serde_json::json!({"enable_http3": true, "enable_http2": false,
+                    "proxy_url": "http://proxy:3128"}),
+                "cannot go through proxy_url",
+            ),
+            (
+                serde_json::json!({"enable_http3": true, "enable_http2": false,
+                    "tls_config": {"max_version": "TLS12"}}),
+                "needs TLS 1.3",
+            ),
+        ] {
+            let error = load(http.clone()).unwrap_err();
+            assert!(error.contains(says), "{http}: {error}");
+        }
+        // Not written when off, so a module spec without it reads the same everywhere.
+        let off = serde_json::to_value(HttpProbe::default()).unwrap();
+        assert!(off.get("enable_http3").is_none());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::probe::{Failure, Reason, Samples};
 use http::header;
 use http::{Method, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::Body as HttpBody;
 use sonde_proto::config::module::HttpProbe;
 
 pub(crate) struct BodyRead {
@@ -18,8 +18,7 @@ pub(crate) struct BodyRead {
 
 /// As Go's `Response.ContentLength`: the header's value, 0 when no body can follow,
 /// -1 when unknown (chunked, or read to the connection's end).
-pub(super) fn content_length(resp: &Response<Incoming>, method: &Method) -> f64 {
-    use hyper::body::Body;
+pub(super) fn content_length<B: HttpBody>(resp: &Response<B>, method: &Method) -> f64 {
     let declared = resp
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -50,13 +49,17 @@ pub(super) fn content_length(resp: &Response<Incoming>, method: &Method) -> f64 
 /// after each: however much a frame inflates, the thread goes on serving its other
 /// work (`/-/healthy` and `/probe` on the web thread, the other checks on a probing
 /// thread) in between, and the probe's deadline ends the read between two steps.
-pub(super) async fn read_body(
-    mut incoming: Incoming,
+pub(super) async fn read_body<B>(
+    mut incoming: B,
     cfg: &HttpProbe,
     algorithm: Option<Algorithm>,
     keep: bool,
     out: &mut Samples,
-) -> (BodyRead, Option<Failure>) {
+) -> (BodyRead, Option<Failure>)
+where
+    B: HttpBody<Data = bytes::Bytes> + Unpin,
+    B::Error: ReadError,
+{
     const LENGTH: &str = "probe_http_uncompressed_body_length";
     let keep_bytes = if keep { HttpProbe::MAX_MATCHED_BODY } else { 0 };
     let mut body = Body::new(algorithm, keep_bytes, cfg.body_size_limit.0);
@@ -67,7 +70,7 @@ pub(super) async fn read_body(
             Err(e) => {
                 error = Some(Failure::new(
                     Reason::Protocol,
-                    format!("reading body: {}", hyper_reason(&e)),
+                    format!("reading body: {}", e.describe()),
                 ));
                 break;
             }
@@ -107,6 +110,17 @@ pub(super) async fn read_body(
         kept: sink.kept,
     };
     (read, error)
+}
+
+/// What an error reading a body says, with its causes.
+pub(super) trait ReadError {
+    fn describe(&self) -> String;
+}
+
+impl ReadError for hyper::Error {
+    fn describe(&self) -> String {
+        hyper_reason(self)
+    }
 }
 
 fn body_failure(e: BodyError, cfg: &HttpProbe) -> Failure {

@@ -10,7 +10,8 @@
 //! One job per file: `redirect` (which responses redirect, and the request after one),
 //! `proxy` (`proxy_url` and CONNECT tunnels), `auth` (the Authorization header),
 //! `cookies`, `conn` (the HTTP/1.1 or HTTP/2 connection), `body` and `decode` (reading
-//! the body), `checks` (the checks on the final response). This file runs the hops.
+//! the body), `checks` (the checks on the final response), `http3` (each hop over QUIC
+//! instead, with `enable_http3`). This file runs the hops.
 
 mod auth;
 pub(crate) mod body;
@@ -18,13 +19,14 @@ pub(crate) mod checks;
 mod conn;
 mod cookies;
 pub(crate) mod decode;
+mod http3;
 mod proxy;
 mod redirect;
 #[cfg(test)]
 mod tests;
 
 use self::auth::authorization;
-use self::body::{content_length, read_body};
+use self::body::{ReadError, content_length, read_body};
 use self::checks::{FinalResponse, status_ok};
 use self::conn::{drive, handshake, hyper_reason, version_number};
 use self::cookies::CookieJar;
@@ -40,7 +42,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use sonde_proto::config::Module;
 use sonde_proto::config::module::HttpProbe;
 use sonde_proto::trace::Step;
@@ -75,7 +76,12 @@ pub async fn probe(
         ],
     );
 
-    let url = target_url(target).because(Reason::Config)?;
+    let url = if cfg.enable_http3 {
+        target_url(&http3::https_target(target))
+    } else {
+        target_url(target)
+    }
+    .because(Reason::Config)?;
     let host = url_host(&url).because(Reason::Config)?;
     // Everything that can fail on the module alone fails before any network work.
     let algorithm = Algorithm::from_config(&cfg.compression).because(Reason::Config)?;
@@ -261,8 +267,14 @@ impl Session<'_> {
                 ));
             }
         };
+        if self.cfg.enable_http3 && !https {
+            return Err(http3::not_https(&hop.url));
+        }
         // Built before any network work, so a bad ca_file or header fails the probe
         // without touching the target.
+        if https && self.tls.is_none() && self.cfg.enable_http3 {
+            self.tls = Some(http3::tls_client(self.ctx, self.cfg).because(Reason::Config)?);
+        }
         if https && self.tls.is_none() {
             let alpn: &[&[u8]] = if self.cfg.enable_http2 {
                 &[b"h2", b"http/1.1"]
@@ -313,6 +325,9 @@ impl Session<'_> {
             self.ctx.allow(&connect_host, addr)?;
         }
 
+        if self.cfg.enable_http3 {
+            return self.exchange_h3(hop, addr, request, redirects, out).await;
+        }
         out.stage = Stage::Connect;
         let started = Instant::now();
         let mut tcp: Io = Box::new(connect(addr, None, out).await?);
@@ -454,15 +469,19 @@ impl Session<'_> {
 
     /// Either the next URL of a redirect to follow, or the final response with the
     /// samples that describe it already written.
-    async fn respond(
+    async fn respond<B>(
         &mut self,
-        resp: Response<Incoming>,
+        resp: Response<B>,
         hop: &Hop,
         tls: Option<TlsFacts>,
         redirects: u32,
         first_byte: Instant,
         out: &mut Samples,
-    ) -> Result<HopEnd, Failure> {
+    ) -> Result<HopEnd, Failure>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: ReadError,
+    {
         let status = resp.status();
         out.note(Step::HttpStatus {
             line: status_line(&resp),
@@ -578,7 +597,7 @@ fn log_request(log: &mut ProbeLog, req: &Request<Full<Bytes>>, url: &Url) {
 
 /// `HTTP/1.1 500 Internal Server Error`: the version, the code and the reason phrase
 /// the server sent (HTTP/1), else the standard one.
-fn status_line(resp: &Response<Incoming>) -> String {
+fn status_line<B>(resp: &Response<B>) -> String {
     let status = resp.status();
     let phrase = resp
         .extensions()

@@ -12,7 +12,6 @@ use super::{authority, url_host};
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 use std::net::IpAddr;
 use url::Url;
 
@@ -99,7 +98,7 @@ pub(super) fn is_sensitive(name: &HeaderName) -> bool {
 
 /// The next URL when the response is a redirect Go's client would follow: 301, 302,
 /// 303, 307 or 308 with a usable Location.
-pub(super) fn redirect_location(resp: &Response<Incoming>, base: &Url) -> Option<Url> {
+pub(super) fn redirect_location<B>(resp: &Response<B>, base: &Url) -> Option<Url> {
     if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
         return None;
     }

@@ -8,6 +8,7 @@ use crate::probe::test_support::{
 use crate::probe::tls_samples::GO_ZERO_TIME;
 use crate::probe::{Reason, run};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sonde_proto::config::Prober;
