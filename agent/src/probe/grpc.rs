@@ -74,16 +74,7 @@ pub async fn probe(
     let started = Instant::now();
     // The name the certificate must carry: `tls_config.server_name`, else the host.
     let server_name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
-    let answer = check(
-        ctx,
-        host,
-        addr,
-        &cfg.service,
-        tls.as_ref(),
-        server_name,
-        out,
-    )
-    .await;
+    let answer = check(ctx, host, addr, cfg, tls.as_ref(), server_name, out).await;
     out.add_with(
         "probe_grpc_duration_seconds",
         &[("phase", "check")],
@@ -151,11 +142,39 @@ impl NoAnswer {
     }
 }
 
+/// The module's `metadata` as request headers, as grpc-go sends an outgoing context's
+/// metadata: keys lowercased, values of `-bin` keys as bytes (base64 on the wire).
+fn add_metadata(
+    map: &mut tonic::metadata::MetadataMap,
+    metadata: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Result<(), Failure> {
+    use tonic::metadata::{AsciiMetadataKey, BinaryMetadataKey, BinaryMetadataValue};
+    let bad = |key: &str| {
+        Failure::new(
+            Reason::Config,
+            format!("grpc.metadata.{key}: not a valid metadata key or value"),
+        )
+    };
+    for (key, values) in metadata {
+        let lower = key.to_ascii_lowercase();
+        for value in values {
+            if lower.ends_with("-bin") {
+                let name = BinaryMetadataKey::from_bytes(lower.as_bytes()).map_err(|_| bad(key))?;
+                map.append_bin(name, BinaryMetadataValue::from_bytes(value.as_bytes()));
+            } else {
+                let name = AsciiMetadataKey::from_bytes(lower.as_bytes()).map_err(|_| bad(key))?;
+                map.append(name, value.parse().map_err(|_| bad(key))?);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn check(
     ctx: &Env<'_>,
     host: &str,
     addr: SocketAddr,
-    service: &str,
+    cfg: &sonde_proto::config::module::GrpcProbe,
     tls: Option<&TlsClient>,
     server_name: &str,
     out: &mut Samples,
@@ -201,9 +220,10 @@ async fn check(
             ))
         })?;
     let mut client = HealthClient::new(channel).max_decoding_message_size(MAX_ANSWER);
-    let request = HealthCheckRequest {
-        service: service.to_string(),
-    };
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: cfg.service.clone(),
+    });
+    add_metadata(request.metadata_mut(), &cfg.metadata).map_err(NoAnswer::unavailable)?;
     match client.check(request).await {
         Ok(response) => {
             let raw = response.into_inner().status;
@@ -219,14 +239,15 @@ async fn check(
         // reports those as UNAVAILABLE, and so does blackbox_exporter.
         Err(status) if status.source().is_some() => Err(NoAnswer::unavailable(Failure::new(
             Reason::Protocol,
-            format!("grpc: Check({service:?}): {}", error_chain(&status)),
+            format!("grpc: Check({:?}): {}", cfg.service, error_chain(&status)),
         ))),
         Err(status) => Err(NoAnswer {
             code: status.code(),
             failure: Failure::new(
                 Reason::GrpcStatus,
                 format!(
-                    "grpc: Check({service:?}) failed: {:?}: {}",
+                    "grpc: Check({:?}) failed: {:?}: {}",
+                    cfg.service,
                     status.code(),
                     status.message()
                 ),

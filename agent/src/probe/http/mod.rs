@@ -12,7 +12,7 @@
 //! `cookies`, `conn` (the HTTP/1.1 or HTTP/2 connection), `body` and `decode` (reading
 //! the body), `checks` (the checks on the final response). This file runs the hops.
 
-mod auth;
+pub(crate) mod auth;
 pub(crate) mod body;
 pub(crate) mod checks;
 mod conn;
