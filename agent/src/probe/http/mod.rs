@@ -14,6 +14,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod body;
+mod cel_match;
 pub(crate) mod checks;
 mod conn;
 mod cookies;
@@ -74,6 +75,10 @@ pub async fn probe(
         ],
     );
 
+    // Registered only for a module with a CEL expression, as blackbox_exporter does.
+    if cel_match::configured(cfg) {
+        out.set("probe_failed_due_to_cel", 0.0);
+    }
     let url = target_url(target).because(Reason::Config)?;
     let host = url_host(&url).because(Reason::Config)?;
     // Everything that can fail on the module alone fails before any network work.
@@ -508,7 +513,8 @@ impl Session<'_> {
         if !stopped_redirect {
             let keep = status_ok(self.cfg, status)
                 && !(self.cfg.fail_if_body_matches_regexp.is_empty()
-                    && self.cfg.fail_if_body_not_matches_regexp.is_empty());
+                    && self.cfg.fail_if_body_not_matches_regexp.is_empty()
+                    && !cel_match::configured(self.cfg));
             let (body, error) =
                 read_body(resp.into_body(), self.cfg, self.algorithm, keep, out).await;
             last.body = Some(body);
