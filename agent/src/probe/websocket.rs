@@ -274,3 +274,121 @@ fn ws_failure(what: &str, e: &WsError) -> Failure {
     };
     Failure::new(reason, format!("websocket: {what}: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::probe::test_support::*;
+    use crate::probe::{Reason, run};
+    use futures::{SinkExt, StreamExt};
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    /// A websocket server (tokio-tungstenite's): refuses an upgrade without the
+    /// expected Authorization and X-Some-Header, greets, then welcomes a client that
+    /// introduces itself with the name from the greeting.
+    async fn hello_server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let check = |req: &Request, resp: Response| {
+                        let h = req.headers();
+                        let auth_ok = h.get("authorization").and_then(|v| v.to_str().ok())
+                            == Some("Basic dXNlcjpwYXNzd29yZA==");
+                        let custom_ok = h.get("x-some-header").and_then(|v| v.to_str().ok())
+                            == Some("my_header");
+                        if auth_ok && custom_ok {
+                            Ok(resp)
+                        } else {
+                            let mut refuse = http::Response::new(None);
+                            *refuse.status_mut() = http::StatusCode::UNAUTHORIZED;
+                            Err(refuse)
+                        }
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check).await
+                    else {
+                        return;
+                    };
+                    ws.send(Message::text("Hello, probe-7\"")).await.unwrap();
+                    if let Some(Ok(Message::Text(t))) = ws.next().await {
+                        let reply = if t.as_str() == "Hello server, i'am probe-7" {
+                            "Welcome"
+                        } else {
+                            "Who?"
+                        };
+                        let _ = ws.send(Message::text(reply)).await;
+                    }
+                    let _ = ws.close(None).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn example_module(auth: bool) -> sonde_proto::config::Module {
+        // blackbox_exporter's example.yml module `websocket_example_basic_auth`.
+        let auth = if auth {
+            "\n    basic_auth: {username: user, password: password}"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "prober: websocket\nwebsocket:\n  http_config:{auth}\n    tls_config: {{insecure_skip_verify: true}}\n  headers:\n    X-Some-Header: \"my_header\"\n  query_response:\n    - expect: ^Hello,\\s(.+)\"\n      send: \"Hello server, i'am ${{1}}\"\n    - expect: ^Welcome\n"
+        );
+        sonde_proto::config::from_yaml_str(std::path::Path::new("m.yml"), &yaml).unwrap()
+    }
+
+    #[tokio::test]
+    async fn websocket_handshake_and_steps_against_a_real_server() {
+        let addr = hello_server().await;
+        let target = format!("ws://{addr}/chat");
+        let o = run(
+            &ctx(),
+            &target,
+            &example_module(true),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_websocket_status_code"), Some(101.0));
+        assert_eq!(sample(&o, "probe_websocket_connection_upgraded"), Some(1.0));
+        assert_eq!(sample(&o, "probe_websocket_failed_due_to_regex"), Some(0.0));
+        for phase in ["resolve", "connect", "processing", "transfer"] {
+            assert!(phase_of(&o, "probe_websocket_duration_seconds", phase) >= 0.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn websocket_refused_upgrade_and_unmatched_message_fail() {
+        let addr = hello_server().await;
+        let target = format!("ws://{addr}/chat");
+        let o = run(
+            &ctx(),
+            &target,
+            &example_module(false),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(!o.success);
+        assert_eq!(sample(&o, "probe_websocket_status_code"), Some(401.0));
+        assert_eq!(sample(&o, "probe_websocket_connection_upgraded"), Some(0.0));
+
+        let mut m = example_module(true);
+        m.websocket.query_response[1].expect = Some("^Goodbye".into());
+        let o = run(&ctx(), &target, &m, Duration::from_secs(3)).await;
+        assert!(!o.success);
+        assert_eq!(o.failure_reason, Some(Reason::Regex));
+        assert_eq!(sample(&o, "probe_websocket_connection_upgraded"), Some(1.0));
+        assert_eq!(sample(&o, "probe_websocket_failed_due_to_regex"), Some(1.0));
+    }
+
+    #[test]
+    fn websocket_targets_name_host_and_port() {
+        assert_eq!(super::host_port("ws://a.example/x"), Ok(("a.example", 80)));
+        assert_eq!(super::host_port("wss://[::1]:8443/"), Ok(("::1", 8443)));
+        assert!(super::host_port("http://a.example/").is_err());
+    }
+}
