@@ -344,6 +344,68 @@ mod tests {
         addr
     }
 
+    /// A health server that refuses (PERMISSION_DENIED) a call without the metadata
+    /// `x-tenant: blue` (sent as `X-Tenant`) and the binary `token-bin: \x01sonde`.
+    async fn metadata_checking_server() -> SocketAddr {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let check = |req: tonic::Request<()>| {
+            let md = req.metadata();
+            let tenants: Vec<&str> = md
+                .get_all("x-tenant")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let token = md.get_bin("token-bin").and_then(|v| v.to_bytes().ok());
+            if tenants == ["blue", "green"] && token.as_deref() == Some(&b"\x01sonde"[..]) {
+                Ok(req)
+            } else {
+                Err(tonic::Status::permission_denied(format!(
+                    "tenants {tenants:?}, token {token:?}"
+                )))
+            }
+        };
+        tokio::spawn(async move {
+            let _keep = reporter;
+            tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(check))
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probe_grpc_sends_metadata() {
+        let addr = metadata_checking_server().await;
+        let target = addr.to_string();
+        let without = run(
+            &ctx(),
+            &target,
+            &grpc(serde_json::json!({})),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(!without.success);
+        assert_eq!(sample(&without, "probe_grpc_status_code"), Some(7.0));
+        // A `-bin` key's value goes as its bytes (base64 on the wire, as grpc-go sends it).
+        let with = grpc(serde_json::json!({"metadata": {
+            "X-Tenant": ["blue", "green"],
+            "token-bin": ["\u{1}sonde"],
+        }}));
+        let o = run(&ctx(), &target, &with, Duration::from_secs(3)).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(0.0));
+        let partial = grpc(serde_json::json!({"metadata": {"X-Tenant": ["blue", "green"]}}));
+        let o = run(&ctx(), &target, &partial, Duration::from_secs(3)).await;
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(7.0));
+    }
+
     fn healthcheck(o: &crate::probe::ProbeOutcome) -> Vec<(String, f64)> {
         let mut v: Vec<(String, f64)> = labelled(o, "probe_grpc_healthcheck_response")
             .into_iter()
