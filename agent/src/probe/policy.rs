@@ -621,6 +621,26 @@ mod tests {
     }
 
     #[test]
+    fn unix_sockets_need_a_path_pattern() {
+        let unix = module("unix");
+        let patterns = ["*", "/run/app/*.sock"];
+        assert!(allowed_target(&patterns, &unix, "/run/app/api.sock").is_ok());
+        // `*` (any host) never admits a socket, and `*` in a path stops at `/`.
+        assert!(allowed_target(&["*", "0.0.0.0/0:*"], &unix, "/run/app/api.sock").is_err());
+        assert!(allowed_target(&patterns, &unix, "/run/app/sub/x.sock").is_err());
+        assert!(allowed_target(&patterns, &unix, "/var/run/docker.sock").is_err());
+        // A path pattern admits no network target.
+        assert!(allowed_target(&["/run/*"], &module("tcp"), "127.0.0.1:80").is_err());
+        // Assigned checks never reach a local socket.
+        let assigned = ConnectRules::assigned_default();
+        let e = assigned.check_socket("/run/app/api.sock").unwrap_err();
+        assert!(e.0.contains("may not probe a unix socket"), "{e}");
+        let ws = module("websocket");
+        assert!(allowed_target(&["127.0.0.1:8080"], &ws, "ws://127.0.0.1:8080/chat").is_ok());
+        assert!(allowed_target(&["127.0.0.1:8080"], &ws, "wss://127.0.0.1/chat").is_err());
+    }
+
+    #[test]
     fn allowlist_globs() {
         let patterns = ["*.internal:443", "127.0.0.1:*"];
         let http = module("http");
