@@ -294,6 +294,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
+                    #[allow(clippy::result_large_err)] // tungstenite's callback type
                     let check = |req: &Request, resp: Response| {
                         let h = req.headers();
                         let auth_ok = h.get("authorization").and_then(|v| v.to_str().ok())
