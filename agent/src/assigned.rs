@@ -246,6 +246,8 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         fail_if_not_ssl: _,
         method: _,
         headers: _,
+        http_headers,
+        proxy_connect_header: _,
         body: _,
         body_file,
         compression: _,
@@ -266,6 +268,11 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         body_size_limit: _,
     } = http;
     push(&mut out, "http.body_file", body_file);
+    for sources in http_headers.values() {
+        for file in &sources.files {
+            out.push(("http.http_headers.files", file.as_str()));
+        }
+    }
     push(&mut out, "http.bearer_token_file", bearer_token_file);
     if let Some(BasicAuth {
         username: _,

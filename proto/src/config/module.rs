@@ -173,6 +173,13 @@ pub struct HttpProbe {
     pub method: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Prometheus's `http_headers`: each header's `values`, `secrets` and `files` (read
+    /// at every probe, trimmed), sent as `headers` are.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub http_headers: BTreeMap<String, HeaderSources>,
+    /// Headers of the CONNECT request to `proxy_url`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proxy_connect_header: BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     /// The request body read from this file at every probe (exclusive with `body`).
@@ -289,6 +296,8 @@ impl Default for HttpProbe {
             fail_if_not_ssl: false,
             method: default_method(),
             headers: BTreeMap::new(),
+            http_headers: BTreeMap::new(),
+            proxy_connect_header: BTreeMap::new(),
             body: None,
             body_file: None,
             compression: String::new(),
@@ -895,6 +904,20 @@ impl Module {
                 {
                     compile("http", re)?;
                 }
+                websocket::check_header_map(
+                    "http.http_headers",
+                    self.http
+                        .http_headers
+                        .iter()
+                        .map(|(k, v)| (k, HeaderValues::Sources(v.clone()))),
+                )?;
+                websocket::check_header_map(
+                    "http.proxy_connect_header",
+                    self.http
+                        .proxy_connect_header
+                        .iter()
+                        .map(|(k, v)| (k, HeaderValues::Many(v.clone()))),
+                )?;
                 for (option, expression) in [
                     (
                         "http.fail_if_body_json_matches_cel",

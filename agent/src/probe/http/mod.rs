@@ -176,6 +176,8 @@ pub(crate) enum RequestError {
     Method(String),
     #[error("http.headers: {0:?} is not a header name")]
     HeaderName(String),
+    #[error("http.http_headers.{0}")]
+    HeaderFile(String),
     #[error("http.headers: the value of {0} is not a header value")]
     HeaderValue(HeaderName),
     #[error("Host {0:?} is not a header value")]
@@ -327,7 +329,14 @@ impl Session<'_> {
         );
         out.stage = Stage::Exchange;
         if https && let Some(proxy) = &self.proxy {
-            tunnel(&mut tcp, proxy, &hop.url, port).await?;
+            tunnel(
+                &mut tcp,
+                proxy,
+                &self.cfg.proxy_connect_header,
+                &hop.url,
+                port,
+            )
+            .await?;
         }
 
         if let (true, Some(client)) = (https, &self.tls) {
@@ -369,6 +378,29 @@ impl Session<'_> {
             let value = HeaderValue::from_str(value)
                 .map_err(|_| RequestError::HeaderValue(name.clone()))?;
             headers.insert(name, value);
+        }
+        for (name, sources) in &self.cfg.http_headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| RequestError::HeaderName(name.clone()))?;
+            if !hop.same_site && is_sensitive(&header) {
+                continue;
+            }
+            let mut values: Vec<String> = sources
+                .values
+                .iter()
+                .chain(&sources.secrets)
+                .cloned()
+                .collect();
+            for file in &sources.files {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| RequestError::HeaderFile(format!("{name}: {file}: {e}")))?;
+                values.push(text.trim().to_string());
+            }
+            for value in values {
+                let value = HeaderValue::from_str(&value)
+                    .map_err(|_| RequestError::HeaderValue(header.clone()))?;
+                headers.append(header.clone(), value);
+            }
         }
         if let Some(auth) = &self.authorization
             && hop.same_site

@@ -151,26 +151,37 @@ impl WebsocketProbe {
                 problem: "set credentials or credentials_file, not both".into(),
             });
         }
-        for (name, values) in &self.headers {
-            if http_header_name_invalid(name) {
-                return Err(ModuleError::Option {
-                    option: "websocket.headers".into(),
-                    problem: format!("{name:?} is not a valid header name"),
-                });
-            }
-            if values
-                .inline()
-                .iter()
-                .any(|v| v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0))
-            {
-                return Err(ModuleError::Option {
-                    option: format!("websocket.headers.{name}"),
-                    problem: "a value contains a line break or NUL byte".into(),
-                });
-            }
-        }
-        Ok(())
+        check_header_map(
+            "websocket.headers",
+            self.headers.iter().map(|(k, v)| (k, v.clone())),
+        )
     }
+}
+
+/// Header names are tokens, written values have no line break or NUL byte.
+pub(super) fn check_header_map<'a>(
+    option: &str,
+    headers: impl Iterator<Item = (&'a String, HeaderValues)>,
+) -> Result<(), ModuleError> {
+    for (name, values) in headers {
+        if http_header_name_invalid(name) {
+            return Err(ModuleError::Option {
+                option: option.into(),
+                problem: format!("{name:?} is not a valid header name"),
+            });
+        }
+        if values
+            .inline()
+            .iter()
+            .any(|v| v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0))
+        {
+            return Err(ModuleError::Option {
+                option: format!("{option}.{name}"),
+                problem: "a value contains a line break or NUL byte".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn http_header_name_invalid(name: &str) -> bool {
