@@ -267,12 +267,9 @@ async fn next_data(socket: &mut Socket, step: usize) -> Result<Vec<u8>, Failure>
     }
 }
 
+/// A broken handshake, a reset or a frame that breaks the protocol (or the size limit).
 fn ws_failure(what: &str, e: &WsError) -> Failure {
-    let reason = match e {
-        WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => Reason::Protocol,
-        _ => Reason::Protocol,
-    };
-    Failure::new(reason, format!("websocket: {what}: {e}"))
+    Failure::new(Reason::Protocol, format!("websocket: {what}: {e}"))
 }
 
 #[cfg(test)]
