@@ -13,6 +13,7 @@ use crate::config::AssignedModulesConfig;
 use sonde_proto::config::Module;
 use sonde_proto::config::module::{
     Authorization, BasicAuth, DnsProbe, GrpcProbe, HttpProbe, IcmpProbe, TcpProbe, TlsConfig,
+    UnixProbe, WebsocketHttpConfig, WebsocketProbe,
 };
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -230,6 +231,8 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         per_address: _,
         icmp,
         grpc,
+        unix,
+        websocket,
     } = module;
     let mut out = Vec::new();
     let HttpProbe {
@@ -243,6 +246,8 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         fail_if_not_ssl: _,
         method: _,
         headers: _,
+        http_headers,
+        proxy_connect_header: _,
         body: _,
         body_file,
         compression: _,
@@ -251,6 +256,8 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         authorization,
         fail_if_body_matches_regexp: _,
         fail_if_body_not_matches_regexp: _,
+        fail_if_body_json_matches_cel: _,
+        fail_if_body_json_not_matches_cel: _,
         tls_config,
         enable_http2: _,
         enable_http3: _,
@@ -262,6 +269,11 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         body_size_limit: _,
     } = http;
     push(&mut out, "http.body_file", body_file);
+    for sources in http_headers.values() {
+        for file in &sources.files {
+            out.push(("http.http_headers.files", file.as_str()));
+        }
+    }
     push(&mut out, "http.bearer_token_file", bearer_token_file);
     if let Some(BasicAuth {
         username: _,
@@ -348,6 +360,7 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         tls_config,
         preferred_ip_protocol: _,
         ip_protocol_fallback: _,
+        metadata: _,
     } = grpc;
     tls_files(
         &mut out,
@@ -358,6 +371,70 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         ],
         tls_config,
     );
+    let UnixProbe {
+        query_response: _,
+        tls: _,
+        tls_config,
+    } = unix;
+    tls_files(
+        &mut out,
+        [
+            "unix.tls_config.ca_file",
+            "unix.tls_config.cert_file",
+            "unix.tls_config.key_file",
+        ],
+        tls_config,
+    );
+    let WebsocketProbe {
+        http_config:
+            WebsocketHttpConfig {
+                basic_auth,
+                authorization,
+                tls_config,
+            },
+        headers,
+        query_response: _,
+        preferred_ip_protocol: _,
+        ip_protocol_fallback: _,
+    } = websocket;
+    if let Some(BasicAuth {
+        username: _,
+        password: _,
+        password_file,
+    }) = basic_auth
+    {
+        push(
+            &mut out,
+            "websocket.http_config.basic_auth.password_file",
+            password_file,
+        );
+    }
+    if let Some(Authorization {
+        kind: _,
+        credentials: _,
+        credentials_file,
+    }) = authorization
+    {
+        push(
+            &mut out,
+            "websocket.http_config.authorization.credentials_file",
+            credentials_file,
+        );
+    }
+    tls_files(
+        &mut out,
+        [
+            "websocket.http_config.tls_config.ca_file",
+            "websocket.http_config.tls_config.cert_file",
+            "websocket.http_config.tls_config.key_file",
+        ],
+        tls_config,
+    );
+    for values in headers.values() {
+        for file in values.files() {
+            out.push(("websocket.headers.files", file.as_str()));
+        }
+    }
     out
 }
 

@@ -74,16 +74,7 @@ pub async fn probe(
     let started = Instant::now();
     // The name the certificate must carry: `tls_config.server_name`, else the host.
     let server_name = cfg.tls_config.server_name.as_deref().unwrap_or(host);
-    let answer = check(
-        ctx,
-        host,
-        addr,
-        &cfg.service,
-        tls.as_ref(),
-        server_name,
-        out,
-    )
-    .await;
+    let answer = check(ctx, host, addr, cfg, tls.as_ref(), server_name, out).await;
     out.add_with(
         "probe_grpc_duration_seconds",
         &[("phase", "check")],
@@ -163,11 +154,39 @@ impl NoAnswer {
     }
 }
 
+/// The module's `metadata` as request headers, as grpc-go sends an outgoing context's
+/// metadata: keys lowercased, values of `-bin` keys as bytes (base64 on the wire).
+fn add_metadata(
+    map: &mut tonic::metadata::MetadataMap,
+    metadata: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Result<(), Failure> {
+    use tonic::metadata::{AsciiMetadataKey, BinaryMetadataKey, BinaryMetadataValue};
+    let bad = |key: &str| {
+        Failure::new(
+            Reason::Config,
+            format!("grpc.metadata.{key}: not a valid metadata key or value"),
+        )
+    };
+    for (key, values) in metadata {
+        let lower = key.to_ascii_lowercase();
+        for value in values {
+            if lower.ends_with("-bin") {
+                let name = BinaryMetadataKey::from_bytes(lower.as_bytes()).map_err(|_| bad(key))?;
+                map.append_bin(name, BinaryMetadataValue::from_bytes(value.as_bytes()));
+            } else {
+                let name = AsciiMetadataKey::from_bytes(lower.as_bytes()).map_err(|_| bad(key))?;
+                map.append(name, value.parse().map_err(|_| bad(key))?);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn check(
     ctx: &Env<'_>,
     host: &str,
     addr: SocketAddr,
-    service: &str,
+    cfg: &sonde_proto::config::module::GrpcProbe,
     tls: Option<&TlsClient>,
     server_name: &str,
     out: &mut Samples,
@@ -218,11 +237,12 @@ async fn check(
         Debug,
         "Sending the gRPC health check",
         authority = authority,
-        service = service
+        service = cfg.service
     );
-    let request = HealthCheckRequest {
-        service: service.to_string(),
-    };
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: cfg.service.clone(),
+    });
+    add_metadata(request.metadata_mut(), &cfg.metadata).map_err(NoAnswer::unavailable)?;
     match client.check(request).await {
         Ok(response) => {
             let raw = response.into_inner().status;
@@ -238,14 +258,15 @@ async fn check(
         // reports those as UNAVAILABLE, and so does blackbox_exporter.
         Err(status) if status.source().is_some() => Err(NoAnswer::unavailable(Failure::new(
             Reason::Protocol,
-            format!("grpc: Check({service:?}): {}", error_chain(&status)),
+            format!("grpc: Check({:?}): {}", cfg.service, error_chain(&status)),
         ))),
         Err(status) => Err(NoAnswer {
             code: status.code(),
             failure: Failure::new(
                 Reason::GrpcStatus,
                 format!(
-                    "grpc: Check({service:?}) failed: {:?}: {}",
+                    "grpc: Check({:?}) failed: {:?}: {}",
+                    cfg.service,
                     status.code(),
                     status.message()
                 ),
@@ -340,6 +361,68 @@ mod tests {
                 .await
         });
         addr
+    }
+
+    /// A health server that refuses (PERMISSION_DENIED) a call without the metadata
+    /// `x-tenant: blue` (sent as `X-Tenant`) and the binary `token-bin: \x01sonde`.
+    async fn metadata_checking_server() -> SocketAddr {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let check = |req: tonic::Request<()>| {
+            let md = req.metadata();
+            let tenants: Vec<&str> = md
+                .get_all("x-tenant")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let token = md.get_bin("token-bin").and_then(|v| v.to_bytes().ok());
+            if tenants == ["blue", "green"] && token.as_deref() == Some(&b"\x01sonde"[..]) {
+                Ok(req)
+            } else {
+                Err(tonic::Status::permission_denied(format!(
+                    "tenants {tenants:?}, token {token:?}"
+                )))
+            }
+        };
+        tokio::spawn(async move {
+            let _keep = reporter;
+            tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(check))
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probe_grpc_sends_metadata() {
+        let addr = metadata_checking_server().await;
+        let target = addr.to_string();
+        let without = run(
+            &ctx(),
+            &target,
+            &grpc(serde_json::json!({})),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(!without.success);
+        assert_eq!(sample(&without, "probe_grpc_status_code"), Some(7.0));
+        // A `-bin` key's value goes as its bytes (base64 on the wire, as grpc-go sends it).
+        let with = grpc(serde_json::json!({"metadata": {
+            "X-Tenant": ["blue", "green"],
+            "token-bin": ["\u{1}sonde"],
+        }}));
+        let o = run(&ctx(), &target, &with, Duration::from_secs(3)).await;
+        assert!(o.success, "{:?}", o.failure);
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(0.0));
+        let partial = grpc(serde_json::json!({"metadata": {"X-Tenant": ["blue", "green"]}}));
+        let o = run(&ctx(), &target, &partial, Duration::from_secs(3)).await;
+        assert_eq!(sample(&o, "probe_grpc_status_code"), Some(7.0));
     }
 
     fn healthcheck(o: &crate::probe::ProbeOutcome) -> Vec<(String, f64)> {

@@ -24,6 +24,8 @@ pub(crate) mod test_support;
 pub(crate) mod tls;
 pub(crate) mod tls_samples;
 pub mod traceroute;
+pub mod unix;
+pub mod websocket;
 pub(crate) mod x509;
 
 pub use log::ProbeLog;
@@ -196,6 +198,14 @@ impl std::ops::Deref for Env<'_> {
 
 impl Env<'_> {
     /// Asks the policy, if any, before connecting to `addr` for `host`.
+    /// Asks the policy before connecting to the unix socket at `path`.
+    pub(crate) fn allow_socket(&self, path: &str) -> Result<(), Failure> {
+        match self.policy {
+            None => Ok(()),
+            Some(policy) => policy.check_socket(path).map_err(refused),
+        }
+    }
+
     pub(crate) fn allow(&self, host: &str, addr: std::net::SocketAddr) -> Result<(), Failure> {
         let Some(policy) = self.policy else {
             return Ok(());
@@ -542,6 +552,8 @@ pub(crate) async fn probe_once(
             Prober::Dns => dns::probe(env, target, module, &mut samples).await,
             Prober::Icmp => icmp::probe(env, target, module, &mut samples).await,
             Prober::Grpc => grpc::probe(env, target, module, &mut samples).await,
+            Prober::Unix => unix::probe(env, target, module, &mut samples).await,
+            Prober::Websocket => websocket::probe(env, target, module, &mut samples).await,
         }
     };
     let result = match tokio::time::timeout_at(deadline, probe).await {

@@ -5,7 +5,7 @@
 
 use super::{
     Env, Failure, ProbeLog, Reason, Samples, Stage, dns, grpc, http, probe_once, record_answer,
-    resolve_all, split_host_port, timed_out,
+    resolve_all, split_host_port, timed_out, websocket,
 };
 use sonde_proto::config::module::{IpProtocol, PerAddress};
 use sonde_proto::config::{Module, Prober};
@@ -167,6 +167,18 @@ fn target_host(target: &str, module: &Module) -> Result<(String, IpProtocol, boo
                 .to_string(),
             module.grpc.preferred_ip_protocol,
             module.grpc.ip_protocol_fallback,
+        )),
+        Prober::Websocket => Ok((
+            websocket::host_port(target)
+                .map_err(|e| config(&e))?
+                .0
+                .to_string(),
+            module.websocket.preferred_ip_protocol,
+            module.websocket.ip_protocol_fallback,
+        )),
+        Prober::Unix => Err(Failure::new(
+            Reason::Config,
+            "per_address: a unix socket has no addresses to probe one by one; remove per_address from the module",
         )),
     }
 }

@@ -30,6 +30,10 @@ pub trait ConnectPolicy: Send + Sync {
     fn check_host(&self, host: &str, port: u16) -> Result<(), Refusal>;
     /// The address a connection is about to be opened to.
     fn check_addr(&self, addr: SocketAddr) -> Result<(), Refusal>;
+    /// A unix socket about to be connected to; refused unless a policy admits it.
+    fn check_socket(&self, path: &str) -> Result<(), Refusal> {
+        Err(Refusal(format!("{path}: no unix socket is allowed here")))
+    }
 }
 
 /// Why a [`ConnectPolicy`] refuses a connection, in the words the probe fails with.
@@ -95,6 +99,10 @@ pub enum NotAllowed {
         key: &'static str,
         example: String,
     },
+    #[error(
+        "{path}: an assigned check may not probe a unix socket (a local service); probe it from the agent's own jobs or through /probe with a path pattern in probe_endpoint.allowed_targets"
+    )]
+    SocketNotAssignable { path: String },
 }
 
 /// A pattern of `probe_endpoint.allowed_targets` or a network of
@@ -126,7 +134,9 @@ impl PatternKind {
 
     fn expected(self) -> &'static str {
         match self {
-            PatternKind::Target => "HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53",
+            PatternKind::Target => {
+                "HOST:PORT, like *.internal:443, 10.0.0.0/8:* or [fd00::/8]:53, or a socket path like /run/app/*.sock"
+            }
             PatternKind::Network => {
                 "a CIDR network or an address, like 10.0.0.0/8, 127.0.0.77/32 or fd00::/8"
             }
@@ -142,6 +152,8 @@ struct Pattern {
 enum HostPattern {
     Glob(globset::GlobMatcher),
     Net(IpAddr, u8),
+    /// A pattern starting with `/`: the unix prober's socket paths (`*` stops at `/`).
+    Path(globset::GlobMatcher),
 }
 
 impl ConnectRules {
@@ -186,6 +198,9 @@ impl ConnectRules {
 
     /// The up-front check of a `/probe` request: the target's own host and port.
     pub fn allows_target(&self, module: &Module, target: &str) -> Result<(), NotAllowed> {
+        if module.prober == Prober::Unix {
+            return self.allows_socket(target);
+        }
         let (host, port) = host_port(module, target).ok_or_else(|| NotAllowed::NoHostPort {
             target: target.to_string(),
             prober: module.prober.as_str(),
@@ -195,6 +210,29 @@ impl ConnectRules {
             self.addr_allowed(ip, port)?;
         }
         self.host_allowed(&host, port)
+    }
+
+    /// A unix socket path: only a pattern that starts with `/` and matches it admits it
+    /// (`*` or a host pattern never does), and assigned checks may not reach local
+    /// sockets at all (a socket is a local service, not a network target).
+    pub fn allows_socket(&self, path: &str) -> Result<(), NotAllowed> {
+        let Some(patterns) = &self.targets else {
+            return Err(NotAllowed::SocketNotAssignable {
+                path: path.to_string(),
+            });
+        };
+        let found = patterns.iter().any(|p| match &p.host {
+            HostPattern::Path(g) => g.is_match(path),
+            _ => false,
+        });
+        if found {
+            Ok(())
+        } else {
+            Err(NotAllowed::NoPattern {
+                shown: path.to_string(),
+                key: self.allow_key,
+            })
+        }
     }
 
     fn host_allowed(&self, host: &str, port: u16) -> Result<(), NotAllowed> {
@@ -210,6 +248,7 @@ impl ConnectRules {
             let host_ok = match &p.host {
                 HostPattern::Glob(g) => g.is_match(lower.get_or_init(|| host.to_ascii_lowercase())),
                 HostPattern::Net(net, prefix) => ip.is_some_and(|ip| in_net(ip, *net, *prefix)),
+                HostPattern::Path(_) => false,
             };
             host_ok
                 && p.port
@@ -272,7 +311,7 @@ impl ConnectRules {
                     && net_is_special(*net, *prefix)
                     && p.port.as_ref().is_none_or(|g| g.is_match(&port_text))
             }
-            HostPattern::Glob(_) => false,
+            HostPattern::Glob(_) | HostPattern::Path(_) => false,
         });
         let in_allow = self
             .allow
@@ -292,6 +331,10 @@ impl ConnectPolicy for ConnectRules {
     fn check_addr(&self, addr: SocketAddr) -> Result<(), Refusal> {
         self.addr_allowed(addr.ip(), addr.port())
             .map_err(|e| Refusal(e.to_string()))
+    }
+
+    fn check_socket(&self, path: &str) -> Result<(), Refusal> {
+        self.allows_socket(path).map_err(|e| Refusal(e.to_string()))
     }
 }
 
@@ -334,6 +377,16 @@ impl Pattern {
             why: why.to_string(),
             kind: PatternKind::Target,
         };
+        if raw.starts_with('/') {
+            let glob = globset::GlobBuilder::new(raw)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| bad(&e.to_string()))?;
+            return Ok(Self {
+                host: HostPattern::Path(glob.compile_matcher()),
+                port: None,
+            });
+        }
         let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
             match after {
@@ -543,6 +596,10 @@ fn host_port(module: &Module, target: &str) -> Option<(String, u16)> {
         Prober::Grpc => crate::probe::grpc::host_port(target, module.grpc.tls)
             .ok()
             .map(|(host, port)| (host.to_string(), port)),
+        Prober::Websocket => crate::probe::websocket::host_port(target)
+            .ok()
+            .map(|(host, port)| (host.to_string(), port)),
+        Prober::Unix => None,
     }
 }
 
@@ -561,6 +618,26 @@ mod tests {
         ConnectRules::probe_endpoint(&patterns)
             .expect("valid patterns")
             .allows_target(module, target)
+    }
+
+    #[test]
+    fn unix_sockets_need_a_path_pattern() {
+        let unix = module("unix");
+        let patterns = ["*", "/run/app/*.sock"];
+        assert!(allowed_target(&patterns, &unix, "/run/app/api.sock").is_ok());
+        // `*` (any host) never admits a socket, and `*` in a path stops at `/`.
+        assert!(allowed_target(&["*", "0.0.0.0/0:*"], &unix, "/run/app/api.sock").is_err());
+        assert!(allowed_target(&patterns, &unix, "/run/app/sub/x.sock").is_err());
+        assert!(allowed_target(&patterns, &unix, "/var/run/docker.sock").is_err());
+        // A path pattern admits no network target.
+        assert!(allowed_target(&["/run/*"], &module("tcp"), "127.0.0.1:80").is_err());
+        // Assigned checks never reach a local socket.
+        let assigned = ConnectRules::assigned_default();
+        let e = assigned.check_socket("/run/app/api.sock").unwrap_err();
+        assert!(e.0.contains("may not probe a unix socket"), "{e}");
+        let ws = module("websocket");
+        assert!(allowed_target(&["127.0.0.1:8080"], &ws, "ws://127.0.0.1:8080/chat").is_ok());
+        assert!(allowed_target(&["127.0.0.1:8080"], &ws, "wss://127.0.0.1/chat").is_err());
     }
 
     #[test]

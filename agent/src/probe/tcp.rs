@@ -65,7 +65,7 @@ pub async fn probe(
 }
 
 /// blackbox_exporter's query_response loop, step by step.
-async fn query_responses(
+pub(crate) async fn query_responses(
     ctx: &Env<'_>,
     io: Io,
     steps: &[QueryResponse],
@@ -81,7 +81,7 @@ async fn query_responses(
             "Processing query response entry",
             entry_number = i
         );
-        let mut send = step.send.clone().unwrap_or_default().into_bytes();
+        let mut send = step.send.as_ref().map(|s| s.0.clone()).unwrap_or_default();
         if let Some(pattern) = &step.expect {
             let re = ctx.regex(pattern).because(Reason::Config)?;
             // Lines are read until one matches; the connection ending first is a failed
@@ -162,8 +162,9 @@ async fn query_responses(
                 return Err(Failure::new(
                     Reason::Bytes,
                     format!(
-                        "query_response[{i}]: read {:?}, expected {want:?}",
-                        String::from_utf8_lossy(&got)
+                        "query_response[{i}]: read {:?}, expected {:?}",
+                        String::from_utf8_lossy(&got),
+                        String::from_utf8_lossy(want.as_bytes())
                     ),
                 ));
             }

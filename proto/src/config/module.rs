@@ -5,6 +5,16 @@ use super::{ByteSize, PromDuration};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod cel;
+mod unix;
+mod websocket;
+mod yaml_bytes;
+
+pub use cel::compile_cel;
+pub use unix::UnixProbe;
+pub use websocket::{HeaderSources, HeaderValues, WebsocketHttpConfig, WebsocketProbe};
+pub use yaml_bytes::YamlBytes;
+
 /// Which prober runs a module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -14,6 +24,8 @@ pub enum Prober {
     Dns,
     Icmp,
     Grpc,
+    Unix,
+    Websocket,
 }
 
 impl Prober {
@@ -24,6 +36,8 @@ impl Prober {
             Prober::Dns => "dns",
             Prober::Icmp => "icmp",
             Prober::Grpc => "grpc",
+            Prober::Unix => "unix",
+            Prober::Websocket => "websocket",
         }
     }
 }
@@ -47,6 +61,10 @@ pub struct Module {
     pub icmp: IcmpProbe,
     #[serde(default, skip_serializing_if = "GrpcProbe::is_default")]
     pub grpc: GrpcProbe,
+    #[serde(default, skip_serializing_if = "UnixProbe::is_default")]
+    pub unix: UnixProbe,
+    #[serde(default, skip_serializing_if = "WebsocketProbe::is_default")]
+    pub websocket: WebsocketProbe,
     /// sonde's addition: probe every address of the target instead of the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_address: Option<PerAddress>,
@@ -155,6 +173,13 @@ pub struct HttpProbe {
     pub method: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Prometheus's `http_headers`: each header's `values`, `secrets` and `files` (read
+    /// at every probe, trimmed), sent as `headers` are.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub http_headers: BTreeMap<String, HeaderSources>,
+    /// Headers of the CONNECT request to `proxy_url`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proxy_connect_header: BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     /// The request body read from this file at every probe (exclusive with `body`).
@@ -179,6 +204,13 @@ pub struct HttpProbe {
     pub fail_if_body_matches_regexp: Vec<String>,
     #[serde(default)]
     pub fail_if_body_not_matches_regexp: Vec<String>,
+    /// A CEL expression over the body parsed as JSON (bound to `body`): the probe fails
+    /// when it is true, or not a boolean, or the body is not JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_if_body_json_matches_cel: Option<String>,
+    /// As above, failing when the expression is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_if_body_json_not_matches_cel: Option<String>,
     #[serde(default)]
     pub tls_config: TlsConfig,
     /// Offer HTTP/2 over TLS (ALPN), as blackbox_exporter does by default.
@@ -268,6 +300,8 @@ impl Default for HttpProbe {
             fail_if_not_ssl: false,
             method: default_method(),
             headers: BTreeMap::new(),
+            http_headers: BTreeMap::new(),
+            proxy_connect_header: BTreeMap::new(),
             body: None,
             body_file: None,
             compression: String::new(),
@@ -276,6 +310,8 @@ impl Default for HttpProbe {
             authorization: None,
             fail_if_body_matches_regexp: Vec::new(),
             fail_if_body_not_matches_regexp: Vec::new(),
+            fail_if_body_json_matches_cel: None,
+            fail_if_body_json_not_matches_cel: None,
             tls_config: TlsConfig::default(),
             enable_http2: true,
             enable_http3: false,
@@ -331,12 +367,13 @@ pub struct QueryResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expect_bytes: Option<String>,
+    pub expect_bytes: Option<YamlBytes>,
     /// Reported as `probe_expect_info{<name>="<value>"} 1` once `expect` matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<ExpectLabel>,
+    /// Text, or `!!binary` for bytes that are not (blackbox_exporter's `postgresql`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub send: Option<String>,
+    pub send: Option<YamlBytes>,
     #[serde(default)]
     pub starttls: bool,
 }
@@ -472,6 +509,10 @@ pub struct GrpcProbe {
     pub preferred_ip_protocol: IpProtocol,
     #[serde(default = "yes")]
     pub ip_protocol_fallback: bool,
+    /// Sent with the health check as gRPC metadata (request headers): each key with
+    /// its values, keys lowercased as gRPC sends them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, Vec<String>>,
 }
 
 impl GrpcProbe {
@@ -488,6 +529,7 @@ impl Default for GrpcProbe {
             tls_config: TlsConfig::default(),
             preferred_ip_protocol: IpProtocol::Ip6,
             ip_protocol_fallback: true,
+            metadata: BTreeMap::new(),
         }
     }
 }
@@ -819,6 +861,36 @@ pub enum ModuleError {
         "per_address.max_addresses: {0} is out of range, use 1 to {MAX_PER_ADDRESS} (each address adds its own per-agent series)"
     )]
     MaxAddresses(u32),
+    #[error("{option}: {problem}")]
+    Option { option: String, problem: String },
+}
+
+/// gRPC metadata as grpc-go accepts it: lowercase keys of `[0-9a-z-_.]` not in the
+/// reserved `grpc-` space, values of printable ASCII (any bytes for `-bin` keys).
+fn check_grpc_metadata(metadata: &BTreeMap<String, Vec<String>>) -> Result<(), ModuleError> {
+    for (key, values) in metadata {
+        let lower = key.to_ascii_lowercase();
+        let bad_key = lower.is_empty()
+            || lower.starts_with("grpc-")
+            || !lower
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b"-_.".contains(&b));
+        let bad_value = !lower.ends_with("-bin")
+            && values
+                .iter()
+                .any(|v| !v.bytes().all(|b| (0x20..0x7f).contains(&b)));
+        if bad_key || bad_value {
+            return Err(ModuleError::Option {
+                option: format!("grpc.metadata.{key}"),
+                problem: if bad_key {
+                    "a metadata key is letters, digits, '-', '_' and '.', and does not start with grpc- (reserved)".into()
+                } else {
+                    "a value is printable ASCII (use a key ending in -bin for binary values)".into()
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Compiles a regex of `option`, only to check it.
@@ -882,6 +954,34 @@ impl Module {
                     .chain(&self.http.fail_if_body_not_matches_regexp)
                 {
                     compile("http", re)?;
+                }
+                websocket::check_header_map(
+                    "http.http_headers",
+                    self.http
+                        .http_headers
+                        .iter()
+                        .map(|(k, v)| (k, HeaderValues::Sources(v.clone()))),
+                )?;
+                websocket::check_header_map(
+                    "http.proxy_connect_header",
+                    self.http
+                        .proxy_connect_header
+                        .iter()
+                        .map(|(k, v)| (k, HeaderValues::Many(v.clone()))),
+                )?;
+                for (option, expression) in [
+                    (
+                        "http.fail_if_body_json_matches_cel",
+                        &self.http.fail_if_body_json_matches_cel,
+                    ),
+                    (
+                        "http.fail_if_body_json_not_matches_cel",
+                        &self.http.fail_if_body_json_not_matches_cel,
+                    ),
+                ] {
+                    if let Some(expression) = expression {
+                        compile_cel(option, expression)?;
+                    }
                 }
                 if self.http.method.is_empty()
                     || !self.http.method.bytes().all(|b| b.is_ascii_alphabetic())
@@ -1034,7 +1134,12 @@ impl Module {
                     return Err(ModuleError::IcmpPayload(self.icmp.payload_size));
                 }
             }
-            Prober::Grpc => check_tls("grpc", &self.grpc.tls_config)?,
+            Prober::Grpc => {
+                check_tls("grpc", &self.grpc.tls_config)?;
+                check_grpc_metadata(&self.grpc.metadata)?;
+            }
+            Prober::Unix => self.unix.validate()?,
+            Prober::Websocket => self.websocket.validate()?,
         }
         Ok(())
     }

@@ -403,7 +403,7 @@ pub fn check_target(module: &Module, target: &str) -> Result<(), TargetError> {
             }
             Ok(())
         }
-        Prober::Dns | Prober::Icmp | Prober::Grpc => Ok(()),
+        Prober::Dns | Prober::Icmp | Prober::Grpc | Prober::Unix | Prober::Websocket => Ok(()),
     }
 }
 

@@ -73,7 +73,12 @@ impl std::error::Error for ConfigError {}
 
 /// Parses `text` (the contents of `file`) strictly into `T`.
 pub fn from_yaml_str<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
-    serde_saphyr::from_str::<T>(text).map_err(|err| {
+    // `!!binary` scalars reach their field as the base64 text they are written as, and
+    // the byte fields that accept them (`module::YamlBytes`) decode it; the loader's
+    // own decoding would refuse binary that is not UTF-8 (a PostgreSQL SSLRequest).
+    let mut options = serde_saphyr::Options::default();
+    options.ignore_binary_tag_for_string = true;
+    serde_saphyr::from_str_with_options::<T>(text, options).map_err(|err| {
         let inner = err.without_snippet();
         let message = strip_position(&inner.to_string());
         match inner.location() {

@@ -9,7 +9,7 @@ use sonde_proto::config::module::HttpProbe;
 
 /// Why the credentials cannot be sent.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum AuthError {
+pub(crate) enum AuthError {
     /// A secret's file cannot be read; `what` names the option.
     #[error("http.{what} {path}: {error}")]
     File {
@@ -23,7 +23,7 @@ pub(super) enum AuthError {
 
 /// The Authorization value from basic_auth, authorization or the bearer token; files are
 /// read at each probe so that rotated secrets are picked up.
-pub(super) fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, AuthError> {
+pub(crate) fn authorization(cfg: &HttpProbe) -> Result<Option<HeaderValue>, AuthError> {
     let read = |path: &str, what: &'static str| {
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())

@@ -80,6 +80,17 @@ impl FinalResponse {
             });
             failure = Some(Failure::new(Reason::Regex, why));
         }
+        if failure.is_none()
+            && let Some(body) = &self.body
+            && super::cel_match::configured(cfg)
+        {
+            let why = super::cel_match::failure(cfg, body);
+            out.set(
+                "probe_failed_due_to_cel",
+                f64::from(u8::from(why.is_some())),
+            );
+            failure = why.map(|m| Failure::new(Reason::Regex, m));
+        }
         if let Some(e) = self.body_error {
             failure.get_or_insert(e);
         }

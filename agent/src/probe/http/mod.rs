@@ -13,8 +13,9 @@
 //! the body), `checks` (the checks on the final response), `http3` (each hop over QUIC
 //! instead, with `enable_http3`). This file runs the hops.
 
-mod auth;
+pub(crate) mod auth;
 pub(crate) mod body;
+mod cel_match;
 pub(crate) mod checks;
 mod conn;
 mod cookies;
@@ -76,6 +77,10 @@ pub async fn probe(
         ],
     );
 
+    // Registered only for a module with a CEL expression, as blackbox_exporter does.
+    if cel_match::configured(cfg) {
+        out.set("probe_failed_due_to_cel", 0.0);
+    }
     let url = if cfg.enable_http3 {
         target_url(&http3::https_target(target))
     } else {
@@ -178,6 +183,8 @@ pub(crate) enum RequestError {
     Method(String),
     #[error("http.headers: {0:?} is not a header name")]
     HeaderName(String),
+    #[error("http.http_headers.{0}")]
+    HeaderFile(String),
     #[error("http.headers: the value of {0} is not a header value")]
     HeaderValue(HeaderName),
     #[error("Host {0:?} is not a header value")]
@@ -338,7 +345,14 @@ impl Session<'_> {
         );
         out.stage = Stage::Exchange;
         if https && let Some(proxy) = &self.proxy {
-            tunnel(&mut tcp, proxy, &hop.url, port).await?;
+            tunnel(
+                &mut tcp,
+                proxy,
+                &self.cfg.proxy_connect_header,
+                &hop.url,
+                port,
+            )
+            .await?;
         }
 
         if let (true, Some(client)) = (https, &self.tls) {
@@ -380,6 +394,29 @@ impl Session<'_> {
             let value = HeaderValue::from_str(value)
                 .map_err(|_| RequestError::HeaderValue(name.clone()))?;
             headers.insert(name, value);
+        }
+        for (name, sources) in &self.cfg.http_headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| RequestError::HeaderName(name.clone()))?;
+            if !hop.same_site && is_sensitive(&header) {
+                continue;
+            }
+            let mut values: Vec<String> = sources
+                .values
+                .iter()
+                .chain(&sources.secrets)
+                .cloned()
+                .collect();
+            for file in &sources.files {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| RequestError::HeaderFile(format!("{name}: {file}: {e}")))?;
+                values.push(text.trim().to_string());
+            }
+            for value in values {
+                let value = HeaderValue::from_str(&value)
+                    .map_err(|_| RequestError::HeaderValue(header.clone()))?;
+                headers.append(header.clone(), value);
+            }
         }
         if let Some(auth) = &self.authorization
             && hop.same_site
@@ -549,7 +586,8 @@ impl Session<'_> {
         if !stopped_redirect {
             let keep = status_ok(self.cfg, status)
                 && !(self.cfg.fail_if_body_matches_regexp.is_empty()
-                    && self.cfg.fail_if_body_not_matches_regexp.is_empty());
+                    && self.cfg.fail_if_body_not_matches_regexp.is_empty()
+                    && !cel_match::configured(self.cfg));
             let (body, error) =
                 read_body(resp.into_body(), self.cfg, self.algorithm, keep, out).await;
             match &error {

@@ -78,6 +78,7 @@ impl Proxy {
 pub(super) async fn tunnel(
     io: &mut Io,
     proxy: &Proxy,
+    connect_headers: &std::collections::BTreeMap<String, Vec<String>>,
     url: &Url,
     port: u16,
 ) -> Result<(), Failure> {
@@ -87,6 +88,12 @@ pub(super) async fn tunnel(
     let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(auth) = proxy.authorization.as_ref().and_then(|v| v.to_str().ok()) {
         request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    // Names and values were checked at load: tokens, and no line breaks.
+    for (name, values) in connect_headers {
+        for value in values {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
     }
     request.push_str("\r\n");
     let io_err = |e: std::io::Error| {

@@ -1060,3 +1060,88 @@ async fn probe_http_debug_log_tells_why_it_failed() {
     .await;
     assert!(o.log.lines().is_empty() && !o.log.is_on());
 }
+
+#[tokio::test]
+async fn probe_http_sends_http_headers_from_values_and_files() {
+    let site = http_server().await;
+    let dir = std::env::temp_dir().join(format!("sonde-http-headers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("probe.txt");
+    std::fs::write(&file, "from-file\n").unwrap();
+    let m = http_module(serde_json::json!({
+        "http_headers": {"X-Probe": {"files": [file.to_str().unwrap()]}},
+        "fail_if_body_not_matches_regexp": ["x-probe=from-file "],
+    }));
+    let o = run(&ctx(), &format!("http://{site}/echo"), &m, TIMEOUT).await;
+    assert!(o.success, "{:?}", o.failure);
+    std::fs::remove_file(&file).unwrap();
+    let o = run(&ctx(), &format!("http://{site}/echo"), &m, TIMEOUT).await;
+    assert_eq!(o.failure_reason, Some(Reason::Config));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A proxy that answers CONNECT with 407 unless it carries `X-Tunnel-Token: t0k`, and
+/// tunnels to `site` otherwise.
+async fn picky_proxy(site: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !text.contains("\r\nx-tunnel-token: t0k\r\n") {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut upstream) = TcpStream::connect(site).await else {
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn probe_http_sends_proxy_connect_header_on_connect() {
+    let pki = test_pki();
+    let tls_site = https_server_with(&pki, &[b"http/1.1"]).await;
+    let proxy = picky_proxy(tls_site).await;
+    let target = "https://localhost:1/ok";
+    let with = |headers: serde_json::Value| {
+        http_module(serde_json::json!({
+            "proxy_url": format!("http://{proxy}"),
+            "proxy_connect_header": headers,
+            "tls_config": {"ca_file": ca_file(&pki)},
+        }))
+    };
+    let o = run(
+        &ctx(),
+        target,
+        &with(serde_json::json!({"X-Tunnel-Token": ["t0k"]})),
+        TIMEOUT,
+    )
+    .await;
+    assert!(o.success, "{:?}", o.failure);
+    let o = run(&ctx(), target, &with(serde_json::json!({})), TIMEOUT).await;
+    assert!(!o.success);
+    assert!(
+        o.failure.as_deref().unwrap().contains("407"),
+        "{:?}",
+        o.failure
+    );
+}
