@@ -270,6 +270,7 @@ fn local_checks(jobs: &[ResolvedJob]) -> Vec<CheckSpec> {
                 checks.push(CheckSpec {
                     job: job.name.clone(),
                     instance: target.clone(),
+                    probe_target: None,
                     module_name: job.module_name.clone(),
                     module: module.clone(),
                     interval: job.interval,
@@ -352,6 +353,7 @@ mod tests {
         let check = |job: &str, module| CheckSpec {
             job: job.into(),
             instance: "127.0.0.1:9".into(),
+            probe_target: None,
             module_name: "m".into(),
             module,
             interval: Duration::from_secs(3600),

@@ -74,7 +74,10 @@ pub enum Source {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckSpec {
     pub job: String,
+    /// The `instance` label of the check's results.
     pub instance: String,
+    /// What to probe when it is not the instance (an assigned check of a relabeled job).
+    pub probe_target: Option<String>,
     pub module_name: String,
     pub module: Arc<Module>,
     pub interval: Duration,
@@ -415,6 +418,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn same_probe(a: &CheckSpec, b: &CheckSpec) -> bool {
     a.job == b.job
         && a.instance == b.instance
+        && a.probe_target == b.probe_target
         && a.module == b.module
         && a.interval == b.interval
         && a.timeout == b.timeout
@@ -678,7 +682,7 @@ impl Check {
         let mut run = Box::pin(probe::run_with_policy(
             &self.ctx,
             policy.as_deref().map(|p| p as &dyn probe::ConnectPolicy),
-            &spec.instance,
+            spec.probe_target.as_deref().unwrap_or(&spec.instance),
             &spec.module,
             spec.timeout,
         ));
@@ -945,6 +949,7 @@ mod tests {
         CheckSpec {
             job: "web".into(),
             instance: instance.into(),
+            probe_target: None,
             module_name: "tcp".into(),
             module: module(r#"{"prober":"tcp"}"#),
             interval: Duration::from_millis(interval_ms),
@@ -990,6 +995,10 @@ mod tests {
             },
             CheckSpec {
                 retries: 2,
+                ..base.clone()
+            },
+            CheckSpec {
+                probe_target: Some("127.0.0.1:10".into()),
                 ..base.clone()
             },
             CheckSpec {

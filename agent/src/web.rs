@@ -119,8 +119,13 @@ async fn index(State(agent): State<Arc<AgentRuntime>>) -> impl IntoResponse {
         config.id
     );
     for (source, check) in agent.scheduler.checks() {
+        let probed = check
+            .probe_target
+            .as_deref()
+            .map(|t| format!("\ttarget={t}"))
+            .unwrap_or_default();
         text.push_str(&format!(
-            "  {:?}\tjob={}\tinstance={}\tmodule={}\tinterval={:?}\n",
+            "  {:?}\tjob={}\tinstance={}{probed}\tmodule={}\tinterval={:?}\n",
             source, check.job, check.instance, check.module_name, check.interval
         ));
     }

@@ -217,6 +217,7 @@ mod tests {
             timeout_ms: 5_000,
             retries: 0,
             module,
+            target: String::new(),
         }
     }
 

@@ -317,6 +317,7 @@ fn tcp_check(port: u16, module: u32) -> pb::Check {
         timeout_ms: 1_000,
         retries: 0,
         module,
+        target: String::new(),
     }
 }
 

@@ -182,6 +182,7 @@ fn accept(assignment: Assembled, policy: &FilePolicy) -> (Vec<CheckSpec>, Vec<Re
         checks.push(CheckSpec {
             job: check.job,
             instance: check.instance,
+            probe_target: Some(check.target).filter(|t| !t.is_empty()),
             module_name: module_name.clone(),
             module,
             interval,
@@ -221,6 +222,7 @@ mod tests {
                 timeout_ms: *timeout_ms,
                 retries: 0,
                 module: module as u32,
+                target: String::new(),
             });
         }
         out

@@ -829,6 +829,7 @@ mod tests {
             timeout_ms: 1_000,
             retries: 0,
             module,
+            target: String::new(),
         };
         let script = vec![
             // 1: complete, applied.

@@ -91,6 +91,7 @@ impl<'a> Planner<'a> {
             planned.checks.push(Check {
                 job: target.job.clone(),
                 instance: target.instance.clone(),
+                target: target.probe_target.clone().unwrap_or_default(),
                 interval_ms: job.interval.as_millis() as u64,
                 timeout_ms: job.timeout.as_millis() as u64,
                 retries: job.retries,
@@ -395,6 +396,7 @@ mod tests {
                     timeout_ms: 5_000,
                     retries: 1,
                     module: (n % modules.max(1)) as u32,
+                    target: String::new(),
                 })
                 .collect(),
         }

@@ -35,9 +35,14 @@ jobs:
             probe_target: None,
             labels: Default::default(),
         };
+        let relabeled = Target {
+            probe_target: Some("127.0.0.1:7".into()),
+            ..target("a", "db-primary")
+        };
         let targets = [
             target("a", "127.0.0.1:1"),
             target("a", "127.0.0.1:2"),
+            relabeled,
             target("b", "127.0.0.1:3"),
             target("c", "http://127.0.0.1/"),
         ];
@@ -45,7 +50,22 @@ jobs:
         let names: Vec<_> = plan.modules.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["tcp", "http_2xx"]);
         let modules: Vec<_> = plan.checks.iter().map(|c| c.module).collect();
-        assert_eq!(modules, [0, 0, 0, 1]);
+        assert_eq!(modules, [0, 0, 0, 0, 1]);
+        let probed: Vec<(&str, &str)> = plan
+            .checks
+            .iter()
+            .map(|c| (c.instance.as_str(), c.target.as_str()))
+            .collect();
+        assert_eq!(
+            probed,
+            [
+                ("127.0.0.1:1", ""),
+                ("127.0.0.1:2", ""),
+                ("db-primary", "127.0.0.1:7"),
+                ("127.0.0.1:3", ""),
+                ("http://127.0.0.1/", "")
+            ]
+        );
         let module: sonde_proto::config::Module =
             serde_json::from_str(&plan.modules[1].json).unwrap();
         assert_eq!(module.prober, sonde_proto::config::Prober::Http);
