@@ -72,8 +72,9 @@
 //!
 //! At the default load (`fleet-sim --pin`: 10 agents × 1,000 targets × 12 samples every
 //! 5 s, ~50 results per batch), where a batch's own costs are spread over fifty results,
-//! the stages are others (one run with `perf record`: 4.23 µs per probe sample, 4.95×
-//! the floor's 0.86 in the same run):
+//! the stages are others (two runs with `perf record`: 4.23 and 4.47 µs per probe
+//! sample, 4.95× and 5.84× the floor's 0.86 and 0.77 in the same runs; the first run's
+//! shares):
 //!
 //! | stage | share |
 //! |---|---:|
