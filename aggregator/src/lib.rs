@@ -88,10 +88,11 @@
 //! | gRPC workers: malloc, free, copies, kernel | 15.1 % |
 //! | gRPC workers: remote-write senders (snappy, settling blocks) | 5.5 % |
 //!
-//! There the price is per sample, and most of it is the queue's enqueue on the storage
-//! thread (44 % of the process): a lookup in the endpoint's series cache, the block's
-//! encoding and a second copy of the series' labels in request form for the tail, each
-//! once per sample, where the floor copies a sample's encoded labels once.
+//! There the price is per sample. The storage thread is 44 % of the process, and most
+//! of it is the queue's enqueue with its allocation and copies: a lookup in the
+//! endpoint's series cache, the block's encoding and a copy of the series' labels in
+//! request form for the tail, each once per sample, where the floor copies a sample's
+//! encoded labels once.
 
 pub mod app;
 pub mod config;
