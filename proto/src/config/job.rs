@@ -35,6 +35,10 @@ pub struct JobConfig {
     pub static_configs: Vec<StaticConfig>,
     #[serde(default)]
     pub file_sd_configs: Vec<FileSdConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_sd_configs: Vec<super::HttpSdConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_sd_configs: Vec<super::DnsSdConfig>,
 }
 
 /// A group of targets sharing labels; also the shape of one entry of a file_sd file.

@@ -2,12 +2,14 @@
 //! targets, Prometheus-style durations and sizes, and strict YAML loading whose errors
 //! name the file, line and column.
 
+pub mod discovery;
 mod job;
 pub mod module;
 mod resolve;
 mod units;
 mod yaml;
 
+pub use discovery::{DnsSdConfig, DnsSdType, HttpSdConfig};
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
 pub use module::{Module, ModuleError, Prober};
 pub use resolve::{
