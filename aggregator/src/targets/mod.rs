@@ -31,7 +31,9 @@
 //! The discovery thread notices new lists on its next pass; nothing else is needed.
 
 mod build;
+mod dns_sd;
 mod file_sd;
+mod http_sd;
 pub mod source;
 
 pub use file_sd::{FileSdError, parse_groups, read_groups};
@@ -128,6 +130,10 @@ impl Discovery {
         for sd in &job.config.file_sd_configs {
             self.files.groups(sd, &mut groups);
         }
+        let http = &job.config.http_sd_configs;
+        self.background(job, "http", http, http_sd::source, &mut groups);
+        let dns = &job.config.dns_sd_configs;
+        self.background(job, "dns", dns, dns_sd::source, &mut groups);
         groups
     }
 

@@ -105,6 +105,29 @@ pub struct HttpSdConfig {
     pub enable_http2: Option<bool>,
 }
 
+impl HttpSdConfig {
+    /// Makes the entry's file paths relative to `base` (the config file's directory),
+    /// as Prometheus does.
+    pub fn relative_to(&mut self, base: &std::path::Path) {
+        let mut files: Vec<&mut PathBuf> = Vec::new();
+        if let Some(b) = &mut self.basic_auth {
+            files.extend(b.username_file.as_mut());
+            files.extend(b.password_file.as_mut());
+        }
+        if let Some(a) = &mut self.authorization {
+            files.extend(a.credentials_file.as_mut());
+        }
+        if let Some(t) = &mut self.tls_config {
+            files.extend(t.ca_file.as_mut());
+            files.extend(t.cert_file.as_mut());
+            files.extend(t.key_file.as_mut());
+        }
+        for f in files {
+            *f = base.join(&*f);
+        }
+    }
+}
+
 fn default_http_refresh() -> PromDuration {
     PromDuration::from_secs(60)
 }
