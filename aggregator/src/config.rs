@@ -321,7 +321,7 @@ impl AggregatorConfig {
                 }
             }
             for sd in &mut job.config.http_sd_configs {
-                sd.relative_to(&base);
+                sd.relative_to(base);
             }
         }
         if let Some(shard) = global.shard

@@ -235,7 +235,12 @@ mod tests {
             refresh_interval: sonde_proto::config::PromDuration::from_secs(30),
             nameservers: vec![server.to_string()],
         };
-        let cases: [(DnsSdType, Option<u16>, &[(&str, &str)]); 5] = [
+        type Case = (
+            DnsSdType,
+            Option<u16>,
+            &'static [(&'static str, &'static str)],
+        );
+        let cases: [Case; 5] = [
             (
                 DnsSdType::Srv,
                 None,
