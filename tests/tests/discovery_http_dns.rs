@@ -94,6 +94,23 @@ fn expect_instances(
     )
 }
 
+/// Asserts that job `job` keeps exactly the targets `want` for three seconds.
+fn hold_instances(scene: &mut Scene, web: &str, job: &str, want: &[&str]) {
+    scene.hold_for(
+        &format!("job {job} keeps targets {want:?}"),
+        Duration::from_secs(3),
+        || {
+            let got = targets_of(web, job)?;
+            let names: Vec<&str> = got.keys().map(String::as_str).collect();
+            if names == want {
+                Ok(())
+            } else {
+                Err(format!("{names:?}"))
+            }
+        },
+    );
+}
+
 fn failures(web: &str, mechanism: &str) -> f64 {
     metric_sum(
         web,
@@ -165,11 +182,12 @@ fn http_sd_follows_the_server_and_keeps_the_last_list_when_it_fails() {
                 n => Err(format!("{n}")),
             },
         );
-        let names: Vec<String> = targets_of(&web, "from_http").unwrap().into_keys().collect();
-        assert_eq!(
-            names,
-            ["127.0.0.1:7001", "127.0.0.1:7002"],
-            "after {status} {body:?}"
+        // Discovery passes run once a second: an emptied list would show within this.
+        hold_instances(
+            &mut scene,
+            &web,
+            "from_http",
+            &["127.0.0.1:7001", "127.0.0.1:7002"],
         );
     }
 
@@ -266,10 +284,18 @@ fn dns_sd_follows_srv_and_a_records_and_keeps_the_last_list_when_the_server_fail
             n => Err(format!("{n}")),
         },
     );
-    let names: Vec<String> = targets_of(&web, "from_srv").unwrap().into_keys().collect();
-    assert_eq!(names, ["web1.sd.test:8081", "web2.sd.test:8080"]);
-    let names: Vec<String> = targets_of(&web, "from_a").unwrap().into_keys().collect();
-    assert_eq!(names, ["127.0.0.22:5432", "127.0.0.23:5432"]);
+    hold_instances(
+        &mut scene,
+        &web,
+        "from_srv",
+        &["web1.sd.test:8081", "web2.sd.test:8080"],
+    );
+    hold_instances(
+        &mut scene,
+        &web,
+        "from_a",
+        &["127.0.0.22:5432", "127.0.0.23:5432"],
+    );
 
     // Records disappear: an SRV name with one record left, an A name gone (NXDOMAIN).
     let third = "srv-host=_web._tcp.sd.test,web2.sd.test,8080\n";

@@ -37,6 +37,7 @@ mod http_sd;
 pub mod source;
 
 pub use file_sd::{FileSdError, parse_groups, read_groups};
+pub use http_sd::parse as parse_http_sd;
 pub use sonde_hub::targets::{Target, TargetSet};
 pub use source::{DiscoveryCounters, Publisher, Source};
 
