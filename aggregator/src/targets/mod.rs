@@ -24,9 +24,10 @@
 //!    whole list each time it changes (a list/watch mechanism) or using
 //!    [`Publisher::poll_every`] (a polling one), and `publisher.failed(&error)` when a
 //!    refresh fails. Targets carry `__address__` and the mechanism's `__meta_*` labels.
-//! 3. One line in [`Discovery::job_groups`]: `self.background(job, "name",
-//!    &job.config.the_sd_configs, the_module::source, &mut groups)`, and the mechanism's
-//!    name in [`source::BACKGROUND_MECHANISMS`].
+//! 3. One line in `Discovery::job_groups`: `self.background(job, "name",
+//!    &job.config.the_sd_configs, the_module::source, &mut groups)`, the field in
+//!    [`Discovery::is_dynamic`] (so the discovery thread looks for changes), and the
+//!    mechanism's name in [`source::BACKGROUND_MECHANISMS`].
 //!
 //! The discovery thread notices new lists on its next pass; nothing else is needed.
 
