@@ -114,7 +114,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Every job's targets under `config`, re-reading file_sd files that changed.
+    /// Every job's targets under `config`: file_sd files re-read if they changed, the
+    /// background sources' latest lists.
     fn discover(&self, config: &AggregatorConfig) -> TargetSet {
         self.discovery
             .lock()
@@ -437,7 +438,7 @@ impl Hub {
         self.send(|| (), |reply| Command::Tick { now_ms, reply })
     }
 
-    /// Applies a new config (see [`State::reload`]); its file_sd files are read here,
+    /// Applies a new config (see [`State::reload`]); its targets are collected here,
     /// by the caller.
     pub fn reload(&self, config: Arc<AggregatorConfig>, now_ms: i64) -> Reply<()> {
         let targets = self.shared.discover(&config);
