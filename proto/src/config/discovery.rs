@@ -336,6 +336,27 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_field_names_its_job() {
+        use crate::config::{JobConfig, JobDefaults, Located, Module, resolve_jobs};
+        use std::collections::BTreeMap;
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            modules: BTreeMap<String, Module>,
+            jobs: Vec<Located<JobConfig>>,
+        }
+        let text = "modules: {m: {prober: tcp}}\njobs:\n  - job_name: cmdb\n    module: m\n    http_sd_configs: [{url: 'http://127.0.0.1:1/sd', proxy_url: 'http://proxy:3128'}]\n";
+        let path = std::path::Path::new("x.yml");
+        let doc: Doc = crate::config::from_yaml_str(path, text).unwrap();
+        let err = resolve_jobs(path, &doc.modules, &doc.jobs, JobDefaults::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("job \"cmdb\": http_sd_configs: proxy_url is not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn dns_sd_defaults_and_refusals() {
         let sd = dns("names: [_web._tcp.example.org]");
         assert_eq!(sd.kind, DnsSdType::Srv);
