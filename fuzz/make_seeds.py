@@ -79,6 +79,7 @@ def configs():
             put("blackbox_modules", b"\x01" + st.encode())
         if st.startswith("[") and '"targets"' in st:
             put("file_sd", b"\x01" + st.encode())
+            put("http_sd", st.encode())
     # Modules as the aggregator sends them to agents (serde_json of Module).
     for m in [
         '{"prober":"http","timeout":"5s","http":{"preferred_ip_protocol":"ip4","valid_status_codes":[200,204],'
@@ -103,6 +104,8 @@ def configs():
         "file_sd",
         b'\x01[{"targets":["http://127.0.0.1:8080/","127.0.0.1:22","[::1]:53"],"labels":{"team":"shop"}},{"targets":[]}]',
     )
+    put("http_sd", b'[{"targets":["127.0.0.1:22","[::1]:53"],"labels":{"team":"shop"}},{"targets":[]}]')
+    put("http_sd", b"null")
 
 
 # --- protobuf, by hand: the fleet stream -------------------------------------------

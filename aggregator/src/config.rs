@@ -320,6 +320,9 @@ impl AggregatorConfig {
                     *pattern = base.join(&*pattern).to_string_lossy().into_owned();
                 }
             }
+            for sd in &mut job.config.http_sd_configs {
+                sd.relative_to(base);
+            }
         }
         if let Some(shard) = global.shard
             && shard.total > 0

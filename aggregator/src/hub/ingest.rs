@@ -1,6 +1,6 @@
 //! The threads that run the hub: the ingest thread applies commands to the [`State`] and
 //! hands each group's changes to the storage thread, which commits them; the discovery
-//! thread re-reads file_sd files. See the module above for the design.
+//! thread collects the discovered targets. See the module above for the design.
 
 use super::*;
 use std::collections::HashMap;
@@ -37,11 +37,7 @@ pub(super) fn discovery_thread(
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if config
-            .jobs
-            .iter()
-            .all(|j| j.config.file_sd_configs.is_empty())
-        {
+        if !crate::targets::Discovery::is_dynamic(&config.jobs) {
             continue;
         }
         let targets = shared.discover(&config);

@@ -15,11 +15,11 @@ pub mod client;
 pub mod config;
 pub mod encode;
 pub mod encode_v2;
-mod endpoint;
+pub(crate) mod endpoint;
 pub(crate) mod request;
 mod setting;
 pub(crate) mod tail;
-mod tls;
+pub(crate) mod tls;
 
 pub use backoff::backoff;
 pub use client::SendError;

@@ -11,18 +11,9 @@
 
 use super::{Target, TargetSet};
 use sonde_proto::config::{
-    Labels, PromDuration, ResolvedJob, TargetGroup, check_target, is_valid_label_name, relabel,
+    Labels, PromDuration, ResolvedJob, check_target, is_valid_label_name, relabel,
 };
 use std::sync::Arc;
-
-/// Adds a group of `static_configs` or a file_sd file: each target an address.
-pub(super) fn add_group(set: &mut TargetSet, job: &ResolvedJob, group: &TargetGroup) {
-    let targets = group
-        .targets
-        .iter()
-        .map(|address| Labels::from([("__address__".to_string(), address.clone())]));
-    add_labeled_group(set, job, targets, &group.labels);
-}
 
 /// Adds a discovered group: each target a label set holding `__address__` (and whatever
 /// `__meta_*` labels its discovery gives it), plus the labels the whole group shares.
@@ -202,14 +193,14 @@ mod tests {
 
     fn targets(job: &ResolvedJob, addresses: &[&str], group: &[(&str, &str)]) -> TargetSet {
         let mut set = TargetSet::new();
-        let group = TargetGroup {
-            targets: addresses.iter().map(|a| a.to_string()).collect(),
-            labels: group
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        add_group(&mut set, job, &group);
+        let group: Labels = group
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let targets = addresses
+            .iter()
+            .map(|a| Labels::from([("__address__".to_string(), a.to_string())]));
+        add_labeled_group(&mut set, job, targets, &group);
         set
     }
 

@@ -289,7 +289,7 @@ fn why_missing(state: &Snapshot, name: &str, targets: usize, now: i64) -> String
             .into();
     };
     if targets == 0 {
-        return "it has no targets (static_configs empty, or file_sd found none)".into();
+        return "it has no targets (static_configs empty, or discovery found none)".into();
     }
     let selector = &config.config.agents;
     let shown = if selector.is_empty() {

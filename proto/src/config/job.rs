@@ -94,6 +94,10 @@ job_config! {
         pub static_configs: Vec<StaticConfig>,
         #[serde(default)]
         pub file_sd_configs: Vec<FileSdConfig>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub http_sd_configs: Vec<super::HttpSdConfig>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub dns_sd_configs: Vec<super::DnsSdConfig>,
     }
     // The rest of a Prometheus scrape_config: accepted, so that a scrape job loads as it is,
     // and each one set is reported as ignored, with why.

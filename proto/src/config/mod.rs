@@ -2,6 +2,7 @@
 //! targets, Prometheus-style durations and sizes, and strict YAML loading whose errors
 //! name the file, line and column.
 
+pub mod discovery;
 mod job;
 pub mod module;
 pub mod relabel;
@@ -9,6 +10,7 @@ mod resolve;
 mod units;
 mod yaml;
 
+pub use discovery::{DnsSdConfig, DnsSdType, HttpSdConfig};
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
 pub use module::{Module, ModuleError, Prober};
 pub use relabel::{RelabelAction, RelabelConfig, RelabelError, RelabelRegex};

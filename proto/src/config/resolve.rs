@@ -236,6 +236,16 @@ fn resolve_one<'a>(
                 )));
             }
         }
+        let sd_problems = (job.http_sd_configs.iter())
+            .flat_map(super::discovery::check_http_sd)
+            .chain(
+                job.dns_sd_configs
+                    .iter()
+                    .flat_map(super::discovery::check_dns_sd),
+            );
+        for problem in sd_problems {
+            report(err(format!("job {:?}: {problem}", job.job_name)));
+        }
         let freshness = match job.freshness {
             Some(f) if f.0 < interval => {
                 report(err(format!(
