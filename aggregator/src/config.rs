@@ -320,6 +320,9 @@ impl AggregatorConfig {
                     *pattern = base.join(&*pattern).to_string_lossy().into_owned();
                 }
             }
+            for sd in &mut job.config.kubernetes_sd_configs {
+                sd.resolve_paths(base);
+            }
         }
         if let Some(shard) = global.shard
             && shard.total > 0

@@ -3,6 +3,7 @@
 
 mod build;
 mod file_sd;
+pub mod kubernetes;
 
 pub use file_sd::{FileSd, FileSdError, parse_groups, read_groups};
 pub use sonde_hub::targets::{Target, TargetSet};

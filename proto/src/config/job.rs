@@ -35,6 +35,8 @@ pub struct JobConfig {
     pub static_configs: Vec<StaticConfig>,
     #[serde(default)]
     pub file_sd_configs: Vec<FileSdConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubernetes_sd_configs: Vec<super::discovery::kubernetes::KubernetesSdConfig>,
 }
 
 /// A group of targets sharing labels; also the shape of one entry of a file_sd file.

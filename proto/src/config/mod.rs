@@ -2,6 +2,7 @@
 //! targets, Prometheus-style durations and sizes, and strict YAML loading whose errors
 //! name the file, line and column.
 
+pub mod discovery;
 mod job;
 pub mod module;
 mod resolve;

@@ -194,6 +194,14 @@ fn resolve_one<'a>(
                 )));
             }
         }
+        for sd in &job.kubernetes_sd_configs {
+            if let Err(m) = sd.validate() {
+                report(err(format!(
+                    "job {:?}: kubernetes_sd_configs ({} role): {m}",
+                    job.job_name, sd.role
+                )));
+            }
+        }
         let freshness = match job.freshness {
             Some(f) if f.0 < interval => {
                 report(err(format!(
