@@ -12,7 +12,7 @@ use sonde_aggregator::fleet::decode::{SymbolTable, decode_batch};
 use sonde_aggregator::hub::state::Changes;
 use sonde_aggregator::hub::{HubCounters, State};
 use sonde_aggregator::refusals::Refusals;
-use sonde_aggregator::targets::FileSd;
+use sonde_aggregator::targets::Discovery;
 use sonde_proto::pb::{self, AgentMessage, agent_message::Msg};
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
@@ -47,7 +47,7 @@ const T0: i64 = 1_700_000_000_000;
 
 fuzz_target!(|data: &[u8]| {
     let config = CONFIG_PARSED.clone();
-    let targets = FileSd::default().targets(&config.jobs);
+    let targets = Discovery::default().targets(&config.jobs);
     let mut state = State::new(Arc::new(config.hub()), targets, T0);
     let counters = HubCounters::default();
     let refusals = Refusals::default();

@@ -66,11 +66,19 @@ impl RecordedApi {
                 };
                 recorded.lock().unwrap().push(target.clone());
                 let path = target.split('?').next().unwrap_or("");
-                let exchange = if path == INGRESSES { script.next() } else { None };
+                let exchange = if path == INGRESSES {
+                    script.next()
+                } else {
+                    None
+                };
                 let open = match exchange {
                     Some(Exchange::Reply(code, body)) => reply(conn, code, &body),
                     Some(Exchange::Watch(steps)) => stream(conn, steps, &go_rx),
-                    None => reply(conn, 404, &status(404, "NotFound", &format!("{path} is not recorded"))),
+                    None => reply(
+                        conn,
+                        404,
+                        &status(404, "NotFound", &format!("{path} is not recorded")),
+                    ),
                 };
                 if !open {
                     return;
@@ -169,7 +177,8 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 /// The recorded Ingresses by name, as a watch event carries them (with kind and
 /// apiVersion, which list items lack).
 fn recorded_ingress(name: &str) -> Value {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures/kubernetes/ingresses.json")).unwrap();
+    let text =
+        std::fs::read_to_string(repo_path("tests/fixtures/kubernetes/ingresses.json")).unwrap();
     let list: Value = serde_json::from_str(&text).unwrap();
     let mut item = list["items"]
         .as_array()
@@ -229,7 +238,9 @@ fn event(kind: &str, object: Value) -> Step {
 fn instances(web: &str, job: &str) -> Result<BTreeSet<String>, String> {
     let body = http_get_ok(&format!("{web}/api/v1/targets"))?;
     let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    let data = v["data"].as_array().ok_or_else(|| format!("no data in {body}"))?;
+    let data = v["data"]
+        .as_array()
+        .ok_or_else(|| format!("no data in {body}"))?;
     Ok(data
         .iter()
         .filter(|t| t["job"] == job)
@@ -247,7 +258,13 @@ fn ingresses_listed_watched_resumed_and_relisted() {
     let mut changed = with_version(recorded_ingress("storefront"), "48300");
     changed["spec"]["rules"][1]["host"] = json!("status.shop.example");
     let script = vec![
-        Exchange::Reply(200, list("48211", vec![recorded_ingress("storefront"), recorded_ingress("admin")])),
+        Exchange::Reply(
+            200,
+            list(
+                "48211",
+                vec![recorded_ingress("storefront"), recorded_ingress("admin")],
+            ),
+        ),
         Exchange::Watch(vec![
             Step::WaitForTest,
             event("MODIFIED", changed.clone()),
@@ -258,16 +275,29 @@ fn ingresses_listed_watched_resumed_and_relisted() {
         Exchange::Watch(vec![
             event("DELETED", with_version(recorded_ingress("admin"), "48350")),
             Step::WaitForTest,
-            Step::Event(json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version: 48350 (48400)")})),
+            Step::Event(
+                json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version: 48350 (48400)")}),
+            ),
             Step::End,
         ]),
         Exchange::Reply(
             403,
-            status(403, "Forbidden", "ingresses.networking.k8s.io is forbidden: User \"system:serviceaccount:monitoring:sonde-aggregator\" cannot list resource \"ingresses\" in API group \"networking.k8s.io\" at the cluster scope"),
+            status(
+                403,
+                "Forbidden",
+                "ingresses.networking.k8s.io is forbidden: User \"system:serviceaccount:monitoring:sonde-aggregator\" cannot list resource \"ingresses\" in API group \"networking.k8s.io\" at the cluster scope",
+            ),
         ),
         Exchange::Reply(
             200,
-            list("48500", vec![changed, new_ingress("blog", "blog.shop.example", "48301"), new_ingress("docs", "docs.shop.example", "48480")]),
+            list(
+                "48500",
+                vec![
+                    changed,
+                    new_ingress("blog", "blog.shop.example", "48301"),
+                    new_ingress("docs", "docs.shop.example", "48480"),
+                ],
+            ),
         ),
         Exchange::Watch(vec![Step::Hold("48600")]),
     ];
@@ -284,31 +314,62 @@ fn ingresses_listed_watched_resumed_and_relisted() {
     let expect = |scene: &mut Scene, what: &str, want: BTreeSet<String>| {
         scene.wait_until(what, WAIT, || {
             let got = instances(&web, "ingresses")?;
-            if got == want { Ok(()) } else { Err(format!("{got:?}")) }
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
         });
     };
 
-    expect(&mut scene, "the listed Ingresses", set(&["www.shop.example", "status.example.org", "admin.shop.internal"]));
+    expect(
+        &mut scene,
+        "the listed Ingresses",
+        set(&[
+            "www.shop.example",
+            "status.example.org",
+            "admin.shop.internal",
+        ]),
+    );
     api.go_on();
     expect(
         &mut scene,
         "the watched change and the new Ingress",
-        set(&["www.shop.example", "status.shop.example", "admin.shop.internal", "blog.shop.example"]),
+        set(&[
+            "www.shop.example",
+            "status.shop.example",
+            "admin.shop.internal",
+            "blog.shop.example",
+        ]),
     );
     api.go_on();
-    expect(&mut scene, "the deletion seen on the resumed watch", set(&["www.shop.example", "status.shop.example", "blog.shop.example"]));
+    expect(
+        &mut scene,
+        "the deletion seen on the resumed watch",
+        set(&[
+            "www.shop.example",
+            "status.shop.example",
+            "blog.shop.example",
+        ]),
+    );
     api.go_on();
     expect(
         &mut scene,
         "the new list after the watch expired and a 403",
-        set(&["www.shop.example", "status.shop.example", "blog.shop.example", "docs.shop.example"]),
+        set(&[
+            "www.shop.example",
+            "status.shop.example",
+            "blog.shop.example",
+            "docs.shop.example",
+        ]),
     );
 
     let requests = api.requests();
-    let ingress_requests: Vec<&String> = requests.iter().filter(|r| r.starts_with(INGRESSES)).collect();
-    let watch_from = |r: &str| {
-        r.contains("watch=true") || r.contains("watch=1")
-    };
+    let ingress_requests: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with(INGRESSES))
+        .collect();
+    let watch_from = |r: &str| r.contains("watch=true") || r.contains("watch=1");
     let version = |r: &str| {
         r.split(['?', '&'])
             .find_map(|p| p.strip_prefix("resourceVersion="))
@@ -317,7 +378,13 @@ fn ingresses_listed_watched_resumed_and_relisted() {
     };
     let summary: Vec<String> = ingress_requests
         .iter()
-        .map(|r| if watch_from(r) { format!("watch@{}", version(r)) } else { "list".to_string() })
+        .map(|r| {
+            if watch_from(r) {
+                format!("watch@{}", version(r))
+            } else {
+                "list".to_string()
+            }
+        })
         .collect();
     assert_eq!(
         summary[..5],
@@ -332,7 +399,8 @@ fn ingresses_listed_watched_resumed_and_relisted() {
         "the 403 is logged with what to grant:\n{log}"
     );
     assert!(
-        log.contains("cannot reach the API server") && log.contains(&unreachable.replace("http://", "")),
+        log.contains("cannot reach the API server")
+            && log.contains(&unreachable.replace("http://", "")),
         "the unreachable API server is logged as such:\n{log}"
     );
     assert!(instances(&web, "elsewhere").unwrap().is_empty());

@@ -37,11 +37,7 @@ pub(super) fn discovery_thread(
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if config
-            .jobs
-            .iter()
-            .all(|j| j.config.file_sd_configs.is_empty())
-        {
+        if !crate::targets::Discovery::is_dynamic(&config.jobs) {
             continue;
         }
         let targets = shared.discover(&config);

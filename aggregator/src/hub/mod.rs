@@ -23,7 +23,8 @@
 //!   the first batch goes at once;
 //! - the **storage thread** commits a group in one transaction (the agents' sequence
 //!   numbers and every remote-write queue together) and reports back;
-//! - the **discovery thread** re-reads file_sd files once a second.
+//! - the **discovery thread** collects every job's targets once a second: file_sd
+//!   files that changed, and the latest lists of the background sources (`targets`).
 //!
 //! A group's acks (and a reload's or a tick's completion) are answered only after its
 //! commit. If a commit fails, the group and the one applied after it are rolled back,
@@ -49,7 +50,7 @@ use crate::refusals::Refusals;
 use crate::series::Samples;
 use crate::storage::StoreError;
 use crate::storage::health::StorageHealth;
-use crate::targets::{FileSd, TargetSet};
+use crate::targets::{Discovery, TargetSet};
 use sonde_proto::config::Labels;
 use sonde_proto::pb::{self, AggregatorMessage};
 use std::sync::mpsc as std_mpsc;
@@ -107,7 +108,9 @@ pub(crate) struct Shared {
     pub storage: StorageHealth,
     pub refusals: Arc<Refusals>,
     config: RwLock<Arc<AggregatorConfig>>,
-    discovery: Mutex<FileSd>,
+    discovery: Mutex<Discovery>,
+    /// Discovery's self-metrics, read without taking `discovery`'s lock.
+    discovery_counters: Arc<crate::targets::DiscoveryCounters>,
 }
 
 impl Shared {
@@ -248,7 +251,7 @@ impl std::ops::Deref for StorageRef {
     }
 }
 
-/// How often the discovery thread looks at file_sd files.
+/// How often the discovery thread collects the discovered targets.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
 
 /// Web handlers share a snapshot younger than this.
@@ -258,12 +261,15 @@ impl Hub {
     /// Starts the ingest, storage and discovery threads with `config`.
     pub fn new(config: Arc<AggregatorConfig>, output: Arc<dyn Output>, now_ms: i64) -> Self {
         let refusals = Arc::new(Refusals::default());
+        let discovery = Discovery::default();
+        let discovery_counters = discovery.counters();
         let shared = Arc::new(Shared {
             counters: HubCounters::default(),
             storage: StorageHealth::default(),
             refusals: refusals.clone(),
             config: RwLock::new(config.clone()),
-            discovery: Mutex::new(FileSd::default()),
+            discovery: Mutex::new(discovery),
+            discovery_counters,
         });
         let targets = shared.discover(&config);
         let state = State::new(Arc::new(config.hub()), targets, now_ms);
@@ -419,6 +425,11 @@ impl Hub {
                 reply,
             },
         )
+    }
+
+    /// Discovery's self-metrics (failed refreshes per mechanism).
+    pub fn discovery_counters(&self) -> Arc<crate::targets::DiscoveryCounters> {
+        self.shared.discovery_counters.clone()
     }
 
     /// Re-evaluates freshness and missing jobs and agents; call about once a second.

@@ -4,16 +4,20 @@
 //! A file that cannot be read or parsed keeps the targets it had, as in Prometheus,
 //! so a half-written file never empties a job.
 
-use super::TargetSet;
-use super::build::add_group;
-use sonde_proto::config::{ConfigError, LabelError, ResolvedJob, TargetGroup, from_yaml_str};
+use super::Group;
+use sonde_proto::config::{
+    ConfigError, FileSdConfig, LabelError, Labels, TargetGroup, from_yaml_str,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+/// The file_sd files' last good contents, re-read when a file changes.
 #[derive(Default)]
-pub struct FileSd {
+pub(super) struct FileSd {
     files: HashMap<PathBuf, CachedFile>,
+    /// Files named by some job in the current pass; the others are forgotten.
+    seen_files: Vec<PathBuf>,
 }
 
 struct CachedFile {
@@ -23,30 +27,35 @@ struct CachedFile {
 }
 
 impl FileSd {
-    /// Re-reads the files that changed and returns every job's targets.
-    pub fn targets(&mut self, jobs: &[ResolvedJob]) -> TargetSet {
-        let mut set = TargetSet::new();
-        let mut seen_files = Vec::new();
-        for job in jobs {
-            for group in &job.config.static_configs {
-                add_group(&mut set, job, group);
-            }
-            for sd in &job.config.file_sd_configs {
-                for pattern in &sd.files {
-                    for path in expand(pattern) {
-                        self.refresh(&path);
-                        if let Some(cached) = self.files.get(&path) {
-                            for group in &cached.groups {
-                                add_group(&mut set, job, group);
-                            }
-                        }
-                        seen_files.push(path);
+    pub(super) fn begin_pass(&mut self) {
+        self.seen_files.clear();
+    }
+
+    /// The groups of the files `sd` names, re-read if they changed; each target has
+    /// `__meta_filepath`, as in Prometheus.
+    pub(super) fn groups(&mut self, sd: &FileSdConfig, out: &mut Vec<Group>) {
+        for pattern in &sd.files {
+            for path in expand(pattern) {
+                self.refresh(&path);
+                if let Some(cached) = self.files.get(&path) {
+                    let shown = path.display().to_string();
+                    let meta = Labels::from([("__meta_filepath".to_string(), shown.clone())]);
+                    for (i, group) in cached.groups.iter().enumerate() {
+                        out.push(Group::from_target_group(
+                            format!("{shown}:{i}"),
+                            group,
+                            &meta,
+                        ));
                     }
                 }
+                self.seen_files.push(path);
             }
         }
-        self.files.retain(|p, _| seen_files.contains(p));
-        set
+    }
+
+    pub(super) fn end_pass(&mut self) {
+        let seen = &self.seen_files;
+        self.files.retain(|p, _| seen.contains(p));
     }
 
     fn refresh(&mut self, path: &Path) {
@@ -171,7 +180,8 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sonde_proto::config::{JobConfig, JobDefaults, Located, Module, resolve_jobs};
+    use crate::targets::Discovery;
+    use sonde_proto::config::{JobConfig, JobDefaults, Located, Module, ResolvedJob, resolve_jobs};
     use std::collections::BTreeMap;
 
     fn jobs(dir: &Path) -> Vec<ResolvedJob> {
@@ -201,7 +211,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let jobs = jobs(&dir);
-        let mut sd = FileSd::default();
+        let mut sd = Discovery::default();
         assert_eq!(sd.targets(&jobs).len(), 1);
 
         std::fs::write(

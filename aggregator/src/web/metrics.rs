@@ -264,6 +264,14 @@ fn families(
         )
         .with(Vec::new(), reload.last_success_ms as f64 / 1000.0),
     );
+    let mut sd_failures = Family::counter(
+        "sonde_sd_refresh_failures_total",
+        "Failed refreshes of a discovery mechanism (http, dns, kubernetes); the targets found before are kept.",
+    );
+    for (mechanism, n) in app.hub.discovery_counters().refresh_failures() {
+        sd_failures = sd_failures.with(vec![("mechanism".into(), mechanism.into())], n as f64);
+    }
+    out.push(sd_failures);
     out.push(counter(
         "sonde_agent_connects_total",
         "Agent streams opened.",

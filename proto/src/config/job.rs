@@ -36,6 +36,10 @@ pub struct JobConfig {
     #[serde(default)]
     pub file_sd_configs: Vec<FileSdConfig>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_sd_configs: Vec<super::HttpSdConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_sd_configs: Vec<super::DnsSdConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kubernetes_sd_configs: Vec<super::discovery::kubernetes::KubernetesSdConfig>,
 }
 

@@ -9,6 +9,7 @@ mod resolve;
 mod units;
 mod yaml;
 
+pub use discovery::{DnsSdConfig, DnsSdType, HttpSdConfig};
 pub use job::{FileSdConfig, JobConfig, Quorum, StaticConfig, TargetGroup};
 pub use module::{Module, ModuleError, Prober};
 pub use resolve::{

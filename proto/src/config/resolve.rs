@@ -194,6 +194,16 @@ fn resolve_one<'a>(
                 )));
             }
         }
+        let sd_problems = (job.http_sd_configs.iter())
+            .flat_map(super::discovery::check_http_sd)
+            .chain(
+                job.dns_sd_configs
+                    .iter()
+                    .flat_map(super::discovery::check_dns_sd),
+            );
+        for problem in sd_problems {
+            report(err(format!("job {:?}: {problem}", job.job_name)));
+        }
         for sd in &job.kubernetes_sd_configs {
             if let Err(m) = sd.validate() {
                 report(err(format!(

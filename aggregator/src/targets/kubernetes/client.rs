@@ -4,7 +4,7 @@
 
 use http::{HeaderValue, header::AUTHORIZATION};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use sonde_proto::config::discovery::kubernetes::KubernetesSdConfig;
+use sonde_proto::config::discovery::kubernetes::{KubernetesSdConfig, is_bearer};
 use std::path::{Path, PathBuf};
 
 /// Where a pod finds the namespace it runs in.
@@ -121,7 +121,7 @@ fn api_server_config(sd: &KubernetesSdConfig, url: &str) -> Result<kube::Config,
     }
     if let Some(a) = &sd.authorization {
         match (&a.credentials, &a.credentials_file) {
-            (None, Some(file)) if a.is_bearer() => {
+            (None, Some(file)) if is_bearer(a) => {
                 config.auth_info.token_file = Some(file.to_string_lossy().into_owned());
             }
             (credentials, file) => {
@@ -143,8 +143,13 @@ fn api_server_config(sd: &KubernetesSdConfig, url: &str) -> Result<kube::Config,
             (None, Some(f)) => read("basic_auth.password_file", f)?,
             (None, None) => String::new(),
         };
+        let username = match (&b.username, &b.username_file) {
+            (Some(u), _) => u.clone(),
+            (None, Some(f)) => read("basic_auth.username_file", f)?,
+            (None, None) => String::new(),
+        };
         let encoded =
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", b.username));
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
         config.headers.push((
             AUTHORIZATION,
             header("basic_auth", format!("Basic {encoded}"))?,

@@ -4,9 +4,10 @@
 //! Pods, as Prometheus builds them.
 
 use super::groups::{
-    ADDRESS, DiscoveredGroup, META, NAMESPACE, add_object_meta, containers, join_host_port,
-    name_of, namespace_of, pod_ip, pod_labels, put, sanitize_label_name, service_labels,
+    ADDRESS, META, NAMESPACE, add_object_meta, containers, join_host_port, name_of, namespace_of,
+    pod_ip, pod_labels, put, sanitize_label_name, service_labels,
 };
+use crate::targets::Group;
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort, Endpoints, ObjectReference, Pod, Service,
 };
@@ -56,7 +57,7 @@ impl<'a> SeenPods<'a> {
     }
 
     /// A target for each container port of each Pod that no endpoint port covered.
-    fn remaining_ports(self, group: &mut DiscoveredGroup) {
+    fn remaining_ports(self, group: &mut Group) {
         for (pod, seen) in self.pods {
             let ip = pod_ip(pod);
             if ip.is_empty() {
@@ -143,9 +144,9 @@ fn add_pod_and_container(t: &mut Labels, pod: &Pod, port: i32, endpoint_protocol
 }
 
 /// The `endpoints` role: one group per Endpoints object.
-pub fn endpoints_group(eps: &Endpoints, lookup: &impl Lookup) -> DiscoveredGroup {
+pub fn endpoints_group(eps: &Endpoints, lookup: &impl Lookup) -> Group {
     let (ns, name) = (namespace_of(&eps.metadata), name_of(&eps.metadata));
-    let mut group = DiscoveredGroup {
+    let mut group = Group {
         source: format!("endpoints/{ns}/{name}"),
         ..Default::default()
     };
@@ -211,10 +212,10 @@ pub fn endpoints_group(eps: &Endpoints, lookup: &impl Lookup) -> DiscoveredGroup
 
 /// The `endpointslice` role: one group per EndpointSlice; its Service is the one named
 /// by its `kubernetes.io/service-name` label.
-pub fn endpointslice_group(slice: &EndpointSlice, lookup: &impl Lookup) -> DiscoveredGroup {
+pub fn endpointslice_group(slice: &EndpointSlice, lookup: &impl Lookup) -> Group {
     let meta = &slice.metadata;
     let ns = namespace_of(meta);
-    let mut group = DiscoveredGroup {
+    let mut group = Group {
         source: format!("endpointslice/{ns}/{}", name_of(meta)),
         ..Default::default()
     };

@@ -9,36 +9,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sonde_proto::config::Labels;
 use std::collections::BTreeMap;
 
-pub const ADDRESS: &str = "__address__";
+pub use crate::targets::ADDRESS_LABEL as ADDRESS;
+use crate::targets::Group;
 pub const INSTANCE: &str = "instance";
 pub(super) const META: &str = "__meta_kubernetes_";
 pub(super) const NAMESPACE: &str = "__meta_kubernetes_namespace";
 
-/// The targets one object yields, and the labels they share. `source` names the object
-/// (`svc/default/web`), as Prometheus's group sources do; an object that yields nothing
-/// (a Pod without an IP yet) is a group without targets.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DiscoveredGroup {
-    pub source: String,
-    pub labels: Labels,
-    pub targets: Vec<Labels>,
-}
-
-impl DiscoveredGroup {
-    fn new(source: String) -> Self {
-        DiscoveredGroup {
-            source,
-            ..Default::default()
-        }
-    }
-
-    /// Each target's labels with the group's under them (a target's own label wins).
-    pub fn merged_targets(&self) -> impl Iterator<Item = Labels> + '_ {
-        self.targets.iter().map(|t| {
-            let mut all = self.labels.clone();
-            all.extend(t.iter().map(|(k, v)| (k.clone(), v.clone())));
-            all
-        })
+/// An empty group named `source` (`svc/default/web`, as Prometheus names its groups).
+fn empty_group(source: String) -> Group {
+    Group {
+        source,
+        ..Default::default()
     }
 }
 
@@ -114,9 +95,9 @@ pub(super) fn service_labels(svc: &Service) -> Labels {
 }
 
 /// One target per port, at `<name>.<namespace>.svc:<port>`.
-pub fn service_group(svc: &Service) -> DiscoveredGroup {
+pub fn service_group(svc: &Service) -> Group {
     let (ns, name) = (namespace_of(&svc.metadata), name_of(&svc.metadata));
-    let mut group = DiscoveredGroup::new(format!("svc/{ns}/{name}"));
+    let mut group = empty_group(format!("svc/{ns}/{name}"));
     group.labels = service_labels(svc);
     let Some(spec) = &svc.spec else {
         return group;
@@ -194,10 +175,9 @@ fn load_balancer_ips(svc: &Service) -> String {
 
 /// One target per rule and path, at the rule's host; `__meta_kubernetes_ingress_scheme`
 /// is `https` when a TLS entry covers the host.
-pub fn ingress_group(ingress: &Ingress) -> DiscoveredGroup {
+pub fn ingress_group(ingress: &Ingress) -> Group {
     let meta = &ingress.metadata;
-    let mut group =
-        DiscoveredGroup::new(format!("ingress/{}/{}", namespace_of(meta), name_of(meta)));
+    let mut group = empty_group(format!("ingress/{}/{}", namespace_of(meta), name_of(meta)));
     put(&mut group.labels, NAMESPACE, namespace_of(meta));
     let spec = ingress.spec.as_ref();
     if let Some(class) = spec.and_then(|s| s.ingress_class_name.as_deref()) {
@@ -345,9 +325,9 @@ pub(super) fn containers(pod: &Pod) -> impl Iterator<Item = (&Container, bool)> 
 
 /// One target per declared container port at `<pod IP>:<port>`, and one at the bare Pod
 /// IP for each container that declares none; nothing while the Pod has no IP.
-pub fn pod_group(pod: &Pod) -> DiscoveredGroup {
+pub fn pod_group(pod: &Pod) -> Group {
     let meta = &pod.metadata;
-    let mut group = DiscoveredGroup::new(format!("pod/{}/{}", namespace_of(meta), name_of(meta)));
+    let mut group = empty_group(format!("pod/{}/{}", namespace_of(meta), name_of(meta)));
     let ip = pod_ip(pod);
     if ip.is_empty() {
         return group;
@@ -425,9 +405,9 @@ fn container_id<'a>(statuses: Option<&'a Vec<ContainerStatus>>, name: &str) -> &
 /// One target at the Node's address (InternalIP first, as Prometheus orders them) and
 /// kubelet port, with `instance` set to the Node's name; `None` for a Node without an
 /// address.
-pub fn node_group(node: &Node) -> Option<DiscoveredGroup> {
+pub fn node_group(node: &Node) -> Option<Group> {
     let meta = &node.metadata;
-    let mut group = DiscoveredGroup::new(format!("node/{}", name_of(meta)));
+    let mut group = empty_group(format!("node/{}", name_of(meta)));
     put(
         &mut group.labels,
         "__meta_kubernetes_node_provider_id",

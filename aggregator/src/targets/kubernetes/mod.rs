@@ -15,12 +15,10 @@ mod state;
 
 pub use client::{ClientError, Connection, connect};
 pub use endpoints::{Lookup, endpoints_group, endpointslice_group};
-pub use groups::{
-    ADDRESS, DiscoveredGroup, ingress_group, node_group, pod_group, sanitize_label_name,
-    service_group,
-};
+pub use groups::{ingress_group, node_group, pod_group, sanitize_label_name, service_group};
 pub use state::{ClusterState, Object, watched_kinds};
 
+use super::{Group, Publisher, Source};
 use futures::FutureExt;
 use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
@@ -73,19 +71,27 @@ impl Watch {
     }
 }
 
+/// The background source of one `kubernetes_sd_configs` entry of `job`.
+pub fn source(job: &str, sd: &KubernetesSdConfig) -> Source {
+    let (job, sd) = (job.to_string(), sd.clone());
+    Source::new("kubernetes", move |publisher| async move {
+        run(&job, &sd, &publisher).await;
+    })
+}
+
 /// Runs the discovery of one `kubernetes_sd_configs` entry of `job` until dropped,
-/// calling `publish` with the role's whole set of groups each time it changes (first once
-/// every object it needs has been listed).
-pub async fn run(
-    job: &str,
-    sd: &KubernetesSdConfig,
-    mut publish: impl FnMut(Vec<DiscoveredGroup>),
-) {
+/// publishing the role's whole set of groups each time it changes (first once every
+/// object it needs has been listed); errors are reported to `publisher`, and the groups
+/// published before stay.
+pub async fn run(job: &str, sd: &KubernetesSdConfig, publisher: &Publisher) {
     let connection = loop {
         match connect(sd).await {
             Ok(c) => break c,
             Err(e) => {
-                tracing::error!(job, role = %sd.role, error = %e, "kubernetes_sd_configs: cannot make an API client; trying again in 30s");
+                publisher.failed(&format!(
+                    "kubernetes_sd_configs ({} role): cannot make an API client: {e}; trying again in 30s",
+                    sd.role
+                ));
                 tokio::time::sleep(CONNECT_RETRY).await;
             }
         }
@@ -125,7 +131,7 @@ pub async fn run(
     }
     let mut events = stream::select_all(streams);
     let mut state = ClusterState::new(sd.role, watches.iter().map(|w| w.kind).collect());
-    let mut published: Option<Vec<DiscoveredGroup>> = None;
+    let mut published: Option<Vec<Group>> = None;
     while let Some(first) = events.next().await {
         let mut changed = false;
         let mut next = Some(first);
@@ -143,7 +149,10 @@ pub async fn run(
                 }
                 Err(e) => {
                     watch.failing = true;
-                    log_watch_error(job, sd.role, &connection.url, watch, &e);
+                    if let Some(problem) = explain_watch_error(sd.role, &connection.url, watch, &e)
+                    {
+                        publisher.failed(&problem);
+                    }
                 }
             }
             taken += 1;
@@ -156,7 +165,7 @@ pub async fn run(
         if changed && state.synced() {
             let groups = state.groups();
             if published.as_ref() != Some(&groups) {
-                publish(groups.clone());
+                publisher.publish(groups.clone());
                 published = Some(groups);
             }
         }
@@ -224,21 +233,33 @@ where
         .boxed()
 }
 
-fn log_watch_error(job: &str, role: KubernetesRole, url: &str, watch: &Watch, e: &watcher::Error) {
+/// What went wrong with a watch and what to do about it, for the failure log; `None` for
+/// an expired watch (410 Gone), which is routine: the watcher lists again.
+fn explain_watch_error(
+    role: KubernetesRole,
+    url: &str,
+    watch: &Watch,
+    e: &watcher::Error,
+) -> Option<String> {
     let resource = resource_name(watch.kind);
     let what = watch.place();
+    let head = format!("kubernetes_sd_configs ({role} role, api_server {url})");
+    let kept = "the targets found before are kept; trying again";
     let client_error = match e {
         watcher::Error::WatchError(status) if status.code == 410 => {
-            tracing::info!(job, %role, api_server = url, "kubernetes_sd_configs: the watch of {what} expired (410 Gone); listing them again");
-            return;
+            tracing::info!(%role, api_server = url, "kubernetes_sd_configs: the watch of {what} expired (410 Gone); listing them again");
+            return None;
         }
         watcher::Error::WatchError(status) => {
-            tracing::error!(job, %role, api_server = url, code = status.code, "kubernetes_sd_configs: watching {what}: {} {}; the last discovered targets are kept", status.reason, status.message);
-            return;
+            return Some(format!(
+                "{head}: watching {what}: {} {}: {}; {kept}",
+                status.code, status.reason, status.message
+            ));
         }
         watcher::Error::NoResourceVersion => {
-            tracing::error!(job, %role, api_server = url, "kubernetes_sd_configs: listing {what}: the API server sent no resourceVersion; is {url} a Kubernetes API server? The last discovered targets are kept");
-            return;
+            return Some(format!(
+                "{head}: listing {what}: the answer has no resourceVersion; is {url} a Kubernetes API server? {kept}"
+            ));
         }
         watcher::Error::InitialListFailed(e)
         | watcher::Error::WatchStartFailed(e)
@@ -250,7 +271,7 @@ fn log_watch_error(job: &str, role: KubernetesRole, url: &str, watch: &Watch, e:
     };
     let advice = match client_error {
         kube::Error::Api(s) if s.code == 403 => format!(
-            "forbidden (403): {}; give the aggregator's service account get, list and watch on {resource} (a ClusterRole like deploy/kubernetes/base/rbac.yaml)",
+            "forbidden (403): {}; give the aggregator's service account get, list and watch on {resource} (a ClusterRole like deploy/kubernetes/base/aggregator-rbac.yaml)",
             s.message
         ),
         kube::Error::Api(s) if s.code == 401 => format!(
@@ -268,7 +289,7 @@ fn log_watch_error(job: &str, role: KubernetesRole, url: &str, watch: &Watch, e:
         ),
         other => error_chain(other),
     };
-    tracing::error!(job, %role, api_server = url, "kubernetes_sd_configs: {doing} {what}: {advice}; the last discovered targets are kept, trying again");
+    Some(format!("{head}: {doing} {what}: {advice}; {kept}"))
 }
 
 /// An error and its causes, `a: b: c`, without repeats (hyper's messages often repeat

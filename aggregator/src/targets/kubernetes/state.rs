@@ -6,7 +6,8 @@
 //! list is complete, so a list that fails halfway leaves the last complete view in place.
 
 use super::endpoints::{Lookup, endpoints_group, endpointslice_group};
-use super::groups::{DiscoveredGroup, ingress_group, node_group, pod_group, service_group};
+use super::groups::{ingress_group, node_group, pod_group, service_group};
+use crate::targets::Group;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -136,8 +137,8 @@ impl ClusterState {
     }
 
     /// The groups of the role, sorted by source.
-    pub fn groups(&self) -> Vec<DiscoveredGroup> {
-        let mut groups: Vec<DiscoveredGroup> = self
+    pub fn groups(&self) -> Vec<Group> {
+        let mut groups: Vec<Group> = self
             .objects(self.role)
             .filter_map(|o| match o {
                 Object::Node(n) => node_group(n),

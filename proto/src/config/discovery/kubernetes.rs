@@ -2,7 +2,8 @@
 //! (`role`, `api_server`, `kubeconfig_file`, `namespaces`, `selectors` and the HTTP client
 //! options), with Prometheus's rules about which fields go together.
 
-use serde::{Deserialize, Serialize, Serializer};
+use super::{SdAuthorization, SdBasicAuth, SdSecret, SdTlsConfig};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -22,15 +23,15 @@ pub struct KubernetesSdConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selectors: Vec<KubernetesSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub basic_auth: Option<KubernetesBasicAuth>,
+    pub basic_auth: Option<SdBasicAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authorization: Option<KubernetesAuthorization>,
+    pub authorization: Option<SdAuthorization>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bearer_token: Option<KubernetesSecret>,
+    pub bearer_token: Option<SdSecret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_config: Option<KubernetesTlsConfig>,
+    pub tls_config: Option<SdTlsConfig>,
 }
 
 /// The kind of object each target comes from, with Prometheus's names.
@@ -106,69 +107,13 @@ pub struct KubernetesSelector {
     pub field: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesBasicAuth {
-    pub username: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password: Option<KubernetesSecret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_file: Option<PathBuf>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesAuthorization {
-    /// The scheme of the `Authorization` header; `Bearer` when absent.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<KubernetesSecret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_file: Option<PathBuf>,
-}
-
-impl KubernetesAuthorization {
-    /// True for the `Bearer` scheme (the default), which the client re-reads from
-    /// `credentials_file` as the token rotates.
-    pub fn is_bearer(&self) -> bool {
-        self.kind
-            .as_deref()
-            .is_none_or(|k| k.eq_ignore_ascii_case("bearer"))
-    }
-}
-
-/// How the API server's certificate is checked, and the client certificate.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesTlsConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_name: Option<String>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub insecure_skip_verify: bool,
-}
-
-/// A credential written inline in the config; never printed.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct KubernetesSecret(pub String);
-
-impl fmt::Debug for KubernetesSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<secret>")
-    }
-}
-
-impl Serialize for KubernetesSecret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<secret>")
-    }
+/// True for the `Bearer` scheme (the default), which the client re-reads from
+/// `credentials_file` as the token rotates.
+pub fn is_bearer(authorization: &SdAuthorization) -> bool {
+    authorization
+        .kind
+        .as_deref()
+        .is_none_or(|k| k.eq_ignore_ascii_case("bearer"))
 }
 
 impl KubernetesSdConfig {
@@ -227,11 +172,13 @@ impl KubernetesSdConfig {
                 methods.join(", ")
             ));
         }
-        if let Some(b) = &self.basic_auth
-            && b.password.is_some()
-            && b.password_file.is_some()
-        {
-            return Err("basic_auth: password and password_file are both set; keep one".into());
+        if let Some(b) = &self.basic_auth {
+            if b.password.is_some() && b.password_file.is_some() {
+                return Err("basic_auth: password and password_file are both set; keep one".into());
+            }
+            if b.username.is_some() == b.username_file.is_some() {
+                return Err("basic_auth: give one of username and username_file".into());
+            }
         }
         if let Some(a) = &self.authorization {
             if a.credentials.is_some() && a.credentials_file.is_some() {
@@ -299,6 +246,7 @@ impl KubernetesSdConfig {
         join(&mut self.kubeconfig_file);
         join(&mut self.bearer_token_file);
         if let Some(b) = &mut self.basic_auth {
+            join(&mut b.username_file);
             join(&mut b.password_file);
         }
         if let Some(a) = &mut self.authorization {
