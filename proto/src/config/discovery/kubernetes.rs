@@ -376,6 +376,10 @@ mod tests {
             "go together",
         );
         refused("role: pod\nproxy_url: http://p\n", "proxy_url");
+        refused(
+            "role: pod\nattach_metadata: {node: true}\n",
+            "attach_metadata",
+        );
     }
 
     #[test]
