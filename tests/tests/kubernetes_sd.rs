@@ -311,7 +311,9 @@ fn ingresses_listed_watched_resumed_and_relisted() {
     );
     let aggregator = start_aggregator(&mut scene, "aggregator", &config);
     let web = aggregator.web.clone();
+    let started = std::time::Instant::now();
     let expect = |scene: &mut Scene, what: &str, want: BTreeSet<String>| {
+        eprintln!("{:?}: waiting for {what}", started.elapsed());
         scene.wait_until(what, WAIT, || {
             let got = instances(&web, "ingresses")?;
             if got == want {

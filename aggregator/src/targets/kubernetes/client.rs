@@ -77,6 +77,9 @@ pub async fn connect(sd: &KubernetesSdConfig) -> Result<Connection, ClientError>
         }
         namespaces.push(own.to_string());
     }
+    // The client's TLS takes the process's default provider: make it ring (the only one
+    // built in) explicitly rather than depend on the crate features that pick it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_from(config).map_err(|source| ClientError::Client {
         url: url.clone(),
         source,
