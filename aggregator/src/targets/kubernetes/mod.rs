@@ -180,18 +180,12 @@ fn watch_events(
 ) -> BoxStream<'static, Result<Event<Object>, watcher::Error>> {
     let c = client.clone();
     match kind {
-        KubernetesRole::Node => typed(Api::<Node>::all(c), config, Object::Node),
-        KubernetesRole::Pod => typed(api::<Pod>(c, namespace), config, Object::Pod),
-        KubernetesRole::Service => typed(api::<Service>(c, namespace), config, Object::Service),
-        KubernetesRole::Endpoints => {
-            typed(api::<Endpoints>(c, namespace), config, Object::Endpoints)
-        }
-        KubernetesRole::EndpointSlice => typed(
-            api::<EndpointSlice>(c, namespace),
-            config,
-            Object::EndpointSlice,
-        ),
-        KubernetesRole::Ingress => typed(api::<Ingress>(c, namespace), config, Object::Ingress),
+        KubernetesRole::Node => typed(Api::<Node>::all(c), config),
+        KubernetesRole::Pod => typed(api::<Pod>(c, namespace), config),
+        KubernetesRole::Service => typed(api::<Service>(c, namespace), config),
+        KubernetesRole::Endpoints => typed(api::<Endpoints>(c, namespace), config),
+        KubernetesRole::EndpointSlice => typed(api::<EndpointSlice>(c, namespace), config),
+        KubernetesRole::Ingress => typed(api::<Ingress>(c, namespace), config),
     }
 }
 
@@ -211,11 +205,12 @@ where
 fn typed<K>(
     api: Api<K>,
     config: watcher::Config,
-    wrap: fn(K) -> Object,
 ) -> BoxStream<'static, Result<Event<Object>, watcher::Error>>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    Object: From<K>,
 {
+    let wrap = Object::from;
     watcher::watcher(api, config)
         .default_backoff()
         .map(move |r| {

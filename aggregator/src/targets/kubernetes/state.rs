@@ -15,16 +15,27 @@ use kube::runtime::watcher::Event;
 use sonde_proto::config::discovery::kubernetes::KubernetesRole;
 use std::collections::BTreeMap;
 
-/// One object of any of the kinds the roles watch.
+/// One object of any of the kinds the roles watch (boxed: they differ much in size).
 #[derive(Clone, Debug)]
 pub enum Object {
-    Node(Node),
-    Pod(Pod),
-    Service(Service),
-    Endpoints(Endpoints),
-    EndpointSlice(EndpointSlice),
-    Ingress(Ingress),
+    Node(Box<Node>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    Endpoints(Box<Endpoints>),
+    EndpointSlice(Box<EndpointSlice>),
+    Ingress(Box<Ingress>),
 }
+
+macro_rules! object_from {
+    ($($kind:ident),*) => {$(
+        impl From<$kind> for Object {
+            fn from(o: $kind) -> Self {
+                Object::$kind(Box::new(o))
+            }
+        }
+    )*};
+}
+object_from!(Node, Pod, Service, Endpoints, EndpointSlice, Ingress);
 
 /// The kinds of object a role watches; the first is the one its groups come from.
 pub fn watched_kinds(role: KubernetesRole) -> &'static [KubernetesRole] {
@@ -157,14 +168,14 @@ impl ClusterState {
 impl Lookup for ClusterState {
     fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         match self.find(KubernetesRole::Service, namespace, name)? {
-            Object::Service(s) => Some(s),
+            Object::Service(s) => Some(s.as_ref()),
             _ => None,
         }
     }
 
     fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
         match self.find(KubernetesRole::Pod, namespace, name)? {
-            Object::Pod(p) => Some(p),
+            Object::Pod(p) => Some(p.as_ref()),
             _ => None,
         }
     }

@@ -615,7 +615,11 @@ fn sanitized_names_and_ipv6_addresses() {
     );
 }
 
-fn event<K>(e: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
+fn event<K>(e: Event<K>) -> Event<Object>
+where
+    Object: From<K>,
+{
+    let wrap = Object::from;
     match e {
         Event::Apply(o) => Event::Apply(wrap(o)),
         Event::Delete(o) => Event::Delete(wrap(o)),
@@ -631,15 +635,12 @@ fn state_keeps_a_view_until_a_relist_completes_and_joins_services_and_pods() {
     let mut state = ClusterState::new(Endpoints, vec![Endpoints, Service, Pod]);
     let eps = endpoints();
     state.apply(0, Event::Init);
-    state.apply(
-        0,
-        event(Event::InitApply(eps[0].clone()), Object::Endpoints),
-    );
+    state.apply(0, event(Event::InitApply(eps[0].clone())));
     assert!(state.apply(0, Event::InitDone));
     assert!(!state.synced(), "the Services and Pods are not listed yet");
     state.apply(1, Event::Init);
     for s in services() {
-        state.apply(1, event(Event::InitApply(s), Object::Service));
+        state.apply(1, event(Event::InitApply(s)));
     }
     state.apply(1, Event::InitDone);
     state.apply(2, Event::Init);
@@ -651,7 +652,7 @@ fn state_keeps_a_view_until_a_relist_completes_and_joins_services_and_pods() {
     assert!(!groups[0].targets[0].contains_key("__meta_kubernetes_pod_name"));
 
     // A Pod appearing joins its endpoint.
-    state.apply(2, event(Event::Apply(pods()[0].clone()), Object::Pod));
+    state.apply(2, event(Event::Apply(pods()[0].clone())));
     assert_eq!(
         state.groups()[0].targets[0]["__meta_kubernetes_pod_name"],
         "web-7d9c6b5f4-x2k8p"
@@ -659,15 +660,12 @@ fn state_keeps_a_view_until_a_relist_completes_and_joins_services_and_pods() {
 
     // A re-list that has not completed changes nothing; a completed one replaces all.
     state.apply(0, Event::Init);
-    state.apply(
-        0,
-        event(Event::InitApply(eps[1].clone()), Object::Endpoints),
-    );
+    state.apply(0, event(Event::InitApply(eps[1].clone())));
     assert_eq!(state.groups()[0].source, "endpoints/shop/web");
     state.apply(0, Event::InitDone);
     let sources: Vec<_> = state.groups().into_iter().map(|g| g.source).collect();
     assert_eq!(sources, ["endpoints/default/kubernetes"]);
 
-    assert!(state.apply(0, event(Event::Delete(eps[1].clone()), Object::Endpoints)));
+    assert!(state.apply(0, event(Event::Delete(eps[1].clone()))));
     assert!(state.groups().is_empty());
 }

@@ -128,12 +128,12 @@ impl KubernetesSdConfig {
 
     /// Checks the rules Prometheus applies to this block; the message says what to change.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(url) = &self.api_server {
-            if !is_http_url(url) {
-                return Err(format!(
-                    "api_server {url:?} is not an http:// or https:// URL, like \"https://kubernetes.default.svc\""
-                ));
-            }
+        if let Some(url) = &self.api_server
+            && !is_http_url(url)
+        {
+            return Err(format!(
+                "api_server {url:?} is not an http:// or https:// URL, like \"https://kubernetes.default.svc\""
+            ));
         }
         if self.api_server.is_some() && self.kubeconfig_file.is_some() {
             return Err(
@@ -271,7 +271,7 @@ fn check_selector(sel: &str) -> Result<(), &'static str> {
             ')' => depth -= 1,
             _ => {}
         }
-        if depth < 0 || depth > 1 {
+        if !(0..=1).contains(&depth) {
             return Err("unbalanced parentheses");
         }
     }
