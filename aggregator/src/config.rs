@@ -323,6 +323,9 @@ impl AggregatorConfig {
             for sd in &mut job.config.http_sd_configs {
                 sd.relative_to(base);
             }
+            for sd in &mut job.config.kubernetes_sd_configs {
+                sd.resolve_paths(base);
+            }
         }
         if let Some(shard) = global.shard
             && shard.total > 0

@@ -35,6 +35,7 @@ mod build;
 mod dns_sd;
 mod file_sd;
 mod http_sd;
+pub mod kubernetes;
 pub mod source;
 
 pub use file_sd::{FileSdError, parse_groups, read_groups};
@@ -103,6 +104,7 @@ impl Discovery {
             !c.file_sd_configs.is_empty()
                 || !c.http_sd_configs.is_empty()
                 || !c.dns_sd_configs.is_empty()
+                || !c.kubernetes_sd_configs.is_empty()
         })
     }
 
@@ -136,6 +138,13 @@ impl Discovery {
         self.background(job, "http", http, http_sd::source, &mut groups);
         let dns = &job.config.dns_sd_configs;
         self.background(job, "dns", dns, dns_sd::source, &mut groups);
+        self.background(
+            job,
+            "kubernetes",
+            &job.config.kubernetes_sd_configs,
+            kubernetes::source,
+            &mut groups,
+        );
         groups
     }
 

@@ -3,6 +3,8 @@
 //! what it cannot honour is refused here, by [`check_http_sd`] and [`check_dns_sd`], with
 //! the field named, never silently ignored.
 
+pub mod kubernetes;
+
 use super::PromDuration;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize, Serializer};

@@ -98,6 +98,8 @@ job_config! {
         pub http_sd_configs: Vec<super::HttpSdConfig>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pub dns_sd_configs: Vec<super::DnsSdConfig>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub kubernetes_sd_configs: Vec<super::discovery::kubernetes::KubernetesSdConfig>,
     }
     // The rest of a Prometheus scrape_config: accepted, so that a scrape job loads as it is,
     // and each one set is reported as ignored, with why.

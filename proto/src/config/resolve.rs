@@ -246,6 +246,14 @@ fn resolve_one<'a>(
         for problem in sd_problems {
             report(err(format!("job {:?}: {problem}", job.job_name)));
         }
+        for sd in &job.kubernetes_sd_configs {
+            if let Err(m) = sd.validate() {
+                report(err(format!(
+                    "job {:?}: kubernetes_sd_configs ({} role): {m}",
+                    job.job_name, sd.role
+                )));
+            }
+        }
         let freshness = match job.freshness {
             Some(f) if f.0 < interval => {
                 report(err(format!(
