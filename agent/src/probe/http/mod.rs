@@ -9,7 +9,7 @@
 //!
 //! One job per file: `redirect` (which responses redirect, and the request after one),
 //! `proxy` (`proxy_url` and CONNECT tunnels), `auth` (the Authorization header),
-//! `cookies`, `conn` (the HTTP/1.1 or HTTP/2 connection), `body` and `decode` (reading
+//! `oauth2` (its token), `cookies`, `conn` (the HTTP/1.1 or HTTP/2 connection), `body` and `decode` (reading
 //! the body), `checks` (the checks on the final response). This file runs the hops.
 
 pub(crate) mod auth;
@@ -19,6 +19,9 @@ pub(crate) mod checks;
 mod conn;
 mod cookies;
 pub(crate) mod decode;
+pub(crate) mod oauth2;
+#[cfg(test)]
+mod oauth2_tests;
 mod proxy;
 mod redirect;
 #[cfg(test)]
@@ -112,6 +115,10 @@ pub async fn probe(
         .await?;
         out.add_with(DURATION, &[("phase", "resolve")], lookup.as_secs_f64());
         Some(ip)
+    };
+    let authorization = match &cfg.oauth2 {
+        Some(client) => Some(oauth2::authorization(ctx, cfg, client, out).await?),
+        None => authorization,
     };
 
     let host_override = cfg
