@@ -58,6 +58,9 @@ fn respond(status: u16, content_type: &str, body: String) -> Response<Full<Bytes
     resp
 }
 
+/// A token request's form fields, and whether it came with the client's basic auth.
+type TokenRequest = (HashMap<String, String>, bool);
+
 /// How the token endpoint wants the client to authenticate.
 #[derive(Clone, Copy, PartialEq)]
 enum Wants {
@@ -72,7 +75,7 @@ enum Wants {
 struct TokenEndpoint {
     wants: Wants,
     expires_in: u64,
-    requests: Arc<Mutex<Vec<(HashMap<String, String>, bool)>>>,
+    requests: Arc<Mutex<Vec<TokenRequest>>>,
     issued: Arc<Mutex<u32>>,
 }
 
