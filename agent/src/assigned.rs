@@ -568,6 +568,13 @@ mod tests {
         });
         let found = file_options(&m);
         assert!(found.contains(&("http.basic_auth.password_file", "/f/pw")));
+        let oauth2 = module(
+            r#"{"prober":"http","http":{"oauth2":{"client_id":"c","token_url":"https://a.example/t",
+                "client_secret_file":"/f/oauth","tls_config":{"ca_file":"/f/oca"}}}}"#,
+        );
+        let oauth2 = file_options(&oauth2);
+        assert!(oauth2.contains(&("http.oauth2.client_secret_file", "/f/oauth")));
+        assert!(oauth2.contains(&("http.oauth2.tls_config.ca_file", "/f/oca")));
         assert!(found.contains(&("http.authorization.credentials_file", "/f/cred")));
         for option in [
             "http.body_file",
