@@ -12,8 +12,8 @@
 use crate::config::AssignedModulesConfig;
 use sonde_proto::config::Module;
 use sonde_proto::config::module::{
-    Authorization, BasicAuth, DnsProbe, GrpcProbe, HttpProbe, IcmpProbe, TcpProbe, TlsConfig,
-    UnixProbe, WebsocketHttpConfig, WebsocketProbe,
+    Authorization, BasicAuth, DnsProbe, GrpcProbe, HttpProbe, IcmpProbe, OAuth2, TcpProbe,
+    TlsConfig, UnixProbe, WebsocketHttpConfig, WebsocketProbe,
 };
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -266,6 +266,7 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         basic_auth,
         bearer_token: _,
         bearer_token_file,
+        oauth2,
         body_size_limit: _,
     } = http;
     push(&mut out, "http.body_file", body_file);
@@ -293,6 +294,31 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
             &mut out,
             "http.authorization.credentials_file",
             credentials_file,
+        );
+    }
+    if let Some(OAuth2 {
+        client_id: _,
+        client_secret: _,
+        client_secret_file,
+        scopes: _,
+        token_url: _,
+        endpoint_params: _,
+        tls_config,
+    }) = oauth2
+    {
+        push(
+            &mut out,
+            "http.oauth2.client_secret_file",
+            client_secret_file,
+        );
+        tls_files(
+            &mut out,
+            [
+                "http.oauth2.tls_config.ca_file",
+                "http.oauth2.tls_config.cert_file",
+                "http.oauth2.tls_config.key_file",
+            ],
+            tls_config,
         );
     }
     tls_files(
@@ -543,6 +569,13 @@ mod tests {
         });
         let found = file_options(&m);
         assert!(found.contains(&("http.basic_auth.password_file", "/f/pw")));
+        let oauth2 = module(
+            r#"{"prober":"http","http":{"oauth2":{"client_id":"c","token_url":"https://a.example/t",
+                "client_secret_file":"/f/oauth","tls_config":{"ca_file":"/f/oca"}}}}"#,
+        );
+        let oauth2 = file_options(&oauth2);
+        assert!(oauth2.contains(&("http.oauth2.client_secret_file", "/f/oauth")));
+        assert!(oauth2.contains(&("http.oauth2.tls_config.ca_file", "/f/oca")));
         assert!(found.contains(&("http.authorization.credentials_file", "/f/cred")));
         for option in [
             "http.body_file",

@@ -329,6 +329,8 @@ pub struct ProbeContext {
     label_names: Mutex<std::collections::HashSet<&'static str>>,
     /// Traceroutes after failures, rate-limited for the whole agent.
     pub tracer: traceroute::Tracer,
+    /// `oauth2` tokens of the http prober, per client, until shortly before they expire.
+    pub(crate) oauth2_tokens: http::oauth2::TokenCache,
 }
 
 impl ProbeContext {
@@ -359,6 +361,7 @@ impl ProbeContext {
             regexes: Mutex::new(HashMap::new()),
             label_names: Mutex::new(std::collections::HashSet::new()),
             tracer: traceroute::Tracer::default(),
+            oauth2_tokens: http::oauth2::TokenCache::default(),
         }
     }
 

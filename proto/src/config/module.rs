@@ -6,11 +6,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod cel;
+mod oauth2;
 mod unix;
 mod websocket;
 mod yaml_bytes;
 
 pub use cel::compile_cel;
+pub use oauth2::{OAuth2, OAuth2Error};
 pub use unix::UnixProbe;
 pub use websocket::{HeaderSources, HeaderValues, WebsocketHttpConfig, WebsocketProbe};
 pub use yaml_bytes::YamlBytes;
@@ -154,7 +156,8 @@ pub struct HttpProbe {
     /// Empty means any 2xx.
     #[serde(default)]
     pub valid_status_codes: Vec<u16>,
-    /// Empty means any version. Values like `HTTP/1.1`, `HTTP/2.0`.
+    /// Empty means any version. Values like `HTTP/1.1`, `HTTP/2.0`, as Go names them:
+    /// `HTTP/2` is taken, as blackbox_exporter takes it, and never matches.
     #[serde(default)]
     pub valid_http_versions: Vec<String>,
     #[serde(default)]
@@ -233,6 +236,10 @@ pub struct HttpProbe {
     /// Read at every probe, so a rotated token is picked up without a reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_file: Option<String>,
+    /// The OAuth 2.0 client-credentials grant: a token fetched from `token_url`, kept
+    /// until shortly before it expires, sent as `Authorization: <type> <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2>,
     /// Fail when the (final) response body is larger than this; 0 means no limit, though
     /// only the first [`HttpProbe::MAX_MATCHED_BODY`] bytes are kept for the regexes.
     #[serde(default, skip_serializing_if = "is_zero_size")]
@@ -321,6 +328,7 @@ impl Default for HttpProbe {
             basic_auth: None,
             bearer_token: None,
             bearer_token_file: None,
+            oauth2: None,
         }
     }
 }
@@ -769,7 +777,9 @@ pub enum ModuleError {
     HeaderName(String),
     #[error("http.headers: the value of {0:?} contains a line break or NUL byte")]
     HeaderValue(String),
-    #[error("http.valid_http_versions: {0:?} is not one of HTTP/1.0, HTTP/1.1, HTTP/2.0, HTTP/3.0")]
+    #[error(
+        "http.valid_http_versions: {0:?} is not an HTTP version (HTTP/1.0, HTTP/1.1, HTTP/2.0, HTTP/3.0)"
+    )]
     HttpVersion(String),
     #[error("http.valid_http_versions: HTTP/3.0 needs enable_http3: true")]
     Http3Version,
@@ -787,6 +797,8 @@ pub enum ModuleError {
         "http: enable_http3 needs TLS 1.3 (QUIC runs over it), but tls_config.max_version is TLS12; drop max_version or set TLS13"
     )]
     Http3Tls12,
+    #[error(transparent)]
+    OAuth2(#[from] OAuth2Error),
     #[error("http: fail_if_ssl and fail_if_not_ssl together fail every probe, keep one")]
     SslAndNotSsl,
     #[error("http.fail_if_header_matches: {0:?} is not a header name")]
@@ -794,7 +806,7 @@ pub enum ModuleError {
     #[error("http.basic_auth: set password or password_file, not both")]
     PasswordTwice,
     #[error(
-        "http: set at most one of basic_auth, authorization, bearer_token and bearer_token_file"
+        "http: set at most one of basic_auth, authorization, oauth2, bearer_token and bearer_token_file"
     )]
     AuthSchemes,
     #[error("http.authorization: set credentials or credentials_file, not both")]
@@ -996,8 +1008,11 @@ impl Module {
                         return Err(ModuleError::HeaderValue(name.clone()));
                     }
                 }
+                // As blackbox_exporter, any version text is taken (an `HTTP/2` never
+                // matches, responses say `HTTP/2.0`); only what is no version at all is
+                // refused.
                 for v in &self.http.valid_http_versions {
-                    if !["HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3.0"].contains(&v.as_str()) {
+                    if !v.starts_with("HTTP/") || v.len() == "HTTP/".len() {
                         return Err(ModuleError::HttpVersion(v.clone()));
                     }
                 }
@@ -1027,7 +1042,8 @@ impl Module {
                 let schemes = usize::from(http.basic_auth.is_some())
                     + usize::from(http.bearer_token.is_some())
                     + usize::from(http.bearer_token_file.is_some())
-                    + usize::from(http.authorization.is_some());
+                    + usize::from(http.authorization.is_some())
+                    + usize::from(http.oauth2.is_some());
                 if schemes > 1 {
                     return Err(ModuleError::AuthSchemes);
                 }
@@ -1041,6 +1057,10 @@ impl Module {
                     if auth.kind.is_empty() || !is_header_name(&auth.kind) {
                         return Err(ModuleError::AuthorizationType(auth.kind.clone()));
                     }
+                }
+                if let Some(oauth2) = &http.oauth2 {
+                    oauth2.validate()?;
+                    check_tls("http.oauth2", &oauth2.tls_config)?;
                 }
                 if http.body.is_some() && http.body_file.is_some() {
                     return Err(ModuleError::BodyTwice);
@@ -1273,7 +1293,9 @@ mod tests {
                 .contains("regular expression")
         );
         m.http.fail_if_header_matches.clear();
-        m.http.valid_http_versions = vec!["HTTP/3".into()];
+        m.http.valid_http_versions = vec!["HTTP/2".into()];
+        m.validate().unwrap();
+        m.http.valid_http_versions = vec!["1.1".into()];
         assert!(
             m.validate()
                 .unwrap_err()

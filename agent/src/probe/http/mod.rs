@@ -9,9 +9,9 @@
 //!
 //! One job per file: `redirect` (which responses redirect, and the request after one),
 //! `proxy` (`proxy_url` and CONNECT tunnels), `auth` (the Authorization header),
-//! `cookies`, `conn` (the HTTP/1.1 or HTTP/2 connection), `body` and `decode` (reading
-//! the body), `checks` (the checks on the final response), `http3` (each hop over QUIC
-//! instead, with `enable_http3`). This file runs the hops.
+//! `oauth2` (its token), `cookies`, `conn` (the HTTP/1.1 or HTTP/2 connection), `body` and
+//! `decode` (reading the body), `checks` (the checks on the final response), `http3` (each
+//! hop over QUIC instead, with `enable_http3`). This file runs the hops.
 
 pub(crate) mod auth;
 pub(crate) mod body;
@@ -21,6 +21,9 @@ mod conn;
 mod cookies;
 pub(crate) mod decode;
 mod http3;
+pub(crate) mod oauth2;
+#[cfg(test)]
+mod oauth2_tests;
 mod proxy;
 mod redirect;
 #[cfg(test)]
@@ -119,6 +122,10 @@ pub async fn probe(
         .await?;
         out.add_with(DURATION, &[("phase", "resolve")], lookup.as_secs_f64());
         Some(ip)
+    };
+    let authorization = match &cfg.oauth2 {
+        Some(client) => Some(oauth2::authorization(ctx, cfg, client, out).await?),
+        None => authorization,
     };
 
     let host_override = cfg
