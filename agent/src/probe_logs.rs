@@ -161,7 +161,9 @@ pub fn module_yaml(module: &Module) -> String {
 }
 
 fn hide_secrets(value: &mut serde_json::Value) {
-    const SECRET_KEYS: [&str; 6] = [
+    // `secrets`: the secret values of `http_headers` and websocket headers.
+    const SECRET_KEYS: [&str; 7] = [
+        "secrets",
         "password",
         "bearer_token",
         "credentials",

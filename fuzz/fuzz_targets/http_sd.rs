@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(groups) = parse_http_sd("http://127.0.0.1:1/sd", data) {
         for group in &groups {
             for target in &group.targets {
-                let address = target.get(ADDRESS_LABEL).expect("every target has an address");
+                let address = target
+                    .get(ADDRESS_LABEL)
+                    .expect("every target has an address");
                 for module in MODULES.iter() {
                     let _ = check_target(module, address);
                 }
