@@ -6,6 +6,7 @@ use crate::probe::test_support::ctx;
 use crate::probe::{ProbeContext, ProbeOutcome, Reason, run};
 use base64::Engine as _;
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
