@@ -154,7 +154,7 @@ pub(crate) async fn query_responses(
                 Debug,
                 "Read bytes",
                 bytes = String::from_utf8_lossy(&got),
-                expected = want,
+                expected = String::from_utf8_lossy(want.as_bytes()),
                 matched = got == want.as_bytes()
             );
             if got != want.as_bytes() {
