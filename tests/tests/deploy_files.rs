@@ -452,11 +452,12 @@ fn broken_aggregator_config_names_file_line_column() {
     );
     assert_located(&out.combined(), &file, line, "forget_afterr");
 
-    // And one inside a job of the `jobs:` list.
+    // And one inside a job of the `jobs:` list (a misspelling: neither sonde's key nor
+    // Prometheus's).
     let (text, line) = insert_before(
         &example,
         "    module: tcp_connect",
-        "    scrape_interval: 30s",
+        "    scrape_intervall: 30s",
     );
     let file = scratch.write("aggregator-job.yml", &text);
     let out = check_config("sonde-aggregator", &file, &scratch);
@@ -465,7 +466,7 @@ fn broken_aggregator_config_names_file_line_column() {
         "check-config accepted an unknown job key at line {line}:\n{}",
         out.combined()
     );
-    assert_located(&out.combined(), &file, line, "scrape_interval");
+    assert_located(&out.combined(), &file, line, "scrape_intervall");
 }
 
 #[test]

@@ -80,12 +80,11 @@ pub fn build_target(
             target: address.clone(),
             error,
         })?;
+        // The target's own labels over the group's; `__meta_*` and the other `__` labels
+        // of discovery are for relabeling only, as in Prometheus.
         let mut labels = group_labels.clone();
-        labels.extend(
-            target_labels
-                .into_iter()
-                .filter(|(name, _)| !name.starts_with("__")),
-        );
+        labels.extend(target_labels);
+        labels.retain(|name, _| !name.starts_with("__"));
         return Ok(Some(Target {
             job: job.name.clone(),
             instance: address,
@@ -346,5 +345,33 @@ relabel_configs:
         assert_eq!(set.len(), 1);
         let t = &set[&("k8s".to_string(), "http://a/".to_string())];
         assert_eq!(t.labels, Labels::from([("app".into(), "shop".into())]));
+    }
+
+    #[test]
+    fn without_relabeling_discovery_labels_of_the_target_and_group_are_dropped() {
+        let job = job("job_name: sd\nmodule: tcp");
+        let mut set = TargetSet::new();
+        add_labeled_group(
+            &mut set,
+            &job,
+            [Labels::from([
+                ("__address__".to_string(), "db:5432".to_string()),
+                ("__meta_dns_name".to_string(), "db.example".to_string()),
+                ("team".to_string(), "data".to_string()),
+            ])],
+            &Labels::from([
+                ("__meta_url".to_string(), "http://sd/".to_string()),
+                ("team".to_string(), "group".to_string()),
+                ("env".to_string(), "prod".to_string()),
+            ]),
+        );
+        let t = &set[&("sd".to_string(), "db:5432".to_string())];
+        assert_eq!(
+            t.labels,
+            Labels::from([
+                ("env".into(), "prod".into()),
+                ("team".into(), "data".into())
+            ])
+        );
     }
 }
