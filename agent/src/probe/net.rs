@@ -55,24 +55,12 @@ pub(crate) async fn connect(
     source: Option<IpAddr>,
     out: &mut Samples,
 ) -> Result<TcpStream, Failure> {
-    // Noted before the attempt, so that a deadline that cuts it short leaves it in the
-    // trace as unanswered; replaced by the outcome when there is one.
-    let attempt = |ok, error: Option<String>, seconds| Step::Connect {
-        address: addr,
-        ok,
-        error,
-        seconds,
-    };
-    let slot = out.trace.steps.len();
-    out.trace.push(attempt(
-        false,
-        Some("no answer before the deadline".into()),
-        0.0,
-    ));
+    let pending = PendingConnect::note(out, addr, "no answer before the deadline");
     crate::probe_log!(out.log, Debug, "Dialing TCP", address = addr);
     let started = Instant::now();
     let result = open(addr, source).await;
-    let outcome = attempt(
+    pending.settle(
+        out,
         result.is_ok(),
         result.as_ref().err().map(|f| {
             f.message
@@ -82,9 +70,39 @@ pub(crate) async fn connect(
         }),
         started.elapsed().as_secs_f64(),
     );
-    out.log.step(&outcome);
-    out.trace.replace(slot, outcome);
     result
+}
+
+/// A connection attempt in the probe's trace: noted before it starts, so that a deadline
+/// that cuts it short leaves it there as unanswered, and replaced by its outcome (which the
+/// probe's log gets too) when there is one.
+pub(crate) struct PendingConnect {
+    slot: usize,
+    address: SocketAddr,
+}
+
+impl PendingConnect {
+    pub(crate) fn note(out: &mut Samples, address: SocketAddr, unanswered: &str) -> Self {
+        let slot = out.trace.steps.len();
+        out.trace.push(Step::Connect {
+            address,
+            ok: false,
+            error: Some(unanswered.to_string()),
+            seconds: 0.0,
+        });
+        PendingConnect { slot, address }
+    }
+
+    pub(crate) fn settle(self, out: &mut Samples, ok: bool, error: Option<String>, seconds: f64) {
+        let outcome = Step::Connect {
+            address: self.address,
+            ok,
+            error,
+            seconds,
+        };
+        out.log.step(&outcome);
+        out.trace.replace(self.slot, outcome);
+    }
 }
 
 async fn open(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Failure> {

@@ -15,6 +15,7 @@ use super::body::ReadError;
 use super::conn::{ConnFuture, drive};
 use super::redirect::Hop;
 use super::{DURATION, HopEnd, RequestError, Session};
+use crate::probe::net::PendingConnect;
 use crate::probe::tls::{TlsClient, TlsSetupError};
 use crate::probe::tls_samples::TlsFacts;
 use crate::probe::{Because, Failure, ProbeContext, Reason, Samples, Stage, io_reason};
@@ -25,7 +26,6 @@ use http_body_util::Full;
 use hyper::body::Frame;
 use rustls::pki_types::CertificateDer;
 use sonde_proto::config::module::HttpProbe;
-use sonde_proto::trace::Step;
 use std::borrow::Cow;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -175,20 +175,11 @@ async fn handshake(
         .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), addr, bare)
         .map_err(|e| Failure::new(Reason::Config, format!("QUIC connect to {addr}: {e}")))?;
 
-    // Noted before the attempt, so that a deadline that cuts it short leaves it in the
-    // trace as unanswered; replaced by the outcome when there is one.
-    let attempt = |ok, error: Option<String>, seconds| Step::Connect {
-        address: addr,
-        ok,
-        error,
-        seconds,
-    };
-    let slot = out.trace.steps.len();
-    out.trace.push(attempt(
-        false,
-        Some("no answer to the QUIC handshake before the deadline".into()),
-        0.0,
-    ));
+    let pending = PendingConnect::note(
+        out,
+        addr,
+        "no answer to the QUIC handshake before the deadline",
+    );
     crate::probe_log!(out.log, Debug, "Dialing QUIC", address = addr);
     let started = Instant::now();
     let result = connecting.await;
@@ -200,7 +191,8 @@ async fn handshake(
     // A handshake the server answered, even with a TLS error, is a connection made and
     // timed; one that got no answer (or broke at the QUIC layer) is not.
     let answered = failure.as_ref().is_none_or(|f| f.reason == Reason::Tls);
-    let outcome = attempt(
+    pending.settle(
+        out,
         answered,
         failure
             .as_ref()
@@ -208,8 +200,6 @@ async fn handshake(
             .map(|f| f.message.clone()),
         seconds,
     );
-    out.log.step(&outcome);
-    out.trace.replace(slot, outcome);
     if answered {
         out.add_with(DURATION, &[("phase", "connect")], seconds);
         out.add_with(DURATION, &[("phase", "tls")], seconds);
