@@ -33,6 +33,9 @@ pub const PROBE_METRICS: &[&str] = &[
     "probe_icmp_reply_hop_limit",
     "probe_ip_addr_hash",
     "probe_ip_protocol",
+    "probe_multihttp_step_duration_seconds",
+    "probe_multihttp_step_status_code",
+    "probe_multihttp_step_success",
     "probe_resolved_addresses",
     "probe_retries",
     "probe_ssl_earliest_cert_expiry",
@@ -65,6 +68,13 @@ pub fn series_help(name: &str) -> Option<&'static str> {
             "Specifies the hash of IP address. It's useful to detect if the IP address changes."
         }
         "probe_http_status_code" => "Response HTTP status code",
+        "probe_multihttp_step_success" => {
+            "Whether the step of a multihttp check succeeded (absent for steps not reached)"
+        }
+        "probe_multihttp_step_duration_seconds" => "How long the step of a multihttp check took",
+        "probe_multihttp_step_status_code" => {
+            "HTTP status code of the step's final response (0: no response)"
+        }
         "probe_http_duration_seconds" => {
             "Duration of http request by phase, summed over all redirects"
         }

@@ -6,12 +6,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod cel;
+pub mod multihttp;
 mod oauth2;
 mod unix;
 mod websocket;
 mod yaml_bytes;
 
 pub use cel::compile_cel;
+pub use multihttp::MultiHttpProbe;
 pub use oauth2::{OAuth2, OAuth2Error};
 pub use unix::UnixProbe;
 pub use websocket::{HeaderSources, HeaderValues, WebsocketHttpConfig, WebsocketProbe};
@@ -28,6 +30,7 @@ pub enum Prober {
     Grpc,
     Unix,
     Websocket,
+    Multihttp,
 }
 
 impl Prober {
@@ -40,6 +43,7 @@ impl Prober {
             Prober::Grpc => "grpc",
             Prober::Unix => "unix",
             Prober::Websocket => "websocket",
+            Prober::Multihttp => "multihttp",
         }
     }
 }
@@ -67,6 +71,9 @@ pub struct Module {
     pub unix: UnixProbe,
     #[serde(default, skip_serializing_if = "WebsocketProbe::is_default")]
     pub websocket: WebsocketProbe,
+    /// sonde's `multihttp` prober: ordered HTTP steps sharing variables.
+    #[serde(default, skip_serializing_if = "MultiHttpProbe::is_default")]
+    pub multihttp: MultiHttpProbe,
     /// sonde's addition: probe every address of the target instead of the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_address: Option<PerAddress>,
@@ -1160,6 +1167,15 @@ impl Module {
             }
             Prober::Unix => self.unix.validate()?,
             Prober::Websocket => self.websocket.validate()?,
+            Prober::Multihttp => {
+                if self.per_address.is_some() {
+                    return Err(ModuleError::Option {
+                        option: "per_address".into(),
+                        problem: "a multihttp check's steps may reach several hosts, it is not probed per address; remove per_address".into(),
+                    });
+                }
+                self.multihttp.validate()?
+            }
         }
         Ok(())
     }

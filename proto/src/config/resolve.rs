@@ -421,7 +421,12 @@ pub fn check_target(module: &Module, target: &str) -> Result<(), TargetError> {
             }
             Ok(())
         }
-        Prober::Dns | Prober::Icmp | Prober::Grpc | Prober::Unix | Prober::Websocket => Ok(()),
+        Prober::Dns
+        | Prober::Icmp
+        | Prober::Grpc
+        | Prober::Unix
+        | Prober::Websocket
+        | Prober::Multihttp => Ok(()),
     }
 }
 
