@@ -233,8 +233,9 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         grpc,
         unix,
         websocket,
+        multihttp,
     } = module;
-    let mut out = Vec::new();
+    let mut out = multihttp.files();
     let HttpProbe {
         valid_status_codes: _,
         valid_http_versions: _,

@@ -189,6 +189,16 @@ impl ProbeLog {
         self.dropped += other.dropped;
     }
 
+    /// Rewrites every field value with `hide`: a prober hiding values it knows to be
+    /// secret (multihttp's file contents) before the lines leave the probe.
+    pub fn rewrite_values(&mut self, mut hide: impl FnMut(&str) -> String) {
+        for line in self.lines.iter_mut().flatten() {
+            for (_, value) in &mut line.fields {
+                *value = hide(value);
+            }
+        }
+    }
+
     pub fn lines(&self) -> &[LogLine] {
         self.lines.as_deref().unwrap_or_default()
     }

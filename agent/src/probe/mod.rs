@@ -2,7 +2,7 @@
 //! a target, a module and a deadline in; success and the samples it produced out.
 //!
 //! Adding a prober is adding one file (or folder) here and one arm in [`run`]:
-//! [`http`], [`tcp`], [`dns`], [`icmp`] and [`grpc`] are the probers; `net` (the TCP connect), `tls` (the
+//! [`http`], [`tcp`], [`dns`], [`icmp`], [`grpc`] and `multihttp` (steps of http requests) are the probers; `net` (the TCP connect), `tls` (the
 //! TLS client), `tls_samples` (the `probe_ssl_*` / `probe_tls_*` samples) and `x509`
 //! (what a certificate says) are the parts they share; `per_address` runs a prober once
 //! per address of the target; [`policy`] says where a probe may connect. Each prober notes what it saw in [`Samples::trace`]
@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod icmp;
 pub mod log;
+pub(crate) mod multihttp;
 pub(crate) mod net;
 pub(crate) mod per_address;
 pub mod policy;
@@ -557,6 +558,9 @@ pub(crate) async fn probe_once(
             Prober::Grpc => grpc::probe(env, target, module, &mut samples).await,
             Prober::Unix => unix::probe(env, target, module, &mut samples).await,
             Prober::Websocket => websocket::probe(env, target, module, &mut samples).await,
+            Prober::Multihttp => {
+                multihttp::probe(env, target, module, deadline, timeout, &mut samples).await
+            }
         }
     };
     let result = match tokio::time::timeout_at(deadline, probe).await {

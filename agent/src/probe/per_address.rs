@@ -176,6 +176,10 @@ fn target_host(target: &str, module: &Module) -> Result<(String, IpProtocol, boo
             module.websocket.preferred_ip_protocol,
             module.websocket.ip_protocol_fallback,
         )),
+        Prober::Multihttp => Err(Failure::new(
+            Reason::Config,
+            "per_address: a multihttp check's steps may reach several hosts; remove per_address from the module",
+        )),
         Prober::Unix => Err(Failure::new(
             Reason::Config,
             "per_address: a unix socket has no addresses to probe one by one; remove per_address from the module",

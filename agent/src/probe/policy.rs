@@ -557,7 +557,9 @@ fn net_is_special(net: IpAddr, prefix: u8) -> bool {
 /// target has no port: it is 0, which a pattern's port `*` (or no port) matches.
 fn host_port(module: &Module, target: &str) -> Option<(String, u16)> {
     match module.prober {
-        Prober::Http => {
+        // A multihttp target is what its steps' `{{target}}` stands for: a URL, or a
+        // host as the http prober reads it.
+        Prober::Http | Prober::Multihttp => {
             let with_scheme = if target.contains("://") {
                 target.to_string()
             } else {

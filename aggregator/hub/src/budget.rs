@@ -44,9 +44,15 @@ impl CheckBudget {
             Prober::Tcp => module.tcp.query_response.len(),
             _ => 0,
         };
+        // Each step of a multihttp check: success, duration and status, labelled with
+        // the step's name (at most 64 bytes, within the vocabulary's room).
+        let step_samples = match module.prober {
+            Prober::Multihttp => 3 * module.multihttp.steps.len(),
+            _ => 0,
+        };
         let text_samples = 1 + expect_steps;
         let label_bytes = limits.max_sample_label_bytes.0 as usize;
-        let per_address_samples = SAMPLES_PER_ADDRESS + expect_steps;
+        let per_address_samples = SAMPLES_PER_ADDRESS + expect_steps + step_samples;
         let per_address_bytes = per_address_samples * (NAME_BYTES + VOCABULARY_LABEL_BYTES)
             + text_samples * label_bytes;
         let (samples, bytes) = match &module.per_address {
@@ -119,6 +125,19 @@ mod tests {
             &limits,
         );
         assert_eq!(per_address.samples, 3 * plain.samples);
+    }
+
+    #[test]
+    fn multihttp_steps_add_their_series_to_the_budget() {
+        let limits = FleetLimits::default();
+        let http = CheckBudget::of(&module(r#"{"prober":"http"}"#), &limits);
+        let steps = CheckBudget::of(
+            &module(
+                r#"{"prober":"multihttp","multihttp":{"steps":[{"name":"a","url":"{{target}}"},{"name":"b","url":"{{target}}"}]}}"#,
+            ),
+            &limits,
+        );
+        assert_eq!(steps.samples, http.samples + 6);
     }
 
     #[test]

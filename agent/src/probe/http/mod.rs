@@ -65,7 +65,27 @@ pub async fn probe(
     module: &Module,
     out: &mut Samples,
 ) -> Result<(), Failure> {
-    let cfg = &module.http;
+    request(ctx, target, &module.http, out, None).await
+}
+
+/// The final response of a request, for a prober that reads it (multihttp extracts
+/// variables from it): its status, headers and the first
+/// [`HttpProbe::MAX_MATCHED_BODY`] bytes of its body.
+pub(crate) struct Answer {
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Vec<u8>,
+}
+
+/// One request of `cfg` to `target`, its redirects followed and its final response
+/// checked, as the http prober makes it; with `answer`, that response is also kept
+/// there (when one came).
+pub(crate) async fn request(
+    ctx: &Env<'_>,
+    target: &str,
+    cfg: &HttpProbe,
+    out: &mut Samples,
+    answer: Option<&mut Option<Answer>>,
+) -> Result<(), Failure> {
     out.register(
         DURATION,
         &["resolve", "connect", "tls", "processing", "transfer"],
@@ -162,11 +182,24 @@ pub async fn probe(
         tls: None,
         first_host: host,
         cookies: CookieJar::default(),
+        capture: answer.is_some(),
     };
     let mut redirects = 0;
     loop {
         match session.exchange(&hop, redirects, out).await? {
-            HopEnd::Final(last) => return last.check(ctx, cfg, out),
+            HopEnd::Final(last) => {
+                if let Some(slot) = answer {
+                    *slot = Some(Answer {
+                        headers: last.headers.clone().unwrap_or_default(),
+                        body: last
+                            .body
+                            .as_ref()
+                            .map(|b| b.kept.clone())
+                            .unwrap_or_default(),
+                    });
+                }
+                return last.check(ctx, cfg, out);
+            }
             HopEnd::Redirect { status, next } => {
                 redirects += 1;
                 out.set("probe_http_redirects", f64::from(redirects));
@@ -262,6 +295,8 @@ struct Session<'a> {
     first_host: String,
     /// Cookies set by redirect responses, for the next hops.
     cookies: CookieJar,
+    /// Keep the final response's headers and body whatever the checks need.
+    capture: bool,
 }
 
 impl Session<'_> {
@@ -580,8 +615,9 @@ impl Session<'_> {
         }
 
         let version = resp.version();
-        let matches_headers = !(self.cfg.fail_if_header_matches.is_empty()
-            && self.cfg.fail_if_header_not_matches.is_empty());
+        let matches_headers = self.capture
+            || !(self.cfg.fail_if_header_matches.is_empty()
+                && self.cfg.fail_if_header_not_matches.is_empty());
         let mut last = FinalResponse {
             status,
             version,
@@ -591,10 +627,11 @@ impl Session<'_> {
             body_error: None,
         };
         if !stopped_redirect {
-            let keep = status_ok(self.cfg, status)
-                && !(self.cfg.fail_if_body_matches_regexp.is_empty()
-                    && self.cfg.fail_if_body_not_matches_regexp.is_empty()
-                    && !cel_match::configured(self.cfg));
+            let keep = self.capture
+                || status_ok(self.cfg, status)
+                    && !(self.cfg.fail_if_body_matches_regexp.is_empty()
+                        && self.cfg.fail_if_body_not_matches_regexp.is_empty()
+                        && !cel_match::configured(self.cfg));
             let (body, error) =
                 read_body(resp.into_body(), self.cfg, self.algorithm, keep, out).await;
             match &error {

@@ -170,9 +170,12 @@ pub fn parse_template(template: &str) -> Result<Vec<Piece<'_>>, String> {
             pieces.push(Piece::Text(&rest[..open]));
         }
         let after = &rest[open + 2..];
-        let close = after
-            .find("}}")
-            .ok_or_else(|| format!("{{{{ at byte {} is not closed with }}}}", template.len() - rest.len() + open))?;
+        let close = after.find("}}").ok_or_else(|| {
+            format!(
+                "{{{{ at byte {} is not closed with }}}}",
+                template.len() - rest.len() + open
+            )
+        })?;
         let inner = after[..close].trim();
         pieces.push(if inner == "target" {
             Piece::Target
@@ -291,12 +294,17 @@ impl MultiHttpProbe {
                 problem,
             };
             if step.name.is_empty() {
-                return Err(err("name", "every step needs a name (its series' step label)".into()));
+                return Err(err(
+                    "name",
+                    "every step needs a name (its series' step label)".into(),
+                ));
             }
             if step.name.len() > MAX_STEP_NAME_BYTES || step.name.chars().any(char::is_control) {
                 return Err(err(
                     "name",
-                    format!("a step name is at most {MAX_STEP_NAME_BYTES} bytes without control characters"),
+                    format!(
+                        "a step name is at most {MAX_STEP_NAME_BYTES} bytes without control characters"
+                    ),
                 ));
             }
             if !names.insert(step.name.as_str()) {
@@ -308,12 +316,18 @@ impl MultiHttpProbe {
             if step.method.is_empty() || !step.method.bytes().all(|b| b.is_ascii_alphabetic()) {
                 return Err(err(
                     "method",
-                    format!("{:?} is not an HTTP method (GET, HEAD, POST, ...)", step.method),
+                    format!(
+                        "{:?} is not an HTTP method (GET, HEAD, POST, ...)",
+                        step.method
+                    ),
                 ));
             }
             for (name, values) in &step.headers {
                 if !super::is_header_name(name) {
-                    return Err(err("headers", format!("{name:?} is not a valid header name")));
+                    return Err(err(
+                        "headers",
+                        format!("{name:?} is not a valid header name"),
+                    ));
                 }
                 if values
                     .values()
@@ -497,9 +511,21 @@ mod tests {
             ]
         );
         assert_eq!(parse_template("plain").unwrap(), vec![Piece::Text("plain")]);
-        assert!(parse_template("a {{token").unwrap_err().contains("not closed"));
-        assert!(parse_template("{{file:relative}}").unwrap_err().contains("absolute"));
-        assert!(parse_template("{{no-dash}}").unwrap_err().contains("not a placeholder"));
+        assert!(
+            parse_template("a {{token")
+                .unwrap_err()
+                .contains("not closed")
+        );
+        assert!(
+            parse_template("{{file:relative}}")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            parse_template("{{no-dash}}")
+                .unwrap_err()
+                .contains("not a placeholder")
+        );
     }
 
     #[test]
@@ -520,12 +546,20 @@ mod tests {
         let mut f = flow();
         f["steps"][1]["name"] = "login".into();
         let e = error(f);
-        assert!(e.starts_with("multihttp.steps[1] \"login\".name: another step"), "{e}");
+        assert!(
+            e.starts_with("multihttp.steps[1] \"login\".name: another step"),
+            "{e}"
+        );
 
         let mut f = flow();
         f["steps"][1]["expect"]["body_regexp"] = serde_json::json!(["("]);
         let e = error(f);
-        assert!(e.starts_with("multihttp.steps[1] \"items\".expect.body_regexp: invalid regular expression"), "{e}");
+        assert!(
+            e.starts_with(
+                "multihttp.steps[1] \"items\".expect.body_regexp: invalid regular expression"
+            ),
+            "{e}"
+        );
 
         let mut f = flow();
         f["steps"][0]["extract"]["token"]["json_path"] = "$.token[".into();
@@ -552,7 +586,9 @@ mod tests {
 
         let mut f = flow();
         f["steps"][1]["headers"]["Authorization"] = "Bearer {{token".into();
-        assert!(error(f).starts_with("multihttp.steps[1] \"items\".headers.Authorization: {{ at byte 7 is not closed"));
+        assert!(error(f).starts_with(
+            "multihttp.steps[1] \"items\".headers.Authorization: {{ at byte 7 is not closed"
+        ));
 
         let unknown = serde_json::from_value::<Module>(serde_json::json!({
             "prober": "multihttp", "multihttp": {"steps": [{"name": "a", "url": "x", "expekt": {}}]}
