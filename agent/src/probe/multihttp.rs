@@ -308,8 +308,12 @@ impl Secrets {
         if secret.is_empty() {
             return;
         }
-        let json = serde_json::to_string(secret).unwrap_or_default();
-        let json = json.trim_matches('"').to_string();
+        let quoted = serde_json::to_string(secret).unwrap_or_default();
+        let json = quoted
+            .strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .unwrap_or_default()
+            .to_string();
         let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
         let percent = encoded.replace('+', "%20");
         for form in [secret.to_string(), json, encoded, percent] {
@@ -463,7 +467,7 @@ mod tests {
     fn variables_come_from_json_path_regex_group_and_header() {
         let ctx = ctx();
         let env = env(&ctx);
-        let mut headers = http::HeaderMap::new();
+        let mut headers = ::http::HeaderMap::new();
         headers.insert("x-token", "h-123".parse().unwrap());
         let answer = Answer {
             headers,
@@ -513,7 +517,7 @@ mod tests {
                 .contains("no X-Other header")
         );
         let not_json = Answer {
-            headers: http::HeaderMap::new(),
+            headers: ::http::HeaderMap::new(),
             body: b"<html>".to_vec(),
         };
         assert!(
