@@ -362,7 +362,13 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         validate_answer_rrs: _,
         validate_authority_rrs: _,
         validate_additional_rrs: _,
+        dnssec,
     } = dns;
+    push(
+        &mut out,
+        "dns.dnssec.trust_anchor_file",
+        &dnssec.trust_anchor_file,
+    );
     tls_files(
         &mut out,
         [
