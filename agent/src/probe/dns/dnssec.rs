@@ -335,8 +335,8 @@ pub(crate) fn dnssec_time(unix: u64) -> String {
     )
 }
 
-/// Checks the RRSIGs of `set` made by `signer` with `keys` at `now`.
-fn verify_set(set: &RrSet, signer: &Name, keys: &[DNSKEY], now: u64) -> Result<u64, BrokenLink> {
+/// How each RRSIG of `set` made by `signer` fares with `keys` at `now`.
+fn sig_outcomes(set: &RrSet, signer: &Name, keys: &[DNSKEY], now: u64) -> Vec<SigOutcome> {
     let mut outcomes = Vec::new();
     for sig in set.sigs.iter().filter(|s| &s.input().signer_name == signer) {
         let input = sig.input();
@@ -382,7 +382,7 @@ fn verify_set(set: &RrSet, signer: &Name, keys: &[DNSKEY], now: u64) -> Result<u
             });
         }
     }
-    classify(&outcomes).map_err(|(kind, detail)| broken(kind, &set.owner, set.rtype, detail))
+    outcomes
 }
 
 /// The signer zone of an RRset: the one its RRSIGs name, which must be the owner or
@@ -443,6 +443,32 @@ impl<'a, F: Fetch> Chain<'a, F> {
         self.earliest = Some(self.earliest.map_or(expiration, |e| e.min(expiration)));
     }
 
+    /// Checks the RRSIGs of `set` made by `signer` with `keys`, noting the expiry of the
+    /// valid ones, or of expired ones when none is valid: a chain broken by an expired
+    /// signature tells when it expired.
+    fn verify(&mut self, set: &RrSet, signer: &Name, keys: &[DNSKEY]) -> Result<(), BrokenLink> {
+        let outcomes = sig_outcomes(set, signer, keys, self.now);
+        match classify(&outcomes) {
+            Ok(expiration) => {
+                self.note_expiry(expiration);
+                Ok(())
+            }
+            Err((kind, detail)) => {
+                if let Some(expired) = outcomes
+                    .iter()
+                    .filter_map(|o| match o {
+                        SigOutcome::Expired { expiration } => Some(*expiration),
+                        _ => None,
+                    })
+                    .max()
+                {
+                    self.note_expiry(expired);
+                }
+                Err(broken(kind, &set.owner, set.rtype, detail))
+            }
+        }
+    }
+
     /// The earliest expiry of the RRSIGs validated so far, even when a later link broke.
     pub(crate) fn earliest_expiry(&self) -> Option<u64> {
         self.earliest
@@ -477,8 +503,7 @@ impl<'a, F: Fetch> Chain<'a, F> {
         for set in &sets {
             let signer = signer_of(set)?;
             let keys = self.zone_keys(&signer).await?;
-            let expiration = verify_set(set, &signer, &keys, self.now)?;
-            self.note_expiry(expiration);
+            self.verify(set, &signer, &keys)?;
         }
         Ok(Validated {
             earliest_expiry: self.earliest.unwrap_or(0),
@@ -591,8 +616,7 @@ impl<'a, F: Fetch> Chain<'a, F> {
             }
             Some((ds_set, parent)) => {
                 let parent_keys = self.keys.get(parent).cloned().unwrap_or_default();
-                let expiration = verify_set(ds_set, parent, &parent_keys, self.now)?;
-                self.note_expiry(expiration);
+                self.verify(ds_set, parent, &parent_keys)?;
                 let ds: Vec<&DS> = ds_set
                     .records
                     .iter()
@@ -622,8 +646,7 @@ impl<'a, F: Fetch> Chain<'a, F> {
                 entry
             }
         };
-        let expiration = verify_set(&link.dnskeys, zone, &entry, self.now)?;
-        self.note_expiry(expiration);
+        self.verify(&link.dnskeys, zone, &entry)?;
         let zone_keys: Vec<DNSKEY> = all
             .into_iter()
             .filter(|k| k.zone_key() && !k.revoke())
