@@ -731,7 +731,7 @@ mod tests {
                     },
                 ],
                 Broken::SignatureNotYetValid,
-                "the RRSIG is valid from 21260802070640 only",
+                "the RRSIG is valid from 20961002070640 only",
             ),
             (
                 &[
