@@ -57,6 +57,9 @@ declare -A packages=(
   [setpriv]=util-linux      # runs an agent as an unprivileged user (tests/tests/blackbox_parity_icmp_grpc.rs)
   [sysctl]=procps           # per-namespace settings (the same two tests)
   [curl]=curl               # HTTP from inside a namespace (failure_traces.rs), raw /metrics (hostile_agents.rs)
+  [named]=bind9             # the authoritative server of the signed zones (tests/tests/dnssec_probe.rs)
+  [dnssec-signzone]=bind9-utils   # signs them (dnssec-keygen, dnssec-dsfromkey too)
+  [unbound]=unbound         # the validating resolver in front of them
   [gcc]=gcc                 # compiles agent-bench's floor loop in its unit test (tests/src/bin/agent_bench/floor.rs)
 )
 # file -> package, for what is not a program: nginx's stream module (the DNS-over-TLS

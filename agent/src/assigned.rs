@@ -363,7 +363,13 @@ pub fn file_options(module: &Module) -> Vec<(&'static str, &str)> {
         validate_answer_rrs: _,
         validate_authority_rrs: _,
         validate_additional_rrs: _,
+        dnssec,
     } = dns;
+    push(
+        &mut out,
+        "dns.dnssec.trust_anchor_file",
+        &dnssec.trust_anchor_file,
+    );
     tls_files(
         &mut out,
         [
@@ -548,7 +554,8 @@ mod tests {
                 "http":{"body_file":"/f/body","bearer_token_file":"/f/bearer",
                         "tls_config":{"ca_file":"/f/hca","cert_file":"/f/hcert","key_file":"/f/hkey"}},
                 "tcp":{"tls_config":{"ca_file":"/f/tca","cert_file":"/f/tcert","key_file":"/f/tkey"}},
-                "dns":{"tls_config":{"ca_file":"/f/dca","cert_file":"/f/dcert","key_file":"/f/dkey"}}}"#,
+                "dns":{"tls_config":{"ca_file":"/f/dca","cert_file":"/f/dcert","key_file":"/f/dkey"},
+                       "dnssec":{"validate":true,"trust_anchor_file":"/f/anchor"}}}"#,
         )
     }
 
@@ -556,7 +563,7 @@ mod tests {
     fn every_file_option_is_found() {
         let mut m = every_file_option();
         let found: Vec<_> = file_options(&m).into_iter().map(|(o, _)| o).collect();
-        assert_eq!(found.len(), 11, "{found:?}");
+        assert_eq!(found.len(), 12, "{found:?}");
         m.http.bearer_token_file = None;
         m.http.basic_auth = Some(BasicAuth {
             username: "u".into(),
@@ -589,6 +596,7 @@ mod tests {
             "dns.tls_config.ca_file",
             "dns.tls_config.cert_file",
             "dns.tls_config.key_file",
+            "dns.dnssec.trust_anchor_file",
         ] {
             assert!(found.iter().any(|(o, _)| *o == option), "{option}");
         }

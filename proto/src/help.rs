@@ -8,9 +8,12 @@ pub const PROBE_METRICS: &[&str] = &[
     "probe_dns_additional_rrs",
     "probe_dns_answer_rrs",
     "probe_dns_authority_rrs",
+    "probe_dns_dnssec_ad",
+    "probe_dns_dnssec_valid",
     "probe_dns_duration_seconds",
     "probe_dns_lookup_time_seconds",
     "probe_dns_query_succeeded",
+    "probe_dns_rrsig_expiry_timestamp_seconds",
     "probe_dns_serial",
     "probe_duration_seconds",
     "probe_expect_info",
@@ -105,6 +108,15 @@ pub fn series_help(name: &str) -> Option<&'static str> {
             "Displays whether or not the query was executed successfully"
         }
         "probe_dns_serial" => "Returns the serial number of the zone",
+        "probe_dns_dnssec_valid" => {
+            "1 if the agent validated the answer's DNSSEC chain of trust from a trust anchor (sonde)"
+        }
+        "probe_dns_dnssec_ad" => {
+            "1 if the server set the AD (authentic data) flag on the answer (sonde)"
+        }
+        "probe_dns_rrsig_expiry_timestamp_seconds" => {
+            "Earliest expiry of the RRSIGs on the answer's chain of trust, in unixtime (sonde)"
+        }
         "probe_failure_info" => "Why the probe failed, one bounded reason (sonde)",
         "probe_failed_due_to_bytes" => "Indicates if probe failed due to bytes",
         "probe_expect_info" => "Explicit content matched",

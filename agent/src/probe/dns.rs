@@ -7,6 +7,12 @@
 //! The reply comes from the network and is hostile: anything malformed is a failure
 //! with a reason, never a panic; on UDP a datagram that is not the reply to our query
 //! (wrong id) is ignored, as a spoofed or stale answer would be.
+//!
+//! With `dnssec: {validate: true}` the queries carry EDNS with the DO and CD bits, the
+//! reply's AD flag is reported, and the answer's chain of trust is checked by the agent
+//! itself ([`dnssec`]), asking the same server for each DNSKEY and DS set.
+
+mod dnssec;
 
 use super::net::{AddressError, connect, connect_failure, parse_port, parse_source_ip};
 use super::tls::TlsClient;
@@ -16,6 +22,7 @@ use super::{
     split_host_port,
 };
 use hickory_proto::ProtoError;
+use hickory_proto::op::Edns;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use sonde_proto::config::Module;
@@ -26,6 +33,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 const DURATION: &str = "probe_dns_duration_seconds";
+const DNSSEC_VALID: &str = "probe_dns_dnssec_valid";
+const DNSSEC_AD: &str = "probe_dns_dnssec_ad";
+const RRSIG_EXPIRY: &str = "probe_dns_rrsig_expiry_timestamp_seconds";
 const SOA: u16 = 6;
 
 pub async fn probe(
@@ -60,8 +70,21 @@ pub async fn probe(
     })?;
     let valid_rcodes = cfg.valid_rcode_codes().because(Reason::Config)?;
     let source = parse_source_ip(cfg.source_ip_address.as_deref()).because(Reason::Config)?;
-    let query = build_query(&cfg.query_name, qtype, qclass, cfg.recursion_desired)
-        .because(Reason::Config)?;
+    let anchors = if cfg.dnssec.validate {
+        // Only with validation on, so a module without it reports blackbox_exporter's set.
+        out.register(DURATION, &[], &[DNSSEC_VALID, DNSSEC_AD, RRSIG_EXPIRY]);
+        Some(dnssec::Anchors::load(&cfg.dnssec).because(Reason::Config)?)
+    } else {
+        None
+    };
+    let query = build_query(
+        &cfg.query_name,
+        qtype,
+        qclass,
+        cfg.recursion_desired,
+        cfg.dnssec.validate,
+    )
+    .because(Reason::Config)?;
     if cfg.dns_over_tls && cfg.transport_protocol != DnsTransport::Tcp {
         return Err(Failure::new(
             Reason::Config,
@@ -136,7 +159,148 @@ pub async fn probe(
             exchange_stream(stream, &query, out).await?
         }
     };
-    read_reply(ctx, cfg, qtype, &valid_rcodes, &reply, out)
+    let checked = read_reply(ctx, cfg, qtype, &valid_rcodes, &reply, out);
+    let Some(anchors) = anchors else {
+        return checked;
+    };
+    let Ok(message) = Message::from_vec(&reply) else {
+        return checked;
+    };
+    let fetch = ServerFetch {
+        ctx,
+        server,
+        source,
+        transport: cfg.transport_protocol,
+        tls: tls.as_ref().map(|client| {
+            (
+                client,
+                cfg.tls_config.server_name.as_deref().unwrap_or(host),
+            )
+        }),
+        recursion: cfg.recursion_desired,
+    };
+    let validated = validate_dnssec(&message, &anchors, fetch, qtype, out).await;
+    checked.and(validated)
+}
+
+/// Reports the AD flag and checks the chain of trust of `reply`, the answer to the probe's
+/// query: `probe_dns_dnssec_valid` and the earliest RRSIG expiry on the chain.
+async fn validate_dnssec(
+    reply: &Message,
+    anchors: &dnssec::Anchors,
+    fetch: ServerFetch<'_, '_>,
+    qtype: u16,
+    out: &mut Samples,
+) -> Result<(), Failure> {
+    out.set(
+        DNSSEC_AD,
+        f64::from(u8::from(reply.metadata.authentic_data)),
+    );
+    let Some(query) = reply.queries.first() else {
+        return Err(Failure::new(
+            Reason::Dnssec,
+            "dnssec: the reply does not repeat the question",
+        ));
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut chain = dnssec::Chain::new(anchors, now, fetch);
+    let result = chain
+        .validate(reply, query.name(), RecordType::from(qtype))
+        .await;
+    if let Some(expiry) = chain.earliest_expiry() {
+        out.set(RRSIG_EXPIRY, expiry as f64);
+    }
+    match result {
+        Ok(validated) => {
+            out.set(DNSSEC_VALID, 1.0);
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "Validated the DNSSEC chain of trust",
+                zones = validated
+                    .zones
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                earliest_rrsig_expiry = dnssec::dnssec_time(validated.earliest_expiry),
+                ad = reply.metadata.authentic_data
+            );
+            Ok(())
+        }
+        Err(link) => {
+            crate::probe_log!(
+                out.log,
+                Debug,
+                "DNSSEC chain of trust broken",
+                link = link,
+                ad = reply.metadata.authentic_data
+            );
+            Err(Failure::new(Reason::Dnssec, format!("dnssec: {link}")))
+        }
+    }
+}
+
+/// Asks the probe's server, over the probe's transport, for the records of the chain of
+/// trust. Each query is a connection (or socket) of its own, left out of the phase
+/// durations, which time the probe's own query.
+struct ServerFetch<'e, 'c> {
+    ctx: &'e Env<'c>,
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    transport: DnsTransport,
+    /// The TLS client and the name to check the server's certificate against.
+    tls: Option<(&'e TlsClient, &'e str)>,
+    recursion: bool,
+}
+
+impl dnssec::Fetch for ServerFetch<'_, '_> {
+    async fn fetch(&mut self, name: &Name, rtype: RecordType) -> Result<Message, String> {
+        let query = build_query(&name.to_ascii(), u16::from(rtype), 1, self.recursion, true)
+            .map_err(|e| e.to_string())?;
+        let mut scratch = Samples::default();
+        let reply = match (self.transport, self.tls) {
+            (DnsTransport::Udp, _) => {
+                let reply = exchange_udp(self.server, self.source, &query, &mut scratch)
+                    .await
+                    .map_err(|f| f.message)?;
+                // TC: the answer did not fit in a datagram; DNSKEY sets often do not.
+                if reply[2] & 0x02 != 0 {
+                    let stream = connect(self.server, self.source, &mut scratch)
+                        .await
+                        .map_err(|f| f.message)?;
+                    exchange_stream(stream, &query, &mut scratch)
+                        .await
+                        .map_err(|f| f.message)?
+                } else {
+                    reply
+                }
+            }
+            (DnsTransport::Tcp, None) => {
+                let stream = connect(self.server, self.source, &mut scratch)
+                    .await
+                    .map_err(|f| f.message)?;
+                exchange_stream(stream, &query, &mut scratch)
+                    .await
+                    .map_err(|f| f.message)?
+            }
+            (DnsTransport::Tcp, Some((client, server_name))) => {
+                let stream = connect(self.server, self.source, &mut scratch)
+                    .await
+                    .map_err(|f| f.message)?;
+                let stream = client
+                    .handshake(self.ctx, server_name, stream, &mut scratch)
+                    .await
+                    .map_err(|f| f.message)?;
+                exchange_stream(stream, &query, &mut scratch)
+                    .await
+                    .map_err(|f| f.message)?
+            }
+        };
+        Message::from_vec(&reply).map_err(|e| format!("malformed reply: {e}"))
+    }
 }
 
 /// What a reply says, checked against the module: the section counts, the SOA serial,
@@ -368,12 +532,15 @@ enum QueryError {
     Encode(ProtoError),
 }
 
-/// A query with a random id, no EDNS (as blackbox_exporter sends it).
+/// A query with a random id, no EDNS (as blackbox_exporter sends it); with `dnssec`,
+/// EDNS with the DO bit (send DNSSEC records) and the CD bit (hand them over even when
+/// the resolver finds them bogus: the agent checks them itself).
 fn build_query(
     name: &str,
     qtype: u16,
     qclass: u16,
     recursion: bool,
+    dnssec: bool,
 ) -> Result<Vec<u8>, QueryError> {
     let mut name = Name::from_ascii(name).map_err(|error| QueryError::Name {
         name: name.to_string(),
@@ -385,6 +552,14 @@ fn build_query(
     let mut message = Message::query();
     message.metadata.recursion_desired = recursion;
     message.add_query(query);
+    if dnssec {
+        let mut edns = Edns::new();
+        edns.set_dnssec_ok(true);
+        // The payload size DNS flag day 2020 settled on: no IP fragmentation.
+        edns.set_max_payload(1232);
+        message.set_edns(edns);
+        message.metadata.checking_disabled = true;
+    }
     message.to_vec().map_err(QueryError::Encode)
 }
 
@@ -944,7 +1119,7 @@ mod tests {
         m.validate().unwrap();
         let o = run(&ctx(), &addr.to_string(), &m, TIMEOUT).await;
         assert!(o.success, "{:?}", o.failure);
-        let query = build_query("a.test", 1, 3, true).unwrap();
+        let query = build_query("a.test", 1, 3, true, false).unwrap();
         let q = Message::from_vec(&query).unwrap();
         assert_eq!(q.queries[0].query_class(), DNSClass::CH);
         let m = dns_module(serde_json::json!({"query_name": "nx.test", "query_type": "A"}));
@@ -1002,7 +1177,7 @@ mod tests {
 
     #[test]
     fn parse_never_panics_on_mutated_replies() {
-        let query = build_query("a.test", 1, 1, true).unwrap();
+        let query = build_query("a.test", 1, 1, true, false).unwrap();
         let reply = answer(&query).unwrap();
         for i in 0..reply.len() {
             for flip in [0x01u8, 0x80, 0xff] {

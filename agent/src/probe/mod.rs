@@ -107,10 +107,12 @@ pub enum Reason {
     /// A gRPC health check answered with an error status, or a serving status other
     /// than `SERVING`.
     GrpcStatus,
+    /// `dns.dnssec.validate`: the answer's chain of trust did not validate.
+    Dnssec,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Dns,
         Reason::ConnectRefused,
         Reason::ConnectTimeout,
@@ -127,6 +129,7 @@ impl Reason {
         Reason::Config,
         Reason::RefusedByPolicy,
         Reason::GrpcStatus,
+        Reason::Dnssec,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -147,6 +150,7 @@ impl Reason {
             Reason::Config => "config",
             Reason::RefusedByPolicy => "refused_by_policy",
             Reason::GrpcStatus => "grpc_status",
+            Reason::Dnssec => "dnssec",
         }
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 mod cel;
 pub mod multihttp;
+mod dnssec;
 mod oauth2;
 mod unix;
 mod websocket;
@@ -14,6 +15,9 @@ mod yaml_bytes;
 
 pub use cel::compile_cel;
 pub use multihttp::MultiHttpProbe;
+pub use dnssec::{
+    AnchorKey, DnssecConfig, TrustAnchor, TrustAnchorError, parse_trust_anchors, read_trust_anchors,
+};
 pub use oauth2::{OAuth2, OAuth2Error};
 pub use unix::UnixProbe;
 pub use websocket::{HeaderSources, HeaderValues, WebsocketHttpConfig, WebsocketProbe};
@@ -455,6 +459,9 @@ pub struct DnsProbe {
     pub validate_authority_rrs: DnsRrValidator,
     #[serde(default, skip_serializing_if = "DnsRrValidator::is_empty")]
     pub validate_additional_rrs: DnsRrValidator,
+    /// Left out of the JSON sent to agents when unset, for agents older than it.
+    #[serde(default, skip_serializing_if = "DnssecConfig::is_default")]
+    pub dnssec: DnssecConfig,
 }
 
 /// blackbox_exporter's `icmp` module: one echo request, one matching reply.
@@ -608,6 +615,7 @@ impl Default for DnsProbe {
             validate_answer_rrs: DnsRrValidator::default(),
             validate_authority_rrs: DnsRrValidator::default(),
             validate_additional_rrs: DnsRrValidator::default(),
+            dnssec: DnssecConfig::default(),
         }
     }
 }
@@ -852,6 +860,12 @@ pub enum ModuleError {
     Rcode(String),
     #[error("dns.dns_over_tls needs transport_protocol: tcp (DNS over TLS runs over TCP)")]
     DnsOverTlsWithoutTcp,
+    #[error(
+        "dns.dnssec: trust_anchor_file is set but validate is false; set validate: true or drop trust_anchor_file"
+    )]
+    DnssecAnchorWithoutValidate,
+    #[error(transparent)]
+    TrustAnchor(TrustAnchorError),
     #[error(
         "{prober}.source_ip_address: {ip:?} is not an IP address (like 192.0.2.10 or 2001:db8::10)"
     )]
@@ -1151,6 +1165,7 @@ impl Module {
                     return Err(ModuleError::DnsOverTlsWithoutTcp);
                 }
                 check_tls("dns", &self.dns.tls_config)?;
+                self.dns.dnssec.validate()?;
             }
             Prober::Icmp => {
                 check_source_ip("icmp", &self.icmp.source_ip_address)?;
