@@ -100,8 +100,8 @@ impl WindowSpec {
                 return Err(format!("match: {name:?} is not a valid label name"));
             }
         }
-        let start_ms = parse_rfc3339_ms(&self.start)
-            .map_err(|e| format!("start {:?}: {e}", self.start))?;
+        let start_ms =
+            parse_rfc3339_ms(&self.start).map_err(|e| format!("start {:?}: {e}", self.start))?;
         let duration_ms = millis(self.duration);
         if duration_ms <= 0 {
             return Err("duration must be greater than 0".into());
@@ -415,7 +415,15 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 #[cfg(test)]
@@ -527,7 +535,10 @@ mod tests {
         assert!(w.is_active(12 * HOUR - 1));
         assert!(!w.is_active(12 * HOUR));
         assert_eq!(w.occurrence_at_or_after(0), Some((10 * HOUR, 12 * HOUR)));
-        assert_eq!(w.occurrence_at_or_after(11 * HOUR), Some((11 * HOUR, 12 * HOUR)));
+        assert_eq!(
+            w.occurrence_at_or_after(11 * HOUR),
+            Some((11 * HOUR, 12 * HOUR))
+        );
         assert_eq!(w.occurrence_at_or_after(12 * HOUR), None);
     }
 
@@ -578,10 +589,7 @@ mod tests {
         let ws = Windows::new(vec![a, b, c]);
         assert_eq!(
             ws.intervals_ms(&web("x"), 0, 2 * DAY),
-            [
-                (10 * HOUR, 13 * HOUR),
-                (DAY + 10 * HOUR, DAY + 13 * HOUR)
-            ]
+            [(10 * HOUR, 13 * HOUR), (DAY + 10 * HOUR, DAY + 13 * HOUR)]
         );
         // Another instance: not c.
         assert_eq!(
@@ -595,8 +603,14 @@ mod tests {
         );
         // A range ending where an occurrence starts, or starting where one ends, holds none.
         assert!(ws.intervals_ms(&web("y"), 0, 10 * HOUR).is_empty());
-        assert!(ws.intervals_ms(&web("y"), 13 * HOUR, DAY + 10 * HOUR).is_empty());
-        assert!(ws.intervals_ms(&target_labels("db", "x", &Labels::new()), 0, 2 * DAY).is_empty());
+        assert!(
+            ws.intervals_ms(&web("y"), 13 * HOUR, DAY + 10 * HOUR)
+                .is_empty()
+        );
+        assert!(
+            ws.intervals_ms(&target_labels("db", "x", &Labels::new()), 0, 2 * DAY)
+                .is_empty()
+        );
         // In seconds, for reports.
         assert_eq!(
             ws.intervals(&web("y"), 0, DAY / 1000),
@@ -636,6 +650,9 @@ mod tests {
         let w = window(i64::MIN / 2, HOUR, Some(HOUR * 2));
         assert!(w.occurrences(i64::MAX - HOUR, i64::MAX).count() <= 1);
         let w = window(i64::MAX - HOUR, 2 * HOUR, None);
-        assert_eq!(w.occurrence_at_or_after(0), Some((i64::MAX - HOUR, i64::MAX)));
+        assert_eq!(
+            w.occurrence_at_or_after(0),
+            Some((i64::MAX - HOUR, i64::MAX))
+        );
     }
 }
