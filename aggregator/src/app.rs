@@ -38,6 +38,25 @@ pub enum ReloadError {
     RemoteWrite(#[from] RemoteWriteError),
 }
 
+/// Why a maintenance window was not added or deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(
+        "a maintenance window named {0:?} exists already; delete it first or choose another name"
+    )]
+    NameTaken(String),
+    #[error("the config file has a maintenance window named {0:?}; choose another name")]
+    NameInConfig(String),
+    #[error("maintenance window {0:?} comes from the config file; remove it there and reload")]
+    FromConfig(String),
+    #[error("no maintenance window named {0:?} was added through the API")]
+    NotFound(String),
+    #[error("cannot store the maintenance window: {0}")]
+    Store(#[from] StoreError),
+    #[error("the aggregator is shutting down: {0}")]
+    Stopped(String),
+}
+
 /// Why the aggregator is not ready (`/-/ready` answers 503 with it).
 #[derive(Debug, thiserror::Error)]
 #[error("the store refuses commits ({reason}); results are not acked until it recovers")]
@@ -106,6 +125,10 @@ pub struct App {
     pub grpc_address: std::sync::OnceLock<std::net::SocketAddr>,
     /// How the last reload went (`sonde_config_last_reload_*`, the status page's banner).
     pub reload_status: std::sync::Mutex<ReloadStatus>,
+    /// The maintenance windows added through the API (deleted ones included, see
+    /// [`crate::storage::maintenance`]); the lock also keeps additions and deletions
+    /// in order with what the hub is told.
+    pub maintenance_api: tokio::sync::Mutex<Vec<crate::maintenance::Window>>,
 }
 
 /// The outcome of the last reload, as Prometheus reports its own.
@@ -137,8 +160,17 @@ impl App {
             history: Arc::new(StoredHistory::new(store.clone())),
             store: store.clone(),
         });
-        let hub = Arc::new(Hub::new(config, outputs.clone(), now_ms()));
+        let hub = Arc::new(Hub::new(config.clone(), outputs.clone(), now_ms()));
         hub.restore(store.load_agents()?, store.load_jobs()?).await;
+        let api_windows = store.load_maintenance()?;
+        hub.set_maintenance(
+            Arc::new(crate::maintenance::combined(
+                &config.maintenance,
+                &api_windows,
+            )),
+            now_ms(),
+        )
+        .await;
         Ok(Arc::new(Self {
             hub,
             outputs,
@@ -151,6 +183,7 @@ impl App {
                 last_success_ms: now_ms(),
                 last_failure: None,
             }),
+            maintenance_api: tokio::sync::Mutex::new(api_windows),
         }))
     }
 
@@ -213,12 +246,81 @@ impl App {
             .await;
         }
         let changes = describe_changes(&old, &config);
-        self.hub.reload(config, now_ms()).await;
+        let api_windows = self.maintenance_api.lock().await;
+        self.hub.reload(config.clone(), now_ms()).await;
+        self.hub
+            .set_maintenance(
+                Arc::new(crate::maintenance::combined(
+                    &config.maintenance,
+                    &api_windows,
+                )),
+                now_ms(),
+            )
+            .await;
+        drop(api_windows);
         tracing::info!(
             file = %file.display(),
             changes = %if changes.is_empty() { "none".to_string() } else { changes.join("; ") },
             "config reloaded"
         );
+        Ok(())
+    }
+
+    /// Adds a maintenance window through the API: stored first, then in force.
+    pub async fn add_maintenance(
+        &self,
+        window: crate::maintenance::Window,
+    ) -> Result<(), MaintenanceError> {
+        let mut api = self.maintenance_api.lock().await;
+        let config = self.hub.config();
+        if config.maintenance.iter().any(|w| w.name == window.name) {
+            return Err(MaintenanceError::NameInConfig(window.name));
+        }
+        let store = self.outputs.store.clone();
+        let stored = window.clone();
+        let added = tokio::task::spawn_blocking(move || store.add_maintenance(&stored, now_ms()))
+            .await
+            .map_err(|e| MaintenanceError::Stopped(e.to_string()))??;
+        if !added {
+            return Err(MaintenanceError::NameTaken(window.name));
+        }
+        api.push(window);
+        self.hub
+            .set_maintenance(
+                Arc::new(crate::maintenance::combined(&config.maintenance, &api)),
+                now_ms(),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Deletes the API window `name`: from now on it selects nothing, and its past
+    /// occurrences stay out of uptime for as long as the history is kept.
+    pub async fn delete_maintenance(&self, name: &str) -> Result<(), MaintenanceError> {
+        let mut api = self.maintenance_api.lock().await;
+        let config = self.hub.config();
+        let now = now_ms();
+        let Some(window) = api.iter_mut().find(|w| w.name == name && w.is_live()) else {
+            return Err(if config.maintenance.iter().any(|w| w.name == name) {
+                MaintenanceError::FromConfig(name.to_string())
+            } else {
+                MaintenanceError::NotFound(name.to_string())
+            });
+        };
+        let store = self.outputs.store.clone();
+        let forget_before = now - config.history.retention.as_millis() as i64;
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || store.delete_maintenance(&owned, now, forget_before))
+            .await
+            .map_err(|e| MaintenanceError::Stopped(e.to_string()))??;
+        window.deleted_ms = Some(now);
+        api.retain(|w| w.deleted_ms.is_none_or(|d| d >= forget_before));
+        self.hub
+            .set_maintenance(
+                Arc::new(crate::maintenance::combined(&config.maintenance, &api)),
+                now,
+            )
+            .await;
         Ok(())
     }
 
@@ -313,6 +415,9 @@ pub fn describe_changes(old: &AggregatorConfig, new: &AggregatorConfig) -> Vec<S
     }
     if old.history != new.history {
         out.push("history settings changed".into());
+    }
+    if old.maintenance != new.maintenance {
+        out.push("maintenance windows changed".into());
     }
     out
 }

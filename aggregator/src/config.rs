@@ -27,6 +27,9 @@ pub struct AggregatorFile {
     pub fleet: FleetConfig,
     #[serde(default)]
     pub history: HistoryConfig,
+    /// Maintenance windows (see [`crate::maintenance`]).
+    #[serde(default)]
+    pub maintenance: Vec<Located<crate::maintenance::WindowSpec>>,
 }
 
 /// `history:` how long each target's state changes and response times are kept (the
@@ -206,6 +209,8 @@ pub struct AggregatorConfig {
     /// `fleet.shared_local_jobs`.
     pub shared_local_jobs: BTreeSet<String>,
     pub history: crate::history::Limits,
+    /// The config file's maintenance windows, checked.
+    pub maintenance: Vec<crate::maintenance::Window>,
 }
 
 impl AggregatorConfig {
@@ -434,6 +439,7 @@ impl AggregatorConfig {
             }
             None => None,
         };
+        let maintenance = crate::maintenance::check_config(file, &raw.maintenance, problems);
         Self {
             file: file.to_path_buf(),
             scrape_interval: global.scrape_interval.0,
@@ -455,6 +461,7 @@ impl AggregatorConfig {
                 retention: raw.history.retention.0,
                 max_size: raw.history.max_size.0,
             },
+            maintenance,
         }
     }
 

@@ -144,6 +144,31 @@ pub fn durations(
     d
 }
 
+/// What uptime leaves out for one target: the aggregator's `gaps` and the target's
+/// maintenance intervals `[from, to)` (each list in time order), merged into one list in
+/// time order, as [`durations`] takes gaps.
+pub fn excluded(gaps: &[Gap], maintenance: &[(i64, i64)]) -> Vec<Gap> {
+    let mut all: Vec<Gap> = gaps
+        .iter()
+        .copied()
+        .chain(
+            maintenance
+                .iter()
+                .map(|&(from_ms, to_ms)| Gap { from_ms, to_ms }),
+        )
+        .filter(|g| g.from_ms < g.to_ms)
+        .collect();
+    all.sort_unstable_by_key(|g| (g.from_ms, g.to_ms));
+    let mut out: Vec<Gap> = Vec::with_capacity(all.len());
+    for g in all {
+        match out.last_mut() {
+            Some(last) if g.from_ms <= last.to_ms => last.to_ms = last.to_ms.max(g.to_ms),
+            _ => out.push(g),
+        }
+    }
+    out
+}
+
 /// A stored response-time bucket, as the pages and the API read it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StoredBucket {
@@ -241,6 +266,40 @@ mod tests {
         b.add(true, -1.0);
         assert_eq!((b.probes, b.successes), (3, 2));
         assert_eq!((b.duration_sum, b.duration_max), (0.5, 0.5));
+    }
+
+    #[test]
+    fn maintenance_is_left_out_of_uptime_like_a_gap() {
+        use HistoryState::*;
+        // Up 0–10, down 10–20 (a planned outage from 10 to 20), up 20–40.
+        let changes = [(0, Up), (10, Down), (20, Up)];
+        assert_eq!(durations(&changes, &[], 0, 40).uptime(), Some(0.75));
+        let gaps = [Gap {
+            from_ms: 35,
+            to_ms: 38,
+        }];
+        let out = excluded(&gaps, &[(10, 20), (18, 22)]);
+        assert_eq!(
+            out,
+            [
+                Gap {
+                    from_ms: 10,
+                    to_ms: 22
+                },
+                Gap {
+                    from_ms: 35,
+                    to_ms: 38
+                }
+            ]
+        );
+        let d = durations(&changes, &out, 0, 40);
+        assert_eq!((d.up, d.down), (10 + 13 + 2, 0));
+        assert_eq!(d.uptime(), Some(1.0));
+        // Down only inside the window: nothing known remains against it.
+        assert_eq!(
+            durations(&[(0, Down)], &excluded(&[], &[(0, 40)]), 0, 40).uptime(),
+            None
+        );
     }
 
     #[test]

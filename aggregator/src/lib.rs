@@ -101,6 +101,7 @@ pub mod fleet;
 pub mod history;
 pub mod hub;
 pub mod import_prometheus;
+pub mod maintenance;
 pub mod remote_write;
 pub mod server;
 pub mod storage;

@@ -129,6 +129,9 @@ pub fn series_help(name: &str) -> Option<&'static str> {
         "probe_grpc_status_code" => "Response gRPC status code",
         "probe_grpc_healthcheck_response" => "Response HealthCheck response",
         "sonde_target_agents" => "Agents with a fresh result for the target.",
+        "sonde_target_in_maintenance" => {
+            "1 while a maintenance window covers the target, 0 outside; only for targets some window selects."
+        }
         "sonde_target_agents_succeeding" => "Agents whose fresh result for the target succeeded.",
         "sonde_job_missing" => {
             "1 while the job is expected but no agent has a fresh result for any of its targets."

@@ -196,7 +196,9 @@ fn default_rules_fire_nothing_at_rest_and_page_once_per_down_target() {
         .collect();
     assert_eq!(
         reading_up,
-        [&"count by (cluster, job) (up == 0 and sonde_target_agents) > 0"],
+        [
+            &"count by (cluster, job) ((up == 0 and sonde_target_agents) unless on (cluster, job, instance) sonde_target_in_maintenance == 1) > 0"
+        ],
         "exactly one default rule should page for DOWN targets, once per job, and only for \
          sonde's targets"
     );

@@ -29,6 +29,7 @@
 //! - [`series`], [`labels`]: a written series and every label set the hub builds;
 //! - [`history`]: the state changes and response times handed to the history;
 //! - [`refusals`]: why a result or a connection was refused, counted per agent;
+//! - [`maintenance`]: maintenance windows, their occurrences and whom they select;
 //! - [`config`], [`limits`], [`targets`]: the hub's part of the config, as plain data.
 
 pub mod assignment;
@@ -37,6 +38,7 @@ pub mod config;
 pub mod history;
 pub mod labels;
 pub mod limits;
+pub mod maintenance;
 pub mod merge;
 pub mod model;
 pub mod placement;

@@ -224,6 +224,14 @@ fn apply(
             *applied = config;
             group.owed.push(Owed::Done(reply));
         }
+        Command::Maintenance {
+            windows,
+            now_ms,
+            reply,
+        } => {
+            state.set_maintenance(windows, now_ms, ch);
+            group.owed.push(Owed::Done(reply));
+        }
         Command::Restore {
             agents,
             jobs,

@@ -196,6 +196,11 @@ pub(crate) enum Command {
         now_ms: i64,
         reply: oneshot::Sender<()>,
     },
+    Maintenance {
+        windows: Arc<sonde_hub::maintenance::Windows>,
+        now_ms: i64,
+        reply: oneshot::Sender<()>,
+    },
     Restore {
         agents: Vec<crate::storage::StoredAgent>,
         jobs: Vec<(String, i64)>,
@@ -452,6 +457,23 @@ impl Hub {
             |reply| Command::Reload {
                 config,
                 targets,
+                now_ms,
+                reply,
+            },
+        )
+    }
+
+    /// Installs the maintenance windows in force (the config's and the API's); answered
+    /// once the series they change are committed.
+    pub fn set_maintenance(
+        &self,
+        windows: Arc<sonde_hub::maintenance::Windows>,
+        now_ms: i64,
+    ) -> Reply<()> {
+        self.send(
+            || (),
+            |reply| Command::Maintenance {
+                windows,
                 now_ms,
                 reply,
             },

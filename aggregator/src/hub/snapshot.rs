@@ -54,6 +54,8 @@ pub struct Snapshot {
     job_targets: BTreeMap<String, usize>,
     /// Per target, each agent's last refused result (since its last accepted one).
     pub refused: RefusedNotes,
+    /// The maintenance windows in force.
+    pub maintenance: Arc<sonde_hub::maintenance::Windows>,
 }
 
 impl Snapshot {
@@ -94,6 +96,7 @@ impl Snapshot {
                 .map(|j| (j.clone(), state.job_target_count(j)))
                 .collect(),
             refused: state.refused_notes.clone(),
+            maintenance: state.maintenance.clone(),
         }
     }
 
@@ -107,7 +110,27 @@ impl Snapshot {
             jobs: BTreeMap::new(),
             job_targets: BTreeMap::new(),
             refused: BTreeMap::new(),
+            maintenance: Arc::default(),
         }
+    }
+
+    /// The times within `[from_ms, to_ms)` the target `key` spent in maintenance, merged
+    /// (see [`sonde_hub::maintenance::Windows::intervals_ms`]).
+    pub fn maintenance_intervals(
+        &self,
+        key: &(String, String),
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Vec<(i64, i64)> {
+        let labels = match self.entries.get(key) {
+            Some(e) => e.base.clone(),
+            None => sonde_hub::labels::TargetBase::new(
+                &key.0,
+                &key.1,
+                self.targets.get(key).map_or(&Labels::new(), |t| &t.labels),
+            ),
+        };
+        self.maintenance.intervals_ms(&labels, from_ms, to_ms)
     }
 
     /// `sonde_job_targets`: the configured targets, or for an agent-local job the

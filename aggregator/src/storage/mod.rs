@@ -11,6 +11,7 @@
 //! - [`agents`]: the agents' and jobs' rows;
 //! - [`history`]: the history's writes, queries and pruning, and [`HistoryReader`], the
 //!   read-only side the web pages use ([`StoredHistory`]);
+//! - [`maintenance`]: the maintenance windows added through the API;
 //! - [`health`]: whether commits succeed, for `/-/ready` and the fleet service;
 //! - `queue`: each remote-write endpoint's durable queue, split by role (see its docs).
 //!
@@ -22,6 +23,7 @@ pub mod health;
 pub mod history;
 mod history_reader;
 mod history_size;
+pub mod maintenance;
 pub(crate) mod queue;
 pub mod schema;
 

@@ -17,7 +17,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
     HISTORY,
     HISTORY_BYTES,
+    MAINTENANCE,
 ];
+
+/// The maintenance windows added through the API (`storage::maintenance`); a deleted
+/// one keeps its row, with when it was deleted, for the uptime of its past.
+const MAINTENANCE: &str = "
+CREATE TABLE maintenance_windows (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    deleted_ms INTEGER
+);
+CREATE UNIQUE INDEX maintenance_windows_live ON maintenance_windows (name) WHERE deleted_ms IS NULL;
+";
 
 /// The history's tables: state changes and response-time buckets.
 const HISTORY: &str = "

@@ -60,7 +60,9 @@ pub async fn uptime(State(app): State<Arc<App>>, Query(q): Query<TargetQuery>) -
     // As the user wrote it ("24h", not "1d").
     let label = format!("uptime {}", q.window.as_deref().unwrap_or("24h"));
     let now = crate::fleet::now_ms();
-    let known = history::current_state(&*app.hub.snapshot().await, &key).is_some();
+    let snapshot = app.hub.snapshot().await;
+    let known = history::current_state(&snapshot, &key).is_some();
+    let maintenance = snapshot.maintenance_intervals(&key, now - window.as_millis() as i64, now);
     let changes = {
         let history = app.outputs.history();
         let key = key.clone();
@@ -75,9 +77,14 @@ pub async fn uptime(State(app): State<Arc<App>>, Query(q): Query<TargetQuery>) -
     };
     match changes {
         Ok(Ok((changes, gaps))) if known || !changes.is_empty() => {
-            let u =
-                crate::history::durations(&changes, &gaps, now - window.as_millis() as i64, now)
-                    .uptime();
+            let excluded = crate::history::excluded(&gaps, &maintenance);
+            let u = crate::history::durations(
+                &changes,
+                &excluded,
+                now - window.as_millis() as i64,
+                now,
+            )
+            .uptime();
             svg_response(
                 StatusCode::OK,
                 svg::badge(&label, &svg::percent(u), svg::uptime_colour(u)),

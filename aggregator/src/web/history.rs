@@ -149,10 +149,15 @@ pub fn load(
         return Ok(None);
     }
     let from = |d: Duration| now - d.as_millis() as i64;
+    // Maintenance counts neither for nor against uptime; the timeline still shows it.
+    let excluded = history::excluded(
+        &gaps,
+        &snapshot.maintenance_intervals(key, from(longest), now),
+    );
     let uptimes = WINDOWS
         .iter()
         .map(|(name, d)| {
-            let durations = history::durations(&changes, &gaps, from(*d), now);
+            let durations = history::durations(&changes, &excluded, from(*d), now);
             (*name, durations, durations.uptime())
         })
         .collect();

@@ -161,7 +161,23 @@ fn families(
             ));
         }
     }
-    probe(&external, vec![up, agents, succeeding]);
+    // Only for the targets some window selects (see `sonde_hub::state::maintenance`).
+    let mut in_maintenance = series_gauge("sonde_target_in_maintenance");
+    if !state.maintenance.is_empty() {
+        for entry in state.entries.values() {
+            if entry.merged.is_some() && state.maintenance.could_match(&entry.base) {
+                let active = state.maintenance.active(&entry.base, now).is_some();
+                in_maintenance.samples.push((
+                    crate::labels::exposed(
+                        &entry.base.merged("sonde_target_in_maintenance"),
+                        &external,
+                    ),
+                    f64::from(u8::from(active)),
+                ));
+            }
+        }
+    }
+    probe(&external, vec![up, agents, succeeding, in_maintenance]);
     let mut job_missing = series_gauge("sonde_job_missing");
     let mut job_targets = series_gauge("sonde_job_targets");
     for (name, job) in &state.jobs {

@@ -4,6 +4,7 @@ mod api;
 mod badge;
 mod fleet;
 mod history;
+pub mod maintenance;
 mod metrics;
 mod status;
 mod svg;
@@ -26,7 +27,8 @@ use std::sync::Arc;
 pub struct Options {
     /// `--web.listen-address`.
     pub listen_address: SocketAddr,
-    /// `--web.enable-lifecycle`: serve `POST /-/reload` (off by default, as in
+    /// `--web.enable-lifecycle`: serve `POST /-/reload` and the maintenance API's POST
+    /// and DELETE (off by default, as in
     /// Prometheus: any caller of the HTTP endpoints could otherwise make the aggregator
     /// re-read its config).
     pub enable_lifecycle: bool,
@@ -54,6 +56,17 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
     } else {
         post(|| async { (StatusCode::FORBIDDEN, format!("{LIFECYCLE_DISABLED}\n")) })
     };
+    let (add_window, delete_window) = if enable_lifecycle {
+        (
+            post(maintenance::add),
+            axum::routing::delete(maintenance::delete),
+        )
+    } else {
+        (
+            post(maintenance::forbidden),
+            axum::routing::delete(maintenance::forbidden),
+        )
+    };
     Router::new()
         .route("/", get(status::page))
         .route("/metrics", get(metrics::handler))
@@ -61,6 +74,11 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
         .route("/api/v1/targets", get(api::targets))
         .route("/api/v1/agents", get(api::agents))
         .route("/api/v1/targets/history", get(history::handler))
+        .route(
+            "/api/v1/maintenance",
+            get(maintenance::list).merge(add_window),
+        )
+        .route("/api/v1/maintenance/{name}", delete_window)
         .route("/target", get(target::page))
         .route("/fleet", get(fleet::page))
         .route("/badge/uptime.svg", get(badge::uptime))

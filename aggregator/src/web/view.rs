@@ -51,6 +51,8 @@ pub struct TargetView<'a> {
     pub succeeding: u32,
     pub views: Vec<ResultView<'a>>,
     pub refused: Vec<RefusalView<'a>>,
+    /// The maintenance window covering the target now, if any.
+    pub in_maintenance: Option<String>,
 }
 
 /// One agent's last result for a target.
@@ -178,9 +180,17 @@ pub fn targets(state: &Snapshot, now: i64) -> Vec<TargetView<'_>> {
                     age_seconds: (now - note.at_ms) as f64 / 1000.0,
                 })
                 .collect();
+            let in_maintenance = state
+                .maintenance
+                .active(
+                    &crate::maintenance::target_labels(&key.0, &key.1, &labels),
+                    now,
+                )
+                .map(str::to_string);
             TargetView {
                 job: &key.0,
                 instance: &key.1,
+                in_maintenance,
                 labels,
                 state: merged.map_or(TargetState::Missing, |m| m.state),
                 history_state: merged

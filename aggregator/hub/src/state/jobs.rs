@@ -34,7 +34,11 @@ impl State {
             .jobs
             .iter()
             .any(|(name, j)| self.job_is_missing(name, now_ms).0 != j.missing);
-        if now_ms - self.last_meta_ms >= meta_every || job_changed {
+        let meta_due = now_ms - self.last_meta_ms >= meta_every;
+        if meta_due || now_ms >= self.maintenance_next_change_ms {
+            self.write_maintenance(now_ms, ch);
+        }
+        if meta_due || job_changed {
             let forgotten = self.write_meta(now_ms, ch);
             ch.durable.forgotten.extend(forgotten);
             ch.durable.jobs = self

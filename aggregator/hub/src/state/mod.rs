@@ -18,6 +18,7 @@
 mod agents;
 mod assignments;
 mod jobs;
+mod maintenance;
 mod results;
 mod targets;
 #[cfg(test)]
@@ -163,6 +164,8 @@ pub struct Undo {
     staled: Vec<(String, bool)>,
     forgotten: Vec<(String, AgentEntry)>,
     retired: Vec<((String, String), TargetEntry)>,
+    /// `State::maintenance_written` before the group.
+    maintenance_written: Option<BTreeMap<(String, String), maintenance::WrittenFlag>>,
 }
 
 /// An agent as remembered across restarts.
@@ -346,6 +349,14 @@ pub struct State {
     config_epoch: u64,
     /// What was last refused of each known target, per agent, for the status page.
     pub refused_notes: RefusedNotes,
+    /// The maintenance windows in force (the config's and the API's).
+    pub maintenance: Arc<crate::maintenance::Windows>,
+    /// Targets whose `sonde_target_in_maintenance` is live in the receivers: those some
+    /// window selects (only they have the series, so 50,000 targets without a window
+    /// cost nothing).
+    maintenance_written: BTreeMap<(String, String), maintenance::WrittenFlag>,
+    /// When some window next starts or ends (`i64::MAX`: none will).
+    maintenance_next_change_ms: i64,
 }
 
 impl State {
@@ -366,6 +377,9 @@ impl State {
             jobs_written: BTreeSet::new(),
             config_epoch: 0,
             refused_notes: BTreeMap::new(),
+            maintenance: Default::default(),
+            maintenance_written: BTreeMap::new(),
+            maintenance_next_change_ms: i64::MAX,
             buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);

@@ -54,5 +54,9 @@ impl State {
             self.agents.insert(id, agent);
         }
         self.retired.extend(undo.retired);
+        if let Some(written) = undo.maintenance_written {
+            self.maintenance_written = written;
+            self.maintenance_next_change_ms = i64::MIN;
+        }
     }
 }

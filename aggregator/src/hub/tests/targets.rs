@@ -282,3 +282,67 @@ fn merged_timestamps_strictly_increase() {
     assert_eq!(ts.len(), 2);
     assert!(ts[1] > ts[0]);
 }
+
+#[test]
+fn a_maintenance_window_writes_in_maintenance_for_the_targets_it_selects_only() {
+    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
+    let (hub, rec, _rx) = setup();
+    for (seq, (job, instance)) in [("web", "127.0.0.1:80"), ("slow", "127.0.0.1:81")]
+        .into_iter()
+        .enumerate()
+    {
+        results(
+            &hub,
+            "eu-1",
+            &[result(seq as u64 + 1, job, instance, T0, true)],
+            T0 + 5,
+        )
+        .unwrap();
+    }
+    rec.take();
+    // From T0 + 20 s for 30 s, on the targets of team shop (job web only).
+    let window = WindowSpec {
+        name: "shop-upgrade".into(),
+        matchers: [("team".to_string(), "shop".to_string())].into(),
+        start: format_rfc3339_ms(T0 + 20_000),
+        duration: "30s".parse().unwrap(),
+        every: None,
+    }
+    .check(Source::Api)
+    .unwrap();
+    hub.set_maintenance(Arc::new(Windows::new(vec![window])), T0 + 10_000)
+        .wait();
+    let flag = |out: &[Sample], job: &str| {
+        value_of(
+            out,
+            "sonde_target_in_maintenance",
+            &[("job", job), ("team", "shop")],
+        )
+    };
+    let out = rec.take();
+    assert_eq!(flag(&out, "web"), [0.0], "selected, not yet active");
+    assert!(
+        value_of(&out, "sonde_target_in_maintenance", &[("job", "slow")]).is_empty(),
+        "a target no window selects has no series"
+    );
+    // The tick at which the window starts writes 1 at once (not at the next periodic
+    // write), and the one at which it ends writes 0.
+    hub.tick(T0 + 20_000).wait();
+    assert_eq!(flag(&rec.take(), "web"), [1.0]);
+    hub.tick(T0 + 21_000).wait();
+    assert!(flag(&rec.take(), "web").is_empty(), "nothing new to say");
+    hub.tick(T0 + 50_000).wait();
+    assert_eq!(flag(&rec.take(), "web"), [0.0]);
+    // Without the window the series goes stale.
+    hub.set_maintenance(Arc::new(Windows::default()), T0 + 51_000)
+        .wait();
+    let out = rec.take();
+    let stale = value_of(&out, "sonde_target_in_maintenance", &[("job", "web")]);
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].to_bits(), STALE_NAN_BITS);
+    assert_eq!(
+        hub.snapshot_blocking().maintenance.live().count(),
+        0,
+        "the snapshot shows the windows in force"
+    );
+}
