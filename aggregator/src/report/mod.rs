@@ -24,6 +24,22 @@ use serde::Serialize;
 /// How a report counts, in the words every report carries.
 pub const COUNTING: &str = "availability = up / (up + down), over the counted time. The state is the merged up of the target's agents at each evaluation, held until the next change. Degraded (up by the job's quorum while some agents fail) counts as up. Left out of the counted time, and shown apart: time inside a maintenance window (whatever the state, maintenance comes first), time the target was missing (no agent had a fresh result: neither up nor down), and time without data (before the target's history starts, after the time of the report, or while the aggregator was not running). error budget = (1 - objective) x counted time; used = down time; burned = used / budget.";
 
+/// Where the reports learn a target's maintenance windows.
+pub trait MaintenanceIntervals: Send + Sync {
+    /// The windows of (`job`, `instance`) that overlap `[from_s, to_s)`, as `[start, end)`
+    /// unix-second intervals in any order.
+    fn intervals(&self, job: &str, instance: &str, from_s: i64, to_s: i64) -> Vec<(i64, i64)>;
+}
+
+/// No maintenance windows at all.
+pub struct NoMaintenance;
+
+impl MaintenanceIntervals for NoMaintenance {
+    fn intervals(&self, _: &str, _: &str, _: i64, _: i64) -> Vec<(i64, i64)> {
+        Vec::new()
+    }
+}
+
 /// A state change as the report reads it: when, to what, and the failure reasons the
 /// history kept of the agents' views at that moment.
 #[derive(Clone, Debug, PartialEq)]

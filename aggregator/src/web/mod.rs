@@ -5,6 +5,7 @@ mod badge;
 mod fleet;
 mod history;
 mod metrics;
+mod report;
 mod status;
 mod svg;
 mod target;
@@ -61,6 +62,8 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
         .route("/api/v1/targets", get(api::targets))
         .route("/api/v1/agents", get(api::agents))
         .route("/api/v1/targets/history", get(history::handler))
+        .route("/api/v1/report", get(report::api))
+        .route("/report", get(report::page))
         .route("/target", get(target::page))
         .route("/fleet", get(fleet::page))
         .route("/badge/uptime.svg", get(badge::uptime))
