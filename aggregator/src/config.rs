@@ -30,6 +30,9 @@ pub struct AggregatorFile {
     /// Maintenance windows (see [`crate::maintenance`]).
     #[serde(default)]
     pub maintenance: Vec<Located<crate::maintenance::WindowSpec>>,
+    /// Availability objectives per job, for the reports.
+    #[serde(default)]
+    pub slo: Vec<Located<crate::report::slo::SloEntry>>,
 }
 
 /// `history:` how long each target's state changes and response times are kept (the
@@ -211,6 +214,8 @@ pub struct AggregatorConfig {
     pub history: crate::history::Limits,
     /// The config file's maintenance windows, checked.
     pub maintenance: Vec<crate::maintenance::Window>,
+    /// `slo:` job → objective in percent.
+    pub slo: BTreeMap<String, f64>,
 }
 
 impl AggregatorConfig {
@@ -440,6 +445,7 @@ impl AggregatorConfig {
             None => None,
         };
         let maintenance = crate::maintenance::check_config(file, &raw.maintenance, problems);
+        let slo = check_slo(file, &raw.slo, &raw.jobs, problems);
         Self {
             file: file.to_path_buf(),
             scrape_interval: global.scrape_interval.0,
@@ -462,6 +468,7 @@ impl AggregatorConfig {
                 max_size: raw.history.max_size.0,
             },
             maintenance,
+            slo,
         }
     }
 
@@ -568,6 +575,31 @@ fn warn_unmatchable_selectors(
             ),
         ));
     }
+}
+
+/// `slo:` as job → objective; a bad entry is an error, a job the file does not
+/// configure a warning (an agent may declare it as a local job).
+fn check_slo(
+    file: &Path,
+    entries: &[Located<crate::report::slo::SloEntry>],
+    jobs: &[Located<JobConfig>],
+    problems: &mut Problems,
+) -> BTreeMap<String, f64> {
+    use crate::report::slo;
+    let mut out = BTreeMap::new();
+    for located in entries {
+        let entry = &located.value;
+        let at = |m: String| ConfigError::at(file, located.referenced, m);
+        if let Err(e) = slo::check(entry, &out) {
+            problems.error(at(e.to_string()));
+            continue;
+        }
+        if !jobs.iter().any(|j| j.value.job_name == entry.job) {
+            problems.warn(at(slo::unknown_job_warning(&entry.job)));
+        }
+        out.insert(entry.job.clone(), entry.objective);
+    }
+    out
 }
 
 /// Agent ids are at most this long (in bytes), in tokens and in Hellos.
@@ -789,6 +821,40 @@ fleet:
         .unwrap();
         let (_, problems) = AggregatorConfig::check(&file);
         assert!(problems.warnings.is_empty(), "{problems:#?}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn slo_objectives_are_checked_with_their_place() {
+        let jobs = "modules: {m: {prober: tcp}}\njobs:\n  - {job_name: web, module: m}\n";
+        let c = parse(&format!("{jobs}slo:\n  - {{job: web, objective: 99.9}}\n")).unwrap();
+        assert_eq!(c.slo["web"], 99.9);
+        let e = parse(&format!("{jobs}slo:\n  - {{job: web, objective: 100}}\n")).unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("strictly between 0 and 100"), "{e}");
+        let e = parse(&format!(
+            "{jobs}slo:\n  - {{job: web, objective: 99}}\n  - {{job: web, objective: 98}}\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("two objectives"), "{e}");
+        let e = parse(&format!("{jobs}slo:\n  - {{job: web, objectiv: 99}}\n")).unwrap_err();
+        assert!(e.message.contains("objectiv"), "{e}");
+
+        let dir = scratch("slo");
+        let file = dir.join("agg.yml");
+        std::fs::write(
+            &file,
+            format!("{jobs}slo:\n  - {{job: wbe, objective: 99}}\n"),
+        )
+        .unwrap();
+        let (config, problems) = AggregatorConfig::check(&file);
+        assert!(config.is_some(), "{problems:#?}");
+        assert_eq!(problems.warnings.len(), 1, "{problems:#?}");
+        assert!(
+            problems.warnings[0]
+                .message
+                .contains("\"wbe\" is not among jobs")
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

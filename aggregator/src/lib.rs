@@ -19,6 +19,8 @@
 //! - [`fleet`]: the gRPC service (authentication, decoding, acks);
 //! - [`config`], [`targets`], [`history`]: the config file, target discovery, and the
 //!   history's records and uptime arithmetic;
+//! - [`report`]: SLO reports, pure arithmetic over a target's history, maintenance
+//!   windows and its job's objective;
 //! - [`web`]: status page, JSON API, `/metrics`, reload — read from snapshots and the
 //!   history reader through typed views, never from SQL;
 //! - [`app`], [`server`]: the whole process wired together.
@@ -103,6 +105,7 @@ pub mod hub;
 pub mod import_prometheus;
 pub mod maintenance;
 pub mod remote_write;
+pub mod report;
 pub mod server;
 pub mod storage;
 pub mod targets;

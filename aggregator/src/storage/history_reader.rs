@@ -8,7 +8,8 @@
 //! the newest row id and the running byte total the triggers keep: two one-row reads).
 
 use super::{Store, StoreError};
-use crate::history::{ChangesByTarget, Gap, HistoryState, StoredBucket, StoredEvent};
+use crate::history::{ChangesByTarget, Event, Gap, HistoryState, StoredBucket, StoredEvent};
+use rusqlite::{OptionalExtension, params};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +48,20 @@ pub trait HistoryReader: Send + Sync {
 
     /// The times the aggregator was not running that end after `from_ms`, oldest first.
     fn gaps(&self, from_ms: i64) -> Result<Vec<Gap>, StoreError>;
+
+    /// One target's changes, with the agents' views, that tell its states over
+    /// `[from_ms, to_ms)`: the last one before `from_ms`, those inside, and the first
+    /// one from `to_ms` on (when an incident open at the end ended); oldest first.
+    fn changes_between(
+        &self,
+        job: &str,
+        instance: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// The targets the history has any change of, of `job` (or every job), sorted.
+    fn targets_in_history(&self, job: Option<&str>) -> Result<Vec<(String, String)>, StoreError>;
 }
 
 /// The history in the aggregator's store, with the status page's timelines kept between
@@ -147,6 +162,93 @@ impl HistoryReader for StoredHistory {
     fn gaps(&self, from_ms: i64) -> Result<Vec<Gap>, StoreError> {
         self.store.gaps(from_ms).map_err(|e| self.store.failed(e))
     }
+
+    fn changes_between(
+        &self,
+        job: &str,
+        instance: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.store
+            .changes_between(job, instance, from_ms, to_ms)
+            .map_err(|e| self.store.failed(e))
+    }
+
+    fn targets_in_history(&self, job: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
+        self.store
+            .targets_in_history(job)
+            .map_err(|e| self.store.failed(e))
+    }
+}
+
+/// The reports' reads (see [`HistoryReader::changes_between`]).
+impl Store {
+    fn changes_between(
+        &self,
+        job: &str,
+        instance: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> rusqlite::Result<Vec<Event>> {
+        const COLUMNS: &str = "ts_ms, state, agents, succeeding, views";
+        let conn = self.conn();
+        let row = |r: &rusqlite::Row<'_>| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        };
+        let before = conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM target_events WHERE job = ?1 AND instance = ?2 AND ts_ms < ?3
+                 ORDER BY ts_ms DESC, rowid DESC LIMIT 1"
+            ))?
+            .query_row(params![job, instance, from_ms], row)
+            .optional()?;
+        let after = conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM target_events WHERE job = ?1 AND instance = ?2 AND ts_ms >= ?3
+                 ORDER BY ts_ms, rowid LIMIT 1"
+            ))?
+            .query_row(params![job, instance, to_ms.max(from_ms)], row)
+            .optional()?;
+        let mut inside = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM target_events WHERE job = ?1 AND instance = ?2
+               AND ts_ms >= ?3 AND ts_ms < ?4 ORDER BY ts_ms, rowid"
+        ))?;
+        let inside = inside
+            .query_map(params![job, instance, from_ms, to_ms], row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut out = Vec::new();
+        for (ts, state, agents, succeeding, views) in before.into_iter().chain(inside).chain(after)
+        {
+            let Some(state) = HistoryState::parse(&state) else {
+                continue;
+            };
+            out.push(Event {
+                timestamp_ms: ts,
+                state,
+                agents,
+                succeeding,
+                views: serde_json::from_str(&views).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn targets_in_history(&self, job: Option<&str>) -> rusqlite::Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT job, instance FROM target_events WHERE ?1 IS NULL OR job = ?1
+             ORDER BY job, instance",
+        )?;
+        let rows = stmt.query_map(params![job], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +290,44 @@ mod tests {
             from,
             to,
         )
+    }
+
+    #[test]
+    fn a_report_reads_the_changes_that_bound_its_window() {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let reader = StoredHistory::new(store.clone());
+        for (ts, state) in [
+            (1_000, Up),
+            (2_000, Down),
+            (3_000, Up),
+            (4_000, Down),
+            (5_000, Up),
+        ] {
+            store.transaction(|tx| change(ts, state).apply(tx)).unwrap();
+        }
+        let at = |events: Vec<Event>| events.iter().map(|e| e.timestamp_ms).collect::<Vec<_>>();
+        assert_eq!(
+            at(reader.changes_between("j", "i", 2_500, 3_500).unwrap()),
+            [2_000, 3_000, 4_000]
+        );
+        assert_eq!(
+            at(reader.changes_between("j", "i", 0, 500).unwrap()),
+            [1_000]
+        );
+        assert_eq!(
+            at(reader.changes_between("j", "i", 9_000, 9_500).unwrap()),
+            [5_000]
+        );
+        assert!(
+            reader
+                .changes_between("j", "x", 0, 9_000)
+                .unwrap()
+                .is_empty()
+        );
+        let all = reader.targets_in_history(None).unwrap();
+        assert_eq!(all, [("j".to_string(), "i".to_string())]);
+        assert_eq!(reader.targets_in_history(Some("j")).unwrap(), all);
+        assert!(reader.targets_in_history(Some("k")).unwrap().is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod fleet;
 mod history;
 pub mod maintenance;
 mod metrics;
+mod report;
 mod status;
 mod svg;
 mod target;
@@ -79,6 +80,8 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
             get(maintenance::list).merge(add_window),
         )
         .route("/api/v1/maintenance/{name}", delete_window)
+        .route("/api/v1/report", get(report::api))
+        .route("/report", get(report::page))
         .route("/target", get(target::page))
         .route("/fleet", get(fleet::page))
         .route("/badge/uptime.svg", get(badge::uptime))
