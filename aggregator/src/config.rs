@@ -27,6 +27,22 @@ pub struct AggregatorFile {
     pub fleet: FleetConfig,
     #[serde(default)]
     pub history: HistoryConfig,
+    #[serde(default)]
+    pub status_page: StatusPageConfig,
+}
+
+/// `status_page:` how the web pages present themselves (the JSON API is the same either
+/// way).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusPageConfig {
+    /// A page to publish: no config path, no API links, no agent names or addresses,
+    /// no agents, fleet or remote-write sections.
+    #[serde(default)]
+    pub public: bool,
+    /// The pages' heading (default "sonde aggregator").
+    #[serde(default)]
+    pub title: Option<String>,
 }
 
 /// `history:` how long each target's state changes and response times are kept (the
@@ -206,6 +222,7 @@ pub struct AggregatorConfig {
     /// `fleet.shared_local_jobs`.
     pub shared_local_jobs: BTreeSet<String>,
     pub history: crate::history::Limits,
+    pub status_page: StatusPageConfig,
 }
 
 impl AggregatorConfig {
@@ -455,6 +472,7 @@ impl AggregatorConfig {
                 retention: raw.history.retention.0,
                 max_size: raw.history.max_size.0,
             },
+            status_page: raw.status_page,
         }
     }
 
