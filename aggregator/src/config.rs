@@ -33,6 +33,22 @@ pub struct AggregatorFile {
     /// Availability objectives per job, for the reports.
     #[serde(default)]
     pub slo: Vec<Located<crate::report::slo::SloEntry>>,
+    #[serde(default)]
+    pub status_page: StatusPageConfig,
+}
+
+/// `status_page:` how the web pages present themselves (the JSON API is the same either
+/// way).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusPageConfig {
+    /// A page to publish: no config path, no API links, no agent names or addresses,
+    /// no agents, fleet or remote-write sections.
+    #[serde(default)]
+    pub public: bool,
+    /// The pages' heading (default "sonde aggregator").
+    #[serde(default)]
+    pub title: Option<String>,
 }
 
 /// `history:` how long each target's state changes and response times are kept (the
@@ -216,6 +232,7 @@ pub struct AggregatorConfig {
     pub maintenance: Vec<crate::maintenance::Window>,
     /// `slo:` job → objective in percent.
     pub slo: BTreeMap<String, f64>,
+    pub status_page: StatusPageConfig,
 }
 
 impl AggregatorConfig {
@@ -469,6 +486,7 @@ impl AggregatorConfig {
             },
             maintenance,
             slo,
+            status_page: raw.status_page,
         }
     }
 

@@ -2,12 +2,13 @@
 //! `site` label (one group each): which vantage points are connected, reconnecting or
 //! gone, at a glance and without a map.
 
-use super::status::{config_name, head};
+use super::page::{Chrome, head};
 use super::svg::{self, esc};
 use crate::app::App;
 use crate::fleet::now_ms;
 use crate::hub::Snapshot;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::Html;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -19,14 +20,28 @@ const GROUP_BY: [&str; 2] = ["region", "site"];
 /// An agent's id and what the hub knows of it.
 type Tile<'a> = (&'a String, &'a crate::hub::AgentSummary);
 
-pub async fn page(State(app): State<Arc<App>>) -> Html<String> {
-    Html(render(&app, &*app.hub.snapshot().await))
+pub async fn page(State(app): State<Arc<App>>) -> (StatusCode, Html<String>) {
+    let chrome = Chrome::of(&app);
+    if chrome.public {
+        // A published page names no agent.
+        return (
+            StatusCode::NOT_FOUND,
+            Html(format!(
+                "{}<p>The fleet is not shown on a public status page (status_page.public in the config).</p></body></html>\n",
+                head(&chrome, &chrome.title, None)
+            )),
+        );
+    }
+    (
+        StatusCode::OK,
+        Html(render(&app, &*app.hub.snapshot().await)),
+    )
 }
 
 pub fn render(app: &App, snapshot: &Snapshot) -> String {
     let now = now_ms();
     let grace = snapshot.config.missing_after;
-    let mut h = head("sonde fleet", 5, &config_name(app));
+    let mut h = head(&Chrome::of(app), "sonde fleet", Some(5));
     // region → site → agents.
     let mut groups: BTreeMap<&str, BTreeMap<&str, Vec<Tile<'_>>>> = BTreeMap::new();
     for (id, a) in &snapshot.agents {

@@ -3,13 +3,17 @@
 mod api;
 mod badge;
 mod fleet;
+mod heartbeat;
 mod history;
+mod live;
 pub mod maintenance;
 mod metrics;
+mod page;
 mod report;
 mod status;
 mod svg;
 mod target;
+mod targets;
 mod trace;
 mod view;
 
@@ -74,6 +78,8 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
         .route("/api/v1/jobs", get(api::jobs))
         .route("/api/v1/targets", get(api::targets))
         .route("/api/v1/agents", get(api::agents))
+        .route("/api/v1/status", get(live::handler))
+        .route("/targets", get(targets::page))
         .route("/api/v1/targets/history", get(history::handler))
         .route(
             "/api/v1/maintenance",
@@ -89,6 +95,7 @@ pub fn router(app: Arc<App>, enable_lifecycle: bool) -> Router {
         .route("/-/healthy", get(|| async { "Healthy.\n" }))
         .route("/-/ready", get(ready))
         .route("/-/reload", reload_route)
+        .layer(axum::Extension(Arc::new(live::Live::default())))
         .with_state(app)
 }
 

@@ -30,12 +30,12 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-/// A horizontal bar over `[from_ms, to_ms)`: one rectangle per segment (class
-/// `seg-<state>`, with a tooltip), blank where nothing is known.
+/// A horizontal bar over `[from_ms, to_ms)`, as wide as the page: one rectangle per
+/// segment (class `seg-<state>`, with a tooltip), blank where nothing is known.
 pub fn timeline(segments: &[Segment], from_ms: i64, to_ms: i64, width: u32, height: u32) -> String {
     let span = (to_ms - from_ms).max(1) as f64;
     let mut svg = format!(
-        r##"<svg class="timeline" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="state timeline"><rect width="{width}" height="{height}" fill="#eeeeee"/>"##
+        r##"<svg class="timeline" viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img" aria-label="state timeline"><rect class="bg" width="{width}" height="{height}" fill="#eeeeee"/>"##
     );
     for s in segments {
         let x = (s.from_ms - from_ms) as f64 / span * f64::from(width);
@@ -68,25 +68,27 @@ pub fn latency_chart(
         .iter()
         .flat_map(|(_, b)| b.iter().map(|b| b.duration_avg_seconds))
         .fold(0.0f64, f64::max);
-    let max = nice_ceiling(max);
+    let ticks = Ticks::for_max(max);
+    let max = ticks.top;
     let span = (to_ms - from_ms).max(1) as f64;
     let x = |ms: i64| left + (ms - from_ms) as f64 / span * plot_w;
     let y = |s: f64| top + plot_h - (s / max) * plot_h;
     let mut svg = format!(
-        r##"<svg class="latency" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="response time"><rect x="{left}" y="{top}" width="{plot_w:.1}" height="{plot_h:.1}" fill="#fafafa" stroke="#ddd"/>"##
+        r##"<svg class="latency chart" viewBox="0 0 {width} {height}" role="img" aria-label="response time"><rect class="plot" x="{left}" y="{top}" width="{plot_w:.1}" height="{plot_h:.1}" fill="#fafafa" stroke="#ddd"/>"##
     );
-    for tick in [0.0, max / 2.0, max] {
+    for (tick, label) in ticks.labelled() {
         let _ = write!(
             svg,
-            r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" fill="#666">{}</text>"##,
+            r##"<line class="gridline" x1="{left}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#e3e3e3"/><text class="axis tick" x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" fill="#666">{label}</text>"##,
+            left + plot_w,
             left - 4.0,
             y(tick) + 3.0,
-            seconds(tick)
+            y = y(tick),
         );
     }
     let _ = write!(
         svg,
-        r##"<text x="{left}" y="{:.1}" font-size="10" fill="#666">{}</text><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" fill="#666">now</text>"##,
+        r##"<text class="axis" x="{left}" y="{:.1}" font-size="10" fill="#666">{}</text><text class="axis" x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" fill="#666">now</text>"##,
         f64::from(height) - 4.0,
         human_duration(to_ms - from_ms) + " ago",
         left + plot_w,
@@ -201,23 +203,69 @@ pub fn human_duration(ms: i64) -> String {
     }
 }
 
-fn seconds(s: f64) -> String {
+/// A response time as people read it: "1.25 s", "340 ms", "2.4 ms", "850 µs".
+pub fn seconds(s: f64) -> String {
     if s >= 1.0 {
-        format!("{s:.1}s")
+        format!("{s:.2} s")
+    } else if s >= 0.01 {
+        format!("{:.0} ms", s * 1e3)
+    } else if s >= 0.001 {
+        format!("{:.1} ms", s * 1e3)
     } else {
-        format!("{:.0}ms", s * 1000.0)
+        format!("{:.0} µs", s * 1e6)
     }
 }
 
-/// 1, 2 or 5 times a power of ten, at least `v` (and at least 1 ms).
-fn nice_ceiling(v: f64) -> f64 {
-    let v = v.max(0.001);
-    let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * p)
-        .find(|c| *c >= v)
-        .unwrap_or(10.0 * p)
+/// A chart's vertical axis: 0 to `top` in steps of 1, 2 or 5 times a power of ten,
+/// three to five of them, chosen from the largest value shown.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ticks {
+    pub top: f64,
+    pub step: f64,
+}
+
+impl Ticks {
+    pub fn for_max(max: f64) -> Self {
+        // Nothing measured, or all zero: a 1 ms axis.
+        let max = if max.is_finite() && max > 0.0 {
+            max
+        } else {
+            0.001
+        };
+        let rough = max / 4.0;
+        let p = 10f64.powf(rough.log10().floor());
+        let step = [1.0, 2.0, 5.0, 10.0]
+            .into_iter()
+            .map(|m| m * p)
+            .find(|c| *c >= rough * 0.999_999)
+            .unwrap_or(10.0 * p);
+        let top = (max / step - 1e-9).ceil().max(1.0) * step;
+        Self { top, step }
+    }
+
+    /// Every tick with its label, from 0 up, all in the unit that suits the top.
+    pub fn labelled(&self) -> Vec<(f64, String)> {
+        let (scale, unit) = if self.top >= 1.0 {
+            (1.0, "s")
+        } else if self.top >= 0.001 {
+            (1e3, "ms")
+        } else {
+            (1e6, "µs")
+        };
+        let step = self.step * scale;
+        let decimals = if step >= 1.0 {
+            0
+        } else {
+            (-(step.log10() + 1e-9).floor()) as usize
+        };
+        let n = (self.top / self.step).round() as usize;
+        (0..=n)
+            .map(|i| {
+                let v = self.step * i as f64;
+                (v, format!("{:.*} {unit}", decimals, v * scale))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -271,10 +319,34 @@ mod tests {
     }
 
     #[test]
-    fn chart_scales_are_round_numbers() {
-        assert_eq!(nice_ceiling(0.0034), 0.005);
-        assert_eq!(nice_ceiling(0.12), 0.2);
-        assert_eq!(nice_ceiling(3.0), 5.0);
+    fn chart_scales_are_round_numbers_in_a_unit_that_suits_them() {
+        let labels = |max: f64| -> Vec<String> {
+            Ticks::for_max(max)
+                .labelled()
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect()
+        };
+        assert_eq!(
+            labels(0.00074),
+            ["0 µs", "200 µs", "400 µs", "600 µs", "800 µs"]
+        );
+        assert_eq!(labels(0.0034), ["0 ms", "1 ms", "2 ms", "3 ms", "4 ms"]);
+        assert_eq!(labels(0.0012), ["0.0 ms", "0.5 ms", "1.0 ms", "1.5 ms"]);
+        assert_eq!(labels(0.12), ["0 ms", "50 ms", "100 ms", "150 ms"]);
+        assert_eq!(labels(3.0), ["0 s", "1 s", "2 s", "3 s"]);
+        assert_eq!(labels(0.0), ["0.0 ms", "0.5 ms", "1.0 ms"]);
+        assert_eq!(labels(f64::NAN), ["0.0 ms", "0.5 ms", "1.0 ms"]);
+        for max in [0.000_05, 0.000_9, 0.004, 0.07, 0.6, 8.0, 45.0] {
+            let t = Ticks::for_max(max);
+            let l = labels(max);
+            assert!(t.top >= max && l.len() >= 3 && l.len() <= 6, "{max}: {l:?}");
+            let mut unique = l.clone();
+            unique.dedup();
+            assert_eq!(unique, l, "{max}: every tick reads differently");
+        }
+        assert_eq!(seconds(0.000_42), "420 µs");
+        assert_eq!(seconds(0.0024), "2.4 ms");
         assert_eq!(human_duration(90_000), "1m30s");
         assert_eq!(human_duration(2 * 86_400_000), "2d00h");
     }

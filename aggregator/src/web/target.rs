@@ -4,7 +4,8 @@
 //! times the aggregator was not running among them).
 
 use super::history::{self, TargetQuery};
-use super::status::{config_name, head, state_badge, target_link};
+use super::page::{Chrome, head};
+use super::status::{state_badge, target_link};
 use super::svg::{self, esc};
 use crate::app::App;
 use crate::history::Gap;
@@ -55,26 +56,28 @@ pub async fn page(
 fn message(app: &App, text: &str) -> String {
     format!(
         "{}<p>{}</p></body></html>\n",
-        head("sonde: target", 30, &config_name(app)),
+        head(&Chrome::of(app), "sonde: target", Some(30)),
         esc(text)
     )
 }
 
 pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> String {
     let key = (h.job.clone(), h.instance.clone());
-    let mut out = head(
-        &format!("{} · {}", h.job, h.instance),
-        10,
-        &config_name(app),
-    );
+    let chrome = Chrome::of(app);
+    let mut out = head(&chrome, &format!("{} · {}", h.job, h.instance), Some(10));
+    let q = esc(target_link(&h.job, &h.instance).trim_start_matches("/target?"));
     let _ = write!(
         out,
-        r#"<p id="state" data-state="{}">{} <span class="muted">job <code>{}</code> · <a href="/api/v1/targets/history?{}">JSON</a> · badges: <img alt="status" src="/badge/status.svg?{q}"> <img alt="uptime" src="/badge/uptime.svg?{q}&amp;window=24h"></span></p>"#,
+        r#"<p id="state" data-state="{}">{} <span class="muted">job <a href="/targets?job={}"><code>{}</code></a>{} · badges: <img alt="status" src="/badge/status.svg?{q}"> <img alt="uptime" src="/badge/uptime.svg?{q}&amp;window=24h"></span></p>"#,
         h.state.as_str(),
         state_badge(h.state),
+        esc(&url::form_urlencoded::byte_serialize(h.job.as_bytes()).collect::<String>()),
         esc(&h.job),
-        esc(target_link(&h.job, &h.instance).trim_start_matches("/target?")),
-        q = esc(target_link(&h.job, &h.instance).trim_start_matches("/target?")),
+        if chrome.public {
+            String::new()
+        } else {
+            format!(r#" · <a href="/api/v1/targets/history?{q}">JSON</a>"#)
+        },
     );
 
     out.push_str("<h2>Uptime</h2><table class=\"uptimes\"><tr>");
@@ -110,7 +113,15 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
     if views.is_empty() {
         out.push_str("<p class=\"muted\">No agent has reported on this target yet.</p>");
     }
-    for (agent, view) in views {
+    // A published page numbers the vantage points instead of naming them.
+    let shown_name = |i: usize, agent: &str| {
+        if chrome.public {
+            format!("vantage point {}", i + 1)
+        } else {
+            agent.to_string()
+        }
+    };
+    for (i, (agent, view)) in views.into_iter().enumerate() {
         let fresh = history::is_fresh(snapshot, &h.job, view.timestamp_ms, now);
         let (class, word) = match (fresh, view.success) {
             (false, _) => ("missing", "STALE"),
@@ -120,6 +131,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         let labels = snapshot
             .agents
             .get(&**agent)
+            .filter(|_| !chrome.public)
             .map(|a| {
                 a.labels
                     .iter()
@@ -131,7 +143,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         let _ = write!(
             out,
             r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took:.3}s{failure}{trace}</div>"#,
-            a = esc(agent),
+            a = esc(&shown_name(i, agent)),
             labels = esc(&labels),
             age = svg::human_duration(now - view.timestamp_ms),
             took = view.duration_seconds,
@@ -152,9 +164,21 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
     if h.latency.is_empty() {
         out.push_str("<p class=\"muted\">No probes recorded in this window.</p>");
     } else {
-        out.push_str(&svg::latency_chart(&h.latency, from, now, 900, 220));
+        let renamed;
+        let series = if chrome.public {
+            renamed = h
+                .latency
+                .iter()
+                .enumerate()
+                .map(|(i, (_, b))| (shown_name(i, ""), b.clone()))
+                .collect::<Vec<_>>();
+            &renamed
+        } else {
+            &h.latency
+        };
+        out.push_str(&svg::latency_chart(series, from, now, 900, 220));
         out.push_str("<p class=\"legend\">");
-        for (i, (agent, _)) in h.latency.iter().enumerate() {
+        for (i, (agent, _)) in series.iter().enumerate() {
             let _ = write!(
                 out,
                 r#"<span style="color:{}">■</span> {} &nbsp; "#,
@@ -181,7 +205,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
                 .event
                 .views
                 .iter()
-                .filter(|v| !v.success && v.fresh)
+                .filter(|v| !v.success && v.fresh && !chrome.public)
                 .map(|v| esc(&v.agent))
                 .collect();
             let _ = write!(

@@ -138,71 +138,74 @@ pub fn targets(state: &Snapshot, now: i64) -> Vec<TargetView<'_>> {
     }
     keys.sort();
     keys.into_iter()
-        .map(|key| {
-            let labels = state
-                .targets
-                .get(key)
-                .map(|t| t.labels.clone())
-                .unwrap_or_default();
-            let entry = state.entries.get(key);
-            let merged = entry.and_then(|e| e.merged);
-            let window = state
-                .jobs
-                .get(&key.0)
-                .and_then(|j| j.config.as_ref())
-                .map(|c| c.freshness);
-            let views = entry
-                .map(|e| {
-                    e.views
-                        .iter()
-                        .map(|(agent, v)| ResultView {
-                            agent,
-                            success: v.success,
-                            timestamp_ms: v.timestamp_ms,
-                            age_seconds: (now - v.timestamp_ms) as f64 / 1000.0,
-                            fresh: window.map(|w| merge::is_fresh(v.timestamp_ms, now, w)),
-                            duration_seconds: v.duration_seconds,
-                            failure: &v.failure,
-                            trace: v.trace.as_deref(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let refused = state
-                .refused
-                .get(key)
-                .into_iter()
-                .flatten()
-                .map(|(agent, note)| RefusalView {
-                    agent,
-                    reason: note.reason.as_str(),
-                    detail: &note.detail,
-                    age_seconds: (now - note.at_ms) as f64 / 1000.0,
-                })
-                .collect();
-            let in_maintenance = state
-                .maintenance
-                .active(
-                    &crate::maintenance::target_labels(&key.0, &key.1, &labels),
-                    now,
-                )
-                .map(str::to_string);
-            TargetView {
-                job: &key.0,
-                instance: &key.1,
-                in_maintenance,
-                labels,
-                state: merged.map_or(TargetState::Missing, |m| m.state),
-                history_state: merged
-                    .as_ref()
-                    .map_or(HistoryState::Missing, HistoryState::of),
-                agents: merged.map_or(0, |m| m.agents),
-                succeeding: merged.map_or(0, |m| m.succeeding),
-                views,
-                refused,
-            }
-        })
+        .map(|key| target(state, key, now))
         .collect()
+}
+
+/// One target's view (see [`targets`]).
+pub fn target<'a>(state: &'a Snapshot, key: &'a (String, String), now: i64) -> TargetView<'a> {
+    let labels = state
+        .targets
+        .get(key)
+        .map(|t| t.labels.clone())
+        .unwrap_or_default();
+    let entry = state.entries.get(key);
+    let merged = entry.and_then(|e| e.merged);
+    let window = state
+        .jobs
+        .get(&key.0)
+        .and_then(|j| j.config.as_ref())
+        .map(|c| c.freshness);
+    let views = entry
+        .map(|e| {
+            e.views
+                .iter()
+                .map(|(agent, v)| ResultView {
+                    agent,
+                    success: v.success,
+                    timestamp_ms: v.timestamp_ms,
+                    age_seconds: (now - v.timestamp_ms) as f64 / 1000.0,
+                    fresh: window.map(|w| merge::is_fresh(v.timestamp_ms, now, w)),
+                    duration_seconds: v.duration_seconds,
+                    failure: &v.failure,
+                    trace: v.trace.as_deref(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let refused = state
+        .refused
+        .get(key)
+        .into_iter()
+        .flatten()
+        .map(|(agent, note)| RefusalView {
+            agent,
+            reason: note.reason.as_str(),
+            detail: &note.detail,
+            age_seconds: (now - note.at_ms) as f64 / 1000.0,
+        })
+        .collect();
+    let in_maintenance = state
+        .maintenance
+        .active(
+            &crate::maintenance::target_labels(&key.0, &key.1, &labels),
+            now,
+        )
+        .map(str::to_string);
+    TargetView {
+        job: &key.0,
+        instance: &key.1,
+        in_maintenance,
+        labels,
+        state: merged.map_or(TargetState::Missing, |m| m.state),
+        history_state: merged
+            .as_ref()
+            .map_or(HistoryState::Missing, HistoryState::of),
+        agents: merged.map_or(0, |m| m.agents),
+        succeeding: merged.map_or(0, |m| m.succeeding),
+        views,
+        refused,
+    }
 }
 
 /// Every agent seen, by id.
@@ -341,4 +344,77 @@ fn why_missing(state: &Snapshot, name: &str, targets: usize, now: i64) -> String
         up.join(", "),
         PromDuration(config.freshness)
     )
+}
+
+/// Every target's state now, by (job, instance): the configured ones, then the ones
+/// agents report in their local jobs (the same set as [`targets`], without the views).
+pub fn target_states(state: &Snapshot) -> Vec<(&(String, String), HistoryState)> {
+    let of = |key: &(String, String)| {
+        state
+            .entries
+            .get(key)
+            .and_then(|e| e.merged.as_ref())
+            .map_or(HistoryState::Missing, HistoryState::of)
+    };
+    let mut out: Vec<_> = state.targets.keys().map(|k| (k, of(k))).collect();
+    out.extend(
+        state
+            .entries
+            .keys()
+            .filter(|k| !state.targets.contains_key(k))
+            .map(|k| (k, of(k))),
+    );
+    out
+}
+
+/// The status page's header and the summary of `/api/v1/status`: how many targets are
+/// in each state, how many jobs are missing, and the one word for all of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// `up` (every target up, no job missing), `down` (some target down) or
+    /// `degraded` (anything else short of all up).
+    pub overall: &'static str,
+    pub targets: usize,
+    pub up: usize,
+    pub degraded: usize,
+    pub down: usize,
+    pub missing: usize,
+    pub jobs: usize,
+    pub jobs_missing: usize,
+}
+
+impl Summary {
+    pub fn of(state: &Snapshot, targets: &[(&(String, String), HistoryState)]) -> Self {
+        let mut s = Summary {
+            targets: targets.len(),
+            jobs: state.jobs.len(),
+            jobs_missing: state.jobs.values().filter(|j| j.missing).count(),
+            ..Summary::default()
+        };
+        for (_, t) in targets {
+            match t {
+                HistoryState::Up => s.up += 1,
+                HistoryState::Degraded => s.degraded += 1,
+                HistoryState::Down => s.down += 1,
+                HistoryState::Missing => s.missing += 1,
+            }
+        }
+        s.overall = if s.down > 0 {
+            "down"
+        } else if s.degraded + s.missing + s.jobs_missing > 0 {
+            "degraded"
+        } else {
+            "up"
+        };
+        s
+    }
+
+    /// The header's sentence.
+    pub fn headline(&self) -> &'static str {
+        match self.overall {
+            "up" => "All systems up",
+            "down" => "Some targets are down",
+            _ => "Degraded",
+        }
+    }
 }
