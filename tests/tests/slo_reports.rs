@@ -143,7 +143,6 @@ fn a_report_counts_the_outage_the_test_caused_in_json_csv_and_print() {
     let mut scene = Scene::new("slo-reports");
     let mut target = Target::new();
     let instance = format!("http://127.0.0.1:{}/", target.port);
-    let from = now_s().floor() as i64;
     let aggregator = start_aggregator(
         &mut scene,
         "aggregator",
@@ -168,6 +167,7 @@ fleet:
 "#
         ),
     );
+    let from = now_s().floor() as i64;
     start_agent(
         &mut scene,
         "edge",
@@ -197,6 +197,11 @@ fleet:
     let back = now_s();
     std::thread::sleep(Duration::from_secs(2));
     let to = now_s().ceil() as i64;
+    // Every report below is asked once `to` has passed, so each knows the whole window
+    // and all give the same figures.
+    while now_s() < to as f64 + 0.2 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     scene.check_running().expect("every process still running");
     let outage = back - stopped;
 
@@ -325,7 +330,7 @@ fleet:
     for (query, says) in [
         ("from=last+week", "is not a time"),
         (&format!("from={to}&to={from}") as &str, "is not after from"),
-        ("job=nope", "no job \"nope\""),
+        ("job=nope", "is configured, reported or in the history"),
         ("job=shop&instance=http://elsewhere/", "has no target"),
         ("format=xml", "use json or csv"),
     ] {
