@@ -233,13 +233,12 @@ fn rrsets(records: &[Record], keep: impl Fn(RecordType) -> bool) -> Vec<RrSet> {
         }
     }
     for record in records {
-        if let RData::DNSSEC(DNSSECRData::RRSIG(sig)) = &record.data {
-            if let Some(set) = sets
+        if let RData::DNSSEC(DNSSECRData::RRSIG(sig)) = &record.data
+            && let Some(set) = sets
                 .iter_mut()
                 .find(|s| s.rtype == sig.input().type_covered && s.owner == record.name)
-            {
-                set.sigs.push(sig.clone());
-            }
+        {
+            set.sigs.push(sig.clone());
         }
     }
     sets
