@@ -620,6 +620,9 @@ mod tests {
                 "dns.tls_config.ca_file" => single.dns.tls_config.ca_file = Some(path.into()),
                 "dns.tls_config.cert_file" => single.dns.tls_config.cert_file = Some(path.into()),
                 "dns.tls_config.key_file" => single.dns.tls_config.key_file = Some(path.into()),
+                "dns.dnssec.trust_anchor_file" => {
+                    single.dns.dnssec.trust_anchor_file = Some(path.into())
+                }
                 other => panic!("untested option {other}"),
             }
             for p in [policy(None), policy(Some(&[]))] {

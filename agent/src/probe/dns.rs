@@ -10,7 +10,7 @@
 //!
 //! With `dnssec: {validate: true}` the queries carry EDNS with the DO and CD bits, the
 //! reply's AD flag is reported, and the answer's chain of trust is checked by the agent
-//! itself ([`dnssec`]), asking the same server for each DNSKEY and DS set.
+//! itself (the `dnssec` submodule), asking the same server for each DNSKEY and DS set.
 
 mod dnssec;
 

@@ -20,7 +20,7 @@ use hickory_proto::dnssec::{
     Algorithm, DigestType, PublicKey, PublicKeyBuf, TrustAnchors, Verifier,
 };
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use sonde_proto::config::module::{AnchorKey, DnssecConfig, read_trust_anchors};
 use std::collections::HashMap;
 use std::fmt;
@@ -233,13 +233,12 @@ fn rrsets(records: &[Record], keep: impl Fn(RecordType) -> bool) -> Vec<RrSet> {
         }
     }
     for record in records {
-        if let RData::DNSSEC(DNSSECRData::RRSIG(sig)) = &record.data {
-            if let Some(set) = sets
+        if let RData::DNSSEC(DNSSECRData::RRSIG(sig)) = &record.data
+            && let Some(set) = sets
                 .iter_mut()
                 .find(|s| s.rtype == sig.input().type_covered && s.owner == record.name)
-            {
-                set.sigs.push(sig.clone());
-            }
+        {
+            set.sigs.push(sig.clone());
         }
     }
     sets
@@ -368,7 +367,7 @@ fn sig_outcomes(set: &RrSet, signer: &Name, keys: &[DNSKEY], now: u64) -> Vec<Si
         let verifies = |key: &DNSKEY| {
             key.verify_rrsig(
                 &set.owner,
-                set.records[0].dns_class,
+                set.records.first().map_or(DNSClass::IN, |r| r.dns_class),
                 sig,
                 set.records.iter(),
             )
@@ -785,6 +784,108 @@ mod tests {
         assert_eq!(
             link.to_string(),
             "expired_signature on example.test. DNSKEY: the RRSIG expired at 20200101000000"
+        );
+    }
+
+    /// A server that answers every DNSKEY and DS query with an empty NOERROR.
+    struct EmptyServer(Vec<(Name, RecordType)>);
+
+    impl Fetch for EmptyServer {
+        async fn fetch(&mut self, name: &Name, rtype: RecordType) -> Result<Message, String> {
+            self.0.push((name.clone(), rtype));
+            Ok(Message::query())
+        }
+    }
+
+    /// A reply with `www.ok.test. A` signed (with a signature of nothing) by `signer`.
+    fn signed_reply(signer: &str) -> Message {
+        use hickory_proto::dnssec::rdata::sig::SigInput;
+        use hickory_proto::rr::SerialNumber;
+        use hickory_proto::rr::rdata::A;
+        let owner = Name::from_ascii("www.ok.test.").unwrap();
+        let mut reply = Message::query();
+        reply.add_answer(Record::from_rdata(
+            owner.clone(),
+            300,
+            RData::A(A::new(192, 0, 2, 10)),
+        ));
+        let input = SigInput {
+            type_covered: RecordType::A,
+            algorithm: Algorithm::ECDSAP256SHA256,
+            num_labels: 3,
+            original_ttl: 300,
+            sig_expiration: SerialNumber::new(2_000_000_000),
+            sig_inception: SerialNumber::new(1_000_000_000),
+            key_tag: 1,
+            signer_name: Name::from_ascii(signer).unwrap(),
+        };
+        reply.add_answer(Record::from_rdata(
+            owner,
+            300,
+            RData::DNSSEC(DNSSECRData::RRSIG(RRSIG::from_sig(input, Vec::new()))),
+        ));
+        reply
+    }
+
+    #[tokio::test]
+    async fn hostile_or_empty_answers_break_a_named_link() {
+        let test_anchor = Anchors(vec![(
+            Name::from_ascii("test.").unwrap(),
+            Anchor::Key(PublicKeyBuf::new(vec![1; 64], Algorithm::ECDSAP256SHA256)),
+        )]);
+        async fn check(
+            reply: Message,
+            anchors: Anchors,
+        ) -> (Result<(), String>, Vec<(Name, RecordType)>) {
+            let qname = Name::from_ascii("www.ok.test.").unwrap();
+            let mut chain = Chain::new(&anchors, 1_500_000_000, EmptyServer(Vec::new()));
+            let result = chain.validate(&reply, &qname, RecordType::A).await;
+            (result.map(|_| ()).map_err(|l| l.to_string()), chain.fetch.0)
+        }
+        // The zone serves no DNSKEY: asked once, for the signer.
+        let (result, asked) = check(signed_reply("ok.test."), test_anchor.clone()).await;
+        assert_eq!(
+            result,
+            Err("missing_dnskey on ok.test. DNSKEY: the zone has no DNSKEY records".into())
+        );
+        assert_eq!(
+            asked,
+            [(Name::from_ascii("ok.test.").unwrap(), RecordType::DNSKEY)]
+        );
+        // A signer that is not the name or above it: nothing is asked.
+        let (result, asked) = check(signed_reply("example."), test_anchor.clone()).await;
+        assert_eq!(
+            result,
+            Err(
+                "bogus on www.ok.test. A: the RRSIG's signer example. is not the name or above it"
+                    .into()
+            )
+        );
+        assert!(asked.is_empty());
+        // No anchor at or above the signer.
+        let elsewhere = Anchors(vec![(
+            Name::from_ascii("other.").unwrap(),
+            test_anchor.0[0].1.clone(),
+        )]);
+        let (result, _) = check(signed_reply("ok.test."), elsewhere).await;
+        assert!(
+            result
+                .unwrap_err()
+                .starts_with("no_trust_anchor on ok.test. DNSKEY")
+        );
+        // Unsigned records, and an empty answer without NSEC.
+        let mut unsigned = signed_reply("ok.test.");
+        unsigned.answers.truncate(1);
+        let (result, _) = check(unsigned, test_anchor.clone()).await;
+        assert_eq!(
+            result,
+            Err("missing_rrsig on www.ok.test. A: the records come without an RRSIG".into())
+        );
+        let (result, _) = check(Message::query(), test_anchor).await;
+        assert!(
+            result
+                .unwrap_err()
+                .starts_with("bogus on www.ok.test. A: the answer is empty")
         );
     }
 

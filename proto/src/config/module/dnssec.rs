@@ -106,9 +106,14 @@ pub fn read_trust_anchors(path: &Path) -> Result<Vec<TrustAnchor>, TrustAnchorEr
     Ok(anchors)
 }
 
-/// The records of a trust anchor file's text; an error is the 1-based line of the record
-/// at fault and what is wrong with it.
-pub fn parse_trust_anchors(text: &str) -> Result<Vec<TrustAnchor>, (usize, String)> {
+/// A record's first line (1-based) and its tokens.
+type LineTokens<'a> = (usize, Vec<&'a str>);
+
+/// The line (1-based) of the record at fault and what is wrong with it.
+pub type LineError = (usize, String);
+
+/// The records of a trust anchor file's text.
+pub fn parse_trust_anchors(text: &str) -> Result<Vec<TrustAnchor>, LineError> {
     let mut anchors = Vec::new();
     for (line, tokens) in records(text)? {
         if tokens[0].starts_with('$') {
@@ -132,7 +137,7 @@ pub fn parse_trust_anchors(text: &str) -> Result<Vec<TrustAnchor>, (usize, Strin
 
 /// The records of a zone file, each with the line it starts on and its tokens: comments
 /// dropped, lines inside parentheses joined.
-fn records(text: &str) -> Result<Vec<(usize, Vec<&str>)>, (usize, String)> {
+fn records(text: &str) -> Result<Vec<LineTokens<'_>>, LineError> {
     let mut out = Vec::new();
     let mut open: Option<(usize, Vec<&str>)> = None;
     for (index, raw) in text.lines().enumerate() {
@@ -297,7 +302,7 @@ fn parse_dnskey(rdata: &[&str]) -> Result<AnchorKey, String> {
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
