@@ -471,7 +471,7 @@ mod tests {
         headers.insert("x-token", "h-123".parse().unwrap());
         let answer = Answer {
             headers,
-            body: br#"{"token": "abc", "n": 2, "items": [{"id": 7}], "html": "id=<b>x9</b>"}"#
+            body: br#"{"token": "abc", "n": 2, "items": [{"id": 7}, {"id": 8, "state": "ok"}], "html": "id=<b>x9</b>"}"#
                 .to_vec(),
         };
         let source = |json: serde_json::Value| -> Extract { serde_json::from_value(json).unwrap() };
@@ -488,6 +488,18 @@ mod tests {
         assert_eq!(
             get(serde_json::json!({"json_path": "$['items'][0]"})),
             Ok(r#"{"id":7}"#.into())
+        );
+        assert_eq!(
+            get(serde_json::json!({"json_path": "$.items[-1].id"})),
+            Ok("8".into())
+        );
+        assert_eq!(
+            get(serde_json::json!({"json_path": "$..id"})),
+            Ok("7".into())
+        );
+        assert_eq!(
+            get(serde_json::json!({"json_path": "$.items[?@.state == 'ok'].id"})),
+            Ok("8".into())
         );
         assert!(
             get(serde_json::json!({"json_path": "$.nope"}))
