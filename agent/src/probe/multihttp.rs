@@ -13,10 +13,10 @@ use super::http::{self, Answer};
 use super::log::ProbeLog;
 use super::{Env, Failure, Reason, Samples, timed_out};
 use sonde_proto::config::Module;
+use sonde_proto::config::module::HttpProbe;
 use sonde_proto::config::module::multihttp::{
     Extract, HttpStep, MultiHttpProbe, Piece, parse_template,
 };
-use sonde_proto::config::module::{HttpProbe, TlsConfig};
 use sonde_proto::trace::Step;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -195,9 +195,7 @@ impl Run<'_> {
             fail_if_body_not_matches_regexp: expect.body_regexp.clone(),
             fail_if_body_json_not_matches_cel: expect.body_json_cel.clone(),
             basic_auth: step.basic_auth.clone(),
-            tls_config: TlsConfig {
-                ..step.tls_config.clone()
-            },
+            tls_config: step.tls_config.clone(),
             follow_redirects: step.follow_redirects,
             preferred_ip_protocol: cfg.preferred_ip_protocol,
             ip_protocol_fallback: cfg.ip_protocol_fallback,
