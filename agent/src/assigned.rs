@@ -642,6 +642,43 @@ mod tests {
     }
 
     #[test]
+    fn multihttp_files_pass_the_policy_like_any_other() {
+        let m = module(
+            r#"{"prober":"multihttp","multihttp":{"steps":[
+                {"name":"login","url":"{{target}}/login","body":"pw={{file:/etc/shadow}}",
+                 "tls_config":{"ca_file":"/etc/sonde/certs/ca.pem"}},
+                {"name":"api","url":"{{target}}/api","basic_auth":{"username":"u","password_file":"/etc/sonde/certs/pw"}}]}}"#,
+        );
+        assert_eq!(
+            file_options(&m),
+            vec![
+                ("multihttp.steps.{{file:}}", "/etc/shadow"),
+                (
+                    "multihttp.steps.tls_config.ca_file",
+                    "/etc/sonde/certs/ca.pem"
+                ),
+                (
+                    "multihttp.steps.basic_auth.password_file",
+                    "/etc/sonde/certs/pw"
+                ),
+            ]
+        );
+        let err = policy(Some(&["/etc/sonde/certs/*"]))
+            .check_module(&m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("multihttp.steps.{{file:}}: \"/etc/shadow\" is outside"),
+            "{err}"
+        );
+        assert!(
+            policy(Some(&["/etc/sonde/certs/*", "/etc/shadow"]))
+                .check_module(&m)
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn paths_are_matched_after_normalising() {
         let p = policy(Some(&["/etc/sonde/certs/*"]));
         let with = |path: &str| {

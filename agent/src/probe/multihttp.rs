@@ -13,10 +13,10 @@ use super::http::{self, Answer};
 use super::log::ProbeLog;
 use super::{Env, Failure, Reason, Samples, timed_out};
 use sonde_proto::config::Module;
+use sonde_proto::config::module::HttpProbe;
 use sonde_proto::config::module::multihttp::{
     Extract, HttpStep, MultiHttpProbe, Piece, parse_template,
 };
-use sonde_proto::config::module::{HttpProbe, TlsConfig};
 use sonde_proto::trace::Step;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -195,9 +195,7 @@ impl Run<'_> {
             fail_if_body_not_matches_regexp: expect.body_regexp.clone(),
             fail_if_body_json_not_matches_cel: expect.body_json_cel.clone(),
             basic_auth: step.basic_auth.clone(),
-            tls_config: TlsConfig {
-                ..step.tls_config.clone()
-            },
+            tls_config: step.tls_config.clone(),
             follow_redirects: step.follow_redirects,
             preferred_ip_protocol: cfg.preferred_ip_protocol,
             ip_protocol_fallback: cfg.ip_protocol_fallback,
@@ -471,7 +469,7 @@ mod tests {
         headers.insert("x-token", "h-123".parse().unwrap());
         let answer = Answer {
             headers,
-            body: br#"{"token": "abc", "n": 2, "items": [{"id": 7}], "html": "id=<b>x9</b>"}"#
+            body: br#"{"token": "abc", "n": 2, "items": [{"id": 7}, {"id": 8, "state": "ok"}], "html": "id=<b>x9</b>"}"#
                 .to_vec(),
         };
         let source = |json: serde_json::Value| -> Extract { serde_json::from_value(json).unwrap() };
@@ -488,6 +486,18 @@ mod tests {
         assert_eq!(
             get(serde_json::json!({"json_path": "$['items'][0]"})),
             Ok(r#"{"id":7}"#.into())
+        );
+        assert_eq!(
+            get(serde_json::json!({"json_path": "$.items[-1].id"})),
+            Ok("8".into())
+        );
+        assert_eq!(
+            get(serde_json::json!({"json_path": "$..id"})),
+            Ok("7".into())
+        );
+        assert_eq!(
+            get(serde_json::json!({"json_path": "$.items[?@.state == 'ok'].id"})),
+            Ok("8".into())
         );
         assert!(
             get(serde_json::json!({"json_path": "$.nope"}))
