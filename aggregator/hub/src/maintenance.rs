@@ -103,10 +103,16 @@ impl WindowSpec {
         let start_ms =
             parse_rfc3339_ms(&self.start).map_err(|e| format!("start {:?}: {e}", self.start))?;
         let duration_ms = millis(self.duration);
-        if duration_ms <= 0 {
-            return Err("duration must be greater than 0".into());
+        if duration_ms < 1000 {
+            return Err("duration must be greater than 0 (at least 1s)".into());
         }
         let every_ms = self.every.map(millis);
+        if every_ms.is_some_and(|every| every < MIN_EVERY_MS) {
+            return Err(format!(
+                "every {} is shorter than the shortest period, 1m",
+                self.every.unwrap_or_default()
+            ));
+        }
         if let Some(every) = every_ms
             && every < duration_ms
         {
@@ -127,6 +133,10 @@ impl WindowSpec {
         })
     }
 }
+
+/// The shortest `every:`: shorter periods are no maintenance, and would make every
+/// uptime over a month walk millions of occurrences.
+pub const MIN_EVERY_MS: i64 = 60_000;
 
 fn millis(d: PromDuration) -> i64 {
     i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX)
@@ -175,7 +185,12 @@ impl Window {
             }
             _ => 0,
         };
-        let (start, duration, every) = (self.start_ms, self.duration_ms, self.every_ms);
+        // Back to back occurrences are one open-ended window: no need to walk them.
+        let (start, duration, every) = match self.every_ms {
+            Some(every) if every == self.duration_ms => (self.start_ms, i64::MAX, None),
+            every => (self.start_ms, self.duration_ms, every),
+        };
+        let first = if every.is_none() { 0 } else { first };
         let mut k = first;
         std::iter::from_fn(move || {
             loop {
@@ -499,6 +514,8 @@ mod tests {
         let err = |s: WindowSpec| s.check(Source::Api).unwrap_err();
         assert!(err(spec("2026-12-24T22:00:00Z", "0s", None)).contains("greater than 0"));
         assert!(err(spec("2026-12-24T22:00:00Z", "2h", Some("1h"))).contains("shorter than"));
+        assert!(err(spec("2026-12-24T22:00:00Z", "1s", Some("30s"))).contains("1m"));
+        assert!(err(spec("2026-12-24T22:00:00Z", "500ms", None)).contains("at least 1s"));
         assert!(err(spec("tomorrow", "2h", None)).contains("RFC 3339"));
         let mut s = spec("2026-12-24T22:00:00Z", "2h", None);
         s.matchers.clear();
@@ -649,6 +666,9 @@ mod tests {
     fn far_times_do_not_overflow() {
         let w = window(i64::MIN / 2, HOUR, Some(HOUR * 2));
         assert!(w.occurrences(i64::MAX - HOUR, i64::MAX).count() <= 1);
+        // Back to back from the far past: one interval, found without walking.
+        let w = window(i64::MIN / 2, HOUR, Some(HOUR));
+        assert_eq!(w.occurrences(0, DAY).collect::<Vec<_>>(), [(0, DAY)]);
         let w = window(i64::MAX - HOUR, 2 * HOUR, None);
         assert_eq!(
             w.occurrence_at_or_after(0),
