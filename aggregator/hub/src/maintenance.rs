@@ -134,6 +134,10 @@ impl WindowSpec {
     }
 }
 
+/// How long after its deletion a window's targets still get `sonde_target_in_maintenance`
+/// 0: Prometheus's lookback, the time a last sample stays the current one.
+pub const DELETED_WRITTEN_FOR_MS: i64 = 5 * 60_000;
+
 /// The shortest `every:`: shorter periods are no maintenance, and would make every
 /// uptime over a month walk millions of occurrences.
 pub const MIN_EVERY_MS: i64 = 60_000;
@@ -247,10 +251,25 @@ impl Windows {
         self.live().next().is_none()
     }
 
-    /// True when some live window selects `labels`, at any time: such a target has a
-    /// `sonde_target_in_maintenance` series (0 outside its windows).
-    pub fn could_match(&self, labels: &impl LabelSource) -> bool {
-        self.live().any(|w| w.matches(labels))
+    /// True when some live window selects `labels`, at any time, or a window deleted
+    /// less than [`DELETED_WRITTEN_FOR_MS`] before `now_ms` did: such a target has a
+    /// `sonde_target_in_maintenance` series (0 outside its windows). Writing 0 for a
+    /// while after a deletion replaces a 1 an earlier run of the aggregator wrote and
+    /// could not mark stale (it was stopped), which would keep the alerts quiet.
+    pub fn could_match(&self, labels: &impl LabelSource, now_ms: i64) -> bool {
+        self.windows.iter().any(|w| {
+            w.deleted_ms
+                .is_none_or(|at| now_ms < at.saturating_add(DELETED_WRITTEN_FOR_MS))
+                && w.matches(labels)
+        })
+    }
+
+    /// True when no window may select a target at `now_ms` (see [`Windows::could_match`]).
+    pub fn selects_nothing(&self, now_ms: i64) -> bool {
+        self.windows.iter().all(|w| {
+            w.deleted_ms
+                .is_some_and(|at| now_ms >= at.saturating_add(DELETED_WRITTEN_FOR_MS))
+        })
     }
 
     /// The name of a window that selects `labels` and is active at `now_ms`.
@@ -657,7 +676,11 @@ mod tests {
         let ws = Windows::new(vec![w]);
         assert_eq!(ws.intervals_ms(&web("a"), 0, DAY), [(0, 4 * HOUR)]);
         assert_eq!(ws.active(&web("a"), 2 * HOUR), None);
-        assert!(!ws.could_match(&web("a")));
+        // Still written (0) for a while after the deletion, then not at all.
+        assert!(ws.could_match(&web("a"), 4 * HOUR + DELETED_WRITTEN_FOR_MS - 1));
+        assert!(!ws.selects_nothing(4 * HOUR));
+        assert!(!ws.could_match(&web("a"), 4 * HOUR + DELETED_WRITTEN_FOR_MS));
+        assert!(ws.selects_nothing(4 * HOUR + DELETED_WRITTEN_FOR_MS));
         assert!(ws.is_empty());
         assert_eq!(ws.next_change_after(0), None);
     }
