@@ -211,9 +211,8 @@ impl Window {
                 if clipped.0 < clipped.1 {
                     return Some((clipped.0 as i64, clipped.1 as i64));
                 }
-                if every.is_none() {
-                    return None;
-                }
+                // A one-off window has no later occurrence to try.
+                every?;
             }
         })
     }
