@@ -103,10 +103,16 @@ impl WindowSpec {
         let start_ms =
             parse_rfc3339_ms(&self.start).map_err(|e| format!("start {:?}: {e}", self.start))?;
         let duration_ms = millis(self.duration);
-        if duration_ms <= 0 {
-            return Err("duration must be greater than 0".into());
+        if duration_ms < 1000 {
+            return Err("duration must be greater than 0 (at least 1s)".into());
         }
         let every_ms = self.every.map(millis);
+        if every_ms.is_some_and(|every| every < MIN_EVERY_MS) {
+            return Err(format!(
+                "every {} is shorter than the shortest period, 1m",
+                self.every.unwrap_or_default()
+            ));
+        }
         if let Some(every) = every_ms
             && every < duration_ms
         {
@@ -127,6 +133,14 @@ impl WindowSpec {
         })
     }
 }
+
+/// How long after its deletion a window's targets still get `sonde_target_in_maintenance`
+/// 0: Prometheus's lookback, the time a last sample stays the current one.
+pub const DELETED_WRITTEN_FOR_MS: i64 = 5 * 60_000;
+
+/// The shortest `every:`: shorter periods are no maintenance, and would make every
+/// uptime over a month walk millions of occurrences.
+pub const MIN_EVERY_MS: i64 = 60_000;
 
 fn millis(d: PromDuration) -> i64 {
     i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX)
@@ -175,7 +189,12 @@ impl Window {
             }
             _ => 0,
         };
-        let (start, duration, every) = (self.start_ms, self.duration_ms, self.every_ms);
+        // Back to back occurrences are one open-ended window: no need to walk them.
+        let (start, duration, every) = match self.every_ms {
+            Some(every) if every == self.duration_ms => (self.start_ms, i64::MAX, None),
+            every => (self.start_ms, self.duration_ms, every),
+        };
+        let first = if every.is_none() { 0 } else { first };
         let mut k = first;
         std::iter::from_fn(move || {
             loop {
@@ -192,9 +211,8 @@ impl Window {
                 if clipped.0 < clipped.1 {
                     return Some((clipped.0 as i64, clipped.1 as i64));
                 }
-                if every.is_none() {
-                    return None;
-                }
+                // A one-off window has no later occurrence to try.
+                every?;
             }
         })
     }
@@ -232,10 +250,25 @@ impl Windows {
         self.live().next().is_none()
     }
 
-    /// True when some live window selects `labels`, at any time: such a target has a
-    /// `sonde_target_in_maintenance` series (0 outside its windows).
-    pub fn could_match(&self, labels: &impl LabelSource) -> bool {
-        self.live().any(|w| w.matches(labels))
+    /// True when some live window selects `labels`, at any time, or a window deleted
+    /// less than [`DELETED_WRITTEN_FOR_MS`] before `now_ms` did: such a target has a
+    /// `sonde_target_in_maintenance` series (0 outside its windows). Writing 0 for a
+    /// while after a deletion replaces a 1 an earlier run of the aggregator wrote and
+    /// could not mark stale (it was stopped), which would keep the alerts quiet.
+    pub fn could_match(&self, labels: &impl LabelSource, now_ms: i64) -> bool {
+        self.windows.iter().any(|w| {
+            w.deleted_ms
+                .is_none_or(|at| now_ms < at.saturating_add(DELETED_WRITTEN_FOR_MS))
+                && w.matches(labels)
+        })
+    }
+
+    /// True when no window may select a target at `now_ms` (see [`Windows::could_match`]).
+    pub fn selects_nothing(&self, now_ms: i64) -> bool {
+        self.windows.iter().all(|w| {
+            w.deleted_ms
+                .is_some_and(|at| now_ms >= at.saturating_add(DELETED_WRITTEN_FOR_MS))
+        })
     }
 
     /// The name of a window that selects `labels` and is active at `now_ms`.
@@ -499,6 +532,8 @@ mod tests {
         let err = |s: WindowSpec| s.check(Source::Api).unwrap_err();
         assert!(err(spec("2026-12-24T22:00:00Z", "0s", None)).contains("greater than 0"));
         assert!(err(spec("2026-12-24T22:00:00Z", "2h", Some("1h"))).contains("shorter than"));
+        assert!(err(spec("2026-12-24T22:00:00Z", "1s", Some("30s"))).contains("1m"));
+        assert!(err(spec("2026-12-24T22:00:00Z", "500ms", None)).contains("at least 1s"));
         assert!(err(spec("tomorrow", "2h", None)).contains("RFC 3339"));
         let mut s = spec("2026-12-24T22:00:00Z", "2h", None);
         s.matchers.clear();
@@ -640,7 +675,11 @@ mod tests {
         let ws = Windows::new(vec![w]);
         assert_eq!(ws.intervals_ms(&web("a"), 0, DAY), [(0, 4 * HOUR)]);
         assert_eq!(ws.active(&web("a"), 2 * HOUR), None);
-        assert!(!ws.could_match(&web("a")));
+        // Still written (0) for a while after the deletion, then not at all.
+        assert!(ws.could_match(&web("a"), 4 * HOUR + DELETED_WRITTEN_FOR_MS - 1));
+        assert!(!ws.selects_nothing(4 * HOUR));
+        assert!(!ws.could_match(&web("a"), 4 * HOUR + DELETED_WRITTEN_FOR_MS));
+        assert!(ws.selects_nothing(4 * HOUR + DELETED_WRITTEN_FOR_MS));
         assert!(ws.is_empty());
         assert_eq!(ws.next_change_after(0), None);
     }
@@ -649,6 +688,9 @@ mod tests {
     fn far_times_do_not_overflow() {
         let w = window(i64::MIN / 2, HOUR, Some(HOUR * 2));
         assert!(w.occurrences(i64::MAX - HOUR, i64::MAX).count() <= 1);
+        // Back to back from the far past: one interval, found without walking.
+        let w = window(i64::MIN / 2, HOUR, Some(HOUR));
+        assert_eq!(w.occurrences(0, DAY).collect::<Vec<_>>(), [(0, DAY)]);
         let w = window(i64::MAX - HOUR, 2 * HOUR, None);
         assert_eq!(
             w.occurrence_at_or_after(0),

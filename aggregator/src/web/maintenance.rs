@@ -77,9 +77,18 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
 }
 
 pub async fn list(State(app): State<Arc<App>>) -> Response {
-    let snapshot = app.hub.snapshot().await;
+    // From where additions and deletions are made, not from a snapshot of the hub that
+    // may be half a second old: a window just deleted is not listed.
+    let api = app.maintenance_api.lock().await;
+    let config = app.hub.config();
     let now = now_ms();
-    let windows: Vec<WindowView> = snapshot.maintenance.live().map(|w| view(w, now)).collect();
+    let windows: Vec<WindowView> = config
+        .maintenance
+        .iter()
+        .chain(api.iter())
+        .filter(|w| w.is_live())
+        .map(|w| view(w, now))
+        .collect();
     Json(json!({"status": "success", "data": windows})).into_response()
 }
 

@@ -163,9 +163,9 @@ fn families(
     }
     // Only for the targets some window selects (see `sonde_hub::state::maintenance`).
     let mut in_maintenance = series_gauge("sonde_target_in_maintenance");
-    if !state.maintenance.is_empty() {
+    if !state.maintenance.selects_nothing(now) {
         for entry in state.entries.values() {
-            if entry.merged.is_some() && state.maintenance.could_match(&entry.base) {
+            if entry.merged.is_some() && state.maintenance.could_match(&entry.base, now) {
                 let active = state.maintenance.active(&entry.base, now).is_some();
                 in_maintenance.samples.push((
                     crate::labels::exposed(

@@ -29,7 +29,7 @@ impl State {
             .maintenance
             .next_change_after(now_ms)
             .unwrap_or(i64::MAX);
-        if self.maintenance.is_empty() && self.maintenance_written.is_empty() {
+        if self.maintenance.selects_nothing(now_ms) && self.maintenance_written.is_empty() {
             return;
         }
         ch.undo
@@ -38,9 +38,9 @@ impl State {
         let windows = self.maintenance.clone();
         let mut written = std::mem::take(&mut self.maintenance_written);
         let mut now_written = BTreeMap::new();
-        if !windows.is_empty() {
+        if !windows.selects_nothing(now_ms) {
             for (key, entry) in &self.entries {
-                if !windows.could_match(&entry.base) {
+                if !windows.could_match(&entry.base, now_ms) {
                     continue;
                 }
                 let flag = match written.remove(key) {
