@@ -18,6 +18,7 @@ pub const PROBE_METRICS: &[&str] = &[
     "probe_duration_seconds",
     "probe_expect_info",
     "probe_failed_due_to_bytes",
+    "probe_failed_due_to_cel",
     "probe_failed_due_to_regex",
     "probe_failure_info",
     "probe_grpc_duration_seconds",
@@ -47,6 +48,10 @@ pub const PROBE_METRICS: &[&str] = &[
     "probe_success",
     "probe_tls_cipher_info",
     "probe_tls_version_info",
+    "probe_websocket_connection_upgraded",
+    "probe_websocket_duration_seconds",
+    "probe_websocket_failed_due_to_regex",
+    "probe_websocket_status_code",
 ];
 
 /// True for a metric name the probers can produce ([`PROBE_METRICS`]).
@@ -90,6 +95,13 @@ pub fn series_help(name: &str) -> Option<&'static str> {
             "Returns the Last-Modified HTTP response header in unixtime"
         }
         "probe_failed_due_to_regex" => "Indicates if probe failed due to regex",
+        "probe_failed_due_to_cel" => "Indicates if probe failed due to CEL expression not matching",
+        "probe_websocket_connection_upgraded" => {
+            "Indicates if the connection was upgraded to a websocket"
+        }
+        "probe_websocket_duration_seconds" => "Duration of the websocket probe by phase",
+        "probe_websocket_failed_due_to_regex" => "Indicates if probe failed due to regex",
+        "probe_websocket_status_code" => "Response HTTP status code of the websocket upgrade",
         "probe_ssl_earliest_cert_expiry" => "Returns last SSL chain expiry in unixtime",
         "probe_ssl_last_chain_expiry_timestamp_seconds" => {
             "Returns last SSL chain expiry in timestamp"

@@ -357,6 +357,10 @@ mod tests {
         for phase in ["resolve", "connect", "processing", "transfer"] {
             assert!(phase_of(&o, "probe_websocket_duration_seconds", phase) >= 0.0);
         }
+        // An aggregator refuses any other name from an agent.
+        for s in &o.samples {
+            assert!(sonde_proto::help::is_probe_metric(s.name), "{}", s.name);
+        }
     }
 
     #[tokio::test]

@@ -13,8 +13,7 @@ use crate::hub::Snapshot;
 use crate::report::csv::{self, NamedReport, seconds};
 use crate::report::time::{self, format_ms};
 use crate::report::{
-    COUNTING, Change, InMaintenance, Input, MaintenanceIntervals, NoMaintenance, Window,
-    target_report,
+    COUNTING, Change, InMaintenance, Input, MaintenanceIntervals, Window, target_report,
 };
 use crate::storage::{HistoryReader, StoreError};
 use axum::Json;
@@ -30,10 +29,21 @@ use std::sync::Arc;
 /// The window when none is asked for.
 const DEFAULT_WINDOW_MS: i64 = 30 * 86_400_000;
 
-/// The maintenance windows the reports leave out of the counted time. This build has
-/// no maintenance windows; where they are kept, this is the one place to hand them in.
-fn maintenance(_app: &App) -> Arc<dyn MaintenanceIntervals> {
-    Arc::new(NoMaintenance)
+/// The maintenance windows the reports leave out of the counted time: those in force
+/// (config and API) and the API windows deleted within the history's retention, as the
+/// snapshot holds them.
+struct SnapshotMaintenance(Arc<Snapshot>);
+
+impl MaintenanceIntervals for SnapshotMaintenance {
+    fn intervals(&self, job: &str, instance: &str, from_s: i64, to_s: i64) -> Vec<(i64, i64)> {
+        let key = (job.to_string(), instance.to_string());
+        self.0
+            .maintenance_intervals(&key, from_s.saturating_mul(1000), to_s.saturating_mul(1000))
+            .into_iter()
+            // Whole seconds that cover the window: windows are set to the second anyway.
+            .map(|(start, end)| (start.div_euclid(1000), (end + 999).div_euclid(1000)))
+            .collect()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,7 +250,8 @@ async fn run(app: Arc<App>, q: ReportQuery) -> Result<(Asked, Vec<NamedReport>, 
     let asked = q.check(now).map_err(Failed::Query)?;
     let snapshot = app.hub.snapshot().await;
     let history = app.outputs.history();
-    let maintenance = maintenance(&app);
+    let maintenance: Arc<dyn MaintenanceIntervals> =
+        Arc::new(SnapshotMaintenance(snapshot.clone()));
     let joined = tokio::task::spawn_blocking(move || {
         build(&snapshot, &*history, &*maintenance, &asked, now).map(|r| (asked, r))
     })

@@ -6,18 +6,18 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod cel;
-pub mod multihttp;
 mod dnssec;
+pub mod multihttp;
 mod oauth2;
 mod unix;
 mod websocket;
 mod yaml_bytes;
 
 pub use cel::compile_cel;
-pub use multihttp::MultiHttpProbe;
 pub use dnssec::{
     AnchorKey, DnssecConfig, TrustAnchor, TrustAnchorError, parse_trust_anchors, read_trust_anchors,
 };
+pub use multihttp::MultiHttpProbe;
 pub use oauth2::{OAuth2, OAuth2Error};
 pub use unix::UnixProbe;
 pub use websocket::{HeaderSources, HeaderValues, WebsocketHttpConfig, WebsocketProbe};

@@ -142,6 +142,10 @@ mod tests {
         let o = probe(r#"{"foo": "bar", "baz": "qux"}"#, example.clone()).await;
         assert!(o.success, "{:?}", o.failure);
         assert_eq!(sample(&o, "probe_failed_due_to_cel"), Some(0.0));
+        // An aggregator refuses any other name from an agent.
+        for s in &o.samples {
+            assert!(sonde_proto::help::is_probe_metric(s.name), "{}", s.name);
+        }
 
         let o = probe(r#"{"foo": "bar", "baz": "zap"}"#, example.clone()).await;
         assert!(!o.success);
