@@ -56,7 +56,7 @@ h1{margin:0 0 .2rem;font-size:1.5rem} h2{margin-top:1.6rem;font-size:1.2rem}
 a{color:var(--link)} code{font-size:.85rem;overflow-wrap:anywhere}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
-th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top;overflow-wrap:anywhere}
+th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top;overflow-wrap:break-word}
 th{background:var(--head)}
 .badge{padding:.1rem .4rem;border-radius:.3rem;font-weight:600;font-size:.8rem;white-space:nowrap}
 .up{background:var(--up-bg);color:var(--up-fg)} .down{background:var(--down-bg);color:var(--down-fg)}
@@ -71,7 +71,7 @@ th{background:var(--head)}
 .trace{font-family:monospace;font-size:.8rem;margin:.4rem 0;padding-left:1.4rem;overflow-wrap:anywhere} .path{font-family:monospace;font-size:.8rem;width:auto}
 svg.chart{width:100%;height:auto;display:block}
 svg.timeline{width:100%;height:1.4rem;display:block}
-svg.heartbeat{width:100%;min-width:6rem;height:1.1rem;display:block}
+svg.heartbeat{width:100%;min-width:7rem;height:1.1rem;display:block}
 .plot{fill:var(--plot);stroke:var(--line)} .axis{fill:var(--muted);font-size:10px} .gridline{stroke:var(--grid)}
 .bg{fill:var(--miss-bg)}
 .seg-up,.hb-up{fill:var(--c-up)} .seg-degraded,.hb-degraded{fill:var(--c-degraded)} .seg-down,.hb-down{fill:var(--c-down)} .seg-missing,.hb-missing{fill:var(--c-missing)}

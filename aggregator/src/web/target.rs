@@ -142,11 +142,11 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
             .unwrap_or_default();
         let _ = write!(
             out,
-            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took:.3}s{failure}{trace}</div>"#,
+            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took}{failure}{trace}</div>"#,
             a = esc(&shown_name(i, agent)),
             labels = esc(&labels),
             age = svg::human_duration(now - view.timestamp_ms),
-            took = view.duration_seconds,
+            took = svg::seconds(view.duration_seconds),
             failure = if view.failure.is_empty() {
                 String::new()
             } else {
