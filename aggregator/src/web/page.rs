@@ -91,7 +91,7 @@ pub fn head(chrome: &Chrome, title: &str, refresh: Option<u32>) -> String {
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">{refresh}<title>{title}</title>
 <style>{STYLE}</style></head><body>
-<h1>{title}</h1><nav><a href="/">status</a><a href="/targets">targets</a>"#,
+<h1>{title}</h1><nav><a href="/">status</a> <a href="/targets">targets</a> "#,
         refresh = refresh
             .map(|s| format!(r#"<meta http-equiv="refresh" content="{s}">"#))
             .unwrap_or_default(),
@@ -102,7 +102,7 @@ pub fn head(chrome: &Chrome, title: &str, refresh: Option<u32>) -> String {
     } else {
         let _ = writeln!(
             h,
-            r#"<a href="/fleet">fleet</a><a href="/metrics">/metrics</a><a href="/api/v1/targets">/api/v1/targets</a><a href="/api/v1/jobs">/api/v1/jobs</a><a href="/api/v1/agents">/api/v1/agents</a><br>sonde {version} · config <code>{config}</code></nav>"#,
+            r#"<a href="/fleet">fleet</a> <a href="/metrics">/metrics</a> <a href="/api/v1/targets">/api/v1/targets</a> <a href="/api/v1/jobs">/api/v1/jobs</a> <a href="/api/v1/agents">/api/v1/agents</a><br>sonde {version} · config <code>{config}</code></nav>"#,
             version = env!("CARGO_PKG_VERSION"),
             config = esc(&chrome.config),
         );
