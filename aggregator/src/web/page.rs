@@ -67,7 +67,7 @@ th{background:var(--head)}
 .summary .count{font-size:1rem} .summary .count b{font-size:1.2rem}
 .grid{display:flex;flex-wrap:wrap;gap:.6rem} .tile{border:1px solid var(--line);border-radius:.4rem;padding:.4rem .6rem;min-width:9rem}
 .uptimes td{font-size:1.1rem;font-weight:600}
-.side{display:flex;flex-wrap:wrap;gap:.8rem} .side>div{flex:1 1 16rem;min-width:0;border:1px solid var(--line);border-radius:.4rem;padding:.5rem}
+.side{display:flex;flex-wrap:wrap;gap:.8rem} .side>div{flex:1 1 16rem;min-width:0;overflow-x:auto;overflow-wrap:anywhere;border:1px solid var(--line);border-radius:.4rem;padding:.5rem}
 .trace{font-family:monospace;font-size:.8rem;margin:.4rem 0;padding-left:1.4rem;overflow-wrap:anywhere} .path{font-family:monospace;font-size:.8rem;width:auto}
 svg.chart{width:100%;height:auto;display:block}
 svg.timeline{width:100%;height:1.4rem;display:block}

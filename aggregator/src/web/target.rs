@@ -80,7 +80,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         },
     );
 
-    out.push_str("<h2>Uptime</h2><table class=\"uptimes\"><tr>");
+    out.push_str("<h2>Uptime</h2><div class=\"scroll\"><table class=\"uptimes\"><tr>");
     for (name, _, _) in &h.uptimes {
         let _ = write!(out, "<th>{name}</th>");
     }
@@ -96,7 +96,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
             svg::percent(*u)
         );
     }
-    out.push_str("</tr></table>");
+    out.push_str("</tr></table></div>");
 
     let from = h.from_ms;
     let _ = write!(
@@ -193,7 +193,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
     if h.events.is_empty() {
         out.push_str("<p class=\"muted\">No state change recorded.</p>");
     } else {
-        out.push_str("<table class=\"events\"><tr><th>when</th><th>became</th><th>from</th><th>agents (succeeding / fresh)</th><th>reasons</th></tr>");
+        out.push_str("<div class=\"scroll\"><table class=\"events\"><tr><th>when</th><th>became</th><th>from</th><th>agents (succeeding / fresh)</th><th>reasons</th></tr>");
         // Newest first, the aggregator's gaps among the changes where they fell.
         let mut gaps = h.gaps.iter().rev().peekable();
         for e in &h.events {
@@ -236,7 +236,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         for g in gaps {
             gap_row(&mut out, g, now);
         }
-        out.push_str("</table>");
+        out.push_str("</table></div>");
     }
     out.push_str("</body></html>\n");
     out
