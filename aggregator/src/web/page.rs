@@ -56,7 +56,7 @@ h1{margin:0 0 .2rem;font-size:1.5rem} h2{margin-top:1.6rem;font-size:1.2rem}
 a{color:var(--link)} code{font-size:.85rem;overflow-wrap:anywhere}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
-th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top;overflow-wrap:anywhere}
+th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top;overflow-wrap:break-word}
 th{background:var(--head)}
 .badge{padding:.1rem .4rem;border-radius:.3rem;font-weight:600;font-size:.8rem;white-space:nowrap}
 .up{background:var(--up-bg);color:var(--up-fg)} .down{background:var(--down-bg);color:var(--down-fg)}
@@ -67,11 +67,11 @@ th{background:var(--head)}
 .summary .count{font-size:1rem} .summary .count b{font-size:1.2rem}
 .grid{display:flex;flex-wrap:wrap;gap:.6rem} .tile{border:1px solid var(--line);border-radius:.4rem;padding:.4rem .6rem;min-width:9rem}
 .uptimes td{font-size:1.1rem;font-weight:600}
-.side{display:flex;flex-wrap:wrap;gap:.8rem} .side>div{flex:1 1 16rem;min-width:0;border:1px solid var(--line);border-radius:.4rem;padding:.5rem}
+.side{display:flex;flex-wrap:wrap;gap:.8rem} .side>div{flex:1 1 16rem;min-width:0;overflow-x:auto;overflow-wrap:anywhere;border:1px solid var(--line);border-radius:.4rem;padding:.5rem}
 .trace{font-family:monospace;font-size:.8rem;margin:.4rem 0;padding-left:1.4rem;overflow-wrap:anywhere} .path{font-family:monospace;font-size:.8rem;width:auto}
 svg.chart{width:100%;height:auto;display:block}
 svg.timeline{width:100%;height:1.4rem;display:block}
-svg.heartbeat{width:100%;min-width:6rem;height:1.1rem;display:block}
+svg.heartbeat{width:100%;min-width:7rem;height:1.1rem;display:block}
 .plot{fill:var(--plot);stroke:var(--line)} .axis{fill:var(--muted);font-size:10px} .gridline{stroke:var(--grid)}
 .bg{fill:var(--miss-bg)}
 .seg-up,.hb-up{fill:var(--c-up)} .seg-degraded,.hb-degraded{fill:var(--c-degraded)} .seg-down,.hb-down{fill:var(--c-down)} .seg-missing,.hb-missing{fill:var(--c-missing)}
@@ -91,7 +91,7 @@ pub fn head(chrome: &Chrome, title: &str, refresh: Option<u32>) -> String {
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">{refresh}<title>{title}</title>
 <style>{STYLE}</style></head><body>
-<h1>{title}</h1><nav><a href="/">status</a><a href="/targets">targets</a>"#,
+<h1>{title}</h1><nav><a href="/">status</a> <a href="/targets">targets</a> "#,
         refresh = refresh
             .map(|s| format!(r#"<meta http-equiv="refresh" content="{s}">"#))
             .unwrap_or_default(),
@@ -102,7 +102,7 @@ pub fn head(chrome: &Chrome, title: &str, refresh: Option<u32>) -> String {
     } else {
         let _ = writeln!(
             h,
-            r#"<a href="/fleet">fleet</a><a href="/metrics">/metrics</a><a href="/api/v1/targets">/api/v1/targets</a><a href="/api/v1/jobs">/api/v1/jobs</a><a href="/api/v1/agents">/api/v1/agents</a><br>sonde {version} · config <code>{config}</code></nav>"#,
+            r#"<a href="/fleet">fleet</a> <a href="/metrics">/metrics</a> <a href="/api/v1/targets">/api/v1/targets</a> <a href="/api/v1/jobs">/api/v1/jobs</a> <a href="/api/v1/agents">/api/v1/agents</a><br>sonde {version} · config <code>{config}</code></nav>"#,
             version = env!("CARGO_PKG_VERSION"),
             config = esc(&chrome.config),
         );

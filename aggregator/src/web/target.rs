@@ -80,7 +80,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         },
     );
 
-    out.push_str("<h2>Uptime</h2><table class=\"uptimes\"><tr>");
+    out.push_str("<h2>Uptime</h2><div class=\"scroll\"><table class=\"uptimes\"><tr>");
     for (name, _, _) in &h.uptimes {
         let _ = write!(out, "<th>{name}</th>");
     }
@@ -96,7 +96,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
             svg::percent(*u)
         );
     }
-    out.push_str("</tr></table>");
+    out.push_str("</tr></table></div>");
 
     let from = h.from_ms;
     let _ = write!(
@@ -142,11 +142,11 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
             .unwrap_or_default();
         let _ = write!(
             out,
-            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took:.3}s{failure}{trace}</div>"#,
+            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took}{failure}{trace}</div>"#,
             a = esc(&shown_name(i, agent)),
             labels = esc(&labels),
             age = svg::human_duration(now - view.timestamp_ms),
-            took = view.duration_seconds,
+            took = svg::seconds(view.duration_seconds),
             failure = if view.failure.is_empty() {
                 String::new()
             } else {
@@ -193,7 +193,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
     if h.events.is_empty() {
         out.push_str("<p class=\"muted\">No state change recorded.</p>");
     } else {
-        out.push_str("<table class=\"events\"><tr><th>when</th><th>became</th><th>from</th><th>agents (succeeding / fresh)</th><th>reasons</th></tr>");
+        out.push_str("<div class=\"scroll\"><table class=\"events\"><tr><th>when</th><th>became</th><th>from</th><th>agents (succeeding / fresh)</th><th>reasons</th></tr>");
         // Newest first, the aggregator's gaps among the changes where they fell.
         let mut gaps = h.gaps.iter().rev().peekable();
         for e in &h.events {
@@ -236,7 +236,7 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         for g in gaps {
             gap_row(&mut out, g, now);
         }
-        out.push_str("</table>");
+        out.push_str("</table></div>");
     }
     out.push_str("</body></html>\n");
     out

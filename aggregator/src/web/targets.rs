@@ -334,8 +334,13 @@ pub async fn page(
         format!("/targets?{}", params.finish())
     };
     let mut nav = format!(
-        r#"<p class="pages" id="pages" data-found="{found}" data-page="{page_no}" data-pages="{pages}"><span>{found} targets, page {page_no} of {pages}</span>"#,
+        r#"<p class="pages" id="pages" data-found="{found}" data-page="{page_no}" data-pages="{pages}"><span>{found} {noun}, page {page_no} of {pages}</span>"#,
         found = found.len(),
+        noun = if found.len() == 1 {
+            "target"
+        } else {
+            "targets"
+        },
     );
     if page_no > 1 {
         let _ = write!(
