@@ -249,6 +249,20 @@ fleet:
     );
     let active = windows(&web).expect("GET");
     assert_eq!(active[0]["active"], true, "{active:?}");
+    // The status pages say so: the targets list beside the state, the target's own page.
+    let list = http_get_ok(&format!("{web}/targets?job=web")).expect("/targets");
+    assert!(list.contains("in maintenance"), "{list}");
+    assert!(
+        !http_get_ok(&format!("{web}/targets?job=shop"))
+            .expect("/targets")
+            .contains("in maintenance")
+    );
+    let mut page = url::Url::parse(&format!("{web}/target")).expect("url");
+    page.query_pairs_mut()
+        .append_pair("job", "web")
+        .append_pair("instance", &target);
+    let page = http_get_ok(page.as_str()).expect("/target");
+    assert!(page.contains("MAINTENANCE") && page.contains("web-upgrade"), "{page}");
     std::fs::write(nginx_flip_file(&scene, "nginx"), "down").expect("make /flip fail");
     scene.wait_until("up 0 written for both targets", WAIT, || {
         prometheus_expect(p, r#"count(up{job=~"web|shop"} == 0)"#, 2.0)

@@ -80,6 +80,14 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
         },
     );
 
+    if let Some(window) = super::view::target(snapshot, &key, crate::fleet::now_ms()).in_maintenance
+    {
+        let _ = write!(
+            out,
+            r#"<p id="maintenance"><span class="badge missing">MAINTENANCE</span> window <code>{}</code>: still probed, left out of uptime, shipped alerts quiet</p>"#,
+            esc(&window)
+        );
+    }
     out.push_str("<h2>Uptime</h2><div class=\"scroll\"><table class=\"uptimes\"><tr>");
     for (name, _, _) in &h.uptimes {
         let _ = write!(out, "<th>{name}</th>");

@@ -121,7 +121,14 @@ pub async fn load_rows<'a>(
             let changes = changes.get(i).map_or(&[][..], Vec::as_slice);
             Row {
                 bars: heartbeat::bars(changes, &gaps, Some(view.history_state), now),
-                uptime: history::durations(changes, &gaps, since, now).uptime(),
+                // Maintenance counts neither way, like the aggregator's gaps.
+                uptime: history::durations(
+                    changes,
+                    &history::excluded(&gaps, &snapshot.maintenance_intervals(key, since, now)),
+                    since,
+                    now,
+                )
+                .uptime(),
                 view,
             }
         })
@@ -182,7 +189,14 @@ pub fn table(out: &mut String, chrome: &Chrome, rows: &[Row<'_>], id: &str) {
                     esc(&labels(&t.labels))
                 )
             },
-            badge = state_badge(t.history_state),
+            badge = match &t.in_maintenance {
+                Some(window) => format!(
+                    r#"{}<br><span class="muted" title="maintenance window {}">in maintenance</span>"#,
+                    state_badge(t.history_state),
+                    esc(window)
+                ),
+                None => state_badge(t.history_state),
+            },
             bars = heartbeat::svg(&row.bars),
             uptime = svg::percent(row.uptime),
             detail = if chrome.public {
