@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
     let windows = Windows::new(vec![window.clone()]);
     let intervals = windows.intervals_ms(&labels, from, to);
     assert!(intervals.windows(2).all(|w| w[0].1 < w[1].0));
-    assert!(intervals.iter().all(|&(a, b)| from <= a && a < b && b <= to));
+    assert!(
+        intervals
+            .iter()
+            .all(|&(a, b)| from <= a && a < b && b <= to)
+    );
     let _ = windows.active(&labels, from);
     let _ = windows.next_change_after(from);
     let _ = window.spec();

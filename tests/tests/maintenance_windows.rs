@@ -262,7 +262,10 @@ fleet:
         .append_pair("job", "web")
         .append_pair("instance", &target);
     let page = http_get_ok(page.as_str()).expect("/target");
-    assert!(page.contains("MAINTENANCE") && page.contains("web-upgrade"), "{page}");
+    assert!(
+        page.contains("MAINTENANCE") && page.contains("web-upgrade"),
+        "{page}"
+    );
     std::fs::write(nginx_flip_file(&scene, "nginx"), "down").expect("make /flip fail");
     scene.wait_until("up 0 written for both targets", WAIT, || {
         prometheus_expect(p, r#"count(up{job=~"web|shop"} == 0)"#, 2.0)

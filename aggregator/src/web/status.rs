@@ -75,7 +75,7 @@ pub fn summary_header(summary: &Summary) -> String {
         format!(r#"<span class="count"><b data-count="{name}">{n}</b> {what}</span>"#)
     };
     format!(
-        r#"<section id="overall" class="summary {class}" data-overall="{overall}"><div class="headline">{headline}</div>{}{}{}{}{}<span class="count muted">of <b data-count="targets">{targets}</b> targets in <span data-count="jobs">{jobs}</span> jobs</span></section>"#,
+        r#"<section id="overall" class="summary {class}" data-overall="{overall}"><div class="headline">{headline}</div>{}{}{}{}{}<span class="count muted">targets <b data-count="targets">{targets}</b> · jobs <span data-count="jobs">{jobs}</span></span></section>"#,
         count("up", summary.up, "up"),
         count("degraded", summary.degraded, "degraded"),
         count("down", summary.down, "down"),
