@@ -3,7 +3,10 @@
 //! (`status_page.public`: the config path, the API links, the agents).
 
 use super::svg::esc;
+use super::view::Summary;
 use crate::app::App;
+use crate::history::HistoryState;
+use sonde_proto::config::Labels;
 use std::fmt::Write;
 
 /// How a page presents itself, from the config's `status_page:`.
@@ -128,3 +131,47 @@ if(d.truncated){var n=document.getElementById('stale');if(n)n.hidden=false}
 }).catch(function(){}).then(function(){setTimeout(tick,5000)})}
 setTimeout(tick,5000)})();
 </script>"#;
+
+/// `name="value", …`, as PromQL writes a selector.
+pub fn labels(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A state as a coloured word.
+pub fn state_badge(state: HistoryState) -> String {
+    let s = state.as_str();
+    format!("<span class=\"badge {s}\">{}</span>", s.to_uppercase())
+}
+
+/// The per-target page of `job`/`instance`.
+pub fn target_link(job: &str, instance: &str) -> String {
+    format!(
+        "/target?job={}&instance={}",
+        url::form_urlencoded::byte_serialize(job.as_bytes()).collect::<String>(),
+        url::form_urlencoded::byte_serialize(instance.as_bytes()).collect::<String>()
+    )
+}
+
+/// The summary header, with the counts the live script updates.
+pub fn summary_header(summary: &Summary) -> String {
+    let class = summary.overall;
+    let count = |name: &str, n: usize, what: &str| {
+        format!(r#"<span class="count"><b data-count="{name}">{n}</b> {what}</span>"#)
+    };
+    format!(
+        r#"<section id="overall" class="summary {class}" data-overall="{overall}"><div class="headline">{headline}</div>{}{}{}{}{}<span class="count muted">targets <b data-count="targets">{targets}</b> · jobs <span data-count="jobs">{jobs}</span></span></section>"#,
+        count("up", summary.up, "up"),
+        count("degraded", summary.degraded, "degraded"),
+        count("down", summary.down, "down"),
+        count("missing", summary.missing, "missing"),
+        count("jobs_missing", summary.jobs_missing, "jobs missing"),
+        overall = summary.overall,
+        headline = summary.headline(),
+        targets = summary.targets,
+        jobs = summary.jobs,
+    )
+}

@@ -5,7 +5,7 @@
 //! with a few lines of it asking `/api/v1/status` for what changed.
 
 use super::live::Live;
-use super::page::{self, Chrome, LIVE_SCRIPT};
+use super::page::{self, Chrome, LIVE_SCRIPT, labels, summary_header};
 use super::svg::{self, esc};
 use super::targets::{self, StateFilter};
 use super::view::{self, Summary};
@@ -15,7 +15,6 @@ use crate::history::HistoryState;
 use crate::hub::Snapshot;
 use axum::extract::{Extension, State};
 use axum::response::Html;
-use sonde_proto::config::Labels;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -23,30 +22,6 @@ use std::sync::Arc;
 pub const PROBLEMS_SHOWN: usize = 50;
 /// Jobs and agents listed on `/` before "and N more".
 const ROWS_SHOWN: usize = 200;
-
-/// `name="value", …`, as PromQL writes a selector.
-pub fn labels(labels: &Labels) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{v}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A state as a coloured word.
-pub fn state_badge(state: HistoryState) -> String {
-    let s = state.as_str();
-    format!("<span class=\"badge {s}\">{}</span>", s.to_uppercase())
-}
-
-/// The per-target page of `job`/`instance`.
-pub fn target_link(job: &str, instance: &str) -> String {
-    format!(
-        "/target?job={}&instance={}",
-        url::form_urlencoded::byte_serialize(job.as_bytes()).collect::<String>(),
-        url::form_urlencoded::byte_serialize(instance.as_bytes()).collect::<String>()
-    )
-}
 
 pub async fn page(
     State(app): State<Arc<App>>,
@@ -66,26 +41,6 @@ pub async fn page(
     Html(render(
         &app, &chrome, &snapshot, &states, &rows, version, now,
     ))
-}
-
-/// The summary header, with the counts the live script updates.
-pub fn summary_header(summary: &Summary) -> String {
-    let class = summary.overall;
-    let count = |name: &str, n: usize, what: &str| {
-        format!(r#"<span class="count"><b data-count="{name}">{n}</b> {what}</span>"#)
-    };
-    format!(
-        r#"<section id="overall" class="summary {class}" data-overall="{overall}"><div class="headline">{headline}</div>{}{}{}{}{}<span class="count muted">targets <b data-count="targets">{targets}</b> · jobs <span data-count="jobs">{jobs}</span></span></section>"#,
-        count("up", summary.up, "up"),
-        count("degraded", summary.degraded, "degraded"),
-        count("down", summary.down, "down"),
-        count("missing", summary.missing, "missing"),
-        count("jobs_missing", summary.jobs_missing, "jobs missing"),
-        overall = summary.overall,
-        headline = summary.headline(),
-        targets = summary.targets,
-        jobs = summary.jobs,
-    )
 }
 
 pub fn render(

@@ -4,8 +4,7 @@
 //! times the aggregator was not running among them).
 
 use super::history::{self, TargetQuery};
-use super::page::{Chrome, head};
-use super::status::{state_badge, target_link};
+use super::page::{Chrome, head, state_badge, target_link};
 use super::svg::{self, esc};
 use crate::app::App;
 use crate::history::Gap;

@@ -4,8 +4,7 @@
 
 use super::heartbeat;
 use super::live::Live;
-use super::page::{self, Chrome, LIVE_SCRIPT};
-use super::status::{labels, state_badge, summary_header, target_link};
+use super::page::{self, Chrome, LIVE_SCRIPT, labels, state_badge, summary_header, target_link};
 use super::svg::{self, esc};
 use super::view::{self, Summary, TargetView};
 use crate::app::App;
