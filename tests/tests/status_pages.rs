@@ -177,7 +177,12 @@ impl Browser {
     }
 
     fn run(&self, mut cmd: Command, what: &str) -> String {
+        // One Chromium at a time across this file's tests: two at once on two cores
+        // would measure each other, not the page.
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let out = cmd.output().expect("run chromium");
+        drop(one);
         assert!(
             out.status.success(),
             "chromium {what} failed: {}",
