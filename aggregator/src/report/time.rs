@@ -1,6 +1,7 @@
 //! The report's times as people write them: RFC 3339 (`2026-12-01T00:00:00Z`,
 //! `2026-12-01T01:00:00+01:00`, fractions of a second allowed) or unix seconds
-//! (`1796083200`, `1796083200.5`), and RFC 3339 in UTC on the way out.
+//! (`1796083200`, `1796083200.5`), and RFC 3339 in UTC on the way out. RFC 3339 is
+//! read and written as maintenance windows read and write it.
 
 /// A time the report cannot read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,124 +34,14 @@ pub fn parse_ms(text: &str) -> Result<i64, BadTime> {
         }
         return Ok((seconds * 1000.0).round() as i64);
     }
-    rfc3339_ms(t).ok_or_else(|| bad("not RFC 3339 (YYYY-MM-DDTHH:MM:SS with Z or an offset)"))
-}
-
-fn rfc3339_ms(t: &str) -> Option<i64> {
-    let b = t.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let num = |from: usize, to: usize| -> Option<i64> {
-        let s = t.get(from..to)?;
-        s.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| s.parse().ok())?
-    };
-    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut rest = &t[19..];
-    let mut millis = 0;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
-        millis = padded.parse::<i64>().ok()?;
-        rest = &frac[digits..];
-    }
-    let offset_s = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let o = rest.as_bytes();
-            if o.len() != 6 || !matches!(o[0], b'+' | b'-') || o[3] != b':' {
-                return None;
-            }
-            let hours = num_of(&rest[1..3])?;
-            let minutes = num_of(&rest[4..6])?;
-            if hours > 23 || minutes > 59 {
-                return None;
-            }
-            let sign = if o[0] == b'-' { -1 } else { 1 };
-            sign * (hours * 3600 + minutes * 60)
-        }
-    };
-    // A leap second is read as the second after it.
-    let seconds =
-        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
-    Some(seconds * 1000 + millis)
-}
-
-fn num_of(s: &str) -> Option<i64> {
-    s.bytes()
-        .all(|c| c.is_ascii_digit())
-        .then(|| s.parse().ok())?
-}
-
-fn is_leap(year: i64) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The civil date of a day count since 1970-01-01 (the inverse of the above).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    sonde_hub::maintenance::parse_rfc3339_ms(t)
+        .map_err(|_| bad("not RFC 3339 (YYYY-MM-DDTHH:MM:SS with Z or an offset)"))
 }
 
 /// `ms` as RFC 3339 in UTC: `2026-12-01T00:00:00Z`, with milliseconds only when there
 /// are some.
 pub fn format_ms(ms: i64) -> String {
-    let seconds = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
-    let in_day = seconds.rem_euclid(86_400);
-    let (h, m, s) = (in_day / 3600, in_day % 3600 / 60, in_day % 60);
-    if millis == 0 {
-        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
-    } else {
-        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
-    }
+    sonde_hub::maintenance::format_rfc3339_ms(ms)
 }
 
 #[cfg(test)]
