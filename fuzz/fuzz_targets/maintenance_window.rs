@@ -25,5 +25,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let _ = windows.active(&labels, from);
     let _ = windows.next_change_after(from);
-    let _ = window.spec();
+    let _ = windows.active_for_agent("edge-1", &window.agents, from);
+    let _ = windows.could_match_agent("edge-1", &window.agents, from);
+    assert_eq!(window.spec().check(Source::Api).as_ref(), Ok(&window));
 });

@@ -154,6 +154,9 @@ pub fn series_help(name: &str) -> Option<&'static str> {
         }
         "sonde_agent_last_seen_timestamp_seconds" => "When the agent was last heard from.",
         "sonde_agent_info" => "The agent's labels, for joins in PromQL.",
+        "sonde_agent_in_maintenance" => {
+            "1 while a maintenance window covers the agent (its results do not count toward up), 0 outside; only for agents some window selects."
+        }
         "sonde_agent_clock_skew_seconds" => {
             "The agent's clock minus the aggregator's, from its last heartbeat (network delay included)."
         }

@@ -4,7 +4,9 @@
 //! `sonde_target_in_maintenance` is 1 and `SondeTargetDown` stays quiet for it while it
 //! fires for a target outside any window; the window's time is left out of uptime.
 //! Windows added through the API need `--web.enable-lifecycle`, survive a restart of
-//! the aggregator, and stop when deleted.
+//! the aggregator, and stop when deleted. A window of agents (`agents:`) keeps its
+//! agents probing but leaves their results out of `up`, and keeps `SondeAgentDown` quiet
+//! for them.
 
 use sonde_tests::{
     RestartableAggregator, Scene, http_get, http_get_ok, nginx_flip_file, prometheus_expect,
@@ -380,5 +382,219 @@ fleet:
         in_maintenance(&web, "shop").expect("targets"),
         serde_json::Value::Null
     );
+    scene.check_running().expect("every process still running");
+}
+
+/// Every alert named `name`, pending or firing: (state, agent).
+fn alerts_named(prom: &str, name: &str) -> Result<Vec<(String, String)>, String> {
+    let (_, body) = http_get(&format!("{prom}/api/v1/alerts"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    Ok(v["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["labels"]["alertname"] == name)
+        .map(|a| {
+            (
+                a["state"].as_str().unwrap_or("").to_string(),
+                a["labels"]["agent"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// `in_maintenance` of `agent` in `/api/v1/agents`.
+fn agent_in_maintenance(web: &str, agent: &str) -> Result<serde_json::Value, String> {
+    let body = http_get_ok(&format!("{web}/api/v1/agents"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["agent"] == agent)
+        .map(|a| a["in_maintenance"].clone())
+        .ok_or_else(|| format!("no agent {agent}: {body}"))
+}
+
+#[test]
+fn an_agent_in_a_maintenance_window_keeps_probing_but_does_not_count_nor_page() {
+    sonde_tests::sonde_bin("sonde-aggregator");
+    let mut scene = Scene::new("maintenance-agents");
+    let nginx = start_nginx(&mut scene, "nginx");
+    let target = format!("http://127.0.0.1:{nginx}/");
+    let prom = start_prometheus(
+        &mut scene,
+        "prometheus",
+        &[repo_path("deploy/prometheus/sonde-alerts.yml")],
+    );
+    let p = prom.as_str();
+    // Site b's agent cannot reach the target (its connect policy refuses loopback), so
+    // with quorum all the target is down until site b is in maintenance.
+    let opens_ms = now_ms() + 15_000;
+    let config = format!(
+        r#"global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+modules:
+  http_2xx:
+    prober: http
+    http:
+      preferred_ip_protocol: ip4
+jobs:
+  - job_name: web
+    module: http_2xx
+    quorum: all
+    static_configs:
+      - targets: ["{target}"]
+remote_write:
+  - url: {prom}/api/v1/write
+    queue_config: {{batch_send_deadline: 100ms, min_backoff: 50ms, max_backoff: 500ms}}
+maintenance:
+  - name: site-b-network
+    agents: {{site: b}}
+    start: {start}
+    duration: 1h
+fleet:
+  missing_after: 3s
+"#,
+        start = rfc3339(opens_ms),
+    );
+    let aggregator = RestartableAggregator::new(&scene, "aggregator", &config);
+    let web = aggregator.web();
+    aggregator.start(&mut scene, "aggregator-1", &["--web.enable-lifecycle"]);
+    for (id, site, policy) in [
+        ("edge-a", "a", ""),
+        (
+            "edge-b",
+            "b",
+            "assigned_modules:\n  connect:\n    deny: [\"127.0.0.0/8\"]\n",
+        ),
+    ] {
+        start_agent(
+            &mut scene,
+            id,
+            &format!(
+                "agent:\n  id: {id}\n  labels: {{site: {site}}}\naggregators:\n  - address: {}\n{policy}",
+                aggregator.grpc()
+            ),
+        );
+    }
+
+    // ---- before the window: edge-b's failure counts, the target is down
+    scene.wait_until("up 0 with both agents counted", WAIT, || {
+        prometheus_expect(p, r#"up{job="web"} == 0 and sonde_target_agents == 2"#, 0.0)
+    });
+    if now_ms() < opens_ms - 3_000 {
+        scene.wait_until(
+            "sonde_agent_in_maintenance 0 before the window",
+            WAIT,
+            || prometheus_expect(p, r#"sonde_agent_in_maintenance{agent="edge-b"}"#, 0.0),
+        );
+        assert_eq!(
+            agent_in_maintenance(&web, "edge-b").expect("agents"),
+            serde_json::Value::Null
+        );
+    }
+
+    // ---- in the window: edge-b probes on, its results do not count
+    scene.wait_until(
+        "sonde_agent_in_maintenance 1 once the window opens",
+        WAIT,
+        || prometheus_expect(p, r#"sonde_agent_in_maintenance{agent="edge-b"}"#, 1.0),
+    );
+    assert!(
+        prometheus_query(p, r#"sonde_agent_in_maintenance{agent="edge-a"}"#)
+            .expect("query")
+            .is_empty(),
+        "an agent no window selects has no sonde_agent_in_maintenance"
+    );
+    scene.wait_until("up 1 from edge-a alone", WAIT, || {
+        prometheus_expect(p, r#"up{job="web"} == 1 and sonde_target_agents == 1"#, 1.0)
+    });
+    scene.wait_until("edge-b still probes (and fails)", WAIT, || {
+        let before = prometheus_query(p, r#"timestamp(probe_success{agent="edge-b"} == 0)"#)?;
+        let seen = before
+            .first()
+            .map(|(_, at)| *at)
+            .ok_or("no failing probe_success of edge-b")?;
+        if seen * 1000.0 > opens_ms as f64 + 2_000.0 {
+            Ok(())
+        } else {
+            Err(format!("last failing result of edge-b at {seen}"))
+        }
+    });
+    assert_eq!(
+        agent_in_maintenance(&web, "edge-b").expect("agents"),
+        "site-b-network"
+    );
+    assert_eq!(
+        agent_in_maintenance(&web, "edge-a").expect("agents"),
+        serde_json::Value::Null
+    );
+    let fleet = http_get_ok(&format!("{web}/fleet")).expect("/fleet");
+    assert!(
+        fleet.contains("IN MAINTENANCE") && fleet.contains("site-b-network"),
+        "{fleet}"
+    );
+    let mut page = url::Url::parse(&format!("{web}/target")).expect("url");
+    page.query_pairs_mut()
+        .append_pair("job", "web")
+        .append_pair("instance", &target);
+    let page = http_get_ok(page.as_str()).expect("/target");
+    assert!(
+        page.contains(r#"data-agent="edge-b" data-result="NOT COUNTED""#)
+            && page.contains(r#"data-agent="edge-a" data-result="OK""#),
+        "{page}"
+    );
+
+    // ---- edge-b goes away: down, but its alert stays quiet (not even pending)
+    scene.kill("edge-b");
+    scene.wait_until("sonde_agent_up 0 for edge-b", WAIT, || {
+        prometheus_expect(p, r#"sonde_agent_up{agent="edge-b"}"#, 0.0)
+    });
+    scene.hold_for(
+        "SondeAgentDown neither pending nor firing",
+        Duration::from_secs(4),
+        || match alerts_named(p, "SondeAgentDown")?.as_slice() {
+            [] => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    scene.wait_until("no SondeTargetDown", WAIT, || {
+        match target_down_jobs(p)?.as_slice() {
+            [] => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    // ---- a window of agents through the API; one with both selectors is refused
+    let (status, body) = post_json(
+        &format!("{web}/api/v1/maintenance"),
+        &serde_json::json!({"name": "both", "match": {"job": "web"}, "agents": {"site": "a"}, "start": rfc3339(now_ms()), "duration": "1h"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("both match: and agents:"), "{body}");
+    let (status, body) = post_json(
+        &format!("{web}/api/v1/maintenance"),
+        &serde_json::json!({"name": "edge-a-upgrade", "agents": {"agent": "edge-a"}, "start": rfc3339(now_ms() - 1_000), "duration": "1h"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    scene.wait_until("sonde_agent_in_maintenance 1 for edge-a", WAIT, || {
+        prometheus_expect(p, r#"sonde_agent_in_maintenance{agent="edge-a"}"#, 1.0)
+    });
+    // No agent counts now: the target is missing (no `up`), not down.
+    scene.wait_until("the target has no counted view", WAIT, || {
+        let body = http_get_ok(&format!("{web}/api/v1/targets"))?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        match v["data"][0]["state"].as_str() {
+            Some("missing") => Ok(()),
+            other => Err(format!("state {other:?}: {body}")),
+        }
+    });
+    let (status, body) = delete(&format!("{web}/api/v1/maintenance/edge-a-upgrade"));
+    assert_eq!(status, 200, "{body}");
+    scene.wait_until("up 1 again from edge-a", WAIT, || {
+        prometheus_expect(p, r#"up{job="web"} == 1 and sonde_target_agents == 1"#, 1.0)
+    });
     scene.check_running().expect("every process still running");
 }

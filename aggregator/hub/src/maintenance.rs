@@ -3,7 +3,11 @@
 //! left out of uptime and availability.
 //!
 //! A window selects targets by label equality (`match:`, every pair must hold) over the
-//! target's labels, `job` and `instance` included. It starts at `start` and lasts
+//! target's labels, `job` and `instance` included; or agents (`agents:`, the same over
+//! the agent's labels and `agent`, its id): an agent in maintenance keeps probing, but
+//! its views do not count toward `up` (as a disconnected agent's), so a site's planned
+//! outage neither takes a target down nor props it up, and `sonde_agent_in_maintenance`
+//! keeps the agents' alerts quiet. It starts at `start` and lasts
 //! `duration`; with `every` it comes back every period (counted in plain seconds from
 //! `start`, in UTC: no time zone, no daylight saving shift). Everything here is pure: the
 //! aggregator parses the config and the API's bodies into [`Window`]s, and hands the hub
@@ -55,8 +59,11 @@ pub enum Source {
 #[serde(deny_unknown_fields)]
 pub struct WindowSpec {
     pub name: String,
-    #[serde(rename = "match", default)]
+    #[serde(rename = "match", default, skip_serializing_if = "Labels::is_empty")]
     pub matchers: Labels,
+    /// Agents by label (their own labels and `agent`, the id): instead of `match:`.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub agents: Labels,
     /// RFC 3339, e.g. `2026-12-24T22:00:00Z`.
     pub start: String,
     pub duration: PromDuration,
@@ -68,7 +75,10 @@ pub struct WindowSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Window {
     pub name: String,
+    /// Targets by label (empty for a window of agents).
     pub matchers: Labels,
+    /// Agents by label (empty for a window of targets).
+    pub agents: Labels,
     pub start_ms: i64,
     pub duration_ms: i64,
     pub every_ms: Option<i64>,
@@ -92,16 +102,27 @@ impl WindowSpec {
                 self.name
             ));
         }
-        if self.matchers.is_empty() {
-            return Err("match is empty; select targets by label, e.g. match: {job: web} (every target of job web)".into());
+        match (self.matchers.is_empty(), self.agents.is_empty()) {
+            (true, true) => return Err("it selects nothing; select targets by label (match: {job: web}: every target of job web) or agents (agents: {site: fra}: every agent labelled site=fra)".into()),
+            (false, false) => return Err("it has both match: and agents:; a window selects targets or agents: write one window for each".into()),
+            _ => {}
         }
-        for name in self.matchers.keys() {
-            if !sonde_proto::config::is_valid_label_name(name) {
-                return Err(format!("match: {name:?} is not a valid label name"));
+        for (key, selector) in [("match", &self.matchers), ("agents", &self.agents)] {
+            for name in selector.keys() {
+                if !sonde_proto::config::is_valid_label_name(name) {
+                    return Err(format!("{key}: {name:?} is not a valid label name"));
+                }
             }
         }
         let start_ms =
             parse_rfc3339_ms(&self.start).map_err(|e| format!("start {:?}: {e}", self.start))?;
+        // Stored and shown in UTC: an offset must not push it out of four-digit years.
+        if parse_rfc3339_ms(&format_rfc3339_ms(start_ms)) != Ok(start_ms) {
+            return Err(format!(
+                "start {:?} is out of range: in UTC it must fall within the years 0000 to 9999",
+                self.start
+            ));
+        }
         let duration_ms = millis(self.duration);
         if duration_ms < 1000 {
             return Err("duration must be greater than 0 (at least 1s)".into());
@@ -125,6 +146,7 @@ impl WindowSpec {
         Ok(Window {
             name: self.name.clone(),
             matchers: self.matchers.clone(),
+            agents: self.agents.clone(),
             start_ms,
             duration_ms,
             every_ms,
@@ -152,6 +174,7 @@ impl Window {
         WindowSpec {
             name: self.name.clone(),
             matchers: self.matchers.clone(),
+            agents: self.agents.clone(),
             start: format_rfc3339_ms(self.start_ms),
             duration: PromDuration(std::time::Duration::from_millis(self.duration_ms as u64)),
             every: self
@@ -160,11 +183,28 @@ impl Window {
         }
     }
 
-    /// True when every pair of `match:` holds for `labels`.
+    /// True when this window selects targets and every pair of `match:` holds for the
+    /// target's `labels`.
     pub fn matches(&self, labels: &impl LabelSource) -> bool {
-        self.matchers
-            .iter()
-            .all(|(k, v)| labels.label(k) == Some(v.as_str()))
+        !self.matchers.is_empty()
+            && self
+                .matchers
+                .iter()
+                .all(|(k, v)| labels.label(k) == Some(v.as_str()))
+    }
+
+    /// True when this window selects agents and every pair of `agents:` holds for the
+    /// agent `id` with `labels` (`agent` is its id, whatever its labels say).
+    pub fn matches_agent(&self, id: &str, labels: &Labels) -> bool {
+        !self.agents.is_empty()
+            && self.agents.iter().all(|(k, v)| {
+                let value = if k == "agent" {
+                    Some(id)
+                } else {
+                    labels.get(k).map(String::as_str)
+                };
+                value == Some(v.as_str())
+            })
     }
 
     /// Not deleted.
@@ -263,12 +303,34 @@ impl Windows {
         })
     }
 
-    /// True when no window may select a target at `now_ms` (see [`Windows::could_match`]).
+    /// True when no window may select a target or an agent at `now_ms` (see
+    /// [`Windows::could_match`]).
     pub fn selects_nothing(&self, now_ms: i64) -> bool {
         self.windows.iter().all(|w| {
             w.deleted_ms
                 .is_some_and(|at| now_ms >= at.saturating_add(DELETED_WRITTEN_FOR_MS))
         })
+    }
+
+    /// [`Windows::could_match`] for an agent: it has a `sonde_agent_in_maintenance`.
+    pub fn could_match_agent(&self, id: &str, labels: &Labels, now_ms: i64) -> bool {
+        self.windows.iter().any(|w| {
+            w.deleted_ms
+                .is_none_or(|at| now_ms < at.saturating_add(DELETED_WRITTEN_FOR_MS))
+                && w.matches_agent(id, labels)
+        })
+    }
+
+    /// The name of a window that selects the agent and is active at `now_ms`.
+    pub fn active_for_agent(&self, id: &str, labels: &Labels, now_ms: i64) -> Option<&str> {
+        self.live()
+            .find(|w| w.matches_agent(id, labels) && w.is_active(now_ms))
+            .map(|w| w.name.as_str())
+    }
+
+    /// True when some live window selects agents (the hub then checks each agent).
+    pub fn selects_agents(&self) -> bool {
+        self.live().any(|w| !w.agents.is_empty())
     }
 
     /// The name of a window that selects `labels` and is active at `now_ms`.
@@ -470,6 +532,7 @@ mod tests {
         WindowSpec {
             name: "w".into(),
             matchers: Labels::from([("job".to_string(), "web".to_string())]),
+            agents: Labels::new(),
             start: start.into(),
             duration: duration.parse().unwrap(),
             every: every.map(|e| e.parse().unwrap()),
@@ -480,6 +543,7 @@ mod tests {
         Window {
             name: "w".into(),
             matchers: Labels::from([("job".to_string(), "web".to_string())]),
+            agents: Labels::new(),
             start_ms,
             duration_ms,
             every_ms,
@@ -535,11 +599,17 @@ mod tests {
         assert!(err(spec("2026-12-24T22:00:00Z", "1s", Some("30s"))).contains("1m"));
         assert!(err(spec("2026-12-24T22:00:00Z", "500ms", None)).contains("at least 1s"));
         assert!(err(spec("tomorrow", "2h", None)).contains("RFC 3339"));
+        assert!(err(spec("9999-12-31T23:30:00-01:00", "2h", None)).contains("out of range"));
         let mut s = spec("2026-12-24T22:00:00Z", "2h", None);
         s.matchers.clear();
-        assert!(err(s.clone()).contains("match is empty"));
+        assert!(err(s.clone()).contains("selects nothing"));
         s.matchers.insert("bad-name".into(), "x".into());
-        assert!(err(s).contains("not a valid label name"));
+        assert!(err(s.clone()).contains("match: \"bad-name\" is not a valid label name"));
+        s.matchers.clear();
+        s.agents.insert("site".into(), "fra".into());
+        assert!(s.check(Source::Api).is_ok());
+        s.matchers.insert("job".into(), "web".into());
+        assert!(err(s).contains("both match: and agents:"));
         let mut s = spec("2026-12-24T22:00:00Z", "2h", None);
         s.name = "a/b".into();
         assert!(err(s).contains("'/'"));
@@ -560,6 +630,37 @@ mod tests {
         // `job` and `instance` are the target's, whatever its labels say.
         let lying = Labels::from([("job".into(), "db".into())]);
         assert!(window(0, HOUR, None).matches(&target_labels("web", "x", &lying)));
+    }
+
+    #[test]
+    fn a_window_of_agents_selects_agents_only() {
+        let mut w = window(0, HOUR, None);
+        w.matchers.clear();
+        w.agents.insert("site".into(), "fra".into());
+        let fra = Labels::from([("site".into(), "fra".into())]);
+        assert!(w.matches_agent("edge-1", &fra));
+        assert!(!w.matches_agent("edge-2", &Labels::new()));
+        assert!(!w.matches(&web("a")), "no target is in an agents' window");
+        // `agent` is the id, whatever the labels say.
+        w.agents = Labels::from([("agent".into(), "edge-1".into())]);
+        let lying = Labels::from([("agent".into(), "edge-2".into())]);
+        assert!(w.matches_agent("edge-1", &lying));
+        assert!(!w.matches_agent("edge-2", &Labels::new()));
+        // And a window of targets selects no agent.
+        assert!(!window(0, HOUR, None).matches_agent("edge-1", &fra));
+        let windows = Windows::new(vec![w]);
+        assert!(windows.selects_agents());
+        assert_eq!(
+            windows.active_for_agent("edge-1", &Labels::new(), 0),
+            Some("w")
+        );
+        assert_eq!(
+            windows.active_for_agent("edge-1", &Labels::new(), HOUR),
+            None
+        );
+        assert!(windows.could_match_agent("edge-1", &Labels::new(), HOUR));
+        assert!(!windows.could_match(&web("a"), 0));
+        assert!(windows.intervals_ms(&web("a"), 0, HOUR).is_empty());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct AgentSummary {
     pub generation: u64,
     pub checks: usize,
     pub assignment_status: sonde_hub::assignment::AssignmentStatus,
+    /// An active maintenance window selects it: its views do not count toward `up`.
+    pub in_maintenance: bool,
 }
 
 impl AgentSummary {
@@ -59,6 +61,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The name of the window that keeps `agent` in maintenance (`None`: its views
+    /// count). The hub decides; the windows name it (at a window's edge, for the
+    /// second until the hub's next tick, "maintenance").
+    pub fn agent_maintenance(&self, agent: &str, now_ms: i64) -> Option<String> {
+        let a = self.agents.get(agent).filter(|a| a.in_maintenance)?;
+        Some(
+            self.maintenance
+                .active_for_agent(agent, &a.labels, now_ms)
+                .unwrap_or("maintenance")
+                .to_string(),
+        )
+    }
+
     /// A copy of `state`, which runs under `config`.
     pub(super) fn of(state: &State, config: Arc<AggregatorConfig>) -> Self {
         Self {
@@ -85,6 +100,7 @@ impl Snapshot {
                             generation: a.generation,
                             checks: a.checks,
                             assignment_status: a.assignment_status.clone(),
+                            in_maintenance: state.agent_in_maintenance(id),
                         },
                     )
                 })

@@ -91,6 +91,7 @@ mod tests {
         WindowSpec {
             name: name.into(),
             matchers: [("job".to_string(), "web".to_string())].into(),
+            agents: Default::default(),
             start: "2026-12-24T22:00:00Z".into(),
             duration: "2h".parse().unwrap(),
             every: Some("1d".parse().unwrap()),

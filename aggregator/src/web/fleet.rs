@@ -99,6 +99,15 @@ pub fn render(app: &App, snapshot: &Snapshot) -> String {
                     (false, true) => ("missing", "RECONNECTING"),
                     (false, false) => ("down", "GONE"),
                 };
+                let maintenance = snapshot
+                    .agent_maintenance(id, now)
+                    .map(|w| {
+                        format!(
+                            r#" <span class="badge missing" title="its results do not count toward up">IN MAINTENANCE</span> <span class="muted">{}</span>"#,
+                            esc(&w)
+                        )
+                    })
+                    .unwrap_or_default();
                 let others: Vec<String> = a
                     .labels
                     .iter()
@@ -107,7 +116,7 @@ pub fn render(app: &App, snapshot: &Snapshot) -> String {
                     .collect();
                 let _ = write!(
                     h,
-                    r#"<div class="tile agent {class}" data-agent="{a}" data-state="{word}"><b>{a}</b><br><span class="badge {class}">{word}</span><br><span class="muted">{checks} checks · seen {seen} ago{skew}<br>{others}</span></div>"#,
+                    r#"<div class="tile agent {class}" data-agent="{a}" data-state="{word}"><b>{a}</b><br><span class="badge {class}">{word}</span>{maintenance}<br><span class="muted">{checks} checks · seen {seen} ago{skew}<br>{others}</span></div>"#,
                     a = esc(id),
                     checks = a.checks,
                     seen = svg::human_duration(now - a.last_seen_at(now)),

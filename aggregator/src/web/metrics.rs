@@ -194,7 +194,15 @@ fn families(
     let mut last_seen = series_gauge("sonde_agent_last_seen_timestamp_seconds");
     let mut info = series_gauge("sonde_agent_info");
     let mut skew = series_gauge("sonde_agent_clock_skew_seconds");
+    // Only for the agents some window selects, as for targets.
+    let mut agent_maintenance = series_gauge("sonde_agent_in_maintenance");
     for (id, a) in &state.agents {
+        if state.maintenance.could_match_agent(id, &a.labels, now) {
+            agent_maintenance.samples.push((
+                with_external(labels_of(&[("agent", id)])),
+                f64::from(u8::from(a.in_maintenance)),
+            ));
+        }
         let l = with_external(labels_of(&[("agent", id)]));
         let up = a.is_up(now, state.config.missing_after);
         agent_up.samples.push((l.clone(), f64::from(u8::from(up))));
@@ -217,7 +225,15 @@ fn families(
     let counter = |name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {
         Family::counter(name, help).with(Vec::new(), v.load(Ordering::Relaxed) as f64)
     };
-    let mut out = vec![job_missing, job_targets, agent_up, last_seen, info, skew];
+    let mut out = vec![
+        job_missing,
+        job_targets,
+        agent_up,
+        last_seen,
+        info,
+        skew,
+        agent_maintenance,
+    ];
     out.push(counter(
         "sonde_results_received_total",
         "Probe results received from agents (replays included).",

@@ -178,13 +178,21 @@ fn agents_table(h: &mut String, snapshot: &Snapshot, now: i64) {
     let agents = view::agents(snapshot, now);
     h.push_str(r#"<h2>Agents</h2><div class="scroll"><table id="agents"><tr><th>agent</th><th class="wide">labels</th><th>state</th><th class="wide">version</th><th>checks</th><th class="wide">assignment</th></tr>"#);
     for a in agents.iter().take(ROWS_SHOWN) {
-        let state = if a.connected {
+        let mut state = if a.connected {
             "<span class=\"badge up\">CONNECTED</span>"
         } else if a.up {
             "<span class=\"badge missing\">RECONNECTING</span>"
         } else {
             "<span class=\"badge down\">GONE</span>"
-        };
+        }
+        .to_string();
+        if let Some(window) = &a.in_maintenance {
+            let _ = write!(
+                state,
+                r#" <span class="badge missing" title="its results do not count toward up">IN MAINTENANCE</span> <span class="muted">{}</span>"#,
+                esc(window)
+            );
+        }
         let assignment = match a.assignment {
             AssignmentStatus::Refused { .. } => format!(
                 "<span class=\"badge down\">REFUSED</span> {}",

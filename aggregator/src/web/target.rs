@@ -130,7 +130,9 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
     };
     for (i, (agent, view)) in views.into_iter().enumerate() {
         let fresh = history::is_fresh(snapshot, &h.job, view.timestamp_ms, now);
+        let maintenance = snapshot.agent_maintenance(agent, now);
         let (class, word) = match (fresh, view.success) {
+            _ if maintenance.is_some() => ("missing", "NOT COUNTED"),
             (false, _) => ("missing", "STALE"),
             (true, true) => ("up", "OK"),
             (true, false) => ("down", "FAIL"),
@@ -149,7 +151,17 @@ pub fn render(app: &App, snapshot: &Snapshot, h: &history::TargetHistory) -> Str
             .unwrap_or_default();
         let _ = write!(
             out,
-            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span><br><span class="muted">{labels}</span><br>{age} ago, took {took}{failure}{trace}</div>"#,
+            r#"<div class="view" data-agent="{a}" data-result="{word}"><b>{a}</b> <span class="badge {class}">{word}</span>{window}<br><span class="muted">{labels}</span><br>{age} ago, took {took}{failure}{trace}</div>"#,
+            window = match &maintenance {
+                Some(w) if !chrome.public => format!(
+                    r#"<br><span class="muted">agent in maintenance ({}): its result does not count</span>"#,
+                    esc(w)
+                ),
+                Some(_) =>
+                    r#"<br><span class="muted">in maintenance: its result does not count</span>"#
+                        .to_string(),
+                None => String::new(),
+            },
             a = esc(&shown_name(i, agent)),
             labels = esc(&labels),
             age = svg::human_duration(now - view.timestamp_ms),

@@ -215,6 +215,7 @@ fn public_detail(t: &TargetView<'_>) -> String {
     for v in &t.views {
         if !v.success
             && v.fresh != Some(false)
+            && v.agent_in_maintenance.is_none()
             && !v.failure.is_empty()
             && !reasons.contains(&v.failure)
         {
@@ -236,7 +237,9 @@ fn agents_detail(t: &TargetView<'_>) -> String {
         let _ = write!(
             out,
             "<div>{} <b>{}</b> <span class=\"muted\">{:.1}s ago, took {}</span>{}</div>",
-            if !fresh {
+            if v.agent_in_maintenance.is_some() {
+                "<span class=\"badge missing\">NOT COUNTED</span>"
+            } else if !fresh {
                 "<span class=\"badge missing\">STALE</span>"
             } else if v.success {
                 "<span class=\"badge up\">OK</span>"
@@ -246,10 +249,13 @@ fn agents_detail(t: &TargetView<'_>) -> String {
             esc(v.agent),
             v.age_seconds,
             svg::seconds(v.duration_seconds),
-            if v.failure.is_empty() {
-                String::new()
-            } else {
-                format!(" <span class=\"muted\">— {}</span>", esc(v.failure))
+            match (&v.agent_in_maintenance, v.failure.is_empty()) {
+                (Some(window), _) => format!(
+                    " <span class=\"muted\">— agent in maintenance ({})</span>",
+                    esc(window)
+                ),
+                (None, true) => String::new(),
+                (None, false) => format!(" <span class=\"muted\">— {}</span>", esc(v.failure)),
             },
         );
     }

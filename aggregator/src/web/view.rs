@@ -62,8 +62,12 @@ pub struct ResultView<'a> {
     pub success: bool,
     pub timestamp_ms: i64,
     pub age_seconds: f64,
-    /// Whether it still counts toward `up`; `None` for an agent-local job's target.
+    /// Whether it is recent enough to count toward `up`; `None` for an agent-local
+    /// job's target.
     pub fresh: Option<bool>,
+    /// The maintenance window its agent is in: then it does not count toward `up`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_in_maintenance: Option<String>,
     pub duration_seconds: f64,
     pub failure: &'a str,
     pub trace: Option<&'a Trace>,
@@ -94,6 +98,8 @@ pub struct AgentView<'a> {
     pub assignment: &'a AssignmentStatus,
     pub local_jobs: &'a [String],
     pub committed_seq: u64,
+    /// The maintenance window it is in (its views do not count toward `up`).
+    pub in_maintenance: Option<String>,
 }
 
 fn assignment_json<S: Serializer>(a: &&AssignmentStatus, s: S) -> Result<S::Ok, S::Error> {
@@ -166,6 +172,7 @@ pub fn target<'a>(state: &'a Snapshot, key: &'a (String, String), now: i64) -> T
                     timestamp_ms: v.timestamp_ms,
                     age_seconds: (now - v.timestamp_ms) as f64 / 1000.0,
                     fresh: window.map(|w| merge::is_fresh(v.timestamp_ms, now, w)),
+                    agent_in_maintenance: state.agent_maintenance(agent, now),
                     duration_seconds: v.duration_seconds,
                     failure: &v.failure,
                     trace: v.trace.as_deref(),
@@ -227,6 +234,7 @@ pub fn agents(state: &Snapshot, now: i64) -> Vec<AgentView<'_>> {
             assignment: &a.assignment_status,
             local_jobs: &a.local_jobs,
             committed_seq: a.committed_seq,
+            in_maintenance: state.agent_maintenance(id, now),
         })
         .collect()
 }

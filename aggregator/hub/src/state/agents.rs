@@ -257,6 +257,11 @@ impl State {
             self.replan = true;
         }
         self.send_assignments(Some(&hello.agent_id), ch);
+        // A new agent, or new labels, may be in (or out of) a maintenance window of
+        // agents: before its first result counts.
+        if self.maintenance.selects_agents() || !self.agents_in_maintenance.is_empty() {
+            self.update_agents_in_maintenance(now_ms, ch);
+        }
         if info_changed {
             self.write_meta(now_ms, ch);
         }

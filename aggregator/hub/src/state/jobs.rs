@@ -21,23 +21,25 @@ impl State {
             self.send_assignments(None, ch);
         }
         self.write_retired(now_ms, ch);
+        let meta_every = self.config.scrape_interval.as_millis() as i64;
+        let meta_due = now_ms - self.last_meta_ms >= meta_every;
+        // Before the evaluation: an agent entering or leaving maintenance changes what
+        // its targets' merges count.
+        if meta_due || now_ms >= self.maintenance_next_change_ms {
+            self.write_maintenance(now_ms, ch);
+        }
         self.evaluate_all(now_ms, ch);
         let minute = now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS;
         if minute > self.buckets_flushed_ms {
             self.flush_buckets(minute, ch);
             self.buckets_flushed_ms = minute;
         }
-        let meta_every = self.config.scrape_interval.as_millis() as i64;
         // A job's missing signal follows its targets' at once, not at the next periodic
         // write: `sonde_job_missing` turns 1 on the tick its last target goes missing.
         let job_changed = self
             .jobs
             .iter()
             .any(|(name, j)| self.job_is_missing(name, now_ms).0 != j.missing);
-        let meta_due = now_ms - self.last_meta_ms >= meta_every;
-        if meta_due || now_ms >= self.maintenance_next_change_ms {
-            self.write_maintenance(now_ms, ch);
-        }
         if meta_due || job_changed {
             let forgotten = self.write_meta(now_ms, ch);
             ch.durable.forgotten.extend(forgotten);

@@ -1,12 +1,17 @@
 //! `sonde_target_in_maintenance`: 1 while a maintenance window covers a target, 0
-//! otherwise, for the targets some window selects. Written with the periodic series, at
-//! once when a window starts or ends, and when the windows change.
+//! otherwise, for the targets some window selects; `sonde_agent_in_maintenance` the same
+//! for agents. Written with the periodic series, at once when a window starts or ends,
+//! and when the windows change. An agent in maintenance keeps its views, but no
+//! target's tally counts them: its targets are merged from the other agents' views.
 
 use super::*;
 use crate::maintenance::Windows;
 
 /// The name of the series.
 pub const IN_MAINTENANCE: &str = "sonde_target_in_maintenance";
+
+/// The name of the agents' series.
+pub const AGENT_IN_MAINTENANCE: &str = "sonde_agent_in_maintenance";
 
 /// A target's `sonde_target_in_maintenance` as last written.
 #[derive(Clone, Debug)]
@@ -29,6 +34,8 @@ impl State {
             .maintenance
             .next_change_after(now_ms)
             .unwrap_or(i64::MAX);
+        self.update_agents_in_maintenance(now_ms, ch);
+        self.write_agent_flags(now_ms, ch);
         if self.maintenance.selects_nothing(now_ms) && self.maintenance_written.is_empty() {
             return;
         }
@@ -72,6 +79,94 @@ impl State {
             ));
         }
         self.maintenance_written = now_written;
+    }
+}
+
+impl State {
+    /// Moves agents into and out of maintenance as the windows say at `now_ms`: the
+    /// targets they have views of stop or start counting them, and are merged again at
+    /// once.
+    pub(super) fn update_agents_in_maintenance(&mut self, now_ms: i64, ch: &mut Changes) {
+        let windows = self.maintenance.clone();
+        let now_in: BTreeSet<Arc<str>> = if windows.selects_agents() {
+            self.agents
+                .values()
+                .filter(|a| windows.active_for_agent(&a.id, &a.labels, now_ms).is_some())
+                .map(|a| a.id.clone())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        if now_in == self.agents_in_maintenance {
+            return;
+        }
+        let changed: Vec<(Arc<str>, bool)> = now_in
+            .symmetric_difference(&self.agents_in_maintenance)
+            .map(|agent| (agent.clone(), !now_in.contains(agent)))
+            .collect();
+        for (agent, counted) in &changed {
+            tracing::info!(agent = %agent, in_maintenance = !counted, "agent maintenance changed: its views {} toward up", if *counted { "count again" } else { "no longer count" });
+        }
+        ch.undo
+            .agents_in_maintenance
+            .get_or_insert_with(|| self.agents_in_maintenance.clone());
+        let mut touched = Vec::new();
+        for entry in self.entries.values_mut() {
+            let mut any = false;
+            for (agent, counted) in &changed {
+                any |= entry.count_agent(agent, *counted);
+            }
+            if any {
+                touched.push(entry.key.clone());
+            }
+        }
+        self.agents_in_maintenance = now_in;
+        for key in touched {
+            self.evaluate(&key, now_ms, false, ch);
+        }
+    }
+
+    /// Writes `sonde_agent_in_maintenance` for every agent some window selects, and
+    /// staleness markers for the agents no window selects any more (or forgotten).
+    fn write_agent_flags(&mut self, now_ms: i64, ch: &mut Changes) {
+        if self.agent_flags_written.is_empty() && !self.maintenance.selects_agents() {
+            return;
+        }
+        let windows = self.maintenance.clone();
+        let mut before = std::mem::take(&mut self.agent_flags_written);
+        ch.undo
+            .agent_flags_written
+            .get_or_insert_with(|| before.clone());
+        let mut now_written = BTreeMap::new();
+        for (id, agent) in &self.agents {
+            if !windows.could_match_agent(id, &agent.labels, now_ms) {
+                continue;
+            }
+            let last_ms = before.remove(id).unwrap_or(0);
+            let ts = now_ms.max(last_ms + 1);
+            let active = windows
+                .active_for_agent(id, &agent.labels, now_ms)
+                .is_some();
+            ch.out.push(sample(
+                crate::labels::agent(AGENT_IN_MAINTENANCE, id),
+                ts,
+                f64::from(u8::from(active)),
+            ));
+            now_written.insert(id.clone(), ts);
+        }
+        for (id, last_ms) in before {
+            ch.out.push(sample(
+                crate::labels::agent(AGENT_IN_MAINTENANCE, &id),
+                now_ms.max(last_ms + 1),
+                stale_nan(),
+            ));
+        }
+        self.agent_flags_written = now_written;
+    }
+
+    /// True while an active window selects `agent`: its views do not count.
+    pub fn agent_in_maintenance(&self, agent: &str) -> bool {
+        self.agents_in_maintenance.contains(agent)
     }
 }
 

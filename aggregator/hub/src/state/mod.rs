@@ -166,6 +166,10 @@ pub struct Undo {
     retired: Vec<((String, String), TargetEntry)>,
     /// `State::maintenance_written` before the group.
     maintenance_written: Option<BTreeMap<(String, String), maintenance::WrittenFlag>>,
+    /// `State::agents_in_maintenance` before the group (every tally is rebuilt).
+    agents_in_maintenance: Option<BTreeSet<Arc<str>>>,
+    /// `State::agent_flags_written` before the group.
+    agent_flags_written: Option<BTreeMap<String, i64>>,
 }
 
 /// An agent as remembered across restarts.
@@ -357,6 +361,12 @@ pub struct State {
     maintenance_written: BTreeMap<(String, String), maintenance::WrittenFlag>,
     /// When some window next starts or ends (`i64::MAX`: none will).
     maintenance_next_change_ms: i64,
+    /// Agents an active window selects: their views do not count toward `up` (no
+    /// target's tally holds them).
+    agents_in_maintenance: BTreeSet<Arc<str>>,
+    /// Agents whose `sonde_agent_in_maintenance` is live in the receivers, with the
+    /// timestamp it was last written at.
+    agent_flags_written: BTreeMap<String, i64>,
 }
 
 impl State {
@@ -380,6 +390,8 @@ impl State {
             maintenance: Default::default(),
             maintenance_written: BTreeMap::new(),
             maintenance_next_change_ms: i64::MAX,
+            agents_in_maintenance: BTreeSet::new(),
+            agent_flags_written: BTreeMap::new(),
             buckets_flushed_ms: now_ms.div_euclid(history::MINUTE_MS) * history::MINUTE_MS,
         };
         state.apply_config(config, targets, now_ms);

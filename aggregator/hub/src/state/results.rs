@@ -464,6 +464,9 @@ impl State {
                 && now_ms < entry.next_evaluation_ms
                 && freshness.is_some_and(|window| merge::is_fresh(p.timestamp_ms, now_ms, window))
         });
+        // An agent in maintenance keeps its view (pages show it) but it does not count.
+        let counted = self.agents_in_maintenance.is_empty()
+            || !self.agents_in_maintenance.contains(&agent_id);
         let before = entry.set_view(
             agent_id.clone(),
             Some(Arc::new(LastResult {
@@ -483,6 +486,7 @@ impl State {
                 base: entry.base.clone(),
                 bucket: Some(bucket),
             })),
+            counted,
         );
         ch.undo.views.push((entry.key.clone(), agent_id, before));
         if !merge_unchanged {

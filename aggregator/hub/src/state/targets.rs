@@ -54,20 +54,58 @@ impl TargetEntry {
     }
 
     /// Sets (`Some`) or removes (`None`) `agent`'s view, keeping the tally in step;
-    /// returns the view before.
+    /// returns the view before. `counted`: the agent's views count toward `up` (it is
+    /// not in maintenance); the tally holds exactly the counted views.
     pub(super) fn set_view(
         &mut self,
         agent: Arc<str>,
         view: Option<Arc<LastResult>>,
+        counted: bool,
     ) -> Option<Arc<LastResult>> {
         let after = view.as_deref().map(LastResult::vote);
-        let before = match view {
+        let before = self.put_view(agent, view);
+        if counted {
+            self.tally
+                .replace(before.as_deref().map(LastResult::vote), after);
+        }
+        before
+    }
+
+    /// Sets or removes a view without the tally: the caller rebuilds it
+    /// ([`TargetEntry::retally`]).
+    pub(super) fn put_view(
+        &mut self,
+        agent: Arc<str>,
+        view: Option<Arc<LastResult>>,
+    ) -> Option<Arc<LastResult>> {
+        match view {
             Some(view) => self.views.insert(agent, view),
             None => self.views.remove(&agent),
+        }
+    }
+
+    /// Starts (`true`) or stops counting `agent`'s view, if it has one here; true when
+    /// it has, so that the target's merge may have changed.
+    pub(super) fn count_agent(&mut self, agent: &str, counted: bool) -> bool {
+        let Some(vote) = self.views.get(agent).map(|v| v.vote()) else {
+            return false;
         };
-        self.tally
-            .replace(before.as_deref().map(LastResult::vote), after);
-        before
+        if counted {
+            self.tally.replace(None, Some(vote));
+        } else {
+            self.tally.replace(Some(vote), None);
+        }
+        true
+    }
+
+    /// Rebuilds the tally from the views of the agents not in `excluded`.
+    pub(super) fn retally(&mut self, excluded: &BTreeSet<Arc<str>>) {
+        self.tally = Tally::default();
+        for (agent, view) in &self.views {
+            if !excluded.contains(agent) {
+                self.tally.replace(None, Some(view.vote()));
+            }
+        }
     }
 }
 

@@ -1,16 +1,28 @@
 //! Putting the state back as it was before a group whose commit failed. Views are put
 //! back through [`TargetEntry::set_view`], so each target's tally (a function of its
-//! views) is restored with them.
+//! views and of the agents in maintenance) is restored with them.
 
 use super::*;
 
 impl State {
     /// Puts back what `undo` recorded, newest change first.
-    pub fn rollback(&mut self, undo: Undo) {
+    pub fn rollback(&mut self, mut undo: Undo) {
         self.evaluate_every_target();
+        // When an agent's maintenance began or ended in the group, the tallies counted
+        // its views differently before and after: they are rebuilt from the views.
+        let excluded_before = undo.agents_in_maintenance.take();
+        let retally = excluded_before.is_some();
+        if let Some(excluded) = excluded_before {
+            self.agents_in_maintenance = excluded;
+        }
         for (key, agent, before) in undo.views.into_iter().rev() {
             if let Some(entry) = self.entries.get_mut(&*key) {
-                entry.set_view(agent, before);
+                if retally {
+                    entry.put_view(agent, before);
+                } else {
+                    let counted = !self.agents_in_maintenance.contains(&agent);
+                    entry.set_view(agent, before, counted);
+                }
             }
         }
         for (key, written) in undo.written.into_iter().rev() {
@@ -56,6 +68,15 @@ impl State {
         self.retired.extend(undo.retired);
         if let Some(written) = undo.maintenance_written {
             self.maintenance_written = written;
+            self.maintenance_next_change_ms = i64::MIN;
+        }
+        if let Some(written) = undo.agent_flags_written {
+            self.agent_flags_written = written;
+        }
+        if retally {
+            for entry in self.entries.values_mut() {
+                entry.retally(&self.agents_in_maintenance);
+            }
             self.maintenance_next_change_ms = i64::MIN;
         }
     }

@@ -304,6 +304,7 @@ fn a_maintenance_window_writes_in_maintenance_for_the_targets_it_selects_only() 
     let window = WindowSpec {
         name: "shop-upgrade".into(),
         matchers: [("team".to_string(), "shop".to_string())].into(),
+        agents: Default::default(),
         start: format_rfc3339_ms(T0 + 20_000),
         duration: "30s".parse().unwrap(),
         every: None,
@@ -345,4 +346,111 @@ fn a_maintenance_window_writes_in_maintenance_for_the_targets_it_selects_only() 
         0,
         "the snapshot shows the windows in force"
     );
+}
+
+#[test]
+fn an_agent_in_maintenance_keeps_its_view_but_it_does_not_count_toward_up() {
+    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
+    let (hub, rec, _rx) = setup();
+    let (tx, _rx_us) = mpsc::channel(16);
+    connect(&hub, &hello("us-1", "us"), None, tx, T0);
+    let target = ("web", "127.0.0.1:80");
+    // eu-1 succeeds, us-1 fails: with the default quorum (any) the target is up.
+    results(
+        &hub,
+        "eu-1",
+        &[result(1, target.0, target.1, T0, true)],
+        T0 + 5,
+    )
+    .unwrap();
+    results(
+        &hub,
+        "us-1",
+        &[result(1, target.0, target.1, T0, false)],
+        T0 + 6,
+    )
+    .unwrap();
+    // The last value written in a batch of samples.
+    let merged = |out: &[Sample], name: &str| value_of(out, name, &[("job", "web")]).pop();
+    assert_eq!(merged(&rec.take(), "up"), Some(1.0));
+    // From T0 + 5 s for 20 s, the agents of region eu.
+    let window = WindowSpec {
+        name: "eu-network".into(),
+        matchers: Default::default(),
+        agents: [("region".to_string(), "eu".to_string())].into(),
+        start: format_rfc3339_ms(T0 + 5_000),
+        duration: "20s".parse().unwrap(),
+        every: None,
+    }
+    .check(Source::Api)
+    .unwrap();
+    hub.set_maintenance(Arc::new(Windows::new(vec![window])), T0 + 1_000)
+        .wait();
+    let out = rec.take();
+    let flag = |out: &[Sample], agent: &str| {
+        value_of(out, "sonde_agent_in_maintenance", &[("agent", agent)])
+    };
+    assert_eq!(flag(&out, "eu-1"), [0.0], "selected, not yet active");
+    assert!(
+        flag(&out, "us-1").is_empty(),
+        "an agent no window selects has no series"
+    );
+    assert!(
+        value_of(&out, "sonde_target_in_maintenance", &[]).is_empty(),
+        "a window of agents puts no target in maintenance"
+    );
+    // The window opens: eu-1's success no longer counts, so us-1's failure decides.
+    hub.tick(T0 + 5_000).wait();
+    let out = rec.take();
+    assert_eq!(flag(&out, "eu-1"), [1.0]);
+    assert_eq!(merged(&out, "up"), Some(0.0));
+    assert_eq!(merged(&out, "sonde_target_agents"), Some(1.0));
+    let snapshot = hub.snapshot_blocking();
+    let key = (target.0.to_string(), target.1.to_string());
+    assert!(
+        snapshot.entries[&key].views.contains_key("eu-1"),
+        "its view is kept, for the pages"
+    );
+    // Its new results are recorded (per-agent series) but still do not count.
+    results(
+        &hub,
+        "eu-1",
+        &[result(2, target.0, target.1, T0 + 10_000, true)],
+        T0 + 10_005,
+    )
+    .unwrap();
+    let out = rec.take();
+    assert_eq!(value_of(&out, "probe_success", &[("agent", "eu-1")]), [1.0]);
+    hub.tick(T0 + 10_010).wait();
+    assert!(
+        merged(&rec.take(), "up").is_none_or(|v| v == 0.0),
+        "still down"
+    );
+    // The window ends: eu-1's fresh view counts again.
+    results(
+        &hub,
+        "us-1",
+        &[result(2, target.0, target.1, T0 + 20_000, false)],
+        T0 + 20_005,
+    )
+    .unwrap();
+    results(
+        &hub,
+        "eu-1",
+        &[result(3, target.0, target.1, T0 + 20_000, true)],
+        T0 + 20_006,
+    )
+    .unwrap();
+    rec.take();
+    hub.tick(T0 + 25_000).wait();
+    let out = rec.take();
+    assert_eq!(flag(&out, "eu-1"), [0.0]);
+    assert_eq!(merged(&out, "up"), Some(1.0));
+    assert_eq!(merged(&out, "sonde_target_agents"), Some(2.0));
+    // Without the window the flag goes stale.
+    hub.set_maintenance(Arc::new(Windows::default()), T0 + 26_000)
+        .wait();
+    let stale = flag(&rec.take(), "eu-1");
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].to_bits(), STALE_NAN_BITS);
 }

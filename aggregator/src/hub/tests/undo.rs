@@ -56,3 +56,68 @@ fn a_failed_commit_changes_nothing_and_the_replay_writes_everything() {
         "the marker comes once it can"
     );
 }
+
+#[test]
+fn an_agent_maintenance_begun_in_a_failed_group_is_undone_and_begins_again() {
+    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
+    let (hub, rec, _rx) = setup();
+    let (tx, _rx_us) = mpsc::channel(16);
+    connect(&hub, &hello("us-1", "us"), None, tx, T0);
+    results(
+        &hub,
+        "eu-1",
+        &[result(1, "web", "127.0.0.1:80", T0, true)],
+        T0,
+    )
+    .unwrap();
+    results(
+        &hub,
+        "us-1",
+        &[result(1, "web", "127.0.0.1:80", T0, false)],
+        T0,
+    )
+    .unwrap();
+    let window = WindowSpec {
+        name: "eu-network".into(),
+        matchers: Default::default(),
+        agents: [("agent".to_string(), "eu-1".to_string())].into(),
+        start: format_rfc3339_ms(T0 + 5_000),
+        duration: "1h".parse().unwrap(),
+        every: None,
+    }
+    .check(Source::Api)
+    .unwrap();
+    hub.set_maintenance(Arc::new(Windows::new(vec![window])), T0 + 1_000)
+        .wait();
+    rec.take();
+    let key = ("web".to_string(), "127.0.0.1:80".to_string());
+    // The tick at which the window opens fails to commit: nothing of it stays.
+    rec.2.store(true, Ordering::Relaxed);
+    hub.tick(T0 + 5_000).wait();
+    {
+        let state = hub.snapshot_blocking();
+        assert_eq!(state.entries[&key].merged.unwrap().state, TargetState::Up);
+        assert_eq!(state.entries[&key].merged.unwrap().agents, 2);
+    }
+    rec.2.store(false, Ordering::Relaxed);
+    // A result while the commit still fails is undone with the tally rebuilt.
+    assert!(
+        results(
+            &hub,
+            "us-1",
+            &[result(2, "web", "127.0.0.1:80", T0 + 5_500, false)],
+            T0 + 5_500
+        )
+        .is_ok()
+    );
+    hub.tick(T0 + 6_000).wait();
+    let out = rec.take();
+    assert_eq!(
+        value_of(&out, "sonde_agent_in_maintenance", &[("agent", "eu-1")]).pop(),
+        Some(1.0)
+    );
+    assert_eq!(value_of(&out, "up", &[("job", "web")]).pop(), Some(0.0));
+    let state = hub.snapshot_blocking();
+    let merged = state.entries[&key].merged.unwrap();
+    assert_eq!((merged.state, merged.agents), (TargetState::Down, 1));
+}
