@@ -100,6 +100,10 @@ fn setup(scene: &mut Scene) -> Lab {
         let end = signzone_time(scene, end);
         let out = format!("{zone}.signed");
         let mut args = vec!["-q", "-K", ".", "-z", "-s", start, "-e", &end, "-o", zone];
+        if zone == "n3.test" {
+            // NSEC3 (no salt, no extra iterations, as RFC 9276 asks) instead of NSEC.
+            args.extend(["-3", "-", "-H", "0"]);
+        }
         if !verify {
             // dnssec-signzone checks its own output, which with expired signatures fails.
             args.push("-P");
@@ -108,7 +112,13 @@ fn setup(scene: &mut Scene) -> Lab {
         tool(&signzone, &args, &dir);
     };
     let mut ds_lines = String::new();
-    for child in ["ok.test", "expired.test", "nods.test", "badds.test"] {
+    for child in [
+        "ok.test",
+        "n3.test",
+        "expired.test",
+        "nods.test",
+        "badds.test",
+    ] {
         let key = keygen(&keygen_bin, child, &dir);
         std::fs::write(dir.join(child), zone_text("", &key) + "www A 192.0.2.10\n")
             .expect("write a child zone");
@@ -124,13 +134,14 @@ fn setup(scene: &mut Scene) -> Lab {
         }
     }
     sign("ok.test", &recent, ok_expiry, true);
+    sign("n3.test", &recent, ok_expiry, true);
     sign("nods.test", &recent, ok_expiry, true);
     sign("badds.test", &recent, ok_expiry, true);
     let long_ago = signzone_time(scene, t - 20 * DAY);
     sign("expired.test", &long_ago, expired_end, false);
 
     let key = keygen(&keygen_bin, "test", &dir);
-    let delegations: String = ["ok", "expired", "nods", "badds"]
+    let delegations: String = ["ok", "n3", "expired", "nods", "badds"]
         .iter()
         .map(|child| format!("{child} NS ns.test.\n"))
         .collect();
@@ -149,10 +160,17 @@ fn setup(scene: &mut Scene) -> Lab {
     .expect("write the DS anchor");
 
     let named_port = free_tcp_udp_port();
-    let zones: String = ["test", "ok.test", "expired.test", "nods.test", "badds.test"]
-        .iter()
-        .map(|z| format!("zone \"{z}\" {{ type primary; file \"{z}.signed\"; }};\n"))
-        .collect();
+    let zones: String = [
+        "test",
+        "ok.test",
+        "n3.test",
+        "expired.test",
+        "nods.test",
+        "badds.test",
+    ]
+    .iter()
+    .map(|z| format!("zone \"{z}\" {{ type primary; file \"{z}.signed\"; }};\n"))
+    .collect();
     let conf = dir.join("named.conf");
     std::fs::write(
         &conf,
@@ -207,8 +225,9 @@ fn setup(scene: &mut Scene) -> Lab {
     }
 }
 
-/// The agent's modules: one per zone with the DS anchor, one with the DNSKEY anchor, one
-/// for a signed NXDOMAIN, one without validation.
+/// The agent's modules: one per zone with the DS anchor, one with the DNSKEY anchor, signed
+/// negative answers (NXDOMAIN and NODATA, with NSEC and with NSEC3), one without
+/// validation.
 fn agent_config(zones: &Path) -> String {
     let ds = zones.join("anchor.ds");
     let key = zones.join("anchor.dnskey");
@@ -238,12 +257,17 @@ fn agent_config(zones: &Path) -> String {
         &ds,
         "      transport_protocol: tcp\n",
     );
-    config += &module(
-        "nxdomain",
-        "missing.ok.test",
-        &ds,
-        "      valid_rcodes: [NXDOMAIN]\n",
-    );
+    for (name, query) in [
+        ("nxdomain", "missing.ok.test"),
+        ("nxdomain_nsec3", "missing.n3.test"),
+    ] {
+        config += &module(name, query, &ds, "      valid_rcodes: [NXDOMAIN]\n");
+    }
+    for (name, query) in [("nodata", "www.ok.test"), ("nodata_nsec3", "www.n3.test")] {
+        // www has an A record only: TXT is NODATA.
+        config += &module(name, query, &ds, "").replace("query_type: A", "query_type: TXT");
+    }
+
     config += "  plain:\n    prober: dns\n    timeout: 5s\n    dns:\n      query_name: www.ok.test\n      \
                query_type: A\n      preferred_ip_protocol: ip4\n";
     config
@@ -323,11 +347,14 @@ fn dnssec_chains_validate_and_broken_links_are_named() {
                 p.log
             );
         }
-        // A signed NXDOMAIN: its SOA and NSEC are signed along the same chain.
-        let p = probe(&agent, "nxdomain", port);
-        p.expect("probe_success", 1.0);
-        p.expect("probe_dns_dnssec_valid", 1.0);
-        p.expect("probe_dns_dnssec_ad", ad);
+        // Signed NXDOMAIN and NODATA: their SOA and NSEC or NSEC3 records are signed along
+        // the same chain, and prove the name (or the type) absent.
+        for module in ["nxdomain", "nxdomain_nsec3", "nodata", "nodata_nsec3"] {
+            let p = probe(&agent, module, port);
+            p.expect("probe_success", 1.0);
+            p.expect("probe_dns_dnssec_valid", 1.0);
+            p.expect("probe_dns_dnssec_ad", ad);
+        }
     }
 
     // Broken links, both ways; unbound hands the records over (CD) without AD.

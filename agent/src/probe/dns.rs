@@ -12,6 +12,7 @@
 //! reply's AD flag is reported, and the answer's chain of trust is checked by the agent
 //! itself (the `dnssec` submodule), asking the same server for each DNSKEY and DS set.
 
+pub(crate) mod denial;
 mod dnssec;
 
 use super::net::{AddressError, connect, connect_failure, parse_port, parse_source_ip};

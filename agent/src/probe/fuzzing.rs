@@ -94,6 +94,14 @@ pub fn dns_reply(
     super::dns::read_reply(ctx, cfg, qtype, &valid_rcodes, reply, out)
 }
 
+/// Checks the NSEC and NSEC3 records in a DNS reply's authority section as the dns
+/// prober's DNSSEC validation does once their signatures are verified: whether they prove
+/// the reply's NXDOMAIN or NODATA for its first question, in the zone of the first SOA
+/// (else the question's parent). `None` when `reply` is no DNS message with a question.
+pub fn dnssec_denial(reply: &[u8]) -> Option<Result<(), String>> {
+    super::dns::denial::prove_from_reply(reply)
+}
+
 /// The samples a TLS prober derives from a presented certificate chain (`presented`,
 /// leaf first) when the handshake failed verification, plus the verified-chain expiry
 /// against `roots`, and every certificate's names as the leaf's would be written.

@@ -12,10 +12,12 @@
 //! them and verifies the signatures (ring), anything unexpected is a broken link.
 //!
 //! A negative answer (NXDOMAIN, NODATA) counts as validated when its SOA and NSEC or
-//! NSEC3 records are signed along a valid chain; that those records cover the name asked
-//! is not checked.
+//! NSEC3 records are signed along a valid chain and prove the name or type absent
+//! ([`super::denial`]). A positive answer synthesised from a wildcard is taken on its
+//! signature alone: the NSEC proving that the name asked does not exist is not checked.
 
-use hickory_proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS, RRSIG};
+use super::denial::{self, Claim};
+use hickory_proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS, NSEC, NSEC3, RRSIG};
 use hickory_proto::dnssec::{
     Algorithm, DigestType, PublicKey, PublicKeyBuf, TrustAnchors, Verifier,
 };
@@ -242,6 +244,39 @@ fn rrsets(records: &[Record], keep: impl Fn(RecordType) -> bool) -> Vec<RrSet> {
         }
     }
     sets
+}
+
+/// Checks that the signed NSEC or NSEC3 records of a negative answer prove it for the
+/// name and type asked (only those of `zone`, the zone that signed them).
+fn prove_denial(
+    reply: &Message,
+    qname: &Name,
+    qtype: RecordType,
+    zone: &Name,
+    sets: &[RrSet],
+) -> Result<(), String> {
+    let claim = if reply.metadata.response_code == ResponseCode::NXDomain {
+        Claim::NoName
+    } else {
+        Claim::NoData
+    };
+    let records = || sets.iter().flat_map(|s| &s.records);
+    let nsec3s: Vec<(Name, NSEC3)> = records()
+        .filter_map(|r| match &r.data {
+            RData::DNSSEC(DNSSECRData::NSEC3(n)) => Some((r.name.clone(), n.clone())),
+            _ => None,
+        })
+        .collect();
+    if !nsec3s.is_empty() {
+        return denial::prove_with_nsec3(claim, qname, qtype, zone, &nsec3s);
+    }
+    let nsecs: Vec<(Name, NSEC)> = records()
+        .filter_map(|r| match &r.data {
+            RData::DNSSEC(DNSSECRData::NSEC(n)) => Some((r.name.clone(), n.clone())),
+            _ => None,
+        })
+        .collect();
+    denial::prove_with_nsec(claim, qname, qtype, zone, &nsecs)
 }
 
 /// How one RRSIG fared.
@@ -499,10 +534,18 @@ impl<'a, F: Fetch> Chain<'a, F> {
         } else {
             rrsets(&reply.answers, |_| true)
         };
+        let mut denial_zone = None;
         for set in &sets {
             let signer = signer_of(set)?;
             let keys = self.zone_keys(&signer).await?;
             self.verify(set, &signer, &keys)?;
+            if matches!(set.rtype, RecordType::NSEC | RecordType::NSEC3) {
+                denial_zone = Some(signer);
+            }
+        }
+        if let Some(zone) = denial_zone {
+            prove_denial(reply, qname, qtype, &zone, &sets)
+                .map_err(|detail| broken(Broken::Bogus, qname, qtype, detail))?;
         }
         Ok(Validated {
             earliest_expiry: self.earliest.unwrap_or(0),
