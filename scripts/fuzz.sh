@@ -7,9 +7,7 @@
 #
 #   scripts/fuzz.sh                      every target, 600 CPU-seconds each
 #   scripts/fuzz.sh --seconds 60 x509    one target, one CPU-minute
-#   scripts/fuzz.sh --brief              every target ~10 CPU-seconds (CI), built with 16
-#                                        codegen units (cargo-fuzz's default, 1, makes
-#                                        faster fuzzers in a much longer build)
+#   scripts/fuzz.sh --brief              every target ~10 CPU-seconds (CI)
 #   scripts/fuzz.sh --jobs 2             two targets at a time
 #   scripts/fuzz.sh --cmin               merge what runs found into fuzz/corpus/ and minimise
 #   scripts/fuzz.sh --no-build ...       reuse the binaries of the last build
@@ -28,7 +26,6 @@ brief=false
 jobs=1
 cmin=false
 build=true
-codegen_units=()
 rss_limit_mb=2048
 timeout=10
 targets=()
@@ -41,7 +38,7 @@ while (($#)); do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --seconds=*) seconds="${1#*=}"; shift ;;
-    --brief) brief=true; seconds=10; codegen_units=(--codegen-units 16); shift ;;
+    --brief) brief=true; seconds=10; shift ;;
     --jobs) jobs="$2"; shift 2 ;;
     --jobs=*) jobs="${1#*=}"; shift ;;
     --cmin) cmin=true; shift ;;
@@ -100,10 +97,10 @@ if ! $build; then
   echo "    (skipped: --no-build)"
 elif ((${#targets[@]} != ${#all_targets[@]})); then
   for t in "${targets[@]}"; do
-    (cd fuzz && nice -n 19 cargo +nightly fuzz build "${codegen_units[@]}" "$t")
+    (cd fuzz && nice -n 19 cargo +nightly fuzz build "$t")
   done
 else
-  (cd fuzz && nice -n 19 cargo +nightly fuzz build "${codegen_units[@]}")
+  (cd fuzz && nice -n 19 cargo +nightly fuzz build)
 fi
 if $build; then
   echo "    built in $((SECONDS - build_started)) s"
