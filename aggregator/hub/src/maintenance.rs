@@ -212,6 +212,13 @@ impl Window {
         self.deleted_ms.is_none()
     }
 
+    /// Live, or deleted less than [`DELETED_WRITTEN_FOR_MS`] before `now_ms`: what it
+    /// selects has a `sonde_*_in_maintenance` series.
+    fn is_written_at(&self, now_ms: i64) -> bool {
+        self.deleted_ms
+            .is_none_or(|at| now_ms < at.saturating_add(DELETED_WRITTEN_FOR_MS))
+    }
+
     /// The occurrence `[start, end)` that contains `at_ms`, or else the first one after
     /// it; `None` when there is none (a one-off window that is over, a deleted one).
     pub fn occurrence_at_or_after(&self, at_ms: i64) -> Option<(i64, i64)> {
@@ -296,29 +303,22 @@ impl Windows {
     /// while after a deletion replaces a 1 an earlier run of the aggregator wrote and
     /// could not mark stale (it was stopped), which would keep the alerts quiet.
     pub fn could_match(&self, labels: &impl LabelSource, now_ms: i64) -> bool {
-        self.windows.iter().any(|w| {
-            w.deleted_ms
-                .is_none_or(|at| now_ms < at.saturating_add(DELETED_WRITTEN_FOR_MS))
-                && w.matches(labels)
-        })
+        self.windows
+            .iter()
+            .any(|w| w.is_written_at(now_ms) && w.matches(labels))
     }
 
     /// True when no window may select a target or an agent at `now_ms` (see
     /// [`Windows::could_match`]).
     pub fn selects_nothing(&self, now_ms: i64) -> bool {
-        self.windows.iter().all(|w| {
-            w.deleted_ms
-                .is_some_and(|at| now_ms >= at.saturating_add(DELETED_WRITTEN_FOR_MS))
-        })
+        !self.windows.iter().any(|w| w.is_written_at(now_ms))
     }
 
     /// [`Windows::could_match`] for an agent: it has a `sonde_agent_in_maintenance`.
     pub fn could_match_agent(&self, id: &str, labels: &Labels, now_ms: i64) -> bool {
-        self.windows.iter().any(|w| {
-            w.deleted_ms
-                .is_none_or(|at| now_ms < at.saturating_add(DELETED_WRITTEN_FOR_MS))
-                && w.matches_agent(id, labels)
-        })
+        self.windows
+            .iter()
+            .any(|w| w.is_written_at(now_ms) && w.matches_agent(id, labels))
     }
 
     /// The name of a window that selects the agent and is active at `now_ms`.

@@ -126,8 +126,9 @@ impl State {
         }
     }
 
-    /// Writes `sonde_agent_in_maintenance` for every agent some window selects, and
-    /// staleness markers for the agents no window selects any more (or forgotten).
+    /// Writes `sonde_agent_in_maintenance` for every agent some window selects (1 for
+    /// those [`State::update_agents_in_maintenance`] put in maintenance), and staleness
+    /// markers for the agents no window selects any more (or forgotten).
     fn write_agent_flags(&mut self, now_ms: i64, ch: &mut Changes) {
         if self.agent_flags_written.is_empty() && !self.maintenance.selects_agents() {
             return;
@@ -144,9 +145,7 @@ impl State {
             }
             let last_ms = before.remove(id).unwrap_or(0);
             let ts = now_ms.max(last_ms + 1);
-            let active = windows
-                .active_for_agent(id, &agent.labels, now_ms)
-                .is_some();
+            let active = self.agents_in_maintenance.contains(id.as_str());
             ch.out.push(sample(
                 crate::labels::agent(AGENT_IN_MAINTENANCE, id),
                 ts,

@@ -465,8 +465,7 @@ impl State {
                 && freshness.is_some_and(|window| merge::is_fresh(p.timestamp_ms, now_ms, window))
         });
         // An agent in maintenance keeps its view (pages show it) but it does not count.
-        let counted = self.agents_in_maintenance.is_empty()
-            || !self.agents_in_maintenance.contains(&agent_id);
+        let counted = !self.agents_in_maintenance.contains(&agent_id);
         let before = entry.set_view(
             agent_id.clone(),
             Some(Arc::new(LastResult {
