@@ -783,6 +783,18 @@ pub fn prometheus_expect(base: &str, promql: &str, want: f64) -> Result<(), Stri
     }
 }
 
+/// Every alert of the Prometheus at `base`, pending and firing, as `/api/v1/alerts`
+/// lists them (`state`, `labels`, `value`, ...).
+pub fn prometheus_alerts(base: &str) -> Result<Vec<serde_json::Value>, String> {
+    let body = http_get_ok(&format!("{base}/api/v1/alerts"))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("/api/v1/alerts: {e}: {body}"))?;
+    match v["data"]["alerts"].take() {
+        serde_json::Value::Array(alerts) => Ok(alerts),
+        _ => Err(format!("/api/v1/alerts: no alerts list: {body}")),
+    }
+}
+
 /// Ok when the query returns no series at all.
 pub fn prometheus_expect_empty(base: &str, promql: &str) -> Result<(), String> {
     let result = prometheus_query(base, promql)?;

@@ -7,9 +7,9 @@
 //! going down must still fire the alert and show on the dashboard.
 
 use sonde_tests::{
-    Labels, Scene, accepting_tcp_port, free_port, http_get, nginx_flip_file, prometheus_expect,
-    prometheus_query, repo_path, shipped_scrape_configs_with_file_sd, start_agent,
-    start_aggregator, start_nginx, start_prometheus_scraping,
+    Labels, Scene, accepting_tcp_port, free_port, http_get, nginx_flip_file, prometheus_alerts,
+    prometheus_expect, prometheus_query, repo_path, shipped_scrape_configs_with_file_sd,
+    start_agent, start_aggregator, start_nginx, start_prometheus_scraping,
 };
 use std::io::{Read, Write};
 use std::path::Path;
@@ -290,12 +290,8 @@ fn check_dashboard(scene: &mut Scene, prom: &str, up: usize, down: usize, jobs: 
 
 /// (alertname, job, value) of the alerts firing in Prometheus.
 fn firing(prom: &str) -> Result<Vec<(String, String, f64)>, String> {
-    let (_, body) = http_get(&format!("{prom}/api/v1/alerts"))?;
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    Ok(v["data"]["alerts"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(prometheus_alerts(prom)?
+        .iter()
         .filter(|a| a["state"] == "firing")
         .map(|a| {
             let label = |k: &str| a["labels"][k].as_str().unwrap_or("").to_string();

@@ -9,8 +9,8 @@
 //! for them.
 
 use sonde_tests::{
-    RestartableAggregator, Scene, http_get, http_get_ok, nginx_flip_file, prometheus_expect,
-    prometheus_query, repo_path, start_agent, start_nginx, start_prometheus,
+    RestartableAggregator, Scene, http_get_ok, nginx_flip_file, prometheus_alerts,
+    prometheus_expect, prometheus_query, repo_path, start_agent, start_nginx, start_prometheus,
 };
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -84,12 +84,8 @@ fn delete(url: &str) -> (u16, String) {
 
 /// The alerts firing: (alertname, job).
 fn firing(prom: &str) -> Result<Vec<(String, String)>, String> {
-    let (_, body) = http_get(&format!("{prom}/api/v1/alerts"))?;
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    Ok(v["data"]["alerts"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(prometheus_alerts(prom)?
+        .iter()
         .filter(|a| a["state"] == "firing")
         .map(|a| {
             let label = |k: &str| a["labels"][k].as_str().unwrap_or("").to_string();
@@ -387,12 +383,8 @@ fleet:
 
 /// Every alert named `name`, pending or firing: (state, agent).
 fn alerts_named(prom: &str, name: &str) -> Result<Vec<(String, String)>, String> {
-    let (_, body) = http_get(&format!("{prom}/api/v1/alerts"))?;
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    Ok(v["data"]["alerts"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(prometheus_alerts(prom)?
+        .iter()
         .filter(|a| a["labels"]["alertname"] == name)
         .map(|a| {
             (

@@ -5,8 +5,8 @@
 //! killed, a job whose only agent is gone. The README quotes these figures.
 
 use sonde_tests::{
-    Scene, http_get, nginx_flip_file, repo_path, start_agent, start_aggregator, start_nginx,
-    start_prometheus_with,
+    Scene, http_get, nginx_flip_file, prometheus_alerts, repo_path, start_agent, start_aggregator,
+    start_nginx, start_prometheus_with,
 };
 use std::time::{Duration, Instant};
 
@@ -42,12 +42,8 @@ fn job_missing(web: &str, job: &str) -> Result<bool, String> {
 
 /// Alerts firing in Prometheus, as (alertname, job, agent).
 fn firing(prom: &str) -> Result<Vec<(String, String, String)>, String> {
-    let (_, body) = http_get(&format!("{prom}/api/v1/alerts"))?;
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    Ok(v["data"]["alerts"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(prometheus_alerts(prom)?
+        .iter()
         .filter(|a| a["state"] == "firing")
         .map(|a| {
             let l = &a["labels"];
