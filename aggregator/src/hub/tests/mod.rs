@@ -157,6 +157,37 @@ fn result(seq: u64, job: &str, instance: &str, ts: i64, success: bool) -> Incomi
     }
 }
 
+/// Installs one maintenance window (as the API would) at `now_ms`: from `start_ms` for
+/// `duration`, on the targets of `matchers` or the agents of `agents`.
+fn set_one_window(
+    hub: &Hub,
+    name: &str,
+    matchers: &[(&str, &str)],
+    agents: &[(&str, &str)],
+    (start_ms, duration): (i64, &str),
+    now_ms: i64,
+) {
+    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
+    let labels = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let window = WindowSpec {
+        name: name.into(),
+        matchers: labels(matchers),
+        agents: labels(agents),
+        start: format_rfc3339_ms(start_ms),
+        duration: duration.parse().unwrap(),
+        every: None,
+    }
+    .check(Source::Api)
+    .unwrap();
+    hub.set_maintenance(Arc::new(Windows::new(vec![window])), now_ms)
+        .wait();
+}
+
 fn setup() -> (
     Hub,
     Arc<Recorder>,

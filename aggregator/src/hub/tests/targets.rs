@@ -285,7 +285,7 @@ fn merged_timestamps_strictly_increase() {
 
 #[test]
 fn a_maintenance_window_writes_in_maintenance_for_the_targets_it_selects_only() {
-    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
+    use crate::maintenance::Windows;
     let (hub, rec, _rx) = setup();
     for (seq, (job, instance)) in [("web", "127.0.0.1:80"), ("slow", "127.0.0.1:81")]
         .into_iter()
@@ -301,18 +301,14 @@ fn a_maintenance_window_writes_in_maintenance_for_the_targets_it_selects_only() 
     }
     rec.take();
     // From T0 + 20 s for 30 s, on the targets of team shop (job web only).
-    let window = WindowSpec {
-        name: "shop-upgrade".into(),
-        matchers: [("team".to_string(), "shop".to_string())].into(),
-        agents: Default::default(),
-        start: format_rfc3339_ms(T0 + 20_000),
-        duration: "30s".parse().unwrap(),
-        every: None,
-    }
-    .check(Source::Api)
-    .unwrap();
-    hub.set_maintenance(Arc::new(Windows::new(vec![window])), T0 + 10_000)
-        .wait();
+    set_one_window(
+        &hub,
+        "shop-upgrade",
+        &[("team", "shop")],
+        &[],
+        (T0 + 20_000, "30s"),
+        T0 + 10_000,
+    );
     let flag = |out: &[Sample], job: &str| {
         value_of(
             out,
@@ -350,7 +346,7 @@ fn a_maintenance_window_writes_in_maintenance_for_the_targets_it_selects_only() 
 
 #[test]
 fn an_agent_in_maintenance_keeps_its_view_but_it_does_not_count_toward_up() {
-    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
+    use crate::maintenance::Windows;
     let (hub, rec, _rx) = setup();
     let (tx, _rx_us) = mpsc::channel(16);
     connect(&hub, &hello("us-1", "us"), None, tx, T0);
@@ -374,18 +370,14 @@ fn an_agent_in_maintenance_keeps_its_view_but_it_does_not_count_toward_up() {
     let merged = |out: &[Sample], name: &str| value_of(out, name, &[("job", "web")]).pop();
     assert_eq!(merged(&rec.take(), "up"), Some(1.0));
     // From T0 + 5 s for 20 s, the agents of region eu.
-    let window = WindowSpec {
-        name: "eu-network".into(),
-        matchers: Default::default(),
-        agents: [("region".to_string(), "eu".to_string())].into(),
-        start: format_rfc3339_ms(T0 + 5_000),
-        duration: "20s".parse().unwrap(),
-        every: None,
-    }
-    .check(Source::Api)
-    .unwrap();
-    hub.set_maintenance(Arc::new(Windows::new(vec![window])), T0 + 1_000)
-        .wait();
+    set_one_window(
+        &hub,
+        "eu-network",
+        &[],
+        &[("region", "eu")],
+        (T0 + 5_000, "20s"),
+        T0 + 1_000,
+    );
     let out = rec.take();
     let flag = |out: &[Sample], agent: &str| {
         value_of(out, "sonde_agent_in_maintenance", &[("agent", agent)])

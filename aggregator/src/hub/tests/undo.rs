@@ -59,7 +59,6 @@ fn a_failed_commit_changes_nothing_and_the_replay_writes_everything() {
 
 #[test]
 fn an_agent_maintenance_begun_in_a_failed_group_is_undone_and_begins_again() {
-    use crate::maintenance::{Source, WindowSpec, Windows, format_rfc3339_ms};
     let (hub, rec, _rx) = setup();
     let (tx, _rx_us) = mpsc::channel(16);
     connect(&hub, &hello("us-1", "us"), None, tx, T0);
@@ -77,18 +76,14 @@ fn an_agent_maintenance_begun_in_a_failed_group_is_undone_and_begins_again() {
         T0,
     )
     .unwrap();
-    let window = WindowSpec {
-        name: "eu-network".into(),
-        matchers: Default::default(),
-        agents: [("agent".to_string(), "eu-1".to_string())].into(),
-        start: format_rfc3339_ms(T0 + 5_000),
-        duration: "1h".parse().unwrap(),
-        every: None,
-    }
-    .check(Source::Api)
-    .unwrap();
-    hub.set_maintenance(Arc::new(Windows::new(vec![window])), T0 + 1_000)
-        .wait();
+    set_one_window(
+        &hub,
+        "eu-network",
+        &[],
+        &[("agent", "eu-1")],
+        (T0 + 5_000, "1h"),
+        T0 + 1_000,
+    );
     rec.take();
     let key = ("web".to_string(), "127.0.0.1:80".to_string());
     // The tick at which the window opens fails to commit: nothing of it stays.
