@@ -101,12 +101,7 @@ pub fn render(app: &App, snapshot: &Snapshot) -> String {
                 };
                 let maintenance = snapshot
                     .agent_maintenance(id, now)
-                    .map(|w| {
-                        format!(
-                            r#" <span class="badge missing" title="its results do not count toward up">IN MAINTENANCE</span> <span class="muted">{}</span>"#,
-                            esc(&w)
-                        )
-                    })
+                    .map(|w| super::page::agent_maintenance_badge(&w))
                     .unwrap_or_default();
                 let others: Vec<String> = a
                     .labels

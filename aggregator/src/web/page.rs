@@ -147,6 +147,15 @@ pub fn state_badge(state: HistoryState) -> String {
     format!("<span class=\"badge {s}\">{}</span>", s.to_uppercase())
 }
 
+/// The badge beside an agent's state while maintenance window `window` keeps its
+/// results out of `up` (agents' table on `/`, `/fleet`).
+pub fn agent_maintenance_badge(window: &str) -> String {
+    format!(
+        r#" <span class="badge missing" title="its results do not count toward up">IN MAINTENANCE</span> <span class="muted">{}</span>"#,
+        esc(window)
+    )
+}
+
 /// The per-target page of `job`/`instance`.
 pub fn target_link(job: &str, instance: &str) -> String {
     format!(

@@ -187,11 +187,7 @@ fn agents_table(h: &mut String, snapshot: &Snapshot, now: i64) {
         }
         .to_string();
         if let Some(window) = &a.in_maintenance {
-            let _ = write!(
-                state,
-                r#" <span class="badge missing" title="its results do not count toward up">IN MAINTENANCE</span> <span class="muted">{}</span>"#,
-                esc(window)
-            );
+            state += &super::page::agent_maintenance_badge(window);
         }
         let assignment = match a.assignment {
             AssignmentStatus::Refused { .. } => format!(
