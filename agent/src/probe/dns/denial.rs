@@ -10,8 +10,9 @@
 
 use data_encoding::BASE32HEX_NOPAD;
 use hickory_proto::dnssec::Nsec3HashAlgorithm;
-use hickory_proto::dnssec::rdata::{NSEC, NSEC3};
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::dnssec::rdata::{DNSSECRData, NSEC, NSEC3};
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 /// The most NSEC3 hash iterations a proof is checked with.
 pub(crate) const MAX_NSEC3_ITERATIONS: u16 = 150;
@@ -216,13 +217,39 @@ pub(crate) fn prove_with_nsec3(
     }
 }
 
-/// [`prove_with_nsec3`] or [`prove_with_nsec`] over a raw reply (the fuzz target's
-/// entry): its first question, its rcode, the NSEC/NSEC3 records of its authority
-/// section, the zone of its first SOA (else the question's parent).
+/// Checks that the NSEC3 records among `records` (else the NSEC ones) prove the negative
+/// answer `rcode` gave for `qname` `qtype` in `zone`.
+pub(crate) fn prove<'a>(
+    rcode: ResponseCode,
+    qname: &Name,
+    qtype: RecordType,
+    zone: &Name,
+    records: impl IntoIterator<Item = &'a Record>,
+) -> Result<(), String> {
+    let claim = if rcode == ResponseCode::NXDomain {
+        Claim::NoName
+    } else {
+        Claim::NoData
+    };
+    let mut nsecs = Vec::new();
+    let mut nsec3s = Vec::new();
+    for r in records {
+        match &r.data {
+            RData::DNSSEC(DNSSECRData::NSEC(n)) => nsecs.push((r.name.clone(), n.clone())),
+            RData::DNSSEC(DNSSECRData::NSEC3(n)) => nsec3s.push((r.name.clone(), n.clone())),
+            _ => {}
+        }
+    }
+    if nsec3s.is_empty() {
+        prove_with_nsec(claim, qname, qtype, zone, &nsecs)
+    } else {
+        prove_with_nsec3(claim, qname, qtype, zone, &nsec3s)
+    }
+}
+
+/// [`prove`] over a raw reply (the fuzz target's entry): its first question, its rcode,
+/// its authority section, the zone of its first SOA (else the question's parent).
 pub(crate) fn prove_from_reply(reply: &[u8]) -> Option<Result<(), String>> {
-    use hickory_proto::dnssec::rdata::DNSSECRData;
-    use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::RData;
     let message = Message::from_vec(reply).ok()?;
     let query = message.queries.first()?;
     let (qname, qtype) = (query.name().clone(), query.query_type());
@@ -231,25 +258,13 @@ pub(crate) fn prove_from_reply(reply: &[u8]) -> Option<Result<(), String>> {
         .iter()
         .find(|r| r.record_type() == RecordType::SOA)
         .map_or_else(|| qname.base_name(), |r| r.name.clone());
-    let claim = if message.metadata.response_code == ResponseCode::NXDomain {
-        Claim::NoName
-    } else {
-        Claim::NoData
-    };
-    let mut nsecs = Vec::new();
-    let mut nsec3s = Vec::new();
-    for r in &message.authorities {
-        match &r.data {
-            RData::DNSSEC(DNSSECRData::NSEC(n)) => nsecs.push((r.name.clone(), n.clone())),
-            RData::DNSSEC(DNSSECRData::NSEC3(n)) => nsec3s.push((r.name.clone(), n.clone())),
-            _ => {}
-        }
-    }
-    Some(if nsec3s.is_empty() {
-        prove_with_nsec(claim, &qname, qtype, &zone, &nsecs)
-    } else {
-        prove_with_nsec3(claim, &qname, qtype, &zone, &nsec3s)
-    })
+    Some(prove(
+        message.metadata.response_code,
+        &qname,
+        qtype,
+        &zone,
+        &message.authorities,
+    ))
 }
 
 /// True when the NSEC from `owner` to `next` covers `name`: it falls strictly between
@@ -557,10 +572,8 @@ mod tests {
         nsecs: &[(Name, NSEC)],
         nsec3s: &[(Name, NSEC3)],
     ) -> Vec<u8> {
-        use hickory_proto::dnssec::rdata::DNSSECRData;
-        use hickory_proto::op::{Message, Query};
+        use hickory_proto::op::Query;
         use hickory_proto::rr::rdata::SOA;
-        use hickory_proto::rr::{RData, Record};
         let mut m = Message::query();
         m.add_query(Query::query(name(q), t));
         m.metadata.response_code = rcode;

@@ -16,8 +16,8 @@
 //! ([`super::denial`]). A positive answer synthesised from a wildcard is taken on its
 //! signature alone: the NSEC proving that the name asked does not exist is not checked.
 
-use super::denial::{self, Claim};
-use hickory_proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS, NSEC, NSEC3, RRSIG};
+use super::denial;
+use hickory_proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS, RRSIG};
 use hickory_proto::dnssec::{
     Algorithm, DigestType, PublicKey, PublicKeyBuf, TrustAnchors, Verifier,
 };
@@ -244,39 +244,6 @@ fn rrsets(records: &[Record], keep: impl Fn(RecordType) -> bool) -> Vec<RrSet> {
         }
     }
     sets
-}
-
-/// Checks that the signed NSEC or NSEC3 records of a negative answer prove it for the
-/// name and type asked (only those of `zone`, the zone that signed them).
-fn prove_denial(
-    reply: &Message,
-    qname: &Name,
-    qtype: RecordType,
-    zone: &Name,
-    sets: &[RrSet],
-) -> Result<(), String> {
-    let claim = if reply.metadata.response_code == ResponseCode::NXDomain {
-        Claim::NoName
-    } else {
-        Claim::NoData
-    };
-    let records = || sets.iter().flat_map(|s| &s.records);
-    let nsec3s: Vec<(Name, NSEC3)> = records()
-        .filter_map(|r| match &r.data {
-            RData::DNSSEC(DNSSECRData::NSEC3(n)) => Some((r.name.clone(), n.clone())),
-            _ => None,
-        })
-        .collect();
-    if !nsec3s.is_empty() {
-        return denial::prove_with_nsec3(claim, qname, qtype, zone, &nsec3s);
-    }
-    let nsecs: Vec<(Name, NSEC)> = records()
-        .filter_map(|r| match &r.data {
-            RData::DNSSEC(DNSSECRData::NSEC(n)) => Some((r.name.clone(), n.clone())),
-            _ => None,
-        })
-        .collect();
-    denial::prove_with_nsec(claim, qname, qtype, zone, &nsecs)
 }
 
 /// How one RRSIG fared.
@@ -544,7 +511,9 @@ impl<'a, F: Fetch> Chain<'a, F> {
             }
         }
         if let Some(zone) = denial_zone {
-            prove_denial(reply, qname, qtype, &zone, &sets)
+            // The proof keeps only the records of the zone that signed them.
+            let records = sets.iter().flat_map(|s| &s.records);
+            denial::prove(reply.metadata.response_code, qname, qtype, &zone, records)
                 .map_err(|detail| broken(Broken::Bogus, qname, qtype, detail))?;
         }
         Ok(Validated {
